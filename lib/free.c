@@ -1,0 +1,129 @@
+/* Freeing: the out-of-line free path, pointer validation, double-free
+ * detection and cross-thread frees.  The inline owner-thread fast path is
+ * in internal.h. */
+#include "internal.h"
+
+/* Where a free's counters go: the thread's heap, or for a thread without
+ * one (it never allocated, or it has exited) the process-wide orphan
+ * counters, atomically. */
+#define SM_COUNT(heap, field, n)                                              \
+  do {                                                                        \
+    if (sm_likely((heap)->initialized)) (heap)->stats.field += (n);           \
+    else sm_stats_orphan_add(offsetof(sm_tstats_t, field), (n));              \
+  } while (0)
+
+/* Map a pointer to its segment and page, validating that smalloc handed it
+ * out: the segment map says a header lives there, and the header's cookie
+ * matches.  Never faults on a foreign pointer. */
+bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep) {
+  sm_segment_t *seg = sm_ptr_segment(p);
+  if (((uintptr_t)p & SM_SEGMENT_MASK) == 0) {
+    /* only a huge block aligned to 4 MiB or more starts at a unit: its
+     * header is one unit below */
+    seg = (sm_segment_t *)((uintptr_t)p - SM_SEGMENT_SIZE);
+  }
+  if (!sm_segmap_contains((uintptr_t)seg)) return false;
+  if (seg->cookie != ((uintptr_t)seg ^ sm_secret)) return false;
+  sm_page_t *page = (seg->kind >= SM_SEG_SINGLE) ? &seg->pages[0] : sm_segment_page_of(seg, p);
+  if (!page->in_use) return false;
+  *segp = seg;
+  *pagep = page;
+  return true;
+}
+
+/* The first word of a block being freed decodes to a link into its own
+ * page: it may be free already.  Look for it in the page's lists. */
+bool sm_free_is_double(sm_page_t *page, sm_block_t *b) {
+  sm_block_t *lists[3] = {page->free, page->local_free,
+                          atomic_load_explicit(&page->thread_free, memory_order_acquire)};
+  for (int l = 0; l < 3; l++) {
+    size_t guard = page->capacity + 1;
+    for (sm_block_t *x = lists[l]; x && guard--; x = sm_dec(page, x->next)) {
+      if (((uintptr_t)x ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT) break;  /* corrupt: stop */
+      if (x == b) {
+        sm_error("free(): double free of %p", (void *)b);
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+/* The owner freed the last block of a page (called with b == NULL from the
+ * fast path), or freed into a flagged page. */
+void sm_free_local_slow(sm_page_t *page, sm_block_t *b) {
+  sm_heap_t *heap = atomic_load_explicit(&page->heap, memory_order_relaxed);
+  if (b != NULL) {
+    uintptr_t link = (uintptr_t)sm_dec(page, b->next);
+    if (link - (uintptr_t)page->start < page->span || link == 0) {
+      if (sm_free_is_double(page, b)) return;
+    }
+    b->next = sm_enc(page, page->local_free);
+    page->local_free = b;
+    sm_cnt_add(page->frees, 1);
+    page->used--;
+    sm_page_unfull(heap, page);
+    if (page->used != 0 || page->free != NULL) return;
+  }
+  sm_page_retire(heap, page);
+}
+
+/* Free from a thread that does not own the page: one CAS onto thread_free.
+ * Flag read after the push: see sm_page_to_full. */
+void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+  (void)seg;
+  sm_block_t *old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
+  do {
+    b->next = sm_enc(page, old);
+  } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, b,
+                                                  memory_order_seq_cst, memory_order_relaxed));
+  if (atomic_load_explicit(&page->flags, memory_order_seq_cst) & SM_PAGE_IN_FULL) {
+    sm_heap_t *owner = atomic_load_explicit(&page->heap, memory_order_acquire);
+    /* heaps are never unmapped, so a stale owner only costs it a scan */
+    if (owner) atomic_fetch_add_explicit(&owner->xfree_full, 1, memory_order_release);
+  }
+}
+
+void sm_free_generic(void *p, const char *who) {
+  sm_heap_t *heap = sm_heap();
+  if (p == NULL) {
+    SM_COUNT(heap, calls[SM_CALL_FREE_NULL], 1);
+    return;
+  }
+  sm_segment_t *seg;
+  sm_page_t *page;
+  if (sm_unlikely(!sm_lookup(p, &seg, &page))) {
+    sm_error("%s(): invalid pointer %p (not allocated by smalloc)", who, p);
+    return;
+  }
+  if (seg->kind >= SM_SEG_SINGLE) {
+    if (p != (void *)page->start) {
+      sm_error("%s(): invalid pointer %p (not the start of a block)", who, p);
+      return;
+    }
+    if (seg->kind == SM_SEG_HUGE) {
+      SM_COUNT(heap, huge_frees, 1);
+      sm_huge_free(seg);
+    } else {
+      SM_COUNT(heap, large_frees, 1);
+      SM_COUNT(heap, large_bytes_freed, seg->block_size);
+      sm_segment_single_free(seg);
+    }
+    return;
+  }
+  size_t diff = (size_t)((uint8_t *)p - page->start);
+  size_t rem = diff % page->block_size;
+  if (sm_unlikely(diff >= page->span ||
+                  (rem != 0 && !(atomic_load_explicit(&page->flags, memory_order_relaxed) &
+                                 SM_PAGE_HAS_ALIGNED)))) {
+    sm_error("%s(): invalid pointer %p (not the start of a block)", who, p);
+    return;
+  }
+  sm_block_t *b = (sm_block_t *)((uint8_t *)p - rem);
+  if (atomic_load_explicit(&seg->thread_id, memory_order_relaxed) == sm_thread_id()) {
+    sm_free_local_slow(page, b);
+    return;
+  }
+  SM_COUNT(heap, class_frees[page->bin], 1);
+  sm_free_block_xthread(seg, page, b);
+}

@@ -1,0 +1,168 @@
+/* Thread heaps: one per thread, reached through one initial-exec TLS
+ * pointer that starts at a static empty heap (so the fast path has no
+ * "initialised?" test), created on the first slow path, and abandoned at
+ * thread exit through a pthread key destructor.  Also process start-up
+ * and fork. */
+#include "internal.h"
+
+#include <pthread.h>
+#include <sys/mman.h>
+
+sm_page_t sm_page_empty;
+sm_heap_t sm_heap_empty = {
+  .direct = {[0 ... SM_DIRECT_COUNT - 1] = &sm_page_empty},
+};
+__thread sm_heap_t *sm_heap_tls __attribute__((tls_model("initial-exec"))) = &sm_heap_empty;
+uintptr_t sm_secret;
+
+static pthread_key_t sm_heap_key;
+static pthread_mutex_t sm_heaps_mutex = PTHREAD_MUTEX_INITIALIZER;
+static sm_heap_t *sm_heaps_all;      /* live heaps */
+static sm_heap_t *sm_heaps_pool;     /* heaps of exited threads, for reuse */
+static uint8_t *sm_heaps_chunk;      /* bump area for new heaps */
+static size_t sm_heaps_chunk_left;
+
+_Atomic int sm_process_ready;        /* 0 no, 1 in progress, 2 done */
+static _Atomic uintptr_t sm_process_init_thread;
+
+void sm_heaps_lock(void) { pthread_mutex_lock(&sm_heaps_mutex); }
+void sm_heaps_unlock(void) { pthread_mutex_unlock(&sm_heaps_mutex); }
+sm_heap_t *sm_heaps_first(void) { return sm_heaps_all; }
+
+static void sm_fork_prepare(void) {
+  sm_heaps_lock();
+  sm_stats_lock_fork(0);
+  sm_segment_fork_prepare();
+}
+static void sm_fork_parent(void) {
+  sm_segment_fork_parent();
+  sm_stats_lock_fork(1);
+  sm_heaps_unlock();
+}
+/* In the child only the forking thread lives on.  Other threads' segments
+ * lose their owner, so frees of their blocks go to thread_free instead of
+ * a dead heap's lists; their memory is not reclaimed in the child. */
+static void sm_fork_child(void) {
+  sm_segment_fork_child();
+  sm_stats_lock_fork(2);
+  pthread_mutex_init(&sm_heaps_mutex, NULL);
+  sm_heap_t *me = sm_heap_tls;
+  for (sm_heap_t *h = sm_heaps_all; h; h = h->all_next) {
+    if (h == me) continue;
+    sm_segment_t *lists[3] = {h->free_segs[0], h->free_segs[1], h->full_segs};
+    for (int l = 0; l < 3; l++)
+      for (sm_segment_t *s = lists[l]; s; s = s->next)
+        atomic_store_explicit(&s->thread_id, 0, memory_order_relaxed);
+    h->thread_id = 0;
+  }
+}
+
+/* Idempotent; survives being entered before constructors run and
+ * recursively from its own pthread calls (which do not allocate on glibc,
+ * but a recursive entry simply goes on with defaults). */
+void sm_process_init(void) {
+  if (atomic_load_explicit(&sm_process_ready, memory_order_acquire) == 2) return;
+  int expected = 0;
+  if (atomic_compare_exchange_strong(&sm_process_ready, &expected, 1)) {
+    atomic_store(&sm_process_init_thread, sm_thread_id());
+    uintptr_t secret;
+    sm_os_random(&secret, sizeof secret);
+    sm_secret = secret | 1;
+    sm_options_init();
+    pthread_key_create(&sm_heap_key, sm_heap_thread_done);
+    pthread_atfork(sm_fork_prepare, sm_fork_parent, sm_fork_child);
+    atomic_store_explicit(&sm_process_ready, 2, memory_order_release);
+    return;
+  }
+  if (atomic_load(&sm_process_init_thread) == sm_thread_id()) return;   /* recursion */
+  while (atomic_load_explicit(&sm_process_ready, memory_order_acquire) != 2) {
+  }
+}
+
+static sm_heap_t *sm_heap_alloc_struct(void) {
+  sm_heap_t *heap = NULL;
+  sm_heaps_lock();
+  if (sm_heaps_pool) {
+    heap = sm_heaps_pool;
+    sm_heaps_pool = heap->pool_next;
+  } else {
+    size_t size = (sizeof(sm_heap_t) + 63) & ~(size_t)63;
+    if (sm_heaps_chunk_left < size) {
+      void *p;
+      size_t chunk = 64 * size;
+      if (sm_os_map(chunk, &p) == 0) {
+        sm_heaps_chunk = p;
+        sm_heaps_chunk_left = chunk;
+      }
+    }
+    if (sm_heaps_chunk_left >= size) {
+      heap = (sm_heap_t *)sm_heaps_chunk;
+      sm_heaps_chunk += size;
+      sm_heaps_chunk_left -= size;
+    }
+  }
+  sm_heaps_unlock();
+  return heap;
+}
+
+sm_heap_t *sm_heap_init_thread(void) {
+  sm_process_init();
+  sm_heap_t *heap = sm_heap_alloc_struct();
+  if (!heap) return NULL;
+  memset(heap, 0, sizeof *heap);
+  for (size_t i = 0; i < SM_DIRECT_COUNT; i++) heap->direct[i] = &sm_page_empty;
+  heap->thread_id = sm_thread_id();
+  heap->initialized = 1;
+  heap->stats.threads_started = 1;
+  sm_heaps_lock();
+  heap->all_prev = NULL;
+  heap->all_next = sm_heaps_all;
+  if (sm_heaps_all) sm_heaps_all->all_prev = heap;
+  sm_heaps_all = heap;
+  sm_heaps_unlock();
+  sm_heap_tls = heap;
+  if (atomic_load(&sm_process_ready) == 2) pthread_setspecific(sm_heap_key, heap);
+  return heap;
+}
+
+/* Thread exit: empty pages go back to their segments, pages with live
+ * blocks are abandoned with their segments, the counters are folded into
+ * the process totals and the heap struct is kept for the next thread. */
+void sm_heap_thread_done(void *arg) {
+  sm_heap_t *heap = arg;
+  if (heap == NULL || !heap->initialized) return;
+  sm_heap_tls = &sm_heap_empty;
+  sm_heap_collect_retired(heap, true);
+  for (size_t qi = 0; qi < SM_BIN_COUNT; qi++) {
+    sm_page_t *page;
+    while ((page = heap->queues[qi].first) != NULL) {
+      sm_page_collect_thread_free(page);
+      if (page->used == 0) {
+        sm_page_release(heap, page);
+        continue;
+      }
+      sm_page_fold_stats(heap, page);
+      sm_pq_remove(heap, qi, page);
+      page->retired = 0;
+      atomic_store_explicit(&page->flags,
+                            atomic_load(&page->flags) & SM_PAGE_HAS_ALIGNED, memory_order_seq_cst);
+      atomic_store_explicit(&page->heap, NULL, memory_order_release);
+      heap->stats.pages_abandoned++;
+    }
+  }
+  sm_segment_abandon_heap(heap);
+  heap->stats.threads_exited++;
+  sm_heaps_lock();
+  if (heap->all_prev) heap->all_prev->all_next = heap->all_next; else sm_heaps_all = heap->all_next;
+  if (heap->all_next) heap->all_next->all_prev = heap->all_prev;
+  sm_stats_thread_exit(heap);   /* under the heaps lock: readers see it once */
+  heap->initialized = 0;
+  heap->pool_next = sm_heaps_pool;
+  sm_heaps_pool = heap;
+  sm_heaps_unlock();
+}
+
+__attribute__((constructor)) static void sm_constructor(void) {
+  sm_process_init();
+  sm_options_init();
+}

@@ -1,0 +1,395 @@
+/* smalloc internals: every structure and the inline fast-path helpers.
+ *
+ * Layout (see DESIGN.md): 4 MiB segments aligned to their size; a block
+ * pointer maps to its segment with one mask and to its page with one shift.
+ * Each page threads three free lists through its free blocks:
+ *   free         popped by malloc (owner thread only)
+ *   local_free   pushed by free on the owner thread
+ *   thread_free  pushed atomically by free on any other thread
+ */
+#ifndef SM_INTERNAL_H
+#define SM_INTERNAL_H
+
+#include "config.h"
+
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "smalloc.h"
+
+#define SM_EXPORT   __attribute__((visibility("default")))
+#define SM_NOINLINE __attribute__((noinline))
+#define SM_COLD     __attribute__((cold, noinline))
+#define SM_INLINE   static inline __attribute__((always_inline))
+#define sm_likely(x)   __builtin_expect(!!(x), 1)
+#define sm_unlikely(x) __builtin_expect(!!(x), 0)
+
+#ifndef SM_STATS
+#define SM_STATS 1
+#endif
+
+#if defined(__SANITIZE_THREAD__)
+#define SM_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define SM_TSAN 1
+#endif
+#endif
+
+/* Counters written only by their owner thread are plain integers; other
+ * threads read them while merging.  That race is benign on every target
+ * we build for, but ThreadSanitizer builds make both sides relaxed
+ * atomics so that a clean report means something. */
+#ifdef SM_TSAN
+#define sm_cnt_add(lv, n) \
+  __atomic_store_n(&(lv), __atomic_load_n(&(lv), __ATOMIC_RELAXED) + (n), __ATOMIC_RELAXED)
+#define sm_cnt_read(lv) __atomic_load_n(&(lv), __ATOMIC_RELAXED)
+#else
+#define sm_cnt_add(lv, n) ((lv) += (n))
+#define sm_cnt_read(lv) (*(volatile __typeof__(lv) *)&(lv))
+#endif
+
+/* ---- geometry ------------------------------------------------------- */
+#define SM_SEGMENT_SHIFT   22
+#define SM_SEGMENT_SIZE    ((uintptr_t)1 << SM_SEGMENT_SHIFT)
+#define SM_SEGMENT_MASK    (SM_SEGMENT_SIZE - 1)
+#define SM_SMALL_SHIFT     16                    /* 64 KiB pages */
+#define SM_MEDIUM_SHIFT    19                    /* 512 KiB pages */
+#define SM_SMALL_PAGES     (SM_SEGMENT_SIZE >> SM_SMALL_SHIFT)
+#define SM_MEDIUM_PAGES    (SM_SEGMENT_SIZE >> SM_MEDIUM_SHIFT)
+#define SM_SEGMENT_HDR     ((size_t)16 << 10)    /* header, before page 0 */
+#define SM_OS_PAGE         ((size_t)4096)
+
+#define SM_SMALL_MAX       ((size_t)8 << 10)     /* blocks in 64 KiB pages */
+#define SM_MEDIUM_MAX      ((size_t)64 << 10)    /* blocks in 512 KiB pages */
+#define SM_DIRECT_MAX      ((size_t)1024)        /* served by heap->direct */
+#define SM_DIRECT_COUNT    (SM_DIRECT_MAX / 16 + 1)
+#define SM_BIN_COUNT       (SMALLOC_STATS_CLASSES + 1)  /* bins 1..80 */
+#define SM_BIN_SMALL_LAST  56                    /* bin of 8 KiB */
+#define SM_BIN_FULL        0                     /* queue index of full pages */
+/* A block that with its header fits in half a segment is "large" and gets
+ * a cached 4 MiB segment of its own; beyond that it is "huge". */
+#define SM_LARGE_MAX       (SM_SEGMENT_SIZE / 2)
+#define SM_MAX_REQUEST     ((size_t)PTRDIFF_MAX - 2 * SM_SEGMENT_SIZE)
+
+typedef struct sm_block_s { struct sm_block_s *next; } sm_block_t;
+typedef struct sm_page_s sm_page_t;
+typedef struct sm_segment_s sm_segment_t;
+typedef struct sm_heap_s sm_heap_t;
+
+/* page flags: any set flag sends free() to its slow path */
+enum {
+  SM_PAGE_IN_FULL     = 1,   /* on the heap's full list */
+  SM_PAGE_HAS_ALIGNED = 2,   /* holds blocks returned at an aligned offset */
+};
+
+struct sm_page_s {
+  /* hot: malloc and free fast paths; 128 bytes in all, so the page of a
+   * pointer is one shift and one add away */
+  sm_block_t *free;
+  uint32_t used;                 /* blocks handed out and not freed locally */
+  _Atomic uint8_t flags;
+  uint8_t bin;
+  uint8_t in_use;                /* carved out of its segment */
+  uint8_t retired;               /* empty, kept warm; on heap->retired list */
+  sm_block_t *local_free;
+  uintptr_t key;                 /* free-list links are stored xor key */
+  uint8_t *start;
+  uint64_t div_magic;            /* ceil(2^64 / block_size): divisibility test */
+  uint32_t block_size;
+  uint32_t span;                 /* bytes from start covered by blocks */
+  uint32_t frees;                /* local frees since the last stats fold */
+  uint32_t capacity;             /* blocks built into lists so far */
+  _Atomic(sm_block_t *) thread_free;
+  /* cold: slow path */
+  uint32_t reserved;             /* blocks that fit */
+  int32_t used_folded;           /* used at the last fold, less blocks collected since */
+  uint64_t retire_expire;        /* heap cycle after which it is released */
+  sm_page_t *next, *prev;        /* bin queue or full list */
+  sm_page_t *rnext, *rprev;      /* heap->retired list */
+  _Atomic(sm_heap_t *) heap;     /* owner, NULL while abandoned */
+};
+_Static_assert(sizeof(sm_page_t) == 128, "page descriptor is 128 bytes");
+
+enum { SM_SEG_SMALL = 0, SM_SEG_MEDIUM = 1, SM_SEG_SINGLE = 2, SM_SEG_HUGE = 3 };
+
+struct sm_segment_s {
+  uintptr_t cookie;              /* address ^ sm_secret: a live header */
+  _Atomic uintptr_t thread_id;   /* owner thread, 0 when abandoned or single */
+  uint8_t kind;
+  uint8_t page_shift;
+  uint16_t page_count;
+  uint16_t used_pages;
+  uint8_t purged;                /* cached and madvised away */
+  uint8_t in_free_list;
+  size_t mapped;                 /* bytes of the mapping, from the segment start */
+  size_t block_offset;           /* single: offset of the block */
+  size_t block_size;             /* single: usable bytes */
+  sm_heap_t *heap;               /* owner heap */
+  sm_segment_t *next, *prev;     /* heap's segments with free pages, cache, abandoned */
+  uint64_t cached_at_ms;
+  sm_page_t pages[SM_SMALL_PAGES];
+};
+_Static_assert(sizeof(sm_segment_t) <= SM_SEGMENT_HDR, "segment header too big");
+
+typedef struct sm_page_queue_s { sm_page_t *first, *last; } sm_page_queue_t;
+
+/* Entry points counted per call (malloc and free are derived, see stats.c). */
+enum sm_call {
+  SM_CALL_CALLOC, SM_CALL_REALLOC, SM_CALL_REALLOCARRAY, SM_CALL_POSIX_MEMALIGN,
+  SM_CALL_ALIGNED_ALLOC, SM_CALL_MEMALIGN, SM_CALL_VALLOC, SM_CALL_PVALLOC,
+  SM_CALL_USABLE_SIZE, SM_CALL_FREE_SIZED, SM_CALL_FREE_ALIGNED_SIZED,
+  SM_CALL_FREE_NULL, SM_CALL_FAILED, SM_CALL_MALLOC_FAILED,
+  SM_CALL_COUNT
+};
+
+/* Per-thread counters: plain integers written by the owner only. */
+typedef struct sm_tstats_s {
+  uint64_t calls[SM_CALL_COUNT];
+  uint64_t requested;
+  uint64_t alloc_other;          /* blocks allocated by entry points other than malloc */
+  uint64_t free_other;           /* blocks freed by realloc, not by a free call */
+  uint64_t class_allocs[SM_BIN_COUNT];
+  uint64_t class_frees[SM_BIN_COUNT];
+  uint64_t class_steps[SM_BIN_COUNT][SMALLOC_STEP_COUNT];
+  uint64_t large_allocs, large_frees, large_bytes, large_bytes_freed;
+  uint64_t huge_allocs, huge_frees, huge_remaps;
+  uint64_t pages_retired, pages_reused, pages_released, pages_full, pages_unfull;
+  uint64_t pages_abandoned, pages_reclaimed, segments_reclaimed;
+  uint64_t threads_started, threads_exited;
+} sm_tstats_t;
+
+struct sm_heap_s {
+  sm_page_t *direct[SM_DIRECT_COUNT];    /* first page for (n+15)/16, n <= 1 KiB */
+  uintptr_t thread_id;
+  uint64_t cycle;                        /* slow-path entries */
+  sm_page_queue_t queues[SM_BIN_COUNT];  /* [0] is the full list */
+  sm_page_t *retired_first, *retired_last;
+  sm_segment_t *free_segs[2];            /* owned segments with free pages, by kind */
+  sm_segment_t *full_segs;               /* owned segments without */
+  _Atomic uint64_t xfree_full;           /* cross-thread frees into full pages */
+  uint64_t next_purge_check;
+  sm_tstats_t stats;
+  sm_heap_t *all_next, *all_prev;        /* every live heap, under sm_heaps_lock */
+  sm_heap_t *pool_next;
+  uint8_t initialized;
+  uint8_t done;                          /* thread has exited */
+};
+
+/* ---- globals ---------------------------------------------------------- */
+extern sm_heap_t sm_heap_empty;
+extern sm_page_t sm_page_empty;
+extern __thread sm_heap_t *sm_heap_tls __attribute__((tls_model("initial-exec")));
+extern uintptr_t sm_secret;
+
+/* Options, read once (options.c); index by smalloc_option_t. */
+extern long sm_options[SMALLOC_OPTION_COUNT];
+#define sm_opt(o) __atomic_load_n(&sm_options[SMALLOC_OPTION_##o], __ATOMIC_RELAXED)
+
+/* Process-wide gauges and OS counters, atomics (slow paths only). */
+typedef struct sm_gstats_s {
+  _Atomic uint64_t os_mmap, os_munmap, os_madvise, os_mremap;
+  _Atomic uint64_t bytes_mapped, bytes_mapped_peak, bytes_committed, bytes_purged;
+  _Atomic uint64_t segments_in_use, segments_mapped, segments_cached, segments_cache_hits;
+  _Atomic uint64_t segments_purged, segments_unmapped;
+  _Atomic int64_t class_pages[SM_BIN_COUNT];
+  _Atomic uint64_t huge_bytes, huge_bytes_freed;
+  _Atomic uint64_t peak_in_use;
+} sm_gstats_t;
+extern sm_gstats_t sm_gstats;
+#define sm_gadd(f, n) atomic_fetch_add_explicit(&sm_gstats.f, (n), memory_order_relaxed)
+#define sm_gsub(f, n) atomic_fetch_sub_explicit(&sm_gstats.f, (n), memory_order_relaxed)
+
+/* ---- size classes ------------------------------------------------------ */
+/* Multiples of 16 up to 256 (bins 1..16), then 8 classes per power of two
+ * (bins 17..80 up to 64 KiB): waste < max(16, n/8). */
+SM_INLINE size_t sm_bin_of(size_t n) {
+  if (n <= 256) return n <= 16 ? 1 : (n + 15) >> 4;
+  size_t w = n - 1;
+  unsigned b = 63u - (unsigned)__builtin_clzl(w);
+  return 16 + (b - 8) * 8 + ((w >> (b - 3)) & 7) + 1;
+}
+SM_INLINE size_t sm_bin_size(size_t bin) {
+  if (bin <= 16) return bin * 16;
+  size_t k = bin - 17, b = 8 + k / 8, j = k % 8;
+  return ((size_t)1 << b) + (j + 1) * ((size_t)1 << (b - 3));
+}
+
+/* ---- thread identity and the heap ------------------------------------- */
+SM_INLINE uintptr_t sm_thread_id(void) {
+  return (uintptr_t)__builtin_thread_pointer();
+}
+SM_INLINE sm_heap_t *sm_heap(void) { return sm_heap_tls; }
+
+/* ---- segment map: which 4 MiB units hold a segment header ------------- */
+#define SM_SEGMAP_BITS 47
+extern _Atomic uint64_t sm_segmap[(size_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT - 6)];
+
+SM_INLINE bool sm_segmap_contains(uintptr_t seg) {
+  uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
+  if (sm_unlikely(unit >= ((uintptr_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT)))) return false;
+  uint64_t w = atomic_load_explicit(&sm_segmap[unit >> 6], memory_order_relaxed);
+  return (w >> (unit & 63)) & 1;
+}
+void sm_segmap_set(uintptr_t seg, bool on);
+
+SM_INLINE sm_segment_t *sm_ptr_segment(const void *p) {
+  return (sm_segment_t *)((uintptr_t)p & ~SM_SEGMENT_MASK);
+}
+SM_INLINE sm_page_t *sm_segment_page_of(sm_segment_t *seg, const void *p) {
+  return &seg->pages[((uintptr_t)p - (uintptr_t)seg) >> seg->page_shift];
+}
+
+/* ---- free-list encoding ------------------------------------------------ */
+SM_INLINE sm_block_t *sm_dec(const sm_page_t *page, sm_block_t *stored) {
+  return (sm_block_t *)((uintptr_t)stored ^ page->key);
+}
+SM_INLINE sm_block_t *sm_enc(const sm_page_t *page, sm_block_t *b) {
+  return (sm_block_t *)((uintptr_t)b ^ page->key);
+}
+
+/* ---- assertions -------------------------------------------------------- */
+#ifndef SM_DEBUG
+#define SM_DEBUG 1
+#endif
+SM_COLD void sm_assert_fail(const char *expr, const char *file, int line);
+#define sm_assert(x) ((SM_DEBUG >= 1 && sm_unlikely(!(x))) ? sm_assert_fail(#x, __FILE__, __LINE__) : (void)0)
+#define sm_assert_expensive(x) ((SM_DEBUG >= 2 && sm_unlikely(!(x))) ? sm_assert_fail(#x, __FILE__, __LINE__) : (void)0)
+
+/* ---- alloc.c --------------------------------------------------------- */
+void *sm_malloc_generic(sm_heap_t *heap, size_t n);
+void *sm_malloc(size_t n);
+void *sm_calloc(size_t count, size_t size);
+void *sm_realloc(void *p, size_t n, enum sm_call who);
+void *sm_malloc_aligned(size_t alignment, size_t n);
+size_t sm_usable_size(const void *p, const char *who);
+
+/* The fast path: about a dozen instructions, one unlikely branch.  The
+ * branch also catches the static empty heap (its pages are outside every
+ * segment) and a free-list pointer that left its segment (corruption). */
+SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
+  sm_page_t *page = heap->direct[(n + 15) >> 4];
+  sm_block_t *b = page->free;
+  if (sm_unlikely(((uintptr_t)b ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT))
+    return sm_malloc_generic(heap, n);
+  page->free = sm_dec(page, b->next);
+  b->next = NULL;               /* no stale link for the double-free check */
+  page->used++;
+#if SM_STATS
+  sm_cnt_add(heap->stats.requested, n);
+#endif
+  return b;
+}
+
+/* ---- free.c ------------------------------------------------------------ */
+void sm_free_generic(void *p, const char *who);
+void sm_free_local_slow(sm_page_t *page, sm_block_t *b);
+bool sm_free_is_double(sm_page_t *page, sm_block_t *b);
+bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep);
+void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
+
+/* Free on the owner thread: about 25 instructions.  Checks (all cheap):
+ * the pointer is in a segment, it starts a block, and its first word does
+ * not look like a free-list link of this page (else: a full double-free
+ * check in the slow path). */
+SM_INLINE void sm_free_inline(void *p) {
+  sm_segment_t *seg = sm_ptr_segment(p);
+  if (sm_unlikely(!sm_segmap_contains((uintptr_t)seg))) { sm_free_generic(p, "free"); return; }
+  sm_page_t *page = sm_segment_page_of(seg, p);
+  uint32_t diff = (uint32_t)((uintptr_t)p - (uintptr_t)page->start);
+  if (sm_likely((atomic_load_explicit(&seg->thread_id, memory_order_relaxed) ^ sm_thread_id()) == 0 &&
+                atomic_load_explicit(&page->flags, memory_order_relaxed) == 0 &&
+                (uint64_t)diff * page->div_magic < page->div_magic && diff < page->span)) {
+    sm_block_t *b = (sm_block_t *)p;
+    uintptr_t link = (uintptr_t)sm_dec(page, b->next);
+    if (sm_unlikely(link - (uintptr_t)page->start < page->span || link == 0)) {
+      sm_free_local_slow(page, b);   /* may be a double free: check, then push */
+      return;
+    }
+    b->next = sm_enc(page, page->local_free);
+    page->local_free = b;
+#if SM_STATS
+    sm_cnt_add(page->frees, 1);
+#endif
+    if (sm_unlikely(--page->used == 0) && page->free == NULL) sm_free_local_slow(page, NULL);
+    return;
+  }
+  sm_free_generic(p, "free");
+}
+
+/* ---- page.c / page-queue.c ------------------------------------------ */
+sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin);
+void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin);
+void sm_page_retire(sm_heap_t *heap, sm_page_t *page);
+void sm_page_unretire(sm_heap_t *heap, sm_page_t *page);
+void sm_page_release(sm_heap_t *heap, sm_page_t *page);
+void sm_page_collect_thread_free(sm_page_t *page);
+void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page);
+void sm_page_to_full(sm_heap_t *heap, sm_page_t *page);
+void sm_page_unfull(sm_heap_t *heap, sm_page_t *page);
+void sm_heap_collect_retired(sm_heap_t *heap, bool force);
+void sm_heap_collect_full(sm_heap_t *heap);
+void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page);
+void sm_pq_push_front(sm_heap_t *heap, size_t qi, sm_page_t *page);
+void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page);
+void sm_pq_update_direct(sm_heap_t *heap, size_t bin);
+
+/* ---- segment.c ---------------------------------------------------------- */
+sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment);
+void sm_segment_page_free(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page);
+sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *offset_out);
+void sm_segment_single_free(sm_segment_t *seg);
+void sm_segment_abandon_heap(sm_heap_t *heap);
+bool sm_segment_reclaim_one(sm_heap_t *heap);
+void sm_segment_reclaim_all(sm_heap_t *heap);
+void sm_segment_cache_collect(bool force);
+void sm_segment_fork_prepare(void);
+void sm_segment_fork_parent(void);
+void sm_segment_fork_child(void);
+uint64_t sm_clock_ms(void);
+
+/* ---- huge.c ----------------------------------------------------------- */
+void *sm_huge_alloc(size_t n, size_t alignment, bool zero);
+void sm_huge_free(sm_segment_t *seg);
+void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n);
+
+/* ---- heap.c -------------------------------------------------------------- */
+sm_heap_t *sm_heap_init_thread(void);
+void sm_heap_thread_done(void *arg);
+void sm_process_init(void);
+extern _Atomic int sm_process_ready;
+void sm_heaps_lock(void);
+void sm_heaps_unlock(void);
+sm_heap_t *sm_heaps_first(void);
+
+/* ---- os.c: the only file that talks to the kernel about memory --------- */
+/* Each returns 0 or an errno value, and leaves errno as it found it. */
+int sm_os_map(size_t size, void **out);
+int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out);
+int sm_os_unmap(void *p, size_t size);
+int sm_os_purge(void *p, size_t size);
+int sm_os_hugepage(void *p, size_t size);
+int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, size_t pre, void **out);
+void sm_os_random(void *buf, size_t len);
+
+/* ---- stats.c ------------------------------------------------------------ */
+void sm_stats_fold_heap(sm_heap_t *heap);
+void sm_stats_orphan_add(size_t offset, uint64_t n);
+void sm_stats_thread_exit(sm_heap_t *heap);
+void sm_stats_at_exit(void);
+void sm_stats_lock_fork(int phase);
+
+/* ---- options.c ---------------------------------------------------------- */
+void sm_options_init(void);
+void sm_options_print(void);
+size_t sm_retire_cycles_for(size_t block_size);
+
+/* ---- diag.c: one printer, never allocates -------------------------------- */
+void sm_message(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+SM_COLD void sm_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+#endif /* SM_INTERNAL_H */

@@ -1,0 +1,138 @@
+/* The OS contract: the only file that calls mmap, munmap, madvise and
+ * mremap.  Every function returns 0 or an errno value and leaves errno as
+ * it found it, so free() never changes errno.  Every call is counted. */
+#include "internal.h"
+
+#include <sys/mman.h>
+#include <sys/auxv.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static void sm_mapped_add(size_t n) {
+  uint64_t now = sm_gadd(bytes_mapped, n) + n;
+  sm_gadd(bytes_committed, n);
+  uint64_t peak = atomic_load_explicit(&sm_gstats.bytes_mapped_peak, memory_order_relaxed);
+  while (now > peak &&
+         !atomic_compare_exchange_weak_explicit(&sm_gstats.bytes_mapped_peak, &peak, now,
+                                                memory_order_relaxed, memory_order_relaxed)) {
+  }
+}
+
+int sm_os_map(size_t size, void **out) {
+  int saved = errno;
+  sm_gadd(os_mmap, 1);
+  void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  int err = (p == MAP_FAILED) ? errno : 0;
+  errno = saved;
+  if (err) return err;
+  sm_mapped_add(size);
+  *out = p;
+  return 0;
+}
+
+/* Map size bytes such that (result + pre) is aligned to alignment. */
+int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out) {
+  int saved = errno;
+  size_t total = size + alignment;
+  if (total < size) return ENOMEM;
+  sm_gadd(os_mmap, 1);
+  uint8_t *raw = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (raw == MAP_FAILED) { int err = errno; errno = saved; return err; }
+  uintptr_t want = (((uintptr_t)raw + pre + alignment - 1) & ~(uintptr_t)(alignment - 1)) - pre;
+  if (want < (uintptr_t)raw) want += alignment;
+  size_t head = want - (uintptr_t)raw;
+  size_t tail = total - head - size;
+  if (head) { sm_gadd(os_munmap, 1); munmap(raw, head); }
+  if (tail) { sm_gadd(os_munmap, 1); munmap((uint8_t *)want + size, tail); }
+  errno = saved;
+  sm_mapped_add(size);
+  *out = (void *)want;
+  return 0;
+}
+
+int sm_os_unmap(void *p, size_t size) {
+  int saved = errno;
+  sm_gadd(os_munmap, 1);
+  int err = munmap(p, size) ? errno : 0;
+  errno = saved;
+  if (!err) { sm_gsub(bytes_mapped, size); }
+  return err;
+}
+
+/* Give the memory back but keep the mapping: it reads as zero afterwards. */
+int sm_os_purge(void *p, size_t size) {
+  int saved = errno;
+  sm_gadd(os_madvise, 1);
+  int err = madvise(p, size, MADV_DONTNEED) ? errno : 0;
+  errno = saved;
+  if (!err) sm_gadd(bytes_purged, size);
+  return err;
+}
+
+int sm_os_hugepage(void *p, size_t size) {
+#ifdef MADV_HUGEPAGE
+  int saved = errno;
+  sm_gadd(os_madvise, 1);
+  int err = madvise(p, size, MADV_HUGEPAGE) ? errno : 0;
+  errno = saved;
+  return err;
+#else
+  (void)p; (void)size;
+  return 0;
+#endif
+}
+
+/* Resize a mapping without copying.  In place first; else move it with
+ * MREMAP_FIXED onto a fresh reservation where (result + pre) is aligned. */
+int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, size_t pre, void **out) {
+  int saved = errno;
+  sm_gadd(os_mremap, 1);
+  void *q = mremap(p, old_size, new_size, 0);
+  if (q != MAP_FAILED) {
+    errno = saved;
+    if (new_size > old_size) sm_mapped_add(new_size - old_size);
+    else { sm_gsub(bytes_mapped, old_size - new_size); sm_gsub(bytes_committed, old_size - new_size); }
+    *out = q;
+    return 0;
+  }
+  /* reserve an aligned range, then move the pages onto it */
+  size_t total = new_size + alignment;
+  sm_gadd(os_mmap, 1);
+  uint8_t *raw = mmap(NULL, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (raw == MAP_FAILED) { int err = errno; errno = saved; return err; }
+  uintptr_t want = (((uintptr_t)raw + pre + alignment - 1) & ~(uintptr_t)(alignment - 1)) - pre;
+  if (want < (uintptr_t)raw) want += alignment;
+  sm_gadd(os_mremap, 1);
+  q = mremap(p, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)want);
+  if (q == MAP_FAILED) {
+    int err = errno;
+    sm_gadd(os_munmap, 1);
+    munmap(raw, total);
+    errno = saved;
+    return err;
+  }
+  size_t head = want - (uintptr_t)raw, tail = total - head - new_size;
+  if (head) { sm_gadd(os_munmap, 1); munmap(raw, head); }
+  if (tail) { sm_gadd(os_munmap, 1); munmap((uint8_t *)want + new_size, tail); }
+  errno = saved;
+  sm_mapped_add(new_size - old_size);
+  *out = q;
+  return 0;
+}
+
+void sm_os_random(void *buf, size_t len) {
+  int saved = errno;
+  uint8_t *out = buf;
+  long r = syscall(SYS_getrandom, buf, len, 0x0001 /* GRND_NONBLOCK */);
+  if (r != (long)len) {
+    /* the kernel's start-up randomness, mixed with addresses and time */
+    const uint8_t *at = (const uint8_t *)getauxval(AT_RANDOM);
+    uint64_t x = (uintptr_t)&r ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)buf;
+    for (size_t i = 0; i < len; i++) {
+      x ^= at ? at[i % 16] : 0;
+      x = x * 6364136223846793005ull + 1442695040888963407ull;
+      out[i] = (uint8_t)(x >> 56);
+    }
+  }
+  errno = saved;
+}

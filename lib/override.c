@@ -1,0 +1,203 @@
+/* The exported entry points: the smalloc_* names, and (unless configured
+ * with --disable-override) the C library's names as aliases of them, all
+ * in this one file so the override layer is easy to audit.  The aliases
+ * carry no symbol version, so they interpose on glibc's malloc@GLIBC_*. */
+#include "internal.h"
+
+#include <stdio.h>
+
+SM_EXPORT void *smalloc_malloc(size_t n) {
+  sm_heap_t *heap = sm_heap();
+  if (sm_likely(n <= SM_DIRECT_MAX)) return sm_malloc_small(heap, n);
+  return sm_malloc_generic(heap, n);
+}
+
+SM_EXPORT void smalloc_free(void *p) {
+  sm_free_inline(p);
+}
+
+SM_EXPORT void *smalloc_calloc(size_t count, size_t size) {
+  return sm_calloc(count, size);
+}
+
+SM_EXPORT void *smalloc_realloc(void *p, size_t n) {
+  return sm_realloc(p, n, SM_CALL_REALLOC);
+}
+
+SM_EXPORT void *smalloc_reallocarray(void *p, size_t count, size_t size) {
+  size_t n;
+  if (__builtin_mul_overflow(count, size, &n)) {
+    sm_heap_t *heap = sm_heap();
+    if (heap->initialized) {
+      heap->stats.calls[SM_CALL_REALLOCARRAY]++;
+      heap->stats.calls[SM_CALL_FAILED]++;
+    }
+    errno = ENOMEM;
+    return NULL;
+  }
+  return sm_realloc(p, n, SM_CALL_REALLOCARRAY);
+}
+
+static void sm_count_call(enum sm_call call) {
+  sm_heap_t *heap = sm_heap();
+  if (!heap->initialized) heap = sm_heap_init_thread();
+  if (heap) heap->stats.calls[call]++;
+}
+static void sm_count_failed(void) {
+  sm_heap_t *heap = sm_heap();
+  if (heap->initialized) heap->stats.calls[SM_CALL_FAILED]++;
+}
+
+static bool sm_is_pow2(size_t a) { return a != 0 && (a & (a - 1)) == 0; }
+
+SM_EXPORT int smalloc_posix_memalign(void **out, size_t alignment, size_t n) {
+  sm_count_call(SM_CALL_POSIX_MEMALIGN);
+  if (!sm_is_pow2(alignment) || alignment % sizeof(void *) != 0) {
+    sm_count_failed();
+    return EINVAL;
+  }
+  int saved = errno;
+  void *p = sm_malloc_aligned(alignment, n);
+  errno = saved;
+  if (p == NULL) return ENOMEM;
+  *out = p;
+  return 0;
+}
+
+SM_EXPORT void *smalloc_aligned_alloc(size_t alignment, size_t n) {
+  sm_count_call(SM_CALL_ALIGNED_ALLOC);
+  if (!sm_is_pow2(alignment)) {
+    sm_count_failed();
+    errno = EINVAL;
+    return NULL;
+  }
+  return sm_malloc_aligned(alignment, n);
+}
+
+SM_EXPORT void *smalloc_memalign(size_t alignment, size_t n) {
+  sm_count_call(SM_CALL_MEMALIGN);
+  if (!sm_is_pow2(alignment)) {
+    sm_count_failed();
+    errno = EINVAL;
+    return NULL;
+  }
+  return sm_malloc_aligned(alignment, n);
+}
+
+SM_EXPORT void *smalloc_valloc(size_t n) {
+  sm_count_call(SM_CALL_VALLOC);
+  return sm_malloc_aligned(SM_OS_PAGE, n);
+}
+
+SM_EXPORT void *smalloc_pvalloc(size_t n) {
+  sm_count_call(SM_CALL_PVALLOC);
+  size_t rounded = (n + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
+  if (rounded < n) {
+    sm_count_failed();
+    errno = ENOMEM;
+    return NULL;
+  }
+  return sm_malloc_aligned(SM_OS_PAGE, rounded ? rounded : SM_OS_PAGE);
+}
+
+SM_EXPORT size_t smalloc_malloc_usable_size(void *p) {
+  sm_heap_t *heap = sm_heap();
+  if (heap->initialized) heap->stats.calls[SM_CALL_USABLE_SIZE]++;
+  return sm_usable_size(p, "malloc_usable_size");
+}
+
+SM_EXPORT void smalloc_free_sized(void *p, size_t size) {
+  (void)size;
+  sm_count_call(SM_CALL_FREE_SIZED);
+  sm_free_inline(p);
+}
+
+SM_EXPORT void smalloc_free_aligned_sized(void *p, size_t alignment, size_t size) {
+  (void)alignment;
+  (void)size;
+  sm_count_call(SM_CALL_FREE_ALIGNED_SIZED);
+  sm_free_inline(p);
+}
+
+SM_EXPORT void smalloc_collect(bool force) {
+  sm_heap_t *heap = sm_heap();
+  if (heap->initialized) {
+    sm_heap_collect_full(heap);
+    if (force) sm_segment_reclaim_all(heap);
+    sm_heap_collect_retired(heap, force);
+  }
+  sm_segment_cache_collect(force);
+}
+
+SM_EXPORT int smalloc_malloc_trim(size_t pad) {
+  (void)pad;
+  uint64_t before = atomic_load(&sm_gstats.bytes_mapped) + atomic_load(&sm_gstats.bytes_committed);
+  smalloc_collect(true);
+  uint64_t after = atomic_load(&sm_gstats.bytes_mapped) + atomic_load(&sm_gstats.bytes_committed);
+  return after < before;
+}
+
+SM_EXPORT struct mallinfo2 smalloc_mallinfo2(void) {
+  smalloc_stats_t s;
+  s.size = sizeof s;
+  smalloc_stats_get(&s);
+  struct mallinfo2 mi;
+  memset(&mi, 0, sizeof mi);
+  uint64_t huge = atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed);
+  mi.arena = s.bytes_mapped - huge;        /* segments */
+  mi.ordblks = s.pages_in_use;
+  mi.hblks = s.huge_allocs - s.huge_frees;
+  mi.hblkhd = huge;
+  mi.usmblks = s.bytes_mapped_peak;
+  mi.uordblks = s.bytes_in_use;
+  mi.fordblks = s.bytes_committed > s.bytes_in_use ? s.bytes_committed - s.bytes_in_use : 0;
+  mi.keepcost = 0;
+  return mi;
+}
+
+SM_EXPORT void smalloc_malloc_stats(void) {
+  smalloc_stats_t s;
+  s.size = sizeof s;
+  smalloc_stats_get(&s);
+  fprintf(stderr,
+          "Arena 0:\nsystem bytes     = %10llu\nin use bytes     = %10llu\n"
+          "Total (incl. mmap):\nsystem bytes     = %10llu\nin use bytes     = %10llu\n"
+          "max mmap regions = %10llu\nmax mmap bytes   = %10llu\n",
+          (unsigned long long)s.bytes_committed, (unsigned long long)s.bytes_in_use,
+          (unsigned long long)s.bytes_mapped, (unsigned long long)s.bytes_in_use,
+          (unsigned long long)(s.segments_in_use + s.huge_allocs - s.huge_frees),
+          (unsigned long long)s.bytes_mapped_peak);
+}
+
+#if SM_OVERRIDE
+#if defined(__GNUC__) && !defined(__clang__)
+#define SM_ALIAS_COPY(target) , copy(target)
+#else
+#define SM_ALIAS_COPY(target)
+#endif
+#define SM_ALIAS(name, target) \
+  extern __typeof__(target) name __attribute__((alias(#target), visibility("default") SM_ALIAS_COPY(target)));
+SM_ALIAS(malloc, smalloc_malloc)
+SM_ALIAS(free, smalloc_free)
+SM_ALIAS(calloc, smalloc_calloc)
+SM_ALIAS(realloc, smalloc_realloc)
+SM_ALIAS(reallocarray, smalloc_reallocarray)
+SM_ALIAS(posix_memalign, smalloc_posix_memalign)
+SM_ALIAS(aligned_alloc, smalloc_aligned_alloc)
+SM_ALIAS(memalign, smalloc_memalign)
+SM_ALIAS(valloc, smalloc_valloc)
+SM_ALIAS(pvalloc, smalloc_pvalloc)
+SM_ALIAS(malloc_usable_size, smalloc_malloc_usable_size)
+SM_ALIAS(free_sized, smalloc_free_sized)
+SM_ALIAS(free_aligned_sized, smalloc_free_aligned_sized)
+SM_ALIAS(malloc_trim, smalloc_malloc_trim)
+SM_ALIAS(mallinfo2, smalloc_mallinfo2)
+SM_ALIAS(malloc_stats, smalloc_malloc_stats)
+/* glibc's internal names, which a few programs and libraries call
+ * directly: they must reach the same heap as malloc/free. */
+SM_ALIAS(__libc_malloc, smalloc_malloc)
+SM_ALIAS(__libc_free, smalloc_free)
+SM_ALIAS(__libc_calloc, smalloc_calloc)
+SM_ALIAS(__libc_realloc, smalloc_realloc)
+SM_ALIAS(__libc_memalign, smalloc_memalign)
+#endif

@@ -1,0 +1,42 @@
+/* Size-class page queues.  heap->queues[bin] lists the pages of one size
+ * class, the page to allocate from first; heap->queues[SM_BIN_FULL] the
+ * pages with no free block.  heap->direct caches each small size's first
+ * page so the malloc fast path needs no queue walk. */
+#include "internal.h"
+
+/* Point every direct entry of the bin at its first page. */
+void sm_pq_update_direct(sm_heap_t *heap, size_t bin) {
+  if (bin == SM_BIN_FULL || sm_bin_size(bin) > SM_DIRECT_MAX) return;
+  sm_page_t *page = heap->queues[bin].first;
+  if (!page) page = &sm_page_empty;
+  size_t lo = bin == 1 ? 0 : sm_bin_size(bin - 1) / 16 + 1;
+  size_t hi = sm_bin_size(bin) / 16;
+  for (size_t i = lo; i <= hi; i++) heap->direct[i] = page;
+}
+
+void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page) {
+  sm_page_queue_t *q = &heap->queues[qi];
+  page->next = NULL;
+  page->prev = q->last;
+  if (q->last) q->last->next = page; else q->first = page;
+  q->last = page;
+  if (q->first == page) sm_pq_update_direct(heap, qi);
+}
+
+void sm_pq_push_front(sm_heap_t *heap, size_t qi, sm_page_t *page) {
+  sm_page_queue_t *q = &heap->queues[qi];
+  page->prev = NULL;
+  page->next = q->first;
+  if (q->first) q->first->prev = page; else q->last = page;
+  q->first = page;
+  sm_pq_update_direct(heap, qi);
+}
+
+void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page) {
+  sm_page_queue_t *q = &heap->queues[qi];
+  bool was_first = q->first == page;
+  if (page->prev) page->prev->next = page->next; else q->first = page->next;
+  if (page->next) page->next->prev = page->prev; else q->last = page->prev;
+  page->next = page->prev = NULL;
+  if (was_first) sm_pq_update_direct(heap, qi);
+}

@@ -1,0 +1,286 @@
+/* Pages: the malloc slow path and the page life cycle.
+ *
+ * When the first page of a size class has no free block the slow path
+ * tries, cheapest first (DESIGN.md), and counts the step that served:
+ *   1. swap local_free into free                 O(1), the churn case
+ *   2. collect thread_free                       one atomic exchange
+ *   3. extend into untouched capacity            a bounded chunk
+ *   4. the next page of the class with blocks
+ *   5. a retired page (empty, kept warm)
+ *   6. a fresh page of a segment the heap owns
+ *   7. a new segment (cache, abandoned, then the OS)
+ * A page whose last block is freed is retired, not released: it serves the
+ * next burst and goes back to its segment only after its retire cycles. */
+#include "internal.h"
+
+/* Blocks built per extension step: about 4 KiB, so a class used for a few
+ * blocks touches one OS page, not the whole 64 KiB page. */
+#define SM_EXTEND_BYTES 4096
+
+void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin) {
+  size_t idx = (size_t)(page - seg->pages);
+  size_t psize = (size_t)1 << seg->page_shift;
+  uint8_t *start = (uint8_t *)seg + idx * psize;
+  size_t area = psize;
+  if (idx == 0) { start += SM_SEGMENT_HDR; area -= SM_SEGMENT_HDR; }
+  size_t bsize = sm_bin_size(bin);
+  page->free = NULL;
+  page->local_free = NULL;
+  atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
+  page->used = 0;
+  atomic_store_explicit(&page->flags, 0, memory_order_relaxed);
+  page->bin = (uint8_t)bin;
+  page->retired = 0;
+  page->key = sm_secret ^ ((uintptr_t)page * 0x9E3779B97F4A7C15ull);
+  page->start = start;
+  page->block_size = (uint32_t)bsize;
+  page->reserved = (uint32_t)(area / bsize);
+  page->span = (uint32_t)(page->reserved * bsize);
+  page->div_magic = UINT64_MAX / bsize + 1;
+  page->capacity = 0;
+  page->frees = 0;
+  page->used_folded = 0;
+  page->retire_expire = 0;
+  page->next = page->prev = page->rnext = page->rprev = NULL;
+  atomic_store_explicit(&page->heap, heap, memory_order_relaxed);
+  atomic_fetch_add_explicit(&sm_gstats.class_pages[bin], 1, memory_order_relaxed);
+}
+
+static void sm_page_extend(sm_page_t *page) {
+  size_t bsize = page->block_size;
+  size_t n = SM_EXTEND_BYTES / bsize;
+  if (n < 1) n = 1;
+  if (n > page->reserved - page->capacity) n = page->reserved - page->capacity;
+  uint8_t *first = page->start + (size_t)page->capacity * bsize;
+  uint8_t *p = first;
+  for (size_t i = 1; i < n; i++, p += bsize)
+    ((sm_block_t *)p)->next = sm_enc(page, (sm_block_t *)(p + bsize));
+  ((sm_block_t *)p)->next = sm_enc(page, page->free);
+  page->free = (sm_block_t *)first;
+  page->capacity += (uint32_t)n;
+}
+
+/* Move thread_free onto local_free, with one exchange. */
+void sm_page_collect_thread_free(sm_page_t *page) {
+  sm_block_t *head = atomic_exchange_explicit(&page->thread_free, NULL, memory_order_acquire);
+  if (!head) return;
+  size_t n = 1;
+  sm_block_t *tail = head;
+  for (sm_block_t *next; (next = sm_dec(page, tail->next)) != NULL; tail = next) {
+    if (sm_unlikely(((uintptr_t)next ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
+      sm_error("corrupted free list in page at %p (thread_free)", (void *)page->start);
+      break;
+    }
+    n++;
+  }
+  tail->next = sm_enc(page, page->local_free);
+  page->local_free = head;
+  sm_assert(page->used >= n);
+  page->used -= (uint32_t)n;
+  page->used_folded -= (int32_t)n;   /* keeps the fold's allocation count exact */
+}
+
+/* Merge the page's pending counts into the heap's class counters. */
+void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page) {
+  size_t bin = page->bin;
+  int64_t allocs = (int64_t)page->frees + (int64_t)page->used - page->used_folded;
+  sm_cnt_add(heap->stats.class_allocs[bin], (uint64_t)allocs);
+  sm_cnt_add(heap->stats.class_frees[bin], page->frees);
+  page->frees = 0;
+  page->used_folded = (int32_t)page->used;
+}
+
+/* ---- retire ------------------------------------------------------------- */
+
+static void sm_retired_unlink(sm_heap_t *heap, sm_page_t *page) {
+  if (page->rprev) page->rprev->rnext = page->rnext; else heap->retired_first = page->rnext;
+  if (page->rnext) page->rnext->rprev = page->rprev; else heap->retired_last = page->rprev;
+  page->rnext = page->rprev = NULL;
+  page->retired = 0;
+}
+
+void sm_page_unretire(sm_heap_t *heap, sm_page_t *page) {
+  if (page->retired) sm_retired_unlink(heap, page);
+}
+
+/* The page's last block was freed.  Keep it warm for its retire cycles on
+ * the heap's retired list (ordered by expiry), or release it now. */
+void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
+  size_t cycles = sm_retire_cycles_for(page->block_size);
+  if (cycles == 0) { sm_page_release(heap, page); return; }
+  heap->stats.pages_retired++;
+  if (page->retired) sm_retired_unlink(heap, page);
+  page->retired = 1;
+  page->retire_expire = heap->cycle + cycles;
+  sm_page_t *after = heap->retired_last;
+  while (after && after->retire_expire > page->retire_expire) after = after->rprev;
+  page->rprev = after;
+  page->rnext = after ? after->rnext : heap->retired_first;
+  if (page->rnext) page->rnext->rprev = page; else heap->retired_last = page;
+  if (after) after->rnext = page; else heap->retired_first = page;
+}
+
+/* Give an empty page back to its segment. */
+void sm_page_release(sm_heap_t *heap, sm_page_t *page) {
+  sm_assert(page->used == 0);
+  sm_page_unretire(heap, page);
+  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+  sm_pq_remove(heap, (flags & SM_PAGE_IN_FULL) ? SM_BIN_FULL : page->bin, page);
+  sm_page_fold_stats(heap, page);
+  atomic_fetch_sub_explicit(&sm_gstats.class_pages[page->bin], 1, memory_order_relaxed);
+  heap->stats.pages_released++;
+  page->free = page->local_free = NULL;
+  page->capacity = 0;
+  atomic_store_explicit(&page->flags, 0, memory_order_relaxed);
+  atomic_store_explicit(&page->heap, NULL, memory_order_relaxed);
+  sm_segment_page_free(heap, sm_ptr_segment(page), page);
+}
+
+/* Release retired pages whose cycles ran out (all of them when forced;
+ * then also empty pages that are still the first of their class). */
+void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
+  while (heap->retired_first && (force || heap->retired_first->retire_expire <= heap->cycle)) {
+    sm_page_t *page = heap->retired_first;
+    sm_retired_unlink(heap, page);
+    if (page->used == 0) sm_page_release(heap, page);
+  }
+  if (!force) return;
+  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
+    sm_page_t *page = heap->queues[bin].first;
+    while (page) {
+      sm_page_t *next = page->next;
+      sm_page_collect_thread_free(page);
+      if (page->used == 0) sm_page_release(heap, page);
+      page = next;
+    }
+  }
+}
+
+/* ---- full pages ------------------------------------------------------------ */
+
+/* Move an exhausted page to the full list.  Setting the flag before
+ * looking at thread_free (both sequentially consistent) pairs with the
+ * freeing thread pushing before looking at the flag: either we see its
+ * block here, or it sees the flag and tells the heap. */
+void sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
+  atomic_fetch_or_explicit(&page->flags, SM_PAGE_IN_FULL, memory_order_seq_cst);
+  if (atomic_load_explicit(&page->thread_free, memory_order_seq_cst) != NULL) {
+    atomic_fetch_and_explicit(&page->flags, (uint8_t)~SM_PAGE_IN_FULL, memory_order_seq_cst);
+    return;
+  }
+  sm_pq_remove(heap, page->bin, page);
+  sm_pq_push_back(heap, SM_BIN_FULL, page);
+  heap->stats.pages_full++;
+}
+
+void sm_page_unfull(sm_heap_t *heap, sm_page_t *page) {
+  if (!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL)) return;
+  atomic_fetch_and_explicit(&page->flags, (uint8_t)~SM_PAGE_IN_FULL, memory_order_relaxed);
+  sm_pq_remove(heap, SM_BIN_FULL, page);
+  sm_pq_push_back(heap, page->bin, page);
+  heap->stats.pages_unfull++;
+}
+
+/* Other threads freed into full pages: bring those pages back. */
+void sm_heap_collect_full(sm_heap_t *heap) {
+  if (atomic_exchange_explicit(&heap->xfree_full, 0, memory_order_acq_rel) == 0) return;
+  sm_page_t *page = heap->queues[SM_BIN_FULL].first;
+  while (page) {
+    sm_page_t *next = page->next;
+    if (atomic_load_explicit(&page->thread_free, memory_order_acquire) != NULL) {
+      sm_page_collect_thread_free(page);
+      sm_page_unfull(heap, page);
+    }
+    page = next;
+  }
+}
+
+/* ---- the slow path ---------------------------------------------------------- */
+
+static void sm_count_step(sm_heap_t *heap, size_t bin, int step) {
+  heap->stats.class_steps[bin][step]++;
+}
+
+/* Make the page's free list non-empty by steps 1-3; returns the step or -1. */
+static int sm_page_refill(sm_page_t *page) {
+  if (page->local_free) {
+    page->free = page->local_free;   /* both lists use the page's key */
+    page->local_free = NULL;
+    return SMALLOC_STEP_LOCAL_SWAP;
+  }
+  if (atomic_load_explicit(&page->thread_free, memory_order_relaxed)) {
+    sm_page_collect_thread_free(page);
+    page->free = page->local_free;
+    page->local_free = NULL;
+    return SMALLOC_STEP_THREAD_COLLECT;
+  }
+  if (page->capacity < page->reserved) {
+    sm_page_extend(page);
+    return SMALLOC_STEP_EXTEND;
+  }
+  return -1;
+}
+
+/* Find a page of the bin with a free block, counting how it was found.
+ * Returns NULL only when the OS refuses memory. */
+sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
+  heap->cycle++;
+  if (heap->retired_first && heap->retired_first->retire_expire <= heap->cycle)
+    sm_heap_collect_retired(heap, false);
+  if (atomic_load_explicit(&heap->xfree_full, memory_order_relaxed)) sm_heap_collect_full(heap);
+  if (heap->cycle >= heap->next_purge_check) {
+    heap->next_purge_check = heap->cycle + 1024;
+    sm_segment_cache_collect(false);
+  }
+
+  sm_page_queue_t *q = &heap->queues[bin];
+  sm_page_t *first = q->first;
+  for (sm_page_t *page = first; page; ) {
+    sm_page_t *next = page->next;
+    int step = page->free ? SMALLOC_STEP_NEXT_PAGE : sm_page_refill(page);
+    if (step >= 0) {
+      if (page->retired) {
+        sm_page_unretire(heap, page);
+        heap->stats.pages_reused++;
+        step = SMALLOC_STEP_RETIRED_PAGE;
+      } else if (page != first) {
+        step = SMALLOC_STEP_NEXT_PAGE;
+      }
+      if (page != q->first) {
+        sm_pq_remove(heap, bin, page);
+        sm_pq_push_front(heap, bin, page);
+      }
+      sm_count_step(heap, bin, step);
+      sm_page_fold_stats(heap, page);   /* keeps the 32-bit frees count small */
+      return page;
+    }
+    sm_page_to_full(heap, page);
+    if (!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL)) {
+      continue;   /* blocks arrived from another thread: refill it again */
+    }
+    page = next;
+  }
+
+  /* 6. a fresh page; 7. a new segment, after reclaiming abandoned ones */
+  int kind = bin <= SM_BIN_SMALL_LAST ? SM_SEG_SMALL : SM_SEG_MEDIUM;
+  bool new_segment = false;
+  sm_page_t *page = sm_segment_page_alloc(heap, kind, &new_segment);
+  if (!page && sm_segment_reclaim_one(heap)) {
+    /* the reclaimed pages may serve this class already */
+    if (q->first && (q->first->free || sm_page_refill(q->first) >= 0)) {
+      sm_count_step(heap, bin, SMALLOC_STEP_NEXT_PAGE);
+      return q->first;
+    }
+    page = sm_segment_page_alloc(heap, kind, &new_segment);
+  }
+  if (!page) {
+    new_segment = true;
+    page = sm_segment_page_alloc(heap, kind, &new_segment);
+    if (!page) return NULL;
+  }
+  sm_page_init(heap, sm_ptr_segment(page), page, bin);
+  sm_page_extend(page);
+  sm_pq_push_front(heap, bin, page);
+  sm_count_step(heap, bin, new_segment ? SMALLOC_STEP_NEW_SEGMENT : SMALLOC_STEP_FRESH_PAGE);
+  return page;
+}

@@ -1,0 +1,317 @@
+/* Segments: 4 MiB regions aligned to their size, carved into pages.
+ *
+ * A thread heap owns its small and medium segments; empty ones go to a
+ * small process-wide cache (purged after SMALLOC_PURGE_DELAY, unmapped when
+ * the cache is full); segments of exited threads are abandoned and
+ * reclaimed by threads that need pages.  Single segments hold one large
+ * block each and go through the same cache. */
+#include "internal.h"
+
+#include <pthread.h>
+#include <time.h>
+
+_Atomic uint64_t sm_segmap[(size_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT - 6)];
+
+static pthread_mutex_t sm_cache_lock = PTHREAD_MUTEX_INITIALIZER;
+static sm_segment_t *sm_cache_first;          /* most recently cached first */
+static size_t sm_cache_count;
+static pthread_mutex_t sm_abandoned_lock = PTHREAD_MUTEX_INITIALIZER;
+static sm_segment_t *sm_abandoned_first;
+static _Atomic size_t sm_abandoned_count;
+
+void sm_segmap_set(uintptr_t seg, bool on) {
+  uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
+  if (unit >= ((uintptr_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT))) return;
+  uint64_t bit = (uint64_t)1 << (unit & 63);
+  if (on) atomic_fetch_or_explicit(&sm_segmap[unit >> 6], bit, memory_order_release);
+  else atomic_fetch_and_explicit(&sm_segmap[unit >> 6], ~bit, memory_order_release);
+}
+
+uint64_t sm_clock_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* ---- raw segments: cache first, then the OS ------------------------------ */
+
+static sm_segment_t *sm_segment_raw_alloc(void) {
+  pthread_mutex_lock(&sm_cache_lock);
+  sm_segment_t *seg = sm_cache_first;
+  if (seg) {
+    sm_cache_first = seg->next;
+    sm_cache_count--;
+  }
+  pthread_mutex_unlock(&sm_cache_lock);
+  if (seg) {
+    sm_gadd(segments_cache_hits, 1);
+    if (seg->purged) sm_gadd(bytes_committed, SM_SEGMENT_SIZE);
+    sm_gadd(segments_in_use, 1);
+    return seg;
+  }
+  void *p;
+  if (sm_os_map_aligned(SM_SEGMENT_SIZE, SM_SEGMENT_SIZE, 0, &p) != 0) return NULL;
+  sm_segmap_set((uintptr_t)p, true);
+  sm_gadd(segments_mapped, 1);
+  sm_gadd(segments_in_use, 1);
+  return p;
+}
+
+static void sm_segment_unmap(sm_segment_t *seg) {
+  sm_segmap_set((uintptr_t)seg, false);
+  if (!seg->purged) sm_gsub(bytes_committed, SM_SEGMENT_SIZE);
+  sm_os_unmap(seg, SM_SEGMENT_SIZE);
+  sm_gadd(segments_unmapped, 1);
+}
+
+/* Purge cached segments older than the delay (all of them when forced,
+ * and then unmap them too). */
+void sm_segment_cache_collect(bool force) {
+  uint64_t now = sm_clock_ms();
+  long delay = sm_opt(PURGE_DELAY);
+  sm_segment_t *unmap = NULL;
+  pthread_mutex_lock(&sm_cache_lock);
+  if (force) {
+    unmap = sm_cache_first;
+    sm_cache_first = NULL;
+    sm_cache_count = 0;
+  } else {
+    for (sm_segment_t *s = sm_cache_first; s; s = s->next) {
+      if (!s->purged && now - s->cached_at_ms >= (uint64_t)delay) {
+        /* keep the header page: it holds the cache link */
+        sm_os_purge((uint8_t *)s + SM_OS_PAGE, SM_SEGMENT_SIZE - SM_OS_PAGE);
+        s->purged = 1;
+        sm_gsub(bytes_committed, SM_SEGMENT_SIZE);
+        sm_gadd(segments_purged, 1);
+      }
+    }
+  }
+  pthread_mutex_unlock(&sm_cache_lock);
+  while (unmap) {
+    sm_segment_t *next = unmap->next;
+    sm_segment_unmap(unmap);
+    unmap = next;
+  }
+}
+
+static void sm_segment_raw_free(sm_segment_t *seg) {
+  atomic_store_explicit(&seg->thread_id, 0, memory_order_relaxed);
+  seg->cookie = 0;   /* a stale pointer into a cached segment is caught */
+  seg->heap = NULL;
+  seg->purged = 0;
+  seg->cached_at_ms = sm_clock_ms();
+  sm_gsub(segments_in_use, 1);
+  size_t max = (size_t)sm_opt(SEGMENT_CACHE);
+  bool cached = false;
+  pthread_mutex_lock(&sm_cache_lock);
+  if (sm_cache_count < max) {
+    seg->next = sm_cache_first;
+    sm_cache_first = seg;
+    sm_cache_count++;
+    cached = true;
+  }
+  pthread_mutex_unlock(&sm_cache_lock);
+  if (cached) {
+    sm_gadd(segments_cached, 1);
+    if (sm_opt(PURGE_DELAY) == 0) sm_segment_cache_collect(false);
+  } else {
+    sm_segment_unmap(seg);
+  }
+}
+
+/* ---- owned segments and their pages ---------------------------------------- */
+
+static void sm_seg_list_remove(sm_segment_t **first, sm_segment_t *seg) {
+  if (seg->prev) seg->prev->next = seg->next; else *first = seg->next;
+  if (seg->next) seg->next->prev = seg->prev;
+  seg->next = seg->prev = NULL;
+}
+static void sm_seg_list_push(sm_segment_t **first, sm_segment_t *seg) {
+  seg->prev = NULL;
+  seg->next = *first;
+  if (*first) (*first)->prev = seg;
+  *first = seg;
+}
+
+/* heap->free_segs[kind] holds owned segments with a free page;
+ * heap->full_segs those without. */
+static sm_segment_t **sm_seg_list_of(sm_heap_t *heap, sm_segment_t *seg) {
+  return seg->in_free_list ? &heap->free_segs[seg->kind] : &heap->full_segs;
+}
+
+static void sm_segment_adopt(sm_heap_t *heap, sm_segment_t *seg) {
+  seg->heap = heap;
+  seg->in_free_list = seg->used_pages < seg->page_count;
+  sm_seg_list_push(sm_seg_list_of(heap, seg), seg);
+  atomic_store_explicit(&seg->thread_id, heap->thread_id, memory_order_release);
+}
+
+static sm_segment_t *sm_segment_alloc(sm_heap_t *heap, int kind) {
+  sm_segment_t *seg = sm_segment_raw_alloc();
+  if (!seg) return NULL;
+  memset(seg, 0, sizeof *seg);
+  seg->cookie = (uintptr_t)seg ^ sm_secret;
+  seg->kind = (uint8_t)kind;
+  seg->page_shift = kind == SM_SEG_SMALL ? SM_SMALL_SHIFT : SM_MEDIUM_SHIFT;
+  seg->page_count = kind == SM_SEG_SMALL ? SM_SMALL_PAGES : SM_MEDIUM_PAGES;
+  seg->mapped = SM_SEGMENT_SIZE;
+  sm_segment_adopt(heap, seg);
+  return seg;
+}
+
+/* A free page of an owned segment; a new segment only when allowed. */
+sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment) {
+  sm_segment_t *seg = heap->free_segs[kind];
+  if (!seg) {
+    if (!*new_segment) return NULL;
+    seg = sm_segment_alloc(heap, kind);
+    if (!seg) return NULL;
+  } else {
+    *new_segment = false;
+  }
+  sm_page_t *page = NULL;
+  for (size_t i = 0; i < seg->page_count; i++) {
+    if (!seg->pages[i].in_use) { page = &seg->pages[i]; break; }
+  }
+  sm_assert(page != NULL);
+  page->in_use = 1;
+  if (++seg->used_pages == seg->page_count) {
+    sm_seg_list_remove(&heap->free_segs[kind], seg);
+    seg->in_free_list = 0;
+    sm_seg_list_push(&heap->full_segs, seg);
+  }
+  return page;
+}
+
+void sm_segment_page_free(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page) {
+  page->in_use = 0;
+  if (!seg->in_free_list) {
+    sm_seg_list_remove(&heap->full_segs, seg);
+    seg->in_free_list = 1;
+    sm_seg_list_push(&heap->free_segs[seg->kind], seg);
+  }
+  if (--seg->used_pages == 0) {
+    sm_seg_list_remove(&heap->free_segs[seg->kind], seg);
+    seg->in_free_list = 0;
+    sm_segment_raw_free(seg);
+  }
+}
+
+/* ---- single segments: one large block each ------------------------------- */
+
+sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *offset_out) {
+  size_t offset = (SM_SEGMENT_HDR + alignment - 1) & ~(alignment - 1);
+  if (offset + size > SM_SEGMENT_SIZE) return NULL;
+  sm_segment_t *seg = sm_segment_raw_alloc();
+  if (!seg) return NULL;
+  memset(seg, 0, offsetof(sm_segment_t, pages) + sizeof(sm_page_t));
+  seg->cookie = (uintptr_t)seg ^ sm_secret;
+  seg->kind = SM_SEG_SINGLE;
+  seg->page_shift = SM_SEGMENT_SHIFT;
+  seg->page_count = 1;
+  seg->used_pages = 1;
+  seg->mapped = SM_SEGMENT_SIZE;
+  seg->block_offset = offset;
+  seg->block_size = (size + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
+  if (offset + seg->block_size > SM_SEGMENT_SIZE) seg->block_size = SM_SEGMENT_SIZE - offset;
+  sm_page_t *page = &seg->pages[0];
+  page->in_use = 1;
+  page->start = (uint8_t *)seg + offset;
+  page->block_size = (uint32_t)seg->block_size;
+  page->span = (uint32_t)seg->block_size;
+  page->div_magic = UINT64_MAX;   /* only offset 0 passes: diff * magic < magic */
+  *offset_out = offset;
+  return seg;
+}
+
+void sm_segment_single_free(sm_segment_t *seg) {
+  sm_segment_raw_free(seg);
+}
+
+/* ---- abandonment and reclaim ------------------------------------------------ */
+
+/* The heap's thread exited: its remaining segments (each with live blocks)
+ * wait on the abandoned list.  Their blocks stay valid; frees from any
+ * thread go to thread_free until a thread reclaims the segment. */
+void sm_segment_abandon_heap(sm_heap_t *heap) {
+  sm_segment_t *lists[3] = {heap->free_segs[0], heap->free_segs[1], heap->full_segs};
+  heap->free_segs[0] = heap->free_segs[1] = heap->full_segs = NULL;
+  for (int l = 0; l < 3; l++) {
+    sm_segment_t *seg = lists[l];
+    while (seg) {
+      sm_segment_t *next = seg->next;
+      seg->heap = NULL;
+      seg->in_free_list = 0;
+      atomic_store_explicit(&seg->thread_id, 0, memory_order_release);
+      pthread_mutex_lock(&sm_abandoned_lock);
+      seg->prev = NULL;
+      seg->next = sm_abandoned_first;
+      if (sm_abandoned_first) sm_abandoned_first->prev = seg;
+      sm_abandoned_first = seg;
+      atomic_fetch_add(&sm_abandoned_count, 1);
+      pthread_mutex_unlock(&sm_abandoned_lock);
+      seg = next;
+    }
+  }
+}
+
+/* Take one abandoned segment and make its pages this heap's.  Returns
+ * whether a segment was taken. */
+bool sm_segment_reclaim_one(sm_heap_t *heap) {
+  if (atomic_load_explicit(&sm_abandoned_count, memory_order_relaxed) == 0) return false;
+  pthread_mutex_lock(&sm_abandoned_lock);
+  sm_segment_t *seg = sm_abandoned_first;
+  if (seg) {
+    sm_abandoned_first = seg->next;
+    if (seg->next) seg->next->prev = NULL;
+    atomic_fetch_sub(&sm_abandoned_count, 1);
+  }
+  pthread_mutex_unlock(&sm_abandoned_lock);
+  if (!seg) return false;
+  seg->next = seg->prev = NULL;
+  sm_segment_adopt(heap, seg);
+  heap->stats.segments_reclaimed++;
+  /* adopt its pages; releasing empty ones may free the whole segment, so
+   * count the pages to visit first */
+  size_t live = seg->used_pages;
+  for (size_t i = 0; i < seg->page_count && live > 0; i++) {
+    sm_page_t *page = &seg->pages[i];
+    if (!page->in_use) continue;
+    live--;
+    atomic_store_explicit(&page->heap, heap, memory_order_release);
+    atomic_store_explicit(&page->flags, atomic_load(&page->flags) & SM_PAGE_HAS_ALIGNED, memory_order_seq_cst);
+    page->used_folded = (int32_t)page->used;
+    page->frees = 0;
+    page->retired = 0;
+    page->next = page->prev = page->rnext = page->rprev = NULL;
+    heap->stats.pages_reclaimed++;
+    sm_page_collect_thread_free(page);
+    sm_pq_push_back(heap, page->bin, page);
+    if (page->used == 0) {
+      sm_page_release(heap, page);   /* may free seg: it is the last use */
+    } else if (!page->free && !page->local_free && page->capacity == page->reserved) {
+      sm_page_to_full(heap, page);
+    }
+  }
+  return true;
+}
+
+/* Reclaim every abandoned segment (smalloc_collect(true)). */
+void sm_segment_reclaim_all(sm_heap_t *heap) {
+  while (sm_segment_reclaim_one(heap)) {
+  }
+}
+
+/* ---- fork: hold the locks across fork so the child finds them free ------- */
+void sm_segment_fork_prepare(void) {
+  pthread_mutex_lock(&sm_abandoned_lock);
+  pthread_mutex_lock(&sm_cache_lock);
+}
+void sm_segment_fork_parent(void) {
+  pthread_mutex_unlock(&sm_cache_lock);
+  pthread_mutex_unlock(&sm_abandoned_lock);
+}
+void sm_segment_fork_child(void) {
+  pthread_mutex_init(&sm_cache_lock, NULL);
+  pthread_mutex_init(&sm_abandoned_lock, NULL);
+}

@@ -1,0 +1,310 @@
+/* Statistics: per-thread counters merged when read, folded into a process
+ * total when a thread exits; one field list drives get, reset, the table
+ * and the JSON printer.
+ *
+ * Cheap on the fast path by construction: malloc adds the requested size,
+ * free counts into its page; per-class allocation counts are derived when
+ * a page's counts are folded (allocs = frees + collected + change in used). */
+#include "internal.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+
+sm_gstats_t sm_gstats;
+
+static pthread_mutex_t sm_stats_mutex = PTHREAD_MUTEX_INITIALIZER;
+static sm_tstats_t sm_exited;          /* threads that exited (heaps lock) */
+static sm_tstats_t sm_orphan;          /* frees by threads without a heap (atomic) */
+static smalloc_stats_t sm_reset_base;  /* raw figures at the last reset (stats lock) */
+
+/* Every figure after the header: name, and whether it is a gauge (kept by
+ * reset) or an event count (zeroed by reset).  B marks byte figures for
+ * the table. */
+#define SM_STATS_FIELDS(X)                                                  \
+  X(calls_malloc, 0, 0) X(calls_calloc, 0, 0) X(calls_realloc, 0, 0)        \
+  X(calls_reallocarray, 0, 0) X(calls_free, 0, 0) X(calls_free_null, 0, 0)  \
+  X(calls_posix_memalign, 0, 0) X(calls_aligned_alloc, 0, 0)                \
+  X(calls_memalign, 0, 0) X(calls_valloc, 0, 0) X(calls_pvalloc, 0, 0)      \
+  X(calls_usable_size, 0, 0) X(calls_free_sized, 0, 0)                      \
+  X(calls_free_aligned_sized, 0, 0) X(calls_failed, 0, 0)                   \
+  X(bytes_requested, 0, 1) X(bytes_in_use, 1, 1) X(bytes_in_use_peak, 1, 1) \
+  X(blocks_in_use, 1, 0) X(large_allocs, 0, 0) X(large_frees, 0, 0)         \
+  X(huge_allocs, 0, 0) X(huge_frees, 0, 0) X(huge_remaps, 0, 0)             \
+  X(slow_path, 0, 0)
+#define SM_STATS_FIELDS2(X)                                                 \
+  X(pages_in_use, 1, 0) X(pages_retired, 0, 0) X(pages_reused, 0, 0)        \
+  X(pages_released, 0, 0) X(pages_full, 0, 0) X(pages_unfull, 0, 0)         \
+  X(segments_in_use, 1, 0) X(segments_mapped, 0, 0) X(segments_cached, 0, 0) \
+  X(segments_cache_hits, 0, 0) X(segments_purged, 0, 0)                     \
+  X(segments_unmapped, 0, 0) X(os_mmap, 0, 0) X(os_munmap, 0, 0)            \
+  X(os_madvise, 0, 0) X(os_mremap, 0, 0) X(bytes_mapped, 1, 1)              \
+  X(bytes_mapped_peak, 1, 1) X(bytes_committed, 1, 1) X(bytes_purged, 0, 1) \
+  X(threads_started, 0, 0) X(threads_exited, 0, 0) X(pages_abandoned, 0, 0) \
+  X(pages_reclaimed, 0, 0) X(segments_reclaimed, 0, 0)
+
+static const char *const sm_step_names[SMALLOC_STEP_COUNT] = {
+  "local_swap", "thread_collect", "extend", "next_page", "retired_page", "fresh_page", "new_segment",
+};
+
+/* ---- accumulation -------------------------------------------------------- */
+
+static void sm_tstats_add(sm_tstats_t *dst, const sm_tstats_t *src) {
+  const uint64_t *s = (const uint64_t *)src;
+  uint64_t *d = (uint64_t *)dst;
+  for (size_t i = 0; i < sizeof *src / sizeof(uint64_t); i++) d[i] += sm_cnt_read(s[i]);
+}
+
+void sm_stats_orphan_add(size_t offset, uint64_t n) {
+  __atomic_fetch_add((uint64_t *)((uint8_t *)&sm_orphan + offset), n, __ATOMIC_RELAXED);
+}
+
+/* Fold the pending counts of every page of the calling thread's heap. */
+void sm_stats_fold_heap(sm_heap_t *heap) {
+  if (!heap->initialized) return;
+  for (size_t qi = 0; qi < SM_BIN_COUNT; qi++)
+    for (sm_page_t *page = heap->queues[qi].first; page; page = page->next)
+      sm_page_fold_stats(heap, page);
+}
+
+/* Called with the heaps lock held, so a reader counts the thread once. */
+void sm_stats_thread_exit(sm_heap_t *heap) {
+  sm_tstats_add(&sm_exited, &heap->stats);
+}
+
+static void sm_stats_raw(smalloc_stats_t *o) {
+  sm_tstats_t t;
+  memset(&t, 0, sizeof t);
+  memset(o, 0, sizeof *o);
+  sm_stats_fold_heap(sm_heap());
+  sm_heaps_lock();
+  sm_tstats_add(&t, &sm_exited);
+  for (sm_heap_t *h = sm_heaps_first(); h; h = h->all_next) sm_tstats_add(&t, &h->stats);
+  sm_heaps_unlock();
+  {
+    sm_tstats_t orphan;
+    for (size_t i = 0; i < sizeof orphan / sizeof(uint64_t); i++)
+      ((uint64_t *)&orphan)[i] = __atomic_load_n(&((uint64_t *)&sm_orphan)[i], __ATOMIC_RELAXED);
+    sm_tstats_add(&t, &orphan);
+  }
+
+  uint64_t allocs = 0, frees = 0, bytes = 0, blocks = 0, pages = 0;
+  o->nclasses = SMALLOC_STATS_CLASSES;
+  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
+    smalloc_class_stats_t *c = &o->classes[bin - 1];
+    c->block_size = sm_bin_size(bin);
+    c->allocs = t.class_allocs[bin];
+    c->frees = t.class_frees[bin];
+    c->blocks_in_use = c->allocs - c->frees;
+    int64_t pg = atomic_load_explicit(&sm_gstats.class_pages[bin], memory_order_relaxed);
+    c->pages_in_use = pg > 0 ? (uint64_t)pg : 0;
+    for (int s = 0; s < SMALLOC_STEP_COUNT; s++) {
+      c->slow_steps[s] = t.class_steps[bin][s];
+      o->slow_steps[s] += c->slow_steps[s];
+      o->slow_path += c->slow_steps[s];
+    }
+    allocs += c->allocs;
+    frees += c->frees;
+    blocks += c->blocks_in_use;
+    bytes += c->blocks_in_use * c->block_size;
+    pages += c->pages_in_use;
+  }
+  uint64_t huge_b = atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed);
+  o->calls_malloc = allocs + t.large_allocs + t.huge_allocs - t.alloc_other + t.calls[SM_CALL_MALLOC_FAILED];
+  o->calls_calloc = t.calls[SM_CALL_CALLOC];
+  o->calls_realloc = t.calls[SM_CALL_REALLOC];
+  o->calls_reallocarray = t.calls[SM_CALL_REALLOCARRAY];
+  o->calls_free = frees + t.large_frees + t.huge_frees - t.free_other;
+  o->calls_free_null = t.calls[SM_CALL_FREE_NULL];
+  o->calls_posix_memalign = t.calls[SM_CALL_POSIX_MEMALIGN];
+  o->calls_aligned_alloc = t.calls[SM_CALL_ALIGNED_ALLOC];
+  o->calls_memalign = t.calls[SM_CALL_MEMALIGN];
+  o->calls_valloc = t.calls[SM_CALL_VALLOC];
+  o->calls_pvalloc = t.calls[SM_CALL_PVALLOC];
+  o->calls_usable_size = t.calls[SM_CALL_USABLE_SIZE];
+  o->calls_free_sized = t.calls[SM_CALL_FREE_SIZED];
+  o->calls_free_aligned_sized = t.calls[SM_CALL_FREE_ALIGNED_SIZED];
+  o->calls_failed = t.calls[SM_CALL_FAILED];
+  o->bytes_requested = t.requested;
+  o->bytes_in_use = bytes + (t.large_bytes - t.large_bytes_freed) + huge_b;
+  o->blocks_in_use = blocks + (t.large_allocs - t.large_frees) + (t.huge_allocs - t.huge_frees);
+  uint64_t peak = atomic_load(&sm_gstats.peak_in_use);
+  while (o->bytes_in_use > peak &&
+         !atomic_compare_exchange_weak(&sm_gstats.peak_in_use, &peak, o->bytes_in_use)) {
+  }
+  o->bytes_in_use_peak = peak > o->bytes_in_use ? peak : o->bytes_in_use;
+  o->large_allocs = t.large_allocs;
+  o->large_frees = t.large_frees;
+  o->huge_allocs = t.huge_allocs;
+  o->huge_frees = t.huge_frees;
+  o->huge_remaps = t.huge_remaps;
+  o->pages_in_use = pages;
+  o->pages_retired = t.pages_retired;
+  o->pages_reused = t.pages_reused;
+  o->pages_released = t.pages_released;
+  o->pages_full = t.pages_full;
+  o->pages_unfull = t.pages_unfull;
+#define G(f) atomic_load_explicit(&sm_gstats.f, memory_order_relaxed)
+  o->segments_in_use = G(segments_in_use);
+  o->segments_mapped = G(segments_mapped);
+  o->segments_cached = G(segments_cached);
+  o->segments_cache_hits = G(segments_cache_hits);
+  o->segments_purged = G(segments_purged);
+  o->segments_unmapped = G(segments_unmapped);
+  o->os_mmap = G(os_mmap);
+  o->os_munmap = G(os_munmap);
+  o->os_madvise = G(os_madvise);
+  o->os_mremap = G(os_mremap);
+  o->bytes_mapped = G(bytes_mapped);
+  o->bytes_mapped_peak = G(bytes_mapped_peak);
+  o->bytes_committed = G(bytes_committed);
+  o->bytes_purged = G(bytes_purged);
+#undef G
+  o->threads_started = t.threads_started;
+  o->threads_exited = t.threads_exited;
+  o->pages_abandoned = t.pages_abandoned;
+  o->pages_reclaimed = t.pages_reclaimed;
+  o->segments_reclaimed = t.segments_reclaimed;
+}
+
+/* Subtract the reset base from every event count. */
+static void sm_stats_rebase(smalloc_stats_t *o) {
+#define SM_REBASE(name, gauge, bytes) if (!(gauge)) o->name -= sm_reset_base.name;
+  SM_STATS_FIELDS(SM_REBASE)
+  SM_STATS_FIELDS2(SM_REBASE)
+#undef SM_REBASE
+  for (int s = 0; s < SMALLOC_STEP_COUNT; s++) o->slow_steps[s] -= sm_reset_base.slow_steps[s];
+  for (size_t i = 0; i < SMALLOC_STATS_CLASSES; i++) {
+    smalloc_class_stats_t *c = &o->classes[i];
+    const smalloc_class_stats_t *b = &sm_reset_base.classes[i];
+    c->allocs -= b->allocs;
+    c->frees -= b->frees;
+    for (int s = 0; s < SMALLOC_STEP_COUNT; s++) c->slow_steps[s] -= b->slow_steps[s];
+  }
+}
+
+static void sm_stats_current(smalloc_stats_t *o) {
+  sm_stats_raw(o);
+  pthread_mutex_lock(&sm_stats_mutex);
+  sm_stats_rebase(o);
+  pthread_mutex_unlock(&sm_stats_mutex);
+  o->size = sizeof *o;
+  o->version = SMALLOC_STATS_VERSION;
+}
+
+SM_EXPORT int smalloc_stats_get(smalloc_stats_t *out) {
+  if (out == NULL || out->size < offsetof(smalloc_stats_t, nclasses) + sizeof out->nclasses) return EINVAL;
+  size_t size = out->size < sizeof *out ? out->size : sizeof *out;
+  smalloc_stats_t s;   /* on the stack: reading the counters must not change them */
+  sm_stats_current(&s);
+  s.size = size;
+  memcpy(out, &s, size);
+  return 0;
+}
+
+SM_EXPORT void smalloc_stats_reset(void) {
+  smalloc_stats_t s;
+  sm_stats_raw(&s);
+  pthread_mutex_lock(&sm_stats_mutex);
+  sm_reset_base = s;
+  pthread_mutex_unlock(&sm_stats_mutex);
+  atomic_store(&sm_gstats.peak_in_use, s.bytes_in_use);
+}
+
+/* ---- printing --------------------------------------------------------------- */
+
+static void sm_fmt_bytes(char *buf, size_t len, uint64_t v) {
+  if (v >= ((uint64_t)10 << 30)) snprintf(buf, len, "%.1f GiB", (double)v / (1 << 30));
+  else if (v >= ((uint64_t)10 << 20)) snprintf(buf, len, "%.1f MiB", (double)v / (1 << 20));
+  else if (v >= ((uint64_t)10 << 10)) snprintf(buf, len, "%.1f KiB", (double)v / (1 << 10));
+  else snprintf(buf, len, "%llu B", (unsigned long long)v);
+}
+
+static void sm_print_row(FILE *out, const char *name, uint64_t v, int bytes) {
+  char buf[32];
+  if (bytes) sm_fmt_bytes(buf, sizeof buf, v);
+  else snprintf(buf, sizeof buf, "%llu", (unsigned long long)v);
+  fprintf(out, "  %-26s %16s\n", name, buf);
+}
+
+SM_EXPORT void smalloc_stats_print(FILE *out) {
+  smalloc_stats_t st, *s = &st;
+  if (out == NULL) return;
+  sm_stats_current(s);
+  fprintf(out, "smalloc %d.%d.%d statistics (pid %ld)\n", SMALLOC_VERSION_MAJOR,
+          SMALLOC_VERSION_MINOR, SMALLOC_VERSION_PATCH, (long)getpid());
+#define SM_ROW(name, gauge, bytes) sm_print_row(out, #name, s->name, bytes);
+  SM_STATS_FIELDS(SM_ROW)
+  for (int i = 0; i < SMALLOC_STEP_COUNT; i++) {
+    char name[40];
+    snprintf(name, sizeof name, "  step %s", sm_step_names[i]);
+    sm_print_row(out, name, s->slow_steps[i], 0);
+  }
+  SM_STATS_FIELDS2(SM_ROW)
+#undef SM_ROW
+  fprintf(out, "  %-9s %11s %11s %11s %9s %9s %9s %9s %9s\n", "class", "allocs", "frees", "in use",
+          "pages", "swap", "collect", "extend", "other");
+  for (size_t i = 0; i < s->nclasses; i++) {
+    const smalloc_class_stats_t *c = &s->classes[i];
+    if (c->allocs == 0 && c->frees == 0 && c->blocks_in_use == 0 && c->pages_in_use == 0) continue;
+    uint64_t other = c->slow_steps[SMALLOC_STEP_NEXT_PAGE] + c->slow_steps[SMALLOC_STEP_RETIRED_PAGE] +
+                     c->slow_steps[SMALLOC_STEP_FRESH_PAGE] + c->slow_steps[SMALLOC_STEP_NEW_SEGMENT];
+    fprintf(out, "  %9llu %11llu %11llu %11llu %9llu %9llu %9llu %9llu %9llu\n",
+            (unsigned long long)c->block_size, (unsigned long long)c->allocs,
+            (unsigned long long)c->frees, (unsigned long long)c->blocks_in_use,
+            (unsigned long long)c->pages_in_use,
+            (unsigned long long)c->slow_steps[SMALLOC_STEP_LOCAL_SWAP],
+            (unsigned long long)c->slow_steps[SMALLOC_STEP_THREAD_COLLECT],
+            (unsigned long long)c->slow_steps[SMALLOC_STEP_EXTEND], (unsigned long long)other);
+  }
+  fflush(out);
+}
+
+static void sm_json_steps(FILE *out, const uint64_t *steps) {
+  fputc('{', out);
+  for (int i = 0; i < SMALLOC_STEP_COUNT; i++)
+    fprintf(out, "%s\"%s\": %llu", i ? ", " : "", sm_step_names[i], (unsigned long long)steps[i]);
+  fputc('}', out);
+}
+
+SM_EXPORT void smalloc_stats_print_json(FILE *out) {
+  smalloc_stats_t st, *s = &st;
+  if (out == NULL) return;
+  sm_stats_current(s);
+  fprintf(out, "{\"version\": %u, \"size\": %zu, \"nclasses\": %u", s->version, s->size, s->nclasses);
+#define SM_JSON(name, gauge, bytes) fprintf(out, ", \"%s\": %llu", #name, (unsigned long long)s->name);
+  SM_STATS_FIELDS(SM_JSON)
+  SM_STATS_FIELDS2(SM_JSON)
+#undef SM_JSON
+  fputs(", \"slow_steps\": ", out);
+  sm_json_steps(out, s->slow_steps);
+  fputs(", \"classes\": [", out);
+  for (size_t i = 0; i < s->nclasses; i++) {
+    const smalloc_class_stats_t *c = &s->classes[i];
+    fprintf(out, "%s{\"block_size\": %llu, \"blocks_in_use\": %llu, \"allocs\": %llu, \"frees\": %llu, "
+            "\"pages_in_use\": %llu, \"slow_steps\": ", i ? ", " : "",
+            (unsigned long long)c->block_size, (unsigned long long)c->blocks_in_use,
+            (unsigned long long)c->allocs, (unsigned long long)c->frees,
+            (unsigned long long)c->pages_in_use);
+    sm_json_steps(out, c->slow_steps);
+    fputc('}', out);
+  }
+  fputs("]}\n", out);
+  fflush(out);
+}
+
+void sm_stats_at_exit(void) {
+  long mode = sm_opt(STATS);
+  if (mode == 1) smalloc_stats_print(stderr);
+  else if (mode == 2) smalloc_stats_print_json(stderr);
+}
+
+__attribute__((destructor)) static void sm_stats_destructor(void) {
+  sm_stats_at_exit();
+}
+
+void sm_stats_lock_fork(int phase) {
+  if (phase == 0) pthread_mutex_lock(&sm_stats_mutex);
+  else if (phase == 1) pthread_mutex_unlock(&sm_stats_mutex);
+  else pthread_mutex_init(&sm_stats_mutex, NULL);
+}
