@@ -55,7 +55,7 @@ void   smalloc_collect(bool force);
 /* ---- statistics ---------------------------------------------------------- */
 #define SMALLOC_STATS_VERSION 1
 /* Number of size classes reported in smalloc_stats_t.classes. */
-#define SMALLOC_STATS_CLASSES 80
+#define SMALLOC_STATS_CLASSES 96
 
 /* Slow-path steps, cheapest first; index of smalloc_stats_t.slow_steps. */
 enum smalloc_slow_step {

@@ -65,10 +65,10 @@
 #define SM_OS_PAGE         ((size_t)4096)
 
 #define SM_SMALL_MAX       ((size_t)8 << 10)     /* blocks in 64 KiB pages */
-#define SM_MEDIUM_MAX      ((size_t)64 << 10)    /* blocks in 512 KiB pages */
+#define SM_MEDIUM_MAX      ((size_t)256 << 10)   /* blocks in 512 KiB pages */
 #define SM_DIRECT_MAX      ((size_t)1024)        /* served by heap->direct */
 #define SM_DIRECT_COUNT    (SM_DIRECT_MAX / 16 + 1)
-#define SM_BIN_COUNT       (SMALLOC_STATS_CLASSES + 1)  /* bins 1..80 */
+#define SM_BIN_COUNT       (SMALLOC_STATS_CLASSES + 1)  /* bins 1..96 */
 #define SM_BIN_SMALL_LAST  56                    /* bin of 8 KiB */
 #define SM_BIN_FULL        0                     /* queue index of full pages */
 /* A block that with its header fits in half a segment is "large" and gets
@@ -206,7 +206,7 @@ extern sm_gstats_t sm_gstats;
 
 /* ---- size classes ------------------------------------------------------ */
 /* Multiples of 16 up to 256 (bins 1..16), then 8 classes per power of two
- * (bins 17..80 up to 64 KiB): waste < max(16, n/8). */
+ * (bins 17..96 up to 256 KiB): waste < max(16, n/8). */
 SM_INLINE size_t sm_bin_of(size_t n) {
   if (n <= 256) return n <= 16 ? 1 : (n + 15) >> 4;
   size_t w = n - 1;

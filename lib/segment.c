@@ -273,8 +273,8 @@ bool sm_segment_reclaim_one(sm_heap_t *heap) {
   heap->stats.segments_reclaimed++;
   /* adopt its pages; releasing empty ones may free the whole segment, so
    * count the pages to visit first */
-  size_t live = seg->used_pages;
-  for (size_t i = 0; i < seg->page_count && live > 0; i++) {
+  size_t live = seg->used_pages, count = seg->page_count;
+  for (size_t i = 0; live > 0 && i < count; i++) {
     sm_page_t *page = &seg->pages[i];
     if (!page->in_use) continue;
     live--;
