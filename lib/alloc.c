@@ -115,6 +115,7 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
   if (sm_unlikely(heap == NULL)) { errno = ENOMEM; return NULL; }
   if (n > SM_MAX_REQUEST || alignment > SM_MAX_REQUEST) return sm_fail_enomem(heap);
   if (alignment <= 16) return sm_malloc_other(n);
+  if (n == 0) n = 1;   /* the aligned result must still point into its block */
   if (n <= SM_MEDIUM_MAX && alignment <= SM_SEGMENT_HDR) {
     size_t bin = sm_bin_of(n);
     if ((sm_bin_size(bin) & (alignment - 1)) == 0) {
@@ -148,7 +149,7 @@ size_t sm_usable_size(const void *p, const char *who) {
     sm_error("%s(): invalid pointer %p (not allocated by smalloc)", who, p);
     return 0;
   }
-  if (seg->kind == SM_SEG_SINGLE)
+  if (seg->kind >= SM_SEG_SINGLE)
     return (size_t)(((uint8_t *)seg + seg->block_offset + seg->block_size) - (const uint8_t *)p);
   size_t diff = (size_t)((const uint8_t *)p - page->start);
   size_t block = diff - diff % page->block_size;

@@ -39,7 +39,8 @@ void *sm_huge_alloc(size_t n, size_t alignment, bool zero) {
   if (sm_os_map_aligned(mapped, align, pre, &base) != 0) return NULL;
   sm_segment_t *seg = base;
   sm_huge_header(seg, mapped, offset);
-  if (n >= SM_SEGMENT_SIZE) sm_os_hugepage((uint8_t *)base + offset, mapped - offset);
+  /* the whole mapping, so it stays one VMA that mremap can move */
+  if (n >= SM_SEGMENT_SIZE) sm_os_hugepage(base, mapped);
   sm_segmap_set((uintptr_t)seg, true);
   sm_gadd(huge_bytes, seg->block_size);
   return (uint8_t *)seg + offset;
