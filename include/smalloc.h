@@ -105,7 +105,7 @@ typedef struct smalloc_stats {
   /* bytes and blocks */
   uint64_t bytes_requested; /* sum of sizes asked for */
   uint64_t bytes_in_use;    /* block bytes held by live blocks now */
-  uint64_t bytes_in_use_peak; /* highest bytes_in_use seen at a slow-path event */
+  uint64_t bytes_in_use_peak; /* highest bytes_in_use seen when read or at thread exit */
   uint64_t blocks_in_use;
   uint64_t large_allocs;    /* blocks above the largest size class */
   uint64_t large_frees;
@@ -154,7 +154,7 @@ typedef struct smalloc_stats {
 } smalloc_stats_t;
 
 /* Fill *out up to out->size bytes.  Returns 0, or EINVAL when out is NULL
- * or out->size is smaller than the size and version fields. */
+ * or out->size does not cover the size, version and nclasses fields. */
 int    smalloc_stats_get(smalloc_stats_t *out);
 /* Zero every counter that counts events; gauges (in use, mapped) stay. */
 void   smalloc_stats_reset(void);

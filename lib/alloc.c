@@ -1,6 +1,7 @@
 /* Allocation: the generic (out-of-line) malloc path, large blocks, calloc,
  * realloc and aligned allocation.  The inline fast path is in internal.h. */
 #include "internal.h"
+#include "track.h"
 
 static SM_COLD void *sm_fail_enomem(sm_heap_t *heap) {
   if (heap->initialized) heap->stats.calls[SM_CALL_FAILED]++;
@@ -12,6 +13,7 @@ static SM_COLD void *sm_fail_enomem(sm_heap_t *heap) {
  * against the segment like on the fast path. */
 static inline void *sm_page_pop(sm_page_t *page) {
   sm_block_t *b = page->free;
+  sm_track_link(b);
   page->free = sm_dec(page, b->next);
   b->next = NULL;
   page->used++;
@@ -36,6 +38,7 @@ static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool z
       void *p = (uint8_t *)seg + offset;
       heap->stats.large_allocs++;
       heap->stats.large_bytes += seg->block_size;
+      sm_track_malloc(p, n, false);
       if (zero) memset(p, 0, n);
       return p;
     }
@@ -43,6 +46,7 @@ static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool z
   void *p = sm_huge_alloc(n, alignment, zero);
   if (!p) return sm_fail_enomem(heap);
   heap->stats.huge_allocs++;
+  sm_track_malloc(p, n, true);
   return p;
 }
 
@@ -63,7 +67,9 @@ void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
       page->free = NULL;   /* leak the rest of the list rather than follow it */
     } else {
       heap->stats.requested += n;
-      return sm_page_pop(page);
+      void *p = sm_page_pop(page);
+      sm_track_malloc(p, n, false);
+      return p;
     }
   }
   page = sm_page_find(heap, bin);
@@ -72,7 +78,9 @@ void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
     return sm_fail_enomem(heap);
   }
   heap->stats.requested += n;
-  return sm_page_pop(page);
+  void *p = sm_page_pop(page);
+  sm_track_malloc(p, n, false);
+  return p;
 }
 
 void *sm_malloc(size_t n) {
@@ -130,6 +138,8 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
       if (!b) return NULL;
       uint8_t *p = (uint8_t *)(((uintptr_t)b + alignment - 1) & ~(uintptr_t)(alignment - 1));
       if (p != b) {
+        sm_track_free(b, b);
+        sm_track_malloc(p, n, false);
         sm_page_t *page = sm_segment_page_of(sm_ptr_segment(b), b);
         atomic_fetch_or_explicit(&page->flags, SM_PAGE_HAS_ALIGNED, memory_order_relaxed);
       }
@@ -180,7 +190,9 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
     return NULL;
   }
   size_t usable = sm_usable_size(p, name);
-  if (seg->kind == SM_SEG_HUGE) {
+  if (sm_track_on()) {
+    /* copy, so memcheck sees one block die and another start */
+  } else if (seg->kind == SM_SEG_HUGE) {
     if (n > SM_LARGE_MAX) {
       /* grows or shrinks in place or moves with mremap: never copies */
       void *q = sm_huge_realloc(seg, p, n);
@@ -206,6 +218,9 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
   }
   void *q = sm_malloc_other(n);
   if (!q) return NULL;   /* p is untouched, errno is ENOMEM */
+#if SM_TRACK
+  if (sm_track_on()) VALGRIND_MAKE_MEM_DEFINED(p, n < usable ? n : usable);
+#endif
   memcpy(q, p, n < usable ? n : usable);
   heap->stats.free_other++;
   sm_free_generic(p, name);

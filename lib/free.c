@@ -2,6 +2,7 @@
  * detection and cross-thread frees.  The inline owner-thread fast path is
  * in internal.h. */
 #include "internal.h"
+#include "track.h"
 
 /* Where a free's counters go: the thread's heap, or for a thread without
  * one (it never allocated, or it has exited) the process-wide orphan
@@ -40,6 +41,7 @@ bool sm_free_is_double(sm_page_t *page, sm_block_t *b) {
     size_t guard = page->capacity + 1;
     for (sm_block_t *x = lists[l]; x && guard--; x = sm_dec(page, x->next)) {
       if (((uintptr_t)x ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT) break;  /* corrupt: stop */
+      sm_track_link(x);
       if (x == b) {
         sm_error("free(): double free of %p", (void *)b);
         return true;
@@ -51,13 +53,15 @@ bool sm_free_is_double(sm_page_t *page, sm_block_t *b) {
 
 /* The owner freed the last block of a page (called with b == NULL from the
  * fast path), or freed into a flagged page. */
-void sm_free_local_slow(sm_page_t *page, sm_block_t *b) {
+void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   sm_heap_t *heap = atomic_load_explicit(&page->heap, memory_order_relaxed);
   if (b != NULL) {
+    sm_track_link(b);
     uintptr_t link = (uintptr_t)sm_dec(page, b->next);
     if (link - (uintptr_t)page->start < page->span || link == 0) {
       if (sm_free_is_double(page, b)) return;
     }
+    sm_track_free(p, b);
     b->next = sm_enc(page, page->local_free);
     page->local_free = b;
     sm_cnt_add(page->frees, 1);
@@ -101,6 +105,7 @@ void sm_free_generic(void *p, const char *who) {
       sm_error("%s(): invalid pointer %p (not the start of a block)", who, p);
       return;
     }
+    sm_track_free(p, p);
     if (seg->kind == SM_SEG_HUGE) {
       SM_COUNT(heap, huge_frees, 1);
       sm_huge_free(seg);
@@ -121,9 +126,10 @@ void sm_free_generic(void *p, const char *who) {
   }
   sm_block_t *b = (sm_block_t *)((uint8_t *)p - rem);
   if (atomic_load_explicit(&seg->thread_id, memory_order_relaxed) == sm_thread_id()) {
-    sm_free_local_slow(page, b);
+    sm_free_local_slow(page, b, p);
     return;
   }
   SM_COUNT(heap, class_frees[page->bin], 1);
+  sm_track_free(p, b);
   sm_free_block_xthread(seg, page, b);
 }

@@ -4,6 +4,7 @@
  * thread exit through a pthread key destructor.  Also process start-up
  * and fork. */
 #include "internal.h"
+#include "track.h"
 
 #include <pthread.h>
 #include <sys/mman.h>
@@ -14,6 +15,9 @@ sm_heap_t sm_heap_empty = {
 };
 __thread sm_heap_t *sm_heap_tls __attribute__((tls_model("initial-exec"))) = &sm_heap_empty;
 uintptr_t sm_secret;
+#if SM_TRACK
+bool sm_valgrind;
+#endif
 
 static pthread_key_t sm_heap_key;
 static pthread_mutex_t sm_heaps_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -68,6 +72,7 @@ void sm_process_init(void) {
     uintptr_t secret;
     sm_os_random(&secret, sizeof secret);
     sm_secret = secret | 1;
+    sm_track_detect();
     sm_options_init();
     pthread_key_create(&sm_heap_key, sm_heap_thread_done);
     pthread_atfork(sm_fork_prepare, sm_fork_parent, sm_fork_child);
@@ -145,7 +150,7 @@ void sm_heap_thread_done(void *arg) {
       sm_pq_remove(heap, qi, page);
       page->retired = 0;
       atomic_store_explicit(&page->flags,
-                            atomic_load(&page->flags) & SM_PAGE_HAS_ALIGNED, memory_order_seq_cst);
+                            atomic_load(&page->flags) & (SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED), memory_order_seq_cst);
       atomic_store_explicit(&page->heap, NULL, memory_order_release);
       heap->stats.pages_abandoned++;
     }

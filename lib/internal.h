@@ -85,6 +85,7 @@ typedef struct sm_heap_s sm_heap_t;
 enum {
   SM_PAGE_IN_FULL     = 1,   /* on the heap's full list */
   SM_PAGE_HAS_ALIGNED = 2,   /* holds blocks returned at an aligned offset */
+  SM_PAGE_TRACKED     = 4,   /* running under valgrind: every free goes out of line */
 };
 
 struct sm_page_s {
@@ -287,7 +288,7 @@ SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
 
 /* ---- free.c ------------------------------------------------------------ */
 void sm_free_generic(void *p, const char *who);
-void sm_free_local_slow(sm_page_t *page, sm_block_t *b);
+void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p);
 bool sm_free_is_double(sm_page_t *page, sm_block_t *b);
 bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep);
 void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
@@ -307,7 +308,7 @@ SM_INLINE void sm_free_inline(void *p) {
     sm_block_t *b = (sm_block_t *)p;
     uintptr_t link = (uintptr_t)sm_dec(page, b->next);
     if (sm_unlikely(link - (uintptr_t)page->start < page->span || link == 0)) {
-      sm_free_local_slow(page, b);   /* may be a double free: check, then push */
+      sm_free_local_slow(page, b, p);   /* may be a double free: check, then push */
       return;
     }
     b->next = sm_enc(page, page->local_free);
@@ -315,7 +316,7 @@ SM_INLINE void sm_free_inline(void *p) {
 #if SM_STATS
     sm_cnt_add(page->frees, 1);
 #endif
-    if (sm_unlikely(--page->used == 0) && page->free == NULL) sm_free_local_slow(page, NULL);
+    if (sm_unlikely(--page->used == 0) && page->free == NULL) sm_free_local_slow(page, NULL, NULL);
     return;
   }
   sm_free_generic(p, "free");
@@ -381,6 +382,7 @@ void sm_stats_fold_heap(sm_heap_t *heap);
 void sm_stats_orphan_add(size_t offset, uint64_t n);
 void sm_stats_thread_exit(sm_heap_t *heap);
 void sm_stats_at_exit(void);
+void sm_stats_open_fd(void);
 void sm_stats_lock_fork(int phase);
 
 /* ---- options.c ---------------------------------------------------------- */

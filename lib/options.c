@@ -88,11 +88,15 @@ void sm_options_init(void) {
     }
   }
   if (sm_options[SMALLOC_OPTION_VERBOSE]) sm_options_print();
+  sm_stats_open_fd();
 }
 
 void sm_options_print(void) {
-  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++)
-    sm_message("option %s=%ld", sm_option_desc[i].env, __atomic_load_n(&sm_options[i], __ATOMIC_RELAXED));
+  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
+    long v = __atomic_load_n(&sm_options[i], __ATOMIC_RELAXED);
+    if (sm_option_desc[i].words) sm_message("option %s=%s", sm_option_desc[i].env, sm_option_desc[i].words[v]);
+    else sm_message("option %s=%ld", sm_option_desc[i].env, v);
+  }
 }
 
 /* Small blocks are asked for again soonest and cost least to keep: their

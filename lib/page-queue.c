@@ -3,12 +3,13 @@
  * pages with no free block.  heap->direct caches each small size's first
  * page so the malloc fast path needs no queue walk. */
 #include "internal.h"
+#include "track.h"
 
 /* Point every direct entry of the bin at its first page. */
 void sm_pq_update_direct(sm_heap_t *heap, size_t bin) {
   if (bin == SM_BIN_FULL || sm_bin_size(bin) > SM_DIRECT_MAX) return;
   sm_page_t *page = heap->queues[bin].first;
-  if (!page) page = &sm_page_empty;
+  if (!page || sm_track_on()) page = &sm_page_empty;   /* valgrind: no inline malloc */
   size_t lo = bin == 1 ? 0 : sm_bin_size(bin - 1) / 16 + 1;
   size_t hi = sm_bin_size(bin) / 16;
   for (size_t i = lo; i <= hi; i++) heap->direct[i] = page;

@@ -12,9 +12,10 @@
  * A page whose last block is freed is retired, not released: it serves the
  * next burst and goes back to its segment only after its retire cycles. */
 #include "internal.h"
+#include "track.h"
 
-/* Blocks built per extension step: about 4 KiB, so a class used for a few
- * blocks touches one OS page, not the whole 64 KiB page. */
+/* Blocks built per extension step: about 4 KiB (at least 4 blocks), so a
+ * class used for a few blocks touches little more than one OS page. */
 #define SM_EXTEND_BYTES 4096
 
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin) {
@@ -28,7 +29,7 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   page->local_free = NULL;
   atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
   page->used = 0;
-  atomic_store_explicit(&page->flags, 0, memory_order_relaxed);
+  atomic_store_explicit(&page->flags, sm_track_on() ? SM_PAGE_TRACKED : 0, memory_order_relaxed);
   page->bin = (uint8_t)bin;
   page->retired = 0;
   page->key = sm_secret ^ ((uintptr_t)page * 0x9E3779B97F4A7C15ull);
@@ -49,7 +50,7 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
 static void sm_page_extend(sm_page_t *page) {
   size_t bsize = page->block_size;
   size_t n = SM_EXTEND_BYTES / bsize;
-  if (n < 1) n = 1;
+  if (n < 4) n = 4;   /* large blocks: a few per step, not one per slow path */
   if (n > page->reserved - page->capacity) n = page->reserved - page->capacity;
   uint8_t *first = page->start + (size_t)page->capacity * bsize;
   uint8_t *p = first;
@@ -66,11 +67,13 @@ void sm_page_collect_thread_free(sm_page_t *page) {
   if (!head) return;
   size_t n = 1;
   sm_block_t *tail = head;
+  sm_track_link(tail);
   for (sm_block_t *next; (next = sm_dec(page, tail->next)) != NULL; tail = next) {
     if (sm_unlikely(((uintptr_t)next ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
       sm_error("corrupted free list in page at %p (thread_free)", (void *)page->start);
       break;
     }
+    sm_track_link(next);
     n++;
   }
   tail->next = sm_enc(page, page->local_free);

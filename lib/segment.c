@@ -279,7 +279,7 @@ bool sm_segment_reclaim_one(sm_heap_t *heap) {
     if (!page->in_use) continue;
     live--;
     atomic_store_explicit(&page->heap, heap, memory_order_release);
-    atomic_store_explicit(&page->flags, atomic_load(&page->flags) & SM_PAGE_HAS_ALIGNED, memory_order_seq_cst);
+    atomic_store_explicit(&page->flags, atomic_load(&page->flags) & (SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED), memory_order_seq_cst);
     page->used_folded = (int32_t)page->used;
     page->frees = 0;
     page->retired = 0;

@@ -9,6 +9,7 @@
 
 #include <pthread.h>
 #include <stdio.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 sm_gstats_t sm_gstats;
@@ -293,10 +294,23 @@ SM_EXPORT void smalloc_stats_print_json(FILE *out) {
   fflush(out);
 }
 
+/* Duplicated at start-up when SMALLOC_STATS is set: programs such as
+ * sort(1) close stderr before they exit, and the report must survive it. */
+static int sm_stats_fd = -1;
+
+void sm_stats_open_fd(void) {
+  if (sm_opt(STATS) != 0 && sm_stats_fd < 0) sm_stats_fd = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3);
+}
+
 void sm_stats_at_exit(void) {
   long mode = sm_opt(STATS);
-  if (mode == 1) smalloc_stats_print(stderr);
-  else if (mode == 2) smalloc_stats_print_json(stderr);
+  if (mode == 0) return;
+  FILE *out = sm_stats_fd >= 0 ? fdopen(sm_stats_fd, "w") : NULL;
+  if (out == NULL) out = stderr;
+  if (mode == 1) smalloc_stats_print(out);
+  else smalloc_stats_print_json(out);
+  if (out != stderr) fclose(out);
+  sm_stats_fd = -1;
 }
 
 __attribute__((destructor)) static void sm_stats_destructor(void) {

@@ -1,0 +1,41 @@
+/* Telling memcheck about blocks.  When valgrind's headers were found at
+ * build time and the process runs under valgrind, every page is flagged so
+ * malloc and free take their out-of-line paths, which report each block
+ * with client requests: memcheck then catches use after free, reads of
+ * uninitialised memory and overruns of smalloc blocks.  Natively the
+ * requests are never reached, so the fast paths cost nothing extra. */
+#ifndef SM_TRACK_H
+#define SM_TRACK_H
+
+#include "internal.h"
+
+#if defined(HAVE_VALGRIND_VALGRIND_H) && defined(HAVE_VALGRIND_MEMCHECK_H)
+#include <valgrind/memcheck.h>
+#include <valgrind/valgrind.h>
+#define SM_TRACK 1
+extern bool sm_valgrind;
+#define sm_track_on() sm_unlikely(sm_valgrind)
+/* a block handed out: n bytes, undefined unless zeroed */
+#define sm_track_malloc(p, n, zero) \
+  do { if (sm_track_on()) VALGRIND_MALLOCLIKE_BLOCK((p), (n) ? (n) : 1, 0, (zero)); } while (0)
+/* a block given back; its first word stays usable for the free-list link */
+#define sm_track_free(p, b) \
+  do { if (sm_track_on()) { VALGRIND_FREELIKE_BLOCK((p), 0); \
+       VALGRIND_MAKE_MEM_UNDEFINED((b), sizeof(void *)); } } while (0)
+/* the library reads a block's first word (a link, or user data it checks) */
+#define sm_track_link(b) \
+  do { if (sm_track_on()) VALGRIND_MAKE_MEM_DEFINED((b), sizeof(void *)); } while (0)
+#define sm_track_resize(p, old, new) \
+  do { if (sm_track_on()) VALGRIND_RESIZEINPLACE_BLOCK((p), (old), (new), 0); } while (0)
+#define sm_track_detect() (sm_valgrind = RUNNING_ON_VALGRIND != 0)
+#else
+#define SM_TRACK 0
+#define sm_track_on() 0
+#define sm_track_malloc(p, n, zero) ((void)0)
+#define sm_track_free(p, b) ((void)0)
+#define sm_track_link(b) ((void)0)
+#define sm_track_resize(p, old, new) ((void)0)
+#define sm_track_detect() ((void)0)
+#endif
+
+#endif /* SM_TRACK_H */
