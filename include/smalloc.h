@@ -154,7 +154,7 @@ typedef struct smalloc_stats {
 } smalloc_stats_t;
 
 /* Fill *out up to out->size bytes.  Returns 0, or EINVAL when out is NULL
- * or out->size does not cover the size, version and nclasses fields. */
+ * or out->size does not cover the size and version fields. */
 int    smalloc_stats_get(smalloc_stats_t *out);
 /* Zero every counter that counts events; gauges (in use, mapped) stay. */
 void   smalloc_stats_reset(void);

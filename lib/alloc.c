@@ -136,12 +136,14 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
     if (padded <= SM_MEDIUM_MAX) {
       uint8_t *b = sm_malloc_other(padded);
       if (!b) return NULL;
+      heap->stats.requested -= padded - n;
       uint8_t *p = (uint8_t *)(((uintptr_t)b + alignment - 1) & ~(uintptr_t)(alignment - 1));
       if (p != b) {
         sm_track_free(b, b);
         sm_track_malloc(p, n, false);
         sm_page_t *page = sm_segment_page_of(sm_ptr_segment(b), b);
-        atomic_fetch_or_explicit(&page->flags, SM_PAGE_HAS_ALIGNED, memory_order_relaxed);
+        uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+        if (!(flags & SM_PAGE_HAS_ALIGNED)) sm_page_set_flags(page, flags | SM_PAGE_HAS_ALIGNED, 0);
       }
       return p;
     }

@@ -54,7 +54,7 @@ bool sm_free_is_double(sm_page_t *page, sm_block_t *b) {
 /* The owner freed the last block of a page (called with b == NULL from the
  * fast path), or freed into a flagged page. */
 void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
-  sm_heap_t *heap = atomic_load_explicit(&page->heap, memory_order_relaxed);
+  sm_heap_t *heap = atomic_load_explicit(&sm_ptr_segment(page)->heap, memory_order_relaxed);
   if (b != NULL) {
     sm_track_link(b);
     uintptr_t link = (uintptr_t)sm_dec(page, b->next);
@@ -75,21 +75,35 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
 /* Free from a thread that does not own the page: one CAS onto thread_free.
  * Flag read after the push: see sm_page_to_full. */
 void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
-  (void)seg;
   sm_block_t *old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   do {
     b->next = sm_enc(page, old);
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, b,
                                                   memory_order_seq_cst, memory_order_relaxed));
   if (atomic_load_explicit(&page->flags, memory_order_seq_cst) & SM_PAGE_IN_FULL) {
-    sm_heap_t *owner = atomic_load_explicit(&page->heap, memory_order_acquire);
+    sm_heap_t *owner = atomic_load_explicit(&seg->heap, memory_order_acquire);
     /* heaps are never unmapped, so a stale owner only costs it a scan */
     if (owner) atomic_fetch_add_explicit(&owner->xfree_full, 1, memory_order_release);
   }
 }
 
+/* From the inline free: a block start in another live thread's ordinary
+ * page.  Count it here and push it with one CAS. */
+void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
+  sm_heap_t *heap = sm_heap();
+  if (sm_unlikely(!heap->initialized)) { sm_free_generic(b, "free"); return; }
+  heap->stats.class_frees[page->bin]++;
+  sm_free_block_xthread(sm_ptr_segment(page), page, b);
+}
+
 void sm_free_generic(void *p, const char *who) {
   sm_heap_t *heap = sm_heap();
+  /* a thread that only frees still gets a heap, so its counts stay plain
+   * integers; one that has exited counts into the orphan totals */
+  if (sm_unlikely(heap == &sm_heap_empty)) {
+    sm_heap_t *h = sm_heap_init_thread();
+    if (h) heap = h;
+  }
   if (p == NULL) {
     SM_COUNT(heap, calls[SM_CALL_FREE_NULL], 1);
     return;
@@ -117,7 +131,7 @@ void sm_free_generic(void *p, const char *who) {
     return;
   }
   size_t diff = (size_t)((uint8_t *)p - page->start);
-  size_t rem = diff % page->block_size;
+  size_t rem = ((uint64_t)(uint32_t)diff * page->div_magic < page->div_magic) ? 0 : diff % page->block_size;
   if (sm_unlikely(diff >= page->span ||
                   (rem != 0 && !(atomic_load_explicit(&page->flags, memory_order_relaxed) &
                                  SM_PAGE_HAS_ALIGNED)))) {

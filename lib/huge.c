@@ -4,7 +4,7 @@
  * with mremap: the pages move, the bytes are never copied. */
 #include "internal.h"
 
-#define SM_HUGE_HDR SM_OS_PAGE
+#define SM_HUGE_HDR SM_SEGMENT_HDR
 
 static size_t sm_huge_offset(size_t alignment) {
   if (alignment >= SM_SEGMENT_SIZE) return SM_SEGMENT_SIZE;   /* see sm_lookup */
@@ -12,7 +12,7 @@ static size_t sm_huge_offset(size_t alignment) {
 }
 
 static void sm_huge_header(sm_segment_t *seg, size_t mapped, size_t offset) {
-  memset(seg, 0, offsetof(sm_segment_t, pages) + sizeof(sm_page_t));
+  sm_segment_clear_single(seg);
   seg->cookie = (uintptr_t)seg ^ sm_secret;
   seg->kind = SM_SEG_HUGE;
   seg->page_shift = SM_SEGMENT_SHIFT;
@@ -41,7 +41,7 @@ void *sm_huge_alloc(size_t n, size_t alignment, bool zero) {
   sm_huge_header(seg, mapped, offset);
   /* the whole mapping, so it stays one VMA that mremap can move */
   if (n >= SM_SEGMENT_SIZE) sm_os_hugepage(base, mapped);
-  sm_segmap_set((uintptr_t)seg, true);
+  sm_segmap_set((uintptr_t)seg, SM_SEGMENT_SHIFT);
   sm_gadd(huge_bytes, seg->block_size);
   return (uint8_t *)seg + offset;
 }
@@ -49,7 +49,7 @@ void *sm_huge_alloc(size_t n, size_t alignment, bool zero) {
 void sm_huge_free(sm_segment_t *seg) {
   sm_gadd(huge_bytes_freed, seg->block_size);
   seg->cookie = 0;
-  sm_segmap_set((uintptr_t)seg, false);
+  sm_segmap_set((uintptr_t)seg, 0);
   sm_os_unmap(seg, seg->mapped);
 }
 
@@ -61,9 +61,9 @@ void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n) {
   if (mapped == seg->mapped) return p;
   size_t old_block = seg->block_size;
   void *base;
-  sm_segmap_set((uintptr_t)seg, false);
+  sm_segmap_set((uintptr_t)seg, 0);
   if (sm_os_remap(seg, seg->mapped, mapped, SM_SEGMENT_SIZE, 0, &base) != 0) {
-    sm_segmap_set((uintptr_t)seg, true);
+    sm_segmap_set((uintptr_t)seg, SM_SEGMENT_SHIFT);
     return NULL;
   }
   seg = base;
@@ -71,7 +71,7 @@ void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n) {
   seg->mapped = mapped;
   seg->block_size = mapped - offset;
   seg->pages[0].start = (uint8_t *)seg + offset;
-  sm_segmap_set((uintptr_t)seg, true);
+  sm_segmap_set((uintptr_t)seg, SM_SEGMENT_SHIFT);
   sm_gadd(huge_bytes, seg->block_size);
   sm_gadd(huge_bytes_freed, old_block);
   return (uint8_t *)seg + offset;

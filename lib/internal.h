@@ -89,8 +89,7 @@ enum {
 };
 
 struct sm_page_s {
-  /* hot: malloc and free fast paths; 128 bytes in all, so the page of a
-   * pointer is one shift and one add away */
+  /* first cache line: everything the malloc and free fast paths touch */
   sm_block_t *free;
   uint32_t used;                 /* blocks handed out and not freed locally */
   _Atomic uint8_t flags;
@@ -98,27 +97,30 @@ struct sm_page_s {
   uint8_t in_use;                /* carved out of its segment */
   uint8_t retired;               /* empty, kept warm; on heap->retired list */
   sm_block_t *local_free;
-  uintptr_t key;                 /* free-list links are stored xor key */
+  /* the owner's thread id while no flag is set, else 0: one compare in
+   * free decides "owner thread, nothing special" */
+  _Atomic uintptr_t xtid;
   uint8_t *start;
   uint64_t div_magic;            /* ceil(2^64 / block_size): divisibility test */
-  uint32_t block_size;
+  uintptr_t key;                 /* free-list links are stored xor key */
   uint32_t span;                 /* bytes from start covered by blocks */
   uint32_t frees;                /* local frees since the last stats fold */
-  uint32_t capacity;             /* blocks built into lists so far */
+  /* second line: the slow path */
   _Atomic(sm_block_t *) thread_free;
-  /* cold: slow path */
+  uint32_t block_size;
+  uint32_t capacity;             /* blocks built into lists so far */
   uint32_t reserved;             /* blocks that fit */
   int32_t used_folded;           /* used at the last fold, less blocks collected since */
   uint64_t retire_expire;        /* heap cycle after which it is released */
   sm_page_t *next, *prev;        /* bin queue or full list */
   sm_page_t *rnext, *rprev;      /* heap->retired list */
-  _Atomic(sm_heap_t *) heap;     /* owner, NULL while abandoned */
 };
 _Static_assert(sizeof(sm_page_t) == 128, "page descriptor is 128 bytes");
 
 enum { SM_SEG_SMALL = 0, SM_SEG_MEDIUM = 1, SM_SEG_SINGLE = 2, SM_SEG_HUGE = 3 };
 
 struct sm_segment_s {
+  sm_page_t pages[SM_SMALL_PAGES];   /* first: a page is segment + index * 128 */
   uintptr_t cookie;              /* address ^ sm_secret: a live header */
   _Atomic uintptr_t thread_id;   /* owner thread, 0 when abandoned or single */
   uint8_t kind;
@@ -130,12 +132,18 @@ struct sm_segment_s {
   size_t mapped;                 /* bytes of the mapping, from the segment start */
   size_t block_offset;           /* single: offset of the block */
   size_t block_size;             /* single: usable bytes */
-  sm_heap_t *heap;               /* owner heap */
+  _Atomic(sm_heap_t *) heap;     /* owner heap, NULL when abandoned */
   sm_segment_t *next, *prev;     /* heap's segments with free pages, cache, abandoned */
   uint64_t cached_at_ms;
-  sm_page_t pages[SM_SMALL_PAGES];
 };
 _Static_assert(sizeof(sm_segment_t) <= SM_SEGMENT_HDR, "segment header too big");
+
+/* Clear the header of a segment that holds one block: its first page
+ * descriptor and the fields after the descriptor array. */
+SM_INLINE void sm_segment_clear_single(sm_segment_t *seg) {
+  memset(&seg->pages[0], 0, sizeof seg->pages[0]);
+  memset(&seg->cookie, 0, sizeof *seg - offsetof(sm_segment_t, cookie));
+}
 
 typedef struct sm_page_queue_s { sm_page_t *first, *last; } sm_page_queue_t;
 
@@ -167,13 +175,13 @@ typedef struct sm_tstats_s {
 struct sm_heap_s {
   sm_page_t *direct[SM_DIRECT_COUNT];    /* first page for (n+15)/16, n <= 1 KiB */
   uintptr_t thread_id;
-  uint64_t cycle;                        /* slow-path entries */
+  uint32_t cycle;                        /* slow-path entries (wraps; compared as a difference) */
+  uint32_t next_purge_check;
   sm_page_queue_t queues[SM_BIN_COUNT];  /* [0] is the full list */
   sm_page_t *retired_first, *retired_last;
   sm_segment_t *free_segs[2];            /* owned segments with free pages, by kind */
   sm_segment_t *full_segs;               /* owned segments without */
   _Atomic uint64_t xfree_full;           /* cross-thread frees into full pages */
-  uint64_t next_purge_check;
   sm_tstats_t stats;
   sm_heap_t *all_next, *all_prev;        /* every live heap, under sm_heaps_lock */
   sm_heap_t *pool_next;
@@ -183,6 +191,7 @@ struct sm_heap_s {
 
 /* ---- globals ---------------------------------------------------------- */
 extern sm_heap_t sm_heap_empty;
+extern sm_heap_t sm_heap_exited;   /* a thread after its heap was abandoned */
 extern sm_page_t sm_page_empty;
 extern __thread sm_heap_t *sm_heap_tls __attribute__((tls_model("initial-exec")));
 extern uintptr_t sm_secret;
@@ -220,6 +229,9 @@ SM_INLINE size_t sm_bin_size(size_t bin) {
   return ((size_t)1 << b) + (j + 1) * ((size_t)1 << (b - 3));
 }
 
+/* cycle a is at or past cycle b (32-bit, wrap-safe) */
+SM_INLINE bool sm_cycle_reached(uint32_t a, uint32_t b) { return (int32_t)(a - b) >= 0; }
+
 /* ---- thread identity and the heap ------------------------------------- */
 SM_INLINE uintptr_t sm_thread_id(void) {
   return (uintptr_t)__builtin_thread_pointer();
@@ -227,16 +239,22 @@ SM_INLINE uintptr_t sm_thread_id(void) {
 SM_INLINE sm_heap_t *sm_heap(void) { return sm_heap_tls; }
 
 /* ---- segment map: which 4 MiB units hold a segment header ------------- */
+/* One byte per unit of the 47-bit user address space: 32 MiB of address
+ * space in .bss, of which only the few pages covering mapped segments are
+ * ever touched.  A byte (not a bit) makes the check in free two
+ * instructions after the range test. */
 #define SM_SEGMAP_BITS 47
-extern _Atomic uint64_t sm_segmap[(size_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT - 6)];
+#define SM_SEGMAP_UNITS ((uintptr_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT))
+extern _Atomic uint8_t sm_segmap[SM_SEGMAP_UNITS];
 
-SM_INLINE bool sm_segmap_contains(uintptr_t seg) {
+/* The byte is the segment's page shift, 0 where no segment is. */
+SM_INLINE unsigned sm_segmap_shift(uintptr_t seg) {
   uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
-  if (sm_unlikely(unit >= ((uintptr_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT)))) return false;
-  uint64_t w = atomic_load_explicit(&sm_segmap[unit >> 6], memory_order_relaxed);
-  return (w >> (unit & 63)) & 1;
+  if (sm_unlikely(unit >= SM_SEGMAP_UNITS)) return 0;
+  return atomic_load_explicit(&sm_segmap[unit], memory_order_relaxed);
 }
-void sm_segmap_set(uintptr_t seg, bool on);
+SM_INLINE bool sm_segmap_contains(uintptr_t seg) { return sm_segmap_shift(seg) != 0; }
+void sm_segmap_set(uintptr_t seg, unsigned shift);
 
 SM_INLINE sm_segment_t *sm_ptr_segment(const void *p) {
   return (sm_segment_t *)((uintptr_t)p & ~SM_SEGMENT_MASK);
@@ -292,6 +310,7 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p);
 bool sm_free_is_double(sm_page_t *page, sm_block_t *b);
 bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep);
 void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
+void sm_free_xthread(sm_page_t *page, sm_block_t *b);
 
 /* Free on the owner thread: about 25 instructions.  Checks (all cheap):
  * the pointer is in a segment, it starts a block, and its first word does
@@ -299,12 +318,20 @@ void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
  * check in the slow path). */
 SM_INLINE void sm_free_inline(void *p) {
   sm_segment_t *seg = sm_ptr_segment(p);
-  if (sm_unlikely(!sm_segmap_contains((uintptr_t)seg))) { sm_free_generic(p, "free"); return; }
-  sm_page_t *page = sm_segment_page_of(seg, p);
+  unsigned shift = sm_segmap_shift((uintptr_t)seg);
+  if (sm_unlikely(shift == 0)) { sm_free_generic(p, "free"); return; }
+  sm_page_t *page = &seg->pages[((uintptr_t)p - (uintptr_t)seg) >> shift];
   uint32_t diff = (uint32_t)((uintptr_t)p - (uintptr_t)page->start);
-  if (sm_likely((atomic_load_explicit(&seg->thread_id, memory_order_relaxed) ^ sm_thread_id()) == 0 &&
-                atomic_load_explicit(&page->flags, memory_order_relaxed) == 0 &&
-                (uint64_t)diff * page->div_magic < page->div_magic && diff < page->span)) {
+  uintptr_t xtid = atomic_load_explicit(&page->xtid, memory_order_relaxed);
+  if (sm_unlikely((uint64_t)diff * page->div_magic >= page->div_magic)) { sm_free_generic(p, "free"); return; }
+  if (sm_unlikely(xtid != sm_thread_id())) {
+    /* another thread's ordinary page: push on its thread_free; anything
+     * else (flagged, abandoned, not in use, single) goes the long way */
+    if (xtid != 0) sm_free_xthread(page, (sm_block_t *)p);
+    else sm_free_generic(p, "free");
+    return;
+  }
+  {
     sm_block_t *b = (sm_block_t *)p;
     uintptr_t link = (uintptr_t)sm_dec(page, b->next);
     if (sm_unlikely(link - (uintptr_t)page->start < page->span || link == 0)) {
@@ -317,9 +344,7 @@ SM_INLINE void sm_free_inline(void *p) {
     sm_cnt_add(page->frees, 1);
 #endif
     if (sm_unlikely(--page->used == 0) && page->free == NULL) sm_free_local_slow(page, NULL, NULL);
-    return;
   }
-  sm_free_generic(p, "free");
 }
 
 /* ---- page.c / page-queue.c ------------------------------------------ */
@@ -332,6 +357,7 @@ void sm_page_collect_thread_free(sm_page_t *page);
 void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page);
 void sm_page_to_full(sm_heap_t *heap, sm_page_t *page);
 void sm_page_unfull(sm_heap_t *heap, sm_page_t *page);
+void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid);
 void sm_heap_collect_retired(sm_heap_t *heap, bool force);
 void sm_heap_collect_full(sm_heap_t *heap);
 void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page);

@@ -29,7 +29,7 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   page->local_free = NULL;
   atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
   page->used = 0;
-  atomic_store_explicit(&page->flags, sm_track_on() ? SM_PAGE_TRACKED : 0, memory_order_relaxed);
+  sm_page_set_flags(page, sm_track_on() ? SM_PAGE_TRACKED : 0, heap->thread_id);
   page->bin = (uint8_t)bin;
   page->retired = 0;
   page->key = sm_secret ^ ((uintptr_t)page * 0x9E3779B97F4A7C15ull);
@@ -43,7 +43,6 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   page->used_folded = 0;
   page->retire_expire = 0;
   page->next = page->prev = page->rnext = page->rprev = NULL;
-  atomic_store_explicit(&page->heap, heap, memory_order_relaxed);
   atomic_fetch_add_explicit(&sm_gstats.class_pages[bin], 1, memory_order_relaxed);
 }
 
@@ -61,25 +60,30 @@ static void sm_page_extend(sm_page_t *page) {
   page->capacity += (uint32_t)n;
 }
 
-/* Move thread_free onto local_free, with one exchange. */
+/* Move thread_free onto local_free, with one exchange.  The list is
+ * walked to count it (used must be exact for the retire decision); when
+ * local_free is empty, as in the slow path's collect step, the list is
+ * taken whole. */
 void sm_page_collect_thread_free(sm_page_t *page) {
+  if (atomic_load_explicit(&page->thread_free, memory_order_relaxed) == NULL) return;
   sm_block_t *head = atomic_exchange_explicit(&page->thread_free, NULL, memory_order_acquire);
   if (!head) return;
-  size_t n = 1;
+  uint32_t n = 1;
   sm_block_t *tail = head;
   sm_track_link(tail);
   for (sm_block_t *next; (next = sm_dec(page, tail->next)) != NULL; tail = next) {
     if (sm_unlikely(((uintptr_t)next ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
       sm_error("corrupted free list in page at %p (thread_free)", (void *)page->start);
+      tail->next = sm_enc(page, NULL);
       break;
     }
     sm_track_link(next);
     n++;
   }
-  tail->next = sm_enc(page, page->local_free);
+  if (page->local_free) tail->next = sm_enc(page, page->local_free);
   page->local_free = head;
   sm_assert(page->used >= n);
-  page->used -= (uint32_t)n;
+  page->used -= n;
   page->used_folded -= (int32_t)n;   /* keeps the fold's allocation count exact */
 }
 
@@ -114,9 +118,9 @@ void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
   heap->stats.pages_retired++;
   if (page->retired) sm_retired_unlink(heap, page);
   page->retired = 1;
-  page->retire_expire = heap->cycle + cycles;
+  page->retire_expire = heap->cycle + (uint32_t)cycles;
   sm_page_t *after = heap->retired_last;
-  while (after && after->retire_expire > page->retire_expire) after = after->rprev;
+  while (after && !sm_cycle_reached(page->retire_expire, after->retire_expire)) after = after->rprev;
   page->rprev = after;
   page->rnext = after ? after->rnext : heap->retired_first;
   if (page->rnext) page->rnext->rprev = page; else heap->retired_last = page;
@@ -134,15 +138,14 @@ void sm_page_release(sm_heap_t *heap, sm_page_t *page) {
   heap->stats.pages_released++;
   page->free = page->local_free = NULL;
   page->capacity = 0;
-  atomic_store_explicit(&page->flags, 0, memory_order_relaxed);
-  atomic_store_explicit(&page->heap, NULL, memory_order_relaxed);
+  sm_page_set_flags(page, 0, 0);
   sm_segment_page_free(heap, sm_ptr_segment(page), page);
 }
 
 /* Release retired pages whose cycles ran out (all of them when forced;
  * then also empty pages that are still the first of their class). */
 void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
-  while (heap->retired_first && (force || heap->retired_first->retire_expire <= heap->cycle)) {
+  while (heap->retired_first && (force || sm_cycle_reached(heap->cycle, heap->retired_first->retire_expire))) {
     sm_page_t *page = heap->retired_first;
     sm_retired_unlink(heap, page);
     if (page->used == 0) sm_page_release(heap, page);
@@ -159,6 +162,17 @@ void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
   }
 }
 
+/* ---- flags --------------------------------------------------------------- */
+
+/* Flags and xtid change together (owner thread only): xtid is the owner's
+ * thread id exactly when no flag is set, so free's fast path needs one
+ * compare.  Sequentially consistent: see sm_page_to_full. */
+void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid) {
+  if (flags != 0) atomic_store_explicit(&page->xtid, 0, memory_order_seq_cst);
+  atomic_store_explicit(&page->flags, flags, memory_order_seq_cst);
+  if (flags == 0) atomic_store_explicit(&page->xtid, tid, memory_order_seq_cst);
+}
+
 /* ---- full pages ------------------------------------------------------------ */
 
 /* Move an exhausted page to the full list.  Setting the flag before
@@ -166,9 +180,10 @@ void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
  * freeing thread pushing before looking at the flag: either we see its
  * block here, or it sees the flag and tells the heap. */
 void sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
-  atomic_fetch_or_explicit(&page->flags, SM_PAGE_IN_FULL, memory_order_seq_cst);
+  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+  sm_page_set_flags(page, flags | SM_PAGE_IN_FULL, heap->thread_id);
   if (atomic_load_explicit(&page->thread_free, memory_order_seq_cst) != NULL) {
-    atomic_fetch_and_explicit(&page->flags, (uint8_t)~SM_PAGE_IN_FULL, memory_order_seq_cst);
+    sm_page_set_flags(page, flags, heap->thread_id);
     return;
   }
   sm_pq_remove(heap, page->bin, page);
@@ -177,8 +192,9 @@ void sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
 }
 
 void sm_page_unfull(sm_heap_t *heap, sm_page_t *page) {
-  if (!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL)) return;
-  atomic_fetch_and_explicit(&page->flags, (uint8_t)~SM_PAGE_IN_FULL, memory_order_relaxed);
+  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+  if (!(flags & SM_PAGE_IN_FULL)) return;
+  sm_page_set_flags(page, flags & (uint8_t)~SM_PAGE_IN_FULL, heap->thread_id);
   sm_pq_remove(heap, SM_BIN_FULL, page);
   sm_pq_push_back(heap, page->bin, page);
   heap->stats.pages_unfull++;
@@ -228,10 +244,10 @@ static int sm_page_refill(sm_page_t *page) {
  * Returns NULL only when the OS refuses memory. */
 sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
   heap->cycle++;
-  if (heap->retired_first && heap->retired_first->retire_expire <= heap->cycle)
+  if (heap->retired_first && sm_cycle_reached(heap->cycle, heap->retired_first->retire_expire))
     sm_heap_collect_retired(heap, false);
   if (atomic_load_explicit(&heap->xfree_full, memory_order_relaxed)) sm_heap_collect_full(heap);
-  if (heap->cycle >= heap->next_purge_check) {
+  if (sm_cycle_reached(heap->cycle, heap->next_purge_check)) {
     heap->next_purge_check = heap->cycle + 1024;
     sm_segment_cache_collect(false);
   }

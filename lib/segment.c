@@ -10,7 +10,7 @@
 #include <pthread.h>
 #include <time.h>
 
-_Atomic uint64_t sm_segmap[(size_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT - 6)];
+_Atomic uint8_t sm_segmap[SM_SEGMAP_UNITS];
 
 static pthread_mutex_t sm_cache_lock = PTHREAD_MUTEX_INITIALIZER;
 static sm_segment_t *sm_cache_first;          /* most recently cached first */
@@ -19,12 +19,10 @@ static pthread_mutex_t sm_abandoned_lock = PTHREAD_MUTEX_INITIALIZER;
 static sm_segment_t *sm_abandoned_first;
 static _Atomic size_t sm_abandoned_count;
 
-void sm_segmap_set(uintptr_t seg, bool on) {
+void sm_segmap_set(uintptr_t seg, unsigned shift) {
   uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
-  if (unit >= ((uintptr_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT))) return;
-  uint64_t bit = (uint64_t)1 << (unit & 63);
-  if (on) atomic_fetch_or_explicit(&sm_segmap[unit >> 6], bit, memory_order_release);
-  else atomic_fetch_and_explicit(&sm_segmap[unit >> 6], ~bit, memory_order_release);
+  if (unit >= SM_SEGMAP_UNITS) return;
+  atomic_store_explicit(&sm_segmap[unit], (uint8_t)shift, memory_order_release);
 }
 
 uint64_t sm_clock_ms(void) {
@@ -51,14 +49,14 @@ static sm_segment_t *sm_segment_raw_alloc(void) {
   }
   void *p;
   if (sm_os_map_aligned(SM_SEGMENT_SIZE, SM_SEGMENT_SIZE, 0, &p) != 0) return NULL;
-  sm_segmap_set((uintptr_t)p, true);
+  sm_segmap_set((uintptr_t)p, SM_SEGMENT_SHIFT);
   sm_gadd(segments_mapped, 1);
   sm_gadd(segments_in_use, 1);
   return p;
 }
 
 static void sm_segment_unmap(sm_segment_t *seg) {
-  sm_segmap_set((uintptr_t)seg, false);
+  sm_segmap_set((uintptr_t)seg, 0);
   if (!seg->purged) sm_gsub(bytes_committed, SM_SEGMENT_SIZE);
   sm_os_unmap(seg, SM_SEGMENT_SIZE);
   sm_gadd(segments_unmapped, 1);
@@ -78,8 +76,8 @@ void sm_segment_cache_collect(bool force) {
   } else {
     for (sm_segment_t *s = sm_cache_first; s; s = s->next) {
       if (!s->purged && now - s->cached_at_ms >= (uint64_t)delay) {
-        /* keep the header page: it holds the cache link */
-        sm_os_purge((uint8_t *)s + SM_OS_PAGE, SM_SEGMENT_SIZE - SM_OS_PAGE);
+        /* keep the header: it holds the cache link */
+        sm_os_purge((uint8_t *)s + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR);
         s->purged = 1;
         sm_gsub(bytes_committed, SM_SEGMENT_SIZE);
         sm_gadd(segments_purged, 1);
@@ -97,7 +95,7 @@ void sm_segment_cache_collect(bool force) {
 static void sm_segment_raw_free(sm_segment_t *seg) {
   atomic_store_explicit(&seg->thread_id, 0, memory_order_relaxed);
   seg->cookie = 0;   /* a stale pointer into a cached segment is caught */
-  seg->heap = NULL;
+  atomic_store_explicit(&seg->heap, NULL, memory_order_relaxed);
   seg->purged = 0;
   seg->cached_at_ms = sm_clock_ms();
   sm_gsub(segments_in_use, 1);
@@ -140,7 +138,7 @@ static sm_segment_t **sm_seg_list_of(sm_heap_t *heap, sm_segment_t *seg) {
 }
 
 static void sm_segment_adopt(sm_heap_t *heap, sm_segment_t *seg) {
-  seg->heap = heap;
+  atomic_store_explicit(&seg->heap, heap, memory_order_release);
   seg->in_free_list = seg->used_pages < seg->page_count;
   sm_seg_list_push(sm_seg_list_of(heap, seg), seg);
   atomic_store_explicit(&seg->thread_id, heap->thread_id, memory_order_release);
@@ -155,6 +153,7 @@ static sm_segment_t *sm_segment_alloc(sm_heap_t *heap, int kind) {
   seg->page_shift = kind == SM_SEG_SMALL ? SM_SMALL_SHIFT : SM_MEDIUM_SHIFT;
   seg->page_count = kind == SM_SEG_SMALL ? SM_SMALL_PAGES : SM_MEDIUM_PAGES;
   seg->mapped = SM_SEGMENT_SIZE;
+  sm_segmap_set((uintptr_t)seg, seg->page_shift);
   sm_segment_adopt(heap, seg);
   return seg;
 }
@@ -204,13 +203,14 @@ sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *off
   if (offset + size > SM_SEGMENT_SIZE) return NULL;
   sm_segment_t *seg = sm_segment_raw_alloc();
   if (!seg) return NULL;
-  memset(seg, 0, offsetof(sm_segment_t, pages) + sizeof(sm_page_t));
+  sm_segment_clear_single(seg);
   seg->cookie = (uintptr_t)seg ^ sm_secret;
   seg->kind = SM_SEG_SINGLE;
   seg->page_shift = SM_SEGMENT_SHIFT;
   seg->page_count = 1;
   seg->used_pages = 1;
   seg->mapped = SM_SEGMENT_SIZE;
+  sm_segmap_set((uintptr_t)seg, SM_SEGMENT_SHIFT);
   seg->block_offset = offset;
   seg->block_size = (size + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
   if (offset + seg->block_size > SM_SEGMENT_SIZE) seg->block_size = SM_SEGMENT_SIZE - offset;
@@ -240,7 +240,7 @@ void sm_segment_abandon_heap(sm_heap_t *heap) {
     sm_segment_t *seg = lists[l];
     while (seg) {
       sm_segment_t *next = seg->next;
-      seg->heap = NULL;
+      atomic_store_explicit(&seg->heap, NULL, memory_order_release);
       seg->in_free_list = 0;
       atomic_store_explicit(&seg->thread_id, 0, memory_order_release);
       pthread_mutex_lock(&sm_abandoned_lock);
@@ -278,8 +278,8 @@ bool sm_segment_reclaim_one(sm_heap_t *heap) {
     sm_page_t *page = &seg->pages[i];
     if (!page->in_use) continue;
     live--;
-    atomic_store_explicit(&page->heap, heap, memory_order_release);
-    atomic_store_explicit(&page->flags, atomic_load(&page->flags) & (SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED), memory_order_seq_cst);
+    sm_page_set_flags(page, atomic_load(&page->flags) & (SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED),
+                      heap->thread_id);
     page->used_folded = (int32_t)page->used;
     page->frees = 0;
     page->retired = 0;
@@ -312,6 +312,5 @@ void sm_segment_fork_parent(void) {
   pthread_mutex_unlock(&sm_abandoned_lock);
 }
 void sm_segment_fork_child(void) {
-  pthread_mutex_init(&sm_cache_lock, NULL);
-  pthread_mutex_init(&sm_abandoned_lock, NULL);
+  sm_segment_fork_parent();   /* the forking thread holds them: just unlock */
 }

@@ -194,7 +194,7 @@ static void sm_stats_current(smalloc_stats_t *o) {
 }
 
 SM_EXPORT int smalloc_stats_get(smalloc_stats_t *out) {
-  if (out == NULL || out->size < offsetof(smalloc_stats_t, nclasses) + sizeof out->nclasses) return EINVAL;
+  if (out == NULL || out->size < offsetof(smalloc_stats_t, nclasses)) return EINVAL;
   size_t size = out->size < sizeof *out ? out->size : sizeof *out;
   smalloc_stats_t s;   /* on the stack: reading the counters must not change them */
   sm_stats_current(&s);
@@ -320,5 +320,5 @@ __attribute__((destructor)) static void sm_stats_destructor(void) {
 void sm_stats_lock_fork(int phase) {
   if (phase == 0) pthread_mutex_lock(&sm_stats_mutex);
   else if (phase == 1) pthread_mutex_unlock(&sm_stats_mutex);
-  else pthread_mutex_init(&sm_stats_mutex, NULL);
+  else pthread_mutex_unlock(&sm_stats_mutex);   /* child: held by the forking thread */
 }

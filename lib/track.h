@@ -27,7 +27,8 @@ extern bool sm_valgrind;
   do { if (sm_track_on()) VALGRIND_MAKE_MEM_DEFINED((b), sizeof(void *)); } while (0)
 #define sm_track_resize(p, old, new) \
   do { if (sm_track_on()) VALGRIND_RESIZEINPLACE_BLOCK((p), (old), (new), 0); } while (0)
-#define sm_track_detect() (sm_valgrind = RUNNING_ON_VALGRIND != 0)
+bool sm_track_memcheck(void);
+#define sm_track_detect() (sm_valgrind = RUNNING_ON_VALGRIND != 0 && sm_track_memcheck())
 #else
 #define SM_TRACK 0
 #define sm_track_on() 0

@@ -1,0 +1,1195 @@
+/* Churn: bursts of small blocks allocated and freed again and again, the
+ * workload smalloc is built for.  These tests pin down, through the exact
+ * stats counters, that steady churn is served from the thread's own pages
+ * (local_free swaps and retired pages) without a single OS call, that
+ * retired pages really are kept and really do expire, and that memory goes
+ * back to the OS on smalloc_collect(true).
+ *
+ * Semantics relied on (notes/CONTRACT.md, include/smalloc.h):
+ *   - Counters are exact for the calling thread and for exited threads;
+ *     other live threads are read racily.  Every measured window below runs
+ *     in one thread while any other thread of the process is blocked (in
+ *     pthread_join), so its deltas are exact.
+ *   - Small pages are 64 KiB slices of 4 MiB segments, so the page of a
+ *     small block (<= 8 KiB) is p & ~(64 KiB - 1).  Page 0 of a segment
+ *     also holds the segment header and has fewer blocks than the others.
+ *   - slow_path counts entries into the malloc slow path and every entry is
+ *     served by exactly one step: sum(slow_steps) == slow_path.
+ *   - A page whose last block is freed (and whose free list is empty) is
+ *     retired (pages_retired++) and kept for SMALLOC_RETIRE_CYCLES
+ *     slow-path entries of its thread (blocks <= 1 KiB; a quarter of that
+ *     above); reusing it counts SMALLOC_STEP_RETIRED_PAGE and pages_reused.
+ *     With SMALLOC_RETIRE_CYCLES=0 an emptied page is released at once.
+ *   - smalloc_collect(true) releases every empty page of the calling
+ *     thread's heap and unmaps the segment cache.
+ *
+ * Measured windows contain no libcheck call: in fork mode every passing
+ * ck_assert sends a message to the runner and allocates (through smalloc
+ * when it replaces malloc), which would show up in the counters.  Failures
+ * inside a window are recorded and asserted after it.  Bookkeeping arrays
+ * live in mmap'd memory for the same reason.
+ *
+ * Windows that need a heap with no history (page layout, exact step
+ * counts) run in a fresh thread: its heap starts with no page at all,
+ * whatever the test runner allocated before forking. */
+#include "config.h"
+
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "smalloc.h"
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define CH_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define CH_SANITIZED 1
+#endif
+#endif
+#ifndef CH_SANITIZED
+#define CH_SANITIZED 0
+#endif
+
+#define CH_KiB ((size_t)1 << 10)
+#define CH_MiB ((size_t)1 << 20)
+#define CH_GiB ((size_t)1 << 30)
+#define CH_SMALL_PAGE ((uintptr_t)64 << 10)
+
+static uintptr_t ch_page_of(const void *p)
+{
+  return (uintptr_t)p & ~(CH_SMALL_PAGE - 1);
+}
+
+/* ---- failures recorded inside measured windows ------------------------- */
+
+typedef struct ch_err {
+  int failed;
+  char msg[320];
+} ch_err_t;
+
+#define CH_FAIL(e, ...)                                                        \
+  do {                                                                         \
+    if (!(e)->failed) {                                                        \
+      (e)->failed = 1;                                                         \
+      snprintf((e)->msg, sizeof (e)->msg, __VA_ARGS__);                        \
+    }                                                                          \
+  } while (0)
+
+#define CH_ASSERT_OK(e) ck_assert_msg(!(e)->failed, "%s", (e)->msg)
+
+/* ---- memory for bookkeeping, outside the allocator under test ---------- */
+
+static void *ch_map(size_t bytes)
+{
+  void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  ck_assert_msg(p != MAP_FAILED, "mmap(%zu): %s", bytes, strerror(errno));
+  return p;
+}
+
+static void ch_unmap(void *p, size_t bytes)
+{
+  munmap(p, bytes);
+}
+
+/* ---- stats ---------------------------------------------------------------- */
+
+static int ch_snap(smalloc_stats_t *s)
+{
+  memset(s, 0, sizeof *s);
+  s->size = sizeof *s;
+  return smalloc_stats_get(s);
+}
+
+/* Index in classes[] of the class that serves a request of n bytes. */
+static int ch_class(const smalloc_stats_t *s, size_t n)
+{
+  int best = -1;
+  for (uint32_t i = 0; i < s->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
+    uint64_t b = s->classes[i].block_size;
+    if (b != 0 && b >= n && (best < 0 || b < s->classes[best].block_size))
+      best = (int)i;
+  }
+  return best;
+}
+
+static uint64_t ch_steps_sum(const smalloc_stats_t *s)
+{
+  uint64_t sum = 0;
+  for (int k = 0; k < SMALLOC_STEP_COUNT; k++)
+    sum += s->slow_steps[k];
+  return sum;
+}
+
+static const char *const ch_step_names[SMALLOC_STEP_COUNT] = {
+  "local_swap", "thread_collect", "extend", "next_page",
+  "retired_page", "fresh_page", "new_segment",
+};
+
+/* ---- random numbers and patterns ------------------------------------------ */
+
+typedef struct ch_rng {
+  uint64_t s;
+} ch_rng_t;
+
+static uint64_t ch_rand(ch_rng_t *r)
+{
+  uint64_t x = r->s;
+  x ^= x >> 12;
+  x ^= x << 25;
+  x ^= x >> 27;
+  r->s = x;
+  return x * 0x2545F4914F6CDD1Du;
+}
+
+static size_t ch_rand_range(ch_rng_t *r, size_t lo, size_t hi)
+{
+  return lo + (size_t)(ch_rand(r) % (hi - lo + 1));
+}
+
+static uint64_t ch_mix(uint64_t x)
+{
+  x ^= x >> 30;
+  x *= 0xBF58476D1CE4E5B9u;
+  x ^= x >> 27;
+  x *= 0x94D049BB133111EBu;
+  return x ^ (x >> 31);
+}
+
+/* Word i of the pattern of a block at p in generation gen: two blocks, or
+ * two lives of one block, never hold the same bytes. */
+static uint64_t ch_word(const void *p, uint64_t gen, size_t i)
+{
+  return ch_mix((uint64_t)(uintptr_t)p ^ (gen * 0x9E3779B97F4A7C15u) ^
+                ((uint64_t)i << 48));
+}
+
+/* full: every byte of the block; else its first and last 8 bytes (cheap
+ * enough for a thousand rounds, still catches a block handed out twice). */
+static void ch_fill(unsigned char *p, size_t n, uint64_t gen, bool full)
+{
+  size_t words = n / 8;
+  for (size_t i = 0; i < words; i++) {
+    if (!full && i != 0 && i != words - 1)
+      continue;
+    uint64_t v = ch_word(p, gen, i);
+    memcpy(p + 8 * i, &v, 8);
+  }
+  if (full)
+    for (size_t i = 8 * words; i < n; i++)
+      p[i] = (unsigned char)(ch_word(p, gen, words) >> (8 * (i % 8)));
+}
+
+static bool ch_verify(const unsigned char *p, size_t n, uint64_t gen, bool full)
+{
+  size_t words = n / 8;
+  for (size_t i = 0; i < words; i++) {
+    if (!full && i != 0 && i != words - 1)
+      continue;
+    uint64_t v;
+    memcpy(&v, p + 8 * i, 8);
+    if (v != ch_word(p, gen, i))
+      return false;
+  }
+  if (full)
+    for (size_t i = 8 * words; i < n; i++)
+      if (p[i] != (unsigned char)(ch_word(p, gen, words) >> (8 * (i % 8))))
+        return false;
+  return true;
+}
+
+/* ---- sorting without the allocator (glibc's qsort may call malloc) -------- */
+
+typedef struct ch_span {
+  uintptr_t lo, hi;
+} ch_span_t;
+
+static bool ch_span_less(const ch_span_t *a, const ch_span_t *b)
+{
+  return a->lo < b->lo || (a->lo == b->lo && a->hi < b->hi);
+}
+
+static void ch_sift(ch_span_t *v, size_t root, size_t n)
+{
+  for (;;) {
+    size_t child = 2 * root + 1;
+    if (child >= n)
+      return;
+    if (child + 1 < n && ch_span_less(&v[child], &v[child + 1]))
+      child++;
+    if (!ch_span_less(&v[root], &v[child]))
+      return;
+    ch_span_t t = v[root];
+    v[root] = v[child];
+    v[child] = t;
+    root = child;
+  }
+}
+
+static void ch_sort(ch_span_t *v, size_t n)
+{
+  if (n < 2)
+    return;
+  for (size_t i = n / 2; i-- > 0;)
+    ch_sift(v, i, n);
+  for (size_t end = n - 1; end > 0; end--) {
+    ch_span_t t = v[0];
+    v[0] = v[end];
+    v[end] = t;
+    ch_sift(v, 0, end);
+  }
+}
+
+static size_t ch_count_distinct(ch_span_t *v, size_t n)
+{
+  ch_sort(v, n);
+  size_t d = 0;
+  for (size_t i = 0; i < n; i++)
+    if (i == 0 || v[i].lo != v[i - 1].lo)
+      d++;
+  return d;
+}
+
+/* ---- batches ----------------------------------------------------------------- */
+
+typedef struct ch_blk {
+  unsigned char *p;
+  uint32_t n;
+  uint32_t cls; /* index into the test's class list, where it has one */
+} ch_blk_t;
+
+enum ch_order { CH_ALLOC_ORDER, CH_REVERSE_ORDER, CH_RANDOM_ORDER, CH_ORDERS };
+
+static const char *const ch_order_names[CH_ORDERS] = {"allocation", "reverse",
+                                                      "random"};
+
+/* Allocate b[i].n bytes for every i, fill each block. */
+static void ch_alloc_all(ch_blk_t *b, size_t count, uint64_t gen, bool full,
+                         ch_err_t *e)
+{
+  for (size_t i = 0; i < count; i++) {
+    b[i].p = smalloc_malloc(b[i].n);
+    if (b[i].p == NULL) {
+      CH_FAIL(e, "gen %llu: malloc(%u) returned NULL (block %zu)",
+              (unsigned long long)gen, b[i].n, i);
+      return;
+    }
+    if (((uintptr_t)b[i].p & 15) != 0)
+      CH_FAIL(e, "gen %llu: malloc(%u) = %p is not 16-byte aligned",
+              (unsigned long long)gen, b[i].n, (void *)b[i].p);
+    ch_fill(b[i].p, b[i].n, gen, full);
+  }
+}
+
+/* Verify, then free every block, in the given order. */
+static void ch_free_all(ch_blk_t *b, size_t count, enum ch_order order,
+                        uint64_t gen, bool full, uint32_t *perm, ch_rng_t *r,
+                        ch_err_t *e)
+{
+  if (order == CH_RANDOM_ORDER) {
+    for (size_t i = 0; i < count; i++)
+      perm[i] = (uint32_t)i;
+    for (size_t i = count; i > 1; i--) {
+      size_t j = (size_t)(ch_rand(r) % i);
+      uint32_t t = perm[i - 1];
+      perm[i - 1] = perm[j];
+      perm[j] = t;
+    }
+  }
+  for (size_t k = 0; k < count; k++) {
+    size_t i = order == CH_ALLOC_ORDER     ? k
+               : order == CH_REVERSE_ORDER ? count - 1 - k
+                                           : perm[k];
+    if (b[i].p == NULL)
+      continue;
+    if (!ch_verify(b[i].p, b[i].n, gen, full))
+      CH_FAIL(e, "gen %llu: block %p (%u bytes) lost its pattern before free "
+                 "(%s order)",
+              (unsigned long long)gen, (void *)b[i].p, b[i].n,
+              ch_order_names[order]);
+    smalloc_free(b[i].p);
+    b[i].p = NULL;
+  }
+}
+
+/* No two live blocks overlap (a block handed out twice overlaps itself). */
+static void ch_check_disjoint(const ch_blk_t *b, size_t count, ch_span_t *scratch,
+                              uint64_t gen, ch_err_t *e)
+{
+  for (size_t i = 0; i < count; i++) {
+    scratch[i].lo = (uintptr_t)b[i].p;
+    scratch[i].hi = (uintptr_t)b[i].p + b[i].n;
+  }
+  ch_sort(scratch, count);
+  for (size_t i = 1; i < count; i++)
+    if (scratch[i].lo < scratch[i - 1].hi) {
+      CH_FAIL(e, "gen %llu: live blocks [%#lx, %#lx) and [%#lx, %#lx) overlap",
+              (unsigned long long)gen, (unsigned long)scratch[i - 1].lo,
+              (unsigned long)scratch[i - 1].hi, (unsigned long)scratch[i].lo,
+              (unsigned long)scratch[i].hi);
+      return;
+    }
+}
+
+/* Distinct small pages holding the blocks of class index cls. */
+static size_t ch_pages_of_class(const ch_blk_t *b, size_t count, uint32_t cls,
+                                ch_span_t *scratch)
+{
+  size_t k = 0;
+  for (size_t i = 0; i < count; i++)
+    if (b[i].cls == cls) {
+      scratch[k].lo = ch_page_of(b[i].p);
+      scratch[k].hi = 0;
+      k++;
+    }
+  return ch_count_distinct(scratch, k);
+}
+
+/* Blocks of several classes, n blocks each, interleaved so that every
+ * class grows at once; returns the number of blocks. */
+static size_t ch_interleave(ch_blk_t *b, const size_t *sizes,
+                            const size_t *counts, size_t nclasses)
+{
+  size_t k = 0, left = 1;
+  for (size_t round = 0; left; round++) {
+    left = 0;
+    for (size_t c = 0; c < nclasses; c++)
+      if (round < counts[c]) {
+        b[k].n = (uint32_t)sizes[c];
+        b[k].cls = (uint32_t)c;
+        b[k].p = NULL;
+        k++;
+        left = 1;
+      }
+  }
+  return k;
+}
+
+/* Blocks for n_pages and a half of 64 KiB pages of one class. */
+static size_t ch_blocks_for_pages(size_t size, size_t n_pages)
+{
+  return (n_pages * CH_SMALL_PAGE + CH_SMALL_PAGE / 2) / size;
+}
+
+/* ---- running a window in a fresh thread ------------------------------------- */
+
+static void ch_in_thread(void *(*fn)(void *), void *arg)
+{
+  pthread_t t;
+  int rc = pthread_create(&t, NULL, fn, arg);
+  ck_assert_msg(rc == 0, "pthread_create: %s", strerror(rc));
+  rc = pthread_join(t, NULL);
+  ck_assert_msg(rc == 0, "pthread_join: %s", strerror(rc));
+}
+
+/* ============================================================================
+ * churn_correctness: rounds of 1000 mixed 16..256-byte blocks, each filled
+ * with a pattern of its address and round and verified before it is
+ * freed; the batch and 64 long-lived blocks never overlap; frees go in
+ * allocation, reverse and random order in turn. */
+
+START_TEST(churn_correctness)
+{
+  enum { ROUNDS = 300, BATCH = 1000, ANCHORS = 64, ALL = BATCH + ANCHORS };
+  ch_blk_t *b = ch_map(ALL * sizeof *b);
+  ch_span_t *scratch = ch_map(ALL * sizeof *scratch);
+  uint32_t *perm = ch_map(ALL * sizeof *perm);
+  ch_rng_t r = {0x5EEDC0DE12345678u};
+  ch_err_t e = {0};
+  uint64_t requested = 0;
+  smalloc_stats_t s0, s1;
+  int rc0, rc1;
+
+  rc0 = ch_snap(&s0);
+  /* b[0..ANCHORS) stay live through every round */
+  for (size_t i = 0; i < ANCHORS; i++) {
+    b[i].n = (uint32_t)ch_rand_range(&r, 16, 256);
+    requested += b[i].n;
+  }
+  ch_alloc_all(b, ANCHORS, UINT64_MAX, true, &e);
+  for (unsigned round = 0; round < ROUNDS && !e.failed; round++) {
+    ch_blk_t *batch = b + ANCHORS;
+    for (size_t i = 0; i < BATCH; i++) {
+      batch[i].n = (uint32_t)ch_rand_range(&r, 16, 256);
+      requested += batch[i].n;
+    }
+    ch_alloc_all(batch, BATCH, round, true, &e);
+    ch_check_disjoint(b, ALL, scratch, round, &e);
+    ch_free_all(batch, BATCH, (enum ch_order)(round % CH_ORDERS), round, true,
+                perm, &r, &e);
+  }
+  ch_free_all(b, ANCHORS, CH_RANDOM_ORDER, UINT64_MAX, true, perm, &r, &e);
+  rc1 = ch_snap(&s1);
+
+  ck_assert_int_eq(rc0, 0);
+  ck_assert_int_eq(rc1, 0);
+  CH_ASSERT_OK(&e);
+  uint64_t blocks = ANCHORS + (uint64_t)ROUNDS * BATCH;
+  ck_assert_uint_eq(s1.calls_malloc - s0.calls_malloc, blocks);
+  ck_assert_uint_eq(s1.calls_free - s0.calls_free, blocks);
+  ck_assert_uint_eq(s1.bytes_requested - s0.bytes_requested, requested);
+  ck_assert_uint_eq(s1.blocks_in_use, s0.blocks_in_use);
+  ch_unmap(b, ALL * sizeof *b);
+  ch_unmap(scratch, ALL * sizeof *scratch);
+  ch_unmap(perm, ALL * sizeof *perm);
+}
+END_TEST
+
+/* ============================================================================
+ * multi_page_churn_correctness: the same with batches of eight and a half
+ * pages of each of seven size classes at once (34816 blocks of 16 bytes,
+ * ...), checked to really occupy at least eight pages per class: by the
+ * addresses and by stats.classes[i].pages_in_use. */
+
+static const size_t ch_multi_sizes[] = {16, 48, 112, 256, 640, 1024, 4096};
+#define CH_MULTI_CLASSES (sizeof ch_multi_sizes / sizeof ch_multi_sizes[0])
+
+START_TEST(multi_page_churn_correctness)
+{
+  enum { ROUNDS = 9, PAGES = 8 };
+  size_t counts[CH_MULTI_CLASSES], total = 0;
+  for (size_t c = 0; c < CH_MULTI_CLASSES; c++) {
+    counts[c] = ch_blocks_for_pages(ch_multi_sizes[c], PAGES);
+    total += counts[c];
+  }
+  ch_blk_t *b = ch_map(total * sizeof *b);
+  ch_span_t *scratch = ch_map(total * sizeof *scratch);
+  uint32_t *perm = ch_map(total * sizeof *perm);
+  ch_rng_t r = {0xC0FFEE0123456789u};
+  ch_err_t e = {0};
+  size_t pages[CH_MULTI_CLASSES];
+  uint64_t stat_pages[CH_MULTI_CLASSES];
+  int cls_index[CH_MULTI_CLASSES];
+  smalloc_stats_t s;
+
+  ck_assert_int_eq(ch_snap(&s), 0);
+  for (size_t c = 0; c < CH_MULTI_CLASSES; c++) {
+    cls_index[c] = ch_class(&s, ch_multi_sizes[c]);
+    ck_assert_msg(cls_index[c] >= 0 &&
+                      s.classes[cls_index[c]].block_size == ch_multi_sizes[c],
+                  "no size class of exactly %zu bytes", ch_multi_sizes[c]);
+  }
+
+  for (unsigned round = 0; round < ROUNDS; round++) {
+    size_t n = ch_interleave(b, ch_multi_sizes, counts, CH_MULTI_CLASSES);
+    ck_assert_uint_eq(n, total);
+    ch_alloc_all(b, n, round, true, &e);
+    CH_ASSERT_OK(&e);
+    ch_check_disjoint(b, n, scratch, round, &e);
+    CH_ASSERT_OK(&e);
+    int rc = ch_snap(&s);
+    for (size_t c = 0; c < CH_MULTI_CLASSES; c++) {
+      pages[c] = ch_pages_of_class(b, n, (uint32_t)c, scratch);
+      stat_pages[c] = s.classes[cls_index[c]].pages_in_use;
+    }
+    ck_assert_int_eq(rc, 0);
+    for (size_t c = 0; c < CH_MULTI_CLASSES; c++) {
+      ck_assert_msg(pages[c] >= PAGES,
+                    "round %u: %zu blocks of %zu bytes lie in %zu pages, want >= %d",
+                    round, counts[c], ch_multi_sizes[c], pages[c], PAGES);
+      ck_assert_msg(stat_pages[c] >= pages[c],
+                    "round %u: class %zu: pages_in_use %llu while %zu pages hold "
+                    "live blocks",
+                    round, ch_multi_sizes[c], (unsigned long long)stat_pages[c],
+                    pages[c]);
+    }
+    ch_free_all(b, n, (enum ch_order)(round % CH_ORDERS), round, true, perm, &r, &e);
+    CH_ASSERT_OK(&e);
+  }
+  ch_unmap(b, total * sizeof *b);
+  ch_unmap(scratch, total * sizeof *scratch);
+  ch_unmap(perm, total * sizeof *perm);
+}
+END_TEST
+
+/* ============================================================================
+ * churn_no_os_calls: once a pattern has run a few rounds, a thousand more
+ * rounds of it make no OS call, map no segment and take no fresh page;
+ * every slow-path entry is a local_free swap or a retired page.
+ *
+ * Why warm-up rounds and not one: pages build their free lists lazily
+ * (about 4 KiB per extension step), so a page that ended the first burst
+ * partly built is extended by the second; from the third round on every
+ * page of the working set is fully built and the set itself no longer
+ * changes (each round frees everything it allocated). */
+
+enum { CH_WARMUP = 3, CH_STEADY_ROUNDS = 1000, CH_PINGPONG = 1000000 };
+
+/* Pattern A: one batch of 1000 blocks of 16..256 bytes, the same sizes
+ * every round (a round asking more of a class than the last would extend
+ * its page: correct, but not steady). */
+enum { CH_SMALL_BATCH = 1000 };
+/* Pattern B: eight and a half pages of each of these (all <= 1 KiB, so
+ * their pages are kept the full retire cycles; about 30 slow-path entries
+ * a round, far below the default 256). */
+static const size_t ch_steady_sizes[] = {128, 256, 1024};
+#define CH_STEADY_CLASSES (sizeof ch_steady_sizes / sizeof ch_steady_sizes[0])
+
+typedef struct ch_window {
+  smalloc_stats_t s0, s1;
+  int rc;
+  uint64_t rounds, blocks_per_round;
+} ch_window_t;
+
+typedef struct ch_steady {
+  ch_window_t small, multi, pingpong;
+  ch_err_t e;
+} ch_steady_t;
+
+/* Set up the blocks of a pattern; returns their number. */
+static size_t ch_pattern_blocks(ch_blk_t *b, bool multi)
+{
+  if (multi) {
+    size_t counts[CH_STEADY_CLASSES];
+    for (size_t c = 0; c < CH_STEADY_CLASSES; c++)
+      counts[c] = ch_blocks_for_pages(ch_steady_sizes[c], 8);
+    return ch_interleave(b, ch_steady_sizes, counts, CH_STEADY_CLASSES);
+  }
+  ch_rng_t r = {0xBADC0FFEE0DDF00Du};
+  for (size_t i = 0; i < CH_SMALL_BATCH; i++) {
+    b[i].n = (uint32_t)ch_rand_range(&r, 16, 256);
+    b[i].cls = 0;
+    b[i].p = NULL;
+  }
+  return CH_SMALL_BATCH;
+}
+
+static size_t ch_pattern_max_blocks(void)
+{
+  size_t n = 0;
+  for (size_t c = 0; c < CH_STEADY_CLASSES; c++)
+    n += ch_blocks_for_pages(ch_steady_sizes[c], 8);
+  return n > CH_SMALL_BATCH ? n : CH_SMALL_BATCH;
+}
+
+/* Warm-up rounds, then measured rounds between two snapshots.  Rounds
+ * cycle through the three free orders. */
+static void ch_run_pattern(ch_window_t *w, bool multi, unsigned warmup,
+                           unsigned rounds, ch_blk_t *b, uint32_t *perm,
+                           ch_err_t *e)
+{
+  ch_rng_t r = {multi ? 0x1234567887654321u : 0x0F1E2D3C4B5A6978u};
+  size_t n = ch_pattern_blocks(b, multi);
+  w->blocks_per_round = n;
+  w->rounds = rounds;
+  for (unsigned i = 0; i < warmup + rounds; i++) {
+    if (i == warmup)
+      w->rc = ch_snap(&w->s0);
+    ch_alloc_all(b, n, i, false, e);
+    ch_free_all(b, n, (enum ch_order)(i % CH_ORDERS), i, false, perm, &r, e);
+  }
+  w->rc |= ch_snap(&w->s1);
+}
+
+static void *ch_steady_thread(void *arg)
+{
+  ch_steady_t *st = arg;
+  size_t max = ch_pattern_max_blocks();
+  ch_blk_t *b = mmap(NULL, max * sizeof *b, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  uint32_t *perm = mmap(NULL, max * sizeof *perm, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (b == MAP_FAILED || perm == MAP_FAILED) {
+    CH_FAIL(&st->e, "mmap failed");
+    return NULL;
+  }
+  /* An empty segment cache: a segment cached before the test would be
+   * purged (madvise) once it outlived the purge delay. */
+  smalloc_collect(true);
+  ch_run_pattern(&st->small, false, CH_WARMUP, CH_STEADY_ROUNDS, b, perm, &st->e);
+  ch_run_pattern(&st->multi, true, CH_WARMUP, CH_STEADY_ROUNDS, b, perm, &st->e);
+
+  /* ping-pong: malloc(32), free, a million times */
+  for (unsigned i = 0; i < 1000; i++)
+    smalloc_free(smalloc_malloc(32));
+  st->pingpong.rc = ch_snap(&st->pingpong.s0);
+  for (unsigned i = 0; i < CH_PINGPONG; i++) {
+    void *volatile p = smalloc_malloc(32);
+    if (p == NULL)
+      CH_FAIL(&st->e, "ping-pong: malloc(32) returned NULL");
+    smalloc_free(p);
+  }
+  st->pingpong.rc |= ch_snap(&st->pingpong.s1);
+  st->pingpong.rounds = CH_PINGPONG;
+  munmap(b, max * sizeof *b);
+  munmap(perm, max * sizeof *perm);
+  return NULL;
+}
+
+#define CH_DELTA(w, f) ((w)->s1.f - (w)->s0.f)
+
+/* No OS call, no segment, no fresh page in the window. */
+static void ch_assert_no_os(const ch_window_t *w, const char *what)
+{
+  ck_assert_msg(w->rc == 0, "%s: smalloc_stats_get failed", what);
+#define CH_ZERO(f)                                                             \
+  ck_assert_msg(CH_DELTA(w, f) == 0, "%s: %s grew by %llu", what, #f,          \
+                (unsigned long long)CH_DELTA(w, f))
+  CH_ZERO(segments_mapped);
+  CH_ZERO(os_mmap);
+  CH_ZERO(os_munmap);
+  CH_ZERO(os_madvise);
+  CH_ZERO(os_mremap);
+  CH_ZERO(slow_steps[SMALLOC_STEP_FRESH_PAGE]);
+  CH_ZERO(slow_steps[SMALLOC_STEP_NEW_SEGMENT]);
+#undef CH_ZERO
+}
+
+/* Every slow-path entry of the window was a local swap or a retired page,
+ * and the steps add up to slow_path. */
+static void ch_assert_steps_steady(const ch_window_t *w, const char *what)
+{
+  uint64_t sum = 0;
+  for (int k = 0; k < SMALLOC_STEP_COUNT; k++) {
+    uint64_t d = CH_DELTA(w, slow_steps[k]);
+    sum += d;
+    if (k != SMALLOC_STEP_LOCAL_SWAP && k != SMALLOC_STEP_RETIRED_PAGE)
+      ck_assert_msg(d == 0, "%s: %llu slow-path entries served by %s", what,
+                    (unsigned long long)d, ch_step_names[k]);
+  }
+  ck_assert_msg(CH_DELTA(w, slow_path) == sum,
+                "%s: slow_path grew by %llu but the steps by %llu", what,
+                (unsigned long long)CH_DELTA(w, slow_path),
+                (unsigned long long)sum);
+  ck_assert_msg(CH_DELTA(w, pages_released) == 0, "%s: %llu pages released",
+                what, (unsigned long long)CH_DELTA(w, pages_released));
+}
+
+START_TEST(churn_no_os_calls)
+{
+  static ch_steady_t st;
+  ch_in_thread(ch_steady_thread, &st);
+  CH_ASSERT_OK(&st.e);
+
+  ch_assert_no_os(&st.small, "mixed batch");
+  ch_assert_steps_steady(&st.small, "mixed batch");
+  ck_assert_uint_eq(CH_DELTA(&st.small, calls_malloc),
+                    st.small.rounds * st.small.blocks_per_round);
+
+  ch_assert_no_os(&st.multi, "multi-page batch");
+  ch_assert_steps_steady(&st.multi, "multi-page batch");
+  /* Each class switches pages at least 7 times a round (8.5 pages): those
+   * switches must have been served by retired pages. */
+  uint64_t reused = CH_DELTA(&st.multi, slow_steps[SMALLOC_STEP_RETIRED_PAGE]);
+  ck_assert_msg(reused >= st.multi.rounds * CH_STEADY_CLASSES * 7,
+                "multi-page batch: only %llu retired-page steps in %llu rounds",
+                (unsigned long long)reused, (unsigned long long)st.multi.rounds);
+  ck_assert_uint_eq(CH_DELTA(&st.multi, pages_reused), reused);
+
+  /* Ping-pong: a block freed goes to local_free, so the page's free list
+   * runs dry once per batch of blocks built by one extension (4 KiB, 128
+   * blocks of 32 bytes), and that one entry swaps the whole batch back.
+   * "Few" slow-path entries: at most one per 64 pairs. */
+  ch_assert_no_os(&st.pingpong, "ping-pong");
+  ck_assert_uint_eq(CH_DELTA(&st.pingpong, calls_malloc), CH_PINGPONG);
+  ck_assert_uint_eq(CH_DELTA(&st.pingpong, calls_free), CH_PINGPONG);
+  ck_assert_msg(CH_DELTA(&st.pingpong, slow_path) <= CH_PINGPONG / 64,
+                "ping-pong: %llu slow-path entries for %d malloc/free pairs",
+                (unsigned long long)CH_DELTA(&st.pingpong, slow_path),
+                CH_PINGPONG);
+  ck_assert_uint_eq(ch_steps_sum(&st.pingpong.s1) - ch_steps_sum(&st.pingpong.s0),
+                    CH_DELTA(&st.pingpong, slow_path));
+}
+END_TEST
+
+/* ============================================================================
+ * retire_keeps_only_page: a page of 1 KiB blocks filled exactly, then
+ * emptied, serves the next malloc of its class (a retired-page step, no
+ * page released).
+ *
+ * How the page is filled exactly without knowing its capacity: allocate
+ * until the blocks have crossed onto a third page.  The second page was
+ * then filled from its first block to its last, which gives the capacity
+ * of a page that is not the segment's first; the third page (fresh, not
+ * the segment's first either) is filled up to that capacity.  The first
+ * two pages stay full, so the third is the only page in its class queue. */
+
+typedef struct ch_only {
+  ch_err_t e;
+  smalloc_stats_t s0, s1;
+  int rc;
+  uintptr_t page, got;
+  size_t capacity;
+} ch_only_t;
+
+enum { CH_ONLY_SIZE = 1024, CH_ONLY_MAX = 4 * 64 };
+
+/* Fill pages up to and including a third page of exactly capacity blocks.
+ * Returns the number of blocks; [*third, count) lie on the third page. */
+static size_t ch_fill_third_page(void **v, size_t *third, size_t *capacity,
+                                 ch_err_t *e)
+{
+  size_t n = 0, crossings = 0, second = 0;
+  while (crossings < 2) {
+    if (n == CH_ONLY_MAX) {
+      CH_FAIL(e, "no third page after %d blocks", CH_ONLY_MAX);
+      return n;
+    }
+    v[n] = smalloc_malloc(CH_ONLY_SIZE);
+    if (v[n] == NULL) {
+      CH_FAIL(e, "malloc(%d) returned NULL", CH_ONLY_SIZE);
+      return n;
+    }
+    if (n > 0 && ch_page_of(v[n]) != ch_page_of(v[n - 1])) {
+      crossings++;
+      if (crossings == 1)
+        second = n;
+    }
+    n++;
+  }
+  *third = n - 1;
+  *capacity = *third - second;
+  for (size_t i = 1; i < *capacity; i++) {
+    v[n] = smalloc_malloc(CH_ONLY_SIZE);
+    if (v[n] == NULL || ch_page_of(v[n]) != ch_page_of(v[*third])) {
+      CH_FAIL(e, "block %zu of the third page (capacity %zu) is %p, not on page %#lx",
+              i, *capacity, v[n], (unsigned long)ch_page_of(v[*third]));
+      return n + (v[n] != NULL);
+    }
+    n++;
+  }
+  return n;
+}
+
+static void *ch_only_thread(void *arg)
+{
+  ch_only_t *o = arg;
+  void *v[CH_ONLY_MAX + 1];
+  size_t third = 0;
+  size_t n = ch_fill_third_page(v, &third, &o->capacity, &o->e);
+  if (!o->e.failed) {
+    o->page = ch_page_of(v[third]);
+    o->rc = ch_snap(&o->s0);
+    for (size_t i = third; i < n; i++)
+      smalloc_free(v[i]);
+    void *q = smalloc_malloc(CH_ONLY_SIZE);
+    o->rc |= ch_snap(&o->s1);
+    o->got = ch_page_of(q);
+    smalloc_free(q);
+    n = third;
+  }
+  for (size_t i = 0; i < n; i++)
+    smalloc_free(v[i]);
+  return NULL;
+}
+
+START_TEST(retire_keeps_only_page)
+{
+  static ch_only_t o;
+  ch_in_thread(ch_only_thread, &o);
+  CH_ASSERT_OK(&o.e);
+  ck_assert_int_eq(o.rc, 0);
+  /* 64 in the plain layout; a hardened layout may keep some back */
+  ck_assert_msg(o.capacity >= 2 && o.capacity <= CH_SMALL_PAGE / CH_ONLY_SIZE,
+                "a page of %d-byte blocks holds %zu blocks", CH_ONLY_SIZE,
+                o.capacity);
+  ck_assert_msg(o.got == o.page,
+                "malloc after emptying page %#lx returned a block of page %#lx",
+                (unsigned long)o.page, (unsigned long)o.got);
+  ck_assert_uint_eq(o.s1.pages_released - o.s0.pages_released, 0);
+  ck_assert_uint_ge(o.s1.pages_retired - o.s0.pages_retired, 1);
+  ck_assert_uint_eq(o.s1.pages_reused - o.s0.pages_reused, 1);
+  ck_assert_uint_eq(o.s1.slow_path - o.s0.slow_path, 1);
+  ck_assert_uint_eq(o.s1.slow_steps[SMALLOC_STEP_RETIRED_PAGE] -
+                        o.s0.slow_steps[SMALLOC_STEP_RETIRED_PAGE],
+                    1);
+  int c = ch_class(&o.s1, CH_ONLY_SIZE);
+  ck_assert_int_ge(c, 0);
+  ck_assert_uint_eq(o.s1.classes[c].slow_steps[SMALLOC_STEP_RETIRED_PAGE] -
+                        o.s0.classes[c].slow_steps[SMALLOC_STEP_RETIRED_PAGE],
+                    1);
+}
+END_TEST
+
+/* ============================================================================
+ * retire_keeps_every_page: a burst of eight and a half pages of 512-byte
+ * blocks, freed completely, leaves every page retired; the next identical
+ * burst is served by exactly the same pages, with no fresh page, no new
+ * segment and no OS call.
+ *
+ * Why the page sets must be equal, not just overlap: the pages of the
+ * first burst, all of them filled except the last, hold exactly enough for
+ * the second (its last page had the spare room; lazily built capacity is
+ * extended in place), and a page is only left once it has no free block,
+ * so the second burst needs every one of them. */
+
+typedef struct ch_every {
+  ch_err_t e;
+  smalloc_stats_t s0, s1;
+  int rc;
+  size_t pages1, pages2, differ;
+} ch_every_t;
+
+enum { CH_EVERY_SIZE = 512 };
+
+static void *ch_every_thread(void *arg)
+{
+  ch_every_t *ev = arg;
+  size_t n = ch_blocks_for_pages(CH_EVERY_SIZE, 8);
+  void **v = mmap(NULL, n * sizeof *v, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ch_span_t *a = mmap(NULL, 2 * n * sizeof *a, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (v == MAP_FAILED || a == MAP_FAILED) {
+    CH_FAIL(&ev->e, "mmap failed");
+    return NULL;
+  }
+  ch_span_t *b = a + n;
+  for (int burst = 0; burst < 2; burst++) {
+    ch_span_t *set = burst == 0 ? a : b;
+    if (burst == 1)
+      ev->rc = ch_snap(&ev->s0);
+    for (size_t i = 0; i < n; i++) {
+      v[i] = smalloc_malloc(CH_EVERY_SIZE);
+      if (v[i] == NULL) {
+        CH_FAIL(&ev->e, "burst %d: malloc(%d) returned NULL", burst, CH_EVERY_SIZE);
+        n = i;
+        break;
+      }
+      set[i].lo = ch_page_of(v[i]);
+      set[i].hi = 0;
+    }
+    if (burst == 1)
+      ev->rc |= ch_snap(&ev->s1);
+    for (size_t i = 0; i < n; i++)
+      smalloc_free(v[i]);
+  }
+  /* compare the two sets of page addresses */
+  ev->pages1 = ch_count_distinct(a, n);
+  ev->pages2 = ch_count_distinct(b, n);
+  size_t i = 0, j = 0;
+  while (i < n || j < n) {
+    uintptr_t x = i < n ? a[i].lo : UINTPTR_MAX, y = j < n ? b[j].lo : UINTPTR_MAX;
+    uintptr_t m = x < y ? x : y;
+    if (x != y)
+      ev->differ++;
+    while (i < n && a[i].lo == m)
+      i++;
+    while (j < n && b[j].lo == m)
+      j++;
+  }
+  munmap(v, n * sizeof *v);
+  munmap(a, 2 * n * sizeof *a);
+  return NULL;
+}
+
+START_TEST(retire_keeps_every_page)
+{
+  static ch_every_t ev;
+  ch_in_thread(ch_every_thread, &ev);
+  CH_ASSERT_OK(&ev.e);
+  ck_assert_int_eq(ev.rc, 0);
+  ck_assert_msg(ev.pages1 >= 9, "the burst took %zu pages", ev.pages1);
+  ck_assert_msg(ev.differ == 0,
+                "second burst: %zu pages, first burst: %zu pages, %zu not in both",
+                ev.pages2, ev.pages1, ev.differ);
+  ch_window_t w;
+  w.s0 = ev.s0;
+  w.s1 = ev.s1;
+  w.rc = ev.rc;
+  ch_assert_no_os(&w, "second burst");
+  ck_assert_uint_eq(CH_DELTA(&w, pages_released), 0);
+  ck_assert_msg(CH_DELTA(&w, pages_reused) >= ev.pages1 - 1,
+                "second burst reused %llu retired pages of %zu",
+                (unsigned long long)CH_DELTA(&w, pages_reused), ev.pages1);
+}
+END_TEST
+
+/* ============================================================================
+ * retired_pages_expire: retired pages go back to their segment once their
+ * thread ran more than SMALLOC_RETIRE_CYCLES slow-path entries (here set
+ * to 8 to keep the test short), and at once on smalloc_collect(true). */
+
+enum { CH_EXPIRE_CYCLES = 8, CH_EXPIRE_SIZE = 1024, CH_OTHER_SIZE = 64 };
+
+typedef struct ch_expire {
+  ch_err_t e;
+  int rc;
+  /* s0 start (after collect), s1 burst live, s2 burst freed, s3 after
+   * other activity; s4 second burst freed, s5 after smalloc_collect(true) */
+  smalloc_stats_t s[6];
+  unsigned other_rounds;
+} ch_expire_t;
+
+static void ch_burst(void **v, size_t n, size_t size, ch_err_t *e)
+{
+  for (size_t i = 0; i < n; i++) {
+    v[i] = smalloc_malloc(size);
+    if (v[i] == NULL)
+      CH_FAIL(e, "malloc(%zu) returned NULL", size);
+  }
+}
+
+static void ch_free_burst(void **v, size_t n)
+{
+  for (size_t i = 0; i < n; i++)
+    smalloc_free(v[i]);
+}
+
+static void *ch_expire_thread(void *arg)
+{
+  ch_expire_t *x = arg;
+  size_t n = ch_blocks_for_pages(CH_EXPIRE_SIZE, 8);
+  void *v[ch_blocks_for_pages(CH_EXPIRE_SIZE, 8)];
+  void *other[256];
+
+  smalloc_collect(true);
+  x->rc = ch_snap(&x->s[0]);
+  ch_burst(v, n, CH_EXPIRE_SIZE, &x->e);
+  x->rc |= ch_snap(&x->s[1]);
+  ch_free_burst(v, n);
+  x->rc |= ch_snap(&x->s[2]);
+  /* Rounds of another class: each runs its page's free list dry at least
+   * once, so each is at least one slow-path entry. */
+  for (x->other_rounds = 0; x->other_rounds < 100 * CH_EXPIRE_CYCLES; x->other_rounds++) {
+    ch_burst(other, 256, CH_OTHER_SIZE, &x->e);
+    ch_free_burst(other, 256);
+    x->rc |= ch_snap(&x->s[3]);
+    if (x->s[3].slow_path - x->s[2].slow_path > 4 * CH_EXPIRE_CYCLES)
+      break;
+  }
+  ch_burst(v, n, CH_EXPIRE_SIZE, &x->e);
+  ch_free_burst(v, n);
+  x->rc |= ch_snap(&x->s[4]);
+  smalloc_collect(true);
+  x->rc |= ch_snap(&x->s[5]);
+  return NULL;
+}
+
+START_TEST(retired_pages_expire)
+{
+  static ch_expire_t x;
+  long old = smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, CH_EXPIRE_CYCLES), 0);
+  ch_in_thread(ch_expire_thread, &x);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, old), 0);
+  CH_ASSERT_OK(&x.e);
+  ck_assert_int_eq(x.rc, 0);
+
+  const smalloc_stats_t *s = x.s;
+  int c = ch_class(&s[0], CH_EXPIRE_SIZE);
+  ck_assert_int_ge(c, 0);
+  uint64_t base = s[0].classes[c].pages_in_use;
+  uint64_t burst_pages = s[1].classes[c].pages_in_use - base;
+  ck_assert_msg(burst_pages >= 9, "the burst took %llu pages",
+                (unsigned long long)burst_pages);
+
+  /* freeing the burst retires its pages and releases none */
+  uint64_t retired = s[2].pages_retired - s[1].pages_retired;
+  ck_assert_msg(retired >= burst_pages - 1, "%llu of %llu pages retired",
+                (unsigned long long)retired, (unsigned long long)burst_pages);
+  ck_assert_uint_eq(s[2].pages_released - s[1].pages_released, 0);
+  ck_assert_uint_eq(s[2].classes[c].pages_in_use, s[1].classes[c].pages_in_use);
+
+  /* more than RETIRE_CYCLES slow-path entries later, they are released */
+  ck_assert_msg(s[3].slow_path - s[2].slow_path > CH_EXPIRE_CYCLES,
+                "only %llu slow-path entries in %u rounds",
+                (unsigned long long)(s[3].slow_path - s[2].slow_path), x.other_rounds);
+  ck_assert_msg(s[3].pages_released - s[2].pages_released >= retired,
+                "%llu pages retired, %llu released after %llu slow-path entries",
+                (unsigned long long)retired,
+                (unsigned long long)(s[3].pages_released - s[2].pages_released),
+                (unsigned long long)(s[3].slow_path - s[2].slow_path));
+  ck_assert_msg(s[3].classes[c].pages_in_use <= s[2].classes[c].pages_in_use - retired,
+                "class %d: pages_in_use %llu -> %llu with %llu pages expired", CH_EXPIRE_SIZE,
+                (unsigned long long)s[2].classes[c].pages_in_use,
+                (unsigned long long)s[3].classes[c].pages_in_use, (unsigned long long)retired);
+
+  /* smalloc_collect(true) releases a fresh burst's pages at once */
+  ck_assert_msg(s[4].classes[c].pages_in_use >= base + 9,
+                "second burst: class pages %llu, before %llu",
+                (unsigned long long)s[4].classes[c].pages_in_use, (unsigned long long)base);
+  ck_assert_msg(s[5].pages_released - s[4].pages_released >= 9,
+                "smalloc_collect(true) released %llu pages",
+                (unsigned long long)(s[5].pages_released - s[4].pages_released));
+  ck_assert_uint_eq(s[5].classes[c].pages_in_use, base);
+}
+END_TEST
+
+/* ============================================================================
+ * collect_returns_resident_memory: 1 GiB of 64..256-byte blocks allocated,
+ * touched and freed; after smalloc_collect(true) the resident size is back
+ * within 10 MiB of what it was before.  The pointer array is mmap'd and
+ * unmapped before measuring so that it does not count.  (Sanitizer builds
+ * use 128 MiB: their shadow memory makes the full size slow.) */
+
+static size_t ch_rss(void)
+{
+  char buf[128];
+  int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return 0;
+  ssize_t len = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (len <= 0)
+    return 0;
+  buf[len] = '\0';
+  unsigned long size_pages = 0, resident = 0;
+  if (sscanf(buf, "%lu %lu", &size_pages, &resident) != 2)
+    return 0;
+  return (size_t)resident * (size_t)sysconf(_SC_PAGESIZE);
+}
+
+START_TEST(collect_returns_resident_memory)
+{
+  const size_t target = CH_SANITIZED ? 128 * CH_MiB : CH_GiB;
+  const size_t max_blocks = target / 64 + 1;
+  const size_t slack = 10 * CH_MiB;
+
+  smalloc_collect(true);
+  size_t before = ch_rss();
+  ck_assert_msg(before > 0, "cannot read /proc/self/statm");
+
+  void **v = ch_map(max_blocks * sizeof *v);
+  size_t n = 0, bytes = 0;
+  bool null = false;
+  while (bytes < target) {
+    size_t size = 64 + 16 * (n % 13); /* 64, 80, ..., 256 */
+    unsigned char *p = smalloc_malloc(size);
+    if (p == NULL) {
+      null = true;
+      break;
+    }
+    p[0] = (unsigned char)n;
+    p[size - 1] = (unsigned char)size;
+    v[n++] = p;
+    bytes += size;
+  }
+  size_t peak = ch_rss();
+  for (size_t i = n; i-- > 0;)
+    smalloc_free(v[i]);
+  ch_unmap(v, max_blocks * sizeof *v);
+  smalloc_collect(true);
+  size_t after = ch_rss();
+
+  ck_assert_msg(!null, "malloc returned NULL after %zu bytes", bytes);
+  ck_assert_msg(peak >= before + target - target / 8,
+                "%zu MiB allocated but resident size only went %zu -> %zu MiB",
+                bytes / CH_MiB, before / CH_MiB, peak / CH_MiB);
+  ck_assert_msg(after <= before + slack,
+                "resident size %zu KiB before, %zu KiB with %zu MiB live, %zu KiB "
+                "after free and smalloc_collect(true)",
+                before / CH_KiB, peak / CH_KiB, bytes / CH_MiB, after / CH_KiB);
+}
+END_TEST
+
+/* ============================================================================
+ * retire_cycles_zero_is_naive: with SMALLOC_RETIRE_CYCLES=0 the same churn
+ * releases its pages every round and takes fresh ones again, so the tests
+ * above measure the retire policy and do not pass by accident. */
+
+enum { CH_NAIVE_ROUNDS = 3 };
+
+typedef struct ch_naive {
+  ch_err_t e;
+  smalloc_stats_t s[CH_NAIVE_ROUNDS + 1];
+  int rc;
+  ch_only_t only;
+} ch_naive_t;
+
+static void *ch_naive_thread(void *arg)
+{
+  ch_naive_t *x = arg;
+  size_t max = ch_pattern_max_blocks();
+  ch_blk_t *b = mmap(NULL, max * sizeof *b, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  uint32_t *perm = mmap(NULL, max * sizeof *perm, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (b == MAP_FAILED || perm == MAP_FAILED) {
+    CH_FAIL(&x->e, "mmap failed");
+    return NULL;
+  }
+  ch_rng_t r = {0x1234567887654321u};
+  size_t n = ch_pattern_blocks(b, true);
+  /* one warm-up round, then snapshots between rounds */
+  for (unsigned i = 0; i <= CH_NAIVE_ROUNDS; i++) {
+    if (i > 0)
+      x->rc |= ch_snap(&x->s[i - 1]);
+    ch_alloc_all(b, n, i, false, &x->e);
+    ch_free_all(b, n, (enum ch_order)(i % CH_ORDERS), i, false, perm, &r, &x->e);
+  }
+  x->rc |= ch_snap(&x->s[CH_NAIVE_ROUNDS]);
+  munmap(b, max * sizeof *b);
+  munmap(perm, max * sizeof *perm);
+  return NULL;
+}
+
+START_TEST(retire_cycles_zero_is_naive)
+{
+  static ch_naive_t x;
+  long old = smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0), 0);
+  ck_assert_int_eq(smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES), 0);
+  ch_in_thread(ch_naive_thread, &x);
+  ch_in_thread(ch_only_thread, &x.only);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, old), 0);
+  ck_assert_int_eq(smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES), old);
+  CH_ASSERT_OK(&x.e);
+  ck_assert_int_eq(x.rc, 0);
+
+  for (unsigned i = 0; i < CH_NAIVE_ROUNDS; i++) {
+    const smalloc_stats_t *a = &x.s[i], *b = &x.s[i + 1];
+    uint64_t released = b->pages_released - a->pages_released;
+    uint64_t fresh = b->slow_steps[SMALLOC_STEP_FRESH_PAGE] -
+                     a->slow_steps[SMALLOC_STEP_FRESH_PAGE] +
+                     b->slow_steps[SMALLOC_STEP_NEW_SEGMENT] -
+                     a->slow_steps[SMALLOC_STEP_NEW_SEGMENT];
+    ck_assert_msg(released > 0, "round %u released no page", i);
+    ck_assert_msg(fresh > 0, "round %u took no fresh page or new segment", i);
+    ck_assert_uint_eq(b->pages_retired - a->pages_retired, 0);
+  }
+
+  /* the exactly filled page is released at once, and the next malloc
+   * takes a fresh page, not a retired one */
+  CH_ASSERT_OK(&x.only.e);
+  ck_assert_int_eq(x.only.rc, 0);
+  const smalloc_stats_t *a = &x.only.s0, *b = &x.only.s1;
+  ck_assert_uint_ge(b->pages_released - a->pages_released, 1);
+  ck_assert_uint_eq(b->pages_retired - a->pages_retired, 0);
+  ck_assert_uint_eq(b->slow_steps[SMALLOC_STEP_RETIRED_PAGE] -
+                        a->slow_steps[SMALLOC_STEP_RETIRED_PAGE],
+                    0);
+  ck_assert_uint_eq(b->slow_steps[SMALLOC_STEP_FRESH_PAGE] -
+                        a->slow_steps[SMALLOC_STEP_FRESH_PAGE] +
+                        b->slow_steps[SMALLOC_STEP_NEW_SEGMENT] -
+                        a->slow_steps[SMALLOC_STEP_NEW_SEGMENT],
+                    1);
+}
+END_TEST
+
+static Suite *churn_suite(void)
+{
+  Suite *s = suite_create("churn");
+  TCase *tc = tcase_create("churn");
+  /* generous for sanitizer builds; the tests take seconds at most */
+  tcase_set_timeout(tc, 300);
+  tcase_add_test(tc, churn_correctness);
+  tcase_add_test(tc, multi_page_churn_correctness);
+  tcase_add_test(tc, churn_no_os_calls);
+  tcase_add_test(tc, retire_keeps_only_page);
+  tcase_add_test(tc, retire_keeps_every_page);
+  tcase_add_test(tc, retired_pages_expire);
+  tcase_add_test(tc, collect_returns_resident_memory);
+  tcase_add_test(tc, retire_cycles_zero_is_naive);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
+int main(void)
+{
+  SRunner *sr = srunner_create(churn_suite());
+  srunner_run_all(sr, CK_NORMAL);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}

@@ -1,0 +1,1501 @@
+/* Statistics and options: exact counters after known call sequences (one
+ * thread, several threads, exited threads), stats_reset, the JSON and
+ * table printers, the size-versioned stats struct, and every option, set
+ * in-process or read from the environment at start-up.
+ *
+ * Semantics relied on (notes/CONTRACT.md, include/smalloc.h):
+ *   - Counters are exact for the calling thread and for threads that have
+ *     exited.  A measured window below contains smalloc calls only: no
+ *     libcheck call (a passing ck_assert allocates in fork mode, through
+ *     smalloc when it replaces malloc), no stdio that could allocate.
+ *   - calls_X counts every call of entry point X, failed ones too (and
+ *     calls_failed counts those).  calls_free counts blocks freed through
+ *     free, free_sized and free_aligned_sized (free_sized also counts in
+ *     calls_free_sized); free(NULL) counts in calls_free_null only; a block
+ *     freed by realloc(p, 0) or moved by realloc is no free call.
+ *   - bytes_requested is the sum of the sizes asked for by calls that
+ *     succeeded (calloc: count * size; realloc: the new size); a failed
+ *     call asks for nothing that was given.
+ *   - classes[i].allocs / frees count blocks of that class handed out and
+ *     returned by any entry point, realloc's moves included.  A request of
+ *     n <= 256 KiB with alignment <= 16 is served by the smallest class of
+ *     at least n bytes.  blocks_in_use counts every live block (small,
+ *     large and huge); bytes_in_use their block bytes.
+ *   - Blocks above 256 KiB (the largest class) are large (large_allocs/
+ *     frees), above 2 MiB huge (huge_allocs/frees; a huge realloc that
+ *     stays huge counts huge_remaps).
+ *   - smalloc_stats_reset zeroes the event counters and keeps the gauges
+ *     (*_in_use, bytes_mapped, bytes_committed); per-class blocks_in_use
+ *     keeps counting the blocks live at the reset.
+ *   - smalloc_stats_get fills no more than out->size bytes and returns
+ *     EINVAL for NULL or a size below the size and version fields.
+ *   - Options come from SMALLOC_* at start-up; a malformed value leaves the
+ *     default and prints exactly one line
+ *       smalloc: ignoring SMALLOC_X='value': <why>; using <default>
+ *     Those start-up tests re-run this program (/proc/self/exe) with a
+ *     marker argument and a clean environment plus the variable under test.
+ */
+#include "config.h"
+
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "smalloc.h"
+
+#define ST_CHILD_MARK "--smalloc-stats-child"
+
+#ifdef SM_OVERRIDE
+#define SM_HAVE_OVERRIDE 1
+#else
+#define SM_HAVE_OVERRIDE 0
+#endif
+#define ST_KiB ((size_t)1 << 10)
+#define ST_MiB ((size_t)1 << 20)
+
+extern char **environ;
+
+/* ---- the stats struct as a table of fields ------------------------------- */
+
+enum st_kind { ST_EVENT, ST_GAUGE, ST_PEAK };
+
+typedef struct st_field {
+  const char *name;
+  size_t off;
+  enum st_kind kind;
+} st_field_t;
+
+#define ST_F(name, kind) {#name, offsetof(smalloc_stats_t, name), kind}
+static const st_field_t st_fields[] = {
+  ST_F(calls_malloc, ST_EVENT),        ST_F(calls_calloc, ST_EVENT),
+  ST_F(calls_realloc, ST_EVENT),       ST_F(calls_reallocarray, ST_EVENT),
+  ST_F(calls_free, ST_EVENT),          ST_F(calls_free_null, ST_EVENT),
+  ST_F(calls_posix_memalign, ST_EVENT), ST_F(calls_aligned_alloc, ST_EVENT),
+  ST_F(calls_memalign, ST_EVENT),      ST_F(calls_valloc, ST_EVENT),
+  ST_F(calls_pvalloc, ST_EVENT),       ST_F(calls_usable_size, ST_EVENT),
+  ST_F(calls_free_sized, ST_EVENT),    ST_F(calls_free_aligned_sized, ST_EVENT),
+  ST_F(calls_failed, ST_EVENT),        ST_F(bytes_requested, ST_EVENT),
+  ST_F(bytes_in_use, ST_GAUGE),        ST_F(bytes_in_use_peak, ST_PEAK),
+  ST_F(blocks_in_use, ST_GAUGE),       ST_F(large_allocs, ST_EVENT),
+  ST_F(large_frees, ST_EVENT),         ST_F(huge_allocs, ST_EVENT),
+  ST_F(huge_frees, ST_EVENT),          ST_F(huge_remaps, ST_EVENT),
+  ST_F(slow_path, ST_EVENT),           ST_F(pages_in_use, ST_GAUGE),
+  ST_F(pages_retired, ST_EVENT),       ST_F(pages_reused, ST_EVENT),
+  ST_F(pages_released, ST_EVENT),      ST_F(pages_full, ST_EVENT),
+  ST_F(pages_unfull, ST_EVENT),        ST_F(segments_in_use, ST_GAUGE),
+  ST_F(segments_mapped, ST_EVENT),     ST_F(segments_cached, ST_EVENT),
+  ST_F(segments_cache_hits, ST_EVENT), ST_F(segments_purged, ST_EVENT),
+  ST_F(segments_unmapped, ST_EVENT),   ST_F(os_mmap, ST_EVENT),
+  ST_F(os_munmap, ST_EVENT),           ST_F(os_madvise, ST_EVENT),
+  ST_F(os_mremap, ST_EVENT),           ST_F(bytes_mapped, ST_GAUGE),
+  ST_F(bytes_mapped_peak, ST_PEAK),    ST_F(bytes_committed, ST_GAUGE),
+  ST_F(bytes_purged, ST_EVENT),        ST_F(threads_started, ST_EVENT),
+  ST_F(threads_exited, ST_EVENT),      ST_F(pages_abandoned, ST_EVENT),
+  ST_F(pages_reclaimed, ST_EVENT),     ST_F(segments_reclaimed, ST_EVENT),
+};
+#undef ST_F
+#define ST_NFIELDS (sizeof st_fields / sizeof st_fields[0])
+
+static const char *const st_step_names[SMALLOC_STEP_COUNT] = {
+  "local_swap", "thread_collect", "extend", "next_page",
+  "retired_page", "fresh_page", "new_segment",
+};
+
+static uint64_t st_get(const smalloc_stats_t *s, const st_field_t *f)
+{
+  uint64_t v;
+  memcpy(&v, (const char *)s + f->off, sizeof v);
+  return v;
+}
+
+static int st_snap(smalloc_stats_t *s)
+{
+  memset(s, 0, sizeof *s);
+  s->size = sizeof *s;
+  return smalloc_stats_get(s);
+}
+
+/* Index in classes[] of the class serving n bytes. */
+static int st_class(const smalloc_stats_t *s, size_t n)
+{
+  int best = -1;
+  for (uint32_t i = 0; i < s->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
+    uint64_t b = s->classes[i].block_size;
+    if (b != 0 && b >= n && (best < 0 || b < s->classes[best].block_size))
+      best = (int)i;
+  }
+  ck_assert_msg(best >= 0, "no size class for %zu bytes", n);
+  return best;
+}
+
+#define ST_D(a, b, f) ((b)->f - (a)->f)
+
+#define ST_EXPECT(a, b, f, want)                                               \
+  ck_assert_msg(ST_D(a, b, f) == (uint64_t)(want), "%s: delta %llu, want %llu", \
+                #f, (unsigned long long)ST_D(a, b, f),                         \
+                (unsigned long long)(uint64_t)(want))
+
+/* Expected per-class deltas, by block size. */
+typedef struct st_class_want {
+  size_t size;
+  int64_t allocs, frees;
+} st_class_want_t;
+
+/* Every class's allocs/frees/blocks_in_use delta is the one wanted (zero
+ * for classes not listed). */
+static void st_expect_classes(const smalloc_stats_t *a, const smalloc_stats_t *b,
+                              const st_class_want_t *want, size_t nwant)
+{
+  for (uint32_t i = 0; i < b->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
+    int64_t wa = 0, wf = 0;
+    for (size_t k = 0; k < nwant; k++)
+      if (st_class(b, want[k].size) == (int)i) {
+        wa += want[k].allocs;
+        wf += want[k].frees;
+      }
+    const smalloc_class_stats_t *x = &a->classes[i], *y = &b->classes[i];
+    ck_assert_msg(y->allocs - x->allocs == (uint64_t)wa,
+                  "class %llu: allocs delta %llu, want %lld",
+                  (unsigned long long)y->block_size,
+                  (unsigned long long)(y->allocs - x->allocs), (long long)wa);
+    ck_assert_msg(y->frees - x->frees == (uint64_t)wf,
+                  "class %llu: frees delta %llu, want %lld",
+                  (unsigned long long)y->block_size,
+                  (unsigned long long)(y->frees - x->frees), (long long)wf);
+    ck_assert_msg(y->blocks_in_use - x->blocks_in_use == (uint64_t)(wa - wf),
+                  "class %llu: blocks_in_use delta %lld, want %lld",
+                  (unsigned long long)y->block_size,
+                  (long long)(y->blocks_in_use - x->blocks_in_use),
+                  (long long)(wa - wf));
+  }
+}
+
+/* Sum over classes of block_size * blocks_in_use delta. */
+static int64_t st_class_bytes_delta(const smalloc_stats_t *a, const smalloc_stats_t *b)
+{
+  int64_t sum = 0;
+  for (uint32_t i = 0; i < b->nclasses && i < SMALLOC_STATS_CLASSES; i++)
+    sum += (int64_t)b->classes[i].block_size *
+           (int64_t)(b->classes[i].blocks_in_use - a->classes[i].blocks_in_use);
+  return sum;
+}
+
+/* calls_* fields, in st_fields order, so a test can state all of them. */
+typedef struct st_calls {
+  uint64_t malloc_, calloc_, realloc_, reallocarray, free_, free_null,
+      posix_memalign, aligned_alloc_, memalign_, valloc_, pvalloc_, usable_size,
+      free_sized, free_aligned_sized, failed;
+} st_calls_t;
+
+static void st_expect_calls(const smalloc_stats_t *a, const smalloc_stats_t *b,
+                            const st_calls_t *w)
+{
+  const uint64_t want[15] = {
+    w->malloc_,       w->calloc_,         w->realloc_,   w->reallocarray,
+    w->free_,         w->free_null,       w->posix_memalign, w->aligned_alloc_,
+    w->memalign_,     w->valloc_,         w->pvalloc_,   w->usable_size,
+    w->free_sized,    w->free_aligned_sized, w->failed,
+  };
+  for (size_t i = 0; i < 15; i++) {
+    const st_field_t *f = &st_fields[i];
+    ck_assert_msg(strncmp(f->name, "calls_", 6) == 0, "field table out of order");
+    uint64_t d = st_get(b, f) - st_get(a, f);
+    ck_assert_msg(d == want[i], "%s: delta %llu, want %llu", f->name,
+                  (unsigned long long)d, (unsigned long long)want[i]);
+  }
+}
+
+/* ============================================================================
+ * counts_exact_one_thread: a known sequence of every allocating entry
+ * point, then of every freeing one. */
+
+START_TEST(counts_exact_one_thread)
+{
+  smalloc_stats_t s0, s1, s2;
+  void *m[10], *c[5], *r1, *r2, *r2b, *ra, *pm = NULL, *aa, *ma;
+  size_t us[3];
+  int rc = 0, pmrc;
+
+  rc |= st_snap(&s0);
+  for (int i = 0; i < 10; i++)
+    m[i] = smalloc_malloc(24);                 /* class 32 */
+  for (int i = 0; i < 5; i++)
+    c[i] = smalloc_calloc(3, 16);              /* 48 bytes, class 48 */
+  r1 = smalloc_realloc(NULL, 40);              /* class 48 */
+  r1 = smalloc_realloc(r1, 200);               /* moves to class 208 */
+  r2 = smalloc_realloc(NULL, 100);             /* class 112 */
+  r2b = smalloc_realloc(r2, 100);              /* same size: may stay */
+  ra = smalloc_reallocarray(NULL, 4, 8);       /* class 32 */
+  ra = smalloc_reallocarray(ra, 10, 16);       /* moves to class 160 */
+  pmrc = smalloc_posix_memalign(&pm, 16, 48);  /* class 48 */
+  aa = smalloc_aligned_alloc(16, 64);          /* class 64 */
+  ma = smalloc_memalign(16, 80);               /* class 80 */
+  for (int i = 0; i < 3; i++)
+    us[i] = smalloc_malloc_usable_size(m[i]);
+  smalloc_free(NULL);
+  smalloc_free(NULL);
+  rc |= st_snap(&s1);
+  for (int i = 0; i < 5; i++)
+    smalloc_free(m[i]);
+  for (int i = 5; i < 10; i++)
+    smalloc_free_sized(m[i], 24);
+  for (int i = 0; i < 5; i++)
+    smalloc_free(c[i]);
+  smalloc_free_aligned_sized(pm, 16, 48);
+  smalloc_free(r1);
+  smalloc_free(r2b);
+  smalloc_free(ra);
+  smalloc_free(aa);
+  smalloc_free(ma);
+  rc |= st_snap(&s2);
+
+  ck_assert_int_eq(rc, 0);
+  ck_assert_int_eq(pmrc, 0);
+  for (int i = 0; i < 10; i++)
+    ck_assert_ptr_nonnull(m[i]);
+  for (int i = 0; i < 5; i++)
+    ck_assert_ptr_nonnull(c[i]);
+  ck_assert_ptr_nonnull(r1);
+  ck_assert_ptr_nonnull(r2b);
+  ck_assert_ptr_nonnull(ra);
+  ck_assert_ptr_nonnull(pm);
+  ck_assert_ptr_nonnull(aa);
+  ck_assert_ptr_nonnull(ma);
+  for (int i = 0; i < 3; i++)
+    ck_assert_uint_eq(us[i], 32);
+  int moved = r2b != r2; /* either is right; the counts must say which */
+
+  /* allocation phase */
+  st_expect_calls(&s0, &s1,
+                  &(st_calls_t){.malloc_ = 10, .calloc_ = 5, .realloc_ = 4,
+                                .reallocarray = 2, .free_null = 2,
+                                .posix_memalign = 1, .aligned_alloc_ = 1,
+                                .memalign_ = 1, .usable_size = 3});
+  ST_EXPECT(&s0, &s1, bytes_requested,
+            10 * 24 + 5 * 48 + 40 + 200 + 100 + 100 + 32 + 160 + 48 + 64 + 80);
+  const st_class_want_t alloc_want[] = {
+    {32, 10 + 1, 1},       /* m[], ra before it moved */
+    {48, 5 + 1 + 1, 1},    /* c[], r1 before it moved, pm */
+    {208, 1, 0},           /* r1 */
+    {112, 1 + moved, moved}, /* r2, r2b */
+    {160, 1, 0},           /* ra */
+    {64, 1, 0},            /* aa */
+    {80, 1, 0},            /* ma */
+  };
+  st_expect_classes(&s0, &s1, alloc_want, sizeof alloc_want / sizeof alloc_want[0]);
+  ST_EXPECT(&s0, &s1, blocks_in_use, 10 + 5 + 1 + 1 + 1 + 1 + 1 + 1);
+  ck_assert_int_eq((int64_t)ST_D(&s0, &s1, bytes_in_use), st_class_bytes_delta(&s0, &s1));
+  ST_EXPECT(&s0, &s1, bytes_in_use,
+            10 * 32 + 5 * 48 + 208 + 112 + 160 + 48 + 64 + 80);
+  ST_EXPECT(&s0, &s1, large_allocs, 0);
+  ST_EXPECT(&s0, &s1, huge_allocs, 0);
+
+  /* free phase */
+  st_expect_calls(&s1, &s2,
+                  &(st_calls_t){.free_ = 5 + 5 + 5 + 1 + 5, .free_sized = 5,
+                                .free_aligned_sized = 1});
+  ST_EXPECT(&s1, &s2, bytes_requested, 0);
+  const st_class_want_t free_want[] = {
+    {32, 0, 10}, {48, 0, 5 + 1}, {208, 0, 1}, {112, 0, 1},
+    {160, 0, 1}, {64, 0, 1},     {80, 0, 1},
+  };
+  st_expect_classes(&s1, &s2, free_want, sizeof free_want / sizeof free_want[0]);
+  ck_assert_uint_eq(s2.blocks_in_use, s0.blocks_in_use);
+  ck_assert_uint_eq(s2.bytes_in_use, s0.bytes_in_use);
+}
+END_TEST
+
+/* ============================================================================
+ * counts_failed_and_odd_calls: failed calls count as calls and in
+ * calls_failed and request nothing; realloc(p, 0) frees without a free
+ * call; valloc/pvalloc/over-aligned requests count what was asked for. */
+
+START_TEST(counts_failed_and_odd_calls)
+{
+  smalloc_stats_t s0, s1, s2, s3, s4;
+  void *f[7], *pm = (void *)&s0, *p0, *z, *v, *pv, *pa = NULL;
+  int e[7], pmrc, parc, rc = 0;
+
+  rc |= st_snap(&s0);
+  errno = 0;
+  f[0] = smalloc_malloc(SIZE_MAX);
+  e[0] = errno;
+  errno = 0;
+  f[1] = smalloc_calloc(SIZE_MAX, 2);
+  e[1] = errno;
+  errno = 0;
+  f[2] = smalloc_reallocarray(NULL, SIZE_MAX, 2);
+  e[2] = errno;
+  pmrc = smalloc_posix_memalign(&pm, 24, 16);
+  errno = 0;
+  f[3] = smalloc_aligned_alloc(3, 16);
+  e[3] = errno;
+  errno = 0;
+  f[4] = smalloc_memalign(24, 16);
+  e[4] = errno;
+  errno = 0;
+  f[5] = smalloc_realloc(NULL, SIZE_MAX);
+  e[5] = errno;
+  f[6] = NULL;
+  e[6] = 0;
+  rc |= st_snap(&s1);
+
+  p0 = smalloc_malloc(64);
+  z = smalloc_realloc(p0, 0);                  /* frees p0, returns NULL */
+  rc |= st_snap(&s2);
+
+  v = smalloc_valloc(4096);
+  pv = smalloc_pvalloc(4096);
+  parc = smalloc_posix_memalign(&pa, 64, 100); /* 100 is no multiple of 64 */
+  rc |= st_snap(&s3);
+  smalloc_free(v);
+  smalloc_free(pv);
+  smalloc_free(pa);
+  rc |= st_snap(&s4);
+
+  ck_assert_int_eq(rc, 0);
+  for (int i = 0; i < 6; i++)
+    ck_assert_msg(f[i] == NULL, "failing call %d returned %p", i, f[i]);
+  ck_assert_int_eq(e[0], ENOMEM);
+  ck_assert_int_eq(e[1], ENOMEM);
+  ck_assert_int_eq(e[2], ENOMEM);
+  ck_assert_int_eq(pmrc, EINVAL);
+  ck_assert_ptr_eq(pm, (void *)&s0);
+  ck_assert_int_eq(e[3], EINVAL);
+  ck_assert_int_eq(e[4], EINVAL);
+  ck_assert_int_eq(e[5], ENOMEM);
+  st_expect_calls(&s0, &s1,
+                  &(st_calls_t){.malloc_ = 1, .calloc_ = 1, .realloc_ = 1,
+                                .reallocarray = 1, .posix_memalign = 1,
+                                .aligned_alloc_ = 1, .memalign_ = 1, .failed = 7});
+  ST_EXPECT(&s0, &s1, bytes_requested, 0);
+  ST_EXPECT(&s0, &s1, blocks_in_use, 0);
+  st_expect_classes(&s0, &s1, NULL, 0);
+
+  /* realloc(p, 0) */
+  ck_assert_ptr_nonnull(p0);
+  ck_assert_ptr_null(z);
+  st_expect_calls(&s1, &s2, &(st_calls_t){.malloc_ = 1, .realloc_ = 1});
+  ST_EXPECT(&s1, &s2, bytes_requested, 64);
+  st_expect_classes(&s1, &s2, &(st_class_want_t){64, 1, 1}, 1);
+  ST_EXPECT(&s1, &s2, blocks_in_use, 0);
+
+  /* page-aligned and over-aligned requests: the class is the allocator's
+   * choice, the counts are not */
+  ck_assert_ptr_nonnull(v);
+  ck_assert_ptr_nonnull(pv);
+  ck_assert_int_eq(parc, 0);
+  ck_assert_uint_eq((uintptr_t)v % 4096, 0);
+  ck_assert_uint_eq((uintptr_t)pv % 4096, 0);
+  ck_assert_uint_eq((uintptr_t)pa % 64, 0);
+  st_expect_calls(&s2, &s3,
+                  &(st_calls_t){.valloc_ = 1, .pvalloc_ = 1, .posix_memalign = 1});
+  ST_EXPECT(&s2, &s3, blocks_in_use, 3);
+  uint64_t allocs = ST_D(&s2, &s3, large_allocs) + ST_D(&s2, &s3, huge_allocs);
+  for (int i = 0; i < SMALLOC_STATS_CLASSES; i++)
+    allocs += s3.classes[i].allocs - s2.classes[i].allocs;
+  ck_assert_uint_eq(allocs, 3);
+  st_expect_calls(&s3, &s4, &(st_calls_t){.free_ = 3});
+  ck_assert_uint_eq(s4.blocks_in_use, s2.blocks_in_use);
+  ck_assert_uint_eq(s4.bytes_in_use, s2.bytes_in_use);
+  /* what was asked for, not the padding an aligned placement needed */
+  ST_EXPECT(&s2, &s3, bytes_requested, 4096 + 4096 + 100);
+}
+END_TEST
+
+/* ============================================================================
+ * counts_large_and_huge: blocks above the classes. */
+
+START_TEST(counts_large_and_huge)
+{
+  smalloc_stats_t s0, s1, s2;
+  int rc = 0;
+
+  rc |= st_snap(&s0);
+  void *l1 = smalloc_malloc(300 * ST_KiB);          /* large */
+  void *l2 = smalloc_calloc(1, ST_MiB);             /* large, zeroed */
+  void *h = smalloc_malloc(3 * ST_MiB);             /* huge */
+  void *h2 = smalloc_realloc(h, 6 * ST_MiB);        /* huge remap */
+  rc |= st_snap(&s1);
+  smalloc_free(l1);
+  smalloc_free(l2);
+  smalloc_free(h2);
+  rc |= st_snap(&s2);
+
+  ck_assert_int_eq(rc, 0);
+  ck_assert_ptr_nonnull(l1);
+  ck_assert_ptr_nonnull(l2);
+  ck_assert_ptr_nonnull(h2);
+  st_expect_calls(&s0, &s1, &(st_calls_t){.malloc_ = 2, .calloc_ = 1, .realloc_ = 1});
+  ST_EXPECT(&s0, &s1, bytes_requested, 300 * ST_KiB + ST_MiB + 3 * ST_MiB + 6 * ST_MiB);
+  ST_EXPECT(&s0, &s1, large_allocs, 2);
+  ST_EXPECT(&s0, &s1, huge_allocs, 1);
+  ST_EXPECT(&s0, &s1, huge_remaps, 1);
+  ST_EXPECT(&s0, &s1, blocks_in_use, 3);
+  ck_assert_msg(ST_D(&s0, &s1, bytes_in_use) >= 300 * ST_KiB + ST_MiB + 6 * ST_MiB,
+                "bytes_in_use grew by %llu",
+                (unsigned long long)ST_D(&s0, &s1, bytes_in_use));
+  st_expect_classes(&s0, &s1, NULL, 0);
+
+  st_expect_calls(&s1, &s2, &(st_calls_t){.free_ = 3});
+  ST_EXPECT(&s1, &s2, large_frees, 2);
+  ST_EXPECT(&s1, &s2, huge_frees, 1);
+  ck_assert_uint_eq(s2.blocks_in_use, s0.blocks_in_use);
+  ck_assert_uint_eq(s2.bytes_in_use, s0.bytes_in_use);
+}
+END_TEST
+
+/* ============================================================================
+ * counts_exact_across_threads: four threads run known sequences and exit
+ * (leaving some blocks live), the main thread frees those; the totals are
+ * exact, threads_started/threads_exited included.  The threads are created
+ * before the first snapshot and wait on a barrier, so that thread creation
+ * is outside the window. */
+
+enum { ST_THREADS = 4 };
+
+typedef struct st_thread_arg {
+  pthread_barrier_t *start;
+  int index;
+  bool work;                /* false: a control thread, no smalloc call */
+  void *left[ST_THREADS];   /* blocks left live for the main thread */
+  int nleft;
+  int failed;
+} st_thread_arg_t;
+
+static void *st_worker(void *arg)
+{
+  st_thread_arg_t *a = arg;
+  void *m[40], *c[5];
+  int n = 10 * (a->index + 1);
+
+  pthread_barrier_wait(a->start);
+  if (!a->work)
+    return NULL;
+  for (int j = 0; j < n; j++)
+    m[j] = smalloc_malloc(48);
+  for (int j = 0; j < 5; j++)
+    c[j] = smalloc_calloc(2, 32);
+  m[0] = smalloc_realloc(m[0], 96);   /* moves to class 96 */
+  smalloc_free(m[0]);
+  for (int j = 0; j < 5; j++)
+    smalloc_free(c[j]);
+  int keep = a->index + 1;
+  for (int j = 1; j < n - keep; j++)
+    smalloc_free(m[j]);
+  for (int j = 0; j < keep; j++)
+    a->left[j] = m[n - keep + j];
+  a->nleft = keep;
+  for (int j = 0; j < n; j++)
+    if (m[j] == NULL)
+      a->failed = 1;
+  for (int j = 0; j < 5; j++)
+    if (c[j] == NULL)
+      a->failed = 1;
+  return NULL;
+}
+
+/* Start ST_THREADS threads, snapshot s0, let them run, join them,
+ * snapshot s1, free what they left, snapshot s2. */
+static void st_thread_round(bool work, st_thread_arg_t *args, smalloc_stats_t *s0,
+                            smalloc_stats_t *s1, smalloc_stats_t *s2)
+{
+  pthread_t t[ST_THREADS];
+  pthread_barrier_t start;
+  int rc = 0;
+
+  ck_assert_int_eq(pthread_barrier_init(&start, NULL, ST_THREADS + 1), 0);
+  for (int i = 0; i < ST_THREADS; i++) {
+    args[i] = (st_thread_arg_t){.start = &start, .index = i, .work = work};
+    ck_assert_int_eq(pthread_create(&t[i], NULL, st_worker, &args[i]), 0);
+  }
+  rc |= st_snap(s0);
+  pthread_barrier_wait(&start);
+  for (int i = 0; i < ST_THREADS; i++)
+    pthread_join(t[i], NULL);
+  rc |= st_snap(s1);
+  for (int i = 0; i < ST_THREADS; i++)
+    for (int j = 0; j < args[i].nleft; j++)
+      smalloc_free(args[i].left[j]);
+  rc |= st_snap(s2);
+  pthread_barrier_destroy(&start);
+  ck_assert_int_eq(rc, 0);
+}
+
+START_TEST(counts_exact_across_threads)
+{
+  static st_thread_arg_t args[ST_THREADS];
+  static smalloc_stats_t c0, c1, c2, s0, s1, s2;
+
+  /* Control round: threads that make no smalloc call.  Where smalloc
+   * replaces malloc, the C library's own thread exit calls free(NULL)
+   * (glibc: twice a thread); whatever it counts is added to the figures
+   * expected below.  It must not allocate. */
+  st_thread_round(false, args, &c0, &c1, &c2);
+  st_expect_classes(&c0, &c1, NULL, 0);
+  ST_EXPECT(&c0, &c1, blocks_in_use, 0);
+  ST_EXPECT(&c0, &c1, threads_started, 0);
+  uint64_t libc_calls[15];
+  for (size_t i = 0; i < 15; i++)
+    libc_calls[i] = st_get(&c1, &st_fields[i]) - st_get(&c0, &st_fields[i]);
+  if (!SM_HAVE_OVERRIDE)
+    for (size_t i = 0; i < 15; i++)
+      ck_assert_msg(libc_calls[i] == 0, "%s counted %llu calls of threads that made none",
+                    st_fields[i].name, (unsigned long long)libc_calls[i]);
+
+  st_thread_round(true, args, &s0, &s1, &s2);
+  int live = 0, mallocs = 0, thread_frees = 0;
+  for (int i = 0; i < ST_THREADS; i++) {
+    ck_assert_int_eq(args[i].failed, 0);
+    ck_assert_int_eq(args[i].nleft, i + 1);
+    live += i + 1;
+    mallocs += 10 * (i + 1);
+    /* m[0] after realloc, c[0..4], m[1 .. n-keep) */
+    thread_frees += 1 + 5 + (10 * (i + 1) - (i + 1) - 1);
+  }
+  st_calls_t want = {.malloc_ = (uint64_t)mallocs, .calloc_ = 5 * ST_THREADS,
+                     .realloc_ = ST_THREADS, .free_ = (uint64_t)thread_frees};
+  uint64_t *w = (uint64_t *)&want;
+  for (size_t i = 0; i < 15; i++)
+    w[i] += libc_calls[i];
+  st_expect_calls(&s0, &s1, &want);
+  ST_EXPECT(&s0, &s1, bytes_requested,
+            mallocs * 48 + 5 * ST_THREADS * 64 + ST_THREADS * 96);
+  const st_class_want_t want1[] = {
+    {48, mallocs, mallocs - live},  /* realloc moved one per thread */
+    {64, 5 * ST_THREADS, 5 * ST_THREADS},
+    {96, ST_THREADS, ST_THREADS},
+  };
+  st_expect_classes(&s0, &s1, want1, 3);
+  ST_EXPECT(&s0, &s1, blocks_in_use, live);
+  ST_EXPECT(&s0, &s1, threads_started, ST_THREADS);
+  ST_EXPECT(&s0, &s1, threads_exited, ST_THREADS);
+  ck_assert_msg(ST_D(&s0, &s1, pages_abandoned) >= ST_THREADS,
+                "%llu pages abandoned by %d exited threads with live blocks",
+                (unsigned long long)ST_D(&s0, &s1, pages_abandoned), ST_THREADS);
+
+  /* the main thread frees what the exited threads left */
+  st_expect_calls(&s1, &s2, &(st_calls_t){.free_ = (uint64_t)live});
+  st_expect_classes(&s1, &s2, &(st_class_want_t){48, 0, live}, 1);
+  ck_assert_uint_eq(s2.blocks_in_use, s0.blocks_in_use);
+  ST_EXPECT(&s1, &s2, threads_started, 0);
+  ST_EXPECT(&s1, &s2, threads_exited, 0);
+}
+END_TEST
+
+/* ============================================================================
+ * reset_zeroes_events_keeps_gauges */
+
+START_TEST(reset_zeroes_events_keeps_gauges)
+{
+  smalloc_stats_t a, b, c;
+  void *m[20];
+  int rc = 0;
+
+  for (int i = 0; i < 20; i++)
+    m[i] = smalloc_malloc(40);
+  void *large = smalloc_malloc(ST_MiB);
+  rc |= st_snap(&a);
+  smalloc_stats_reset();
+  rc |= st_snap(&b);
+  for (int i = 0; i < 5; i++)
+    smalloc_free(m[i]);
+  rc |= st_snap(&c);
+
+  ck_assert_int_eq(rc, 0);
+  ck_assert_ptr_nonnull(large);
+  for (size_t i = 0; i < ST_NFIELDS; i++) {
+    const st_field_t *f = &st_fields[i];
+    if (f->kind == ST_EVENT)
+      ck_assert_msg(st_get(&b, f) == 0, "%s is %llu after reset", f->name,
+                    (unsigned long long)st_get(&b, f));
+    else if (f->kind == ST_GAUGE)
+      ck_assert_msg(st_get(&b, f) == st_get(&a, f),
+                    "gauge %s went from %llu to %llu on reset", f->name,
+                    (unsigned long long)st_get(&a, f),
+                    (unsigned long long)st_get(&b, f));
+  }
+  ck_assert_uint_ge(a.blocks_in_use, 21);
+  for (int k = 0; k < SMALLOC_STEP_COUNT; k++)
+    ck_assert_msg(b.slow_steps[k] == 0, "slow_steps.%s is %llu after reset",
+                  st_step_names[k], (unsigned long long)b.slow_steps[k]);
+  for (int i = 0; i < SMALLOC_STATS_CLASSES; i++) {
+    const smalloc_class_stats_t *x = &a.classes[i], *y = &b.classes[i];
+    ck_assert_uint_eq(y->block_size, x->block_size);
+    ck_assert_uint_eq(y->allocs, 0);
+    ck_assert_uint_eq(y->frees, 0);
+    for (int k = 0; k < SMALLOC_STEP_COUNT; k++)
+      ck_assert_uint_eq(y->slow_steps[k], 0);
+    ck_assert_uint_eq(y->blocks_in_use, x->blocks_in_use);
+    ck_assert_uint_eq(y->pages_in_use, x->pages_in_use);
+  }
+
+  /* counting goes on from zero; blocks live at the reset still count */
+  int k48 = st_class(&c, 40);
+  ck_assert_uint_eq(c.calls_free, 5);
+  ck_assert_uint_eq(c.calls_malloc, 0);
+  ck_assert_uint_eq(c.classes[k48].frees, 5);
+  ck_assert_uint_eq(c.classes[k48].allocs, 0);
+  ck_assert_uint_eq(c.classes[k48].blocks_in_use, a.classes[k48].blocks_in_use - 5);
+  ck_assert_uint_eq(c.blocks_in_use, a.blocks_in_use - 5);
+
+  for (int i = 5; i < 20; i++)
+    smalloc_free(m[i]);
+  smalloc_free(large);
+}
+END_TEST
+
+/* ---- files and commands ---------------------------------------------------- */
+
+/* A temporary file name; the file exists and is empty. */
+static void st_tmpname(char *buf, size_t len)
+{
+  snprintf(buf, len, "/tmp/smalloc-stats-XXXXXX");
+  int fd = mkstemp(buf);
+  ck_assert_msg(fd >= 0, "mkstemp: %s", strerror(errno));
+  close(fd);
+}
+
+/* Read a whole file into buf (NUL-terminated); returns its length. */
+static size_t st_slurp(const char *path, char *buf, size_t len)
+{
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  ck_assert_msg(fd >= 0, "open %s: %s", path, strerror(errno));
+  size_t n = 0;
+  for (;;) {
+    ssize_t r = read(fd, buf + n, len - 1 - n);
+    if (r <= 0)
+      break;
+    n += (size_t)r;
+  }
+  close(fd);
+  buf[n] = '\0';
+  return n;
+}
+
+static bool st_have_python(void)
+{
+  static int have = -1;
+  if (have < 0)
+    have = system("python3 -c '' >/dev/null 2>&1") == 0;
+  return have;
+}
+
+static bool st_json_valid(const char *path)
+{
+  char cmd[512];
+  snprintf(cmd, sizeof cmd, "python3 -m json.tool '%s' >/dev/null", path);
+  return system(cmd) == 0;
+}
+
+/* Prints one line per figure of a JSON stats object:
+ *   k NAME VALUE            top-level integers
+ *   s STEP VALUE            slow_steps
+ *   c INDEX block_size blocks_in_use allocs frees pages_in_use STEPS...
+ *   x KEY                   a slow_steps key this test does not know */
+static const char st_json_script[] =
+  "import json, sys\n"
+  "d = json.load(open(sys.argv[1]))\n"
+  "steps = ['local_swap', 'thread_collect', 'extend', 'next_page',\n"
+  "         'retired_page', 'fresh_page', 'new_segment']\n"
+  "for k, v in d.items():\n"
+  "    if isinstance(v, int) and not isinstance(v, bool):\n"
+  "        print('k', k, v)\n"
+  "for k, v in d['slow_steps'].items():\n"
+  "    print('s' if k in steps else 'x', k, v)\n"
+  "for i, c in enumerate(d['classes']):\n"
+  "    print('c', i, c['block_size'], c['blocks_in_use'], c['allocs'],\n"
+  "          c['frees'], c['pages_in_use'],\n"
+  "          ' '.join(str(c['slow_steps'][s]) for s in steps))\n";
+
+typedef struct st_json_figures {
+  uint64_t top[ST_NFIELDS];
+  bool have_top[ST_NFIELDS];
+  uint64_t version, size, nclasses;
+  uint64_t steps[SMALLOC_STEP_COUNT];
+  int nsteps, unknown_steps;
+  smalloc_class_stats_t classes[SMALLOC_STATS_CLASSES];
+  int nclass_entries;
+} st_json_figures_t;
+
+/* Run the script on a JSON file and collect its figures. */
+static void st_json_figures(const char *json_path, st_json_figures_t *j)
+{
+  char script[64], cmd[512], line[1024];
+  memset(j, 0, sizeof *j);
+  st_tmpname(script, sizeof script);
+  FILE *f = fopen(script, "w");
+  ck_assert_ptr_nonnull(f);
+  fputs(st_json_script, f);
+  fclose(f);
+  snprintf(cmd, sizeof cmd, "python3 '%s' '%s'", script, json_path);
+  FILE *p = popen(cmd, "r");
+  ck_assert_ptr_nonnull(p);
+  while (fgets(line, sizeof line, p)) {
+    char name[128];
+    unsigned long long v;
+    if (sscanf(line, "k %127s %llu", name, &v) == 2) {
+      if (strcmp(name, "version") == 0)
+        j->version = v;
+      else if (strcmp(name, "size") == 0)
+        j->size = v;
+      else if (strcmp(name, "nclasses") == 0)
+        j->nclasses = v;
+      for (size_t i = 0; i < ST_NFIELDS; i++)
+        if (strcmp(name, st_fields[i].name) == 0) {
+          j->top[i] = v;
+          j->have_top[i] = true;
+        }
+    } else if (sscanf(line, "s %127s %llu", name, &v) == 2) {
+      for (int k = 0; k < SMALLOC_STEP_COUNT; k++)
+        if (strcmp(name, st_step_names[k]) == 0) {
+          j->steps[k] = v;
+          j->nsteps++;
+        }
+    } else if (line[0] == 'x') {
+      j->unknown_steps++;
+    } else if (line[0] == 'c') {
+      unsigned idx;
+      unsigned long long c[5], st[SMALLOC_STEP_COUNT];
+      int got = sscanf(line, "c %u %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu",
+                       &idx, &c[0], &c[1], &c[2], &c[3], &c[4], &st[0], &st[1], &st[2],
+                       &st[3], &st[4], &st[5], &st[6]);
+      ck_assert_msg(got == 13, "bad class line from the script: %s", line);
+      ck_assert_uint_lt(idx, SMALLOC_STATS_CLASSES);
+      smalloc_class_stats_t *x = &j->classes[idx];
+      x->block_size = c[0];
+      x->blocks_in_use = c[1];
+      x->allocs = c[2];
+      x->frees = c[3];
+      x->pages_in_use = c[4];
+      for (int k = 0; k < SMALLOC_STEP_COUNT; k++)
+        x->slow_steps[k] = st[k];
+      j->nclass_entries++;
+    }
+  }
+  int status = pclose(p);
+  unlink(script);
+  ck_assert_msg(status == 0, "the JSON figures script failed (status %d)", status);
+}
+
+/* Every figure of the JSON equals the struct's. */
+static void st_expect_json_equals(const st_json_figures_t *j, const smalloc_stats_t *s)
+{
+  ck_assert_uint_eq(j->version, SMALLOC_STATS_VERSION);
+  ck_assert_uint_eq(j->nclasses, s->nclasses);
+  for (size_t i = 0; i < ST_NFIELDS; i++) {
+    ck_assert_msg(j->have_top[i], "JSON has no key \"%s\"", st_fields[i].name);
+    ck_assert_msg(j->top[i] == st_get(s, &st_fields[i]), "JSON %s = %llu, struct %llu",
+                  st_fields[i].name, (unsigned long long)j->top[i],
+                  (unsigned long long)st_get(s, &st_fields[i]));
+  }
+  ck_assert_int_eq(j->nsteps, SMALLOC_STEP_COUNT);
+  ck_assert_int_eq(j->unknown_steps, 0);
+  for (int k = 0; k < SMALLOC_STEP_COUNT; k++)
+    ck_assert_msg(j->steps[k] == s->slow_steps[k], "JSON slow_steps.%s = %llu, struct %llu",
+                  st_step_names[k], (unsigned long long)j->steps[k],
+                  (unsigned long long)s->slow_steps[k]);
+  ck_assert_int_eq(j->nclass_entries, (int)s->nclasses);
+  for (uint32_t i = 0; i < s->nclasses; i++) {
+    const smalloc_class_stats_t *x = &j->classes[i], *y = &s->classes[i];
+    ck_assert_msg(x->block_size == y->block_size && x->blocks_in_use == y->blocks_in_use &&
+                      x->allocs == y->allocs && x->frees == y->frees &&
+                      x->pages_in_use == y->pages_in_use &&
+                      memcmp(x->slow_steps, y->slow_steps, sizeof x->slow_steps) == 0,
+                  "JSON classes[%u] (block %llu, allocs %llu, frees %llu) differs from "
+                  "the struct (block %llu, allocs %llu, frees %llu)",
+                  i, (unsigned long long)x->block_size, (unsigned long long)x->allocs,
+                  (unsigned long long)x->frees, (unsigned long long)y->block_size,
+                  (unsigned long long)y->allocs, (unsigned long long)y->frees);
+  }
+}
+
+/* ============================================================================
+ * json_matches_struct: smalloc_stats_print_json writes valid JSON whose
+ * every figure is the struct's at the same moment.  The FILE gets a static
+ * buffer so that printing allocates nothing and the counters stand still
+ * (checked: the snapshots before and after are equal). */
+
+static char st_filebuf[256 * 1024];
+
+START_TEST(json_matches_struct)
+{
+  if (!st_have_python()) {
+    fprintf(stderr, "json_matches_struct: python3 not found, JSON not checked\n");
+    return;
+  }
+  void *keep[3];
+  for (int i = 0; i < 3; i++)
+    keep[i] = smalloc_malloc(100 << i);
+  char path[64];
+  st_tmpname(path, sizeof path);
+  FILE *f = fopen(path, "w");
+  ck_assert_ptr_nonnull(f);
+  ck_assert_int_eq(setvbuf(f, st_filebuf, _IOFBF, sizeof st_filebuf), 0);
+  smalloc_stats_t s0, s1;
+  int rc = st_snap(&s0);
+  smalloc_stats_print_json(f);
+  rc |= st_snap(&s1);
+  fclose(f);
+  ck_assert_int_eq(rc, 0);
+  ck_assert_msg(memcmp(&s0, &s1, sizeof s0) == 0,
+                "the counters moved while the JSON was printed");
+
+  ck_assert_msg(st_json_valid(path), "smalloc_stats_print_json wrote invalid JSON (%s)", path);
+  st_json_figures_t *j = calloc(1, sizeof *j);
+  ck_assert_ptr_nonnull(j);
+  st_json_figures(path, j);
+  ck_assert_uint_eq(j->size, sizeof(smalloc_stats_t));
+  st_expect_json_equals(j, &s0);
+  free(j);
+  unlink(path);
+  for (int i = 0; i < 3; i++)
+    smalloc_free(keep[i]);
+}
+END_TEST
+
+/* ============================================================================
+ * print_table_shape: smalloc_stats_print writes a table whose first line
+ * starts with "smalloc" and which names malloc and shows calls_malloc. */
+
+/* The number on the table row whose first word is name, or -1. */
+static long long st_table_value(const char *text, const char *name)
+{
+  size_t len = strlen(name);
+  for (const char *line = text; line && *line;) {
+    const char *p = line;
+    while (*p == ' ')
+      p++;
+    if (strncmp(p, name, len) == 0 && p[len] == ' ') {
+      long long v = -1;
+      if (sscanf(p + len, " %lld", &v) == 1)
+        return v;
+    }
+    line = strchr(line, '\n');
+    if (line)
+      line++;
+  }
+  return -1;
+}
+
+START_TEST(print_table_shape)
+{
+  static char text[256 * 1024];
+  for (int i = 0; i < 7; i++)
+    smalloc_free(smalloc_malloc(64));
+  char path[64];
+  st_tmpname(path, sizeof path);
+  FILE *f = fopen(path, "w");
+  ck_assert_ptr_nonnull(f);
+  ck_assert_int_eq(setvbuf(f, st_filebuf, _IOFBF, sizeof st_filebuf), 0);
+  smalloc_stats_t s;
+  int rc = st_snap(&s);
+  smalloc_stats_print(f);
+  fclose(f);
+  size_t n = st_slurp(path, text, sizeof text);
+  unlink(path);
+
+  ck_assert_int_eq(rc, 0);
+  ck_assert_msg(n > 0, "smalloc_stats_print wrote nothing");
+  ck_assert_msg(strncmp(text, "smalloc", 7) == 0, "first line: %.80s", text);
+  const char *rest = strchr(text, '\n');
+  ck_assert_msg(rest != NULL && strstr(rest, "malloc") != NULL,
+                "the table never mentions malloc");
+  ck_assert_int_eq(st_table_value(text, "calls_malloc"), (long long)s.calls_malloc);
+  ck_assert_int_eq(st_table_value(text, "calls_free"), (long long)s.calls_free);
+}
+END_TEST
+
+/* ============================================================================
+ * stats_get_respects_size: a caller built against an older, shorter struct
+ * gets no byte written past its size; too small a size and NULL are
+ * EINVAL. */
+
+START_TEST(stats_get_respects_size)
+{
+  static unsigned char buf[sizeof(smalloc_stats_t) + 256];
+  const size_t sizes[] = {
+    offsetof(smalloc_stats_t, classes),
+    offsetof(smalloc_stats_t, calls_free) + sizeof(uint64_t),
+    offsetof(smalloc_stats_t, calls_malloc) + 4,  /* mid-field */
+    offsetof(smalloc_stats_t, calls_malloc),      /* header only */
+  };
+  for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+    size_t size = sizes[k];
+    memset(buf, 0xAB, sizeof buf);
+    memcpy(buf + offsetof(smalloc_stats_t, size), &size, sizeof size);
+    int rc = smalloc_stats_get((smalloc_stats_t *)buf);
+    ck_assert_msg(rc == 0, "size %zu: smalloc_stats_get returned %d", size, rc);
+    uint32_t version;
+    memcpy(&version, buf + offsetof(smalloc_stats_t, version), sizeof version);
+    ck_assert_uint_eq(version, SMALLOC_STATS_VERSION);
+    for (size_t i = size; i < sizeof buf; i++)
+      ck_assert_msg(buf[i] == 0xAB, "size %zu: byte %zu was written (%#x)", size, i, buf[i]);
+    if (size >= offsetof(smalloc_stats_t, calls_malloc)) {
+      uint32_t nclasses;
+      memcpy(&nclasses, buf + offsetof(smalloc_stats_t, nclasses), sizeof nclasses);
+      ck_assert_uint_eq(nclasses, SMALLOC_STATS_CLASSES);
+    }
+  }
+
+  /* a newer caller's larger struct: filled up to what the library knows */
+  smalloc_stats_t full;
+  ck_assert_int_eq(st_snap(&full), 0);
+  ck_assert_uint_eq(full.version, SMALLOC_STATS_VERSION);
+  ck_assert_uint_eq(full.nclasses, SMALLOC_STATS_CLASSES);
+  ck_assert_uint_eq(full.size, sizeof full);
+
+  const size_t bad[] = {0, 1, offsetof(smalloc_stats_t, nclasses) - 1};
+  for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+    memset(buf, 0xAB, sizeof buf);
+    memcpy(buf, &bad[k], sizeof bad[k]);
+    ck_assert_int_eq(smalloc_stats_get((smalloc_stats_t *)buf), EINVAL);
+    for (size_t i = sizeof(size_t); i < sizeof buf; i++)
+      ck_assert_msg(buf[i] == 0xAB, "size %zu: byte %zu was written", bad[k], i);
+  }
+  ck_assert_int_eq(smalloc_stats_get(NULL), EINVAL);
+
+  /* the smallest valid size: just the size and version fields */
+  size_t small = offsetof(smalloc_stats_t, nclasses);
+  memset(buf, 0xAB, sizeof buf);
+  memcpy(buf, &small, sizeof small);
+  ck_assert_msg(smalloc_stats_get((smalloc_stats_t *)buf) == 0,
+                "size %zu (size and version fields): EINVAL", small);
+  uint32_t version;
+  memcpy(&version, buf + offsetof(smalloc_stats_t, version), sizeof version);
+  ck_assert_uint_eq(version, SMALLOC_STATS_VERSION);
+  for (size_t i = small; i < sizeof buf; i++)
+    ck_assert_msg(buf[i] == 0xAB, "size %zu: byte %zu was written", small, i);
+}
+END_TEST
+
+/* ============================================================================
+ * option_ranges: every option takes its whole documented range and
+ * nothing outside it; unknown options are EINVAL. */
+
+typedef struct st_range {
+  smalloc_option_t opt;
+  long min, max;
+} st_range_t;
+
+static const st_range_t st_ranges[SMALLOC_OPTION_COUNT] = {
+  {SMALLOC_OPTION_STATS, 0, 2},
+  {SMALLOC_OPTION_VERBOSE, 0, 1},
+  {SMALLOC_OPTION_RETIRE_CYCLES, 0, 1000000},
+  {SMALLOC_OPTION_PURGE_DELAY, 0, 3600000},
+  {SMALLOC_OPTION_SEGMENT_CACHE, 0, 1024},
+  {SMALLOC_OPTION_ON_ERROR, 0, 1},
+};
+
+START_TEST(option_ranges)
+{
+  long saved[SMALLOC_OPTION_COUNT];
+  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
+    const st_range_t *r = &st_ranges[i];
+    saved[i] = smalloc_option_get(r->opt);
+    ck_assert_msg(saved[i] >= r->min && saved[i] <= r->max, "option %d is %ld", i, saved[i]);
+    ck_assert_int_eq(smalloc_option_set(r->opt, r->min), 0);
+    ck_assert_int_eq(smalloc_option_get(r->opt), r->min);
+    ck_assert_int_eq(smalloc_option_set(r->opt, r->max), 0);
+    ck_assert_int_eq(smalloc_option_get(r->opt), r->max);
+    ck_assert_int_eq(smalloc_option_set(r->opt, r->min - 1), EINVAL);
+    ck_assert_int_eq(smalloc_option_get(r->opt), r->max);
+    ck_assert_int_eq(smalloc_option_set(r->opt, r->max + 1), EINVAL);
+    ck_assert_int_eq(smalloc_option_set(r->opt, -1000), EINVAL);
+    ck_assert_int_eq(smalloc_option_get(r->opt), r->max);
+    ck_assert_int_eq(smalloc_option_set(r->opt, saved[i]), 0);
+    ck_assert_int_eq(smalloc_option_get(r->opt), saved[i]);
+  }
+  const int unknown[] = {-1, SMALLOC_OPTION_COUNT, SMALLOC_OPTION_COUNT + 100};
+  for (size_t k = 0; k < 3; k++) {
+    errno = 0;
+    ck_assert_int_eq(smalloc_option_get((smalloc_option_t)unknown[k]), -1);
+    ck_assert_int_eq(errno, EINVAL);
+    ck_assert_int_eq(smalloc_option_set((smalloc_option_t)unknown[k], 0), EINVAL);
+  }
+  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++)
+    ck_assert_int_eq(smalloc_option_get(st_ranges[i].opt), saved[i]);
+}
+END_TEST
+
+/* ============================================================================
+ * option_retire_cycles_changes_release: the same churn (8.5 pages of 1 KiB
+ * blocks allocated and freed, three rounds after a warm-up) releases no
+ * page with the default retire cycles and releases pages every round with
+ * 0.  Runs in a fresh thread: a heap with no history. */
+
+typedef struct st_churn {
+  smalloc_stats_t s0, s1;
+  int rc, failed;
+} st_churn_t;
+
+enum { ST_CHURN_BLOCKS = (8 * 64 * 1024 + 32 * 1024) / 1024 };
+
+static void *st_churn_thread(void *arg)
+{
+  st_churn_t *c = arg;
+  void *v[ST_CHURN_BLOCKS];
+  for (int round = 0; round < 4; round++) {
+    if (round == 1)
+      c->rc = st_snap(&c->s0);
+    for (int i = 0; i < ST_CHURN_BLOCKS; i++)
+      if ((v[i] = smalloc_malloc(1024)) == NULL)
+        c->failed = 1;
+    for (int i = 0; i < ST_CHURN_BLOCKS; i++)
+      smalloc_free(v[i]);
+  }
+  c->rc |= st_snap(&c->s1);
+  return NULL;
+}
+
+static void st_run_churn(st_churn_t *c)
+{
+  pthread_t t;
+  memset(c, 0, sizeof *c);
+  ck_assert_int_eq(pthread_create(&t, NULL, st_churn_thread, c), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  ck_assert_int_eq(c->rc, 0);
+  ck_assert_int_eq(c->failed, 0);
+}
+
+START_TEST(option_retire_cycles_changes_release)
+{
+  static st_churn_t def, zero;
+  long old = smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 256), 0);
+  st_run_churn(&def);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0), 0);
+  st_run_churn(&zero);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, old), 0);
+
+  ST_EXPECT(&def.s0, &def.s1, pages_released, 0);
+  ck_assert_msg(ST_D(&def.s0, &def.s1, pages_retired) >= 3 * 8,
+                "%llu pages retired in three rounds",
+                (unsigned long long)ST_D(&def.s0, &def.s1, pages_retired));
+  ST_EXPECT(&def.s0, &def.s1, slow_steps[SMALLOC_STEP_FRESH_PAGE], 0);
+  ST_EXPECT(&def.s0, &def.s1, slow_steps[SMALLOC_STEP_NEW_SEGMENT], 0);
+
+  ck_assert_msg(ST_D(&zero.s0, &zero.s1, pages_released) >= 3 * 8,
+                "RETIRE_CYCLES=0: %llu pages released in three rounds",
+                (unsigned long long)ST_D(&zero.s0, &zero.s1, pages_released));
+  ST_EXPECT(&zero.s0, &zero.s1, pages_retired, 0);
+  ck_assert_msg(ST_D(&zero.s0, &zero.s1, slow_steps[SMALLOC_STEP_FRESH_PAGE]) +
+                        ST_D(&zero.s0, &zero.s1, slow_steps[SMALLOC_STEP_NEW_SEGMENT]) >=
+                    3 * 8,
+                "RETIRE_CYCLES=0: released pages were not taken fresh again");
+}
+END_TEST
+
+/* ============================================================================
+ * option_purge_delay_zero_purges / option_segment_cache_zero_unmaps:
+ * segments freed into the cache (large blocks each hold a segment of their
+ * own) are purged at once with PURGE_DELAY=0 and never with an hour's
+ * delay; with SEGMENT_CACHE=0 they are unmapped at once instead of
+ * cached. */
+
+enum { ST_SEGS = 4 };
+
+typedef struct st_segrun {
+  smalloc_stats_t s0, s1;
+  int rc, failed;
+} st_segrun_t;
+
+static void st_large_burst(long cache, long delay, st_segrun_t *r)
+{
+  void *v[ST_SEGS];
+  memset(r, 0, sizeof *r);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_SEGMENT_CACHE, cache), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, delay), 0);
+  smalloc_collect(true);   /* start from an empty cache */
+  r->rc = st_snap(&r->s0);
+  for (int i = 0; i < ST_SEGS; i++)
+    if ((v[i] = smalloc_malloc(ST_MiB)) == NULL)
+      r->failed = 1;
+  for (int i = 0; i < ST_SEGS; i++)
+    smalloc_free(v[i]);
+  smalloc_collect(false);
+  r->rc |= st_snap(&r->s1);
+  ck_assert_int_eq(r->rc, 0);
+  ck_assert_int_eq(r->failed, 0);
+  ST_EXPECT(&r->s0, &r->s1, large_allocs, ST_SEGS);
+  ST_EXPECT(&r->s0, &r->s1, large_frees, ST_SEGS);
+}
+
+START_TEST(option_purge_delay_zero_purges)
+{
+  long cache = smalloc_option_get(SMALLOC_OPTION_SEGMENT_CACHE);
+  long delay = smalloc_option_get(SMALLOC_OPTION_PURGE_DELAY);
+  st_segrun_t now, later;
+
+  st_large_burst(8, 0, &now);
+  ST_EXPECT(&now.s0, &now.s1, segments_cached, ST_SEGS);
+  ST_EXPECT(&now.s0, &now.s1, segments_purged, ST_SEGS);
+  ck_assert_msg(ST_D(&now.s0, &now.s1, os_madvise) >= ST_SEGS,
+                "%llu madvise calls for %d purged segments",
+                (unsigned long long)ST_D(&now.s0, &now.s1, os_madvise), ST_SEGS);
+  ck_assert_uint_gt(ST_D(&now.s0, &now.s1, bytes_purged), 0);
+  ST_EXPECT(&now.s0, &now.s1, segments_unmapped, 0);
+
+  st_large_burst(8, 3600000, &later);
+  ST_EXPECT(&later.s0, &later.s1, segments_cached, ST_SEGS);
+  ST_EXPECT(&later.s0, &later.s1, segments_purged, 0);
+  ST_EXPECT(&later.s0, &later.s1, os_madvise, 0);
+  ST_EXPECT(&later.s0, &later.s1, bytes_purged, 0);
+  ST_EXPECT(&later.s0, &later.s1, segments_unmapped, 0);
+
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_SEGMENT_CACHE, cache), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, delay), 0);
+}
+END_TEST
+
+START_TEST(option_segment_cache_zero_unmaps)
+{
+  long cache = smalloc_option_get(SMALLOC_OPTION_SEGMENT_CACHE);
+  long delay = smalloc_option_get(SMALLOC_OPTION_PURGE_DELAY);
+  st_segrun_t none, some;
+
+  /* segments_unmapped tells the cache's decision; os_munmap also counts
+   * the trimming of over-sized mappings when segments are mapped */
+  st_large_burst(0, 3600000, &none);
+  ST_EXPECT(&none.s0, &none.s1, segments_cached, 0);
+  ST_EXPECT(&none.s0, &none.s1, segments_unmapped, ST_SEGS);
+  ck_assert_msg(ST_D(&none.s0, &none.s1, os_munmap) >= ST_SEGS,
+                "%llu munmap calls for %d unmapped segments",
+                (unsigned long long)ST_D(&none.s0, &none.s1, os_munmap), ST_SEGS);
+
+  st_large_burst(8, 3600000, &some);
+  ST_EXPECT(&some.s0, &some.s1, segments_cached, ST_SEGS);
+  ST_EXPECT(&some.s0, &some.s1, segments_unmapped, 0);
+
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_SEGMENT_CACHE, cache), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, delay), 0);
+}
+END_TEST
+
+/* ---- start-up options: this program run again ------------------------------- */
+
+/* Child modes (argv[1] is ST_CHILD_MARK, argv[2] the mode):
+ *   options  print "option INDEX VALUE" for every option on stdout
+ *   exit     7 posix_memalign, 3 free_aligned_sized, 4 free; exit normally
+ *            (so SMALLOC_STATS prints at exit) */
+static int st_child_main(const char *mode)
+{
+  if (strcmp(mode, "options") == 0) {
+    for (int i = 0; i < SMALLOC_OPTION_COUNT; i++)
+      printf("option %d %ld\n", i, smalloc_option_get((smalloc_option_t)i));
+    return fflush(stdout) == 0 ? 0 : 1;
+  }
+  if (strcmp(mode, "exit") == 0) {
+    void *p[7];
+    for (int i = 0; i < 7; i++)
+      if (smalloc_posix_memalign(&p[i], 64, 100) != 0)
+        return 1;
+    for (int i = 0; i < 3; i++)
+      smalloc_free_aligned_sized(p[i], 64, 100);
+    for (int i = 3; i < 7; i++)
+      smalloc_free(p[i]);
+    return 0;
+  }
+  return 2;
+}
+
+typedef struct st_child {
+  int status;
+  char out_path[64], err_path[64];
+  char out[16 * 1024];
+  char err[256 * 1024];
+  size_t out_len, err_len;
+  long options[SMALLOC_OPTION_COUNT];
+  bool have_option[SMALLOC_OPTION_COUNT];
+} st_child_t;
+
+/* Run this program in a child mode with the environment minus every
+ * SMALLOC_* variable plus env_add (NULL-terminated); capture both
+ * streams.  The output files are kept until st_child_done. */
+static void st_run_self(const char *mode, const char *const *env_add, st_child_t *c)
+{
+  static char *envp[4096];
+  size_t n = 0;
+  for (char **e = environ; *e && n < 4000; e++)
+    if (strncmp(*e, "SMALLOC_", 8) != 0)
+      envp[n++] = *e;
+  for (; env_add && *env_add; env_add++)
+    envp[n++] = (char *)*env_add;
+  envp[n] = NULL;
+
+  memset(c, 0, sizeof *c);
+  st_tmpname(c->out_path, sizeof c->out_path);
+  st_tmpname(c->err_path, sizeof c->err_path);
+  fflush(NULL);
+  pid_t pid = fork();
+  ck_assert_msg(pid >= 0, "fork: %s", strerror(errno));
+  if (pid == 0) {
+    int out = open(c->out_path, O_WRONLY | O_TRUNC);
+    int err = open(c->err_path, O_WRONLY | O_TRUNC);
+    if (out < 0 || err < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
+      _exit(126);
+    char *argv[] = {(char *)"test_stats", (char *)ST_CHILD_MARK, (char *)mode, NULL};
+    execve("/proc/self/exe", argv, envp);
+    _exit(127);
+  }
+  int status;
+  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+  c->status = status;
+  c->out_len = st_slurp(c->out_path, c->out, sizeof c->out);
+  c->err_len = st_slurp(c->err_path, c->err, sizeof c->err);
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                "child mode %s failed (status %#x); stderr:\n%s", mode, status, c->err);
+  for (const char *line = c->out; line && *line;) {
+    int idx;
+    long v;
+    if (sscanf(line, "option %d %ld", &idx, &v) == 2 && idx >= 0 &&
+        idx < SMALLOC_OPTION_COUNT) {
+      c->options[idx] = v;
+      c->have_option[idx] = true;
+    }
+    line = strchr(line, '\n');
+    if (line)
+      line++;
+  }
+}
+
+static void st_child_done(st_child_t *c)
+{
+  unlink(c->out_path);
+  unlink(c->err_path);
+}
+
+static int st_count_lines(const char *text)
+{
+  int n = 0;
+  for (; *text; text++)
+    n += *text == '\n';
+  return n;
+}
+
+static const char *const st_option_env[SMALLOC_OPTION_COUNT] = {
+  "SMALLOC_STATS", "SMALLOC_VERBOSE", "SMALLOC_RETIRE_CYCLES",
+  "SMALLOC_PURGE_DELAY", "SMALLOC_SEGMENT_CACHE", "SMALLOC_ON_ERROR",
+};
+
+/* The options of a child started with a clean environment. */
+static void st_default_options(long out[SMALLOC_OPTION_COUNT])
+{
+  static st_child_t c;
+  st_run_self("options", NULL, &c);
+  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
+    ck_assert_msg(c.have_option[i], "child printed no value for option %d", i);
+    out[i] = c.options[i];
+  }
+  ck_assert_msg(c.err_len == 0, "clean start-up wrote to stderr:\n%s", c.err);
+  st_child_done(&c);
+}
+
+/* ============================================================================
+ * env_options_applied: each variable with a valid value sets its option,
+ * silently; VERBOSE=1 prints the effective options at start-up. */
+
+START_TEST(env_options_applied)
+{
+  static st_child_t c;
+  long def[SMALLOC_OPTION_COUNT];
+  st_default_options(def);
+  ck_assert_int_eq(def[SMALLOC_OPTION_STATS], 0);
+  ck_assert_int_eq(def[SMALLOC_OPTION_VERBOSE], 0);
+  ck_assert_int_eq(def[SMALLOC_OPTION_ON_ERROR], 0);
+
+  static const struct {
+    const char *env;
+    smalloc_option_t opt;
+    long want;
+  } cases[] = {
+    {"SMALLOC_RETIRE_CYCLES=17", SMALLOC_OPTION_RETIRE_CYCLES, 17},
+    {"SMALLOC_RETIRE_CYCLES=0", SMALLOC_OPTION_RETIRE_CYCLES, 0},
+    {"SMALLOC_PURGE_DELAY=5", SMALLOC_OPTION_PURGE_DELAY, 5},
+    {"SMALLOC_SEGMENT_CACHE=3", SMALLOC_OPTION_SEGMENT_CACHE, 3},
+    {"SMALLOC_ON_ERROR=warn", SMALLOC_OPTION_ON_ERROR, 1},
+    {"SMALLOC_ON_ERROR=abort", SMALLOC_OPTION_ON_ERROR, 0},
+  };
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    const char *env[] = {cases[k].env, NULL};
+    st_run_self("options", env, &c);
+    for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
+      long want = i == (int)cases[k].opt ? cases[k].want : def[i];
+      ck_assert_msg(c.have_option[i] && c.options[i] == want,
+                    "%s: option %s is %ld, want %ld", cases[k].env, st_option_env[i],
+                    c.options[i], want);
+    }
+    ck_assert_msg(c.err_len == 0, "%s: stderr:\n%s", cases[k].env, c.err);
+    st_child_done(&c);
+  }
+
+  const char *verbose[] = {"SMALLOC_VERBOSE=1", "SMALLOC_RETIRE_CYCLES=77", NULL};
+  st_run_self("options", verbose, &c);
+  ck_assert_int_eq(c.options[SMALLOC_OPTION_VERBOSE], 1);
+  ck_assert_int_eq(c.options[SMALLOC_OPTION_RETIRE_CYCLES], 77);
+  ck_assert_msg(strstr(c.err, "SMALLOC_RETIRE_CYCLES") != NULL,
+                "SMALLOC_VERBOSE=1 did not print the options:\n%s", c.err);
+  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++)
+    ck_assert_msg(strstr(c.err, st_option_env[i]) != NULL,
+                  "SMALLOC_VERBOSE=1 did not print %s:\n%s", st_option_env[i], c.err);
+  ck_assert_msg(strstr(c.err, "77") != NULL, "the effective value 77 is not shown:\n%s", c.err);
+  ck_assert_msg(strstr(c.err, "ignoring") == NULL, "valid values were rejected:\n%s", c.err);
+  st_child_done(&c);
+}
+END_TEST
+
+/* ============================================================================
+ * env_stats_at_exit: SMALLOC_STATS=1 prints the table on stderr at exit,
+ * SMALLOC_STATS=json one JSON object; both count the child's calls. */
+
+START_TEST(env_stats_at_exit)
+{
+  static st_child_t c;
+  const char *table[] = {"SMALLOC_STATS=1", NULL};
+  st_run_self("exit", table, &c);
+  ck_assert_msg(c.err_len > 0, "SMALLOC_STATS=1 printed nothing");
+  ck_assert_msg(strncmp(c.err, "smalloc", 7) == 0, "first line: %.80s", c.err);
+  ck_assert_msg(strstr(strchr(c.err, '\n'), "malloc") != NULL, "no malloc in:\n%s", c.err);
+  ck_assert_int_eq(st_table_value(c.err, "calls_posix_memalign"), 7);
+  ck_assert_int_eq(st_table_value(c.err, "calls_free_aligned_sized"), 3);
+  st_child_done(&c);
+
+  const char *json[] = {"SMALLOC_STATS=json", NULL};
+  st_run_self("exit", json, &c);
+  ck_assert_msg(c.err_len > 0, "SMALLOC_STATS=json printed nothing");
+  ck_assert_msg(c.err[0] == '{', "SMALLOC_STATS=json: stderr starts: %.80s", c.err);
+  if (!st_have_python()) {
+    fprintf(stderr, "env_stats_at_exit: python3 not found, JSON not checked\n");
+  } else {
+    ck_assert_msg(st_json_valid(c.err_path), "SMALLOC_STATS=json: invalid JSON:\n%.2000s",
+                  c.err);
+    st_json_figures_t *j = calloc(1, sizeof *j);
+    ck_assert_ptr_nonnull(j);
+    st_json_figures(c.err_path, j);
+    for (size_t i = 0; i < ST_NFIELDS; i++) {
+      ck_assert_msg(j->have_top[i], "no \"%s\" in the exit JSON", st_fields[i].name);
+      if (strcmp(st_fields[i].name, "calls_posix_memalign") == 0)
+        ck_assert_uint_eq(j->top[i], 7);
+      if (strcmp(st_fields[i].name, "calls_free_aligned_sized") == 0)
+        ck_assert_uint_eq(j->top[i], 3);
+    }
+    ck_assert_int_eq(j->nsteps, SMALLOC_STEP_COUNT);
+    ck_assert_int_eq(j->nclass_entries, SMALLOC_STATS_CLASSES);
+    free(j);
+  }
+  st_child_done(&c);
+
+  /* and nothing at all without the variable */
+  st_run_self("exit", NULL, &c);
+  ck_assert_msg(c.err_len == 0, "stderr without SMALLOC_STATS:\n%s", c.err);
+  st_child_done(&c);
+}
+END_TEST
+
+/* ============================================================================
+ * env_malformed_values_fall_back: a malformed value keeps the default and
+ * prints exactly one "smalloc: ignoring SMALLOC_X='value': ...; using D"
+ * line; every other option keeps its default too. */
+
+START_TEST(env_malformed_values_fall_back)
+{
+  static st_child_t c;
+  long def[SMALLOC_OPTION_COUNT];
+  st_default_options(def);
+
+  static const struct {
+    smalloc_option_t opt;
+    const char *value;
+  } cases[] = {
+    {SMALLOC_OPTION_RETIRE_CYCLES, "abc"},
+    {SMALLOC_OPTION_RETIRE_CYCLES, "-5"},
+    {SMALLOC_OPTION_RETIRE_CYCLES, "99999999999"},
+    {SMALLOC_OPTION_RETIRE_CYCLES, "99999999999999999999999"},
+    {SMALLOC_OPTION_RETIRE_CYCLES, "1000001"},
+    {SMALLOC_OPTION_RETIRE_CYCLES, "12x"},
+    {SMALLOC_OPTION_RETIRE_CYCLES, ""},
+    {SMALLOC_OPTION_STATS, "maybe"},
+    {SMALLOC_OPTION_STATS, "3"},
+    {SMALLOC_OPTION_VERBOSE, "2"},
+    {SMALLOC_OPTION_PURGE_DELAY, "3600001"},
+    {SMALLOC_OPTION_SEGMENT_CACHE, "1025"},
+    {SMALLOC_OPTION_ON_ERROR, "maybe"},
+  };
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    const char *name = st_option_env[cases[k].opt];
+    char var[128], prefix[160];
+    snprintf(var, sizeof var, "%s=%s", name, cases[k].value);
+    snprintf(prefix, sizeof prefix, "smalloc: ignoring %s='%s'", name, cases[k].value);
+    const char *env[] = {var, NULL};
+    st_run_self("options", env, &c);
+    for (int i = 0; i < SMALLOC_OPTION_COUNT; i++)
+      ck_assert_msg(c.have_option[i] && c.options[i] == def[i],
+                    "%s: option %s is %ld, default %ld", var, st_option_env[i],
+                    c.options[i], def[i]);
+    ck_assert_msg(st_count_lines(c.err) == 1 && c.err[c.err_len - 1] == '\n',
+                  "%s: want one line on stderr, got:\n%s", var, c.err);
+    ck_assert_msg(strncmp(c.err, prefix, strlen(prefix)) == 0,
+                  "%s: stderr line does not start with \"%s\":\n%s", var, prefix, c.err);
+    /* "; using <default>": the number, or its word */
+    const char *using = strstr(c.err, "; using ");
+    ck_assert_msg(using != NULL, "%s: no \"; using\" in:\n%s", var, c.err);
+    using += strlen("; using ");
+    char want[32];
+    snprintf(want, sizeof want, "%ld\n", def[cases[k].opt]);
+    bool ok = strcmp(using, want) == 0;
+    if (cases[k].opt == SMALLOC_OPTION_ON_ERROR)
+      ok = ok || strcmp(using, def[cases[k].opt] ? "warn\n" : "abort\n") == 0;
+    ck_assert_msg(ok, "%s: default shown as \"%s\", want %ld", var, using,
+                  def[cases[k].opt]);
+    st_child_done(&c);
+  }
+}
+END_TEST
+
+static Suite *stats_suite(void)
+{
+  Suite *s = suite_create("stats");
+  TCase *tc = tcase_create("counters");
+  tcase_set_timeout(tc, 120);
+  tcase_add_test(tc, counts_exact_one_thread);
+  tcase_add_test(tc, counts_failed_and_odd_calls);
+  tcase_add_test(tc, counts_large_and_huge);
+  tcase_add_test(tc, counts_exact_across_threads);
+  tcase_add_test(tc, reset_zeroes_events_keeps_gauges);
+  tcase_add_test(tc, json_matches_struct);
+  tcase_add_test(tc, print_table_shape);
+  tcase_add_test(tc, stats_get_respects_size);
+  suite_add_tcase(s, tc);
+
+  tc = tcase_create("options");
+  tcase_set_timeout(tc, 120);
+  tcase_add_test(tc, option_ranges);
+  tcase_add_test(tc, option_retire_cycles_changes_release);
+  tcase_add_test(tc, option_purge_delay_zero_purges);
+  tcase_add_test(tc, option_segment_cache_zero_unmaps);
+  tcase_add_test(tc, env_options_applied);
+  tcase_add_test(tc, env_stats_at_exit);
+  tcase_add_test(tc, env_malformed_values_fall_back);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
+int main(int argc, char **argv)
+{
+  if (argc >= 3 && strcmp(argv[1], ST_CHILD_MARK) == 0)
+    return st_child_main(argv[2]);
+  SRunner *sr = srunner_create(stats_suite());
+  srunner_run_all(sr, CK_NORMAL);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
