@@ -16,6 +16,7 @@ static inline void *sm_page_pop(sm_page_t *page) {
   sm_track_link(b);
   page->free = sm_dec(page, b->next);
   b->next = NULL;
+  sm_canary_set(page, b);
   page->used++;
   return b;
 }
@@ -53,13 +54,13 @@ static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool z
 void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
   heap = sm_heap_for_alloc(heap);
   if (sm_unlikely(heap == NULL)) { errno = ENOMEM; return NULL; }
-  if (n > SM_MEDIUM_MAX) {
+  if (n > SM_MEDIUM_MAX - SM_CANARY) {
     void *p = sm_malloc_large(heap, n, 16, false);
     if (p) heap->stats.requested += n;
     else heap->stats.calls[SM_CALL_MALLOC_FAILED]++;
     return p;
   }
-  size_t bin = sm_bin_of(n);
+  size_t bin = sm_bin_of(n + SM_CANARY);
   sm_page_t *page = heap->queues[bin].first;
   if (page && page->free) {
     if (sm_unlikely(((uintptr_t)page->free ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
@@ -85,7 +86,7 @@ void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
 
 void *sm_malloc(size_t n) {
   sm_heap_t *heap = sm_heap();
-  if (sm_likely(n <= SM_DIRECT_MAX)) return sm_malloc_small(heap, n);
+  if (sm_likely(n <= SM_DIRECT_MAX - SM_CANARY)) return sm_malloc_small(heap, n);
   return sm_malloc_generic(heap, n);
 }
 
@@ -105,7 +106,7 @@ void *sm_calloc(size_t count, size_t size) {
   if (sm_unlikely(__builtin_mul_overflow(count, size, &n) || n > SM_MAX_REQUEST))
     return sm_fail_enomem(heap);
   void *p;
-  if (n > SM_MEDIUM_MAX) {
+  if (n > SM_MEDIUM_MAX - SM_CANARY) {
     p = sm_malloc_large(heap, n, 16, true);   /* huge mappings are zero already */
     if (p) { heap->stats.requested += n; heap->stats.alloc_other++; }
     return p;
@@ -124,8 +125,8 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
   if (n > SM_MAX_REQUEST || alignment > SM_MAX_REQUEST) return sm_fail_enomem(heap);
   if (alignment <= 16) return sm_malloc_other(n);
   if (n == 0) n = 1;   /* the aligned result must still point into its block */
-  if (n <= SM_MEDIUM_MAX && alignment <= SM_SEGMENT_HDR) {
-    size_t bin = sm_bin_of(n);
+  if (n <= SM_MEDIUM_MAX - SM_CANARY && alignment <= SM_SEGMENT_HDR) {
+    size_t bin = sm_bin_of(n + SM_CANARY);
     if ((sm_bin_size(bin) & (alignment - 1)) == 0) {
       /* page starts are 16 KiB aligned, so these blocks are aligned too */
       void *p = sm_malloc_other(n);
@@ -133,7 +134,7 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
       return p;
     }
     size_t padded = n + alignment - 16;
-    if (padded <= SM_MEDIUM_MAX) {
+    if (padded <= SM_MEDIUM_MAX - SM_CANARY) {
       uint8_t *b = sm_malloc_other(padded);
       if (!b) return NULL;
       heap->stats.requested -= padded - n;
@@ -165,7 +166,7 @@ size_t sm_usable_size(const void *p, const char *who) {
     return (size_t)(((uint8_t *)seg + seg->block_offset + seg->block_size) - (const uint8_t *)p);
   size_t diff = (size_t)((const uint8_t *)p - page->start);
   size_t block = diff - diff % page->block_size;
-  return block + page->block_size - diff;
+  return block + page->block_size - SM_CANARY - diff;
 }
 
 void *sm_realloc(void *p, size_t n, enum sm_call who) {
@@ -192,8 +193,13 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
     return NULL;
   }
   size_t usable = sm_usable_size(p, name);
-  if (sm_track_on()) {
-    /* copy, so memcheck sees one block die and another start */
+  if (sm_track_on() || SM_GUARD) {
+    /* copy: memcheck sees one block die and another start; in the secure
+     * build the guard page after a large or huge block stays put */
+    if (!sm_track_on() && seg->kind < SM_SEG_SINGLE && n <= usable && n >= usable / 2) {
+      heap->stats.requested += n;
+      return p;
+    }
   } else if (seg->kind == SM_SEG_HUGE) {
     if (n > SM_LARGE_MAX) {
       /* grows or shrinks in place or moves with mremap: never copies */

@@ -91,7 +91,7 @@ void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
  * page.  Count it here and push it with one CAS. */
 void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
   sm_heap_t *heap = sm_heap();
-  if (sm_unlikely(!heap->initialized)) { sm_free_generic(b, "free"); return; }
+  if (sm_unlikely(!heap->initialized || !sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
   heap->stats.class_frees[page->bin]++;
   sm_free_block_xthread(sm_ptr_segment(page), page, b);
 }
@@ -139,6 +139,10 @@ void sm_free_generic(void *p, const char *who) {
     return;
   }
   sm_block_t *b = (sm_block_t *)((uint8_t *)p - rem);
+  if (sm_unlikely(!sm_canary_ok(page, b))) {
+    sm_error("%s(): heap overflow: the canary after block %p was overwritten", who, (void *)b);
+    return;
+  }
   if (atomic_load_explicit(&seg->thread_id, memory_order_relaxed) == sm_thread_id()) {
     sm_free_local_slow(page, b, p);
     return;

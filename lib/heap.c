@@ -126,6 +126,16 @@ static sm_heap_t *sm_heap_alloc_struct(void) {
   return heap;
 }
 
+/* xorshift64*: page keys and free-list order in the secure build */
+uint64_t sm_heap_random(sm_heap_t *heap) {
+  uint64_t x = heap->rng;
+  x ^= x >> 12;
+  x ^= x << 25;
+  x ^= x >> 27;
+  heap->rng = x;
+  return x * 0x2545F4914F6CDD1Dull;
+}
+
 sm_heap_t *sm_heap_init_thread(void) {
   sm_process_init();
   sm_heap_t *heap = sm_heap_alloc_struct();
@@ -133,6 +143,7 @@ sm_heap_t *sm_heap_init_thread(void) {
   memset(heap, 0, sizeof *heap);
   for (size_t i = 0; i < SM_DIRECT_COUNT; i++) heap->direct[i] = &sm_page_empty;
   heap->thread_id = sm_thread_id();
+  heap->rng = (sm_secret ^ (uintptr_t)heap) | 1;
   heap->initialized = 1;
   heap->stats.threads_started = 1;
   sm_heaps_lock();

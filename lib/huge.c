@@ -20,7 +20,7 @@ static void sm_huge_header(sm_segment_t *seg, size_t mapped, size_t offset) {
   seg->used_pages = 1;
   seg->mapped = mapped;
   seg->block_offset = offset;
-  seg->block_size = mapped - offset;
+  seg->block_size = mapped - offset - SM_GUARD;
   sm_page_t *page = &seg->pages[0];
   page->in_use = 1;
   page->start = (uint8_t *)seg + offset;
@@ -31,7 +31,7 @@ void *sm_huge_alloc(size_t n, size_t alignment, bool zero) {
   (void)zero;   /* fresh mappings read as zero */
   if (alignment < 16) alignment = 16;
   size_t offset = sm_huge_offset(alignment);
-  size_t mapped = (offset + n + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
+  size_t mapped = ((offset + n + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1)) + SM_GUARD;
   if (mapped < n) return NULL;
   void *base;
   size_t align = alignment > SM_SEGMENT_SIZE ? alignment : SM_SEGMENT_SIZE;
@@ -39,6 +39,7 @@ void *sm_huge_alloc(size_t n, size_t alignment, bool zero) {
   if (sm_os_map_aligned(mapped, align, pre, &base) != 0) return NULL;
   sm_segment_t *seg = base;
   sm_huge_header(seg, mapped, offset);
+  if (SM_GUARD) sm_os_protect((uint8_t *)base + mapped - SM_GUARD, SM_GUARD, false);
   /* the whole mapping, so it stays one VMA that mremap can move */
   if (n >= SM_SEGMENT_SIZE) sm_os_hugepage(base, mapped);
   sm_segmap_set((uintptr_t)seg, SM_SEGMENT_SHIFT);
@@ -54,7 +55,7 @@ void sm_huge_free(sm_segment_t *seg) {
 }
 
 void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n) {
-  if (p != (uint8_t *)seg + seg->block_offset) return NULL;
+  if (SM_GUARD || p != (uint8_t *)seg + seg->block_offset) return NULL;
   size_t offset = seg->block_offset;
   size_t mapped = (offset + n + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
   if (mapped < n) return NULL;

@@ -77,6 +77,17 @@
 #define SM_MAX_REQUEST     ((size_t)PTRDIFF_MAX - 2 * SM_SEGMENT_SIZE)
 
 typedef struct sm_block_s { struct sm_block_s *next; } sm_block_t;
+
+/* --enable-secure: a canary in the last 8 bytes of every small and medium
+ * block, checked when it is freed; guard pages after every page and huge
+ * block; random keys and a random order for fresh free lists. */
+#ifdef SM_SECURE
+#define SM_CANARY 8
+#define SM_GUARD  SM_OS_PAGE
+#else
+#define SM_CANARY 0
+#define SM_GUARD  0
+#endif
 typedef struct sm_page_s sm_page_t;
 typedef struct sm_segment_s sm_segment_t;
 typedef struct sm_heap_s sm_heap_t;
@@ -177,6 +188,7 @@ struct sm_heap_s {
   uintptr_t thread_id;
   uint32_t cycle;                        /* slow-path entries (wraps; compared as a difference) */
   uint32_t next_purge_check;
+  uint64_t rng;                          /* secure build: page keys, list order */
   sm_page_queue_t queues[SM_BIN_COUNT];  /* [0] is the full list */
   sm_page_t *retired_first, *retired_last;
   sm_segment_t *free_segs[2];            /* owned segments with free pages, by kind */
@@ -271,6 +283,20 @@ SM_INLINE sm_block_t *sm_enc(const sm_page_t *page, sm_block_t *b) {
   return (sm_block_t *)((uintptr_t)b ^ page->key);
 }
 
+/* ---- canaries (secure build) --------------------------------------------- */
+SM_INLINE uint64_t *sm_canary_at(const sm_page_t *page, const void *b) {
+  return (uint64_t *)((uint8_t *)b + page->block_size - 8);
+}
+SM_INLINE uint64_t sm_canary_value(const sm_page_t *page, const void *b) {
+  return ((uintptr_t)b ^ page->key) * 0x9E3779B97F4A7C15ull;
+}
+SM_INLINE void sm_canary_set(const sm_page_t *page, void *b) {
+  if (SM_CANARY) *sm_canary_at(page, b) = sm_canary_value(page, b);
+}
+SM_INLINE bool sm_canary_ok(const sm_page_t *page, const void *b) {
+  return !SM_CANARY || *sm_canary_at(page, b) == sm_canary_value(page, b);
+}
+
 /* ---- assertions -------------------------------------------------------- */
 #ifndef SM_DEBUG
 #define SM_DEBUG 1
@@ -291,12 +317,13 @@ size_t sm_usable_size(const void *p, const char *who);
  * branch also catches the static empty heap (its pages are outside every
  * segment) and a free-list pointer that left its segment (corruption). */
 SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
-  sm_page_t *page = heap->direct[(n + 15) >> 4];
+  sm_page_t *page = heap->direct[(n + SM_CANARY + 15) >> 4];
   sm_block_t *b = page->free;
   if (sm_unlikely(((uintptr_t)b ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT))
     return sm_malloc_generic(heap, n);
   page->free = sm_dec(page, b->next);
   b->next = NULL;               /* no stale link for the double-free check */
+  sm_canary_set(page, b);
   page->used++;
 #if SM_STATS
   sm_cnt_add(heap->stats.requested, n);
@@ -333,6 +360,7 @@ SM_INLINE void sm_free_inline(void *p) {
   }
   {
     sm_block_t *b = (sm_block_t *)p;
+    if (SM_CANARY && sm_unlikely(!sm_canary_ok(page, b))) { sm_free_generic(p, "free"); return; }
     uintptr_t link = (uintptr_t)sm_dec(page, b->next);
     if (sm_unlikely(link - (uintptr_t)page->start < page->span || link == 0)) {
       sm_free_local_slow(page, b, p);   /* may be a double free: check, then push */
@@ -378,6 +406,7 @@ void sm_segment_fork_prepare(void);
 void sm_segment_fork_parent(void);
 void sm_segment_fork_child(void);
 uint64_t sm_clock_ms(void);
+uint64_t sm_heap_random(sm_heap_t *heap);
 
 /* ---- huge.c ----------------------------------------------------------- */
 void *sm_huge_alloc(size_t n, size_t alignment, bool zero);
@@ -400,6 +429,7 @@ int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out);
 int sm_os_unmap(void *p, size_t size);
 int sm_os_purge(void *p, size_t size);
 int sm_os_hugepage(void *p, size_t size);
+int sm_os_protect(void *p, size_t size, bool accessible);
 int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, size_t pre, void **out);
 void sm_os_random(void *buf, size_t len);
 

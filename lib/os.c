@@ -120,6 +120,13 @@ int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, siz
   return 0;
 }
 
+int sm_os_protect(void *p, size_t size, bool accessible) {
+  int saved = errno;
+  int err = mprotect(p, size, accessible ? PROT_READ | PROT_WRITE : PROT_NONE) ? errno : 0;
+  errno = saved;
+  return err;
+}
+
 void sm_os_random(void *buf, size_t len) {
   int saved = errno;
   uint8_t *out = buf;

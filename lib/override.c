@@ -8,7 +8,7 @@
 
 SM_EXPORT void *smalloc_malloc(size_t n) {
   sm_heap_t *heap = sm_heap();
-  if (sm_likely(n <= SM_DIRECT_MAX)) return sm_malloc_small(heap, n);
+  if (sm_likely(n <= SM_DIRECT_MAX - SM_CANARY)) return sm_malloc_small(heap, n);
   return sm_malloc_generic(heap, n);
 }
 

@@ -24,6 +24,7 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   uint8_t *start = (uint8_t *)seg + idx * psize;
   size_t area = psize;
   if (idx == 0) { start += SM_SEGMENT_HDR; area -= SM_SEGMENT_HDR; }
+  area -= SM_GUARD;   /* the page's last OS page is a guard in the secure build */
   size_t bsize = sm_bin_size(bin);
   page->free = NULL;
   page->local_free = NULL;
@@ -32,7 +33,11 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   sm_page_set_flags(page, sm_track_on() ? SM_PAGE_TRACKED : 0, heap->thread_id);
   page->bin = (uint8_t)bin;
   page->retired = 0;
+#ifdef SM_SECURE
+  page->key = sm_heap_random(heap);
+#else
   page->key = sm_secret ^ ((uintptr_t)page * 0x9E3779B97F4A7C15ull);
+#endif
   page->start = start;
   page->block_size = (uint32_t)bsize;
   page->reserved = (uint32_t)(area / bsize);
@@ -51,6 +56,28 @@ static void sm_page_extend(sm_page_t *page) {
   size_t n = SM_EXTEND_BYTES / bsize;
   if (n < 4) n = 4;   /* large blocks: a few per step, not one per slow path */
   if (n > page->reserved - page->capacity) n = page->reserved - page->capacity;
+#ifdef SM_SECURE
+  {
+    /* random order, so the next block's address cannot be predicted */
+    uint16_t order[SM_EXTEND_BYTES / 16];
+    uint8_t *base = page->start + (size_t)page->capacity * bsize;
+    sm_heap_t *heap = sm_heap();
+    for (size_t i = 0; i < n; i++) order[i] = (uint16_t)i;
+    for (size_t i = n - 1; i > 0; i--) {
+      size_t j = sm_heap_random(heap) % (i + 1);
+      uint16_t t = order[i]; order[i] = order[j]; order[j] = t;
+    }
+    sm_block_t *head = page->free;
+    for (size_t i = 0; i < n; i++) {
+      sm_block_t *b = (sm_block_t *)(base + (size_t)order[i] * bsize);
+      b->next = sm_enc(page, head);
+      head = b;
+    }
+    page->free = head;
+    page->capacity += (uint32_t)n;
+    return;
+  }
+#endif
   uint8_t *first = page->start + (size_t)page->capacity * bsize;
   uint8_t *p = first;
   for (size_t i = 1; i < n; i++, p += bsize)

@@ -117,6 +117,26 @@ static void sm_segment_raw_free(sm_segment_t *seg) {
   }
 }
 
+/* Secure build: the last OS page of every page (or the page after a large
+ * block) is inaccessible, so a linear overflow faults before it reaches
+ * the next page.  A segment from the cache may have had another layout. */
+static void sm_segment_guard(sm_segment_t *seg) {
+#ifdef SM_SECURE
+  uint8_t *base = (uint8_t *)seg;
+  sm_os_protect(base + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR, true);
+  if (seg->kind == SM_SEG_SINGLE) {
+    size_t end = seg->block_offset + seg->block_size;
+    if (end + SM_GUARD <= SM_SEGMENT_SIZE) sm_os_protect(base + end, SM_GUARD, false);
+    return;
+  }
+  size_t psize = (size_t)1 << seg->page_shift;
+  for (size_t i = 0; i < seg->page_count; i++)
+    sm_os_protect(base + (i + 1) * psize - SM_GUARD, SM_GUARD, false);
+#else
+  (void)seg;
+#endif
+}
+
 /* ---- owned segments and their pages ---------------------------------------- */
 
 static void sm_seg_list_remove(sm_segment_t **first, sm_segment_t *seg) {
@@ -153,6 +173,7 @@ static sm_segment_t *sm_segment_alloc(sm_heap_t *heap, int kind) {
   seg->page_shift = kind == SM_SEG_SMALL ? SM_SMALL_SHIFT : SM_MEDIUM_SHIFT;
   seg->page_count = kind == SM_SEG_SMALL ? SM_SMALL_PAGES : SM_MEDIUM_PAGES;
   seg->mapped = SM_SEGMENT_SIZE;
+  sm_segment_guard(seg);
   sm_segmap_set((uintptr_t)seg, seg->page_shift);
   sm_segment_adopt(heap, seg);
   return seg;
@@ -200,7 +221,7 @@ void sm_segment_page_free(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page) {
 
 sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *offset_out) {
   size_t offset = (SM_SEGMENT_HDR + alignment - 1) & ~(alignment - 1);
-  if (offset + size > SM_SEGMENT_SIZE) return NULL;
+  if (offset + size + SM_GUARD > SM_SEGMENT_SIZE) return NULL;
   sm_segment_t *seg = sm_segment_raw_alloc();
   if (!seg) return NULL;
   sm_segment_clear_single(seg);
@@ -213,13 +234,14 @@ sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *off
   sm_segmap_set((uintptr_t)seg, SM_SEGMENT_SHIFT);
   seg->block_offset = offset;
   seg->block_size = (size + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
-  if (offset + seg->block_size > SM_SEGMENT_SIZE) seg->block_size = SM_SEGMENT_SIZE - offset;
+  if (offset + seg->block_size + SM_GUARD > SM_SEGMENT_SIZE) seg->block_size = SM_SEGMENT_SIZE - SM_GUARD - offset;
   sm_page_t *page = &seg->pages[0];
   page->in_use = 1;
   page->start = (uint8_t *)seg + offset;
   page->block_size = (uint32_t)seg->block_size;
   page->span = (uint32_t)seg->block_size;
   page->div_magic = UINT64_MAX;   /* only offset 0 passes: diff * magic < magic */
+  sm_segment_guard(seg);
   *offset_out = offset;
   return seg;
 }
