@@ -54,7 +54,13 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
 static void sm_page_extend(sm_page_t *page) {
   size_t bsize = page->block_size;
   size_t n = SM_EXTEND_BYTES / bsize;
-  if (n < 4) n = 4;   /* large blocks: a few per step, not one per slow path */
+  if (n < 4) {
+    /* 1-3 KiB blocks: four per step, not one per slow path; medium
+     * blocks: up to 16 KiB, and always at least one */
+    n = 16384 / bsize;
+    if (n > 4) n = 4;
+    if (n < 1) n = 1;
+  }
   if (n > page->reserved - page->capacity) n = page->reserved - page->capacity;
 #ifdef SM_SECURE
   {
