@@ -98,9 +98,9 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
 
 void sm_free_generic(void *p, const char *who) {
   sm_heap_t *heap = sm_heap();
-  /* a thread that only frees still gets a heap, so its counts stay plain
+  /* a thread that frees blocks gets a heap, so its counts stay plain
    * integers; one that has exited counts into the orphan totals */
-  if (sm_unlikely(heap == &sm_heap_empty)) {
+  if (sm_unlikely(heap == &sm_heap_empty) && p != NULL) {
     sm_heap_t *h = sm_heap_init_thread();
     if (h) heap = h;
   }

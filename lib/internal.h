@@ -350,7 +350,12 @@ SM_INLINE void sm_free_inline(void *p) {
   sm_page_t *page = &seg->pages[((uintptr_t)p - (uintptr_t)seg) >> shift];
   uint32_t diff = (uint32_t)((uintptr_t)p - (uintptr_t)page->start);
   uintptr_t xtid = atomic_load_explicit(&page->xtid, memory_order_relaxed);
-  if (sm_unlikely((uint64_t)diff * page->div_magic >= page->div_magic)) { sm_free_generic(p, "free"); return; }
+  /* a block start: inside the page's blocks (not its segment header or
+   * unused tail) and at a multiple of the block size */
+  if (sm_unlikely(diff >= page->span || (uint64_t)diff * page->div_magic >= page->div_magic)) {
+    sm_free_generic(p, "free");
+    return;
+  }
   if (sm_unlikely(xtid != sm_thread_id())) {
     /* another thread's ordinary page: push on its thread_free; anything
      * else (flagged, abandoned, not in use, single) goes the long way */

@@ -1,0 +1,779 @@
+/* Heap misuse: double frees, pointers smalloc never handed out, a corrupted
+ * free list.  Every misuse runs in a child process whose stderr is captured.
+ * By default the child must print the documented diagnostic line and die
+ * of SIGABRT; with SMALLOC_OPTION_ON_ERROR = 1 (warn) it
+ * must print the same line and go on, the offending block leaked and every
+ * allocation after it still sound.
+ *
+ * The child announces the exact line it expects on a second pipe (only the
+ * child knows the addresses), and reports a failed check of its own on
+ * stderr with exit status 1: libcheck's assertions belong to the test
+ * process, not to its children. */
+#include "common.h"
+
+#include <dlfcn.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+
+typedef void (*misuse_fn)(bool warn);
+
+typedef struct outcome {
+  int status;        /* from waitpid */
+  char err[16384];   /* the child's stderr */
+  char expect[512];  /* the line the child announced, without its newline */
+  bool prefix;       /* expect is a prefix of the line, not all of it */
+} outcome_t;
+
+/* ---- child side ------------------------------------------------------------ */
+
+static int expect_fd = -1;
+
+static void child_write(int fd, const char *s, size_t n)
+{
+  while (n > 0) {
+    ssize_t w = write(fd, s, n);
+    if (w <= 0)
+      return;
+    s += w;
+    n -= (size_t)w;
+  }
+}
+
+/* Failure of a check in the child: one line on stderr, exit status 1. */
+static void __attribute__((noreturn, format(printf, 1, 2)))
+child_fail(const char *fmt, ...)
+{
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
+  va_end(ap);
+  if (n < 0)
+    n = 0;
+  if ((size_t)n > sizeof buf - 2)
+    n = (int)sizeof buf - 2;
+  buf[n++] = '\n';
+  child_write(STDERR_FILENO, "CHILD CHECK FAILED: ", 20);
+  child_write(STDERR_FILENO, buf, (size_t)n);
+  _exit(1);
+}
+
+#define CHILD_CHECK(expr, fmt, ...)                                            \
+  do {                                                                         \
+    if (!(expr))                                                               \
+      child_fail("'%s' (line %d): " fmt, #expr, __LINE__, ##__VA_ARGS__);      \
+  } while (0)
+
+/* Announce the whole diagnostic line (without "smalloc: ") the misuse that
+ * follows must print.  A leading '^' marks a prefix. */
+static void __attribute__((format(printf, 1, 2))) expect_line(const char *fmt, ...)
+{
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  if (n > 0)
+    child_write(expect_fd, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
+}
+
+static uint64_t child_blocks_in_use(void)
+{
+  smalloc_stats_t s;
+  memset(&s, 0, sizeof s);
+  s.size = sizeof s;
+  CHILD_CHECK(smalloc_stats_get(&s) == 0, "smalloc_stats_get failed");
+  return s.blocks_in_use;
+}
+
+/* After a reported misuse in warn mode: blocks of the given size and of a
+ * few others are distinct, disjoint, keep their contents, and are freed
+ * without complaint. */
+static void heap_still_sound(size_t size)
+{
+  enum { N = 600 };
+  static unsigned char *p[N];
+  static size_t n[N];
+  static sm_interval_t iv[N];
+  sm_rng_t r;
+  sm_rng_seed(&r, 4242);
+  uint64_t before = child_blocks_in_use();
+  for (size_t i = 0; i < N; i++) {
+    n[i] = i % 3 == 0 ? size : sm_rng_range(&r, 1, i % 3 == 1 ? 512 : 40000);
+    p[i] = smalloc_malloc(n[i]);
+    CHILD_CHECK(p[i] != NULL, "malloc(%zu) failed", n[i]);
+    CHILD_CHECK(sm_is_aligned(p[i], 16), "malloc(%zu) = %p", n[i], (void *)p[i]);
+    CHILD_CHECK(smalloc_malloc_usable_size(p[i]) >= n[i], "usable size of %p", (void *)p[i]);
+    sm_pattern_fill(p[i], n[i], sm_pattern_seed(p[i], i));
+    iv[i].lo = (uintptr_t)p[i];
+    iv[i].hi = (uintptr_t)p[i] + n[i];
+  }
+  CHILD_CHECK(child_blocks_in_use() == before + N, "blocks_in_use %llu, want %llu",
+              (unsigned long long)child_blocks_in_use(), (unsigned long long)(before + N));
+  for (size_t i = 0; i < N; i++) {
+    size_t bad = sm_pattern_find_bad(p[i], n[i], sm_pattern_seed(p[i], i));
+    CHILD_CHECK(bad == SIZE_MAX, "block %p (%zu bytes) changed at offset %zu",
+                (void *)p[i], n[i], bad);
+  }
+  size_t k = sm_intervals_overlap(iv, N);
+  CHILD_CHECK(k == 0, "blocks [%#lx, %#lx) and [%#lx, %#lx) overlap",
+              (unsigned long)iv[k - 1].lo, (unsigned long)iv[k - 1].hi,
+              (unsigned long)iv[k].lo, (unsigned long)iv[k].hi);
+  for (size_t i = 0; i < N; i++)
+    smalloc_free(p[i]);
+  CHILD_CHECK(child_blocks_in_use() == before, "blocks_in_use %llu after freeing, want %llu",
+              (unsigned long long)child_blocks_in_use(), (unsigned long long)before);
+}
+
+/* ---- parent side ------------------------------------------------------------ */
+
+static size_t read_all(int fd, char *buf, size_t cap)
+{
+  size_t len = 0;
+  for (;;) {
+    char sink[4096];
+    char *dst = len + 1 < cap ? buf + len : sink;
+    size_t room = len + 1 < cap ? cap - 1 - len : sizeof sink;
+    ssize_t r = read(fd, dst, room);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0)
+      break;
+    if (dst == buf + len)
+      len += (size_t)r;
+  }
+  buf[len] = '\0';
+  return len;
+}
+
+static void run_child(misuse_fn fn, bool warn, outcome_t *o)
+{
+  int errp[2], expp[2];
+  memset(o, 0, sizeof *o);
+  ck_assert_int_eq(pipe(errp), 0);
+  ck_assert_int_eq(pipe(expp), 0);
+  fflush(NULL);
+  pid_t pid = fork();
+  ck_assert_msg(pid >= 0, "fork: %s", strerror(errno));
+  if (pid == 0) {
+    struct rlimit no_core = {0, 0};
+    setrlimit(RLIMIT_CORE, &no_core);   /* the aborts are expected */
+    signal(SIGABRT, SIG_DFL);
+    alarm(30);
+    close(errp[0]);
+    close(expp[0]);
+    if (dup2(errp[1], STDERR_FILENO) < 0)
+      _exit(3);
+    close(errp[1]);
+    expect_fd = expp[1];
+    /* the environment may say otherwise: each case picks its mode */
+    if (smalloc_option_set(SMALLOC_OPTION_ON_ERROR, warn ? 1 : 0) != 0)
+      child_fail("smalloc_option_set(SMALLOC_OPTION_ON_ERROR, %d) failed", warn);
+    fn(warn);
+    _exit(0);
+  }
+  close(errp[1]);
+  close(expp[1]);
+  /* the announced line is short and written first: it fits in the pipe */
+  read_all(errp[0], o->err, sizeof o->err);
+  read_all(expp[0], o->expect, sizeof o->expect);
+  close(errp[0]);
+  close(expp[0]);
+  while (waitpid(pid, &o->status, 0) < 0)
+    ck_assert_msg(errno == EINTR, "waitpid: %s", strerror(errno));
+  if (o->expect[0] == '^') {
+    o->prefix = true;
+    memmove(o->expect, o->expect + 1, strlen(o->expect));
+  }
+}
+
+/* Lines of err that are the diagnostic: the whole line, or a line that
+ * starts with it when only a prefix was announced. */
+static unsigned count_lines(const outcome_t *o)
+{
+  char want[600];
+  unsigned hits = 0;
+  snprintf(want, sizeof want, "smalloc: %s", o->expect);
+  size_t wn = strlen(want);
+  for (const char *line = o->err; *line;) {
+    const char *end = strchr(line, '\n');
+    size_t len = end ? (size_t)(end - line) : strlen(line);
+    if (strncmp(line, want, wn) == 0 && (o->prefix || len == wn))
+      hits++;
+    line += len + (end != NULL);
+  }
+  return hits;
+}
+
+static const char *describe(int status, char *buf, size_t cap)
+{
+  if (WIFEXITED(status))
+    snprintf(buf, cap, "exited with status %d", WEXITSTATUS(status));
+  else if (WIFSIGNALED(status))
+    snprintf(buf, cap, "killed by signal %d (%s)", WTERMSIG(status),
+             strsignal(WTERMSIG(status)));
+  else
+    snprintf(buf, cap, "status %#x", status);
+  return buf;
+}
+
+static void expect_abort(const char *name, misuse_fn fn)
+{
+  outcome_t o;
+  char st[64];
+  run_child(fn, false, &o);
+  ck_assert_msg(o.expect[0] != '\0', "%s: the child announced no diagnostic (%s); stderr:\n%s",
+                name, describe(o.status, st, sizeof st), o.err);
+  ck_assert_msg(WIFSIGNALED(o.status) && WTERMSIG(o.status) == SIGABRT,
+                "%s: the child %s, not SIGABRT; stderr:\n%s", name,
+                describe(o.status, st, sizeof st), o.err);
+  ck_assert_msg(count_lines(&o) == 1, "%s: expected the line 'smalloc: %s%s' once; stderr:\n%s",
+                name, o.expect, o.prefix ? "..." : "", o.err);
+}
+
+static void expect_warning(const char *name, misuse_fn fn)
+{
+  outcome_t o;
+  char st[64];
+  run_child(fn, true, &o);
+  ck_assert_msg(o.expect[0] != '\0', "%s: the child announced no diagnostic (%s); stderr:\n%s",
+                name, describe(o.status, st, sizeof st), o.err);
+  ck_assert_msg(WIFEXITED(o.status) && WEXITSTATUS(o.status) == 0,
+                "%s (warn): the child %s; stderr:\n%s", name,
+                describe(o.status, st, sizeof st), o.err);
+  ck_assert_msg(count_lines(&o) == 1,
+                "%s (warn): expected the line 'smalloc: %s%s' once; stderr:\n%s", name,
+                o.expect, o.prefix ? "..." : "", o.err);
+  ck_assert_msg(strstr(o.err, "abort") == NULL, "%s (warn): talks of aborting:\n%s", name,
+                o.err);
+}
+
+/* Two tests per misuse: it aborts by default, and with warn it reports and
+ * the process goes on. */
+#define MISUSE(name)                                                           \
+  START_TEST(name##_aborts) { expect_abort(#name, name); }                     \
+  END_TEST                                                                     \
+  START_TEST(name##_warns_and_goes_on) { expect_warning(#name, name); }        \
+  END_TEST
+
+#define ADD_MISUSE(tc, name)                                                   \
+  do {                                                                         \
+    tcase_add_test(tc, name##_aborts);                                         \
+    tcase_add_test(tc, name##_warns_and_goes_on);                              \
+  } while (0)
+
+/* ---- the misuses --------------------------------------------------------------- */
+
+static void double_free_at_once(bool warn)
+{
+  unsigned char *p = smalloc_malloc(32);
+  CHILD_CHECK(p != NULL, "malloc(32) failed");
+  smalloc_free(p);
+  uint64_t in_use = child_blocks_in_use();
+  expect_line("free(): double free of %p", (void *)p);
+  smalloc_free(sm_opaque(p));
+  if (!warn)
+    return;
+  CHILD_CHECK(child_blocks_in_use() == in_use, "the second free was counted");
+  heap_still_sound(32);
+}
+MISUSE(double_free_at_once)
+
+/* Other blocks of the page freed in between: the block is deeper in the
+ * page's local list, its link points to another free block. */
+static void double_free_after_other_frees(bool warn)
+{
+  enum { N = 64 };
+  unsigned char *a[N];
+  for (int i = 0; i < N; i++) {
+    a[i] = smalloc_malloc(48);
+    CHILD_CHECK(a[i] != NULL, "malloc(48) failed");
+  }
+  smalloc_free(a[10]);
+  for (int i = 11; i < 40; i++)
+    smalloc_free(a[i]);
+  for (int i = 0; i < 5; i++)
+    smalloc_free(a[N - 1 - i]);
+  uint64_t in_use = child_blocks_in_use();
+  expect_line("free(): double free of %p", (void *)a[10]);
+  smalloc_free(sm_opaque(a[10]));
+  if (!warn)
+    return;
+  CHILD_CHECK(child_blocks_in_use() == in_use, "the second free was counted");
+  heap_still_sound(48);
+}
+MISUSE(double_free_after_other_frees)
+
+/* Blocks handed out and freed again between the two frees, so the page's
+ * lists were swapped and rebuilt meanwhile. */
+static void double_free_after_reuse_of_others(bool warn)
+{
+  enum { N = 200 };
+  unsigned char *a[N];
+  for (int i = 0; i < N; i++)
+    a[i] = smalloc_malloc(96);
+  smalloc_free(a[0]);
+  for (int i = 1; i < N; i += 2)
+    smalloc_free(a[i]);
+  /* take some back (the free list first, the local list later) */
+  for (int i = 1; i < 60; i += 2) {
+    a[i] = smalloc_malloc(96);
+    CHILD_CHECK(a[i] != a[0], "a freed block came back: not a double free any more");
+  }
+  for (int i = 1; i < 60; i += 2)
+    smalloc_free(a[i]);
+  expect_line("free(): double free of %p", (void *)a[0]);
+  smalloc_free(sm_opaque(a[0]));
+  if (!warn)
+    return;
+  heap_still_sound(96);
+}
+MISUSE(double_free_after_reuse_of_others)
+
+static void *free_in_thread(void *p)
+{
+  smalloc_free(p);
+  return NULL;
+}
+
+/* First free from another thread (the block sits on the page's
+ * thread_free list), second from the owner. */
+static void double_free_after_cross_thread_free(bool warn)
+{
+  unsigned char *keep = smalloc_malloc(144);  /* keeps the page from retiring */
+  unsigned char *p = smalloc_malloc(144);
+  pthread_t t;
+  CHILD_CHECK(keep && p, "malloc(144) failed");
+  CHILD_CHECK(pthread_create(&t, NULL, free_in_thread, p) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  expect_line("free(): double free of %p", (void *)p);
+  smalloc_free(sm_opaque(p));
+  if (!warn)
+    return;
+  heap_still_sound(144);
+  smalloc_free(keep);
+}
+MISUSE(double_free_after_cross_thread_free)
+
+static void free_middle_of_block(bool warn, size_t size, size_t offset)
+{
+  unsigned char *p = smalloc_malloc(size);
+  CHILD_CHECK(p != NULL, "malloc(%zu) failed", size);
+  uint64_t seed = sm_pattern_seed(p, 1);
+  sm_pattern_fill(p, size, seed);
+  uint64_t in_use = child_blocks_in_use();
+  expect_line("free(): invalid pointer %p (not the start of a block)", (void *)(p + offset));
+  smalloc_free(sm_opaque(p + offset));
+  if (!warn)
+    return;
+  /* leaked: still allocated, still ours */
+  CHILD_CHECK(child_blocks_in_use() == in_use, "the bad free changed blocks_in_use");
+  CHILD_CHECK(sm_pattern_ok(p, size, seed), "the block changed");
+  CHILD_CHECK(smalloc_malloc_usable_size(p) >= size, "usable size %zu < %zu",
+              smalloc_malloc_usable_size(p), size);
+  heap_still_sound(size);
+  CHILD_CHECK(sm_pattern_ok(p, size, seed), "the block changed");
+  smalloc_free(p);
+  CHILD_CHECK(child_blocks_in_use() == in_use - 1, "the block did not free");
+}
+
+static void free_middle_of_small_block(bool warn)
+{
+  free_middle_of_block(warn, 100, 16);
+}
+MISUSE(free_middle_of_small_block)
+
+static void free_middle_of_medium_block(bool warn)
+{
+  free_middle_of_block(warn, 100 * KiB, 4096);
+}
+MISUSE(free_middle_of_medium_block)
+
+static void free_middle_of_large_block(bool warn)
+{
+  free_middle_of_block(warn, 1 * MiB, 64);
+}
+MISUSE(free_middle_of_large_block)
+
+static void free_middle_of_huge_block(bool warn)
+{
+  free_middle_of_block(warn, 3 * MiB, 2 * MiB);
+}
+MISUSE(free_middle_of_huge_block)
+
+/* A pointer smalloc never handed out: reported, left alone, and the heap
+ * goes on.  after() checks the foreign memory in warn mode. */
+static void free_foreign(bool warn, void *p)
+{
+  uint64_t in_use = child_blocks_in_use();
+  expect_line("free(): invalid pointer %p (not allocated by smalloc)", p);
+  smalloc_free(sm_opaque(p));
+  if (!warn)
+    return;
+  CHILD_CHECK(child_blocks_in_use() == in_use, "the bad free changed blocks_in_use");
+  heap_still_sound(64);
+}
+
+static void free_stack_address(bool warn)
+{
+  unsigned char buf[256];
+  memset(buf, 0x5a, sizeof buf);
+  void *live = smalloc_malloc(64);   /* a heap exists */
+  free_foreign(warn, buf + 32);
+  CHILD_CHECK(sm_find_not_byte(buf, sizeof buf, 0x5a) == SIZE_MAX, "the stack buffer changed");
+  smalloc_free(live);
+}
+MISUSE(free_stack_address)
+
+static unsigned char static_buf[4096] __attribute__((aligned(64)));
+
+static void free_static_address(bool warn)
+{
+  memset(static_buf, 0xa5, sizeof static_buf);
+  void *live = smalloc_malloc(64);
+  free_foreign(warn, static_buf + 64);
+  CHILD_CHECK(sm_find_not_byte(static_buf, sizeof static_buf, 0xa5) == SIZE_MAX,
+              "the static buffer changed");
+  smalloc_free(live);
+}
+MISUSE(free_static_address)
+
+/* The C library's own allocator.  When smalloc is the system malloc, plain
+ * malloc is smalloc's: ask libc.so.6 itself (RTLD_NEXT would find smalloc,
+ * which the program loads before libc). */
+typedef void *(*malloc_fn)(size_t);
+typedef void (*free_fn)(void *);
+
+static void libc_allocator(malloc_fn *m, free_fn *f)
+{
+#ifdef SM_OVERRIDE
+  void *h = dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
+  CHILD_CHECK(h != NULL, "dlopen(libc.so.6): %s", dlerror());
+  *(void **)m = dlsym(h, "malloc");
+  *(void **)f = dlsym(h, "free");
+  CHILD_CHECK(*m && *f, "dlsym(libc.so.6, malloc/free) failed");
+  CHILD_CHECK((void *)*m != (void *)smalloc_malloc, "libc.so.6's malloc is smalloc's");
+#else
+  *m = malloc;
+  *f = free;
+#endif
+}
+
+static void free_libc_block(bool warn)
+{
+  malloc_fn m;
+  free_fn f;
+  libc_allocator(&m, &f);
+  unsigned char *p = m(200);
+  CHILD_CHECK(p != NULL, "the C library's malloc failed");
+  memset(p, 0x3c, 200);
+  free_foreign(warn, p);
+  CHILD_CHECK(sm_find_not_byte(p, 200, 0x3c) == SIZE_MAX, "the libc block changed");
+  f(p);
+}
+MISUSE(free_libc_block)
+
+/* A mapping of our own, alone in its 4 MiB unit, so that no smalloc
+ * segment shares it. */
+static unsigned char *map_own_unit(void)
+{
+  size_t len = 8 * MiB;
+  unsigned char *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHILD_CHECK(m != MAP_FAILED, "mmap: %s", strerror(errno));
+  unsigned char *unit = (unsigned char *)(((uintptr_t)m + 4 * MiB - 1) & ~(uintptr_t)(4 * MiB - 1));
+  memset(unit, 0x77, 64 * KiB);
+  return unit;
+}
+
+static void free_mmap_page(bool warn)
+{
+  unsigned char *unit = map_own_unit();
+  void *live = smalloc_malloc(64);
+  free_foreign(warn, unit + 4096 + 16);
+  CHILD_CHECK(sm_find_not_byte(unit, 64 * KiB, 0x77) == SIZE_MAX, "the mapping changed");
+  smalloc_free(live);
+}
+MISUSE(free_mmap_page)
+
+/* The start of a mapped 4 MiB unit: where a segment header would be. */
+static void free_mmap_unit_start(bool warn)
+{
+  unsigned char *unit = map_own_unit();
+  void *live = smalloc_malloc(64);
+  free_foreign(warn, unit);
+  CHILD_CHECK(sm_find_not_byte(unit, 64 * KiB, 0x77) == SIZE_MAX, "the mapping changed");
+  smalloc_free(live);
+}
+MISUSE(free_mmap_unit_start)
+
+/* A pointer into smalloc's own metadata: the header at the start of the
+ * segment of a live block is no block. */
+static void free_segment_header(bool warn)
+{
+  unsigned char *p = smalloc_malloc(64);
+  CHILD_CHECK(p != NULL, "malloc(64) failed");
+  unsigned char *hdr = (unsigned char *)((uintptr_t)p & ~(uintptr_t)(4 * MiB - 1)) + 256;
+  expect_line("^free(): invalid pointer %p (not ", (void *)hdr);
+  smalloc_free(sm_opaque(hdr));
+  if (!warn)
+    return;
+  heap_still_sound(64);
+  smalloc_free(p);
+}
+MISUSE(free_segment_header)
+
+/* A freed block's first word (its free-list link) overwritten: the
+ * allocations of its size class reach it and must stop there. */
+static void corrupted_free_list(bool warn)
+{
+  enum { SIZE = 208, MAX = 100000 };
+  static void *kept[MAX];
+  unsigned char *victim = smalloc_malloc(SIZE);
+  CHILD_CHECK(victim != NULL, "malloc failed");
+  smalloc_free(victim);
+  memset(victim, 0x41, 8);   /* a use after free */
+  expect_line("^corrupted free list in page at 0x");
+  size_t i;
+  for (i = 0; i < MAX; i++) {
+    kept[i] = smalloc_malloc(SIZE);
+    CHILD_CHECK(kept[i] != NULL, "malloc(%d) failed after %zu", SIZE, i);
+    if (kept[i] == victim)
+      break;
+  }
+  CHILD_CHECK(i < MAX, "the freed block never came back");
+  /* the next allocation of the class would follow the bad link */
+  unsigned char *q = smalloc_malloc(SIZE);
+  if (!warn)
+    child_fail("malloc after the corrupted block returned %p", (void *)q);
+  CHILD_CHECK(q != NULL && sm_is_aligned(q, 16) && smalloc_malloc_usable_size(q) >= SIZE,
+              "malloc after the corrupted block returned %p", (void *)q);
+  memset(q, 0, SIZE);
+  heap_still_sound(SIZE);
+}
+MISUSE(corrupted_free_list)
+
+/* The same on the list of blocks freed by other threads, which the owner
+ * collects when its own lists run dry. */
+static void corrupted_thread_free_list(bool warn)
+{
+  enum { SIZE = 224, MAX = 100000 };
+  static void *kept[MAX];
+  unsigned char *a = smalloc_malloc(SIZE), *b = smalloc_malloc(SIZE);
+  pthread_t t;
+  CHILD_CHECK(a && b, "malloc failed");
+  CHILD_CHECK(pthread_create(&t, NULL, free_in_thread, a) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  CHILD_CHECK(pthread_create(&t, NULL, free_in_thread, b) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  memset(b, 0x41, 8);   /* b heads the list; its link led to a */
+  expect_line("^corrupted free list in page at 0x");
+  for (size_t i = 0; i < MAX; i++) {
+    kept[i] = smalloc_malloc(SIZE);
+    CHILD_CHECK(kept[i] != NULL && sm_is_aligned(kept[i], 16),
+                "malloc(%d) returned %p after %zu", SIZE, kept[i], i);
+    if (kept[i] == b)
+      break;
+  }
+  if (!warn)
+    child_fail("the corrupted link was never reached");
+  heap_still_sound(SIZE);
+}
+MISUSE(corrupted_thread_free_list)
+
+static void realloc_foreign(bool warn)
+{
+  unsigned char buf[128];
+  memset(buf, 0x11, sizeof buf);
+  void *live = smalloc_malloc(64);
+  expect_line("realloc(): invalid pointer %p (not allocated by smalloc)", (void *)buf);
+  void *q = smalloc_realloc(sm_opaque(buf), 256);
+  if (!warn)
+    return;
+  CHILD_CHECK(q == NULL, "realloc of a foreign pointer returned %p", q);
+  CHILD_CHECK(sm_find_not_byte(buf, sizeof buf, 0x11) == SIZE_MAX, "the buffer changed");
+  heap_still_sound(256);
+  smalloc_free(live);
+}
+MISUSE(realloc_foreign)
+
+static void realloc_foreign_mapping(bool warn)
+{
+  unsigned char *unit = map_own_unit();
+  void *live = smalloc_malloc(64);
+  expect_line("realloc(): invalid pointer %p (not allocated by smalloc)", (void *)(unit + 32));
+  void *q = smalloc_realloc(sm_opaque(unit + 32), 10);
+  if (!warn)
+    return;
+  CHILD_CHECK(q == NULL, "realloc of a foreign pointer returned %p", q);
+  CHILD_CHECK(sm_find_not_byte(unit, 64 * KiB, 0x77) == SIZE_MAX, "the mapping changed");
+  heap_still_sound(10);
+  smalloc_free(live);
+}
+MISUSE(realloc_foreign_mapping)
+
+static void usable_size_foreign(bool warn)
+{
+  static unsigned char buf[512];
+  void *live = smalloc_malloc(64);
+  expect_line("malloc_usable_size(): invalid pointer %p (not allocated by smalloc)",
+              (void *)(buf + 16));
+  size_t n = smalloc_malloc_usable_size(sm_opaque(buf + 16));
+  if (!warn)
+    return;
+  CHILD_CHECK(n == 0, "malloc_usable_size of a foreign pointer = %zu", n);
+  heap_still_sound(64);
+  smalloc_free(live);
+}
+MISUSE(usable_size_foreign)
+
+static void usable_size_libc_block(bool warn)
+{
+  malloc_fn m;
+  free_fn f;
+  libc_allocator(&m, &f);
+  void *p = m(100);
+  CHILD_CHECK(p != NULL, "the C library's malloc failed");
+  expect_line("malloc_usable_size(): invalid pointer %p (not allocated by smalloc)", p);
+  size_t n = smalloc_malloc_usable_size(sm_opaque(p));
+  if (!warn)
+    return;
+  CHILD_CHECK(n == 0, "malloc_usable_size of a foreign pointer = %zu", n);
+  f(p);
+  heap_still_sound(100);
+}
+MISUSE(usable_size_libc_block)
+
+/* free_sized takes the same checks as free. */
+static void free_sized_foreign(bool warn)
+{
+  unsigned char buf[64];
+  void *live = smalloc_malloc(64);
+  expect_line("^free");
+  smalloc_free_sized(sm_opaque(buf), sizeof buf);
+  if (!warn)
+    return;
+  heap_still_sound(64);
+  smalloc_free(live);
+}
+MISUSE(free_sized_foreign)
+
+/* ---- warn mode keeps reporting within bounds ------------------------------------ */
+
+static void many_bad_frees(bool warn)
+{
+  unsigned char buf[64];
+  (void)warn;
+  expect_line("^free(): invalid pointer 0x");
+  for (int i = 0; i < 1000; i++)
+    smalloc_free(sm_opaque(buf + (i % 4) * 16));
+}
+
+START_TEST(warn_mode_caps_repeated_reports)
+{
+  outcome_t o;
+  char st[64];
+  run_child(many_bad_frees, true, &o);
+  ck_assert_msg(WIFEXITED(o.status) && WEXITSTATUS(o.status) == 0, "the child %s:\n%s",
+                describe(o.status, st, sizeof st), o.err);
+  unsigned lines = count_lines(&o);
+  ck_assert_msg(lines >= 1 && lines < 100, "1000 bad frees gave %u reports", lines);
+}
+END_TEST
+
+/* ---- errno ------------------------------------------------------------------------ */
+
+static void *free_list_in_thread(void *arg)
+{
+  void **v = arg;
+  int bad = 0;
+  for (size_t i = 0; v[i]; i++) {
+    errno = EILSEQ;
+    smalloc_free(v[i]);
+    bad += errno != EILSEQ;
+  }
+  return (void *)(uintptr_t)bad;
+}
+
+START_TEST(free_keeps_errno)
+{
+  /* frees that return memory to the OS at once take every path that may
+   * make a system call */
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_SEGMENT_CACHE, 0), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 0), 0);
+  static const size_t sizes[] = {0, 1, 24, 200, 1000, 5000, 9000, 70 * KiB, 256 * KiB,
+                                 300 * KiB, 1 * MiB, 2 * MiB, 3 * MiB, 9 * MiB};
+  enum { NS = sizeof sizes / sizeof sizes[0], PER = 40 };
+  for (int round = 0; round < 3; round++) {
+    static void *v[NS * PER + 1];
+    static size_t n[NS * PER];
+    size_t k = 0;
+    for (size_t s = 0; s < NS; s++)
+      for (int j = 0; j < (sizes[s] > 256 * KiB ? 2 : PER); j++) {
+        n[k] = sizes[s];
+        v[k] = smalloc_malloc(n[k]);
+        ck_assert_ptr_nonnull(v[k]);
+        k++;
+      }
+    v[k] = NULL;
+    if (round == 1) {
+      /* freed by another thread */
+      pthread_t t;
+      void *bad;
+      ck_assert_int_eq(pthread_create(&t, NULL, free_list_in_thread, v), 0);
+      ck_assert_int_eq(pthread_join(t, &bad), 0);
+      ck_assert_msg(bad == NULL, "%zu frees in a thread changed errno", (size_t)(uintptr_t)bad);
+      continue;
+    }
+    for (size_t i = 0; i < k; i++) {
+      errno = EILSEQ;
+      if (round == 2)
+        smalloc_free_sized(v[i], n[i]);
+      else
+        smalloc_free(v[i]);
+      ck_assert_msg(errno == EILSEQ, "free of block %zu changed errno to %d", i, errno);
+    }
+    errno = EILSEQ;
+    smalloc_free(NULL);
+    ck_assert_int_eq(errno, EILSEQ);
+  }
+  errno = EILSEQ;
+  smalloc_collect(true);
+  ck_assert_int_eq(errno, EILSEQ);
+}
+END_TEST
+
+int main(void)
+{
+  Suite *s = suite_create("misuse");
+  TCase *tc = sm_tcase("misuse", 60);
+  ADD_MISUSE(tc, double_free_at_once);
+  ADD_MISUSE(tc, double_free_after_other_frees);
+  ADD_MISUSE(tc, double_free_after_reuse_of_others);
+  ADD_MISUSE(tc, double_free_after_cross_thread_free);
+  ADD_MISUSE(tc, free_middle_of_small_block);
+  ADD_MISUSE(tc, free_middle_of_medium_block);
+  ADD_MISUSE(tc, free_middle_of_large_block);
+  ADD_MISUSE(tc, free_middle_of_huge_block);
+  ADD_MISUSE(tc, free_stack_address);
+  ADD_MISUSE(tc, free_static_address);
+  ADD_MISUSE(tc, free_libc_block);
+  ADD_MISUSE(tc, free_mmap_page);
+  ADD_MISUSE(tc, free_mmap_unit_start);
+  ADD_MISUSE(tc, free_segment_header);
+  ADD_MISUSE(tc, corrupted_free_list);
+  ADD_MISUSE(tc, corrupted_thread_free_list);
+  ADD_MISUSE(tc, realloc_foreign);
+  ADD_MISUSE(tc, realloc_foreign_mapping);
+  ADD_MISUSE(tc, usable_size_foreign);
+  ADD_MISUSE(tc, usable_size_libc_block);
+  ADD_MISUSE(tc, free_sized_foreign);
+  tcase_add_test(tc, warn_mode_caps_repeated_reports);
+  tcase_add_test(tc, free_keeps_errno);
+  suite_add_tcase(s, tc);
+  return sm_run_suite(s);
+}
