@@ -531,7 +531,7 @@ enum { CH_WARMUP = 3, CH_STEADY_ROUNDS = 1000, CH_PINGPONG = 1000000 };
 enum { CH_SMALL_BATCH = 1000 };
 /* Pattern B: eight and a half pages of each of these (all <= 1 KiB, so
  * their pages are kept the full retire cycles; about 30 slow-path entries
- * a round, far below the default 256). */
+ * a round, far below the default 1024). */
 static const size_t ch_steady_sizes[] = {128, 256, 1024};
 #define CH_STEADY_CLASSES (sizeof ch_steady_sizes / sizeof ch_steady_sizes[0])
 
