@@ -60,7 +60,7 @@ void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
     else heap->stats.calls[SM_CALL_MALLOC_FAILED]++;
     return p;
   }
-  size_t bin = sm_bin_of(n + SM_CANARY);
+  size_t bin = sm_bin_of(sm_class_size(n));
   sm_page_t *page = heap->queues[bin].first;
   if (page && page->free) {
     if (sm_unlikely(((uintptr_t)page->free ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
@@ -72,6 +72,26 @@ void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
       sm_track_malloc(p, n, false);
       return p;
     }
+  }
+  if (page && page->local_free && !page->free) {
+    /* the churn case, kept short: swap local_free in (step 1) */
+    heap->cycle++;
+    page->free = page->local_free;
+    page->local_free = NULL;
+    int step = SMALLOC_STEP_LOCAL_SWAP;
+    if (page->retired) {
+      sm_page_unretire(heap, page);
+      heap->stats.pages_reused++;
+      step = SMALLOC_STEP_RETIRED_PAGE;
+    }
+    heap->stats.class_steps[bin][step]++;
+    sm_page_fold_stats(heap, page);
+    if (heap->retired_first && sm_cycle_reached(heap->cycle, heap->retired_first->retire_expire))
+      sm_heap_collect_retired(heap, false);
+    heap->stats.requested += n;
+    void *p = sm_page_pop(page);
+    sm_track_malloc(p, n, false);
+    return p;
   }
   page = sm_page_find(heap, bin);
   if (sm_unlikely(page == NULL)) {
@@ -126,7 +146,7 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
   if (alignment <= 16) return sm_malloc_other(n);
   if (n == 0) n = 1;   /* the aligned result must still point into its block */
   if (n <= SM_MEDIUM_MAX - SM_CANARY && alignment <= SM_SEGMENT_HDR) {
-    size_t bin = sm_bin_of(n + SM_CANARY);
+    size_t bin = sm_bin_of(sm_class_size(n));
     if ((sm_bin_size(bin) & (alignment - 1)) == 0) {
       /* page starts are 16 KiB aligned, so these blocks are aligned too */
       void *p = sm_malloc_other(n);
@@ -203,7 +223,7 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
   if (sm_track_on() || SM_GUARD) {
     /* copy: memcheck sees one block die and another start; in the secure
      * build the guard page after a large or huge block stays put */
-    if (!sm_track_on() && seg->kind < SM_SEG_SINGLE && n <= usable && n >= usable / 2) {
+    if (!sm_track_on() && n <= usable && (seg->kind >= SM_SEG_SINGLE || n >= usable / 2)) {
       heap->stats.requested += n;
       return p;
     }

@@ -66,10 +66,9 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
     page->local_free = b;
     sm_cnt_add(page->frees, 1);
     page->used--;
-    sm_page_unfull(heap, page);
-    if (page->used != 0 || page->free != NULL) return;
   }
-  sm_page_retire(heap, page);
+  sm_page_unfull(heap, page);
+  if (page->used == 0 && page->free == NULL) sm_page_retire(heap, page);
 }
 
 /* Free from a thread that does not own the page: one CAS onto thread_free.

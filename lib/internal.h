@@ -66,7 +66,7 @@
 
 #define SM_SMALL_MAX       ((size_t)8 << 10)     /* blocks in 64 KiB pages */
 #define SM_MEDIUM_MAX      ((size_t)256 << 10)   /* blocks in 512 KiB pages */
-#define SM_DIRECT_MAX      ((size_t)1024)        /* served by heap->direct */
+#define SM_DIRECT_MAX      SM_SMALL_MAX          /* served by heap->direct */
 #define SM_DIRECT_COUNT    (SM_DIRECT_MAX / 16 + 1)
 #define SM_BIN_COUNT       (SMALLOC_STATS_CLASSES + 1)  /* bins 1..96 */
 #define SM_BIN_SMALL_LAST  56                    /* bin of 8 KiB */
@@ -92,11 +92,13 @@ typedef struct sm_page_s sm_page_t;
 typedef struct sm_segment_s sm_segment_t;
 typedef struct sm_heap_s sm_heap_t;
 
-/* page flags: any set flag sends free() to its slow path */
+/* page flags */
 enum {
-  SM_PAGE_IN_FULL     = 1,   /* on the heap's full list */
+  SM_PAGE_IN_FULL     = 1,   /* on the heap's full list (other threads' frees notify) */
   SM_PAGE_HAS_ALIGNED = 2,   /* holds blocks returned at an aligned offset */
   SM_PAGE_TRACKED     = 4,   /* running under valgrind: every free goes out of line */
+  /* flags that send every free of the page to the out-of-line path */
+  SM_PAGE_SLOW_FREE   = SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED,
 };
 
 struct sm_page_s {
@@ -108,8 +110,8 @@ struct sm_page_s {
   uint8_t in_use;                /* carved out of its segment */
   uint8_t retired;               /* empty, kept warm; on heap->retired list */
   sm_block_t *local_free;
-  /* the owner's thread id while no flag is set, else 0: one compare in
-   * free decides "owner thread, nothing special" */
+  /* the owner's thread id unless a SM_PAGE_SLOW_FREE flag is set, else 0:
+   * one compare in free decides "owner thread, nothing special" */
   _Atomic uintptr_t xtid;
   uint8_t *start;
   uint64_t div_magic;            /* ceil(2^64 / block_size): divisibility test */
@@ -184,7 +186,7 @@ typedef struct sm_tstats_s {
 } sm_tstats_t;
 
 struct sm_heap_s {
-  sm_page_t *direct[SM_DIRECT_COUNT];    /* first page for (n+15)/16, n <= 1 KiB */
+  sm_page_t *direct[SM_DIRECT_COUNT];    /* first page for (n+15)/16, n <= 8 KiB */
   uintptr_t thread_id;
   uint32_t cycle;                        /* slow-path entries (wraps; compared as a difference) */
   uint32_t next_purge_check;
@@ -316,8 +318,15 @@ size_t sm_usable_size(const void *p, const char *who);
 /* The fast path: about a dozen instructions, one unlikely branch.  The
  * branch also catches the static empty heap (its pages are outside every
  * segment) and a free-list pointer that left its segment (corruption). */
+/* The bytes a request of n needs from its size class: the secure build
+ * adds the canary and keeps at least 16 usable bytes. */
+SM_INLINE size_t sm_class_size(size_t n) {
+  if (!SM_CANARY) return n;
+  return (n < 16 ? 16 : n) + SM_CANARY;
+}
+
 SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
-  sm_page_t *page = heap->direct[(n + SM_CANARY + 15) >> 4];
+  sm_page_t *page = heap->direct[(sm_class_size(n) + 15) >> 4];
   sm_block_t *b = page->free;
   if (sm_unlikely(((uintptr_t)b ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT))
     return sm_malloc_generic(heap, n);
@@ -371,12 +380,16 @@ SM_INLINE void sm_free_inline(void *p) {
       sm_free_local_slow(page, b, p);   /* may be a double free: check, then push */
       return;
     }
-    b->next = sm_enc(page, page->local_free);
+    sm_block_t *lf = page->local_free;
+    b->next = sm_enc(page, lf);
     page->local_free = b;
 #if SM_STATS
     sm_cnt_add(page->frees, 1);
 #endif
-    if (sm_unlikely(--page->used == 0) && page->free == NULL) sm_free_local_slow(page, NULL, NULL);
+    /* the page emptied, or it may be on the full list (first local free
+     * since its lists ran dry): let the slow path look */
+    if (sm_unlikely(--page->used == 0 || lf == NULL) && page->free == NULL)
+      sm_free_local_slow(page, NULL, NULL);
   }
 }
 

@@ -198,12 +198,13 @@ void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
 /* ---- flags --------------------------------------------------------------- */
 
 /* Flags and xtid change together (owner thread only): xtid is the owner's
- * thread id exactly when no flag is set, so free's fast path needs one
- * compare.  Sequentially consistent: see sm_page_to_full. */
+ * thread id unless a flag needs every free out of line, so free's fast
+ * path needs one compare.  Sequentially consistent: see sm_page_to_full. */
 void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid) {
-  if (flags != 0) atomic_store_explicit(&page->xtid, 0, memory_order_seq_cst);
+  bool slow = (flags & SM_PAGE_SLOW_FREE) != 0 || tid == 0;
+  if (slow) atomic_store_explicit(&page->xtid, 0, memory_order_seq_cst);
   atomic_store_explicit(&page->flags, flags, memory_order_seq_cst);
-  if (flags == 0) atomic_store_explicit(&page->xtid, tid, memory_order_seq_cst);
+  if (!slow) atomic_store_explicit(&page->xtid, tid, memory_order_seq_cst);
 }
 
 /* ---- full pages ------------------------------------------------------------ */

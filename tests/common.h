@@ -1,0 +1,269 @@
+/* Helpers shared by the libcheck suites.
+ *
+ * Every suite calls the smalloc_* names so that it also runs against a
+ * --disable-override build under a sanitizer; SM_OVERRIDE (config.h) tells a
+ * suite that the libc names are smalloc's too and may be checked as such.
+ *
+ * Nothing here allocates behind the caller's back: suites count blocks through
+ * the stats, and a helper that called malloc would skew the counts.
+ */
+#ifndef SMALLOC_TESTS_COMMON_H
+#define SMALLOC_TESTS_COMMON_H
+
+#include "config.h"
+
+#include <check.h>
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "smalloc.h"
+
+#define KiB ((size_t)1 << 10)
+#define MiB ((size_t)1 << 20)
+#define GiB ((size_t)1 << 30)
+
+#ifdef SM_OVERRIDE
+#define SM_HAVE_OVERRIDE 1
+#else
+#define SM_HAVE_OVERRIDE 0
+#endif
+
+/* ck_assert* reports every passing check to the parent process (one write
+ * per call in fork mode), far too slow inside loops of a million steps.  This
+ * one costs a branch until it fails. */
+#define SM_CHECK(expr, fmt, ...)                                               \
+  do {                                                                         \
+    if (__builtin_expect(!(expr), 0))                                          \
+      ck_abort_msg("check '%s' failed: " fmt, #expr, ##__VA_ARGS__);           \
+  } while (0)
+
+/* Keep the compiler from reasoning about a pointer or a size (it knows what
+ * malloc, free and memset do and may drop a malloc/free pair or fold a size
+ * check on a constant). */
+static inline void *sm_opaque(void *p)
+{
+  __asm__ volatile("" : "+r"(p) : : "memory");
+  return p;
+}
+
+static inline size_t sm_opaque_size(size_t n)
+{
+  __asm__ volatile("" : "+r"(n));
+  return n;
+}
+
+static inline bool sm_is_aligned(const void *p, size_t alignment)
+{
+  return ((uintptr_t)p & (alignment - 1)) == 0;
+}
+
+static inline size_t sm_page_size(void)
+{
+  return (size_t)sysconf(_SC_PAGESIZE);
+}
+
+/* ---- random numbers: xorshift64*, fixed seeds, reproducible runs --------- */
+
+typedef struct sm_rng {
+  uint64_t s;
+} sm_rng_t;
+
+static inline void sm_rng_seed(sm_rng_t *r, uint64_t seed)
+{
+  r->s = seed ? seed : 0x9E3779B97F4A7C15u;
+}
+
+static inline uint64_t sm_rng_next(sm_rng_t *r)
+{
+  uint64_t x = r->s;
+  x ^= x >> 12;
+  x ^= x << 25;
+  x ^= x >> 27;
+  r->s = x;
+  return x * 0x2545F4914F6CDD1Du;
+}
+
+/* Uniform in [0, n), n > 0 (the bias of the multiply-shift is irrelevant). */
+static inline size_t sm_rng_below(sm_rng_t *r, size_t n)
+{
+  return (size_t)(((unsigned __int128)sm_rng_next(r) * n) >> 64);
+}
+
+/* Uniform in [lo, hi]. */
+static inline size_t sm_rng_range(sm_rng_t *r, size_t lo, size_t hi)
+{
+  return lo + sm_rng_below(r, hi - lo + 1);
+}
+
+/* ---- patterns -------------------------------------------------------------
+ * Byte i of a block filled with seed s depends on s and i only, so a block's
+ * prefix still checks after realloc moved it.  Derive the seed from the
+ * block's first address and a generation number (sm_pattern_seed) so that two
+ * blocks, or two lives of one block, never carry the same bytes. */
+
+static inline uint64_t sm_mix64(uint64_t x)
+{
+  x ^= x >> 30;
+  x *= 0xBF58476D1CE4E5B9u;
+  x ^= x >> 27;
+  x *= 0x94D049BB133111EBu;
+  x ^= x >> 31;
+  return x;
+}
+
+static inline uint64_t sm_pattern_seed(const void *p, uint64_t generation)
+{
+  return sm_mix64((uint64_t)(uintptr_t)p ^ (generation * 0x9E3779B97F4A7C15u));
+}
+
+static inline uint64_t sm_pattern_word(uint64_t seed, size_t word)
+{
+  /* Cheaper than a full mix per word; still differs in every byte lane. */
+  uint64_t x = seed + (uint64_t)word * 0x9E3779B97F4A7C15u;
+  x ^= x >> 29;
+  x *= 0xBF58476D1CE4E5B9u;
+  return x ^ (x >> 32);
+}
+
+static inline uint8_t sm_pattern_byte(uint64_t seed, size_t i)
+{
+  return (uint8_t)(sm_pattern_word(seed, i / 8) >> (8 * (i % 8)));
+}
+
+static inline void sm_pattern_fill(void *p, size_t n, uint64_t seed)
+{
+  unsigned char *b = p;
+  size_t w;
+  for (w = 0; w < n / 8; w++) {
+    uint64_t v = sm_pattern_word(seed, w);
+    memcpy(b + 8 * w, &v, 8);
+  }
+  for (size_t i = 8 * w; i < n; i++)
+    b[i] = sm_pattern_byte(seed, i);
+}
+
+/* Fill [from, to) of a block whose bytes follow seed (to grow a filled
+ * prefix after realloc). */
+static inline void sm_pattern_fill_range(void *p, size_t from, size_t to,
+                                         uint64_t seed)
+{
+  unsigned char *b = p;
+  for (; from < to && from % 8; from++)
+    b[from] = sm_pattern_byte(seed, from);
+  for (; from + 8 <= to; from += 8) {
+    uint64_t v = sm_pattern_word(seed, from / 8);
+    memcpy(b + from, &v, 8);
+  }
+  for (; from < to; from++)
+    b[from] = sm_pattern_byte(seed, from);
+}
+
+/* Offset of the first byte that differs from the pattern, or SIZE_MAX. */
+static inline size_t sm_pattern_find_bad(const void *p, size_t n, uint64_t seed)
+{
+  const unsigned char *b = p;
+  size_t w;
+  for (w = 0; w < n / 8; w++) {
+    uint64_t v, want = sm_pattern_word(seed, w);
+    memcpy(&v, b + 8 * w, 8);
+    if (v != want)
+      break;
+  }
+  for (size_t i = 8 * w; i < n; i++)
+    if (b[i] != sm_pattern_byte(seed, i))
+      return i;
+  return SIZE_MAX;
+}
+
+static inline bool sm_pattern_ok(const void *p, size_t n, uint64_t seed)
+{
+  return sm_pattern_find_bad(p, n, seed) == SIZE_MAX;
+}
+
+/* Offset of the first byte of p[0..n) that is not c, or SIZE_MAX. */
+static inline size_t sm_find_not_byte(const void *p, size_t n, unsigned char c)
+{
+  const unsigned char *b = p;
+  uint64_t want = 0x0101010101010101u * c;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t v;
+    memcpy(&v, b + i, 8);
+    if (v != want)
+      break;
+  }
+  for (; i < n; i++)
+    if (b[i] != c)
+      return i;
+  return SIZE_MAX;
+}
+
+/* ---- statistics ---------------------------------------------------------- */
+
+static inline void sm_stats_snap(smalloc_stats_t *s)
+{
+  memset(s, 0, sizeof *s);
+  s->size = sizeof *s;
+  int rc = smalloc_stats_get(s);
+  SM_CHECK(rc == 0, "smalloc_stats_get returned %d", rc);
+}
+
+static inline uint64_t sm_blocks_in_use(void)
+{
+  smalloc_stats_t s;
+  sm_stats_snap(&s);
+  return s.blocks_in_use;
+}
+
+/* ---- intervals: no two live blocks overlap -------------------------------- */
+
+typedef struct sm_interval {
+  uintptr_t lo, hi; /* [lo, hi) */
+} sm_interval_t;
+
+static inline int sm_interval_cmp(const void *a, const void *b)
+{
+  const sm_interval_t *x = a, *y = b;
+  return x->lo < y->lo ? -1 : x->lo > y->lo;
+}
+
+/* Sorts v; returns the index i of the first interval overlapping v[i-1], or
+ * 0 when all are disjoint. */
+static inline size_t sm_intervals_overlap(sm_interval_t *v, size_t n)
+{
+  qsort(v, n, sizeof *v, sm_interval_cmp);
+  for (size_t i = 1; i < n; i++)
+    if (v[i].lo < v[i - 1].hi)
+      return i;
+  return 0;
+}
+
+/* ---- running a suite --------------------------------------------------------
+ * Fork mode (the libcheck default) gives every test a fresh process, so the
+ * counters a test reads start from its own baseline.  Timeouts are generous
+ * because sanitizer builds run these suites several times slower; runtime is
+ * kept small by the tests themselves. */
+
+static inline TCase *sm_tcase(const char *name, double timeout)
+{
+  TCase *tc = tcase_create(name);
+  tcase_set_timeout(tc, timeout);
+  return tc;
+}
+
+static inline int sm_run_suite(Suite *s)
+{
+  SRunner *sr = srunner_create(s);
+  srunner_run_all(sr, CK_NORMAL);
+  int failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed != 0 ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+#endif /* SMALLOC_TESTS_COMMON_H */

@@ -1,0 +1,335 @@
+/* fork() while other threads allocate: the child can allocate at once, free
+ * blocks of threads that do not exist in it, and start threads of its own. */
+#include "common.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <sys/wait.h>
+
+enum { CHURNERS = 3, KEPT = 300, RING = 64, FORKS = 20, THREAD_FORKS = 5 };
+
+typedef struct block {
+  unsigned char *p;
+  size_t n;
+  uint64_t seed;
+} block_t;
+
+static block_t kept[CHURNERS + 1][KEPT]; /* [CHURNERS] is the main thread's */
+static atomic_int ready, stop;
+static atomic_ulong churn_failures, churn_ops;
+
+static size_t random_size(sm_rng_t *r)
+{
+  size_t k = sm_rng_below(r, 1000);
+  if (k < 850)
+    return sm_rng_range(r, 0, 512);
+  if (k < 990)
+    return sm_rng_range(r, 513, 64 * KiB);
+  if (k < 998)
+    return sm_rng_range(r, 64 * KiB + 1, 1 * MiB);
+  return sm_rng_range(r, 2 * MiB + 1, 4 * MiB);
+}
+
+static size_t fill_len(size_t n)
+{
+  return n < 8192 ? n : 8192;
+}
+
+static bool make_block(block_t *b, sm_rng_t *r, uint64_t gen)
+{
+  b->n = random_size(r);
+  b->p = smalloc_malloc(b->n);
+  if (!b->p)
+    return false;
+  b->seed = sm_pattern_seed(b->p, gen);
+  sm_pattern_fill(b->p, fill_len(b->n), b->seed);
+  return true;
+}
+
+static bool block_ok(const block_t *b)
+{
+  return sm_pattern_ok(b->p, fill_len(b->n), b->seed);
+}
+
+static void *churner(void *arg)
+{
+  unsigned id = (unsigned)(uintptr_t)arg;
+  sm_rng_t r;
+  block_t ring[RING] = {{0}};
+  sm_rng_seed(&r, 99 + id);
+  for (int i = 0; i < KEPT; i++)
+    if (!make_block(&kept[id][i], &r, (uint64_t)i))
+      atomic_fetch_add(&churn_failures, 1);
+  atomic_fetch_add(&ready, 1);
+  uint64_t gen = 1000;
+  while (!atomic_load_explicit(&stop, memory_order_relaxed)) {
+    block_t *b = &ring[sm_rng_below(&r, RING)];
+    if (b->p) {
+      if (!block_ok(b))
+        atomic_fetch_add(&churn_failures, 1);
+      if (sm_rng_below(&r, 8) == 0) {
+        size_t n = random_size(&r) + 1; /* realloc(p, 0) would free */
+        unsigned char *q = smalloc_realloc(b->p, n);
+        if (!q || !sm_pattern_ok(q, fill_len(n < b->n ? n : b->n), b->seed)) {
+          atomic_fetch_add(&churn_failures, 1);
+          b->p = NULL;
+          continue;
+        }
+        smalloc_free(q);
+      } else {
+        smalloc_free(b->p);
+      }
+      b->p = NULL;
+    } else if (!make_block(b, &r, gen++)) {
+      atomic_fetch_add(&churn_failures, 1);
+    }
+    atomic_fetch_add_explicit(&churn_ops, 1, memory_order_relaxed);
+  }
+  for (int i = 0; i < RING; i++)
+    if (ring[i].p)
+      smalloc_free(ring[i].p);
+  return NULL;
+}
+
+/* ---- in the child -------------------------------------------------------------------
+ * No libcheck here: the child reports through its exit status and a line on
+ * stderr. */
+
+static int child_fail(const char *what)
+{
+  fprintf(stderr, "fork child %d: %s\n", (int)getpid(), what);
+  return 1;
+}
+
+static block_t child_blocks[2000];
+
+static void *child_thread(void *arg)
+{
+  sm_rng_t r;
+  block_t ring[RING] = {{0}};
+  sm_rng_seed(&r, (uint64_t)(uintptr_t)arg);
+  /* free the child main thread's blocks: a cross-thread free in the child */
+  for (size_t i = 1; i < sizeof child_blocks / sizeof child_blocks[0]; i += 2) {
+    if (!block_ok(&child_blocks[i]))
+      return (void *)"child thread: block of the child's main thread changed";
+    smalloc_free(child_blocks[i].p);
+    child_blocks[i].p = NULL;
+  }
+  for (int k = 0; k < 5000; k++) {
+    block_t *b = &ring[sm_rng_below(&r, RING)];
+    if (b->p) {
+      if (!block_ok(b))
+        return (void *)"child thread: block changed";
+      smalloc_free(b->p);
+      b->p = NULL;
+    } else if (!make_block(b, &r, (uint64_t)k)) {
+      return (void *)"child thread: malloc failed";
+    }
+  }
+  for (int i = 0; i < RING; i++)
+    smalloc_free(ring[i].p);
+  return NULL;
+}
+
+static int child_main(unsigned nr)
+{
+  alarm(20); /* a deadlocked child dies of SIGALRM, which the parent reports */
+  /* blocks of every thread of the parent, the forking one included */
+  for (int t = 0; t <= CHURNERS; t++)
+    for (int i = 0; i < KEPT; i++) {
+      if (!kept[t][i].p)
+        return child_fail("a kept block is missing");
+      if (!block_ok(&kept[t][i]))
+        return child_fail("a block inherited from the parent changed");
+      if (i % 2 == (int)(nr % 2))
+        smalloc_free(kept[t][i].p);
+    }
+  sm_rng_t r;
+  sm_rng_seed(&r, 5000 + nr);
+  size_t n = sizeof child_blocks / sizeof child_blocks[0];
+  for (size_t i = 0; i < n; i++)
+    if (!make_block(&child_blocks[i], &r, i))
+      return child_fail("malloc failed");
+  pthread_t t;
+  if (pthread_create(&t, NULL, child_thread, (void *)(uintptr_t)nr) != 0)
+    return child_fail("pthread_create failed");
+  void *res;
+  if (pthread_join(t, &res) != 0)
+    return child_fail("pthread_join failed");
+  if (res)
+    return child_fail(res);
+  for (size_t i = 0; i < n; i += 2) {
+    if (!block_ok(&child_blocks[i]))
+      return child_fail("a block of the child changed");
+    smalloc_free(child_blocks[i].p);
+  }
+  void *p = smalloc_malloc(100);
+  if (!p)
+    return child_fail("malloc after the thread failed");
+  smalloc_free(p);
+  return 0;
+}
+
+/* ---- in the parent ---------------------------------------------------------------------- */
+
+static pid_t fork_child(unsigned nr)
+{
+  fflush(NULL);
+  pid_t pid = fork();
+  if (pid == 0) {
+    /* _exit: a leak checker at exit() would scan only this thread's stack
+     * and report the parent's blocks that other threads' stacks hold. */
+    int rc = child_main(nr);
+    fflush(NULL);
+    _exit(rc);
+  }
+  return pid;
+}
+
+/* Returns NULL, or what went wrong. */
+static const char *wait_child(pid_t pid, char *buf, size_t len)
+{
+  int status;
+  if (pid < 0)
+    return "fork failed";
+  if (waitpid(pid, &status, 0) != pid)
+    return "waitpid failed";
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+    return NULL;
+  if (WIFSIGNALED(status))
+    snprintf(buf, len, "child %d killed by signal %d%s", (int)pid, WTERMSIG(status),
+             WTERMSIG(status) == SIGALRM ? " (deadlocked)" : "");
+  else
+    snprintf(buf, len, "child %d exited with %d", (int)pid, WEXITSTATUS(status));
+  return buf;
+}
+
+static void *forking_thread(void *arg)
+{
+  static char buf[128];
+  (void)arg;
+  for (unsigned i = 0; i < THREAD_FORKS; i++) {
+    const char *err = wait_child(fork_child(100 + i), buf, sizeof buf);
+    if (err)
+      return (void *)err;
+    usleep(1000);
+  }
+  return NULL;
+}
+
+static void start_churners(pthread_t *t)
+{
+  atomic_store(&ready, 0);
+  atomic_store(&stop, 0);
+  atomic_store(&churn_failures, 0);
+  atomic_store(&churn_ops, 0);
+  for (int i = 0; i < CHURNERS; i++)
+    ck_assert_int_eq(pthread_create(&t[i], NULL, churner, (void *)(uintptr_t)i), 0);
+  while (atomic_load(&ready) < CHURNERS)
+    usleep(100);
+}
+
+static void stop_churners(pthread_t *t)
+{
+  atomic_store(&stop, 1);
+  for (int i = 0; i < CHURNERS; i++)
+    ck_assert_int_eq(pthread_join(t[i], NULL), 0);
+  unsigned long failures = atomic_load(&churn_failures);
+  ck_assert_msg(failures == 0, "%lu failures in churning threads", failures);
+}
+
+static void make_main_kept(void)
+{
+  sm_rng_t r;
+  sm_rng_seed(&r, 4);
+  for (int i = 0; i < KEPT; i++)
+    ck_assert(make_block(&kept[CHURNERS][i], &r, (uint64_t)i));
+}
+
+static void free_all_kept(void)
+{
+  for (int t = 0; t <= CHURNERS; t++)
+    for (int i = 0; i < KEPT; i++) {
+      SM_CHECK(block_ok(&kept[t][i]), "kept block %d of thread %d changed", i, t);
+      smalloc_free(kept[t][i].p);
+      kept[t][i].p = NULL;
+    }
+}
+
+START_TEST(fork_while_threads_allocate)
+{
+  pthread_t t[CHURNERS];
+  char buf[128];
+  make_main_kept();
+  start_churners(t);
+  for (unsigned i = 0; i < FORKS; i++) {
+    unsigned long ops = atomic_load(&churn_ops);
+    pid_t pid = fork_child(i);
+    const char *err = wait_child(pid, buf, sizeof buf);
+    ck_assert_msg(err == NULL, "fork %u: %s", i, err);
+    /* let the churners get back into the allocator before the next fork */
+    while (atomic_load(&churn_ops) < ops + 200)
+      usleep(200);
+  }
+  unsigned long ops = atomic_load(&churn_ops);
+  stop_churners(t);
+  ck_assert_uint_gt(ops, 1000);
+  /* the parent's heap is fine too */
+  void *p = smalloc_malloc(1000);
+  ck_assert_ptr_nonnull(p);
+  smalloc_free(p);
+  free_all_kept();
+}
+END_TEST
+
+START_TEST(fork_from_a_thread)
+{
+  pthread_t t[CHURNERS], f;
+  void *res;
+  make_main_kept();
+  start_churners(t);
+  ck_assert_int_eq(pthread_create(&f, NULL, forking_thread, NULL), 0);
+  ck_assert_int_eq(pthread_join(f, &res), 0);
+  ck_assert_msg(res == NULL, "%s", (const char *)res);
+  stop_churners(t);
+  free_all_kept();
+}
+END_TEST
+
+START_TEST(forked_children_fork_again)
+{
+  /* a child that forks again: the handlers leave the allocator usable in
+   * every generation */
+  pthread_t t[CHURNERS];
+  char buf[128];
+  make_main_kept();
+  start_churners(t);
+  fflush(NULL);
+  pid_t pid = fork();
+  if (pid == 0) {
+    alarm(30);
+    for (unsigned i = 0; i < 3; i++) {
+      pid_t g = fork_child(200 + i);
+      if (wait_child(g, buf, sizeof buf))
+        _exit(child_fail(buf));
+    }
+    _exit(child_main(300));
+  }
+  const char *err = wait_child(pid, buf, sizeof buf);
+  ck_assert_msg(err == NULL, "%s", err);
+  stop_churners(t);
+  free_all_kept();
+}
+END_TEST
+
+int main(void)
+{
+  Suite *s = suite_create("fork");
+  TCase *tc = sm_tcase("fork", 60);
+  tcase_add_test(tc, fork_while_threads_allocate);
+  tcase_add_test(tc, fork_from_a_thread);
+  tcase_add_test(tc, forked_children_fork_again);
+  suite_add_tcase(s, tc);
+  return sm_run_suite(s);
+}
