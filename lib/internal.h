@@ -395,6 +395,7 @@ SM_INLINE void sm_free_inline(void *p) {
 
 /* ---- page.c / page-queue.c ------------------------------------------ */
 sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin);
+bool sm_page_valid(const sm_page_t *page);
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin);
 void sm_page_retire(sm_heap_t *heap, sm_page_t *page);
 void sm_page_unretire(sm_heap_t *heap, sm_page_t *page);

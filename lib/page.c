@@ -130,6 +130,25 @@ void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page) {
   page->used_folded = (int32_t)page->used;
 }
 
+/* Expensive invariant check (--enable-debug): every block on the page's
+ * owner lists lies in the page at a block boundary, and the lists plus
+ * the blocks in use (thread_free counts as in use until collected) add up
+ * to the blocks built so far. */
+static size_t sm_list_len(const sm_page_t *page, sm_block_t *b) {
+  size_t n = 0;
+  for (; b != NULL && n <= page->capacity; b = sm_dec(page, b->next), n++) {
+    size_t diff = (size_t)((uint8_t *)b - page->start);
+    sm_assert(diff < page->span && diff % page->block_size == 0);
+  }
+  return n;
+}
+
+bool sm_page_valid(const sm_page_t *page) {
+  sm_assert(page->in_use && page->capacity <= page->reserved && page->used <= page->capacity);
+  size_t free_blocks = sm_list_len(page, page->free) + sm_list_len(page, page->local_free);
+  return free_blocks + page->used == page->capacity;
+}
+
 /* ---- retire ------------------------------------------------------------- */
 
 static void sm_retired_unlink(sm_heap_t *heap, sm_page_t *page) {
@@ -146,6 +165,7 @@ void sm_page_unretire(sm_heap_t *heap, sm_page_t *page) {
 /* The page's last block was freed.  Keep it warm for its retire cycles on
  * the heap's retired list (ordered by expiry), or release it now. */
 void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
+  sm_assert_expensive(sm_page_valid(page));
   size_t cycles = sm_retire_cycles_for(page->block_size);
   if (cycles == 0) { sm_page_release(heap, page); return; }
   heap->stats.pages_retired++;
@@ -163,6 +183,7 @@ void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
 /* Give an empty page back to its segment. */
 void sm_page_release(sm_heap_t *heap, sm_page_t *page) {
   sm_assert(page->used == 0);
+  sm_assert(atomic_load_explicit(&page->thread_free, memory_order_relaxed) == NULL);
   sm_page_unretire(heap, page);
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
   sm_pq_remove(heap, (flags & SM_PAGE_IN_FULL) ? SM_BIN_FULL : page->bin, page);
@@ -305,6 +326,7 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
       }
       sm_count_step(heap, bin, step);
       sm_page_fold_stats(heap, page);   /* keeps the 32-bit frees count small */
+      sm_assert_expensive(sm_page_valid(page));
       return page;
     }
     sm_page_to_full(heap, page);
