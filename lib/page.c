@@ -68,6 +68,7 @@ static void sm_page_extend(sm_page_t *page) {
     uint16_t order[SM_EXTEND_BYTES / 16];
     uint8_t *base = page->start + (size_t)page->capacity * bsize;
     sm_heap_t *heap = sm_heap();
+    sm_track_reuse(base, n * bsize);
     for (size_t i = 0; i < n; i++) order[i] = (uint16_t)i;
     for (size_t i = n - 1; i > 0; i--) {
       size_t j = sm_heap_random(heap) % (i + 1);
@@ -85,6 +86,7 @@ static void sm_page_extend(sm_page_t *page) {
   }
 #endif
   uint8_t *first = page->start + (size_t)page->capacity * bsize;
+  sm_track_reuse(first, n * bsize);
   uint8_t *p = first;
   for (size_t i = 1; i < n; i++, p += bsize)
     ((sm_block_t *)p)->next = sm_enc(page, (sm_block_t *)(p + bsize));

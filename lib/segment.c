@@ -6,6 +6,7 @@
  * reclaimed by threads that need pages.  Single segments hold one large
  * block each and go through the same cache. */
 #include "internal.h"
+#include "track.h"
 
 #include <pthread.h>
 #include <time.h>
@@ -167,6 +168,7 @@ static void sm_segment_adopt(sm_heap_t *heap, sm_segment_t *seg) {
 static sm_segment_t *sm_segment_alloc(sm_heap_t *heap, int kind) {
   sm_segment_t *seg = sm_segment_raw_alloc();
   if (!seg) return NULL;
+  sm_track_reuse(seg, SM_SEGMENT_SIZE);
   memset(seg, 0, sizeof *seg);
   seg->cookie = (uintptr_t)seg ^ sm_secret;
   seg->kind = (uint8_t)kind;
@@ -224,6 +226,7 @@ sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *off
   if (offset + size + SM_GUARD > SM_SEGMENT_SIZE) return NULL;
   sm_segment_t *seg = sm_segment_raw_alloc();
   if (!seg) return NULL;
+  sm_track_reuse(seg, SM_SEGMENT_SIZE);
   sm_segment_clear_single(seg);
   seg->cookie = (uintptr_t)seg ^ sm_secret;
   seg->kind = SM_SEG_SINGLE;

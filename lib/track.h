@@ -28,6 +28,10 @@ extern bool sm_valgrind;
 #define sm_track_resize(p, old, new) \
   do { if (sm_track_on()) VALGRIND_RESIZEINPLACE_BLOCK((p), (old), (new), 0); } while (0)
 bool sm_track_memcheck(void);
+/* memory the library takes over again (a segment or page reused after its
+ * blocks died): addressable, contents undefined */
+#define sm_track_reuse(p, n) \
+  do { if (sm_track_on()) VALGRIND_MAKE_MEM_UNDEFINED((p), (n)); } while (0)
 #define sm_track_detect() (sm_valgrind = RUNNING_ON_VALGRIND != 0 && sm_track_memcheck())
 #else
 #define SM_TRACK 0
@@ -36,6 +40,7 @@ bool sm_track_memcheck(void);
 #define sm_track_free(p, b) ((void)0)
 #define sm_track_link(b) ((void)0)
 #define sm_track_resize(p, old, new) ((void)0)
+#define sm_track_reuse(p, n) ((void)0)
 #define sm_track_detect() ((void)0)
 #endif
 
