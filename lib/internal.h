@@ -64,12 +64,12 @@
 #define SM_SEGMENT_HDR     ((size_t)16 << 10)    /* header, before page 0 */
 #define SM_OS_PAGE         ((size_t)4096)
 
-#define SM_SMALL_MAX       ((size_t)8 << 10)     /* blocks in 64 KiB pages */
+#define SM_SMALL_MAX       ((size_t)8 << 10)     /* blocks served by the direct table */
 #define SM_MEDIUM_MAX      ((size_t)256 << 10)   /* blocks in 512 KiB pages */
 #define SM_DIRECT_MAX      SM_SMALL_MAX          /* served by heap->direct */
 #define SM_DIRECT_COUNT    (SM_DIRECT_MAX / 16 + 1)
 #define SM_BIN_COUNT       (SMALLOC_STATS_CLASSES + 1)  /* bins 1..96 */
-#define SM_BIN_SMALL_LAST  56                    /* bin of 8 KiB */
+#define SM_BIN_SMALL_LAST  32                    /* bin of 1 KiB: larger blocks use medium pages */
 #define SM_BIN_FULL        0                     /* queue index of full pages */
 /* A block that with its header fits in half a segment is "large" and gets
  * a cached 4 MiB segment of its own; beyond that it is "huge". */
