@@ -102,14 +102,24 @@ enum {
 };
 
 struct sm_page_s {
-  /* first cache line: everything the malloc and free fast paths touch */
+  /* line 1, written by the owner on every malloc and free */
   sm_block_t *free;
   uint32_t used;                 /* blocks handed out and not freed locally */
-  _Atomic uint8_t flags;
-  uint8_t bin;
   uint8_t in_use;                /* carved out of its segment */
   uint8_t retired;               /* empty, kept warm; on heap->retired list */
+  uint8_t bin;
+  uint8_t pad0;
   sm_block_t *local_free;
+  uint32_t frees;                /* local frees since the last stats fold */
+  uint32_t capacity;             /* blocks built into lists so far */
+  uint32_t reserved;             /* blocks that fit */
+  int32_t used_folded;           /* used at the last fold, less blocks collected since */
+  uint64_t retire_expire;        /* heap cycle after which it is released */
+  sm_page_t *next, *prev;        /* bin queue or full list */
+
+  /* line 2, read by every free, owner's or not, and written only when the
+   * page changes state: other threads' frees read it without pulling the
+   * owner's line 1 away from it */
   /* the owner's thread id unless a SM_PAGE_SLOW_FREE flag is set, else 0:
    * one compare in free decides "owner thread, nothing special" */
   _Atomic uintptr_t xtid;
@@ -117,23 +127,22 @@ struct sm_page_s {
   uint64_t div_magic;            /* ceil(2^64 / block_size): divisibility test */
   uintptr_t key;                 /* free-list links are stored xor key */
   uint32_t span;                 /* bytes from start covered by blocks */
-  uint32_t frees;                /* local frees since the last stats fold */
-  /* second line: the slow path */
-  _Atomic(sm_block_t *) thread_free;
   uint32_t block_size;
-  uint32_t capacity;             /* blocks built into lists so far */
-  uint32_t reserved;             /* blocks that fit */
-  int32_t used_folded;           /* used at the last fold, less blocks collected since */
-  uint64_t retire_expire;        /* heap cycle after which it is released */
-  sm_page_t *next, *prev;        /* bin queue or full list */
+  _Atomic uint8_t flags;
+  uint8_t pad1[7];
   sm_page_t *rnext, *rprev;      /* heap->retired list */
+
+  /* line 3: pushed by other threads with a CAS, taken by the owner */
+  _Atomic(sm_block_t *) thread_free __attribute__((aligned(64)));
 };
-_Static_assert(sizeof(sm_page_t) == 128, "page descriptor is 128 bytes");
+_Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines");
+_Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_free) == 128,
+               "page descriptor lines");
 
 enum { SM_SEG_SMALL = 0, SM_SEG_MEDIUM = 1, SM_SEG_SINGLE = 2, SM_SEG_HUGE = 3 };
 
 struct sm_segment_s {
-  sm_page_t pages[SM_SMALL_PAGES];   /* first: a page is segment + index * 128 */
+  sm_page_t pages[SM_SMALL_PAGES];   /* first: a page is segment + index * 192 */
   uintptr_t cookie;              /* address ^ sm_secret: a live header */
   _Atomic uintptr_t thread_id;   /* owner thread, 0 when abandoned or single */
   uint8_t kind;
