@@ -427,7 +427,7 @@ void sm_segment_page_free(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page);
 sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *offset_out);
 void sm_segment_single_free(sm_segment_t *seg);
 void sm_segment_abandon_heap(sm_heap_t *heap);
-bool sm_segment_reclaim_one(sm_heap_t *heap);
+bool sm_segment_reclaim_one(sm_heap_t *heap, int kind);
 void sm_segment_reclaim_all(sm_heap_t *heap);
 void sm_segment_cache_collect(bool force);
 void sm_segment_fork_prepare(void);

@@ -342,12 +342,21 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
   int kind = bin <= SM_BIN_SMALL_LAST ? SM_SEG_SMALL : SM_SEG_MEDIUM;
   bool new_segment = false;
   sm_page_t *page = sm_segment_page_alloc(heap, kind, &new_segment);
-  if (!page && sm_segment_reclaim_one(heap)) {
+  /* Before mapping: segments of exited threads, of the kind needed, until
+   * one gives a page.  Each is taken once, so the work is paid for by the
+   * segments it frees (their blocks were often all freed meanwhile). */
+  while (!page && sm_segment_reclaim_one(heap, kind)) {
     /* the reclaimed pages may serve this class already */
     if (q->first && (q->first->free || sm_page_refill(q->first) >= 0)) {
       sm_count_step(heap, bin, SMALLOC_STEP_NEXT_PAGE);
       return q->first;
     }
+    page = sm_segment_page_alloc(heap, kind, &new_segment);
+  }
+  if (!page) {
+    /* also drain the other kind's list, one segment per new segment, so
+     * it cannot grow without bound in a program that never asks for it */
+    sm_segment_reclaim_one(heap, 1 - kind);
     page = sm_segment_page_alloc(heap, kind, &new_segment);
   }
   if (!page) {

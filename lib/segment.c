@@ -16,9 +16,10 @@ _Atomic uint8_t sm_segmap[SM_SEGMAP_UNITS];
 static pthread_mutex_t sm_cache_lock = PTHREAD_MUTEX_INITIALIZER;
 static sm_segment_t *sm_cache_first;          /* most recently cached first */
 static size_t sm_cache_count;
+/* abandoned segments, one list per kind (small, medium) */
 static pthread_mutex_t sm_abandoned_lock = PTHREAD_MUTEX_INITIALIZER;
-static sm_segment_t *sm_abandoned_first;
-static _Atomic size_t sm_abandoned_count;
+static sm_segment_t *sm_abandoned_first[2];
+static _Atomic size_t sm_abandoned_count[2];
 
 void sm_segmap_set(uintptr_t seg, unsigned shift) {
   uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
@@ -270,26 +271,26 @@ void sm_segment_abandon_heap(sm_heap_t *heap) {
       atomic_store_explicit(&seg->thread_id, 0, memory_order_release);
       pthread_mutex_lock(&sm_abandoned_lock);
       seg->prev = NULL;
-      seg->next = sm_abandoned_first;
-      if (sm_abandoned_first) sm_abandoned_first->prev = seg;
-      sm_abandoned_first = seg;
-      atomic_fetch_add(&sm_abandoned_count, 1);
+      seg->next = sm_abandoned_first[seg->kind];
+      if (seg->next) seg->next->prev = seg;
+      sm_abandoned_first[seg->kind] = seg;
+      atomic_fetch_add(&sm_abandoned_count[seg->kind], 1);
       pthread_mutex_unlock(&sm_abandoned_lock);
       seg = next;
     }
   }
 }
 
-/* Take one abandoned segment and make its pages this heap's.  Returns
- * whether a segment was taken. */
-bool sm_segment_reclaim_one(sm_heap_t *heap) {
-  if (atomic_load_explicit(&sm_abandoned_count, memory_order_relaxed) == 0) return false;
+/* Take one abandoned segment of the kind and make its pages this heap's.
+ * Returns whether a segment was taken. */
+bool sm_segment_reclaim_one(sm_heap_t *heap, int kind) {
+  if (atomic_load_explicit(&sm_abandoned_count[kind], memory_order_relaxed) == 0) return false;
   pthread_mutex_lock(&sm_abandoned_lock);
-  sm_segment_t *seg = sm_abandoned_first;
+  sm_segment_t *seg = sm_abandoned_first[kind];
   if (seg) {
-    sm_abandoned_first = seg->next;
+    sm_abandoned_first[kind] = seg->next;
     if (seg->next) seg->next->prev = NULL;
-    atomic_fetch_sub(&sm_abandoned_count, 1);
+    atomic_fetch_sub(&sm_abandoned_count[kind], 1);
   }
   pthread_mutex_unlock(&sm_abandoned_lock);
   if (!seg) return false;
@@ -323,7 +324,7 @@ bool sm_segment_reclaim_one(sm_heap_t *heap) {
 
 /* Reclaim every abandoned segment (smalloc_collect(true)). */
 void sm_segment_reclaim_all(sm_heap_t *heap) {
-  while (sm_segment_reclaim_one(heap)) {
+  while (sm_segment_reclaim_one(heap, SM_SEG_SMALL) || sm_segment_reclaim_one(heap, SM_SEG_MEDIUM)) {
   }
 }
 

@@ -45,12 +45,13 @@ static void release(enum how how, void *p, size_t al, size_t n)
 }
 
 /* The waste an aligned request may carry: the alignment padding plus the
- * size-class rounding (under 1/8) of the padded request; beyond the largest
- * class (256 KiB) only a sanity bound. */
+ * size-class rounding (under 1/8) of the padded request (and in the secure
+ * layout the canary and the 16-byte minimum); beyond the largest class
+ * (256 KiB) only a sanity bound. */
 static size_t waste_bound(size_t al, size_t n)
 {
   if (n <= 256 * KiB)
-    return al + (n + al) / 8 + 16;
+    return al + (n + al) / 8 + 16 + SM_TEST_EXTRA_WASTE;
   return al + n / 8 + 4 * MiB;
 }
 

@@ -11,8 +11,14 @@
  *     in one thread while any other thread of the process is blocked (in
  *     pthread_join), so its deltas are exact.
  *   - Small pages are 64 KiB slices of 4 MiB segments, so the page of a
- *     small block (<= 8 KiB) is p & ~(64 KiB - 1).  Page 0 of a segment
- *     also holds the segment header and has fewer blocks than the others.
+ *     small block (<= 1 KiB) is p & ~(64 KiB - 1); larger blocks live in
+ *     512 KiB pages.  Page 0 of a segment also holds the segment header and
+ *     has fewer blocks than the others.
+ *   - The class serving a request, its page size and how many blocks fit
+ *     a page come from common.h (sm_test_class_size, sm_test_page_size,
+ *     sm_test_page_capacity): the secure layout adds a canary to every
+ *     block and a guard to every page.  Tests that want blocks of a given
+ *     size ask for SM_TEST_REQUEST_FOR(size) bytes.
  *   - slow_path counts entries into the malloc slow path and every entry is
  *     served by exactly one step: sum(slow_steps) == slow_path.
  *   - A page whose last block is freed (and whose free list is empty) is
@@ -32,22 +38,11 @@
  * Windows that need a heap with no history (page layout, exact step
  * counts) run in a fresh thread: its heap starts with no page at all,
  * whatever the test runner allocated before forking. */
-#include "config.h"
+#include "common.h"
 
-#include <check.h>
-#include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <stdbool.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/mman.h>
-#include <unistd.h>
-
-#include "smalloc.h"
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define CH_SANITIZED 1
@@ -63,11 +58,10 @@
 #define CH_KiB ((size_t)1 << 10)
 #define CH_MiB ((size_t)1 << 20)
 #define CH_GiB ((size_t)1 << 30)
-#define CH_SMALL_PAGE ((uintptr_t)64 << 10)
-
-static uintptr_t ch_page_of(const void *p)
+/* The page holding p, a block of a request of n bytes. */
+static uintptr_t ch_page_of(const void *p, size_t n)
 {
-  return (uintptr_t)p & ~(CH_SMALL_PAGE - 1);
+  return (uintptr_t)p & ~(uintptr_t)(sm_test_page_size(sm_test_class_size(n)) - 1);
 }
 
 /* ---- failures recorded inside measured windows ------------------------- */
@@ -115,9 +109,10 @@ static int ch_snap(smalloc_stats_t *s)
 static int ch_class(const smalloc_stats_t *s, size_t n)
 {
   int best = -1;
+  uint64_t want = sm_test_class_size(n);
   for (uint32_t i = 0; i < s->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
     uint64_t b = s->classes[i].block_size;
-    if (b != 0 && b >= n && (best < 0 || b < s->classes[best].block_size))
+    if (b != 0 && b >= want && (best < 0 || b < s->classes[best].block_size))
       best = (int)i;
   }
   return best;
@@ -348,7 +343,7 @@ static size_t ch_pages_of_class(const ch_blk_t *b, size_t count, uint32_t cls,
   size_t k = 0;
   for (size_t i = 0; i < count; i++)
     if (b[i].cls == cls) {
-      scratch[k].lo = ch_page_of(b[i].p);
+      scratch[k].lo = ch_page_of(b[i].p, b[i].n);
       scratch[k].hi = 0;
       k++;
     }
@@ -375,10 +370,12 @@ static size_t ch_interleave(ch_blk_t *b, const size_t *sizes,
   return k;
 }
 
-/* Blocks for n_pages and a half of 64 KiB pages of one class. */
+/* Requests of size bytes that fill n_pages and a half of the pages of
+ * their class (more pages where a guard takes part of each). */
 static size_t ch_blocks_for_pages(size_t size, size_t n_pages)
 {
-  return (n_pages * CH_SMALL_PAGE + CH_SMALL_PAGE / 2) / size;
+  size_t block = sm_test_class_size(size), page = sm_test_page_size(block);
+  return (n_pages * page + page / 2) / block;
 }
 
 /* ---- running a window in a fresh thread ------------------------------------- */
@@ -449,7 +446,9 @@ END_TEST
  * multi_page_churn_correctness: the same with batches of eight and a half
  * pages of each of seven size classes at once (34816 blocks of 16 bytes,
  * ...), checked to really occupy at least eight pages per class: by the
- * addresses and by stats.classes[i].pages_in_use. */
+ * addresses and by stats.classes[i].pages_in_use.  The sizes are requests;
+ * their classes are those of sm_test_class_size (the secure layout serves
+ * 16-byte requests from 32-byte blocks, and so on). */
 
 static const size_t ch_multi_sizes[] = {16, 48, 112, 256, 640, 1024, 4096};
 #define CH_MULTI_CLASSES (sizeof ch_multi_sizes / sizeof ch_multi_sizes[0])
@@ -474,10 +473,10 @@ START_TEST(multi_page_churn_correctness)
 
   ck_assert_int_eq(ch_snap(&s), 0);
   for (size_t c = 0; c < CH_MULTI_CLASSES; c++) {
+    size_t block = sm_test_class_size(ch_multi_sizes[c]);
     cls_index[c] = ch_class(&s, ch_multi_sizes[c]);
-    ck_assert_msg(cls_index[c] >= 0 &&
-                      s.classes[cls_index[c]].block_size == ch_multi_sizes[c],
-                  "no size class of exactly %zu bytes", ch_multi_sizes[c]);
+    ck_assert_msg(cls_index[c] >= 0 && s.classes[cls_index[c]].block_size == block,
+                  "no size class of exactly %zu bytes", block);
   }
 
   for (unsigned round = 0; round < ROUNDS; round++) {
@@ -500,8 +499,8 @@ START_TEST(multi_page_churn_correctness)
       ck_assert_msg(stat_pages[c] >= pages[c],
                     "round %u: class %zu: pages_in_use %llu while %zu pages hold "
                     "live blocks",
-                    round, ch_multi_sizes[c], (unsigned long long)stat_pages[c],
-                    pages[c]);
+                    round, sm_test_class_size(ch_multi_sizes[c]),
+                    (unsigned long long)stat_pages[c], pages[c]);
     }
     ch_free_all(b, n, (enum ch_order)(round % CH_ORDERS), round, true, perm, &r, &e);
     CH_ASSERT_OK(&e);
@@ -532,7 +531,8 @@ enum { CH_SMALL_BATCH = 1000 };
 /* Pattern B: eight and a half pages of each of these (all <= 1 KiB, so
  * their pages are kept the full retire cycles; about 30 slow-path entries
  * a round, far below the default 1024). */
-static const size_t ch_steady_sizes[] = {128, 256, 1024};
+static const size_t ch_steady_sizes[] = {
+  SM_TEST_REQUEST_FOR(128), SM_TEST_REQUEST_FOR(256), SM_TEST_REQUEST_FOR(1024)};
 #define CH_STEADY_CLASSES (sizeof ch_steady_sizes / sizeof ch_steady_sizes[0])
 
 typedef struct ch_window {
@@ -722,7 +722,7 @@ typedef struct ch_only {
   size_t capacity;
 } ch_only_t;
 
-enum { CH_ONLY_SIZE = 1024, CH_ONLY_MAX = 4 * 64 };
+enum { CH_ONLY_SIZE = SM_TEST_REQUEST_FOR(1024), CH_ONLY_MAX = 4 * 64 };
 
 /* Fill pages up to and including a third page of exactly capacity blocks.
  * Returns the number of blocks; [*third, count) lie on the third page. */
@@ -740,7 +740,7 @@ static size_t ch_fill_third_page(void **v, size_t *third, size_t *capacity,
       CH_FAIL(e, "malloc(%d) returned NULL", CH_ONLY_SIZE);
       return n;
     }
-    if (n > 0 && ch_page_of(v[n]) != ch_page_of(v[n - 1])) {
+    if (n > 0 && ch_page_of(v[n], CH_ONLY_SIZE) != ch_page_of(v[n - 1], CH_ONLY_SIZE)) {
       crossings++;
       if (crossings == 1)
         second = n;
@@ -751,9 +751,10 @@ static size_t ch_fill_third_page(void **v, size_t *third, size_t *capacity,
   *capacity = *third - second;
   for (size_t i = 1; i < *capacity; i++) {
     v[n] = smalloc_malloc(CH_ONLY_SIZE);
-    if (v[n] == NULL || ch_page_of(v[n]) != ch_page_of(v[*third])) {
+    if (v[n] == NULL ||
+        ch_page_of(v[n], CH_ONLY_SIZE) != ch_page_of(v[*third], CH_ONLY_SIZE)) {
       CH_FAIL(e, "block %zu of the third page (capacity %zu) is %p, not on page %#lx",
-              i, *capacity, v[n], (unsigned long)ch_page_of(v[*third]));
+              i, *capacity, v[n], (unsigned long)ch_page_of(v[*third], CH_ONLY_SIZE));
       return n + (v[n] != NULL);
     }
     n++;
@@ -768,13 +769,13 @@ static void *ch_only_thread(void *arg)
   size_t third = 0;
   size_t n = ch_fill_third_page(v, &third, &o->capacity, &o->e);
   if (!o->e.failed) {
-    o->page = ch_page_of(v[third]);
+    o->page = ch_page_of(v[third], CH_ONLY_SIZE);
     o->rc = ch_snap(&o->s0);
     for (size_t i = third; i < n; i++)
       smalloc_free(v[i]);
     void *q = smalloc_malloc(CH_ONLY_SIZE);
     o->rc |= ch_snap(&o->s1);
-    o->got = ch_page_of(q);
+    o->got = ch_page_of(q, CH_ONLY_SIZE);
     smalloc_free(q);
     n = third;
   }
@@ -789,10 +790,11 @@ START_TEST(retire_keeps_only_page)
   ch_in_thread(ch_only_thread, &o);
   CH_ASSERT_OK(&o.e);
   ck_assert_int_eq(o.rc, 0);
-  /* 64 in the plain layout; a hardened layout may keep some back */
-  ck_assert_msg(o.capacity >= 2 && o.capacity <= CH_SMALL_PAGE / CH_ONLY_SIZE,
-                "a page of %d-byte blocks holds %zu blocks", CH_ONLY_SIZE,
-                o.capacity);
+  /* 64 in the plain layout; the secure one has bigger blocks and a guard */
+  ck_assert_msg(o.capacity >= 2 &&
+                    o.capacity <= sm_test_page_capacity(sm_test_class_size(CH_ONLY_SIZE), 1),
+                "a page of %zu-byte blocks holds %zu blocks",
+                sm_test_class_size(CH_ONLY_SIZE), o.capacity);
   ck_assert_msg(o.got == o.page,
                 "malloc after emptying page %#lx returned a block of page %#lx",
                 (unsigned long)o.page, (unsigned long)o.got);
@@ -830,7 +832,7 @@ typedef struct ch_every {
   size_t pages1, pages2, differ;
 } ch_every_t;
 
-enum { CH_EVERY_SIZE = 512 };
+enum { CH_EVERY_SIZE = SM_TEST_REQUEST_FOR(512) };
 
 static void *ch_every_thread(void *arg)
 {
@@ -856,7 +858,7 @@ static void *ch_every_thread(void *arg)
         n = i;
         break;
       }
-      set[i].lo = ch_page_of(v[i]);
+      set[i].lo = ch_page_of(v[i], CH_EVERY_SIZE);
       set[i].hi = 0;
     }
     if (burst == 1)
@@ -910,7 +912,11 @@ END_TEST
  * thread ran more than SMALLOC_RETIRE_CYCLES slow-path entries (here set
  * to 8 to keep the test short), and at once on smalloc_collect(true). */
 
-enum { CH_EXPIRE_CYCLES = 8, CH_EXPIRE_SIZE = 1024, CH_OTHER_SIZE = 64 };
+enum {
+  CH_EXPIRE_CYCLES = 8,
+  CH_EXPIRE_SIZE = SM_TEST_REQUEST_FOR(1024), /* 1 KiB blocks: the full cycles */
+  CH_OTHER_SIZE = 64
+};
 
 typedef struct ch_expire {
   ch_err_t e;
@@ -1001,7 +1007,8 @@ START_TEST(retired_pages_expire)
                 (unsigned long long)(s[3].pages_released - s[2].pages_released),
                 (unsigned long long)(s[3].slow_path - s[2].slow_path));
   ck_assert_msg(s[3].classes[c].pages_in_use <= s[2].classes[c].pages_in_use - retired,
-                "class %d: pages_in_use %llu -> %llu with %llu pages expired", CH_EXPIRE_SIZE,
+                "class %zu: pages_in_use %llu -> %llu with %llu pages expired",
+                sm_test_class_size(CH_EXPIRE_SIZE),
                 (unsigned long long)s[2].classes[c].pages_in_use,
                 (unsigned long long)s[3].classes[c].pages_in_use, (unsigned long long)retired);
 

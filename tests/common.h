@@ -34,6 +34,99 @@
 #define SM_HAVE_OVERRIDE 0
 #endif
 
+/* ---- geometry the suites expect ---------------------------------------------
+ * The size classes, pages and realloc behaviour of notes/CONTRACT.md, in
+ * both layouts: the plain one and --enable-secure (SM_SECURE), which
+ *   - ends every small and medium block with an 8-byte canary: a request
+ *     of n bytes is served by the class of max(n, 16) + 8 bytes and its
+ *     usable size is the block size - 8 (classes[].block_size stays the
+ *     real block size);
+ *   - so serves from the classes only requests up to 256 KiB - 8;
+ *   - gives up the last 4 KiB of every small and medium page to a guard;
+ *   - builds fresh free lists in random order (consecutive mallocs need
+ *     not return adjacent blocks);
+ *   - copies on realloc of a huge block (no mremap) and keeps a large
+ *     block in place only when the new size fits.
+ * Suites compute their expectations through these helpers instead of
+ * testing SM_SECURE themselves. */
+
+#ifdef SM_SECURE
+#define SM_TEST_SECURE 1
+#define SM_TEST_CANARY ((size_t)8)
+#define SM_TEST_GUARD ((size_t)4096)
+#else
+#define SM_TEST_SECURE 0
+#define SM_TEST_CANARY ((size_t)0)
+#define SM_TEST_GUARD ((size_t)0)
+#endif
+
+#define SM_TEST_SMALL_PAGE ((size_t)64 << 10)   /* blocks <= 1 KiB */
+#define SM_TEST_MEDIUM_PAGE ((size_t)512 << 10) /* blocks <= 256 KiB */
+#define SM_TEST_SMALL_MAX ((size_t)1 << 10)
+#define SM_TEST_CLASS_MAX ((size_t)256 << 10)    /* the largest block size */
+#define SM_TEST_SEGMENT_HDR ((size_t)16 << 10)  /* before page 0 */
+/* The largest request served from a size class; above it, "large". */
+#define SM_TEST_CLASS_MAX_REQUEST (SM_TEST_CLASS_MAX - SM_TEST_CANARY)
+/* The largest request served by the class of block bytes (a class size, at
+ * least 32), for a test that wants blocks of that size in both layouts. */
+#define SM_TEST_REQUEST_FOR(block) ((size_t)(block) - SM_TEST_CANARY)
+
+/* Waste a request may carry beyond the contract's class rounding
+ * (usable - n < max(16, n/8)): in the secure layout the canary and the
+ * rounding up to 16 usable bytes. */
+#define SM_TEST_EXTRA_WASTE (SM_TEST_SECURE ? SM_TEST_CANARY + 15 : 0)
+
+/* The smallest block size of a class holding b bytes: multiples of 16 up
+ * to 256, then 8 classes per power of two; b <= SM_TEST_CLASS_MAX. */
+static inline size_t sm_test_class_round(size_t b)
+{
+  if (b <= 16)
+    return 16;
+  if (b <= 256)
+    return (b + 15) & ~(size_t)15;
+  size_t pow = (size_t)1 << (63 - __builtin_clzll((unsigned long long)(b - 1)));
+  size_t step = pow / 8;
+  return (b + step - 1) / step * step;
+}
+
+/* Block size of the class serving malloc(n), n <= SM_TEST_CLASS_MAX_REQUEST. */
+static inline size_t sm_test_class_size(size_t n)
+{
+  if (SM_TEST_SECURE)
+    n = (n < 16 ? 16 : n) + SM_TEST_CANARY;
+  return sm_test_class_round(n);
+}
+
+/* malloc_usable_size of malloc(n), n <= SM_TEST_CLASS_MAX_REQUEST. */
+static inline size_t sm_test_usable(size_t n)
+{
+  return sm_test_class_size(n) - SM_TEST_CANARY;
+}
+
+/* Size of the pages holding blocks of block_size bytes (a class size);
+ * pages are aligned to their size. */
+static inline size_t sm_test_page_size(size_t block_size)
+{
+  return block_size <= SM_TEST_SMALL_MAX ? SM_TEST_SMALL_PAGE : SM_TEST_MEDIUM_PAGE;
+}
+
+/* Blocks of block_size bytes (a class size) in page page_index of its
+ * segment (page 0 also holds the segment header). */
+static inline size_t sm_test_page_capacity(size_t block_size, size_t page_index)
+{
+  size_t area = sm_test_page_size(block_size);
+  if (page_index == 0)
+    area -= SM_TEST_SEGMENT_HDR;
+  return (area - SM_TEST_GUARD) / block_size;
+}
+
+/* realloc of a huge block that stays huge remaps it (huge_remaps) rather
+ * than allocating a new block and freeing the old one. */
+static inline bool sm_test_huge_realloc_remaps(void)
+{
+  return !SM_TEST_SECURE;
+}
+
 /* ck_assert* reports every passing check to the parent process (one write
  * per call in fork mode), far too slow inside loops of a million steps.  This
  * one costs a branch until it fails. */

@@ -15,16 +15,18 @@ static unsigned char fill_byte(size_t n)
   return (unsigned char)(n * 131 + 7) | 1;
 }
 
-/* The contract's bound on internal waste for size classes. */
+/* The contract's bound on internal waste for size classes (plus, in the
+ * secure layout, the canary and the 16-byte minimum). */
 static size_t class_waste_bound(size_t n)
 {
-  return n / 8 > 16 ? n / 8 : 16;
+  return (n / 8 > 16 ? n / 8 : 16) + SM_TEST_EXTRA_WASTE;
 }
 
 /* Every size up to 64 KiB; then, up to the largest class, a stride prime to
  * the class steps (writing every byte of every size up to 256 KiB would take
- * half a minute), ending exactly on the largest class. */
-#define MAX_CLASS (256 * KiB)
+ * half a minute), ending exactly on the largest request a class serves
+ * (256 KiB; less the canary in the secure layout). */
+#define MAX_CLASS SM_TEST_CLASS_MAX_REQUEST
 
 static size_t next_size(size_t n)
 {
@@ -60,15 +62,15 @@ static void every_size(void *(*alloc)(size_t))
     size_t u = smalloc_malloc_usable_size(p);
     SM_CHECK(u >= n, "malloc(%zu): usable %zu", n, u);
     if (n == 0)
-#ifdef SM_SECURE
-      SM_CHECK(u >= 16, "malloc(0): usable %zu, want at least 16 bytes", u);
-#else
-      SM_CHECK(u == 16, "malloc(0): usable %zu, want a 16-byte block", u);
-#endif
+      SM_CHECK(u == sm_test_usable(0), "malloc(0): usable %zu, want %zu", u,
+               sm_test_usable(0));
     else
       SM_CHECK(u - n < class_waste_bound(n),
                "malloc(%zu): usable %zu wastes %zu, bound %zu", n, u, u - n,
                class_waste_bound(n));
+    /* and exactly the class of the contract's geometry */
+    SM_CHECK(u == sm_test_usable(n), "malloc(%zu): usable %zu, want %zu (class %zu)",
+             n, u, sm_test_usable(n), sm_test_class_size(n));
     if (n >= 16)
       SM_CHECK(sm_is_aligned(p, 16), "malloc(%zu) = %p not 16-byte aligned", n,
                (void *)p);

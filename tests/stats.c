@@ -19,11 +19,14 @@
  *   - classes[i].allocs / frees count blocks of that class handed out and
  *     returned by any entry point, realloc's moves included.  A request of
  *     n <= 256 KiB with alignment <= 16 is served by the smallest class of
- *     at least n bytes.  blocks_in_use counts every live block (small,
- *     large and huge); bytes_in_use their block bytes.
+ *     at least n bytes (sm_test_class_size: the secure layout adds a
+ *     canary; the class sizes named in comments below are the plain
+ *     layout's).  blocks_in_use counts every live block (small, large and
+ *     huge); bytes_in_use their block bytes.
  *   - Blocks above 256 KiB (the largest class) are large (large_allocs/
  *     frees), above 2 MiB huge (huge_allocs/frees; a huge realloc that
- *     stays huge counts huge_remaps).
+ *     stays huge counts huge_remaps, except in the secure layout, where it
+ *     allocates a new huge block and frees the old one).
  *   - smalloc_stats_reset zeroes the event counters and keeps the gauges
  *     (*_in_use, bytes_mapped, bytes_committed); per-class blocks_in_use
  *     keeps counting the blocks live at the reset.
@@ -35,30 +38,13 @@
  *     Those start-up tests re-run this program (/proc/self/exe) with a
  *     marker argument and a clean environment plus the variable under test.
  */
-#include "config.h"
+#include "common.h"
 
-#include <check.h>
-#include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <stdbool.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/wait.h>
-#include <unistd.h>
-
-#include "smalloc.h"
 
 #define ST_CHILD_MARK "--smalloc-stats-child"
-
-#ifdef SM_OVERRIDE
-#define SM_HAVE_OVERRIDE 1
-#else
-#define SM_HAVE_OVERRIDE 0
-#endif
 #define ST_KiB ((size_t)1 << 10)
 #define ST_MiB ((size_t)1 << 20)
 
@@ -124,13 +110,14 @@ static int st_snap(smalloc_stats_t *s)
   return smalloc_stats_get(s);
 }
 
-/* Index in classes[] of the class serving n bytes. */
+/* Index in classes[] of the class serving a request of n bytes. */
 static int st_class(const smalloc_stats_t *s, size_t n)
 {
   int best = -1;
+  uint64_t want = sm_test_class_size(n);
   for (uint32_t i = 0; i < s->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
     uint64_t b = s->classes[i].block_size;
-    if (b != 0 && b >= n && (best < 0 || b < s->classes[best].block_size))
+    if (b != 0 && b >= want && (best < 0 || b < s->classes[best].block_size))
       best = (int)i;
   }
   ck_assert_msg(best >= 0, "no size class for %zu bytes", n);
@@ -144,7 +131,8 @@ static int st_class(const smalloc_stats_t *s, size_t n)
                 #f, (unsigned long long)ST_D(a, b, f),                         \
                 (unsigned long long)(uint64_t)(want))
 
-/* Expected per-class deltas, by block size. */
+/* Expected per-class deltas, by request size (entries whose requests share
+ * a class add up). */
 typedef struct st_class_want {
   size_t size;
   int64_t allocs, frees;
@@ -271,7 +259,7 @@ START_TEST(counts_exact_one_thread)
   ck_assert_ptr_nonnull(aa);
   ck_assert_ptr_nonnull(ma);
   for (int i = 0; i < 3; i++)
-    ck_assert_uint_eq(us[i], 32);
+    ck_assert_uint_eq(us[i], sm_test_usable(24));
   int moved = r2b != r2; /* either is right; the counts must say which */
 
   /* allocation phase */
@@ -282,12 +270,16 @@ START_TEST(counts_exact_one_thread)
                                 .memalign_ = 1, .usable_size = 3});
   ST_EXPECT(&s0, &s1, bytes_requested,
             10 * 24 + 5 * 48 + 40 + 200 + 100 + 100 + 32 + 160 + 48 + 64 + 80);
+  /* realloc moves grow the request by an eighth */
+  const size_t r1_moved = 200 + 200 / 8, ra_moved = 160 + 160 / 8;
   const st_class_want_t alloc_want[] = {
-    {32, 10 + 1, 1},       /* m[], ra before it moved */
-    {48, 5 + 1 + 1, 1},    /* c[], r1 before it moved, pm */
-    {240, 1, 0},           /* r1 */
-    {112, 1 + moved, moved}, /* r2, r2b */
-    {192, 1, 0},           /* ra */
+    {24, 10, 0},           /* m[] */
+    {32, 1, 1},            /* ra before it moved */
+    {48, 5 + 1, 0},        /* c[], pm */
+    {40, 1, 1},            /* r1 before it moved */
+    {r1_moved, 1, 0},      /* r1 */
+    {100, 1 + moved, moved}, /* r2, r2b */
+    {ra_moved, 1, 0},      /* ra */
     {64, 1, 0},            /* aa */
     {80, 1, 0},            /* ma */
   };
@@ -295,7 +287,10 @@ START_TEST(counts_exact_one_thread)
   ST_EXPECT(&s0, &s1, blocks_in_use, 10 + 5 + 1 + 1 + 1 + 1 + 1 + 1);
   ck_assert_int_eq((int64_t)ST_D(&s0, &s1, bytes_in_use), st_class_bytes_delta(&s0, &s1));
   ST_EXPECT(&s0, &s1, bytes_in_use,
-            10 * 32 + 5 * 48 + 240 + 112 + 192 + 48 + 64 + 80);
+            10 * sm_test_class_size(24) + 5 * sm_test_class_size(48) +
+                sm_test_class_size(r1_moved) + sm_test_class_size(100) +
+                sm_test_class_size(ra_moved) + sm_test_class_size(48) +
+                sm_test_class_size(64) + sm_test_class_size(80));
   ST_EXPECT(&s0, &s1, large_allocs, 0);
   ST_EXPECT(&s0, &s1, huge_allocs, 0);
 
@@ -305,8 +300,8 @@ START_TEST(counts_exact_one_thread)
                                 .free_aligned_sized = 1});
   ST_EXPECT(&s1, &s2, bytes_requested, 0);
   const st_class_want_t free_want[] = {
-    {32, 0, 10}, {48, 0, 5 + 1}, {240, 0, 1}, {112, 0, 1},
-    {192, 0, 1}, {64, 0, 1},     {80, 0, 1},
+    {24, 0, 10},      {48, 0, 5 + 1},   {r1_moved, 0, 1}, {100, 0, 1},
+    {ra_moved, 0, 1}, {64, 0, 1},       {80, 0, 1},
   };
   st_expect_classes(&s1, &s2, free_want, sizeof free_want / sizeof free_want[0]);
   ck_assert_uint_eq(s2.blocks_in_use, s0.blocks_in_use);
@@ -424,7 +419,7 @@ START_TEST(counts_large_and_huge)
   void *l1 = smalloc_malloc(300 * ST_KiB);          /* large */
   void *l2 = smalloc_calloc(1, ST_MiB);             /* large, zeroed */
   void *h = smalloc_malloc(3 * ST_MiB);             /* huge */
-  void *h2 = smalloc_realloc(h, 6 * ST_MiB);        /* huge remap */
+  void *h2 = smalloc_realloc(h, 6 * ST_MiB);        /* huge remap (or copy) */
   rc |= st_snap(&s1);
   smalloc_free(l1);
   smalloc_free(l2);
@@ -438,8 +433,10 @@ START_TEST(counts_large_and_huge)
   st_expect_calls(&s0, &s1, &(st_calls_t){.malloc_ = 2, .calloc_ = 1, .realloc_ = 1});
   ST_EXPECT(&s0, &s1, bytes_requested, 300 * ST_KiB + ST_MiB + 3 * ST_MiB + 6 * ST_MiB);
   ST_EXPECT(&s0, &s1, large_allocs, 2);
-  ST_EXPECT(&s0, &s1, huge_allocs, 1);
-  ST_EXPECT(&s0, &s1, huge_remaps, 1);
+  const bool remaps = sm_test_huge_realloc_remaps();
+  ST_EXPECT(&s0, &s1, huge_allocs, remaps ? 1 : 2);
+  ST_EXPECT(&s0, &s1, huge_frees, remaps ? 0 : 1);
+  ST_EXPECT(&s0, &s1, huge_remaps, remaps ? 1 : 0);
   ST_EXPECT(&s0, &s1, blocks_in_use, 3);
   ck_assert_msg(ST_D(&s0, &s1, bytes_in_use) >= 300 * ST_KiB + ST_MiB + 6 * ST_MiB,
                 "bytes_in_use grew by %llu",
@@ -472,6 +469,9 @@ typedef struct st_thread_arg {
   int failed;
 } st_thread_arg_t;
 
+/* The request realloc(p, 96) of a smaller block makes (class 112). */
+#define ST_MOVED_96 (96 + 96 / 8)
+
 static void *st_worker(void *arg)
 {
   st_thread_arg_t *a = arg;
@@ -485,7 +485,7 @@ static void *st_worker(void *arg)
     m[j] = smalloc_malloc(48);
   for (int j = 0; j < 5; j++)
     c[j] = smalloc_calloc(2, 32);
-  m[0] = smalloc_realloc(m[0], 96);   /* moves: 96 + 1/8 headroom, class 112 */
+  m[0] = smalloc_realloc(m[0], 96);   /* moves: 96 + 1/8 headroom (ST_MOVED_96) */
   smalloc_free(m[0]);
   for (int j = 0; j < 5; j++)
     smalloc_free(c[j]);
@@ -573,7 +573,7 @@ START_TEST(counts_exact_across_threads)
   const st_class_want_t want1[] = {
     {48, mallocs, mallocs - live},  /* realloc moved one per thread */
     {64, 5 * ST_THREADS, 5 * ST_THREADS},
-    {112, ST_THREADS, ST_THREADS},
+    {ST_MOVED_96, ST_THREADS, ST_THREADS},
   };
   st_expect_classes(&s0, &s1, want1, 3);
   ST_EXPECT(&s0, &s1, blocks_in_use, live);
@@ -1038,7 +1038,11 @@ typedef struct st_churn {
   int rc, failed;
 } st_churn_t;
 
-enum { ST_CHURN_BLOCKS = (8 * 64 * 1024 + 32 * 1024) / 1024 };
+/* 1 KiB blocks (small pages, kept the full retire cycles) in both layouts */
+enum {
+  ST_CHURN_SIZE = SM_TEST_REQUEST_FOR(1024),
+  ST_CHURN_BLOCKS = (8 * 64 * 1024 + 32 * 1024) / 1024
+};
 
 static void *st_churn_thread(void *arg)
 {
@@ -1048,7 +1052,7 @@ static void *st_churn_thread(void *arg)
     if (round == 1)
       c->rc = st_snap(&c->s0);
     for (int i = 0; i < ST_CHURN_BLOCKS; i++)
-      if ((v[i] = smalloc_malloc(1024)) == NULL)
+      if ((v[i] = smalloc_malloc(ST_CHURN_SIZE)) == NULL)
         c->failed = 1;
     for (int i = 0; i < ST_CHURN_BLOCKS; i++)
       smalloc_free(v[i]);
