@@ -76,6 +76,10 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
 void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
   sm_block_t *old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   do {
+    if (sm_unlikely(old == b)) {   /* the cheap case of a cross-thread double free */
+      sm_error("free(): double free of %p", (void *)b);
+      return;
+    }
     b->next = sm_enc(page, old);
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, b,
                                                   memory_order_seq_cst, memory_order_relaxed));

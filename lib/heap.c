@@ -195,4 +195,8 @@ void sm_heap_thread_done(void *arg) {
 __attribute__((constructor)) static void sm_constructor(void) {
   sm_process_init();
   sm_options_init();
+  /* the first allocation may have come before the environment was set:
+   * pages made from now on are tracked (earlier ones stay consistently
+   * untracked: their blocks never reach memcheck either way) */
+  if (!sm_track_on()) sm_track_detect();
 }

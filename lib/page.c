@@ -107,7 +107,9 @@ void sm_page_collect_thread_free(sm_page_t *page) {
   sm_block_t *tail = head;
   sm_track_link(tail);
   for (sm_block_t *next; (next = sm_dec(page, tail->next)) != NULL; tail = next) {
-    if (sm_unlikely(((uintptr_t)next ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
+    /* a link out of the segment, or more links than blocks (a cycle, from
+     * a block freed twice by other threads) */
+    if (sm_unlikely(((uintptr_t)next ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT || n > page->capacity)) {
       sm_error("corrupted free list in page at %p (thread_free)", (void *)page->start);
       tail->next = sm_enc(page, NULL);
       break;
@@ -117,7 +119,7 @@ void sm_page_collect_thread_free(sm_page_t *page) {
   }
   if (page->local_free) tail->next = sm_enc(page, page->local_free);
   page->local_free = head;
-  sm_assert(page->used >= n);
+  if (sm_unlikely(n > page->used)) n = page->used;   /* only after a reported corruption */
   page->used -= n;
   page->used_folded -= (int32_t)n;   /* keeps the fold's allocation count exact */
 }

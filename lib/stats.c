@@ -96,7 +96,9 @@ static void sm_stats_raw(smalloc_stats_t *o) {
     c->block_size = sm_bin_size(bin);
     c->allocs = t.class_allocs[bin];
     c->frees = t.class_frees[bin];
-    c->blocks_in_use = c->allocs - c->frees;
+    /* a live thread's counts are read as they are: its frees of another
+     * thread's blocks may be seen before its allocations are folded */
+    c->blocks_in_use = c->allocs > c->frees ? c->allocs - c->frees : 0;
     int64_t pg = atomic_load_explicit(&sm_gstats.class_pages[bin], memory_order_relaxed);
     c->pages_in_use = pg > 0 ? (uint64_t)pg : 0;
     for (int s = 0; s < SMALLOC_STEP_COUNT; s++) {
@@ -127,8 +129,10 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   o->calls_free_aligned_sized = t.calls[SM_CALL_FREE_ALIGNED_SIZED];
   o->calls_failed = t.calls[SM_CALL_FAILED];
   o->bytes_requested = t.requested;
-  o->bytes_in_use = bytes + (t.large_bytes - t.large_bytes_freed) + huge_b;
-  o->blocks_in_use = blocks + (t.large_allocs - t.large_frees) + (t.huge_allocs - t.huge_frees);
+#define SM_POS(a, b) ((a) > (b) ? (a) - (b) : 0)
+  o->bytes_in_use = bytes + SM_POS(t.large_bytes, t.large_bytes_freed) + huge_b;
+  o->blocks_in_use = blocks + SM_POS(t.large_allocs, t.large_frees) + SM_POS(t.huge_allocs, t.huge_frees);
+#undef SM_POS
   uint64_t peak = atomic_load(&sm_gstats.peak_in_use);
   while (o->bytes_in_use > peak &&
          !atomic_compare_exchange_weak(&sm_gstats.peak_in_use, &peak, o->bytes_in_use)) {

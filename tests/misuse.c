@@ -1,9 +1,9 @@
 /* Heap misuse: double frees, pointers smalloc never handed out, a corrupted
  * free list.  Every misuse runs in a child process whose stderr is captured.
  * By default the child must print the documented diagnostic line and die
- * of SIGABRT; with SMALLOC_OPTION_ON_ERROR = 1 (warn) it
- * must print the same line and go on, the offending block leaked and every
- * allocation after it still sound.
+ * of SIGABRT; with SMALLOC_OPTION_ON_ERROR = 1 (warn) it must print the
+ * same line and go on, the offending block leaked and every allocation
+ * after it still sound.
  *
  * The child announces the exact line it expects on a second pipe (only the
  * child knows the addresses), and reports a failed check of its own on
@@ -314,8 +314,10 @@ static void double_free_after_reuse_of_others(bool warn)
 {
   enum { N = 200 };
   unsigned char *a[N];
-  for (int i = 0; i < N; i++)
+  for (int i = 0; i < N; i++) {
     a[i] = smalloc_malloc(96);
+    CHILD_CHECK(a[i] != NULL, "malloc(96) failed");
+  }
   smalloc_free(a[0]);
   for (int i = 1; i < N; i += 2)
     smalloc_free(a[i]);
@@ -358,6 +360,35 @@ static void double_free_after_cross_thread_free(bool warn)
   smalloc_free(keep);
 }
 MISUSE(double_free_after_cross_thread_free)
+
+static void *free_twice_in_thread(void *p)
+{
+  smalloc_free(p);
+  smalloc_free(sm_opaque(p));
+  return NULL;
+}
+
+/* Both frees from another thread: the second finds the block at the head
+ * of thread_free.  (Undetected, the block would link to itself and the
+ * owner's next collection would never end.) */
+static void double_free_both_cross_thread(bool warn)
+{
+  unsigned char *keep = smalloc_malloc(48);   /* keeps the page from retiring */
+  unsigned char *p = smalloc_malloc(48);
+  pthread_t t;
+  CHILD_CHECK(keep && p, "malloc(48) failed");
+  expect_line("free(): double free of %p", (void *)p);
+  CHILD_CHECK(pthread_create(&t, NULL, free_twice_in_thread, p) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  if (!warn)
+    return;
+  for (int i = 0; i < 10000; i++) {   /* collects thread_free: must end */
+    void *q = smalloc_malloc(48);
+    CHILD_CHECK(q != NULL, "malloc(48) failed");
+  }
+  heap_still_sound(48);
+}
+MISUSE(double_free_both_cross_thread)
 
 static void free_middle_of_block(bool warn, size_t size, size_t offset)
 {
@@ -406,7 +437,7 @@ static void free_middle_of_huge_block(bool warn)
 MISUSE(free_middle_of_huge_block)
 
 /* A pointer smalloc never handed out: reported, left alone, and the heap
- * goes on.  after() checks the foreign memory in warn mode. */
+ * goes on.  The callers check in warn mode that the memory is untouched. */
 static void free_foreign(bool warn, void *p)
 {
   uint64_t in_use = child_blocks_in_use();
@@ -755,6 +786,7 @@ int main(void)
   ADD_MISUSE(tc, double_free_after_other_frees);
   ADD_MISUSE(tc, double_free_after_reuse_of_others);
   ADD_MISUSE(tc, double_free_after_cross_thread_free);
+  ADD_MISUSE(tc, double_free_both_cross_thread);
   ADD_MISUSE(tc, free_middle_of_small_block);
   ADD_MISUSE(tc, free_middle_of_medium_block);
   ADD_MISUSE(tc, free_middle_of_large_block);
