@@ -36,7 +36,7 @@ bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep) {
  * page: it may be free already.  Look for it in the page's lists. */
 bool sm_free_is_double(sm_page_t *page, sm_block_t *b) {
   sm_block_t *lists[3] = {page->free, page->local_free,
-                          atomic_load_explicit(&page->thread_free, memory_order_acquire)};
+                          sm_tf_head(page, memory_order_acquire)};
   for (int l = 0; l < 3; l++) {
     size_t guard = page->capacity + 1;
     for (sm_block_t *x = lists[l]; x && guard--; x = sm_dec(page, x->next)) {
@@ -72,22 +72,25 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
 }
 
 /* Free from a thread that does not own the page: one CAS onto thread_free.
- * Flag read after the push: see sm_page_to_full. */
+ * The word's full bit, seen in the same CAS, says the owner must be told.
+ * Nothing of the page or segment is read after the CAS (the owner may
+ * take the block and release the page at once); the owner's heap is read
+ * before, and heaps are never unmapped, so telling it stays safe. */
 void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
-  sm_block_t *old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
+  uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
+  sm_heap_t *owner = NULL;
   do {
-    if (sm_unlikely(old == b)) {   /* the cheap case of a cross-thread double free */
+    if (sm_unlikely(sm_tf_ptr(old) == b)) {   /* the cheap case of a cross-thread double free */
       sm_error("free(): double free of %p", (void *)b);
       return;
     }
-    b->next = sm_enc(page, old);
-  } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, b,
-                                                  memory_order_seq_cst, memory_order_relaxed));
-  if (atomic_load_explicit(&page->flags, memory_order_seq_cst) & SM_PAGE_IN_FULL) {
-    sm_heap_t *owner = atomic_load_explicit(&seg->heap, memory_order_acquire);
-    /* heaps are never unmapped, so a stale owner only costs it a scan */
-    if (owner) atomic_fetch_add_explicit(&owner->xfree_full, 1, memory_order_release);
-  }
+    if ((old & SM_TF_FULL) && owner == NULL) owner = atomic_load_explicit(&seg->heap, memory_order_acquire);
+    b->next = sm_enc(page, sm_tf_ptr(old));
+  } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old,
+                                                  (uintptr_t)b | (old & SM_TF_FULL),
+                                                  memory_order_release, memory_order_relaxed));
+  if ((old & SM_TF_FULL) && owner != NULL)
+    atomic_fetch_add_explicit(&owner->xfree_full, 1, memory_order_release);
 }
 
 /* From the inline free: a block start in another live thread's ordinary

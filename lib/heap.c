@@ -177,6 +177,7 @@ void sm_heap_thread_done(void *arg) {
       sm_pq_remove(heap, qi, page);
       page->retired = 0;
       sm_page_set_flags(page, atomic_load(&page->flags) & (SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED), 0);
+      atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
       heap->stats.pages_abandoned++;
     }
   }

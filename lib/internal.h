@@ -132,8 +132,10 @@ struct sm_page_s {
   uint8_t pad1[7];
   sm_page_t *rnext, *rprev;      /* heap->retired list */
 
-  /* line 3: pushed by other threads with a CAS, taken by the owner */
-  _Atomic(sm_block_t *) thread_free __attribute__((aligned(64)));
+  /* line 3: pushed by other threads with a CAS, taken by the owner; bit 0
+   * (SM_TF_FULL) set while the page is on the full list, so a pushing
+   * thread learns in the same CAS that it must tell the owner */
+  _Atomic uintptr_t thread_free __attribute__((aligned(64)));
 };
 _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines");
 _Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_free) == 128,
@@ -284,6 +286,13 @@ SM_INLINE sm_segment_t *sm_ptr_segment(const void *p) {
 }
 SM_INLINE sm_page_t *sm_segment_page_of(sm_segment_t *seg, const void *p) {
   return &seg->pages[((uintptr_t)p - (uintptr_t)seg) >> seg->page_shift];
+}
+
+/* ---- thread_free word ----------------------------------------------------- */
+#define SM_TF_FULL ((uintptr_t)1)
+SM_INLINE sm_block_t *sm_tf_ptr(uintptr_t v) { return (sm_block_t *)(v & ~SM_TF_FULL); }
+SM_INLINE sm_block_t *sm_tf_head(sm_page_t *page, memory_order mo) {
+  return sm_tf_ptr(atomic_load_explicit(&page->thread_free, mo));
 }
 
 /* ---- free-list encoding ------------------------------------------------ */

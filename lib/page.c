@@ -28,7 +28,7 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   size_t bsize = sm_bin_size(bin);
   page->free = NULL;
   page->local_free = NULL;
-  atomic_store_explicit(&page->thread_free, NULL, memory_order_relaxed);
+  atomic_store_explicit(&page->thread_free, 0, memory_order_relaxed);
   page->used = 0;
   sm_page_set_flags(page, sm_track_on() ? SM_PAGE_TRACKED : 0, heap->thread_id);
   page->bin = (uint8_t)bin;
@@ -100,8 +100,10 @@ static void sm_page_extend(sm_page_t *page) {
  * local_free is empty, as in the slow path's collect step, the list is
  * taken whole. */
 void sm_page_collect_thread_free(sm_page_t *page) {
-  if (atomic_load_explicit(&page->thread_free, memory_order_relaxed) == NULL) return;
-  sm_block_t *head = atomic_exchange_explicit(&page->thread_free, NULL, memory_order_acquire);
+  if (sm_tf_head(page, memory_order_relaxed) == NULL) return;
+  /* take the list, keep the full bit */
+  sm_block_t *head = sm_tf_ptr(atomic_fetch_and_explicit(&page->thread_free, SM_TF_FULL,
+                                                         memory_order_acquire));
   if (!head) return;
   uint32_t n = 1;
   sm_block_t *tail = head;
@@ -187,7 +189,7 @@ void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
 /* Give an empty page back to its segment. */
 void sm_page_release(sm_heap_t *heap, sm_page_t *page) {
   sm_assert(page->used == 0);
-  sm_assert(atomic_load_explicit(&page->thread_free, memory_order_relaxed) == NULL);
+  sm_assert(sm_tf_head(page, memory_order_relaxed) == NULL);
   sm_page_unretire(heap, page);
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
   sm_pq_remove(heap, (flags & SM_PAGE_IN_FULL) ? SM_BIN_FULL : page->bin, page);
@@ -234,17 +236,18 @@ void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid) {
 
 /* ---- full pages ------------------------------------------------------------ */
 
-/* Move an exhausted page to the full list.  Setting the flag before
- * looking at thread_free (both sequentially consistent) pairs with the
- * freeing thread pushing before looking at the flag: either we see its
- * block here, or it sees the flag and tells the heap. */
+/* Move an exhausted page to the full list.  The full bit goes into the
+ * thread_free word with one atomic operation that also shows whether a
+ * block arrived meanwhile: either we see that block here (and keep the
+ * page), or a later pusher sees the bit and tells the heap. */
 void sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
-  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-  sm_page_set_flags(page, flags | SM_PAGE_IN_FULL, heap->thread_id);
-  if (atomic_load_explicit(&page->thread_free, memory_order_seq_cst) != NULL) {
-    sm_page_set_flags(page, flags, heap->thread_id);
+  uintptr_t v = atomic_fetch_or_explicit(&page->thread_free, SM_TF_FULL, memory_order_acq_rel);
+  if (sm_tf_ptr(v) != NULL) {
+    atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
     return;
   }
+  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+  sm_page_set_flags(page, flags | SM_PAGE_IN_FULL, heap->thread_id);
   sm_pq_remove(heap, page->bin, page);
   sm_pq_push_back(heap, SM_BIN_FULL, page);
   heap->stats.pages_full++;
@@ -254,6 +257,7 @@ void sm_page_unfull(sm_heap_t *heap, sm_page_t *page) {
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
   if (!(flags & SM_PAGE_IN_FULL)) return;
   sm_page_set_flags(page, flags & (uint8_t)~SM_PAGE_IN_FULL, heap->thread_id);
+  atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
   sm_pq_remove(heap, SM_BIN_FULL, page);
   sm_pq_push_back(heap, page->bin, page);
   heap->stats.pages_unfull++;
@@ -265,7 +269,7 @@ void sm_heap_collect_full(sm_heap_t *heap) {
   sm_page_t *page = heap->queues[SM_BIN_FULL].first;
   while (page) {
     sm_page_t *next = page->next;
-    if (atomic_load_explicit(&page->thread_free, memory_order_acquire) != NULL) {
+    if (sm_tf_head(page, memory_order_acquire) != NULL) {
       sm_page_collect_thread_free(page);
       sm_page_unfull(heap, page);
     }
@@ -286,7 +290,7 @@ static int sm_page_refill(sm_page_t *page) {
     page->local_free = NULL;
     return SMALLOC_STEP_LOCAL_SWAP;
   }
-  if (atomic_load_explicit(&page->thread_free, memory_order_relaxed)) {
+  if (sm_tf_head(page, memory_order_relaxed) != NULL) {
     sm_page_collect_thread_free(page);
     page->free = page->local_free;
     page->local_free = NULL;

@@ -306,6 +306,7 @@ bool sm_segment_reclaim_one(sm_heap_t *heap, int kind) {
     live--;
     sm_page_set_flags(page, atomic_load(&page->flags) & (SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED),
                       heap->thread_id);
+    atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
     page->used_folded = (int32_t)page->used;
     page->frees = 0;
     page->retired = 0;
