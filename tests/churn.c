@@ -98,25 +98,8 @@ static void ch_unmap(void *p, size_t bytes)
 
 /* ---- stats ---------------------------------------------------------------- */
 
-static int ch_snap(smalloc_stats_t *s)
-{
-  memset(s, 0, sizeof *s);
-  s->size = sizeof *s;
-  return smalloc_stats_get(s);
-}
-
-/* Index in classes[] of the class that serves a request of n bytes. */
-static int ch_class(const smalloc_stats_t *s, size_t n)
-{
-  int best = -1;
-  uint64_t want = sm_test_class_size(n);
-  for (uint32_t i = 0; i < s->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
-    uint64_t b = s->classes[i].block_size;
-    if (b != 0 && b >= want && (best < 0 || b < s->classes[best].block_size))
-      best = (int)i;
-  }
-  return best;
-}
+#define ch_snap sm_test_snap
+#define ch_class sm_test_class_index
 
 static uint64_t ch_steps_sum(const smalloc_stats_t *s)
 {
@@ -133,33 +116,15 @@ static const char *const ch_step_names[SMALLOC_STEP_COUNT] = {
 
 /* ---- random numbers and patterns ------------------------------------------ */
 
-typedef struct ch_rng {
-  uint64_t s;
-} ch_rng_t;
-
-static uint64_t ch_rand(ch_rng_t *r)
-{
-  uint64_t x = r->s;
-  x ^= x >> 12;
-  x ^= x << 25;
-  x ^= x >> 27;
-  r->s = x;
-  return x * 0x2545F4914F6CDD1Du;
-}
+typedef sm_rng_t ch_rng_t;
+#define ch_rand sm_rng_next
 
 static size_t ch_rand_range(ch_rng_t *r, size_t lo, size_t hi)
 {
   return lo + (size_t)(ch_rand(r) % (hi - lo + 1));
 }
 
-static uint64_t ch_mix(uint64_t x)
-{
-  x ^= x >> 30;
-  x *= 0xBF58476D1CE4E5B9u;
-  x ^= x >> 27;
-  x *= 0x94D049BB133111EBu;
-  return x ^ (x >> 31);
-}
+#define ch_mix sm_mix64
 
 /* Word i of the pattern of a block at p in generation gen: two blocks, or
  * two lives of one block, never hold the same bytes. */

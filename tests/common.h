@@ -307,6 +307,28 @@ static inline void sm_stats_snap(smalloc_stats_t *s)
   SM_CHECK(rc == 0, "smalloc_stats_get returned %d", rc);
 }
 
+/* A snapshot that reports failure instead of asserting (safe between two
+ * snapshots that must not see libcheck's own allocations). */
+static inline int sm_test_snap(smalloc_stats_t *s)
+{
+  memset(s, 0, sizeof *s);
+  s->size = sizeof *s;
+  return smalloc_stats_get(s);
+}
+
+/* Index in classes[] of the class that serves a request of n bytes. */
+static inline int sm_test_class_index(const smalloc_stats_t *s, size_t n)
+{
+  int best = -1;
+  uint64_t want = sm_test_class_size(n);
+  for (uint32_t i = 0; i < s->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
+    uint64_t b = s->classes[i].block_size;
+    if (b != 0 && b >= want && (best < 0 || b < s->classes[best].block_size))
+      best = (int)i;
+  }
+  return best;
+}
+
 static inline uint64_t sm_blocks_in_use(void)
 {
   smalloc_stats_t s;

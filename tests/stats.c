@@ -103,26 +103,8 @@ static uint64_t st_get(const smalloc_stats_t *s, const st_field_t *f)
   return v;
 }
 
-static int st_snap(smalloc_stats_t *s)
-{
-  memset(s, 0, sizeof *s);
-  s->size = sizeof *s;
-  return smalloc_stats_get(s);
-}
-
-/* Index in classes[] of the class serving a request of n bytes. */
-static int st_class(const smalloc_stats_t *s, size_t n)
-{
-  int best = -1;
-  uint64_t want = sm_test_class_size(n);
-  for (uint32_t i = 0; i < s->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
-    uint64_t b = s->classes[i].block_size;
-    if (b != 0 && b >= want && (best < 0 || b < s->classes[best].block_size))
-      best = (int)i;
-  }
-  ck_assert_msg(best >= 0, "no size class for %zu bytes", n);
-  return best;
-}
+#define st_snap sm_test_snap
+#define st_class sm_test_class_index
 
 #define ST_D(a, b, f) ((b)->f - (a)->f)
 
