@@ -105,7 +105,7 @@ typedef struct smalloc_stats {
   /* bytes and blocks */
   uint64_t bytes_requested; /* sum of sizes asked for */
   uint64_t bytes_in_use;    /* block bytes held by live blocks now */
-  uint64_t bytes_in_use_peak; /* highest bytes_in_use seen when read or at thread exit */
+  uint64_t bytes_in_use_peak; /* highest bytes_in_use sampled (reads, thread exits, heap growth) */
   uint64_t blocks_in_use;
   uint64_t large_allocs;    /* blocks above the largest size class */
   uint64_t large_frees;

@@ -39,6 +39,7 @@ static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool z
       void *p = (uint8_t *)seg + offset;
       heap->stats.large_allocs++;
       heap->stats.large_bytes += seg->block_size;
+      sm_heap_grew(heap);
       sm_track_malloc(p, n, false);
       if (zero) memset(p, 0, n);
       return p;
@@ -47,6 +48,7 @@ static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool z
   void *p = sm_huge_alloc(n, alignment, zero);
   if (!p) return sm_fail_enomem(heap);
   heap->stats.huge_allocs++;
+  sm_heap_grew(heap);
   sm_track_malloc(p, n, true);
   return p;
 }

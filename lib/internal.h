@@ -202,6 +202,7 @@ struct sm_heap_s {
   uint32_t cycle;                        /* slow-path entries (wraps; compared as a difference) */
   uint32_t next_purge_check;
   uint64_t rng;                          /* secure build: page keys, list order */
+  uint64_t grow_events;                  /* fresh pages and large blocks, for the peak */
   sm_page_queue_t queues[SM_BIN_COUNT];  /* [0] is the full list */
   sm_page_t *retired_first, *retired_last;
   sm_segment_t *free_segs[2];            /* owned segments with free pages, by kind */
@@ -473,6 +474,11 @@ void sm_os_random(void *buf, size_t len);
 /* ---- stats.c ------------------------------------------------------------ */
 void sm_stats_fold_heap(sm_heap_t *heap);
 void sm_stats_orphan_add(size_t offset, uint64_t n);
+void sm_stats_sample_peak(void);
+/* a growth event of the heap: sample the peak every eighth one */
+SM_INLINE void sm_heap_grew(sm_heap_t *heap) {
+  if ((++heap->grow_events & 7) == 0) sm_stats_sample_peak();
+}
 void sm_stats_thread_exit(sm_heap_t *heap);
 void sm_stats_at_exit(void);
 void sm_stats_open_fd(void);

@@ -374,5 +374,6 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
   sm_page_extend(page);
   sm_pq_push_front(heap, bin, page);
   sm_count_step(heap, bin, new_segment ? SMALLOC_STEP_NEW_SEGMENT : SMALLOC_STEP_FRESH_PAGE);
+  sm_heap_grew(heap);
   return page;
 }

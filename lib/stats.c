@@ -68,6 +68,40 @@ void sm_stats_fold_heap(sm_heap_t *heap) {
       sm_page_fold_stats(heap, page);
 }
 
+static void sm_peak_raise(uint64_t bytes) {
+  uint64_t peak = atomic_load_explicit(&sm_gstats.peak_in_use, memory_order_relaxed);
+  while (bytes > peak && !atomic_compare_exchange_weak(&sm_gstats.peak_in_use, &peak, bytes)) {
+  }
+}
+
+/* Sample the bytes in use into the peak.  Called when the heap grows (a
+ * fresh page, a new segment, a large or huge block; every eighth such
+ * event per thread) besides every read of the stats and every thread
+ * exit: a few hundred additions per live heap. */
+void sm_stats_sample_peak(void) {
+  int64_t per_bin[SM_BIN_COUNT];
+  uint64_t large = 0, large_freed = 0;
+  memset(per_bin, 0, sizeof per_bin);
+  sm_heaps_lock();
+  const sm_tstats_t *src = &sm_exited;
+  for (sm_heap_t *h = sm_heaps_first();; h = h->all_next) {
+    for (size_t bin = 1; bin < SM_BIN_COUNT; bin++)
+      per_bin[bin] += (int64_t)(sm_cnt_read(src->class_allocs[bin]) - sm_cnt_read(src->class_frees[bin]));
+    large += sm_cnt_read(src->large_bytes);
+    large_freed += sm_cnt_read(src->large_bytes_freed);
+    if (h == NULL) break;
+    src = &h->stats;
+  }
+  sm_heaps_unlock();
+  uint64_t bytes = large > large_freed ? large - large_freed : 0;
+  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
+    int64_t n = per_bin[bin] - (int64_t)__atomic_load_n(&sm_orphan.class_frees[bin], __ATOMIC_RELAXED);
+    if (n > 0) bytes += (uint64_t)n * sm_bin_size(bin);
+  }
+  bytes += atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed);
+  sm_peak_raise(bytes);
+}
+
 /* Called with the heaps lock held, so a reader counts the thread once. */
 void sm_stats_thread_exit(sm_heap_t *heap) {
   sm_tstats_add(&sm_exited, &heap->stats);
@@ -133,11 +167,8 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   o->bytes_in_use = bytes + SM_POS(t.large_bytes, t.large_bytes_freed) + huge_b;
   o->blocks_in_use = blocks + SM_POS(t.large_allocs, t.large_frees) + SM_POS(t.huge_allocs, t.huge_frees);
 #undef SM_POS
-  uint64_t peak = atomic_load(&sm_gstats.peak_in_use);
-  while (o->bytes_in_use > peak &&
-         !atomic_compare_exchange_weak(&sm_gstats.peak_in_use, &peak, o->bytes_in_use)) {
-  }
-  o->bytes_in_use_peak = peak > o->bytes_in_use ? peak : o->bytes_in_use;
+  sm_peak_raise(o->bytes_in_use);
+  o->bytes_in_use_peak = atomic_load(&sm_gstats.peak_in_use);
   o->large_allocs = t.large_allocs;
   o->large_frees = t.large_frees;
   o->huge_allocs = t.huge_allocs;
