@@ -38,7 +38,7 @@ static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool z
     if (seg) {
       void *p = (uint8_t *)seg + offset;
       heap->stats.large_allocs++;
-      heap->stats.large_bytes += seg->block_size;
+      sm_cnt_add(heap->stats.large_bytes, seg->block_size);
       sm_heap_grew(heap);
       sm_track_malloc(p, n, false);
       if (zero) memset(p, 0, n);
@@ -241,8 +241,8 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
       /* a large block grows or shrinks inside its own segment */
       size_t bs = (n + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
       if (bs > SM_SEGMENT_SIZE - seg->block_offset) bs = SM_SEGMENT_SIZE - seg->block_offset;
-      heap->stats.large_bytes += bs;
-      heap->stats.large_bytes_freed += seg->block_size;
+      sm_cnt_add(heap->stats.large_bytes, bs);
+      sm_cnt_add(heap->stats.large_bytes_freed, seg->block_size);
       seg->block_size = bs;
       seg->pages[0].block_size = (uint32_t)bs;
       seg->pages[0].span = (uint32_t)bs;

@@ -9,7 +9,7 @@
  * counters, atomically. */
 #define SM_COUNT(heap, field, n)                                              \
   do {                                                                        \
-    if (sm_likely((heap)->initialized)) (heap)->stats.field += (n);           \
+    if (sm_likely((heap)->initialized)) sm_cnt_add((heap)->stats.field, (n)); \
     else sm_stats_orphan_add(offsetof(sm_tstats_t, field), (n));              \
   } while (0)
 
@@ -98,7 +98,7 @@ void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
 void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
   sm_heap_t *heap = sm_heap();
   if (sm_unlikely(!heap->initialized || !sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
-  heap->stats.class_frees[page->bin]++;
+  sm_cnt_add(heap->stats.class_frees[page->bin], 1);
   sm_free_block_xthread(sm_ptr_segment(page), page, b);
 }
 
