@@ -15,7 +15,7 @@ static inline void *sm_page_pop(sm_page_t *page) {
   sm_block_t *b = page->free;
   sm_track_link(b);
   page->free = sm_dec(page, b->next);
-  b->next = NULL;
+  b->tag = 0;
   sm_canary_set(page, b);
   page->used++;
   return b;
@@ -182,7 +182,7 @@ static size_t sm_usable_in(const sm_segment_t *seg, const sm_page_t *page, const
   if (seg->kind >= SM_SEG_SINGLE)
     return (size_t)(((const uint8_t *)seg + seg->block_offset + seg->block_size) - (const uint8_t *)p);
   size_t diff = (size_t)((const uint8_t *)p - page->start);
-  if ((uint64_t)(uint32_t)diff * page->div_magic < page->div_magic) return page->block_size - SM_CANARY;
+  if (sm_page_is_block(page, p)) return page->block_size - SM_CANARY;
   size_t block = diff - diff % page->block_size;
   return block + page->block_size - SM_CANARY - diff;
 }

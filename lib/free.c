@@ -32,8 +32,8 @@ bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep) {
   return true;
 }
 
-/* The first word of a block being freed decodes to a link into its own
- * page: it may be free already.  Look for it in the page's lists. */
+/* The tag word of a block being freed holds the page's key: it may be
+ * free already.  Look for it in the page's lists. */
 bool sm_free_is_double(sm_page_t *page, sm_block_t *b) {
   sm_block_t *lists[3] = {page->free, page->local_free,
                           sm_tf_head(page, memory_order_acquire)};
@@ -57,12 +57,10 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   sm_heap_t *heap = atomic_load_explicit(&sm_ptr_segment(page)->heap, memory_order_relaxed);
   if (b != NULL) {
     sm_track_link(b);
-    uintptr_t link = (uintptr_t)sm_dec(page, b->next);
-    if (link - (uintptr_t)page->start < page->span || link == 0) {
-      if (sm_free_is_double(page, b)) return;
-    }
+    if (b->tag == page->key && sm_free_is_double(page, b)) return;
     sm_track_free(p, b);
     b->next = sm_enc(page, page->local_free);
+    b->tag = page->key;
     page->local_free = b;
     sm_cnt_add(page->frees, 1);
     page->used--;
@@ -79,15 +77,20 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
 void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
   uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   sm_heap_t *owner = NULL;
+  uintptr_t key = page->key;
+  sm_track_link(b);
+  /* a block on any of the page's lists carries the key in its tag; the
+   * lists belong to the owner, so this is as far as another thread looks */
+  if (sm_unlikely(b->tag == key || sm_tf_ptr(old) == b)) {
+    sm_error("free(): double free of %p", (void *)b);
+    return;
+  }
+  b->tag = key;
   do {
-    if (sm_unlikely(sm_tf_ptr(old) == b)) {   /* the cheap case of a cross-thread double free */
-      sm_error("free(): double free of %p", (void *)b);
-      return;
-    }
     if ((old & SM_TF_FULL) && owner == NULL) owner = atomic_load_explicit(&seg->heap, memory_order_acquire);
     b->next = sm_enc(page, sm_tf_ptr(old));
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old,
-                                                  (uintptr_t)b | (old & SM_TF_FULL),
+                                                  ((uintptr_t)b | (old & ~SM_TF_PTR_MASK)) + SM_TF_COUNT_ONE,
                                                   memory_order_release, memory_order_relaxed));
   if ((old & SM_TF_FULL) && owner != NULL)
     atomic_fetch_add_explicit(&owner->xfree_full, 1, memory_order_release);
@@ -96,6 +99,12 @@ void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
 /* From the inline free: a block start in another live thread's ordinary
  * page.  Count it here and push it with one CAS. */
 void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
+  if ((atomic_load_explicit(&page->xtid, memory_order_relaxed) & ~(uintptr_t)1) == sm_thread_id()) {
+    /* our own page, on the full list */
+    if (sm_unlikely(!sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
+    sm_free_local_slow(page, b, b);
+    return;
+  }
   sm_heap_t *heap = sm_heap();
   if (sm_unlikely(!heap->initialized || !sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
   sm_cnt_add(heap->stats.class_frees[page->bin], 1);
@@ -137,7 +146,7 @@ void sm_free_generic(void *p, const char *who) {
     return;
   }
   size_t diff = (size_t)((uint8_t *)p - page->start);
-  size_t rem = ((uint64_t)(uint32_t)diff * page->div_magic < page->div_magic) ? 0 : diff % page->block_size;
+  size_t rem = sm_page_is_block(page, p) ? 0 : diff % page->block_size;
   if (sm_unlikely(diff >= page->span ||
                   (rem != 0 && !(atomic_load_explicit(&page->flags, memory_order_relaxed) &
                                  SM_PAGE_HAS_ALIGNED)))) {

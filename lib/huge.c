@@ -24,7 +24,6 @@ static void sm_huge_header(sm_segment_t *seg, size_t mapped, size_t offset) {
   sm_page_t *page = &seg->pages[0];
   page->in_use = 1;
   page->start = (uint8_t *)seg + offset;
-  page->div_magic = UINT64_MAX;
 }
 
 void *sm_huge_alloc(size_t n, size_t alignment, bool zero) {

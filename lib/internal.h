@@ -76,7 +76,13 @@
 #define SM_LARGE_MAX       (SM_SEGMENT_SIZE / 2)
 #define SM_MAX_REQUEST     ((size_t)PTRDIFF_MAX - 2 * SM_SEGMENT_SIZE)
 
-typedef struct sm_block_s { struct sm_block_s *next; } sm_block_t;
+/* A free block: the link (stored xor the page's key) and a tag word that
+ * holds the key while the block is free, so free can tell a block that
+ * may be free already with one compare.  Blocks are at least 16 bytes. */
+typedef struct sm_block_s {
+  struct sm_block_s *next;
+  uintptr_t tag;
+} sm_block_t;
 
 /* --enable-secure: a canary in the last 8 bytes of every small and medium
  * block, checked when it is freed; guard pages after every page and huge
@@ -120,22 +126,26 @@ struct sm_page_s {
   /* line 2, read by every free, owner's or not, and written only when the
    * page changes state: other threads' frees read it without pulling the
    * owner's line 1 away from it */
-  /* the owner's thread id unless a SM_PAGE_SLOW_FREE flag is set, else 0:
-   * one compare in free decides "owner thread, nothing special" */
+  /* the owner's thread id, with bit 0 set while the page is on the full
+   * list; 0 when a SM_PAGE_SLOW_FREE flag is set: one compare in free
+   * decides "owner thread, nothing special" */
   _Atomic uintptr_t xtid;
   uint8_t *start;
-  uint64_t div_magic;            /* ceil(2^64 / block_size): divisibility test */
+  uint64_t mul;                  /* block-start test, see sm_page_is_block */
+  uint64_t limit;                /* block-start test; 0 sends every free out of line */
   uintptr_t key;                 /* free-list links are stored xor key */
   uint32_t span;                 /* bytes from start covered by blocks */
   uint32_t block_size;
   _Atomic uint8_t flags;
-  uint8_t pad1[7];
-  sm_page_t *rnext, *rprev;      /* heap->retired list */
+  uint8_t pad1[15];
 
   /* line 3: pushed by other threads with a CAS, taken by the owner; bit 0
    * (SM_TF_FULL) set while the page is on the full list, so a pushing
-   * thread learns in the same CAS that it must tell the owner */
+   * thread learns in the same CAS that it must tell the owner; the top
+   * 16 bits count the blocks on the list */
   _Atomic uintptr_t thread_free __attribute__((aligned(64)));
+  /* the owner's, touched only when the page retires or is reused */
+  sm_page_t *rnext, *rprev;      /* heap->retired list */
 };
 _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines");
 _Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_free) == 128,
@@ -289,9 +299,32 @@ SM_INLINE sm_page_t *sm_segment_page_of(sm_segment_t *seg, const void *p) {
   return &seg->pages[((uintptr_t)p - (uintptr_t)seg) >> seg->page_shift];
 }
 
+/* ---- block starts ----------------------------------------------------------- */
+/* Whether p - start is k * block_size with k < reserved, in one multiply
+ * and one compare.  With d = block_size, mul = floor((2^64-1)/d) + 2, so
+ * that d * mul = 2^64 + e with d <= e < 2d, and limit = reserved * e:
+ * for an offset k*d + j (0 <= j < d) the product mod 2^64 is k*e + j*mul.
+ * It is below limit exactly when j == 0 and k < reserved: for j > 0 it is
+ * at least mul > 2^64/d, far above limit, and for an offset below start
+ * it wraps to near 2^64.  This holds for any offset within +-4 MiB and
+ * d <= 256 KiB (page.c asserts both ends). */
+SM_INLINE bool sm_page_is_block(const sm_page_t *page, const void *p) {
+  return ((uintptr_t)p - (uintptr_t)page->start) * page->mul < page->limit;
+}
+void sm_page_set_geometry(sm_page_t *page, size_t bsize, size_t reserved);
+
 /* ---- thread_free word ----------------------------------------------------- */
-#define SM_TF_FULL ((uintptr_t)1)
-SM_INLINE sm_block_t *sm_tf_ptr(uintptr_t v) { return (sm_block_t *)(v & ~SM_TF_FULL); }
+/* head pointer | block count << 48 | SM_TF_FULL: the owner takes the whole
+ * list and its length with one exchange, without walking it */
+#define SM_TF_FULL        ((uintptr_t)1)
+#define SM_TF_COUNT_SHIFT 48
+#define SM_TF_COUNT_ONE   ((uintptr_t)1 << SM_TF_COUNT_SHIFT)
+#define SM_TF_PTR_MASK    (SM_TF_COUNT_ONE - 1 - SM_TF_FULL)
+_Static_assert(SM_SEGMAP_BITS <= SM_TF_COUNT_SHIFT, "block addresses fit below the count");
+_Static_assert(((uintptr_t)1 << SM_SMALL_SHIFT) / 16 < ((uintptr_t)1 << (64 - SM_TF_COUNT_SHIFT)),
+               "a page's blocks fit the count");
+SM_INLINE sm_block_t *sm_tf_ptr(uintptr_t v) { return (sm_block_t *)(v & SM_TF_PTR_MASK); }
+SM_INLINE uint32_t sm_tf_count(uintptr_t v) { return (uint32_t)(v >> SM_TF_COUNT_SHIFT); }
 SM_INLINE sm_block_t *sm_tf_head(sm_page_t *page, memory_order mo) {
   return sm_tf_ptr(atomic_load_explicit(&page->thread_free, mo));
 }
@@ -350,7 +383,7 @@ SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
   if (sm_unlikely(((uintptr_t)b ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT))
     return sm_malloc_generic(heap, n);
   page->free = sm_dec(page, b->next);
-  b->next = NULL;               /* no stale link for the double-free check */
+  b->tag = 0;                   /* no stale tag for the double-free check */
   sm_canary_set(page, b);
   page->used++;
 #if SM_STATS
@@ -367,47 +400,47 @@ bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep);
 void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 void sm_free_xthread(sm_page_t *page, sm_block_t *b);
 
-/* Free on the owner thread: about 25 instructions.  Checks (all cheap):
- * the pointer is in a segment, it starts a block, and its first word does
- * not look like a free-list link of this page (else: a full double-free
- * check in the slow path). */
+/* Free on the owner thread: about 30 instructions.  Checks (all cheap):
+ * the pointer is in a segment, it starts a block, and its tag word does
+ * not hold the page's key (else: a full double-free check in the slow
+ * path). */
 SM_INLINE void sm_free_inline(void *p) {
   sm_segment_t *seg = sm_ptr_segment(p);
   unsigned shift = sm_segmap_shift((uintptr_t)seg);
   if (sm_unlikely(shift == 0)) { sm_free_generic(p, "free"); return; }
   sm_page_t *page = &seg->pages[((uintptr_t)p - (uintptr_t)seg) >> shift];
-  uint32_t diff = (uint32_t)((uintptr_t)p - (uintptr_t)page->start);
   uintptr_t xtid = atomic_load_explicit(&page->xtid, memory_order_relaxed);
   /* a block start: inside the page's blocks (not its segment header or
    * unused tail) and at a multiple of the block size */
-  if (sm_unlikely(diff >= page->span || (uint64_t)diff * page->div_magic >= page->div_magic)) {
+  if (sm_unlikely(!sm_page_is_block(page, p))) {
     sm_free_generic(p, "free");
     return;
   }
   if (sm_unlikely(xtid != sm_thread_id())) {
-    /* another thread's ordinary page: push on its thread_free; anything
-     * else (flagged, abandoned, not in use, single) goes the long way */
+    /* another thread's page, or one of ours on the full list: push on its
+     * thread_free, or bring it back; anything else (flagged, abandoned,
+     * not in use, single) goes the long way */
     if (xtid != 0) sm_free_xthread(page, (sm_block_t *)p);
     else sm_free_generic(p, "free");
     return;
   }
   {
     sm_block_t *b = (sm_block_t *)p;
+    uintptr_t key = page->key;
     if (SM_CANARY && sm_unlikely(!sm_canary_ok(page, b))) { sm_free_generic(p, "free"); return; }
-    uintptr_t link = (uintptr_t)sm_dec(page, b->next);
-    if (sm_unlikely(link - (uintptr_t)page->start < page->span || link == 0)) {
+    if (sm_unlikely(b->tag == key)) {
       sm_free_local_slow(page, b, p);   /* may be a double free: check, then push */
       return;
     }
-    sm_block_t *lf = page->local_free;
-    b->next = sm_enc(page, lf);
+    b->next = (sm_block_t *)((uintptr_t)page->local_free ^ key);
+    b->tag = key;
     page->local_free = b;
 #if SM_STATS
     sm_cnt_add(page->frees, 1);
 #endif
-    /* the page emptied, or it may be on the full list (first local free
-     * since its lists ran dry): let the slow path look */
-    if (sm_unlikely(--page->used == 0 || lf == NULL) && page->free == NULL)
+    /* the page emptied: let the slow path decide whether it retires (a
+     * page on the full list has bit 0 in xtid and came the long way) */
+    if (sm_unlikely(--page->used == 0) && page->free == NULL)
       sm_free_local_slow(page, NULL, NULL);
   }
 }

@@ -40,15 +40,26 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
 #endif
   page->start = start;
   page->block_size = (uint32_t)bsize;
-  page->reserved = (uint32_t)(area / bsize);
-  page->span = (uint32_t)(page->reserved * bsize);
-  page->div_magic = UINT64_MAX / bsize + 1;
+  sm_page_set_geometry(page, bsize, area / bsize);
   page->capacity = 0;
   page->frees = 0;
   page->used_folded = 0;
   page->retire_expire = 0;
   page->next = page->prev = page->rnext = page->rprev = NULL;
   atomic_fetch_add_explicit(&sm_gstats.class_pages[bin], 1, memory_order_relaxed);
+}
+
+/* Block size, block count and the constants of sm_page_is_block. */
+void sm_page_set_geometry(sm_page_t *page, size_t bsize, size_t reserved) {
+  sm_assert(bsize >= 16 && bsize <= SM_MEDIUM_MAX && reserved * bsize <= SM_SEGMENT_SIZE);
+  uint64_t mul = UINT64_MAX / bsize + 2;
+  uint64_t e = (uint64_t)bsize * mul;   /* mod 2^64: in [bsize, 2 * bsize) */
+  sm_assert(e >= bsize && e < 2 * bsize);
+  page->block_size = (uint32_t)bsize;
+  page->reserved = (uint32_t)reserved;
+  page->span = (uint32_t)(reserved * bsize);
+  page->mul = mul;
+  page->limit = (uint32_t)(reserved * e);
 }
 
 static void sm_page_extend(sm_page_t *page) {
@@ -78,6 +89,7 @@ static void sm_page_extend(sm_page_t *page) {
     for (size_t i = 0; i < n; i++) {
       sm_block_t *b = (sm_block_t *)(base + (size_t)order[i] * bsize);
       b->next = sm_enc(page, head);
+      b->tag = page->key;
       head = b;
     }
     page->free = head;
@@ -88,38 +100,42 @@ static void sm_page_extend(sm_page_t *page) {
   uint8_t *first = page->start + (size_t)page->capacity * bsize;
   sm_track_reuse(first, n * bsize);
   uint8_t *p = first;
-  for (size_t i = 1; i < n; i++, p += bsize)
+  for (size_t i = 1; i < n; i++, p += bsize) {
     ((sm_block_t *)p)->next = sm_enc(page, (sm_block_t *)(p + bsize));
+    ((sm_block_t *)p)->tag = page->key;
+  }
   ((sm_block_t *)p)->next = sm_enc(page, page->free);
+  ((sm_block_t *)p)->tag = page->key;
   page->free = (sm_block_t *)first;
   page->capacity += (uint32_t)n;
 }
 
-/* Move thread_free onto local_free, with one exchange.  The list is
- * walked to count it (used must be exact for the retire decision); when
+/* Move thread_free onto local_free, with one exchange that also yields the
+ * list's length (used must be exact for the retire decision).  When
  * local_free is empty, as in the slow path's collect step, the list is
- * taken whole. */
+ * taken whole; otherwise it is walked to its tail. */
 void sm_page_collect_thread_free(sm_page_t *page) {
   if (sm_tf_head(page, memory_order_relaxed) == NULL) return;
   /* take the list, keep the full bit */
-  sm_block_t *head = sm_tf_ptr(atomic_fetch_and_explicit(&page->thread_free, SM_TF_FULL,
-                                                         memory_order_acquire));
+  uintptr_t v = atomic_fetch_and_explicit(&page->thread_free, SM_TF_FULL, memory_order_acquire);
+  sm_block_t *head = sm_tf_ptr(v);
   if (!head) return;
-  uint32_t n = 1;
-  sm_block_t *tail = head;
-  sm_track_link(tail);
-  for (sm_block_t *next; (next = sm_dec(page, tail->next)) != NULL; tail = next) {
-    /* a link out of the segment, or more links than blocks (a cycle, from
-     * a block freed twice by other threads) */
-    if (sm_unlikely(((uintptr_t)next ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT || n > page->capacity)) {
-      sm_error("corrupted free list in page at %p (thread_free)", (void *)page->start);
-      tail->next = sm_enc(page, NULL);
-      break;
+  uint32_t n = sm_tf_count(v);
+  if (page->local_free) {
+    sm_block_t *tail = head;
+    sm_track_link(tail);
+    for (uint32_t i = 1; i < n; i++) {
+      sm_block_t *next = sm_dec(page, tail->next);
+      /* a link out of the segment: stop there, as malloc would */
+      if (sm_unlikely(((uintptr_t)next ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
+        sm_error("corrupted free list in page at %p (thread_free)", (void *)page->start);
+        break;
+      }
+      sm_track_link(next);
+      tail = next;
     }
-    sm_track_link(next);
-    n++;
+    tail->next = sm_enc(page, page->local_free);
   }
-  if (page->local_free) tail->next = sm_enc(page, page->local_free);
   page->local_free = head;
   if (sm_unlikely(n > page->used)) n = page->used;   /* only after a reported corruption */
   page->used -= n;
@@ -231,7 +247,7 @@ void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid) {
   bool slow = (flags & SM_PAGE_SLOW_FREE) != 0 || tid == 0;
   if (slow) atomic_store_explicit(&page->xtid, 0, memory_order_seq_cst);
   atomic_store_explicit(&page->flags, flags, memory_order_seq_cst);
-  if (!slow) atomic_store_explicit(&page->xtid, tid, memory_order_seq_cst);
+  if (!slow) atomic_store_explicit(&page->xtid, tid | ((flags & SM_PAGE_IN_FULL) ? 1 : 0), memory_order_seq_cst);
 }
 
 /* ---- full pages ------------------------------------------------------------ */

@@ -244,7 +244,7 @@ sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *off
   page->start = (uint8_t *)seg + offset;
   page->block_size = (uint32_t)seg->block_size;
   page->span = (uint32_t)seg->block_size;
-  page->div_magic = UINT64_MAX;   /* only offset 0 passes: diff * magic < magic */
+  /* limit stays 0: every free of the block goes out of line */
   sm_segment_guard(seg);
   *offset_out = offset;
   return seg;

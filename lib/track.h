@@ -18,13 +18,14 @@ extern bool sm_valgrind;
 /* a block handed out: n bytes, undefined unless zeroed */
 #define sm_track_malloc(p, n, zero) \
   do { if (sm_track_on()) VALGRIND_MALLOCLIKE_BLOCK((p), (n) ? (n) : 1, 0, (zero)); } while (0)
-/* a block given back; its first word stays usable for the free-list link */
+/* a block given back; its first two words stay usable for the free-list
+ * link and the tag */
 #define sm_track_free(p, b) \
   do { if (sm_track_on()) { VALGRIND_FREELIKE_BLOCK((p), 0); \
-       VALGRIND_MAKE_MEM_UNDEFINED((b), sizeof(void *)); } } while (0)
-/* the library reads a block's first word (a link, or user data it checks) */
+       VALGRIND_MAKE_MEM_UNDEFINED((b), sizeof(sm_block_t)); } } while (0)
+/* the library reads a block's link and tag (or user data it checks) */
 #define sm_track_link(b) \
-  do { if (sm_track_on()) VALGRIND_MAKE_MEM_DEFINED((b), sizeof(void *)); } while (0)
+  do { if (sm_track_on()) VALGRIND_MAKE_MEM_DEFINED((b), sizeof(sm_block_t)); } while (0)
 #define sm_track_resize(p, old, new) \
   do { if (sm_track_on()) VALGRIND_RESIZEINPLACE_BLOCK((p), (old), (new), 0); } while (0)
 bool sm_track_memcheck(void);

@@ -588,7 +588,8 @@ static void corrupted_free_list(bool warn)
 MISUSE(corrupted_free_list)
 
 /* The same on the list of blocks freed by other threads, which the owner
- * collects when its own lists run dry. */
+ * takes whole when its own lists run dry: the allocation after the
+ * corrupted block must stop at its link. */
 static void corrupted_thread_free_list(bool warn)
 {
   enum { SIZE = 224, MAX = 100000 };
@@ -602,15 +603,22 @@ static void corrupted_thread_free_list(bool warn)
   CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
   memset(b, 0x41, 8);   /* b heads the list; its link led to a */
   expect_line("^corrupted free list in page at 0x");
-  for (size_t i = 0; i < MAX; i++) {
+  size_t i;
+  for (i = 0; i < MAX; i++) {
     kept[i] = smalloc_malloc(SIZE);
     CHILD_CHECK(kept[i] != NULL && sm_is_aligned(kept[i], 16),
                 "malloc(%d) returned %p after %zu", SIZE, kept[i], i);
     if (kept[i] == b)
       break;
   }
+  CHILD_CHECK(i < MAX, "the freed block never came back");
+  /* the next allocation of the class would follow the bad link */
+  unsigned char *q = smalloc_malloc(SIZE);
   if (!warn)
-    child_fail("the corrupted link was never reached");
+    child_fail("malloc after the corrupted block returned %p", (void *)q);
+  CHILD_CHECK(q != NULL && q != a && sm_is_aligned(q, 16) && smalloc_malloc_usable_size(q) >= SIZE,
+              "malloc after the corrupted block returned %p", (void *)q);
+  memset(q, 0, SIZE);
   heap_still_sound(SIZE);
 }
 MISUSE(corrupted_thread_free_list)
