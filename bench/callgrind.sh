@@ -1,7 +1,9 @@
 #!/bin/sh
 # Instructions per malloc(32)+free pair (churn case a), counted by callgrind
 # for the fresh library, glibc, mimalloc (when installed), BASELINE (when
-# set) and the ideal floor (the same loop on a plain free list, no malloc).
+# set), the null allocator (NULLLIB, when set: nullalloc.c, the least an
+# allocator behind a call can do) and the ideal floor (the same loop on a
+# plain free list, no malloc).
 # Start-up and exit cost cancel out: each figure is (I(2N) - I(N)) / N.
 # The loop itself is in every figure; "above floor" is the allocator alone
 # minus what the cheapest possible list costs.
@@ -71,6 +73,9 @@ else
 fi
 if [ -n "${BASELINE:-}" ]; then
   report baseline "$BASELINE"
+fi
+if [ -n "${NULLLIB:-}" ] && [ -e "$NULLLIB" ]; then
+  report null "$NULLLIB"
 fi
 report glibc ""
 mi=$(lookup libmimalloc.so.2)

@@ -12,9 +12,13 @@ Allocators:
                ldconfig); if there is none, glibc serves as the baseline
   glibc        no preload
   jemalloc, tcmalloc, mimalloc when ldconfig knows them
+  null         NULLLIB, the null allocator (nullalloc.c): per-thread LIFO
+               lists, no checks, no statistics, nothing returned; run in
+               the single-threaded churn cases only, as the least any
+               allocator can spend there (left out of the geometric means)
 
-Environment (make passes the first three):
-  FRESH=path  BASELINE=path  QUICK=1  BENCH_STRACE=1 (count OS calls of
+Environment (make passes the first four):
+  FRESH=path  BASELINE=path  NULLLIB=path  QUICK=1  BENCH_STRACE=1 (count OS calls of
   non-smalloc allocators in the churn cases with strace, untimed)
   BENCH_RUNS=n (counted rounds)  BENCH_ONLY=name,prefix* (workloads to run)
 
@@ -123,8 +127,9 @@ def find_baseline(explicit, fresh, want):
 
 class Work:
     def __init__(self, name, group, desc, argv, real=False, full_only=False,
-                 stdin=None, pre=None, ops_unit="op"):
+                 stdin=None, pre=None, ops_unit="op", threads=1):
         self.name = name
+        self.threads = threads  # the null allocator runs single-threaded work only
         self.group = group      # churn, floor, other, real
         self.desc = desc
         self.argv = argv        # list; None when skipped
@@ -187,7 +192,7 @@ def workloads(bindir, srcdir, quick, tmpdir):
         Work("churn-e", "churn", "batches of 1000 blocks spread over size classes 16 B - 8 KiB",
              prog("bench_churn", "e")),
         Work("churn-f", "churn", "producer thread allocates, consumer thread frees",
-             prog("bench_churn", "f")),
+             prog("bench_churn", "f"), threads=2),
         Work("churn-floor", "floor",
              "ideal floor: case a on a plain singly linked free list, no malloc",
              prog("bench_churn", "floor")),
@@ -522,6 +527,13 @@ class Report:
                         verdict, " ".join("%.6f" % t for t in row.times()),
                         sorted(row.checksums)[0] if row.checksums else "", ""])
         out = [table(headers, body, md)]
+        null = rows.get("null")
+        if null is not None and null.ok() and null.ns_per_op() is not None:
+            above = ["%s %s" % (n, fmt_ns(r.ns_per_op() - null.ns_per_op()))
+                     for n, r in rows.items() if n != "null" and r.ok()
+                     and r.ns_per_op() is not None]
+            out.append(("\n" if md else "") + "ns/op above the null allocator (the allocator's "
+                       "own cost): " + ", ".join(above))
         smalloc_rows = [(n, r) for n, r in rows.items() if r.alloc.smalloc and r.ok()
                         and r.stat("slow_path") is not None]
         if work.group == "churn" and smalloc_rows:
@@ -544,7 +556,7 @@ class Report:
             if fresh is None or not fresh.ok():
                 continue
             for name, row in rows.items():
-                if not row.ok():
+                if not row.ok() or name == "null":
                     continue
                 t = math.log(row.median() / fresh.median())
                 r = math.log(row.rss() / fresh.rss()) if fresh.rss() > 0 and row.rss() > 0 else 0
@@ -596,7 +608,7 @@ def write_svg(path, report, tmpdir):
     names = []
     for _, rows in report.results:
         for n in rows:
-            if n not in names and n != "floor":
+            if n not in names and n not in ("floor", "null"):
                 names.append(n)
     data = os.path.join(tmpdir, "ratios.dat")
     works = [(w, rows) for w, rows in report.results
@@ -747,6 +759,12 @@ def main():
         if lib:
             allocs.append(Alloc(name, lib))
     floor = Alloc("floor", None)
+    nulllib = os.environ.get("NULLLIB", "")
+    null = None
+    if nulllib and os.path.exists(nulllib):
+        null = Alloc("null", os.path.abspath(nulllib), note="reference: no checks, no stats")
+    elif nulllib:
+        say("bench: NULLLIB=%s does not exist: no null allocator row" % nulllib)
 
     if use_strace and not shutil.which("strace"):
         say("bench: BENCH_STRACE=1 but strace is not installed: OS calls of other "
@@ -765,7 +783,7 @@ def main():
         say("smalloc bench: %s; allocators: %s" % (mode, ", ".join(
             a.name + ("" if a.name != baseline_name or a.name == "baseline" else " (baseline)")
             for a in allocs)))
-        for a in allocs:
+        for a in allocs + ([null] if null else []):
             say("  %-12s %s" % (a.name, a.lib or "(no preload)"))
         report = Report(baseline_name)
         for w in ws:
@@ -780,7 +798,7 @@ def main():
             if w.group == "floor":
                 wallocs = [floor]
             elif w.group == "churn":
-                wallocs = allocs
+                wallocs = allocs + ([null] if null and w.threads == 1 else [])
             else:
                 wallocs = [a for a in allocs if a.name != "fresh-naive"]
             rows = {a.name: Row(a) for a in wallocs}
@@ -834,7 +852,8 @@ def main():
         say(report.geomean_table(False))
         for note in report.notes:
             say("note: " + note)
-        made = write_files(args.outdir, report, allocs, machine_info(), mode, tmpdir)
+        made = write_files(args.outdir, report, allocs + ([null] if null else []),
+                           machine_info(), mode, tmpdir)
         say("")
         say("wrote " + ", ".join(made))
         if report.errors:
