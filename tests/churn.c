@@ -989,6 +989,99 @@ START_TEST(retired_pages_expire)
 END_TEST
 
 /* ============================================================================
+ * cross_thread_frees_are_counted: another thread frees a burst that spans
+ * several pages; the owner's next burst is served by those same pages (no
+ * fresh page, no new segment), and once the owner has freed it as well,
+ * smalloc_collect(true) releases every one of them.  That only happens if
+ * the owner's count of blocks in use per page stayed exact through the
+ * blocks it took back, as a list and its length, from other threads. */
+
+enum { CH_XT_SIZE = SM_TEST_REQUEST_FOR(128) };
+
+typedef struct ch_xt {
+  ch_err_t e;
+  int rc;
+  void **v;
+  size_t n;
+  /* s0 before; s1 after the other thread freed the burst; s2 after the
+   * second burst; s3 after it was freed and smalloc_collect(true) */
+  smalloc_stats_t s[4];
+} ch_xt_t;
+
+static void *ch_xt_freer(void *arg)
+{
+  ch_xt_t *x = arg;
+  ch_free_burst(x->v, x->n);
+  return NULL;
+}
+
+static void *ch_xt_owner(void *arg)
+{
+  ch_xt_t *x = arg;
+  pthread_t t;
+  x->n = ch_blocks_for_pages(CH_XT_SIZE, 4);
+  x->v = mmap(NULL, x->n * sizeof *x->v, PROT_READ | PROT_WRITE,
+              MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (x->v == MAP_FAILED) {
+    CH_FAIL(&x->e, "mmap failed");
+    return NULL;
+  }
+  smalloc_collect(true);
+  x->rc = ch_snap(&x->s[0]);
+  ch_burst(x->v, x->n, CH_XT_SIZE, &x->e);
+  if (pthread_create(&t, NULL, ch_xt_freer, x) != 0 || pthread_join(t, NULL) != 0)
+    CH_FAIL(&x->e, "pthread_create or pthread_join failed");
+  x->rc |= ch_snap(&x->s[1]);
+  ch_burst(x->v, x->n, CH_XT_SIZE, &x->e);
+  x->rc |= ch_snap(&x->s[2]);
+  ch_free_burst(x->v, x->n);
+  smalloc_collect(true);
+  x->rc |= ch_snap(&x->s[3]);
+  munmap(x->v, x->n * sizeof *x->v);
+  return NULL;
+}
+
+START_TEST(cross_thread_frees_are_counted)
+{
+  static ch_xt_t x;
+  ch_in_thread(ch_xt_owner, &x);
+  CH_ASSERT_OK(&x.e);
+  ck_assert_int_eq(x.rc, 0);
+
+  const smalloc_stats_t *s = x.s;
+  int c = ch_class(&s[0], CH_XT_SIZE);
+  ck_assert_int_ge(c, 0);
+  uint64_t base = s[0].classes[c].pages_in_use;
+  uint64_t pages = s[1].classes[c].pages_in_use - base;
+  ck_assert_msg(pages >= 4, "the burst took %llu pages", (unsigned long long)pages);
+  /* (whole-process totals would also count the C library's allocations
+   * for the new thread: look at the class) */
+  ck_assert_uint_eq(s[1].classes[c].allocs - s[0].classes[c].allocs, x.n);
+  ck_assert_uint_eq(s[1].classes[c].frees - s[0].classes[c].frees, x.n);
+  ck_assert_uint_eq(s[1].classes[c].blocks_in_use, s[0].classes[c].blocks_in_use);
+
+  /* the second burst: the same pages, taken back from the other thread */
+  ck_assert_uint_eq(s[2].classes[c].pages_in_use, s[1].classes[c].pages_in_use);
+  ck_assert_uint_eq(s[2].slow_steps[SMALLOC_STEP_FRESH_PAGE] -
+                    s[1].slow_steps[SMALLOC_STEP_FRESH_PAGE], 0);
+  ck_assert_uint_eq(s[2].slow_steps[SMALLOC_STEP_NEW_SEGMENT] -
+                    s[1].slow_steps[SMALLOC_STEP_NEW_SEGMENT], 0);
+  ck_assert_uint_eq(s[2].classes[c].blocks_in_use - s[1].classes[c].blocks_in_use, x.n);
+
+  /* all free again: every page goes back */
+  ck_assert_uint_eq(s[3].classes[c].blocks_in_use, s[0].classes[c].blocks_in_use);
+  ck_assert_msg(s[3].classes[c].pages_in_use == base,
+                "class %zu: %llu pages before, %llu after everything was freed and collected",
+                sm_test_class_size(CH_XT_SIZE), (unsigned long long)base,
+                (unsigned long long)s[3].classes[c].pages_in_use);
+  ck_assert_msg(s[3].pages_released - s[2].pages_released >= pages,
+                "%llu of %llu pages released",
+                (unsigned long long)(s[3].pages_released - s[2].pages_released),
+                (unsigned long long)pages);
+}
+END_TEST
+
+/* ============================================================================
  * collect_returns_resident_memory: 1 GiB of 64..256-byte blocks allocated,
  * touched and freed; after smalloc_collect(true) the resident size is back
  * within 10 MiB of what it was before.  The pointer array is mmap'd and
@@ -1151,6 +1244,7 @@ static Suite *churn_suite(void)
   tcase_add_test(tc, retire_keeps_only_page);
   tcase_add_test(tc, retire_keeps_every_page);
   tcase_add_test(tc, retired_pages_expire);
+  tcase_add_test(tc, cross_thread_frees_are_counted);
   tcase_add_test(tc, collect_returns_resident_memory);
   tcase_add_test(tc, retire_cycles_zero_is_naive);
   suite_add_tcase(s, tc);

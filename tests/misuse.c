@@ -361,6 +361,26 @@ static void double_free_after_cross_thread_free(bool warn)
 }
 MISUSE(double_free_after_cross_thread_free)
 
+/* First free from the owner (the block sits on its page's local list),
+ * second from another thread, which cannot walk the owner's lists: the
+ * block's tag word tells it. */
+static void double_free_cross_thread_after_local_free(bool warn)
+{
+  unsigned char *keep = smalloc_malloc(80);   /* keeps the page from retiring */
+  unsigned char *p = smalloc_malloc(80);
+  pthread_t t;
+  CHILD_CHECK(keep && p, "malloc(80) failed");
+  smalloc_free(p);
+  expect_line("free(): double free of %p", (void *)p);
+  CHILD_CHECK(pthread_create(&t, NULL, free_in_thread, sm_opaque(p)) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  if (!warn)
+    return;
+  heap_still_sound(80);
+  smalloc_free(keep);
+}
+MISUSE(double_free_cross_thread_after_local_free)
+
 static void *free_twice_in_thread(void *p)
 {
   smalloc_free(p);
@@ -795,6 +815,7 @@ int main(void)
   ADD_MISUSE(tc, double_free_after_reuse_of_others);
   ADD_MISUSE(tc, double_free_after_cross_thread_free);
   ADD_MISUSE(tc, double_free_both_cross_thread);
+  ADD_MISUSE(tc, double_free_cross_thread_after_local_free);
   ADD_MISUSE(tc, free_middle_of_small_block);
   ADD_MISUSE(tc, free_middle_of_medium_block);
   ADD_MISUSE(tc, free_middle_of_large_block);
