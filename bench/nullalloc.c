@@ -20,11 +20,13 @@
 #define EXPORT __attribute__((visibility("default")))
 
 /* classes: 16-byte steps up to 1 KiB (0..64), then powers of two from
- * 2 KiB to 1 GiB (65..84); each class owns REGION bytes of address space,
- * and the regions start at a multiple of 1 GiB */
-enum { SMALL_CLASSES = 65, CLASSES = SMALL_CLASSES + 20 };
-#define REGION ((uintptr_t)1 << 32)
-#define ALIGN  ((uintptr_t)1 << 30)
+ * 2 KiB to 64 MiB (65..80); each class owns REGION bytes of address space
+ * (small enough for valgrind), and the regions start at a multiple of
+ * 64 MiB; larger requests fail */
+enum { SMALL_CLASSES = 65, CLASSES = SMALL_CLASSES + 16 };
+#define MAX_SIZE ((size_t)1 << 26)
+#define REGION ((uintptr_t)1 << 28)
+#define ALIGN  ((uintptr_t)MAX_SIZE)
 #define CHUNK  ((uintptr_t)1 << 20)
 
 struct block { struct block *next; };
@@ -89,7 +91,7 @@ static __attribute__((noinline)) void *refill(size_t c)
  * followed by memset into a call to calloc */
 static inline void *alloc(size_t n)
 {
-  size_t c = n <= ((size_t)1 << 30) ? class_of(n) : CLASSES;
+  size_t c = n <= MAX_SIZE ? class_of(n) : CLASSES;
   struct block *b = c < CLASSES ? heads[c] : NULL;
   if (__builtin_expect(b != NULL, 1)) {
     heads[c] = b->next;
