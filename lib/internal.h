@@ -311,6 +311,13 @@ SM_INLINE sm_page_t *sm_segment_page_of(sm_segment_t *seg, const void *p) {
 SM_INLINE bool sm_page_is_block(const sm_page_t *page, const void *p) {
   return ((uintptr_t)p - (uintptr_t)page->start) * page->mul < page->limit;
 }
+/* The two constants for blocks of bsize bytes, reserved of them. */
+SM_INLINE void sm_block_test_consts(size_t bsize, size_t reserved, uint64_t *mul, uint64_t *limit) {
+  uint64_t m = UINT64_MAX / bsize + 2;
+  uint64_t e = (uint64_t)bsize * m;   /* mod 2^64: in [bsize, 2 * bsize) */
+  *mul = m;
+  *limit = (uint64_t)reserved * e;
+}
 void sm_page_set_geometry(sm_page_t *page, size_t bsize, size_t reserved);
 
 /* ---- thread_free word ----------------------------------------------------- */

@@ -52,14 +52,10 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
 /* Block size, block count and the constants of sm_page_is_block. */
 void sm_page_set_geometry(sm_page_t *page, size_t bsize, size_t reserved) {
   sm_assert(bsize >= 16 && bsize <= SM_MEDIUM_MAX && reserved * bsize <= SM_SEGMENT_SIZE);
-  uint64_t mul = UINT64_MAX / bsize + 2;
-  uint64_t e = (uint64_t)bsize * mul;   /* mod 2^64: in [bsize, 2 * bsize) */
-  sm_assert(e >= bsize && e < 2 * bsize);
   page->block_size = (uint32_t)bsize;
   page->reserved = (uint32_t)reserved;
   page->span = (uint32_t)(reserved * bsize);
-  page->mul = mul;
-  page->limit = (uint32_t)(reserved * e);
+  sm_block_test_consts(bsize, reserved, &page->mul, &page->limit);
 }
 
 static void sm_page_extend(sm_page_t *page) {
