@@ -81,12 +81,18 @@ void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
   sm_track_link(b);
   /* a block on any of the page's lists carries the key in its tag; the
    * lists belong to the owner, so this is as far as another thread looks */
-  if (sm_unlikely(b->tag == key || sm_tf_ptr(old) == b)) {
+  if (sm_unlikely(b->tag == key)) {
     sm_error("free(): double free of %p", (void *)b);
     return;
   }
   b->tag = key;
   do {
+    if (sm_unlikely(sm_tf_ptr(old) == b)) {
+      /* two threads freed it at once, and the other one won the CAS: a
+       * link to itself would make the list endless */
+      sm_error("free(): double free of %p", (void *)b);
+      return;
+    }
     if ((old & SM_TF_FULL) && owner == NULL) owner = atomic_load_explicit(&seg->heap, memory_order_acquire);
     b->next = sm_enc(page, sm_tf_ptr(old));
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old,
