@@ -4,13 +4,13 @@
 #include "track.h"
 
 static SM_COLD void *sm_fail_enomem(sm_heap_t *heap) {
-  if (heap->initialized) heap->stats.calls[SM_CALL_FAILED]++;
+  if (heap->initialized) sm_cnt_add(heap->stats.calls[SM_CALL_FAILED], 1);
   errno = ENOMEM;
   return NULL;
 }
 
-/* Pop from a page found by the slow path.  The block pointer is checked
- * against the segment like on the fast path. */
+/* Pop from a page that sm_page_has_free approved (the fast path's check
+ * of the block pointer against the segment). */
 static inline void *sm_page_pop(sm_page_t *page) {
   sm_block_t *b = page->free;
   sm_track_link(b);
@@ -37,7 +37,7 @@ static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool z
     sm_segment_t *seg = sm_segment_single_alloc(n, alignment, &offset);
     if (seg) {
       void *p = (uint8_t *)seg + offset;
-      heap->stats.large_allocs++;
+      sm_cnt_add(heap->stats.large_allocs, 1);
       sm_cnt_add(heap->stats.large_bytes, seg->block_size);
       sm_heap_grew(heap);
       sm_track_malloc(p, n, false);
@@ -45,9 +45,9 @@ static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool z
       return p;
     }
   }
-  void *p = sm_huge_alloc(n, alignment, zero);
+  void *p = sm_huge_alloc(n, alignment);   /* zero already */
   if (!p) return sm_fail_enomem(heap);
-  heap->stats.huge_allocs++;
+  sm_cnt_add(heap->stats.huge_allocs, 1);
   sm_heap_grew(heap);
   sm_track_malloc(p, n, true);
   return p;
@@ -58,65 +58,30 @@ void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
   if (sm_unlikely(heap == NULL)) { errno = ENOMEM; return NULL; }
   if (n > SM_MEDIUM_MAX - SM_CANARY) {
     void *p = sm_malloc_large(heap, n, 16, false);
-    if (p) heap->stats.requested += n;
-    else heap->stats.calls[SM_CALL_MALLOC_FAILED]++;
+    if (p) sm_cnt_add(heap->stats.requested, n);
+    else sm_cnt_add(heap->stats.calls[SM_CALL_MALLOC_FAILED], 1);
     return p;
   }
   size_t bin = sm_bin_of(sm_class_size(n));
   sm_page_t *page = heap->queues[bin].first;
-  if (page && page->free) {
-    if (sm_unlikely(((uintptr_t)page->free ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
-      sm_error("corrupted free list in page at %p", (void *)page->start);
-      page->free = NULL;   /* leak the rest of the list rather than follow it */
-    } else {
-      heap->stats.requested += n;
-      void *p = sm_page_pop(page);
-      sm_track_malloc(p, n, false);
-      return p;
+  if (!page || !sm_page_has_free(page)) {
+    page = sm_page_find(heap, bin);   /* the slow path, cheapest step first */
+    if (sm_unlikely(page == NULL)) {
+      sm_cnt_add(heap->stats.calls[SM_CALL_MALLOC_FAILED], 1);
+      return sm_fail_enomem(heap);
     }
   }
-  if (page && page->local_free && !page->free) {
-    /* the churn case, kept short: swap local_free in (step 1) */
-    heap->cycle++;
-    page->free = page->local_free;
-    page->local_free = NULL;
-    int step = SMALLOC_STEP_LOCAL_SWAP;
-    if (page->retired) {
-      sm_page_unretire(heap, page);
-      heap->stats.pages_reused++;
-      step = SMALLOC_STEP_RETIRED_PAGE;
-    }
-    heap->stats.class_steps[bin][step]++;
-    sm_page_fold_stats(heap, page);
-    if (heap->retired_first && sm_cycle_reached(heap->cycle, heap->retired_first->retire_expire))
-      sm_heap_collect_retired(heap, false);
-    heap->stats.requested += n;
-    void *p = sm_page_pop(page);
-    sm_track_malloc(p, n, false);
-    return p;
-  }
-  page = sm_page_find(heap, bin);
-  if (sm_unlikely(page == NULL)) {
-    heap->stats.calls[SM_CALL_MALLOC_FAILED]++;
-    return sm_fail_enomem(heap);
-  }
-  heap->stats.requested += n;
+  sm_cnt_add(heap->stats.requested, n);
   void *p = sm_page_pop(page);
   sm_track_malloc(p, n, false);
   return p;
-}
-
-void *sm_malloc(size_t n) {
-  sm_heap_t *heap = sm_heap();
-  if (sm_likely(n <= SM_DIRECT_MAX - SM_CANARY)) return sm_malloc_small(heap, n);
-  return sm_malloc_generic(heap, n);
 }
 
 /* Allocate for an entry point other than malloc: counted apart so that
  * calls_malloc stays exact. */
 static void *sm_malloc_other(size_t n) {
   void *p = sm_malloc(n);
-  if (p) sm_heap()->stats.alloc_other++;
+  if (p) sm_cnt_add(sm_heap()->stats.alloc_other, 1);
   return p;
 }
 
@@ -124,13 +89,13 @@ void *sm_calloc(size_t count, size_t size) {
   size_t n;
   sm_heap_t *heap = sm_heap_for_alloc(sm_heap());
   if (sm_unlikely(heap == NULL)) { errno = ENOMEM; return NULL; }
-  heap->stats.calls[SM_CALL_CALLOC]++;
+  sm_cnt_add(heap->stats.calls[SM_CALL_CALLOC], 1);
   if (sm_unlikely(__builtin_mul_overflow(count, size, &n) || n > SM_MAX_REQUEST))
     return sm_fail_enomem(heap);
   void *p;
   if (n > SM_MEDIUM_MAX - SM_CANARY) {
     p = sm_malloc_large(heap, n, 16, true);   /* huge mappings are zero already */
-    if (p) { heap->stats.requested += n; heap->stats.alloc_other++; }
+    if (p) { sm_cnt_add(heap->stats.requested, n); sm_cnt_add(heap->stats.alloc_other, 1); }
     return p;
   }
   p = sm_malloc_other(n);
@@ -172,7 +137,7 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
     }
   }
   void *p = sm_malloc_large(heap, n, alignment, false);
-  if (p) { heap->stats.requested += n; heap->stats.alloc_other++; }
+  if (p) { sm_cnt_add(heap->stats.requested, n); sm_cnt_add(heap->stats.alloc_other, 1); }
   return p;
 }
 
@@ -201,14 +166,14 @@ size_t sm_usable_size(const void *p, const char *who) {
 void *sm_realloc(void *p, size_t n, enum sm_call who) {
   sm_heap_t *heap = sm_heap_for_alloc(sm_heap());
   if (sm_unlikely(heap == NULL)) { errno = ENOMEM; return NULL; }
-  heap->stats.calls[who]++;
+  sm_cnt_add(heap->stats.calls[who], 1);
   if (p == NULL) {
     if (n > SM_MAX_REQUEST) return sm_fail_enomem(heap);
     return sm_malloc_other(n);
   }
   if (n == 0) {
     /* glibc's behaviour: free the block, return NULL */
-    heap->stats.free_other++;
+    sm_cnt_add(heap->stats.free_other, 1);
     sm_free_generic(p, who == SM_CALL_REALLOC ? "realloc" : "reallocarray");
     return NULL;
   }
@@ -226,14 +191,14 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
     /* copy: memcheck sees one block die and another start; in the secure
      * build the guard page after a large or huge block stays put */
     if (!sm_track_on() && n <= usable && (seg->kind >= SM_SEG_SINGLE || n >= usable / 2)) {
-      heap->stats.requested += n;
+      sm_cnt_add(heap->stats.requested, n);
       return p;
     }
   } else if (seg->kind == SM_SEG_HUGE) {
     if (n > SM_LARGE_MAX) {
       /* grows or shrinks in place or moves with mremap: never copies */
       void *q = sm_huge_realloc(seg, p, n);
-      if (q) { heap->stats.huge_remaps++; heap->stats.requested += n; return q; }
+      if (q) { sm_cnt_add(heap->stats.huge_remaps, 1); sm_cnt_add(heap->stats.requested, n); return q; }
     }
   } else if (seg->kind == SM_SEG_SINGLE) {
     if ((uint8_t *)p == (uint8_t *)seg + seg->block_offset && n > SM_MEDIUM_MAX &&
@@ -244,13 +209,11 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
       sm_cnt_add(heap->stats.large_bytes, bs);
       sm_cnt_add(heap->stats.large_bytes_freed, seg->block_size);
       seg->block_size = bs;
-      seg->pages[0].block_size = (uint32_t)bs;
-      seg->pages[0].span = (uint32_t)bs;
-      heap->stats.requested += n;
+      sm_cnt_add(heap->stats.requested, n);
       return p;
     }
   } else if (n <= usable && n >= usable / 2) {
-    heap->stats.requested += n;
+    sm_cnt_add(heap->stats.requested, n);
     return p;   /* fits, and not wastefully */
   }
   /* A block that grows by realloc usually grows again: give it an eighth
@@ -264,7 +227,7 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
   if (sm_track_on()) VALGRIND_MAKE_MEM_DEFINED(p, n < usable ? n : usable);
 #endif
   memcpy(q, p, n < usable ? n : usable);
-  heap->stats.free_other++;
+  sm_cnt_add(heap->stats.free_other, 1);
   sm_free_inline(p);   /* p was checked above */
   return q;
 }

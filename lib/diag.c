@@ -36,6 +36,10 @@ void sm_message(const char *fmt, ...) {
   va_end(ap);
 }
 
+bool sm_errors_seen(void) {
+  return atomic_load_explicit(&sm_errors_reported, memory_order_relaxed) != 0;
+}
+
 /* A heap misuse: report, then abort unless SMALLOC_ON_ERROR=warn, in which
  * case the caller leaks the block and goes on. */
 void sm_error(const char *fmt, ...) {

@@ -51,30 +51,34 @@ bool sm_free_is_double(sm_page_t *page, sm_block_t *b) {
   return false;
 }
 
-/* The owner freed the last block of a page (called with b == NULL from the
- * fast path), or freed into a flagged page. */
+/* The owner frees into a page the fast path does not handle: one on the
+ * full list, a flagged one, or a block whose tag says it may be free. */
 void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   sm_heap_t *heap = atomic_load_explicit(&sm_ptr_segment(page)->heap, memory_order_relaxed);
-  if (b != NULL) {
-    sm_track_link(b);
-    if (b->tag == page->key && sm_free_is_double(page, b)) return;
-    sm_track_free(p, b);
-    b->next = sm_enc(page, page->local_free);
-    b->tag = page->key;
-    page->local_free = b;
-    sm_cnt_add(page->frees, 1);
-    page->used--;
-  }
+  sm_track_link(b);
+  if (b->tag == page->key && sm_free_is_double(page, b)) return;
+  sm_track_free(p, b);
+  b->next = sm_enc(page, page->local_free);
+  b->tag = page->key;
+  page->local_free = b;
+  sm_cnt_add(page->frees, 1);
+  page->used--;
   sm_page_unfull(heap, page);
   if (page->used == 0 && page->free == NULL) sm_page_retire(heap, page);
 }
 
-/* Free from a thread that does not own the page: one CAS onto thread_free.
+/* The fast path freed the last block of one of the thread's pages. */
+void sm_free_emptied(sm_page_t *page) {
+  sm_page_retire(sm_heap(), page);
+}
+
+/* Free from a thread that does not own the page: one CAS onto thread_free;
+ * false when the block was already free (reported).
  * The word's full bit, seen in the same CAS, says the owner must be told.
  * Nothing of the page or segment is read after the CAS (the owner may
  * take the block and release the page at once); the owner's heap is read
  * before, and heaps are never unmapped, so telling it stays safe. */
-void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
   uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   sm_heap_t *owner = NULL;
   uintptr_t key = page->key;
@@ -83,7 +87,7 @@ void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
    * lists belong to the owner, so this is as far as another thread looks */
   if (sm_unlikely(b->tag == key)) {
     sm_error("free(): double free of %p", (void *)b);
-    return;
+    return false;
   }
   b->tag = key;
   do {
@@ -91,7 +95,7 @@ void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
       /* two threads freed it at once, and the other one won the CAS: a
        * link to itself would make the list endless */
       sm_error("free(): double free of %p", (void *)b);
-      return;
+      return false;
     }
     if ((old & SM_TF_FULL) && owner == NULL) owner = atomic_load_explicit(&seg->heap, memory_order_acquire);
     b->next = sm_enc(page, sm_tf_ptr(old));
@@ -100,12 +104,13 @@ void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
                                                   memory_order_release, memory_order_relaxed));
   if ((old & SM_TF_FULL) && owner != NULL)
     atomic_fetch_add_explicit(&owner->xfree_full, 1, memory_order_release);
+  return true;
 }
 
 /* From the inline free: a block start in another live thread's ordinary
  * page.  Count it here and push it with one CAS. */
-void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
-  if ((atomic_load_explicit(&page->xtid, memory_order_relaxed) & ~(uintptr_t)1) == sm_thread_id()) {
+void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
+  if ((xtid & ~(uintptr_t)1) == sm_thread_id()) {
     /* our own page, on the full list */
     if (sm_unlikely(!sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
     sm_free_local_slow(page, b, b);
@@ -113,8 +118,8 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
   }
   sm_heap_t *heap = sm_heap();
   if (sm_unlikely(!heap->initialized || !sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
-  sm_cnt_add(heap->stats.class_frees[page->bin], 1);
-  sm_free_block_xthread(sm_ptr_segment(page), page, b);
+  size_t bin = page->bin;   /* the page may be gone once the block is pushed */
+  if (sm_free_block_xthread(sm_ptr_segment(page), page, b)) sm_cnt_add(heap->stats.class_frees[bin], 1);
 }
 
 void sm_free_generic(void *p, const char *who) {
@@ -153,7 +158,7 @@ void sm_free_generic(void *p, const char *who) {
   }
   size_t diff = (size_t)((uint8_t *)p - page->start);
   size_t rem = sm_page_is_block(page, p) ? 0 : diff % page->block_size;
-  if (sm_unlikely(diff >= page->span ||
+  if (sm_unlikely(diff >= (size_t)page->reserved * page->block_size ||
                   (rem != 0 && !(atomic_load_explicit(&page->flags, memory_order_relaxed) &
                                  SM_PAGE_HAS_ALIGNED)))) {
     sm_error("%s(): invalid pointer %p (not the start of a block)", who, p);
@@ -168,7 +173,7 @@ void sm_free_generic(void *p, const char *who) {
     sm_free_local_slow(page, b, p);
     return;
   }
-  SM_COUNT(heap, class_frees[page->bin], 1);
+  size_t bin = page->bin;   /* the page may be gone once the block is pushed */
   sm_track_free(p, b);
-  sm_free_block_xthread(seg, page, b);
+  if (sm_free_block_xthread(seg, page, b)) SM_COUNT(heap, class_frees[bin], 1);
 }

@@ -176,13 +176,12 @@ void sm_heap_thread_done(void *arg) {
       sm_page_fold_stats(heap, page);
       sm_pq_remove(heap, qi, page);
       page->retired = 0;
-      sm_page_set_flags(page, atomic_load(&page->flags) & (SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED), 0);
-      atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
-      heap->stats.pages_abandoned++;
+      sm_page_set_owner(page, 0);
+      sm_cnt_add(heap->stats.pages_abandoned, 1);
     }
   }
   sm_segment_abandon_heap(heap);
-  heap->stats.threads_exited++;
+  sm_cnt_add(heap->stats.threads_exited, 1);
   sm_heaps_lock();
   if (heap->all_prev) heap->all_prev->all_next = heap->all_next; else sm_heaps_all = heap->all_next;
   if (heap->all_next) heap->all_next->all_prev = heap->all_prev;

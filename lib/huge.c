@@ -26,8 +26,8 @@ static void sm_huge_header(sm_segment_t *seg, size_t mapped, size_t offset) {
   page->start = (uint8_t *)seg + offset;
 }
 
-void *sm_huge_alloc(size_t n, size_t alignment, bool zero) {
-  (void)zero;   /* fresh mappings read as zero */
+/* A huge block in a fresh mapping: it reads as zero. */
+void *sm_huge_alloc(size_t n, size_t alignment) {
   if (alignment < 16) alignment = 16;
   size_t offset = sm_huge_offset(alignment);
   size_t mapped = ((offset + n + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1)) + SM_GUARD;

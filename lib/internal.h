@@ -22,7 +22,6 @@
 #include "smalloc.h"
 
 #define SM_EXPORT   __attribute__((visibility("default")))
-#define SM_NOINLINE __attribute__((noinline))
 #define SM_COLD     __attribute__((cold, noinline))
 #define SM_INLINE   static inline __attribute__((always_inline))
 #define sm_likely(x)   __builtin_expect(!!(x), 1)
@@ -134,10 +133,9 @@ struct sm_page_s {
   uint64_t mul;                  /* block-start test, see sm_page_is_block */
   uint64_t limit;                /* block-start test; 0 sends every free out of line */
   uintptr_t key;                 /* free-list links are stored xor key */
-  uint32_t span;                 /* bytes from start covered by blocks */
   uint32_t block_size;
   _Atomic uint8_t flags;
-  uint8_t pad1[15];
+  uint8_t pad1[19];
 
   /* line 3: pushed by other threads with a CAS, taken by the owner; bit 0
    * (SM_TF_FULL) set while the page is on the full list, so a pushing
@@ -222,7 +220,6 @@ struct sm_heap_s {
   sm_heap_t *all_next, *all_prev;        /* every live heap, under sm_heaps_lock */
   sm_heap_t *pool_next;
   uint8_t initialized;
-  uint8_t done;                          /* thread has exited */
 };
 
 /* ---- globals ---------------------------------------------------------- */
@@ -368,7 +365,6 @@ SM_COLD void sm_assert_fail(const char *expr, const char *file, int line);
 
 /* ---- alloc.c --------------------------------------------------------- */
 void *sm_malloc_generic(sm_heap_t *heap, size_t n);
-void *sm_malloc(size_t n);
 void *sm_calloc(size_t count, size_t size);
 void *sm_realloc(void *p, size_t n, enum sm_call who);
 void *sm_malloc_aligned(size_t alignment, size_t n);
@@ -399,13 +395,21 @@ SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
   return b;
 }
 
+/* malloc: the fast path for sizes the direct table serves */
+SM_INLINE void *sm_malloc(size_t n) {
+  sm_heap_t *heap = sm_heap();
+  if (sm_likely(n <= SM_DIRECT_MAX - SM_CANARY)) return sm_malloc_small(heap, n);
+  return sm_malloc_generic(heap, n);
+}
+
 /* ---- free.c ------------------------------------------------------------ */
 void sm_free_generic(void *p, const char *who);
 void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p);
+void sm_free_emptied(sm_page_t *page);
 bool sm_free_is_double(sm_page_t *page, sm_block_t *b);
 bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep);
-void sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
-void sm_free_xthread(sm_page_t *page, sm_block_t *b);
+bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
+void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
 
 /* Free on the owner thread: about 30 instructions.  Checks (all cheap):
  * the pointer is in a segment, it starts a block, and its tag word does
@@ -427,7 +431,7 @@ SM_INLINE void sm_free_inline(void *p) {
     /* another thread's page, or one of ours on the full list: push on its
      * thread_free, or bring it back; anything else (flagged, abandoned,
      * not in use, single) goes the long way */
-    if (xtid != 0) sm_free_xthread(page, (sm_block_t *)p);
+    if (xtid != 0) sm_free_xthread(page, (sm_block_t *)p, xtid);
     else sm_free_generic(p, "free");
     return;
   }
@@ -448,12 +452,13 @@ SM_INLINE void sm_free_inline(void *p) {
     /* the page emptied: let the slow path decide whether it retires (a
      * page on the full list has bit 0 in xtid and came the long way) */
     if (sm_unlikely(--page->used == 0) && page->free == NULL)
-      sm_free_local_slow(page, NULL, NULL);
+      sm_free_emptied(page);
   }
 }
 
 /* ---- page.c / page-queue.c ------------------------------------------ */
 sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin);
+bool sm_page_has_free(sm_page_t *page);
 bool sm_page_valid(const sm_page_t *page);
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin);
 void sm_page_retire(sm_heap_t *heap, sm_page_t *page);
@@ -464,6 +469,7 @@ void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page);
 void sm_page_to_full(sm_heap_t *heap, sm_page_t *page);
 void sm_page_unfull(sm_heap_t *heap, sm_page_t *page);
 void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid);
+void sm_page_set_owner(sm_page_t *page, uintptr_t tid);
 void sm_heap_collect_retired(sm_heap_t *heap, bool force);
 void sm_heap_collect_full(sm_heap_t *heap);
 void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page);
@@ -487,7 +493,7 @@ uint64_t sm_clock_ms(void);
 uint64_t sm_heap_random(sm_heap_t *heap);
 
 /* ---- huge.c ----------------------------------------------------------- */
-void *sm_huge_alloc(size_t n, size_t alignment, bool zero);
+void *sm_huge_alloc(size_t n, size_t alignment);
 void sm_huge_free(sm_segment_t *seg);
 void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n);
 
@@ -532,5 +538,6 @@ size_t sm_retire_cycles_for(size_t block_size);
 /* ---- diag.c: one printer, never allocates -------------------------------- */
 void sm_message(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 SM_COLD void sm_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+bool sm_errors_seen(void);   /* a misuse was reported (and the process went on) */
 
 #endif /* SM_INTERNAL_H */

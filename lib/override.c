@@ -7,9 +7,7 @@
 #include <stdio.h>
 
 SM_EXPORT void *smalloc_malloc(size_t n) {
-  sm_heap_t *heap = sm_heap();
-  if (sm_likely(n <= SM_DIRECT_MAX - SM_CANARY)) return sm_malloc_small(heap, n);
-  return sm_malloc_generic(heap, n);
+  return sm_malloc(n);
 }
 
 SM_EXPORT void smalloc_free(void *p) {
@@ -29,8 +27,8 @@ SM_EXPORT void *smalloc_reallocarray(void *p, size_t count, size_t size) {
   if (__builtin_mul_overflow(count, size, &n)) {
     sm_heap_t *heap = sm_heap();
     if (heap->initialized) {
-      heap->stats.calls[SM_CALL_REALLOCARRAY]++;
-      heap->stats.calls[SM_CALL_FAILED]++;
+      sm_cnt_add(heap->stats.calls[SM_CALL_REALLOCARRAY], 1);
+      sm_cnt_add(heap->stats.calls[SM_CALL_FAILED], 1);
     }
     errno = ENOMEM;
     return NULL;
@@ -41,11 +39,11 @@ SM_EXPORT void *smalloc_reallocarray(void *p, size_t count, size_t size) {
 static void sm_count_call(enum sm_call call) {
   sm_heap_t *heap = sm_heap();
   if (!heap->initialized) heap = sm_heap_init_thread();
-  if (heap) heap->stats.calls[call]++;
+  if (heap) sm_cnt_add(heap->stats.calls[call], 1);
 }
 static void sm_count_failed(void) {
   sm_heap_t *heap = sm_heap();
-  if (heap->initialized) heap->stats.calls[SM_CALL_FAILED]++;
+  if (heap->initialized) sm_cnt_add(heap->stats.calls[SM_CALL_FAILED], 1);
 }
 
 static bool sm_is_pow2(size_t a) { return a != 0 && (a & (a - 1)) == 0; }
@@ -102,7 +100,7 @@ SM_EXPORT void *smalloc_pvalloc(size_t n) {
 
 SM_EXPORT size_t smalloc_malloc_usable_size(void *p) {
   sm_heap_t *heap = sm_heap();
-  if (heap->initialized) heap->stats.calls[SM_CALL_USABLE_SIZE]++;
+  if (heap->initialized) sm_cnt_add(heap->stats.calls[SM_CALL_USABLE_SIZE], 1);
   return sm_usable_size(p, "malloc_usable_size");
 }
 

@@ -54,7 +54,6 @@ void sm_page_set_geometry(sm_page_t *page, size_t bsize, size_t reserved) {
   sm_assert(bsize >= 16 && bsize <= SM_MEDIUM_MAX && reserved * bsize <= SM_SEGMENT_SIZE);
   page->block_size = (uint32_t)bsize;
   page->reserved = (uint32_t)reserved;
-  page->span = (uint32_t)(reserved * bsize);
   sm_block_test_consts(bsize, reserved, &page->mul, &page->limit);
 }
 
@@ -148,23 +147,27 @@ void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page) {
   page->used_folded = (int32_t)page->used;
 }
 
-/* Expensive invariant check (--enable-debug): every block on the page's
- * owner lists lies in the page at a block boundary, and the lists plus
- * the blocks in use (thread_free counts as in use until collected) add up
- * to the blocks built so far. */
+/* Expensive invariant check (--enable-debug): the owner lists plus the
+ * blocks in use (thread_free counts as in use until collected) add up to
+ * the blocks built so far (fewer once a corrupted list was cut off).
+ * A list that reaches a link which is not a block of the page was
+ * corrupted by the program (a write to a freed block); malloc reports
+ * that when it gets there, so the page is not judged here. */
+#define SM_LIST_CORRUPT SIZE_MAX
 static size_t sm_list_len(const sm_page_t *page, sm_block_t *b) {
   size_t n = 0;
-  for (; b != NULL && n <= page->capacity; b = sm_dec(page, b->next), n++) {
-    size_t diff = (size_t)((uint8_t *)b - page->start);
-    sm_assert(diff < page->span && diff % page->block_size == 0);
-  }
+  for (; b != NULL && n <= page->capacity; b = sm_dec(page, b->next), n++)
+    if (!sm_page_is_block(page, b)) return SM_LIST_CORRUPT;
   return n;
 }
 
 bool sm_page_valid(const sm_page_t *page) {
   sm_assert(page->in_use && page->capacity <= page->reserved && page->used <= page->capacity);
-  size_t free_blocks = sm_list_len(page, page->free) + sm_list_len(page, page->local_free);
-  return free_blocks + page->used == page->capacity;
+  size_t a = sm_list_len(page, page->free), b = sm_list_len(page, page->local_free);
+  if (a == SM_LIST_CORRUPT || b == SM_LIST_CORRUPT) return true;
+  /* after a reported misuse, lists cut off at a corrupted link hold fewer */
+  return sm_errors_seen() ? a + b + page->used <= page->capacity
+                          : a + b + page->used == page->capacity;
 }
 
 /* ---- retire ------------------------------------------------------------- */
@@ -186,7 +189,7 @@ void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
   sm_assert_expensive(sm_page_valid(page));
   size_t cycles = sm_retire_cycles_for(page->block_size);
   if (cycles == 0) { sm_page_release(heap, page); return; }
-  heap->stats.pages_retired++;
+  sm_cnt_add(heap->stats.pages_retired, 1);
   if (page->retired) sm_retired_unlink(heap, page);
   page->retired = 1;
   page->retire_expire = heap->cycle + (uint32_t)cycles;
@@ -207,7 +210,7 @@ void sm_page_release(sm_heap_t *heap, sm_page_t *page) {
   sm_pq_remove(heap, (flags & SM_PAGE_IN_FULL) ? SM_BIN_FULL : page->bin, page);
   sm_page_fold_stats(heap, page);
   atomic_fetch_sub_explicit(&sm_gstats.class_pages[page->bin], 1, memory_order_relaxed);
-  heap->stats.pages_released++;
+  sm_cnt_add(heap->stats.pages_released, 1);
   page->free = page->local_free = NULL;
   page->capacity = 0;
   sm_page_set_flags(page, 0, 0);
@@ -246,6 +249,13 @@ void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid) {
   if (!slow) atomic_store_explicit(&page->xtid, tid | ((flags & SM_PAGE_IN_FULL) ? 1 : 0), memory_order_seq_cst);
 }
 
+/* A new owner (tid, 0 for none) for a page, off the full list: the flags
+ * that send frees out of line stay, the full bits go. */
+void sm_page_set_owner(sm_page_t *page, uintptr_t tid) {
+  sm_page_set_flags(page, atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_SLOW_FREE, tid);
+  atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
+}
+
 /* ---- full pages ------------------------------------------------------------ */
 
 /* Move an exhausted page to the full list.  The full bit goes into the
@@ -262,17 +272,16 @@ void sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
   sm_page_set_flags(page, flags | SM_PAGE_IN_FULL, heap->thread_id);
   sm_pq_remove(heap, page->bin, page);
   sm_pq_push_back(heap, SM_BIN_FULL, page);
-  heap->stats.pages_full++;
+  sm_cnt_add(heap->stats.pages_full, 1);
 }
 
 void sm_page_unfull(sm_heap_t *heap, sm_page_t *page) {
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
   if (!(flags & SM_PAGE_IN_FULL)) return;
-  sm_page_set_flags(page, flags & (uint8_t)~SM_PAGE_IN_FULL, heap->thread_id);
-  atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
+  sm_page_set_owner(page, heap->thread_id);
   sm_pq_remove(heap, SM_BIN_FULL, page);
   sm_pq_push_back(heap, page->bin, page);
-  heap->stats.pages_unfull++;
+  sm_cnt_add(heap->stats.pages_unfull, 1);
 }
 
 /* Other threads freed into full pages: bring those pages back. */
@@ -292,7 +301,21 @@ void sm_heap_collect_full(sm_heap_t *heap) {
 /* ---- the slow path ---------------------------------------------------------- */
 
 static void sm_count_step(sm_heap_t *heap, size_t bin, int step) {
-  heap->stats.class_steps[bin][step]++;
+  sm_cnt_add(heap->stats.class_steps[bin][step], 1);
+}
+
+/* Whether the page has a block to hand out.  A free-list head outside the
+ * page's segment was written by the program (a use after free): report it
+ * and leak the rest of the list rather than follow it. */
+bool sm_page_has_free(sm_page_t *page) {
+  sm_block_t *b = page->free;
+  if (b == NULL) return false;
+  if (sm_unlikely(((uintptr_t)b ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
+    sm_error("corrupted free list in page at %p", (void *)page->start);
+    page->free = NULL;
+    return false;
+  }
+  return true;
 }
 
 /* Make the page's free list non-empty by steps 1-3; returns the step or -1. */
@@ -331,11 +354,11 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
   sm_page_t *first = q->first;
   for (sm_page_t *page = first; page; ) {
     sm_page_t *next = page->next;
-    int step = page->free ? SMALLOC_STEP_NEXT_PAGE : sm_page_refill(page);
+    int step = sm_page_has_free(page) ? SMALLOC_STEP_NEXT_PAGE : sm_page_refill(page);
     if (step >= 0) {
       if (page->retired) {
         sm_page_unretire(heap, page);
-        heap->stats.pages_reused++;
+        sm_cnt_add(heap->stats.pages_reused, 1);
         step = SMALLOC_STEP_RETIRED_PAGE;
       } else if (page != first) {
         step = SMALLOC_STEP_NEXT_PAGE;
@@ -365,7 +388,7 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
    * segments it frees (their blocks were often all freed meanwhile). */
   while (!page && sm_segment_reclaim_one(heap, kind)) {
     /* the reclaimed pages may serve this class already */
-    if (q->first && (q->first->free || sm_page_refill(q->first) >= 0)) {
+    if (q->first && (sm_page_has_free(q->first) || sm_page_refill(q->first) >= 0)) {
       sm_count_step(heap, bin, SMALLOC_STEP_NEXT_PAGE);
       return q->first;
     }
@@ -373,11 +396,9 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
   }
   if (!page) {
     /* also drain the other kind's list, one segment per new segment, so
-     * it cannot grow without bound in a program that never asks for it */
+     * it cannot grow without bound in a program that never asks for it
+     * (what it reclaims is of the other kind: it cannot serve this page) */
     sm_segment_reclaim_one(heap, 1 - kind);
-    page = sm_segment_page_alloc(heap, kind, &new_segment);
-  }
-  if (!page) {
     new_segment = true;
     page = sm_segment_page_alloc(heap, kind, &new_segment);
     if (!page) return NULL;

@@ -242,8 +242,6 @@ sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *off
   sm_page_t *page = &seg->pages[0];
   page->in_use = 1;
   page->start = (uint8_t *)seg + offset;
-  page->block_size = (uint32_t)seg->block_size;
-  page->span = (uint32_t)seg->block_size;
   /* limit stays 0: every free of the block goes out of line */
   sm_segment_guard(seg);
   *offset_out = offset;
@@ -296,7 +294,7 @@ bool sm_segment_reclaim_one(sm_heap_t *heap, int kind) {
   if (!seg) return false;
   seg->next = seg->prev = NULL;
   sm_segment_adopt(heap, seg);
-  heap->stats.segments_reclaimed++;
+  sm_cnt_add(heap->stats.segments_reclaimed, 1);
   /* adopt its pages; releasing empty ones may free the whole segment, so
    * count the pages to visit first */
   size_t live = seg->used_pages, count = seg->page_count;
@@ -304,14 +302,12 @@ bool sm_segment_reclaim_one(sm_heap_t *heap, int kind) {
     sm_page_t *page = &seg->pages[i];
     if (!page->in_use) continue;
     live--;
-    sm_page_set_flags(page, atomic_load(&page->flags) & (SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED),
-                      heap->thread_id);
-    atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
+    sm_page_set_owner(page, heap->thread_id);
     page->used_folded = (int32_t)page->used;
     page->frees = 0;
     page->retired = 0;
     page->next = page->prev = page->rnext = page->rprev = NULL;
-    heap->stats.pages_reclaimed++;
+    sm_cnt_add(heap->stats.pages_reclaimed, 1);
     sm_page_collect_thread_free(page);
     sm_pq_push_back(heap, page->bin, page);
     if (page->used == 0) {

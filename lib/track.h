@@ -26,8 +26,6 @@ extern bool sm_valgrind;
 /* the library reads a block's link and tag (or user data it checks) */
 #define sm_track_link(b) \
   do { if (sm_track_on()) VALGRIND_MAKE_MEM_DEFINED((b), sizeof(sm_block_t)); } while (0)
-#define sm_track_resize(p, old, new) \
-  do { if (sm_track_on()) VALGRIND_RESIZEINPLACE_BLOCK((p), (old), (new), 0); } while (0)
 bool sm_track_memcheck(void);
 /* memory the library takes over again (a segment or page reused after its
  * blocks died): addressable, contents undefined */
@@ -40,7 +38,6 @@ bool sm_track_memcheck(void);
 #define sm_track_malloc(p, n, zero) ((void)0)
 #define sm_track_free(p, b) ((void)0)
 #define sm_track_link(b) ((void)0)
-#define sm_track_resize(p, old, new) ((void)0)
 #define sm_track_reuse(p, n) ((void)0)
 #define sm_track_detect() ((void)0)
 #endif
