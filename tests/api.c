@@ -727,31 +727,21 @@ END_TEST
 
 START_TEST(option_set_checks_range)
 {
-  static const struct {
-    smalloc_option_t o;
-    long lo, hi;
-  } r[] = {
-    {SMALLOC_OPTION_STATS, 0, 2},
-    {SMALLOC_OPTION_VERBOSE, 0, 1},
-    {SMALLOC_OPTION_RETIRE_CYCLES, 0, 1000000},
-    {SMALLOC_OPTION_PURGE_DELAY, 0, 3600000},
-    {SMALLOC_OPTION_SEGMENT_CACHE, 0, 1024},
-    {SMALLOC_OPTION_ON_ERROR, 0, 1},
-  };
-  for (size_t i = 0; i < sizeof r / sizeof r[0]; i++) {
-    long old = smalloc_option_get(r[i].o);
-    ck_assert_int_ge(old, r[i].lo);
-    ck_assert_int_le(old, r[i].hi);
-    ck_assert_int_eq(smalloc_option_set(r[i].o, r[i].lo - 1), EINVAL);
-    ck_assert_int_eq(smalloc_option_set(r[i].o, r[i].hi + 1), EINVAL);
-    ck_assert_int_eq(smalloc_option_set(r[i].o, LONG_MIN), EINVAL);
-    ck_assert_int_eq(smalloc_option_get(r[i].o), old);
-    ck_assert_int_eq(smalloc_option_set(r[i].o, r[i].hi), 0);
-    ck_assert_int_eq(smalloc_option_get(r[i].o), r[i].hi);
-    ck_assert_int_eq(smalloc_option_set(r[i].o, r[i].lo), 0);
-    ck_assert_int_eq(smalloc_option_get(r[i].o), r[i].lo);
-    ck_assert_int_eq(smalloc_option_set(r[i].o, old), 0);
-    ck_assert_int_eq(smalloc_option_get(r[i].o), old);
+  for (size_t i = 0; i < SMALLOC_OPTION_COUNT; i++) {
+    const sm_test_option_range_t *r = &sm_test_option_ranges[i];
+    long old = smalloc_option_get(r->opt);
+    ck_assert_int_ge(old, r->min);
+    ck_assert_int_le(old, r->max);
+    ck_assert_int_eq(smalloc_option_set(r->opt, r->min - 1), EINVAL);
+    ck_assert_int_eq(smalloc_option_set(r->opt, r->max + 1), EINVAL);
+    ck_assert_int_eq(smalloc_option_set(r->opt, LONG_MIN), EINVAL);
+    ck_assert_int_eq(smalloc_option_get(r->opt), old);
+    ck_assert_int_eq(smalloc_option_set(r->opt, r->max), 0);
+    ck_assert_int_eq(smalloc_option_get(r->opt), r->max);
+    ck_assert_int_eq(smalloc_option_set(r->opt, r->min), 0);
+    ck_assert_int_eq(smalloc_option_get(r->opt), r->min);
+    ck_assert_int_eq(smalloc_option_set(r->opt, old), 0);
+    ck_assert_int_eq(smalloc_option_get(r->opt), old);
   }
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_COUNT, 0), EINVAL);
   ck_assert_int_eq(smalloc_option_set((smalloc_option_t)-1, 0), EINVAL);

@@ -109,11 +109,6 @@ static uint64_t ch_steps_sum(const smalloc_stats_t *s)
   return sum;
 }
 
-static const char *const ch_step_names[SMALLOC_STEP_COUNT] = {
-  "local_swap", "thread_collect", "extend", "next_page",
-  "retired_page", "fresh_page", "new_segment",
-};
-
 /* ---- random numbers and patterns ------------------------------------------ */
 
 typedef sm_rng_t ch_rng_t;
@@ -620,7 +615,7 @@ static void ch_assert_steps_steady(const ch_window_t *w, const char *what)
     sum += d;
     if (k != SMALLOC_STEP_LOCAL_SWAP && k != SMALLOC_STEP_RETIRED_PAGE)
       ck_assert_msg(d == 0, "%s: %llu slow-path entries served by %s", what,
-                    (unsigned long long)d, ch_step_names[k]);
+                    (unsigned long long)d, sm_test_step_names[k]);
   }
   ck_assert_msg(CH_DELTA(w, slow_path) == sum,
                 "%s: slow_path grew by %llu but the steps by %llu", what,
@@ -1253,9 +1248,5 @@ static Suite *churn_suite(void)
 
 int main(void)
 {
-  SRunner *sr = srunner_create(churn_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+  return sm_run_suite(churn_suite());
 }

@@ -381,4 +381,28 @@ static inline int sm_run_suite(Suite *s)
   return failed != 0 ? EXIT_FAILURE : EXIT_SUCCESS;
 }
 
+/* ---- the documented option ranges and slow-path step names ------------ */
+
+typedef struct sm_test_option_range {
+  smalloc_option_t opt;
+  long min, max;
+} sm_test_option_range_t;
+
+/* smalloc_option_set(3): every option, in enum order */
+static const sm_test_option_range_t sm_test_option_ranges[SMALLOC_OPTION_COUNT] = {
+  {SMALLOC_OPTION_STATS, 0, 2},
+  {SMALLOC_OPTION_VERBOSE, 0, 1},
+  {SMALLOC_OPTION_RETIRE_CYCLES, 0, 1000000},
+  {SMALLOC_OPTION_PURGE_DELAY, 0, 3600000},
+  {SMALLOC_OPTION_SEGMENT_CACHE, 0, 1024},
+  {SMALLOC_OPTION_ON_ERROR, 0, 1},
+};
+
+/* the names smalloc_stats_print_json uses for slow_steps[] (bench/run.py
+ * keeps a copy for its tables) */
+static const char *const sm_test_step_names[SMALLOC_STEP_COUNT] = {
+  "local_swap", "thread_collect", "extend", "next_page",
+  "retired_page", "fresh_page", "new_segment",
+};
+
 #endif /* SMALLOC_TESTS_COMMON_H */

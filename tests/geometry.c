@@ -111,22 +111,12 @@ START_TEST(block_start_constants_in_range)
 }
 END_TEST
 
-static Suite *geometry_suite(void)
+int main(void)
 {
   Suite *s = suite_create("geometry");
-  TCase *tc = tcase_create("core");
-  tcase_set_timeout(tc, 120);
+  TCase *tc = sm_tcase("core", 120);
   tcase_add_test(tc, block_start_test_is_exact);
   tcase_add_test(tc, block_start_constants_in_range);
   suite_add_tcase(s, tc);
-  return s;
-}
-
-int main(void)
-{
-  SRunner *sr = srunner_create(geometry_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+  return sm_run_suite(s);
 }

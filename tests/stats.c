@@ -91,11 +91,6 @@ static const st_field_t st_fields[] = {
 #undef ST_F
 #define ST_NFIELDS (sizeof st_fields / sizeof st_fields[0])
 
-static const char *const st_step_names[SMALLOC_STEP_COUNT] = {
-  "local_swap", "thread_collect", "extend", "next_page",
-  "retired_page", "fresh_page", "new_segment",
-};
-
 static uint64_t st_get(const smalloc_stats_t *s, const st_field_t *f)
 {
   uint64_t v;
@@ -614,7 +609,7 @@ START_TEST(reset_zeroes_events_keeps_gauges)
   ck_assert_uint_ge(a.blocks_in_use, 21);
   for (int k = 0; k < SMALLOC_STEP_COUNT; k++)
     ck_assert_msg(b.slow_steps[k] == 0, "slow_steps.%s is %llu after reset",
-                  st_step_names[k], (unsigned long long)b.slow_steps[k]);
+                  sm_test_step_names[k], (unsigned long long)b.slow_steps[k]);
   for (int i = 0; i < SMALLOC_STATS_CLASSES; i++) {
     const smalloc_class_stats_t *x = &a.classes[i], *y = &b.classes[i];
     ck_assert_uint_eq(y->block_size, x->block_size);
@@ -744,7 +739,7 @@ static void st_json_figures(const char *json_path, st_json_figures_t *j)
         }
     } else if (sscanf(line, "s %127s %llu", name, &v) == 2) {
       for (int k = 0; k < SMALLOC_STEP_COUNT; k++)
-        if (strcmp(name, st_step_names[k]) == 0) {
+        if (strcmp(name, sm_test_step_names[k]) == 0) {
           j->steps[k] = v;
           j->nsteps++;
         }
@@ -789,7 +784,7 @@ static void st_expect_json_equals(const st_json_figures_t *j, const smalloc_stat
   ck_assert_int_eq(j->unknown_steps, 0);
   for (int k = 0; k < SMALLOC_STEP_COUNT; k++)
     ck_assert_msg(j->steps[k] == s->slow_steps[k], "JSON slow_steps.%s = %llu, struct %llu",
-                  st_step_names[k], (unsigned long long)j->steps[k],
+                  sm_test_step_names[k], (unsigned long long)j->steps[k],
                   (unsigned long long)s->slow_steps[k]);
   ck_assert_int_eq(j->nclass_entries, (int)s->nclasses);
   for (uint32_t i = 0; i < s->nclasses; i++) {
@@ -969,25 +964,11 @@ END_TEST
  * option_ranges: every option takes its whole documented range and
  * nothing outside it; unknown options are EINVAL. */
 
-typedef struct st_range {
-  smalloc_option_t opt;
-  long min, max;
-} st_range_t;
-
-static const st_range_t st_ranges[SMALLOC_OPTION_COUNT] = {
-  {SMALLOC_OPTION_STATS, 0, 2},
-  {SMALLOC_OPTION_VERBOSE, 0, 1},
-  {SMALLOC_OPTION_RETIRE_CYCLES, 0, 1000000},
-  {SMALLOC_OPTION_PURGE_DELAY, 0, 3600000},
-  {SMALLOC_OPTION_SEGMENT_CACHE, 0, 1024},
-  {SMALLOC_OPTION_ON_ERROR, 0, 1},
-};
-
 START_TEST(option_ranges)
 {
   long saved[SMALLOC_OPTION_COUNT];
   for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
-    const st_range_t *r = &st_ranges[i];
+    const sm_test_option_range_t *r = &sm_test_option_ranges[i];
     saved[i] = smalloc_option_get(r->opt);
     ck_assert_msg(saved[i] >= r->min && saved[i] <= r->max, "option %d is %ld", i, saved[i]);
     ck_assert_int_eq(smalloc_option_set(r->opt, r->min), 0);
@@ -1010,7 +991,7 @@ START_TEST(option_ranges)
     ck_assert_int_eq(smalloc_option_set((smalloc_option_t)unknown[k], 0), EINVAL);
   }
   for (int i = 0; i < SMALLOC_OPTION_COUNT; i++)
-    ck_assert_int_eq(smalloc_option_get(st_ranges[i].opt), saved[i]);
+    ck_assert_int_eq(smalloc_option_get(sm_test_option_ranges[i].opt), saved[i]);
 }
 END_TEST
 
