@@ -19,17 +19,21 @@
 #include <sys/wait.h>
 #include <time.h>
 
-/* ThreadSanitizer cannot start threads in the child of a multi-threaded
- * fork: the forked child stays single-threaded there. */
-#if defined(__SANITIZE_THREAD__)
-#define STRESS_TSAN 1
+/* The sanitizers' own allocators are not safe across a fork of a
+ * multi-threaded process: under ThreadSanitizer a child cannot start
+ * threads, and under AddressSanitizer a thread started in the child can
+ * block for good on an allocator lock another parent thread held at the
+ * fork (pthread_getattr_np frees through ASan's malloc while the thread
+ * starts).  There the forked child stays single-threaded. */
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define STRESS_CHILD_NO_THREADS 1
 #elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define STRESS_TSAN 1
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+#define STRESS_CHILD_NO_THREADS 1
 #endif
 #endif
-#ifndef STRESS_TSAN
-#define STRESS_TSAN 0
+#ifndef STRESS_CHILD_NO_THREADS
+#define STRESS_CHILD_NO_THREADS 0
 #endif
 
 enum {
@@ -381,7 +385,7 @@ static int child_main(uint64_t seed)
     if (!block_new(&b[i], &r, (uint64_t)i))
       break;
   pthread_t t;
-  bool have_thread = !STRESS_TSAN && start_thread(&t, child_thread, (void *)(uintptr_t)(seed + 1));
+  bool have_thread = !STRESS_CHILD_NO_THREADS && start_thread(&t, child_thread, (void *)(uintptr_t)(seed + 1));
   for (size_t i = 0; i < SLOTS; i += 3) {
     pthread_mutex_t *m = &stripes[i % STRIPES];
     if (pthread_mutex_trylock(m) != 0)
