@@ -53,7 +53,7 @@ void   smalloc_malloc_stats(void);
 void   smalloc_collect(bool force);
 
 /* ---- statistics ---------------------------------------------------------- */
-#define SMALLOC_STATS_VERSION 1
+#define SMALLOC_STATS_VERSION 2
 /* Number of size classes reported in smalloc_stats_t.classes. */
 #define SMALLOC_STATS_CLASSES 96
 
@@ -151,6 +151,13 @@ typedef struct smalloc_stats {
   uint64_t segments_reclaimed;
 
   smalloc_class_stats_t classes[SMALLOC_STATS_CLASSES];
+
+  /* version 2: memory handed between threads */
+  uint64_t pages_claimed;     /* retired pages of another thread's heap released
+                                 (trim, smalloc_collect(true), memory pressure);
+                                 also counted in pages_released */
+  uint64_t oom_collects;      /* allocations the OS refused, retried after giving
+                                 back everything that held no live block */
 } smalloc_stats_t;
 
 /* Fill *out up to out->size bytes.  Returns 0, or EINVAL when out is NULL

@@ -28,10 +28,19 @@ static sm_heap_t *sm_heap_for_alloc(sm_heap_t *heap) {
   return sm_heap_init_thread();
 }
 
+/* The OS refused memory: before answering ENOMEM, give back everything
+ * the process holds without a live block (heap.c) and try once more.
+ * Returns whether anything was given back. */
+static SM_COLD bool sm_oom_collect(sm_heap_t *heap) {
+  sm_cnt_add(heap->stats.oom_collects, 1);
+  uint64_t released = heap->stats.pages_released;
+  bool unmapped = sm_collect_process(heap);
+  return unmapped || heap->stats.pages_released != released;
+}
+
 /* Blocks above the largest size class: a single segment of their own
  * (cached like any segment), or a huge mapping. */
-static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool zero) {
-  if (n > SM_MAX_REQUEST || alignment > SM_MAX_REQUEST) return sm_fail_enomem(heap);
+static void *sm_malloc_large_once(sm_heap_t *heap, size_t n, size_t alignment, bool zero) {
   size_t offset;
   if (n <= SM_LARGE_MAX && alignment <= SM_LARGE_MAX) {
     sm_segment_t *seg = sm_segment_single_alloc(n, alignment, &offset);
@@ -46,11 +55,19 @@ static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool z
     }
   }
   void *p = sm_huge_alloc(n, alignment);   /* zero already */
-  if (!p) return sm_fail_enomem(heap);
+  if (!p) return NULL;
   sm_cnt_add(heap->stats.huge_allocs, 1);
   sm_heap_grew(heap);
   sm_track_malloc(p, n, true);
   return p;
+}
+
+static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool zero) {
+  if (n > SM_MAX_REQUEST || alignment > SM_MAX_REQUEST) return sm_fail_enomem(heap);
+  for (int attempt = 0;; attempt++) {
+    void *p = sm_malloc_large_once(heap, n, alignment, zero);
+    if (p || attempt > 0 || !sm_oom_collect(heap)) return p ? p : sm_fail_enomem(heap);
+  }
 }
 
 void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
@@ -66,6 +83,7 @@ void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
   sm_page_t *page = heap->queues[bin].first;
   if (!page || !sm_page_has_free(page)) {
     page = sm_page_find(heap, bin);   /* the slow path, cheapest step first */
+    if (sm_unlikely(page == NULL) && sm_oom_collect(heap)) page = sm_page_find(heap, bin);
     if (sm_unlikely(page == NULL)) {
       sm_cnt_add(heap->stats.calls[SM_CALL_MALLOC_FAILED], 1);
       return sm_fail_enomem(heap);

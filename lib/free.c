@@ -4,15 +4,6 @@
 #include "internal.h"
 #include "track.h"
 
-/* Where a free's counters go: the thread's heap, or for a thread without
- * one (it never allocated, or it has exited) the process-wide orphan
- * counters, atomically. */
-#define SM_COUNT(heap, field, n)                                              \
-  do {                                                                        \
-    if (sm_likely((heap)->initialized)) sm_cnt_add((heap)->stats.field, (n)); \
-    else sm_stats_orphan_add(offsetof(sm_tstats_t, field), (n));              \
-  } while (0)
-
 /* Map a pointer to its segment and page, validating that smalloc handed it
  * out: the segment map says a header lives there, and the header's cookie
  * matches.  Never faults on a foreign pointer. */
@@ -72,38 +63,72 @@ void sm_free_emptied(sm_page_t *page) {
   sm_page_retire(sm_heap(), page);
 }
 
-/* Free from a thread that does not own the page: one CAS onto thread_free;
- * false when the block was already free (reported).
- * The word's full bit, seen in the same CAS, says the owner must be told.
- * Nothing of the page or segment is read after the CAS (the owner may
- * take the block and release the page at once); the owner's heap is read
- * before, and heaps are never unmapped, so telling it stays safe. */
-bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+static bool sm_tf_push(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
+
+/* The first free from another thread into a page on its owner's full list
+ * hands the block to the owner's heap (xdelayed), so the owner learns
+ * which page has room without scanning its full list.  An abandoned page
+ * (no heap) or an exiting owner (list closed) takes it on thread_free. */
+static void sm_free_hand_over(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+  sm_heap_t *heap = atomic_load_explicit(&seg->heap, memory_order_acquire);
+  if (heap != NULL) {
+    sm_block_t *old = atomic_load_explicit(&heap->xdelayed, memory_order_relaxed);
+    while (old != SM_XDELAYED_CLOSED) {
+      b->next = (sm_block_t *)((uintptr_t)old ^ sm_secret);
+      if (atomic_compare_exchange_weak_explicit(&heap->xdelayed, &old, b, memory_order_release,
+                                                memory_order_relaxed))
+        return;
+    }
+  }
+  sm_tf_push(seg, page, b);
+}
+
+/* Push b (tagged free already) onto the page's thread_free with one CAS;
+ * false when b is the list's head already (two threads freed it at once,
+ * and the other one won: a link to itself would make the list endless).
+ * While the page is on the full list (SM_TF_FULL), the CAS clears the bit
+ * instead and the block is handed over: one notice per full page, and
+ * later frees into it touch nothing but thread_free.  Nothing of the page
+ * is read after a push (the owner may take the block and release the
+ * page at once); a handed-over block keeps the page in use until its
+ * owner takes it, and heaps are never unmapped. */
+static bool sm_tf_push(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
   uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
-  sm_heap_t *owner = NULL;
-  uintptr_t key = page->key;
+  uintptr_t val;
+  do {
+    if (sm_unlikely(sm_tf_ptr(old) == b)) return false;
+    if (old & SM_TF_FULL) {
+      val = old & ~SM_TF_FULL;
+    } else {
+      b->next = sm_enc(page, sm_tf_ptr(old));
+      val = ((uintptr_t)b | (old & ~SM_TF_PTR_MASK)) + SM_TF_COUNT_ONE;
+    }
+  } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, val, memory_order_release,
+                                                  memory_order_relaxed));
+  if (old & SM_TF_FULL) sm_free_hand_over(seg, page, b);
+  return true;
+}
+
+/* A block handed over to a heap that no longer owns its segment. */
+void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+  sm_tf_push(seg, page, b);
+}
+
+/* Free from a thread that does not own the page; false when the block was
+ * already free (reported). */
+bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
   sm_track_link(b);
   /* a block on any of the page's lists carries the key in its tag; the
    * lists belong to the owner, so this is as far as another thread looks */
-  if (sm_unlikely(b->tag == key)) {
+  if (sm_unlikely(b->tag == page->key)) {
     sm_error("free(): double free of %p", (void *)b);
     return false;
   }
-  b->tag = key;
-  do {
-    if (sm_unlikely(sm_tf_ptr(old) == b)) {
-      /* two threads freed it at once, and the other one won the CAS: a
-       * link to itself would make the list endless */
-      sm_error("free(): double free of %p", (void *)b);
-      return false;
-    }
-    if ((old & SM_TF_FULL) && owner == NULL) owner = atomic_load_explicit(&seg->heap, memory_order_acquire);
-    b->next = sm_enc(page, sm_tf_ptr(old));
-  } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old,
-                                                  ((uintptr_t)b | (old & ~SM_TF_PTR_MASK)) + SM_TF_COUNT_ONE,
-                                                  memory_order_release, memory_order_relaxed));
-  if ((old & SM_TF_FULL) && owner != NULL)
-    atomic_fetch_add_explicit(&owner->xfree_full, 1, memory_order_release);
+  b->tag = page->key;
+  if (sm_unlikely(!sm_tf_push(seg, page, b))) {
+    sm_error("free(): double free of %p", (void *)b);
+    return false;
+  }
   return true;
 }
 

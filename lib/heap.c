@@ -7,6 +7,7 @@
 #include "track.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <sys/mman.h>
 
 sm_page_t sm_page_empty;
@@ -42,6 +43,18 @@ static size_t sm_heaps_chunk_left;
 _Atomic int sm_process_ready;        /* 0 no, 1 in progress, 2 done */
 static _Atomic uintptr_t sm_process_init_thread;
 
+/* The contended case of sm_lock: heap locks are held for a few list
+ * operations (or one OS call), so spin briefly, then yield. */
+void sm_lock_wait(sm_lock_t *l) {
+  for (unsigned i = 0;; i++) {
+    if (atomic_load_explicit(&l->held, memory_order_relaxed) == 0 &&
+        atomic_exchange_explicit(&l->held, 1, memory_order_acquire) == 0)
+      return;
+    if (i >= 64) sched_yield();
+    else __builtin_ia32_pause();
+  }
+}
+
 void sm_heaps_lock(void) { pthread_mutex_lock(&sm_heaps_mutex); }
 void sm_heaps_unlock(void) { pthread_mutex_unlock(&sm_heaps_mutex); }
 sm_heap_t *sm_heaps_first(void) { return sm_heaps_all; }
@@ -65,6 +78,7 @@ static void sm_fork_child(void) {
   sm_heaps_unlock();
   sm_heap_t *me = sm_heap_tls;
   for (sm_heap_t *h = sm_heaps_all; h; h = h->all_next) {
+    sm_unlock(&h->lock);   /* a thread that is gone in the child may have held it */
     if (h == me) continue;
     sm_segment_t *lists[3] = {h->free_segs[0], h->free_segs[1], h->full_segs};
     for (int l = 0; l < 3; l++)
@@ -164,6 +178,7 @@ void sm_heap_thread_done(void *arg) {
   sm_heap_t *heap = arg;
   if (heap == NULL || !heap->initialized) return;
   sm_heap_tls = &sm_heap_exited;
+  sm_heap_close_delayed(heap);
   sm_heap_collect_retired(heap, true);
   for (size_t qi = 0; qi < SM_BIN_COUNT; qi++) {
     sm_page_t *page;
@@ -175,7 +190,6 @@ void sm_heap_thread_done(void *arg) {
       }
       sm_page_fold_stats(heap, page);
       sm_pq_remove(heap, qi, page);
-      page->retired = 0;
       sm_page_set_owner(page, 0);
       sm_cnt_add(heap->stats.pages_abandoned, 1);
     }
@@ -190,6 +204,28 @@ void sm_heap_thread_done(void *arg) {
   heap->pool_next = sm_heaps_pool;
   sm_heaps_pool = heap;
   sm_heaps_unlock();
+}
+
+/* Give back everything that holds no live block, whichever thread freed
+ * it: the caller's own empty pages and the blocks handed to it, every
+ * abandoned segment (adopted by the caller: their empty pages go back),
+ * the retired pages of every other live heap (their owners may be idle or
+ * blocked), and then the whole segment cache, unmapped.  Memory that
+ * other threads freed into a live owner's queued pages comes back when
+ * that owner next allocates.  Returns whether the mapped bytes fell. */
+bool sm_collect_process(sm_heap_t *self) {
+  uint64_t before = atomic_load(&sm_gstats.bytes_mapped);
+  if (self->initialized) {
+    sm_heap_collect_delayed(self);
+    sm_heap_reclaim_all(self);
+    sm_heap_collect_retired(self, true);
+  }
+  sm_heaps_lock();
+  for (sm_heap_t *h = sm_heaps_all; h; h = h->all_next)
+    if (h != self) sm_heap_claim_retired(h, self);
+  sm_heaps_unlock();
+  sm_segment_cache_collect(true);
+  return atomic_load(&sm_gstats.bytes_mapped) < before;
 }
 
 __attribute__((constructor)) static void sm_constructor(void) {

@@ -111,7 +111,7 @@ struct sm_page_s {
   sm_block_t *free;
   uint32_t used;                 /* blocks handed out and not freed locally */
   uint8_t in_use;                /* carved out of its segment */
-  uint8_t retired;               /* empty, kept warm; on heap->retired list */
+  uint8_t retired;               /* empty, kept warm, on the heap's retired lists (heap->lock) */
   uint8_t bin;
   uint8_t pad0;
   sm_block_t *local_free;
@@ -120,7 +120,7 @@ struct sm_page_s {
   uint32_t reserved;             /* blocks that fit */
   int32_t used_folded;           /* used at the last fold, less blocks collected since */
   uint64_t retire_expire;        /* heap cycle after which it is released */
-  sm_page_t *next, *prev;        /* bin queue or full list */
+  sm_page_t *next, *prev;        /* bin queue, full list, or retired queue of its bin */
 
   /* line 2, read by every free, owner's or not, and written only when the
    * page changes state: other threads' frees read it without pulling the
@@ -142,8 +142,8 @@ struct sm_page_s {
    * thread learns in the same CAS that it must tell the owner; the top
    * 16 bits count the blocks on the list */
   _Atomic uintptr_t thread_free __attribute__((aligned(64)));
-  /* the owner's, touched only when the page retires or is reused */
-  sm_page_t *rnext, *rprev;      /* heap->retired list */
+  /* touched only when the page retires or is reused, under heap->lock */
+  sm_page_t *rnext, *rprev;      /* heap->retired_first..last, in expiry order */
 };
 _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines");
 _Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_free) == 128,
@@ -179,6 +179,21 @@ SM_INLINE void sm_segment_clear_single(sm_segment_t *seg) {
 
 typedef struct sm_page_queue_s { sm_page_t *first, *last; } sm_page_queue_t;
 
+/* A spin lock for the slow paths: one exchange to take it when free (the
+ * owner's case), a yield while another thread holds it.  Never held
+ * across a call that may block on another smalloc lock except the
+ * segment cache's (lock order: heaps, heap, cache, abandoned). */
+typedef struct sm_lock_s { _Atomic int held; } sm_lock_t;
+SM_INLINE bool sm_trylock(sm_lock_t *l) {
+  return atomic_load_explicit(&l->held, memory_order_relaxed) == 0 &&
+         atomic_exchange_explicit(&l->held, 1, memory_order_acquire) == 0;
+}
+void sm_lock_wait(sm_lock_t *l);
+SM_INLINE void sm_lock(sm_lock_t *l) {
+  if (sm_unlikely(atomic_exchange_explicit(&l->held, 1, memory_order_acquire) != 0)) sm_lock_wait(l);
+}
+SM_INLINE void sm_unlock(sm_lock_t *l) { atomic_store_explicit(&l->held, 0, memory_order_release); }
+
 /* Entry points counted per call (malloc and free are derived, see stats.c). */
 enum sm_call {
   SM_CALL_CALLOC, SM_CALL_REALLOC, SM_CALL_REALLOCARRAY, SM_CALL_POSIX_MEMALIGN,
@@ -202,21 +217,37 @@ typedef struct sm_tstats_s {
   uint64_t pages_retired, pages_reused, pages_released, pages_full, pages_unfull;
   uint64_t pages_abandoned, pages_reclaimed, segments_reclaimed;
   uint64_t threads_started, threads_exited;
+  uint64_t pages_claimed, oom_collects;
 } sm_tstats_t;
 
+/* A thread heap.  The owner alone touches the direct table, the queues
+ * and the counters.  What other threads may take (retired pages, the owned
+ * segments' free pages) sits behind heap->lock, so memory the owner is
+ * done with belongs to the process: see the opening comment of page.c. */
 struct sm_heap_s {
   sm_page_t *direct[SM_DIRECT_COUNT];    /* first page for (n+15)/16, n <= 8 KiB */
   uintptr_t thread_id;
   uint32_t cycle;                        /* slow-path entries (wraps; compared as a difference) */
-  uint32_t next_purge_check;
+  uint32_t next_sweep;                   /* cycle of the next sweep (page.c) */
+  uint32_t next_expire;                  /* earliest retire_expire, when expire_pending */
+  bool expire_pending;
   uint64_t rng;                          /* secure build: page keys, list order */
   uint64_t grow_events;                  /* fresh pages and large blocks, for the peak */
   sm_page_queue_t queues[SM_BIN_COUNT];  /* [0] is the full list */
-  sm_page_t *retired_first, *retired_last;
+  uint8_t bin_active[SM_BIN_COUNT];      /* slow path ran for the class since the sweep */
+  /* blocks other threads freed into pages on the full list: the first
+   * such free of each page comes here instead of the page's thread_free,
+   * so the owner finds the page without a scan; links are stored xor
+   * sm_secret; SM_XDELAYED_CLOSED once the heap is abandoned */
+  _Atomic(sm_block_t *) xdelayed __attribute__((aligned(64)));
+  /* ---- under lock ---- */
+  sm_lock_t lock __attribute__((aligned(64)));
+  sm_page_t *retired_first, *retired_last;   /* retired pages by expiry */
+  sm_page_queue_t retired[SM_BIN_COUNT];     /* retired pages by class, warmest first */
   sm_segment_t *free_segs[2];            /* owned segments with free pages, by kind */
   sm_segment_t *full_segs;               /* owned segments without */
-  _Atomic uint64_t xfree_full;           /* cross-thread frees into full pages */
-  sm_tstats_t stats;
+  /* ---- the owner's again ---- */
+  sm_tstats_t stats __attribute__((aligned(64)));
   sm_heap_t *all_next, *all_prev;        /* every live heap, under sm_heaps_lock */
   sm_heap_t *pool_next;
   uint8_t initialized;
@@ -225,9 +256,18 @@ struct sm_heap_s {
 /* ---- globals ---------------------------------------------------------- */
 extern sm_heap_t sm_heap_empty;
 extern sm_heap_t sm_heap_exited;   /* a thread after its heap was abandoned */
+#define SM_XDELAYED_CLOSED ((sm_block_t *)1)
 extern sm_page_t sm_page_empty;
 extern __thread sm_heap_t *sm_heap_tls __attribute__((tls_model("initial-exec")));
 extern uintptr_t sm_secret;
+
+/* Count into a thread's heap, or for a thread without one (it never
+ * allocated, or it has exited) into the process-wide orphan counters. */
+#define SM_COUNT(heap, field, n)                                              \
+  do {                                                                        \
+    if (sm_likely((heap)->initialized)) sm_cnt_add((heap)->stats.field, (n)); \
+    else sm_stats_orphan_add(offsetof(sm_tstats_t, field), (n));              \
+  } while (0)
 
 /* Options, read once (options.c); index by smalloc_option_t. */
 extern long sm_options[SMALLOC_OPTION_COUNT];
@@ -409,6 +449,7 @@ void sm_free_emptied(sm_page_t *page);
 bool sm_free_is_double(sm_page_t *page, sm_block_t *b);
 bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep);
 bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
+void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
 
 /* Free on the owner thread: about 30 instructions.  Checks (all cheap):
@@ -458,11 +499,15 @@ SM_INLINE void sm_free_inline(void *p) {
 
 /* ---- page.c / page-queue.c ------------------------------------------ */
 sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin);
+void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b);
+void sm_heap_collect_delayed(sm_heap_t *heap);
+void sm_heap_close_delayed(sm_heap_t *heap);
+void sm_heap_claim_retired(sm_heap_t *owner, sm_heap_t *self);
+void sm_heap_reclaim_all(sm_heap_t *heap);
 bool sm_page_has_free(sm_page_t *page);
 bool sm_page_valid(const sm_page_t *page);
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin);
 void sm_page_retire(sm_heap_t *heap, sm_page_t *page);
-void sm_page_unretire(sm_heap_t *heap, sm_page_t *page);
 void sm_page_release(sm_heap_t *heap, sm_page_t *page);
 void sm_page_collect_thread_free(sm_page_t *page);
 void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page);
@@ -471,7 +516,6 @@ void sm_page_unfull(sm_heap_t *heap, sm_page_t *page);
 void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid);
 void sm_page_set_owner(sm_page_t *page, uintptr_t tid);
 void sm_heap_collect_retired(sm_heap_t *heap, bool force);
-void sm_heap_collect_full(sm_heap_t *heap);
 void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page);
 void sm_pq_push_front(sm_heap_t *heap, size_t qi, sm_page_t *page);
 void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page);
@@ -479,12 +523,11 @@ void sm_pq_update_direct(sm_heap_t *heap, size_t bin);
 
 /* ---- segment.c ---------------------------------------------------------- */
 sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment);
-void sm_segment_page_free(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page);
+void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page);
 sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *offset_out);
 void sm_segment_single_free(sm_segment_t *seg);
 void sm_segment_abandon_heap(sm_heap_t *heap);
-bool sm_segment_reclaim_one(sm_heap_t *heap, int kind);
-void sm_segment_reclaim_all(sm_heap_t *heap);
+sm_segment_t *sm_segment_reclaim_one(sm_heap_t *heap, int kind);
 void sm_segment_cache_collect(bool force);
 void sm_segment_fork_prepare(void);
 void sm_segment_fork_parent(void);
@@ -505,6 +548,7 @@ extern _Atomic int sm_process_ready;
 void sm_heaps_lock(void);
 void sm_heaps_unlock(void);
 sm_heap_t *sm_heaps_first(void);
+bool sm_collect_process(sm_heap_t *self);
 
 /* ---- os.c: the only file that talks to the kernel about memory --------- */
 /* Each returns 0 or an errno value, and leaves errno as it found it. */

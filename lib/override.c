@@ -119,12 +119,15 @@ SM_EXPORT void smalloc_free_aligned_sized(void *p, size_t alignment, size_t size
 
 SM_EXPORT void smalloc_collect(bool force) {
   sm_heap_t *heap = sm_heap();
-  if (heap->initialized) {
-    sm_heap_collect_full(heap);
-    if (force) sm_segment_reclaim_all(heap);
-    sm_heap_collect_retired(heap, force);
+  if (force) {
+    sm_collect_process(heap);
+    return;
   }
-  sm_segment_cache_collect(force);
+  if (heap->initialized) {
+    sm_heap_collect_delayed(heap);
+    sm_heap_collect_retired(heap, false);
+  }
+  sm_segment_cache_collect(false);
 }
 
 SM_EXPORT int smalloc_malloc_trim(size_t pad) {

@@ -10,7 +10,31 @@
  *   6. a fresh page of a segment the heap owns
  *   7. a new segment (cache, abandoned, then the OS)
  * A page whose last block is freed is retired, not released: it serves the
- * next burst and goes back to its segment only after its retire cycles. */
+ * next burst and goes back to its segment only after its retire cycles.
+ *
+ * Who owns free memory.  A heap's owner thread alone touches its page
+ * queues, its direct table and the free lists of its pages: that is what
+ * keeps malloc and free free of atomics.  Memory the owner is done with is
+ * the process's:
+ *   - a retired page leaves its queue (the fast path can no longer reach
+ *     it) for the heap's retired lists, which heap->lock guards together
+ *     with the heap's segment lists and their pages' in_use; the owner
+ *     takes the lock to retire, reuse (step 5) and release pages and to
+ *     carve fresh ones, once per event, never per block;
+ *   - any thread may therefore release another heap's retired pages
+ *     (sm_heap_claim_retired): malloc_trim, smalloc_collect(true) and an
+ *     allocation the OS refused do, for every live heap, even one whose
+ *     owner is blocked and never calls in again (heap.c,
+ *     sm_collect_process); a segment left without pages goes to the
+ *     process-wide cache, from which any thread takes it;
+ *   - the heap of an exited thread releases its empty pages and abandons
+ *     its segments with live blocks to a process-wide list (segment.c);
+ *     any thread that needs a page reclaims them.
+ * Invariants: a retired page has used == 0, free == NULL (all its blocks
+ * on local_free), an empty thread_free, its counts folded, and is on
+ * exactly the two retired lists of its heap; a queued page is never
+ * retired.  A page another thread frees into while it is on the full list
+ * is handed back through the heap's xdelayed list (sm_page_to_full). */
 #include "internal.h"
 #include "track.h"
 
@@ -172,66 +196,182 @@ bool sm_page_valid(const sm_page_t *page) {
 
 /* ---- retire ------------------------------------------------------------- */
 
-static void sm_retired_unlink(sm_heap_t *heap, sm_page_t *page) {
+/* Retired pages sit on two lists of their heap, both under heap->lock:
+ * heap->retired[bin] (warmest first, for reuse) and the expiry list
+ * retired_first..last (for release).  They are on no page queue, so the
+ * malloc fast path cannot reach them and another thread may release them. */
+static void sm_retired_unlink_locked(sm_heap_t *heap, sm_page_t *page) {
+  sm_page_queue_t *q = &heap->retired[page->bin];
+  if (page->prev) page->prev->next = page->next; else q->first = page->next;
+  if (page->next) page->next->prev = page->prev; else q->last = page->prev;
   if (page->rprev) page->rprev->rnext = page->rnext; else heap->retired_first = page->rnext;
   if (page->rnext) page->rnext->rprev = page->rprev; else heap->retired_last = page->rprev;
-  page->rnext = page->rprev = NULL;
+  page->next = page->prev = page->rnext = page->rprev = NULL;
   page->retired = 0;
 }
 
-void sm_page_unretire(sm_heap_t *heap, sm_page_t *page) {
-  if (page->retired) sm_retired_unlink(heap, page);
+/* The earliest expiry among the heap's retired pages, kept by the owner so
+ * that the slow path tests one plain field.  Other threads only ever take
+ * retired pages away, which can make it early, never late. */
+static void sm_retired_note_expiry_locked(sm_heap_t *heap) {
+  heap->expire_pending = heap->retired_first != NULL;
+  if (heap->expire_pending) heap->next_expire = heap->retired_first->retire_expire;
 }
 
-/* The page's last block was freed.  Keep it warm for its retire cycles on
- * the heap's retired list (ordered by expiry), or release it now. */
+/* The page's last block was freed (its blocks are all on local_free).
+ * Keep it warm for its retire cycles, or release it now. */
 void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
+  sm_assert(page->used == 0 && page->free == NULL && !page->retired);
   sm_assert_expensive(sm_page_valid(page));
   size_t cycles = sm_retire_cycles_for(page->block_size);
   if (cycles == 0) { sm_page_release(heap, page); return; }
   sm_cnt_add(heap->stats.pages_retired, 1);
-  if (page->retired) sm_retired_unlink(heap, page);
-  page->retired = 1;
+  sm_page_fold_stats(heap, page);   /* nothing pending: anyone may release it */
+  sm_pq_remove(heap, page->bin, page);
   page->retire_expire = heap->cycle + (uint32_t)cycles;
+  sm_page_queue_t *q = &heap->retired[page->bin];
+  sm_lock(&heap->lock);
+  page->prev = NULL;
+  page->next = q->first;
+  if (q->first) q->first->prev = page; else q->last = page;
+  q->first = page;
   sm_page_t *after = heap->retired_last;
   while (after && !sm_cycle_reached(page->retire_expire, after->retire_expire)) after = after->rprev;
   page->rprev = after;
   page->rnext = after ? after->rnext : heap->retired_first;
   if (page->rnext) page->rnext->rprev = page; else heap->retired_last = page;
   if (after) after->rnext = page; else heap->retired_first = page;
+  page->retired = 1;
+  sm_retired_note_expiry_locked(heap);
+  sm_unlock(&heap->lock);
 }
 
-/* Give an empty page back to its segment. */
-void sm_page_release(sm_heap_t *heap, sm_page_t *page) {
-  sm_assert(page->used == 0);
+/* Step 5: the warmest retired page of the class, taken off the retired
+ * lists (the caller queues it). */
+static sm_page_t *sm_page_take_retired(sm_heap_t *heap, size_t bin) {
+  sm_lock(&heap->lock);
+  sm_page_t *page = heap->retired[bin].first;
+  if (page) {
+    sm_retired_unlink_locked(heap, page);
+    sm_retired_note_expiry_locked(heap);
+  }
+  sm_unlock(&heap->lock);
+  return page;
+}
+
+/* Give an empty page that is on no queue back to its segment, under
+ * heap->lock; any thread may do it, so no owner counter is touched (the
+ * page's counts were folded when it retired). */
+static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
+  sm_assert(page->used == 0 && !page->retired && page->frees == 0);
   sm_assert(sm_tf_head(page, memory_order_relaxed) == NULL);
-  sm_page_unretire(heap, page);
-  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-  sm_pq_remove(heap, (flags & SM_PAGE_IN_FULL) ? SM_BIN_FULL : page->bin, page);
-  sm_page_fold_stats(heap, page);
   atomic_fetch_sub_explicit(&sm_gstats.class_pages[page->bin], 1, memory_order_relaxed);
-  sm_cnt_add(heap->stats.pages_released, 1);
   page->free = page->local_free = NULL;
   page->capacity = 0;
   sm_page_set_flags(page, 0, 0);
-  sm_segment_page_free(heap, sm_ptr_segment(page), page);
+  sm_segment_page_free_locked(heap, sm_ptr_segment(page), page);
 }
 
-/* Release retired pages whose cycles ran out (all of them when forced;
- * then also empty pages that are still the first of their class). */
-void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
-  while (heap->retired_first && (force || sm_cycle_reached(heap->cycle, heap->retired_first->retire_expire))) {
-    sm_page_t *page = heap->retired_first;
-    sm_retired_unlink(heap, page);
-    if (page->used == 0) sm_page_release(heap, page);
+/* The owner gives an empty page back to its segment: from its queue (the
+ * full list included) or from the retired lists. */
+void sm_page_release(sm_heap_t *heap, sm_page_t *page) {
+  sm_assert(page->used == 0);
+  if (!page->retired) {
+    uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+    sm_pq_remove(heap, (flags & SM_PAGE_IN_FULL) ? SM_BIN_FULL : page->bin, page);
+    sm_page_fold_stats(heap, page);
   }
+  sm_lock(&heap->lock);
+  if (page->retired) {
+    sm_retired_unlink_locked(heap, page);
+    sm_retired_note_expiry_locked(heap);
+  }
+  sm_page_release_locked(heap, page);
+  sm_unlock(&heap->lock);
+  sm_cnt_add(heap->stats.pages_released, 1);
+}
+
+/* Release retired pages whose cycles ran out; when forced, all of them
+ * and every other empty page of the heap (thread_free collected first). */
+void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
+  uint64_t n = 0;
+  sm_lock(&heap->lock);
+  sm_page_t *page;
+  while ((page = heap->retired_first) != NULL &&
+         (force || sm_cycle_reached(heap->cycle, page->retire_expire))) {
+    sm_retired_unlink_locked(heap, page);
+    sm_page_release_locked(heap, page);
+    n++;
+  }
+  sm_retired_note_expiry_locked(heap);
+  sm_unlock(&heap->lock);
+  sm_cnt_add(heap->stats.pages_released, n);
   if (!force) return;
-  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
-    sm_page_t *page = heap->queues[bin].first;
-    while (page) {
+  for (size_t qi = 0; qi < SM_BIN_COUNT; qi++) {
+    for (page = heap->queues[qi].first; page; ) {
       sm_page_t *next = page->next;
       sm_page_collect_thread_free(page);
       if (page->used == 0) sm_page_release(heap, page);
+      page = next;
+    }
+  }
+}
+
+/* Another thread (trim, smalloc_collect(true), an allocation the OS
+ * refused) releases every retired page of the owner's heap, whether the
+ * owner is busy, idle or blocked.  Counted in the caller's heap. */
+void sm_heap_claim_retired(sm_heap_t *owner, sm_heap_t *self) {
+  uint64_t n = 0;
+  sm_lock(&owner->lock);
+  sm_page_t *page;
+  while ((page = owner->retired_first) != NULL) {
+    sm_retired_unlink_locked(owner, page);
+    sm_page_release_locked(owner, page);
+    n++;
+  }
+  sm_unlock(&owner->lock);
+  if (n == 0) return;
+  SM_COUNT(self, pages_released, n);
+  SM_COUNT(self, pages_claimed, n);
+}
+
+/* Move a page's unbuilt-into-use free list onto local_free, so the page
+ * has the shape of one emptied by free (free == NULL). */
+static void sm_page_free_to_local(sm_page_t *page) {
+  if (!sm_page_has_free(page)) return;
+  sm_block_t *head = page->free;
+  page->free = NULL;
+  if (page->local_free == NULL) { page->local_free = head; return; }
+  sm_block_t *tail = page->local_free;
+  for (uint32_t i = 0; i < page->capacity; i++) {
+    sm_block_t *next = sm_dec(page, tail->next);
+    if (next == NULL) break;
+    if (sm_unlikely(!sm_page_is_block(page, next))) {
+      sm_error("corrupted free list in page at %p", (void *)page->start);
+      return;   /* keep local_free as it is, drop the rest */
+    }
+    tail = next;
+  }
+  tail->next = sm_enc(page, head);
+}
+
+/* Housekeeping, every SM_SWEEP_CYCLES slow-path entries: a page can
+ * empty while part of its free list is still unused (its blocks were never
+ * all handed out), which the free fast path does not treat as emptied;
+ * retire such pages here, so they expire and go back like any other.  The
+ * first page of a class whose slow path ran since the last sweep is the
+ * one the class allocates from: it stays. */
+static void sm_heap_sweep(sm_heap_t *heap) {
+  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
+    bool active = heap->bin_active[bin];
+    heap->bin_active[bin] = 0;
+    for (sm_page_t *page = heap->queues[bin].first; page; ) {
+      sm_page_t *next = page->next;
+      if (page->used == 0 && sm_tf_head(page, memory_order_relaxed) == NULL &&
+          !(active && page == heap->queues[bin].first)) {
+        sm_page_free_to_local(page);
+        sm_page_retire(heap, page);
+      }
       page = next;
     }
   }
@@ -261,7 +401,9 @@ void sm_page_set_owner(sm_page_t *page, uintptr_t tid) {
 /* Move an exhausted page to the full list.  The full bit goes into the
  * thread_free word with one atomic operation that also shows whether a
  * block arrived meanwhile: either we see that block here (and keep the
- * page), or a later pusher sees the bit and tells the heap. */
+ * page), or the first later free from another thread sees the bit, clears
+ * it and hands its block to the heap's xdelayed list (free.c), which the
+ * owner takes on its next slow path: one notice per page, no scan. */
 void sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
   uintptr_t v = atomic_fetch_or_explicit(&page->thread_free, SM_TF_FULL, memory_order_acq_rel);
   if (sm_tf_ptr(v) != NULL) {
@@ -284,17 +426,87 @@ void sm_page_unfull(sm_heap_t *heap, sm_page_t *page) {
   sm_cnt_add(heap->stats.pages_unfull, 1);
 }
 
-/* Other threads freed into full pages: bring those pages back. */
-void sm_heap_collect_full(sm_heap_t *heap) {
-  if (atomic_exchange_explicit(&heap->xfree_full, 0, memory_order_acq_rel) == 0) return;
-  sm_page_t *page = heap->queues[SM_BIN_FULL].first;
-  while (page) {
-    sm_page_t *next = page->next;
-    if (sm_tf_head(page, memory_order_acquire) != NULL) {
-      sm_page_collect_thread_free(page);
-      sm_page_unfull(heap, page);
+/* The owner takes back a block another thread freed and handed over
+ * through xdelayed (its tag holds the key already; the other thread
+ * counted the free).  Like a collected thread_free block, it leaves used
+ * and the fold's baseline together; a page it empties retires. */
+void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
+  sm_track_link(b);
+  b->next = sm_enc(page, page->local_free);
+  page->local_free = b;
+  if (sm_likely(page->used > 0)) {
+    page->used--;
+    page->used_folded--;
+  }
+  sm_page_unfull(heap, page);
+  sm_page_collect_thread_free(page);
+  if (page->used == 0) {
+    sm_page_free_to_local(page);
+    sm_page_retire(heap, page);
+  }
+}
+
+static void sm_heap_take_delayed(sm_heap_t *heap, sm_block_t *b) {
+  while (b != NULL) {
+    sm_block_t *next = (sm_block_t *)((uintptr_t)b->next ^ sm_secret);
+    sm_segment_t *seg = sm_ptr_segment(b);
+    sm_page_t *page = sm_segment_page_of(seg, b);
+    if (atomic_load_explicit(&seg->heap, memory_order_relaxed) == heap) sm_page_free_delayed(heap, page, b);
+    else sm_free_push_remote(seg, page, b);
+    b = next;
+  }
+}
+
+/* Take the blocks other threads handed over (see sm_page_to_full).  A
+ * block whose segment is no longer this heap's (the list may outlive an
+ * owner: heaps are reused) goes to its page's thread_free instead. */
+void sm_heap_collect_delayed(sm_heap_t *heap) {
+  if (atomic_load_explicit(&heap->xdelayed, memory_order_relaxed) == NULL) return;
+  sm_heap_take_delayed(heap, atomic_exchange_explicit(&heap->xdelayed, NULL, memory_order_acquire));
+}
+
+/* Thread exit: take the last blocks and close the list; hand-overs that
+ * still come go to their pages' thread_free (free.c). */
+void sm_heap_close_delayed(sm_heap_t *heap) {
+  sm_heap_take_delayed(heap, atomic_exchange_explicit(&heap->xdelayed, SM_XDELAYED_CLOSED, memory_order_acquire));
+}
+
+/* ---- abandoned segments ------------------------------------------------------ */
+
+/* Take one abandoned segment of the kind and make its pages this heap's:
+ * empty ones go back at once, exhausted ones to the full list.  Returns
+ * whether a segment was taken. */
+static bool sm_heap_reclaim_one(sm_heap_t *heap, int kind) {
+  sm_segment_t *seg = sm_segment_reclaim_one(heap, kind);
+  if (!seg) return false;
+  sm_cnt_add(heap->stats.segments_reclaimed, 1);
+  /* releasing empty pages may free the whole segment: count the pages to
+   * visit first */
+  size_t live = seg->used_pages, count = seg->page_count;
+  for (size_t i = 0; live > 0 && i < count; i++) {
+    sm_page_t *page = &seg->pages[i];
+    if (!page->in_use) continue;
+    live--;
+    sm_page_set_owner(page, heap->thread_id);
+    page->used_folded = (int32_t)page->used;
+    page->frees = 0;
+    page->retired = 0;
+    page->next = page->prev = page->rnext = page->rprev = NULL;
+    sm_cnt_add(heap->stats.pages_reclaimed, 1);
+    sm_page_collect_thread_free(page);
+    sm_pq_push_back(heap, page->bin, page);
+    if (page->used == 0) {
+      sm_page_release(heap, page);   /* may free seg: it is the last use */
+    } else if (!page->free && !page->local_free && page->capacity == page->reserved) {
+      sm_page_to_full(heap, page);
     }
-    page = next;
+  }
+  return true;
+}
+
+/* Reclaim every abandoned segment (trim, smalloc_collect(true)). */
+void sm_heap_reclaim_all(sm_heap_t *heap) {
+  while (sm_heap_reclaim_one(heap, SM_SEG_SMALL) || sm_heap_reclaim_one(heap, SM_SEG_MEDIUM)) {
   }
 }
 
@@ -338,32 +550,70 @@ static int sm_page_refill(sm_page_t *page) {
   return -1;
 }
 
+/* The periodic part of the slow path: blocks handed over by other
+ * threads at once (one load when there are none), expired retired pages
+ * when one is due, and every SM_SWEEP_CYCLES the sweep and the segment
+ * cache's purge. */
+#define SM_SWEEP_CYCLES 1024
+static void sm_heap_housekeeping(sm_heap_t *heap) {
+  sm_heap_collect_delayed(heap);
+  if (heap->expire_pending && sm_cycle_reached(heap->cycle, heap->next_expire))
+    sm_heap_collect_retired(heap, false);
+  if (sm_cycle_reached(heap->cycle, heap->next_sweep)) {
+    long c = sm_opt(RETIRE_CYCLES);
+    heap->next_sweep = heap->cycle + (uint32_t)(c >= 16 && c < SM_SWEEP_CYCLES ? c : SM_SWEEP_CYCLES);
+    sm_heap_sweep(heap);
+    sm_segment_cache_collect(false);
+  }
+}
+
+/* Steps 6 and 7: a page from a segment, owned, else an abandoned one
+ * reclaimed, else a new one.  Reclaimed pages may serve the class
+ * already: then *step says NEXT_PAGE and the page is queued. */
+static sm_page_t *sm_page_fresh(sm_heap_t *heap, size_t bin, int *step) {
+  int kind = bin <= SM_BIN_SMALL_LAST ? SM_SEG_SMALL : SM_SEG_MEDIUM;
+  bool new_segment = false;
+  sm_page_t *page = sm_segment_page_alloc(heap, kind, &new_segment);
+  /* Before mapping: segments of exited threads, of the kind needed, until
+   * one gives a page.  Each is taken once, so the work is paid for by the
+   * segments it frees (their blocks were often all freed meanwhile). */
+  while (!page && sm_heap_reclaim_one(heap, kind)) {
+    sm_page_t *q = heap->queues[bin].first;
+    if (q && (sm_page_has_free(q) || sm_page_refill(q) >= 0)) {
+      *step = SMALLOC_STEP_NEXT_PAGE;
+      return q;
+    }
+    page = sm_segment_page_alloc(heap, kind, &new_segment);
+  }
+  if (!page) {
+    /* also drain the other kind's list, one segment per new segment, so
+     * it cannot grow without bound in a program that never asks for it */
+    sm_heap_reclaim_one(heap, 1 - kind);
+    new_segment = true;
+    page = sm_segment_page_alloc(heap, kind, &new_segment);
+    if (!page) return NULL;
+  }
+  *step = new_segment ? SMALLOC_STEP_NEW_SEGMENT : SMALLOC_STEP_FRESH_PAGE;
+  return page;
+}
+
 /* Find a page of the bin with a free block, counting how it was found.
  * Returns NULL only when the OS refuses memory. */
 sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
   heap->cycle++;
-  if (heap->retired_first && sm_cycle_reached(heap->cycle, heap->retired_first->retire_expire))
-    sm_heap_collect_retired(heap, false);
-  if (atomic_load_explicit(&heap->xfree_full, memory_order_relaxed)) sm_heap_collect_full(heap);
-  if (sm_cycle_reached(heap->cycle, heap->next_purge_check)) {
-    heap->next_purge_check = heap->cycle + 1024;
-    sm_segment_cache_collect(false);
-  }
+  sm_heap_housekeeping(heap);
+  heap->bin_active[bin] = 1;
 
+  /* 1-4: the class's queue, first page first; exhausted pages go to the
+   * full list on the way */
   sm_page_queue_t *q = &heap->queues[bin];
   sm_page_t *first = q->first;
   for (sm_page_t *page = first; page; ) {
     sm_page_t *next = page->next;
     int step = sm_page_has_free(page) ? SMALLOC_STEP_NEXT_PAGE : sm_page_refill(page);
     if (step >= 0) {
-      if (page->retired) {
-        sm_page_unretire(heap, page);
-        sm_cnt_add(heap->stats.pages_reused, 1);
-        step = SMALLOC_STEP_RETIRED_PAGE;
-      } else if (page != first) {
+      if (page != first) {
         step = SMALLOC_STEP_NEXT_PAGE;
-      }
-      if (page != q->first) {
         sm_pq_remove(heap, bin, page);
         sm_pq_push_front(heap, bin, page);
       }
@@ -379,34 +629,26 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
     page = next;
   }
 
-  /* 6. a fresh page; 7. a new segment, after reclaiming abandoned ones */
-  int kind = bin <= SM_BIN_SMALL_LAST ? SM_SEG_SMALL : SM_SEG_MEDIUM;
-  bool new_segment = false;
-  sm_page_t *page = sm_segment_page_alloc(heap, kind, &new_segment);
-  /* Before mapping: segments of exited threads, of the kind needed, until
-   * one gives a page.  Each is taken once, so the work is paid for by the
-   * segments it frees (their blocks were often all freed meanwhile). */
-  while (!page && sm_segment_reclaim_one(heap, kind)) {
-    /* the reclaimed pages may serve this class already */
-    if (q->first && (sm_page_has_free(q->first) || sm_page_refill(q->first) >= 0)) {
-      sm_count_step(heap, bin, SMALLOC_STEP_NEXT_PAGE);
-      return q->first;
-    }
-    page = sm_segment_page_alloc(heap, kind, &new_segment);
+  /* 5. a retired page of the class */
+  sm_page_t *page = sm_page_take_retired(heap, bin);
+  if (page) {
+    sm_pq_push_front(heap, bin, page);
+    sm_page_refill(page);   /* local_free holds every block */
+    sm_cnt_add(heap->stats.pages_reused, 1);
+    sm_count_step(heap, bin, SMALLOC_STEP_RETIRED_PAGE);
+    sm_assert_expensive(sm_page_valid(page));
+    return page;
   }
-  if (!page) {
-    /* also drain the other kind's list, one segment per new segment, so
-     * it cannot grow without bound in a program that never asks for it
-     * (what it reclaims is of the other kind: it cannot serve this page) */
-    sm_segment_reclaim_one(heap, 1 - kind);
-    new_segment = true;
-    page = sm_segment_page_alloc(heap, kind, &new_segment);
-    if (!page) return NULL;
-  }
+
+  /* 6. a fresh page; 7. a new segment */
+  int step;
+  page = sm_page_fresh(heap, bin, &step);
+  if (page == NULL) return NULL;
+  sm_count_step(heap, bin, step);
+  if (step == SMALLOC_STEP_NEXT_PAGE) return page;
   sm_page_init(heap, sm_ptr_segment(page), page, bin);
   sm_page_extend(page);
   sm_pq_push_front(heap, bin, page);
-  sm_count_step(heap, bin, new_segment ? SMALLOC_STEP_NEW_SEGMENT : SMALLOC_STEP_FRESH_PAGE);
   sm_heap_grew(heap);
   return page;
 }

@@ -1,7 +1,7 @@
 /* Segments: 4 MiB regions aligned to their size, carved into pages.
  *
- * A thread heap owns its small and medium segments; empty ones go to a
- * small process-wide cache (purged after SMALLOC_PURGE_DELAY, unmapped when
+ * A thread heap owns its small and medium segments (its lists of them are
+ * under heap->lock, see page.c); empty ones go to a small process-wide cache (purged after SMALLOC_PURGE_DELAY, unmapped when
  * the cache is full); segments of exited threads are abandoned and
  * reclaimed by threads that need pages.  Single segments hold one large
  * block each and go through the same cache. */
@@ -159,6 +159,7 @@ static sm_segment_t **sm_seg_list_of(sm_heap_t *heap, sm_segment_t *seg) {
   return seg->in_free_list ? &heap->free_segs[seg->kind] : &heap->full_segs;
 }
 
+/* Under heap->lock. */
 static void sm_segment_adopt(sm_heap_t *heap, sm_segment_t *seg) {
   atomic_store_explicit(&seg->heap, heap, memory_order_release);
   seg->in_free_list = seg->used_pages < seg->page_count;
@@ -166,7 +167,7 @@ static void sm_segment_adopt(sm_heap_t *heap, sm_segment_t *seg) {
   atomic_store_explicit(&seg->thread_id, heap->thread_id, memory_order_release);
 }
 
-static sm_segment_t *sm_segment_alloc(sm_heap_t *heap, int kind) {
+static sm_segment_t *sm_segment_alloc(int kind) {
   sm_segment_t *seg = sm_segment_raw_alloc();
   if (!seg) return NULL;
   sm_track_reuse(seg, SM_SEGMENT_SIZE);
@@ -178,20 +179,30 @@ static sm_segment_t *sm_segment_alloc(sm_heap_t *heap, int kind) {
   seg->mapped = SM_SEGMENT_SIZE;
   sm_segment_guard(seg);
   sm_segmap_set((uintptr_t)seg, seg->page_shift);
-  sm_segment_adopt(heap, seg);
   return seg;
 }
 
-/* A free page of an owned segment; a new segment only when allowed. */
+/* A free page of an owned segment; of a new segment only when
+ * *new_segment says so (it is cleared when an owned one served).  The
+ * heap's segment lists are under heap->lock: another thread releasing a
+ * retired page of the heap changes them too.  No lock is held while the
+ * OS is asked for memory. */
 sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment) {
+  sm_segment_t *fresh = NULL;
+  if (*new_segment) {
+    sm_lock(&heap->lock);
+    bool have = heap->free_segs[kind] != NULL;
+    sm_unlock(&heap->lock);
+    if (!have && (fresh = sm_segment_alloc(kind)) == NULL) return NULL;
+  }
+  sm_lock(&heap->lock);
+  if (fresh) sm_segment_adopt(heap, fresh);
   sm_segment_t *seg = heap->free_segs[kind];
   if (!seg) {
-    if (!*new_segment) return NULL;
-    seg = sm_segment_alloc(heap, kind);
-    if (!seg) return NULL;
-  } else {
-    *new_segment = false;
+    sm_unlock(&heap->lock);
+    return NULL;
   }
+  *new_segment = seg == fresh;
   sm_page_t *page = NULL;
   for (size_t i = 0; i < seg->page_count; i++) {
     if (!seg->pages[i].in_use) { page = &seg->pages[i]; break; }
@@ -203,10 +214,13 @@ sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment) {
     seg->in_free_list = 0;
     sm_seg_list_push(&heap->full_segs, seg);
   }
+  sm_unlock(&heap->lock);
   return page;
 }
 
-void sm_segment_page_free(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page) {
+/* Under heap->lock: the page goes back to its segment, and a segment left
+ * without pages to the cache. */
+void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page) {
   page->in_use = 0;
   if (!seg->in_free_list) {
     sm_seg_list_remove(&heap->full_segs, seg);
@@ -258,8 +272,10 @@ void sm_segment_single_free(sm_segment_t *seg) {
  * wait on the abandoned list.  Their blocks stay valid; frees from any
  * thread go to thread_free until a thread reclaims the segment. */
 void sm_segment_abandon_heap(sm_heap_t *heap) {
+  sm_lock(&heap->lock);
   sm_segment_t *lists[3] = {heap->free_segs[0], heap->free_segs[1], heap->full_segs};
   heap->free_segs[0] = heap->free_segs[1] = heap->full_segs = NULL;
+  sm_unlock(&heap->lock);
   for (int l = 0; l < 3; l++) {
     sm_segment_t *seg = lists[l];
     while (seg) {
@@ -279,10 +295,10 @@ void sm_segment_abandon_heap(sm_heap_t *heap) {
   }
 }
 
-/* Take one abandoned segment of the kind and make its pages this heap's.
- * Returns whether a segment was taken. */
-bool sm_segment_reclaim_one(sm_heap_t *heap, int kind) {
-  if (atomic_load_explicit(&sm_abandoned_count[kind], memory_order_relaxed) == 0) return false;
+/* Take one abandoned segment of the kind into the heap's segment lists;
+ * its pages are the caller's to adopt (page.c). */
+sm_segment_t *sm_segment_reclaim_one(sm_heap_t *heap, int kind) {
+  if (atomic_load_explicit(&sm_abandoned_count[kind], memory_order_relaxed) == 0) return NULL;
   pthread_mutex_lock(&sm_abandoned_lock);
   sm_segment_t *seg = sm_abandoned_first[kind];
   if (seg) {
@@ -291,38 +307,12 @@ bool sm_segment_reclaim_one(sm_heap_t *heap, int kind) {
     atomic_fetch_sub(&sm_abandoned_count[kind], 1);
   }
   pthread_mutex_unlock(&sm_abandoned_lock);
-  if (!seg) return false;
+  if (!seg) return NULL;
   seg->next = seg->prev = NULL;
+  sm_lock(&heap->lock);
   sm_segment_adopt(heap, seg);
-  sm_cnt_add(heap->stats.segments_reclaimed, 1);
-  /* adopt its pages; releasing empty ones may free the whole segment, so
-   * count the pages to visit first */
-  size_t live = seg->used_pages, count = seg->page_count;
-  for (size_t i = 0; live > 0 && i < count; i++) {
-    sm_page_t *page = &seg->pages[i];
-    if (!page->in_use) continue;
-    live--;
-    sm_page_set_owner(page, heap->thread_id);
-    page->used_folded = (int32_t)page->used;
-    page->frees = 0;
-    page->retired = 0;
-    page->next = page->prev = page->rnext = page->rprev = NULL;
-    sm_cnt_add(heap->stats.pages_reclaimed, 1);
-    sm_page_collect_thread_free(page);
-    sm_pq_push_back(heap, page->bin, page);
-    if (page->used == 0) {
-      sm_page_release(heap, page);   /* may free seg: it is the last use */
-    } else if (!page->free && !page->local_free && page->capacity == page->reserved) {
-      sm_page_to_full(heap, page);
-    }
-  }
-  return true;
-}
-
-/* Reclaim every abandoned segment (smalloc_collect(true)). */
-void sm_segment_reclaim_all(sm_heap_t *heap) {
-  while (sm_segment_reclaim_one(heap, SM_SEG_SMALL) || sm_segment_reclaim_one(heap, SM_SEG_MEDIUM)) {
-  }
+  sm_unlock(&heap->lock);
+  return seg;
 }
 
 /* ---- fork: hold the locks across fork so the child finds them free ------- */

@@ -43,6 +43,8 @@ static smalloc_stats_t sm_reset_base;  /* raw figures at the last reset (stats l
   X(bytes_mapped_peak, 1, 1) X(bytes_committed, 1, 1) X(bytes_purged, 0, 1) \
   X(threads_started, 0, 0) X(threads_exited, 0, 0) X(pages_abandoned, 0, 0) \
   X(pages_reclaimed, 0, 0) X(segments_reclaimed, 0, 0)
+/* after classes[] (stats version 2) */
+#define SM_STATS_FIELDS3(X) X(pages_claimed, 0, 0) X(oom_collects, 0, 0)
 
 static const char *const sm_step_names[SMALLOC_STEP_COUNT] = {
   "local_swap", "thread_collect", "extend", "next_page", "retired_page", "fresh_page", "new_segment",
@@ -201,6 +203,8 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   o->pages_abandoned = t.pages_abandoned;
   o->pages_reclaimed = t.pages_reclaimed;
   o->segments_reclaimed = t.segments_reclaimed;
+  o->pages_claimed = t.pages_claimed;
+  o->oom_collects = t.oom_collects;
 }
 
 /* Subtract the reset base from every event count. */
@@ -208,6 +212,7 @@ static void sm_stats_rebase(smalloc_stats_t *o) {
 #define SM_REBASE(name, gauge, bytes) if (!(gauge)) o->name -= sm_reset_base.name;
   SM_STATS_FIELDS(SM_REBASE)
   SM_STATS_FIELDS2(SM_REBASE)
+  SM_STATS_FIELDS3(SM_REBASE)
 #undef SM_REBASE
   for (int s = 0; s < SMALLOC_STEP_COUNT; s++) o->slow_steps[s] -= sm_reset_base.slow_steps[s];
   for (size_t i = 0; i < SMALLOC_STATS_CLASSES; i++) {
@@ -277,6 +282,7 @@ SM_EXPORT void smalloc_stats_print(FILE *out) {
     sm_print_row(out, name, s->slow_steps[i], 0);
   }
   SM_STATS_FIELDS2(SM_ROW)
+  SM_STATS_FIELDS3(SM_ROW)
 #undef SM_ROW
   fprintf(out, "  %-9s %11s %11s %11s %9s %9s %9s %9s %9s\n", "class", "allocs", "frees", "in use",
           "pages", "swap", "collect", "extend", "other");
@@ -311,6 +317,7 @@ SM_EXPORT void smalloc_stats_print_json(FILE *out) {
 #define SM_JSON(name, gauge, bytes) fprintf(out, ", \"%s\": %llu", #name, (unsigned long long)s->name);
   SM_STATS_FIELDS(SM_JSON)
   SM_STATS_FIELDS2(SM_JSON)
+  SM_STATS_FIELDS3(SM_JSON)
 #undef SM_JSON
   fputs(", \"slow_steps\": ", out);
   sm_json_steps(out, s->slow_steps);

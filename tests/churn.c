@@ -567,7 +567,11 @@ static void *ch_steady_thread(void *arg)
    * purged (madvise) once it outlived the purge delay. */
   smalloc_collect(true);
   ch_run_pattern(&st->small, false, CH_WARMUP, CH_STEADY_ROUNDS, b, perm, &st->e);
+  /* The first pattern's pages, empty and idle from now on, would be
+   * retired by the slow path's sweep and released in the next window. */
+  smalloc_collect(true);
   ch_run_pattern(&st->multi, true, CH_WARMUP, CH_STEADY_ROUNDS, b, perm, &st->e);
+  smalloc_collect(true);
 
   /* ping-pong: malloc(32), free, a million times */
   for (unsigned i = 0; i < 1000; i++)

@@ -87,6 +87,7 @@ static const st_field_t st_fields[] = {
   ST_F(bytes_purged, ST_EVENT),        ST_F(threads_started, ST_EVENT),
   ST_F(threads_exited, ST_EVENT),      ST_F(pages_abandoned, ST_EVENT),
   ST_F(pages_reclaimed, ST_EVENT),     ST_F(segments_reclaimed, ST_EVENT),
+  ST_F(pages_claimed, ST_EVENT),       ST_F(oom_collects, ST_EVENT),
 };
 #undef ST_F
 #define ST_NFIELDS (sizeof st_fields / sizeof st_fields[0])
