@@ -552,16 +552,18 @@ static int sm_page_refill(sm_page_t *page) {
 
 /* The periodic part of the slow path: blocks handed over by other
  * threads at once (one load when there are none), expired retired pages
- * when one is due, and every SM_SWEEP_CYCLES the sweep and the segment
- * cache's purge. */
+ * when one is due, and every SM_SWEEP_CYCLES (or the retire cycles, when
+ * fewer) the sweep and the segment cache's purge. */
 #define SM_SWEEP_CYCLES 1024
 static void sm_heap_housekeeping(sm_heap_t *heap) {
   sm_heap_collect_delayed(heap);
   if (heap->expire_pending && sm_cycle_reached(heap->cycle, heap->next_expire))
     sm_heap_collect_retired(heap, false);
   if (sm_cycle_reached(heap->cycle, heap->next_sweep)) {
+    /* as often as pages expire, within [16, SM_SWEEP_CYCLES] */
     long c = sm_opt(RETIRE_CYCLES);
-    heap->next_sweep = heap->cycle + (uint32_t)(c >= 16 && c < SM_SWEEP_CYCLES ? c : SM_SWEEP_CYCLES);
+    if (c <= 0 || c > SM_SWEEP_CYCLES) c = SM_SWEEP_CYCLES;
+    heap->next_sweep = heap->cycle + (uint32_t)(c < 16 ? 16 : c);
     sm_heap_sweep(heap);
     sm_segment_cache_collect(false);
   }

@@ -1,0 +1,375 @@
+/* Memory a thread has freed belongs to the process: another thread can
+ * use it, malloc_trim from any thread gives it back, and an allocation the
+ * OS refuses first collects it (page.c, "Who owns free memory").
+ *
+ * The tests that need an address-space limit run in a child process of
+ * their own with RLIMIT_AS set to its current size plus SH_LIMIT, so the
+ * limit binds on the heap and nothing else; the child reports the first
+ * failed check through a pipe. */
+#include "common.h"
+
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+
+#define SH_LIMIT (256 * MiB)
+
+/* ---- a child under an address-space limit ---------------------------------- */
+
+static int sh_report_fd = -1;
+
+/* In the child: report a failed check and exit. */
+#define SH_CHECK(cond, ...)                                                    \
+  do {                                                                         \
+    if (!(cond)) {                                                             \
+      char m_[512];                                                            \
+      int n_ = snprintf(m_, sizeof m_, __VA_ARGS__);                           \
+      if (write(sh_report_fd, m_, n_ > 0 ? (size_t)n_ : 0) < 0)                \
+        _exit(3);                                                              \
+      _exit(1);                                                                \
+    }                                                                          \
+  } while (0)
+
+static size_t sh_vm_bytes(void)
+{
+  unsigned long pages = 0;
+  FILE *f = fopen("/proc/self/statm", "r");
+  if (f) {
+    if (fscanf(f, "%lu", &pages) != 1)
+      pages = 0;
+    fclose(f);
+  }
+  return pages * sm_page_size();
+}
+
+static size_t sh_rss_bytes(void)
+{
+  unsigned long pages = 0, res = 0;
+  FILE *f = fopen("/proc/self/statm", "r");
+  if (f) {
+    if (fscanf(f, "%lu %lu", &pages, &res) != 2)
+      res = 0;
+    fclose(f);
+  }
+  return res * sm_page_size();
+}
+
+/* Set the limit: the address space in use now plus SH_LIMIT. */
+static void sh_limit(void)
+{
+  struct rlimit rl;
+  rl.rlim_cur = rl.rlim_max = sh_vm_bytes() + SH_LIMIT;
+  SH_CHECK(setrlimit(RLIMIT_AS, &rl) == 0, "setrlimit: %s", strerror(errno));
+}
+
+/* Run body in a child; fail the test with the child's report. */
+static void sh_in_child(void (*body)(void))
+{
+  int fds[2];
+  ck_assert_int_eq(pipe(fds), 0);
+  pid_t pid = fork();
+  ck_assert_msg(pid >= 0, "fork: %s", strerror(errno));
+  if (pid == 0) {
+    close(fds[0]);
+    sh_report_fd = fds[1];
+    body();
+    _exit(0);
+  }
+  close(fds[1]);
+  char msg[513];
+  ssize_t n = read(fds[0], msg, sizeof msg - 1);
+  msg[n > 0 ? n : 0] = '\0';
+  close(fds[0]);
+  int status;
+  while (waitpid(pid, &status, 0) < 0)
+    ck_assert_msg(errno == EINTR, "waitpid: %s", strerror(errno));
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child: %s (status %#x)",
+                msg[0] ? msg : "died", status);
+}
+
+/* Pointers for a fill, mapped before the limit is set. */
+static void **sh_ptrs(size_t n)
+{
+  void **v = mmap(NULL, n * sizeof *v, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  SH_CHECK(v != MAP_FAILED, "mmap: %s", strerror(errno));
+  return v;
+}
+
+/* malloc(size) until NULL or max blocks; returns the count. */
+static size_t sh_fill(void **v, size_t max, size_t size)
+{
+  size_t n = 0;
+  while (n < max && (v[n] = smalloc_malloc(size)) != NULL) {
+    memset(v[n], 0x5a, size < 64 ? size : 64);
+    n++;
+  }
+  return n;
+}
+
+static void sh_free_all(void **v, size_t n)
+{
+  for (size_t i = 0; i < n; i++)
+    smalloc_free(v[i]);
+}
+
+/* ---- an idle thread's freed memory serves another thread ------------------ */
+
+typedef struct sh_idle {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int phase;            /* 0 wait, 1 go, 2 filled and freed, 3 exit */
+  void **v;
+  size_t max, n;
+  smalloc_stats_t s0, s1;   /* around the worker's frees */
+} sh_idle_t;
+
+static sh_idle_t sh_idle = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, 0, 0,
+                            {0}, {0}};
+
+static void sh_set_phase(int phase)
+{
+  pthread_mutex_lock(&sh_idle.mu);
+  sh_idle.phase = phase;
+  pthread_cond_broadcast(&sh_idle.cv);
+  pthread_mutex_unlock(&sh_idle.mu);
+}
+
+static void sh_wait_phase(int phase)
+{
+  pthread_mutex_lock(&sh_idle.mu);
+  while (sh_idle.phase < phase)
+    pthread_cond_wait(&sh_idle.cv, &sh_idle.mu);
+  pthread_mutex_unlock(&sh_idle.mu);
+}
+
+/* Fills with 4 KiB blocks until malloc fails, frees them all, then waits
+ * (alive, idle) until told to exit. */
+static void *sh_idle_worker(void *arg)
+{
+  (void)arg;
+  sh_wait_phase(1);
+  sh_idle.n = sh_fill(sh_idle.v, sh_idle.max, 4096);
+  sm_test_snap(&sh_idle.s0);
+  sh_free_all(sh_idle.v, sh_idle.n);
+  sm_test_snap(&sh_idle.s1);
+  sh_set_phase(2);
+  sh_wait_phase(3);
+  return NULL;
+}
+
+static void sh_idle_body(void)
+{
+  sh_idle.max = SH_LIMIT / 4096;
+  sh_idle.v = sh_ptrs(sh_idle.max);
+  size_t max64 = SH_LIMIT / 64;
+  void **w = sh_ptrs(max64);
+  pthread_t t;
+  SH_CHECK(pthread_create(&t, NULL, sh_idle_worker, NULL) == 0, "pthread_create failed");
+  sh_limit();
+  sh_set_phase(1);
+  sh_wait_phase(2);
+  SH_CHECK(sh_idle.n > SH_LIMIT / 4096 / 2, "the worker got only %zu blocks of 4 KiB", sh_idle.n);
+
+  /* the same bytes again, in 64-byte blocks, from this thread */
+  smalloc_stats_t a, b;
+  sm_test_snap(&a);
+  size_t want = sh_idle.n * (4096 / 64);
+  size_t got = sh_fill(w, want, 64);
+  sm_test_snap(&b);
+  SH_CHECK(got == want, "malloc(64) returned NULL after %zu of %zu blocks (%zu of the idle "
+           "worker's %zu KiB)", got, want, got * 64 / 1024, sh_idle.n * 4);
+  /* the worker's retired pages were taken from its heap, all of them and
+   * exactly once */
+  uint64_t retired = sh_idle.s1.pages_retired - sh_idle.s0.pages_retired;
+  SH_CHECK(retired > 0, "the worker retired no page");
+  SH_CHECK(b.pages_claimed - a.pages_claimed == retired,
+           "%llu pages claimed, the idle worker retired %llu",
+           (unsigned long long)(b.pages_claimed - a.pages_claimed), (unsigned long long)retired);
+  SH_CHECK(b.oom_collects > a.oom_collects, "no allocation was refused by the OS");
+  sh_free_all(w, got);
+  sh_set_phase(3);
+  pthread_join(t, NULL);
+}
+
+START_TEST(idle_threads_memory_serves_another_thread)
+{
+  sh_in_child(sh_idle_body);
+}
+END_TEST
+
+/* ---- the same thread, another size, after freeing everything -------------- */
+
+static void sh_sizes_body(void)
+{
+  size_t max64 = SH_LIMIT / 64;
+  void **v = sh_ptrs(max64);
+  sh_limit();
+  size_t n64 = sh_fill(v, max64, 64);
+  SH_CHECK(n64 > max64 / 2, "only %zu blocks of 64 bytes under a 256 MiB limit", n64);
+  sh_free_all(v, n64);
+  size_t bytes = n64 * 64;
+
+  /* the same bytes in 4 KiB blocks: not one NULL */
+  size_t want = bytes / 4096;
+  size_t got = sh_fill(v, want, 4096);
+  SH_CHECK(got == want, "after freeing %zu KiB of 64-byte blocks, malloc(4096) returned NULL "
+           "after %zu of %zu", bytes / 1024, got, want);
+  sh_free_all(v, got);
+
+  /* 1 MiB blocks take a segment each (4 MiB of address space) */
+  want = bytes / (4 * MiB) / 2;
+  got = sh_fill(v, want, MiB);
+  SH_CHECK(got == want, "after freeing, malloc(1 MiB) returned NULL after %zu of %zu", got, want);
+  sh_free_all(v, got);
+
+  /* and the first size again */
+  got = sh_fill(v, n64, 64);
+  SH_CHECK(got == n64, "malloc(64) returned NULL after %zu of the %zu blocks it served before",
+           got, n64);
+  sh_free_all(v, got);
+}
+
+START_TEST(same_thread_other_sizes_after_free_all)
+{
+  sh_in_child(sh_sizes_body);
+}
+END_TEST
+
+/* ---- malloc_trim from main releases an idle worker's pages ---------------- */
+
+enum { SH_TRIM_BLOCKS = 1 << 20, SH_TRIM_SIZE = 64 };   /* 64 MiB */
+
+static void *sh_trim_worker(void *arg)
+{
+  (void)arg;
+  sh_wait_phase(1);
+  sh_idle.n = sh_fill(sh_idle.v, SH_TRIM_BLOCKS, SH_TRIM_SIZE);
+  sm_test_snap(&sh_idle.s0);
+  sh_free_all(sh_idle.v, sh_idle.n);
+  sm_test_snap(&sh_idle.s1);
+  sh_set_phase(2);
+  sh_wait_phase(3);
+  return NULL;
+}
+
+START_TEST(trim_from_main_releases_idle_workers_pages)
+{
+  sh_idle.v = mmap(NULL, SH_TRIM_BLOCKS * sizeof(void *), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ck_assert(sh_idle.v != MAP_FAILED);
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, sh_trim_worker, NULL), 0);
+  smalloc_malloc_trim(0);
+  size_t rss0 = sh_rss_bytes();
+  sh_set_phase(1);
+  sh_wait_phase(2);
+  ck_assert_uint_eq(sh_idle.n, SH_TRIM_BLOCKS);
+  size_t rss1 = sh_rss_bytes();
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  smalloc_malloc_trim(0);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  size_t rss2 = sh_rss_bytes();
+  sh_set_phase(3);
+  pthread_join(t, NULL);
+
+  uint64_t retired = sh_idle.s1.pages_retired - sh_idle.s0.pages_retired;
+  ck_assert_msg(retired >= SH_TRIM_BLOCKS * SH_TRIM_SIZE / SM_TEST_SMALL_PAGE - 1,
+                "the worker retired %llu pages", (unsigned long long)retired);
+  ck_assert_msg(b.pages_claimed - a.pages_claimed == retired,
+                "malloc_trim claimed %llu of the idle worker's %llu retired pages",
+                (unsigned long long)(b.pages_claimed - a.pages_claimed),
+                (unsigned long long)retired);
+  ck_assert_uint_ge(b.pages_released - a.pages_released, retired);
+  ck_assert_msg(rss1 > rss0 + 48 * MiB, "resident %zu MiB before the worker, %zu after its frees",
+                rss0 / MiB, rss1 / MiB);
+  ck_assert_msg(rss2 <= rss0 + 10 * MiB,
+                "resident %zu MiB after malloc_trim; %zu MiB before the worker allocated",
+                rss2 / MiB, rss0 / MiB);
+  munmap(sh_idle.v, SH_TRIM_BLOCKS * sizeof(void *));
+}
+END_TEST
+
+/* ---- pages emptied by another thread's frees ------------------------------ */
+
+enum { SH_X_SIZE = SM_TEST_REQUEST_FOR(64), SH_X_PAGES = 6 };
+
+typedef struct sh_x {
+  void **v;
+  size_t n, full_pages;
+  smalloc_stats_t s[4];
+} sh_x_t;
+
+static void *sh_x_freer(void *arg)
+{
+  sh_x_t *x = arg;
+  sh_free_all(x->v, x->n);
+  return NULL;
+}
+
+static void *sh_x_owner(void *arg)
+{
+  sh_x_t *x = arg;
+  size_t cap = sm_test_page_capacity(sm_test_class_size(SH_X_SIZE), 1);
+  x->n = SH_X_PAGES * cap + cap / 2;
+  x->v = mmap(NULL, x->n * sizeof *x->v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+              -1, 0);
+  smalloc_collect(true);
+  sm_test_snap(&x->s[0]);
+  for (size_t i = 0; i < x->n; i++)
+    x->v[i] = smalloc_malloc(SH_X_SIZE);
+  sm_test_snap(&x->s[1]);
+  x->full_pages = x->s[1].pages_full - x->s[0].pages_full;
+  pthread_t t;
+  if (pthread_create(&t, NULL, sh_x_freer, x) == 0)
+    pthread_join(t, NULL);
+  /* the next slow path takes the blocks handed over, one per full page */
+  void *p = smalloc_malloc(2000);
+  sm_test_snap(&x->s[2]);
+  smalloc_free(p);
+  smalloc_collect(true);
+  sm_test_snap(&x->s[3]);
+  munmap(x->v, x->n * sizeof *x->v);
+  return NULL;
+}
+
+START_TEST(pages_emptied_by_remote_frees_retire)
+{
+  static sh_x_t x;
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, sh_x_owner, &x), 0);
+  pthread_join(t, NULL);
+  const smalloc_stats_t *s = x.s;
+  int c = sm_test_class_index(&s[0], SH_X_SIZE);
+  ck_assert_int_ge(c, 0);
+  /* every page but the last was exhausted and moved to the full list */
+  ck_assert_msg(x.full_pages >= SH_X_PAGES, "%zu pages went full", x.full_pages);
+  ck_assert_uint_eq(s[1].classes[c].blocks_in_use - s[0].classes[c].blocks_in_use, x.n);
+  /* each full page came back once, and emptied, retired */
+  ck_assert_uint_eq(s[2].pages_unfull - s[1].pages_unfull, x.full_pages);
+  ck_assert_uint_eq(s[2].pages_retired - s[1].pages_retired, x.full_pages);
+  ck_assert_uint_eq(s[2].classes[c].blocks_in_use, s[0].classes[c].blocks_in_use);
+  /* and the last page, emptied through thread_free, goes back with them */
+  ck_assert_uint_eq(s[3].classes[c].pages_in_use, s[0].classes[c].pages_in_use);
+  ck_assert_uint_ge(s[3].pages_released - s[2].pages_released, x.full_pages + 1);
+}
+END_TEST
+
+static Suite *shared_suite(void)
+{
+  Suite *s = suite_create("shared");
+  TCase *tc = sm_tcase("shared", 300);
+  tcase_add_test(tc, idle_threads_memory_serves_another_thread);
+  tcase_add_test(tc, same_thread_other_sizes_after_free_all);
+  tcase_add_test(tc, trim_from_main_releases_idle_workers_pages);
+  tcase_add_test(tc, pages_emptied_by_remote_frees_retire);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
+int main(void)
+{
+  return sm_run_suite(shared_suite());
+}
