@@ -30,9 +30,41 @@ int sm_os_map(size_t size, void **out) {
   return 0;
 }
 
-/* Map size bytes such that (result + pre) is aligned to alignment. */
+/* Where the next aligned mapping is tried first: just past the last one,
+ * which is aligned whenever the last one was. */
+static _Atomic uintptr_t sm_os_hint;
+
+/* Map exactly size bytes at an aligned hint; the kernel takes the hint
+ * when that range is free, so most segments cost one mmap and no more
+ * address space than their size (a program under RLIMIT_AS can use nearly
+ * all of it).  Returns the mapping or NULL. */
+static void *sm_os_map_at_hint(size_t size, size_t alignment, size_t pre) {
+  uintptr_t hint = atomic_load_explicit(&sm_os_hint, memory_order_relaxed);
+  if (hint == 0 || pre != 0 || ((hint + pre) & (alignment - 1)) != 0) return NULL;
+  sm_gadd(os_mmap, 1);
+  void *p = mmap((void *)hint, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return NULL;
+  if ((((uintptr_t)p + pre) & (alignment - 1)) != 0) {
+    sm_gadd(os_munmap, 1);
+    munmap(p, size);
+    return NULL;
+  }
+  return p;
+}
+
+/* Map size bytes such that (result + pre) is aligned to alignment: at the
+ * hint, else by mapping size + alignment and trimming both ends. */
 int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out) {
   int saved = errno;
+  void *at = sm_os_map_at_hint(size, alignment, pre);
+  if (at != NULL) {
+    errno = saved;
+    atomic_store_explicit(&sm_os_hint, (uintptr_t)at + ((size + alignment - 1) & ~(alignment - 1)),
+                          memory_order_relaxed);
+    sm_mapped_add(size);
+    *out = at;
+    return 0;
+  }
   size_t total = size + alignment;
   if (total < size) return ENOMEM;
   sm_gadd(os_mmap, 1);
@@ -45,6 +77,8 @@ int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out) {
   if (head) { sm_gadd(os_munmap, 1); munmap(raw, head); }
   if (tail) { sm_gadd(os_munmap, 1); munmap((uint8_t *)want + size, tail); }
   errno = saved;
+  if (pre == 0)
+    atomic_store_explicit(&sm_os_hint, want + ((size + alignment - 1) & ~(alignment - 1)), memory_order_relaxed);
   sm_mapped_add(size);
   *out = (void *)want;
   return 0;

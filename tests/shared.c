@@ -14,6 +14,20 @@
 #include <sys/wait.h>
 
 #define SH_LIMIT (256 * MiB)
+/* What a refill after free-all may fall short of the first fill under the
+ * same limit: two segments' worth of address space.  The limit binds at a
+ * segment (4 MiB) boundary, and a sanitizer runtime maps memory of its own
+ * under the same limit (ThreadSanitizer about 4 MiB for this test).
+ * Without the collection the shortfall is over 98 %. */
+#define SH_SLACK (8 * MiB)
+
+#if defined(__SANITIZE_THREAD__)
+#define SH_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define SH_TSAN 1
+#endif
+#endif
 
 /* ---- a child under an address-space limit ---------------------------------- */
 
@@ -178,8 +192,8 @@ static void sh_idle_body(void)
   size_t want = sh_idle.n * (4096 / 64);
   size_t got = sh_fill(w, want, 64);
   sm_test_snap(&b);
-  SH_CHECK(got == want, "malloc(64) returned NULL after %zu of %zu blocks (%zu of the idle "
-           "worker's %zu KiB)", got, want, got * 64 / 1024, sh_idle.n * 4);
+  SH_CHECK(got * 64 + SH_SLACK >= want * 64, "malloc(64) returned NULL after %zu of %zu blocks "
+           "(%zu of the idle worker's %zu KiB)", got, want, got * 64 / 1024, sh_idle.n * 4);
   /* the worker's retired pages were taken from its heap, all of them and
    * exactly once */
   uint64_t retired = sh_idle.s1.pages_retired - sh_idle.s0.pages_retired;
@@ -214,20 +228,20 @@ static void sh_sizes_body(void)
   /* the same bytes in 4 KiB blocks: not one NULL */
   size_t want = bytes / 4096;
   size_t got = sh_fill(v, want, 4096);
-  SH_CHECK(got == want, "after freeing %zu KiB of 64-byte blocks, malloc(4096) returned NULL "
-           "after %zu of %zu", bytes / 1024, got, want);
+  SH_CHECK(got * 4096 + SH_SLACK >= bytes, "after freeing %zu KiB of 64-byte blocks, "
+           "malloc(4096) returned NULL after %zu of %zu", bytes / 1024, got, want);
   sh_free_all(v, got);
 
   /* 1 MiB blocks take a segment each (4 MiB of address space) */
-  want = bytes / (4 * MiB) / 2;
+  want = (bytes - SH_SLACK) / (4 * MiB);
   got = sh_fill(v, want, MiB);
   SH_CHECK(got == want, "after freeing, malloc(1 MiB) returned NULL after %zu of %zu", got, want);
   sh_free_all(v, got);
 
   /* and the first size again */
   got = sh_fill(v, n64, 64);
-  SH_CHECK(got == n64, "malloc(64) returned NULL after %zu of the %zu blocks it served before",
-           got, n64);
+  SH_CHECK(got * 64 + SH_SLACK >= bytes, "malloc(64) returned NULL after %zu of the %zu blocks "
+           "it served before", got, n64);
   sh_free_all(v, got);
 }
 
@@ -285,9 +299,11 @@ START_TEST(trim_from_main_releases_idle_workers_pages)
   ck_assert_uint_ge(b.pages_released - a.pages_released, retired);
   ck_assert_msg(rss1 > rss0 + 48 * MiB, "resident %zu MiB before the worker, %zu after its frees",
                 rss0 / MiB, rss1 / MiB);
+#ifndef SH_TSAN   /* ThreadSanitizer's shadow of the freed blocks stays resident */
   ck_assert_msg(rss2 <= rss0 + 10 * MiB,
                 "resident %zu MiB after malloc_trim; %zu MiB before the worker allocated",
                 rss2 / MiB, rss0 / MiB);
+#endif
   munmap(sh_idle.v, SH_TRIM_BLOCKS * sizeof(void *));
 }
 END_TEST
