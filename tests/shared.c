@@ -247,6 +247,12 @@ static void sh_sizes_body(void)
 
 START_TEST(same_thread_other_sizes_after_free_all)
 {
+#ifdef SH_TSAN
+  /* One thread, nothing for ThreadSanitizer to check; and filling the
+   * limit from one thread at full speed has starved the runtime's own
+   * mappings (it then exits 66 without a word). */
+  return;
+#endif
   sh_in_child(sh_sizes_body);
 }
 END_TEST
@@ -299,7 +305,9 @@ START_TEST(trim_from_main_releases_idle_workers_pages)
   ck_assert_uint_ge(b.pages_released - a.pages_released, retired);
   ck_assert_msg(rss1 > rss0 + 48 * MiB, "resident %zu MiB before the worker, %zu after its frees",
                 rss0 / MiB, rss1 / MiB);
-#ifndef SH_TSAN   /* ThreadSanitizer's shadow of the freed blocks stays resident */
+#ifdef SH_TSAN   /* ThreadSanitizer's shadow of the freed blocks stays resident */
+  (void)rss2;
+#else
   ck_assert_msg(rss2 <= rss0 + 10 * MiB,
                 "resident %zu MiB after malloc_trim; %zu MiB before the worker allocated",
                 rss2 / MiB, rss0 / MiB);
