@@ -47,6 +47,11 @@ bool sm_free_is_double(sm_page_t *page, sm_block_t *b) {
 void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   sm_heap_t *heap = atomic_load_explicit(&sm_ptr_segment(page)->heap, memory_order_relaxed);
   sm_track_link(b);
+  if (b->tag == (page->key ^ SM_TAG_REMOTE)) {
+    /* another thread freed it already; it is on its way back */
+    sm_error("free(): double free of %p", (void *)b);
+    return;
+  }
   if (b->tag == page->key && sm_free_is_double(page, b)) return;
   sm_track_free(p, b);
   b->next = sm_enc(page, page->local_free);
@@ -118,13 +123,14 @@ void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
  * already free (reported). */
 bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
   sm_track_link(b);
-  /* a block on any of the page's lists carries the key in its tag; the
-   * lists belong to the owner, so this is as far as another thread looks */
-  if (sm_unlikely(b->tag == page->key)) {
+  /* a block on any of the page's lists carries the key in its tag, one on
+   * its way back to the owner the key ^ SM_TAG_REMOTE; the lists belong
+   * to the owner, so this is as far as another thread looks */
+  if (sm_unlikely((b->tag ^ page->key) <= SM_TAG_REMOTE)) {
     sm_error("free(): double free of %p", (void *)b);
     return false;
   }
-  b->tag = page->key;
+  b->tag = page->key ^ SM_TAG_REMOTE;
   if (sm_unlikely(!sm_tf_push(seg, page, b))) {
     sm_error("free(): double free of %p", (void *)b);
     return false;
@@ -132,8 +138,77 @@ bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
   return true;
 }
 
+/* ---- batched remote frees -------------------------------------------------
+ * A free from another thread joins this thread's batch for the block's
+ * page (one of SM_XBUF_SLOTS, by page), already linked as it will sit on
+ * the page's thread_free; the batch goes there with one CAS when it
+ * reaches SM_XBUF_MAX blocks, when its slot is wanted for another page,
+ * and whenever this thread takes its own slow path, collects or exits.
+ * The owner takes the list and its length with one exchange, as before:
+ * a run of frees into one page (a consumer freeing what a producer
+ * allocated) costs one atomic operation, not one per block.  What a thread
+ * that stops calling in can hold back is one batch per slot; the page
+ * stays in use until it is sent. */
+
+/* Push the chain head..tail of n blocks (linked with the page's key) onto
+ * the page's thread_free.  While the page is on the full list, its head
+ * is handed over instead (sm_tf_push) and the rest pushed. */
+static void sm_tf_push_chain(sm_segment_t *seg, sm_page_t *page, sm_block_t *head, sm_block_t *tail,
+                             uint32_t n) {
+  sm_block_t *rest = n > 1 ? sm_dec(page, head->next) : NULL;
+  uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
+  uintptr_t val;
+  do {
+    if (old & SM_TF_FULL) {
+      if (rest == NULL) {
+        val = old & ~SM_TF_FULL;
+      } else {
+        tail->next = sm_enc(page, sm_tf_ptr(old));
+        val = (((uintptr_t)rest | (old & ~SM_TF_PTR_MASK)) & ~SM_TF_FULL) + (uintptr_t)(n - 1) * SM_TF_COUNT_ONE;
+      }
+    } else {
+      tail->next = sm_enc(page, sm_tf_ptr(old));
+      val = ((uintptr_t)head | (old & ~SM_TF_PTR_MASK)) + (uintptr_t)n * SM_TF_COUNT_ONE;
+    }
+  } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, val, memory_order_release,
+                                                  memory_order_relaxed));
+  if (old & SM_TF_FULL) sm_free_hand_over(seg, page, head);
+}
+
+static void sm_xbuf_send(sm_xbuf_t *x) {
+  sm_page_t *page = x->page;
+  sm_tf_push_chain(sm_ptr_segment(page), page, x->head, x->tail, x->count);
+  x->page = NULL;
+  x->head = x->tail = NULL;
+  x->count = 0;
+}
+
+void sm_free_flush_remote(sm_heap_t *heap) {
+  for (uint64_t used = heap->xbuf_used; used != 0; used &= used - 1)
+    sm_xbuf_send(&heap->xbuf[__builtin_ctzll(used)]);
+  heap->xbuf_used = 0;
+}
+
+/* Add b (tagged) to this thread's batch for its page. */
+static void sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
+  unsigned i = (unsigned)(((uintptr_t)page * 0x9E3779B97F4A7C15ull) >> 58);
+  sm_xbuf_t *x = &heap->xbuf[i];
+  if (x->page != page) {
+    if (x->page != NULL) sm_xbuf_send(x);
+    x->page = page;
+    x->tail = b;
+    heap->xbuf_used |= (uint64_t)1 << i;
+  }
+  b->next = sm_enc(page, x->head);
+  x->head = b;
+  if (++x->count == SM_XBUF_MAX) {
+    sm_xbuf_send(x);
+    heap->xbuf_used &= ~((uint64_t)1 << i);
+  }
+}
+
 /* From the inline free: a block start in another live thread's ordinary
- * page.  Count it here and push it with one CAS. */
+ * page (or one of ours on the full list).  Count it here and batch it. */
 void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
   if ((xtid & ~(uintptr_t)1) == sm_thread_id()) {
     /* our own page, on the full list */
@@ -143,8 +218,15 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
   }
   sm_heap_t *heap = sm_heap();
   if (sm_unlikely(!heap->initialized || !sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
-  size_t bin = page->bin;   /* the page may be gone once the block is pushed */
-  if (sm_free_block_xthread(sm_ptr_segment(page), page, b)) sm_cnt_add(heap->stats.class_frees[bin], 1);
+  sm_track_link(b);
+  uintptr_t key = page->key;
+  if (sm_unlikely((b->tag ^ key) <= SM_TAG_REMOTE)) {
+    sm_error("free(): double free of %p", (void *)b);
+    return;
+  }
+  b->tag = key ^ SM_TAG_REMOTE;
+  sm_cnt_add(heap->stats.class_frees[page->bin], 1);
+  sm_xbuf_add(heap, page, b);
 }
 
 void sm_free_generic(void *p, const char *who) {

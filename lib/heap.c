@@ -178,6 +178,7 @@ void sm_heap_thread_done(void *arg) {
   sm_heap_t *heap = arg;
   if (heap == NULL || !heap->initialized) return;
   sm_heap_tls = &sm_heap_exited;
+  sm_free_flush_remote(heap);
   sm_heap_close_delayed(heap);
   sm_heap_collect_retired(heap, true);
   for (size_t qi = 0; qi < SM_BIN_COUNT; qi++) {
@@ -216,6 +217,7 @@ void sm_heap_thread_done(void *arg) {
 bool sm_collect_process(sm_heap_t *self) {
   uint64_t before = atomic_load(&sm_gstats.bytes_mapped);
   if (self->initialized) {
+    sm_free_flush_remote(self);
     sm_heap_collect_delayed(self);
     sm_heap_reclaim_all(self);
     sm_heap_collect_retired(self, true);

@@ -124,6 +124,7 @@ SM_EXPORT void smalloc_collect(bool force) {
     return;
   }
   if (heap->initialized) {
+    sm_free_flush_remote(heap);
     sm_heap_collect_delayed(heap);
     sm_heap_collect_retired(heap, false);
   }

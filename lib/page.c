@@ -426,10 +426,11 @@ void sm_page_unfull(sm_heap_t *heap, sm_page_t *page) {
   sm_cnt_add(heap->stats.pages_unfull, 1);
 }
 
-/* The owner takes back a block another thread freed and handed over
- * through xdelayed (its tag holds the key already; the other thread
- * counted the free).  Like a collected thread_free block, it leaves used
- * and the fold's baseline together; a page it empties retires. */
+/* The owner takes back a block another thread freed into a page on the
+ * full list and handed over (tagged, and counted by that thread).  Like a
+ * collected thread_free block, it leaves used and the fold's baseline
+ * together; the page comes back from the full list with what else other
+ * threads freed into it, and retires if that empties it. */
 void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   sm_track_link(b);
   b->next = sm_enc(page, page->local_free);
@@ -439,7 +440,7 @@ void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
     page->used_folded--;
   }
   sm_page_unfull(heap, page);
-  sm_page_collect_thread_free(page);
+  sm_page_collect_thread_free(page);   /* the rest of that thread's batch, often */
   if (page->used == 0) {
     sm_page_free_to_local(page);
     sm_page_retire(heap, page);
@@ -550,12 +551,14 @@ static int sm_page_refill(sm_page_t *page) {
   return -1;
 }
 
-/* The periodic part of the slow path: blocks handed over by other
- * threads at once (one load when there are none), expired retired pages
+/* The periodic part of the slow path: this thread's batched frees for
+ * other heaps sent, blocks other threads sent or handed over taken (one
+ * load each when there are none), expired retired pages
  * when one is due, and every SM_SWEEP_CYCLES (or the retire cycles, when
  * fewer) the sweep and the segment cache's purge. */
 #define SM_SWEEP_CYCLES 1024
 static void sm_heap_housekeeping(sm_heap_t *heap) {
+  if (heap->xbuf_used) sm_free_flush_remote(heap);
   sm_heap_collect_delayed(heap);
   if (heap->expire_pending && sm_cycle_reached(heap->cycle, heap->next_expire))
     sm_heap_collect_retired(heap, false);

@@ -361,6 +361,55 @@ static void double_free_after_cross_thread_free(bool warn)
 }
 MISUSE(double_free_after_cross_thread_free)
 
+/* First free from another thread that is still running, so the block is
+ * still in that thread's batch (not on any list of the owner's), second
+ * from the owner: the block's tag word tells it. */
+typedef struct batched_free {
+  void *p;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int state;   /* 1 freed, 2 may exit */
+} batched_free_t;
+
+static void *free_in_thread_and_wait(void *arg)
+{
+  batched_free_t *bf = arg;
+  smalloc_free(bf->p);
+  pthread_mutex_lock(&bf->mu);
+  bf->state = 1;
+  pthread_cond_broadcast(&bf->cv);
+  while (bf->state != 2)
+    pthread_cond_wait(&bf->cv, &bf->mu);
+  pthread_mutex_unlock(&bf->mu);
+  return NULL;
+}
+
+static void double_free_while_cross_thread_free_is_batched(bool warn)
+{
+  static batched_free_t bf = {NULL, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
+  unsigned char *keep = smalloc_malloc(176);  /* keeps the page from retiring */
+  bf.p = smalloc_malloc(176);
+  pthread_t t;
+  CHILD_CHECK(keep && bf.p, "malloc(176) failed");
+  CHILD_CHECK(pthread_create(&t, NULL, free_in_thread_and_wait, &bf) == 0, "pthread_create");
+  pthread_mutex_lock(&bf.mu);
+  while (bf.state != 1)
+    pthread_cond_wait(&bf.cv, &bf.mu);
+  pthread_mutex_unlock(&bf.mu);
+  expect_line("free(): double free of %p", bf.p);
+  smalloc_free(sm_opaque(bf.p));
+  pthread_mutex_lock(&bf.mu);
+  bf.state = 2;
+  pthread_cond_broadcast(&bf.cv);
+  pthread_mutex_unlock(&bf.mu);
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  if (!warn)
+    return;
+  heap_still_sound(176);
+  smalloc_free(keep);
+}
+MISUSE(double_free_while_cross_thread_free_is_batched)
+
 /* First free from the owner (the block sits on its page's local list),
  * second from another thread, which cannot walk the owner's lists: the
  * block's tag word tells it. */
@@ -814,6 +863,7 @@ int main(void)
   ADD_MISUSE(tc, double_free_after_other_frees);
   ADD_MISUSE(tc, double_free_after_reuse_of_others);
   ADD_MISUSE(tc, double_free_after_cross_thread_free);
+  ADD_MISUSE(tc, double_free_while_cross_thread_free_is_batched);
   ADD_MISUSE(tc, double_free_both_cross_thread);
   ADD_MISUSE(tc, double_free_cross_thread_after_local_free);
   ADD_MISUSE(tc, free_middle_of_small_block);

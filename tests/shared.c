@@ -349,7 +349,8 @@ static void *sh_x_owner(void *arg)
   pthread_t t;
   if (pthread_create(&t, NULL, sh_x_freer, x) == 0)
     pthread_join(t, NULL);
-  /* the next slow path takes the blocks handed over, one per full page */
+  /* the other thread sent its frees when it exited; the next slow path
+   * takes them */
   void *p = smalloc_malloc(2000);
   sm_test_snap(&x->s[2]);
   smalloc_free(p);
