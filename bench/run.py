@@ -21,6 +21,8 @@ Environment (make passes the first four):
   FRESH=path  BASELINE=path  NULLLIB=path  QUICK=1  BENCH_STRACE=1 (count OS calls of
   non-smalloc allocators in the churn cases with strace, untimed)
   BENCH_RUNS=n (counted rounds)  BENCH_ONLY=name,prefix* (workloads to run)
+  BENCH_PEERS=name=/path/lib.so,... (more allocators to preload, such as a
+  mimalloc or snmalloc built from source)
 
 Writes results.csv, results.md and (with gnuplot) results.svg into the
 output directory.  Exits 1 when a run failed or checksums disagree.
@@ -52,6 +54,7 @@ PEERS = [("jemalloc", "libjemalloc.so.2"),
          ("mimalloc", "libmimalloc.so.2")]
 RUN_TIMEOUT = 300
 LINE_RE = re.compile(r"time_s=(\S+) ops=(\d+) maxrss_kb=(\d+) checksum=([0-9a-fA-F]+)")
+LIVE_RE = re.compile(r"live_kb=(\d+) rss_kb=(\d+)")
 
 
 def say(msg=""):
@@ -200,6 +203,9 @@ def workloads(bindir, srcdir, quick, tmpdir):
              "1 in 8 freed by another thread", prog("bench_server")),
         Work("pipeline", "other", "source, 3 transforming stages and a sink passing message batches",
              prog("bench_pipeline")),
+        Work("xchurn-16", "other", "16 threads, pools of 4096 blocks 16-256 B, random replacement, "
+             "1 in 4 freed by another thread", prog("bench_xchurn", "16")),
+        Work("xchurn-64", "other", "the same with 64 threads", prog("bench_xchurn", "64")),
         Work("falseshare-active", "other", "threads allocate small blocks and write into them",
              prog("bench_falseshare", "active")),
         Work("falseshare-passive", "other", "blocks allocated by one thread, freed, reallocated "
@@ -369,6 +375,9 @@ def run_once(work, alloc, spawn, tmpdir):
             return {"error": "no result line in output: %r" % out[:200]}
         res.update(time=float(m.group(1)), ops=int(m.group(2)), rss=int(m.group(3)),
                    checksum=m.group(4))
+        m = LIVE_RE.search(out)
+        if m:   # resident size against live bytes at the end (xchurn)
+            res.update(live_kb=int(m.group(1)), end_rss_kb=int(m.group(2)))
     if alloc.smalloc:
         res["stats"] = stats_summary(find_stats(err))
     return res
@@ -420,6 +429,11 @@ class Row:
 
     def rss(self):
         return statistics.median([r["rss"] for r in self.runs])
+
+    def live_ratio(self):
+        """Median resident size at the end over live bytes then, when reported."""
+        v = [r["end_rss_kb"] / r["live_kb"] for r in self.runs if r.get("live_kb")]
+        return statistics.median(v) if v else None
 
     def ns_per_op(self):
         r = self.runs[0]
@@ -527,6 +541,11 @@ class Report:
                         verdict, " ".join("%.6f" % t for t in row.times()),
                         sorted(row.checksums)[0] if row.checksums else "", ""])
         out = [table(headers, body, md)]
+        live = [(n, r.live_ratio()) for n, r in rows.items() if r.ok() and r.live_ratio()]
+        if live:
+            out.append(("\n" if md else "") + "resident size / live bytes at the end (pools and "
+                       "blocks in flight; thread stacks included): " +
+                       ", ".join("%s %.2f" % (n, v) for n, v in live))
         null = rows.get("null")
         if null is not None and null.ok() and null.ns_per_op() is not None:
             above = ["%s %s" % (n, fmt_ns(r.ns_per_op() - null.ns_per_op()))
@@ -758,6 +777,12 @@ def main():
         lib = ldconfig_lookup(soname, want)
         if lib:
             allocs.append(Alloc(name, lib))
+    for spec in [x for x in os.environ.get("BENCH_PEERS", "").split(",") if x]:
+        name, _, lib = spec.partition("=")
+        if not name or not os.path.exists(lib):
+            say("bench: BENCH_PEERS entry %r: want name=/path/to/lib.so of an existing file" % spec)
+            return 2
+        allocs.append(Alloc(name, os.path.abspath(lib)))
     floor = Alloc("floor", None)
     nulllib = os.environ.get("NULLLIB", "")
     null = None

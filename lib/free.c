@@ -276,7 +276,7 @@ void sm_free_generic(void *p, const char *who) {
     sm_error("%s(): heap overflow: the canary after block %p was overwritten", who, (void *)b);
     return;
   }
-  if (atomic_load_explicit(&seg->thread_id, memory_order_relaxed) == sm_thread_id()) {
+  if (atomic_load_explicit(&seg->heap, memory_order_relaxed) == heap) {
     sm_free_local_slow(page, b, p);
     return;
   }

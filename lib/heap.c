@@ -83,7 +83,6 @@ static void sm_fork_child(void) {
     sm_segment_t *lists[3] = {h->free_segs[0], h->free_segs[1], h->full_segs};
     for (int l = 0; l < 3; l++)
       for (sm_segment_t *s = lists[l]; s; s = s->next) {
-        atomic_store_explicit(&s->thread_id, 0, memory_order_relaxed);
         for (size_t i = 0; i < s->page_count; i++)
           atomic_store_explicit(&s->pages[i].xtid, 0, memory_order_relaxed);
       }

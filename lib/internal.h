@@ -158,7 +158,6 @@ enum { SM_SEG_SMALL = 0, SM_SEG_MEDIUM = 1, SM_SEG_SINGLE = 2, SM_SEG_HUGE = 3 }
 struct sm_segment_s {
   sm_page_t pages[SM_SMALL_PAGES];   /* first: a page is segment + index * 192 */
   uintptr_t cookie;              /* address ^ sm_secret: a live header */
-  _Atomic uintptr_t thread_id;   /* owner thread, 0 when abandoned or single */
   uint8_t kind;
   uint8_t page_shift;
   uint16_t page_count;
@@ -168,7 +167,9 @@ struct sm_segment_s {
   size_t mapped;                 /* bytes of the mapping, from the segment start */
   size_t block_offset;           /* single: offset of the block */
   size_t block_size;             /* single: usable bytes */
-  _Atomic(sm_heap_t *) heap;     /* owner heap, NULL when abandoned */
+  _Atomic(sm_heap_t *) heap;     /* owner heap, NULL when abandoned or single: the
+                                    one record of a segment's owner (a page's
+                                    xtid caches its thread for free) */
   sm_segment_t *next, *prev;     /* heap's segments with free pages, cache, abandoned */
   uint64_t cached_at_ms;
 };

@@ -42,6 +42,8 @@
  * class used for a few blocks touches little more than one OS page. */
 #define SM_EXTEND_BYTES 4096
 
+static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page);
+
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin) {
   size_t idx = (size_t)(page - seg->pages);
   size_t psize = (size_t)1 << seg->page_shift;
@@ -244,6 +246,7 @@ void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
   page->retired = 1;
   sm_retired_note_expiry_locked(heap);
   sm_unlock(&heap->lock);
+  sm_assert_expensive(sm_page_state_ok(heap, page));
 }
 
 /* Step 5: the warmest retired page of the class, taken off the retired
@@ -379,6 +382,27 @@ static void sm_heap_sweep(sm_heap_t *heap) {
 
 /* ---- flags --------------------------------------------------------------- */
 
+/* The page-state facts and their one source each (--enable-debug checks
+ * that the copies agree after every transition):
+ *   on the full list      flags & SM_PAGE_IN_FULL (sm_page_to_full,
+ *                         sm_page_unfull); bit 0 of xtid is its copy for
+ *                         free's one compare
+ *   owner                 seg->heap; xtid caches the owner's thread id
+ *   retired               page->retired, with membership of the heap's
+ *                         retired lists (heap->lock)
+ * SM_TF_FULL is not a copy: it asks the first other thread that frees
+ * into the page to hand its block over, and that thread clears it. */
+static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page) {
+  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+  uintptr_t xtid = atomic_load_explicit(&page->xtid, memory_order_relaxed);
+  bool full = (flags & SM_PAGE_IN_FULL) != 0;
+  if (xtid != 0 && ((xtid & 1) != full || (xtid & ~(uintptr_t)1) != heap->thread_id)) return false;
+  if (xtid == 0 && !(flags & SM_PAGE_SLOW_FREE) && heap->thread_id != 0) return false;
+  if (atomic_load_explicit(&sm_ptr_segment(page)->heap, memory_order_relaxed) != heap) return false;
+  if (page->retired && (full || page->used != 0 || page->free != NULL)) return false;
+  return page->in_use;
+}
+
 /* Flags and xtid change together (owner thread only): xtid is the owner's
  * thread id unless a flag needs every free out of line, so free's fast
  * path needs one compare.  Sequentially consistent: see sm_page_to_full. */
@@ -415,6 +439,7 @@ void sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
   sm_pq_remove(heap, page->bin, page);
   sm_pq_push_back(heap, SM_BIN_FULL, page);
   sm_cnt_add(heap->stats.pages_full, 1);
+  sm_assert_expensive(sm_page_state_ok(heap, page));
 }
 
 void sm_page_unfull(sm_heap_t *heap, sm_page_t *page) {
@@ -424,6 +449,7 @@ void sm_page_unfull(sm_heap_t *heap, sm_page_t *page) {
   sm_pq_remove(heap, SM_BIN_FULL, page);
   sm_pq_push_back(heap, page->bin, page);
   sm_cnt_add(heap->stats.pages_unfull, 1);
+  sm_assert_expensive(sm_page_state_ok(heap, page));
 }
 
 /* The owner takes back a block another thread freed into a page on the

@@ -95,7 +95,6 @@ void sm_segment_cache_collect(bool force) {
 }
 
 static void sm_segment_raw_free(sm_segment_t *seg) {
-  atomic_store_explicit(&seg->thread_id, 0, memory_order_relaxed);
   seg->cookie = 0;   /* a stale pointer into a cached segment is caught */
   atomic_store_explicit(&seg->heap, NULL, memory_order_relaxed);
   seg->purged = 0;
@@ -164,7 +163,6 @@ static void sm_segment_adopt(sm_heap_t *heap, sm_segment_t *seg) {
   atomic_store_explicit(&seg->heap, heap, memory_order_release);
   seg->in_free_list = seg->used_pages < seg->page_count;
   sm_seg_list_push(sm_seg_list_of(heap, seg), seg);
-  atomic_store_explicit(&seg->thread_id, heap->thread_id, memory_order_release);
 }
 
 static sm_segment_t *sm_segment_alloc(int kind) {
@@ -282,7 +280,6 @@ void sm_segment_abandon_heap(sm_heap_t *heap) {
       sm_segment_t *next = seg->next;
       atomic_store_explicit(&seg->heap, NULL, memory_order_release);
       seg->in_free_list = 0;
-      atomic_store_explicit(&seg->thread_id, 0, memory_order_release);
       pthread_mutex_lock(&sm_abandoned_lock);
       seg->prev = NULL;
       seg->next = sm_abandoned_first[seg->kind];
