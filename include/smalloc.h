@@ -158,6 +158,8 @@ typedef struct smalloc_stats {
                                  also counted in pages_released */
   uint64_t oom_collects;      /* allocations the OS refused, retried after giving
                                  back everything that held no live block */
+  uint64_t huge_cached;       /* freed huge blocks whose mapping was kept */
+  uint64_t huge_cache_hits;   /* huge blocks served by a kept mapping */
 } smalloc_stats_t;
 
 /* Fill *out up to out->size bytes.  Returns 0, or EINVAL when out is NULL

@@ -54,11 +54,12 @@ static void *sm_malloc_large_once(sm_heap_t *heap, size_t n, size_t alignment, b
       return p;
     }
   }
-  void *p = sm_huge_alloc(n, alignment);   /* zero already */
+  bool zeroed;
+  void *p = sm_huge_alloc(n, alignment, zero, &zeroed);
   if (!p) return NULL;
   sm_cnt_add(heap->stats.huge_allocs, 1);
   sm_heap_grew(heap);
-  sm_track_malloc(p, n, true);
+  sm_track_malloc(p, n, zeroed);
   return p;
 }
 

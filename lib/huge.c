@@ -1,8 +1,12 @@
 /* Huge blocks: more than half a segment, each in its own mapping whose
  * first OS page holds a segment header, so free() finds it with the same
  * mask as any block.  realloc resizes the mapping in place or moves it
- * with mremap: the pages move, the bytes are never copied. */
+ * with mremap: the pages move, the bytes are never copied.  Freed
+ * mappings are cached for the next huge request (below). */
 #include "internal.h"
+#include "track.h"
+
+#include <pthread.h>
 
 #define SM_HUGE_HDR SM_SEGMENT_HDR
 
@@ -26,32 +30,209 @@ static void sm_huge_header(sm_segment_t *seg, size_t mapped, size_t offset) {
   page->start = (uint8_t *)seg + offset;
 }
 
-/* A huge block in a fresh mapping: it reads as zero. */
-void *sm_huge_alloc(size_t n, size_t alignment) {
+/* ---- the huge cache ---------------------------------------------------------
+ * A freed huge mapping is kept for the next huge request, the way a
+ * retired page serves the next burst of small blocks: a program that
+ * replaces big buffers then makes no mmap and, above all, no page faults
+ * for the memory it touched before (a first touch costs 15-20 us per 4 KiB
+ * page on the virtual machines this is measured on).  A request takes the
+ * smallest cached mapping that fits (cutting its tail off when it is over
+ * an eighth too big), else grows the largest one with mremap, which moves
+ * its pages without copying.  Entries unused for SMALLOC_PURGE_DELAY ms
+ * are purged (madvise: the mapping stays, the memory goes back); the cache
+ * holds at most SM_HUGE_CACHE_SLOTS mappings and SM_HUGE_CACHE_BYTES of
+ * address space, the oldest are unmapped beyond that, and everything on
+ * smalloc_collect(true), malloc_trim and when the OS refuses memory.
+ * The secure build does not cache: its guard page sits at the end of each
+ * mapping. */
+#define SM_HUGE_CACHE_SLOTS 16
+#define SM_HUGE_CACHE_BYTES ((size_t)512 << 20)
+#define SM_HUGE_CACHE_GROW  16      /* from this many entries on, grow rather than map */
+
+typedef struct sm_huge_entry_s {
+  sm_segment_t *seg;     /* NULL: free slot */
+  size_t mapped;
+  uint64_t at_ms;        /* when it was cached */
+  bool purged;
+} sm_huge_entry_t;
+
+static pthread_mutex_t sm_huge_lock = PTHREAD_MUTEX_INITIALIZER;
+static sm_huge_entry_t sm_huge_cache[SM_HUGE_CACHE_SLOTS];
+static size_t sm_huge_cached_bytes;
+
+/* Unmap a mapping whose header is gone from the segment map's view. */
+static void sm_huge_unmap(sm_segment_t *seg, size_t mapped, bool purged) {
+  sm_segmap_set((uintptr_t)seg, 0);
+  if (!purged) sm_gsub(bytes_committed, mapped);
+  else sm_gsub(bytes_committed, SM_OS_PAGE);
+  sm_os_unmap(seg, mapped);
+}
+
+static int sm_huge_cache_count(void) {
+  int n = 0;
+  for (int i = 0; i < SM_HUGE_CACHE_SLOTS; i++) n += sm_huge_cache[i].seg != NULL;
+  return n;
+}
+
+/* Take the cached mapping that best serves `need` bytes: the smallest
+ * that fits, else the largest.  Under sm_huge_lock. */
+static bool sm_huge_cache_take(size_t need, sm_huge_entry_t *out) {
+  int fit = -1, big = -1;
+  for (int i = 0; i < SM_HUGE_CACHE_SLOTS; i++) {
+    const sm_huge_entry_t *e = &sm_huge_cache[i];
+    if (e->seg == NULL) continue;
+    if (e->mapped >= need) {
+      if (fit < 0 || e->mapped < sm_huge_cache[fit].mapped) fit = i;
+    } else if (big < 0 || e->mapped > sm_huge_cache[big].mapped) {
+      big = i;
+    }
+  }
+  /* none fits: while the cache holds few mappings, map a fresh one (the
+   * cache grows by one when a block is freed, so later requests find a
+   * fit); once it holds several, grow the largest */
+  int i = fit >= 0 ? fit : (sm_huge_cache_count() >= SM_HUGE_CACHE_GROW ? big : -1);
+  if (i < 0) return false;
+  *out = sm_huge_cache[i];
+  sm_huge_cache[i].seg = NULL;
+  sm_huge_cached_bytes -= out->mapped;
+  return true;
+}
+
+/* A cached mapping resized to serve `need` bytes; NULL when mremap fails
+ * (the mapping is then unmapped). */
+static sm_segment_t *sm_huge_reuse(sm_huge_entry_t *e, size_t need) {
+  sm_segment_t *seg = e->seg;
+  size_t mapped = e->mapped;
+  if (e->purged) sm_gadd(bytes_committed, mapped - SM_OS_PAGE);
+  if (mapped > 2 * need) {
+    sm_os_unmap((uint8_t *)seg + need, mapped - need);
+    sm_gsub(bytes_committed, mapped - need);
+    mapped = need;
+  } else if (mapped < need) {
+    void *base;
+    sm_segmap_set((uintptr_t)seg, 0);
+    if (sm_os_remap(seg, mapped, need, SM_SEGMENT_SIZE, 0, &base) != 0) {
+      sm_huge_unmap(seg, mapped, false);
+      return NULL;
+    }
+    seg = base;
+    mapped = need;
+  }
+  /* the old block's bytes (after the header) are addressable again */
+  sm_track_reuse((uint8_t *)seg + SM_HUGE_HDR, mapped - SM_HUGE_HDR);
+  seg->mapped = mapped;
+  return seg;
+}
+
+/* A huge block: from the cache when one fits, else in a fresh mapping
+ * (which reads as zero); zeroed when asked.  *zeroed says whether the
+ * block reads as zero. */
+void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed) {
   if (alignment < 16) alignment = 16;
   size_t offset = sm_huge_offset(alignment);
   size_t mapped = ((offset + n + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1)) + SM_GUARD;
   if (mapped < n) return NULL;
-  void *base;
-  size_t align = alignment > SM_SEGMENT_SIZE ? alignment : SM_SEGMENT_SIZE;
-  size_t pre = offset == SM_SEGMENT_SIZE ? SM_SEGMENT_SIZE : 0;
-  if (sm_os_map_aligned(mapped, align, pre, &base) != 0) return NULL;
-  sm_segment_t *seg = base;
+  sm_segment_t *seg = NULL;
+  if (!SM_GUARD && offset < SM_SEGMENT_SIZE) {
+    sm_huge_entry_t e;
+    pthread_mutex_lock(&sm_huge_lock);
+    bool got = sm_huge_cache_take(mapped, &e);
+    pthread_mutex_unlock(&sm_huge_lock);
+    if (got && (seg = sm_huge_reuse(&e, mapped)) != NULL) {
+      sm_gadd(huge_cache_hits, 1);
+      mapped = seg->mapped;
+    }
+  }
+  bool fresh = seg == NULL;
+  if (fresh) {
+    void *base;
+    size_t align = alignment > SM_SEGMENT_SIZE ? alignment : SM_SEGMENT_SIZE;
+    size_t pre = offset == SM_SEGMENT_SIZE ? SM_SEGMENT_SIZE : 0;
+    if (sm_os_map_aligned(mapped, align, pre, &base) != 0) return NULL;
+    seg = base;
+  }
   sm_huge_header(seg, mapped, offset);
-  if (SM_GUARD) sm_os_protect((uint8_t *)base + mapped - SM_GUARD, SM_GUARD, false);
-  /* the whole mapping, so it stays one VMA that mremap can move */
-  if (n >= SM_SEGMENT_SIZE) sm_os_hugepage(base, mapped);
+  if (fresh) {
+    if (SM_GUARD) sm_os_protect((uint8_t *)seg + mapped - SM_GUARD, SM_GUARD, false);
+    /* the whole mapping, so it stays one VMA that mremap can move */
+    if (n >= SM_SEGMENT_SIZE) sm_os_hugepage(seg, mapped);
+  }
   sm_segmap_set((uintptr_t)seg, SM_SEGMENT_SHIFT);
   sm_gadd(huge_bytes, seg->block_size);
-  return (uint8_t *)seg + offset;
+  void *p = (uint8_t *)seg + offset;
+  if (zero && !fresh) memset(p, 0, n);
+  *zeroed = zero || fresh;
+  return p;
 }
 
 void sm_huge_free(sm_segment_t *seg) {
   sm_gadd(huge_bytes_freed, seg->block_size);
-  seg->cookie = 0;
-  sm_segmap_set((uintptr_t)seg, 0);
-  sm_os_unmap(seg, seg->mapped);
+  seg->cookie = 0;   /* a stale pointer into a cached mapping is caught */
+  size_t mapped = seg->mapped;
+  sm_huge_entry_t evict[SM_HUGE_CACHE_SLOTS];
+  int nevict = 0;
+  bool cached = false;
+  if (!SM_GUARD && mapped <= SM_HUGE_CACHE_BYTES &&
+      (uintptr_t)seg->pages[0].start - (uintptr_t)seg < SM_SEGMENT_SIZE) {
+    pthread_mutex_lock(&sm_huge_lock);
+    /* make room: the oldest go first */
+    for (;;) {
+      int free_slot = -1, oldest = -1;
+      for (int i = 0; i < SM_HUGE_CACHE_SLOTS; i++) {
+        if (sm_huge_cache[i].seg == NULL) { if (free_slot < 0) free_slot = i; continue; }
+        if (oldest < 0 || sm_huge_cache[i].at_ms < sm_huge_cache[oldest].at_ms) oldest = i;
+      }
+      if (free_slot >= 0 && sm_huge_cached_bytes + mapped <= SM_HUGE_CACHE_BYTES) {
+        sm_huge_cache[free_slot] = (sm_huge_entry_t){seg, mapped, sm_clock_ms(), false};
+        sm_huge_cached_bytes += mapped;
+        cached = true;
+        break;
+      }
+      if (oldest < 0) break;
+      evict[nevict++] = sm_huge_cache[oldest];
+      sm_huge_cache[oldest].seg = NULL;
+      sm_huge_cached_bytes -= evict[nevict - 1].mapped;
+    }
+    pthread_mutex_unlock(&sm_huge_lock);
+  }
+  for (int i = 0; i < nevict; i++) sm_huge_unmap(evict[i].seg, evict[i].mapped, evict[i].purged);
+  if (cached) {
+    sm_gadd(huge_cached, 1);
+    if (sm_opt(PURGE_DELAY) == 0) sm_huge_cache_collect(false);
+  } else {
+    sm_huge_unmap(seg, mapped, false);
+  }
 }
+
+/* Purge cached mappings older than the purge delay; when forced, unmap
+ * every one. */
+void sm_huge_cache_collect(bool force) {
+  uint64_t now = sm_clock_ms();
+  uint64_t delay = (uint64_t)sm_opt(PURGE_DELAY);
+  sm_huge_entry_t gone[SM_HUGE_CACHE_SLOTS];
+  int ngone = 0;
+  pthread_mutex_lock(&sm_huge_lock);
+  for (int i = 0; i < SM_HUGE_CACHE_SLOTS; i++) {
+    sm_huge_entry_t *e = &sm_huge_cache[i];
+    if (e->seg == NULL) continue;
+    if (force) {
+      gone[ngone++] = *e;
+      sm_huge_cached_bytes -= e->mapped;
+      e->seg = NULL;
+    } else if (!e->purged && now - e->at_ms >= delay) {
+      /* keep the header's page: it is the mapping's first */
+      sm_os_purge((uint8_t *)e->seg + SM_OS_PAGE, e->mapped - SM_OS_PAGE);
+      sm_gsub(bytes_committed, e->mapped - SM_OS_PAGE);
+      e->purged = true;
+    }
+  }
+  pthread_mutex_unlock(&sm_huge_lock);
+  for (int i = 0; i < ngone; i++) sm_huge_unmap(gone[i].seg, gone[i].mapped, gone[i].purged);
+}
+
+/* fork: the forking thread holds the lock across fork */
+void sm_huge_fork_prepare(void) { pthread_mutex_lock(&sm_huge_lock); }
+void sm_huge_fork_parent(void) { pthread_mutex_unlock(&sm_huge_lock); }
 
 void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n) {
   if (SM_GUARD || p != (uint8_t *)seg + seg->block_offset) return NULL;

@@ -299,7 +299,7 @@ typedef struct sm_gstats_s {
   _Atomic uint64_t segments_in_use, segments_mapped, segments_cached, segments_cache_hits;
   _Atomic uint64_t segments_purged, segments_unmapped;
   _Atomic int64_t class_pages[SM_BIN_COUNT];
-  _Atomic uint64_t huge_bytes, huge_bytes_freed;
+  _Atomic uint64_t huge_bytes, huge_bytes_freed, huge_cache_hits, huge_cached;
   _Atomic uint64_t peak_in_use;
 } sm_gstats_t;
 extern sm_gstats_t sm_gstats;
@@ -561,8 +561,11 @@ uint64_t sm_clock_ms(void);
 uint64_t sm_heap_random(sm_heap_t *heap);
 
 /* ---- huge.c ----------------------------------------------------------- */
-void *sm_huge_alloc(size_t n, size_t alignment);
+void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed);
 void sm_huge_free(sm_segment_t *seg);
+void sm_huge_cache_collect(bool force);
+void sm_huge_fork_prepare(void);
+void sm_huge_fork_parent(void);
 void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n);
 
 /* ---- heap.c -------------------------------------------------------------- */

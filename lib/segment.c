@@ -64,9 +64,10 @@ static void sm_segment_unmap(sm_segment_t *seg) {
   sm_gadd(segments_unmapped, 1);
 }
 
-/* Purge cached segments older than the delay (all of them when forced,
- * and then unmap them too). */
+/* Purge cached segments and huge mappings older than the delay (all of
+ * them when forced, and then unmap them too). */
 void sm_segment_cache_collect(bool force) {
+  sm_huge_cache_collect(force);
   uint64_t now = sm_clock_ms();
   long delay = sm_opt(PURGE_DELAY);
   sm_segment_t *unmap = NULL;
@@ -316,8 +317,10 @@ sm_segment_t *sm_segment_reclaim_one(sm_heap_t *heap, int kind) {
 void sm_segment_fork_prepare(void) {
   pthread_mutex_lock(&sm_abandoned_lock);
   pthread_mutex_lock(&sm_cache_lock);
+  sm_huge_fork_prepare();
 }
 void sm_segment_fork_parent(void) {
+  sm_huge_fork_parent();
   pthread_mutex_unlock(&sm_cache_lock);
   pthread_mutex_unlock(&sm_abandoned_lock);
 }

@@ -88,6 +88,7 @@ static const st_field_t st_fields[] = {
   ST_F(threads_exited, ST_EVENT),      ST_F(pages_abandoned, ST_EVENT),
   ST_F(pages_reclaimed, ST_EVENT),     ST_F(segments_reclaimed, ST_EVENT),
   ST_F(pages_claimed, ST_EVENT),       ST_F(oom_collects, ST_EVENT),
+  ST_F(huge_cached, ST_EVENT),         ST_F(huge_cache_hits, ST_EVENT),
 };
 #undef ST_F
 #define ST_NFIELDS (sizeof st_fields / sizeof st_fields[0])
