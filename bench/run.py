@@ -214,6 +214,10 @@ def workloads(bindir, srcdir, quick, tmpdir):
              prog("bench_realloc")),
         Work("large", "other", "64 KiB - 64 MiB blocks, every page touched, some huge reallocs",
              prog("bench_large")),
+        Work("largerep-huge", "other", "20 live blocks of 5-25 MiB, random replacement, every "
+             "page written", prog("bench_largerep", "huge")),
+        Work("largerep-mid", "other", "64 live blocks of 256 KiB - 2 MiB, random replacement, "
+             "every page written", prog("bench_largerep", "mid")),
         Work("longlived-1e3", "other", "1e3 live small blocks, random free+malloc replacements",
              prog("bench_longlived", "1000")),
         Work("longlived-1e5", "other", "1e5 live small blocks, random free+malloc replacements",
