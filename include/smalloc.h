@@ -160,6 +160,7 @@ typedef struct smalloc_stats {
                                  back everything that held no live block */
   uint64_t huge_cached;       /* freed huge blocks whose mapping was kept */
   uint64_t huge_cache_hits;   /* huge blocks served by a kept mapping */
+  uint64_t background_threads; /* purge threads started (one runs at a time) */
 } smalloc_stats_t;
 
 /* Fill *out up to out->size bytes.  Returns 0, or EINVAL when out is NULL
@@ -179,6 +180,8 @@ typedef enum smalloc_option {
   SMALLOC_OPTION_PURGE_DELAY,    /* SMALLOC_PURGE_DELAY: ms before cached memory is purged */
   SMALLOC_OPTION_SEGMENT_CACHE,  /* SMALLOC_SEGMENT_CACHE: empty segments kept mapped */
   SMALLOC_OPTION_ON_ERROR,       /* SMALLOC_ON_ERROR: 0 abort, 1 warn and leak */
+  SMALLOC_OPTION_BACKGROUND,     /* SMALLOC_BACKGROUND: 1 a purge thread gives memory back
+                                    while the program is idle, 0 never start one */
   SMALLOC_OPTION_COUNT
 } smalloc_option_t;
 

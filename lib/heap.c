@@ -73,6 +73,7 @@ static void sm_fork_parent(void) {
  * lose their owner, so frees of their blocks go to thread_free instead of
  * a dead heap's lists; their memory is not reclaimed in the child. */
 static void sm_fork_child(void) {
+  sm_background_fork_child();
   sm_segment_fork_child();
   sm_stats_lock_fork(2);
   sm_heaps_unlock();

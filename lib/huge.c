@@ -199,6 +199,7 @@ void sm_huge_free(sm_segment_t *seg) {
   if (cached) {
     sm_gadd(huge_cached, 1);
     if (sm_opt(PURGE_DELAY) == 0) sm_huge_cache_collect(false);
+    else sm_background_wake();
   } else {
     sm_huge_unmap(seg, mapped, false);
   }
@@ -228,6 +229,16 @@ void sm_huge_cache_collect(bool force) {
   }
   pthread_mutex_unlock(&sm_huge_lock);
   for (int i = 0; i < ngone; i++) sm_huge_unmap(gone[i].seg, gone[i].mapped, gone[i].purged);
+}
+
+/* Bytes of kept mappings not purged yet. */
+size_t sm_huge_cache_unpurged(void) {
+  size_t n = 0;
+  pthread_mutex_lock(&sm_huge_lock);
+  for (int i = 0; i < SM_HUGE_CACHE_SLOTS; i++)
+    if (sm_huge_cache[i].seg != NULL && !sm_huge_cache[i].purged) n += sm_huge_cache[i].mapped;
+  pthread_mutex_unlock(&sm_huge_lock);
+  return n;
 }
 
 /* fork: the forking thread holds the lock across fork */

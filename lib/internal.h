@@ -250,6 +250,8 @@ struct sm_heap_s {
   uint64_t grow_events;                  /* fresh pages and large blocks, for the peak */
   sm_page_queue_t queues[SM_BIN_COUNT];  /* [0] is the full list */
   uint8_t bin_active[SM_BIN_COUNT];      /* slow path ran for the class since the sweep */
+  uint32_t bg_cycle;                     /* the purge thread's: cycle when last seen, */
+  uint64_t bg_seen_ms;                   /* and when (under the heaps lock) */
   /* blocks other threads freed into pages on the full list: the first
    * such free of each page comes here instead of the page's thread_free,
    * so the owner finds the page without a scan; links are stored xor
@@ -258,6 +260,7 @@ struct sm_heap_s {
   /* ---- under lock ---- */
   sm_lock_t lock __attribute__((aligned(64)));
   sm_page_t *retired_first, *retired_last;   /* retired pages by expiry */
+  uint64_t retired_bytes;                    /* their page bytes */
   sm_page_queue_t retired[SM_BIN_COUNT];     /* retired pages by class, warmest first */
   sm_segment_t *free_segs[2];            /* owned segments with free pages, by kind */
   sm_segment_t *full_segs;               /* owned segments without */
@@ -300,6 +303,7 @@ typedef struct sm_gstats_s {
   _Atomic uint64_t segments_purged, segments_unmapped;
   _Atomic int64_t class_pages[SM_BIN_COUNT];
   _Atomic uint64_t huge_bytes, huge_bytes_freed, huge_cache_hits, huge_cached;
+  _Atomic uint64_t background_threads;
   _Atomic uint64_t peak_in_use;
 } sm_gstats_t;
 extern sm_gstats_t sm_gstats;
@@ -529,6 +533,7 @@ void sm_heap_collect_delayed(sm_heap_t *heap);
 void sm_heap_close_delayed(sm_heap_t *heap);
 void sm_heap_claim_retired(sm_heap_t *owner, sm_heap_t *self);
 void sm_heap_reclaim_all(sm_heap_t *heap);
+bool sm_heap_has_retired(sm_heap_t *heap);
 bool sm_page_has_free(sm_page_t *page);
 bool sm_page_valid(const sm_page_t *page);
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin);
@@ -554,6 +559,9 @@ void sm_segment_single_free(sm_segment_t *seg);
 void sm_segment_abandon_heap(sm_heap_t *heap);
 sm_segment_t *sm_segment_reclaim_one(sm_heap_t *heap, int kind);
 void sm_segment_cache_collect(bool force);
+void sm_segment_cache_purge_all(void);
+bool sm_segment_cache_pending(void);
+bool sm_segment_cache_wants_purge(void);
 void sm_segment_fork_prepare(void);
 void sm_segment_fork_parent(void);
 void sm_segment_fork_child(void);
@@ -564,6 +572,7 @@ uint64_t sm_heap_random(sm_heap_t *heap);
 void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed);
 void sm_huge_free(sm_segment_t *seg);
 void sm_huge_cache_collect(bool force);
+size_t sm_huge_cache_unpurged(void);
 void sm_huge_fork_prepare(void);
 void sm_huge_fork_parent(void);
 void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n);
@@ -601,6 +610,12 @@ void sm_stats_thread_exit(sm_heap_t *heap);
 void sm_stats_at_exit(void);
 void sm_stats_open_fd(void);
 void sm_stats_lock_fork(int phase);
+
+/* ---- background.c: the purge thread ------------------------------------ */
+/* Bytes waiting to be given back above which a purge thread is started. */
+#define SM_BG_THRESHOLD ((uint64_t)8 << 20)
+void sm_background_wake(void);
+void sm_background_fork_child(void);
 
 /* ---- options.c ---------------------------------------------------------- */
 void sm_options_init(void);

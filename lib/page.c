@@ -202,14 +202,32 @@ bool sm_page_valid(const sm_page_t *page) {
  * heap->retired[bin] (warmest first, for reuse) and the expiry list
  * retired_first..last (for release).  They are on no page queue, so the
  * malloc fast path cannot reach them and another thread may release them. */
+static size_t sm_page_bytes(const sm_page_t *page) {
+  return (size_t)1 << sm_ptr_segment(page)->page_shift;
+}
+
 static void sm_retired_unlink_locked(sm_heap_t *heap, sm_page_t *page) {
   sm_page_queue_t *q = &heap->retired[page->bin];
+  heap->retired_bytes -= sm_page_bytes(page);
   if (page->prev) page->prev->next = page->next; else q->first = page->next;
   if (page->next) page->next->prev = page->prev; else q->last = page->prev;
   if (page->rprev) page->rprev->rnext = page->rnext; else heap->retired_first = page->rnext;
   if (page->rnext) page->rnext->rprev = page->rprev; else heap->retired_last = page->rprev;
   page->next = page->prev = page->rnext = page->rprev = NULL;
   page->retired = 0;
+}
+
+/* Bytes of the heap's retired pages (the purge thread starts above a
+ * threshold): counted, not summed, since retire and release are events. */
+static uint64_t sm_heap_retired_bytes_locked(const sm_heap_t *heap) {
+  return heap->retired_bytes;
+}
+
+bool sm_heap_has_retired(sm_heap_t *heap) {
+  sm_lock(&heap->lock);
+  bool any = heap->retired_first != NULL;
+  sm_unlock(&heap->lock);
+  return any;
 }
 
 /* The earliest expiry among the heap's retired pages, kept by the owner so
@@ -244,9 +262,12 @@ void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
   if (page->rnext) page->rnext->rprev = page; else heap->retired_last = page;
   if (after) after->rnext = page; else heap->retired_first = page;
   page->retired = 1;
+  heap->retired_bytes += sm_page_bytes(page);
   sm_retired_note_expiry_locked(heap);
+  bool wake = sm_heap_retired_bytes_locked(heap) >= SM_BG_THRESHOLD;
   sm_unlock(&heap->lock);
   sm_assert_expensive(sm_page_state_ok(heap, page));
+  if (wake) sm_background_wake();
 }
 
 /* Step 5: the warmest retired page of the class, taken off the retired
@@ -596,6 +617,7 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
     sm_heap_sweep(heap);
     sm_segment_cache_collect(false);
   }
+  if (sm_unlikely(sm_segment_cache_wants_purge())) sm_background_wake();
 }
 
 /* Steps 6 and 7: a page from a segment, owned, else an abandoned one
@@ -631,7 +653,7 @@ static sm_page_t *sm_page_fresh(sm_heap_t *heap, size_t bin, int *step) {
 /* Find a page of the bin with a free block, counting how it was found.
  * Returns NULL only when the OS refuses memory. */
 sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
-  heap->cycle++;
+  sm_cnt_add(heap->cycle, 1);   /* the purge thread reads it */
   sm_heap_housekeeping(heap);
   heap->bin_active[bin] = 1;
 

@@ -40,7 +40,7 @@ static sm_segment_t *sm_segment_raw_alloc(void) {
   sm_segment_t *seg = sm_cache_first;
   if (seg) {
     sm_cache_first = seg->next;
-    sm_cache_count--;
+    __atomic_store_n(&sm_cache_count, sm_cache_count - 1, __ATOMIC_RELAXED);
   }
   pthread_mutex_unlock(&sm_cache_lock);
   if (seg) {
@@ -75,7 +75,7 @@ void sm_segment_cache_collect(bool force) {
   if (force) {
     unmap = sm_cache_first;
     sm_cache_first = NULL;
-    sm_cache_count = 0;
+    __atomic_store_n(&sm_cache_count, 0, __ATOMIC_RELAXED);
   } else {
     for (sm_segment_t *s = sm_cache_first; s; s = s->next) {
       if (!s->purged && now - s->cached_at_ms >= (uint64_t)delay) {
@@ -95,6 +95,42 @@ void sm_segment_cache_collect(bool force) {
   }
 }
 
+/* Purge every cached segment now, whatever its age (the purge thread,
+ * after releasing pages that were idle for a whole delay). */
+void sm_segment_cache_purge_all(void) {
+  pthread_mutex_lock(&sm_cache_lock);
+  for (sm_segment_t *s = sm_cache_first; s; s = s->next) {
+    if (s->purged) continue;
+    sm_os_purge((uint8_t *)s + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR);
+    s->purged = 1;
+    sm_gsub(bytes_committed, SM_SEGMENT_SIZE);
+    sm_gadd(segments_purged, 1);
+  }
+  pthread_mutex_unlock(&sm_cache_lock);
+}
+
+/* Bytes cached and not purged yet (segments and huge mappings). */
+static uint64_t sm_cache_unpurged_bytes(void) {
+  uint64_t n = 0;
+  pthread_mutex_lock(&sm_cache_lock);
+  for (sm_segment_t *s = sm_cache_first; s; s = s->next)
+    if (!s->purged) n += SM_SEGMENT_SIZE;
+  pthread_mutex_unlock(&sm_cache_lock);
+  return n + sm_huge_cache_unpurged();
+}
+
+/* Whether cached memory still waits to be purged. */
+bool sm_segment_cache_pending(void) {
+  return sm_cache_unpurged_bytes() != 0;
+}
+
+/* Whether enough cached memory waits for the purge thread to be worth
+ * starting (read without the lock: a hint). */
+bool sm_segment_cache_wants_purge(void) {
+  return __atomic_load_n(&sm_cache_count, __ATOMIC_RELAXED) * (uint64_t)SM_SEGMENT_SIZE >= SM_BG_THRESHOLD &&
+         sm_cache_unpurged_bytes() >= SM_BG_THRESHOLD;
+}
+
 static void sm_segment_raw_free(sm_segment_t *seg) {
   seg->cookie = 0;   /* a stale pointer into a cached segment is caught */
   atomic_store_explicit(&seg->heap, NULL, memory_order_relaxed);
@@ -107,7 +143,7 @@ static void sm_segment_raw_free(sm_segment_t *seg) {
   if (sm_cache_count < max) {
     seg->next = sm_cache_first;
     sm_cache_first = seg;
-    sm_cache_count++;
+    __atomic_store_n(&sm_cache_count, sm_cache_count + 1, __ATOMIC_RELAXED);
     cached = true;
   }
   pthread_mutex_unlock(&sm_cache_lock);
@@ -263,6 +299,7 @@ sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *off
 
 void sm_segment_single_free(sm_segment_t *seg) {
   sm_segment_raw_free(seg);
+  if (sm_segment_cache_wants_purge()) sm_background_wake();
 }
 
 /* ---- abandonment and reclaim ------------------------------------------------ */

@@ -89,6 +89,7 @@ static const st_field_t st_fields[] = {
   ST_F(pages_reclaimed, ST_EVENT),     ST_F(segments_reclaimed, ST_EVENT),
   ST_F(pages_claimed, ST_EVENT),       ST_F(oom_collects, ST_EVENT),
   ST_F(huge_cached, ST_EVENT),         ST_F(huge_cache_hits, ST_EVENT),
+  ST_F(background_threads, ST_EVENT),
 };
 #undef ST_F
 #define ST_NFIELDS (sizeof st_fields / sizeof st_fields[0])
@@ -1259,6 +1260,7 @@ static int st_count_lines(const char *text)
 static const char *const st_option_env[SMALLOC_OPTION_COUNT] = {
   "SMALLOC_STATS", "SMALLOC_VERBOSE", "SMALLOC_RETIRE_CYCLES",
   "SMALLOC_PURGE_DELAY", "SMALLOC_SEGMENT_CACHE", "SMALLOC_ON_ERROR",
+  "SMALLOC_BACKGROUND",
 };
 
 /* The options of a child started with a clean environment. */
@@ -1286,6 +1288,7 @@ START_TEST(env_options_applied)
   ck_assert_int_eq(def[SMALLOC_OPTION_STATS], 0);
   ck_assert_int_eq(def[SMALLOC_OPTION_VERBOSE], 0);
   ck_assert_int_eq(def[SMALLOC_OPTION_ON_ERROR], 0);
+  ck_assert_int_eq(def[SMALLOC_OPTION_BACKGROUND], 1);
 
   static const struct {
     const char *env;
@@ -1298,6 +1301,7 @@ START_TEST(env_options_applied)
     {"SMALLOC_SEGMENT_CACHE=3", SMALLOC_OPTION_SEGMENT_CACHE, 3},
     {"SMALLOC_ON_ERROR=warn", SMALLOC_OPTION_ON_ERROR, 1},
     {"SMALLOC_ON_ERROR=abort", SMALLOC_OPTION_ON_ERROR, 0},
+    {"SMALLOC_BACKGROUND=0", SMALLOC_OPTION_BACKGROUND, 0},
   };
   for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
     const char *env[] = {cases[k].env, NULL};

@@ -1,0 +1,235 @@
+/* Memory goes back while the program is idle: with SMALLOC_BACKGROUND on,
+ * a purge thread releases the retired pages of heaps that stopped calling
+ * in and purges cached segments and kept huge mappings, while the test
+ * only sleeps (no smalloc call in the polling loop: RSS is read with
+ * open/read).  The polls have generous bounds: they prove the behaviour,
+ * they do not time it.  The thread exits when nothing is left to purge,
+ * is never started with the option off, and survives fork. */
+#include "common.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+
+enum { BG_DELAY_MS = 100, BG_POLL_MS = 20, BG_POLL_MAX_MS = 20000 };
+
+static void bg_sleep_ms(long ms)
+{
+  struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+  while (nanosleep(&ts, &ts) != 0) {
+  }
+}
+
+/* Resident bytes, without allocating. */
+static size_t bg_rss(void)
+{
+  char buf[128];
+  int fd = open("/proc/self/statm", O_RDONLY);
+  if (fd < 0)
+    return 0;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0)
+    return 0;
+  buf[n] = '\0';
+  unsigned long size = 0, res = 0;
+  if (sscanf(buf, "%lu %lu", &size, &res) != 2)
+    return 0;
+  return res * sm_page_size();
+}
+
+/* Threads of this process, without allocating (getdents on /proc/self/task
+ * through a fixed buffer would do; the count is in /proc/self/status). */
+static int bg_threads(void)
+{
+  char buf[4096];
+  int fd = open("/proc/self/status", O_RDONLY);
+  if (fd < 0)
+    return -1;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0)
+    return -1;
+  buf[n] = '\0';
+  const char *t = strstr(buf, "\nThreads:");
+  return t ? atoi(t + 9) : -1;
+}
+
+static void bg_on(void)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, BG_DELAY_MS), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 1), 0);
+}
+
+/* Poll until the resident size is at most `limit`; returns it. */
+static size_t bg_wait_rss(size_t limit)
+{
+  size_t rss = bg_rss();
+  for (long waited = 0; rss > limit && waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+    bg_sleep_ms(BG_POLL_MS);
+    rss = bg_rss();
+  }
+  return rss;
+}
+
+enum { BG_BLOCKS = 1 << 20, BG_SIZE = 64 };   /* 64 MiB of small blocks */
+
+START_TEST(idle_small_blocks_go_back_without_a_call)
+{
+  bg_on();
+  void **v = mmap(NULL, BG_BLOCKS * sizeof *v, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ck_assert(v != MAP_FAILED);
+  memset(v, 0, BG_BLOCKS * sizeof *v);   /* the test's own array counts before and after */
+  smalloc_malloc_trim(0);
+  size_t rss0 = bg_rss();
+  for (size_t i = 0; i < BG_BLOCKS; i++) {
+    v[i] = smalloc_malloc(BG_SIZE);
+    ck_assert_ptr_nonnull(v[i]);
+    memset(v[i], 7, BG_SIZE);
+  }
+  smalloc_stats_t a, b, c;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  for (size_t i = 0; i < BG_BLOCKS; i++)
+    smalloc_free(v[i]);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  size_t rss1 = bg_rss();
+  /* idle from here on: nothing but sleeping and reading /proc */
+  size_t rss2 = bg_wait_rss(rss0 + 10 * MiB);
+  ck_assert_int_eq(sm_test_snap(&c), 0);
+  ck_assert_msg(rss1 > rss0 + 48 * MiB, "resident %zu MiB before, %zu MiB after the frees",
+                rss0 / MiB, rss1 / MiB);
+  ck_assert_msg(rss2 <= rss0 + 10 * MiB,
+                "resident %zu MiB after %d ms idle; %zu MiB before the burst", rss2 / MiB,
+                BG_POLL_MAX_MS, rss0 / MiB);
+  uint64_t retired = b.pages_retired - a.pages_retired;
+  ck_assert_uint_ge(retired, BG_BLOCKS * BG_SIZE / SM_TEST_SMALL_PAGE - 1);
+  ck_assert_msg(c.pages_claimed - b.pages_claimed == retired,
+                "the purge thread claimed %llu of the %llu retired pages",
+                (unsigned long long)(c.pages_claimed - b.pages_claimed),
+                (unsigned long long)retired);
+  ck_assert_uint_ge(c.background_threads - a.background_threads, 1);
+  ck_assert_uint_ge(c.segments_purged + c.segments_unmapped,
+                    b.segments_purged + b.segments_unmapped + 14);
+  munmap(v, BG_BLOCKS * sizeof *v);
+}
+END_TEST
+
+START_TEST(idle_huge_block_goes_back_without_a_call)
+{
+  enum { N = 64 * 1024 * 1024 };
+  bg_on();
+  smalloc_malloc_trim(0);
+  size_t rss0 = bg_rss();
+  unsigned char *p = smalloc_malloc(N);
+  ck_assert_ptr_nonnull(p);
+  memset(p, 3, N);
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  smalloc_free(p);   /* kept for the next huge request */
+  size_t rss2 = bg_wait_rss(rss0 + 10 * MiB);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  ck_assert_uint_eq(b.huge_cached - a.huge_cached, 1);
+  ck_assert_msg(rss2 <= rss0 + 10 * MiB, "resident %zu MiB after %d ms idle; %zu MiB before",
+                rss2 / MiB, BG_POLL_MAX_MS, rss0 / MiB);
+  ck_assert_uint_ge(b.bytes_purged - a.bytes_purged, N);
+  ck_assert_uint_eq(b.bytes_mapped, a.bytes_mapped);   /* kept, purged, not unmapped */
+}
+END_TEST
+
+/* When nothing is left to purge the thread exits. */
+START_TEST(purge_thread_exits_when_done)
+{
+  bg_on();
+  int before = bg_threads();
+  unsigned char *p = smalloc_malloc(32 * MiB);
+  ck_assert_ptr_nonnull(p);
+  memset(p, 1, 32 * MiB);
+  smalloc_free(p);
+  int during = bg_threads();
+  int now = during;
+  for (long waited = 0; now > before && waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+    bg_sleep_ms(BG_POLL_MS);
+    now = bg_threads();
+  }
+  ck_assert_msg(during == before + 1, "%d threads before the free, %d after", before, during);
+  ck_assert_msg(now == before, "%d threads %d ms after the memory was purged, %d before",
+                now, BG_POLL_MAX_MS, before);
+}
+END_TEST
+
+/* SMALLOC_BACKGROUND=0: no thread, ever. */
+START_TEST(background_off_starts_no_thread)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, BG_DELAY_MS), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  int before = bg_threads();
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  void **v = mmap(NULL, 200000 * sizeof *v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                  -1, 0);
+  ck_assert(v != MAP_FAILED);
+  for (int i = 0; i < 200000; i++)
+    v[i] = smalloc_malloc(100);
+  for (int i = 0; i < 200000; i++)
+    smalloc_free(v[i]);
+  smalloc_free(smalloc_malloc(32 * MiB));
+  bg_sleep_ms(5 * BG_DELAY_MS);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  ck_assert_int_eq(bg_threads(), before);
+  ck_assert_uint_eq(b.background_threads - a.background_threads, 0);
+  munmap(v, 200000 * sizeof *v);
+}
+END_TEST
+
+/* fork while the purge thread runs: the child allocates at once and
+ * exits; the parent's thread goes on. */
+START_TEST(fork_while_purging)
+{
+  bg_on();
+  smalloc_free(smalloc_malloc(32 * MiB));   /* starts the thread */
+  ck_assert_int_ge(bg_threads(), 2);
+  for (int k = 0; k < 20; k++) {
+    pid_t pid = fork();
+    ck_assert_msg(pid >= 0, "fork: %s", strerror(errno));
+    if (pid == 0) {
+      alarm(20);
+      for (int i = 0; i < 1000; i++) {
+        void *q = smalloc_malloc((size_t)(16 + i * 37 % 5000));
+        if (q == NULL)
+          _exit(2);
+        smalloc_free(q);
+      }
+      smalloc_free(smalloc_malloc(16 * MiB));   /* may start the child's own */
+      _exit(0);
+    }
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+      ck_assert_int_eq(errno, EINTR);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child %d: status %#x", k, status);
+    smalloc_free(smalloc_malloc(9 * MiB));
+  }
+}
+END_TEST
+
+static Suite *background_suite(void)
+{
+  Suite *s = suite_create("background");
+  TCase *tc = sm_tcase("background", 300);
+  tcase_add_test(tc, idle_small_blocks_go_back_without_a_call);
+  tcase_add_test(tc, idle_huge_block_goes_back_without_a_call);
+  tcase_add_test(tc, purge_thread_exits_when_done);
+  tcase_add_test(tc, background_off_starts_no_thread);
+  tcase_add_test(tc, fork_while_purging);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
+int main(void)
+{
+  return sm_run_suite(background_suite());
+}
