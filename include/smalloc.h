@@ -161,6 +161,8 @@ typedef struct smalloc_stats {
   uint64_t huge_cached;       /* freed huge blocks whose mapping was kept */
   uint64_t huge_cache_hits;   /* huge blocks served by a kept mapping */
   uint64_t background_threads; /* purge threads started (one runs at a time) */
+  uint64_t pages_purged;      /* free pages of live segments whose memory was given
+                                 back (madvise), after the purge delay */
 } smalloc_stats_t;
 
 /* Fill *out up to out->size bytes.  Returns 0, or EINVAL when out is NULL

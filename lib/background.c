@@ -9,7 +9,10 @@
  *     slow-path step for a whole purge delay (sm_heap_claim_retired, as
  *     trim does: that thread may be busy elsewhere, blocked or sleeping),
  *     then purges the segments this left empty at once (they have been
- *     idle that long already);
+ *     idle that long already), and gives back the memory of the free pages
+ *     left in that heap's segments;
+ *   - gives back the memory of free pages that have been free in any
+ *     heap's segments for the delay;
  *   - purges cached segments and kept huge mappings older than the delay.
  * When nothing is left to purge it exits, so a program that has gone
  * quiet has no extra thread, and the next free of a large block or the
@@ -58,13 +61,16 @@ static bool sm_bg_round(void) {
       h->bg_cycle = cycle;
       h->bg_seen_ms = now;
     }
-    if (!sm_heap_has_retired(h)) continue;
-    if (now - h->bg_seen_ms >= delay) {
-      sm_heap_claim_retired(h, self);
-      claimed = true;
-    } else {
-      left = true;
+    bool idle = now - h->bg_seen_ms >= delay;
+    if (sm_heap_has_retired(h)) {
+      if (idle) {
+        sm_heap_claim_retired(h, self);
+        claimed = true;
+      } else {
+        left = true;
+      }
     }
+    sm_heap_decommit(h, idle);
   }
   sm_heaps_unlock();
   if (claimed) sm_segment_cache_purge_all();

@@ -211,7 +211,8 @@ void sm_heap_thread_done(void *arg) {
  * it: the caller's own empty pages and the blocks handed to it, every
  * abandoned segment (adopted by the caller: their empty pages go back),
  * the retired pages of every other live heap (their owners may be idle or
- * blocked), and then the whole segment cache, unmapped.  Memory that
+ * blocked), the free pages left in every heap's segments (decommitted),
+ * and then the whole segment cache, unmapped.  Memory that
  * other threads freed into a live owner's queued pages comes back when
  * that owner next allocates.  Returns whether the mapped bytes fell. */
 bool sm_collect_process(sm_heap_t *self) {
@@ -223,8 +224,10 @@ bool sm_collect_process(sm_heap_t *self) {
     sm_heap_collect_retired(self, true);
   }
   sm_heaps_lock();
-  for (sm_heap_t *h = sm_heaps_all; h; h = h->all_next)
+  for (sm_heap_t *h = sm_heaps_all; h; h = h->all_next) {
     if (h != self) sm_heap_claim_retired(h, self);
+    sm_heap_decommit(h, true);
+  }
   sm_heaps_unlock();
   sm_segment_cache_collect(true);
   return atomic_load(&sm_gstats.bytes_mapped) < before;

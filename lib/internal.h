@@ -148,6 +148,9 @@ struct sm_page_s {
   _Atomic uintptr_t thread_free __attribute__((aligned(64)));
   /* touched only when the page retires or is reused, under heap->lock */
   sm_page_t *rnext, *rprev;      /* heap->retired_first..last, in expiry order */
+  /* while the page is free in its segment (under heap->lock) */
+  uint64_t released_ms;          /* when it went back to its segment */
+  uint8_t decommitted;           /* its memory was given back (madvise) */
 };
 _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines");
 _Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_free) == 128,
@@ -163,6 +166,7 @@ struct sm_segment_s {
   uint16_t page_count;
   uint16_t used_pages;
   uint8_t purged;                /* cached and madvised away */
+  size_t decommitted;            /* bytes of free pages given back (not counted committed) */
   uint8_t in_free_list;
   size_t mapped;                 /* bytes of the mapping, from the segment start */
   size_t block_offset;           /* single: offset of the block */
@@ -303,7 +307,7 @@ typedef struct sm_gstats_s {
   _Atomic uint64_t segments_purged, segments_unmapped;
   _Atomic int64_t class_pages[SM_BIN_COUNT];
   _Atomic uint64_t huge_bytes, huge_bytes_freed, huge_cache_hits, huge_cached;
-  _Atomic uint64_t background_threads;
+  _Atomic uint64_t background_threads, pages_purged;
   _Atomic uint64_t peak_in_use;
 } sm_gstats_t;
 extern sm_gstats_t sm_gstats;
@@ -534,6 +538,7 @@ void sm_heap_close_delayed(sm_heap_t *heap);
 void sm_heap_claim_retired(sm_heap_t *owner, sm_heap_t *self);
 void sm_heap_reclaim_all(sm_heap_t *heap);
 bool sm_heap_has_retired(sm_heap_t *heap);
+void sm_heap_decommit(sm_heap_t *heap, bool all);
 bool sm_page_has_free(sm_page_t *page);
 bool sm_page_valid(const sm_page_t *page);
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin);
@@ -554,6 +559,7 @@ void sm_pq_update_direct(sm_heap_t *heap, size_t bin);
 /* ---- segment.c ---------------------------------------------------------- */
 sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment);
 void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page);
+void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t delay);
 sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *offset_out);
 void sm_segment_single_free(sm_segment_t *seg);
 void sm_segment_abandon_heap(sm_heap_t *heap);

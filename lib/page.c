@@ -341,6 +341,15 @@ void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
   }
 }
 
+/* Give back the memory of free pages in the heap's segments: those free
+ * for at least the purge delay, or (all) every one.  Any thread. */
+void sm_heap_decommit(sm_heap_t *heap, bool all) {
+  uint64_t delay = all ? 0 : (uint64_t)sm_opt(PURGE_DELAY);
+  sm_lock(&heap->lock);
+  sm_segment_decommit_free_locked(heap, sm_clock_ms(), delay);
+  sm_unlock(&heap->lock);
+}
+
 /* Another thread (trim, smalloc_collect(true), an allocation the OS
  * refused) releases every retired page of the owner's heap, whether the
  * owner is busy, idle or blocked.  Counted in the caller's heap. */
@@ -615,6 +624,7 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
     if (c <= 0 || c > SM_SWEEP_CYCLES) c = SM_SWEEP_CYCLES;
     heap->next_sweep = heap->cycle + (uint32_t)(c < 16 ? 16 : c);
     sm_heap_sweep(heap);
+    sm_heap_decommit(heap, false);
     sm_segment_cache_collect(false);
   }
   if (sm_unlikely(sm_segment_cache_wants_purge())) sm_background_wake();

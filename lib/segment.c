@@ -45,7 +45,8 @@ static sm_segment_t *sm_segment_raw_alloc(void) {
   pthread_mutex_unlock(&sm_cache_lock);
   if (seg) {
     sm_gadd(segments_cache_hits, 1);
-    if (seg->purged) sm_gadd(bytes_committed, SM_SEGMENT_SIZE);
+    /* its pages will be carved afresh: all of it counts as committed again */
+    sm_gadd(bytes_committed, seg->purged ? SM_SEGMENT_SIZE : seg->decommitted);
     sm_gadd(segments_in_use, 1);
     return seg;
   }
@@ -59,7 +60,7 @@ static sm_segment_t *sm_segment_raw_alloc(void) {
 
 static void sm_segment_unmap(sm_segment_t *seg) {
   sm_segmap_set((uintptr_t)seg, 0);
-  if (!seg->purged) sm_gsub(bytes_committed, SM_SEGMENT_SIZE);
+  if (!seg->purged) sm_gsub(bytes_committed, SM_SEGMENT_SIZE - seg->decommitted);
   sm_os_unmap(seg, SM_SEGMENT_SIZE);
   sm_gadd(segments_unmapped, 1);
 }
@@ -82,7 +83,7 @@ void sm_segment_cache_collect(bool force) {
         /* keep the header: it holds the cache link */
         sm_os_purge((uint8_t *)s + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR);
         s->purged = 1;
-        sm_gsub(bytes_committed, SM_SEGMENT_SIZE);
+        sm_gsub(bytes_committed, SM_SEGMENT_SIZE - s->decommitted);
         sm_gadd(segments_purged, 1);
       }
     }
@@ -103,7 +104,7 @@ void sm_segment_cache_purge_all(void) {
     if (s->purged) continue;
     sm_os_purge((uint8_t *)s + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR);
     s->purged = 1;
-    sm_gsub(bytes_committed, SM_SEGMENT_SIZE);
+    sm_gsub(bytes_committed, SM_SEGMENT_SIZE - s->decommitted);
     sm_gadd(segments_purged, 1);
   }
   pthread_mutex_unlock(&sm_cache_lock);
@@ -217,6 +218,13 @@ static sm_segment_t *sm_segment_alloc(int kind) {
   return seg;
 }
 
+/* Bytes of a page that its blocks may use: the first page of a segment
+ * starts after the header. */
+static size_t sm_segment_page_len(const sm_segment_t *seg, const sm_page_t *page) {
+  size_t psize = (size_t)1 << seg->page_shift;
+  return page == &seg->pages[0] ? psize - SM_SEGMENT_HDR : psize;
+}
+
 /* A free page of an owned segment; of a new segment only when
  * *new_segment says so (it is cleared when an owned one served).  The
  * heap's segment lists are under heap->lock: another thread releasing a
@@ -244,6 +252,12 @@ sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment) {
   }
   sm_assert(page != NULL);
   page->in_use = 1;
+  if (page->decommitted) {   /* faulted in again as it is used */
+    size_t len = sm_segment_page_len(seg, page);
+    page->decommitted = 0;
+    seg->decommitted -= len;
+    sm_gadd(bytes_committed, len);
+  }
   if (++seg->used_pages == seg->page_count) {
     sm_seg_list_remove(&heap->free_segs[kind], seg);
     seg->in_free_list = 0;
@@ -253,10 +267,38 @@ sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment) {
   return page;
 }
 
+static void sm_segment_decommit_page(sm_segment_t *seg, sm_page_t *page) {
+  size_t idx = (size_t)(page - seg->pages);
+  size_t len = sm_segment_page_len(seg, page);
+  uint8_t *start = (uint8_t *)seg + (idx << seg->page_shift) + (idx == 0 ? SM_SEGMENT_HDR : 0);
+  sm_os_purge(start, len);
+  page->decommitted = 1;
+  seg->decommitted += len;
+  sm_gsub(bytes_committed, len);
+  sm_gadd(pages_purged, 1);
+}
+
+/* Under heap->lock: give back the memory of the free pages of the heap's
+ * segments that went back at least `delay` ms ago, so that committed and
+ * resident bytes follow the live bytes and not the most pages a segment
+ * ever held.  The pages stay mapped and are faulted in again when used. */
+void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t delay) {
+  for (int kind = 0; kind < 2; kind++) {
+    for (sm_segment_t *seg = heap->free_segs[kind]; seg; seg = seg->next) {
+      for (size_t i = 0; i < seg->page_count; i++) {
+        sm_page_t *page = &seg->pages[i];
+        if (!page->in_use && !page->decommitted && now - page->released_ms >= delay)
+          sm_segment_decommit_page(seg, page);
+      }
+    }
+  }
+}
+
 /* Under heap->lock: the page goes back to its segment, and a segment left
  * without pages to the cache. */
 void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page) {
   page->in_use = 0;
+  page->released_ms = sm_clock_ms();
   if (!seg->in_free_list) {
     sm_seg_list_remove(&heap->full_segs, seg);
     seg->in_free_list = 1;
@@ -266,6 +308,8 @@ void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *
     sm_seg_list_remove(&heap->free_segs[seg->kind], seg);
     seg->in_free_list = 0;
     sm_segment_raw_free(seg);
+  } else if (sm_opt(PURGE_DELAY) == 0) {
+    sm_segment_decommit_page(seg, page);
   }
 }
 

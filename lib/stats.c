@@ -45,7 +45,8 @@ static smalloc_stats_t sm_reset_base;  /* raw figures at the last reset (stats l
   X(pages_reclaimed, 0, 0) X(segments_reclaimed, 0, 0)
 /* after classes[] (stats version 2) */
 #define SM_STATS_FIELDS3(X) X(pages_claimed, 0, 0) X(oom_collects, 0, 0) \
-  X(huge_cached, 0, 0) X(huge_cache_hits, 0, 0) X(background_threads, 0, 0)
+  X(huge_cached, 0, 0) X(huge_cache_hits, 0, 0) X(background_threads, 0, 0) \
+  X(pages_purged, 0, 0)
 
 static const char *const sm_step_names[SMALLOC_STEP_COUNT] = {
   "local_swap", "thread_collect", "extend", "next_page", "retired_page", "fresh_page", "new_segment",
@@ -209,6 +210,7 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   o->huge_cached = atomic_load_explicit(&sm_gstats.huge_cached, memory_order_relaxed);
   o->huge_cache_hits = atomic_load_explicit(&sm_gstats.huge_cache_hits, memory_order_relaxed);
   o->background_threads = atomic_load_explicit(&sm_gstats.background_threads, memory_order_relaxed);
+  o->pages_purged = atomic_load_explicit(&sm_gstats.pages_purged, memory_order_relaxed);
 }
 
 /* Subtract the reset base from every event count. */
