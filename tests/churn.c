@@ -44,16 +44,7 @@
 #include <pthread.h>
 #include <sys/mman.h>
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define CH_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define CH_SANITIZED 1
-#endif
-#endif
-#ifndef CH_SANITIZED
-#define CH_SANITIZED 0
-#endif
+#define CH_SANITIZED SM_TEST_SANITIZED
 
 #define CH_KiB ((size_t)1 << 10)
 #define CH_MiB ((size_t)1 << 20)

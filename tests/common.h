@@ -28,6 +28,31 @@
 #define MiB ((size_t)1 << 20)
 #define GiB ((size_t)1 << 30)
 
+/* Built with AddressSanitizer or ThreadSanitizer: their shadow memory
+ * makes the resident size say little about smalloc's, and ThreadSanitizer
+ * maps memory of its own under an address-space limit. */
+#if defined(__SANITIZE_THREAD__)
+#define SM_TEST_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define SM_TEST_TSAN 1
+#endif
+#endif
+#ifndef SM_TEST_TSAN
+#define SM_TEST_TSAN 0
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#define SM_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SM_TEST_ASAN 1
+#endif
+#endif
+#ifndef SM_TEST_ASAN
+#define SM_TEST_ASAN 0
+#endif
+#define SM_TEST_SANITIZED (SM_TEST_TSAN || SM_TEST_ASAN)
+
 #ifdef SM_OVERRIDE
 #define SM_HAVE_OVERRIDE 1
 #else

@@ -21,13 +21,6 @@
  * Without the collection the shortfall is over 98 %. */
 #define SH_SLACK (8 * MiB)
 
-#if defined(__SANITIZE_THREAD__)
-#define SH_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define SH_TSAN 1
-#endif
-#endif
 
 /* ---- a child under an address-space limit ---------------------------------- */
 
@@ -247,7 +240,7 @@ static void sh_sizes_body(void)
 
 START_TEST(same_thread_other_sizes_after_free_all)
 {
-#ifdef SH_TSAN
+#if SM_TEST_TSAN
   /* One thread, nothing for ThreadSanitizer to check; and filling the
    * limit from one thread at full speed has starved the runtime's own
    * mappings (it then exits 66 without a word). */
@@ -305,7 +298,7 @@ START_TEST(trim_from_main_releases_idle_workers_pages)
   ck_assert_uint_ge(b.pages_released - a.pages_released, retired);
   ck_assert_msg(rss1 > rss0 + 48 * MiB, "resident %zu MiB before the worker, %zu after its frees",
                 rss0 / MiB, rss1 / MiB);
-#ifdef SH_TSAN   /* ThreadSanitizer's shadow of the freed blocks stays resident */
+#if SM_TEST_SANITIZED   /* the sanitizers' shadow of the freed blocks stays resident */
   (void)rss2;
 #else
   ck_assert_msg(rss2 <= rss0 + 10 * MiB,
