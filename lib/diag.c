@@ -20,12 +20,15 @@ static void sm_vprint(const char *fmt, va_list ap) {
   size_t len = 9 + ((size_t)n < sizeof buf - 10 ? (size_t)n : sizeof buf - 11);
   buf[len++] = '\n';
   const char *p = buf;
+  int cancel;   /* a message is written whole, even by a thread being cancelled */
+  pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel);
   while (len > 0) {
     ssize_t w = write(STDERR_FILENO, p, len);
     if (w <= 0) break;
     p += w;
     len -= (size_t)w;
   }
+  pthread_setcancelstate(cancel, NULL);
   errno = saved;
 }
 

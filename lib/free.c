@@ -210,7 +210,7 @@ static void sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
 /* From the inline free: a block start in another live thread's ordinary
  * page (or one of ours on the full list).  Count it here and batch it. */
 void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
-  if ((xtid & ~(uintptr_t)1) == sm_thread_id()) {
+  if ((xtid & ~(uintptr_t)1) == sm_heap_owner_id(sm_heap())) {
     /* our own page, on the full list */
     if (sm_unlikely(!sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
     sm_free_local_slow(page, b, b);

@@ -59,35 +59,34 @@ void sm_heaps_lock(void) { pthread_mutex_lock(&sm_heaps_mutex); }
 void sm_heaps_unlock(void) { pthread_mutex_unlock(&sm_heaps_mutex); }
 sm_heap_t *sm_heaps_first(void) { return sm_heaps_all; }
 
-static void sm_fork_prepare(void) {
-  sm_heaps_lock();
-  sm_stats_lock_fork(0);
-  sm_segment_fork_prepare();
-}
-static void sm_fork_parent(void) {
-  sm_segment_fork_parent();
-  sm_stats_lock_fork(1);
-  sm_heaps_unlock();
-}
-/* In the child only the forking thread lives on.  Other threads' segments
- * lose their owner, so frees of their blocks go to thread_free instead of
- * a dead heap's lists; their memory is not reclaimed in the child. */
-static void sm_fork_child(void) {
-  sm_background_fork_child();
-  sm_segment_fork_child();
-  sm_stats_lock_fork(2);
-  sm_heaps_unlock();
+/* fork (fork.c): in the child only the forking thread lives on.  The heap
+ * list, and any heap whose lock a lost thread held, may be half-changed:
+ * such a list is rebuilt from the caller's heap alone and such a heap is
+ * dropped (its memory stays mapped, unused).  If the caller's own heap is
+ * one, the caller starts a fresh heap: its old pages carry the old heap's
+ * owner id, so frees of its blocks go to their pages' thread_free.  The
+ * other threads' heaps stay listed, with their retired pages and segment
+ * lists, for trim and the purge thread to release; their owner ids match
+ * no heap of the child. */
+void sm_heaps_fork_child(void) {
   sm_heap_t *me = sm_heap_tls;
-  for (sm_heap_t *h = sm_heaps_all; h; h = h->all_next) {
-    sm_unlock(&h->lock);   /* a thread that is gone in the child may have held it */
-    if (h == me) continue;
-    sm_segment_t *lists[3] = {h->free_segs[0], h->free_segs[1], h->full_segs};
-    for (int l = 0; l < 3; l++)
-      for (sm_segment_t *s = lists[l]; s; s = s->next) {
-        for (size_t i = 0; i < s->page_count; i++)
-          atomic_store_explicit(&s->pages[i].xtid, 0, memory_order_relaxed);
-      }
-    h->thread_id = 0;
+  if (sm_fork_mutex_was_held(&sm_heaps_mutex)) {
+    sm_heaps_all = NULL;
+    sm_heaps_pool = NULL;
+    sm_heaps_chunk = NULL;
+    sm_heaps_chunk_left = 0;
+    if (me->initialized) {
+      me->all_next = me->all_prev = NULL;
+      sm_heaps_all = me;
+    }
+  }
+  for (sm_heap_t *h = sm_heaps_all, *next; h; h = next) {
+    next = h->all_next;
+    if (atomic_load_explicit(&h->lock.held, memory_order_relaxed) == 0) continue;
+    sm_unlock(&h->lock);
+    if (h->all_prev) h->all_prev->all_next = h->all_next; else sm_heaps_all = h->all_next;
+    if (h->all_next) h->all_next->all_prev = h->all_prev;
+    if (h == me) sm_heap_tls = &sm_heap_empty;
   }
 }
 
@@ -105,7 +104,7 @@ void sm_process_init(void) {
     sm_track_detect();
     sm_options_init();
     pthread_key_create(&sm_heap_key, sm_heap_thread_done);
-    pthread_atfork(sm_fork_prepare, sm_fork_parent, sm_fork_child);
+    sm_fork_init();
     atomic_store_explicit(&sm_process_ready, 2, memory_order_release);
     return;
   }
@@ -156,7 +155,6 @@ sm_heap_t *sm_heap_init_thread(void) {
   if (!heap) return NULL;
   memset(heap, 0, sizeof *heap);
   for (size_t i = 0; i < SM_DIRECT_COUNT; i++) heap->direct[i] = &sm_page_empty;
-  heap->thread_id = sm_thread_id();
   heap->rng = (sm_secret ^ (uintptr_t)heap) | 1;
   heap->initialized = 1;
   heap->stats.threads_started = 1;

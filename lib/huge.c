@@ -241,9 +241,13 @@ size_t sm_huge_cache_unpurged(void) {
   return n;
 }
 
-/* fork: the forking thread holds the lock across fork */
-void sm_huge_fork_prepare(void) { pthread_mutex_lock(&sm_huge_lock); }
-void sm_huge_fork_parent(void) { pthread_mutex_unlock(&sm_huge_lock); }
+/* fork (fork.c): a list a lost thread was changing is forgotten; its
+ * mappings stay mapped, unused, in the child */
+void sm_huge_fork_child(void) {
+  if (!sm_fork_mutex_was_held(&sm_huge_lock)) return;
+  memset(sm_huge_cache, 0, sizeof sm_huge_cache);
+  sm_huge_cached_bytes = 0;
+}
 
 void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n) {
   if (SM_GUARD || p != (uint8_t *)seg + seg->block_offset) return NULL;

@@ -13,6 +13,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -129,9 +130,9 @@ struct sm_page_s {
   /* line 2, read by every free, owner's or not, and written only when the
    * page changes state: other threads' frees read it without pulling the
    * owner's line 1 away from it */
-  /* the owner's thread id, with bit 0 set while the page is on the full
-   * list; 0 when a SM_PAGE_SLOW_FREE flag is set: one compare in free
-   * decides "owner thread, nothing special" */
+  /* the owner's id (sm_heap_owner_id), with bit 0 set while the page is
+   * on the full list; 0 when a SM_PAGE_SLOW_FREE flag is set: one compare
+   * in free decides "owner thread, nothing special" */
   _Atomic uintptr_t xtid;
   uint8_t *start;
   uint64_t mul;                  /* block-start test, see sm_page_is_block */
@@ -245,7 +246,6 @@ typedef struct sm_xbuf_s {
  * done with belongs to the process: see the opening comment of page.c. */
 struct sm_heap_s {
   sm_page_t *direct[SM_DIRECT_COUNT];    /* first page for (n+15)/16, n <= 8 KiB */
-  uintptr_t thread_id;
   uint32_t cycle;                        /* slow-path entries (wraps; compared as a difference) */
   uint32_t next_sweep;                   /* cycle of the next sweep (page.c) */
   uint32_t next_expire;                  /* earliest retire_expire, when expire_pending */
@@ -337,6 +337,12 @@ SM_INLINE uintptr_t sm_thread_id(void) {
   return (uintptr_t)__builtin_thread_pointer();
 }
 SM_INLINE sm_heap_t *sm_heap(void) { return sm_heap_tls; }
+/* What a page's xtid holds for its owner: the owner heap's address, not
+ * its thread's: a heap address is never reused while its pages might
+ * still carry it (heaps of exited threads abandon their pages first, and
+ * the heaps of threads that did not survive a fork are never reused), so
+ * a thread of a forked child can never take another's page for its own. */
+SM_INLINE uintptr_t sm_heap_owner_id(const sm_heap_t *heap) { return (uintptr_t)heap; }
 
 /* ---- segment map: which 4 MiB units hold a segment header ------------- */
 /* One byte per unit of the 47-bit user address space: 32 MiB of address
@@ -483,8 +489,8 @@ void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 void sm_free_flush_remote(sm_heap_t *heap);
 void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
 
-/* Free on the owner thread: 38 instructions to its ret on x86-64 (gcc 12,
- * -O2); with malloc's 18 and the loop, a malloc(32)+free pair is 77.5
+/* Free on the owner thread: 39 instructions to its ret on x86-64 (gcc 12,
+ * -O2); with malloc's 18 and the loop, a malloc(32)+free pair is 79.7
  * under callgrind (make bench-callgrind).  Checks (all cheap):
  * the pointer is in a segment, it starts a block, and its tag word holds
  * neither the page's key nor the remote tag (else: a full double-free
@@ -495,13 +501,14 @@ SM_INLINE void sm_free_inline(void *p) {
   if (sm_unlikely(shift == 0)) { sm_free_generic(p, "free"); return; }
   sm_page_t *page = &seg->pages[((uintptr_t)p - (uintptr_t)seg) >> shift];
   uintptr_t xtid = atomic_load_explicit(&page->xtid, memory_order_relaxed);
+  uintptr_t self = sm_heap_owner_id(sm_heap());
   /* a block start: inside the page's blocks (not its segment header or
    * unused tail) and at a multiple of the block size */
   if (sm_unlikely(!sm_page_is_block(page, p))) {
     sm_free_generic(p, "free");
     return;
   }
-  if (sm_unlikely(xtid != sm_thread_id())) {
+  if (sm_unlikely(xtid != self)) {
     /* another thread's page, or one of ours on the full list: push on its
      * thread_free, or bring it back; anything else (flagged, abandoned,
      * not in use, single) goes the long way */
@@ -568,8 +575,6 @@ void sm_segment_cache_collect(bool force);
 void sm_segment_cache_purge_all(void);
 bool sm_segment_cache_pending(void);
 bool sm_segment_cache_wants_purge(void);
-void sm_segment_fork_prepare(void);
-void sm_segment_fork_parent(void);
 void sm_segment_fork_child(void);
 uint64_t sm_clock_ms(void);
 uint64_t sm_heap_random(sm_heap_t *heap);
@@ -579,9 +584,12 @@ void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed);
 void sm_huge_free(sm_segment_t *seg);
 void sm_huge_cache_collect(bool force);
 size_t sm_huge_cache_unpurged(void);
-void sm_huge_fork_prepare(void);
-void sm_huge_fork_parent(void);
+void sm_huge_fork_child(void);
 void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n);
+
+/* ---- fork.c ---------------------------------------------------------------- */
+void sm_fork_init(void);
+bool sm_fork_mutex_was_held(pthread_mutex_t *m);
 
 /* ---- heap.c -------------------------------------------------------------- */
 sm_heap_t *sm_heap_init_thread(void);
@@ -590,6 +598,7 @@ void sm_process_init(void);
 extern _Atomic int sm_process_ready;
 void sm_heaps_lock(void);
 void sm_heaps_unlock(void);
+void sm_heaps_fork_child(void);
 sm_heap_t *sm_heaps_first(void);
 bool sm_collect_process(sm_heap_t *self);
 
@@ -615,7 +624,7 @@ SM_INLINE void sm_heap_grew(sm_heap_t *heap) {
 void sm_stats_thread_exit(sm_heap_t *heap);
 void sm_stats_at_exit(void);
 void sm_stats_open_fd(void);
-void sm_stats_lock_fork(int phase);
+void sm_stats_fork_child(void);
 
 /* ---- background.c: the purge thread ------------------------------------ */
 /* Bytes waiting to be given back above which a purge thread is started. */

@@ -4,6 +4,7 @@
  * carry no symbol version, so they interpose on glibc's malloc@GLIBC_*. */
 #include "internal.h"
 
+#include <pthread.h>
 #include <stdio.h>
 
 SM_EXPORT void *smalloc_malloc(size_t n) {
@@ -56,8 +57,8 @@ SM_EXPORT int smalloc_posix_memalign(void **out, size_t alignment, size_t n) {
   }
   int saved = errno;
   void *p = sm_malloc_aligned(alignment, n);
+  if (p == NULL) return ENOMEM;   /* errno is ENOMEM too, as glibc leaves it */
   errno = saved;
-  if (p == NULL) return ENOMEM;
   *out = p;
   return 0;
 }
@@ -161,6 +162,8 @@ SM_EXPORT void smalloc_malloc_stats(void) {
   smalloc_stats_t s;
   s.size = sizeof s;
   smalloc_stats_get(&s);
+  int cancel;
+  pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel);   /* the whole report, always */
   fprintf(stderr,
           "Arena 0:\nsystem bytes     = %10llu\nin use bytes     = %10llu\n"
           "Total (incl. mmap):\nsystem bytes     = %10llu\nin use bytes     = %10llu\n"
@@ -169,6 +172,7 @@ SM_EXPORT void smalloc_malloc_stats(void) {
           (unsigned long long)s.bytes_mapped, (unsigned long long)s.bytes_in_use,
           (unsigned long long)(s.segments_in_use + s.huge_allocs - s.huge_frees),
           (unsigned long long)s.bytes_mapped_peak);
+  pthread_setcancelstate(cancel, NULL);
 }
 
 #if SM_OVERRIDE

@@ -56,7 +56,7 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   page->local_free = NULL;
   atomic_store_explicit(&page->thread_free, 0, memory_order_relaxed);
   page->used = 0;
-  sm_page_set_flags(page, sm_track_on() ? SM_PAGE_TRACKED : 0, heap->thread_id);
+  sm_page_set_flags(page, sm_track_on() ? SM_PAGE_TRACKED : 0, sm_heap_owner_id(heap));
   page->bin = (uint8_t)bin;
   page->retired = 0;
 #ifdef SM_SECURE
@@ -426,8 +426,8 @@ static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page) {
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
   uintptr_t xtid = atomic_load_explicit(&page->xtid, memory_order_relaxed);
   bool full = (flags & SM_PAGE_IN_FULL) != 0;
-  if (xtid != 0 && ((xtid & 1) != full || (xtid & ~(uintptr_t)1) != heap->thread_id)) return false;
-  if (xtid == 0 && !(flags & SM_PAGE_SLOW_FREE) && heap->thread_id != 0) return false;
+  if (xtid != 0 && ((xtid & 1) != full || (xtid & ~(uintptr_t)1) != sm_heap_owner_id(heap))) return false;
+  if (xtid == 0 && !(flags & SM_PAGE_SLOW_FREE)) return false;
   if (atomic_load_explicit(&sm_ptr_segment(page)->heap, memory_order_relaxed) != heap) return false;
   if (page->retired && (full || page->used != 0 || page->free != NULL)) return false;
   return page->in_use;
@@ -465,7 +465,7 @@ void sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
     return;
   }
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-  sm_page_set_flags(page, flags | SM_PAGE_IN_FULL, heap->thread_id);
+  sm_page_set_flags(page, flags | SM_PAGE_IN_FULL, sm_heap_owner_id(heap));
   sm_pq_remove(heap, page->bin, page);
   sm_pq_push_back(heap, SM_BIN_FULL, page);
   sm_cnt_add(heap->stats.pages_full, 1);
@@ -475,7 +475,7 @@ void sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
 void sm_page_unfull(sm_heap_t *heap, sm_page_t *page) {
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
   if (!(flags & SM_PAGE_IN_FULL)) return;
-  sm_page_set_owner(page, heap->thread_id);
+  sm_page_set_owner(page, sm_heap_owner_id(heap));
   sm_pq_remove(heap, SM_BIN_FULL, page);
   sm_pq_push_back(heap, page->bin, page);
   sm_cnt_add(heap->stats.pages_unfull, 1);
@@ -544,7 +544,7 @@ static bool sm_heap_reclaim_one(sm_heap_t *heap, int kind) {
     sm_page_t *page = &seg->pages[i];
     if (!page->in_use) continue;
     live--;
-    sm_page_set_owner(page, heap->thread_id);
+    sm_page_set_owner(page, sm_heap_owner_id(heap));
     page->used_folded = (int32_t)page->used;
     page->frees = 0;
     page->retired = 0;

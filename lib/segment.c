@@ -394,17 +394,16 @@ sm_segment_t *sm_segment_reclaim_one(sm_heap_t *heap, int kind) {
   return seg;
 }
 
-/* ---- fork: hold the locks across fork so the child finds them free ------- */
-void sm_segment_fork_prepare(void) {
-  pthread_mutex_lock(&sm_abandoned_lock);
-  pthread_mutex_lock(&sm_cache_lock);
-  sm_huge_fork_prepare();
-}
-void sm_segment_fork_parent(void) {
-  sm_huge_fork_parent();
-  pthread_mutex_unlock(&sm_cache_lock);
-  pthread_mutex_unlock(&sm_abandoned_lock);
-}
+/* ---- fork (fork.c): repair in the child what a lost thread held --------- */
 void sm_segment_fork_child(void) {
-  sm_segment_fork_parent();   /* the forking thread holds them: just unlock */
+  if (sm_fork_mutex_was_held(&sm_cache_lock)) {
+    sm_cache_first = NULL;   /* may be half-linked: its segments stay mapped, unused */
+    __atomic_store_n(&sm_cache_count, 0, __ATOMIC_RELAXED);
+  }
+  if (sm_fork_mutex_was_held(&sm_abandoned_lock)) {
+    sm_abandoned_first[0] = sm_abandoned_first[1] = NULL;
+    atomic_store(&sm_abandoned_count[0], 0);
+    atomic_store(&sm_abandoned_count[1], 0);
+  }
+  sm_huge_fork_child();
 }

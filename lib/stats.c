@@ -274,9 +274,30 @@ static void sm_print_row(FILE *out, const char *name, uint64_t v, int bytes) {
   fprintf(out, "  %-26s %16s\n", name, buf);
 }
 
+static void sm_stats_print_table(FILE *out);
+static void sm_stats_print_json(FILE *out);
+
+/* The printers write with cancellation off: a thread cancelled at one of
+ * their writes still prints the whole report, and leaves no FILE lock
+ * held; the caller's state comes back afterwards. */
 SM_EXPORT void smalloc_stats_print(FILE *out) {
-  smalloc_stats_t st, *s = &st;
   if (out == NULL) return;
+  int cancel;
+  pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel);
+  sm_stats_print_table(out);
+  pthread_setcancelstate(cancel, NULL);
+}
+
+SM_EXPORT void smalloc_stats_print_json(FILE *out) {
+  if (out == NULL) return;
+  int cancel;
+  pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel);
+  sm_stats_print_json(out);
+  pthread_setcancelstate(cancel, NULL);
+}
+
+static void sm_stats_print_table(FILE *out) {
+  smalloc_stats_t st, *s = &st;
   sm_stats_current(s);
   fprintf(out, "smalloc %d.%d.%d statistics (pid %ld)\n", SMALLOC_VERSION_MAJOR,
           SMALLOC_VERSION_MINOR, SMALLOC_VERSION_PATCH, (long)getpid());
@@ -315,9 +336,8 @@ static void sm_json_steps(FILE *out, const uint64_t *steps) {
   fputc('}', out);
 }
 
-SM_EXPORT void smalloc_stats_print_json(FILE *out) {
+static void sm_stats_print_json(FILE *out) {
   smalloc_stats_t st, *s = &st;
-  if (out == NULL) return;
   sm_stats_current(s);
   fprintf(out, "{\"version\": %u, \"size\": %zu, \"nclasses\": %u", s->version, s->size, s->nclasses);
 #define SM_JSON(name, gauge, bytes) fprintf(out, ", \"%s\": %llu", #name, (unsigned long long)s->name);
@@ -365,8 +385,8 @@ __attribute__((destructor)) static void sm_stats_destructor(void) {
   sm_stats_at_exit();
 }
 
-void sm_stats_lock_fork(int phase) {
-  if (phase == 0) pthread_mutex_lock(&sm_stats_mutex);
-  else if (phase == 1) pthread_mutex_unlock(&sm_stats_mutex);
-  else pthread_mutex_unlock(&sm_stats_mutex);   /* child: held by the forking thread */
+/* fork (fork.c): the reset base is numbers only; a half-copied one skews
+ * the child's figures, nothing more */
+void sm_stats_fork_child(void) {
+  sm_fork_mutex_was_held(&sm_stats_mutex);
 }

@@ -5,7 +5,9 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <sys/time.h>
 #include <sys/wait.h>
+#include <time.h>
 
 enum { CHURNERS = 3, KEPT = 300, RING = 64, FORKS = 20, THREAD_FORKS = 5 };
 
@@ -323,6 +325,191 @@ START_TEST(forked_children_fork_again)
 }
 END_TEST
 
+/* ============================================================================
+ * fork against the C library's own locks (tests bounded by alarm: a
+ * deadlock fails the test by SIGALRM instead of hanging CI).
+ *
+ * Three threads: one holds a FILE's lock while it allocates (as getline
+ * does; smalloc_malloc of a large block takes smalloc's segment cache
+ * lock), one flushes every stream (fflush(NULL) takes the stream list
+ * lock, then each FILE's), one forks.  A prepare handler that took
+ * smalloc's locks before glibc takes the list lock would deadlock them. */
+
+static FILE *stdio_file;
+static atomic_int stdio_stop;
+
+static void *stdio_reader(void *arg)
+{
+  (void)arg;
+  char *line = NULL;
+  size_t cap = 0;
+  while (!atomic_load(&stdio_stop)) {
+    flockfile(stdio_file);
+    void *big = smalloc_malloc(300000);   /* under the FILE lock */
+    rewind(stdio_file);
+    ssize_t n = getline(&line, &cap, stdio_file);
+    funlockfile(stdio_file);
+    if (big == NULL || n <= 0)
+      break;
+    smalloc_free(big);
+  }
+  free(line);
+  return NULL;
+}
+
+static void *stdio_flusher(void *arg)
+{
+  (void)arg;
+  while (!atomic_load(&stdio_stop))
+    fflush(NULL);
+  return NULL;
+}
+
+START_TEST(fork_while_threads_use_stdio)
+{
+  alarm(40);
+  stdio_file = tmpfile();
+  ck_assert_ptr_nonnull(stdio_file);
+  fputs("a line for getline\n", stdio_file);
+  fflush(stdio_file);
+  pthread_t r, f;
+  ck_assert_int_eq(pthread_create(&r, NULL, stdio_reader, NULL), 0);
+  ck_assert_int_eq(pthread_create(&f, NULL, stdio_flusher, NULL), 0);
+  time_t end = time(NULL) + 3;
+  int forks = 0;
+  while (time(NULL) < end) {
+    pid_t pid = fork();
+    ck_assert_msg(pid >= 0, "fork: %s", strerror(errno));
+    if (pid == 0) {
+      alarm(10);
+      void *p = smalloc_malloc(300000), *q = smalloc_malloc(40);
+      _exit(p && q ? 0 : 1);
+    }
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+      ck_assert_int_eq(errno, EINTR);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child %d: status %#x", forks,
+                  status);
+    forks++;
+  }
+  atomic_store(&stdio_stop, 1);
+  pthread_join(r, NULL);
+  pthread_join(f, NULL);
+  fclose(stdio_file);
+  alarm(0);
+  ck_assert_int_gt(forks, 10);
+}
+END_TEST
+
+/* One thread: a SIGALRM handler forks while the main flow forks (and
+ * allocates) in a loop; a lock held by fork's prepare step would be taken
+ * again by the handler's fork.  The handler's children exit at once. */
+static atomic_int handler_forks;
+
+static void forking_handler(int sig)
+{
+  (void)sig;
+  int saved = errno;
+  pid_t pid = fork();
+  if (pid == 0)
+    _exit(0);
+  if (pid > 0)
+    atomic_fetch_add(&handler_forks, 1);
+  errno = saved;
+}
+
+START_TEST(fork_from_a_signal_handler_during_fork)
+{
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = forking_handler;
+  sa.sa_flags = SA_RESTART;
+  ck_assert_int_eq(sigaction(SIGALRM, &sa, NULL), 0);
+  struct itimerval it = {{0, 2000}, {0, 2000}};   /* every 2 ms */
+  ck_assert_int_eq(setitimer(ITIMER_REAL, &it, NULL), 0);
+  time_t end = time(NULL) + 3;
+  int forks = 0;
+  while (time(NULL) < end) {
+    void *keep = smalloc_malloc(64);
+    pid_t pid = fork();
+    if (pid < 0 && errno == EAGAIN)
+      continue;
+    ck_assert_msg(pid >= 0, "fork: %s", strerror(errno));
+    if (pid == 0) {
+      struct itimerval off = {{0, 0}, {0, 0}};
+      setitimer(ITIMER_REAL, &off, NULL);
+      void *p = smalloc_malloc(100);
+      smalloc_free(p);
+      smalloc_free(keep);
+      _exit(p ? 0 : 1);
+    }
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+      ck_assert_int_eq(errno, EINTR);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child %d: status %#x", forks,
+                  status);
+    while (waitpid(-1, NULL, WNOHANG) > 0) {   /* the handler's children */
+    }
+    smalloc_free(keep);
+    forks++;
+  }
+  struct itimerval off = {{0, 0}, {0, 0}};
+  setitimer(ITIMER_REAL, &off, NULL);
+  while (waitpid(-1, NULL, 0) > 0) {
+  }
+  ck_assert_int_gt(forks, 10);
+  ck_assert_int_gt(atomic_load(&handler_forks), 0);
+}
+END_TEST
+
+/* ============================================================================
+ * malloc_stats from a thread with a cancel request pending prints the
+ * whole report (its writes are cancellation points) and the thread is
+ * cancelled afterwards. */
+
+static atomic_int cancel_requested;
+
+static void *stats_printer(void *arg)
+{
+  (void)arg;
+  pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
+  while (!atomic_load(&cancel_requested)) {
+  }
+  pthread_setcancelstate(PTHREAD_CANCEL_ENABLE, NULL);   /* not a cancellation point */
+  smalloc_malloc_stats();
+  pthread_testcancel();
+  return NULL;
+}
+
+START_TEST(malloc_stats_survives_cancellation)
+{
+  alarm(20);
+  fflush(stderr);
+  FILE *out = tmpfile();
+  ck_assert_ptr_nonnull(out);
+  int saved = dup(STDERR_FILENO);
+  ck_assert_int_ge(saved, 0);
+  ck_assert_int_ge(dup2(fileno(out), STDERR_FILENO), 0);
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, stats_printer, NULL), 0);
+  ck_assert_int_eq(pthread_cancel(t), 0);
+  atomic_store(&cancel_requested, 1);
+  void *ret;
+  ck_assert_int_eq(pthread_join(t, &ret), 0);
+  fflush(stderr);
+  dup2(saved, STDERR_FILENO);
+  close(saved);
+  ck_assert_msg(ret == PTHREAD_CANCELED, "the thread was not cancelled");
+  char buf[1024];
+  rewind(out);
+  size_t n = fread(buf, 1, sizeof buf - 1, out);
+  buf[n] = '\0';
+  fclose(out);
+  ck_assert_msg(strstr(buf, "Arena 0:") != NULL && strstr(buf, "max mmap bytes") != NULL,
+                "malloc_stats wrote:\n%s", buf);
+}
+END_TEST
+
 int main(void)
 {
   Suite *s = suite_create("fork");
@@ -330,6 +517,9 @@ int main(void)
   tcase_add_test(tc, fork_while_threads_allocate);
   tcase_add_test(tc, fork_from_a_thread);
   tcase_add_test(tc, forked_children_fork_again);
+  tcase_add_test(tc, fork_while_threads_use_stdio);
+  tcase_add_test(tc, fork_from_a_signal_handler_during_fork);
+  tcase_add_test(tc, malloc_stats_survives_cancellation);
   suite_add_tcase(s, tc);
   return sm_run_suite(s);
 }

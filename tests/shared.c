@@ -250,6 +250,32 @@ START_TEST(same_thread_other_sizes_after_free_all)
 }
 END_TEST
 
+/* ---- posix_memalign leaves errno as glibc does ---------------------------- */
+
+static void sh_memalign_body(void)
+{
+  sh_limit();
+  void *p = (void *)1;
+  errno = 0;
+  int rc = smalloc_posix_memalign(&p, 64, 2 * SH_LIMIT);
+  SH_CHECK(rc == ENOMEM, "posix_memalign under a limit returned %d", rc);
+  SH_CHECK(errno == ENOMEM, "posix_memalign failed with ENOMEM but errno is %d", errno);
+  SH_CHECK(p == (void *)1, "posix_memalign changed *memptr on failure");
+  errno = EINTR;
+  rc = smalloc_posix_memalign(&p, 64, 100);
+  SH_CHECK(rc == 0 && errno == EINTR, "a successful posix_memalign changed errno to %d", errno);
+  smalloc_free(p);
+  errno = 0;
+  rc = smalloc_posix_memalign(&p, 24, 100);
+  SH_CHECK(rc == EINVAL && errno == 0, "posix_memalign(24): %d, errno %d", rc, errno);
+}
+
+START_TEST(posix_memalign_enomem_sets_errno)
+{
+  sh_in_child(sh_memalign_body);
+}
+END_TEST
+
 /* ---- malloc_trim from main releases an idle worker's pages ---------------- */
 
 enum { SH_TRIM_BLOCKS = 1 << 20, SH_TRIM_SIZE = 64 };   /* 64 MiB */
@@ -381,6 +407,7 @@ static Suite *shared_suite(void)
   TCase *tc = sm_tcase("shared", 300);
   tcase_add_test(tc, idle_threads_memory_serves_another_thread);
   tcase_add_test(tc, same_thread_other_sizes_after_free_all);
+  tcase_add_test(tc, posix_memalign_enomem_sets_errno);
   tcase_add_test(tc, trim_from_main_releases_idle_workers_pages);
   tcase_add_test(tc, pages_emptied_by_remote_frees_retire);
   suite_add_tcase(s, tc);
