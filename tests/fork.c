@@ -367,6 +367,12 @@ static void *stdio_flusher(void *arg)
 
 START_TEST(fork_while_threads_use_stdio)
 {
+#if SM_TEST_TSAN
+  /* ThreadSanitizer's own fork handling holds its allocator's locks
+   * across fork while other threads allocate through it (getline): that
+   * hangs without smalloc, so this test does not run there. */
+  return;
+#endif
   alarm(40);
   stdio_file = tmpfile();
   ck_assert_ptr_nonnull(stdio_file);
