@@ -287,7 +287,10 @@ void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t del
     for (sm_segment_t *seg = heap->free_segs[kind]; seg; seg = seg->next) {
       for (size_t i = 0; i < seg->page_count; i++) {
         sm_page_t *page = &seg->pages[i];
-        if (!page->in_use && !page->decommitted && now - page->released_ms >= delay)
+        /* released_ms 0: never used since the segment was mapped, so
+         * never touched either: nothing to give back */
+        if (!page->in_use && !page->decommitted && page->released_ms != 0 &&
+            now - page->released_ms >= delay)
           sm_segment_decommit_page(seg, page);
       }
     }
