@@ -121,6 +121,25 @@ static void sh_free_all(void **v, size_t n)
     smalloc_free(v[i]);
 }
 
+/* Bytes of blocks of a class that one segment holds (in either layout: the
+ * secure one gives each page's last 4 KiB to a guard). */
+static size_t sh_segment_bytes(size_t block)
+{
+  size_t pages = 4 * MiB / sm_test_page_size(block), n = 0;
+  for (size_t i = 0; i < pages; i++)
+    n += sm_test_page_capacity(block, i);
+  return n * block;
+}
+
+enum { SH_BIG = SM_TEST_REQUEST_FOR(4096), SH_SMALL = SM_TEST_REQUEST_FOR(64) };
+
+/* The bytes of `small`-class blocks that fit where `from` bytes of
+ * `big`-class blocks were. */
+static size_t sh_same_room(size_t from, size_t big, size_t small)
+{
+  return (size_t)((double)from * sh_segment_bytes(small) / sh_segment_bytes(big));
+}
+
 /* ---- an idle thread's freed memory serves another thread ------------------ */
 
 typedef struct sh_idle {
@@ -157,7 +176,7 @@ static void *sh_idle_worker(void *arg)
 {
   (void)arg;
   sh_wait_phase(1);
-  sh_idle.n = sh_fill(sh_idle.v, sh_idle.max, 4096);
+  sh_idle.n = sh_fill(sh_idle.v, sh_idle.max, SH_BIG);
   sm_test_snap(&sh_idle.s0);
   sh_free_all(sh_idle.v, sh_idle.n);
   sm_test_snap(&sh_idle.s1);
@@ -179,11 +198,11 @@ static void sh_idle_body(void)
   sh_wait_phase(2);
   SH_CHECK(sh_idle.n > SH_LIMIT / 4096 / 2, "the worker got only %zu blocks of 4 KiB", sh_idle.n);
 
-  /* the same bytes again, in 64-byte blocks, from this thread */
+  /* as much again (as many segments), in 64-byte blocks, from this thread */
   smalloc_stats_t a, b;
   sm_test_snap(&a);
-  size_t want = sh_idle.n * (4096 / 64);
-  size_t got = sh_fill(w, want, 64);
+  size_t want = sh_same_room(sh_idle.n * 4096, 4096, 64) / 64;
+  size_t got = sh_fill(w, want, SH_SMALL);
   sm_test_snap(&b);
   SH_CHECK(got * 64 + SH_SLACK >= want * 64, "malloc(64) returned NULL after %zu of %zu blocks "
            "(%zu of the idle worker's %zu KiB)", got, want, got * 64 / 1024, sh_idle.n * 4);
@@ -220,15 +239,16 @@ static void sh_sizes_body(void)
   size_t max64 = SH_LIMIT / 64;
   void **v = sh_ptrs(max64);
   sh_limit();
-  size_t n64 = sh_fill(v, max64, 64);
+  size_t n64 = sh_fill(v, max64, SH_SMALL);
   SH_CHECK(n64 > max64 / 2, "only %zu blocks of 64 bytes under a 256 MiB limit", n64);
   sh_free_all(v, n64);
   size_t bytes = n64 * 64;
 
-  /* the same bytes in 4 KiB blocks: not one NULL */
-  size_t want = bytes / 4096;
-  size_t got = sh_fill(v, want, 4096);
-  SH_CHECK(got * 4096 + SH_SLACK >= bytes, "after freeing %zu KiB of 64-byte blocks, "
+  /* as much in 4 KiB blocks (as many segments): not one NULL */
+  size_t room = sh_same_room(bytes, 64, 4096);
+  size_t want = room / 4096;
+  size_t got = sh_fill(v, want, SH_BIG);
+  SH_CHECK(got * 4096 + SH_SLACK >= room, "after freeing %zu KiB of 64-byte blocks, "
            "malloc(4096) returned NULL after %zu of %zu", bytes / 1024, got, want);
   sh_free_all(v, got);
 
@@ -239,7 +259,7 @@ static void sh_sizes_body(void)
   sh_free_all(v, got);
 
   /* and the first size again */
-  got = sh_fill(v, n64, 64);
+  got = sh_fill(v, n64, SH_SMALL);
   SH_CHECK(got * 64 + SH_SLACK >= bytes, "malloc(64) returned NULL after %zu of the %zu blocks "
            "it served before", got, n64);
   sh_free_all(v, got);
