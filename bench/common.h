@@ -13,6 +13,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -101,6 +102,34 @@ static UNUSED void report(double seconds, uint64_t ops, uint64_t checksum)
   printf("time_s=%.6f ops=%llu maxrss_kb=%ld checksum=%016llx\n", seconds,
          (unsigned long long)ops, ru.ru_maxrss, (unsigned long long)checksum);
   fflush(stdout);
+}
+
+/* A lock-free inbox of blocks handed from one thread to another: the
+ * block's first word links it (threaded workloads: server, xchurn). */
+struct inbox {
+  _Alignas(64) _Atomic(uint64_t *) head;
+};
+
+static UNUSED void inbox_push(struct inbox *in, uint64_t *p)
+{
+  uint64_t *old = atomic_load_explicit(&in->head, memory_order_relaxed);
+  do
+    p[0] = (uint64_t)(uintptr_t)old;
+  while (!atomic_compare_exchange_weak_explicit(&in->head, &old, p, memory_order_release,
+                                                memory_order_relaxed));
+}
+
+/* Take every block and hand each to retire; the sum of what it returns. */
+static UNUSED uint64_t inbox_drain(struct inbox *in, uint64_t (*retire)(uint64_t *))
+{
+  uint64_t ck = 0;
+  uint64_t *p = atomic_exchange_explicit(&in->head, NULL, memory_order_acquire);
+  while (p != NULL) {
+    uint64_t *next = (uint64_t *)(uintptr_t)p[0];
+    ck += retire(p);
+    p = next;
+  }
+  return ck;
 }
 
 static UNUSED void usage_exit(const char *msg)

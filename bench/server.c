@@ -11,10 +11,6 @@
 
 enum { NTHREADS = 8, POOL = 2000, HANDOFF = 8, DRAIN_EVERY = 32 };
 
-struct inbox {
-  _Alignas(64) _Atomic(uint64_t *) head;
-};
-
 static struct inbox inbox[NTHREADS];
 static uint64_t steps;
 static pthread_barrier_t done_stepping;
@@ -54,26 +50,6 @@ static uint64_t retire_block(uint64_t *p)
   return v;
 }
 
-static void hand_off(unsigned to, uint64_t *p)
-{
-  uint64_t *old = atomic_load_explicit(&inbox[to].head, memory_order_relaxed);
-  do
-    p[0] = (uint64_t)(uintptr_t)old;
-  while (!atomic_compare_exchange_weak_explicit(&inbox[to].head, &old, p, memory_order_release,
-                                                memory_order_relaxed));
-}
-
-static uint64_t drain(unsigned self)
-{
-  uint64_t ck = 0;
-  uint64_t *p = atomic_exchange_explicit(&inbox[self].head, NULL, memory_order_acquire);
-  while (p != NULL) {
-    uint64_t *next = (uint64_t *)(uintptr_t)p[0];
-    ck += retire_block(p);
-    p = next;
-  }
-  return ck;
-}
 
 static void *worker(void *arg)
 {
@@ -90,17 +66,17 @@ static void *worker(void *arg)
     uint64_t *old = pool[i];
     if ((r >> 32) % HANDOFF == 0) {
       unsigned to = (unsigned)(self + 1 + (r >> 40) % (NTHREADS - 1)) % NTHREADS;
-      hand_off(to, old);
+      inbox_push(&inbox[to], old);
     } else {
       ck += retire_block(old);
     }
     pool[i] = make_block(&rng);
     if (s % DRAIN_EVERY == DRAIN_EVERY - 1)
-      ck += drain(self);
+      ck += inbox_drain(&inbox[self], retire_block);
   }
 
   pthread_barrier_wait(&done_stepping);
-  ck += drain(self);
+  ck += inbox_drain(&inbox[self], retire_block);
   for (int i = 0; i < POOL; i++)
     ck += retire_block(pool[i]);
   free(pool);

@@ -24,24 +24,6 @@ static void bg_sleep_ms(long ms)
   }
 }
 
-/* Resident bytes, without allocating. */
-static size_t bg_rss(void)
-{
-  char buf[128];
-  int fd = open("/proc/self/statm", O_RDONLY);
-  if (fd < 0)
-    return 0;
-  ssize_t n = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (n <= 0)
-    return 0;
-  buf[n] = '\0';
-  unsigned long size = 0, res = 0;
-  if (sscanf(buf, "%lu %lu", &size, &res) != 2)
-    return 0;
-  return res * sm_page_size();
-}
-
 /* Threads of this process, without allocating (getdents on /proc/self/task
  * through a fixed buffer would do; the count is in /proc/self/status). */
 static int bg_threads(void)
@@ -68,10 +50,10 @@ static void bg_on(void)
 /* Poll until the resident size is at most `limit`; returns it. */
 static size_t bg_wait_rss(size_t limit)
 {
-  size_t rss = bg_rss();
+  size_t rss = sm_test_rss();
   for (long waited = 0; rss > limit && waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
     bg_sleep_ms(BG_POLL_MS);
-    rss = bg_rss();
+    rss = sm_test_rss();
   }
   return rss;
 }
@@ -86,7 +68,7 @@ START_TEST(idle_small_blocks_go_back_without_a_call)
   ck_assert(v != MAP_FAILED);
   memset(v, 0, BG_BLOCKS * sizeof *v);   /* the test's own array counts before and after */
   smalloc_malloc_trim(0);
-  size_t rss0 = bg_rss();
+  size_t rss0 = sm_test_rss();
   for (size_t i = 0; i < BG_BLOCKS; i++) {
     v[i] = smalloc_malloc(BG_SIZE);
     ck_assert_ptr_nonnull(v[i]);
@@ -97,7 +79,7 @@ START_TEST(idle_small_blocks_go_back_without_a_call)
   for (size_t i = 0; i < BG_BLOCKS; i++)
     smalloc_free(v[i]);
   ck_assert_int_eq(sm_test_snap(&b), 0);
-  size_t rss1 = bg_rss();
+  size_t rss1 = sm_test_rss();
   /* idle from here on: nothing but sleeping and reading /proc */
   size_t rss2 = bg_wait_rss(SM_TEST_SANITIZED ? SIZE_MAX : rss0 + 10 * MiB);
   uint64_t retired = b.pages_retired - a.pages_retired;
@@ -136,7 +118,7 @@ START_TEST(idle_huge_block_goes_back_without_a_call)
     return;   /* the secure build keeps no huge mapping */
   bg_on();
   smalloc_malloc_trim(0);
-  size_t rss0 = bg_rss();
+  size_t rss0 = sm_test_rss();
   unsigned char *p = smalloc_malloc(N);
   ck_assert_ptr_nonnull(p);
   memset(p, 3, N);

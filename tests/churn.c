@@ -1093,23 +1093,6 @@ END_TEST
  * unmapped before measuring so that it does not count.  (Sanitizer builds
  * use 128 MiB: their shadow memory makes the full size slow.) */
 
-static size_t ch_rss(void)
-{
-  char buf[128];
-  int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return 0;
-  ssize_t len = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (len <= 0)
-    return 0;
-  buf[len] = '\0';
-  unsigned long size_pages = 0, resident = 0;
-  if (sscanf(buf, "%lu %lu", &size_pages, &resident) != 2)
-    return 0;
-  return (size_t)resident * (size_t)sysconf(_SC_PAGESIZE);
-}
-
 START_TEST(collect_returns_resident_memory)
 {
   const size_t target = CH_SANITIZED ? 128 * CH_MiB : CH_GiB;
@@ -1117,7 +1100,7 @@ START_TEST(collect_returns_resident_memory)
   const size_t slack = 10 * CH_MiB;
 
   smalloc_collect(true);
-  size_t before = ch_rss();
+  size_t before = sm_test_rss();
   ck_assert_msg(before > 0, "cannot read /proc/self/statm");
 
   void **v = ch_map(max_blocks * sizeof *v);
@@ -1135,12 +1118,12 @@ START_TEST(collect_returns_resident_memory)
     v[n++] = p;
     bytes += size;
   }
-  size_t peak = ch_rss();
+  size_t peak = sm_test_rss();
   for (size_t i = n; i-- > 0;)
     smalloc_free(v[i]);
   ch_unmap(v, max_blocks * sizeof *v);
   smalloc_collect(true);
-  size_t after = ch_rss();
+  size_t after = sm_test_rss();
 
   ck_assert_msg(!null, "malloc returned NULL after %zu bytes", bytes);
   ck_assert_msg(peak >= before + target - target / 8,

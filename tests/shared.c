@@ -50,18 +50,6 @@ static size_t sh_vm_bytes(void)
   return pages * sm_page_size();
 }
 
-static size_t sh_rss_bytes(void)
-{
-  unsigned long pages = 0, res = 0;
-  FILE *f = fopen("/proc/self/statm", "r");
-  if (f) {
-    if (fscanf(f, "%lu %lu", &pages, &res) != 2)
-      res = 0;
-    fclose(f);
-  }
-  return res * sm_page_size();
-}
-
 /* Set the limit: the address space in use now plus SH_LIMIT. */
 static void sh_limit(void)
 {
@@ -147,11 +135,11 @@ typedef struct sh_idle {
   pthread_cond_t cv;
   int phase;            /* 0 wait, 1 go, 2 filled and freed, 3 exit */
   void **v;
-  size_t max, n;
+  size_t max, size, n;
   smalloc_stats_t s0, s1;   /* around the worker's frees */
 } sh_idle_t;
 
-static sh_idle_t sh_idle = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, 0, 0,
+static sh_idle_t sh_idle = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, 0, 0, 0,
                             {0}, {0}};
 
 static void sh_set_phase(int phase)
@@ -170,13 +158,14 @@ static void sh_wait_phase(int phase)
   pthread_mutex_unlock(&sh_idle.mu);
 }
 
-/* Fills with 4 KiB blocks until malloc fails, frees them all, then waits
- * (alive, idle) until told to exit. */
+/* Fills sh_idle.v with up to sh_idle.max blocks of sh_idle.size bytes
+ * (until malloc fails, under a limit), frees them all, then waits (alive,
+ * idle) until told to exit. */
 static void *sh_idle_worker(void *arg)
 {
   (void)arg;
   sh_wait_phase(1);
-  sh_idle.n = sh_fill(sh_idle.v, sh_idle.max, SH_BIG);
+  sh_idle.n = sh_fill(sh_idle.v, sh_idle.max, sh_idle.size);
   sm_test_snap(&sh_idle.s0);
   sh_free_all(sh_idle.v, sh_idle.n);
   sm_test_snap(&sh_idle.s1);
@@ -188,6 +177,7 @@ static void *sh_idle_worker(void *arg)
 static void sh_idle_body(void)
 {
   sh_idle.max = SH_LIMIT / 4096;
+  sh_idle.size = SH_BIG;
   sh_idle.v = sh_ptrs(sh_idle.max);
   size_t max64 = SH_LIMIT / 64;
   void **w = sh_ptrs(max64);
@@ -306,37 +296,26 @@ END_TEST
 
 enum { SH_TRIM_BLOCKS = 1 << 20, SH_TRIM_SIZE = 64 };   /* 64 MiB */
 
-static void *sh_trim_worker(void *arg)
-{
-  (void)arg;
-  sh_wait_phase(1);
-  sh_idle.n = sh_fill(sh_idle.v, SH_TRIM_BLOCKS, SH_TRIM_SIZE);
-  sm_test_snap(&sh_idle.s0);
-  sh_free_all(sh_idle.v, sh_idle.n);
-  sm_test_snap(&sh_idle.s1);
-  sh_set_phase(2);
-  sh_wait_phase(3);
-  return NULL;
-}
-
 START_TEST(trim_from_main_releases_idle_workers_pages)
 {
   sh_idle.v = mmap(NULL, SH_TRIM_BLOCKS * sizeof(void *), PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   ck_assert(sh_idle.v != MAP_FAILED);
   pthread_t t;
-  ck_assert_int_eq(pthread_create(&t, NULL, sh_trim_worker, NULL), 0);
+  sh_idle.max = SH_TRIM_BLOCKS;
+  sh_idle.size = SH_TRIM_SIZE;
+  ck_assert_int_eq(pthread_create(&t, NULL, sh_idle_worker, NULL), 0);
   smalloc_malloc_trim(0);
-  size_t rss0 = sh_rss_bytes();
+  size_t rss0 = sm_test_rss();
   sh_set_phase(1);
   sh_wait_phase(2);
   ck_assert_uint_eq(sh_idle.n, SH_TRIM_BLOCKS);
-  size_t rss1 = sh_rss_bytes();
+  size_t rss1 = sm_test_rss();
   smalloc_stats_t a, b;
   ck_assert_int_eq(sm_test_snap(&a), 0);
   smalloc_malloc_trim(0);
   ck_assert_int_eq(sm_test_snap(&b), 0);
-  size_t rss2 = sh_rss_bytes();
+  size_t rss2 = sm_test_rss();
   sh_set_phase(3);
   pthread_join(t, NULL);
 
