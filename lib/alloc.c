@@ -205,6 +205,13 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
     errno = EINVAL;
     return NULL;
   }
+  if (seg->kind < SM_SEG_SINGLE && sm_page_is_block(page, p) &&
+      sm_unlikely(sm_block_is_free(seg, page, (sm_block_t *)p))) {
+    /* resized in place, it would be handed out while free */
+    sm_error("%s(): pointer %p was freed", name, p);
+    errno = EINVAL;
+    return NULL;
+  }
   size_t usable = sm_usable_in(seg, page, p);
   if (sm_track_on() || SM_GUARD) {
     /* copy: memcheck sees one block die and another start; in the secure

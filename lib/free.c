@@ -25,7 +25,7 @@ bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep) {
 
 /* The tag word of a block being freed holds the page's key: it may be
  * free already.  Look for it in the page's lists. */
-bool sm_free_is_double(sm_page_t *page, sm_block_t *b) {
+static bool sm_page_lists_hold(sm_page_t *page, sm_block_t *b) {
   sm_block_t *lists[3] = {page->free, page->local_free,
                           sm_tf_head(page, memory_order_acquire)};
   for (int l = 0; l < 3; l++) {
@@ -33,13 +33,29 @@ bool sm_free_is_double(sm_page_t *page, sm_block_t *b) {
     for (sm_block_t *x = lists[l]; x && guard--; x = sm_dec(page, x->next)) {
       if (((uintptr_t)x ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT) break;  /* corrupt: stop */
       sm_track_link(x);
-      if (x == b) {
-        sm_error("free(): double free of %p", (void *)b);
-        return true;
-      }
+      if (x == b) return true;
     }
   }
   return false;
+}
+
+bool sm_free_is_double(sm_page_t *page, sm_block_t *b) {
+  if (!sm_page_lists_hold(page, b)) return false;
+  sm_error("free(): double free of %p", (void *)b);
+  return true;
+}
+
+/* Whether block b (a block start of page) is free already: its tag says
+ * it travels back from another thread, or says it may be on the page's
+ * lists and, where the caller owns the page, it is found there (another
+ * thread's lists are the owner's: the tag is the answer there). */
+bool sm_block_is_free(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+  sm_track_link(b);
+  uintptr_t d = b->tag ^ page->key;
+  if (d == SM_TAG_REMOTE) return true;
+  if (d != 0) return false;
+  if (atomic_load_explicit(&seg->heap, memory_order_relaxed) != sm_heap()) return true;
+  return sm_page_lists_hold(page, b);
 }
 
 /* The owner frees into a page the fast path does not handle: one on the

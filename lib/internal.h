@@ -483,6 +483,7 @@ void sm_free_generic(void *p, const char *who);
 void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p);
 void sm_free_emptied(sm_page_t *page);
 bool sm_free_is_double(sm_page_t *page, sm_block_t *b);
+bool sm_block_is_free(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep);
 bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);

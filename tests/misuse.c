@@ -410,6 +410,51 @@ static void double_free_while_cross_thread_free_is_batched(bool warn)
 }
 MISUSE(double_free_while_cross_thread_free_is_batched)
 
+/* realloc of a block freed already, to its own size: resized in place it
+ * would be handed out again while still on a free list. */
+static void realloc_of_a_freed_block(bool warn)
+{
+  unsigned char *keep = smalloc_malloc(96);   /* keeps the page from retiring */
+  unsigned char *p = smalloc_malloc(96);
+  CHILD_CHECK(keep && p, "malloc(96) failed");
+  smalloc_free(p);
+  expect_line("realloc(): pointer %p was freed", (void *)p);
+  errno = 0;
+  void *q = smalloc_realloc(sm_opaque(p), 96);
+  if (!warn)
+    return;
+  CHILD_CHECK(q == NULL && errno == EINVAL, "realloc of a freed block: %p, errno %d", q, errno);
+  /* the block is handed out once, not twice */
+  void *a = smalloc_malloc(96), *b = smalloc_malloc(96);
+  CHILD_CHECK(a != b, "malloc returned %p twice", a);
+  smalloc_free(a);
+  smalloc_free(b);
+  heap_still_sound(96);
+  smalloc_free(keep);
+}
+MISUSE(realloc_of_a_freed_block)
+
+/* The same when another thread freed it (the block is in that thread's
+ * batch or on the page's thread_free): the tag says so. */
+static void realloc_of_a_block_freed_by_another_thread(bool warn)
+{
+  unsigned char *keep = smalloc_malloc(112);
+  unsigned char *p = smalloc_malloc(112);
+  pthread_t t;
+  CHILD_CHECK(keep && p, "malloc(112) failed");
+  CHILD_CHECK(pthread_create(&t, NULL, free_in_thread, p) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  expect_line("realloc(): pointer %p was freed", (void *)p);
+  errno = 0;
+  void *q = smalloc_realloc(sm_opaque(p), 112);
+  if (!warn)
+    return;
+  CHILD_CHECK(q == NULL && errno == EINVAL, "realloc of a freed block: %p, errno %d", q, errno);
+  heap_still_sound(112);
+  smalloc_free(keep);
+}
+MISUSE(realloc_of_a_block_freed_by_another_thread)
+
 /* First free from the owner (the block sits on its page's local list),
  * second from another thread, which cannot walk the owner's lists: the
  * block's tag word tells it. */
@@ -864,6 +909,8 @@ int main(void)
   ADD_MISUSE(tc, double_free_after_reuse_of_others);
   ADD_MISUSE(tc, double_free_after_cross_thread_free);
   ADD_MISUSE(tc, double_free_while_cross_thread_free_is_batched);
+  ADD_MISUSE(tc, realloc_of_a_freed_block);
+  ADD_MISUSE(tc, realloc_of_a_block_freed_by_another_thread);
   ADD_MISUSE(tc, double_free_both_cross_thread);
   ADD_MISUSE(tc, double_free_cross_thread_after_local_free);
   ADD_MISUSE(tc, free_middle_of_small_block);
