@@ -36,6 +36,8 @@
 
 /* 0 no thread, 1 running (or being started) */
 static _Atomic int sm_bg_running;
+/* after pthread_create failed (a thread limit, say): no new try before */
+static _Atomic uint64_t sm_bg_retry_ms;
 
 static uint64_t sm_bg_tick_ms(void) {
   uint64_t d = (uint64_t)sm_opt(PURGE_DELAY) / 4;
@@ -99,6 +101,8 @@ void sm_background_wake(void) {
   if (sm_likely(atomic_load_explicit(&sm_bg_running, memory_order_relaxed) != 0)) return;
   if (!sm_opt(BACKGROUND) || atomic_load_explicit(&sm_process_ready, memory_order_acquire) != 2)
     return;
+  uint64_t retry = atomic_load_explicit(&sm_bg_retry_ms, memory_order_relaxed);
+  if (retry != 0 && sm_clock_ms() < retry) return;
   int expected = 0;
   if (!atomic_compare_exchange_strong(&sm_bg_running, &expected, 1)) return;
   pthread_attr_t attr;
@@ -113,6 +117,7 @@ void sm_background_wake(void) {
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   pthread_attr_destroy(&attr);
   if (err != 0) {
+    atomic_store_explicit(&sm_bg_retry_ms, sm_clock_ms() + 1000, memory_order_relaxed);
     atomic_store_explicit(&sm_bg_running, 0, memory_order_relaxed);
     return;
   }
