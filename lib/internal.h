@@ -450,7 +450,7 @@ SM_INLINE size_t sm_class_size(size_t n) {
   return (n < 16 ? 16 : n) + SM_CANARY;
 }
 
-/* The fast path: malloc is 18 instructions to its ret on x86-64 (gcc 12,
+/* The fast path: malloc is 22 instructions to its ret on x86-64 (gcc 12,
  * -O2), one unlikely branch besides the size test.  The branch also
  * catches the static empty heap (its pages are outside every segment) and
  * a free-list pointer that left its segment (corruption). */
@@ -490,8 +490,8 @@ void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 void sm_free_flush_remote(sm_heap_t *heap);
 void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
 
-/* Free on the owner thread: 39 instructions to its ret on x86-64 (gcc 12,
- * -O2); with malloc's 18 and the loop, a malloc(32)+free pair is 79.7
+/* Free on the owner thread: 40 instructions to its ret on x86-64 (gcc 12,
+ * -O2); with malloc's 22 and the loop, a malloc(32)+free pair is 79.8
  * under callgrind (make bench-callgrind).  Checks (all cheap):
  * the pointer is in a segment, it starts a block, and its tag word holds
  * neither the page's key nor the remote tag (else: a full double-free

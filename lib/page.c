@@ -217,12 +217,6 @@ static void sm_retired_unlink_locked(sm_heap_t *heap, sm_page_t *page) {
   page->retired = 0;
 }
 
-/* Bytes of the heap's retired pages (the purge thread starts above a
- * threshold): counted, not summed, since retire and release are events. */
-static uint64_t sm_heap_retired_bytes_locked(const sm_heap_t *heap) {
-  return heap->retired_bytes;
-}
-
 bool sm_heap_has_retired(sm_heap_t *heap) {
   sm_lock(&heap->lock);
   bool any = heap->retired_first != NULL;
@@ -231,8 +225,8 @@ bool sm_heap_has_retired(sm_heap_t *heap) {
 }
 
 /* The earliest expiry among the heap's retired pages, kept by the owner so
- * that the slow path tests one plain field.  Other threads only ever take
- * retired pages away, which can make it early, never late. */
+ * that the slow path tests one plain field (recomputed under the lock
+ * whenever the lists change). */
 static void sm_retired_note_expiry_locked(sm_heap_t *heap) {
   heap->expire_pending = heap->retired_first != NULL;
   if (heap->expire_pending) heap->next_expire = heap->retired_first->retire_expire;
@@ -264,7 +258,7 @@ void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
   page->retired = 1;
   heap->retired_bytes += sm_page_bytes(page);
   sm_retired_note_expiry_locked(heap);
-  bool wake = sm_heap_retired_bytes_locked(heap) >= SM_BG_THRESHOLD;
+  bool wake = heap->retired_bytes >= SM_BG_THRESHOLD;   /* worth a purge thread */
   sm_unlock(&heap->lock);
   sm_assert_expensive(sm_page_state_ok(heap, page));
   if (wake) sm_background_wake();
@@ -315,22 +309,30 @@ void sm_page_release(sm_heap_t *heap, sm_page_t *page) {
   sm_cnt_add(heap->stats.pages_released, 1);
 }
 
-/* Release retired pages whose cycles ran out; when forced, all of them
- * and every other empty page of the heap (thread_free collected first). */
-void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
+/* Under heap->lock: release the heap's retired pages, the expired ones or
+ * (all) every one; returns how many.  Any thread: no owner counter moves. */
+static uint64_t sm_release_retired_locked(sm_heap_t *heap, bool all) {
   uint64_t n = 0;
-  sm_lock(&heap->lock);
   sm_page_t *page;
   while ((page = heap->retired_first) != NULL &&
-         (force || sm_cycle_reached(heap->cycle, page->retire_expire))) {
+         (all || sm_cycle_reached(heap->cycle, page->retire_expire))) {
     sm_retired_unlink_locked(heap, page);
     sm_page_release_locked(heap, page);
     n++;
   }
   sm_retired_note_expiry_locked(heap);
+  return n;
+}
+
+/* Release retired pages whose cycles ran out; when forced, all of them
+ * and every other empty page of the heap (thread_free collected first). */
+void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
+  sm_lock(&heap->lock);
+  uint64_t n = sm_release_retired_locked(heap, force);
   sm_unlock(&heap->lock);
   sm_cnt_add(heap->stats.pages_released, n);
   if (!force) return;
+  sm_page_t *page;
   for (size_t qi = 0; qi < SM_BIN_COUNT; qi++) {
     for (page = heap->queues[qi].first; page; ) {
       sm_page_t *next = page->next;
@@ -354,14 +356,8 @@ void sm_heap_decommit(sm_heap_t *heap, bool all) {
  * refused) releases every retired page of the owner's heap, whether the
  * owner is busy, idle or blocked.  Counted in the caller's heap. */
 void sm_heap_claim_retired(sm_heap_t *owner, sm_heap_t *self) {
-  uint64_t n = 0;
   sm_lock(&owner->lock);
-  sm_page_t *page;
-  while ((page = owner->retired_first) != NULL) {
-    sm_retired_unlink_locked(owner, page);
-    sm_page_release_locked(owner, page);
-    n++;
-  }
+  uint64_t n = sm_release_retired_locked(owner, true);
   sm_unlock(&owner->lock);
   if (n == 0) return;
   SM_COUNT(self, pages_released, n);

@@ -65,6 +65,15 @@ static void sm_segment_unmap(sm_segment_t *seg) {
   sm_gadd(segments_unmapped, 1);
 }
 
+/* Under sm_cache_lock: give a cached segment's memory back; the header
+ * stays (it holds the cache link). */
+static void sm_segment_purge_cached_locked(sm_segment_t *s) {
+  sm_os_purge((uint8_t *)s + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR);
+  s->purged = 1;
+  sm_gsub(bytes_committed, SM_SEGMENT_SIZE - s->decommitted);
+  sm_gadd(segments_purged, 1);
+}
+
 /* Purge cached segments and huge mappings older than the delay (all of
  * them when forced, and then unmap them too). */
 void sm_segment_cache_collect(bool force) {
@@ -79,13 +88,7 @@ void sm_segment_cache_collect(bool force) {
     __atomic_store_n(&sm_cache_count, 0, __ATOMIC_RELAXED);
   } else {
     for (sm_segment_t *s = sm_cache_first; s; s = s->next) {
-      if (!s->purged && now - s->cached_at_ms >= (uint64_t)delay) {
-        /* keep the header: it holds the cache link */
-        sm_os_purge((uint8_t *)s + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR);
-        s->purged = 1;
-        sm_gsub(bytes_committed, SM_SEGMENT_SIZE - s->decommitted);
-        sm_gadd(segments_purged, 1);
-      }
+      if (!s->purged && now - s->cached_at_ms >= (uint64_t)delay) sm_segment_purge_cached_locked(s);
     }
   }
   pthread_mutex_unlock(&sm_cache_lock);
@@ -100,13 +103,8 @@ void sm_segment_cache_collect(bool force) {
  * after releasing pages that were idle for a whole delay). */
 void sm_segment_cache_purge_all(void) {
   pthread_mutex_lock(&sm_cache_lock);
-  for (sm_segment_t *s = sm_cache_first; s; s = s->next) {
-    if (s->purged) continue;
-    sm_os_purge((uint8_t *)s + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR);
-    s->purged = 1;
-    sm_gsub(bytes_committed, SM_SEGMENT_SIZE - s->decommitted);
-    sm_gadd(segments_purged, 1);
-  }
+  for (sm_segment_t *s = sm_cache_first; s; s = s->next)
+    if (!s->purged) sm_segment_purge_cached_locked(s);
   pthread_mutex_unlock(&sm_cache_lock);
 }
 

@@ -280,20 +280,20 @@ static void sm_stats_print_json(FILE *out);
 /* The printers write with cancellation off: a thread cancelled at one of
  * their writes still prints the whole report, and leaves no FILE lock
  * held; the caller's state comes back afterwards. */
-SM_EXPORT void smalloc_stats_print(FILE *out) {
+static void sm_stats_print_uncancelled(FILE *out, void (*print)(FILE *)) {
   if (out == NULL) return;
   int cancel;
   pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel);
-  sm_stats_print_table(out);
+  print(out);
   pthread_setcancelstate(cancel, NULL);
 }
 
+SM_EXPORT void smalloc_stats_print(FILE *out) {
+  sm_stats_print_uncancelled(out, sm_stats_print_table);
+}
+
 SM_EXPORT void smalloc_stats_print_json(FILE *out) {
-  if (out == NULL) return;
-  int cancel;
-  pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel);
-  sm_stats_print_json(out);
-  pthread_setcancelstate(cancel, NULL);
+  sm_stats_print_uncancelled(out, sm_stats_print_json);
 }
 
 static void sm_stats_print_table(FILE *out) {
