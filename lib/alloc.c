@@ -38,26 +38,14 @@ static SM_COLD bool sm_oom_collect(sm_heap_t *heap) {
   return unmapped || heap->stats.pages_released != released;
 }
 
-/* Blocks above the largest size class: a single segment of their own
- * (cached like any segment), or a huge mapping. */
+/* Blocks above the largest size class: a mapping of their own, reused
+ * from the cache of freed ones when one fits (huge.c). */
 static void *sm_malloc_large_once(sm_heap_t *heap, size_t n, size_t alignment, bool zero) {
-  size_t offset;
-  if (n <= SM_LARGE_MAX && alignment <= SM_LARGE_MAX) {
-    sm_segment_t *seg = sm_segment_single_alloc(n, alignment, &offset);
-    if (seg) {
-      void *p = (uint8_t *)seg + offset;
-      sm_cnt_add(heap->stats.large_allocs, 1);
-      sm_cnt_add(heap->stats.large_bytes, seg->block_size);
-      sm_heap_grew(heap);
-      sm_track_malloc(p, n, false);
-      if (zero) memset(p, 0, n);
-      return p;
-    }
-  }
   bool zeroed;
   void *p = sm_huge_alloc(n, alignment, zero, &zeroed);
   if (!p) return NULL;
-  sm_cnt_add(heap->stats.huge_allocs, 1);
+  if (n <= SM_LARGE_MAX) sm_cnt_add(heap->stats.large_allocs, 1);
+  else sm_cnt_add(heap->stats.huge_allocs, 1);
   sm_heap_grew(heap);
   sm_track_malloc(p, n, zeroed);
   return p;
@@ -163,7 +151,7 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
 /* Bytes usable from p to the end of its block (p may be an aligned
  * pointer inside it); no division when p starts the block. */
 static size_t sm_usable_in(const sm_segment_t *seg, const sm_page_t *page, const void *p) {
-  if (seg->kind >= SM_SEG_SINGLE)
+  if (seg->kind >= SM_SEG_LARGE)
     return (size_t)(((const uint8_t *)seg + seg->block_offset + seg->block_size) - (const uint8_t *)p);
   size_t diff = (size_t)((const uint8_t *)p - page->start);
   if (sm_page_is_block(page, p)) return page->block_size - SM_CANARY;
@@ -205,7 +193,7 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
     errno = EINVAL;
     return NULL;
   }
-  if (seg->kind < SM_SEG_SINGLE && sm_page_is_block(page, p) &&
+  if (seg->kind < SM_SEG_LARGE && sm_page_is_block(page, p) &&
       sm_unlikely(sm_block_is_free(seg, page, (sm_block_t *)p))) {
     /* resized in place, it would be handed out while free */
     sm_error("%s(): pointer %p was freed", name, p);
@@ -216,27 +204,25 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
   if (sm_track_on() || SM_GUARD) {
     /* copy: memcheck sees one block die and another start; in the secure
      * build the guard page after a large or huge block stays put */
-    if (!sm_track_on() && n <= usable && (seg->kind >= SM_SEG_SINGLE || n >= usable / 2)) {
+    if (!sm_track_on() && n <= usable && (seg->kind >= SM_SEG_LARGE || n >= usable / 2)) {
       sm_cnt_add(heap->stats.requested, n);
       return p;
     }
-  } else if (seg->kind == SM_SEG_HUGE) {
-    if (n > SM_LARGE_MAX) {
-      /* grows or shrinks in place or moves with mremap: never copies */
-      void *q = sm_huge_realloc(seg, p, n);
+  } else if (seg->kind >= SM_SEG_LARGE) {
+    /* fits, and not wastefully: up to 2 MiB, any block above the classes
+     * keeps its mapping (the memory it gives back would fault in again
+     * when it grows) */
+    if (n <= usable && (n >= usable / 2 || (n > SM_MEDIUM_MAX - SM_CANARY && usable <= SM_LARGE_MAX))) {
+      sm_cnt_add(heap->stats.requested, n);
+      return p;
+    }
+    if (n > SM_MEDIUM_MAX - SM_CANARY) {
+      /* grows or shrinks in place or moves with mremap: never copies.  A
+       * block that grows usually grows again: an eighth more, so that
+       * growing by small steps makes one mremap per eighth, not per step */
+      size_t want = n > usable && n <= SM_MAX_REQUEST / 2 ? n + n / 8 : n;
+      void *q = sm_huge_realloc(seg, p, want);
       if (q) { sm_cnt_add(heap->stats.huge_remaps, 1); sm_cnt_add(heap->stats.requested, n); return q; }
-    }
-  } else if (seg->kind == SM_SEG_SINGLE) {
-    if ((uint8_t *)p == (uint8_t *)seg + seg->block_offset && n > SM_MEDIUM_MAX &&
-        n <= SM_SEGMENT_SIZE - seg->block_offset) {
-      /* a large block grows or shrinks inside its own segment */
-      size_t bs = (n + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
-      if (bs > SM_SEGMENT_SIZE - seg->block_offset) bs = SM_SEGMENT_SIZE - seg->block_offset;
-      sm_cnt_add(heap->stats.large_bytes, bs);
-      sm_cnt_add(heap->stats.large_bytes_freed, seg->block_size);
-      seg->block_size = bs;
-      sm_cnt_add(heap->stats.requested, n);
-      return p;
     }
   } else if (n <= usable && n >= usable / 2) {
     sm_cnt_add(heap->stats.requested, n);

@@ -16,7 +16,7 @@ bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep) {
   }
   if (!sm_segmap_contains((uintptr_t)seg)) return false;
   if (seg->cookie != ((uintptr_t)seg ^ sm_secret)) return false;
-  sm_page_t *page = (seg->kind >= SM_SEG_SINGLE) ? &seg->pages[0] : sm_segment_page_of(seg, p);
+  sm_page_t *page = (seg->kind >= SM_SEG_LARGE) ? &seg->pages[0] : sm_segment_page_of(seg, p);
   if (!page->in_use) return false;
   *segp = seg;
   *pagep = page;
@@ -263,20 +263,15 @@ void sm_free_generic(void *p, const char *who) {
     sm_error("%s(): invalid pointer %p (not allocated by smalloc)", who, p);
     return;
   }
-  if (seg->kind >= SM_SEG_SINGLE) {
+  if (seg->kind >= SM_SEG_LARGE) {
     if (p != (void *)page->start) {
       sm_error("%s(): invalid pointer %p (not the start of a block)", who, p);
       return;
     }
     sm_track_free(p, p);
-    if (seg->kind == SM_SEG_HUGE) {
-      SM_COUNT(heap, huge_frees, 1);
-      sm_huge_free(seg);
-    } else {
-      SM_COUNT(heap, large_frees, 1);
-      SM_COUNT(heap, large_bytes_freed, seg->block_size);
-      sm_segment_single_free(seg);
-    }
+    if (seg->kind == SM_SEG_HUGE) SM_COUNT(heap, huge_frees, 1);
+    else SM_COUNT(heap, large_frees, 1);
+    sm_huge_free(seg);
     return;
   }
   size_t diff = (size_t)((uint8_t *)p - page->start);

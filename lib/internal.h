@@ -71,8 +71,9 @@
 #define SM_BIN_COUNT       (SMALLOC_STATS_CLASSES + 1)  /* bins 1..96 */
 #define SM_BIN_SMALL_LAST  32                    /* bin of 1 KiB: larger blocks use medium pages */
 #define SM_BIN_FULL        0                     /* queue index of full pages */
-/* A block that with its header fits in half a segment is "large" and gets
- * a cached 4 MiB segment of its own; beyond that it is "huge". */
+/* Blocks above the size classes get a mapping of their own, about their
+ * size (huge.c): "large" up to half a segment, "huge" beyond (the two are
+ * counted apart). */
 #define SM_LARGE_MAX       (SM_SEGMENT_SIZE / 2)
 #define SM_MAX_REQUEST     ((size_t)PTRDIFF_MAX - 2 * SM_SEGMENT_SIZE)
 
@@ -157,34 +158,42 @@ _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines")
 _Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_free) == 128,
                "page descriptor lines");
 
-enum { SM_SEG_SMALL = 0, SM_SEG_MEDIUM = 1, SM_SEG_SINGLE = 2, SM_SEG_HUGE = 3 };
+/* Large (up to SM_LARGE_MAX when allocated) and huge blocks are each in a
+ * mapping of their own (huge.c); the kind only says how they are counted. */
+enum { SM_SEG_SMALL = 0, SM_SEG_MEDIUM = 1, SM_SEG_LARGE = 2, SM_SEG_HUGE = 3 };
 
 struct sm_segment_s {
-  sm_page_t pages[SM_SMALL_PAGES];   /* first: a page is segment + index * 192 */
   uintptr_t cookie;              /* address ^ sm_secret: a live header */
   uint8_t kind;
   uint8_t page_shift;
   uint16_t page_count;
   uint16_t used_pages;
   uint8_t purged;                /* cached and madvised away */
-  size_t decommitted;            /* bytes of free pages given back (not counted committed) */
   uint8_t in_free_list;
+  size_t decommitted;            /* bytes of free pages given back (not counted committed) */
   size_t mapped;                 /* bytes of the mapping, from the segment start */
-  size_t block_offset;           /* single: offset of the block */
-  size_t block_size;             /* single: usable bytes */
-  _Atomic(sm_heap_t *) heap;     /* owner heap, NULL when abandoned or single: the
-                                    one record of a segment's owner (a page's
-                                    xtid caches its thread for free) */
+  size_t block_offset;           /* large, huge: offset of the block */
+  size_t block_size;             /* large, huge: usable bytes */
+  _Atomic(sm_heap_t *) heap;     /* owner heap, NULL when abandoned or for a
+                                    large or huge block: the one record of a
+                                    segment's owner (a page's xtid caches it
+                                    for free) */
   sm_segment_t *next, *prev;     /* heap's segments with free pages, cache, abandoned */
   uint64_t cached_at_ms;
+  /* last, so that the header of a large or huge block (which uses only
+   * pages[0]) ends a few hundred bytes in */
+  sm_page_t pages[SM_SMALL_PAGES] __attribute__((aligned(64)));
 };
 _Static_assert(sizeof(sm_segment_t) <= SM_SEGMENT_HDR, "segment header too big");
 
-/* Clear the header of a segment that holds one block: its first page
- * descriptor and the fields after the descriptor array. */
-SM_INLINE void sm_segment_clear_single(sm_segment_t *seg) {
-  memset(&seg->pages[0], 0, sizeof seg->pages[0]);
-  memset(&seg->cookie, 0, sizeof *seg - offsetof(sm_segment_t, cookie));
+/* Where the block of a large or huge mapping starts (at least): after the
+ * header fields and the one page descriptor it uses. */
+#define SM_MAPPED_HDR ((offsetof(sm_segment_t, pages) + sizeof(sm_page_t) + 63) & ~(size_t)63)
+
+/* Clear the header of a mapping that holds one block: the fields and its
+ * first page descriptor. */
+SM_INLINE void sm_segment_clear_mapped(sm_segment_t *seg) {
+  memset(seg, 0, offsetof(sm_segment_t, pages) + sizeof seg->pages[0]);
 }
 
 typedef struct sm_page_queue_s { sm_page_t *first, *last; } sm_page_queue_t;
@@ -222,7 +231,7 @@ typedef struct sm_tstats_s {
   uint64_t class_allocs[SM_BIN_COUNT];
   uint64_t class_frees[SM_BIN_COUNT];
   uint64_t class_steps[SM_BIN_COUNT][SMALLOC_STEP_COUNT];
-  uint64_t large_allocs, large_frees, large_bytes, large_bytes_freed;
+  uint64_t large_allocs, large_frees;
   uint64_t huge_allocs, huge_frees, huge_remaps;
   uint64_t pages_retired, pages_reused, pages_released, pages_full, pages_unfull;
   uint64_t pages_abandoned, pages_reclaimed, segments_reclaimed;
@@ -345,19 +354,27 @@ SM_INLINE sm_heap_t *sm_heap(void) { return sm_heap_tls; }
 SM_INLINE uintptr_t sm_heap_owner_id(const sm_heap_t *heap) { return (uintptr_t)heap; }
 
 /* ---- segment map: which 4 MiB units hold a segment header ------------- */
-/* One byte per unit of the 47-bit user address space: 32 MiB of address
- * space in .bss, of which only the few pages covering mapped segments are
- * ever touched.  A byte (not a bit) makes the check in free two
- * instructions after the range test. */
-#define SM_SEGMAP_BITS 47
-#define SM_SEGMAP_UNITS ((uintptr_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT))
-extern _Atomic uint8_t sm_segmap[SM_SEGMAP_UNITS];
+/* One byte per unit, the segment's page shift (0 where no segment is), in
+ * leaves of 2^14 units (16 KiB each, for 64 GiB of address space) that
+ * os.c maps when it first maps a segment in their range.  The root covers
+ * 48-bit addresses (x86-64 with 4-level paging, arm64 with 48-bit VA; the
+ * kernel maps nothing higher unless a hint asks for it, and os.c refuses a
+ * segment it cannot record).  Unused root entries point at one leaf of
+ * zeros, so a lookup is two loads and no test for a missing leaf: 48 KiB
+ * of .bss in all, where a flat map would take 32 MiB of address space
+ * from a program under RLIMIT_AS. */
+#define SM_SEGMAP_BITS      48
+#define SM_SEGMAP_LEAF_BITS 14
+#define SM_SEGMAP_LEAF_SIZE ((size_t)1 << SM_SEGMAP_LEAF_BITS)
+#define SM_SEGMAP_ROOTS     ((size_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT - SM_SEGMAP_LEAF_BITS))
+extern _Atomic(_Atomic uint8_t *) sm_segmap_root[SM_SEGMAP_ROOTS];
+extern _Atomic uint8_t sm_segmap_zero[SM_SEGMAP_LEAF_SIZE];
 
-/* The byte is the segment's page shift, 0 where no segment is. */
 SM_INLINE unsigned sm_segmap_shift(uintptr_t seg) {
   uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
-  if (sm_unlikely(unit >= SM_SEGMAP_UNITS)) return 0;
-  return atomic_load_explicit(&sm_segmap[unit], memory_order_relaxed);
+  if (sm_unlikely((unit >> SM_SEGMAP_LEAF_BITS) >= SM_SEGMAP_ROOTS)) return 0;
+  _Atomic uint8_t *leaf = atomic_load_explicit(&sm_segmap_root[unit >> SM_SEGMAP_LEAF_BITS], memory_order_acquire);
+  return atomic_load_explicit(&leaf[unit & (SM_SEGMAP_LEAF_SIZE - 1)], memory_order_relaxed);
 }
 SM_INLINE bool sm_segmap_contains(uintptr_t seg) { return sm_segmap_shift(seg) != 0; }
 void sm_segmap_set(uintptr_t seg, unsigned shift);
@@ -490,9 +507,10 @@ void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 void sm_free_flush_remote(sm_heap_t *heap);
 void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
 
-/* Free on the owner thread: 40 instructions to its ret on x86-64 (gcc 12,
- * -O2); with malloc's 22 and the loop, a malloc(32)+free pair is 79.8
- * under callgrind (make bench-callgrind).  Checks (all cheap):
+/* Free on the owner thread: 45 instructions to its ret on x86-64 (gcc 12,
+ * -O2; 5 of them the two-level segment map); with malloc's 22 and the
+ * loop, a malloc(32)+free pair is 84.8 under callgrind (make
+ * bench-callgrind).  Checks (all cheap):
  * the pointer is in a segment, it starts a block, and its tag word holds
  * neither the page's key nor the remote tag (else: a full double-free
  * check in the slow path). */
@@ -501,6 +519,7 @@ SM_INLINE void sm_free_inline(void *p) {
   unsigned shift = sm_segmap_shift((uintptr_t)seg);
   if (sm_unlikely(shift == 0)) { sm_free_generic(p, "free"); return; }
   sm_page_t *page = &seg->pages[((uintptr_t)p - (uintptr_t)seg) >> shift];
+  __asm__("" : "+r"(page));   /* one register for the page (gcc 12 builds it twice) */
   uintptr_t xtid = atomic_load_explicit(&page->xtid, memory_order_relaxed);
   uintptr_t self = sm_heap_owner_id(sm_heap());
   /* a block start: inside the page's blocks (not its segment header or
@@ -568,8 +587,6 @@ void sm_pq_update_direct(sm_heap_t *heap, size_t bin);
 sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment);
 void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page);
 void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t delay);
-sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *offset_out);
-void sm_segment_single_free(sm_segment_t *seg);
 void sm_segment_abandon_heap(sm_heap_t *heap);
 sm_segment_t *sm_segment_reclaim_one(sm_heap_t *heap, int kind);
 void sm_segment_cache_collect(bool force);

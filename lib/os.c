@@ -18,6 +18,33 @@ static void sm_mapped_add(size_t n) {
   }
 }
 
+/* ---- the segment map's storage (internal.h) ------------------------------ */
+_Atomic uint8_t sm_segmap_zero[SM_SEGMAP_LEAF_SIZE];
+_Atomic(_Atomic uint8_t *) sm_segmap_root[SM_SEGMAP_ROOTS] = {
+  [0 ... SM_SEGMAP_ROOTS - 1] = sm_segmap_zero,
+};
+
+/* Every mapping that may hold a segment header (segment-aligned) gets the
+ * map's leaf for its first unit before it is handed out: false when the
+ * address is beyond the map or the leaf cannot be mapped, and the caller
+ * then gives the mapping back.  Leaves stay for the life of the process;
+ * two threads racing for one keep the first. */
+static bool sm_segmap_prepare(uintptr_t seg) {
+  uintptr_t r = (seg >> SM_SEGMENT_SHIFT) >> SM_SEGMAP_LEAF_BITS;
+  if (r >= SM_SEGMAP_ROOTS) return false;
+  _Atomic uint8_t *expect = sm_segmap_zero;
+  if (atomic_load_explicit(&sm_segmap_root[r], memory_order_acquire) != expect) return true;
+  sm_gadd(os_mmap, 1);
+  void *leaf = mmap(NULL, SM_SEGMAP_LEAF_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (leaf == MAP_FAILED) return false;
+  if (!atomic_compare_exchange_strong_explicit(&sm_segmap_root[r], &expect, leaf, memory_order_acq_rel,
+                                               memory_order_acquire)) {
+    sm_gadd(os_munmap, 1);
+    munmap(leaf, SM_SEGMAP_LEAF_SIZE);
+  }
+  return true;
+}
+
 int sm_os_map(size_t size, void **out) {
   int saved = errno;
   sm_gadd(os_mmap, 1);
@@ -44,7 +71,8 @@ static void *sm_os_map_at_hint(size_t size, size_t alignment, size_t pre) {
   sm_gadd(os_mmap, 1);
   void *p = mmap((void *)hint, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) return NULL;
-  if ((((uintptr_t)p + pre) & (alignment - 1)) != 0) {
+  if ((((uintptr_t)p + pre) & (alignment - 1)) != 0 ||
+      (alignment >= SM_SEGMENT_SIZE && !sm_segmap_prepare((uintptr_t)p))) {
     sm_gadd(os_munmap, 1);
     munmap(p, size);
     return NULL;
@@ -76,6 +104,12 @@ int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out) {
   size_t tail = total - head - size;
   if (head) { sm_gadd(os_munmap, 1); munmap(raw, head); }
   if (tail) { sm_gadd(os_munmap, 1); munmap((uint8_t *)want + size, tail); }
+  if (alignment >= SM_SEGMENT_SIZE && !sm_segmap_prepare(want)) {
+    sm_gadd(os_munmap, 1);
+    munmap((void *)want, size);
+    errno = saved;
+    return ENOMEM;
+  }
   errno = saved;
   if (pre == 0)
     atomic_store_explicit(&sm_os_hint, want + ((size + alignment - 1) & ~(alignment - 1)), memory_order_relaxed);
@@ -136,6 +170,12 @@ int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, siz
   if (raw == MAP_FAILED) { int err = errno; errno = saved; return err; }
   uintptr_t want = (((uintptr_t)raw + pre + alignment - 1) & ~(uintptr_t)(alignment - 1)) - pre;
   if (want < (uintptr_t)raw) want += alignment;
+  if (alignment >= SM_SEGMENT_SIZE && !sm_segmap_prepare(want)) {
+    sm_gadd(os_munmap, 1);
+    munmap(raw, total);
+    errno = saved;
+    return ENOMEM;
+  }
   sm_gadd(os_mremap, 1);
   q = mremap(p, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)want);
   if (q == MAP_FAILED) {

@@ -3,15 +3,14 @@
  * A thread heap owns its small and medium segments (its lists of them are
  * under heap->lock, see page.c); empty ones go to a small process-wide cache (purged after SMALLOC_PURGE_DELAY, unmapped when
  * the cache is full); segments of exited threads are abandoned and
- * reclaimed by threads that need pages.  Single segments hold one large
- * block each and go through the same cache. */
+ * reclaimed by threads that need pages.  Blocks above the size classes
+ * have mappings of their own (huge.c). */
 #include "internal.h"
 #include "track.h"
 
 #include <pthread.h>
 #include <time.h>
 
-_Atomic uint8_t sm_segmap[SM_SEGMAP_UNITS];
 
 static pthread_mutex_t sm_cache_lock = PTHREAD_MUTEX_INITIALIZER;
 static sm_segment_t *sm_cache_first;          /* most recently cached first */
@@ -21,10 +20,15 @@ static pthread_mutex_t sm_abandoned_lock = PTHREAD_MUTEX_INITIALIZER;
 static sm_segment_t *sm_abandoned_first[2];
 static _Atomic size_t sm_abandoned_count[2];
 
+/* Record (or with 0 erase) the segment at seg in the map; os.c mapped the
+ * leaf when it mapped the segment. */
 void sm_segmap_set(uintptr_t seg, unsigned shift) {
   uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
-  if (unit >= SM_SEGMAP_UNITS) return;
-  atomic_store_explicit(&sm_segmap[unit], (uint8_t)shift, memory_order_release);
+  if ((unit >> SM_SEGMAP_LEAF_BITS) >= SM_SEGMAP_ROOTS) return;
+  _Atomic uint8_t *leaf = atomic_load_explicit(&sm_segmap_root[unit >> SM_SEGMAP_LEAF_BITS], memory_order_acquire);
+  sm_assert(leaf != sm_segmap_zero || shift == 0);
+  if (leaf == sm_segmap_zero) return;
+  atomic_store_explicit(&leaf[unit & (SM_SEGMAP_LEAF_SIZE - 1)], (uint8_t)shift, memory_order_release);
 }
 
 uint64_t sm_clock_ms(void) {
@@ -154,18 +158,12 @@ static void sm_segment_raw_free(sm_segment_t *seg) {
   }
 }
 
-/* Secure build: the last OS page of every page (or the page after a large
- * block) is inaccessible, so a linear overflow faults before it reaches
+/* Secure build: the last OS page of every page is inaccessible, so a linear overflow faults before it reaches
  * the next page.  A segment from the cache may have had another layout. */
 static void sm_segment_guard(sm_segment_t *seg) {
 #ifdef SM_SECURE
   uint8_t *base = (uint8_t *)seg;
   sm_os_protect(base + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR, true);
-  if (seg->kind == SM_SEG_SINGLE) {
-    size_t end = seg->block_offset + seg->block_size;
-    if (end + SM_GUARD <= SM_SEGMENT_SIZE) sm_os_protect(base + end, SM_GUARD, false);
-    return;
-  }
   size_t psize = (size_t)1 << seg->page_shift;
   for (size_t i = 0; i < seg->page_count; i++)
     sm_os_protect(base + (i + 1) * psize - SM_GUARD, SM_GUARD, false);
@@ -312,39 +310,6 @@ void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *
   } else if (sm_opt(PURGE_DELAY) == 0) {
     sm_segment_decommit_page(seg, page);
   }
-}
-
-/* ---- single segments: one large block each ------------------------------- */
-
-sm_segment_t *sm_segment_single_alloc(size_t size, size_t alignment, size_t *offset_out) {
-  size_t offset = (SM_SEGMENT_HDR + alignment - 1) & ~(alignment - 1);
-  if (offset + size + SM_GUARD > SM_SEGMENT_SIZE) return NULL;
-  sm_segment_t *seg = sm_segment_raw_alloc();
-  if (!seg) return NULL;
-  sm_track_reuse(seg, SM_SEGMENT_SIZE);
-  sm_segment_clear_single(seg);
-  seg->cookie = (uintptr_t)seg ^ sm_secret;
-  seg->kind = SM_SEG_SINGLE;
-  seg->page_shift = SM_SEGMENT_SHIFT;
-  seg->page_count = 1;
-  seg->used_pages = 1;
-  seg->mapped = SM_SEGMENT_SIZE;
-  sm_segmap_set((uintptr_t)seg, SM_SEGMENT_SHIFT);
-  seg->block_offset = offset;
-  seg->block_size = (size + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
-  if (offset + seg->block_size + SM_GUARD > SM_SEGMENT_SIZE) seg->block_size = SM_SEGMENT_SIZE - SM_GUARD - offset;
-  sm_page_t *page = &seg->pages[0];
-  page->in_use = 1;
-  page->start = (uint8_t *)seg + offset;
-  /* limit stays 0: every free of the block goes out of line */
-  sm_segment_guard(seg);
-  *offset_out = offset;
-  return seg;
-}
-
-void sm_segment_single_free(sm_segment_t *seg) {
-  sm_segment_raw_free(seg);
-  if (sm_segment_cache_wants_purge()) sm_background_wake();
 }
 
 /* ---- abandonment and reclaim ------------------------------------------------ */

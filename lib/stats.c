@@ -84,20 +84,17 @@ static void sm_peak_raise(uint64_t bytes) {
  * exit: a few hundred additions per live heap. */
 void sm_stats_sample_peak(void) {
   int64_t per_bin[SM_BIN_COUNT];
-  uint64_t large = 0, large_freed = 0;
   memset(per_bin, 0, sizeof per_bin);
   sm_heaps_lock();
   const sm_tstats_t *src = &sm_exited;
   for (sm_heap_t *h = sm_heaps_first();; h = h->all_next) {
     for (size_t bin = 1; bin < SM_BIN_COUNT; bin++)
       per_bin[bin] += (int64_t)(sm_cnt_read(src->class_allocs[bin]) - sm_cnt_read(src->class_frees[bin]));
-    large += sm_cnt_read(src->large_bytes);
-    large_freed += sm_cnt_read(src->large_bytes_freed);
     if (h == NULL) break;
     src = &h->stats;
   }
   sm_heaps_unlock();
-  uint64_t bytes = large > large_freed ? large - large_freed : 0;
+  uint64_t bytes = 0;
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
     int64_t n = per_bin[bin] - (int64_t)__atomic_load_n(&sm_orphan.class_frees[bin], __ATOMIC_RELAXED);
     if (n > 0) bytes += (uint64_t)n * sm_bin_size(bin);
@@ -168,7 +165,7 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   o->calls_failed = t.calls[SM_CALL_FAILED];
   o->bytes_requested = t.requested;
 #define SM_POS(a, b) ((a) > (b) ? (a) - (b) : 0)
-  o->bytes_in_use = bytes + SM_POS(t.large_bytes, t.large_bytes_freed) + huge_b;
+  o->bytes_in_use = bytes + huge_b;
   o->blocks_in_use = blocks + SM_POS(t.large_allocs, t.large_frees) + SM_POS(t.huge_allocs, t.huge_frees);
 #undef SM_POS
   sm_peak_raise(o->bytes_in_use);

@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "smalloc.h"
@@ -185,6 +186,61 @@ static inline bool sm_is_aligned(const void *p, size_t alignment)
 static inline size_t sm_page_size(void)
 {
   return (size_t)sysconf(_SC_PAGESIZE);
+}
+
+/* The process's address space in use (what RLIMIT_AS counts). */
+static inline size_t sm_test_vm_bytes(void)
+{
+  unsigned long pages = 0;
+  FILE *f = fopen("/proc/self/statm", "r");
+  if (f) {
+    if (fscanf(f, "%lu", &pages) != 1)
+      pages = 0;
+    fclose(f);
+  }
+  return pages * sm_page_size();
+}
+
+/* ---- a check in a child process ------------------------------------------- */
+
+/* Tests that set an address-space limit or otherwise spoil their process
+ * run their body in a child; the child reports its first failed check
+ * through a pipe and exits, and the test fails with that report. */
+static int sm_child_fd __attribute__((unused)) = -1;
+
+#define SM_CHILD_CHECK(cond, ...)                                              \
+  do {                                                                         \
+    if (!(cond)) {                                                             \
+      char m_[512];                                                            \
+      int n_ = snprintf(m_, sizeof m_, __VA_ARGS__);                           \
+      if (write(sm_child_fd, m_, n_ > 0 ? (size_t)n_ : 0) < 0)                 \
+        _exit(3);                                                              \
+      _exit(1);                                                                \
+    }                                                                          \
+  } while (0)
+
+static inline void sm_test_in_child(void (*body)(void))
+{
+  int fds[2];
+  ck_assert_int_eq(pipe(fds), 0);
+  pid_t pid = fork();
+  ck_assert_msg(pid >= 0, "fork: %s", strerror(errno));
+  if (pid == 0) {
+    close(fds[0]);
+    sm_child_fd = fds[1];
+    body();
+    _exit(0);
+  }
+  close(fds[1]);
+  char msg[513];
+  ssize_t n = read(fds[0], msg, sizeof msg - 1);
+  msg[n > 0 ? n : 0] = '\0';
+  close(fds[0]);
+  int status;
+  while (waitpid(pid, &status, 0) < 0)
+    ck_assert_msg(errno == EINTR, "waitpid: %s", strerror(errno));
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child: %s (status %#x)",
+                msg[0] ? msg : "died", status);
 }
 
 /* ---- random numbers: xorshift64*, fixed seeds, reproducible runs --------- */

@@ -1,11 +1,13 @@
-/* Large and huge blocks are reused, not remapped: a freed huge mapping is
- * kept for the next huge request and a freed large block's segment for
- * the next segment, so steady replacement makes no OS call after its
- * first round (exact counters); kept memory is purged after the purge
- * delay and unmapped on request. */
+/* Large and huge blocks are reused, not remapped: a freed mapping is kept
+ * for the next request above the size classes, so steady replacement
+ * makes no OS call after its first round (exact counters); kept memory is
+ * purged after the purge delay and unmapped on request; and a block costs
+ * about its size, so a program under an address-space limit can use
+ * nearly all of it. */
 #include "common.h"
 
 #include <sys/mman.h>
+#include <sys/resource.h>
 
 typedef struct lg_window {
   smalloc_stats_t s0, s1;
@@ -71,16 +73,23 @@ START_TEST(huge_replacement_makes_no_os_calls)
 }
 END_TEST
 
-/* 8 live blocks of 300 KB: each has a segment of its own, which the
- * segment cache keeps */
+/* 8 live blocks of 300 KB, then 20 of 256 KiB-2 MiB: each has a mapping
+ * of its own, which the cache keeps */
 START_TEST(large_replacement_makes_no_os_calls)
 {
+  if (SM_TEST_SECURE)
+    return;   /* the secure build keeps no mapping: a guard page ends each */
   lg_window_t w;
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000), 0);
   lg_replace(8, 300 * 1000, 300 * 1000 + 7, 4, &w);
-  lg_assert_no_os(&w, "large replacement");
+  lg_assert_no_os(&w, "300 KB replacement");
   ck_assert_uint_eq(LG_DELTA(&w, large_allocs), 3 * 8);
-  ck_assert_uint_eq(LG_DELTA(&w, segments_cache_hits), 3 * 8);
+  ck_assert_uint_eq(LG_DELTA(&w, huge_cache_hits), 3 * 8);
+  smalloc_collect(true);
+  lg_replace(20, 256 * 1024 + 1, 2 * MiB, 4, &w);
+  lg_assert_no_os(&w, "256 KiB-2 MiB replacement");
+  ck_assert_uint_eq(LG_DELTA(&w, large_allocs), 3 * 20);
+  ck_assert_uint_eq(LG_DELTA(&w, huge_cache_hits), 3 * 20);
 }
 END_TEST
 
@@ -137,6 +146,52 @@ START_TEST(kept_huge_mappings_are_purged_then_trimmed)
 }
 END_TEST
 
+/* ---- under an address-space limit ------------------------------------------- */
+
+/* The whole process held to 256 MiB of address space, as a small program
+ * under `ulimit -v 262144`: a block above the size classes costs its size
+ * rounded to the OS page (a few hundred bytes of header included), and the
+ * segment map takes 48 KiB, so 300 KB blocks fill at least 200 MiB and
+ * 1 MiB blocks at least 230 MiB (with a 4 MiB segment per block, 16 MiB
+ * and 246 MiB; with a flat 32 MiB segment map, under 225 MiB).  Not under
+ * a sanitizer, whose runtime reserves far more address space than that. */
+#define LG_LIMIT (256 * MiB)
+
+static void lg_fill_under_limit(size_t size, size_t want)
+{
+  enum { MAX = 4096 };
+  void **v = mmap(NULL, MAX * sizeof *v, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  SM_CHILD_CHECK(v != MAP_FAILED, "mmap: %s", strerror(errno));
+  size_t vm = sm_test_vm_bytes();
+  SM_CHILD_CHECK(vm < LG_LIMIT / 4, "the test process maps %zu MiB before the limit", vm / MiB);
+  struct rlimit rl = {LG_LIMIT, LG_LIMIT};
+  SM_CHILD_CHECK(setrlimit(RLIMIT_AS, &rl) == 0, "setrlimit: %s", strerror(errno));
+  size_t n = 0;
+  errno = 0;
+  while (n < MAX && (v[n] = smalloc_malloc(size)) != NULL) {
+    memset(v[n], 0x5a, 64);
+    n++;
+  }
+  SM_CHILD_CHECK(n < MAX && errno == ENOMEM, "%zu blocks, errno %d", n, errno);
+  SM_CHILD_CHECK(n * size >= want, "%zu-byte blocks: %zu MiB under a %zu MiB limit (%zu MiB mapped before), want %zu",
+                 size, n * size / MiB, LG_LIMIT / MiB, vm / MiB, want / MiB);
+  for (size_t i = 0; i < n; i++)
+    smalloc_free(v[i]);
+}
+
+static void lg_limit_300k(void) { lg_fill_under_limit(300 * 1000, 200 * MiB); }
+static void lg_limit_1m(void) { lg_fill_under_limit(MiB, 230 * MiB); }
+
+START_TEST(large_blocks_fill_an_address_space_limit)
+{
+  if (SM_TEST_SANITIZED)
+    return;
+  sm_test_in_child(lg_limit_300k);
+  sm_test_in_child(lg_limit_1m);
+}
+END_TEST
+
 static Suite *large_suite(void)
 {
   Suite *s = suite_create("large");
@@ -145,6 +200,7 @@ static Suite *large_suite(void)
   tcase_add_test(tc, large_replacement_makes_no_os_calls);
   tcase_add_test(tc, calloc_of_a_reused_huge_block_is_zero);
   tcase_add_test(tc, kept_huge_mappings_are_purged_then_trimmed);
+  tcase_add_test(tc, large_blocks_fill_an_address_space_limit);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -4,14 +4,12 @@
  *
  * The tests that need an address-space limit run in a child process of
  * their own with RLIMIT_AS set to its current size plus SH_LIMIT, so the
- * limit binds on the heap and nothing else; the child reports the first
- * failed check through a pipe. */
+ * limit binds on the heap and nothing else (sm_test_in_child, common.h). */
 #include "common.h"
 
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
-#include <sys/wait.h>
 
 #define SH_LIMIT (256 * MiB)
 /* What a refill after free-all may fall short of the first fill under the
@@ -24,63 +22,13 @@
 
 /* ---- a child under an address-space limit ---------------------------------- */
 
-static int sh_report_fd = -1;
-
-/* In the child: report a failed check and exit. */
-#define SH_CHECK(cond, ...)                                                    \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      char m_[512];                                                            \
-      int n_ = snprintf(m_, sizeof m_, __VA_ARGS__);                           \
-      if (write(sh_report_fd, m_, n_ > 0 ? (size_t)n_ : 0) < 0)                \
-        _exit(3);                                                              \
-      _exit(1);                                                                \
-    }                                                                          \
-  } while (0)
-
-static size_t sh_vm_bytes(void)
-{
-  unsigned long pages = 0;
-  FILE *f = fopen("/proc/self/statm", "r");
-  if (f) {
-    if (fscanf(f, "%lu", &pages) != 1)
-      pages = 0;
-    fclose(f);
-  }
-  return pages * sm_page_size();
-}
 
 /* Set the limit: the address space in use now plus SH_LIMIT. */
 static void sh_limit(void)
 {
   struct rlimit rl;
-  rl.rlim_cur = rl.rlim_max = sh_vm_bytes() + SH_LIMIT;
-  SH_CHECK(setrlimit(RLIMIT_AS, &rl) == 0, "setrlimit: %s", strerror(errno));
-}
-
-/* Run body in a child; fail the test with the child's report. */
-static void sh_in_child(void (*body)(void))
-{
-  int fds[2];
-  ck_assert_int_eq(pipe(fds), 0);
-  pid_t pid = fork();
-  ck_assert_msg(pid >= 0, "fork: %s", strerror(errno));
-  if (pid == 0) {
-    close(fds[0]);
-    sh_report_fd = fds[1];
-    body();
-    _exit(0);
-  }
-  close(fds[1]);
-  char msg[513];
-  ssize_t n = read(fds[0], msg, sizeof msg - 1);
-  msg[n > 0 ? n : 0] = '\0';
-  close(fds[0]);
-  int status;
-  while (waitpid(pid, &status, 0) < 0)
-    ck_assert_msg(errno == EINTR, "waitpid: %s", strerror(errno));
-  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child: %s (status %#x)",
-                msg[0] ? msg : "died", status);
+  rl.rlim_cur = rl.rlim_max = sm_test_vm_bytes() + SH_LIMIT;
+  SM_CHILD_CHECK(setrlimit(RLIMIT_AS, &rl) == 0, "setrlimit: %s", strerror(errno));
 }
 
 /* Pointers for a fill, mapped before the limit is set. */
@@ -88,7 +36,7 @@ static void **sh_ptrs(size_t n)
 {
   void **v = mmap(NULL, n * sizeof *v, PROT_READ | PROT_WRITE,
                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  SH_CHECK(v != MAP_FAILED, "mmap: %s", strerror(errno));
+  SM_CHILD_CHECK(v != MAP_FAILED, "mmap: %s", strerror(errno));
   return v;
 }
 
@@ -182,11 +130,11 @@ static void sh_idle_body(void)
   size_t max64 = SH_LIMIT / 64;
   void **w = sh_ptrs(max64);
   pthread_t t;
-  SH_CHECK(pthread_create(&t, NULL, sh_idle_worker, NULL) == 0, "pthread_create failed");
+  SM_CHILD_CHECK(pthread_create(&t, NULL, sh_idle_worker, NULL) == 0, "pthread_create failed");
   sh_limit();
   sh_set_phase(1);
   sh_wait_phase(2);
-  SH_CHECK(sh_idle.n > SH_LIMIT / 4096 / 2, "the worker got only %zu blocks of 4 KiB", sh_idle.n);
+  SM_CHILD_CHECK(sh_idle.n > SH_LIMIT / 4096 / 2, "the worker got only %zu blocks of 4 KiB", sh_idle.n);
 
   /* as much again (as many segments), in 64-byte blocks, from this thread */
   smalloc_stats_t a, b;
@@ -194,16 +142,16 @@ static void sh_idle_body(void)
   size_t want = sh_same_room(sh_idle.n * 4096, 4096, 64) / 64;
   size_t got = sh_fill(w, want, SH_SMALL);
   sm_test_snap(&b);
-  SH_CHECK(got * 64 + SH_SLACK >= want * 64, "malloc(64) returned NULL after %zu of %zu blocks "
+  SM_CHILD_CHECK(got * 64 + SH_SLACK >= want * 64, "malloc(64) returned NULL after %zu of %zu blocks "
            "(%zu of the idle worker's %zu KiB)", got, want, got * 64 / 1024, sh_idle.n * 4);
   /* the worker's retired pages were taken from its heap, all of them and
    * exactly once */
   uint64_t retired = sh_idle.s1.pages_retired - sh_idle.s0.pages_retired;
-  SH_CHECK(retired > 0, "the worker retired no page");
-  SH_CHECK(b.pages_claimed - a.pages_claimed == retired,
+  SM_CHILD_CHECK(retired > 0, "the worker retired no page");
+  SM_CHILD_CHECK(b.pages_claimed - a.pages_claimed == retired,
            "%llu pages claimed, the idle worker retired %llu",
            (unsigned long long)(b.pages_claimed - a.pages_claimed), (unsigned long long)retired);
-  SH_CHECK(b.oom_collects > a.oom_collects, "no allocation was refused by the OS");
+  SM_CHILD_CHECK(b.oom_collects > a.oom_collects, "no allocation was refused by the OS");
   sh_free_all(w, got);
   sh_set_phase(3);
   pthread_join(t, NULL);
@@ -218,7 +166,7 @@ START_TEST(idle_threads_memory_serves_another_thread)
    * and the background suite. */
   return;
 #endif
-  sh_in_child(sh_idle_body);
+  sm_test_in_child(sh_idle_body);
 }
 END_TEST
 
@@ -230,7 +178,7 @@ static void sh_sizes_body(void)
   void **v = sh_ptrs(max64);
   sh_limit();
   size_t n64 = sh_fill(v, max64, SH_SMALL);
-  SH_CHECK(n64 > max64 / 2, "only %zu blocks of 64 bytes under a 256 MiB limit", n64);
+  SM_CHILD_CHECK(n64 > max64 / 2, "only %zu blocks of 64 bytes under a 256 MiB limit", n64);
   sh_free_all(v, n64);
   size_t bytes = n64 * 64;
 
@@ -238,19 +186,19 @@ static void sh_sizes_body(void)
   size_t room = sh_same_room(bytes, 64, 4096);
   size_t want = room / 4096;
   size_t got = sh_fill(v, want, SH_BIG);
-  SH_CHECK(got * 4096 + SH_SLACK >= room, "after freeing %zu KiB of 64-byte blocks, "
+  SM_CHILD_CHECK(got * 4096 + SH_SLACK >= room, "after freeing %zu KiB of 64-byte blocks, "
            "malloc(4096) returned NULL after %zu of %zu", bytes / 1024, got, want);
   sh_free_all(v, got);
 
   /* 1 MiB blocks take a segment each (4 MiB of address space) */
   want = (bytes - SH_SLACK) / (4 * MiB);
   got = sh_fill(v, want, MiB);
-  SH_CHECK(got == want, "after freeing, malloc(1 MiB) returned NULL after %zu of %zu", got, want);
+  SM_CHILD_CHECK(got == want, "after freeing, malloc(1 MiB) returned NULL after %zu of %zu", got, want);
   sh_free_all(v, got);
 
   /* and the first size again */
   got = sh_fill(v, n64, SH_SMALL);
-  SH_CHECK(got * 64 + SH_SLACK >= bytes, "malloc(64) returned NULL after %zu of the %zu blocks "
+  SM_CHILD_CHECK(got * 64 + SH_SLACK >= bytes, "malloc(64) returned NULL after %zu of the %zu blocks "
            "it served before", got, n64);
   sh_free_all(v, got);
 }
@@ -262,7 +210,7 @@ START_TEST(same_thread_other_sizes_after_free_all)
    * limit it can starve the runtime's own mappings (see above). */
   return;
 #endif
-  sh_in_child(sh_sizes_body);
+  sm_test_in_child(sh_sizes_body);
 }
 END_TEST
 
@@ -274,21 +222,21 @@ static void sh_memalign_body(void)
   void *p = (void *)1;
   errno = 0;
   int rc = smalloc_posix_memalign(&p, 64, 2 * SH_LIMIT);
-  SH_CHECK(rc == ENOMEM, "posix_memalign under a limit returned %d", rc);
-  SH_CHECK(errno == ENOMEM, "posix_memalign failed with ENOMEM but errno is %d", errno);
-  SH_CHECK(p == (void *)1, "posix_memalign changed *memptr on failure");
+  SM_CHILD_CHECK(rc == ENOMEM, "posix_memalign under a limit returned %d", rc);
+  SM_CHILD_CHECK(errno == ENOMEM, "posix_memalign failed with ENOMEM but errno is %d", errno);
+  SM_CHILD_CHECK(p == (void *)1, "posix_memalign changed *memptr on failure");
   errno = EINTR;
   rc = smalloc_posix_memalign(&p, 64, 100);
-  SH_CHECK(rc == 0 && errno == EINTR, "a successful posix_memalign changed errno to %d", errno);
+  SM_CHILD_CHECK(rc == 0 && errno == EINTR, "a successful posix_memalign changed errno to %d", errno);
   smalloc_free(p);
   errno = 0;
   rc = smalloc_posix_memalign(&p, 24, 100);
-  SH_CHECK(rc == EINVAL && errno == 0, "posix_memalign(24): %d, errno %d", rc, errno);
+  SM_CHILD_CHECK(rc == EINVAL && errno == 0, "posix_memalign(24): %d, errno %d", rc, errno);
 }
 
 START_TEST(posix_memalign_enomem_sets_errno)
 {
-  sh_in_child(sh_memalign_body);
+  sm_test_in_child(sh_memalign_body);
 }
 END_TEST
 
