@@ -384,12 +384,18 @@ static void sm_page_free_to_local(sm_page_t *page) {
   tail->next = sm_enc(page, head);
 }
 
-/* Housekeeping, every SM_SWEEP_CYCLES slow-path entries: a page can
- * empty while part of its free list is still unused (its blocks were never
- * all handed out), which the free fast path does not treat as emptied;
- * retire such pages here, so they expire and go back like any other.  The
- * first page of a class whose slow path ran since the last sweep is the
- * one the class allocates from: it stays. */
+/* Housekeeping, every SM_SWEEP_CYCLES slow-path entries: pages of the
+ * queues that emptied without the free fast path seeing it are retired
+ * here, so they expire and go back like any other:
+ *   - a page whose free list was never all handed out;
+ *   - a page behind the first of its class whose blocks other threads
+ *     freed, all of them: the owner walks to it only when the pages before
+ *     it run dry, and meanwhile it held memory nobody could use (with many
+ *     threads per core, most of the pages of a program that frees across
+ *     threads).  Its thread_free is taken only when that empties it, so a
+ *     sweep walks no list that stays.
+ * The first page of a class whose slow path ran since the last sweep is
+ * the one the class allocates from: it stays. */
 static size_t sm_heap_sweep(sm_heap_t *heap) {
   size_t visited = 0;
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
@@ -397,10 +403,13 @@ static size_t sm_heap_sweep(sm_heap_t *heap) {
     heap->bin_active[bin] = 0;
     for (sm_page_t *page = heap->queues[bin].first; page; visited++) {
       sm_page_t *next = page->next;
-      if (page->used == 0 && sm_tf_head(page, memory_order_relaxed) == NULL &&
-          !(active && page == heap->queues[bin].first)) {
-        sm_page_free_to_local(page);
-        sm_page_retire(heap, page);
+      if (!(active && page == heap->queues[bin].first)) {
+        uintptr_t tf = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
+        if (sm_tf_ptr(tf) != NULL && sm_tf_count(tf) == page->used) sm_page_collect_thread_free(page);
+        if (page->used == 0 && sm_tf_head(page, memory_order_relaxed) == NULL) {
+          sm_page_free_to_local(page);
+          sm_page_retire(heap, page);
+        }
       }
       page = next;
     }

@@ -354,6 +354,105 @@ START_TEST(pages_emptied_by_remote_frees_retire)
 }
 END_TEST
 
+/* ---- queued pages emptied by another thread's frees ------------------------ */
+
+/* Pages of the owner's queue behind its first page of a class: the owner
+ * freed one block of each (which brought each back from the full list to
+ * the end of the queue), another thread freed all the others.  The owner's
+ * slow path does not walk to them while its first page has blocks; the
+ * periodic sweep retires them and they expire (RETIRE_CYCLES 8): exactly
+ * those pages go back, and the class keeps only its first page. */
+enum { SH_Q_SIZE = SM_TEST_REQUEST_FOR(64), SH_Q_OTHER = 200, SH_Q_PAGES = 3, SH_Q_EXPIRE = 8 };
+
+typedef struct sh_q {
+  void **v, **remote;
+  size_t n, nremote, pages;
+  unsigned rounds;
+  smalloc_stats_t s[3];
+} sh_q_t;
+
+static void *sh_q_freer(void *arg)
+{
+  sh_q_t *q = arg;
+  sh_free_all(q->remote, q->nremote);
+  return NULL;
+}
+
+static void *sh_q_owner(void *arg)
+{
+  sh_q_t *q = arg;
+  size_t bsize = sm_test_class_size(SH_Q_SIZE);
+  uintptr_t pmask = ~(uintptr_t)(sm_test_page_size(bsize) - 1);
+  size_t cap = sm_test_page_capacity(bsize, 1);
+  q->n = SH_Q_PAGES * cap + cap / 2;
+  q->v = mmap(NULL, 2 * q->n * sizeof *q->v, PROT_READ | PROT_WRITE,
+              MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (q->v == MAP_FAILED)
+    return NULL;
+  q->remote = q->v + q->n;
+  smalloc_collect(true);
+  sm_test_snap(&q->s[0]);
+  for (size_t i = 0; i < q->n; i++)
+    q->v[i] = smalloc_malloc(SH_Q_SIZE);
+  /* blocks come in address order, a page at a time: the first block of
+   * each exhausted page is freed here, the rest by the other thread */
+  uintptr_t first = (uintptr_t)q->v[q->n - 1] & pmask, prev = 0;
+  size_t live = 0;
+  for (size_t i = 0; i < q->n; i++) {
+    uintptr_t page = (uintptr_t)q->v[i] & pmask;
+    if (page == first) {
+      q->v[live++] = q->v[i];
+    } else if (page != prev) {
+      smalloc_free(q->v[i]);
+      q->pages++;
+    } else {
+      q->remote[q->nremote++] = q->v[i];
+    }
+    prev = page;
+  }
+  pthread_t t;
+  if (pthread_create(&t, NULL, sh_q_freer, q) == 0)
+    pthread_join(t, NULL);   /* its batches are sent when it exits */
+  sm_test_snap(&q->s[1]);
+  /* slow-path entries of another class, until the sweep and the expiry ran */
+  void *other[256];
+  for (q->rounds = 0; q->rounds < 4000; q->rounds++) {
+    for (int i = 0; i < 256; i++)
+      other[i] = smalloc_malloc(SH_Q_OTHER);
+    for (int i = 0; i < 256; i++)
+      smalloc_free(other[i]);
+    sm_test_snap(&q->s[2]);
+    if (q->s[2].pages_released - q->s[1].pages_released >= q->pages)
+      break;
+  }
+  sh_free_all(q->v, live);
+  munmap(q->v, 2 * q->n * sizeof *q->v);
+  return NULL;
+}
+
+START_TEST(queued_pages_emptied_by_remote_frees_expire)
+{
+  static sh_q_t q;
+  long old = smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, SH_Q_EXPIRE), 0);
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, sh_q_owner, &q), 0);
+  pthread_join(t, NULL);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, old), 0);
+  ck_assert_ptr_ne(q.v, MAP_FAILED);
+  const smalloc_stats_t *s = q.s;
+  int c = sm_test_class_index(&s[0], SH_Q_SIZE);
+  ck_assert_int_ge(c, 0);
+  ck_assert_msg(q.pages >= SH_Q_PAGES, "the blocks filled %zu pages", q.pages);
+  ck_assert_uint_eq(s[1].classes[c].pages_in_use - s[0].classes[c].pages_in_use, q.pages + 1);
+  ck_assert_msg(s[2].pages_released - s[1].pages_released == q.pages,
+                "%llu pages released of %zu emptied by the other thread, after %u rounds",
+                (unsigned long long)(s[2].pages_released - s[1].pages_released), q.pages,
+                q.rounds);
+  ck_assert_uint_eq(s[2].classes[c].pages_in_use - s[0].classes[c].pages_in_use, 1);
+}
+END_TEST
+
 static Suite *shared_suite(void)
 {
   Suite *s = suite_create("shared");
@@ -363,6 +462,7 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, posix_memalign_enomem_sets_errno);
   tcase_add_test(tc, trim_from_main_releases_idle_workers_pages);
   tcase_add_test(tc, pages_emptied_by_remote_frees_retire);
+  tcase_add_test(tc, queued_pages_emptied_by_remote_frees_expire);
   suite_add_tcase(s, tc);
   return s;
 }
