@@ -8,6 +8,7 @@
 #include "common.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 
@@ -453,6 +454,105 @@ START_TEST(queued_pages_emptied_by_remote_frees_expire)
 }
 END_TEST
 
+/* ---- many threads freeing each other's blocks ---------------------------- */
+
+/* 64 threads keep 4096 live blocks each of one class and replace 1024 of
+ * them per round, handing one in four to another thread, which frees it
+ * after the round's barrier.  The heap does not grow with the rounds: once
+ * warmed up, the class's pages hold at most 1.5 times its live bytes
+ * (live 4 pages per thread; the rest is each owner's partly used pages and
+ * the blocks other threads freed into them since it last ran), checked at
+ * every tenth round. */
+enum { SH_M_THREADS = 64, SH_M_POOL = 4096, SH_M_STEPS = 1024, SH_M_ROUNDS = 40,
+       SH_M_WARM = 10, SH_M_SIZE = SM_TEST_REQUEST_FOR(64) };
+
+typedef struct sh_m {
+  pthread_barrier_t round, drained;
+  _Atomic(void *) inbox[SH_M_THREADS];
+  double worst;          /* the highest page bytes / live bytes seen */
+  unsigned worst_round;
+  int failed;
+} sh_m_t;
+
+static sh_m_t sh_m;
+
+static void sh_m_push(unsigned to, void *p)
+{
+  void *old = atomic_load(&sh_m.inbox[to]);
+  do
+    *(void **)p = old;
+  while (!atomic_compare_exchange_weak(&sh_m.inbox[to], &old, p));
+}
+
+static void *sh_m_worker(void *arg)
+{
+  unsigned self = (unsigned)(uintptr_t)arg;
+  sm_rng_t rng;
+  sm_rng_seed(&rng, 0x5eed0000u + self);
+  void **pool = mmap(NULL, SH_M_POOL * sizeof *pool, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (pool == MAP_FAILED) {
+    sh_m.failed = 1;
+    pool = NULL;
+  }
+  for (int i = 0; pool && i < SH_M_POOL; i++)
+    pool[i] = smalloc_malloc(SH_M_SIZE);
+  for (unsigned r = 0; r < SH_M_ROUNDS; r++) {
+    for (int k = 0; pool && k < SH_M_STEPS; k++) {
+      uint64_t x = sm_rng_next(&rng);
+      unsigned i = (unsigned)(x % SH_M_POOL);
+      if ((x >> 32) % 4 == 0)
+        sh_m_push((self + 1 + (unsigned)(x >> 40) % (SH_M_THREADS - 1)) % SH_M_THREADS, pool[i]);
+      else
+        smalloc_free(pool[i]);
+      pool[i] = smalloc_malloc(SH_M_SIZE);
+    }
+    pthread_barrier_wait(&sh_m.round);
+    for (void *p = atomic_exchange(&sh_m.inbox[self], NULL); p != NULL;) {
+      void *next = *(void **)p;
+      smalloc_free(p);
+      p = next;
+    }
+    if (pthread_barrier_wait(&sh_m.drained) == PTHREAD_BARRIER_SERIAL_THREAD &&
+        r >= SH_M_WARM && r % 10 == 0) {
+      smalloc_stats_t st;
+      int c = sm_test_snap(&st) == 0 ? sm_test_class_index(&st, SH_M_SIZE) : -1;
+      if (c < 0) {
+        sh_m.failed = 1;
+      } else {
+        double ratio = (double)st.classes[c].pages_in_use * SM_TEST_SMALL_PAGE /
+                       ((double)st.classes[c].blocks_in_use * sm_test_class_size(SH_M_SIZE));
+        if (ratio > sh_m.worst) {
+          sh_m.worst = ratio;
+          sh_m.worst_round = r;
+        }
+      }
+    }
+    pthread_barrier_wait(&sh_m.round);
+  }
+  for (int i = 0; pool && i < SH_M_POOL; i++)
+    smalloc_free(pool[i]);
+  if (pool)
+    munmap(pool, SH_M_POOL * sizeof *pool);
+  return NULL;
+}
+
+START_TEST(many_threads_freeing_each_others_blocks_stay_bounded)
+{
+  pthread_t t[SH_M_THREADS];
+  ck_assert_int_eq(pthread_barrier_init(&sh_m.round, NULL, SH_M_THREADS), 0);
+  ck_assert_int_eq(pthread_barrier_init(&sh_m.drained, NULL, SH_M_THREADS), 0);
+  for (unsigned i = 0; i < SH_M_THREADS; i++)
+    ck_assert_int_eq(pthread_create(&t[i], NULL, sh_m_worker, (void *)(uintptr_t)i), 0);
+  for (unsigned i = 0; i < SH_M_THREADS; i++)
+    pthread_join(t[i], NULL);
+  ck_assert_int_eq(sh_m.failed, 0);
+  ck_assert_msg(sh_m.worst > 1.0 && sh_m.worst <= 1.5,
+                "the class's pages held %.2f times its live bytes (round %u)", sh_m.worst,
+                sh_m.worst_round);
+}
+END_TEST
+
 static Suite *shared_suite(void)
 {
   Suite *s = suite_create("shared");
@@ -463,6 +563,7 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, trim_from_main_releases_idle_workers_pages);
   tcase_add_test(tc, pages_emptied_by_remote_frees_retire);
   tcase_add_test(tc, queued_pages_emptied_by_remote_frees_expire);
+  tcase_add_test(tc, many_threads_freeing_each_others_blocks_stay_bounded);
   suite_add_tcase(s, tc);
   return s;
 }
