@@ -11,6 +11,9 @@
  *     then purges the segments this left empty at once (they have been
  *     idle that long already), and gives back the memory of the free pages
  *     left in that heap's segments;
+ *   - releases the pages of the other heaps that have been retired for
+ *     the purge delay (sm_heap_release_stale): a thread that calls in
+ *     now and then is not idle, but its burst is over;
  *   - gives back the memory of free pages that have been free in any
  *     heap's segments for the delay;
  *   - purges cached segments and kept huge mappings older than the delay.
@@ -69,7 +72,8 @@ static bool sm_bg_round(void) {
         sm_heap_claim_retired(h, self);
         claimed = true;
       } else {
-        left = true;
+        sm_heap_release_stale(h, self, now, delay);
+        left = left || sm_heap_has_retired(h);
       }
     }
     sm_heap_decommit(h, idle);

@@ -66,7 +66,6 @@ static size_t sm_huge_cached_bytes;
 static void sm_huge_unmap(sm_segment_t *seg, size_t mapped, bool purged) {
   sm_segmap_set((uintptr_t)seg, 0);
   if (!purged) sm_gsub(bytes_committed, mapped);
-  else sm_gsub(bytes_committed, SM_OS_PAGE);
   sm_os_unmap(seg, mapped);
 }
 
@@ -116,7 +115,7 @@ static bool sm_huge_cut(size_t mapped, size_t need, size_t n) {
 static sm_segment_t *sm_huge_reuse(sm_huge_entry_t *e, size_t need, size_t n) {
   sm_segment_t *seg = e->seg;
   size_t mapped = e->mapped;
-  if (e->purged) sm_gadd(bytes_committed, mapped - SM_OS_PAGE);
+  if (e->purged) sm_gadd(bytes_committed, mapped);
   if (sm_huge_cut(mapped, need, n)) {
     sm_os_unmap((uint8_t *)seg + need, mapped - need);
     sm_gsub(bytes_committed, mapped - need);
@@ -234,9 +233,12 @@ void sm_huge_cache_collect(bool force) {
       sm_huge_cached_bytes -= e->mapped;
       e->seg = NULL;
     } else if (!e->purged && now - e->at_ms >= delay) {
-      /* keep the header's page: it is the mapping's first */
-      sm_os_purge((uint8_t *)e->seg + SM_OS_PAGE, e->mapped - SM_OS_PAGE);
-      sm_gsub(bytes_committed, e->mapped - SM_OS_PAGE);
+      /* the header's page too: a kept mapping's header is rewritten when
+       * it is reused, and reads as no block meanwhile (its cookie is 0).
+       * Kept, that page would pin the whole first huge page of a mapping
+       * backed by transparent huge pages, 2 MiB, until memory ran short */
+      sm_os_purge(e->seg, e->mapped);
+      sm_gsub(bytes_committed, e->mapped);
       e->purged = true;
     }
   }

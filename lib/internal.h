@@ -150,8 +150,8 @@ struct sm_page_s {
   _Atomic uintptr_t thread_free __attribute__((aligned(64)));
   /* touched only when the page retires or is reused, under heap->lock */
   sm_page_t *rnext, *rprev;      /* heap->retired_first..last, in expiry order */
-  /* while the page is free in its segment (under heap->lock) */
-  uint64_t released_ms;          /* when it went back to its segment */
+  /* while the page is retired or free in its segment (under heap->lock) */
+  uint64_t empty_since_ms;       /* when it retired, or went back to its segment */
   uint8_t decommitted;           /* its memory was given back (madvise) */
 };
 _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines");
@@ -563,6 +563,7 @@ void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b);
 void sm_heap_collect_delayed(sm_heap_t *heap);
 void sm_heap_close_delayed(sm_heap_t *heap);
 void sm_heap_claim_retired(sm_heap_t *owner, sm_heap_t *self);
+void sm_heap_release_stale(sm_heap_t *owner, sm_heap_t *self, uint64_t now, uint64_t delay);
 void sm_heap_reclaim_all(sm_heap_t *heap);
 bool sm_heap_has_retired(sm_heap_t *heap);
 void sm_heap_decommit(sm_heap_t *heap, bool all);

@@ -244,7 +244,9 @@ void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
   sm_pq_remove(heap, page->bin, page);
   page->retire_expire = heap->cycle + (uint32_t)cycles;
   sm_page_queue_t *q = &heap->retired[page->bin];
+  uint64_t now = sm_clock_ms();
   sm_lock(&heap->lock);
+  page->empty_since_ms = now;
   page->prev = NULL;
   page->next = q->first;
   if (q->first) q->first->prev = page; else q->last = page;
@@ -358,6 +360,32 @@ void sm_heap_decommit(sm_heap_t *heap, bool all) {
 void sm_heap_claim_retired(sm_heap_t *owner, sm_heap_t *self) {
   sm_lock(&owner->lock);
   uint64_t n = sm_release_retired_locked(owner, true);
+  sm_unlock(&owner->lock);
+  if (n == 0) return;
+  SM_COUNT(self, pages_released, n);
+  SM_COUNT(self, pages_claimed, n);
+}
+
+/* The purge thread, for a heap whose thread is not idle: release the
+ * retired pages that have waited for the purge delay.  Retired pages
+ * expire after their thread's slow-path cycles; a thread that takes a
+ * slow path now and then (a server between rare requests, a program
+ * that samples something every 100 ms) would keep a burst's pages for
+ * minutes, and never look idle to the purge thread either.  Counted in
+ * the caller's heap, as a claim. */
+void sm_heap_release_stale(sm_heap_t *owner, sm_heap_t *self, uint64_t now, uint64_t delay) {
+  uint64_t n = 0;
+  sm_lock(&owner->lock);
+  for (sm_page_t *page = owner->retired_first; page;) {
+    sm_page_t *next = page->rnext;
+    if (now - page->empty_since_ms >= delay) {
+      sm_retired_unlink_locked(owner, page);
+      sm_page_release_locked(owner, page);
+      n++;
+    }
+    page = next;
+  }
+  if (n) sm_retired_note_expiry_locked(owner);
   sm_unlock(&owner->lock);
   if (n == 0) return;
   SM_COUNT(self, pages_released, n);

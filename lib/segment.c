@@ -283,10 +283,10 @@ void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t del
     for (sm_segment_t *seg = heap->free_segs[kind]; seg; seg = seg->next) {
       for (size_t i = 0; i < seg->page_count; i++) {
         sm_page_t *page = &seg->pages[i];
-        /* released_ms 0: never used since the segment was mapped, so
+        /* empty_since_ms 0: never used since the segment was mapped, so
          * never touched either: nothing to give back */
-        if (!page->in_use && !page->decommitted && page->released_ms != 0 &&
-            now - page->released_ms >= delay)
+        if (!page->in_use && !page->decommitted && page->empty_since_ms != 0 &&
+            now - page->empty_since_ms >= delay)
           sm_segment_decommit_page(seg, page);
       }
     }
@@ -297,7 +297,7 @@ void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t del
  * without pages to the cache. */
 void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page) {
   page->in_use = 0;
-  page->released_ms = sm_clock_ms();
+  page->empty_since_ms = sm_clock_ms();
   if (!seg->in_free_list) {
     sm_seg_list_remove(&heap->full_segs, seg);
     seg->in_free_list = 1;

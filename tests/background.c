@@ -267,12 +267,71 @@ START_TEST(free_pages_of_a_live_segment_go_back)
 }
 END_TEST
 
+/* A thread that calls in now and then is never idle for a whole purge
+ * delay, but its burst is over: the purge thread releases the pages that
+ * have been retired for the delay all the same.  RETIRE_CYCLES is set so
+ * high that the thread's own expiry never comes; a slow path every 10 ms
+ * (100 blocks of 8 KiB, allocated and freed) keeps it from looking idle. */
+START_TEST(a_burst_goes_back_while_its_thread_calls_in)
+{
+  enum { TICK_MS = 10, TICK_BLOCKS = 100, TICK_SIZE = 8192 };
+  long cycles = smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES);
+  bg_on();
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 1000000), 0);
+  void **v = mmap(NULL, BG_BLOCKS * sizeof *v, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ck_assert(v != MAP_FAILED);
+  memset(v, 0, BG_BLOCKS * sizeof *v);
+  void *tick[TICK_BLOCKS];
+  smalloc_malloc_trim(0);
+  size_t rss0 = sm_test_rss();
+  for (size_t i = 0; i < BG_BLOCKS; i++) {
+    v[i] = smalloc_malloc(BG_SIZE);
+    ck_assert_ptr_nonnull(v[i]);
+    memset(v[i], 7, BG_SIZE);
+  }
+  smalloc_stats_t a, b, c;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  for (size_t i = 0; i < BG_BLOCKS; i++)
+    smalloc_free(v[i]);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  uint64_t retired = b.pages_retired - a.pages_retired;
+  uint64_t slow = b.slow_path;
+  size_t rss = sm_test_rss();
+  long waited;
+  for (waited = 0; waited < BG_POLL_MAX_MS; waited += TICK_MS) {
+    for (int i = 0; i < TICK_BLOCKS; i++)
+      tick[i] = smalloc_malloc(TICK_SIZE);
+    for (int i = 0; i < TICK_BLOCKS; i++)
+      smalloc_free(tick[i]);
+    ck_assert_int_eq(sm_test_snap(&c), 0);
+    ck_assert_msg(c.slow_path > slow, "no slow path in a tick");
+    slow = c.slow_path;
+    rss = sm_test_rss();
+    if (c.pages_claimed - b.pages_claimed >= retired && (SM_TEST_SANITIZED || rss <= rss0 + 10 * MiB))
+      break;
+    bg_sleep_ms(TICK_MS);
+  }
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, cycles), 0);
+  munmap(v, BG_BLOCKS * sizeof *v);
+  ck_assert_uint_ge(retired, BG_BLOCKS * BG_SIZE / SM_TEST_SMALL_PAGE - 1);
+  ck_assert_msg(c.pages_claimed - b.pages_claimed >= retired,
+                "the purge thread claimed %llu of the %llu retired pages in %ld ms",
+                (unsigned long long)(c.pages_claimed - b.pages_claimed),
+                (unsigned long long)retired, waited);
+  ck_assert_msg(SM_TEST_SANITIZED || rss <= rss0 + 10 * MiB,
+                "resident %zu MiB after %ld ms; %zu MiB before the burst", rss / MiB, waited,
+                rss0 / MiB);
+}
+END_TEST
+
 static Suite *background_suite(void)
 {
   Suite *s = suite_create("background");
   TCase *tc = sm_tcase("background", 300);
   tcase_add_test(tc, idle_small_blocks_go_back_without_a_call);
   tcase_add_test(tc, idle_huge_block_goes_back_without_a_call);
+  tcase_add_test(tc, a_burst_goes_back_while_its_thread_calls_in);
   tcase_add_test(tc, purge_thread_exits_when_done);
   tcase_add_test(tc, background_off_starts_no_thread);
   tcase_add_test(tc, fork_while_purging);
