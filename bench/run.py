@@ -24,8 +24,13 @@ Environment (make passes the first four):
   BENCH_PEERS=name=/path/lib.so,... (more allocators to preload, such as a
   mimalloc or snmalloc built from source)
 
-Writes results.csv, results.md and (with gnuplot) results.svg into the
-output directory.  Exits 1 when a run failed or checksums disagree.
+After the timed workloads (unless BENCH_ONLY is set), two sections run every
+allocator once: memory return (bench_idle burst: resident size while a
+program that freed a burst makes no call) and the most malloc obtains under
+a 256 MiB RLIMIT_AS (bench_idle limit).
+
+Writes results.csv, results.md and (with gnuplot) results.svg and
+results-idle.svg into the output directory.  Exits 1 when a run failed or checksums disagree.
 Standard library only.
 """
 
@@ -503,6 +508,9 @@ class Report:
         self.results = []    # (work, {name: Row})
         self.errors = []
         self.notes = []
+        self.idle = {}       # memory return: {name: (samples, base_kb, error)}
+        self.limits = {}     # {name: [MiB per LIMIT_SIZES]}
+        self.quick = False
 
     def work_tables(self, work, rows, md):
         fresh = rows.get("fresh")
@@ -674,6 +682,128 @@ plot for [i=2:%d] '%s' using i:xtic(1) title columnheader(i)
     return True
 
 
+# ---- memory return and the address-space limit (bench_idle) ------------------
+
+IDLE_S = 3.0
+SAMPLE_RE = re.compile(r"t_ms=(-?\d+) rss_kb=(\d+)")
+LIMIT_SIZES = [("300 KB", 300000), ("1 MiB", 1 << 20)]
+
+
+def run_idle(bindir, allocs, quick):
+    """Burst, free, idle under each allocator: resident size over time.
+    Returns {name: (samples [(t_ms, rss_kb)], base_kb, error)}."""
+    prog = os.path.join(bindir, "bench_idle")
+    out = {}
+    for a in allocs:
+        env = base_env()
+        if a.lib:
+            env["LD_PRELOAD"] = a.lib
+        env.update(a.env)
+        argv = [prog, "burst"] + (["quick"] if quick else []) + [str(IDLE_S)]
+        try:
+            r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            out[a.name] = ([], 0, str(e))
+            continue
+        m = re.search(r"base_kb=(\d+)", r.stdout)
+        if r.returncode != 0 or not m:
+            out[a.name] = ([], 0, "exit status %d" % r.returncode)
+            continue
+        out[a.name] = ([(int(t), int(k)) for t, k in SAMPLE_RE.findall(r.stdout)],
+                       int(m.group(1)), None)
+    return out
+
+
+def run_limit(bindir, allocs):
+    """MiB each allocator obtains under a 256 MiB RLIMIT_AS, per block size."""
+    prog = os.path.join(bindir, "bench_idle")
+    out = {}
+    for a in allocs:
+        env = base_env()
+        if a.lib:
+            env["LD_PRELOAD"] = a.lib
+        env.update(a.env)
+        vals = []
+        for _, size in LIMIT_SIZES:
+            try:
+                r = subprocess.run([prog, "limit", str(size)], env=env, capture_output=True,
+                                   text=True, timeout=120)
+                m = re.search(r"limit_mib=(\d+)", r.stdout)
+                vals.append(int(m.group(1)) if m else None)
+            except (OSError, subprocess.SubprocessError):
+                vals.append(None)
+        out[a.name] = vals
+    return out
+
+
+def idle_table(idle, md):
+    marks = [-2, -1, 1000, 2000, 3000]
+    headers = ["allocator", "base MiB", "peak MiB", "freed MiB", "+1 s", "+2 s", "+3 s",
+               "end - base MiB"]
+    body = []
+    for name, (samples, base, err) in idle.items():
+        if err:
+            body.append([name, "ERROR", err] + ["-"] * 5)
+            continue
+        at = dict(samples)
+        row = [name, "%.1f" % (base / 1024.0)]
+        for t in marks:
+            row.append("%.1f" % (at[t] / 1024.0) if t in at else "-")
+        end = samples[-1][1] if samples else base
+        row.append("%.1f" % ((end - base) / 1024.0))
+        body.append(row)
+    return table(headers, body, md)
+
+
+def limit_table(limits, glibc_name, md):
+    headers = ["allocator"] + ["%s blocks, MiB" % n for n, _ in LIMIT_SIZES] + \
+        ["of glibc's"]
+    ref = limits.get(glibc_name)
+    body = []
+    for name, vals in limits.items():
+        row = [name] + [str(v) if v is not None else "ERROR" for v in vals]
+        if ref and all(ref) and all(v is not None for v in vals):
+            row.append(" / ".join("%.0f %%" % (100.0 * v / r) for v, r in zip(vals, ref)))
+        else:
+            row.append("-")
+        body.append(row)
+    return table(headers, body, md)
+
+
+def write_idle_svg(path, idle, tmpdir, report):
+    gp = shutil.which("gnuplot")
+    if not gp:
+        return False
+    names = [n for n, (samples, _, err) in idle.items() if not err and samples]
+    if not names:
+        return False
+    data = os.path.join(tmpdir, "idle.dat")
+    with open(data, "w") as f:
+        for n in names:
+            samples, base, _ = idle[n]
+            f.write('"%s"\n' % n)
+            for t, kb in samples:
+                if t >= -1:
+                    f.write("%.1f %.1f\n" % (max(t, 0) / 1000.0, kb / 1024.0))
+            f.write("\n\n")
+    script = os.path.join(tmpdir, "idle.gp")
+    with open(script, "w") as f:
+        f.write("""set terminal svg size 900,500 dynamic font 'sans,11'
+set output '%s'
+set title 'burst, free, idle: resident size after the frees (no allocator call)'
+set xlabel 'seconds after the last free'
+set ylabel 'resident MiB'
+set grid
+set key outside right top
+plot for [i=0:%d] '%s' index i using 1:2 with linespoints pt 7 ps 0.4 title columnheader(1)
+""" % (path, len(names) - 1, data))
+    r = subprocess.run([gp, script], capture_output=True, text=True)
+    if r.returncode != 0:
+        report.notes.append("gnuplot failed (memory return): " + r.stderr.strip()[:300])
+        return False
+    return True
+
+
 def write_files(outdir, report, allocs, info, mode, tmpdir):
     import csv
     csv_path = os.path.join(outdir, "results.csv")
@@ -719,6 +849,19 @@ def write_files(outdir, report, allocs, info, mode, tmpdir):
                 continue
             text, _ = report.work_tables(work, rows, True)
             f.write(text + "\n\n")
+        if report.idle:
+            f.write("## Memory return: burst, free, idle\n\n"
+                    "bench_idle: %s of small, 300 KB and 8 MiB blocks allocated, every page "
+                    "written, all freed; then no allocator call for %.0f s.  Resident size "
+                    "before the burst (base), at its peak, just after the frees and at each "
+                    "second after; plot: results-idle.svg.\n\n" % (
+                        "128 MiB" if report.quick else "1 GiB", IDLE_S))
+            f.write(idle_table(report.idle, True) + "\n\n")
+        if report.limits:
+            f.write("## Under a 256 MiB address-space limit\n\n"
+                    "The whole process under RLIMIT_AS = 256 MiB (`ulimit -v 262144`): "
+                    "malloc(size) until NULL.\n\n")
+            f.write(limit_table(report.limits, "glibc", True) + "\n\n")
         f.write("OS calls: smalloc's own counters (os_mmap + os_munmap + os_madvise + "
                 "os_mremap); a value marked * is `strace -f -c -e trace=memory` of a separate "
                 "untimed run and includes process start-up.\n")
@@ -729,6 +872,9 @@ def write_files(outdir, report, allocs, info, mode, tmpdir):
     made = [csv_path, md_path]
     if write_svg(os.path.abspath(svg_path), report, tmpdir):
         made.append(svg_path)
+    idle_svg = os.path.join(outdir, "results-idle.svg")
+    if report.idle and write_idle_svg(os.path.abspath(idle_svg), report.idle, tmpdir, report):
+        made.append(idle_svg)
     return made
 
 
@@ -875,6 +1021,18 @@ def main():
             text, _ = report.work_tables(w, rows, False)
             say(text)
             say("   (%.1f s)" % (time.perf_counter() - t0))
+
+        report.quick = quick
+        if not only and os.access(os.path.join(args.bindir, "bench_idle"), os.X_OK):
+            mallocs = [a for a in allocs if a.name != "fresh-naive"]
+            say("")
+            say("== memory return: burst, free, then %.0f s without an allocator call" % IDLE_S)
+            report.idle = run_idle(os.path.abspath(args.bindir), mallocs, quick)
+            say(idle_table(report.idle, False))
+            say("")
+            say("== under a 256 MiB address-space limit: malloc until NULL (MiB obtained)")
+            report.limits = run_limit(os.path.abspath(args.bindir), mallocs)
+            say(limit_table(report.limits, "glibc", False))
 
         say("")
         say("== geometric mean over all workloads (ratios to fresh)")
