@@ -15,7 +15,7 @@ static inline void *sm_page_pop(sm_page_t *page) {
   sm_block_t *b = page->free;
   sm_track_link(b);
   page->free = sm_dec(page, b->next);
-  b->tag = 0;
+  sm_block_clear(b);
   sm_canary_set(page, b);
   page->used++;
   return b;
@@ -139,6 +139,8 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
         sm_page_t *page = sm_segment_page_of(sm_ptr_segment(b), b);
         uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
         if (!(flags & SM_PAGE_HAS_ALIGNED)) sm_page_set_flags(page, flags | SM_PAGE_HAS_ALIGNED, 0);
+        sm_track_mark(p);
+        sm_aligned_mark_set(page, p);
       }
       return p;
     }
@@ -170,6 +172,19 @@ size_t sm_usable_size(const void *p, const char *who) {
   return sm_usable_in(seg, page, p);
 }
 
+/* What realloc may resize, as free would accept it: a block start, the
+ * start of a large or huge block, or an aligned pointer with its mark. */
+static bool sm_realloc_target_ok(const sm_segment_t *seg, const sm_page_t *page, const void *p) {
+  if (seg->kind >= SM_SEG_LARGE) return p == (const void *)page->start;
+  if (sm_page_is_block(page, p)) return true;
+  size_t diff = (size_t)((const uint8_t *)p - page->start);
+  if (diff >= (size_t)page->reserved * page->block_size ||
+      !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_HAS_ALIGNED))
+    return false;
+  sm_track_mark(p);
+  return sm_aligned_mark_ok(page, p);
+}
+
 void *sm_realloc(void *p, size_t n, enum sm_call who) {
   sm_heap_t *heap = sm_heap_for_alloc(sm_heap());
   if (sm_unlikely(heap == NULL)) { errno = ENOMEM; return NULL; }
@@ -197,6 +212,11 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
       sm_unlikely(sm_block_is_free(seg, page, (sm_block_t *)p))) {
     /* resized in place, it would be handed out while free */
     sm_error("%s(): pointer %p was freed", name, p);
+    errno = EINVAL;
+    return NULL;
+  }
+  if (sm_unlikely(!sm_realloc_target_ok(seg, page, p))) {
+    sm_error("%s(): invalid pointer %p (not the start of a block)", name, p);
     errno = EINVAL;
     return NULL;
   }

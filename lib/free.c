@@ -63,8 +63,10 @@ bool sm_block_is_free(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
 void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   sm_heap_t *heap = atomic_load_explicit(&sm_ptr_segment(page)->heap, memory_order_relaxed);
   sm_track_link(b);
-  if (b->tag == (page->key ^ SM_TAG_REMOTE)) {
-    /* another thread freed it already; it is on its way back */
+  if (b->tag == (page->key ^ SM_TAG_REMOTE) || page->local_free == b) {
+    /* another thread freed it already and it is on its way back, or it
+     * was the last block freed here (its tag overwritten since): pushed
+     * again, it would link to itself and be handed out twice */
     sm_error("free(): double free of %p", (void *)b);
     return;
   }
@@ -283,6 +285,17 @@ void sm_free_generic(void *p, const char *who) {
     return;
   }
   sm_block_t *b = (sm_block_t *)((uint8_t *)p - rem);
+  if (rem != 0) {
+    /* an aligned pointer carries its mark; anything else inside a block
+     * of a page that also holds aligned blocks is not a block start */
+    sm_track_mark(p);
+    if (sm_unlikely(!sm_aligned_mark_ok(page, p))) {
+      if (sm_block_is_free(seg, page, b)) sm_error("%s(): double free of %p", who, p);
+      else sm_error("%s(): invalid pointer %p (not the start of a block)", who, p);
+      return;
+    }
+    sm_aligned_mark_clear(p);
+  }
   if (sm_unlikely(!sm_canary_ok(page, b))) {
     sm_error("%s(): heap overflow: the canary after block %p was overwritten", who, (void *)b);
     return;

@@ -139,7 +139,7 @@ static sm_heap_t *sm_heap_alloc_struct(void) {
   return heap;
 }
 
-/* xorshift64*: page keys and free-list order in the secure build */
+/* xorshift64*: page keys, and free-list order in the secure build */
 uint64_t sm_heap_random(sm_heap_t *heap) {
   uint64_t x = heap->rng;
   x ^= x >> 12;
@@ -154,8 +154,13 @@ sm_heap_t *sm_heap_init_thread(void) {
   sm_heap_t *heap = sm_heap_alloc_struct();
   if (!heap) return NULL;
   memset(heap, 0, sizeof *heap);
+  atomic_init(&heap->next_expire, SM_NO_EXPIRY);
   for (size_t i = 0; i < SM_DIRECT_COUNT; i++) heap->direct[i] = &sm_page_empty;
-  heap->rng = (sm_secret ^ (uintptr_t)heap) | 1;
+  /* a heap is reused by later threads: a count of seedings keeps it from
+   * drawing the same page keys again */
+  static _Atomic uint64_t seedings;
+  uint64_t n = atomic_fetch_add_explicit(&seedings, 1, memory_order_relaxed) + 1;
+  heap->rng = (sm_secret ^ (uintptr_t)heap ^ (n * 0x9E3779B97F4A7C15ull)) | 1;
   heap->initialized = 1;
   heap->stats.threads_started = 1;
   sm_heaps_lock();

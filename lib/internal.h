@@ -257,8 +257,10 @@ struct sm_heap_s {
   sm_page_t *direct[SM_DIRECT_COUNT];    /* first page for (n+15)/16, n <= 8 KiB */
   uint32_t cycle;                        /* slow-path entries (wraps; compared as a difference) */
   uint32_t next_sweep;                   /* cycle of the next sweep (page.c) */
-  uint32_t next_expire;                  /* earliest retire_expire, when expire_pending */
-  bool expire_pending;
+  /* earliest retire_expire, or SM_NO_EXPIRY: written under heap->lock by
+   * whoever changes the retired lists (the owner, trim, the purge
+   * thread), read by the owner without it */
+  _Atomic uint64_t next_expire;
   uint64_t rng;                          /* secure build: page keys, list order */
   uint64_t grow_events;                  /* fresh pages and large blocks, for the peak */
   sm_page_queue_t queues[SM_BIN_COUNT];  /* [0] is the full list */
@@ -287,6 +289,8 @@ struct sm_heap_s {
   sm_heap_t *pool_next;
   uint8_t initialized;
 };
+
+#define SM_NO_EXPIRY UINT64_MAX
 
 /* ---- globals ---------------------------------------------------------- */
 extern sm_heap_t sm_heap_empty;
@@ -467,6 +471,28 @@ SM_INLINE size_t sm_class_size(size_t n) {
   return (n < 16 ? 16 : n) + SM_CANARY;
 }
 
+/* A block leaves the free lists: neither word may keep its link (the
+ * page's key xor an address: with two blocks' addresses it gives the key
+ * away, and with it forged links, tags and canaries) nor its tag (which
+ * would make free think it may be free already).  One 16-byte store. */
+SM_INLINE void sm_block_clear(sm_block_t *b) {
+  b->next = NULL;
+  b->tag = 0;
+}
+
+/* A pointer that aligned allocation returned inside a block (not at its
+ * start) has a mark in the word before it, the pointer xor the page's
+ * key: free and realloc accept such a pointer only with its mark, so
+ * free(q + 16) of an ordinary block q in a page that also holds aligned
+ * blocks is reported, not taken for an aligned block.  Free clears it. */
+SM_INLINE void sm_aligned_mark_set(const sm_page_t *page, void *p) {
+  ((uintptr_t *)p)[-1] = (uintptr_t)p ^ page->key;
+}
+SM_INLINE bool sm_aligned_mark_ok(const sm_page_t *page, const void *p) {
+  return ((const uintptr_t *)p)[-1] == ((uintptr_t)p ^ page->key);
+}
+SM_INLINE void sm_aligned_mark_clear(void *p) { ((uintptr_t *)p)[-1] = 0; }
+
 /* The fast path: malloc is 22 instructions to its ret on x86-64 (gcc 12,
  * -O2), one unlikely branch besides the size test.  The branch also
  * catches the static empty heap (its pages are outside every segment) and
@@ -479,7 +505,7 @@ SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
   sm_block_t *next = sm_dec(page, b->next);
   page->free = next;
   __builtin_prefetch(next);     /* the next malloc's block: often cold, or another core's */
-  b->tag = 0;                   /* no stale tag for the double-free check */
+  sm_block_clear(b);
   sm_canary_set(page, b);
   page->used++;
 #if SM_STATS
@@ -540,11 +566,14 @@ SM_INLINE void sm_free_inline(void *p) {
     sm_block_t *b = (sm_block_t *)p;
     uintptr_t key = page->key;
     if (SM_CANARY && sm_unlikely(!sm_canary_ok(page, b))) { sm_free_generic(p, "free"); return; }
-    if (sm_unlikely((b->tag ^ key) <= SM_TAG_REMOTE)) {
-      sm_free_local_slow(page, b, p);   /* may be a double free: check, then push */
+    sm_block_t *head = page->local_free;
+    /* its tag says it may be free already, or it heads local_free (freed
+     * just before, its tag overwritten since): check, then push */
+    if (sm_unlikely((b->tag ^ key) <= SM_TAG_REMOTE || head == b)) {
+      sm_free_local_slow(page, b, p);
       return;
     }
-    b->next = (sm_block_t *)((uintptr_t)page->local_free ^ key);
+    b->next = (sm_block_t *)((uintptr_t)head ^ key);
     b->tag = key;
     page->local_free = b;
 #if SM_STATS

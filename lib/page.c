@@ -59,11 +59,11 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   sm_page_set_flags(page, sm_track_on() ? SM_PAGE_TRACKED : 0, sm_heap_owner_id(heap));
   page->bin = (uint8_t)bin;
   page->retired = 0;
-#ifdef SM_SECURE
-  page->key = sm_heap_random(heap);
-#else
-  page->key = sm_secret ^ ((uintptr_t)page * 0x9E3779B97F4A7C15ull);
-#endif
+  /* a new key for every life of the page: blocks of an earlier life (of
+   * another size class) leave links and tags in memory that blocks of
+   * this one hand out; they must tell nothing about this life's key.  At
+   * least 2: a handed-out block's tag is 0, one on its way back key ^ 1 */
+  page->key = sm_heap_random(heap) | 2;
   page->start = start;
   page->block_size = (uint32_t)bsize;
   sm_page_set_geometry(page, bsize, area / bsize);
@@ -224,12 +224,12 @@ bool sm_heap_has_retired(sm_heap_t *heap) {
   return any;
 }
 
-/* The earliest expiry among the heap's retired pages, kept by the owner so
- * that the slow path tests one plain field (recomputed under the lock
- * whenever the lists change). */
+/* The earliest expiry among the heap's retired pages, recomputed under the
+ * lock whenever the lists change (by the owner, trim or the purge thread),
+ * so that the owner's slow path tests one field without the lock. */
 static void sm_retired_note_expiry_locked(sm_heap_t *heap) {
-  heap->expire_pending = heap->retired_first != NULL;
-  if (heap->expire_pending) heap->next_expire = heap->retired_first->retire_expire;
+  uint64_t e = heap->retired_first ? (uint32_t)heap->retired_first->retire_expire : SM_NO_EXPIRY;
+  atomic_store_explicit(&heap->next_expire, e, memory_order_relaxed);
 }
 
 /* The page's last block was freed (its blocks are all on local_free).
@@ -651,7 +651,8 @@ static int sm_page_refill(sm_page_t *page) {
 static void sm_heap_housekeeping(sm_heap_t *heap) {
   if (heap->xbuf_used) sm_free_flush_remote(heap);
   sm_heap_collect_delayed(heap);
-  if (heap->expire_pending && sm_cycle_reached(heap->cycle, heap->next_expire))
+  uint64_t expire = atomic_load_explicit(&heap->next_expire, memory_order_relaxed);
+  if (expire != SM_NO_EXPIRY && sm_cycle_reached(heap->cycle, (uint32_t)expire))
     sm_heap_collect_retired(heap, false);
   if (sm_cycle_reached(heap->cycle, heap->next_sweep)) {
     /* as often as pages expire, within [16, SM_SWEEP_CYCLES], and never

@@ -26,6 +26,9 @@ extern bool sm_valgrind;
 /* the library reads a block's link and tag (or user data it checks) */
 #define sm_track_link(b) \
   do { if (sm_track_on()) VALGRIND_MAKE_MEM_DEFINED((b), sizeof(sm_block_t)); } while (0)
+/* the library reads or writes the mark before an aligned pointer */
+#define sm_track_mark(p) \
+  do { if (sm_track_on()) VALGRIND_MAKE_MEM_DEFINED((uint8_t *)(p) - 8, 8); } while (0)
 bool sm_track_memcheck(void);
 /* memory the library takes over again (a segment or page reused after its
  * blocks died): addressable, contents undefined */
@@ -38,6 +41,7 @@ bool sm_track_memcheck(void);
 #define sm_track_malloc(p, n, zero) ((void)0)
 #define sm_track_free(p, b) ((void)0)
 #define sm_track_link(b) ((void)0)
+#define sm_track_mark(p) ((void)0)
 #define sm_track_reuse(p, n) ((void)0)
 #define sm_track_detect() ((void)0)
 #endif

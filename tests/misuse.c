@@ -268,18 +268,27 @@ static void expect_warning(const char *name, misuse_fn fn)
 
 /* ---- the misuses --------------------------------------------------------------- */
 
-static void double_free_at_once(bool warn)
+/* A block freed, bytes [stale, stale + 8) written over when stale >= 0,
+ * then freed again at once. */
+static void double_free_of_the_last(bool warn, size_t size, int stale)
 {
-  unsigned char *p = smalloc_malloc(32);
-  CHILD_CHECK(p != NULL, "malloc(32) failed");
+  unsigned char *p = smalloc_malloc(size);
+  CHILD_CHECK(p != NULL, "malloc(%zu) failed", size);
   smalloc_free(p);
+  if (stale >= 0)
+    memset(sm_opaque(p) + stale, 0x41, 8);
   uint64_t in_use = child_blocks_in_use();
   expect_line("free(): double free of %p", (void *)p);
   smalloc_free(sm_opaque(p));
   if (!warn)
     return;
   CHILD_CHECK(child_blocks_in_use() == in_use, "the second free was counted");
-  heap_still_sound(32);
+  heap_still_sound(size);
+}
+
+static void double_free_at_once(bool warn)
+{
+  double_free_of_the_last(warn, 32, -1);
 }
 MISUSE(double_free_at_once)
 
@@ -549,6 +558,145 @@ static void free_middle_of_huge_block(bool warn)
   free_middle_of_block(warn, 3 * MiB, 2 * MiB);
 }
 MISUSE(free_middle_of_huge_block)
+
+
+/* The block's tag word (bytes 8-15) written after the free, then the
+ * block freed again: the tag no longer says "maybe free", but the block
+ * heads its page's local list, and pushed again it would link to itself
+ * and come out of malloc over and over. */
+static void double_free_after_stale_write(bool warn)
+{
+  double_free_of_the_last(warn, 64, 8);
+}
+MISUSE(double_free_after_stale_write)
+
+/* A page that holds a block returned at an aligned offset (posix_memalign
+ * pads a 48-byte request with 64-byte alignment into a 96-byte block; of
+ * two such blocks side by side, 96 bytes apart, one at least does not
+ * start 64-byte aligned) and an ordinary block q of the same class: q + 16
+ * is inside q, not an aligned block's pointer. */
+static unsigned char *aligned_page_block(void **aligned)
+{
+  void *other;
+  CHILD_CHECK(smalloc_posix_memalign(aligned, 64, 48) == 0, "posix_memalign failed");
+  CHILD_CHECK(smalloc_posix_memalign(&other, 64, 48) == 0, "posix_memalign failed");
+  CHILD_CHECK(((uintptr_t)other & ~(uintptr_t)0xffff) == ((uintptr_t)*aligned & ~(uintptr_t)0xffff),
+              "%p and %p are not in one page", other, *aligned);
+  unsigned char *q = smalloc_malloc(96);
+  CHILD_CHECK(q != NULL, "malloc(96) failed");
+  CHILD_CHECK(((uintptr_t)q & ~(uintptr_t)0xffff) == ((uintptr_t)*aligned & ~(uintptr_t)0xffff),
+              "%p and %p are not in one page", (void *)q, *aligned);
+  return q;
+}
+
+static void interior_free_in_a_page_with_aligned_blocks(bool warn)
+{
+  void *a;
+  unsigned char *q = aligned_page_block(&a);
+  uint64_t in_use = child_blocks_in_use();
+  expect_line("free(): invalid pointer %p (not the start of a block)", (void *)(q + 16));
+  smalloc_free(sm_opaque(q + 16));
+  if (!warn)
+    return;
+  CHILD_CHECK(child_blocks_in_use() == in_use, "the bad free changed blocks_in_use");
+  heap_still_sound(96);
+  smalloc_free(q);
+  smalloc_free(a);
+  CHILD_CHECK(child_blocks_in_use() == in_use - 2, "the blocks did not free");
+}
+MISUSE(interior_free_in_a_page_with_aligned_blocks)
+
+static void interior_realloc_in_a_page_with_aligned_blocks(bool warn)
+{
+  void *a;
+  unsigned char *q = aligned_page_block(&a);
+  uint64_t in_use = child_blocks_in_use();
+  expect_line("realloc(): invalid pointer %p (not the start of a block)", (void *)(q + 16));
+  errno = 0;
+  void *r = smalloc_realloc(sm_opaque(q + 16), 10);
+  if (!warn)
+    return;
+  CHILD_CHECK(r == NULL && errno == EINVAL, "realloc returned %p, errno %d", r, errno);
+  CHILD_CHECK(child_blocks_in_use() == in_use, "the bad realloc changed blocks_in_use");
+  heap_still_sound(96);
+}
+MISUSE(interior_realloc_in_a_page_with_aligned_blocks)
+
+/* An aligned pointer freed twice: its mark went with the first free. */
+static void double_free_of_an_aligned_block(bool warn)
+{
+  void *a;
+  CHILD_CHECK(smalloc_posix_memalign(&a, 64, 48) == 0, "posix_memalign failed");
+  unsigned char *blk = smalloc_malloc(96);   /* keeps the page from retiring */
+  smalloc_free(a);
+  uint64_t in_use = child_blocks_in_use();
+  expect_line("free(): double free of %p", a);
+  smalloc_free(sm_opaque(a));
+  if (!warn)
+    return;
+  CHILD_CHECK(child_blocks_in_use() == in_use, "the second free was counted");
+  heap_still_sound(96);
+  smalloc_free(blk);
+}
+MISUSE(double_free_of_an_aligned_block)
+
+/* ---- the free-list key stays secret ------------------------------------------- */
+
+/* A block handed out again holds neither its link (the key xor an
+ * address: two blocks' addresses would give the key away) nor its tag. */
+START_TEST(reused_blocks_hold_no_list_words)
+{
+  enum { N = 256 };
+  static uint64_t *v[N];
+  for (int round = 0; round < 3; round++) {
+    for (int i = 0; i < N; i++) {
+      v[i] = smalloc_malloc(48);
+      ck_assert_ptr_nonnull(v[i]);
+      SM_CHECK(round == 0 || (v[i][0] == 0 && v[i][1] == 0),
+               "round %d block %d: words %#llx %#llx", round, i, (unsigned long long)v[i][0],
+               (unsigned long long)v[i][1]);
+    }
+    for (int i = 0; i < N; i++) {
+      v[i][0] = v[i][1] = 0x5555555555555555ull;
+      smalloc_free(v[i]);
+    }
+  }
+}
+END_TEST
+
+/* A page that went back to its segment and is carved again gets another
+ * key: a link or tag an earlier life left in memory (inside blocks of
+ * another size class, later) tells nothing about the present one.  The
+ * tag of a freed block is the key (read after the free, as an attacker
+ * with a dangling pointer would). */
+static void *key_of_a_page_life(void *arg)
+{
+  uintptr_t *out = arg;
+  uint64_t *p = smalloc_malloc(48);
+  uint64_t *keep = smalloc_malloc(48);   /* the page stays until both are freed */
+  smalloc_free(p);
+  out[0] = (uintptr_t)p;
+  out[1] = ((volatile uint64_t *)p)[1];
+  smalloc_free(keep);
+  return NULL;
+}
+
+START_TEST(a_page_gets_a_new_key_each_life)
+{
+  uintptr_t life[2][2];
+  for (int i = 0; i < 2; i++) {
+    pthread_t t;
+    /* a thread of its own each time: its heap releases the page at exit */
+    ck_assert_int_eq(pthread_create(&t, NULL, key_of_a_page_life, life[i]), 0);
+    pthread_join(t, NULL);
+    smalloc_collect(true);
+  }
+  ck_assert_msg(life[0][0] == life[1][0], "the second life is at %p, the first at %p",
+                (void *)life[1][0], (void *)life[0][0]);
+  ck_assert_msg(life[0][1] != life[1][1], "both lives of the page at %p have key %#llx",
+                (void *)life[0][0], (unsigned long long)life[0][1]);
+}
+END_TEST
 
 /* A pointer smalloc never handed out: reported, left alone, and the heap
  * goes on.  The callers check in warn mode that the memory is untouched. */
@@ -913,6 +1061,10 @@ int main(void)
   ADD_MISUSE(tc, realloc_of_a_block_freed_by_another_thread);
   ADD_MISUSE(tc, double_free_both_cross_thread);
   ADD_MISUSE(tc, double_free_cross_thread_after_local_free);
+  ADD_MISUSE(tc, double_free_after_stale_write);
+  ADD_MISUSE(tc, interior_free_in_a_page_with_aligned_blocks);
+  ADD_MISUSE(tc, interior_realloc_in_a_page_with_aligned_blocks);
+  ADD_MISUSE(tc, double_free_of_an_aligned_block);
   ADD_MISUSE(tc, free_middle_of_small_block);
   ADD_MISUSE(tc, free_middle_of_medium_block);
   ADD_MISUSE(tc, free_middle_of_large_block);
@@ -932,6 +1084,8 @@ int main(void)
   ADD_MISUSE(tc, free_sized_foreign);
   tcase_add_test(tc, warn_mode_caps_repeated_reports);
   tcase_add_test(tc, free_keeps_errno);
+  tcase_add_test(tc, reused_blocks_hold_no_list_words);
+  tcase_add_test(tc, a_page_gets_a_new_key_each_life);
   suite_add_tcase(s, tc);
   return sm_run_suite(s);
 }
