@@ -668,33 +668,33 @@ END_TEST
  * key: a link or tag an earlier life left in memory (inside blocks of
  * another size class, later) tells nothing about the present one.  The
  * tag of a freed block is the key (read after the free, as an attacker
- * with a dangling pointer would). */
-static void *key_of_a_page_life(void *arg)
-{
-  uintptr_t *out = arg;
-  uint64_t *p = smalloc_malloc(48);
-  uint64_t *keep = smalloc_malloc(48);   /* the page stays until both are freed */
-  smalloc_free(p);
-  out[0] = (uintptr_t)p;
-  out[1] = ((volatile uint64_t *)p)[1];
-  smalloc_free(keep);
-  return NULL;
-}
-
+ * with a dangling pointer would).  With RETIRE_CYCLES 0 an emptied page
+ * goes back to its segment at once; a 200 KiB block is the only block its
+ * 512 KiB page has built when it is freed, so the page empties, and the
+ * next one is carved from the first free page again, most often the same. */
 START_TEST(a_page_gets_a_new_key_each_life)
 {
-  uintptr_t life[2][2];
-  for (int i = 0; i < 2; i++) {
-    pthread_t t;
-    /* a thread of its own each time: its heap releases the page at exit */
-    ck_assert_int_eq(pthread_create(&t, NULL, key_of_a_page_life, life[i]), 0);
-    pthread_join(t, NULL);
-    smalloc_collect(true);
+  enum { LIVES = 32 };
+  uintptr_t at[LIVES], key[LIVES];
+  long cycles = smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0), 0);
+  for (int i = 0; i < LIVES; i++) {
+    uint64_t *p = smalloc_malloc(200 * KiB);
+    ck_assert_ptr_nonnull(p);
+    smalloc_free(p);
+    at[i] = (uintptr_t)p;
+    key[i] = ((volatile uint64_t *)p)[1];
   }
-  ck_assert_msg(life[0][0] == life[1][0], "the second life is at %p, the first at %p",
-                (void *)life[1][0], (void *)life[0][0]);
-  ck_assert_msg(life[0][1] != life[1][1], "both lives of the page at %p have key %#llx",
-                (void *)life[0][0], (unsigned long long)life[0][1]);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, cycles), 0);
+  int again = 0;
+  for (int i = 0; i < LIVES; i++)
+    for (int j = i + 1; j < LIVES; j++)
+      if (at[i] == at[j]) {
+        again++;
+        ck_assert_msg(key[i] != key[j], "lives %d and %d of the page at %p have key %#llx", i,
+                      j, (void *)at[i], (unsigned long long)key[i]);
+      }
+  ck_assert_msg(again > 0, "no page was carved twice in %d lives", LIVES);
 }
 END_TEST
 
