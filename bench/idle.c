@@ -2,7 +2,8 @@
  *
  *   bench_idle burst [quick] [IDLE_S]
  *       Allocate a burst of blocks (small 16-256 B, large 300 KB, huge
- *       8 MiB; 1 GiB in all, 128 MiB quick), write every page, free it all,
+ *       8 MiB; 1 GiB in all, 128 MiB quick, BENCH_IDLE_MIB if set), write
+ *       every page, free it all,
  *       then make no allocator call for IDLE_S seconds (default 3) while
  *       the resident size is sampled every 100 ms.  Prints one line
  *       "t_ms=T rss_kb=R" per sample (t from the end of the frees; the
@@ -43,10 +44,12 @@ static void sleep_ms(long ms)
 
 static int burst(int quick, double idle_s)
 {
-  const size_t scale = quick ? 8 : 1;
-  const size_t small_bytes = ((size_t)768 << 20) / scale;
-  const size_t large_n = ((size_t)128 << 20) / scale / 300000;
-  const size_t huge_n = ((size_t)128 << 20) / scale / ((size_t)8 << 20);
+  /* MiB in all: 1024, 128 quick, or BENCH_IDLE_MIB; three quarters small */
+  const char *env = getenv("BENCH_IDLE_MIB");
+  const size_t mib = env && atol(env) >= 16 ? (size_t)atol(env) : quick ? 128 : 1024;
+  const size_t small_bytes = (mib * 3 / 4) << 20;
+  const size_t large_n = (mib / 8 << 20) / 300000;
+  const size_t huge_n = (mib / 8 << 20) / ((size_t)8 << 20);
   uint64_t rng = 0x1d1e;
   size_t nsmall = small_bytes / 136;   /* mean of 16..256 */
   uint64_t ck = 0;
