@@ -22,6 +22,11 @@
 
 #include "smalloc.h"
 
+/* Everything declared from here on is the library's own: with the
+ * declarations hidden too (-fvisibility=hidden covers definitions only),
+ * the compiler reaches globals directly, not through the GOT. */
+#pragma GCC visibility push(hidden)
+
 #define SM_EXPORT   __attribute__((visibility("default")))
 #define SM_COLD     __attribute__((cold, noinline))
 #define SM_INLINE   static inline __attribute__((always_inline))
@@ -358,27 +363,45 @@ SM_INLINE sm_heap_t *sm_heap(void) { return sm_heap_tls; }
 SM_INLINE uintptr_t sm_heap_owner_id(const sm_heap_t *heap) { return (uintptr_t)heap; }
 
 /* ---- segment map: which 4 MiB units hold a segment header ------------- */
-/* One byte per unit, the segment's page shift (0 where no segment is), in
- * leaves of 2^14 units (16 KiB each, for 64 GiB of address space) that
- * os.c maps when it first maps a segment in their range.  The root covers
- * 48-bit addresses (x86-64 with 4-level paging, arm64 with 48-bit VA; the
- * kernel maps nothing higher unless a hint asks for it, and os.c refuses a
- * segment it cannot record).  Unused root entries point at one leaf of
- * zeros, so a lookup is two loads and no test for a missing leaf: 48 KiB
- * of .bss in all, where a flat map would take 32 MiB of address space
- * from a program under RLIMIT_AS. */
-#define SM_SEGMAP_BITS      48
-#define SM_SEGMAP_LEAF_BITS 14
-#define SM_SEGMAP_LEAF_SIZE ((size_t)1 << SM_SEGMAP_LEAF_BITS)
-#define SM_SEGMAP_ROOTS     ((size_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT - SM_SEGMAP_LEAF_BITS))
+/* One byte per unit, the segment's page shift (0 where no segment is).
+ * Where it is kept:
+ *   - the window: 2^16 bytes in .bss for the 256 GiB of address space
+ *     around the first segment (sm_segmap_base, set once by os.c), where
+ *     the kernel places the mappings of nearly every process; free looks
+ *     there with one subtraction and one compare;
+ *   - elsewhere, leaves of 2^14 units (16 KiB each, for 64 GiB of address
+ *     space) that os.c maps when it first maps a segment in their range,
+ *     under a root that covers 48-bit addresses (x86-64 with 4-level
+ *     paging, arm64 with 48-bit VA; the kernel maps nothing higher unless a
+ *     hint asks for it, and os.c refuses a segment it cannot record).
+ *     Unused root entries point at one leaf of zeros.
+ * 112 KiB of .bss in all, where a flat map would take 32 MiB of address
+ * space from a program under RLIMIT_AS. */
+#define SM_SEGMAP_BITS        48
+#define SM_SEGMAP_WINDOW      ((uintptr_t)1 << 16)
+#define SM_SEGMAP_NO_BASE     ((uintptr_t)1 << 63)   /* no segment yet: every unit is far */
+#define SM_SEGMAP_LEAF_BITS   14
+#define SM_SEGMAP_LEAF_SIZE   ((size_t)1 << SM_SEGMAP_LEAF_BITS)
+#define SM_SEGMAP_ROOTS       ((size_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT - SM_SEGMAP_LEAF_BITS))
+extern uintptr_t sm_segmap_base;   /* set once, read with __atomic_load_n */
+extern _Atomic uint8_t sm_segmap_window[SM_SEGMAP_WINDOW];
 extern _Atomic(_Atomic uint8_t *) sm_segmap_root[SM_SEGMAP_ROOTS];
 extern _Atomic uint8_t sm_segmap_zero[SM_SEGMAP_LEAF_SIZE];
 
+/* The byte of the unit at seg: where it is kept (NULL beyond the map). */
+_Atomic uint8_t *sm_segmap_slot(uintptr_t seg);
+unsigned sm_segmap_shift_far(uintptr_t seg);
+
+/* In the window only, 0 elsewhere: free's fast path, which sends every
+ * other pointer the long way. */
+SM_INLINE unsigned sm_segmap_shift_near(uintptr_t seg) {
+  uintptr_t i = (seg >> SM_SEGMENT_SHIFT) - __atomic_load_n(&sm_segmap_base, __ATOMIC_RELAXED);
+  if (sm_likely(i < SM_SEGMAP_WINDOW)) return atomic_load_explicit(&sm_segmap_window[i], memory_order_relaxed);
+  return 0;
+}
 SM_INLINE unsigned sm_segmap_shift(uintptr_t seg) {
-  uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
-  if (sm_unlikely((unit >> SM_SEGMAP_LEAF_BITS) >= SM_SEGMAP_ROOTS)) return 0;
-  _Atomic uint8_t *leaf = atomic_load_explicit(&sm_segmap_root[unit >> SM_SEGMAP_LEAF_BITS], memory_order_acquire);
-  return atomic_load_explicit(&leaf[unit & (SM_SEGMAP_LEAF_SIZE - 1)], memory_order_relaxed);
+  unsigned shift = sm_segmap_shift_near(seg);
+  return shift ? shift : sm_segmap_shift_far(seg);
 }
 SM_INLINE bool sm_segmap_contains(uintptr_t seg) { return sm_segmap_shift(seg) != 0; }
 void sm_segmap_set(uintptr_t seg, unsigned shift);
@@ -534,17 +557,17 @@ void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 void sm_free_flush_remote(sm_heap_t *heap);
 void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
 
-/* Free on the owner thread: 47 instructions to its ret on x86-64 (gcc 12,
- * -O2; 5 of them the two-level segment map, 2 the local list's head
+/* Free on the owner thread: 45 instructions to its ret on x86-64 (gcc 12,
+ * -O2; 2 of them the segment map window's base, 2 the local list's head
  * compared with the block); with malloc's 23 and the loop, a
- * malloc(32)+free pair is 88.0 under callgrind (make bench-callgrind).
+ * malloc(32)+free pair is 86.0 under callgrind (make bench-callgrind).
  * Checks (all cheap): the pointer is in a segment, it starts a block, its
  * tag word holds neither the page's key nor the remote tag, and it is not
  * the block freed last in its page (else: a full double-free check in the
  * slow path). */
 SM_INLINE void sm_free_inline(void *p) {
   sm_segment_t *seg = sm_ptr_segment(p);
-  unsigned shift = sm_segmap_shift((uintptr_t)seg);
+  unsigned shift = sm_segmap_shift_near((uintptr_t)seg);
   if (sm_unlikely(shift == 0)) { sm_free_generic(p, "free"); return; }
   sm_page_t *page = &seg->pages[((uintptr_t)p - (uintptr_t)seg) >> shift];
   __asm__("" : "+r"(page));   /* one register for the page (gcc 12 builds it twice) */
@@ -691,5 +714,7 @@ size_t sm_retire_cycles_for(size_t block_size);
 void sm_message(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 SM_COLD void sm_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 bool sm_errors_seen(void);   /* a misuse was reported (and the process went on) */
+
+#pragma GCC visibility pop
 
 #endif /* SM_INTERNAL_H */

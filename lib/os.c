@@ -19,18 +19,32 @@ static void sm_mapped_add(size_t n) {
 }
 
 /* ---- the segment map's storage (internal.h) ------------------------------ */
+uintptr_t sm_segmap_base = SM_SEGMAP_NO_BASE;
+_Atomic uint8_t sm_segmap_window[SM_SEGMAP_WINDOW];
 _Atomic uint8_t sm_segmap_zero[SM_SEGMAP_LEAF_SIZE];
 _Atomic(_Atomic uint8_t *) sm_segmap_root[SM_SEGMAP_ROOTS] = {
   [0 ... SM_SEGMAP_ROOTS - 1] = sm_segmap_zero,
 };
 
-/* Every mapping that may hold a segment header (segment-aligned) gets the
- * map's leaf for its first unit before it is handed out: false when the
- * address is beyond the map or the leaf cannot be mapped, and the caller
- * then gives the mapping back.  Leaves stay for the life of the process;
- * two threads racing for one keep the first. */
+/* Every mapping that may hold a segment header (segment-aligned) gets a
+ * place in the map for its first unit before it is handed out: the first
+ * one places the window around itself; beyond the window, the leaf for
+ * the unit is mapped.  False when the address is beyond the map or the
+ * leaf cannot be mapped, and the caller then gives the mapping back.
+ * Leaves stay for the life of the process; two threads racing for one
+ * keep the first. */
 static bool sm_segmap_prepare(uintptr_t seg) {
-  uintptr_t r = (seg >> SM_SEGMENT_SHIFT) >> SM_SEGMAP_LEAF_BITS;
+  uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
+  uintptr_t base = __atomic_load_n(&sm_segmap_base, __ATOMIC_RELAXED);
+  if (base == SM_SEGMAP_NO_BASE) {
+    uintptr_t want = unit > SM_SEGMAP_WINDOW / 2 ? unit - SM_SEGMAP_WINDOW / 2 : 0;
+    if (!__atomic_compare_exchange_n(&sm_segmap_base, &base, want, false, __ATOMIC_RELAXED,
+                                     __ATOMIC_RELAXED))
+      want = base;   /* another thread placed it */
+    base = want;
+  }
+  if (unit - base < SM_SEGMAP_WINDOW) return true;
+  uintptr_t r = unit >> SM_SEGMAP_LEAF_BITS;
   if (r >= SM_SEGMAP_ROOTS) return false;
   _Atomic uint8_t *expect = sm_segmap_zero;
   if (atomic_load_explicit(&sm_segmap_root[r], memory_order_acquire) != expect) return true;

@@ -20,15 +20,32 @@ static pthread_mutex_t sm_abandoned_lock = PTHREAD_MUTEX_INITIALIZER;
 static sm_segment_t *sm_abandoned_first[2];
 static _Atomic size_t sm_abandoned_count[2];
 
-/* Record (or with 0 erase) the segment at seg in the map; os.c mapped the
- * leaf when it mapped the segment. */
-void sm_segmap_set(uintptr_t seg, unsigned shift) {
+_Atomic uint8_t *sm_segmap_slot(uintptr_t seg) {
   uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
-  if ((unit >> SM_SEGMAP_LEAF_BITS) >= SM_SEGMAP_ROOTS) return;
+  uintptr_t i = unit - __atomic_load_n(&sm_segmap_base, __ATOMIC_RELAXED);
+  if (i < SM_SEGMAP_WINDOW) return &sm_segmap_window[i];
+  if ((unit >> SM_SEGMAP_LEAF_BITS) >= SM_SEGMAP_ROOTS) return NULL;
   _Atomic uint8_t *leaf = atomic_load_explicit(&sm_segmap_root[unit >> SM_SEGMAP_LEAF_BITS], memory_order_acquire);
-  sm_assert(leaf != sm_segmap_zero || shift == 0);
-  if (leaf == sm_segmap_zero) return;
-  atomic_store_explicit(&leaf[unit & (SM_SEGMAP_LEAF_SIZE - 1)], (uint8_t)shift, memory_order_release);
+  return &leaf[unit & (SM_SEGMAP_LEAF_SIZE - 1)];
+}
+
+/* Outside the window: a free of a block there, or a foreign pointer. */
+unsigned sm_segmap_shift_far(uintptr_t seg) {
+  _Atomic uint8_t *slot = sm_segmap_slot(seg);
+  return slot ? atomic_load_explicit(slot, memory_order_relaxed) : 0;
+}
+
+/* Record (or with 0 erase) the segment at seg in the map; os.c gave its
+ * unit a place when it mapped the segment. */
+void sm_segmap_set(uintptr_t seg, unsigned shift) {
+  _Atomic uint8_t *slot = sm_segmap_slot(seg);
+  sm_assert(slot != NULL || shift == 0);
+  if (slot == NULL) return;
+  /* the leaf of zeros stays zero: only a segment os.c never prepared
+   * would land there, and it holds no block */
+  sm_assert(shift == 0 || (slot < sm_segmap_zero || slot >= sm_segmap_zero + SM_SEGMAP_LEAF_SIZE));
+  if (slot >= sm_segmap_zero && slot < sm_segmap_zero + SM_SEGMAP_LEAF_SIZE) return;
+  atomic_store_explicit(slot, (uint8_t)shift, memory_order_release);
 }
 
 uint64_t sm_clock_ms(void) {
