@@ -558,7 +558,7 @@ void sm_free_flush_remote(sm_heap_t *heap);
 void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
 
 /* Free on the owner thread: 45 instructions to its ret on x86-64 (gcc 12,
- * -O2; 2 of them the segment map window's base, 2 the local list's head
+ * -O2; 3 of them the segment map window, 2 the local list's head
  * compared with the block); with malloc's 23 and the loop, a
  * malloc(32)+free pair is 86.0 under callgrind (make bench-callgrind).
  * Checks (all cheap): the pointer is in a segment, it starts a block, its
