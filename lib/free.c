@@ -119,12 +119,12 @@ static bool sm_tf_push(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
   uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   uintptr_t val;
   do {
-    if (sm_unlikely(sm_tf_ptr(old) == b)) return false;
+    if (sm_unlikely(sm_tf_ptr(page, old) == b)) return false;
     if (old & SM_TF_FULL) {
       val = old & ~SM_TF_FULL;
     } else {
-      b->next = sm_enc(page, sm_tf_ptr(old));
-      val = ((uintptr_t)b | (old & ~SM_TF_PTR_MASK)) + SM_TF_COUNT_ONE;
+      b->next = sm_enc(page, sm_tf_ptr(page, old));
+      val = (sm_tf_off(b) | (old & ~SM_TF_OFF_MASK)) + SM_TF_COUNT_ONE;
     }
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, val, memory_order_release,
                                                   memory_order_relaxed));
@@ -181,12 +181,12 @@ static void sm_tf_push_chain(sm_segment_t *seg, sm_page_t *page, sm_block_t *hea
       if (rest == NULL) {
         val = old & ~SM_TF_FULL;
       } else {
-        tail->next = sm_enc(page, sm_tf_ptr(old));
-        val = (((uintptr_t)rest | (old & ~SM_TF_PTR_MASK)) & ~SM_TF_FULL) + (uintptr_t)(n - 1) * SM_TF_COUNT_ONE;
+        tail->next = sm_enc(page, sm_tf_ptr(page, old));
+        val = ((sm_tf_off(rest) | (old & ~SM_TF_OFF_MASK)) & ~SM_TF_FULL) + (uintptr_t)(n - 1) * SM_TF_COUNT_ONE;
       }
     } else {
-      tail->next = sm_enc(page, sm_tf_ptr(old));
-      val = ((uintptr_t)head | (old & ~SM_TF_PTR_MASK)) + (uintptr_t)n * SM_TF_COUNT_ONE;
+      tail->next = sm_enc(page, sm_tf_ptr(page, old));
+      val = (sm_tf_off(head) | (old & ~SM_TF_OFF_MASK)) + (uintptr_t)n * SM_TF_COUNT_ONE;
     }
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, val, memory_order_release,
                                                   memory_order_relaxed));

@@ -151,7 +151,7 @@ struct sm_page_s {
   /* line 3: pushed by other threads with a CAS, taken by the owner; bit 0
    * (SM_TF_FULL) set while the page is on the full list, so a pushing
    * thread learns in the same CAS that it must tell the owner; the top
-   * 16 bits count the blocks on the list */
+   * 32 bits count the blocks on the list (see sm_tf_ptr) */
   _Atomic uintptr_t thread_free __attribute__((aligned(64)));
   /* touched only when the page retires or is reused, under heap->lock */
   sm_page_t *rnext, *rprev;      /* heap->retired_first..last, in expiry order */
@@ -369,24 +369,27 @@ SM_INLINE uintptr_t sm_heap_owner_id(const sm_heap_t *heap) { return (uintptr_t)
  *     around the first segment (sm_segmap_base, set once by os.c), where
  *     the kernel places the mappings of nearly every process; free looks
  *     there with one subtraction and one compare;
- *   - elsewhere, leaves of 2^14 units (16 KiB each, for 64 GiB of address
- *     space) that os.c maps when it first maps a segment in their range,
- *     under a root that covers 48-bit addresses (x86-64 with 4-level
- *     paging, arm64 with 48-bit VA; the kernel maps nothing higher unless a
- *     hint asks for it, and os.c refuses a segment it cannot record).
- *     Unused root entries point at one leaf of zeros.
- * 112 KiB of .bss in all, where a flat map would take 32 MiB of address
- * space from a program under RLIMIT_AS. */
-#define SM_SEGMAP_BITS        48
+ *   - elsewhere, three levels: a root in .bss of 2^11 entries, mid tables
+ *     of 2^10 entries and leaves of 2^14 units (16 KiB each, for 64 GiB
+ *     of address space), which os.c maps when it first maps a segment in
+ *     their range.  Together they cover 57-bit addresses: x86-64 with 4-
+ *     and 5-level paging, arm64 with 48- and 52-bit VA.  An entry not
+ *     mapped yet is NULL, and no segment is there.
+ * 80 KiB of .bss in all, where a flat map would take 32 MiB of address
+ * space from a program under RLIMIT_AS (and 2^35 bytes for 57 bits). */
+#define SM_SEGMAP_BITS        57
 #define SM_SEGMAP_WINDOW      ((uintptr_t)1 << 16)
 #define SM_SEGMAP_NO_BASE     ((uintptr_t)1 << 63)   /* no segment yet: every unit is far */
 #define SM_SEGMAP_LEAF_BITS   14
 #define SM_SEGMAP_LEAF_SIZE   ((size_t)1 << SM_SEGMAP_LEAF_BITS)
-#define SM_SEGMAP_ROOTS       ((size_t)1 << (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT - SM_SEGMAP_LEAF_BITS))
+#define SM_SEGMAP_MID_BITS    10
+#define SM_SEGMAP_MID_SIZE    ((size_t)1 << SM_SEGMAP_MID_BITS)
+#define SM_SEGMAP_ROOT_BITS   (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT - SM_SEGMAP_MID_BITS - SM_SEGMAP_LEAF_BITS)
+#define SM_SEGMAP_ROOTS       ((size_t)1 << SM_SEGMAP_ROOT_BITS)
+typedef _Atomic(_Atomic uint8_t *) sm_segmap_mid_t[SM_SEGMAP_MID_SIZE];
 extern uintptr_t sm_segmap_base;   /* set once, read with __atomic_load_n */
 extern _Atomic uint8_t sm_segmap_window[SM_SEGMAP_WINDOW];
-extern _Atomic(_Atomic uint8_t *) sm_segmap_root[SM_SEGMAP_ROOTS];
-extern _Atomic uint8_t sm_segmap_zero[SM_SEGMAP_LEAF_SIZE];
+extern _Atomic(sm_segmap_mid_t *) sm_segmap_root[SM_SEGMAP_ROOTS];
 
 /* The byte of the unit at seg: where it is kept (NULL beyond the map). */
 _Atomic uint8_t *sm_segmap_slot(uintptr_t seg);
@@ -405,6 +408,7 @@ SM_INLINE unsigned sm_segmap_shift(uintptr_t seg) {
 }
 SM_INLINE bool sm_segmap_contains(uintptr_t seg) { return sm_segmap_shift(seg) != 0; }
 void sm_segmap_set(uintptr_t seg, unsigned shift);
+bool sm_segmap_prepare(uintptr_t seg);   /* os.c */
 
 SM_INLINE sm_segment_t *sm_ptr_segment(const void *p) {
   return (sm_segment_t *)((uintptr_t)p & ~SM_SEGMENT_MASK);
@@ -435,19 +439,29 @@ SM_INLINE void sm_block_test_consts(size_t bsize, size_t reserved, uint64_t *mul
 void sm_page_set_geometry(sm_page_t *page, size_t bsize, size_t reserved);
 
 /* ---- thread_free word ----------------------------------------------------- */
-/* head pointer | block count << 48 | SM_TF_FULL: the owner takes the whole
- * list and its length with one exchange, without walking it */
+/* The head's offset in its segment (bits 4..31: blocks are 16-byte
+ * aligned and a segment is 4 MiB) | SM_TF_FULL (bit 0) | the block count
+ * << 32: the owner takes the whole list and its length with one exchange,
+ * without walking it.  No bit of an address is packed away, so the word
+ * works at any address width. */
 #define SM_TF_FULL        ((uintptr_t)1)
-#define SM_TF_COUNT_SHIFT 48
+#define SM_TF_COUNT_SHIFT 32
 #define SM_TF_COUNT_ONE   ((uintptr_t)1 << SM_TF_COUNT_SHIFT)
-#define SM_TF_PTR_MASK    (SM_TF_COUNT_ONE - 1 - SM_TF_FULL)
-_Static_assert(SM_SEGMAP_BITS <= SM_TF_COUNT_SHIFT, "block addresses fit below the count");
-_Static_assert(((uintptr_t)1 << SM_SMALL_SHIFT) / 16 < ((uintptr_t)1 << (64 - SM_TF_COUNT_SHIFT)),
+#define SM_TF_OFF_MASK    (SM_SEGMENT_MASK & ~(uintptr_t)15)
+_Static_assert(SM_SEGMENT_SHIFT <= SM_TF_COUNT_SHIFT, "a segment offset fits below the count");
+_Static_assert(((uintptr_t)1 << SM_MEDIUM_SHIFT) / 16 < ((uintptr_t)1 << (64 - SM_TF_COUNT_SHIFT)),
                "a page's blocks fit the count");
-SM_INLINE sm_block_t *sm_tf_ptr(uintptr_t v) { return (sm_block_t *)(v & SM_TF_PTR_MASK); }
+/* The head block of thread_free value v of page (NULL for none: offset 0
+ * is the segment header, never a block). */
+SM_INLINE sm_block_t *sm_tf_ptr(const sm_page_t *page, uintptr_t v) {
+  uintptr_t off = v & SM_TF_OFF_MASK;
+  return off ? (sm_block_t *)(((uintptr_t)page & ~SM_SEGMENT_MASK) + off) : NULL;
+}
+/* What the word holds for head block b (NULL: 0). */
+SM_INLINE uintptr_t sm_tf_off(const sm_block_t *b) { return (uintptr_t)b & SM_TF_OFF_MASK; }
 SM_INLINE uint32_t sm_tf_count(uintptr_t v) { return (uint32_t)(v >> SM_TF_COUNT_SHIFT); }
 SM_INLINE sm_block_t *sm_tf_head(sm_page_t *page, memory_order mo) {
-  return sm_tf_ptr(atomic_load_explicit(&page->thread_free, mo));
+  return sm_tf_ptr(page, atomic_load_explicit(&page->thread_free, mo));
 }
 
 /* ---- free-list encoding ------------------------------------------------ */
@@ -685,6 +699,9 @@ int sm_os_hugepage(void *p, size_t size);
 int sm_os_protect(void *p, size_t size, bool accessible);
 int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, size_t pre, void **out);
 void sm_os_random(void *buf, size_t len);
+/* where the next segment-aligned mapping is tried first: just past the
+ * last one (the kernel takes the hint when the range is free) */
+extern _Atomic uintptr_t sm_os_hint;
 
 /* ---- stats.c ------------------------------------------------------------ */
 void sm_stats_fold_heap(sm_heap_t *heap);

@@ -21,19 +21,31 @@ static void sm_mapped_add(size_t n) {
 /* ---- the segment map's storage (internal.h) ------------------------------ */
 uintptr_t sm_segmap_base = SM_SEGMAP_NO_BASE;
 _Atomic uint8_t sm_segmap_window[SM_SEGMAP_WINDOW];
-_Atomic uint8_t sm_segmap_zero[SM_SEGMAP_LEAF_SIZE];
-_Atomic(_Atomic uint8_t *) sm_segmap_root[SM_SEGMAP_ROOTS] = {
-  [0 ... SM_SEGMAP_ROOTS - 1] = sm_segmap_zero,
-};
+_Atomic(sm_segmap_mid_t *) sm_segmap_root[SM_SEGMAP_ROOTS];
+
+/* The table at *slot (a mid table or a leaf of size bytes), mapped and
+ * installed if there is none yet; two threads racing keep the first.
+ * NULL when it cannot be mapped. */
+static void *sm_segmap_table(_Atomic(void *) *slot, size_t size) {
+  void *t = atomic_load_explicit(slot, memory_order_acquire);
+  if (t) return t;
+  sm_gadd(os_mmap, 1);
+  void *fresh = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (fresh == MAP_FAILED) return NULL;
+  if (atomic_compare_exchange_strong_explicit(slot, &t, fresh, memory_order_acq_rel, memory_order_acquire))
+    return fresh;
+  sm_gadd(os_munmap, 1);
+  munmap(fresh, size);
+  return t;
+}
 
 /* Every mapping that may hold a segment header (segment-aligned) gets a
  * place in the map for its first unit before it is handed out: the first
- * one places the window around itself; beyond the window, the leaf for
- * the unit is mapped.  False when the address is beyond the map or the
- * leaf cannot be mapped, and the caller then gives the mapping back.
- * Leaves stay for the life of the process; two threads racing for one
- * keep the first. */
-static bool sm_segmap_prepare(uintptr_t seg) {
+ * one places the window around itself; beyond the window, the mid table
+ * and leaf for the unit are mapped.  False when the address is beyond the
+ * map or a table cannot be mapped, and the caller then gives the mapping
+ * back.  Tables stay for the life of the process. */
+bool sm_segmap_prepare(uintptr_t seg) {
   uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
   uintptr_t base = __atomic_load_n(&sm_segmap_base, __ATOMIC_RELAXED);
   if (base == SM_SEGMAP_NO_BASE) {
@@ -44,19 +56,12 @@ static bool sm_segmap_prepare(uintptr_t seg) {
     base = want;
   }
   if (unit - base < SM_SEGMAP_WINDOW) return true;
-  uintptr_t r = unit >> SM_SEGMAP_LEAF_BITS;
+  uintptr_t r = unit >> (SM_SEGMAP_MID_BITS + SM_SEGMAP_LEAF_BITS);
   if (r >= SM_SEGMAP_ROOTS) return false;
-  _Atomic uint8_t *expect = sm_segmap_zero;
-  if (atomic_load_explicit(&sm_segmap_root[r], memory_order_acquire) != expect) return true;
-  sm_gadd(os_mmap, 1);
-  void *leaf = mmap(NULL, SM_SEGMAP_LEAF_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (leaf == MAP_FAILED) return false;
-  if (!atomic_compare_exchange_strong_explicit(&sm_segmap_root[r], &expect, leaf, memory_order_acq_rel,
-                                               memory_order_acquire)) {
-    sm_gadd(os_munmap, 1);
-    munmap(leaf, SM_SEGMAP_LEAF_SIZE);
-  }
-  return true;
+  sm_segmap_mid_t *mid = sm_segmap_table((_Atomic(void *) *)&sm_segmap_root[r], sizeof(sm_segmap_mid_t));
+  if (mid == NULL) return false;
+  size_t m = (unit >> SM_SEGMAP_LEAF_BITS) & (SM_SEGMAP_MID_SIZE - 1);
+  return sm_segmap_table((_Atomic(void *) *)&(*mid)[m], SM_SEGMAP_LEAF_SIZE) != NULL;
 }
 
 int sm_os_map(size_t size, void **out) {
@@ -73,7 +78,7 @@ int sm_os_map(size_t size, void **out) {
 
 /* Where the next aligned mapping is tried first: just past the last one,
  * which is aligned whenever the last one was. */
-static _Atomic uintptr_t sm_os_hint;
+_Atomic uintptr_t sm_os_hint;
 
 /* Map exactly size bytes at an aligned hint; the kernel takes the hint
  * when that range is free, so most segments cost one mmap and no more

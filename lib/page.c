@@ -139,7 +139,7 @@ void sm_page_collect_thread_free(sm_page_t *page) {
   if (sm_tf_head(page, memory_order_relaxed) == NULL) return;
   /* take the list, keep the full bit */
   uintptr_t v = atomic_fetch_and_explicit(&page->thread_free, SM_TF_FULL, memory_order_acquire);
-  sm_block_t *head = sm_tf_ptr(v);
+  sm_block_t *head = sm_tf_ptr(page, v);
   if (!head) return;
   uint32_t n = sm_tf_count(v);
   if (page->local_free) {
@@ -433,7 +433,7 @@ static size_t sm_heap_sweep(sm_heap_t *heap) {
       sm_page_t *next = page->next;
       if (!(active && page == heap->queues[bin].first)) {
         uintptr_t tf = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
-        if (sm_tf_ptr(tf) != NULL && sm_tf_count(tf) == page->used) sm_page_collect_thread_free(page);
+        if (sm_tf_ptr(page, tf) != NULL && sm_tf_count(tf) == page->used) sm_page_collect_thread_free(page);
         if (page->used == 0 && sm_tf_head(page, memory_order_relaxed) == NULL) {
           sm_page_free_to_local(page);
           sm_page_retire(heap, page);
@@ -495,7 +495,7 @@ void sm_page_set_owner(sm_page_t *page, uintptr_t tid) {
  * owner takes on its next slow path: one notice per page, no scan. */
 void sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
   uintptr_t v = atomic_fetch_or_explicit(&page->thread_free, SM_TF_FULL, memory_order_acq_rel);
-  if (sm_tf_ptr(v) != NULL) {
+  if (sm_tf_ptr(page, v) != NULL) {
     atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
     return;
   }

@@ -24,9 +24,13 @@ _Atomic uint8_t *sm_segmap_slot(uintptr_t seg) {
   uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
   uintptr_t i = unit - __atomic_load_n(&sm_segmap_base, __ATOMIC_RELAXED);
   if (i < SM_SEGMAP_WINDOW) return &sm_segmap_window[i];
-  if ((unit >> SM_SEGMAP_LEAF_BITS) >= SM_SEGMAP_ROOTS) return NULL;
-  _Atomic uint8_t *leaf = atomic_load_explicit(&sm_segmap_root[unit >> SM_SEGMAP_LEAF_BITS], memory_order_acquire);
-  return &leaf[unit & (SM_SEGMAP_LEAF_SIZE - 1)];
+  uintptr_t r = unit >> (SM_SEGMAP_MID_BITS + SM_SEGMAP_LEAF_BITS);
+  if (r >= SM_SEGMAP_ROOTS) return NULL;
+  sm_segmap_mid_t *mid = atomic_load_explicit(&sm_segmap_root[r], memory_order_acquire);
+  if (mid == NULL) return NULL;
+  _Atomic uint8_t *leaf =
+      atomic_load_explicit(&(*mid)[(unit >> SM_SEGMAP_LEAF_BITS) & (SM_SEGMAP_MID_SIZE - 1)], memory_order_acquire);
+  return leaf ? &leaf[unit & (SM_SEGMAP_LEAF_SIZE - 1)] : NULL;
 }
 
 /* Outside the window: a free of a block there, or a foreign pointer. */
@@ -41,10 +45,6 @@ void sm_segmap_set(uintptr_t seg, unsigned shift) {
   _Atomic uint8_t *slot = sm_segmap_slot(seg);
   sm_assert(slot != NULL || shift == 0);
   if (slot == NULL) return;
-  /* the leaf of zeros stays zero: only a segment os.c never prepared
-   * would land there, and it holds no block */
-  sm_assert(shift == 0 || (slot < sm_segmap_zero || slot >= sm_segmap_zero + SM_SEGMAP_LEAF_SIZE));
-  if (slot >= sm_segmap_zero && slot < sm_segmap_zero + SM_SEGMAP_LEAF_SIZE) return;
   atomic_store_explicit(slot, (uint8_t)shift, memory_order_release);
 }
 
