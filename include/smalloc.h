@@ -163,6 +163,9 @@ typedef struct smalloc_stats {
   uint64_t background_threads; /* purge threads started (one runs at a time) */
   uint64_t pages_purged;      /* free pages of live segments whose memory was given
                                  back (madvise), after the purge delay */
+  uint64_t errors_reported;   /* heap misuse reported (double or invalid free,
+                                 corrupted free list...); under
+                                 SMALLOC_ON_ERROR=warn the process went on */
 } smalloc_stats_t;
 
 /* Fill *out up to out->size bytes.  Returns 0, or EINVAL when out is NULL

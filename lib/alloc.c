@@ -70,7 +70,9 @@ void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
   }
   size_t bin = sm_bin_of(sm_class_size(n));
   sm_page_t *page = heap->queues[bin].first;
-  if (!page || !sm_page_has_free(page)) {
+  /* the head of the list a page found has its checks too: a list whose
+   * head fails them is dropped, and the slow path runs again */
+  while (!page || !sm_page_has_free(page)) {
     page = sm_page_find(heap, bin);   /* the slow path, cheapest step first */
     if (sm_unlikely(page == NULL) && sm_oom_collect(heap)) page = sm_page_find(heap, bin);
     if (sm_unlikely(page == NULL)) {
@@ -193,13 +195,6 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
     if (n > SM_MAX_REQUEST) return sm_fail_enomem(heap);
     return sm_malloc_other(n);
   }
-  if (n == 0) {
-    /* glibc's behaviour: free the block, return NULL */
-    sm_cnt_add(heap->stats.free_other, 1);
-    sm_free_generic(p, who == SM_CALL_REALLOC ? "realloc" : "reallocarray");
-    return NULL;
-  }
-  if (n > SM_MAX_REQUEST) return sm_fail_enomem(heap);
   sm_segment_t *seg;
   sm_page_t *page;
   const char *name = who == SM_CALL_REALLOC ? "realloc" : "reallocarray";
@@ -220,6 +215,13 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
     errno = EINVAL;
     return NULL;
   }
+  if (n == 0) {
+    /* glibc's behaviour: free the block, return NULL */
+    sm_cnt_add(heap->stats.free_other, 1);
+    sm_free_generic(p, name);
+    return NULL;
+  }
+  if (n > SM_MAX_REQUEST) return sm_fail_enomem(heap);
   size_t usable = sm_usable_in(seg, page, p);
   if (sm_track_on() || SM_GUARD) {
     /* copy: memcheck sees one block die and another start; in the secure

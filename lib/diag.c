@@ -9,8 +9,6 @@
 
 #define SM_WARN_CAP 32   /* repeated errors in warn mode are capped */
 
-static _Atomic unsigned sm_errors_reported;
-
 static void sm_vprint(const char *fmt, va_list ap) {
   char buf[512];
   int saved = errno;
@@ -40,13 +38,13 @@ void sm_message(const char *fmt, ...) {
 }
 
 bool sm_errors_seen(void) {
-  return atomic_load_explicit(&sm_errors_reported, memory_order_relaxed) != 0;
+  return atomic_load_explicit(&sm_gstats.errors_reported, memory_order_relaxed) != 0;
 }
 
 /* A heap misuse: report, then abort unless SMALLOC_ON_ERROR=warn, in which
  * case the caller leaks the block and goes on. */
 void sm_error(const char *fmt, ...) {
-  unsigned n = atomic_fetch_add(&sm_errors_reported, 1);
+  uint64_t n = sm_gadd(errors_reported, 1);
   bool warn = sm_opt(ON_ERROR) == 1;
   if (!warn || n < SM_WARN_CAP) {
     va_list ap;

@@ -66,8 +66,10 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   if (b->tag == (page->key ^ SM_TAG_REMOTE) || page->local_free == b) {
     /* another thread freed it already and it is on its way back, or it
      * was the last block freed here (its tag overwritten since): pushed
-     * again, it would link to itself and be handed out twice */
+     * again, it would link to itself and be handed out twice.  The head
+     * of local_free gets its tag back, so that the list stays sound */
     sm_error("free(): double free of %p", (void *)b);
+    if (page->local_free == b) b->tag = page->key;
     return;
   }
   if (b->tag == page->key && sm_free_is_double(page, b)) return;
@@ -76,9 +78,9 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   b->tag = page->key;
   page->local_free = b;
   sm_cnt_add(page->frees, 1);
-  page->used--;
+  if (sm_likely(page->used > 0)) page->used--;   /* 0: only in a page found corrupted */
   sm_page_unfull(heap, page);
-  if (page->used == 0 && page->free == NULL) sm_page_retire(heap, page);
+  if (sm_page_vacant(page) && page->free == NULL) sm_page_retire(heap, page);
 }
 
 /* The fast path freed the last block of one of the thread's pages. */

@@ -188,7 +188,7 @@ void sm_heap_thread_done(void *arg) {
     sm_page_t *page;
     while ((page = heap->queues[qi].first) != NULL) {
       sm_page_collect_thread_free(page);
-      if (page->used == 0) {
+      if (sm_page_vacant(page)) {
         sm_page_release(heap, page);
         continue;
       }

@@ -149,7 +149,7 @@ void sm_page_collect_thread_free(sm_page_t *page) {
       sm_block_t *next = sm_dec(page, tail->next);
       /* a link out of the segment: stop there, as malloc would */
       if (sm_unlikely(((uintptr_t)next ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
-        sm_error("corrupted free list in page at %p (thread_free)", (void *)page->start);
+        sm_page_corrupt(page, " (thread_free)", NULL);
         break;
       }
       sm_track_link(next);
@@ -339,7 +339,7 @@ void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
     for (page = heap->queues[qi].first; page; ) {
       sm_page_t *next = page->next;
       sm_page_collect_thread_free(page);
-      if (page->used == 0) sm_page_release(heap, page);
+      if (sm_page_vacant(page)) sm_page_release(heap, page);
       page = next;
     }
   }
@@ -404,7 +404,7 @@ static void sm_page_free_to_local(sm_page_t *page) {
     sm_block_t *next = sm_dec(page, tail->next);
     if (next == NULL) break;
     if (sm_unlikely(!sm_page_is_block(page, next))) {
-      sm_error("corrupted free list in page at %p", (void *)page->start);
+      sm_page_corrupt(page, "", NULL);
       return;   /* keep local_free as it is, drop the rest */
     }
     tail = next;
@@ -434,7 +434,7 @@ static size_t sm_heap_sweep(sm_heap_t *heap) {
       if (!(active && page == heap->queues[bin].first)) {
         uintptr_t tf = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
         if (sm_tf_ptr(page, tf) != NULL && sm_tf_count(tf) == page->used) sm_page_collect_thread_free(page);
-        if (page->used == 0 && sm_tf_head(page, memory_order_relaxed) == NULL) {
+        if (sm_page_vacant(page) && sm_tf_head(page, memory_order_relaxed) == NULL) {
           sm_page_free_to_local(page);
           sm_page_retire(heap, page);
         }
@@ -532,7 +532,7 @@ void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   }
   sm_page_unfull(heap, page);
   sm_page_collect_thread_free(page);   /* the rest of that thread's batch, often */
-  if (page->used == 0) {
+  if (sm_page_vacant(page)) {
     sm_page_free_to_local(page);
     sm_page_retire(heap, page);
   }
@@ -587,7 +587,7 @@ static bool sm_heap_reclaim_one(sm_heap_t *heap, int kind) {
     sm_cnt_add(heap->stats.pages_reclaimed, 1);
     sm_page_collect_thread_free(page);
     sm_pq_push_back(heap, page->bin, page);
-    if (page->used == 0) {
+    if (sm_page_vacant(page)) {
       sm_page_release(heap, page);   /* may free seg: it is the last use */
     } else if (!page->free && !page->local_free && page->capacity == page->reserved) {
       sm_page_to_full(heap, page);
@@ -611,12 +611,34 @@ static void sm_count_step(sm_heap_t *heap, size_t bin, int step) {
 /* Whether the page has a block to hand out.  A free-list head outside the
  * page's segment was written by the program (a use after free): report it
  * and leak the rest of the list rather than follow it. */
+/* A corrupted free list found in the owner's page: report it; from now
+ * on the page is never emptied (its used count may be wrong: a block
+ * freed twice is counted twice) and every free of it goes out of line. */
+void sm_page_corrupt(sm_page_t *page, const char *what, const void *b) {
+  if (b) sm_error("corrupted free list in page at %p%s%p%s", (void *)page->start, what, b,
+                  " was written after its free (or freed twice)");
+  else sm_error("corrupted free list in page at %p%s", (void *)page->start, what);
+  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+  sm_heap_t *owner = atomic_load_explicit(&sm_ptr_segment(page)->heap, memory_order_relaxed);
+  if (!(flags & SM_PAGE_CORRUPT))
+    sm_page_set_flags(page, flags | SM_PAGE_CORRUPT, owner ? sm_heap_owner_id(owner) : 0);
+}
+
 bool sm_page_has_free(sm_page_t *page) {
   sm_block_t *b = page->free;
   if (b == NULL) return false;
   if (sm_unlikely(((uintptr_t)b ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
-    sm_error("corrupted free list in page at %p", (void *)page->start);
     page->free = NULL;
+    sm_page_corrupt(page, "", NULL);
+    return false;
+  }
+  sm_track_link(b);
+  if (sm_unlikely((b->tag ^ page->key) > SM_TAG_REMOTE)) {
+    /* not tagged free: handed out already and on the list again (freed
+     * twice after its tag was overwritten), or written after its free;
+     * the rest of the list is dropped (leaked) */
+    page->free = NULL;
+    sm_page_corrupt(page, ": block ", b);
     return false;
   }
   return true;

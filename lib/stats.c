@@ -46,7 +46,7 @@ static smalloc_stats_t sm_reset_base;  /* raw figures at the last reset (stats l
 /* after classes[] (stats version 2) */
 #define SM_STATS_FIELDS3(X) X(pages_claimed, 0, 0) X(oom_collects, 0, 0) \
   X(huge_cached, 0, 0) X(huge_cache_hits, 0, 0) X(background_threads, 0, 0) \
-  X(pages_purged, 0, 0)
+  X(pages_purged, 0, 0) X(errors_reported, 0, 0)
 
 static const char *const sm_step_names[SMALLOC_STEP_COUNT] = {
   "local_swap", "thread_collect", "extend", "next_page", "retired_page", "fresh_page", "new_segment",
@@ -208,6 +208,7 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   o->huge_cache_hits = atomic_load_explicit(&sm_gstats.huge_cache_hits, memory_order_relaxed);
   o->background_threads = atomic_load_explicit(&sm_gstats.background_threads, memory_order_relaxed);
   o->pages_purged = atomic_load_explicit(&sm_gstats.pages_purged, memory_order_relaxed);
+  o->errors_reported = atomic_load_explicit(&sm_gstats.errors_reported, memory_order_relaxed);
 }
 
 /* Subtract the reset base from every event count. */

@@ -81,6 +81,30 @@ static void __attribute__((format(printf, 1, 2))) expect_line(const char *fmt, .
     child_write(expect_fd, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
 }
 
+/* Misuses the child's case commits (in the child: a case may change it). */
+static unsigned child_misuses = 1;
+
+static uint64_t child_errors_reported(void)
+{
+  smalloc_stats_t s;
+  memset(&s, 0, sizeof s);
+  s.size = sizeof s;
+  CHILD_CHECK(smalloc_stats_get(&s) == 0, "smalloc_stats_get failed");
+  return s.errors_reported;
+}
+
+/* Pages held for blocks of size bytes. */
+static uint64_t child_class_pages(size_t size)
+{
+  smalloc_stats_t s;
+  memset(&s, 0, sizeof s);
+  s.size = sizeof s;
+  CHILD_CHECK(smalloc_stats_get(&s) == 0, "smalloc_stats_get failed");
+  for (uint32_t c = 0; c < s.nclasses; c++)
+    if (s.classes[c].block_size == size) return s.classes[c].pages_in_use;
+  return UINT64_MAX;
+}
+
 static uint64_t child_blocks_in_use(void)
 {
   smalloc_stats_t s;
@@ -90,20 +114,26 @@ static uint64_t child_blocks_in_use(void)
   return s.blocks_in_use;
 }
 
-/* After a reported misuse in warn mode: blocks of the given size and of a
- * few others are distinct, disjoint, keep their contents, and are freed
- * without complaint. */
+/* After a reported misuse in warn mode: the next 10,000 allocations (a
+ * third of the given size, or one in 300 when it is above 64 KiB; the
+ * others up to 2 KiB and now and then up to 600 KB) are distinct,
+ * disjoint, writable, keep their contents, and are freed without
+ * complaint. */
 static void heap_still_sound(size_t size)
 {
-  enum { N = 600 };
+  enum { N = 10000 };
   static unsigned char *p[N];
   static size_t n[N];
   static sm_interval_t iv[N];
   sm_rng_t r;
   sm_rng_seed(&r, 4242);
   uint64_t before = child_blocks_in_use();
+  size_t every = size > 64 * KiB ? 300 : 3;
   for (size_t i = 0; i < N; i++) {
-    n[i] = i % 3 == 0 ? size : sm_rng_range(&r, 1, i % 3 == 1 ? 512 : 40000);
+    n[i] = i % every == 0 ? size
+           : i % 3 == 1 ? sm_rng_range(&r, 1, 512)
+           : i % 600 == 2 ? sm_rng_range(&r, 1, 600000)
+                          : sm_rng_range(&r, 1, 2048);
     p[i] = smalloc_malloc(n[i]);
     CHILD_CHECK(p[i] != NULL, "malloc(%zu) failed", n[i]);
     CHILD_CHECK(sm_is_aligned(p[i], 16), "malloc(%zu) = %p", n[i], (void *)p[i]);
@@ -173,7 +203,12 @@ static void run_child(misuse_fn fn, bool warn, outcome_t *o)
     /* the environment may say otherwise: each case picks its mode */
     if (smalloc_option_set(SMALLOC_OPTION_ON_ERROR, warn ? 1 : 0) != 0)
       child_fail("smalloc_option_set(SMALLOC_OPTION_ON_ERROR, %d) failed", warn);
+    uint64_t errors = child_errors_reported();
     fn(warn);
+    /* in warn mode: every misuse counted once */
+    CHILD_CHECK(child_errors_reported() == errors + child_misuses,
+                "errors_reported went from %llu to %llu, want +%u", (unsigned long long)errors,
+                (unsigned long long)child_errors_reported(), child_misuses);
     _exit(0);
   }
   close(errp[1]);
@@ -569,6 +604,88 @@ static void double_free_after_stale_write(bool warn)
   double_free_of_the_last(warn, 64, 8);
 }
 MISUSE(double_free_after_stale_write)
+
+/* A block freed, another block of its page freed after it, the first
+ * one's tag overwritten, then the first freed again: free cannot tell
+ * (the block is not its page's last freed one), and the block is on the
+ * page's list twice.  malloc must hand it out once only: the second time
+ * it comes off the list its tag says it was handed out, the list is
+ * reported and dropped, and the page is kept for good (its count of
+ * blocks in use counted the block twice), so that no later block
+ * overlaps the blocks still live in it. */
+static void *stale_write_deep_thread(void *arg)
+{
+  bool warn = *(bool *)arg;
+  enum { N = 64, SIZE = 80, MORE = 400, OTHER = 4000 };
+  static unsigned char *a[N + MORE], *o[OTHER];
+  /* an emptied page goes back to its segment at once, for the next
+   * class that needs a page */
+  CHILD_CHECK(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0) == 0, "option");
+  for (int i = 0; i < N; i++) {
+    a[i] = smalloc_malloc(SIZE);
+    CHILD_CHECK(a[i] != NULL, "malloc(%d) failed", SIZE);
+  }
+  unsigned char *victim = a[10];
+  smalloc_free(victim);
+  smalloc_free(a[11]);
+  memset(victim + 8, 0x41, 8);   /* a stale write over its tag */
+  smalloc_free(sm_opaque(victim));   /* not seen: pushed again */
+  a[10] = a[11] = NULL;
+  /* the page's blocks start after the segment header in page 0 */
+  uintptr_t vpage = (uintptr_t)victim & ~(uintptr_t)0xffff;
+  uintptr_t vseg = (uintptr_t)victim & ~(uintptr_t)(4 * MiB - 1);
+  uintptr_t vstart = vpage == vseg ? vseg + SM_TEST_SEGMENT_HDR : vpage;
+  expect_line("corrupted free list in page at %p: block %p was written after its free "
+              "(or freed twice)", (void *)vstart, (void *)victim);
+  for (int i = N; i < N + MORE; i++) {
+    a[i] = smalloc_malloc(SIZE);
+    CHILD_CHECK(a[i] != NULL, "malloc(%d) failed", SIZE);
+    for (int j = 0; j < i; j++)
+      CHILD_CHECK(a[j] != a[i], "malloc returned %p while it was live", (void *)a[i]);
+    memset(a[i], i & 0xff, SIZE);
+  }
+  if (!warn)
+    child_fail("the block on the list twice was not reported");
+  for (int i = N; i < N + MORE; i++)
+    for (int k = 0; k < SIZE; k++)
+      CHILD_CHECK(a[i][k] == (unsigned char)(i & 0xff), "block %p changed", (void *)a[i]);
+  /* all freed but the last one in the victim's page: its page must not
+   * be taken for another class while that one is live */
+  int keep = -1;
+  for (int i = 0; i < N + MORE; i++)
+    if (a[i] && ((uintptr_t)a[i] & ~(uintptr_t)0xffff) == vpage) keep = i;
+  CHILD_CHECK(keep >= N, "no block of the victim's page was handed out again");
+  uint64_t pages = child_class_pages(SIZE);
+  for (int i = 0; i < N + MORE; i++)
+    if (i != keep) smalloc_free(a[i]);
+  smalloc_collect(true);   /* releases every page that holds no live block */
+  CHILD_CHECK(child_class_pages(SIZE) == pages, "pages of %d bytes: %llu, want %llu", SIZE,
+              (unsigned long long)child_class_pages(SIZE), (unsigned long long)pages);
+  uintptr_t lo = (uintptr_t)a[keep], hi = lo + SIZE;
+  for (int i = 0; i < OTHER; i++) {
+    o[i] = smalloc_malloc(48);
+    CHILD_CHECK(o[i] != NULL, "malloc(48) failed");
+    CHILD_CHECK((uintptr_t)o[i] + 48 <= lo || (uintptr_t)o[i] >= hi,
+                "malloc(48) = %p overlaps the live block %p", (void *)o[i], (void *)a[keep]);
+    memset(o[i], 0x5a, 48);
+  }
+  for (int k = 0; k < SIZE; k++)
+    CHILD_CHECK(a[keep][k] == (unsigned char)(keep & 0xff), "block %p changed", (void *)a[keep]);
+  for (int i = 0; i < OTHER; i++)
+    smalloc_free(o[i]);
+  smalloc_free(a[keep]);
+  return NULL;
+}
+
+/* In a thread of its own: its heap is new, and so is the page. */
+static void double_free_after_stale_write_deep(bool warn)
+{
+  pthread_t t;
+  CHILD_CHECK(pthread_create(&t, NULL, stale_write_deep_thread, &warn) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  heap_still_sound(80);
+}
+MISUSE(double_free_after_stale_write_deep)
 
 /* A page that holds a block returned at an aligned offset (posix_memalign
  * pads a 48-byte request with 64-byte alignment into a 96-byte block; of
@@ -968,6 +1085,7 @@ static void many_bad_frees(bool warn)
 {
   unsigned char buf[64];
   (void)warn;
+  child_misuses = 1000;   /* all counted, though fewer are printed */
   expect_line("^free(): invalid pointer 0x");
   for (int i = 0; i < 1000; i++)
     smalloc_free(sm_opaque(buf + (i % 4) * 16));
@@ -1062,6 +1180,7 @@ int main(void)
   ADD_MISUSE(tc, double_free_both_cross_thread);
   ADD_MISUSE(tc, double_free_cross_thread_after_local_free);
   ADD_MISUSE(tc, double_free_after_stale_write);
+  ADD_MISUSE(tc, double_free_after_stale_write_deep);
   ADD_MISUSE(tc, interior_free_in_a_page_with_aligned_blocks);
   ADD_MISUSE(tc, interior_realloc_in_a_page_with_aligned_blocks);
   ADD_MISUSE(tc, double_free_of_an_aligned_block);

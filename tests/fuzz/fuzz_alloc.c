@@ -14,7 +14,14 @@
  * op % OP_COUNT picks the operation, slot % SLOTS the slot.  Sizes take one
  * byte of kind and up to two bytes of value (see read_size), alignments one
  * byte (read_align).  A record on an occupied slot that allocates frees the
- * old block first; one on an empty slot that needs a block does nothing. */
+ * old block first; one on an empty slot that needs a block does nothing.
+ *
+ * Misuse operations run with SMALLOC_ON_ERROR=warn: a double free (at
+ * once, after a stale write into the freed block's first or second word,
+ * or from the other thread), an interior free, a realloc of a freed
+ * block.  Each must be reported (errors_reported counts it) and leave the
+ * heap sound: no later block may overlap a live one, and live blocks keep
+ * their contents. */
 #include "config.h"
 
 #include <errno.h>
@@ -46,6 +53,7 @@ enum op {
   OP_ALIGNED_ALLOC, OP_MEMALIGN, OP_VALLOC, OP_PVALLOC, OP_FREE, OP_FREE_SIZED,
   OP_FREE_ALIGNED_SIZED, OP_THREAD_FREE, OP_THREAD_REALLOC, OP_THREAD_ALLOC_EXIT,
   OP_COLLECT, OP_USABLE_SIZE, OP_BURST, OP_OPTION, OP_CALLOC_OVERFLOW,
+  OP_DOUBLE_FREE, OP_INTERIOR_FREE, OP_REALLOC_FREED,
   OP_COUNT
 };
 
@@ -316,11 +324,12 @@ static void do_realloc(slot_t *s, size_t n, bool array, size_t nmemb)
 
 static pthread_mutex_t mbox_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t mbox_cond = PTHREAD_COND_INITIALIZER;
-enum { HELPER_IDLE, HELPER_FREE, HELPER_REALLOC, HELPER_QUIT };
+enum { HELPER_IDLE, HELPER_FREE, HELPER_REALLOC, HELPER_FREE_RAW, HELPER_QUIT };
 static struct {
   int pending;
   slot_t *s;
   size_t n;
+  void *p;   /* HELPER_FREE_RAW: a pointer freed as is (a misuse) */
 } mbox;
 static pthread_t helper;
 static bool helper_started;
@@ -335,6 +344,8 @@ static void *helper_main(void *arg)
     int what = mbox.pending;
     if (what == HELPER_FREE)
       release(mbox.s, 0);
+    else if (what == HELPER_FREE_RAW)
+      smalloc_free(mbox.p);
     else if (what == HELPER_REALLOC)
       do_realloc(mbox.s, mbox.n, false, 0);
     mbox.pending = HELPER_IDLE;
@@ -346,7 +357,14 @@ static void *helper_main(void *arg)
   return NULL;
 }
 
+static void on_helper_raw(int what, slot_t *s, size_t n, void *p);
+
 static void on_helper(int what, slot_t *s, size_t n)
+{
+  on_helper_raw(what, s, n, NULL);
+}
+
+static void on_helper_raw(int what, slot_t *s, size_t n, void *p)
 {
   if (!helper_started) {
     if (what == HELPER_QUIT)
@@ -357,6 +375,7 @@ static void on_helper(int what, slot_t *s, size_t n)
   pthread_mutex_lock(&mbox_lock);
   mbox.s = s;
   mbox.n = n;
+  mbox.p = p;
   mbox.pending = what;
   pthread_cond_broadcast(&mbox_cond);
   while (mbox.pending != HELPER_IDLE)
@@ -432,13 +451,96 @@ static void set_option(input_t *in)
 
 /* ---- one input ------------------------------------------------------------------------- */
 
-static uint64_t blocks_in_use(void)
+static smalloc_stats_t stats_now(void)
 {
   smalloc_stats_t st;
   memset(&st, 0, sizeof st);
   st.size = sizeof st;
   CHECK(smalloc_stats_get(&st) == 0, "smalloc_stats_get failed");
-  return st.blocks_in_use;
+  return st;
+}
+
+static uint64_t blocks_in_use(void)
+{
+  return stats_now().blocks_in_use;
+}
+
+static uint64_t errors_reported(void)
+{
+  return stats_now().errors_reported;
+}
+
+/* ---- misuse -------------------------------------------------------------------------- */
+
+/* Whether another live slot's block of a size class shares s's segment:
+ * then the segment stays mapped after s's block is freed, and a stale
+ * write into that block cannot fault. */
+static bool segment_stays(const slot_t *s)
+{
+  uintptr_t seg = (uintptr_t)s->p >> 22;
+  for (size_t i = 0; i < SLOTS; i++) {
+    const slot_t *o = &slots[i];
+    if (o != s && o->p && o->n + o->align <= 128 * KiB && (uintptr_t)o->p >> 22 == seg)
+      return true;
+  }
+  return false;
+}
+
+/* Free s's block, then free it again at once: from this thread, from the
+ * other one, or after a stale write into its first or second word (only
+ * where the memory stays mapped). */
+static void double_free(slot_t *s, uint8_t how)
+{
+  if (!s->p)
+    return;
+  check_block(s, "before a double free");
+  unsigned char *p = s->p;
+  bool small = s->n + s->align <= 128 * KiB;
+  int stale = (how & 3) == 1 ? 0 : (how & 3) == 2 ? 8 : -1;
+  if (stale >= 0 && !(small && segment_stays(s)))
+    stale = -1;
+  release(s, 0);
+  if (stale >= 0)
+    memset(p + stale, how, 8);
+  uint64_t e = errors_reported();
+  int saved = errno = 777;
+  if ((how & 3) == 3)
+    on_helper_raw(HELPER_FREE_RAW, NULL, 0, p);
+  else
+    smalloc_free(p);
+  CHECK(errors_reported() == e + 1, "double free of %p (%s) not reported", (void *)p,
+        stale == 0 ? "link overwritten" : stale == 8 ? "tag overwritten"
+        : (how & 3) == 3 ? "second free by another thread" : "at once");
+  CHECK((how & 3) == 3 || errno == saved, "a reported free changed errno to %d", errno);
+}
+
+/* free(p + off) inside a live block: reported; the block stays live and
+ * keeps its contents. */
+static void interior_free(slot_t *s, uint8_t b)
+{
+  if (!s->p || s->n < 32)
+    return;
+  size_t span = s->n / 16;   /* offsets 16 .. n - 16, multiples of 16 */
+  size_t off = 16 * (1 + b % (span - 1));
+  uint64_t e = errors_reported();
+  smalloc_free(s->p + off);
+  CHECK(errors_reported() == e + 1, "free(%p + %zu) inside a block of %zu bytes not reported",
+        (void *)s->p, off, s->n);
+  check_block(s, "after an interior free");
+}
+
+/* realloc of a block freed just before: reported, NULL with EINVAL. */
+static void realloc_freed(slot_t *s, size_t n)
+{
+  if (!s->p)
+    return;
+  unsigned char *p = s->p;
+  release(s, 0);
+  uint64_t e = errors_reported();
+  errno = 0;
+  void *q = smalloc_realloc(p, n);
+  CHECK(errors_reported() == e + 1, "realloc(%p, %zu) of a freed block not reported", (void *)p, n);
+  CHECK(q == NULL && errno == EINVAL, "realloc of a freed block = %p, errno %d", q, errno);
 }
 
 static void aligned_op(slot_t *s, enum op op, size_t align, size_t n)
@@ -599,6 +701,15 @@ static void run(input_t *in)
     case OP_OPTION:
       set_option(in);
       break;
+    case OP_DOUBLE_FREE:
+      double_free(s, byte(in));
+      break;
+    case OP_INTERIOR_FREE:
+      interior_free(s, byte(in));
+      break;
+    case OP_REALLOC_FREED:
+      realloc_freed(s, read_size(in));
+      break;
     default:
       break;
     }
@@ -611,6 +722,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
   static bool first = true;
   if (first) {
+    /* misuse is reported and survived, so that it can be checked */
+    smalloc_option_set(SMALLOC_OPTION_ON_ERROR, 1);
     options_save();
     first = false;
   }
