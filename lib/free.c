@@ -74,6 +74,7 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   }
   if (b->tag == page->key && sm_free_is_double(page, b)) return;
   sm_track_free(p, b);
+  if (!sm_track_on()) sm_poison_set(page, b);
   b->next = sm_enc(page, page->local_free);
   b->tag = page->key;
   page->local_free = b;
@@ -151,6 +152,7 @@ bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
     return false;
   }
   b->tag = page->key ^ SM_TAG_REMOTE;
+  if (!sm_track_on()) sm_poison_set(page, b);
   if (sm_unlikely(!sm_tf_push(seg, page, b))) {
     sm_error("free(): double free of %p", (void *)b);
     return false;
@@ -245,6 +247,7 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
     return;
   }
   b->tag = key ^ SM_TAG_REMOTE;
+  sm_poison_set(page, b);   /* pages flagged for valgrind never come here */
   sm_cnt_add(heap->stats.class_frees[page->bin], 1);
   sm_xbuf_add(heap, page, b);
 }
@@ -270,6 +273,10 @@ void sm_free_generic(void *p, const char *who) {
   if (seg->kind >= SM_SEG_LARGE) {
     if (p != (void *)page->start) {
       sm_error("%s(): invalid pointer %p (not the start of a block)", who, p);
+      return;
+    }
+    if (sm_unlikely(!sm_large_canary_ok(seg, p))) {
+      sm_error("%s(): heap overflow: the canary after block %p was overwritten", who, p);
       return;
     }
     sm_track_free(p, p);

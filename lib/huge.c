@@ -26,10 +26,11 @@ static void sm_huge_header(sm_segment_t *seg, size_t mapped, size_t offset, size
   seg->used_pages = 1;
   seg->mapped = mapped;
   seg->block_offset = offset;
-  seg->block_size = mapped - offset - SM_GUARD;
+  seg->block_size = mapped - offset - SM_GUARD - SM_LARGE_CANARY;
   sm_page_t *page = &seg->pages[0];
   page->in_use = 1;
   page->start = (uint8_t *)seg + offset;
+  if (SM_CANARY) page->key = ((uintptr_t)seg ^ sm_secret) | 2;   /* the canary's */
 }
 
 /* ---- the huge cache ---------------------------------------------------------
@@ -142,7 +143,7 @@ static sm_segment_t *sm_huge_reuse(sm_huge_entry_t *e, size_t need, size_t n) {
 void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed) {
   if (alignment < 16) alignment = 16;
   size_t offset = sm_huge_offset(alignment);
-  size_t mapped = ((offset + n + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1)) + SM_GUARD;
+  size_t mapped = ((offset + n + SM_LARGE_CANARY + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1)) + SM_GUARD;
   if (mapped < n) return NULL;
   sm_segment_t *seg = NULL;
   if (!SM_GUARD && offset < SM_SEGMENT_SIZE) {
@@ -172,6 +173,7 @@ void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed) {
   sm_segmap_set((uintptr_t)seg, SM_SEGMENT_SHIFT);
   sm_gadd(huge_bytes, seg->block_size);
   void *p = (uint8_t *)seg + offset;
+  sm_large_canary_set(seg, p);
   if (zero && !fresh) memset(p, 0, n);
   *zeroed = zero || fresh;
   return p;

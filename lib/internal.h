@@ -104,6 +104,10 @@ typedef struct sm_block_s {
 #define SM_CANARY 0
 #define SM_GUARD  0
 #endif
+/* Large and huge blocks (secure build): 16 bytes of canary right after
+ * the usable bytes, then the guard page; so a write of up to 16 bytes
+ * past the end is reported at free rather than faulting at once. */
+#define SM_LARGE_CANARY (2 * SM_CANARY)
 typedef struct sm_page_s sm_page_t;
 typedef struct sm_segment_s sm_segment_t;
 typedef struct sm_heap_s sm_heap_t;
@@ -487,6 +491,50 @@ SM_INLINE void sm_canary_set(const sm_page_t *page, void *b) {
 SM_INLINE bool sm_canary_ok(const sm_page_t *page, const void *b) {
   return !SM_CANARY || *sm_canary_at(page, b) == sm_canary_value(page, b);
 }
+/* Secure build: the words of a free block after its link and tag, up to
+ * its 64th byte, hold a pattern made from the key, written when the
+ * block is freed (or built) and checked when malloc takes it again, so a
+ * write through a dangling pointer into a block's first 64 bytes is
+ * reported at its next allocation.  Not under valgrind (memcheck reports
+ * such writes itself, and the library's own would look like them). */
+#define SM_POISON_BYTES 64
+SM_INLINE uint64_t sm_poison_value(const sm_page_t *page, const void *b) {
+  return ~sm_canary_value(page, b);
+}
+SM_INLINE size_t sm_poison_words(const sm_page_t *page) {
+  size_t u = page->block_size - SM_CANARY;
+  return (u < SM_POISON_BYTES ? u : SM_POISON_BYTES) / 8;
+}
+SM_INLINE void sm_poison_set(const sm_page_t *page, void *b) {
+  if (!SM_CANARY) return;
+  uint64_t v = sm_poison_value(page, b), *w = b;
+  for (size_t i = 2, n = sm_poison_words(page); i < n; i++) w[i] = v;
+}
+SM_INLINE bool sm_poison_ok(const sm_page_t *page, const void *b) {
+  if (!SM_CANARY) return true;
+  uint64_t v = sm_poison_value(page, b);
+  const uint64_t *w = b;
+  for (size_t i = 2, n = sm_poison_words(page); i < n; i++)
+    if (w[i] != v) return false;
+  return true;
+}
+
+/* The two words after a large or huge block's usable bytes (seg->block_size). */
+SM_INLINE uint64_t *sm_large_canary_at(const sm_segment_t *seg, const void *b) {
+  return (uint64_t *)((uint8_t *)b + seg->block_size);
+}
+SM_INLINE void sm_large_canary_set(const sm_segment_t *seg, const void *b) {
+  if (!SM_CANARY) return;
+  uint64_t *c = sm_large_canary_at(seg, b), v = sm_canary_value(&seg->pages[0], b);
+  c[0] = v;
+  c[1] = ~v;
+}
+SM_INLINE bool sm_large_canary_ok(const sm_segment_t *seg, const void *b) {
+  if (!SM_CANARY) return true;
+  const uint64_t *c = sm_large_canary_at(seg, b);
+  uint64_t v = sm_canary_value(&seg->pages[0], b);
+  return c[0] == v && c[1] == ~v;
+}
 
 /* ---- assertions -------------------------------------------------------- */
 #ifndef SM_DEBUG
@@ -549,6 +597,7 @@ SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
    * was written after its free: the slow path reports it */
   if (sm_unlikely((b->tag ^ page->key) > SM_TAG_REMOTE))
     return sm_malloc_generic(heap, n);
+  if (SM_CANARY && sm_unlikely(!sm_poison_ok(page, b))) return sm_malloc_generic(heap, n);
   sm_block_t *next = sm_dec(page, b->next);
   page->free = next;
   __builtin_prefetch(next);     /* the next malloc's block: often cold, or another core's */
@@ -614,6 +663,7 @@ SM_INLINE void sm_free_inline(void *p) {
     sm_block_t *b = (sm_block_t *)p;
     uintptr_t key = page->key;
     if (SM_CANARY && sm_unlikely(!sm_canary_ok(page, b))) { sm_free_generic(p, "free"); return; }
+    sm_poison_set(page, b);
     sm_block_t *head = page->local_free;
     /* its tag says it may be free already, or it heads local_free (freed
      * just before, its tag overwritten since): check, then push */

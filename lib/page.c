@@ -111,6 +111,7 @@ static void sm_page_extend(sm_page_t *page) {
       sm_block_t *b = (sm_block_t *)(base + (size_t)order[i] * bsize);
       b->next = sm_enc(page, head);
       b->tag = page->key;
+      if (!sm_track_on()) sm_poison_set(page, b);
       head = b;
     }
     page->free = head;
@@ -633,10 +634,12 @@ bool sm_page_has_free(sm_page_t *page) {
     return false;
   }
   sm_track_link(b);
-  if (sm_unlikely((b->tag ^ page->key) > SM_TAG_REMOTE)) {
+  if (sm_unlikely((b->tag ^ page->key) > SM_TAG_REMOTE ||
+                  (SM_CANARY && !sm_track_on() && !sm_poison_ok(page, b)))) {
     /* not tagged free: handed out already and on the list again (freed
-     * twice after its tag was overwritten), or written after its free;
-     * the rest of the list is dropped (leaked) */
+     * twice after its tag was overwritten), or written after its free
+     * (the secure build also checks the pattern after the tag); the rest
+     * of the list is dropped (leaked) */
     page->free = NULL;
     sm_page_corrupt(page, ": block ", b);
     return false;

@@ -81,7 +81,8 @@ static void __attribute__((format(printf, 1, 2))) expect_line(const char *fmt, .
     child_write(expect_fd, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
 }
 
-/* Misuses the child's case commits (in the child: a case may change it). */
+/* Misuses the child's case commits (in the child: a case may change it);
+ * 0: one or more (a write that damages a neighbour too). */
 static unsigned child_misuses = 1;
 
 static uint64_t child_errors_reported(void)
@@ -206,7 +207,8 @@ static void run_child(misuse_fn fn, bool warn, outcome_t *o)
     uint64_t errors = child_errors_reported();
     fn(warn);
     /* in warn mode: every misuse counted once */
-    CHILD_CHECK(child_errors_reported() == errors + child_misuses,
+    CHILD_CHECK(child_misuses == 0 ? child_errors_reported() > errors
+                                   : child_errors_reported() == errors + child_misuses,
                 "errors_reported went from %llu to %llu, want +%u", (unsigned long long)errors,
                 (unsigned long long)child_errors_reported(), child_misuses);
     _exit(0);
@@ -688,22 +690,31 @@ static void double_free_after_stale_write_deep(bool warn)
 MISUSE(double_free_after_stale_write_deep)
 
 /* A page that holds a block returned at an aligned offset (posix_memalign
- * pads a 48-byte request with 64-byte alignment into a 96-byte block; of
- * two such blocks side by side, 96 bytes apart, one at least does not
- * start 64-byte aligned) and an ordinary block q of the same class: q + 16
- * is inside q, not an aligned block's pointer. */
+ * pads a 40-byte request with 64-byte alignment into a 96-byte block, in
+ * the secure build too; of two such blocks 96 bytes apart, one at least
+ * does not start 64-byte aligned) and an ordinary block q of the same
+ * class: q + 16 is inside q, not an aligned block's pointer. */
 static unsigned char *aligned_page_block(void **aligned)
 {
-  void *other;
-  CHILD_CHECK(smalloc_posix_memalign(aligned, 64, 48) == 0, "posix_memalign failed");
-  CHILD_CHECK(smalloc_posix_memalign(&other, 64, 48) == 0, "posix_memalign failed");
-  CHILD_CHECK(((uintptr_t)other & ~(uintptr_t)0xffff) == ((uintptr_t)*aligned & ~(uintptr_t)0xffff),
-              "%p and %p are not in one page", other, *aligned);
-  unsigned char *q = smalloc_malloc(96);
-  CHILD_CHECK(q != NULL, "malloc(96) failed");
-  CHILD_CHECK(((uintptr_t)q & ~(uintptr_t)0xffff) == ((uintptr_t)*aligned & ~(uintptr_t)0xffff),
-              "%p and %p are not in one page", (void *)q, *aligned);
-  return q;
+  /* the secure build hands blocks out in a random order, and the class's
+   * page may fill up in between: try again (what is not used stays
+   * allocated) until all three are in one page */
+  for (int attempt = 0; attempt < 50; attempt++) {
+    void *other;
+    CHILD_CHECK(smalloc_posix_memalign(aligned, 64, 40) == 0, "posix_memalign failed");
+    CHILD_CHECK(smalloc_posix_memalign(&other, 64, 40) == 0, "posix_memalign failed");
+    uintptr_t page = (uintptr_t)*aligned & ~(uintptr_t)0xffff;
+    if (((uintptr_t)other & ~(uintptr_t)0xffff) != page)
+      continue;
+    for (int i = 0; i < 64; i++) {
+      unsigned char *q = smalloc_malloc(SM_TEST_REQUEST_FOR(96));   /* the aligned blocks' class */
+      CHILD_CHECK(q != NULL, "malloc(96) failed");
+      if (((uintptr_t)q & ~(uintptr_t)0xffff) == page)
+        return q;
+    }
+  }
+  CHILD_CHECK(false, "no page with aligned blocks and a block of 96 bytes");
+  return NULL;
 }
 
 static void interior_free_in_a_page_with_aligned_blocks(bool warn)
@@ -1079,6 +1090,69 @@ static void free_sized_foreign(bool warn)
 }
 MISUSE(free_sized_foreign)
 
+/* ---- the secure build: writes past the end ------------------------------------
+ * A write of 1 to 16 bytes past a block's usable size damages its canary
+ * (8 bytes after a block of a size class, 16 after a large or huge one,
+ * before its guard page), which free reports. */
+
+static void overflow_past(bool warn, size_t n, size_t over)
+{
+  unsigned char *p = smalloc_malloc(n);
+  CHILD_CHECK(p != NULL, "malloc(%zu) failed", n);
+  size_t u = smalloc_malloc_usable_size(p);
+  CHILD_CHECK(u >= n, "usable size %zu < %zu", u, n);
+  memset(p + u, 0x41, over);
+  if (over > SM_TEST_CANARY && n <= SM_TEST_CLASS_MAX_REQUEST)
+    child_misuses = 0;   /* the next block's first word too: reported if it is free */
+  expect_line("free(): heap overflow: the canary after block %p was overwritten", (void *)p);
+  smalloc_free(sm_opaque(p));
+  if (!warn)
+    return;
+  heap_still_sound(64);
+}
+
+static void overflow_small_by_1(bool warn) { overflow_past(warn, 24, 1); }
+MISUSE(overflow_small_by_1)
+static void overflow_small_by_16(bool warn) { overflow_past(warn, 100, 16); }
+MISUSE(overflow_small_by_16)
+static void overflow_medium_by_16(bool warn) { overflow_past(warn, 100000, 16); }
+MISUSE(overflow_medium_by_16)
+static void overflow_large_by_1(bool warn) { overflow_past(warn, 300000, 1); }
+MISUSE(overflow_large_by_1)
+static void overflow_large_by_16(bool warn) { overflow_past(warn, 1000000, 16); }
+MISUSE(overflow_large_by_16)
+static void overflow_huge_by_16(bool warn) { overflow_past(warn, 5 * MiB + 123, 16); }
+MISUSE(overflow_huge_by_16)
+
+/* A write into a freed block past its first 16 bytes (the secure build
+ * fills bytes 16-63 of a free block with a pattern): reported when malloc
+ * takes the block again, and the block is not handed out. */
+static void use_after_free_write(bool warn)
+{
+  enum { SIZE = 48, MAX = 100000 };
+  static void *kept[MAX];
+  unsigned char *p = smalloc_malloc(SIZE);
+  CHILD_CHECK(p != NULL, "malloc failed");
+  smalloc_free(p);
+  ((unsigned char *)sm_opaque(p))[40] ^= 1;
+  uintptr_t page = (uintptr_t)p & ~(uintptr_t)0xffff;
+  uintptr_t seg = (uintptr_t)p & ~(uintptr_t)(4 * MiB - 1);
+  expect_line("corrupted free list in page at %p: block %p was written after its free "
+              "(or freed twice)", (void *)(page == seg ? seg + SM_TEST_SEGMENT_HDR : page),
+              (void *)p);
+  uint64_t errors = child_errors_reported();
+  size_t i;
+  for (i = 0; i < MAX && child_errors_reported() == errors; i++) {
+    kept[i] = smalloc_malloc(SIZE);
+    CHILD_CHECK(kept[i] != NULL && kept[i] != p, "malloc(%d) returned %p", SIZE, kept[i]);
+  }
+  if (!warn)
+    child_fail("the write after free was not reported in %zu allocations", i);
+  CHILD_CHECK(i < MAX, "the write after free was not reported");
+  heap_still_sound(SIZE);
+}
+MISUSE(use_after_free_write)
+
 /* ---- warn mode keeps reporting within bounds ------------------------------------ */
 
 static void many_bad_frees(bool warn)
@@ -1180,6 +1254,15 @@ int main(void)
   ADD_MISUSE(tc, double_free_both_cross_thread);
   ADD_MISUSE(tc, double_free_cross_thread_after_local_free);
   ADD_MISUSE(tc, double_free_after_stale_write);
+  if (SM_TEST_SECURE) {
+    ADD_MISUSE(tc, overflow_small_by_1);
+    ADD_MISUSE(tc, overflow_small_by_16);
+    ADD_MISUSE(tc, overflow_medium_by_16);
+    ADD_MISUSE(tc, overflow_large_by_1);
+    ADD_MISUSE(tc, overflow_large_by_16);
+    ADD_MISUSE(tc, overflow_huge_by_16);
+    ADD_MISUSE(tc, use_after_free_write);
+  }
   ADD_MISUSE(tc, double_free_after_stale_write_deep);
   ADD_MISUSE(tc, interior_free_in_a_page_with_aligned_blocks);
   ADD_MISUSE(tc, interior_realloc_in_a_page_with_aligned_blocks);

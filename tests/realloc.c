@@ -8,7 +8,7 @@
 static size_t class_size[MAX_CLASSES];
 static size_t nclass;
 
-#define MAX_CLASS (256 * KiB)
+#define MAX_CLASS SM_TEST_CLASS_MAX_REQUEST   /* the largest usable size of a class */
 
 /* The class block sizes up to the largest (256 KiB), as seen through
  * malloc_usable_size. */

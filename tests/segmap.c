@@ -20,13 +20,14 @@
 
 #include "internal.h"
 
-/* Live blocks of 64 bytes (pthread_create allocates blocks of its own). */
+/* Live blocks of malloc(64)'s class (pthread_create allocates blocks of
+ * its own). */
 static uint64_t blocks_in_use(void)
 {
   smalloc_stats_t st = {.size = sizeof st};
   smalloc_stats_get(&st);
   for (uint32_t c = 0; c < st.nclasses; c++)
-    if (st.classes[c].block_size == 64) return st.classes[c].blocks_in_use;
+    if (st.classes[c].block_size == sm_test_class_size(64)) return st.classes[c].blocks_in_use;
   return UINT64_MAX;
 }
 
