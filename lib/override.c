@@ -1,11 +1,13 @@
 /* The exported entry points: the smalloc_* names, and (unless configured
  * with --disable-override) the C library's names as aliases of them, all
- * in this one file so the override layer is easy to audit.  The aliases
+ * in this one file so the override layer is easy to audit (C++'s operator
+ * new and delete at its end).  The aliases
  * carry no symbol version, so they interpose on glibc's malloc@GLIBC_*. */
 #include "internal.h"
 
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 SM_EXPORT void *smalloc_malloc(size_t n) {
   return sm_malloc(n);
@@ -206,4 +208,123 @@ SM_ALIAS(__libc_free, smalloc_free)
 SM_ALIAS(__libc_calloc, smalloc_calloc)
 SM_ALIAS(__libc_realloc, smalloc_realloc)
 SM_ALIAS(__libc_memalign, smalloc_memalign)
+
+/* ---- C++ ------------------------------------------------------------------
+ * The replaceable allocation functions, exported under their mangled
+ * names (unless configured with --disable-override), so that new and
+ * delete reach smalloc directly rather than through libstdc++'s
+ * operator new and the PLT to malloc.
+ *
+ * Written in C, so the library does not link libstdc++: what C++ needs
+ * on failure comes from the C++ runtime of the program, found through
+ * weak references that stay null in a program without one.  A request
+ * that cannot be served calls the program's new handler
+ * (std::get_new_handler) and tries again, for as long as there is one;
+ * without a handler the throwing forms throw std::bad_alloc (through
+ * std::__throw_bad_alloc) and the nothrow forms return NULL.  The
+ * nothrow forms call a handler too; one that throws, as the standard
+ * allows, has its exception go to the caller (C cannot catch it), where
+ * the standard's nothrow operator new would return NULL.
+ *
+ * size_t is 'm' (unsigned long) in the names: LP64 Linux.  The delete
+ * forms that carry a size or an alignment ignore them: a block's page
+ * knows both. */
+
+typedef void (*sm_new_handler_t)(void);
+/* std::get_new_handler() and std::__throw_bad_alloc() of libstdc++ */
+extern sm_new_handler_t _ZSt15get_new_handlerv(void) __attribute__((weak));
+extern void _ZSt17__throw_bad_allocv(void) __attribute__((weak, noreturn));
+
+static SM_COLD void *sm_new_failed(size_t n, size_t alignment, bool nothrow) {
+  for (;;) {
+    sm_new_handler_t handler = _ZSt15get_new_handlerv ? _ZSt15get_new_handlerv() : NULL;
+    if (handler == NULL) {
+      if (nothrow) return NULL;
+      if (_ZSt17__throw_bad_allocv) _ZSt17__throw_bad_allocv();
+      sm_message("operator new(%zu): out of memory, and no C++ runtime to throw std::bad_alloc", n);
+      abort();
+    }
+    handler();
+    void *p = alignment <= 16 ? sm_malloc(n) : sm_malloc_aligned(alignment, n);
+    if (p) return p;
+  }
+}
+
+SM_INLINE void *sm_new(size_t n) {
+  void *p = sm_malloc(n);
+  return sm_likely(p != NULL) ? p : sm_new_failed(n, 16, false);
+}
+SM_INLINE void *sm_new_nothrow(size_t n) {
+  void *p = sm_malloc(n);
+  return sm_likely(p != NULL) ? p : sm_new_failed(n, 16, true);
+}
+/* std::align_val_t: a power of two (the compiler passes only those) */
+SM_INLINE void *sm_new_aligned(size_t n, size_t alignment, bool nothrow) {
+  if (alignment <= 16) return nothrow ? sm_new_nothrow(n) : sm_new(n);
+  sm_count_call(SM_CALL_ALIGNED_ALLOC);   /* counted as aligned_alloc */
+  void *p = sm_malloc_aligned(alignment, n);
+  return sm_likely(p != NULL) ? p : sm_new_failed(n, alignment, nothrow);
+}
+
+#define SM_CXX SM_EXPORT __attribute__((used))
+/* their prototypes (no header declares them in C) */
+SM_CXX void *_Znwm(size_t n);
+SM_CXX void *_Znam(size_t n);
+SM_CXX void *_ZnwmRKSt9nothrow_t(size_t n, const void *tag);
+SM_CXX void *_ZnamRKSt9nothrow_t(size_t n, const void *tag);
+SM_CXX void *_ZnwmSt11align_val_t(size_t n, size_t a);
+SM_CXX void *_ZnamSt11align_val_t(size_t n, size_t a);
+SM_CXX void *_ZnwmSt11align_val_tRKSt9nothrow_t(size_t n, size_t a, const void *tag);
+SM_CXX void *_ZnamSt11align_val_tRKSt9nothrow_t(size_t n, size_t a, const void *tag);
+SM_CXX void _ZdlPv(void *p);
+SM_CXX void _ZdaPv(void *p);
+SM_CXX void _ZdlPvm(void *p, size_t n);
+SM_CXX void _ZdaPvm(void *p, size_t n);
+SM_CXX void _ZdlPvRKSt9nothrow_t(void *p, const void *tag);
+SM_CXX void _ZdaPvRKSt9nothrow_t(void *p, const void *tag);
+SM_CXX void _ZdlPvSt11align_val_t(void *p, size_t a);
+SM_CXX void _ZdaPvSt11align_val_t(void *p, size_t a);
+SM_CXX void _ZdlPvmSt11align_val_t(void *p, size_t n, size_t a);
+SM_CXX void _ZdaPvmSt11align_val_t(void *p, size_t n, size_t a);
+SM_CXX void _ZdlPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *tag);
+SM_CXX void _ZdaPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *tag);
+
+/* operator new, new[], and their nothrow forms */
+SM_CXX void *_Znwm(size_t n) { return sm_new(n); }
+SM_CXX void *_Znam(size_t n) { return sm_new(n); }
+SM_CXX void *_ZnwmRKSt9nothrow_t(size_t n, const void *tag) { (void)tag; return sm_new_nothrow(n); }
+SM_CXX void *_ZnamRKSt9nothrow_t(size_t n, const void *tag) { (void)tag; return sm_new_nothrow(n); }
+/* aligned (C++17) */
+SM_CXX void *_ZnwmSt11align_val_t(size_t n, size_t a) { return sm_new_aligned(n, a, false); }
+SM_CXX void *_ZnamSt11align_val_t(size_t n, size_t a) { return sm_new_aligned(n, a, false); }
+SM_CXX void *_ZnwmSt11align_val_tRKSt9nothrow_t(size_t n, size_t a, const void *tag) {
+  (void)tag;
+  return sm_new_aligned(n, a, true);
+}
+SM_CXX void *_ZnamSt11align_val_tRKSt9nothrow_t(size_t n, size_t a, const void *tag) {
+  (void)tag;
+  return sm_new_aligned(n, a, true);
+}
+
+/* operator delete, delete[]: plain, sized (C++14), nothrow, aligned */
+SM_CXX void _ZdlPv(void *p) { sm_free_inline(p); }
+SM_CXX void _ZdaPv(void *p) { sm_free_inline(p); }
+SM_CXX void _ZdlPvm(void *p, size_t n) { (void)n; sm_free_inline(p); }
+SM_CXX void _ZdaPvm(void *p, size_t n) { (void)n; sm_free_inline(p); }
+SM_CXX void _ZdlPvRKSt9nothrow_t(void *p, const void *tag) { (void)tag; sm_free_inline(p); }
+SM_CXX void _ZdaPvRKSt9nothrow_t(void *p, const void *tag) { (void)tag; sm_free_inline(p); }
+SM_CXX void _ZdlPvSt11align_val_t(void *p, size_t a) { (void)a; sm_free_inline(p); }
+SM_CXX void _ZdaPvSt11align_val_t(void *p, size_t a) { (void)a; sm_free_inline(p); }
+SM_CXX void _ZdlPvmSt11align_val_t(void *p, size_t n, size_t a) { (void)n; (void)a; sm_free_inline(p); }
+SM_CXX void _ZdaPvmSt11align_val_t(void *p, size_t n, size_t a) { (void)n; (void)a; sm_free_inline(p); }
+SM_CXX void _ZdlPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *tag) {
+  (void)a;
+  (void)tag;
+  sm_free_inline(p);
+}
+SM_CXX void _ZdaPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *tag) {
+  (void)a;
+  (void)tag;
+  sm_free_inline(p);
+}
 #endif
