@@ -46,8 +46,10 @@ static void sm_huge_header(sm_segment_t *seg, size_t mapped, size_t offset, size
  * holds at most SM_HUGE_CACHE_SLOTS mappings and SM_HUGE_CACHE_BYTES of
  * address space, the oldest are unmapped beyond that, and everything on
  * smalloc_collect(true), malloc_trim and when the OS refuses memory.
- * The secure build does not cache: its guard page sits at the end of each
- * mapping. */
+ * In the secure build every mapping keeps its guard page as its last
+ * page: a cached one is reused whole or cut (the new last page is made
+ * the guard), never grown (mremap cannot move a mapping whose guard
+ * page splits it). */
 #define SM_HUGE_CACHE_SLOTS 16
 #define SM_HUGE_CACHE_BYTES ((size_t)512 << 20)
 #define SM_HUGE_CACHE_GROW  16      /* from this many entries on, grow rather than map */
@@ -92,7 +94,7 @@ static bool sm_huge_cache_take(size_t need, sm_huge_entry_t *out) {
   /* none fits: while the cache holds few mappings, map a fresh one (the
    * cache grows by one when a block is freed, so later requests find a
    * fit); once it holds several, grow the largest */
-  int i = fit >= 0 ? fit : (sm_huge_cache_count() >= SM_HUGE_CACHE_GROW ? big : -1);
+  int i = fit >= 0 ? fit : (!SM_GUARD && sm_huge_cache_count() >= SM_HUGE_CACHE_GROW ? big : -1);
   if (i < 0) return false;
   *out = sm_huge_cache[i];
   sm_huge_cache[i].seg = NULL;
@@ -121,6 +123,7 @@ static sm_segment_t *sm_huge_reuse(sm_huge_entry_t *e, size_t need, size_t n) {
     sm_os_unmap((uint8_t *)seg + need, mapped - need);
     sm_gsub(bytes_committed, mapped - need);
     mapped = need;
+    if (SM_GUARD) sm_os_protect((uint8_t *)seg + mapped - SM_GUARD, SM_GUARD, false);
   } else if (mapped < need) {
     void *base;
     sm_segmap_set((uintptr_t)seg, 0);
@@ -146,7 +149,7 @@ void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed) {
   size_t mapped = ((offset + n + SM_LARGE_CANARY + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1)) + SM_GUARD;
   if (mapped < n) return NULL;
   sm_segment_t *seg = NULL;
-  if (!SM_GUARD && offset < SM_SEGMENT_SIZE) {
+  if (offset < SM_SEGMENT_SIZE) {
     sm_huge_entry_t e;
     pthread_mutex_lock(&sm_huge_lock);
     bool got = sm_huge_cache_take(mapped, &e);
@@ -186,7 +189,7 @@ void sm_huge_free(sm_segment_t *seg) {
   sm_huge_entry_t evict[SM_HUGE_CACHE_SLOTS];
   int nevict = 0;
   bool cached = false;
-  if (!SM_GUARD && mapped <= SM_HUGE_CACHE_BYTES &&
+  if (mapped <= SM_HUGE_CACHE_BYTES &&
       (uintptr_t)seg->pages[0].start - (uintptr_t)seg < SM_SEGMENT_SIZE) {
     pthread_mutex_lock(&sm_huge_lock);
     /* make room: the oldest go first */
