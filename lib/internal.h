@@ -129,8 +129,7 @@ struct sm_page_s {
   uint32_t used;                 /* blocks handed out and not freed locally */
   uint8_t in_use;                /* carved out of its segment */
   uint8_t retired;               /* empty, kept warm, on the heap's retired lists (heap->lock) */
-  uint8_t bin;
-  uint8_t pad0;
+  uint8_t pad0[2];
   sm_block_t *local_free;
   uint32_t frees;                /* local frees since the last stats fold */
   uint32_t capacity;             /* blocks built into lists so far */
@@ -152,7 +151,8 @@ struct sm_page_s {
   uintptr_t key;                 /* free-list links are stored xor key */
   uint32_t block_size;
   _Atomic uint8_t flags;
-  uint8_t pad1[19];
+  uint8_t bin;                   /* size class: read by other threads' frees (their counts) */
+  uint8_t pad1[18];
 
   /* line 3: pushed by other threads with a CAS, taken by the owner; bit 0
    * (SM_TF_FULL) set while the page is on the full list, so a pushing
