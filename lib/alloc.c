@@ -59,7 +59,7 @@ static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool z
   }
 }
 
-void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
+static void *sm_malloc_slow(sm_heap_t *heap, size_t n) {
   heap = sm_heap_for_alloc(heap);
   if (sm_unlikely(heap == NULL)) { errno = ENOMEM; return NULL; }
   if (n > SM_MEDIUM_MAX - SM_CANARY) {
@@ -83,6 +83,12 @@ void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
   sm_cnt_add(heap->stats.requested, n);
   void *p = sm_page_pop(page);
   sm_track_malloc(p, n, false);
+  return p;
+}
+
+void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
+  void *p = sm_malloc_slow(heap, n);
+  sm_background_poll();   /* the block is out: no page state is held */
   return p;
 }
 

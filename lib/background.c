@@ -99,9 +99,23 @@ static void *sm_bg_main(void *arg) {
   }
 }
 
-/* There may be something to give back: make sure a purge thread runs.
- * Called with no smalloc lock held (pthread_create may allocate). */
+/* There may be something to give back: a purge thread is wanted.  It is
+ * started later, at the end of the malloc or free that asked
+ * (sm_background_poll): pthread_create allocates (the new thread's TLS
+ * vector), and a malloc nested inside the slow path, in the middle of a
+ * walk over the heap's queues, could retire or move the very pages that
+ * walk holds on to. */
+_Atomic int sm_bg_wanted;
+
 void sm_background_wake(void) {
+  if (sm_likely(atomic_load_explicit(&sm_bg_running, memory_order_relaxed) != 0)) return;
+  atomic_store_explicit(&sm_bg_wanted, 1, memory_order_relaxed);
+}
+
+/* Start the purge thread that was asked for, if it is not running.  Only
+ * where the calling thread holds no smalloc lock and no page state. */
+void sm_background_start(void) {
+  atomic_store_explicit(&sm_bg_wanted, 0, memory_order_relaxed);
   if (sm_likely(atomic_load_explicit(&sm_bg_running, memory_order_relaxed) != 0)) return;
   if (!sm_opt(BACKGROUND) || atomic_load_explicit(&sm_process_ready, memory_order_acquire) != 2)
     return;
@@ -131,4 +145,5 @@ void sm_background_wake(void) {
 /* In a child after fork no purge thread runs. */
 void sm_background_fork_child(void) {
   atomic_store_explicit(&sm_bg_running, 0, memory_order_relaxed);
+  atomic_store_explicit(&sm_bg_wanted, 0, memory_order_relaxed);
 }

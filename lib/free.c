@@ -82,11 +82,13 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   if (sm_likely(page->used > 0)) page->used--;   /* 0: only in a page found corrupted */
   sm_page_unfull(heap, page);
   if (sm_page_vacant(page) && page->free == NULL) sm_page_retire(heap, page);
+  sm_background_poll();
 }
 
 /* The fast path freed the last block of one of the thread's pages. */
 void sm_free_emptied(sm_page_t *page) {
   sm_page_retire(sm_heap(), page);
+  sm_background_poll();
 }
 
 static bool sm_tf_push(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
@@ -283,6 +285,7 @@ void sm_free_generic(void *p, const char *who) {
     if (seg->kind == SM_SEG_HUGE) SM_COUNT(heap, huge_frees, 1);
     else SM_COUNT(heap, large_frees, 1);
     sm_huge_free(seg);
+    sm_background_poll();
     return;
   }
   size_t diff = (size_t)((uint8_t *)p - page->start);

@@ -208,6 +208,7 @@ void sm_heap_thread_done(void *arg) {
   heap->pool_next = sm_heaps_pool;
   sm_heaps_pool = heap;
   sm_heaps_unlock();
+  sm_background_poll();
 }
 
 /* Give back everything that holds no live block, whichever thread freed

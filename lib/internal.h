@@ -796,7 +796,14 @@ void sm_stats_fork_child(void);
 /* Bytes waiting to be given back above which a purge thread is started. */
 #define SM_BG_THRESHOLD ((uint64_t)8 << 20)
 void sm_background_wake(void);
+void sm_background_start(void);
 void sm_background_fork_child(void);
+extern _Atomic int sm_bg_wanted;
+/* At the end of a malloc or free slow path: start the purge thread that
+ * was asked for meanwhile (sm_background_wake). */
+SM_INLINE void sm_background_poll(void) {
+  if (sm_unlikely(atomic_load_explicit(&sm_bg_wanted, memory_order_relaxed) != 0)) sm_background_start();
+}
 
 /* ---- options.c ---------------------------------------------------------- */
 void sm_options_init(void);

@@ -124,6 +124,7 @@ SM_EXPORT void smalloc_collect(bool force) {
   sm_heap_t *heap = sm_heap();
   if (force) {
     sm_collect_process(heap);
+    sm_background_poll();
     return;
   }
   if (heap->initialized) {
@@ -132,6 +133,7 @@ SM_EXPORT void smalloc_collect(bool force) {
     sm_heap_collect_retired(heap, false);
   }
   sm_segment_cache_collect(false);
+  sm_background_poll();
 }
 
 SM_EXPORT int smalloc_malloc_trim(size_t pad) {

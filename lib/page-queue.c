@@ -17,6 +17,7 @@ void sm_pq_update_direct(sm_heap_t *heap, size_t bin) {
 
 void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page) {
   sm_page_queue_t *q = &heap->queues[qi];
+  sm_assert_expensive(!page->retired && q->first != page);
   page->next = NULL;
   page->prev = q->last;
   if (q->last) q->last->next = page; else q->first = page;
@@ -26,6 +27,7 @@ void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page) {
 
 void sm_pq_push_front(sm_heap_t *heap, size_t qi, sm_page_t *page) {
   sm_page_queue_t *q = &heap->queues[qi];
+  sm_assert_expensive(!page->retired && q->first != page);
   page->prev = NULL;
   page->next = q->first;
   if (q->first) q->first->prev = page; else q->last = page;
@@ -35,6 +37,9 @@ void sm_pq_push_front(sm_heap_t *heap, size_t qi, sm_page_t *page) {
 
 void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page) {
   sm_page_queue_t *q = &heap->queues[qi];
+  /* the page is on this queue */
+  sm_assert_expensive(!page->retired && (page->prev ? page->prev->next == page : q->first == page) &&
+                      (page->next ? page->next->prev == page : q->last == page));
   bool was_first = q->first == page;
   if (page->prev) page->prev->next = page->next; else q->first = page->next;
   if (page->next) page->next->prev = page->prev; else q->last = page->prev;
