@@ -10,6 +10,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -326,6 +327,82 @@ START_TEST(a_burst_goes_back_while_its_thread_calls_in)
 }
 END_TEST
 
+/* Many threads churn with frees across threads while the purge thread
+ * stops and starts again and again (a purge delay of 10 ms): starting it
+ * allocates (pthread_create takes the new thread's TLS vector from
+ * malloc), and it must never happen inside a slow path, where the nested
+ * malloc retired pages a sweep was walking (an internal assertion, abort,
+ * in two of three 4-second runs of bench_xchurn 64 before the fix). */
+enum { CH_THREADS = 64, CH_POOL = 4096, CH_HANDOFF = 4, CH_DRAIN = 32 };
+static _Atomic(void *) ch_inbox[CH_THREADS];   /* stacks linked through word 0 */
+static _Atomic int ch_stop;
+
+static void ch_push(unsigned to, void *b)
+{
+  void *head = atomic_load(&ch_inbox[to]);
+  do
+    *(void **)b = head;
+  while (!atomic_compare_exchange_weak(&ch_inbox[to], &head, b));
+}
+
+static void ch_drain(unsigned self)
+{
+  for (void *b = atomic_exchange(&ch_inbox[self], NULL); b;) {
+    void *next = *(void **)b;
+    smalloc_free(b);
+    b = next;
+  }
+}
+
+static void *churn_thread(void *arg)
+{
+  unsigned id = (unsigned)(uintptr_t)arg;
+  sm_rng_t r;
+  sm_rng_seed(&r, id + 1);
+  static __thread void *pool[CH_POOL];
+  for (int i = 0; i < CH_POOL; i++) {
+    pool[i] = smalloc_malloc(sm_rng_range(&r, 16, 256));
+    SM_CHILD_CHECK(pool[i] != NULL, "malloc failed");
+  }
+  for (unsigned long step = 0; !atomic_load_explicit(&ch_stop, memory_order_relaxed); step++) {
+    size_t k = sm_rng_range(&r, 0, CH_POOL - 1);
+    if (sm_rng_range(&r, 0, CH_HANDOFF - 1) == 0)
+      ch_push((id + 1 + sm_rng_range(&r, 0, CH_THREADS - 2)) % CH_THREADS, pool[k]);
+    else
+      smalloc_free(pool[k]);
+    pool[k] = smalloc_malloc(sm_rng_range(&r, 16, 256));
+    SM_CHILD_CHECK(pool[k] != NULL, "malloc failed");
+    if (step % CH_DRAIN == CH_DRAIN - 1)
+      ch_drain(id);
+  }
+  for (int i = 0; i < CH_POOL; i++) smalloc_free(pool[i]);
+  return NULL;
+}
+
+static void churn_with_restarts(void)
+{
+  SM_CHILD_CHECK(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 10) == 0, "option");
+  SM_CHILD_CHECK(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 1) == 0, "option");
+  pthread_t t[CH_THREADS];
+  for (unsigned i = 0; i < CH_THREADS; i++)
+    SM_CHILD_CHECK(pthread_create(&t[i], NULL, churn_thread, (void *)(uintptr_t)i) == 0,
+                   "pthread_create");
+  bg_sleep_ms(4000);
+  atomic_store(&ch_stop, 1);
+  for (unsigned i = 0; i < CH_THREADS; i++)
+    SM_CHILD_CHECK(pthread_join(t[i], NULL) == 0, "pthread_join");
+  for (unsigned i = 0; i < CH_THREADS; i++) ch_drain(i);
+  smalloc_stats_t st = {.size = sizeof st};
+  smalloc_stats_get(&st);
+  SM_CHILD_CHECK(st.background_threads >= 1, "no purge thread was started");
+}
+
+START_TEST(many_threads_churn_while_the_purge_thread_restarts)
+{
+  sm_test_in_child(churn_with_restarts);
+}
+END_TEST
+
 static Suite *background_suite(void)
 {
   Suite *s = suite_create("background");
@@ -337,6 +414,7 @@ static Suite *background_suite(void)
   tcase_add_test(tc, background_off_starts_no_thread);
   tcase_add_test(tc, fork_while_purging);
   tcase_add_test(tc, free_pages_of_a_live_segment_go_back);
+  tcase_add_test(tc, many_threads_churn_while_the_purge_thread_restarts);
   suite_add_tcase(s, tc);
   return s;
 }
