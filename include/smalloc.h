@@ -45,6 +45,10 @@ void   smalloc_free_aligned_sized(void *ptr, size_t alignment, size_t size);
 int    smalloc_malloc_trim(size_t pad);
 struct mallinfo2 smalloc_mallinfo2(void);
 void   smalloc_malloc_stats(void);
+/* glibc's older introspection calls, answered from smalloc's figures */
+struct mallinfo smalloc_mallinfo(void);
+int    smalloc_malloc_info(int options, FILE *fp);
+int    smalloc_mallopt(int param, int value);
 
 /* ---- memory return ------------------------------------------------------ */
 /* Release retired pages and cached segments.  With force, everything that

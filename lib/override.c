@@ -5,6 +5,7 @@
  * carry no symbol version, so they interpose on glibc's malloc@GLIBC_*. */
 #include "internal.h"
 
+#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -162,6 +163,68 @@ SM_EXPORT struct mallinfo2 smalloc_mallinfo2(void) {
   return mi;
 }
 
+/* The older mallinfo: the same figures in int fields, each at most
+ * INT_MAX (glibc's wrap around instead). */
+SM_EXPORT struct mallinfo smalloc_mallinfo(void) {
+  struct mallinfo2 m = smalloc_mallinfo2();
+  struct mallinfo mi;
+#define SM_MI_INT(v) ((v) > (size_t)INT_MAX ? INT_MAX : (int)(v))
+  mi.arena = SM_MI_INT(m.arena);
+  mi.ordblks = SM_MI_INT(m.ordblks);
+  mi.smblks = SM_MI_INT(m.smblks);
+  mi.hblks = SM_MI_INT(m.hblks);
+  mi.hblkhd = SM_MI_INT(m.hblkhd);
+  mi.usmblks = SM_MI_INT(m.usmblks);
+  mi.fsmblks = SM_MI_INT(m.fsmblks);
+  mi.uordblks = SM_MI_INT(m.uordblks);
+  mi.fordblks = SM_MI_INT(m.fordblks);
+  mi.keepcost = SM_MI_INT(m.keepcost);
+#undef SM_MI_INT
+  return mi;
+}
+
+/* glibc's XML report, in its layout (what monitoring agents parse), from
+ * smalloc's figures: one "heap" for the whole process; "rest" is the
+ * committed memory that holds no live block, "mmap" the large and huge
+ * blocks, "system current" the committed bytes and "max" the peak of the
+ * mapped bytes.  The per-size list of free chunks glibc gives has no
+ * counterpart (a free block is on its page's lists): it is empty. */
+SM_EXPORT int smalloc_malloc_info(int options, FILE *fp) {
+  if (options != 0 || fp == NULL) return EINVAL;
+  smalloc_stats_t s;
+  s.size = sizeof s;
+  smalloc_stats_get(&s);
+  struct mallinfo2 m = smalloc_mallinfo2();
+  unsigned long long rest = m.fordblks, cur = s.bytes_committed, max = s.bytes_mapped_peak,
+                     total = s.bytes_mapped, nmmap = m.hblks, mmapped = m.hblkhd,
+                     pages = s.pages_in_use;
+  fprintf(fp,
+          "<malloc version=\"1\">\n<heap nr=\"0\">\n<sizes>\n</sizes>\n"
+          "<total type=\"fast\" count=\"0\" size=\"0\"/>\n"
+          "<total type=\"rest\" count=\"%llu\" size=\"%llu\"/>\n"
+          "<system type=\"current\" size=\"%llu\"/>\n<system type=\"max\" size=\"%llu\"/>\n"
+          "<aspace type=\"total\" size=\"%llu\"/>\n<aspace type=\"mprotect\" size=\"%llu\"/>\n"
+          "</heap>\n"
+          "<total type=\"fast\" count=\"0\" size=\"0\"/>\n"
+          "<total type=\"rest\" count=\"%llu\" size=\"%llu\"/>\n"
+          "<total type=\"mmap\" count=\"%llu\" size=\"%llu\"/>\n"
+          "<system type=\"current\" size=\"%llu\"/>\n<system type=\"max\" size=\"%llu\"/>\n"
+          "<aspace type=\"total\" size=\"%llu\"/>\n<aspace type=\"mprotect\" size=\"%llu\"/>\n"
+          "</malloc>\n",
+          pages, rest, cur, max, total, total, pages, rest, nmmap, mmapped, cur, max, total, total);
+  return 0;
+}
+
+/* glibc's tuning knobs do not apply to smalloc (its own options are
+ * smalloc_option_set and the SMALLOC_ variables): every parameter is
+ * refused with 0, glibc's answer for one it does not know, so a program
+ * that checks sees that nothing was changed. */
+SM_EXPORT int smalloc_mallopt(int param, int value) {
+  (void)param;
+  (void)value;
+  return 0;
+}
+
 SM_EXPORT void smalloc_malloc_stats(void) {
   smalloc_stats_t s;
   s.size = sizeof s;
@@ -202,6 +265,9 @@ SM_ALIAS(free_sized, smalloc_free_sized)
 SM_ALIAS(free_aligned_sized, smalloc_free_aligned_sized)
 SM_ALIAS(malloc_trim, smalloc_malloc_trim)
 SM_ALIAS(mallinfo2, smalloc_mallinfo2)
+SM_ALIAS(mallinfo, smalloc_mallinfo)
+SM_ALIAS(malloc_info, smalloc_malloc_info)
+SM_ALIAS(mallopt, smalloc_mallopt)
 SM_ALIAS(malloc_stats, smalloc_malloc_stats)
 /* glibc's internal names, which a few programs and libraries call
  * directly: they must reach the same heap as malloc/free. */
@@ -268,6 +334,7 @@ SM_INLINE void *sm_new_aligned(size_t n, size_t alignment, bool nothrow) {
   return sm_likely(p != NULL) ? p : sm_new_failed(n, alignment, nothrow);
 }
 
+#if __SIZEOF_SIZE_T__ == 8 && __SIZEOF_LONG__ == 8   /* the names below are LP64's */
 #define SM_CXX SM_EXPORT __attribute__((used))
 /* their prototypes (no header declares them in C) */
 SM_CXX void *_Znwm(size_t n);
@@ -329,4 +396,5 @@ SM_CXX void _ZdaPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *t
   (void)tag;
   sm_free_inline(p);
 }
+#endif /* LP64 */
 #endif

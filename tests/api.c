@@ -561,6 +561,61 @@ START_TEST(mallinfo2_counts_live_blocks)
 }
 END_TEST
 
+/* The older mallinfo: mallinfo2's figures in ints. */
+START_TEST(mallinfo_matches_mallinfo2)
+{
+  void *p = smalloc_malloc(3 * MiB);
+  ck_assert_ptr_nonnull(p);
+  struct mallinfo2 a = smalloc_mallinfo2();
+  struct mallinfo b = smalloc_mallinfo();
+  ck_assert_uint_eq((size_t)b.uordblks, a.uordblks);
+  ck_assert_uint_eq((size_t)b.hblks, a.hblks);
+  ck_assert_uint_eq((size_t)b.hblkhd, a.hblkhd);
+  ck_assert_uint_eq((size_t)b.arena, a.arena);
+  ck_assert_int_ge(b.uordblks, 3 * (int)MiB);
+  smalloc_free(p);
+}
+END_TEST
+
+/* glibc's XML report, with smalloc's figures where glibc's would be. */
+START_TEST(malloc_info_reports_in_glibc_layout)
+{
+  char *buf = NULL;
+  size_t len = 0;
+  void *p = smalloc_malloc(5 * MiB);
+  ck_assert_ptr_nonnull(p);
+  FILE *f = open_memstream(&buf, &len);   /* glibc's memory: freed with free below */
+  ck_assert_ptr_nonnull(f);
+  ck_assert_int_eq(smalloc_malloc_info(0, f), 0);
+  fclose(f);
+  smalloc_stats_t s = {.size = sizeof s};
+  smalloc_stats_get(&s);
+  ck_assert_msg(strncmp(buf, "<malloc version=\"1\">", 20) == 0, "report: %s", buf);
+  ck_assert_msg(strstr(buf, "</malloc>") != NULL, "report: %s", buf);
+  /* one huge block of at least 5 MiB under "mmap" */
+  const char *mm = strstr(buf, "<total type=\"mmap\" count=\"1\" size=\"");
+  ck_assert_msg(mm != NULL, "report: %s", buf);
+  ck_assert_uint_ge(strtoull(mm + strlen("<total type=\"mmap\" count=\"1\" size=\""), NULL, 10),
+                    5 * MiB);
+  char want[96];
+  snprintf(want, sizeof want, "<system type=\"max\" size=\"%llu\"/>",
+           (unsigned long long)s.bytes_mapped_peak);
+  ck_assert_msg(strstr(buf, want) != NULL, "no '%s' in: %s", want, buf);
+  free(buf);
+  ck_assert_int_eq(smalloc_malloc_info(1, stdout), EINVAL);
+  smalloc_free(p);
+}
+END_TEST
+
+/* glibc's knobs change nothing in smalloc, and it says so. */
+START_TEST(mallopt_refuses_glibc_knobs)
+{
+  ck_assert_int_eq(smalloc_mallopt(M_ARENA_MAX, 1), 0);
+  ck_assert_int_eq(smalloc_mallopt(M_MMAP_THRESHOLD, 1 << 20), 0);
+  ck_assert_int_eq(smalloc_mallopt(M_TRIM_THRESHOLD, 0), 0);
+}
+END_TEST
+
 /* Runs fn with stderr sent to a temporary file; returns that file, rewound. */
 static FILE *capture_stderr(void (*fn)(void))
 {
@@ -911,6 +966,9 @@ START_TEST(libc_mallinfo2_and_trim_are_smalloc)
   FILE *out = capture_stderr(malloc_stats);
   ck_assert_int_gt(file_size(out), 0);
   fclose(out);
+  /* glibc's mallopt accepts M_ARENA_MAX (1); smalloc's refuses it (0) */
+  ck_assert_int_eq(mallopt(M_ARENA_MAX, 1), 0);
+  ck_assert_int_eq(malloc_info(1, stdout), EINVAL);
 }
 END_TEST
 #endif /* SM_OVERRIDE */
@@ -957,6 +1015,9 @@ static Suite *api_suite(void)
   tc = sm_tcase("glibc-extensions", 30);
   tcase_add_test(tc, malloc_trim_releases_then_has_nothing_left);
   tcase_add_test(tc, mallinfo2_counts_live_blocks);
+  tcase_add_test(tc, mallinfo_matches_mallinfo2);
+  tcase_add_test(tc, malloc_info_reports_in_glibc_layout);
+  tcase_add_test(tc, mallopt_refuses_glibc_knobs);
   tcase_add_test(tc, malloc_stats_prints_to_stderr);
   suite_add_tcase(s, tc);
 
