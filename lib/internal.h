@@ -501,32 +501,30 @@ SM_INLINE void sm_canary_set(const sm_page_t *page, void *b) {
 SM_INLINE bool sm_canary_ok(const sm_page_t *page, const void *b) {
   return !SM_CANARY || *sm_canary_at(page, b) == sm_canary_value(page, b);
 }
-/* Secure build: the words of a free block after its link and tag, up to
- * its 64th byte, hold a pattern made from the key, written when the
- * block is freed (or built) and checked when malloc takes it again, so a
- * write through a dangling pointer into a block's first 64 bytes is
- * reported at its next allocation.  Not under valgrind (memcheck reports
- * such writes itself, and the library's own would look like them). */
-#define SM_POISON_BYTES 64
+/* Secure build: the two words of a free block after its link and tag
+ * (bytes 16-31; 16-23 in blocks of 32 bytes, whose usable part ends
+ * there) hold a pattern made from the key, written when the block is
+ * freed (or built) and checked when malloc takes it again, so a write
+ * through a dangling pointer into a block's first 32 bytes is reported at
+ * its next allocation.  Two words, no loop: in churn-b the secure build
+ * takes 1.13 times the default build's time without the pattern, 1.35
+ * with these two words, 2.2 with 64 bytes in a loop.
+ * Not under valgrind (memcheck reports such writes itself, and the
+ * library's own would look like them). */
 SM_INLINE uint64_t sm_poison_value(const sm_page_t *page, const void *b) {
   return ~sm_canary_value(page, b);
-}
-SM_INLINE size_t sm_poison_words(const sm_page_t *page) {
-  size_t u = page->block_size - SM_CANARY;
-  return (u < SM_POISON_BYTES ? u : SM_POISON_BYTES) / 8;
 }
 SM_INLINE void sm_poison_set(const sm_page_t *page, void *b) {
   if (!SM_CANARY) return;
   uint64_t v = sm_poison_value(page, b), *w = b;
-  for (size_t i = 2, n = sm_poison_words(page); i < n; i++) w[i] = v;
+  w[2] = v;
+  if (page->block_size >= 48) w[3] = v;
 }
 SM_INLINE bool sm_poison_ok(const sm_page_t *page, const void *b) {
   if (!SM_CANARY) return true;
   uint64_t v = sm_poison_value(page, b);
   const uint64_t *w = b;
-  for (size_t i = 2, n = sm_poison_words(page); i < n; i++)
-    if (w[i] != v) return false;
-  return true;
+  return w[2] == v && (page->block_size < 48 || w[3] == v);
 }
 
 /* The two words after a large or huge block's usable bytes (seg->block_size). */

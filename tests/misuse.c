@@ -1125,7 +1125,7 @@ static void overflow_huge_by_16(bool warn) { overflow_past(warn, 5 * MiB + 123, 
 MISUSE(overflow_huge_by_16)
 
 /* A write into a freed block past its first 16 bytes (the secure build
- * fills bytes 16-63 of a free block with a pattern): reported when malloc
+ * fills bytes 16-31 of a free block with a pattern): reported when malloc
  * takes the block again, and the block is not handed out. */
 static void use_after_free_write(bool warn)
 {
@@ -1134,7 +1134,7 @@ static void use_after_free_write(bool warn)
   unsigned char *p = smalloc_malloc(SIZE);
   CHILD_CHECK(p != NULL, "malloc failed");
   smalloc_free(p);
-  ((unsigned char *)sm_opaque(p))[40] ^= 1;
+  ((unsigned char *)sm_opaque(p))[20] ^= 1;
   uintptr_t page = (uintptr_t)p & ~(uintptr_t)0xffff;
   uintptr_t seg = (uintptr_t)p & ~(uintptr_t)(4 * MiB - 1);
   expect_line("corrupted free list in page at %p: block %p was written after its free "
