@@ -82,7 +82,8 @@
 #define SM_LARGE_MAX       (SM_SEGMENT_SIZE / 2)
 #define SM_MAX_REQUEST     ((size_t)PTRDIFF_MAX - 2 * SM_SEGMENT_SIZE)
 
-/* A free block: the link (stored xor the page's key) and a tag word that
+/* A free block: the link (stored xor the page's key in the secure build,
+ * plain otherwise: see sm_enc) and a tag word that
  * holds the key while the block is on one of its page's lists, and the
  * key with bit 0 flipped (SM_TAG_REMOTE) while it travels from the thread
  * that freed it to its owner, so free can tell a block that may be free
@@ -148,7 +149,7 @@ struct sm_page_s {
   uint8_t *start;
   uint64_t mul;                  /* block-start test, see sm_page_is_block */
   uint64_t limit;                /* block-start test; 0 sends every free out of line */
-  uintptr_t key;                 /* free-list links are stored xor key */
+  uintptr_t key;                 /* free blocks' tag (and, secure build, their links xor key) */
   uint32_t block_size;
   _Atomic uint8_t flags;
   uint8_t bin;                   /* size class: read by other threads' frees (their counts) */
