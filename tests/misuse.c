@@ -94,6 +94,15 @@ static uint64_t child_errors_reported(void)
   return s.errors_reported;
 }
 
+/* Where the blocks of small block p's page start, as the corrupted-list
+ * message names the page: after the segment header in page 0. */
+static void *page_start_of(const void *p)
+{
+  uintptr_t page = (uintptr_t)p & ~(uintptr_t)(SM_TEST_SMALL_PAGE - 1);
+  uintptr_t seg = (uintptr_t)p & ~(uintptr_t)(4 * MiB - 1);
+  return (void *)(page == seg ? seg + SM_TEST_SEGMENT_HDR : page);
+}
+
 /* Pages held for blocks of size bytes. */
 static uint64_t child_class_pages(size_t size)
 {
@@ -633,12 +642,9 @@ static void *stale_write_deep_thread(void *arg)
   memset(victim + 8, 0x41, 8);   /* a stale write over its tag */
   smalloc_free(sm_opaque(victim));   /* not seen: pushed again */
   a[10] = a[11] = NULL;
-  /* the page's blocks start after the segment header in page 0 */
   uintptr_t vpage = (uintptr_t)victim & ~(uintptr_t)0xffff;
-  uintptr_t vseg = (uintptr_t)victim & ~(uintptr_t)(4 * MiB - 1);
-  uintptr_t vstart = vpage == vseg ? vseg + SM_TEST_SEGMENT_HDR : vpage;
   expect_line("corrupted free list in page at %p: block %p was written after its free "
-              "(or freed twice)", (void *)vstart, (void *)victim);
+              "(or freed twice)", page_start_of(victim), (void *)victim);
   for (int i = N; i < N + MORE; i++) {
     a[i] = smalloc_malloc(SIZE);
     CHILD_CHECK(a[i] != NULL, "malloc(%d) failed", SIZE);
@@ -1135,11 +1141,8 @@ static void use_after_free_write(bool warn)
   CHILD_CHECK(p != NULL, "malloc failed");
   smalloc_free(p);
   ((unsigned char *)sm_opaque(p))[20] ^= 1;
-  uintptr_t page = (uintptr_t)p & ~(uintptr_t)0xffff;
-  uintptr_t seg = (uintptr_t)p & ~(uintptr_t)(4 * MiB - 1);
   expect_line("corrupted free list in page at %p: block %p was written after its free "
-              "(or freed twice)", (void *)(page == seg ? seg + SM_TEST_SEGMENT_HDR : page),
-              (void *)p);
+              "(or freed twice)", page_start_of(p), (void *)p);
   uint64_t errors = child_errors_reported();
   size_t i;
   for (i = 0; i < MAX && child_errors_reported() == errors; i++) {
