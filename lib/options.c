@@ -16,23 +16,35 @@ typedef struct sm_option_desc_s {
 static const char *const sm_words_stats[] = {"0", "1", "json", NULL};
 static const char *const sm_words_on_error[] = {"abort", "warn", NULL};
 
-/* Retire cycles: measured in bench/ (churn cases); see NEWS. */
-static const sm_option_desc_t sm_option_desc[SMALLOC_OPTION_COUNT] = {
-  [SMALLOC_OPTION_STATS]         = {"SMALLOC_STATS", 0, 0, 2, sm_words_stats},
-  [SMALLOC_OPTION_VERBOSE]       = {"SMALLOC_VERBOSE", 0, 0, 1, NULL},
-  [SMALLOC_OPTION_RETIRE_CYCLES] = {"SMALLOC_RETIRE_CYCLES", 1024, 0, 1000000, NULL},
-  [SMALLOC_OPTION_PURGE_DELAY]   = {"SMALLOC_PURGE_DELAY", 1000, 0, 3600000, NULL},
-  [SMALLOC_OPTION_SEGMENT_CACHE] = {"SMALLOC_SEGMENT_CACHE", 8, 0, 1024, NULL},
-  [SMALLOC_OPTION_ON_ERROR]      = {"SMALLOC_ON_ERROR", 0, 0, 1, sm_words_on_error},
-  [SMALLOC_OPTION_BACKGROUND]    = {"SMALLOC_BACKGROUND", 1, 0, 1, NULL},
-};
+/* Every option once: its variable, default, range and accepted words (the
+ * index of a word is its value).  Retire cycles: measured in bench/
+ * (churn cases); see NEWS. */
+#define SM_OPTION_LIST(X)                                                   \
+  X(STATS, "SMALLOC_STATS", 0, 0, 2, sm_words_stats)                        \
+  X(VERBOSE, "SMALLOC_VERBOSE", 0, 0, 1, NULL)                              \
+  X(RETIRE_CYCLES, "SMALLOC_RETIRE_CYCLES", 1024, 0, 1000000, NULL)         \
+  X(PURGE_DELAY, "SMALLOC_PURGE_DELAY", 1000, 0, 3600000, NULL)             \
+  X(SEGMENT_CACHE, "SMALLOC_SEGMENT_CACHE", 8, 0, 1024, NULL)               \
+  X(ON_ERROR, "SMALLOC_ON_ERROR", 0, 0, 1, sm_words_on_error)               \
+  X(BACKGROUND, "SMALLOC_BACKGROUND", 1, 0, 1, NULL)
 
-long sm_options[SMALLOC_OPTION_COUNT] = {
-  [SMALLOC_OPTION_STATS] = 0, [SMALLOC_OPTION_VERBOSE] = 0,
-  [SMALLOC_OPTION_RETIRE_CYCLES] = 1024, [SMALLOC_OPTION_PURGE_DELAY] = 1000,
-  [SMALLOC_OPTION_SEGMENT_CACHE] = 8, [SMALLOC_OPTION_ON_ERROR] = 0,
-  [SMALLOC_OPTION_BACKGROUND] = 1,
-};
+#define SM_OPTION_DESC(id, env, def, min, max, words) \
+  [SMALLOC_OPTION_##id] = {env, def, min, max, words},
+static const sm_option_desc_t sm_option_desc[SMALLOC_OPTION_COUNT] = {SM_OPTION_LIST(SM_OPTION_DESC)};
+#define SM_OPTION_DEFAULT(id, env, def, min, max, words) [SMALLOC_OPTION_##id] = def,
+long sm_options[SMALLOC_OPTION_COUNT] = {SM_OPTION_LIST(SM_OPTION_DEFAULT)};
+
+/* val without leading and trailing white space, into buf (NUL-terminated;
+ * false when it does not fit: no value is that long). */
+static bool sm_trim(const char *val, char *buf, size_t cap) {
+  while (*val == ' ' || *val == '\t') val++;
+  size_t n = strlen(val);
+  while (n > 0 && (val[n - 1] == ' ' || val[n - 1] == '\t' || val[n - 1] == '\n')) n--;
+  if (n >= cap) return false;
+  memcpy(buf, val, n);
+  buf[n] = '\0';
+  return true;
+}
 
 static bool sm_parse_long(const char *s, long *out) {
   if (*s == '\0') return false;
@@ -46,28 +58,84 @@ static bool sm_parse_long(const char *s, long *out) {
   return true;
 }
 
-static bool sm_streq(const char *a, const char *b) {
-  while (*a && *a == *b) { a++; b++; }
+static char sm_lower(char c) { return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c; }
+
+/* Words match whatever their case: JSON, Warn. */
+static bool sm_word_eq(const char *a, const char *b) {
+  while (*a && sm_lower(*a) == sm_lower(*b)) { a++; b++; }
   return *a == *b;
 }
 
-static void sm_option_from_env(int i, const char *val) {
-  const sm_option_desc_t *d = &sm_option_desc[i];
-  long v;
-  if (d->words) {
-    for (long w = 0; d->words[w]; w++)
-      if (sm_streq(val, d->words[w])) { sm_options[i] = w; return; }
+/* The accepted words of an option, "a, b or c", into buf. */
+static const char *sm_words_list(const char *const *words, char *buf, size_t cap) {
+  size_t len = 0;
+  buf[0] = '\0';
+  for (size_t w = 0; words[w]; w++) {
+    const char *sep = w == 0 ? "" : words[w + 1] ? ", " : " or ";
+    int n = snprintf(buf + len, cap - len, "%s%s", sep, words[w]);
+    if (n < 0 || (size_t)n >= cap - len) break;
+    len += (size_t)n;
   }
-  if (sm_parse_long(val, &v) && v >= d->min && v <= d->max) {
+  return buf;
+}
+
+static void sm_option_from_env(int i, const char *raw) {
+  const sm_option_desc_t *d = &sm_option_desc[i];
+  char val[64];
+  long v;
+  bool fits = sm_trim(raw, val, sizeof val);
+  if (fits && val[0] == '\0') { sm_options[i] = d->def; return; }   /* empty: unset */
+  if (fits && d->words) {
+    for (long w = 0; d->words[w]; w++)
+      if (sm_word_eq(val, d->words[w])) { sm_options[i] = w; return; }
+  }
+  if (fits && sm_parse_long(val, &v) && v >= d->min && v <= d->max) {
     sm_options[i] = v;
     return;
   }
-  if (d->words)
-    sm_message("ignoring %s='%.64s': not one of the accepted values; using %ld", d->env, val, d->def);
-  else
-    sm_message("ignoring %s='%.64s': not a number in [%ld, %ld]; using %ld", d->env, val, d->min,
+  if (d->words) {
+    char list[96];
+    sm_message("ignoring %s='%.64s': not %s; using %s", d->env, raw,
+               sm_words_list(d->words, list, sizeof list), d->words[d->def]);
+  } else {
+    sm_message("ignoring %s='%.64s': not a number in [%ld, %ld]; using %ld", d->env, raw, d->min,
                d->max, d->def);
+  }
   sm_options[i] = d->def;
+}
+
+/* Edit distance of a and b, case aside, up to 3 (3 means "3 or more"): names this
+ * close to an option's are taken for misspellings of it. */
+static unsigned sm_distance(const char *a, size_t na, const char *b, size_t nb) {
+  enum { M = 40 };
+  if (na >= M || nb >= M) return 3;
+  unsigned row[M], prev[M];
+  for (size_t j = 0; j <= nb; j++) prev[j] = (unsigned)j;
+  for (size_t i = 1; i <= na; i++) {
+    row[0] = (unsigned)i;
+    for (size_t j = 1; j <= nb; j++) {
+      unsigned sub = prev[j - 1] + (sm_lower(a[i - 1]) != sm_lower(b[j - 1]));
+      unsigned del = prev[j] + 1, ins = row[j - 1] + 1;
+      row[j] = sub < del ? (sub < ins ? sub : ins) : (del < ins ? del : ins);
+    }
+    memcpy(prev, row, (nb + 1) * sizeof row[0]);
+  }
+  return prev[nb] < 3 ? prev[nb] : 3;
+}
+
+/* A SMALLOC_ variable that is no option: when its name is within two
+ * edits of one, say so (other SMALLOC_ variables, of scripts and test
+ * harnesses, are left alone). */
+static void sm_option_unknown(const char *e) {
+  const char *eq = strchr(e, '=');
+  size_t n = eq ? (size_t)(eq - e) : strlen(e);
+  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
+    const char *name = sm_option_desc[i].env;
+    if (sm_distance(e, n, name, strlen(name)) <= 2) {
+      sm_message("ignoring %.*s: no such option; did you mean %s?", (int)(n < 64 ? n : 64), e, name);
+      return;
+    }
+  }
 }
 
 static bool sm_options_loaded;
@@ -83,11 +151,16 @@ void sm_options_init(void) {
   for (; *env; env++) {
     const char *e = *env;
     if (strncmp(e, "SMALLOC_", 8) != 0) continue;
+    bool known = false;
     for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
       const char *name = sm_option_desc[i].env;
       size_t len = strlen(name);
-      if (strncmp(e, name, len) == 0 && e[len] == '=') sm_option_from_env(i, e + len + 1);
+      if (strncmp(e, name, len) == 0 && e[len] == '=') {
+        sm_option_from_env(i, e + len + 1);
+        known = true;
+      }
     }
+    if (!known) sm_option_unknown(e);
   }
   if (sm_options[SMALLOC_OPTION_VERBOSE]) sm_options_print();
   sm_stats_open_fd();

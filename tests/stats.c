@@ -1312,6 +1312,11 @@ START_TEST(env_options_applied)
     {"SMALLOC_ON_ERROR=warn", SMALLOC_OPTION_ON_ERROR, 1},
     {"SMALLOC_ON_ERROR=abort", SMALLOC_OPTION_ON_ERROR, 0},
     {"SMALLOC_BACKGROUND=0", SMALLOC_OPTION_BACKGROUND, 0},
+    /* words in any case, white space around a value, empty as unset */
+    {"SMALLOC_ON_ERROR=WARN", SMALLOC_OPTION_ON_ERROR, 1},
+    {"SMALLOC_ON_ERROR= Warn ", SMALLOC_OPTION_ON_ERROR, 1},
+    {"SMALLOC_RETIRE_CYCLES= 23 ", SMALLOC_OPTION_RETIRE_CYCLES, 23},
+    {"SMALLOC_PURGE_DELAY=", SMALLOC_OPTION_PURGE_DELAY, 1000},
   };
   for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
     const char *env[] = {cases[k].env, NULL};
@@ -1410,7 +1415,7 @@ START_TEST(env_malformed_values_fall_back)
     {SMALLOC_OPTION_RETIRE_CYCLES, "99999999999999999999999"},
     {SMALLOC_OPTION_RETIRE_CYCLES, "1000001"},
     {SMALLOC_OPTION_RETIRE_CYCLES, "12x"},
-    {SMALLOC_OPTION_RETIRE_CYCLES, ""},
+    {SMALLOC_OPTION_RETIRE_CYCLES, "1 2"},
     {SMALLOC_OPTION_STATS, "maybe"},
     {SMALLOC_OPTION_STATS, "3"},
     {SMALLOC_OPTION_VERBOSE, "2"},
@@ -1446,6 +1451,54 @@ START_TEST(env_malformed_values_fall_back)
                   def[cases[k].opt]);
     st_child_done(&c);
   }
+  /* a word option lists its words */
+  const char *bad_word[] = {"SMALLOC_ON_ERROR=maybe", NULL};
+  st_run_self("options", bad_word, &c);
+  ck_assert_msg(strstr(c.err, "not abort or warn; using abort") != NULL, "stderr:\n%s", c.err);
+  st_child_done(&c);
+}
+END_TEST
+
+/* ============================================================================
+ * env_misspelt_names_are_named: a SMALLOC_ variable within two edits of
+ * an option's name (case aside) is reported with the name meant, and
+ * changes nothing; other SMALLOC_ variables (of scripts and harnesses)
+ * are left alone. */
+
+START_TEST(env_misspelt_names_are_named)
+{
+  static st_child_t c;
+  long def[SMALLOC_OPTION_COUNT];
+  st_default_options(def);
+  static const struct {
+    const char *env, *meant;
+  } cases[] = {
+    {"SMALLOC_STAT=1", "SMALLOC_STATS"},
+    {"SMALLOC_RETIRE_CYCLE=5", "SMALLOC_RETIRE_CYCLES"},
+    {"SMALLOC_BACKGRUND=0", "SMALLOC_BACKGROUND"},
+    {"smalloc_purge_delay=5", NULL},   /* not SMALLOC_: not ours */
+    {"SMALLOC_retire_cycles=3", "SMALLOC_RETIRE_CYCLES"},
+    {"SMALLOC_LIB=/tmp/x", NULL},
+    {"SMALLOC_NO_APT=1", NULL},
+  };
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    const char *env[] = {cases[k].env, NULL};
+    st_run_self("options", env, &c);
+    for (int i = 0; i < SMALLOC_OPTION_COUNT; i++)
+      ck_assert_msg(c.have_option[i] && c.options[i] == def[i], "%s: option %s is %ld",
+                    cases[k].env, st_option_env[i], c.options[i]);
+    if (cases[k].meant == NULL) {
+      ck_assert_msg(c.err_len == 0, "%s: stderr:\n%s", cases[k].env, c.err);
+    } else {
+      char want[160];
+      size_t n = strcspn(cases[k].env, "=");
+      snprintf(want, sizeof want, "smalloc: ignoring %.*s: no such option; did you mean %s?\n",
+               (int)n, cases[k].env, cases[k].meant);
+      ck_assert_msg(strcmp(c.err, want) == 0, "%s: stderr is\n%s\nwant\n%s", cases[k].env,
+                    c.err, want);
+    }
+    st_child_done(&c);
+  }
 }
 END_TEST
 
@@ -1455,6 +1508,7 @@ static Suite *stats_suite(void)
   TCase *tc = tcase_create("counters");
   tcase_set_timeout(tc, 120);
   tcase_add_test(tc, counts_exact_one_thread);
+  tcase_add_test(tc, env_misspelt_names_are_named);
   tcase_add_test(tc, counts_failed_and_odd_calls);
   tcase_add_test(tc, counts_large_and_huge);
   tcase_add_test(tc, counts_exact_across_threads);
