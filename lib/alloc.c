@@ -3,11 +3,13 @@
 #include "internal.h"
 #include "track.h"
 
-static SM_COLD void *sm_fail_enomem(sm_heap_t *heap) {
+/* A call answered with NULL and errno err: counted in calls_failed. */
+static SM_COLD void *sm_fail(sm_heap_t *heap, int err) {
   if (heap->initialized) sm_cnt_add(heap->stats.calls[SM_CALL_FAILED], 1);
-  errno = ENOMEM;
+  errno = err;
   return NULL;
 }
+static SM_COLD void *sm_fail_enomem(sm_heap_t *heap) { return sm_fail(heap, ENOMEM); }
 
 /* Pop from a page that sm_page_has_free approved (the fast path's check
  * of the block pointer against the segment). */
@@ -206,20 +208,17 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
   const char *name = who == SM_CALL_REALLOC ? "realloc" : "reallocarray";
   if (!sm_lookup(p, &seg, &page)) {
     sm_error("%s(): invalid pointer %p (not allocated by smalloc)", name, p);
-    errno = EINVAL;
-    return NULL;
+    return sm_fail(heap, EINVAL);
   }
   if (seg->kind < SM_SEG_LARGE && sm_page_is_block(page, p) &&
       sm_unlikely(sm_block_is_free(seg, page, (sm_block_t *)p))) {
     /* resized in place, it would be handed out while free */
     sm_error("%s(): pointer %p was freed", name, p);
-    errno = EINVAL;
-    return NULL;
+    return sm_fail(heap, EINVAL);
   }
   if (sm_unlikely(!sm_realloc_target_ok(seg, page, p))) {
     sm_error("%s(): invalid pointer %p (not the start of a block)", name, p);
-    errno = EINVAL;
-    return NULL;
+    return sm_fail(heap, EINVAL);
   }
   if (n == 0) {
     /* glibc's behaviour: free the block, return NULL */

@@ -103,6 +103,16 @@ static void *page_start_of(const void *p)
   return (void *)(page == seg ? seg + SM_TEST_SEGMENT_HDR : page);
 }
 
+/* Calls answered with an error. */
+static uint64_t child_calls_failed(void)
+{
+  smalloc_stats_t s;
+  memset(&s, 0, sizeof s);
+  s.size = sizeof s;
+  CHILD_CHECK(smalloc_stats_get(&s) == 0, "smalloc_stats_get failed");
+  return s.calls_failed;
+}
+
 /* Pages held for blocks of size bytes. */
 static uint64_t child_class_pages(size_t size)
 {
@@ -474,11 +484,14 @@ static void realloc_of_a_freed_block(bool warn)
   CHILD_CHECK(keep && p, "malloc(96) failed");
   smalloc_free(p);
   expect_line("realloc(): pointer %p was freed", (void *)p);
+  uint64_t failed = child_calls_failed();
   errno = 0;
   void *q = smalloc_realloc(sm_opaque(p), 96);
   if (!warn)
     return;
   CHILD_CHECK(q == NULL && errno == EINVAL, "realloc of a freed block: %p, errno %d", q, errno);
+  CHILD_CHECK(child_calls_failed() == failed + 1, "calls_failed went from %llu to %llu",
+              (unsigned long long)failed, (unsigned long long)child_calls_failed());
   /* the block is handed out once, not twice */
   void *a = smalloc_malloc(96), *b = smalloc_malloc(96);
   CHILD_CHECK(a != b, "malloc returned %p twice", a);
@@ -855,6 +868,28 @@ static void free_stack_address(bool warn)
   smalloc_free(live);
 }
 MISUSE(free_stack_address)
+
+/* realloc of a stack address: reported, NULL with EINVAL, counted as a
+ * failed call, the buffer untouched. */
+static void realloc_stack_address(bool warn)
+{
+  unsigned char buf[256];
+  memset(buf, 0x5a, sizeof buf);
+  void *live = smalloc_malloc(64);   /* a heap exists */
+  expect_line("realloc(): invalid pointer %p (not allocated by smalloc)", (void *)(buf + 32));
+  uint64_t failed = child_calls_failed();
+  errno = 0;
+  void *q = smalloc_realloc(sm_opaque(buf + 32), 100);
+  if (!warn)
+    return;
+  CHILD_CHECK(q == NULL && errno == EINVAL, "realloc of a stack address: %p, errno %d", q, errno);
+  CHILD_CHECK(child_calls_failed() == failed + 1, "calls_failed went from %llu to %llu",
+              (unsigned long long)failed, (unsigned long long)child_calls_failed());
+  CHILD_CHECK(sm_find_not_byte(buf, sizeof buf, 0x5a) == SIZE_MAX, "the stack buffer changed");
+  heap_still_sound(64);
+  smalloc_free(live);
+}
+MISUSE(realloc_stack_address)
 
 static unsigned char static_buf[4096] __attribute__((aligned(64)));
 
@@ -1275,6 +1310,7 @@ int main(void)
   ADD_MISUSE(tc, free_middle_of_large_block);
   ADD_MISUSE(tc, free_middle_of_huge_block);
   ADD_MISUSE(tc, free_stack_address);
+  ADD_MISUSE(tc, realloc_stack_address);
   ADD_MISUSE(tc, free_static_address);
   ADD_MISUSE(tc, free_libc_block);
   ADD_MISUSE(tc, free_mmap_page);
