@@ -807,6 +807,7 @@ SM_INLINE void sm_background_poll(void) {
 /* ---- options.c ---------------------------------------------------------- */
 void sm_options_init(void);
 void sm_options_print(void);
+void sm_options_print_json(FILE *out);
 size_t sm_retire_cycles_for(size_t block_size);
 
 /* ---- diag.c: one printer, never allocates -------------------------------- */

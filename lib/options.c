@@ -174,6 +174,17 @@ void sm_options_print(void) {
   }
 }
 
+/* The options in effect as JSON members: "SMALLOC_X": value (a string for
+ * the options that have words). */
+void sm_options_print_json(FILE *out) {
+  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
+    long v = __atomic_load_n(&sm_options[i], __ATOMIC_RELAXED);
+    const char *sep = i ? ", " : "";
+    if (sm_option_desc[i].words) fprintf(out, "%s\"%s\": \"%s\"", sep, sm_option_desc[i].env, sm_option_desc[i].words[v]);
+    else fprintf(out, "%s\"%s\": %ld", sep, sm_option_desc[i].env, v);
+  }
+}
+
 /* Small blocks are asked for again soonest and cost least to keep: their
  * pages stay the full number of cycles, larger blocks a quarter of it. */
 size_t sm_retire_cycles_for(size_t block_size) {

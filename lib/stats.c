@@ -294,11 +294,58 @@ SM_EXPORT void smalloc_stats_print_json(FILE *out) {
   sm_stats_print_uncancelled(out, sm_stats_print_json);
 }
 
+/* The program's name: the last part of its argv[0] (glibc keeps it), or
+ * else the kernel's (up to 15 characters); without allocating. */
+static const char *sm_program(char *buf, size_t cap) {
+  if (program_invocation_short_name && *program_invocation_short_name) {
+    snprintf(buf, cap, "%s", program_invocation_short_name);
+    return buf;
+  }
+  snprintf(buf, cap, "?");
+  int fd = open("/proc/self/comm", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return buf;
+  ssize_t n = read(fd, buf, cap - 1);
+  close(fd);
+  if (n <= 0) { snprintf(buf, cap, "?"); return buf; }
+  buf[n] = '\0';
+  buf[strcspn(buf, "\n")] = '\0';
+  return buf;
+}
+
+/* Resident bytes of the process (/proc/self/statm), 0 when unknown. */
+static uint64_t sm_resident(void) {
+  char buf[128];
+  int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return 0;
+  buf[n] = '\0';
+  unsigned long long size, res;
+  if (sscanf(buf, "%llu %llu", &size, &res) != 2) return 0;
+  return (uint64_t)res * (uint64_t)sysconf(_SC_PAGESIZE);
+}
+
 static void sm_stats_print_table(FILE *out) {
   smalloc_stats_t st, *s = &st;
   sm_stats_current(s);
-  fprintf(out, "smalloc %d.%d.%d statistics (pid %ld)\n", SMALLOC_VERSION_MAJOR,
-          SMALLOC_VERSION_MINOR, SMALLOC_VERSION_PATCH, (long)getpid());
+  char prog[32], inuse[32], committed[32], resident[32];
+  fprintf(out, "smalloc %d.%d.%d statistics: %s (pid %ld)\n", SMALLOC_VERSION_MAJOR,
+          SMALLOC_VERSION_MINOR, SMALLOC_VERSION_PATCH, sm_program(prog, sizeof prog),
+          (long)getpid());
+  /* the headline: what the program holds, what it costs, how often the
+   * slow path ran */
+  sm_fmt_bytes(inuse, sizeof inuse, s->bytes_in_use);
+  sm_fmt_bytes(committed, sizeof committed, s->bytes_committed);
+  sm_fmt_bytes(resident, sizeof resident, sm_resident());
+  fprintf(out, "  summary: %s in %llu live blocks; %s committed, %s resident (the process)\n",
+          inuse, (unsigned long long)s->blocks_in_use, committed, resident);
+  uint64_t allocs = s->calls_malloc + s->calls_calloc + s->calls_realloc;
+  fprintf(out, "  summary: %llu malloc, calloc and realloc calls, %llu slow-path entries (%.2f %%), "
+          "%llu system calls\n",
+          (unsigned long long)allocs, (unsigned long long)s->slow_path,
+          allocs ? 100.0 * (double)s->slow_path / (double)allocs : 0.0,
+          (unsigned long long)(s->os_mmap + s->os_munmap + s->os_madvise + s->os_mremap));
 #define SM_ROW(name, gauge, bytes) sm_print_row(out, #name, s->name, bytes);
   SM_STATS_FIELDS(SM_ROW)
   for (int i = 0; i < SMALLOC_STEP_COUNT; i++) {
@@ -337,7 +384,19 @@ static void sm_json_steps(FILE *out, const uint64_t *steps) {
 static void sm_stats_print_json(FILE *out) {
   smalloc_stats_t st, *s = &st;
   sm_stats_current(s);
+  char prog[32];
   fprintf(out, "{\"version\": %u, \"size\": %zu, \"nclasses\": %u", s->version, s->size, s->nclasses);
+  /* who, and with what: the process, the library, the options in effect */
+  fprintf(out, ", \"pid\": %ld, \"program\": \"", (long)getpid());
+  for (const char *p = sm_program(prog, sizeof prog); *p; p++) {
+    if (*p == '"' || *p == '\\') fprintf(out, "\\%c", *p);
+    else if ((unsigned char)*p < 0x20) fprintf(out, "\\u%04x", (unsigned)*p);
+    else fputc(*p, out);
+  }
+  fprintf(out, "\", \"library\": \"%d.%d.%d\", \"options\": {", SMALLOC_VERSION_MAJOR,
+          SMALLOC_VERSION_MINOR, SMALLOC_VERSION_PATCH);
+  sm_options_print_json(out);
+  fputc('}', out);
 #define SM_JSON(name, gauge, bytes) fprintf(out, ", \"%s\": %llu", #name, (unsigned long long)s->name);
   SM_STATS_FIELDS(SM_JSON)
   SM_STATS_FIELDS2(SM_JSON)

@@ -1358,6 +1358,14 @@ START_TEST(env_stats_at_exit)
   ck_assert_msg(c.err_len > 0, "SMALLOC_STATS=1 printed nothing");
   ck_assert_msg(strncmp(c.err, "smalloc", 7) == 0, "first line: %.80s", c.err);
   ck_assert_msg(strstr(strchr(c.err, '\n'), "malloc") != NULL, "no malloc in:\n%s", c.err);
+  /* the program named, then the headline */
+  ck_assert_msg(strstr(c.err, "statistics: test_stats (pid ") != NULL ||
+                    strstr(c.err, "statistics: lt-test_stats (pid ") != NULL,
+                "first line: %.80s", c.err);
+  ck_assert_msg(strncmp(strchr(c.err, '\n'), "\n  summary: ", 12) == 0, "second line: %.100s",
+                strchr(c.err, '\n'));
+  ck_assert_msg(strstr(c.err, " live blocks; ") != NULL && strstr(c.err, " resident") != NULL,
+                "no summary of the memory in:\n%.400s", c.err);
   ck_assert_int_eq(st_table_value(c.err, "calls_posix_memalign"), 7);
   ck_assert_int_eq(st_table_value(c.err, "calls_free_aligned_sized"), 3);
   st_child_done(&c);
@@ -1366,6 +1374,18 @@ START_TEST(env_stats_at_exit)
   st_run_self("exit", json, &c);
   ck_assert_msg(c.err_len > 0, "SMALLOC_STATS=json printed nothing");
   ck_assert_msg(c.err[0] == '{', "SMALLOC_STATS=json: stderr starts: %.80s", c.err);
+  /* who and with what: pid, program, library version, options in effect */
+  ck_assert_msg(strstr(c.err, "\"pid\": ") != NULL, "no pid in: %.300s", c.err);
+  ck_assert_msg(strstr(c.err, "\"program\": \"test_stats\"") != NULL ||
+                    strstr(c.err, "\"program\": \"lt-test_stats\"") != NULL,
+                "no program in: %.300s", c.err);
+  char lib[64];
+  snprintf(lib, sizeof lib, "\"library\": \"%d.%d.%d\"", SMALLOC_VERSION_MAJOR,
+           SMALLOC_VERSION_MINOR, SMALLOC_VERSION_PATCH);
+  ck_assert_msg(strstr(c.err, lib) != NULL, "no %s in: %.300s", lib, c.err);
+  ck_assert_msg(strstr(c.err, "\"options\": {\"SMALLOC_STATS\": \"json\", \"SMALLOC_VERBOSE\": 0, "
+                              "\"SMALLOC_RETIRE_CYCLES\": 1024") != NULL,
+                "no options in: %.400s", c.err);
   if (!st_have_python()) {
     fprintf(stderr, "env_stats_at_exit: python3 not found, JSON not checked\n");
   } else {
