@@ -789,6 +789,7 @@ SM_INLINE void sm_heap_grew(sm_heap_t *heap) {
 void sm_stats_thread_exit(sm_heap_t *heap);
 void sm_stats_at_exit(void);
 void sm_stats_open_fd(void);
+void sm_stats_set_file(const char *path);
 void sm_stats_fork_child(void);
 
 /* ---- background.c: the purge thread ------------------------------------ */

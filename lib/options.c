@@ -152,6 +152,12 @@ void sm_options_init(void) {
     const char *e = *env;
     if (strncmp(e, "SMALLOC_", 8) != 0) continue;
     bool known = false;
+    if (strncmp(e, "SMALLOC_STATS_FILE=", 19) == 0) {
+      char path[256];
+      if (sm_trim(e + 19, path, sizeof path)) sm_stats_set_file(path);
+      else sm_message("ignoring SMALLOC_STATS_FILE: longer than %zu characters", sizeof path - 1);
+      continue;
+    }
     for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
       const char *name = sm_option_desc[i].env;
       size_t len = strlen(name);

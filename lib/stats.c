@@ -423,13 +423,64 @@ static void sm_stats_print_json(FILE *out) {
  * sort(1) close stderr before they exit, and the report must survive it. */
 static int sm_stats_fd = -1;
 
+/* SMALLOC_STATS_FILE: where the report at exit goes instead of stderr,
+ * "%p" standing for the process id (one file per process of a tree run
+ * under LD_PRELOAD). */
+static char sm_stats_file[256];
+
+void sm_stats_set_file(const char *path) {
+  size_t n = strlen(path);
+  if (n >= sizeof sm_stats_file) {
+    sm_message("ignoring SMALLOC_STATS_FILE: longer than %zu characters", sizeof sm_stats_file - 1);
+    return;
+  }
+  memcpy(sm_stats_file, path, n + 1);
+}
+
 void sm_stats_open_fd(void) {
   if (sm_opt(STATS) != 0 && sm_stats_fd < 0) sm_stats_fd = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3);
+}
+
+/* The report file of this process: sm_stats_file with %p expanded (%% is
+ * a percent sign); -1 when there is none or it cannot be opened (said). */
+static int sm_stats_open_file(void) {
+  if (sm_stats_file[0] == '\0') return -1;
+  char path[512];
+  size_t len = 0;
+  for (const char *s = sm_stats_file; *s && len + 24 < sizeof path; s++) {
+    if (s[0] == '%' && s[1] == 'p') {
+      len += (size_t)snprintf(path + len, sizeof path - len, "%ld", (long)getpid());
+      s++;
+    } else if (s[0] == '%' && s[1] == '%') {
+      path[len++] = '%';
+      s++;
+    } else {
+      path[len++] = *s;
+    }
+  }
+  path[len] = '\0';
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    /* said where the report goes: stderr as it was at start-up (the
+     * program may have closed its own by now) */
+    char msg[640];
+    int n = snprintf(msg, sizeof msg, "smalloc: SMALLOC_STATS_FILE: cannot open %s: %s; the report "
+                     "goes to stderr\n", path, strerror(errno));
+    if (n > 0 && write(sm_stats_fd >= 0 ? sm_stats_fd : STDERR_FILENO, msg,
+                       (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1) < 0) {
+    }
+  }
+  return fd;
 }
 
 void sm_stats_at_exit(void) {
   long mode = sm_opt(STATS);
   if (mode == 0) return;
+  int fd = sm_stats_open_file();
+  if (fd >= 0) {
+    if (sm_stats_fd >= 0) close(sm_stats_fd);
+    sm_stats_fd = fd;
+  }
   FILE *out = sm_stats_fd >= 0 ? fdopen(sm_stats_fd, "w") : NULL;
   if (out == NULL) out = stderr;
   if (mode == 1) smalloc_stats_print(out);

@@ -40,6 +40,7 @@
  */
 #include "common.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/wait.h>
@@ -1415,6 +1416,51 @@ START_TEST(env_stats_at_exit)
 END_TEST
 
 /* ============================================================================
+ * env_stats_to_a_file: with SMALLOC_STATS_FILE=DIR/st.%p the report at exit
+ * goes to DIR/st.<pid> (the child's pid, the one the table names), and
+ * nothing to stderr. */
+
+START_TEST(env_stats_to_a_file)
+{
+  static st_child_t c;
+  char dir[] = "/tmp/smalloc-stats.XXXXXX";
+  ck_assert_ptr_nonnull(mkdtemp(dir));
+  char var[128];
+  snprintf(var, sizeof var, "SMALLOC_STATS_FILE=%s/st.%%p", dir);
+  const char *env[] = {"SMALLOC_STATS=1", var, NULL};
+  st_run_self("exit", env, &c);
+  ck_assert_msg(c.err_len == 0, "stderr:\n%s", c.err);
+  DIR *d = opendir(dir);
+  ck_assert_ptr_nonnull(d);
+  char name[256] = "";
+  int files = 0;
+  for (struct dirent *e; (e = readdir(d)) != NULL;)
+    if (e->d_name[0] != '.') {
+      files++;
+      snprintf(name, sizeof name, "%s", e->d_name);
+    }
+  closedir(d);
+  ck_assert_int_eq(files, 1);
+  ck_assert_msg(strncmp(name, "st.", 3) == 0 && strspn(name + 3, "0123456789") == strlen(name + 3),
+                "file %s", name);
+  char path[512], text[16384], want[64];
+  snprintf(path, sizeof path, "%s/%s", dir, name);
+  FILE *f = fopen(path, "r");
+  ck_assert_ptr_nonnull(f);
+  size_t n = fread(text, 1, sizeof text - 1, f);
+  text[n] = '\0';
+  fclose(f);
+  snprintf(want, sizeof want, "(pid %s)\n", name + 3);
+  ck_assert_msg(strstr(text, want) != NULL && strncmp(text, "smalloc ", 8) == 0, "the file holds:\n%.200s",
+                text);
+  ck_assert_int_eq(st_table_value(text, "calls_posix_memalign"), 7);
+  unlink(path);
+  rmdir(dir);
+  st_child_done(&c);
+}
+END_TEST
+
+/* ============================================================================
  * env_malformed_values_fall_back: a malformed value keeps the default and
  * prints exactly one "smalloc: ignoring SMALLOC_X='value': ...; using D"
  * line; every other option keeps its default too. */
@@ -1529,6 +1575,7 @@ static Suite *stats_suite(void)
   tcase_set_timeout(tc, 120);
   tcase_add_test(tc, counts_exact_one_thread);
   tcase_add_test(tc, env_misspelt_names_are_named);
+  tcase_add_test(tc, env_stats_to_a_file);
   tcase_add_test(tc, counts_failed_and_odd_calls);
   tcase_add_test(tc, counts_large_and_huge);
   tcase_add_test(tc, counts_exact_across_threads);
