@@ -20,6 +20,7 @@
 #include <string.h>
 #include <time.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 /* Make the compiler believe p is used and memory may have changed, so a
  * malloc/free pair is never elided and a store before free() is kept. */
@@ -130,6 +131,19 @@ static UNUSED uint64_t inbox_drain(struct inbox *in, uint64_t (*retire)(uint64_t
     p = next;
   }
   return ck;
+}
+
+/* The resident size now, in KiB (/proc/self/statm). */
+static UNUSED long rss_kb(void)
+{
+  long pages = 0, res = 0;
+  FILE *f = fopen("/proc/self/statm", "r");
+  if (f) {
+    if (fscanf(f, "%ld %ld", &pages, &res) != 2)
+      res = 0;
+    fclose(f);
+  }
+  return res * (sysconf(_SC_PAGESIZE) / 1024);
 }
 
 static UNUSED void usage_exit(const char *msg)

@@ -321,6 +321,15 @@ def base_env():
     return env
 
 
+def alloc_env(alloc):
+    """The environment of a run under alloc: base_env, its preload and its own variables."""
+    env = base_env()
+    if alloc.lib:
+        env["LD_PRELOAD"] = alloc.lib
+    env.update(alloc.env)
+    return env
+
+
 def launch(spawn, argv, env_extra, stdin_path, tmpdir):
     """Run argv through bench_spawn, with env_extra set in the child only.
     Returns (status, wall seconds, peak RSS kB, stdout, stderr)."""
@@ -695,10 +704,7 @@ def run_idle(bindir, allocs, quick):
     prog = os.path.join(bindir, "bench_idle")
     out = {}
     for a in allocs:
-        env = base_env()
-        if a.lib:
-            env["LD_PRELOAD"] = a.lib
-        env.update(a.env)
+        env = alloc_env(a)
         argv = [prog, "burst"] + (["quick"] if quick else []) + [str(IDLE_S)]
         try:
             r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
@@ -719,10 +725,7 @@ def run_limit(bindir, allocs):
     prog = os.path.join(bindir, "bench_idle")
     out = {}
     for a in allocs:
-        env = base_env()
-        if a.lib:
-            env["LD_PRELOAD"] = a.lib
-        env.update(a.env)
+        env = alloc_env(a)
         vals = []
         for _, size in LIMIT_SIZES:
             try:

@@ -41,18 +41,6 @@ static uint64_t retire_block(uint64_t *p)
 }
 
 
-static long rss_kb(void)
-{
-  long pages = 0, res = 0;
-  FILE *f = fopen("/proc/self/statm", "r");
-  if (f) {
-    if (fscanf(f, "%ld %ld", &pages, &res) != 2)
-      res = 0;
-    fclose(f);
-  }
-  return res * (sysconf(_SC_PAGESIZE) / 1024);
-}
-
 static void *worker(void *arg)
 {
   unsigned self = (unsigned)(uintptr_t)arg;

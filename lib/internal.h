@@ -394,6 +394,16 @@ SM_INLINE uintptr_t sm_heap_owner_id(const sm_heap_t *heap) { return (uintptr_t)
 #define SM_SEGMAP_ROOT_BITS   (SM_SEGMAP_BITS - SM_SEGMENT_SHIFT - SM_SEGMAP_MID_BITS - SM_SEGMAP_LEAF_BITS)
 #define SM_SEGMAP_ROOTS       ((size_t)1 << SM_SEGMAP_ROOT_BITS)
 typedef _Atomic(_Atomic uint8_t *) sm_segmap_mid_t[SM_SEGMAP_MID_SIZE];
+/* Where unit (an address >> SM_SEGMENT_SHIFT) sits in the far levels:
+ * its root entry (SM_SEGMAP_ROOTS or more: beyond the map), its entry in
+ * that mid table, and its byte in that leaf. */
+SM_INLINE uintptr_t sm_segmap_root_of(uintptr_t unit) {
+  return unit >> (SM_SEGMAP_MID_BITS + SM_SEGMAP_LEAF_BITS);
+}
+SM_INLINE size_t sm_segmap_mid_of(uintptr_t unit) {
+  return (unit >> SM_SEGMAP_LEAF_BITS) & (SM_SEGMAP_MID_SIZE - 1);
+}
+SM_INLINE size_t sm_segmap_leaf_of(uintptr_t unit) { return unit & (SM_SEGMAP_LEAF_SIZE - 1); }
 extern uintptr_t sm_segmap_base;   /* set once, read with __atomic_load_n */
 extern _Atomic uint8_t sm_segmap_window[SM_SEGMAP_WINDOW];
 extern _Atomic(sm_segmap_mid_t *) sm_segmap_root[SM_SEGMAP_ROOTS];
@@ -641,7 +651,7 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
 /* Free on the owner thread: 44 instructions to its ret on x86-64 (gcc 12,
  * -O2; 3 of them the segment map window, 2 the local list's head
  * compared with the block); with malloc's 23 and the loop, a
- * malloc(32)+free pair is 88.2 under callgrind (make bench-callgrind).
+ * malloc(32)+free pair is 88.3 under callgrind (make bench-callgrind).
  * Checks (all cheap): the pointer is in a segment, it starts a block, its
  * tag word holds neither the page's key nor the remote tag, and it is not
  * the block freed last in its page (else: a full double-free check in the
@@ -789,7 +799,8 @@ SM_INLINE void sm_heap_grew(sm_heap_t *heap) {
 void sm_stats_thread_exit(sm_heap_t *heap);
 void sm_stats_at_exit(void);
 void sm_stats_open_fd(void);
-void sm_stats_set_file(const char *path);
+#define SM_STATS_FILE_MAX 256   /* SMALLOC_STATS_FILE, its NUL included */
+void sm_stats_set_file(const char *path);   /* shorter than SM_STATS_FILE_MAX */
 void sm_stats_fork_child(void);
 
 /* ---- background.c: the purge thread ------------------------------------ */

@@ -153,7 +153,7 @@ void sm_options_init(void) {
     if (strncmp(e, "SMALLOC_", 8) != 0) continue;
     bool known = false;
     if (strncmp(e, "SMALLOC_STATS_FILE=", 19) == 0) {
-      char path[256];
+      char path[SM_STATS_FILE_MAX];
       if (sm_trim(e + 19, path, sizeof path)) sm_stats_set_file(path);
       else sm_message("ignoring SMALLOC_STATS_FILE: longer than %zu characters", sizeof path - 1);
       continue;

@@ -56,12 +56,11 @@ bool sm_segmap_prepare(uintptr_t seg) {
     base = want;
   }
   if (unit - base < SM_SEGMAP_WINDOW) return true;
-  uintptr_t r = unit >> (SM_SEGMAP_MID_BITS + SM_SEGMAP_LEAF_BITS);
+  uintptr_t r = sm_segmap_root_of(unit);
   if (r >= SM_SEGMAP_ROOTS) return false;
   sm_segmap_mid_t *mid = sm_segmap_table((_Atomic(void *) *)&sm_segmap_root[r], sizeof(sm_segmap_mid_t));
   if (mid == NULL) return false;
-  size_t m = (unit >> SM_SEGMAP_LEAF_BITS) & (SM_SEGMAP_MID_SIZE - 1);
-  return sm_segmap_table((_Atomic(void *) *)&(*mid)[m], SM_SEGMAP_LEAF_SIZE) != NULL;
+  return sm_segmap_table((_Atomic(void *) *)&(*mid)[sm_segmap_mid_of(unit)], SM_SEGMAP_LEAF_SIZE) != NULL;
 }
 
 int sm_os_map(size_t size, void **out) {

@@ -303,6 +303,11 @@ typedef void (*sm_new_handler_t)(void);
 extern sm_new_handler_t _ZSt15get_new_handlerv(void) __attribute__((weak));
 extern void _ZSt17__throw_bad_allocv(void) __attribute__((weak, noreturn));
 
+/* One try: plain below 16 bytes of alignment, aligned above. */
+static void *sm_new_try(size_t n, size_t alignment) {
+  return alignment <= 16 ? sm_malloc(n) : sm_malloc_aligned(alignment, n);
+}
+
 static SM_COLD void *sm_new_failed(size_t n, size_t alignment, bool nothrow) {
   for (;;) {
     sm_new_handler_t handler = _ZSt15get_new_handlerv ? _ZSt15get_new_handlerv() : NULL;
@@ -313,7 +318,7 @@ static SM_COLD void *sm_new_failed(size_t n, size_t alignment, bool nothrow) {
       abort();
     }
     handler();
-    void *p = alignment <= 16 ? sm_malloc(n) : sm_malloc_aligned(alignment, n);
+    void *p = sm_new_try(n, alignment);
     if (p) return p;
   }
 }
@@ -330,7 +335,7 @@ SM_INLINE void *sm_new_nothrow(size_t n) {
 SM_INLINE void *sm_new_aligned(size_t n, size_t alignment, bool nothrow) {
   if (alignment <= 16) return nothrow ? sm_new_nothrow(n) : sm_new(n);
   sm_count_call(SM_CALL_ALIGNED_ALLOC);   /* counted as aligned_alloc */
-  void *p = sm_malloc_aligned(alignment, n);
+  void *p = sm_new_try(n, alignment);
   return sm_likely(p != NULL) ? p : sm_new_failed(n, alignment, nothrow);
 }
 

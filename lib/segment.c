@@ -24,13 +24,12 @@ _Atomic uint8_t *sm_segmap_slot(uintptr_t seg) {
   uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
   uintptr_t i = unit - __atomic_load_n(&sm_segmap_base, __ATOMIC_RELAXED);
   if (i < SM_SEGMAP_WINDOW) return &sm_segmap_window[i];
-  uintptr_t r = unit >> (SM_SEGMAP_MID_BITS + SM_SEGMAP_LEAF_BITS);
+  uintptr_t r = sm_segmap_root_of(unit);
   if (r >= SM_SEGMAP_ROOTS) return NULL;
   sm_segmap_mid_t *mid = atomic_load_explicit(&sm_segmap_root[r], memory_order_acquire);
   if (mid == NULL) return NULL;
-  _Atomic uint8_t *leaf =
-      atomic_load_explicit(&(*mid)[(unit >> SM_SEGMAP_LEAF_BITS) & (SM_SEGMAP_MID_SIZE - 1)], memory_order_acquire);
-  return leaf ? &leaf[unit & (SM_SEGMAP_LEAF_SIZE - 1)] : NULL;
+  _Atomic uint8_t *leaf = atomic_load_explicit(&(*mid)[sm_segmap_mid_of(unit)], memory_order_acquire);
+  return leaf ? &leaf[sm_segmap_leaf_of(unit)] : NULL;
 }
 
 /* Outside the window: a free of a block there, or a foreign pointer. */

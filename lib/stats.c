@@ -426,15 +426,10 @@ static int sm_stats_fd = -1;
 /* SMALLOC_STATS_FILE: where the report at exit goes instead of stderr,
  * "%p" standing for the process id (one file per process of a tree run
  * under LD_PRELOAD). */
-static char sm_stats_file[256];
+static char sm_stats_file[SM_STATS_FILE_MAX];
 
 void sm_stats_set_file(const char *path) {
-  size_t n = strlen(path);
-  if (n >= sizeof sm_stats_file) {
-    sm_message("ignoring SMALLOC_STATS_FILE: longer than %zu characters", sizeof sm_stats_file - 1);
-    return;
-  }
-  memcpy(sm_stats_file, path, n + 1);
+  snprintf(sm_stats_file, sizeof sm_stats_file, "%s", path);
 }
 
 void sm_stats_open_fd(void) {

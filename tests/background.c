@@ -61,20 +61,31 @@ static size_t bg_wait_rss(size_t limit)
 
 enum { BG_BLOCKS = 1 << 20, BG_SIZE = 64 };   /* 64 MiB of small blocks */
 
-START_TEST(idle_small_blocks_go_back_without_a_call)
+/* The burst: BG_BLOCKS blocks of BG_SIZE, written, in an array of their
+ * own mapped outside smalloc (it counts in the resident size before and
+ * after alike); *rss0 is the resident size just before, after a trim. */
+static void **bg_burst(size_t *rss0)
 {
-  bg_on();
   void **v = mmap(NULL, BG_BLOCKS * sizeof *v, PROT_READ | PROT_WRITE,
                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   ck_assert(v != MAP_FAILED);
-  memset(v, 0, BG_BLOCKS * sizeof *v);   /* the test's own array counts before and after */
+  memset(v, 0, BG_BLOCKS * sizeof *v);
   smalloc_malloc_trim(0);
-  size_t rss0 = sm_test_rss();
+  *rss0 = sm_test_rss();
   for (size_t i = 0; i < BG_BLOCKS; i++) {
     v[i] = smalloc_malloc(BG_SIZE);
     ck_assert_ptr_nonnull(v[i]);
     memset(v[i], 7, BG_SIZE);
   }
+  return v;
+}
+
+
+START_TEST(idle_small_blocks_go_back_without_a_call)
+{
+  bg_on();
+  size_t rss0;
+  void **v = bg_burst(&rss0);
   smalloc_stats_t a, b, c;
   ck_assert_int_eq(sm_test_snap(&a), 0);
   for (size_t i = 0; i < BG_BLOCKS; i++)
@@ -280,18 +291,9 @@ START_TEST(a_burst_goes_back_while_its_thread_calls_in)
   long cycles = smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES);
   bg_on();
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 1000000), 0);
-  void **v = mmap(NULL, BG_BLOCKS * sizeof *v, PROT_READ | PROT_WRITE,
-                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ck_assert(v != MAP_FAILED);
-  memset(v, 0, BG_BLOCKS * sizeof *v);
   void *tick[TICK_BLOCKS];
-  smalloc_malloc_trim(0);
-  size_t rss0 = sm_test_rss();
-  for (size_t i = 0; i < BG_BLOCKS; i++) {
-    v[i] = smalloc_malloc(BG_SIZE);
-    ck_assert_ptr_nonnull(v[i]);
-    memset(v[i], 7, BG_SIZE);
-  }
+  size_t rss0;
+  void **v = bg_burst(&rss0);
   smalloc_stats_t a, b, c;
   ck_assert_int_eq(sm_test_snap(&a), 0);
   for (size_t i = 0; i < BG_BLOCKS; i++)
