@@ -142,19 +142,26 @@ void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
   sm_tf_push(seg, page, b);
 }
 
-/* Free from a thread that does not own the page; false when the block was
- * already free (reported). */
-bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+/* A block freed by a thread that does not own its page sets out for its
+ * owner, tagged key ^ SM_TAG_REMOTE; false when it was free already
+ * (reported).  A block on any of the page's lists carries the key in its
+ * tag, one on its way back the key ^ SM_TAG_REMOTE; the lists belong to
+ * the owner, so this is as far as another thread looks. */
+static bool sm_free_tag_remote(sm_page_t *page, sm_block_t *b) {
   sm_track_link(b);
-  /* a block on any of the page's lists carries the key in its tag, one on
-   * its way back to the owner the key ^ SM_TAG_REMOTE; the lists belong
-   * to the owner, so this is as far as another thread looks */
   if (sm_unlikely((b->tag ^ page->key) <= SM_TAG_REMOTE)) {
     sm_error("free(): double free of %p", (void *)b);
     return false;
   }
   b->tag = page->key ^ SM_TAG_REMOTE;
   if (!sm_track_on()) sm_poison_set(page, b);
+  return true;
+}
+
+/* Free from a thread that does not own the page; false when the block was
+ * already free (reported). */
+bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+  if (!sm_free_tag_remote(page, b)) return false;
   if (sm_unlikely(!sm_tf_push(seg, page, b))) {
     sm_error("free(): double free of %p", (void *)b);
     return false;
@@ -242,14 +249,7 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
   }
   sm_heap_t *heap = sm_heap();
   if (sm_unlikely(!heap->initialized || !sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
-  sm_track_link(b);
-  uintptr_t key = page->key;
-  if (sm_unlikely((b->tag ^ key) <= SM_TAG_REMOTE)) {
-    sm_error("free(): double free of %p", (void *)b);
-    return;
-  }
-  b->tag = key ^ SM_TAG_REMOTE;
-  sm_poison_set(page, b);   /* pages flagged for valgrind never come here */
+  if (!sm_free_tag_remote(page, b)) return;
   sm_cnt_add(heap->stats.class_frees[page->bin], 1);
   sm_xbuf_add(heap, page, b);
 }
