@@ -221,9 +221,12 @@ void sm_free_flush_remote(sm_heap_t *heap) {
 }
 
 /* Add b (tagged) to this thread's batch for its page. */
-static void sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
+/* False when b heads its batch already: freed twice by this thread, its
+ * tag overwritten in between (pushed again, it would link to itself). */
+static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   unsigned i = (unsigned)(((uintptr_t)page * 0x9E3779B97F4A7C15ull) >> 58);
   sm_xbuf_t *x = &heap->xbuf[i];
+  if (sm_unlikely(x->head == b)) return false;
   if (x->page != page) {
     if (x->page != NULL) sm_xbuf_send(x);
     x->page = page;
@@ -236,6 +239,7 @@ static void sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
     sm_xbuf_send(x);
     heap->xbuf_used &= ~((uint64_t)1 << i);
   }
+  return true;
 }
 
 /* From the inline free: a block start in another live thread's ordinary
@@ -250,8 +254,11 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
   sm_heap_t *heap = sm_heap();
   if (sm_unlikely(!heap->initialized || !sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
   if (!sm_free_tag_remote(page, b)) return;
+  if (sm_unlikely(!sm_xbuf_add(heap, page, b))) {
+    sm_error("free(): double free of %p", (void *)b);
+    return;
+  }
   sm_cnt_add(heap->stats.class_frees[page->bin], 1);
-  sm_xbuf_add(heap, page, b);
 }
 
 void sm_free_generic(void *p, const char *who) {

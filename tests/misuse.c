@@ -426,6 +426,39 @@ static void double_free_after_cross_thread_free(bool warn)
 }
 MISUSE(double_free_after_cross_thread_free)
 
+/* Both frees by a thread that does not own the block, its tag written
+ * over in between: the block heads that thread's batch for the page, and
+ * pushed again it would link to itself (found by the fuzzer). */
+static struct {
+  unsigned char *p;
+} stale_remote;
+
+static void *stale_remote_frees(void *arg)
+{
+  (void)arg;
+  smalloc_free(smalloc_malloc(16));   /* a heap of its own: its frees are batched */
+  smalloc_free(stale_remote.p);
+  memset(stale_remote.p + 8, 0x41, 8);   /* a stale write over its tag */
+  smalloc_free(sm_opaque(stale_remote.p));
+  return NULL;
+}
+
+static void double_free_from_another_thread_after_stale_write(bool warn)
+{
+  unsigned char *keep = smalloc_malloc(176);  /* keeps the page from retiring */
+  stale_remote.p = smalloc_malloc(176);
+  CHILD_CHECK(keep && stale_remote.p, "malloc(176) failed");
+  expect_line("free(): double free of %p", (void *)stale_remote.p);
+  pthread_t t;
+  CHILD_CHECK(pthread_create(&t, NULL, stale_remote_frees, NULL) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  if (!warn)
+    return;
+  heap_still_sound(176);
+  smalloc_free(keep);
+}
+MISUSE(double_free_from_another_thread_after_stale_write)
+
 /* First free from another thread that is still running, so the block is
  * still in that thread's batch (not on any list of the owner's), second
  * from the owner: the block's tag word tells it. */
@@ -1302,6 +1335,7 @@ int main(void)
     ADD_MISUSE(tc, use_after_free_write);
   }
   ADD_MISUSE(tc, double_free_after_stale_write_deep);
+  ADD_MISUSE(tc, double_free_from_another_thread_after_stale_write);
   ADD_MISUSE(tc, interior_free_in_a_page_with_aligned_blocks);
   ADD_MISUSE(tc, interior_realloc_in_a_page_with_aligned_blocks);
   ADD_MISUSE(tc, double_free_of_an_aligned_block);
