@@ -57,6 +57,7 @@ void sm_lock_wait(sm_lock_t *l) {
 
 void sm_heaps_lock(void) { pthread_mutex_lock(&sm_heaps_mutex); }
 void sm_heaps_unlock(void) { pthread_mutex_unlock(&sm_heaps_mutex); }
+bool sm_heaps_trylock(void) { return pthread_mutex_trylock(&sm_heaps_mutex) == 0; }
 sm_heap_t *sm_heaps_first(void) { return sm_heaps_all; }
 
 /* fork (fork.c): in the child only the forking thread lives on.  The heap

@@ -770,6 +770,7 @@ void sm_process_init(void);
 extern _Atomic int sm_process_ready;
 void sm_heaps_lock(void);
 void sm_heaps_unlock(void);
+bool sm_heaps_trylock(void);
 void sm_heaps_fork_child(void);
 sm_heap_t *sm_heaps_first(void);
 bool sm_collect_process(sm_heap_t *self);

@@ -81,11 +81,14 @@ static void sm_peak_raise(uint64_t bytes) {
 /* Sample the bytes in use into the peak.  Called when the heap grows (a
  * fresh page, a new segment, a large or huge block; every eighth such
  * event per thread) besides every read of the stats and every thread
- * exit: a few hundred additions per live heap. */
+ * exit: a few hundred additions per live heap.  The sample is skipped
+ * when another thread holds the heaps lock: an allocation never sleeps
+ * on it (with many threads per core, its holder may be preempted, and
+ * every thread that waited would stop for a whole scheduling round). */
 void sm_stats_sample_peak(void) {
   int64_t per_bin[SM_BIN_COUNT];
   memset(per_bin, 0, sizeof per_bin);
-  sm_heaps_lock();
+  if (!sm_heaps_trylock()) return;
   const sm_tstats_t *src = &sm_exited;
   for (sm_heap_t *h = sm_heaps_first();; h = h->all_next) {
     for (size_t bin = 1; bin < SM_BIN_COUNT; bin++)
