@@ -171,15 +171,19 @@ bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
 
 /* ---- batched remote frees -------------------------------------------------
  * A free from another thread joins this thread's batch for the block's
- * page (one of SM_XBUF_SLOTS, by page), already linked as it will sit on
- * the page's thread_free; the batch goes there with one CAS when it
- * reaches SM_XBUF_MAX blocks, when its slot is wanted for another page,
- * and whenever this thread takes its own slow path, collects or exits.
- * The owner takes the list and its length with one exchange, as before:
- * a run of frees into one page (a consumer freeing what a producer
- * allocated) costs one atomic operation, not one per block.  What a thread
- * that stops calling in can hold back is one batch per slot; the page
- * stays in use until it is sent. */
+ * page (in one slot of a pair among SM_XBUF_SLOTS, chosen by page),
+ * already linked as it will sit on the page's thread_free; the batch goes
+ * there with one CAS when it reaches SM_XBUF_MAX blocks, when its slot is
+ * wanted for another page, and whenever this thread takes its own slow
+ * path, collects or exits.  The owner takes the list and its length with
+ * one exchange, as before: a run of frees into one page (a consumer
+ * freeing what a producer allocated) costs one atomic operation, not one
+ * per block.  128 slots in pairs: a consumer of 16 size classes frees
+ * into about 40 pages by turns, and with 64 slots one page in three sent
+ * its batch early (bench_churn f: 1.17 million sends for 8 million frees,
+ * 0.102 s; now 0.081 s).  What a thread that stops calling in can hold
+ * back is one batch per slot (SM_XBUF_MAX - 1 blocks each); those pages
+ * stay in use until it is sent. */
 
 /* Push the chain head..tail of n blocks (linked with the page's key) onto
  * the page's thread_free.  While the page is on the full list, its head
@@ -215,36 +219,57 @@ static void sm_xbuf_send(sm_xbuf_t *x) {
 }
 
 void sm_free_flush_remote(sm_heap_t *heap) {
-  for (uint64_t used = heap->xbuf_used; used != 0; used &= used - 1)
-    sm_xbuf_send(&heap->xbuf[__builtin_ctzll(used)]);
-  heap->xbuf_used = 0;
+  for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++) {
+    for (uint64_t used = heap->xbuf_used[w]; used != 0; used &= used - 1)
+      sm_xbuf_send(&heap->xbuf[w * 64 + (unsigned)__builtin_ctzll(used)]);
+    heap->xbuf_used[w] = 0;
+  }
 }
 
 /* Add b (tagged) to this thread's batch for its page. */
 /* False when b heads its batch already: freed twice by this thread, its
  * tag overwritten in between (pushed again, it would link to itself). */
+static unsigned sm_xbuf_slot(const sm_page_t *page) {
+  return (unsigned)(((uintptr_t)page * 0x9E3779B97F4A7C15ull) >> (64 - SM_XBUF_SLOTS_LOG2));
+}
+
+/* A page's batch sits in one slot of a pair, so that two pages that a
+ * thread frees into by turns (blocks of two classes) rarely send each
+ * other's batch early: the slot that holds the page's batch, else a free
+ * one of the pair, else the one with more blocks (sent first). */
+static unsigned sm_xbuf_find(const sm_heap_t *heap, const sm_page_t *page) {
+  unsigned i = sm_xbuf_slot(page);
+  const sm_xbuf_t *a = &heap->xbuf[i], *b = &heap->xbuf[i ^ 1];
+  if (a->page == page) return i;
+  if (b->page == page) return i ^ 1;
+  if (a->page == NULL) return i;
+  if (b->page == NULL) return i ^ 1;
+  return a->count >= b->count ? i : i ^ 1;
+}
+
 static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
-  unsigned i = (unsigned)(((uintptr_t)page * 0x9E3779B97F4A7C15ull) >> 58);
+  unsigned i = sm_xbuf_find(heap, page);
   sm_xbuf_t *x = &heap->xbuf[i];
   if (sm_unlikely(x->head == b)) return false;
   if (x->page != page) {
     if (x->page != NULL) sm_xbuf_send(x);
     x->page = page;
     x->tail = b;
-    heap->xbuf_used |= (uint64_t)1 << i;
+    heap->xbuf_used[i / 64] |= (uint64_t)1 << (i % 64);
   }
   b->next = sm_enc(page, x->head);
   x->head = b;
   if (++x->count == SM_XBUF_MAX) {
     sm_xbuf_send(x);
-    heap->xbuf_used &= ~((uint64_t)1 << i);
+    heap->xbuf_used[i / 64] &= ~((uint64_t)1 << (i % 64));
   }
   return true;
 }
 
 /* From the inline free: a block start in another live thread's ordinary
  * page (or one of ours on the full list).  Count it here and batch it. */
-void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
+static __attribute__((noinline)) void sm_free_xthread_general(sm_page_t *page, sm_block_t *b,
+                                                             uintptr_t xtid) {
   if ((xtid & ~(uintptr_t)1) == sm_heap_owner_id(sm_heap())) {
     /* our own page, on the full list */
     if (sm_unlikely(!sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
@@ -258,6 +283,30 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
     sm_error("free(): double free of %p", (void *)b);
     return;
   }
+  sm_cnt_add(heap->stats.class_frees[page->bin], 1);
+}
+
+/* The common remote free, a leaf without a stack frame: the block joins
+ * the open batch of its page, which has room, and its tag says it is not
+ * free yet.  Everything else (a new batch, a full one, our own page on
+ * the full list, a thread without a heap: its slots hold no page, the
+ * secure build's checks, valgrind) takes the general path above. */
+void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
+  sm_heap_t *heap = sm_heap();
+  unsigned i = sm_xbuf_slot(page);
+  sm_xbuf_t *x = &heap->xbuf[i];
+  if (x->page != page) x = &heap->xbuf[i ^ 1];
+  uintptr_t key = page->key;
+  if (sm_unlikely(SM_CANARY || sm_track_on() || x->page != page || x->head == b ||
+                  x->count >= SM_XBUF_MAX - 1 || (b->tag ^ key) <= SM_TAG_REMOTE ||
+                  (xtid & ~(uintptr_t)1) == sm_heap_owner_id(heap))) {
+    sm_free_xthread_general(page, b, xtid);
+    return;
+  }
+  b->tag = key ^ SM_TAG_REMOTE;
+  b->next = sm_enc(page, x->head);
+  x->head = b;
+  x->count++;
   sm_cnt_add(heap->stats.class_frees[page->bin], 1);
 }
 

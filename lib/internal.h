@@ -253,7 +253,8 @@ typedef struct sm_tstats_s {
 
 /* Remote frees waiting to be sent: a chain of blocks of one page, linked
  * with the page's key, as they will sit on its thread_free. */
-#define SM_XBUF_SLOTS 64   /* direct-mapped by page: a producer's current pages, one per class */
+#define SM_XBUF_SLOTS_LOG2 7
+#define SM_XBUF_SLOTS (1u << SM_XBUF_SLOTS_LOG2)   /* by page, in pairs: a producer's current pages */
 #define SM_XBUF_MAX   64
 typedef struct sm_xbuf_s {
   sm_page_t *page;
@@ -295,12 +296,19 @@ struct sm_heap_s {
   /* blocks this thread freed into other heaps' pages, batched by page
    * and pushed on its thread_free in one CAS (free.c) */
   sm_xbuf_t xbuf[SM_XBUF_SLOTS];
-  uint64_t xbuf_used;                    /* bit i: xbuf[i] holds blocks */
+  uint64_t xbuf_used[SM_XBUF_SLOTS / 64]; /* bit i: xbuf[i] holds blocks */
   sm_tstats_t stats __attribute__((aligned(64)));
   sm_heap_t *all_next, *all_prev;        /* every live heap, under sm_heaps_lock */
   sm_heap_t *pool_next;
   uint8_t initialized;
 };
+
+/* Whether the heap holds batches of remote frees not sent yet. */
+SM_INLINE bool sm_xbuf_pending(const sm_heap_t *heap) {
+  uint64_t any = 0;
+  for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++) any |= heap->xbuf_used[w];
+  return any != 0;
+}
 
 #define SM_NO_EXPIRY UINT64_MAX
 

@@ -674,7 +674,7 @@ static int sm_page_refill(sm_page_t *page) {
  * fewer) the sweep and the segment cache's purge. */
 #define SM_SWEEP_CYCLES 1024
 static void sm_heap_housekeeping(sm_heap_t *heap) {
-  if (heap->xbuf_used) sm_free_flush_remote(heap);
+  if (sm_xbuf_pending(heap)) sm_free_flush_remote(heap);
   sm_heap_collect_delayed(heap);
   uint64_t expire = atomic_load_explicit(&heap->next_expire, memory_order_relaxed);
   if (expire != SM_NO_EXPIRY && sm_cycle_reached(heap->cycle, (uint32_t)expire))

@@ -553,6 +553,100 @@ START_TEST(many_threads_freeing_each_others_blocks_stay_bounded)
 }
 END_TEST
 
+/* ---- a consumer freeing into many pages by turns --------------------------- */
+
+/* One thread allocates five pages' worth of blocks in each of the 32
+ * classes up to 1 KiB (about 160 pages), another frees them all in a
+ * random order, so that its frees go to every page by turns: more pages
+ * than the freeing thread has batch slots, so batches are sent early to
+ * make room for one another.  No block may be lost on the way: once the
+ * freeing thread has exited and the owner collected, every class holds
+ * exactly the pages and blocks it held before (and every block still
+ * held the owner's pattern when it was freed). */
+enum { SH_P_PAGES = 5, SH_P_CLASSES = 32, SH_P_MAX = SH_P_CLASSES * SH_P_PAGES * 4096 };
+
+typedef struct sh_p {
+  uint64_t **v;
+  size_t n;
+  size_t bad;          /* blocks whose pattern was overwritten */
+} sh_p_t;
+
+static size_t sh_p_class(unsigned k)   /* block size of the k-th class up to 1 KiB */
+{
+  if (k < 16)
+    return 16 * (size_t)(k + 1);
+  k -= 16;
+  size_t base = k < 8 ? 256 : 512;
+  return base + (base / 8) * (size_t)(k % 8 + 1);
+}
+
+static void *sh_p_consumer(void *arg)
+{
+  sh_p_t *x = arg;
+  for (size_t i = 0; i < x->n; i++) {
+    uint64_t *b = x->v[i];
+    if (b[0] != (uint64_t)(uintptr_t)b)
+      x->bad++;
+    smalloc_free(b);
+  }
+  return NULL;
+}
+
+START_TEST(a_consumer_freeing_into_many_pages_loses_no_block)
+{
+  sh_p_t x = {0};
+  x.v = mmap(NULL, SH_P_MAX * sizeof *x.v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ck_assert(x.v != MAP_FAILED);
+  /* a thread started and joined before: the consumer reuses its stack and
+   * thread-local storage, which glibc allocates once and keeps */
+  sh_p_t none = {0};
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, sh_p_consumer, &none), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  smalloc_collect(true);
+  smalloc_stats_t s0, s1;
+  ck_assert_int_eq(sm_test_snap(&s0), 0);
+  /* no libcheck assertion between the snapshots: each one allocates */
+  size_t failed = 0;
+  for (unsigned k = 0; k < SH_P_CLASSES; k++) {
+    size_t bs = sh_p_class(k);
+    failed += sm_test_class_size(SM_TEST_REQUEST_FOR(bs)) != bs;
+    for (size_t j = 0; j < SH_P_PAGES * (SM_TEST_SMALL_PAGE / bs); j++) {
+      uint64_t *b = smalloc_malloc(SM_TEST_REQUEST_FOR(bs));
+      if (b == NULL) { failed++; continue; }
+      b[0] = (uint64_t)(uintptr_t)b;
+      x.v[x.n++] = b;
+    }
+  }
+  sm_rng_t rng;
+  sm_rng_seed(&rng, 0x5eedf00d);
+  for (size_t i = x.n - 1; i > 0; i--) {
+    size_t j = sm_rng_below(&rng, i + 1);
+    uint64_t *tmp = x.v[i];
+    x.v[i] = x.v[j];
+    x.v[j] = tmp;
+  }
+  if (pthread_create(&t, NULL, sh_p_consumer, &x) != 0 || pthread_join(t, NULL) != 0)
+    failed++;
+  smalloc_collect(true);
+  ck_assert_int_eq(sm_test_snap(&s1), 0);
+  ck_assert_uint_eq(failed, 0);
+  ck_assert_uint_eq(x.bad, 0);
+  for (unsigned k = 0; k < SH_P_CLASSES; k++) {
+    int c = sm_test_class_index(&s0, SM_TEST_REQUEST_FOR(sh_p_class(k)));
+    ck_assert_int_ge(c, 0);
+    ck_assert_msg(s1.classes[c].blocks_in_use == s0.classes[c].blocks_in_use &&
+                  s1.classes[c].pages_in_use == s0.classes[c].pages_in_use,
+                  "class %zu: %llu blocks in %llu pages, before %llu in %llu", sh_p_class(k),
+                  (unsigned long long)s1.classes[c].blocks_in_use,
+                  (unsigned long long)s1.classes[c].pages_in_use,
+                  (unsigned long long)s0.classes[c].blocks_in_use,
+                  (unsigned long long)s0.classes[c].pages_in_use);
+  }
+  munmap(x.v, SH_P_MAX * sizeof *x.v);
+}
+END_TEST
+
 static Suite *shared_suite(void)
 {
   Suite *s = suite_create("shared");
@@ -564,6 +658,7 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, pages_emptied_by_remote_frees_retire);
   tcase_add_test(tc, queued_pages_emptied_by_remote_frees_expire);
   tcase_add_test(tc, many_threads_freeing_each_others_blocks_stay_bounded);
+  tcase_add_test(tc, a_consumer_freeing_into_many_pages_loses_no_block);
   suite_add_tcase(s, tc);
   return s;
 }
