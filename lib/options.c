@@ -79,7 +79,9 @@ static const char *sm_words_list(const char *const *words, char *buf, size_t cap
   return buf;
 }
 
-static void sm_option_from_env(int i, const char *raw) {
+/* Set option i from the text raw, as given for `what` (the variable, or
+ * "SMALLOC_CONF key"): a warning names what was ignored and the default. */
+static void sm_option_from_text(int i, const char *raw, const char *what) {
   const sm_option_desc_t *d = &sm_option_desc[i];
   char val[64];
   long v;
@@ -95,10 +97,10 @@ static void sm_option_from_env(int i, const char *raw) {
   }
   if (d->words) {
     char list[96];
-    sm_message("ignoring %s='%.64s': not %s; using %s", d->env, raw,
+    sm_message("ignoring %s='%.64s': not %s; using %s", what, raw,
                sm_words_list(d->words, list, sizeof list), d->words[d->def]);
   } else {
-    sm_message("ignoring %s='%.64s': not a number in [%ld, %ld]; using %ld", d->env, raw, d->min,
+    sm_message("ignoring %s='%.64s': not a number in [%ld, %ld]; using %ld", what, raw, d->min,
                d->max, d->def);
   }
   sm_options[i] = d->def;
@@ -138,6 +140,78 @@ static void sm_option_unknown(const char *e) {
   }
 }
 
+/* An option's key in SMALLOC_CONF: its name without SMALLOC_, in lower
+ * case ("retire_cycles"), into buf. */
+static const char *sm_option_key(int i, char *buf, size_t cap) {
+  const char *name = sm_option_desc[i].env + 8;
+  size_t n = 0;
+  for (; name[n] && n + 1 < cap; n++) buf[n] = sm_lower(name[n]);
+  buf[n] = '\0';
+  return buf;
+}
+
+/* One key:value pair of SMALLOC_CONF (key and value trimmed). */
+static void sm_options_conf_pair(const char *key, const char *val) {
+  const char *name = key;
+  if (strlen(key) > 8 && sm_distance(key, 8, "SMALLOC_", 8) == 0) name = key + 8;   /* the full name */
+  if (sm_word_eq(name, "stats_file")) {
+    sm_stats_set_file(val);
+    return;
+  }
+  char what[64], opt[40];
+  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
+    if (sm_word_eq(name, sm_option_desc[i].env + 8)) {
+      snprintf(what, sizeof what, "SMALLOC_CONF %s", sm_option_key(i, opt, sizeof opt));
+      sm_option_from_text(i, val, what);
+      return;
+    }
+  }
+  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
+    const char *o = sm_option_desc[i].env + 8;
+    if (sm_distance(name, strlen(name), o, strlen(o)) <= 2) {
+      sm_message("ignoring SMALLOC_CONF key '%s': no such option; did you mean %s?", key,
+                 sm_option_key(i, opt, sizeof opt));
+      return;
+    }
+  }
+  sm_message("ignoring SMALLOC_CONF key '%s': no such option", key);
+}
+
+/* SMALLOC_CONF="stats:json,retire_cycles:512": several options in one
+ * variable, as users of jemalloc's MALLOC_CONF expect.  A key is an
+ * option's name without SMALLOC_, in any case (the full name works too);
+ * stats_file sets SMALLOC_STATS_FILE (its path runs to the next comma).
+ * Read before the separate variables, which win.  A pair without a colon
+ * or with an unknown key is named in one warning. */
+static void sm_options_conf(const char *conf) {
+  for (const char *p = conf; *p;) {
+    const char *end = strchr(p, ',');
+    if (end == NULL) end = p + strlen(p);
+    size_t len = (size_t)(end - p);
+    const char *colon = memchr(p, ':', len);
+    char pair[SM_STATS_FILE_MAX + 40], key[40], val[SM_STATS_FILE_MAX];
+    if (len >= sizeof pair) {
+      sm_message("ignoring SMALLOC_CONF '%.40s...': longer than %zu characters", p, sizeof pair - 1);
+    } else if (colon == NULL) {
+      memcpy(pair, p, len);
+      pair[len] = '\0';
+      if (sm_trim(pair, val, sizeof val) && val[0] != '\0')
+        sm_message("ignoring SMALLOC_CONF '%s': not key:value", val);
+    } else {
+      size_t klen = (size_t)(colon - p);
+      memcpy(pair, p, klen);
+      pair[klen] = '\0';
+      bool ok = sm_trim(pair, key, sizeof key);
+      memcpy(pair, colon + 1, len - klen - 1);
+      pair[len - klen - 1] = '\0';
+      ok = ok && sm_trim(pair, val, sizeof val);
+      if (ok && key[0] != '\0') sm_options_conf_pair(key, val);
+      else sm_message("ignoring SMALLOC_CONF '%.*s': not key:value", (int)(len < 64 ? len : 64), p);
+    }
+    p = *end ? end + 1 : end;
+  }
+}
+
 static bool sm_options_loaded;
 
 /* Called at the first allocation and again from the library constructor,
@@ -148,9 +222,11 @@ void sm_options_init(void) {
   char **env = environ;
   if (env == NULL) return;
   sm_options_loaded = true;
+  for (char **c = env; *c; c++)
+    if (strncmp(*c, "SMALLOC_CONF=", 13) == 0) sm_options_conf(*c + 13);
   for (; *env; env++) {
     const char *e = *env;
-    if (strncmp(e, "SMALLOC_", 8) != 0) continue;
+    if (strncmp(e, "SMALLOC_", 8) != 0 || strncmp(e, "SMALLOC_CONF=", 13) == 0) continue;
     bool known = false;
     if (strncmp(e, "SMALLOC_STATS_FILE=", 19) == 0) {
       char path[SM_STATS_FILE_MAX];
@@ -162,7 +238,7 @@ void sm_options_init(void) {
       const char *name = sm_option_desc[i].env;
       size_t len = strlen(name);
       if (strncmp(e, name, len) == 0 && e[len] == '=') {
-        sm_option_from_env(i, e + len + 1);
+        sm_option_from_text(i, e + len + 1, name);
         known = true;
       }
     }

@@ -1568,6 +1568,51 @@ START_TEST(env_misspelt_names_are_named)
 }
 END_TEST
 
+/* ============================================================================
+ * env_conf_sets_several: SMALLOC_CONF="key:value,..." sets several options
+ * at once; keys are the names without SMALLOC_ in any case (or the full
+ * names), spaces around keys and values are ignored, the separate
+ * variables win, and each bad pair is named once while the rest apply. */
+
+START_TEST(env_conf_sets_several)
+{
+  static st_child_t c;
+  long def[SMALLOC_OPTION_COUNT];
+  st_default_options(def);
+  static const struct {
+    const char *env[3];
+    long want[SMALLOC_OPTION_COUNT];   /* -1: the default */
+    const char *err;                   /* the whole of stderr */
+  } cases[] = {
+    {{"SMALLOC_CONF=retire_cycles:512,purge_delay:7,on_error:warn", NULL},
+     {-1, -1, 512, 7, -1, 1, -1}, ""},
+    {{"SMALLOC_CONF= Retire_Cycles : 33 , SMALLOC_BACKGROUND:0,", NULL},
+     {-1, -1, 33, -1, -1, -1, 0}, ""},
+    {{"SMALLOC_CONF=retire_cycles:5,segment_cache:2", "SMALLOC_RETIRE_CYCLES=9", NULL},
+     {-1, -1, 9, -1, 2, -1, -1}, ""},
+    {{"SMALLOC_CONF=retire_cycle:5,purge_delay:3", NULL},
+     {-1, -1, -1, 3, -1, -1, -1},
+     "smalloc: ignoring SMALLOC_CONF key 'retire_cycle': no such option; did you mean retire_cycles?\n"},
+    {{"SMALLOC_CONF=colour:red,on_error:maybe,segment_cache", NULL},
+     {-1, -1, -1, -1, -1, -1, -1},
+     "smalloc: ignoring SMALLOC_CONF key 'colour': no such option\n"
+     "smalloc: ignoring SMALLOC_CONF on_error='maybe': not abort or warn; using abort\n"
+     "smalloc: ignoring SMALLOC_CONF 'segment_cache': not key:value\n"},
+  };
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    st_run_self("options", cases[k].env, &c);
+    for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
+      long want = cases[k].want[i] < 0 ? def[i] : cases[k].want[i];
+      ck_assert_msg(c.have_option[i] && c.options[i] == want, "%s: option %s is %ld, want %ld",
+                    cases[k].env[0], st_option_env[i], c.options[i], want);
+    }
+    ck_assert_msg(strcmp(c.err, cases[k].err) == 0, "%s: stderr is\n%s\nwant\n%s", cases[k].env[0],
+                  c.err, cases[k].err);
+    st_child_done(&c);
+  }
+}
+END_TEST
+
 static Suite *stats_suite(void)
 {
   Suite *s = suite_create("stats");
@@ -1594,6 +1639,7 @@ static Suite *stats_suite(void)
   tcase_add_test(tc, env_options_applied);
   tcase_add_test(tc, env_stats_at_exit);
   tcase_add_test(tc, env_malformed_values_fall_back);
+  tcase_add_test(tc, env_conf_sets_several);
   suite_add_tcase(s, tc);
   return s;
 }
