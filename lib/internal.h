@@ -801,6 +801,13 @@ extern _Atomic uintptr_t sm_os_hint;
 void sm_stats_fold_heap(sm_heap_t *heap);
 void sm_stats_orphan_add(size_t offset, uint64_t n);
 void sm_stats_sample_peak(void);
+/* the smalloc command (tools/smalloc.c): a report's table from a filled
+ * struct, sums, and a JSON report read back */
+void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t resident,
+                     const char *resident_of, FILE *out);
+void sm_stats_sum(smalloc_stats_t *dst, const smalloc_stats_t *src);
+bool sm_stats_parse_json(const char *text, smalloc_stats_t *s, char *program, size_t cap,
+                         uint64_t *resident);
 /* a growth event of the heap: sample the peak every eighth one */
 SM_INLINE void sm_heap_grew(sm_heap_t *heap) {
   if ((++heap->grow_events & 7) == 0) sm_stats_sample_peak();

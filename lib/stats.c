@@ -277,6 +277,8 @@ static void sm_print_row(FILE *out, const char *name, uint64_t v, int bytes) {
 
 static void sm_stats_print_table(FILE *out);
 static void sm_stats_print_json(FILE *out);
+static const char *sm_program(char *buf, size_t cap);
+static uint64_t sm_resident(void);
 
 /* The printers write with cancellation off: a thread cancelled at one of
  * their writes still prints the whole report, and leaves no FILE lock
@@ -329,20 +331,23 @@ static uint64_t sm_resident(void) {
   return (uint64_t)res * (uint64_t)sysconf(_SC_PAGESIZE);
 }
 
-static void sm_stats_print_table(FILE *out) {
-  smalloc_stats_t st, *s = &st;
-  sm_stats_current(s);
-  char prog[32], inuse[32], committed[32], resident[32];
-  fprintf(out, "smalloc %d.%d.%d statistics: %s (pid %ld)\n", SMALLOC_VERSION_MAJOR,
-          SMALLOC_VERSION_MINOR, SMALLOC_VERSION_PATCH, sm_program(prog, sizeof prog),
-          (long)getpid());
+/* The table of a filled struct, under a title line that names whose
+ * figures they are ("PROG (pid N)"); resident: the resident bytes of
+ * resident_of ("the process"), 0 when unknown.  The smalloc command prints a process
+ * tree's sum with it. */
+void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t resident,
+                     const char *resident_of, FILE *out) {
+  char inuse[32], committed[32], res[32];
+  fprintf(out, "smalloc %d.%d.%d statistics: %s\n", SMALLOC_VERSION_MAJOR, SMALLOC_VERSION_MINOR,
+          SMALLOC_VERSION_PATCH, who);
   /* the headline: what the program holds, what it costs, how often the
    * slow path ran */
   sm_fmt_bytes(inuse, sizeof inuse, s->bytes_in_use);
   sm_fmt_bytes(committed, sizeof committed, s->bytes_committed);
-  sm_fmt_bytes(resident, sizeof resident, sm_resident());
-  fprintf(out, "  summary: %s in %llu live blocks; %s committed, %s resident (the process)\n",
-          inuse, (unsigned long long)s->blocks_in_use, committed, resident);
+  if (resident) sm_fmt_bytes(res, sizeof res, resident);
+  else snprintf(res, sizeof res, "?");
+  fprintf(out, "  summary: %s in %llu live blocks; %s committed, %s resident (%s)\n",
+          inuse, (unsigned long long)s->blocks_in_use, committed, res, resident_of);
   uint64_t allocs = s->calls_malloc + s->calls_calloc + s->calls_realloc;
   fprintf(out, "  summary: %llu malloc, calloc and realloc calls, %llu slow-path entries (%.2f %%), "
           "%llu system calls\n",
@@ -361,7 +366,7 @@ static void sm_stats_print_table(FILE *out) {
 #undef SM_ROW
   fprintf(out, "  %-9s %11s %11s %11s %9s %9s %9s %9s %9s\n", "class", "allocs", "frees", "in use",
           "pages", "swap", "collect", "extend", "other");
-  for (size_t i = 0; i < s->nclasses; i++) {
+  for (size_t i = 0; i < s->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
     const smalloc_class_stats_t *c = &s->classes[i];
     if (c->allocs == 0 && c->frees == 0 && c->blocks_in_use == 0 && c->pages_in_use == 0) continue;
     uint64_t other = c->slow_steps[SMALLOC_STEP_NEXT_PAGE] + c->slow_steps[SMALLOC_STEP_RETIRED_PAGE] +
@@ -375,6 +380,182 @@ static void sm_stats_print_table(FILE *out) {
             (unsigned long long)c->slow_steps[SMALLOC_STEP_EXTEND], (unsigned long long)other);
   }
   fflush(out);
+}
+
+static void sm_stats_print_table(FILE *out) {
+  smalloc_stats_t st;
+  sm_stats_current(&st);
+  char prog[32], who[64];
+  snprintf(who, sizeof who, "%s (pid %ld)", sm_program(prog, sizeof prog), (long)getpid());
+  sm_stats_format(&st, who, sm_resident(), "the process", out);
+}
+
+/* Add src's figures to dst's (the smalloc command's sum over a process
+ * tree: every figure as each process left it). */
+void sm_stats_sum(smalloc_stats_t *dst, const smalloc_stats_t *src) {
+#define SM_ADD(name, gauge, bytes) dst->name += src->name;
+  SM_STATS_FIELDS(SM_ADD)
+  SM_STATS_FIELDS2(SM_ADD)
+  SM_STATS_FIELDS3(SM_ADD)
+#undef SM_ADD
+  for (int i = 0; i < SMALLOC_STEP_COUNT; i++) dst->slow_steps[i] += src->slow_steps[i];
+  if (src->nclasses > dst->nclasses) dst->nclasses = src->nclasses;
+  for (size_t i = 0; i < src->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
+    smalloc_class_stats_t *d = &dst->classes[i];
+    const smalloc_class_stats_t *c = &src->classes[i];
+    d->block_size = c->block_size;
+    d->blocks_in_use += c->blocks_in_use;
+    d->allocs += c->allocs;
+    d->frees += c->frees;
+    d->pages_in_use += c->pages_in_use;
+    for (int k = 0; k < SMALLOC_STEP_COUNT; k++) d->slow_steps[k] += c->slow_steps[k];
+  }
+}
+
+/* ---- reading a JSON report back (the smalloc command) ----------------------
+ * Only the shape sm_stats_print_json writes: an object of numbers, strings,
+ * the options object, slow_steps and the classes array; anything else is
+ * skipped.  Returns false when the text is not such an object. */
+static const char *sm_j_ws(const char *p) {
+  while (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r') p++;
+  return p;
+}
+
+/* A string at p into buf (escapes kept as the character after the
+ * backslash; \uXXXX as '?'); NULL when p holds none. */
+static const char *sm_j_string(const char *p, char *buf, size_t cap) {
+  if (*p != '"') return NULL;
+  size_t n = 0;
+  for (p++; *p && *p != '"'; p++) {
+    char c = *p;
+    if (c == '\\') {
+      if (!*++p) return NULL;
+      c = *p;
+      if (c == 'u') { c = '?'; for (int k = 0; k < 4 && p[1]; k++) p++; }
+    }
+    if (n + 1 < cap) buf[n++] = c;
+  }
+  if (cap) buf[n] = '\0';
+  return *p == '"' ? p + 1 : NULL;
+}
+
+static const char *sm_j_number(const char *p, uint64_t *v) {
+  if (*p < '0' || *p > '9') return NULL;
+  uint64_t x = 0;
+  for (; *p >= '0' && *p <= '9'; p++) x = x * 10 + (uint64_t)(*p - '0');
+  *v = x;
+  return p;
+}
+
+/* Skip any value (nested objects and arrays included). */
+static const char *sm_j_skip(const char *p) {
+  p = sm_j_ws(p);
+  if (*p == '"') return sm_j_string(p, NULL, 0);
+  if (*p == '{' || *p == '[') {
+    char close = *p == '{' ? '}' : ']';
+    p = sm_j_ws(p + 1);
+    if (*p == close) return p + 1;
+    for (;;) {
+      if (close == '}') {
+        p = sm_j_string(sm_j_ws(p), NULL, 0);
+        if (!p || *(p = sm_j_ws(p)) != ':') return NULL;
+        p++;
+      }
+      if (!(p = sm_j_skip(p))) return NULL;
+      p = sm_j_ws(p);
+      if (*p == ',') { p++; continue; }
+      return *p == close ? p + 1 : NULL;
+    }
+  }
+  while (*p && *p != ',' && *p != '}' && *p != ']') p++;   /* number, true, false, null */
+  return p;
+}
+
+/* The members of an object at p: for each, visit(key, value start) returns
+ * where the value ends (NULL: skip it). */
+static const char *sm_j_object(const char *p, void *ctx, const char *(*visit)(void *, const char *, const char *)) {
+  p = sm_j_ws(p);
+  if (*p != '{') return NULL;
+  p = sm_j_ws(p + 1);
+  if (*p == '}') return p + 1;
+  for (;;) {
+    char key[48];
+    p = sm_j_string(sm_j_ws(p), key, sizeof key);
+    if (!p || *(p = sm_j_ws(p)) != ':') return NULL;
+    p = sm_j_ws(p + 1);
+    const char *end = visit(ctx, key, p);
+    p = end ? end : sm_j_skip(p);
+    if (!p) return NULL;
+    p = sm_j_ws(p);
+    if (*p == ',') { p++; continue; }
+    return *p == '}' ? p + 1 : NULL;
+  }
+}
+
+static const char *sm_j_steps(void *ctx, const char *key, const char *p) {
+  uint64_t *steps = ctx;
+  for (int i = 0; i < SMALLOC_STEP_COUNT; i++)
+    if (strcmp(key, sm_step_names[i]) == 0) return sm_j_number(p, &steps[i]);
+  return NULL;
+}
+
+static const char *sm_j_class(void *ctx, const char *key, const char *p) {
+  smalloc_class_stats_t *c = ctx;
+  if (strcmp(key, "slow_steps") == 0) return sm_j_object(p, c->slow_steps, sm_j_steps);
+  uint64_t *f = strcmp(key, "block_size") == 0 ? &c->block_size
+              : strcmp(key, "blocks_in_use") == 0 ? &c->blocks_in_use
+              : strcmp(key, "allocs") == 0 ? &c->allocs
+              : strcmp(key, "frees") == 0 ? &c->frees
+              : strcmp(key, "pages_in_use") == 0 ? &c->pages_in_use : NULL;
+  return f ? sm_j_number(p, f) : NULL;
+}
+
+typedef struct sm_j_report_s {
+  smalloc_stats_t *s;
+  char *program;
+  size_t cap;
+  uint64_t resident;
+} sm_j_report_t;
+
+static const char *sm_j_report(void *ctx, const char *key, const char *p) {
+  sm_j_report_t *r = ctx;
+  smalloc_stats_t *s = r->s;
+  uint64_t v;
+#define SM_J_FIELD(name, gauge, bytes) \
+  if (strcmp(key, #name) == 0) return sm_j_number(p, &s->name);
+  SM_STATS_FIELDS(SM_J_FIELD)
+  SM_STATS_FIELDS2(SM_J_FIELD)
+  SM_STATS_FIELDS3(SM_J_FIELD)
+#undef SM_J_FIELD
+  if (strcmp(key, "resident") == 0) return sm_j_number(p, &r->resident);
+  if (strcmp(key, "version") == 0 && (p = sm_j_number(p, &v))) { s->version = (uint32_t)v; return p; }
+  if (strcmp(key, "program") == 0) return sm_j_string(p, r->program, r->cap);
+  if (strcmp(key, "slow_steps") == 0) return sm_j_object(p, s->slow_steps, sm_j_steps);
+  if (strcmp(key, "classes") == 0) {
+    if (*p != '[') return NULL;
+    p = sm_j_ws(p + 1);
+    if (*p == ']') return p + 1;
+    for (size_t i = 0;; i++) {
+      smalloc_class_stats_t junk, *c = i < SMALLOC_STATS_CLASSES ? &s->classes[i] : &junk;
+      if (!(p = sm_j_object(p, c, sm_j_class))) return NULL;
+      if (i < SMALLOC_STATS_CLASSES) s->nclasses = (uint32_t)(i + 1);
+      p = sm_j_ws(p);
+      if (*p == ',') { p = sm_j_ws(p + 1); continue; }
+      return *p == ']' ? p + 1 : NULL;
+    }
+  }
+  return NULL;
+}
+
+bool sm_stats_parse_json(const char *text, smalloc_stats_t *s, char *program, size_t cap,
+                         uint64_t *resident) {
+  memset(s, 0, sizeof *s);
+  s->size = sizeof *s;
+  if (cap) program[0] = '\0';
+  sm_j_report_t r = {s, program, cap, 0};
+  const char *end = sm_j_object(text, &r, sm_j_report);
+  *resident = r.resident;
+  return end != NULL;
 }
 
 static void sm_json_steps(FILE *out, const uint64_t *steps) {
@@ -399,7 +580,7 @@ static void sm_stats_print_json(FILE *out) {
   fprintf(out, "\", \"library\": \"%d.%d.%d\", \"options\": {", SMALLOC_VERSION_MAJOR,
           SMALLOC_VERSION_MINOR, SMALLOC_VERSION_PATCH);
   sm_options_print_json(out);
-  fputc('}', out);
+  fprintf(out, "}, \"resident\": %llu", (unsigned long long)sm_resident());
 #define SM_JSON(name, gauge, bytes) fprintf(out, ", \"%s\": %llu", #name, (unsigned long long)s->name);
   SM_STATS_FIELDS(SM_JSON)
   SM_STATS_FIELDS2(SM_JSON)

@@ -10,14 +10,14 @@
 #   link pages  one line, ".so man3/PAGE.3", naming a full page of this
 #               directory (mandoc's note that .so is fragile is expected:
 #               Debian installs these links as they are).
-#   the list    every *.3 and *.7 file here is in MAN_PAGES, so make install
+#   the list    every *.1, *.3 and *.7 file here is in MAN_PAGES, so make install
 #               and make dist miss none.
 # Exit 0 when all pass, 1 otherwise, 99 when it cannot run.
 
 srcdir=${srcdir:-$(dirname "$0")}
 pages=${MAN_PAGES:-}
 if [ -z "$pages" ]; then
-  pages=$(cd "$srcdir" && ls -- *.[37] 2>/dev/null)
+  pages=$(cd "$srcdir" && ls -- *.[137] 2>/dev/null)
 fi
 command -v groff >/dev/null 2>&1 || { echo "check-pages: groff not found" >&2; exit 99; }
 have_mandoc=no
@@ -87,7 +87,7 @@ for page in $pages; do
   fi
 done
 
-for f in "$srcdir"/*.[37]; do
+for f in "$srcdir"/*.[137]; do
   [ -f "$f" ] || continue
   case " $pages " in
     *" ${f##*/} "*) ;;

@@ -3,8 +3,8 @@
 # user of the system would, then purge them and check nothing is left.
 #
 #   tests/install-test.sh                 build the packages from this tree first
-#   tests/install-test.sh DEB... | DIR    use libsmalloc0_*.deb and
-#                                         libsmalloc-dev_*.deb given (or found in DIR)
+#   tests/install-test.sh DEB... | DIR    use libsmalloc0_*.deb, libsmalloc-dev_*.deb
+#                                         and smalloc_*.deb given (or found in DIR)
 #
 # Needs root (apt-get install/purge), a C compiler, pkg-config, python3 and
 # man-db.  Not part of make check: it changes the system.  Exits non-zero on
@@ -24,7 +24,7 @@ cleanup() {
   local rc=$?
   if [ "$installed" = yes ]; then
     say "purging the packages after a failure"
-    apt-get purge -y -q libsmalloc-dev libsmalloc0 >/dev/null 2>&1 || true
+    apt-get purge -y -q smalloc libsmalloc-dev libsmalloc0 >/dev/null 2>&1 || true
   fi
   rm -rf "$work"
   exit $rc
@@ -65,7 +65,7 @@ if [ $# -eq 0 ]; then
 fi
 for arg in "$@"; do
   if [ -d "$arg" ]; then
-    for f in "$arg"/libsmalloc0_*.deb "$arg"/libsmalloc-dev_*.deb; do
+    for f in "$arg"/libsmalloc0_*.deb "$arg"/libsmalloc-dev_*.deb "$arg"/smalloc_*.deb; do
       [ -e "$f" ] && debs+=("$f")
     done
   else
@@ -73,34 +73,39 @@ for arg in "$@"; do
     debs+=("$arg")
   fi
 done
-lib_deb='' dev_deb=''
+lib_deb='' dev_deb='' cmd_deb=''
 for f in "${debs[@]}"; do
   case $(basename "$f") in
     libsmalloc0_*.deb)    lib_deb=$f ;;
     libsmalloc-dev_*.deb) dev_deb=$f ;;
+    smalloc_*.deb)        cmd_deb=$f ;;
     *) say "ignoring $f" ;;
   esac
 done
 [ -n "$lib_deb" ] || fail "no libsmalloc0_*.deb given"
 [ -n "$dev_deb" ] || fail "no libsmalloc-dev_*.deb given"
-cp "$lib_deb" "$dev_deb" "$work/"
+[ -n "$cmd_deb" ] || fail "no smalloc_*.deb given"
+cp "$lib_deb" "$dev_deb" "$cmd_deb" "$work/"
 chmod 644 "$work"/*.deb
 lib_deb=$work/$(basename "$lib_deb")
 dev_deb=$work/$(basename "$dev_deb")
-say "packages: $(basename "$lib_deb") $(basename "$dev_deb")"
+cmd_deb=$work/$(basename "$cmd_deb")
+say "packages: $(basename "$lib_deb") $(basename "$dev_deb") $(basename "$cmd_deb")"
 
 # ---- install -------------------------------------------------------------
 export DEBIAN_FRONTEND=noninteractive
 installed=yes
-apt-get install -y -q "$lib_deb" "$dev_deb" >"$work/install.log" 2>&1 ||
+apt-get install -y -q "$lib_deb" "$dev_deb" "$cmd_deb" >"$work/install.log" 2>&1 ||
   { cat "$work/install.log" >&2; fail "apt-get install"; }
-for p in libsmalloc0 libsmalloc-dev; do
+for p in libsmalloc0 libsmalloc-dev smalloc; do
   [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$p")" = "ii " ] || fail "$p is not installed"
 done
-pass "apt-get install of both packages"
+pass "apt-get install of the three packages"
 
 # Record what the packages own, to check the purge afterwards.
-dpkg -L libsmalloc0 libsmalloc-dev | sort -u >"$work/owned"
+dpkg -L libsmalloc0 libsmalloc-dev smalloc | sort -u >"$work/owned"
+grep -q '^/usr/bin/smalloc$' "$work/owned" || fail "smalloc ships no /usr/bin/smalloc"
+grep -q '^/usr/share/doc/libsmalloc0/README' "$work/owned" || fail "libsmalloc0 ships no README"
 grep -q '/libsmalloc\.so\.0$' "$work/owned" || fail "libsmalloc0 ships no libsmalloc.so.0"
 grep -q '/libsmalloc\.so$' "$work/owned" || fail "libsmalloc-dev ships no libsmalloc.so"
 grep -q '/smalloc\.pc$' "$work/owned" || fail "libsmalloc-dev ships no smalloc.pc"
@@ -230,6 +235,16 @@ run_preloaded ls ls -l /usr/bin
 py=$(command -v /usr/bin/python3 python3 | head -n 1)
 run_preloaded python3 "$py" -c 'import json; d = {str(i): list(range(i % 50)) for i in range(20000)}; print(len(json.dumps(d)))'
 
+# ---- the smalloc command, with the installed library ---------------------
+[ "$(smalloc version)" = "smalloc $version" ] || fail "smalloc version says '$(smalloc version)'"
+smalloc stats --top -o "$work/cmd.report" ls -l /usr/bin >/dev/null || fail "smalloc stats ls exited $?"
+grep -q '^smalloc .* statistics: ls (pid [0-9]*)$' "$work/cmd.report" ||
+  { cat "$work/cmd.report" >&2; fail "smalloc stats printed no report"; }
+grep -q '^  calls_malloc  *[1-9]' "$work/cmd.report" || fail "smalloc stats: no malloc counted"
+smalloc run sh -c 'exit 7' && rc=0 || rc=$?
+[ $rc -eq 7 ] || fail "smalloc run: exit status $rc, want 7"
+pass "smalloc stats and run with the installed library"
+
 # ---- manual pages --------------------------------------------------------
 mapfile -t pages < <(grep -E '^/usr/share/man/man[0-9][^/]*/[^/]+$' "$work/owned" || true)
 [ ${#pages[@]} -gt 0 ] || fail "libsmalloc-dev ships no manual page"
@@ -257,10 +272,10 @@ else
 fi
 
 # ---- purge ---------------------------------------------------------------
-apt-get purge -y -q libsmalloc-dev libsmalloc0 >"$work/purge.log" 2>&1 ||
+apt-get purge -y -q smalloc libsmalloc-dev libsmalloc0 >"$work/purge.log" 2>&1 ||
   { cat "$work/purge.log" >&2; fail "apt-get purge"; }
 installed=no
-for p in libsmalloc0 libsmalloc-dev; do
+for p in libsmalloc0 libsmalloc-dev smalloc; do
   st=$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null || true)
   case $st in ''|'un '|'pn ') ;; *) fail "$p still known to dpkg after purge (status '$st')" ;; esac
 done
