@@ -5,7 +5,8 @@
  * retired pages really are kept and really do expire, and that memory goes
  * back to the OS on smalloc_collect(true).
  *
- * Semantics relied on (notes/CONTRACT.md, include/smalloc.h):
+ * Semantics relied on (stated in smalloc_stats(3), smalloc(7) and
+ * include/smalloc.h):
  *   - Counters are exact for the calling thread and for exited threads;
  *     other live threads are read racily.  Every measured window below runs
  *     in one thread while any other thread of the process is blocked (in

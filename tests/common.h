@@ -62,7 +62,7 @@
 #endif
 
 /* ---- geometry the suites expect ---------------------------------------------
- * The size classes, pages and realloc behaviour of notes/CONTRACT.md, in
+ * The size classes, pages and realloc behaviour of smalloc(7), in
  * both layouts: the plain one and --enable-secure (SM_SECURE), which
  *   - ends every small and medium block with an 8-byte canary: a request
  *     of n bytes is served by the class of max(n, 16) + 8 bytes and its
