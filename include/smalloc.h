@@ -191,6 +191,8 @@ typedef enum smalloc_option {
   SMALLOC_OPTION_ON_ERROR,       /* SMALLOC_ON_ERROR: 0 abort, 1 warn and leak */
   SMALLOC_OPTION_BACKGROUND,     /* SMALLOC_BACKGROUND: 1 a purge thread gives memory back
                                     while the program is idle, 0 never start one */
+  SMALLOC_OPTION_STATS_INTERVAL, /* SMALLOC_STATS_INTERVAL: ms between reports while the
+                                    program runs, 0 only at exit */
   SMALLOC_OPTION_COUNT
 } smalloc_option_t;
 

@@ -109,13 +109,16 @@ _Atomic int sm_bg_wanted;
 
 void sm_background_wake(void) {
   if (sm_likely(atomic_load_explicit(&sm_bg_running, memory_order_relaxed) != 0)) return;
-  atomic_store_explicit(&sm_bg_wanted, 1, memory_order_relaxed);
+  atomic_fetch_or_explicit(&sm_bg_wanted, SM_WANT_PURGE_THREAD, memory_order_relaxed);
 }
 
-/* Start the purge thread that was asked for, if it is not running.  Only
- * where the calling thread holds no smalloc lock and no page state. */
+/* Do what was asked (sm_bg_wanted): print the report that came due, start
+ * the purge thread if it is not running.  Only where the calling thread
+ * holds no smalloc lock and no page state. */
 void sm_background_start(void) {
-  atomic_store_explicit(&sm_bg_wanted, 0, memory_order_relaxed);
+  int wanted = atomic_exchange_explicit(&sm_bg_wanted, 0, memory_order_relaxed);
+  if (wanted & SM_WANT_REPORT) sm_stats_periodic();
+  if (!(wanted & SM_WANT_PURGE_THREAD)) return;
   if (sm_likely(atomic_load_explicit(&sm_bg_running, memory_order_relaxed) != 0)) return;
   if (!sm_opt(BACKGROUND) || atomic_load_explicit(&sm_process_ready, memory_order_acquire) != 2)
     return;

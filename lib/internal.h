@@ -825,9 +825,16 @@ void sm_stats_fork_child(void);
 void sm_background_wake(void);
 void sm_background_start(void);
 void sm_background_fork_child(void);
+/* What the end of a malloc or free is asked to do, where the caller holds
+ * no lock and no page state: start the purge thread, print a report */
+#define SM_WANT_PURGE_THREAD 1
+#define SM_WANT_REPORT 2
 extern _Atomic int sm_bg_wanted;
+void sm_stats_tick(void);
+void sm_stats_periodic(void);
 /* At the end of a malloc or free slow path: start the purge thread that
- * was asked for meanwhile (sm_background_wake). */
+ * was asked for meanwhile (sm_background_wake), print the report that
+ * came due (sm_stats_tick). */
 SM_INLINE void sm_background_poll(void) {
   if (sm_unlikely(atomic_load_explicit(&sm_bg_wanted, memory_order_relaxed) != 0)) sm_background_start();
 }

@@ -26,7 +26,8 @@ static const char *const sm_words_on_error[] = {"abort", "warn", NULL};
   X(PURGE_DELAY, "SMALLOC_PURGE_DELAY", 1000, 0, 3600000, NULL)             \
   X(SEGMENT_CACHE, "SMALLOC_SEGMENT_CACHE", 8, 0, 1024, NULL)               \
   X(ON_ERROR, "SMALLOC_ON_ERROR", 0, 0, 1, sm_words_on_error)               \
-  X(BACKGROUND, "SMALLOC_BACKGROUND", 1, 0, 1, NULL)
+  X(BACKGROUND, "SMALLOC_BACKGROUND", 1, 0, 1, NULL)                        \
+  X(STATS_INTERVAL, "SMALLOC_STATS_INTERVAL", 0, 0, 86400000, NULL)
 
 #define SM_OPTION_DESC(id, env, def, min, max, words) \
   [SMALLOC_OPTION_##id] = {env, def, min, max, words},

@@ -617,8 +617,15 @@ void sm_stats_set_file(const char *path) {
 }
 
 void sm_stats_open_fd(void) {
-  if (sm_opt(STATS) != 0 && sm_stats_fd < 0) sm_stats_fd = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3);
+  if ((sm_opt(STATS) != 0 || sm_opt(STATS_INTERVAL) != 0) && sm_stats_fd < 0)
+    sm_stats_fd = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3);
 }
+
+/* Whether this process wrote a report to its file already: the first
+ * report truncates the file, the later ones (periodic, then the one at
+ * exit) are appended.  A child after fork appends to a shared file and
+ * starts its own when the path names its pid. */
+static bool sm_stats_file_started;
 
 /* The report file of this process: sm_stats_file with %p expanded (%% is
  * a percent sign); -1 when there is none or it cannot be opened (said). */
@@ -638,7 +645,8 @@ static int sm_stats_open_file(void) {
     }
   }
   path[len] = '\0';
-  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | (sm_stats_file_started ? O_APPEND : O_TRUNC), 0644);
+  if (fd >= 0) sm_stats_file_started = true;
   if (fd < 0) {
     /* said where the report goes: stderr as it was at start-up (the
      * program may have closed its own by now) */
@@ -666,6 +674,41 @@ void sm_stats_at_exit(void) {
   else smalloc_stats_print_json(out);
   if (out != stderr) fclose(out);
   sm_stats_fd = -1;
+}
+
+/* SMALLOC_STATS_INTERVAL: a report every interval while the program runs,
+ * in SMALLOC_STATS's format (the table when that is 0), to where the one
+ * at exit goes.  The slow path's housekeeping (every 16 to 1024 entries)
+ * looks at the clock and asks for it; it is printed at the end of that
+ * malloc or free (sm_background_poll), where printing may allocate.  A
+ * program that stops calling the allocator prints nothing new. */
+static _Atomic uint64_t sm_report_next_ms;
+
+void sm_stats_tick(void) {
+  long interval = sm_opt(STATS_INTERVAL);
+  if (interval <= 0) return;
+  uint64_t now = sm_clock_ms();
+  uint64_t next = atomic_load_explicit(&sm_report_next_ms, memory_order_relaxed);
+  if (now < next) return;
+  if (!atomic_compare_exchange_strong(&sm_report_next_ms, &next, now + (uint64_t)interval)) return;
+  if (next == 0) return;   /* the first look starts the clock */
+  atomic_fetch_or_explicit(&sm_bg_wanted, SM_WANT_REPORT, memory_order_relaxed);
+}
+
+void sm_stats_periodic(void) {
+  static _Atomic int printing;
+  if (atomic_exchange(&printing, 1)) return;   /* another thread prints one */
+  int fd = sm_stats_open_file();
+  if (fd < 0 && sm_stats_fd >= 0) fd = fcntl(sm_stats_fd, F_DUPFD_CLOEXEC, 3);
+  FILE *out = fd >= 0 ? fdopen(fd, "w") : NULL;
+  if (out == NULL) {
+    if (fd >= 0) close(fd);
+  } else {
+    if (sm_opt(STATS) == 2) smalloc_stats_print_json(out);
+    else smalloc_stats_print(out);
+    fclose(out);
+  }
+  atomic_store(&printing, 0);
 }
 
 __attribute__((destructor)) static void sm_stats_destructor(void) {

@@ -500,6 +500,7 @@ static const sm_test_option_range_t sm_test_option_ranges[SMALLOC_OPTION_COUNT] 
   {SMALLOC_OPTION_SEGMENT_CACHE, 0, 1024},
   {SMALLOC_OPTION_ON_ERROR, 0, 1},
   {SMALLOC_OPTION_BACKGROUND, 0, 1},
+  {SMALLOC_OPTION_STATS_INTERVAL, 0, 86400000},
 };
 
 /* the names smalloc_stats_print_json uses for slow_steps[] (bench/run.py

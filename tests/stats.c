@@ -1174,12 +1174,32 @@ END_TEST
  *   options  print "option INDEX VALUE" for every option on stdout
  *   exit     7 posix_memalign, 3 free_aligned_sized, 4 free; exit normally
  *            (so SMALLOC_STATS prints at exit) */
+static uint64_t st_now_ms(void)
+{
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (uint64_t)t.tv_sec * 1000 + (uint64_t)t.tv_nsec / 1000000;
+}
+
 static int st_child_main(const char *mode)
 {
   if (strcmp(mode, "options") == 0) {
     for (int i = 0; i < SMALLOC_OPTION_COUNT; i++)
       printf("option %d %ld\n", i, smalloc_option_get((smalloc_option_t)i));
     return fflush(stdout) == 0 ? 0 : 1;
+  }
+  if (strcmp(mode, "churn") == 0) {
+    /* 300 ms of bursts over 64 classes: slow paths, and their housekeeping */
+    uint64_t t0 = st_now_ms();
+    static void *p[3000];
+    while (st_now_ms() - t0 < 300) {
+      for (int i = 0; i < 3000; i++)
+        if ((p[i] = smalloc_malloc(16 + (size_t)(i % 64) * 16)) == NULL)
+          return 1;
+      for (int i = 0; i < 3000; i++)
+        smalloc_free(p[i]);
+    }
+    return 0;
   }
   if (strcmp(mode, "exit") == 0) {
     void *p[7];
@@ -1272,7 +1292,7 @@ static int st_count_lines(const char *text)
 static const char *const st_option_env[SMALLOC_OPTION_COUNT] = {
   "SMALLOC_STATS", "SMALLOC_VERBOSE", "SMALLOC_RETIRE_CYCLES",
   "SMALLOC_PURGE_DELAY", "SMALLOC_SEGMENT_CACHE", "SMALLOC_ON_ERROR",
-  "SMALLOC_BACKGROUND",
+  "SMALLOC_BACKGROUND", "SMALLOC_STATS_INTERVAL",
 };
 
 /* The options of a child started with a clean environment. */
@@ -1421,6 +1441,57 @@ START_TEST(env_stats_json_at_exit)
   ck_assert_int_eq(j->nsteps, SMALLOC_STEP_COUNT);
   ck_assert_int_eq(j->nclass_entries, SMALLOC_STATS_CLASSES);
   free(j);
+  st_child_done(&c);
+}
+END_TEST
+
+/* ============================================================================
+ * env_stats_interval: SMALLOC_STATS_INTERVAL=50 prints reports while the
+ * program runs (a child that churns for 300 ms: at least two besides the
+ * one at exit, however the machine schedules it), each JSON one a line of
+ * its own; into a file, appended after the first; and none at all while
+ * it is 0. */
+
+START_TEST(env_stats_interval)
+{
+  static st_child_t c;
+  const char *json[] = {"SMALLOC_STATS=json", "SMALLOC_STATS_INTERVAL=50", NULL};
+  st_run_self("churn", json, &c);
+  int lines = st_count_lines(c.err);
+  ck_assert_msg(lines >= 3 && c.err_len < sizeof c.err - 1, "%d reports in 300 ms at 50 ms:\n%.300s",
+                lines, c.err);
+  for (const char *l = c.err; *l; l = strchr(l, '\n') + 1) {
+    size_t n = strcspn(l, "\n");
+    ck_assert_msg(l[0] == '{' && l[n - 1] == '}' && l[n] == '\n', "not a JSON line: %.80s", l);
+  }
+  st_child_done(&c);
+
+  const char *table[] = {"SMALLOC_STATS_INTERVAL=50", NULL};
+  st_run_self("churn", table, &c);
+  int reports = 0;
+  for (const char *l = c.err; (l = strstr(l, "statistics: ")) != NULL; l++)
+    reports++;
+  ck_assert_msg(reports >= 2, "%d table reports in 300 ms at 50 ms (SMALLOC_STATS=0)", reports);
+  st_child_done(&c);
+
+  char dir[] = "/tmp/smalloc-stats.XXXXXX";
+  ck_assert_ptr_nonnull(mkdtemp(dir));
+  char var[128], path[160];
+  snprintf(var, sizeof var, "SMALLOC_STATS_FILE=%s/st", dir);
+  snprintf(path, sizeof path, "%s/st", dir);
+  const char *file[] = {"SMALLOC_STATS=json", "SMALLOC_STATS_INTERVAL=50", var, NULL};
+  st_run_self("churn", file, &c);
+  ck_assert_msg(c.err_len == 0, "stderr:\n%s", c.err);
+  static char text[4 << 20];
+  size_t n = st_slurp(path, text, sizeof text);
+  ck_assert_msg(n > 0 && st_count_lines(text) >= 3, "%d reports in the file", st_count_lines(text));
+  unlink(path);
+  rmdir(dir);
+  st_child_done(&c);
+
+  const char *none[] = {"SMALLOC_STATS=json", NULL};
+  st_run_self("churn", none, &c);
+  ck_assert_int_eq(st_count_lines(c.err), 1);
   st_child_done(&c);
 }
 END_TEST
@@ -1595,16 +1666,16 @@ START_TEST(env_conf_sets_several)
     const char *err;                   /* the whole of stderr */
   } cases[] = {
     {{"SMALLOC_CONF=retire_cycles:512,purge_delay:7,on_error:warn", NULL},
-     {-1, -1, 512, 7, -1, 1, -1}, ""},
-    {{"SMALLOC_CONF= Retire_Cycles : 33 , SMALLOC_BACKGROUND:0,", NULL},
-     {-1, -1, 33, -1, -1, -1, 0}, ""},
+     {-1, -1, 512, 7, -1, 1, -1, -1}, ""},
+    {{"SMALLOC_CONF= Retire_Cycles : 33 , SMALLOC_BACKGROUND:0,stats_interval:250", NULL},
+     {-1, -1, 33, -1, -1, -1, 0, 250}, ""},
     {{"SMALLOC_CONF=retire_cycles:5,segment_cache:2", "SMALLOC_RETIRE_CYCLES=9", NULL},
-     {-1, -1, 9, -1, 2, -1, -1}, ""},
+     {-1, -1, 9, -1, 2, -1, -1, -1}, ""},
     {{"SMALLOC_CONF=retire_cycle:5,purge_delay:3", NULL},
-     {-1, -1, -1, 3, -1, -1, -1},
+     {-1, -1, -1, 3, -1, -1, -1, -1},
      "smalloc: ignoring SMALLOC_CONF key 'retire_cycle': no such option; did you mean retire_cycles?\n"},
     {{"SMALLOC_CONF=colour:red,on_error:maybe,segment_cache", NULL},
-     {-1, -1, -1, -1, -1, -1, -1},
+     {-1, -1, -1, -1, -1, -1, -1, -1},
      "smalloc: ignoring SMALLOC_CONF key 'colour': no such option\n"
      "smalloc: ignoring SMALLOC_CONF on_error='maybe': not abort or warn; using abort\n"
      "smalloc: ignoring SMALLOC_CONF 'segment_cache': not key:value\n"},
@@ -1652,6 +1723,7 @@ static Suite *stats_suite(bool with_json)
   tcase_add_test(tc, env_stats_at_exit);
   tcase_add_test(tc, env_malformed_values_fall_back);
   tcase_add_test(tc, env_conf_sets_several);
+  tcase_add_test(tc, env_stats_interval);
   suite_add_tcase(s, tc);
 
   if (with_json) {
