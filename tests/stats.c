@@ -1476,7 +1476,7 @@ START_TEST(env_stats_interval)
 
   char dir[] = "/tmp/smalloc-stats.XXXXXX";
   ck_assert_ptr_nonnull(mkdtemp(dir));
-  char var[128], path[160];
+  char var[sizeof dir + 32], path[sizeof dir + 8];
   snprintf(var, sizeof var, "SMALLOC_STATS_FILE=%s/st", dir);
   snprintf(path, sizeof path, "%s/st", dir);
   const char *file[] = {"SMALLOC_STATS=json", "SMALLOC_STATS_INTERVAL=50", var, NULL};
@@ -1531,7 +1531,7 @@ START_TEST(env_stats_to_a_file)
   size_t n = fread(text, 1, sizeof text - 1, f);
   text[n] = '\0';
   fclose(f);
-  snprintf(want, sizeof want, "(pid %s)\n", name + 3);
+  snprintf(want, sizeof want, "(pid %.20s)\n", name + 3);
   ck_assert_msg(strstr(text, want) != NULL && strncmp(text, "smalloc ", 8) == 0, "the file holds:\n%.200s",
                 text);
   ck_assert_int_eq(st_table_value(text, "calls_posix_memalign"), 7);

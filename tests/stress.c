@@ -385,6 +385,7 @@ static int child_main(uint64_t seed)
     if (!block_new(&b[i], &r, (uint64_t)i))
       break;
   pthread_t t;
+  memset(&t, 0, sizeof t);   /* read only when the thread started */
   bool have_thread = !STRESS_CHILD_NO_THREADS && start_thread(&t, child_thread, (void *)(uintptr_t)(seed + 1));
   for (size_t i = 0; i < SLOTS; i += 3) {
     pthread_mutex_t *m = &stripes[i % STRIPES];
