@@ -83,6 +83,17 @@ static void *ch_map(size_t bytes)
   return p;
 }
 
+/* The same from a test's own thread, where a failure is recorded in e
+ * (libcheck's assertions belong to the main thread); NULL then. */
+static void *ch_thread_map(size_t bytes, ch_err_t *e)
+{
+  void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p != MAP_FAILED)
+    return p;
+  CH_FAIL(e, "mmap(%zu): %s", bytes, strerror(errno));
+  return NULL;
+}
+
 static void ch_unmap(void *p, size_t bytes)
 {
   munmap(p, bytes);
@@ -547,14 +558,10 @@ static void *ch_steady_thread(void *arg)
 {
   ch_steady_t *st = arg;
   size_t max = ch_pattern_max_blocks();
-  ch_blk_t *b = mmap(NULL, max * sizeof *b, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  uint32_t *perm = mmap(NULL, max * sizeof *perm, PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (b == MAP_FAILED || perm == MAP_FAILED) {
-    CH_FAIL(&st->e, "mmap failed");
+  ch_blk_t *b = ch_thread_map(max * sizeof *b, &st->e);
+  uint32_t *perm = ch_thread_map(max * sizeof *perm, &st->e);
+  if (b == NULL || perm == NULL)
     return NULL;
-  }
   /* An empty segment cache: a segment cached before the test would be
    * purged (madvise) once it outlived the purge delay. */
   smalloc_collect(true);
@@ -798,14 +805,10 @@ static void *ch_every_thread(void *arg)
 {
   ch_every_t *ev = arg;
   size_t n = ch_blocks_for_pages(CH_EVERY_SIZE, 8);
-  void **v = mmap(NULL, n * sizeof *v, PROT_READ | PROT_WRITE,
-                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ch_span_t *a = mmap(NULL, 2 * n * sizeof *a, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (v == MAP_FAILED || a == MAP_FAILED) {
-    CH_FAIL(&ev->e, "mmap failed");
+  void **v = ch_thread_map(n * sizeof *v, &ev->e);
+  ch_span_t *a = ch_thread_map(2 * n * sizeof *a, &ev->e);
+  if (v == NULL || a == NULL)
     return NULL;
-  }
   ch_span_t *b = a + n;
   for (int burst = 0; burst < 2; burst++) {
     ch_span_t *set = burst == 0 ? a : b;
@@ -1026,12 +1029,9 @@ static void *ch_xt_owner(void *arg)
   ch_xt_t *x = arg;
   pthread_t t;
   x->n = ch_blocks_for_pages(CH_XT_SIZE, 4);
-  x->v = mmap(NULL, x->n * sizeof *x->v, PROT_READ | PROT_WRITE,
-              MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (x->v == MAP_FAILED) {
-    CH_FAIL(&x->e, "mmap failed");
+  x->v = ch_thread_map(x->n * sizeof *x->v, &x->e);
+  if (x->v == NULL)
     return NULL;
-  }
   smalloc_collect(true);
   x->rc = ch_snap(&x->s[0]);
   ch_burst(x->v, x->n, CH_XT_SIZE, &x->e);
@@ -1155,14 +1155,10 @@ static void *ch_naive_thread(void *arg)
 {
   ch_naive_t *x = arg;
   size_t max = ch_pattern_max_blocks();
-  ch_blk_t *b = mmap(NULL, max * sizeof *b, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  uint32_t *perm = mmap(NULL, max * sizeof *perm, PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (b == MAP_FAILED || perm == MAP_FAILED) {
-    CH_FAIL(&x->e, "mmap failed");
+  ch_blk_t *b = ch_thread_map(max * sizeof *b, &x->e);
+  uint32_t *perm = ch_thread_map(max * sizeof *perm, &x->e);
+  if (b == NULL || perm == NULL)
     return NULL;
-  }
   ch_rng_t r = {0x1234567887654321u};
   size_t n = ch_pattern_blocks(b, true);
   /* one warm-up round, then snapshots between rounds */
