@@ -118,6 +118,9 @@ modversion=$(pkg-config --modversion smalloc) || fail "pkg-config does not find 
 [ "$modversion" = "$version" ] ||
   fail "pkg-config --modversion smalloc says '$modversion', package version is '$version'"
 pass "pkg-config --modversion smalloc = $modversion"
+[ "$(pkg-config --static --libs smalloc)" = "$(pkg-config --libs smalloc)" ] ||
+  fail "pkg-config --static --libs differs from --libs, but no static library is shipped"
+if grep -q '\.a$' "$work/owned"; then fail "a static library is shipped"; fi
 
 # ---- a consumer program --------------------------------------------------
 cat >"$work/consumer.c" <<'EOF'
