@@ -41,6 +41,7 @@ static uint8_t *sm_heaps_chunk;      /* bump area for new heaps */
 static size_t sm_heaps_chunk_left;
 
 _Atomic int sm_process_ready;        /* 0 no, 1 in progress, 2 done */
+uint64_t sm_start_ms;                /* sm_clock_ms() at start-up (the reports' running time) */
 static _Atomic uintptr_t sm_process_init_thread;
 
 /* The contended case of sm_lock: heap locks are held for a few list
@@ -99,6 +100,7 @@ void sm_process_init(void) {
   int expected = 0;
   if (atomic_compare_exchange_strong(&sm_process_ready, &expected, 1)) {
     atomic_store(&sm_process_init_thread, sm_thread_id());
+    sm_start_ms = sm_clock_ms();
     uintptr_t secret;
     sm_os_random(&secret, sizeof secret);
     sm_secret = secret | 1;

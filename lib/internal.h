@@ -757,6 +757,7 @@ bool sm_segment_cache_pending(void);
 bool sm_segment_cache_wants_purge(void);
 void sm_segment_fork_child(void);
 uint64_t sm_clock_ms(void);
+extern uint64_t sm_start_ms;
 uint64_t sm_heap_random(sm_heap_t *heap);
 
 /* ---- huge.c ----------------------------------------------------------- */

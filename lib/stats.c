@@ -342,17 +342,26 @@ void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t residen
           SMALLOC_VERSION_PATCH, who);
   /* the headline: what the program holds, what it costs, how often the
    * slow path ran */
+  char peak[32];
   sm_fmt_bytes(inuse, sizeof inuse, s->bytes_in_use);
+  sm_fmt_bytes(peak, sizeof peak, s->bytes_in_use_peak);
   sm_fmt_bytes(committed, sizeof committed, s->bytes_committed);
   if (resident) sm_fmt_bytes(res, sizeof res, resident);
   else snprintf(res, sizeof res, "?");
-  fprintf(out, "  summary: %s in %llu live blocks; %s committed, %s resident (%s)\n",
-          inuse, (unsigned long long)s->blocks_in_use, committed, res, resident_of);
+  /* overhead: the share of the committed bytes that holds no live block */
+  double overhead = s->bytes_committed > s->bytes_in_use
+                        ? 100.0 * (double)(s->bytes_committed - s->bytes_in_use) / (double)s->bytes_committed
+                        : 0.0;
+  fprintf(out, "  summary: %s in %llu live blocks (peak %s); %s committed (%.1f %% overhead), "
+          "%s resident (%s)\n",
+          inuse, (unsigned long long)s->blocks_in_use, peak, committed, overhead, res, resident_of);
   uint64_t allocs = s->calls_malloc + s->calls_calloc + s->calls_realloc;
-  fprintf(out, "  summary: %llu malloc, calloc and realloc calls, %llu slow-path entries (%.2f %%), "
-          "%llu system calls\n",
-          (unsigned long long)allocs, (unsigned long long)s->slow_path,
-          allocs ? 100.0 * (double)s->slow_path / (double)allocs : 0.0,
+  uint64_t slow = s->slow_path < allocs ? s->slow_path : allocs;
+  fprintf(out, "  summary: %llu malloc, calloc and realloc calls, %.2f %% on the fast path; "
+          "%llu slow-path entries (%.1f per 1000 calls), %llu system calls\n",
+          (unsigned long long)allocs, allocs ? 100.0 * (double)(allocs - slow) / (double)allocs : 100.0,
+          (unsigned long long)s->slow_path,
+          allocs ? 1000.0 * (double)s->slow_path / (double)allocs : 0.0,
           (unsigned long long)(s->os_mmap + s->os_munmap + s->os_madvise + s->os_mremap));
 #define SM_ROW(name, gauge, bytes) sm_print_row(out, #name, s->name, bytes);
   SM_STATS_FIELDS(SM_ROW)
@@ -364,17 +373,25 @@ void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t residen
   SM_STATS_FIELDS2(SM_ROW)
   SM_STATS_FIELDS3(SM_ROW)
 #undef SM_ROW
-  fprintf(out, "  %-9s %11s %11s %11s %9s %9s %9s %9s %9s\n", "class", "allocs", "frees", "in use",
-          "pages", "swap", "collect", "extend", "other");
+  fprintf(out, "  %-9s %11s %11s %11s %9s %6s %9s %9s %9s %9s\n", "class", "allocs", "frees",
+          "in use", "pages", "used", "swap", "collect", "extend", "other");
   for (size_t i = 0; i < s->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
     const smalloc_class_stats_t *c = &s->classes[i];
     if (c->allocs == 0 && c->frees == 0 && c->blocks_in_use == 0 && c->pages_in_use == 0) continue;
     uint64_t other = c->slow_steps[SMALLOC_STEP_NEXT_PAGE] + c->slow_steps[SMALLOC_STEP_RETIRED_PAGE] +
                      c->slow_steps[SMALLOC_STEP_FRESH_PAGE] + c->slow_steps[SMALLOC_STEP_NEW_SEGMENT];
-    fprintf(out, "  %9llu %11llu %11llu %11llu %9llu %9llu %9llu %9llu %9llu\n",
+    /* used: the share of the class's page bytes that live blocks fill */
+    uint64_t page_bytes = (uint64_t)1 << (i + 1 <= SM_BIN_SMALL_LAST ? SM_SMALL_SHIFT : SM_MEDIUM_SHIFT);
+    char used[16];
+    if (c->pages_in_use)
+      snprintf(used, sizeof used, "%.0f%%",
+               100.0 * (double)(c->blocks_in_use * c->block_size) / (double)(c->pages_in_use * page_bytes));
+    else
+      snprintf(used, sizeof used, "-");
+    fprintf(out, "  %9llu %11llu %11llu %11llu %9llu %6s %9llu %9llu %9llu %9llu\n",
             (unsigned long long)c->block_size, (unsigned long long)c->allocs,
             (unsigned long long)c->frees, (unsigned long long)c->blocks_in_use,
-            (unsigned long long)c->pages_in_use,
+            (unsigned long long)c->pages_in_use, used,
             (unsigned long long)c->slow_steps[SMALLOC_STEP_LOCAL_SWAP],
             (unsigned long long)c->slow_steps[SMALLOC_STEP_THREAD_COLLECT],
             (unsigned long long)c->slow_steps[SMALLOC_STEP_EXTEND], (unsigned long long)other);
@@ -385,8 +402,9 @@ void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t residen
 static void sm_stats_print_table(FILE *out) {
   smalloc_stats_t st;
   sm_stats_current(&st);
-  char prog[32], who[64];
-  snprintf(who, sizeof who, "%s (pid %ld)", sm_program(prog, sizeof prog), (long)getpid());
+  char prog[32], who[96];
+  snprintf(who, sizeof who, "%s (pid %ld, running %.1f s)", sm_program(prog, sizeof prog),
+           (long)getpid(), (double)(sm_clock_ms() - sm_start_ms) / 1000.0);
   sm_stats_format(&st, who, sm_resident(), "the process", out);
 }
 

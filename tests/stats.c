@@ -899,6 +899,15 @@ START_TEST(print_table_shape)
                 "the table never mentions malloc");
   ck_assert_int_eq(st_table_value(text, "calls_malloc"), (long long)s.calls_malloc);
   ck_assert_int_eq(st_table_value(text, "calls_free"), (long long)s.calls_free);
+  /* the headline: running time, peak, overhead, fast-path share, slow
+   * path per 1000 calls; the classes' fill of their pages */
+  ck_assert_msg(strstr(text, ", running ") != NULL && strstr(text, " s)\n") != NULL, "%.100s", text);
+  ck_assert_msg(strstr(text, " live blocks (peak ") != NULL, "no peak in:\n%.400s", text);
+  ck_assert_msg(strstr(text, " % overhead), ") != NULL, "no overhead in:\n%.400s", text);
+  ck_assert_msg(strstr(text, " % on the fast path; ") != NULL, "no fast-path share in:\n%.400s", text);
+  ck_assert_msg(strstr(text, " per 1000 calls), ") != NULL, "no rate in:\n%.400s", text);
+  ck_assert_msg(strstr(text, "  class          allocs       frees      in use     pages   used") != NULL,
+                "class table header in:\n%s", text);
 }
 END_TEST
 
@@ -1377,7 +1386,7 @@ START_TEST(env_stats_at_exit)
                 "first line: %.80s", c.err);
   ck_assert_msg(strncmp(strchr(c.err, '\n'), "\n  summary: ", 12) == 0, "second line: %.100s",
                 strchr(c.err, '\n'));
-  ck_assert_msg(strstr(c.err, " live blocks; ") != NULL && strstr(c.err, " resident") != NULL,
+  ck_assert_msg(strstr(c.err, " live blocks (peak ") != NULL && strstr(c.err, " resident") != NULL,
                 "no summary of the memory in:\n%.400s", c.err);
   ck_assert_int_eq(st_table_value(c.err, "calls_posix_memalign"), 7);
   ck_assert_int_eq(st_table_value(c.err, "calls_free_aligned_sized"), 3);
@@ -1522,7 +1531,7 @@ START_TEST(env_stats_to_a_file)
   size_t n = fread(text, 1, sizeof text - 1, f);
   text[n] = '\0';
   fclose(f);
-  snprintf(want, sizeof want, "(pid %.20s)\n", name + 3);
+  snprintf(want, sizeof want, "(pid %.20s, running ", name + 3);
   ck_assert_msg(strstr(text, want) != NULL && strncmp(text, "smalloc ", 8) == 0, "the file holds:\n%.200s",
                 text);
   ck_assert_int_eq(st_table_value(text, "calls_posix_memalign"), 7);
