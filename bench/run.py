@@ -58,6 +58,18 @@ PEERS = [("jemalloc", "libjemalloc.so.2"),
          ("tcmalloc", "libtcmalloc_minimal.so.4"),
          ("mimalloc", "libmimalloc.so.2")]
 RUN_TIMEOUT = 300
+# What each row is, said once at the start of the console output.
+ROW_MEANING = {
+    "fresh": "the library just built",
+    "fresh-naive": "the same with SMALLOC_RETIRE_CYCLES=0: a page goes back as soon as it "
+                   "empties (what the retire policy saves)",
+    "baseline": "the installed smalloc, the one this build is compared with",
+    "glibc": "the C library's malloc",
+    "jemalloc": "Debian's jemalloc", "tcmalloc": "Debian's tcmalloc (minimal)",
+    "mimalloc": "Debian's mimalloc",
+    "null": "reference: a per-thread bump allocator with no checks and no stats, the floor of "
+            "an allocator's own cost",
+}
 LINE_RE = re.compile(r"time_s=(\S+) ops=(\d+) maxrss_kb=(\d+) checksum=([0-9a-fA-F]+)")
 LIVE_RE = re.compile(r"live_kb=(\d+) rss_kb=(\d+)")
 
@@ -544,7 +556,7 @@ class Report:
                 if v:
                     verdict = "%s (%.2fx)" % (v, base.median() / med)
                 else:
-                    verdict = "overlap"
+                    verdict = "within noise"
             label = name + (" (baseline)" if name == self.baseline_name
                             and name != "baseline" else "")
             osc = row.os_calls()
@@ -641,7 +653,25 @@ def machine_info():
             ("date", datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %z"))]
 
 
+# One colour per allocator, the same in every chart and every run; names
+# not listed (BENCH_PEERS) take the spare ones in order of appearance.
+COLOURS = {"fresh": "#d62728", "fresh-naive": "#ff9896", "baseline": "#8c564b",
+           "glibc": "#7f7f7f", "jemalloc": "#2ca02c", "tcmalloc": "#1f77b4",
+           "mimalloc": "#9467bd", "mimalloc3": "#17becf", "snmalloc": "#bcbd22",
+           "null": "#c7c7c7"}
+SPARE_COLOURS = ["#e377c2", "#ff7f0e", "#98df8a", "#aec7e8", "#c5b0d5", "#f7b6d2"]
+
+
+def colour_of(name, names):
+    if name in COLOURS:
+        return COLOURS[name]
+    spare = [n for n in names if n not in COLOURS]
+    return SPARE_COLOURS[spare.index(name) % len(SPARE_COLOURS)]
+
+
 def write_svg(path, report, tmpdir):
+    """Two panels: median time and median peak resident size relative to
+    fresh per workload, one bar per allocator with its min-max spread."""
     gp = shutil.which("gnuplot")
     if not gp:
         return False
@@ -650,40 +680,64 @@ def write_svg(path, report, tmpdir):
         for n in rows:
             if n not in names and n not in ("floor", "null"):
                 names.append(n)
-    data = os.path.join(tmpdir, "ratios.dat")
     works = [(w, rows) for w, rows in report.results
              if w.group != "floor" and "fresh" in rows and rows["fresh"].ok()]
     if not works or not names:
         return False
+    data = os.path.join(tmpdir, "ratios.dat")
     with open(data, "w") as f:
-        f.write("workload " + " ".join('"%s"' % n for n in names) + "\n")
+        # per allocator: time ratio, its min, its max, rss ratio, its min, its max
+        f.write("workload " + " ".join('"%s" t- t+ r r- r+' % n for n in names) + "\n")
         for w, rows in works:
+            fresh = rows["fresh"]
             vals = []
             for n in names:
                 r = rows.get(n)
-                vals.append("%.4f" % (r.median() / rows["fresh"].median())
-                            if r is not None and r.ok() else "?")
+                if r is None or not r.ok():
+                    vals += ["?"] * 6
+                    continue
+                lo, hi = r.spread()
+                rss = [x["rss"] for x in r.runs]
+                fr = fresh.rss() or 1
+                vals += ["%.4f" % (r.median() / fresh.median()), "%.4f" % (lo / fresh.median()),
+                         "%.4f" % (hi / fresh.median()), "%.4f" % (r.rss() / fr),
+                         "%.4f" % (min(rss) / fr), "%.4f" % (max(rss) / fr)]
             f.write('"%s" %s\n' % (w.name, " ".join(vals)))
+    width = max(1000, 12 * len(works) * (len(names) + 1))
+    styles = "".join("set linetype %d lc rgb '%s'\n" % (k + 1, colour_of(n, names))
+                     for k, n in enumerate(names))
+
+    def panel(col, title):
+        return ("plot for [i=0:%d] '%s' using (column(2+6*i+%d)):(column(3+6*i+%d)):"
+                "(column(4+6*i+%d)):xtic(1) lt (i+1) title columnheader(2+6*i)\n"
+                % (len(names) - 1, data, col, col, col))
     script = os.path.join(tmpdir, "ratios.gp")
     with open(script, "w") as f:
-        f.write("""set terminal svg size %d,620 dynamic font 'sans,11'
+        f.write("""set terminal svg size %d,1000 dynamic background rgb 'white' font 'sans,11'
 set output '%s'
-set title 'smalloc benchmark: median time relative to fresh (lower is faster)'
-set datafile missing '?'
+%sset datafile missing '?'
 set style data histograms
-set style histogram clustered gap 1
+set style histogram errorbars gap 1 lw 1
 set style fill solid 0.85 border -1
 set boxwidth 0.9
 set logscale y 2
-set yrange [0.125:*]
-set ylabel 'time / fresh (log scale)'
 set grid ytics
 set xtics rotate by 45 right nomirror
-set bmargin 9
 set key outside right top
-set arrow from graph 0, first 1 to graph 1, first 1 nohead dt 2 lw 1.5
-plot for [i=2:%d] '%s' using i:xtic(1) title columnheader(i)
-""" % (max(900, 12 * len(works) * (len(names) + 1)), path, len(names) + 1, data))
+set multiplot layout 2,1
+set title 'median time relative to fresh, bars from the fastest to the slowest run (lower is faster)'
+set ylabel 'time / fresh (log scale)'
+set yrange [0.125:*]
+set arrow 1 from graph 0, first 1 to graph 1, first 1 nohead dt 2 lw 1.5
+set bmargin 9
+""" % (width, path, styles))
+        f.write(panel(0, "time"))
+        f.write("""set title 'median peak resident size relative to fresh, bars from the smallest to the largest run'
+set ylabel 'maxrss / fresh (log scale)'
+set yrange [0.03125:*]
+""")
+        f.write(panel(3, "rss"))
+        f.write("unset multiplot\n")
     r = subprocess.run([gp, script], capture_output=True, text=True)
     if r.returncode != 0:
         report.notes.append("gnuplot failed: " + r.stderr.strip()[:300])
@@ -790,16 +844,18 @@ def write_idle_svg(path, idle, tmpdir, report):
                     f.write("%.1f %.1f\n" % (max(t, 0) / 1000.0, kb / 1024.0))
             f.write("\n\n")
     script = os.path.join(tmpdir, "idle.gp")
+    styles = "".join("set linetype %d lc rgb '%s'\n" % (k + 1, colour_of(n, names))
+                     for k, n in enumerate(names))
     with open(script, "w") as f:
-        f.write("""set terminal svg size 900,500 dynamic font 'sans,11'
+        f.write("""set terminal svg size 900,500 dynamic background rgb 'white' font 'sans,11'
 set output '%s'
-set title 'burst, free, idle: resident size after the frees (no allocator call)'
+%sset title 'burst, free, idle: resident size after the frees (no allocator call)'
 set xlabel 'seconds after the last free'
 set ylabel 'resident MiB'
 set grid
 set key outside right top
-plot for [i=0:%d] '%s' index i using 1:2 with linespoints pt 7 ps 0.4 title columnheader(1)
-""" % (path, len(names) - 1, data))
+plot for [i=0:%d] '%s' index i using 1:2 with linespoints lt (i+1) pt 7 ps 0.4 title columnheader(1)
+""" % (path, styles, len(names) - 1, data))
     r = subprocess.run([gp, script], capture_output=True, text=True)
     if r.returncode != 0:
         report.notes.append("gnuplot failed (memory return): " + r.stderr.strip()[:300])
@@ -832,7 +888,7 @@ def write_files(outdir, report, allocs, info, mode, tmpdir):
         f.write("# smalloc benchmark results\n\n")
         f.write("Mode: %s.  Medians of the counted runs; spread is min-max; ratios are to "
                 "`fresh`; *vs baseline* says faster/slower only where the spreads do not "
-                "overlap.\n\n" % mode)
+                "overlap, else *within noise*.\n\n" % mode)
         f.write(table(["machine", ""], [[k, v] for k, v in info], True, left=2) + "\n\n")
         f.write("## Allocators\n\n")
         f.write(table(["allocator", "library"],
@@ -963,6 +1019,13 @@ def main():
             for a in allocs)))
         for a in allocs + ([null] if null else []):
             say("  %-12s %s" % (a.name, a.lib or "(no preload)"))
+            say("  %-12s   %s" % ("", ROW_MEANING.get(a.name, "a peer allocator, preloaded")
+                                  + (" (%s)" % a.note if a.note and a.name == "baseline" else "")))
+        say("columns: median s = median of the counted runs, spread s = fastest-slowest run, "
+            "maxrss kB = median peak resident size, time/fresh and rss/fresh = ratios to fresh, "
+            "OS calls = mmap+munmap+madvise+mremap (smalloc's counters; * strace), slow path = "
+            "smalloc's slow-path entries, vs baseline = faster or slower where the spreads do not "
+            "overlap, else within noise")
         report = Report(baseline_name)
         for w in ws:
             say("")
