@@ -598,7 +598,8 @@ static void sm_stats_print_json(FILE *out) {
   fprintf(out, "\", \"library\": \"%d.%d.%d\", \"options\": {", SMALLOC_VERSION_MAJOR,
           SMALLOC_VERSION_MINOR, SMALLOC_VERSION_PATCH);
   sm_options_print_json(out);
-  fprintf(out, "}, \"resident\": %llu", (unsigned long long)sm_resident());
+  fprintf(out, "}, \"resident\": %llu, \"running_ms\": %llu", (unsigned long long)sm_resident(),
+          (unsigned long long)(sm_clock_ms() - sm_start_ms));
 #define SM_JSON(name, gauge, bytes) fprintf(out, ", \"%s\": %llu", #name, (unsigned long long)s->name);
   SM_STATS_FIELDS(SM_JSON)
   SM_STATS_FIELDS2(SM_JSON)

@@ -1398,6 +1398,8 @@ START_TEST(env_stats_at_exit)
   ck_assert_msg(c.err[0] == '{', "SMALLOC_STATS=json: stderr starts: %.80s", c.err);
   /* who and with what: pid, program, library version, options in effect */
   ck_assert_msg(strstr(c.err, "\"pid\": ") != NULL, "no pid in: %.300s", c.err);
+  ck_assert_msg(strstr(c.err, "\"resident\": ") != NULL && strstr(c.err, "\"running_ms\": ") != NULL,
+                "no resident or running_ms in: %.500s", c.err);
   ck_assert_msg(strstr(c.err, "\"program\": \"test_stats\"") != NULL ||
                     strstr(c.err, "\"program\": \"lt-test_stats\"") != NULL,
                 "no program in: %.300s", c.err);
