@@ -644,7 +644,7 @@ void sm_stats_open_fd(void) {
  * report truncates the file, the later ones (periodic, then the one at
  * exit) are appended.  A child after fork appends to a shared file and
  * starts its own when the path names its pid. */
-static bool sm_stats_file_started;
+static _Atomic bool sm_stats_file_started;   /* periodic reports and the one at exit may race */
 
 /* The report file of this process: sm_stats_file with %p expanded (%% is
  * a percent sign); -1 when there is none or it cannot be opened (said). */
@@ -664,8 +664,9 @@ static int sm_stats_open_file(void) {
     }
   }
   path[len] = '\0';
-  int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | (sm_stats_file_started ? O_APPEND : O_TRUNC), 0644);
-  if (fd >= 0) sm_stats_file_started = true;
+  bool started = atomic_load_explicit(&sm_stats_file_started, memory_order_relaxed);
+  int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | (started ? O_APPEND : O_TRUNC), 0644);
+  if (fd >= 0) atomic_store_explicit(&sm_stats_file_started, true, memory_order_relaxed);
   if (fd < 0) {
     /* said where the report goes: stderr as it was at start-up (the
      * program may have closed its own by now) */
