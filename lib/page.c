@@ -693,8 +693,9 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
     heap->next_sweep = heap->cycle + (uint32_t)(period < UINT32_MAX / 2 ? period : UINT32_MAX / 2);
     sm_heap_decommit(heap, false);
     sm_segment_cache_collect(false);
-    sm_stats_tick();
   }
+  /* SMALLOC_STATS_INTERVAL: the clock, every 16th entry (stats.c) */
+  if (sm_unlikely(sm_opt(STATS_INTERVAL) != 0) && (heap->cycle & 15) == 0) sm_stats_tick();
   if (sm_unlikely(sm_segment_cache_wants_purge())) sm_background_wake();
 }
 

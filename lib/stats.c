@@ -698,8 +698,8 @@ void sm_stats_at_exit(void) {
 
 /* SMALLOC_STATS_INTERVAL: a report every interval while the program runs,
  * in SMALLOC_STATS's format (the table when that is 0), to where the one
- * at exit goes.  The slow path's housekeeping (every 16 to 1024 entries)
- * looks at the clock and asks for it; it is printed at the end of that
+ * at exit goes.  Every 16th slow-path entry of a thread looks at the
+ * clock and asks for it; it is printed at the end of that
  * malloc or free (sm_background_poll), where printing may allocate.  A
  * program that stops calling the allocator prints nothing new. */
 static _Atomic uint64_t sm_report_next_ms;
