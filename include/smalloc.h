@@ -57,7 +57,7 @@ int    smalloc_mallopt(int param, int value);
 void   smalloc_collect(bool force);
 
 /* ---- statistics ---------------------------------------------------------- */
-#define SMALLOC_STATS_VERSION 2
+#define SMALLOC_STATS_VERSION 3
 /* Number of size classes reported in smalloc_stats_t.classes. */
 #define SMALLOC_STATS_CLASSES 96
 
@@ -170,6 +170,10 @@ typedef struct smalloc_stats {
   uint64_t errors_reported;   /* heap misuse reported (double or invalid free,
                                  corrupted free list...); under
                                  SMALLOC_ON_ERROR=warn the process went on */
+
+  /* version 3: the highest blocks_in_use of each class sampled (when
+   * bytes_in_use_peak is), indexed as classes[] */
+  uint64_t class_blocks_peak[SMALLOC_STATS_CLASSES];
 } smalloc_stats_t;
 
 /* Fill *out up to out->size bytes.  Returns 0, or EINVAL when out is NULL

@@ -342,6 +342,7 @@ typedef struct sm_gstats_s {
   _Atomic uint64_t huge_bytes, huge_bytes_freed, huge_cache_hits, huge_cached;
   _Atomic uint64_t background_threads, pages_purged, errors_reported;
   _Atomic uint64_t peak_in_use;
+  _Atomic uint64_t class_peak[SM_BIN_COUNT];   /* blocks, sampled as peak_in_use */
 } sm_gstats_t;
 extern sm_gstats_t sm_gstats;
 #define sm_gadd(f, n) atomic_fetch_add_explicit(&sm_gstats.f, (n), memory_order_relaxed)

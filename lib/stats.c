@@ -72,11 +72,13 @@ void sm_stats_fold_heap(sm_heap_t *heap) {
       sm_page_fold_stats(heap, page);
 }
 
-static void sm_peak_raise(uint64_t bytes) {
-  uint64_t peak = atomic_load_explicit(&sm_gstats.peak_in_use, memory_order_relaxed);
-  while (bytes > peak && !atomic_compare_exchange_weak(&sm_gstats.peak_in_use, &peak, bytes)) {
+static void sm_max_raise(_Atomic uint64_t *peak_at, uint64_t v) {
+  uint64_t peak = atomic_load_explicit(peak_at, memory_order_relaxed);
+  while (v > peak && !atomic_compare_exchange_weak(peak_at, &peak, v)) {
   }
 }
+
+static void sm_peak_raise(uint64_t bytes) { sm_max_raise(&sm_gstats.peak_in_use, bytes); }
 
 /* Sample the bytes in use into the peak.  Called when the heap grows (a
  * fresh page, a new segment, a large or huge block; every eighth such
@@ -100,7 +102,10 @@ void sm_stats_sample_peak(void) {
   uint64_t bytes = 0;
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
     int64_t n = per_bin[bin] - (int64_t)__atomic_load_n(&sm_orphan.class_frees[bin], __ATOMIC_RELAXED);
-    if (n > 0) bytes += (uint64_t)n * sm_bin_size(bin);
+    if (n > 0) {
+      bytes += (uint64_t)n * sm_bin_size(bin);
+      sm_max_raise(&sm_gstats.class_peak[bin], (uint64_t)n);
+    }
   }
   bytes += atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed);
   sm_peak_raise(bytes);
@@ -137,6 +142,8 @@ static void sm_stats_raw(smalloc_stats_t *o) {
     /* a live thread's counts are read as they are: its frees of another
      * thread's blocks may be seen before its allocations are folded */
     c->blocks_in_use = c->allocs > c->frees ? c->allocs - c->frees : 0;
+    sm_max_raise(&sm_gstats.class_peak[bin], c->blocks_in_use);
+    o->class_blocks_peak[bin - 1] = atomic_load_explicit(&sm_gstats.class_peak[bin], memory_order_relaxed);
     int64_t pg = atomic_load_explicit(&sm_gstats.class_pages[bin], memory_order_relaxed);
     c->pages_in_use = pg > 0 ? (uint64_t)pg : 0;
     for (int s = 0; s < SMALLOC_STEP_COUNT; s++) {
@@ -257,6 +264,8 @@ SM_EXPORT void smalloc_stats_reset(void) {
   sm_reset_base = s;
   pthread_mutex_unlock(&sm_stats_mutex);
   atomic_store(&sm_gstats.peak_in_use, s.bytes_in_use);
+  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++)
+    atomic_store(&sm_gstats.class_peak[bin], s.classes[bin - 1].blocks_in_use);
 }
 
 /* ---- printing --------------------------------------------------------------- */
@@ -373,8 +382,8 @@ void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t residen
   SM_STATS_FIELDS2(SM_ROW)
   SM_STATS_FIELDS3(SM_ROW)
 #undef SM_ROW
-  fprintf(out, "  %-9s %11s %11s %11s %9s %6s %9s %9s %9s %9s\n", "class", "allocs", "frees",
-          "in use", "pages", "used", "swap", "collect", "extend", "other");
+  fprintf(out, "  %-9s %11s %11s %11s %11s %9s %6s %9s %9s %9s %9s\n", "class", "allocs", "frees",
+          "in use", "peak", "pages", "used", "swap", "collect", "extend", "other");
   for (size_t i = 0; i < s->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
     const smalloc_class_stats_t *c = &s->classes[i];
     if (c->allocs == 0 && c->frees == 0 && c->blocks_in_use == 0 && c->pages_in_use == 0) continue;
@@ -388,10 +397,10 @@ void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t residen
                100.0 * (double)(c->blocks_in_use * c->block_size) / (double)(c->pages_in_use * page_bytes));
     else
       snprintf(used, sizeof used, "-");
-    fprintf(out, "  %9llu %11llu %11llu %11llu %9llu %6s %9llu %9llu %9llu %9llu\n",
+    fprintf(out, "  %9llu %11llu %11llu %11llu %11llu %9llu %6s %9llu %9llu %9llu %9llu\n",
             (unsigned long long)c->block_size, (unsigned long long)c->allocs,
             (unsigned long long)c->frees, (unsigned long long)c->blocks_in_use,
-            (unsigned long long)c->pages_in_use, used,
+            (unsigned long long)s->class_blocks_peak[i], (unsigned long long)c->pages_in_use, used,
             (unsigned long long)c->slow_steps[SMALLOC_STEP_LOCAL_SWAP],
             (unsigned long long)c->slow_steps[SMALLOC_STEP_THREAD_COLLECT],
             (unsigned long long)c->slow_steps[SMALLOC_STEP_EXTEND], (unsigned long long)other);
@@ -426,6 +435,7 @@ void sm_stats_sum(smalloc_stats_t *dst, const smalloc_stats_t *src) {
     d->allocs += c->allocs;
     d->frees += c->frees;
     d->pages_in_use += c->pages_in_use;
+    dst->class_blocks_peak[i] += src->class_blocks_peak[i];
     for (int k = 0; k < SMALLOC_STEP_COUNT; k++) d->slow_steps[k] += c->slow_steps[k];
   }
 }
@@ -517,9 +527,16 @@ static const char *sm_j_steps(void *ctx, const char *key, const char *p) {
   return NULL;
 }
 
+typedef struct sm_j_class_s {
+  smalloc_class_stats_t *c;
+  uint64_t *peak;
+} sm_j_class_t;
+
 static const char *sm_j_class(void *ctx, const char *key, const char *p) {
-  smalloc_class_stats_t *c = ctx;
+  sm_j_class_t *jc = ctx;
+  smalloc_class_stats_t *c = jc->c;
   if (strcmp(key, "slow_steps") == 0) return sm_j_object(p, c->slow_steps, sm_j_steps);
+  if (strcmp(key, "blocks_peak") == 0) return sm_j_number(p, jc->peak);
   uint64_t *f = strcmp(key, "block_size") == 0 ? &c->block_size
               : strcmp(key, "blocks_in_use") == 0 ? &c->blocks_in_use
               : strcmp(key, "allocs") == 0 ? &c->allocs
@@ -554,8 +571,11 @@ static const char *sm_j_report(void *ctx, const char *key, const char *p) {
     p = sm_j_ws(p + 1);
     if (*p == ']') return p + 1;
     for (size_t i = 0;; i++) {
-      smalloc_class_stats_t junk, *c = i < SMALLOC_STATS_CLASSES ? &s->classes[i] : &junk;
-      if (!(p = sm_j_object(p, c, sm_j_class))) return NULL;
+      smalloc_class_stats_t junk;
+      uint64_t junk_peak;
+      sm_j_class_t jc = {i < SMALLOC_STATS_CLASSES ? &s->classes[i] : &junk,
+                         i < SMALLOC_STATS_CLASSES ? &s->class_blocks_peak[i] : &junk_peak};
+      if (!(p = sm_j_object(p, &jc, sm_j_class))) return NULL;
       if (i < SMALLOC_STATS_CLASSES) s->nclasses = (uint32_t)(i + 1);
       p = sm_j_ws(p);
       if (*p == ',') { p = sm_j_ws(p + 1); continue; }
@@ -611,10 +631,10 @@ static void sm_stats_print_json(FILE *out) {
   for (size_t i = 0; i < s->nclasses; i++) {
     const smalloc_class_stats_t *c = &s->classes[i];
     fprintf(out, "%s{\"block_size\": %llu, \"blocks_in_use\": %llu, \"allocs\": %llu, \"frees\": %llu, "
-            "\"pages_in_use\": %llu, \"slow_steps\": ", i ? ", " : "",
+            "\"pages_in_use\": %llu, \"blocks_peak\": %llu, \"slow_steps\": ", i ? ", " : "",
             (unsigned long long)c->block_size, (unsigned long long)c->blocks_in_use,
             (unsigned long long)c->allocs, (unsigned long long)c->frees,
-            (unsigned long long)c->pages_in_use);
+            (unsigned long long)c->pages_in_use, (unsigned long long)s->class_blocks_peak[i]);
     sm_json_steps(out, c->slow_steps);
     fputc('}', out);
   }

@@ -906,8 +906,47 @@ START_TEST(print_table_shape)
   ck_assert_msg(strstr(text, " % overhead), ") != NULL, "no overhead in:\n%.400s", text);
   ck_assert_msg(strstr(text, " % on the fast path; ") != NULL, "no fast-path share in:\n%.400s", text);
   ck_assert_msg(strstr(text, " per 1000 calls), ") != NULL, "no rate in:\n%.400s", text);
-  ck_assert_msg(strstr(text, "  class          allocs       frees      in use     pages   used") != NULL,
-                "class table header in:\n%s", text);
+  const char *classes = strstr(text, "  class ");
+  ck_assert_msg(classes != NULL && strncmp(classes, "  class          allocs       frees      in use"
+                                           "        peak     pages   used", 66) == 0,
+                "class table header: %.120s", classes ? classes : "(none)");
+}
+END_TEST
+
+/* ============================================================================
+ * class_peak_follows_in_use: a class's class_blocks_peak is the highest
+ * blocks_in_use sampled: 40 blocks more than before, read while they are
+ * live, stay its peak after they are freed (exactly: nothing else runs
+ * here), and smalloc_stats_reset brings it back to what is in use now. */
+
+START_TEST(class_peak_follows_in_use)
+{
+  enum { N = 40 };
+  static void *v[N];
+  const size_t req = SM_TEST_REQUEST_FOR(7680);
+  smalloc_stats_t s0, s1, s2, s3;
+  int rc = st_snap(&s0);
+  int failed = 0;
+  for (int i = 0; i < N; i++)
+    failed += (v[i] = smalloc_malloc(req)) == NULL;
+  rc |= st_snap(&s1);
+  for (int i = 0; i < N; i++)
+    smalloc_free(v[i]);
+  rc |= st_snap(&s2);
+  smalloc_stats_reset();
+  rc |= st_snap(&s3);
+
+  ck_assert_int_eq(rc, 0);
+  ck_assert_int_eq(failed, 0);
+  int c = sm_test_class_index(&s0, req);
+  ck_assert_int_ge(c, 0);
+  uint64_t u0 = s0.classes[c].blocks_in_use;
+  uint64_t want = s0.class_blocks_peak[c] > u0 + N ? s0.class_blocks_peak[c] : u0 + N;
+  ck_assert_uint_eq(s1.classes[c].blocks_in_use, u0 + N);
+  ck_assert_uint_eq(s1.class_blocks_peak[c], want);
+  ck_assert_uint_eq(s2.classes[c].blocks_in_use, u0);
+  ck_assert_uint_eq(s2.class_blocks_peak[c], want);
+  ck_assert_uint_eq(s3.class_blocks_peak[c], u0);
 }
 END_TEST
 
@@ -1713,6 +1752,7 @@ static Suite *stats_suite(bool with_json)
   tcase_add_test(tc, reset_zeroes_events_keeps_gauges);
   tcase_add_test(tc, print_table_shape);
   tcase_add_test(tc, stats_get_respects_size);
+  tcase_add_test(tc, class_peak_follows_in_use);
   suite_add_tcase(s, tc);
 
   tc = tcase_create("options");
