@@ -115,7 +115,7 @@ void sm_background_wake(void) {
 /* Do what was asked (sm_bg_wanted): print the report that came due, start
  * the purge thread if it is not running.  Only where the calling thread
  * holds no smalloc lock and no page state. */
-void sm_background_start(void) {
+void sm_background_act(void) {
   int wanted = atomic_exchange_explicit(&sm_bg_wanted, 0, memory_order_relaxed);
   if (wanted & SM_WANT_REPORT) sm_stats_periodic();
   if (!(wanted & SM_WANT_PURGE_THREAD)) return;

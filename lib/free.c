@@ -226,30 +226,44 @@ void sm_free_flush_remote(sm_heap_t *heap) {
   }
 }
 
-/* Add b (tagged) to this thread's batch for its page. */
-/* False when b heads its batch already: freed twice by this thread, its
- * tag overwritten in between (pushed again, it would link to itself). */
+/* The first slot of the page's pair. */
 static unsigned sm_xbuf_slot(const sm_page_t *page) {
   return (unsigned)(((uintptr_t)page * 0x9E3779B97F4A7C15ull) >> (64 - SM_XBUF_SLOTS_LOG2));
+}
+
+/* The slot of the page's pair that holds its open batch; when neither
+ * does, the second (whose page the caller finds is not this one). */
+static inline sm_xbuf_t *sm_xbuf_open(sm_heap_t *heap, const sm_page_t *page) {
+  unsigned i = sm_xbuf_slot(page);
+  return heap->xbuf[i].page == page ? &heap->xbuf[i] : &heap->xbuf[i ^ 1];
+}
+
+/* Link b (tagged) at the head of x, its page's open batch. */
+static inline void sm_xbuf_push(sm_xbuf_t *x, const sm_page_t *page, sm_block_t *b) {
+  b->next = sm_enc(page, x->head);
+  x->head = b;
+  x->count++;
 }
 
 /* A page's batch sits in one slot of a pair, so that two pages that a
  * thread frees into by turns (blocks of two classes) rarely send each
  * other's batch early: the slot that holds the page's batch, else a free
  * one of the pair, else the one with more blocks (sent first). */
-static unsigned sm_xbuf_find(const sm_heap_t *heap, const sm_page_t *page) {
-  unsigned i = sm_xbuf_slot(page);
-  const sm_xbuf_t *a = &heap->xbuf[i], *b = &heap->xbuf[i ^ 1];
-  if (a->page == page) return i;
-  if (b->page == page) return i ^ 1;
-  if (a->page == NULL) return i;
-  if (b->page == NULL) return i ^ 1;
-  return a->count >= b->count ? i : i ^ 1;
+static sm_xbuf_t *sm_xbuf_find(sm_heap_t *heap, const sm_page_t *page) {
+  sm_xbuf_t *x = sm_xbuf_open(heap, page);
+  if (x->page == page) return x;
+  sm_xbuf_t *a = &heap->xbuf[sm_xbuf_slot(page)], *b = &heap->xbuf[sm_xbuf_slot(page) ^ 1];
+  if (a->page == NULL) return a;
+  if (b->page == NULL) return b;
+  return a->count >= b->count ? a : b;
 }
 
+/* Add b (tagged) to this thread's batch for its page.  False when b heads
+ * its batch already: freed twice by this thread, its tag overwritten in
+ * between (pushed again, it would link to itself). */
 static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
-  unsigned i = sm_xbuf_find(heap, page);
-  sm_xbuf_t *x = &heap->xbuf[i];
+  sm_xbuf_t *x = sm_xbuf_find(heap, page);
+  unsigned i = (unsigned)(x - heap->xbuf);
   if (sm_unlikely(x->head == b)) return false;
   if (x->page != page) {
     if (x->page != NULL) sm_xbuf_send(x);
@@ -257,9 +271,8 @@ static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
     x->tail = b;
     heap->xbuf_used[i / 64] |= (uint64_t)1 << (i % 64);
   }
-  b->next = sm_enc(page, x->head);
-  x->head = b;
-  if (++x->count == SM_XBUF_MAX) {
+  sm_xbuf_push(x, page, b);
+  if (x->count == SM_XBUF_MAX) {
     sm_xbuf_send(x);
     heap->xbuf_used[i / 64] &= ~((uint64_t)1 << (i % 64));
   }
@@ -286,16 +299,14 @@ static __attribute__((noinline)) void sm_free_xthread_general(sm_page_t *page, s
   sm_cnt_add(heap->stats.class_frees[page->bin], 1);
 }
 
-/* The common remote free, a leaf without a stack frame: the block joins
- * the open batch of its page, which has room, and its tag says it is not
- * free yet.  Everything else (a new batch, a full one, our own page on
- * the full list, a thread without a heap: its slots hold no page, the
- * secure build's checks, valgrind) takes the general path above. */
+/* The common remote free, a leaf that calls nothing: the block joins the
+ * open batch of its page, which has room, and its tag says it is not free
+ * yet.  Everything else (a new batch, a full one, our own page on the
+ * full list, a thread without a heap: its slots hold no page, the secure
+ * build's checks, valgrind) takes the general path above. */
 void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
   sm_heap_t *heap = sm_heap();
-  unsigned i = sm_xbuf_slot(page);
-  sm_xbuf_t *x = &heap->xbuf[i];
-  if (x->page != page) x = &heap->xbuf[i ^ 1];
+  sm_xbuf_t *x = sm_xbuf_open(heap, page);
   uintptr_t key = page->key;
   if (sm_unlikely(SM_CANARY || sm_track_on() || x->page != page || x->head == b ||
                   x->count >= SM_XBUF_MAX - 1 || (b->tag ^ key) <= SM_TAG_REMOTE ||
@@ -304,9 +315,7 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
     return;
   }
   b->tag = key ^ SM_TAG_REMOTE;
-  b->next = sm_enc(page, x->head);
-  x->head = b;
-  x->count++;
+  sm_xbuf_push(x, page, b);
   sm_cnt_add(heap->stats.class_frees[page->bin], 1);
 }
 

@@ -663,7 +663,7 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
 
 /* Free on the owner thread: 44 instructions to its ret on x86-64 (gcc 12,
  * -O2; 3 of them the segment map window, 2 the local list's head
- * compared with the block); with malloc's 23 and the loop, a
+ * compared with the block); with malloc's 25 and the loop, a
  * malloc(32)+free pair is 87.3 under callgrind (make bench-callgrind).
  * Checks (all cheap): the pointer is in a segment, it starts a block, its
  * tag word holds neither the page's key nor the remote tag, and it is not
@@ -829,7 +829,7 @@ void sm_stats_fork_child(void);
 /* Bytes waiting to be given back above which a purge thread is started. */
 #define SM_BG_THRESHOLD ((uint64_t)8 << 20)
 void sm_background_wake(void);
-void sm_background_start(void);
+void sm_background_act(void);
 void sm_background_fork_child(void);
 /* What the end of a malloc or free is asked to do, where the caller holds
  * no lock and no page state: start the purge thread, print a report */
@@ -842,7 +842,7 @@ void sm_stats_periodic(void);
  * was asked for meanwhile (sm_background_wake), print the report that
  * came due (sm_stats_tick). */
 SM_INLINE void sm_background_poll(void) {
-  if (sm_unlikely(atomic_load_explicit(&sm_bg_wanted, memory_order_relaxed) != 0)) sm_background_start();
+  if (sm_unlikely(atomic_load_explicit(&sm_bg_wanted, memory_order_relaxed) != 0)) sm_background_act();
 }
 
 /* ---- options.c ---------------------------------------------------------- */

@@ -3,6 +3,7 @@
 #include "internal.h"
 
 #include <limits.h>
+#include <strings.h>
 #include <sys/auxv.h>
 
 extern char **environ;
@@ -129,16 +130,23 @@ static unsigned sm_distance(const char *a, size_t na, const char *b, size_t nb) 
 /* A SMALLOC_ variable that is no option: when its name is within two
  * edits of one, say so (other SMALLOC_ variables, of scripts and test
  * harnesses, are left alone). */
+/* The option whose name (its variable, from character skip on: 8 leaves
+ * SMALLOC_ out) is within two edits of name[0..n), or -1. */
+static int sm_option_near(const char *name, size_t n, size_t skip) {
+  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
+    const char *o = sm_option_desc[i].env + skip;
+    if (sm_distance(name, n, o, strlen(o)) <= 2) return i;
+  }
+  return -1;
+}
+
 static void sm_option_unknown(const char *e) {
   const char *eq = strchr(e, '=');
   size_t n = eq ? (size_t)(eq - e) : strlen(e);
-  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
-    const char *name = sm_option_desc[i].env;
-    if (sm_distance(e, n, name, strlen(name)) <= 2) {
-      sm_message("ignoring %.*s: no such option; did you mean %s?", (int)(n < 64 ? n : 64), e, name);
-      return;
-    }
-  }
+  int i = sm_option_near(e, n, 0);
+  if (i >= 0)
+    sm_message("ignoring %.*s: no such option; did you mean %s?", (int)(n < 64 ? n : 64), e,
+               sm_option_desc[i].env);
 }
 
 /* An option's key in SMALLOC_CONF: its name without SMALLOC_, in lower
@@ -153,8 +161,7 @@ static const char *sm_option_key(int i, char *buf, size_t cap) {
 
 /* One key:value pair of SMALLOC_CONF (key and value trimmed). */
 static void sm_options_conf_pair(const char *key, const char *val) {
-  const char *name = key;
-  if (strlen(key) > 8 && sm_distance(key, 8, "SMALLOC_", 8) == 0) name = key + 8;   /* the full name */
+  const char *name = strncasecmp(key, "SMALLOC_", 8) == 0 ? key + 8 : key;   /* the full name too */
   if (sm_word_eq(name, "stats_file")) {
     sm_stats_set_file(val);
     return;
@@ -167,15 +174,12 @@ static void sm_options_conf_pair(const char *key, const char *val) {
       return;
     }
   }
-  for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
-    const char *o = sm_option_desc[i].env + 8;
-    if (sm_distance(name, strlen(name), o, strlen(o)) <= 2) {
-      sm_message("ignoring SMALLOC_CONF key '%s': no such option; did you mean %s?", key,
-                 sm_option_key(i, opt, sizeof opt));
-      return;
-    }
-  }
-  sm_message("ignoring SMALLOC_CONF key '%s': no such option", key);
+  int near = sm_option_near(name, strlen(name), 8);
+  if (near >= 0)
+    sm_message("ignoring SMALLOC_CONF key '%s': no such option; did you mean %s?", key,
+               sm_option_key(near, opt, sizeof opt));
+  else
+    sm_message("ignoring SMALLOC_CONF key '%s': no such option", key);
 }
 
 /* SMALLOC_CONF="stats:json,retire_cycles:512": several options in one
