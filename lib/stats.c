@@ -700,9 +700,14 @@ static int sm_stats_open_file(void) {
   return fd;
 }
 
+/* A report in SMALLOC_STATS's format: JSON, else the table. */
+static void sm_stats_report(FILE *out) {
+  if (sm_opt(STATS) == 2) smalloc_stats_print_json(out);
+  else smalloc_stats_print(out);
+}
+
 void sm_stats_at_exit(void) {
-  long mode = sm_opt(STATS);
-  if (mode == 0) return;
+  if (sm_opt(STATS) == 0) return;
   int fd = sm_stats_open_file();
   if (fd >= 0) {
     if (sm_stats_fd >= 0) close(sm_stats_fd);
@@ -710,8 +715,7 @@ void sm_stats_at_exit(void) {
   }
   FILE *out = sm_stats_fd >= 0 ? fdopen(sm_stats_fd, "w") : NULL;
   if (out == NULL) out = stderr;
-  if (mode == 1) smalloc_stats_print(out);
-  else smalloc_stats_print_json(out);
+  sm_stats_report(out);
   if (out != stderr) fclose(out);
   sm_stats_fd = -1;
 }
@@ -744,8 +748,7 @@ void sm_stats_periodic(void) {
   if (out == NULL) {
     if (fd >= 0) close(fd);
   } else {
-    if (sm_opt(STATS) == 2) smalloc_stats_print_json(out);
-    else smalloc_stats_print(out);
+    sm_stats_report(out);
     fclose(out);
   }
   atomic_store(&printing, 0);
