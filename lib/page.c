@@ -135,7 +135,10 @@ static void sm_page_extend(sm_page_t *page) {
 /* Move thread_free onto local_free, with one exchange that also yields the
  * list's length (used must be exact for the retire decision).  When
  * local_free is empty, as in the slow path's collect step, the list is
- * taken whole; otherwise it is walked to its tail. */
+ * taken whole; when free is, it becomes free (a page behind the first of
+ * its class, or on the full list: the list is taken whole too); only
+ * otherwise is it walked to its tail, a cache miss per block (bench_server:
+ * 5 % of the run when every collect walked). */
 void sm_page_collect_thread_free(sm_page_t *page) {
   if (sm_tf_head(page, memory_order_relaxed) == NULL) return;
   /* take the list, keep the full bit */
@@ -143,7 +146,9 @@ void sm_page_collect_thread_free(sm_page_t *page) {
   sm_block_t *head = sm_tf_ptr(page, v);
   if (!head) return;
   uint32_t n = sm_tf_count(v);
-  if (page->local_free) {
+  if (page->local_free && page->free == NULL) {
+    page->free = head;
+  } else if (page->local_free) {
     sm_block_t *tail = head;
     sm_track_link(tail);
     for (uint32_t i = 1; i < n; i++) {
@@ -157,8 +162,10 @@ void sm_page_collect_thread_free(sm_page_t *page) {
       tail = next;
     }
     tail->next = sm_enc(page, page->local_free);
+    page->local_free = head;
+  } else {
+    page->local_free = head;
   }
-  page->local_free = head;
   if (sm_unlikely(n > page->used)) n = page->used;   /* only after a reported corruption */
   page->used -= n;
   page->used_folded -= (int32_t)n;   /* keeps the fold's allocation count exact */
