@@ -2,6 +2,7 @@
  * mremap.  Every function returns 0 or an errno value and leaves errno as
  * it found it, so free() never changes errno.  Every call is counted. */
 #include "internal.h"
+#include "probes.h"
 
 #include <sys/mman.h>
 #include <sys/auxv.h>
@@ -18,6 +19,34 @@ static void sm_mapped_add(size_t n) {
   }
 }
 
+/* The four calls, each counted and traced (smalloc(7), TRACEPOINTS) in
+ * one place. */
+static void *sm_sys_mmap(void *hint, size_t size, int prot, int flags) {
+  sm_gadd(os_mmap, 1);
+  void *p = mmap(hint, size, prot, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0);
+  SM_PROBE(os_mmap, p, size);
+  return p;
+}
+
+static int sm_sys_munmap(void *p, size_t size) {
+  sm_gadd(os_munmap, 1);
+  SM_PROBE(os_munmap, p, size);
+  return munmap(p, size);
+}
+
+static int sm_sys_madvise(void *p, size_t size, int advice) {
+  sm_gadd(os_madvise, 1);
+  SM_PROBE(os_madvise, p, size, advice);
+  return madvise(p, size, advice);
+}
+
+static void *sm_sys_mremap(void *p, size_t old_size, size_t new_size, int flags, void *to) {
+  sm_gadd(os_mremap, 1);
+  void *q = mremap(p, old_size, new_size, flags, to);
+  SM_PROBE(os_mremap, p, q, new_size);
+  return q;
+}
+
 /* ---- the segment map's storage (internal.h) ------------------------------ */
 uintptr_t sm_segmap_base = SM_SEGMAP_NO_BASE;
 _Atomic uint8_t sm_segmap_window[SM_SEGMAP_WINDOW];
@@ -29,13 +58,11 @@ _Atomic(sm_segmap_mid_t *) sm_segmap_root[SM_SEGMAP_ROOTS];
 static void *sm_segmap_table(_Atomic(void *) *slot, size_t size) {
   void *t = atomic_load_explicit(slot, memory_order_acquire);
   if (t) return t;
-  sm_gadd(os_mmap, 1);
-  void *fresh = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void *fresh = sm_sys_mmap(NULL, size, PROT_READ | PROT_WRITE, 0);
   if (fresh == MAP_FAILED) return NULL;
   if (atomic_compare_exchange_strong_explicit(slot, &t, fresh, memory_order_acq_rel, memory_order_acquire))
     return fresh;
-  sm_gadd(os_munmap, 1);
-  munmap(fresh, size);
+  sm_sys_munmap(fresh, size);
   return t;
 }
 
@@ -65,8 +92,7 @@ bool sm_segmap_prepare(uintptr_t seg) {
 
 int sm_os_map(size_t size, void **out) {
   int saved = errno;
-  sm_gadd(os_mmap, 1);
-  void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void *p = sm_sys_mmap(NULL, size, PROT_READ | PROT_WRITE, 0);
   int err = (p == MAP_FAILED) ? errno : 0;
   errno = saved;
   if (err) return err;
@@ -86,13 +112,11 @@ _Atomic uintptr_t sm_os_hint;
 static void *sm_os_map_at_hint(size_t size, size_t alignment, size_t pre) {
   uintptr_t hint = atomic_load_explicit(&sm_os_hint, memory_order_relaxed);
   if (hint == 0 || pre != 0 || ((hint + pre) & (alignment - 1)) != 0) return NULL;
-  sm_gadd(os_mmap, 1);
-  void *p = mmap((void *)hint, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void *p = sm_sys_mmap((void *)hint, size, PROT_READ | PROT_WRITE, 0);
   if (p == MAP_FAILED) return NULL;
   if ((((uintptr_t)p + pre) & (alignment - 1)) != 0 ||
       (alignment >= SM_SEGMENT_SIZE && !sm_segmap_prepare((uintptr_t)p))) {
-    sm_gadd(os_munmap, 1);
-    munmap(p, size);
+    sm_sys_munmap(p, size);
     return NULL;
   }
   return p;
@@ -113,18 +137,16 @@ int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out) {
   }
   size_t total = size + alignment;
   if (total < size) return ENOMEM;
-  sm_gadd(os_mmap, 1);
-  uint8_t *raw = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  uint8_t *raw = sm_sys_mmap(NULL, total, PROT_READ | PROT_WRITE, 0);
   if (raw == MAP_FAILED) { int err = errno; errno = saved; return err; }
   uintptr_t want = (((uintptr_t)raw + pre + alignment - 1) & ~(uintptr_t)(alignment - 1)) - pre;
   if (want < (uintptr_t)raw) want += alignment;
   size_t head = want - (uintptr_t)raw;
   size_t tail = total - head - size;
-  if (head) { sm_gadd(os_munmap, 1); munmap(raw, head); }
-  if (tail) { sm_gadd(os_munmap, 1); munmap((uint8_t *)want + size, tail); }
+  if (head) sm_sys_munmap(raw, head);
+  if (tail) sm_sys_munmap((uint8_t *)want + size, tail);
   if (alignment >= SM_SEGMENT_SIZE && !sm_segmap_prepare(want)) {
-    sm_gadd(os_munmap, 1);
-    munmap((void *)want, size);
+    sm_sys_munmap((void *)want, size);
     errno = saved;
     return ENOMEM;
   }
@@ -138,8 +160,7 @@ int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out) {
 
 int sm_os_unmap(void *p, size_t size) {
   int saved = errno;
-  sm_gadd(os_munmap, 1);
-  int err = munmap(p, size) ? errno : 0;
+  int err = sm_sys_munmap(p, size) ? errno : 0;
   errno = saved;
   if (!err) { sm_gsub(bytes_mapped, size); }
   return err;
@@ -148,8 +169,7 @@ int sm_os_unmap(void *p, size_t size) {
 /* Give the memory back but keep the mapping: it reads as zero afterwards. */
 int sm_os_purge(void *p, size_t size) {
   int saved = errno;
-  sm_gadd(os_madvise, 1);
-  int err = madvise(p, size, MADV_DONTNEED) ? errno : 0;
+  int err = sm_sys_madvise(p, size, MADV_DONTNEED) ? errno : 0;
   errno = saved;
   if (!err) sm_gadd(bytes_purged, size);
   return err;
@@ -158,8 +178,7 @@ int sm_os_purge(void *p, size_t size) {
 int sm_os_hugepage(void *p, size_t size) {
 #ifdef MADV_HUGEPAGE
   int saved = errno;
-  sm_gadd(os_madvise, 1);
-  int err = madvise(p, size, MADV_HUGEPAGE) ? errno : 0;
+  int err = sm_sys_madvise(p, size, MADV_HUGEPAGE) ? errno : 0;
   errno = saved;
   return err;
 #else
@@ -172,8 +191,7 @@ int sm_os_hugepage(void *p, size_t size) {
  * MREMAP_FIXED onto a fresh reservation where (result + pre) is aligned. */
 int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, size_t pre, void **out) {
   int saved = errno;
-  sm_gadd(os_mremap, 1);
-  void *q = mremap(p, old_size, new_size, 0);
+  void *q = sm_sys_mremap(p, old_size, new_size, 0, NULL);
   if (q != MAP_FAILED) {
     errno = saved;
     if (new_size > old_size) sm_mapped_add(new_size - old_size);
@@ -183,29 +201,25 @@ int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, siz
   }
   /* reserve an aligned range, then move the pages onto it */
   size_t total = new_size + alignment;
-  sm_gadd(os_mmap, 1);
-  uint8_t *raw = mmap(NULL, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  uint8_t *raw = sm_sys_mmap(NULL, total, PROT_NONE, MAP_NORESERVE);
   if (raw == MAP_FAILED) { int err = errno; errno = saved; return err; }
   uintptr_t want = (((uintptr_t)raw + pre + alignment - 1) & ~(uintptr_t)(alignment - 1)) - pre;
   if (want < (uintptr_t)raw) want += alignment;
   if (alignment >= SM_SEGMENT_SIZE && !sm_segmap_prepare(want)) {
-    sm_gadd(os_munmap, 1);
-    munmap(raw, total);
+    sm_sys_munmap(raw, total);
     errno = saved;
     return ENOMEM;
   }
-  sm_gadd(os_mremap, 1);
-  q = mremap(p, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)want);
+  q = sm_sys_mremap(p, old_size, new_size, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)want);
   if (q == MAP_FAILED) {
     int err = errno;
-    sm_gadd(os_munmap, 1);
-    munmap(raw, total);
+    sm_sys_munmap(raw, total);
     errno = saved;
     return err;
   }
   size_t head = want - (uintptr_t)raw, tail = total - head - new_size;
-  if (head) { sm_gadd(os_munmap, 1); munmap(raw, head); }
-  if (tail) { sm_gadd(os_munmap, 1); munmap((uint8_t *)want + new_size, tail); }
+  if (head) sm_sys_munmap(raw, head);
+  if (tail) sm_sys_munmap((uint8_t *)want + new_size, tail);
   errno = saved;
   sm_mapped_add(new_size - old_size);
   *out = q;

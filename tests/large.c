@@ -8,6 +8,7 @@
 
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/sysinfo.h>
 
 typedef struct lg_window {
   smalloc_stats_t s0, s1;
@@ -195,6 +196,43 @@ START_TEST(large_blocks_fill_an_address_space_limit)
 }
 END_TEST
 
+/* A request for more than the machine's memory and swap fails at once with
+ * ENOMEM, as with the C library, where the kernel checks what a mapping
+ * commits (overcommit_memory 0, the default, or 2): a program that asks
+ * for an absurd size to see whether it can have it must not get a block
+ * that the OOM killer stops it for when it writes it.  Also realloc. */
+START_TEST(a_request_beyond_memory_and_swap_fails)
+{
+  FILE *f = fopen("/proc/sys/vm/overcommit_memory", "r");
+  int mode = -1;
+  if (f) {
+    if (fscanf(f, "%d", &mode) != 1)
+      mode = -1;
+    fclose(f);
+  }
+  struct sysinfo si;
+  ck_assert_int_eq(sysinfo(&si), 0);
+  unsigned long long all = ((unsigned long long)si.totalram + si.totalswap) * si.mem_unit;
+  size_t size = (size_t)(2 * all) & ~(size_t)4095;
+  if (mode == 1 || size == 0 || size > ((size_t)1 << 44))
+    return;   /* the kernel grants any mapping, or the address space would refuse it anyway */
+  errno = 0;
+  ck_assert_ptr_null(smalloc_malloc(size));
+  ck_assert_int_eq(errno, ENOMEM);
+  errno = 0;
+  ck_assert_ptr_null(smalloc_calloc(1, size));
+  ck_assert_int_eq(errno, ENOMEM);
+  unsigned char *p = smalloc_malloc(64 * MiB);
+  ck_assert_ptr_nonnull(p);
+  p[0] = 0x5a;
+  errno = 0;
+  ck_assert_ptr_null(smalloc_realloc(p, size));
+  ck_assert_int_eq(errno, ENOMEM);
+  ck_assert_int_eq(p[0], 0x5a);
+  smalloc_free(p);
+}
+END_TEST
+
 static Suite *large_suite(void)
 {
   Suite *s = suite_create("large");
@@ -204,6 +242,7 @@ static Suite *large_suite(void)
   tcase_add_test(tc, calloc_of_a_reused_huge_block_is_zero);
   tcase_add_test(tc, kept_huge_mappings_are_purged_then_trimmed);
   tcase_add_test(tc, large_blocks_fill_an_address_space_limit);
+  tcase_add_test(tc, a_request_beyond_memory_and_swap_fails);
   suite_add_tcase(s, tc);
   return s;
 }
