@@ -2,10 +2,18 @@
  * realloc and aligned allocation.  The inline fast path is in internal.h. */
 #include "internal.h"
 #include "track.h"
+#include "probes.h"
 
-/* A call answered with NULL and errno err: counted in calls_failed. */
-static SM_COLD void *sm_fail(sm_heap_t *heap, int err) {
+/* A call that fails with err (errno, or posix_memalign's result): counted
+ * in calls_failed and traced, here alone. */
+SM_COLD void sm_call_failed(sm_heap_t *heap, int err) {
   if (heap->initialized) sm_cnt_add(heap->stats.calls[SM_CALL_FAILED], 1);
+  SM_PROBE(alloc_failed, err);
+}
+
+/* A call answered with NULL and errno err. */
+static SM_COLD void *sm_fail(sm_heap_t *heap, int err) {
+  sm_call_failed(heap, err);
   errno = err;
   return NULL;
 }

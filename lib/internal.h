@@ -569,6 +569,8 @@ SM_INLINE bool sm_large_canary_ok(const sm_segment_t *seg, const void *b) {
 #define SM_DEBUG 1
 #endif
 SM_COLD void sm_assert_fail(const char *expr, const char *file, int line);
+/* A call that fails with err: counted in calls_failed and traced (alloc.c). */
+SM_COLD void sm_call_failed(sm_heap_t *heap, int err);
 #define sm_assert(x) ((SM_DEBUG >= 1 && sm_unlikely(!(x))) ? sm_assert_fail(#x, __FILE__, __LINE__) : (void)0)
 #define sm_assert_expensive(x) ((SM_DEBUG >= 2 && sm_unlikely(!(x))) ? sm_assert_fail(#x, __FILE__, __LINE__) : (void)0)
 

@@ -30,10 +30,8 @@ SM_EXPORT void *smalloc_reallocarray(void *p, size_t count, size_t size) {
   size_t n;
   if (__builtin_mul_overflow(count, size, &n)) {
     sm_heap_t *heap = sm_heap();
-    if (heap->initialized) {
-      sm_cnt_add(heap->stats.calls[SM_CALL_REALLOCARRAY], 1);
-      sm_cnt_add(heap->stats.calls[SM_CALL_FAILED], 1);
-    }
+    if (heap->initialized) sm_cnt_add(heap->stats.calls[SM_CALL_REALLOCARRAY], 1);
+    sm_call_failed(heap, ENOMEM);
     errno = ENOMEM;
     return NULL;
   }
@@ -45,17 +43,13 @@ static void sm_count_call(enum sm_call call) {
   if (!heap->initialized) heap = sm_heap_init_thread();
   if (heap) sm_cnt_add(heap->stats.calls[call], 1);
 }
-static void sm_count_failed(void) {
-  sm_heap_t *heap = sm_heap();
-  if (heap->initialized) sm_cnt_add(heap->stats.calls[SM_CALL_FAILED], 1);
-}
 
 static bool sm_is_pow2(size_t a) { return a != 0 && (a & (a - 1)) == 0; }
 
 SM_EXPORT int smalloc_posix_memalign(void **out, size_t alignment, size_t n) {
   sm_count_call(SM_CALL_POSIX_MEMALIGN);
   if (!sm_is_pow2(alignment) || alignment % sizeof(void *) != 0) {
-    sm_count_failed();
+    sm_call_failed(sm_heap(), EINVAL);
     return EINVAL;
   }
   int saved = errno;
@@ -69,7 +63,7 @@ SM_EXPORT int smalloc_posix_memalign(void **out, size_t alignment, size_t n) {
 SM_EXPORT void *smalloc_aligned_alloc(size_t alignment, size_t n) {
   sm_count_call(SM_CALL_ALIGNED_ALLOC);
   if (!sm_is_pow2(alignment)) {
-    sm_count_failed();
+    sm_call_failed(sm_heap(), EINVAL);
     errno = EINVAL;
     return NULL;
   }
@@ -79,7 +73,7 @@ SM_EXPORT void *smalloc_aligned_alloc(size_t alignment, size_t n) {
 SM_EXPORT void *smalloc_memalign(size_t alignment, size_t n) {
   sm_count_call(SM_CALL_MEMALIGN);
   if (!sm_is_pow2(alignment)) {
-    sm_count_failed();
+    sm_call_failed(sm_heap(), EINVAL);
     errno = EINVAL;
     return NULL;
   }
@@ -95,7 +89,7 @@ SM_EXPORT void *smalloc_pvalloc(size_t n) {
   sm_count_call(SM_CALL_PVALLOC);
   size_t rounded = (n + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
   if (rounded < n) {
-    sm_count_failed();
+    sm_call_failed(sm_heap(), ENOMEM);
     errno = ENOMEM;
     return NULL;
   }

@@ -37,6 +37,7 @@
  * is handed back through the heap's xdelayed list (sm_page_to_full). */
 #include "internal.h"
 #include "track.h"
+#include "probes.h"
 
 /* Blocks built per extension step: about 4 KiB (at least 4 blocks), so a
  * class used for a few blocks touches little more than one OS page. */
@@ -248,6 +249,7 @@ void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
   size_t cycles = sm_retire_cycles_for(page->block_size);
   if (cycles == 0) { sm_page_release(heap, page); return; }
   sm_cnt_add(heap->stats.pages_retired, 1);
+  SM_PROBE(page_retire, page->start, page->block_size);
   sm_page_fold_stats(heap, page);   /* nothing pending: anyone may release it */
   sm_pq_remove(heap, page->bin, page);
   page->retire_expire = heap->cycle + (uint32_t)cycles;
@@ -294,6 +296,7 @@ static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
   sm_assert(page->used == 0 && !page->retired && page->frees == 0);
   sm_assert(sm_tf_head(page, memory_order_relaxed) == NULL);
   atomic_fetch_sub_explicit(&sm_gstats.class_pages[page->bin], 1, memory_order_relaxed);
+  SM_PROBE(page_release, page->start, page->block_size);
   page->free = page->local_free = NULL;
   page->capacity = 0;
   sm_page_set_flags(page, 0, 0);
@@ -614,6 +617,7 @@ void sm_heap_reclaim_all(sm_heap_t *heap) {
 
 static void sm_count_step(sm_heap_t *heap, size_t bin, int step) {
   sm_cnt_add(heap->stats.class_steps[bin][step], 1);
+  SM_PROBE(slow_path, step, sm_bin_size(bin));
 }
 
 /* Whether the page has a block to hand out.  A free-list head outside the

@@ -7,6 +7,7 @@
  * have mappings of their own (huge.c). */
 #include "internal.h"
 #include "track.h"
+#include "probes.h"
 
 #include <pthread.h>
 #include <time.h>
@@ -74,6 +75,7 @@ static sm_segment_t *sm_segment_raw_alloc(void) {
   if (sm_os_map_aligned(SM_SEGMENT_SIZE, SM_SEGMENT_SIZE, 0, &p) != 0) return NULL;
   sm_segmap_set((uintptr_t)p, SM_SEGMENT_SHIFT);
   sm_gadd(segments_mapped, 1);
+  SM_PROBE(segment_map, p);
   sm_gadd(segments_in_use, 1);
   return p;
 }
@@ -83,6 +85,7 @@ static void sm_segment_unmap(sm_segment_t *seg) {
   if (!seg->purged) sm_gsub(bytes_committed, SM_SEGMENT_SIZE - seg->decommitted);
   sm_os_unmap(seg, SM_SEGMENT_SIZE);
   sm_gadd(segments_unmapped, 1);
+  SM_PROBE(segment_unmap, seg);
 }
 
 /* Under sm_cache_lock: give a cached segment's memory back; the header
@@ -92,6 +95,7 @@ static void sm_segment_purge_cached_locked(sm_segment_t *s) {
   s->purged = 1;
   sm_gsub(bytes_committed, SM_SEGMENT_SIZE - s->decommitted);
   sm_gadd(segments_purged, 1);
+  SM_PROBE(segment_purge, s);
 }
 
 /* Purge cached segments and huge mappings older than the delay (all of
