@@ -12,7 +12,9 @@
 #include <sys/sdt.h>
 #define SM_PROBE(name, ...) STAP_PROBEV(smalloc, name, __VA_ARGS__)
 #else
-#define SM_PROBE(name, ...) do { } while (0)
+/* nothing, but the arguments count as used (sizeof does not evaluate) */
+char sm_probe_args(int, ...);
+#define SM_PROBE(name, ...) ((void)sizeof(sm_probe_args(0, __VA_ARGS__)))
 #endif
 
 #endif
