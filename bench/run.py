@@ -8,6 +8,7 @@ spreads (min-max), peak RSS and ratios to the freshly built library.
 Allocators:
   fresh        the library just built (FRESH)
   fresh-naive  fresh with SMALLOC_RETIRE_CYCLES=0 (churn workloads only)
+  fresh-prof   fresh with SMALLOC_PROF=1: the heap profiler on at its default rate
   baseline     BASELINE, else the installed libsmalloc (pkg-config, then
                ldconfig); if there is none, glibc serves as the baseline
   glibc        no preload
@@ -63,6 +64,8 @@ ROW_MEANING = {
     "fresh": "the library just built",
     "fresh-naive": "the same with SMALLOC_RETIRE_CYCLES=0: a page goes back as soon as it "
                    "empties (what the retire policy saves)",
+    "fresh-prof": "the same with SMALLOC_PROF=1: the heap profiler sampling at its default "
+                  "rate (smalloc_prof(3)), what profiling costs",
     "baseline": "the installed smalloc, the one this build is compared with",
     "glibc": "the C library's malloc",
     "jemalloc": "Debian's jemalloc", "tcmalloc": "Debian's tcmalloc (minimal)",
@@ -197,6 +200,7 @@ def debian_program(name):
 
 def workloads(bindir, srcdir, quick, tmpdir):
     q = ["quick"] if quick else []
+    bindir, srcdir = os.path.abspath(bindir), os.path.abspath(srcdir)   # runs are in tmpdir
 
     def prog(name, *args):
         return [os.path.join(bindir, name)] + list(args) + q
@@ -357,8 +361,9 @@ def launch(spawn, argv, env_extra, stdin_path, tmpdir):
         cmd += ["-i", stdin_path]
     cmd += ["--"] + argv
     with open(outp, "wb") as fo, open(errp, "wb") as fe:
+        # in the scratch directory: a profile written at exit lands there
         p = subprocess.Popen(cmd, env=base_env(), stdin=subprocess.DEVNULL, stdout=fo,
-                             stderr=fe, start_new_session=True)
+                             stderr=fe, start_new_session=True, cwd=tmpdir)
         try:
             p.wait(timeout=RUN_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -655,7 +660,7 @@ def machine_info():
 
 # One colour per allocator, the same in every chart and every run; names
 # not listed (BENCH_PEERS) take the spare ones in order of appearance.
-COLOURS = {"fresh": "#d62728", "fresh-naive": "#ff9896", "baseline": "#8c564b",
+COLOURS = {"fresh": "#d62728", "fresh-naive": "#ff9896", "fresh-prof": "#e377c2", "baseline": "#8c564b",
            "glibc": "#7f7f7f", "jemalloc": "#2ca02c", "tcmalloc": "#1f77b4",
            "mimalloc": "#9467bd", "mimalloc3": "#17becf", "snmalloc": "#bcbd22",
            "null": "#c7c7c7"}
@@ -968,7 +973,9 @@ def main():
 
     allocs = [Alloc("fresh", fresh, smalloc=True),
               Alloc("fresh-naive", fresh, smalloc=True, env={"SMALLOC_RETIRE_CYCLES": "0"},
-                    note="SMALLOC_RETIRE_CYCLES=0")]
+                    note="SMALLOC_RETIRE_CYCLES=0"),
+              Alloc("fresh-prof", fresh, smalloc=True, env={"SMALLOC_PROF": "1"},
+                    note="SMALLOC_PROF=1")]
     explicit = os.environ.get("BASELINE", "")
     if explicit and not os.path.exists(explicit):
         say("bench: BASELINE=%s does not exist" % explicit)
@@ -1090,7 +1097,7 @@ def main():
 
         report.quick = quick
         if not only and os.access(os.path.join(args.bindir, "bench_idle"), os.X_OK):
-            mallocs = [a for a in allocs if a.name != "fresh-naive"]
+            mallocs = [a for a in allocs if a.name not in ("fresh-naive", "fresh-prof")]
             say("")
             say("== memory return: burst, free, then %.0f s without an allocator call" % IDLE_S)
             report.idle = run_idle(os.path.abspath(args.bindir), mallocs, quick)

@@ -185,6 +185,12 @@ void   smalloc_stats_reset(void);
 void   smalloc_stats_print(FILE *out);
 void   smalloc_stats_print_json(FILE *out);
 
+/* ---- heap profile (smalloc_prof(3)) ---------------------------------------- */
+int    smalloc_prof_start(void);
+void   smalloc_prof_stop(void);
+void   smalloc_prof_reset(void);
+int    smalloc_prof_dump(const char *path);
+
 /* ---- options ------------------------------------------------------------- */
 typedef enum smalloc_option {
   SMALLOC_OPTION_STATS = 0,      /* SMALLOC_STATS: 0 off, 1 table, 2 json at exit */
@@ -197,6 +203,8 @@ typedef enum smalloc_option {
                                     while the program is idle, 0 never start one */
   SMALLOC_OPTION_STATS_INTERVAL, /* SMALLOC_STATS_INTERVAL: ms between reports while the
                                     program runs, 0 only at exit */
+  SMALLOC_OPTION_PROF,           /* SMALLOC_PROF: 1 sample from the start, profile at exit */
+  SMALLOC_OPTION_PROF_RATE,      /* SMALLOC_PROF_RATE: mean bytes between samples */
   SMALLOC_OPTION_COUNT
 } smalloc_option_t;
 

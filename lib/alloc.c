@@ -74,8 +74,8 @@ static void *sm_malloc_slow(sm_heap_t *heap, size_t n) {
   if (sm_unlikely(heap == NULL)) { errno = ENOMEM; return NULL; }
   if (n > SM_MEDIUM_MAX - SM_CANARY) {
     void *p = sm_malloc_large(heap, n, 16, false);
-    if (p) sm_cnt_add(heap->stats.requested, n);
-    else sm_cnt_add(heap->stats.calls[SM_CALL_MALLOC_FAILED], 1);
+    if (p) return sm_prof_count(heap, NULL, p, n);
+    sm_cnt_add(heap->stats.calls[SM_CALL_MALLOC_FAILED], 1);
     return p;
   }
   size_t bin = sm_bin_of(sm_class_size(n));
@@ -90,10 +90,9 @@ static void *sm_malloc_slow(sm_heap_t *heap, size_t n) {
       return sm_fail_enomem(heap);
     }
   }
-  sm_cnt_add(heap->stats.requested, n);
   void *p = sm_page_pop(page);
   sm_track_malloc(p, n, false);
-  return p;
+  return sm_prof_count(heap, page, p, n);
 }
 
 void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
@@ -120,8 +119,9 @@ void *sm_calloc(size_t count, size_t size) {
   void *p;
   if (n > SM_MEDIUM_MAX - SM_CANARY) {
     p = sm_malloc_large(heap, n, 16, true);   /* huge mappings are zero already */
-    if (p) { sm_cnt_add(heap->stats.requested, n); sm_cnt_add(heap->stats.alloc_other, 1); }
-    return p;
+    if (!p) return NULL;
+    sm_cnt_add(heap->stats.alloc_other, 1);
+    return sm_prof_count(heap, NULL, p, n);
   }
   p = sm_malloc_other(n);
   if (p) memset(p, 0, n);
@@ -164,8 +164,9 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
     }
   }
   void *p = sm_malloc_large(heap, n, alignment, false);
-  if (p) { sm_cnt_add(heap->stats.requested, n); sm_cnt_add(heap->stats.alloc_other, 1); }
-  return p;
+  if (!p) return NULL;
+  sm_cnt_add(heap->stats.alloc_other, 1);
+  return sm_prof_count(heap, NULL, p, n);
 }
 
 /* Bytes usable from p to the end of its block (p may be an aligned
@@ -257,7 +258,14 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
        * growing by small steps makes one mremap per eighth, not per step */
       size_t want = n > usable && n <= SM_MAX_REQUEST / 2 ? n + n / 8 : n;
       void *q = sm_huge_realloc(seg, p, want);
-      if (q) { sm_cnt_add(heap->stats.huge_remaps, 1); sm_cnt_add(heap->stats.requested, n); return q; }
+      if (q) {
+        /* a sample there moves with its block: forgotten (the estimate
+         * for its call site loses it; the block is no longer what it was) */
+        if (q != p && atomic_load_explicit(&sm_prof_live_n, memory_order_relaxed)) sm_prof_forget(NULL, p);
+        sm_cnt_add(heap->stats.huge_remaps, 1);
+        sm_cnt_add(heap->stats.requested, n);
+        return q;
+      }
     }
   } else if (n <= usable && n >= usable / 2) {
     sm_cnt_add(heap->stats.requested, n);

@@ -40,6 +40,7 @@ static void sm_fork_child(void) {
   sm_stats_fork_child();
   sm_segment_fork_child();
   sm_heaps_fork_child();
+  sm_prof_fork_child();
 }
 
 void sm_fork_init(void) {

@@ -81,6 +81,7 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   sm_cnt_add(page->frees, 1);
   if (sm_likely(page->used > 0)) page->used--;   /* 0: only in a page found corrupted */
   sm_page_unfull(heap, page);
+  sm_prof_page_check(heap, page);
   if (sm_page_vacant(page) && page->free == NULL) sm_page_retire(heap, page);
   sm_background_poll();
 }
@@ -347,6 +348,7 @@ void sm_free_generic(void *p, const char *who) {
       return;
     }
     sm_track_free(p, p);
+    if (atomic_load_explicit(&sm_prof_live_n, memory_order_relaxed)) sm_prof_forget(NULL, p);
     if (seg->kind == SM_SEG_HUGE) SM_COUNT(heap, huge_frees, 1);
     else SM_COUNT(heap, large_frees, 1);
     sm_huge_free(seg);
@@ -377,6 +379,9 @@ void sm_free_generic(void *p, const char *who) {
     sm_error("%s(): heap overflow: the canary after block %p was overwritten", who, (void *)b);
     return;
   }
+  /* a sampled block leaves the profile (a block freed twice is not found
+   * the second time, and is reported below) */
+  if (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_SAMPLED) sm_prof_forget(page, b);
   if (atomic_load_explicit(&seg->heap, memory_order_relaxed) == heap) {
     sm_free_local_slow(page, b, p);
     return;

@@ -106,6 +106,7 @@ void sm_process_init(void) {
     sm_secret = secret | 1;
     sm_track_detect();
     sm_options_init();
+    sm_prof_init();
     pthread_key_create(&sm_heap_key, sm_heap_thread_done);
     sm_fork_init();
     atomic_store_explicit(&sm_process_ready, 2, memory_order_release);
@@ -243,6 +244,7 @@ bool sm_collect_process(sm_heap_t *self) {
 __attribute__((constructor)) static void sm_constructor(void) {
   sm_process_init();
   sm_options_init();
+  sm_prof_init();
   /* the first allocation may have come before the environment was set:
    * pages made from now on are tracked (earlier ones stay consistently
    * untracked: their blocks never reach memcheck either way) */

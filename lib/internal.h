@@ -53,9 +53,14 @@
 #define sm_cnt_add(lv, n) \
   __atomic_store_n(&(lv), __atomic_load_n(&(lv), __ATOMIC_RELAXED) + (n), __ATOMIC_RELAXED)
 #define sm_cnt_read(lv) __atomic_load_n(&(lv), __ATOMIC_RELAXED)
+#define sm_cnt_sub_below0(lv, n) \
+  ((int64_t)sm_cnt_set_ret(&(lv), __atomic_load_n(&(lv), __ATOMIC_RELAXED) - (n)) < 0)
+#define sm_cnt_set_ret(p, v) __extension__({ __typeof__(*(p)) v_ = (v); __atomic_store_n((p), v_, __ATOMIC_RELAXED); v_; })
 #else
 #define sm_cnt_add(lv, n) ((lv) += (n))
 #define sm_cnt_read(lv) (*(volatile __typeof__(lv) *)&(lv))
+/* subtract n and tell whether the result went below zero (one sub, one js) */
+#define sm_cnt_sub_below0(lv, n) ((int64_t)((lv) -= (n)) < 0)
 #endif
 
 /* ---- geometry ------------------------------------------------------- */
@@ -120,8 +125,9 @@ enum {
   SM_PAGE_TRACKED     = 4,   /* running under valgrind: every free goes out of line */
   SM_PAGE_CORRUPT     = 8,   /* a free list was found corrupted: used is not to be
                                 trusted, the page is kept for good (sm_page_vacant) */
+  SM_PAGE_SAMPLED     = 16,  /* holds blocks the profiler sampled (prof.c) */
   /* flags that send every free of the page to the out-of-line path */
-  SM_PAGE_SLOW_FREE   = SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED | SM_PAGE_CORRUPT,
+  SM_PAGE_SLOW_FREE   = SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED | SM_PAGE_CORRUPT | SM_PAGE_SAMPLED,
 };
 
 struct sm_page_s {
@@ -153,7 +159,8 @@ struct sm_page_s {
   uint32_t block_size;
   _Atomic uint8_t flags;
   uint8_t bin;                   /* size class: read by other threads' frees (their counts) */
-  uint8_t pad1[18];
+  _Atomic uint16_t sampled;      /* blocks the profiler sampled (prof.c) */
+  uint8_t pad1[16];
 
   /* line 3: pushed by other threads with a CAS, taken by the owner; bit 0
    * (SM_TF_FULL) set while the page is on the full list, so a pushing
@@ -237,7 +244,11 @@ enum sm_call {
 /* Per-thread counters: plain integers written by the owner only. */
 typedef struct sm_tstats_s {
   uint64_t calls[SM_CALL_COUNT];
+  /* bytes requested: requested + prof_base - prof_left, where prof_left
+   * counts down from prof_base on every allocation to the profiler's next
+   * sample (prof.c); derived so, it costs malloc nothing extra */
   uint64_t requested;
+  uint64_t prof_left, prof_base;
   uint64_t alloc_other;          /* blocks allocated by entry points other than malloc */
   uint64_t free_other;           /* blocks freed by realloc, not by a free call */
   uint64_t class_allocs[SM_BIN_COUNT];
@@ -614,12 +625,28 @@ SM_INLINE bool sm_aligned_mark_ok(const sm_page_t *page, const void *p) {
 }
 SM_INLINE void sm_aligned_mark_clear(void *p) { ((uintptr_t *)p)[-1] = 0; }
 
-/* The fast path: malloc is 25 instructions to its ret on x86-64 (gcc 12,
- * -O2; one of them the tag cleared, 4 the tag checked), two
- * unlikely branches besides the size test.  The first also catches the
- * static empty heap (its pages are outside every segment) and a
- * free-list pointer that left its segment (corruption); the second a
- * block that is not tagged free, so that none is handed out twice. */
+/* ---- prof.c -------------------------------------------------------------- */
+void *sm_prof_sampled(sm_heap_t *heap, sm_page_t *page, void *b, size_t n);
+void sm_prof_forget(sm_page_t *page, const void *b);
+void sm_prof_page_check(sm_heap_t *heap, sm_page_t *page);
+void sm_prof_fork_child(void);
+void sm_prof_init(void);
+void sm_prof_at_exit(void);
+extern _Atomic uint64_t sm_prof_live_n;
+/* A block of n bytes at p (page NULL above the size classes) was just
+ * handed out by a path other than the fast one: count it down too. */
+SM_INLINE void *sm_prof_count(sm_heap_t *heap, sm_page_t *page, void *p, size_t n) {
+  if (sm_unlikely(sm_cnt_sub_below0(heap->stats.prof_left, n))) return sm_prof_sampled(heap, page, p, n);
+  return p;
+}
+
+/* The fast path: malloc is 26 instructions to its ret on x86-64 (gcc 12,
+ * -O2; one of them the tag cleared, 4 the tag checked, 1 the branch of
+ * the profiler's count-down), three unlikely branches besides the size
+ * test.  The first also catches the static empty heap (its pages are
+ * outside every segment) and a free-list pointer that left its segment
+ * (corruption); the second a block that is not tagged free, so that none
+ * is handed out twice; the third a profile sample due (prof.c). */
 SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
   sm_page_t *page = heap->direct[(sm_class_size(n) + 15) >> 4];
   sm_block_t *b = page->free;
@@ -638,9 +665,9 @@ SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
   sm_block_clear(b);
   sm_canary_set(page, b);
   page->used++;
-#if SM_STATS
-  sm_cnt_add(heap->stats.requested, n);
-#endif
+  /* the bytes to the profiler's next sample, which also count the bytes
+   * requested (prof.c) */
+  if (sm_unlikely(sm_cnt_sub_below0(heap->stats.prof_left, n))) return sm_prof_sampled(heap, page, b, n);
   return b;
 }
 
@@ -665,8 +692,8 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
 
 /* Free on the owner thread: 44 instructions to its ret on x86-64 (gcc 12,
  * -O2; 3 of them the segment map window, 2 the local list's head
- * compared with the block); with malloc's 25 and the loop, a
- * malloc(32)+free pair is 87.3 under callgrind (make bench-callgrind).
+ * compared with the block); with malloc's 26 and the loop, a
+ * malloc(32)+free pair is 88.4 under callgrind (make bench-callgrind).
  * Checks (all cheap): the pointer is in a segment, it starts a block, its
  * tag word holds neither the page's key nor the remote tag, and it is not
  * the block freed last in its page (else: a full double-free check in the

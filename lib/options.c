@@ -28,7 +28,9 @@ static const char *const sm_words_on_error[] = {"abort", "warn", NULL};
   X(SEGMENT_CACHE, "SMALLOC_SEGMENT_CACHE", 8, 0, 1024, NULL)               \
   X(ON_ERROR, "SMALLOC_ON_ERROR", 0, 0, 1, sm_words_on_error)               \
   X(BACKGROUND, "SMALLOC_BACKGROUND", 1, 0, 1, NULL)                        \
-  X(STATS_INTERVAL, "SMALLOC_STATS_INTERVAL", 0, 0, 86400000, NULL)
+  X(STATS_INTERVAL, "SMALLOC_STATS_INTERVAL", 0, 0, 86400000, NULL)         \
+  X(PROF, "SMALLOC_PROF", 0, 0, 1, NULL)                                    \
+  X(PROF_RATE, "SMALLOC_PROF_RATE", 524288, 1, 1073741824, NULL)
 
 #define SM_OPTION_DESC(id, env, def, min, max, words) \
   [SMALLOC_OPTION_##id] = {env, def, min, max, words},

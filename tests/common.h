@@ -501,6 +501,8 @@ static const sm_test_option_range_t sm_test_option_ranges[SMALLOC_OPTION_COUNT] 
   {SMALLOC_OPTION_ON_ERROR, 0, 1},
   {SMALLOC_OPTION_BACKGROUND, 0, 1},
   {SMALLOC_OPTION_STATS_INTERVAL, 0, 86400000},
+  {SMALLOC_OPTION_PROF, 0, 1},
+  {SMALLOC_OPTION_PROF_RATE, 1, 1073741824},
 };
 
 /* the names smalloc_stats_print_json uses for slow_steps[] (bench/run.py

@@ -1,0 +1,411 @@
+/* The heap profiler: sampled allocations by call site, written as a
+ * profile that google-pprof reads (smalloc_prof(3)).
+ *
+ * Sampling.  Every byte has the same chance to be sampled: each thread
+ * counts down the bytes to its next sample (heap->stats.prof_left), and
+ * the allocation that takes the count below zero is the sample; the next
+ * distance is drawn from an exponential distribution with mean
+ * SMALLOC_PROF_RATE, so periodic patterns do not bias the profile, and an
+ * allocation of s bytes is sampled with probability 1 - exp(-s / rate)
+ * (which pprof's heap_v2 format undoes).  The count-down is the malloc
+ * fast path's only cost: it replaces the requested-bytes counter it had
+ * (one subtraction, as the addition was) and adds one branch; requested
+ * bytes are derived from it (stats.c).  While profiling is off a thread
+ * still reaches sm_prof_sampled every SM_PROF_IDLE bytes, which is how it
+ * learns that profiling started.
+ *
+ * Live heap.  A sampled block's page gets SM_PAGE_SAMPLED, one of the
+ * flags that send every free of the page out of line (free's fast path
+ * is unchanged), and free.c asks sm_prof_forget about each block of such
+ * a page; page->sampled counts the page's sampled blocks, and the owner
+ * clears the flag when it is 0 again.  Blocks above the size classes
+ * always free out of line; they are looked up while any sample lives.
+ *
+ * Stacks.  glibc's backtrace (the libgcc unwinder, which reads the
+ * binaries' unwind tables, so programs built without frame pointers
+ * unwind too) from inside malloc; a thread-local flag keeps the profiler
+ * from sampling the allocations of its own first backtrace (which loads
+ * libgcc_s).  Frames inside this library are left out.  Identical stacks
+ * are stored once.
+ *
+ * Memory.  The tables live in their own mappings, never in the heap being
+ * profiled, under one lock that is never held while allocating. */
+#include "internal.h"
+
+#include <execinfo.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <fcntl.h>
+#include <link.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define SM_PROF_IDLE   ((uint64_t)1 << 20)   /* bytes between looks while off */
+#define SM_PROF_DEPTH  64
+#define SM_PROF_STACKS (1u << 16)             /* distinct stacks kept (the last one takes the rest) */
+
+typedef struct sm_prof_stack_s {
+  uint64_t hash;
+  uint64_t live_count, live_bytes;     /* sampled blocks not freed yet */
+  uint64_t alloc_count, alloc_bytes;   /* every sample since the start or reset */
+  uint32_t depth;
+  void *frames[SM_PROF_DEPTH];
+} sm_prof_stack_t;
+
+typedef struct sm_prof_live_s {
+  uintptr_t addr;                      /* 0 empty, 1 deleted */
+  uint64_t size;
+  uint32_t stack;
+} sm_prof_live_t;
+
+_Atomic int sm_prof_active;            /* sampling */
+_Atomic uint64_t sm_prof_live_n;       /* live samples */
+static pthread_mutex_t sm_prof_lock = PTHREAD_MUTEX_INITIALIZER;
+static sm_prof_stack_t *sm_prof_stacks;   /* SM_PROF_STACKS of them, touched as used */
+static uint32_t *sm_prof_index;           /* 2 * SM_PROF_STACKS slots: stack number + 1 */
+static uint32_t sm_prof_nstacks;
+static sm_prof_live_t *sm_prof_live;
+static size_t sm_prof_live_cap, sm_prof_live_slots;   /* slots used, deleted ones included */
+static uintptr_t sm_prof_text_lo, sm_prof_text_hi;    /* this library's code */
+static __thread int sm_prof_busy __attribute__((tls_model("initial-exec")));
+
+/* ---- the count-down -------------------------------------------------- */
+
+/* ln(x) for 0 < x <= 1, to about 1e-7: x = m 2^e, ln m by its series in
+ * (m-1)/(m+1).  No libm. */
+static double sm_ln(double x) {
+  union { double d; uint64_t u; } v = {x};
+  int e = (int)((v.u >> 52) & 0x7ff) - 1023;
+  v.u = (v.u & ~((uint64_t)0x7ff << 52)) | ((uint64_t)1023 << 52);   /* m in [1, 2) */
+  double t = (v.d - 1) / (v.d + 1), t2 = t * t;
+  double s = t * (1 + t2 * (1.0 / 3 + t2 * (1.0 / 5 + t2 * (1.0 / 7 + t2 * (1.0 / 9 + t2 / 11)))));
+  return e * 0.69314718055994531 + 2 * s;
+}
+
+/* The bytes to the next sample: exponential with mean rate. */
+static uint64_t sm_prof_draw(sm_heap_t *heap) {
+  double u = (double)((sm_heap_random(heap) >> 11) + 1) / 9007199254740992.0;   /* (0, 1] */
+  double d = -sm_ln(u) * (double)sm_opt(PROF_RATE);
+  return d < 1 ? 1 : d > 1e15 ? (uint64_t)1e15 : (uint64_t)d;
+}
+
+/* Count what was allocated since the last draw as requested, and draw
+ * again (far, while profiling is off). */
+static void sm_prof_rearm(sm_heap_t *heap) {
+  uint64_t left = sm_cnt_read(heap->stats.prof_left), base = heap->stats.prof_base;
+  sm_cnt_add(heap->stats.requested, base - left);
+  uint64_t d = atomic_load_explicit(&sm_prof_active, memory_order_relaxed) ? sm_prof_draw(heap) : SM_PROF_IDLE;
+  sm_cnt_add(heap->stats.prof_base, d - base);
+  sm_cnt_add(heap->stats.prof_left, d - left);
+}
+
+/* ---- tables ---------------------------------------------------------- */
+
+static void *sm_prof_map(size_t size) {
+  void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  return p == MAP_FAILED ? NULL : p;
+}
+
+static int sm_prof_text_of(struct dl_phdr_info *info, size_t size, void *arg) {
+  (void)size;
+  uintptr_t at = (uintptr_t)arg;
+  for (int i = 0; i < info->dlpi_phnum; i++) {
+    const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+    if (ph->p_type != PT_LOAD || !(ph->p_flags & PF_X)) continue;
+    uintptr_t lo = info->dlpi_addr + ph->p_vaddr, hi = lo + ph->p_memsz;
+    if (at >= lo && at < hi) {
+      sm_prof_text_lo = lo;
+      sm_prof_text_hi = hi;
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/* Under the lock: the tables exist.  False when they cannot be mapped. */
+static bool sm_prof_tables_locked(void) {
+  if (sm_prof_stacks) return true;
+  sm_prof_stack_t *stacks = sm_prof_map(SM_PROF_STACKS * sizeof *stacks);
+  uint32_t *index = sm_prof_map(2 * SM_PROF_STACKS * sizeof *index);
+  sm_prof_live_t *live = sm_prof_map(1024 * sizeof *live);
+  if (!stacks || !index || !live) {
+    if (stacks) munmap(stacks, SM_PROF_STACKS * sizeof *stacks);
+    if (index) munmap(index, 2 * SM_PROF_STACKS * sizeof *index);
+    if (live) munmap(live, 1024 * sizeof *live);
+    return false;
+  }
+  dl_iterate_phdr(sm_prof_text_of, (void *)(uintptr_t)&sm_prof_text_of);
+  sm_prof_stacks = stacks;
+  sm_prof_index = index;
+  sm_prof_live = live;
+  sm_prof_live_cap = 1024;
+  return true;
+}
+
+static uint64_t sm_prof_hash(void *const *frames, uint32_t depth) {
+  uint64_t h = 0x9E3779B97F4A7C15ull ^ depth;
+  for (uint32_t i = 0; i < depth; i++) h = (h ^ (uintptr_t)frames[i]) * 0xff51afd7ed558ccdull;
+  return h ^ (h >> 29);
+}
+
+/* Under the lock: the number of the stack, stored if it is new. */
+static uint32_t sm_prof_intern_locked(void *const *frames, uint32_t depth) {
+  uint64_t h = sm_prof_hash(frames, depth);
+  uint32_t mask = 2 * SM_PROF_STACKS - 1;
+  for (uint32_t i = (uint32_t)h & mask;; i = (i + 1) & mask) {
+    uint32_t s = sm_prof_index[i];
+    if (s == 0) {
+      if (sm_prof_nstacks == SM_PROF_STACKS) return SM_PROF_STACKS - 1;   /* full: the last takes the rest */
+      sm_prof_stack_t *st = &sm_prof_stacks[sm_prof_nstacks];
+      st->hash = h;
+      st->depth = depth;
+      memcpy(st->frames, frames, depth * sizeof *frames);
+      sm_prof_index[i] = ++sm_prof_nstacks;
+      return sm_prof_nstacks - 1;
+    }
+    sm_prof_stack_t *st = &sm_prof_stacks[s - 1];
+    if (st->hash == h && st->depth == depth && memcmp(st->frames, frames, depth * sizeof *frames) == 0)
+      return s - 1;
+  }
+}
+
+static size_t sm_prof_slot(uintptr_t addr, size_t cap) {
+  return (size_t)((addr * 0x9E3779B97F4A7C15ull) >> 20) & (cap - 1);
+}
+
+/* Under the lock: room for one more live sample (the table at most half
+ * used, deleted slots included).  False when it cannot grow. */
+static bool sm_prof_live_room_locked(void) {
+  if (2 * (sm_prof_live_slots + 1) <= sm_prof_live_cap) return true;
+  uint64_t n = atomic_load_explicit(&sm_prof_live_n, memory_order_relaxed);
+  size_t cap = sm_prof_live_cap;
+  while (4 * (n + 1) > cap) cap *= 2;   /* a quarter full after the rehash */
+  sm_prof_live_t *t = sm_prof_map(cap * sizeof *t);
+  if (!t) return false;
+  for (size_t i = 0; i < sm_prof_live_cap; i++) {
+    sm_prof_live_t *e = &sm_prof_live[i];
+    if (e->addr <= 1) continue;
+    size_t j = sm_prof_slot(e->addr, cap);
+    while (t[j].addr) j = (j + 1) & (cap - 1);
+    t[j] = *e;
+  }
+  munmap(sm_prof_live, sm_prof_live_cap * sizeof *sm_prof_live);
+  sm_prof_live = t;
+  sm_prof_live_cap = cap;
+  sm_prof_live_slots = n;
+  return true;
+}
+
+/* ---- sampling ------------------------------------------------------ */
+
+/* Record block b (n bytes; page NULL above the size classes) as a sample
+ * with the calling stack. */
+static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
+  void *frames[SM_PROF_DEPTH + 8];
+  sm_prof_busy = 1;
+  int depth = backtrace(frames, SM_PROF_DEPTH + 8);
+  sm_prof_busy = 0;
+  pthread_mutex_lock(&sm_prof_lock);
+  bool kept = false;
+  if (sm_prof_tables_locked() && sm_prof_live_room_locked()) {
+    int skip = 0;
+    while (skip < depth && (uintptr_t)frames[skip] >= sm_prof_text_lo && (uintptr_t)frames[skip] < sm_prof_text_hi)
+      skip++;
+    if (depth - skip > SM_PROF_DEPTH) depth = skip + SM_PROF_DEPTH;
+    uint32_t s = sm_prof_intern_locked(frames + skip, (uint32_t)(depth - skip));
+    sm_prof_stack_t *st = &sm_prof_stacks[s];
+    st->live_count++;
+    st->live_bytes += n;
+    st->alloc_count++;
+    st->alloc_bytes += n;
+    size_t j = sm_prof_slot((uintptr_t)b, sm_prof_live_cap);
+    while (sm_prof_live[j].addr > 1) j = (j + 1) & (sm_prof_live_cap - 1);
+    if (sm_prof_live[j].addr == 0) sm_prof_live_slots++;
+    sm_prof_live[j] = (sm_prof_live_t){(uintptr_t)b, n, s};
+    atomic_fetch_add_explicit(&sm_prof_live_n, 1, memory_order_relaxed);
+    kept = true;
+  }
+  pthread_mutex_unlock(&sm_prof_lock);
+  if (kept && page) {
+    atomic_fetch_add_explicit(&page->sampled, 1, memory_order_relaxed);
+    uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+    if (!(flags & SM_PAGE_SAMPLED)) sm_page_set_flags(page, flags | SM_PAGE_SAMPLED, sm_heap_owner_id(heap));
+  }
+}
+
+/* The count-down went below zero at block b of page (NULL above the size
+ * classes), n bytes, just handed out: draw again, and sample it when
+ * profiling.  Returns b. */
+void *sm_prof_sampled(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
+  sm_prof_rearm(heap);
+  if (atomic_load_explicit(&sm_prof_active, memory_order_relaxed) && !sm_prof_busy && heap->initialized)
+    sm_prof_record(heap, page, b, n);
+  return b;
+}
+
+/* Block b (its start) is freed: if it is a sample, it leaves the live
+ * profile, and its page (NULL above the size classes) counts one fewer. */
+void sm_prof_forget(sm_page_t *page, const void *b) {
+  bool found = false;
+  pthread_mutex_lock(&sm_prof_lock);
+  if (sm_prof_live) {
+    for (size_t j = sm_prof_slot((uintptr_t)b, sm_prof_live_cap); sm_prof_live[j].addr != 0;
+         j = (j + 1) & (sm_prof_live_cap - 1)) {
+      if (sm_prof_live[j].addr != (uintptr_t)b) continue;
+      sm_prof_stack_t *st = &sm_prof_stacks[sm_prof_live[j].stack];
+      st->live_count--;
+      st->live_bytes -= sm_prof_live[j].size;
+      sm_prof_live[j].addr = 1;
+      atomic_fetch_sub_explicit(&sm_prof_live_n, 1, memory_order_relaxed);
+      found = true;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&sm_prof_lock);
+  if (found && page) atomic_fetch_sub_explicit(&page->sampled, 1, memory_order_relaxed);
+}
+
+/* The owner, freeing into a flagged page: no sample left in it, so its
+ * frees may take the fast path again. */
+void sm_prof_page_check(sm_heap_t *heap, sm_page_t *page) {
+  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+  if ((flags & SM_PAGE_SAMPLED) && atomic_load_explicit(&page->sampled, memory_order_relaxed) == 0)
+    sm_page_set_flags(page, flags & ~SM_PAGE_SAMPLED, sm_heap_owner_id(heap));
+}
+
+/* fork (fork.c): a lock a lost thread held is free in the child, and the
+ * tables it was changing are not to be trusted: profiling stops there and
+ * its samples are forgotten (their pages keep their flag: their frees
+ * take the long way, and find nothing). */
+void sm_prof_fork_child(void) {
+  if (!sm_fork_mutex_was_held(&sm_prof_lock)) return;
+  atomic_store(&sm_prof_active, 0);
+  sm_prof_stacks = NULL;
+  sm_prof_index = NULL;
+  sm_prof_live = NULL;
+  sm_prof_nstacks = 0;
+  sm_prof_live_cap = sm_prof_live_slots = 0;
+  atomic_store(&sm_prof_live_n, 0);
+}
+
+/* ---- the profile ----------------------------------------------------- */
+
+typedef struct sm_out_s {
+  int fd, err;
+  size_t len;
+  char buf[4096];
+} sm_out_t;
+
+static void sm_out_flush(sm_out_t *o) {
+  for (size_t off = 0; off < o->len && o->err == 0;) {
+    ssize_t w = write(o->fd, o->buf + off, o->len - off);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) { o->err = w < 0 ? errno : EIO; break; }
+    off += (size_t)w;
+  }
+  o->len = 0;
+}
+
+static void sm_out(sm_out_t *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sm_out(sm_out_t *o, const char *fmt, ...) {
+  char line[256];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(line, sizeof line, fmt, ap);
+  va_end(ap);
+  if (n < 0) return;
+  if ((size_t)n >= sizeof line) n = sizeof line - 1;
+  if (o->len + (size_t)n > sizeof o->buf) sm_out_flush(o);
+  memcpy(o->buf + o->len, line, (size_t)n);
+  o->len += (size_t)n;
+}
+
+/* The heap profile in pprof's legacy text format (heap_v2, which pprof
+ * scales back from the samples by the rate), then the process's mappings
+ * for symbolisation. */
+static int sm_prof_write(int fd) {
+  sm_out_t o = {.fd = fd};
+  pthread_mutex_lock(&sm_prof_lock);
+  uint64_t lc = 0, lb = 0, ac = 0, ab = 0;
+  for (uint32_t s = 0; s < sm_prof_nstacks; s++) {
+    lc += sm_prof_stacks[s].live_count;
+    lb += sm_prof_stacks[s].live_bytes;
+    ac += sm_prof_stacks[s].alloc_count;
+    ab += sm_prof_stacks[s].alloc_bytes;
+  }
+  sm_out(&o, "heap profile: %llu: %llu [%llu: %llu] @ heap_v2/%ld\n", (unsigned long long)lc,
+         (unsigned long long)lb, (unsigned long long)ac, (unsigned long long)ab, sm_opt(PROF_RATE));
+  for (uint32_t s = 0; s < sm_prof_nstacks; s++) {
+    const sm_prof_stack_t *st = &sm_prof_stacks[s];
+    if (st->alloc_count == 0 && st->live_count == 0) continue;
+    sm_out(&o, "%llu: %llu [%llu: %llu] @", (unsigned long long)st->live_count,
+           (unsigned long long)st->live_bytes, (unsigned long long)st->alloc_count,
+           (unsigned long long)st->alloc_bytes);
+    for (uint32_t i = 0; i < st->depth; i++) sm_out(&o, " %p", st->frames[i]);
+    sm_out(&o, "\n");
+  }
+  pthread_mutex_unlock(&sm_prof_lock);
+  sm_out(&o, "\nMAPPED_LIBRARIES:\n");
+  sm_out_flush(&o);
+  int maps = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  if (maps >= 0) {
+    ssize_t r;
+    while (o.err == 0 && (r = read(maps, o.buf, sizeof o.buf)) > 0) {
+      o.len = (size_t)r;
+      sm_out_flush(&o);
+    }
+    close(maps);
+  }
+  return o.err;
+}
+
+/* ---- API ------------------------------------------------------------- */
+
+SM_EXPORT int smalloc_prof_start(void) {
+  sm_process_init();
+  pthread_mutex_lock(&sm_prof_lock);
+  bool ok = sm_prof_tables_locked();
+  pthread_mutex_unlock(&sm_prof_lock);
+  if (!ok) return ENOMEM;
+  atomic_store(&sm_prof_active, 1);
+  sm_heap_t *heap = sm_heap();
+  if (heap->initialized) sm_prof_rearm(heap);   /* this thread samples from now on */
+  return 0;
+}
+
+SM_EXPORT void smalloc_prof_stop(void) {
+  atomic_store(&sm_prof_active, 0);
+}
+
+SM_EXPORT void smalloc_prof_reset(void) {
+  pthread_mutex_lock(&sm_prof_lock);
+  for (uint32_t s = 0; s < sm_prof_nstacks; s++) {
+    sm_prof_stacks[s].alloc_count = sm_prof_stacks[s].live_count;
+    sm_prof_stacks[s].alloc_bytes = sm_prof_stacks[s].live_bytes;
+  }
+  pthread_mutex_unlock(&sm_prof_lock);
+}
+
+SM_EXPORT int smalloc_prof_dump(const char *path) {
+  char name[64];
+  if (path == NULL) {
+    snprintf(name, sizeof name, "smalloc.%ld.heap", (long)getpid());
+    path = name;
+  }
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return errno;
+  int err = sm_prof_write(fd);
+  if (close(fd) != 0 && err == 0) err = errno;
+  return err;
+}
+
+/* SMALLOC_PROF=1: profiling from the start, the profile written at exit. */
+void sm_prof_init(void) {
+  if (sm_opt(PROF)) atomic_store(&sm_prof_active, 1);
+}
+
+void sm_prof_at_exit(void) {
+  if (!sm_opt(PROF)) return;
+  int err = smalloc_prof_dump(NULL);
+  if (err) sm_message("SMALLOC_PROF: cannot write the profile: %s", strerror(err));
+}

@@ -1,0 +1,295 @@
+/* The heap profiler (smalloc_prof(3)): its estimates per call site and of
+ * the live heap, read back from the profile it writes (pprof's heap_v2
+ * text format, scaled back as pprof does); freed blocks leave it, from
+ * any thread; nothing is sampled while it is off. */
+#define _GNU_SOURCE
+#include "common.h"
+
+#include <dlfcn.h>
+#include <math.h>
+#include <pthread.h>
+
+#define RATE 8192
+
+typedef struct prof_site {
+  const char *name;
+  double live_est;        /* bytes, scaled back */
+  uint64_t live_count;    /* samples live */
+  uint64_t alloc_count;   /* samples since the start or reset */
+} prof_site_t;
+
+typedef struct prof_read {
+  uint64_t live_count, live_bytes, alloc_count, alloc_bytes, rate;
+  double live_est;
+  prof_site_t sites[2];
+  int lines;
+} prof_read_t;
+
+/* pprof's scaling of a heap_v2 line: count samples of bytes in all */
+static double prof_unsample(uint64_t count, uint64_t bytes, uint64_t rate)
+{
+  if (count == 0)
+    return 0;
+  double avg = (double)bytes / (double)count;
+  return (double)bytes / (1 - exp(-avg / (double)rate));
+}
+
+/* Dump the profile to a file and read it back; a line counts for a site
+ * when one of its frames is in the site's function. */
+static void prof_dump_read(prof_read_t *r, const char *site_a, const char *site_b)
+{
+  char path[] = "/tmp/smalloc-prof.XXXXXX";
+  int fd = mkstemp(path);
+  ck_assert_int_ge(fd, 0);
+  close(fd);
+  ck_assert_int_eq(smalloc_prof_dump(path), 0);
+  FILE *f = fopen(path, "r");
+  ck_assert_ptr_nonnull(f);
+  memset(r, 0, sizeof *r);
+  r->sites[0].name = site_a;
+  r->sites[1].name = site_b;
+  static char line[8192];
+  ck_assert_ptr_nonnull(fgets(line, sizeof line, f));
+  unsigned long long lc, lb, ac, ab, rate;
+  ck_assert_int_eq(sscanf(line, "heap profile: %llu: %llu [%llu: %llu] @ heap_v2/%llu", &lc, &lb,
+                          &ac, &ab, &rate), 5);
+  r->live_count = lc;
+  r->live_bytes = lb;
+  r->alloc_count = ac;
+  r->alloc_bytes = ab;
+  r->rate = rate;
+  bool maps = false;
+  while (fgets(line, sizeof line, f)) {
+    if (strcmp(line, "MAPPED_LIBRARIES:\n") == 0)
+      maps = true;
+    if (maps || line[0] == '\n')
+      continue;
+    int at = 0;
+    ck_assert_int_eq(sscanf(line, "%llu: %llu [%llu: %llu] @%n", &lc, &lb, &ac, &ab, &at), 4);
+    ck_assert_int_gt(at, 0);
+    r->lines++;
+    double est = prof_unsample(lc, lb, rate);
+    r->live_est += est;
+    bool counted[2] = {false, false};
+    for (char *s = line + at, *end; *s && *s != '\n'; s = end) {
+      void *pc = (void *)strtoull(s, &end, 16);
+      if (end == s)
+        break;
+      Dl_info info;
+      if (!dladdr((char *)pc - 1, &info) || !info.dli_sname)
+        continue;
+      for (int i = 0; i < 2; i++)
+        if (r->sites[i].name && !counted[i] && strcmp(info.dli_sname, r->sites[i].name) == 0) {
+          counted[i] = true;
+          r->sites[i].live_est += est;
+          r->sites[i].live_count += lc;
+          r->sites[i].alloc_count += ac;
+        }
+    }
+  }
+  ck_assert_msg(maps, "no MAPPED_LIBRARIES section");
+  fclose(f);
+  unlink(path);
+}
+
+static void *blocks[1 << 18];
+static size_t nblocks;
+static uint64_t rng = 0x5eed;
+
+static size_t prof_size(void)
+{
+  rng ^= rng << 13;
+  rng ^= rng >> 7;
+  rng ^= rng << 17;
+  return 32 + rng % 993;   /* 32-1024 bytes */
+}
+
+/* the two call sites; their names are looked up in the profile */
+__attribute__((noinline)) size_t prof_site_a(size_t n);
+__attribute__((noinline)) size_t prof_site_b(size_t n);
+
+__attribute__((noinline)) size_t prof_site_a(size_t n)
+{
+  void *p = smalloc_malloc(n);
+  if (!p)
+    abort();   /* not ck_assert: test_prof --dump runs it outside a test */
+  memset(p, 0xa, 16);
+  blocks[nblocks++] = p;
+  return n;
+}
+
+__attribute__((noinline)) size_t prof_site_b(size_t n)
+{
+  void *p = smalloc_malloc(n);
+  if (!p)
+    abort();
+  memset(p, 0xb, 16);
+  blocks[nblocks++] = p;
+  return n;
+}
+
+static void prof_free_all(void)
+{
+  for (size_t i = 0; i < nblocks; i++)
+    smalloc_free(blocks[i]);
+  nblocks = 0;
+}
+
+static void prof_within(const char *what, double est, double truth, double tolerance)
+{
+  ck_assert_msg(fabs(est - truth) <= tolerance * truth, "%s: estimated %.0f bytes, true %.0f (%+.1f %%)",
+                what, est, truth, 100 * (est - truth) / truth);
+}
+
+/* Two call sites allocate blocks of the same sizes in a 3:1 ratio of
+ * bytes: the profile gives each its bytes within 10 %, and the live heap
+ * within 10 % of bytes_in_use.  With a mean of 8 KiB between samples,
+ * site b (16 MiB) has about 2000 samples: a standard error near 2 %. */
+START_TEST(estimates_per_call_site_are_within_ten_percent)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_RATE, RATE), 0);
+  ck_assert_int_eq(smalloc_prof_start(), 0);
+  size_t true_a = 0, true_b = 0;
+  while (true_b < 16 * MiB) {
+    for (int k = 0; k < 3; k++)
+      true_a += prof_site_a(prof_size());
+    true_b += prof_site_b(prof_size());
+  }
+  smalloc_prof_stop();   /* what the reading allocates is not the test's */
+  smalloc_stats_t st;
+  ck_assert_int_eq(sm_test_snap(&st), 0);
+  prof_read_t r;
+  prof_dump_read(&r, "prof_site_a", "prof_site_b");
+  ck_assert_int_eq(r.rate, RATE);
+  ck_assert_uint_gt(r.sites[1].live_count, 1000);
+  prof_within("site a", r.sites[0].live_est, (double)true_a, 0.10);
+  prof_within("site b", r.sites[1].live_est, (double)true_b, 0.10);
+  prof_within("live heap", r.live_est, (double)st.bytes_in_use, 0.10);
+  prof_free_all();
+}
+END_TEST
+
+/* Freed blocks leave the live profile, small and large (those above the
+ * size classes are all sampled at this rate); the allocation totals stay. */
+START_TEST(freed_blocks_leave_the_live_profile)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_RATE, RATE), 0);
+  ck_assert_int_eq(smalloc_prof_start(), 0);
+  for (int i = 0; i < 20000; i++)
+    prof_site_a(prof_size());
+  for (int i = 0; i < 40; i++)
+    prof_site_b(MiB + (size_t)i * 4096);
+  smalloc_prof_stop();   /* what the reading allocates is not the test's */
+  prof_read_t r;
+  prof_dump_read(&r, "prof_site_a", "prof_site_b");
+  ck_assert_uint_gt(r.sites[0].live_count, 500);
+  ck_assert_uint_eq(r.sites[1].live_count, 40);
+  uint64_t allocated = r.alloc_count;
+  prof_free_all();
+  prof_dump_read(&r, "prof_site_a", "prof_site_b");
+  ck_assert_uint_eq(r.live_count, 0);
+  ck_assert_uint_eq(r.live_bytes, 0);
+  ck_assert_uint_eq(r.alloc_count, allocated);
+  /* reset keeps what is live (nothing) and drops the totals */
+  smalloc_prof_reset();
+  prof_dump_read(&r, "prof_site_a", "prof_site_b");
+  ck_assert_uint_eq(r.alloc_count, 0);
+  ck_assert_int_eq(r.lines, 0);
+}
+END_TEST
+
+/* Off (the default), nothing is sampled; stopped, nothing more. */
+START_TEST(nothing_is_sampled_while_off)
+{
+  for (int i = 0; i < 20000; i++)
+    prof_site_a(prof_size());
+  prof_read_t r;
+  prof_dump_read(&r, "prof_site_a", NULL);
+  ck_assert_uint_eq(r.alloc_count, 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_RATE, RATE), 0);
+  ck_assert_int_eq(smalloc_prof_start(), 0);
+  for (int i = 0; i < 2000; i++)
+    prof_site_a(prof_size());
+  smalloc_prof_stop();
+  prof_dump_read(&r, "prof_site_a", NULL);
+  uint64_t sampled = r.alloc_count;
+  ck_assert_uint_gt(sampled, 0);
+  for (int i = 0; i < 20000; i++)
+    prof_site_a(prof_size());
+  prof_dump_read(&r, "prof_site_a", NULL);
+  ck_assert_uint_eq(r.alloc_count, sampled);
+  prof_free_all();
+}
+END_TEST
+
+/* Sampled blocks freed by other threads leave the profile too: four
+ * threads allocate, each frees its neighbour's blocks. */
+enum { PT_THREADS = 4, PT_BLOCKS = 20000 };
+static void *pt_blocks[PT_THREADS][PT_BLOCKS];
+static pthread_barrier_t pt_allocated;
+
+void *pt_worker(void *arg);
+void *pt_worker(void *arg)
+{
+  int self = (int)(intptr_t)arg;
+  uint64_t x = 0x1234 + (uint64_t)self;
+  for (int i = 0; i < PT_BLOCKS; i++) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    pt_blocks[self][i] = smalloc_malloc(16 + (x >> 40) % 2000);
+    ck_assert_ptr_nonnull(pt_blocks[self][i]);
+  }
+  pthread_barrier_wait(&pt_allocated);
+  int other = (self + 1) % PT_THREADS;
+  for (int i = 0; i < PT_BLOCKS; i++)
+    smalloc_free(pt_blocks[other][i]);
+  return NULL;
+}
+
+START_TEST(blocks_freed_by_other_threads_leave_the_profile)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_RATE, RATE), 0);
+  ck_assert_int_eq(smalloc_prof_start(), 0);
+  pthread_t t[PT_THREADS];
+  pthread_barrier_init(&pt_allocated, NULL, PT_THREADS);
+  for (int i = 0; i < PT_THREADS; i++)
+    ck_assert_int_eq(pthread_create(&t[i], NULL, pt_worker, (void *)(intptr_t)i), 0);
+  for (int i = 0; i < PT_THREADS; i++)
+    pthread_join(t[i], NULL);
+  pthread_barrier_destroy(&pt_allocated);
+  smalloc_prof_stop();
+  prof_read_t r;
+  prof_dump_read(&r, "pt_worker", NULL);
+  ck_assert_uint_gt(r.sites[0].alloc_count, (uint64_t)PT_THREADS * 500);
+  ck_assert_uint_eq(r.sites[0].live_count, 0);
+}
+END_TEST
+
+static Suite *prof_suite(void)
+{
+  Suite *s = suite_create("prof");
+  TCase *tc = sm_tcase("prof", 300);
+  tcase_add_test(tc, estimates_per_call_site_are_within_ten_percent);
+  tcase_add_test(tc, freed_blocks_leave_the_live_profile);
+  tcase_add_test(tc, nothing_is_sampled_while_off);
+  tcase_add_test(tc, blocks_freed_by_other_threads_leave_the_profile);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
+/* test_prof --dump FILE: a profile of prof_site_a and prof_site_b (3:1)
+ * for tests/prof-pprof.sh to read with google-pprof. */
+int main(int argc, char **argv)
+{
+  if (argc == 3 && strcmp(argv[1], "--dump") == 0) {
+    if (smalloc_option_set(SMALLOC_OPTION_PROF_RATE, RATE) != 0 || smalloc_prof_start() != 0)
+      return 2;
+    for (size_t b = 0; b < 4 * MiB;) {
+      for (int k = 0; k < 3; k++)
+        prof_site_a(prof_size());
+      b += prof_site_b(prof_size());
+    }
+    smalloc_prof_stop();
+    return smalloc_prof_dump(argv[2]) == 0 ? 0 : 1;
+  }
+  return sm_run_suite(prof_suite());
+}
