@@ -66,7 +66,9 @@ static uint32_t *sm_prof_index;           /* 2 * SM_PROF_STACKS slots: stack num
 static uint32_t sm_prof_nstacks;
 static sm_prof_live_t *sm_prof_live;
 static size_t sm_prof_live_cap, sm_prof_live_slots;   /* slots used, deleted ones included */
-static uintptr_t sm_prof_text_lo, sm_prof_text_hi;    /* this library's code */
+/* this library's code, found once outside the lock (dl_iterate_phdr takes
+ * the loader's lock, which a thread in dlopen holds when it allocates) */
+static _Atomic uintptr_t sm_prof_text_lo, sm_prof_text_hi;
 static __thread int sm_prof_busy __attribute__((tls_model("initial-exec")));
 
 /* ---- the count-down -------------------------------------------------- */
@@ -114,8 +116,8 @@ static int sm_prof_text_of(struct dl_phdr_info *info, size_t size, void *arg) {
     if (ph->p_type != PT_LOAD || !(ph->p_flags & PF_X)) continue;
     uintptr_t lo = info->dlpi_addr + ph->p_vaddr, hi = lo + ph->p_memsz;
     if (at >= lo && at < hi) {
-      sm_prof_text_lo = lo;
-      sm_prof_text_hi = hi;
+      atomic_store_explicit(&sm_prof_text_lo, lo, memory_order_relaxed);
+      atomic_store_explicit(&sm_prof_text_hi, hi, memory_order_release);
       return 1;
     }
   }
@@ -134,7 +136,6 @@ static bool sm_prof_tables_locked(void) {
     if (live) munmap(live, 1024 * sizeof *live);
     return false;
   }
-  dl_iterate_phdr(sm_prof_text_of, (void *)(uintptr_t)&sm_prof_text_of);
   sm_prof_stacks = stacks;
   sm_prof_index = index;
   sm_prof_live = live;
@@ -203,14 +204,17 @@ static bool sm_prof_live_room_locked(void) {
 static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
   void *frames[SM_PROF_DEPTH + 8];
   sm_prof_busy = 1;
+  if (atomic_load_explicit(&sm_prof_text_hi, memory_order_acquire) == 0)
+    dl_iterate_phdr(sm_prof_text_of, (void *)(uintptr_t)&sm_prof_text_of);
   int depth = backtrace(frames, SM_PROF_DEPTH + 8);
   sm_prof_busy = 0;
+  uintptr_t lo = atomic_load_explicit(&sm_prof_text_lo, memory_order_relaxed);
+  uintptr_t hi = atomic_load_explicit(&sm_prof_text_hi, memory_order_relaxed);
   pthread_mutex_lock(&sm_prof_lock);
   bool kept = false;
   if (sm_prof_tables_locked() && sm_prof_live_room_locked()) {
     int skip = 0;
-    while (skip < depth && (uintptr_t)frames[skip] >= sm_prof_text_lo && (uintptr_t)frames[skip] < sm_prof_text_hi)
-      skip++;
+    while (skip < depth && (uintptr_t)frames[skip] >= lo && (uintptr_t)frames[skip] < hi) skip++;
     if (depth - skip > SM_PROF_DEPTH) depth = skip + SM_PROF_DEPTH;
     uint32_t s = sm_prof_intern_locked(frames + skip, (uint32_t)(depth - skip));
     sm_prof_stack_t *st = &sm_prof_stacks[s];
