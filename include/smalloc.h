@@ -205,6 +205,8 @@ typedef enum smalloc_option {
                                     program runs, 0 only at exit */
   SMALLOC_OPTION_PROF,           /* SMALLOC_PROF: 1 sample from the start, profile at exit */
   SMALLOC_OPTION_PROF_RATE,      /* SMALLOC_PROF_RATE: mean bytes between samples */
+  SMALLOC_OPTION_PROF_EVENT_RATE, /* SMALLOC_PROF_EVENT_RATE: one slow-path step in this many
+                                     is sampled with its stack */
   SMALLOC_OPTION_COUNT
 } smalloc_option_t;
 

@@ -287,6 +287,7 @@ struct sm_heap_s {
   _Atomic uint64_t next_expire;
   uint64_t rng;                          /* secure build: page keys, list order */
   uint64_t grow_events;                  /* fresh pages and large blocks, for the peak */
+  int64_t prof_events_left;              /* slow-path steps to the next churn sample (prof.c) */
   sm_page_queue_t queues[SM_BIN_COUNT];  /* [0] is the full list */
   uint8_t bin_active[SM_BIN_COUNT];      /* slow path ran for the class since the sweep */
   uint32_t bg_cycle;                     /* the purge thread's: cycle when last seen, */
@@ -626,6 +627,16 @@ SM_INLINE bool sm_aligned_mark_ok(const sm_page_t *page, const void *p) {
 SM_INLINE void sm_aligned_mark_clear(void *p) { ((uintptr_t *)p)[-1] = 0; }
 
 /* ---- prof.c -------------------------------------------------------------- */
+/* churn events by call site: the slow-path steps (SMALLOC_STEP_*, the swap
+ * aside), then the OS calls */
+enum { SM_PROF_OS_MMAP = SMALLOC_STEP_COUNT, SM_PROF_OS_MUNMAP, SM_PROF_OS_MADVISE, SM_PROF_OS_MREMAP,
+       SM_PROF_EVENTS };
+extern _Atomic int sm_prof_active;
+void sm_prof_event_slow(int kind);
+/* One test of a flag while the profiler is off. */
+SM_INLINE void sm_prof_event(int kind) {
+  if (sm_unlikely(atomic_load_explicit(&sm_prof_active, memory_order_relaxed))) sm_prof_event_slow(kind);
+}
 void *sm_prof_sampled(sm_heap_t *heap, sm_page_t *page, void *b, size_t n);
 void sm_prof_forget(sm_page_t *page, const void *b);
 void sm_prof_page_check(sm_heap_t *heap, sm_page_t *page);

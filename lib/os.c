@@ -23,6 +23,7 @@ static void sm_mapped_add(size_t n) {
  * one place. */
 static void *sm_sys_mmap(void *hint, size_t size, int prot, int flags) {
   sm_gadd(os_mmap, 1);
+  sm_prof_event(SM_PROF_OS_MMAP);
   void *p = mmap(hint, size, prot, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0);
   SM_PROBE(os_mmap, p, size);
   return p;
@@ -30,18 +31,21 @@ static void *sm_sys_mmap(void *hint, size_t size, int prot, int flags) {
 
 static int sm_sys_munmap(void *p, size_t size) {
   sm_gadd(os_munmap, 1);
+  sm_prof_event(SM_PROF_OS_MUNMAP);
   SM_PROBE(os_munmap, p, size);
   return munmap(p, size);
 }
 
 static int sm_sys_madvise(void *p, size_t size, int advice) {
   sm_gadd(os_madvise, 1);
+  sm_prof_event(SM_PROF_OS_MADVISE);
   SM_PROBE(os_madvise, p, size, advice);
   return madvise(p, size, advice);
 }
 
 static void *sm_sys_mremap(void *p, size_t old_size, size_t new_size, int flags, void *to) {
   sm_gadd(os_mremap, 1);
+  sm_prof_event(SM_PROF_OS_MREMAP);
   void *q = mremap(p, old_size, new_size, flags, to);
   SM_PROBE(os_mremap, p, q, new_size);
   return q;

@@ -619,6 +619,7 @@ void sm_heap_reclaim_all(sm_heap_t *heap) {
 static void sm_count_step(sm_heap_t *heap, size_t bin, int step) {
   sm_cnt_add(heap->stats.class_steps[bin][step], 1);
   SM_PROBE(slow_path, step, sm_bin_size(bin));
+  if (step != SMALLOC_STEP_LOCAL_SWAP) sm_prof_event(step);
 }
 
 /* Whether the page has a block to hand out.  A free-list head outside the

@@ -32,6 +32,7 @@
  * profiled, under one lock that is never held while allocating. */
 #include "internal.h"
 
+#include <dlfcn.h>
 #include <execinfo.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -48,6 +49,7 @@ typedef struct sm_prof_stack_s {
   uint64_t hash;
   uint64_t live_count, live_bytes;     /* sampled blocks not freed yet */
   uint64_t alloc_count, alloc_bytes;   /* every sample since the start or reset */
+  uint64_t events[SM_PROF_EVENTS];     /* churn events (estimated) since the start or reset */
   uint32_t depth;
   void *frames[SM_PROF_DEPTH];
 } sm_prof_stack_t;
@@ -70,6 +72,13 @@ static size_t sm_prof_live_cap, sm_prof_live_slots;   /* slots used, deleted one
  * the loader's lock, which a thread in dlopen holds when it allocates) */
 static _Atomic uintptr_t sm_prof_text_lo, sm_prof_text_hi;
 static __thread int sm_prof_busy __attribute__((tls_model("initial-exec")));
+/* the unwinder has run once, from malloc: it is loaded, and taking a stack
+ * allocates nothing any more (an OS call under an allocator lock may) */
+static _Atomic int sm_prof_unwinder_ready;
+static const char *const sm_prof_event_names[SM_PROF_EVENTS] = {
+  "local_swap", "thread_collect", "extend", "next_page", "retired_page", "fresh_page",
+  "new_segment", "os_mmap", "os_munmap", "os_madvise", "os_mremap",
+};
 
 /* ---- the count-down -------------------------------------------------- */
 
@@ -199,24 +208,32 @@ static bool sm_prof_live_room_locked(void) {
 
 /* ---- sampling ------------------------------------------------------ */
 
-/* Record block b (n bytes; page NULL above the size classes) as a sample
- * with the calling stack. */
-static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
-  void *frames[SM_PROF_DEPTH + 8];
+/* The caller's stack, this library's frames left out: the number of
+ * frames at *start. */
+static int sm_prof_stack(void **frames, int cap, void ***start) {
   sm_prof_busy = 1;
   if (atomic_load_explicit(&sm_prof_text_hi, memory_order_acquire) == 0)
     dl_iterate_phdr(sm_prof_text_of, (void *)(uintptr_t)&sm_prof_text_of);
-  int depth = backtrace(frames, SM_PROF_DEPTH + 8);
+  int depth = backtrace(frames, cap);
   sm_prof_busy = 0;
   uintptr_t lo = atomic_load_explicit(&sm_prof_text_lo, memory_order_relaxed);
   uintptr_t hi = atomic_load_explicit(&sm_prof_text_hi, memory_order_relaxed);
+  int skip = 0;
+  while (skip < depth && (uintptr_t)frames[skip] >= lo && (uintptr_t)frames[skip] < hi) skip++;
+  *start = frames + skip;
+  return depth - skip > SM_PROF_DEPTH ? SM_PROF_DEPTH : depth - skip;
+}
+
+/* Record block b (n bytes; page NULL above the size classes) as a sample
+ * with the calling stack. */
+static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
+  void *frames[SM_PROF_DEPTH + 8], **at;
+  int depth = sm_prof_stack(frames, SM_PROF_DEPTH + 8, &at);
+  atomic_store_explicit(&sm_prof_unwinder_ready, 1, memory_order_relaxed);
   pthread_mutex_lock(&sm_prof_lock);
   bool kept = false;
   if (sm_prof_tables_locked() && sm_prof_live_room_locked()) {
-    int skip = 0;
-    while (skip < depth && (uintptr_t)frames[skip] >= lo && (uintptr_t)frames[skip] < hi) skip++;
-    if (depth - skip > SM_PROF_DEPTH) depth = skip + SM_PROF_DEPTH;
-    uint32_t s = sm_prof_intern_locked(frames + skip, (uint32_t)(depth - skip));
+    uint32_t s = sm_prof_intern_locked(at, (uint32_t)depth);
     sm_prof_stack_t *st = &sm_prof_stacks[s];
     st->live_count++;
     st->live_bytes += n;
@@ -245,6 +262,33 @@ void *sm_prof_sampled(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
   if (atomic_load_explicit(&sm_prof_active, memory_order_relaxed) && !sm_prof_busy && heap->initialized)
     sm_prof_record(heap, page, b, n);
   return b;
+}
+
+/* A churn event of the calling thread (prof.c's SM_PROF_* kinds): the
+ * slow-path steps are sampled, one in SMALLOC_PROF_EVENT_RATE on average
+ * (each sample stands for that many), the OS calls all taken.  Not before
+ * the unwinder is loaded: the first stack is taken from malloc, where it
+ * may allocate; an event can come with an allocator lock held. */
+void sm_prof_event_slow(int kind) {
+  sm_heap_t *heap = sm_heap();
+  if (!heap->initialized || sm_prof_busy || !atomic_load_explicit(&sm_prof_unwinder_ready, memory_order_relaxed))
+    return;
+  uint64_t weight = 1;
+  if (kind < SMALLOC_STEP_COUNT) {
+    if (--heap->prof_events_left > 0) return;
+    /* geometric with mean rate: each event is taken with probability
+     * 1 / rate, whatever came before */
+    long rate = sm_opt(PROF_EVENT_RATE);
+    double u = (double)((sm_heap_random(heap) >> 11) + 1) / 9007199254740992.0;
+    double d = rate == 1 ? 0 : sm_ln(u) / sm_ln(1 - 1.0 / (double)rate);
+    heap->prof_events_left = d > 1e12 ? (int64_t)1e12 : (int64_t)d + 1;
+    weight = (uint64_t)rate;
+  }
+  void *frames[SM_PROF_DEPTH + 8], **at;
+  int depth = sm_prof_stack(frames, SM_PROF_DEPTH + 8, &at);
+  pthread_mutex_lock(&sm_prof_lock);
+  if (sm_prof_tables_locked()) sm_prof_stacks[sm_prof_intern_locked(at, (uint32_t)depth)].events[kind] += weight;
+  pthread_mutex_unlock(&sm_prof_lock);
 }
 
 /* Block b (its start) is freed: if it is a sample, it leaves the live
@@ -363,6 +407,37 @@ static int sm_prof_write(int fd) {
   return o.err;
 }
 
+/* The churn profile: folded stacks ("root;...;leaf;event count", the
+ * input of flame-graph tools), symbolised with dladdr.  The table is
+ * copied out first: dladdr takes the loader's lock, which a thread in
+ * dlopen holds while it allocates, and may wait for this one. */
+static int sm_prof_write_churn(int fd) {
+  sm_out_t o = {.fd = fd};
+  pthread_mutex_lock(&sm_prof_lock);
+  uint32_t n = sm_prof_nstacks;
+  size_t size = (size_t)n * sizeof(sm_prof_stack_t);
+  sm_prof_stack_t *copy = n ? sm_prof_map(size) : NULL;
+  if (copy) memcpy(copy, sm_prof_stacks, size);
+  pthread_mutex_unlock(&sm_prof_lock);
+  if (n && !copy) return ENOMEM;
+  for (uint32_t s = 0; s < n; s++) {
+    const sm_prof_stack_t *st = &copy[s];
+    for (int k = 0; k < SM_PROF_EVENTS; k++) {
+      if (st->events[k] == 0) continue;
+      for (uint32_t i = st->depth; i-- > 0;) {
+        Dl_info info;
+        void *pc = (char *)st->frames[i] - 1;   /* inside the call, not after it */
+        if (dladdr(pc, &info) && info.dli_sname) sm_out(&o, "%s;", info.dli_sname);
+        else sm_out(&o, "%p;", pc);
+      }
+      sm_out(&o, "%s %llu\n", sm_prof_event_names[k], (unsigned long long)st->events[k]);
+    }
+  }
+  sm_out_flush(&o);
+  if (copy) munmap(copy, size);
+  return o.err;
+}
+
 /* ---- API ------------------------------------------------------------- */
 
 SM_EXPORT int smalloc_prof_start(void) {
@@ -386,21 +461,30 @@ SM_EXPORT void smalloc_prof_reset(void) {
   for (uint32_t s = 0; s < sm_prof_nstacks; s++) {
     sm_prof_stacks[s].alloc_count = sm_prof_stacks[s].live_count;
     sm_prof_stacks[s].alloc_bytes = sm_prof_stacks[s].live_bytes;
+    memset(sm_prof_stacks[s].events, 0, sizeof sm_prof_stacks[s].events);
   }
   pthread_mutex_unlock(&sm_prof_lock);
 }
 
+static int sm_prof_write_file(const char *path, int (*write_fn)(int)) {
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return errno;
+  int err = write_fn(fd);
+  if (close(fd) != 0 && err == 0) err = errno;
+  return err;
+}
+
 SM_EXPORT int smalloc_prof_dump(const char *path) {
-  char name[64];
+  char name[4096];
   if (path == NULL) {
     snprintf(name, sizeof name, "smalloc.%ld.heap", (long)getpid());
     path = name;
   }
-  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return errno;
-  int err = sm_prof_write(fd);
-  if (close(fd) != 0 && err == 0) err = errno;
-  return err;
+  int err = sm_prof_write_file(path, sm_prof_write);
+  char churn[4096 + 8];
+  if (snprintf(churn, sizeof churn, "%s.churn", path) >= (int)sizeof churn) return err ? err : ENAMETOOLONG;
+  int err2 = sm_prof_write_file(churn, sm_prof_write_churn);
+  return err ? err : err2;
 }
 
 /* SMALLOC_PROF=1: profiling from the start, the profile written at exit. */

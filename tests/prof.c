@@ -264,6 +264,108 @@ START_TEST(blocks_freed_by_other_threads_leave_the_profile)
 }
 END_TEST
 
+/* ---- the churn profile ---------------------------------------------------- */
+
+/* Blocks of 40 size classes, 600 of each, then all freed: fresh pages
+ * and segments, and OS calls */
+__attribute__((noinline)) void churn_maker(void);
+__attribute__((noinline)) void churn_maker(void)
+{
+  static void *v[40 * 600];
+  for (int i = 0; i < 40 * 600; i++) {
+    v[i] = smalloc_malloc(16 + (size_t)(i % 40) * 48);
+    if (!v[i])
+      abort();
+  }
+  for (int i = 0; i < 40 * 600; i++)
+    smalloc_free(v[i]);
+}
+
+/* The same block over and over: the swap alone, after the first round */
+__attribute__((noinline)) void steady_churner(void);
+__attribute__((noinline)) void steady_churner(void)
+{
+  static void *v[100];
+  for (int r = 0; r < 2000; r++) {
+    for (int i = 0; i < 100; i++)
+      if (!(v[i] = smalloc_malloc(48)))
+        abort();
+    for (int i = 0; i < 100; i++)
+      smalloc_free(v[i]);
+  }
+}
+
+/* The lines of the churn profile that name fn, and their events by kind,
+ * summed: the count of lines is the result. */
+static int churn_read(const char *path, const char *fn, uint64_t *counts, const char *const *kinds)
+{
+  char churn[300];
+  snprintf(churn, sizeof churn, "%s.churn", path);
+  FILE *f = fopen(churn, "r");
+  ck_assert_msg(f != NULL, "%s: %s", churn, strerror(errno));
+  static char line[8192];
+  int lines = 0;
+  while (fgets(line, sizeof line, f)) {
+    lines++;
+    char *sp = strrchr(line, ' ');
+    ck_assert_ptr_nonnull(sp);
+    *sp = '\0';
+    char *leaf = strrchr(line, ';');
+    ck_assert_ptr_nonnull(leaf);
+    if (fn && !strstr(line, fn))
+      continue;
+    for (int k = 0; kinds[k]; k++)
+      if (strcmp(leaf + 1, kinds[k]) == 0)
+        counts[k] += strtoull(sp + 1, NULL, 10);
+  }
+  fclose(f);
+  unlink(churn);
+  return lines;
+}
+
+/* The churn profile names the function that made smalloc take fresh pages
+ * and map memory; under steady churn (the swap only) it is empty. */
+START_TEST(churn_profile_names_the_cause_and_is_empty_under_steady_churn)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_RATE, RATE), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_EVENT_RATE, 1), 0);
+  ck_assert_int_eq(smalloc_prof_start(), 0);
+  for (int i = 0; i < 200; i++)
+    prof_site_a(prof_size());   /* the first samples load the unwinder */
+  prof_free_all();
+  smalloc_stats_t s0, s1;
+  ck_assert_int_eq(sm_test_snap(&s0), 0);
+  churn_maker();
+  ck_assert_int_eq(sm_test_snap(&s1), 0);
+  smalloc_prof_stop();
+  char path[] = "/tmp/smalloc-churn.XXXXXX";
+  int fd = mkstemp(path);
+  ck_assert_int_ge(fd, 0);
+  close(fd);
+  ck_assert_int_eq(smalloc_prof_dump(path), 0);
+  static const char *const kinds[] = {"fresh_page", "new_segment", "os_mmap", "extend", NULL};
+  uint64_t c[16] = {0};
+  ck_assert_int_gt(churn_read(path, "churn_maker", c, kinds), 0);
+  /* every event taken (rate 1) and attributed to churn_maker */
+  ck_assert_uint_eq(c[0], s1.slow_steps[SMALLOC_STEP_FRESH_PAGE] - s0.slow_steps[SMALLOC_STEP_FRESH_PAGE]);
+  ck_assert_uint_eq(c[1], s1.slow_steps[SMALLOC_STEP_NEW_SEGMENT] - s0.slow_steps[SMALLOC_STEP_NEW_SEGMENT]);
+  ck_assert_uint_eq(c[2], s1.os_mmap - s0.os_mmap);
+  ck_assert_uint_gt(c[0], 30);
+  ck_assert_uint_gt(c[2], 0);
+
+  smalloc_prof_reset();
+  ck_assert_int_eq(smalloc_prof_start(), 0);
+  steady_churner();   /* its first round takes pages; the profile starts after it */
+  smalloc_prof_reset();
+  steady_churner();
+  smalloc_prof_stop();
+  ck_assert_int_eq(smalloc_prof_dump(path), 0);
+  memset(c, 0, sizeof c);
+  ck_assert_int_eq(churn_read(path, NULL, c, kinds), 0);
+  unlink(path);
+}
+END_TEST
+
 static Suite *prof_suite(void)
 {
   Suite *s = suite_create("prof");
@@ -272,6 +374,7 @@ static Suite *prof_suite(void)
   tcase_add_test(tc, freed_blocks_leave_the_live_profile);
   tcase_add_test(tc, nothing_is_sampled_while_off);
   tcase_add_test(tc, blocks_freed_by_other_threads_leave_the_profile);
+  tcase_add_test(tc, churn_profile_names_the_cause_and_is_empty_under_steady_churn);
   suite_add_tcase(s, tc);
   return s;
 }
