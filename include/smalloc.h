@@ -207,6 +207,8 @@ typedef enum smalloc_option {
   SMALLOC_OPTION_PROF_RATE,      /* SMALLOC_PROF_RATE: mean bytes between samples */
   SMALLOC_OPTION_PROF_EVENT_RATE, /* SMALLOC_PROF_EVENT_RATE: one slow-path step in this many
                                      is sampled with its stack */
+  SMALLOC_OPTION_PROF_LEAKS,     /* SMALLOC_PROF_LEAKS: 1 sample from the start, report the
+                                    sampled blocks still live at exit */
   SMALLOC_OPTION_COUNT
 } smalloc_option_t;
 

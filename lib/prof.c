@@ -487,12 +487,76 @@ SM_EXPORT int smalloc_prof_dump(const char *path) {
   return err ? err : err2;
 }
 
-/* SMALLOC_PROF=1: profiling from the start, the profile written at exit. */
+/* SMALLOC_PROF=1 or SMALLOC_PROF_LEAKS=1: profiling from the start. */
 void sm_prof_init(void) {
-  if (sm_opt(PROF)) atomic_store(&sm_prof_active, 1);
+  if (sm_opt(PROF) || sm_opt(PROF_LEAKS)) atomic_store(&sm_prof_active, 1);
+}
+
+/* The unsampled estimate of a stack's live bytes (pprof's heap_v2). */
+static double sm_prof_live_estimate(const sm_prof_stack_t *st) {
+  if (st->live_count == 0) return 0;
+  double avg = (double)st->live_bytes / (double)st->live_count;
+  double rate = (double)sm_opt(PROF_RATE);
+  /* 1 - exp(-x), x = avg / rate, by exp(-x) = 1 / e^x with e^x's series
+   * for small x and halving for large: no libm */
+  double x = avg / rate, e = 1, term = 1;
+  int halvings = 0;
+  while (x > 0.5) { x /= 2; halvings++; }
+  for (int i = 1; i < 12; i++) { term *= x / i; e += term; }
+  while (halvings-- > 0) e *= e;
+  return (double)st->live_bytes / (1 - 1 / e);
+}
+
+/* SMALLOC_PROF_LEAKS=1: the sampled blocks still live at exit, the stacks
+ * that hold the most bytes first (the top SM_PROF_LEAK_LINES), through the
+ * smalloc: printer.  Works on a copy of the table (dladdr, see above). */
+#define SM_PROF_LEAK_LINES 20
+static void sm_prof_leak_report(void) {
+  pthread_mutex_lock(&sm_prof_lock);
+  uint32_t n = sm_prof_nstacks;
+  size_t size = (size_t)n * sizeof(sm_prof_stack_t);
+  sm_prof_stack_t *copy = n ? sm_prof_map(size) : NULL;
+  if (copy) memcpy(copy, sm_prof_stacks, size);
+  pthread_mutex_unlock(&sm_prof_lock);
+  uint64_t blocks = 0, stacks = 0;
+  double bytes = 0;
+  for (uint32_t s = 0; copy && s < n; s++) {
+    if (copy[s].live_count == 0) continue;
+    blocks += copy[s].live_count;
+    bytes += sm_prof_live_estimate(&copy[s]);
+    stacks++;
+  }
+  sm_message("leak report: %llu sampled blocks live at exit, about %.0f bytes from %llu call stacks "
+             "(SMALLOC_PROF_RATE %ld)", (unsigned long long)blocks, bytes, (unsigned long long)stacks,
+             sm_opt(PROF_RATE));
+  for (int line = 0; line < SM_PROF_LEAK_LINES && copy; line++) {
+    sm_prof_stack_t *top = NULL;
+    double top_bytes = 0;
+    for (uint32_t s = 0; s < n; s++) {
+      double b = sm_prof_live_estimate(&copy[s]);
+      if (copy[s].live_count && b > top_bytes) { top = &copy[s]; top_bytes = b; }
+    }
+    if (!top) break;
+    char where[400];
+    size_t len = 0;
+    where[0] = '\0';
+    for (uint32_t i = 0; i < top->depth && i < 6 && len < sizeof where - 80; i++) {
+      Dl_info info;
+      void *pc = (char *)top->frames[i] - 1;
+      int w = dladdr(pc, &info) && info.dli_sname
+                  ? snprintf(where + len, sizeof where - len, "%s%s", i ? " < " : "", info.dli_sname)
+                  : snprintf(where + len, sizeof where - len, "%s%p", i ? " < " : "", pc);
+      if (w > 0) len += (size_t)w;
+    }
+    sm_message("  about %.0f bytes in %llu sampled blocks, allocated at %s", top_bytes,
+               (unsigned long long)top->live_count, where);
+    top->live_count = 0;   /* done */
+  }
+  if (copy) munmap(copy, size);
 }
 
 void sm_prof_at_exit(void) {
+  if (sm_opt(PROF_LEAKS)) sm_prof_leak_report();
   if (!sm_opt(PROF)) return;
   int err = smalloc_prof_dump(NULL);
   if (err) sm_message("SMALLOC_PROF: cannot write the profile: %s", strerror(err));

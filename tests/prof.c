@@ -366,6 +366,74 @@ START_TEST(churn_profile_names_the_cause_and_is_empty_under_steady_churn)
 }
 END_TEST
 
+/* ---- the leak report ------------------------------------------------------- */
+
+/* 2 MiB in 4 KiB blocks, never freed */
+__attribute__((noinline)) void leaky_function(void);
+__attribute__((noinline)) void leaky_function(void)
+{
+  for (int i = 0; i < 512; i++)
+    if (!smalloc_malloc(4096))
+      abort();
+}
+
+/* test_prof --leak: leaks from leaky_function, frees everything else. */
+static int leak_main(void)
+{
+  for (int i = 0; i < 5000; i++)
+    prof_site_a(prof_size());
+  leaky_function();
+  prof_free_all();
+  for (int i = 0; i < 100; i++)
+    prof_site_b(prof_size());   /* a smaller leak */
+  return 0;
+}
+
+/* SMALLOC_PROF_LEAKS=1: at exit, the report's first stack is the function
+ * that leaked most, with about the bytes it leaked. */
+START_TEST(the_leak_report_names_the_leaking_function_first)
+{
+  int fds[2];
+  ck_assert_int_eq(pipe(fds), 0);
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0) {
+    dup2(fds[1], 2);
+    close(fds[0]);
+    char *argv[] = {"test_prof", "--leak", NULL};
+    char *envp[] = {"SMALLOC_PROF_LEAKS=1", "SMALLOC_PROF_RATE=8192", "SMALLOC_BACKGROUND=0", NULL, NULL};
+    static char ld[4096];
+    if (getenv("LD_LIBRARY_PATH")) {
+      snprintf(ld, sizeof ld, "LD_LIBRARY_PATH=%s", getenv("LD_LIBRARY_PATH"));
+      envp[3] = ld;
+    }
+    execve("/proc/self/exe", argv, envp);
+    _exit(127);
+  }
+  close(fds[1]);
+  static char out[16384];
+  size_t len = 0;
+  ssize_t r;
+  while (len < sizeof out - 1 && (r = read(fds[0], out + len, sizeof out - 1 - len)) > 0)
+    len += (size_t)r;
+  out[len] = '\0';
+  close(fds[0]);
+  int status;
+  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d:\n%s", status, out);
+  char *head = strstr(out, "smalloc: leak report: ");
+  ck_assert_msg(head != NULL, "no leak report:\n%s", out);
+  char *first = strstr(head, "\nsmalloc:   about ");
+  ck_assert_msg(first != NULL, "the report lists no stack:\n%s", out);
+  char *eol = strchr(first + 1, '\n');
+  ck_assert_ptr_nonnull(eol);
+  *eol = '\0';
+  ck_assert_msg(strstr(first, "allocated at leaky_function") != NULL, "first entry:%s", first);
+  double bytes = strtod(first + strlen("\nsmalloc:   about "), NULL);
+  prof_within("leaked by leaky_function", bytes, 2.0 * MiB, 0.25);   /* ~256 samples */
+}
+END_TEST
+
 static Suite *prof_suite(void)
 {
   Suite *s = suite_create("prof");
@@ -375,6 +443,7 @@ static Suite *prof_suite(void)
   tcase_add_test(tc, nothing_is_sampled_while_off);
   tcase_add_test(tc, blocks_freed_by_other_threads_leave_the_profile);
   tcase_add_test(tc, churn_profile_names_the_cause_and_is_empty_under_steady_churn);
+  tcase_add_test(tc, the_leak_report_names_the_leaking_function_first);
   suite_add_tcase(s, tc);
   return s;
 }
@@ -394,5 +463,7 @@ int main(int argc, char **argv)
     smalloc_prof_stop();
     return smalloc_prof_dump(argv[2]) == 0 ? 0 : 1;
   }
+  if (argc == 2 && strcmp(argv[1], "--leak") == 0)
+    return leak_main();
   return sm_run_suite(prof_suite());
 }
