@@ -643,6 +643,9 @@ void sm_prof_page_check(sm_heap_t *heap, sm_page_t *page);
 void sm_prof_fork_child(void);
 void sm_prof_init(void);
 void sm_prof_at_exit(void);
+#ifdef EOF   /* <stdio.h> */
+void sm_prof_print_top(FILE *out);
+#endif
 extern _Atomic uint64_t sm_prof_live_n;
 /* A block of n bytes at p (page NULL above the size classes) was just
  * handed out by a path other than the fast one: count it down too. */

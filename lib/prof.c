@@ -492,6 +492,27 @@ void sm_prof_init(void) {
   if (sm_opt(PROF) || sm_opt(PROF_LEAKS)) atomic_store(&sm_prof_active, 1);
 }
 
+/* The stack's callers for a report line: the innermost six, named with
+ * dladdr where the program exports a name. */
+static void sm_prof_where(const sm_prof_stack_t *st, char *where, size_t cap) {
+  size_t len = 0;
+  where[0] = '\0';
+  for (uint32_t i = 0; i < st->depth && i < 6 && len + 80 < cap; i++) {
+    Dl_info info;
+    void *pc = (char *)st->frames[i] - 1;
+    int w = dladdr(pc, &info) && info.dli_sname
+                ? snprintf(where + len, cap - len, "%s%s", i ? " < " : "", info.dli_sname)
+                : snprintf(where + len, cap - len, "%s%p", i ? " < " : "", pc);
+    if (w > 0) len += (size_t)w;
+  }
+}
+
+static uint64_t sm_prof_event_sum(const sm_prof_stack_t *st) {
+  uint64_t n = 0;
+  for (int k = 0; k < SM_PROF_EVENTS; k++) n += st->events[k];
+  return n;
+}
+
 /* The unsampled estimate of a stack's live bytes (pprof's heap_v2). */
 static double sm_prof_live_estimate(const sm_prof_stack_t *st) {
   if (st->live_count == 0) return 0;
@@ -538,21 +559,51 @@ static void sm_prof_leak_report(void) {
     }
     if (!top) break;
     char where[400];
-    size_t len = 0;
-    where[0] = '\0';
-    for (uint32_t i = 0; i < top->depth && i < 6 && len < sizeof where - 80; i++) {
-      Dl_info info;
-      void *pc = (char *)top->frames[i] - 1;
-      int w = dladdr(pc, &info) && info.dli_sname
-                  ? snprintf(where + len, sizeof where - len, "%s%s", i ? " < " : "", info.dli_sname)
-                  : snprintf(where + len, sizeof where - len, "%s%p", i ? " < " : "", pc);
-      if (w > 0) len += (size_t)w;
-    }
+    sm_prof_where(top, where, sizeof where);
     sm_message("  about %.0f bytes in %llu sampled blocks, allocated at %s", top_bytes,
                (unsigned long long)top->live_count, where);
     top->live_count = 0;   /* done */
   }
   if (copy) munmap(copy, size);
+}
+
+/* The stats table's last part while anything was sampled: the ten call
+ * stacks with the most live bytes (estimated) and the ten that caused the
+ * most slow work. */
+void sm_prof_print_top(FILE *out) {
+  pthread_mutex_lock(&sm_prof_lock);
+  uint32_t n = sm_prof_nstacks;
+  size_t size = (size_t)n * sizeof(sm_prof_stack_t);
+  sm_prof_stack_t *copy = n ? sm_prof_map(size) : NULL;
+  if (copy) memcpy(copy, sm_prof_stacks, size);
+  pthread_mutex_unlock(&sm_prof_lock);
+  if (!copy) return;
+  char where[400];
+  fprintf(out, "  heap profile: the call sites with the most live bytes (estimated from samples)\n");
+  for (int line = 0; line < 10; line++) {
+    sm_prof_stack_t *top = NULL;
+    double top_bytes = 0;
+    for (uint32_t s = 0; s < n; s++) {
+      double b = sm_prof_live_estimate(&copy[s]);
+      if (copy[s].live_count && b > top_bytes) { top = &copy[s]; top_bytes = b; }
+    }
+    if (!top) break;
+    sm_prof_where(top, where, sizeof where);
+    fprintf(out, "  %14.0f B  %s\n", top_bytes, where);
+    top->live_count = 0;
+  }
+  fprintf(out, "  churn profile: the call sites that caused the most slow-path steps and OS calls\n");
+  for (int line = 0; line < 10; line++) {
+    sm_prof_stack_t *top = NULL;
+    for (uint32_t s = 0; s < n; s++)
+      if (sm_prof_event_sum(&copy[s]) && (!top || sm_prof_event_sum(&copy[s]) > sm_prof_event_sum(top)))
+        top = &copy[s];
+    if (!top) break;
+    sm_prof_where(top, where, sizeof where);
+    fprintf(out, "  %14llu    %s\n", (unsigned long long)sm_prof_event_sum(top), where);
+    memset(top->events, 0, sizeof top->events);
+  }
+  munmap(copy, size);
 }
 
 void sm_prof_at_exit(void) {

@@ -415,6 +415,7 @@ static void sm_stats_print_table(FILE *out) {
   snprintf(who, sizeof who, "%s (pid %ld, running %.1f s)", sm_program(prog, sizeof prog),
            (long)getpid(), (double)(sm_clock_ms() - sm_start_ms) / 1000.0);
   sm_stats_format(&st, who, sm_resident(), "the process", out);
+  sm_prof_print_top(out);
 }
 
 /* Add src's figures to dst's (the smalloc command's sum over a process

@@ -390,7 +390,8 @@ static int leak_main(void)
 }
 
 /* SMALLOC_PROF_LEAKS=1: at exit, the report's first stack is the function
- * that leaked most, with about the bytes it leaked. */
+ * that leaked most, with about the bytes it leaked; SMALLOC_STATS=1 ends
+ * its table with the same call site first. */
 START_TEST(the_leak_report_names_the_leaking_function_first)
 {
   int fds[2];
@@ -401,17 +402,18 @@ START_TEST(the_leak_report_names_the_leaking_function_first)
     dup2(fds[1], 2);
     close(fds[0]);
     char *argv[] = {"test_prof", "--leak", NULL};
-    char *envp[] = {"SMALLOC_PROF_LEAKS=1", "SMALLOC_PROF_RATE=8192", "SMALLOC_BACKGROUND=0", NULL, NULL};
+    char *envp[] = {"SMALLOC_PROF_LEAKS=1", "SMALLOC_PROF_RATE=8192", "SMALLOC_BACKGROUND=0",
+                    "SMALLOC_STATS=1", NULL, NULL};
     static char ld[4096];
     if (getenv("LD_LIBRARY_PATH")) {
       snprintf(ld, sizeof ld, "LD_LIBRARY_PATH=%s", getenv("LD_LIBRARY_PATH"));
-      envp[3] = ld;
+      envp[4] = ld;
     }
     execve("/proc/self/exe", argv, envp);
     _exit(127);
   }
   close(fds[1]);
-  static char out[16384];
+  static char out[1 << 17];
   size_t len = 0;
   ssize_t r;
   while (len < sizeof out - 1 && (r = read(fds[0], out + len, sizeof out - 1 - len)) > 0)
@@ -421,6 +423,15 @@ START_TEST(the_leak_report_names_the_leaking_function_first)
   int status;
   ck_assert_int_eq(waitpid(pid, &status, 0), pid);
   ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d:\n%s", status, out);
+  const char *top = strstr(out, "  heap profile: the call sites with the most live bytes");
+  ck_assert_msg(top != NULL, "the stats table has no heap profile part:\n%s", out);
+  char first_site[512];
+  const char *next = strchr(top, '\n');
+  ck_assert_ptr_nonnull(next);
+  size_t n = strcspn(next + 1, "\n");
+  snprintf(first_site, sizeof first_site, "%.*s", (int)n, next + 1);
+  ck_assert_msg(strstr(first_site, " B  leaky_function < ") != NULL,
+                "the stats table's first call site is not leaky_function: %s", first_site);
   char *head = strstr(out, "smalloc: leak report: ");
   ck_assert_msg(head != NULL, "no leak report:\n%s", out);
   char *first = strstr(head, "\nsmalloc:   about ");
