@@ -407,18 +407,27 @@ static int sm_prof_write(int fd) {
   return o.err;
 }
 
+/* A copy of the stack table in a mapping of its own (NULL when empty or
+ * unmappable), for the reports that name frames: dladdr takes the
+ * loader's lock, which a thread in dlopen holds while it allocates, and
+ * may then wait for the profiler's. */
+static sm_prof_stack_t *sm_prof_copy(uint32_t *n, size_t *size) {
+  pthread_mutex_lock(&sm_prof_lock);
+  *n = sm_prof_nstacks;
+  *size = (size_t)*n * sizeof(sm_prof_stack_t);
+  sm_prof_stack_t *copy = *n ? sm_prof_map(*size) : NULL;
+  if (copy) memcpy(copy, sm_prof_stacks, *size);
+  pthread_mutex_unlock(&sm_prof_lock);
+  return copy;
+}
+
 /* The churn profile: folded stacks ("root;...;leaf;event count", the
- * input of flame-graph tools), symbolised with dladdr.  The table is
- * copied out first: dladdr takes the loader's lock, which a thread in
- * dlopen holds while it allocates, and may wait for this one. */
+ * input of flame-graph tools), symbolised with dladdr (on a copy). */
 static int sm_prof_write_churn(int fd) {
   sm_out_t o = {.fd = fd};
-  pthread_mutex_lock(&sm_prof_lock);
-  uint32_t n = sm_prof_nstacks;
-  size_t size = (size_t)n * sizeof(sm_prof_stack_t);
-  sm_prof_stack_t *copy = n ? sm_prof_map(size) : NULL;
-  if (copy) memcpy(copy, sm_prof_stacks, size);
-  pthread_mutex_unlock(&sm_prof_lock);
+  uint32_t n;
+  size_t size;
+  sm_prof_stack_t *copy = sm_prof_copy(&n, &size);
   if (n && !copy) return ENOMEM;
   for (uint32_t s = 0; s < n; s++) {
     const sm_prof_stack_t *st = &copy[s];
@@ -528,17 +537,26 @@ static double sm_prof_live_estimate(const sm_prof_stack_t *st) {
   return (double)st->live_bytes / (1 - 1 / e);
 }
 
+/* The copied stack with the most live bytes (estimated) not reported yet,
+ * or NULL; the caller marks it reported (live_count 0). */
+static sm_prof_stack_t *sm_prof_top_live(sm_prof_stack_t *copy, uint32_t n, double *bytes) {
+  sm_prof_stack_t *top = NULL;
+  *bytes = 0;
+  for (uint32_t s = 0; s < n; s++) {
+    double b = sm_prof_live_estimate(&copy[s]);
+    if (copy[s].live_count && b > *bytes) { top = &copy[s]; *bytes = b; }
+  }
+  return top;
+}
+
 /* SMALLOC_PROF_LEAKS=1: the sampled blocks still live at exit, the stacks
  * that hold the most bytes first (the top SM_PROF_LEAK_LINES), through the
  * smalloc: printer.  Works on a copy of the table (dladdr, see above). */
 #define SM_PROF_LEAK_LINES 20
 static void sm_prof_leak_report(void) {
-  pthread_mutex_lock(&sm_prof_lock);
-  uint32_t n = sm_prof_nstacks;
-  size_t size = (size_t)n * sizeof(sm_prof_stack_t);
-  sm_prof_stack_t *copy = n ? sm_prof_map(size) : NULL;
-  if (copy) memcpy(copy, sm_prof_stacks, size);
-  pthread_mutex_unlock(&sm_prof_lock);
+  uint32_t n;
+  size_t size;
+  sm_prof_stack_t *copy = sm_prof_copy(&n, &size);
   uint64_t blocks = 0, stacks = 0;
   double bytes = 0;
   for (uint32_t s = 0; copy && s < n; s++) {
@@ -551,12 +569,8 @@ static void sm_prof_leak_report(void) {
              "(SMALLOC_PROF_RATE %ld)", (unsigned long long)blocks, bytes, (unsigned long long)stacks,
              sm_opt(PROF_RATE));
   for (int line = 0; line < SM_PROF_LEAK_LINES && copy; line++) {
-    sm_prof_stack_t *top = NULL;
-    double top_bytes = 0;
-    for (uint32_t s = 0; s < n; s++) {
-      double b = sm_prof_live_estimate(&copy[s]);
-      if (copy[s].live_count && b > top_bytes) { top = &copy[s]; top_bytes = b; }
-    }
+    double top_bytes;
+    sm_prof_stack_t *top = sm_prof_top_live(copy, n, &top_bytes);
     if (!top) break;
     char where[400];
     sm_prof_where(top, where, sizeof where);
@@ -571,22 +585,15 @@ static void sm_prof_leak_report(void) {
  * stacks with the most live bytes (estimated) and the ten that caused the
  * most slow work. */
 void sm_prof_print_top(FILE *out) {
-  pthread_mutex_lock(&sm_prof_lock);
-  uint32_t n = sm_prof_nstacks;
-  size_t size = (size_t)n * sizeof(sm_prof_stack_t);
-  sm_prof_stack_t *copy = n ? sm_prof_map(size) : NULL;
-  if (copy) memcpy(copy, sm_prof_stacks, size);
-  pthread_mutex_unlock(&sm_prof_lock);
+  uint32_t n;
+  size_t size;
+  sm_prof_stack_t *copy = sm_prof_copy(&n, &size);
   if (!copy) return;
   char where[400];
   fprintf(out, "  heap profile: the call sites with the most live bytes (estimated from samples)\n");
   for (int line = 0; line < 10; line++) {
-    sm_prof_stack_t *top = NULL;
-    double top_bytes = 0;
-    for (uint32_t s = 0; s < n; s++) {
-      double b = sm_prof_live_estimate(&copy[s]);
-      if (copy[s].live_count && b > top_bytes) { top = &copy[s]; top_bytes = b; }
-    }
+    double top_bytes;
+    sm_prof_stack_t *top = sm_prof_top_live(copy, n, &top_bytes);
     if (!top) break;
     sm_prof_where(top, where, sizeof where);
     fprintf(out, "  %14.0f B  %s\n", top_bytes, where);
