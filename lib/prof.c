@@ -218,8 +218,11 @@ static int sm_prof_stack(void **frames, int cap, void ***start) {
   sm_prof_busy = 0;
   uintptr_t lo = atomic_load_explicit(&sm_prof_text_lo, memory_order_relaxed);
   uintptr_t hi = atomic_load_explicit(&sm_prof_text_hi, memory_order_relaxed);
+  /* past the last of this library's frames among the innermost few: a
+   * sanitizer's interceptor of backtrace may come before them */
   int skip = 0;
-  while (skip < depth && (uintptr_t)frames[skip] >= lo && (uintptr_t)frames[skip] < hi) skip++;
+  for (int i = 0; i < depth && i < 8; i++)
+    if ((uintptr_t)frames[i] >= lo && (uintptr_t)frames[i] < hi) skip = i + 1;
   *start = frames + skip;
   return depth - skip > SM_PROF_DEPTH ? SM_PROF_DEPTH : depth - skip;
 }
