@@ -764,6 +764,9 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
       }
       sm_count_step(heap, bin, step);
       sm_page_fold_stats(heap, page);   /* keeps the 32-bit frees count small */
+      /* a page whose sampled blocks were all freed, by other threads too,
+       * frees on the fast path again (the owner may never free into it) */
+      sm_prof_page_check(heap, page);
       sm_assert_expensive(sm_page_valid(page));
       return page;
     }

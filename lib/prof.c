@@ -316,8 +316,8 @@ void sm_prof_forget(sm_page_t *page, const void *b) {
   if (found && page) atomic_fetch_sub_explicit(&page->sampled, 1, memory_order_relaxed);
 }
 
-/* The owner, freeing into a flagged page: no sample left in it, so its
- * frees may take the fast path again. */
+/* The owner, freeing into a flagged page or refilling one: no sample left
+ * in it, so its frees may take the fast path again. */
 void sm_prof_page_check(sm_heap_t *heap, sm_page_t *page) {
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
   if ((flags & SM_PAGE_SAMPLED) && atomic_load_explicit(&page->sampled, memory_order_relaxed) == 0)
