@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark runner for smalloc: `make bench` calls this.
 
-Runs every workload under every allocator found, interleaved and rotated
-(A B C ..., B C ... A, ...), one warm-up round and then counted rounds, and reports medians,
+Runs every workload under every allocator found, interleaved, each round in
+its own order (A B C ..., C A B ..., ...), one warm-up round and then counted rounds, and reports medians,
 spreads (min-max), peak RSS and ratios to the freshly built library.
 
 Allocators:
@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
@@ -1052,12 +1053,14 @@ def main():
             rows = {a.name: Row(a) for a in wallocs}
             t0 = time.perf_counter()
             for rnd in range(nruns + 1):
-                # each round starts one allocator further on: a run right
-                # after one that used much memory pays for the kernel taking
-                # it back (largerep-huge after snmalloc: 2.5-4.5x), and no
-                # allocator should get that place in every round
-                k = rnd % len(wallocs)
-                for a in wallocs[k:] + wallocs[:k]:
+                # each round in its own order (the same in every run of
+                # the benchmark): a run right after one that used much
+                # memory pays for the kernel taking it back (largerep-huge
+                # after snmalloc: 2.5-4.5x), and no allocator should get
+                # that place in every round, as a rotation would give it
+                order = list(wallocs)
+                random.Random(rnd).shuffle(order)
+                for a in order:
                     row = rows[a.name]
                     if row.error:
                         continue
