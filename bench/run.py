@@ -9,6 +9,8 @@ Allocators:
   fresh        the library just built (FRESH)
   fresh-naive  fresh with SMALLOC_RETIRE_CYCLES=0 (churn workloads only)
   fresh-prof   fresh with SMALLOC_PROF=1: the heap profiler on at its default rate
+  jemalloc-prof  jemalloc with MALLOC_CONF=prof:true (its sampled heap profiler at its
+               default rate, one sample per 512 KiB like smalloc's), when jemalloc is found
   baseline     BASELINE, else the installed libsmalloc (pkg-config, then
                ldconfig); if there is none, glibc serves as the baseline
   glibc        no preload
@@ -70,6 +72,8 @@ ROW_MEANING = {
     "baseline": "the installed smalloc, the one this build is compared with",
     "glibc": "the C library's malloc",
     "jemalloc": "Debian's jemalloc", "tcmalloc": "Debian's tcmalloc (minimal)",
+    "jemalloc-prof": "Debian's jemalloc with MALLOC_CONF=prof:true: its heap profiler at its "
+                     "default rate, what profiling costs there",
     "mimalloc": "Debian's mimalloc",
     "null": "reference: a per-thread bump allocator with no checks and no stats, the floor of "
             "an allocator's own cost",
@@ -661,7 +665,8 @@ def machine_info():
 
 # One colour per allocator, the same in every chart and every run; names
 # not listed (BENCH_PEERS) take the spare ones in order of appearance.
-COLOURS = {"fresh": "#d62728", "fresh-naive": "#ff9896", "fresh-prof": "#e377c2", "baseline": "#8c564b",
+COLOURS = {"fresh": "#d62728", "fresh-naive": "#ff9896", "fresh-prof": "#e377c2",
+           "jemalloc-prof": "#c5b0d5", "baseline": "#8c564b",
            "glibc": "#7f7f7f", "jemalloc": "#2ca02c", "tcmalloc": "#1f77b4",
            "mimalloc": "#9467bd", "mimalloc3": "#17becf", "snmalloc": "#bcbd22",
            "null": "#c7c7c7"}
@@ -994,6 +999,9 @@ def main():
         lib = ldconfig_lookup(soname, want)
         if lib:
             allocs.append(Alloc(name, lib))
+            if name == "jemalloc":
+                allocs.append(Alloc("jemalloc-prof", lib, env={"MALLOC_CONF": "prof:true"},
+                                    note="MALLOC_CONF=prof:true"))
     for spec in [x for x in os.environ.get("BENCH_PEERS", "").split(",") if x]:
         name, _, lib = spec.partition("=")
         if not name or not os.path.exists(lib):
@@ -1105,7 +1113,7 @@ def main():
 
         report.quick = quick
         if not only and os.access(os.path.join(args.bindir, "bench_idle"), os.X_OK):
-            mallocs = [a for a in allocs if a.name not in ("fresh-naive", "fresh-prof")]
+            mallocs = [a for a in allocs if a.name not in ("fresh-naive", "fresh-prof", "jemalloc-prof")]
             say("")
             say("== memory return: burst, free, then %.0f s without an allocator call" % IDLE_S)
             report.idle = run_idle(os.path.abspath(args.bindir), mallocs, quick)
