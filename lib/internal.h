@@ -244,11 +244,12 @@ enum sm_call {
 /* Per-thread counters: plain integers written by the owner only. */
 typedef struct sm_tstats_s {
   uint64_t calls[SM_CALL_COUNT];
-  /* bytes requested: requested + prof_base - prof_left, where prof_left
-   * counts down from prof_base on every allocation to the profiler's next
-   * sample (prof.c); derived so, it costs malloc nothing extra */
+  /* bytes requested: requested - prof_left, where prof_left counts down
+   * on every allocation to the profiler's next sample and requested is
+   * credited with each distance drawn (prof.c); derived so, it costs
+   * malloc nothing extra */
   uint64_t requested;
-  uint64_t prof_left, prof_base;
+  uint64_t prof_left;
   uint64_t alloc_other;          /* blocks allocated by entry points other than malloc */
   uint64_t free_other;           /* blocks freed by realloc, not by a free call */
   uint64_t class_allocs[SM_BIN_COUNT];
@@ -648,7 +649,7 @@ void sm_prof_print_top(FILE *out);
 #endif
 extern _Atomic uint64_t sm_prof_live_n;
 /* A block of n bytes at p (page NULL above the size classes) was just
- * handed out by a path other than the fast one: count it down too. */
+ * handed out, by malloc's fast path or another: count it down. */
 SM_INLINE void *sm_prof_count(sm_heap_t *heap, sm_page_t *page, void *p, size_t n) {
   if (sm_unlikely(sm_cnt_sub_below0(heap->stats.prof_left, n))) return sm_prof_sampled(heap, page, p, n);
   return p;
@@ -679,10 +680,7 @@ SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
   sm_block_clear(b);
   sm_canary_set(page, b);
   page->used++;
-  /* the bytes to the profiler's next sample, which also count the bytes
-   * requested (prof.c) */
-  if (sm_unlikely(sm_cnt_sub_below0(heap->stats.prof_left, n))) return sm_prof_sampled(heap, page, b, n);
-  return b;
+  return sm_prof_count(heap, page, b, n);   /* also the bytes requested */
 }
 
 /* malloc: the fast path for sizes the direct table serves */

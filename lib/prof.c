@@ -93,20 +93,24 @@ static double sm_ln(double x) {
   return e * 0.69314718055994531 + 2 * s;
 }
 
+/* Uniform in (0, 1], from the heap's generator. */
+static double sm_prof_uniform(sm_heap_t *heap) {
+  return (double)((sm_heap_random(heap) >> 11) + 1) / 9007199254740992.0;
+}
+
 /* The bytes to the next sample: exponential with mean rate. */
 static uint64_t sm_prof_draw(sm_heap_t *heap) {
-  double u = (double)((sm_heap_random(heap) >> 11) + 1) / 9007199254740992.0;   /* (0, 1] */
-  double d = -sm_ln(u) * (double)sm_opt(PROF_RATE);
+  double d = -sm_ln(sm_prof_uniform(heap)) * (double)sm_opt(PROF_RATE);
   return d < 1 ? 1 : d > 1e15 ? (uint64_t)1e15 : (uint64_t)d;
 }
 
-/* Count what was allocated since the last draw as requested, and draw
- * again (far, while profiling is off). */
+/* Draw again (far, while profiling is off).  requested is credited with
+ * the whole distance as it is drawn, so that requested - prof_left stays
+ * the bytes requested (sm_tstats_t). */
 static void sm_prof_rearm(sm_heap_t *heap) {
-  uint64_t left = sm_cnt_read(heap->stats.prof_left), base = heap->stats.prof_base;
-  sm_cnt_add(heap->stats.requested, base - left);
+  uint64_t left = sm_cnt_read(heap->stats.prof_left);
   uint64_t d = atomic_load_explicit(&sm_prof_active, memory_order_relaxed) ? sm_prof_draw(heap) : SM_PROF_IDLE;
-  sm_cnt_add(heap->stats.prof_base, d - base);
+  sm_cnt_add(heap->stats.requested, d - left);
   sm_cnt_add(heap->stats.prof_left, d - left);
 }
 
@@ -282,8 +286,7 @@ void sm_prof_event_slow(int kind) {
     /* geometric with mean rate: each event is taken with probability
      * 1 / rate, whatever came before */
     long rate = sm_opt(PROF_EVENT_RATE);
-    double u = (double)((sm_heap_random(heap) >> 11) + 1) / 9007199254740992.0;
-    double d = rate == 1 ? 0 : sm_ln(u) / sm_ln(1 - 1.0 / (double)rate);
+    double d = rate == 1 ? 0 : sm_ln(sm_prof_uniform(heap)) / sm_ln(1 - 1.0 / (double)rate);
     heap->prof_events_left = d > 1e12 ? (int64_t)1e12 : (int64_t)d + 1;
     weight = (uint64_t)rate;
   }
@@ -424,6 +427,16 @@ static sm_prof_stack_t *sm_prof_copy(uint32_t *n, size_t *size) {
   return copy;
 }
 
+/* A frame's name for the reports: the symbol dladdr finds for the call
+ * (the return address less one), else the address, in buf. */
+static const char *sm_prof_frame_name(void *ret, char *buf, size_t cap) {
+  Dl_info info;
+  void *pc = (char *)ret - 1;
+  if (dladdr(pc, &info) && info.dli_sname) return info.dli_sname;
+  snprintf(buf, cap, "%p", pc);
+  return buf;
+}
+
 /* The churn profile: folded stacks ("root;...;leaf;event count", the
  * input of flame-graph tools), symbolised with dladdr (on a copy). */
 static int sm_prof_write_churn(int fd) {
@@ -437,10 +450,8 @@ static int sm_prof_write_churn(int fd) {
     for (int k = 0; k < SM_PROF_EVENTS; k++) {
       if (st->events[k] == 0) continue;
       for (uint32_t i = st->depth; i-- > 0;) {
-        Dl_info info;
-        void *pc = (char *)st->frames[i] - 1;   /* inside the call, not after it */
-        if (dladdr(pc, &info) && info.dli_sname) sm_out(&o, "%s;", info.dli_sname);
-        else sm_out(&o, "%p;", pc);
+        char name[64];
+        sm_out(&o, "%s;", sm_prof_frame_name(st->frames[i], name, sizeof name));
       }
       sm_out(&o, "%s %llu\n", sm_prof_event_names[k], (unsigned long long)st->events[k]);
     }
@@ -510,11 +521,9 @@ static void sm_prof_where(const sm_prof_stack_t *st, char *where, size_t cap) {
   size_t len = 0;
   where[0] = '\0';
   for (uint32_t i = 0; i < st->depth && i < 6 && len + 80 < cap; i++) {
-    Dl_info info;
-    void *pc = (char *)st->frames[i] - 1;
-    int w = dladdr(pc, &info) && info.dli_sname
-                ? snprintf(where + len, cap - len, "%s%s", i ? " < " : "", info.dli_sname)
-                : snprintf(where + len, cap - len, "%s%p", i ? " < " : "", pc);
+    char name[64];
+    int w = snprintf(where + len, cap - len, "%s%s", i ? " < " : "",
+                     sm_prof_frame_name(st->frames[i], name, sizeof name));
     if (w > 0) len += (size_t)w;
   }
 }

@@ -173,7 +173,7 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   o->calls_free_sized = t.calls[SM_CALL_FREE_SIZED];
   o->calls_free_aligned_sized = t.calls[SM_CALL_FREE_ALIGNED_SIZED];
   o->calls_failed = t.calls[SM_CALL_FAILED];
-  o->bytes_requested = t.requested + t.prof_base - t.prof_left;   /* see sm_tstats_t */
+  o->bytes_requested = t.requested - t.prof_left;   /* see sm_tstats_t */
 #define SM_POS(a, b) ((a) > (b) ? (a) - (b) : 0)
   o->bytes_in_use = bytes + huge_b;
   o->blocks_in_use = blocks + SM_POS(t.large_allocs, t.large_frees) + SM_POS(t.huge_allocs, t.huge_frees);
