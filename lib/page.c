@@ -186,20 +186,26 @@ void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page) {
 /* Expensive invariant check (--enable-debug): the owner lists plus the
  * blocks in use (thread_free counts as in use until collected) add up to
  * the blocks built so far (fewer once a corrupted list was cut off).
- * A list that reaches a link which is not a block of the page was
- * corrupted by the program (a write to a freed block); malloc reports
- * that when it gets there, so the page is not judged here. */
+ * A list that reaches a link which is not a block of the page, or holds
+ * a block twice (a double free after a stale write), was corrupted by the
+ * program; malloc reports that when it gets there, so the page is not
+ * judged here. */
 #define SM_LIST_CORRUPT SIZE_MAX
-static size_t sm_list_len(const sm_page_t *page, sm_block_t *b) {
+static size_t sm_list_len(const sm_page_t *page, sm_block_t *b, uint64_t *seen) {
   size_t n = 0;
-  for (; b != NULL && n <= page->capacity; b = sm_dec(page, b->next), n++)
+  for (; b != NULL && n <= page->capacity; b = sm_dec(page, b->next), n++) {
     if (!sm_page_is_block(page, b)) return SM_LIST_CORRUPT;
+    size_t i = (size_t)((uint8_t *)b - page->start) / page->block_size;
+    if (seen[i / 64] & ((uint64_t)1 << (i % 64))) return SM_LIST_CORRUPT;
+    seen[i / 64] |= (uint64_t)1 << (i % 64);
+  }
   return n;
 }
 
 bool sm_page_valid(const sm_page_t *page) {
   sm_assert(page->in_use && page->capacity <= page->reserved && page->used <= page->capacity);
-  size_t a = sm_list_len(page, page->free), b = sm_list_len(page, page->local_free);
+  uint64_t seen[((1u << SM_MEDIUM_SHIFT) / 16 + 63) / 64] = {0};   /* a bit per block */
+  size_t a = sm_list_len(page, page->free, seen), b = sm_list_len(page, page->local_free, seen);
   if (a == SM_LIST_CORRUPT || b == SM_LIST_CORRUPT) return true;
   /* after a reported misuse, lists cut off at a corrupted link hold fewer */
   return sm_errors_seen() ? a + b + page->used <= page->capacity
