@@ -220,7 +220,7 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
     return sm_fail(heap, EINVAL);
   }
   if (seg->kind < SM_SEG_LARGE && sm_page_is_block(page, p) &&
-      sm_unlikely(sm_block_is_free(seg, page, (sm_block_t *)p))) {
+      sm_unlikely(sm_block_is_free(page, (sm_block_t *)p))) {
     /* resized in place, it would be handed out while free */
     sm_error("%s(): pointer %p was freed", name, p);
     return sm_fail(heap, EINVAL);

@@ -14,6 +14,9 @@
  *   - releases the pages of the other heaps that have been retired for
  *     the purge delay (sm_heap_release_stale): a thread that calls in
  *     now and then is not idle, but its burst is over;
+ *   - gives back to their segments the pages that other threads' frees
+ *     emptied in the pool, and the empty pages sent home to each heap
+ *     (pool.c);
  *   - gives back the memory of free pages that have been free in any
  *     heap's segments for the delay;
  *   - purges cached segments and kept huge mappings older than the delay.
@@ -76,9 +79,11 @@ static bool sm_bg_round(void) {
         left = left || sm_heap_has_retired(h);
       }
     }
+    sm_heap_take_home(h);
     sm_heap_decommit(h, idle);
   }
   sm_heaps_unlock();
+  sm_pool_collect(self);
   if (claimed) sm_segment_cache_purge_all();
   sm_segment_cache_collect(false);
   return left || sm_segment_cache_pending();

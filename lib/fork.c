@@ -39,6 +39,7 @@ static void sm_fork_child(void) {
   sm_background_fork_child();
   sm_stats_fork_child();
   sm_segment_fork_child();
+  sm_pool_fork_child();
   sm_heaps_fork_child();
   sm_prof_fork_child();
 }

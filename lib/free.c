@@ -49,19 +49,19 @@ bool sm_free_is_double(sm_page_t *page, sm_block_t *b) {
  * it travels back from another thread, or says it may be on the page's
  * lists and, where the caller owns the page, it is found there (another
  * thread's lists are the owner's: the tag is the answer there). */
-bool sm_block_is_free(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+bool sm_block_is_free(sm_page_t *page, sm_block_t *b) {
   sm_track_link(b);
   uintptr_t d = b->tag ^ page->key;
   if (d == SM_TAG_REMOTE) return true;
   if (d != 0) return false;
-  if (atomic_load_explicit(&seg->heap, memory_order_relaxed) != sm_heap()) return true;
+  if (atomic_load_explicit(&page->owner, memory_order_relaxed) != sm_heap()) return true;
   return sm_page_lists_hold(page, b);
 }
 
 /* The owner frees into a page the fast path does not handle: one on the
  * full list, a flagged one, or a block whose tag says it may be free. */
 void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
-  sm_heap_t *heap = atomic_load_explicit(&sm_ptr_segment(page)->heap, memory_order_relaxed);
+  sm_heap_t *heap = atomic_load_explicit(&page->owner, memory_order_relaxed);
   sm_track_link(b);
   if (b->tag == (page->key ^ SM_TAG_REMOTE) || page->local_free == b) {
     /* another thread freed it already and it is on its way back, or it
@@ -96,10 +96,11 @@ static bool sm_tf_push(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 
 /* The first free from another thread into a page on its owner's full list
  * hands the block to the owner's heap (xdelayed), so the owner learns
- * which page has room without scanning its full list.  An abandoned page
- * (no heap) or an exiting owner (list closed) takes it on thread_free. */
+ * which page has room without scanning its full list.  A page in the pool
+ * (no owner) or an exiting owner (list closed) takes it on thread_free;
+ * an owner that gave the page away meanwhile sends it there too. */
 static void sm_free_hand_over(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
-  sm_heap_t *heap = atomic_load_explicit(&seg->heap, memory_order_acquire);
+  sm_heap_t *heap = atomic_load_explicit(&page->owner, memory_order_acquire);
   if (heap != NULL) {
     sm_block_t *old = atomic_load_explicit(&heap->xdelayed, memory_order_relaxed);
     while (old != SM_XDELAYED_CLOSED) {
@@ -369,7 +370,7 @@ void sm_free_generic(void *p, const char *who) {
      * of a page that also holds aligned blocks is not a block start */
     sm_track_mark(p);
     if (sm_unlikely(!sm_aligned_mark_ok(page, p))) {
-      if (sm_block_is_free(seg, page, b)) sm_error("%s(): double free of %p", who, p);
+      if (sm_block_is_free(page, b)) sm_error("%s(): double free of %p", who, p);
       else sm_error("%s(): invalid pointer %p (not the start of a block)", who, p);
       return;
     }
@@ -382,7 +383,7 @@ void sm_free_generic(void *p, const char *who) {
   /* a sampled block leaves the profile (a block freed twice is not found
    * the second time, and is reported below) */
   if (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_SAMPLED) sm_prof_forget(page, b);
-  if (atomic_load_explicit(&seg->heap, memory_order_relaxed) == heap) {
+  if (atomic_load_explicit(&page->owner, memory_order_relaxed) == heap) {
     sm_free_local_slow(page, b, p);
     return;
   }

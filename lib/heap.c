@@ -39,6 +39,7 @@ static sm_heap_t *sm_heaps_all;      /* live heaps */
 static sm_heap_t *sm_heaps_pool;     /* heaps of exited threads, for reuse */
 static uint8_t *sm_heaps_chunk;      /* bump area for new heaps */
 static size_t sm_heaps_chunk_left;
+_Atomic uint64_t sm_heaps_live;      /* heaps on sm_heaps_all (read without the lock: a hint) */
 
 _Atomic int sm_process_ready;        /* 0 no, 1 in progress, 2 done */
 uint64_t sm_start_ms;                /* sm_clock_ms() at start-up (the reports' running time) */
@@ -90,6 +91,9 @@ void sm_heaps_fork_child(void) {
     if (h->all_next) h->all_next->all_prev = h->all_prev;
     if (h == me) sm_heap_tls = &sm_heap_empty;
   }
+  uint64_t live = 0;
+  for (sm_heap_t *h = sm_heaps_all; h; h = h->all_next) live++;
+  atomic_store_explicit(&sm_heaps_live, live, memory_order_relaxed);
 }
 
 /* Idempotent; survives being entered before constructors run and
@@ -172,6 +176,7 @@ sm_heap_t *sm_heap_init_thread(void) {
   heap->all_next = sm_heaps_all;
   if (sm_heaps_all) sm_heaps_all->all_prev = heap;
   sm_heaps_all = heap;
+  atomic_fetch_add_explicit(&sm_heaps_live, 1, memory_order_relaxed);
   sm_heaps_unlock();
   sm_heap_tls = heap;
   if (atomic_load(&sm_process_ready) == 2) pthread_setspecific(sm_heap_key, heap);
@@ -179,8 +184,9 @@ sm_heap_t *sm_heap_init_thread(void) {
 }
 
 /* Thread exit: empty pages go back to their segments, pages with live
- * blocks are abandoned with their segments, the counters are folded into
- * the process totals and the heap struct is kept for the next thread. */
+ * blocks to the process's pool (any thread takes them), the segments it
+ * held to the abandoned list; the counters are folded into the process
+ * totals and the heap struct is kept for the next thread. */
 void sm_heap_thread_done(void *arg) {
   sm_heap_t *heap = arg;
   if (heap == NULL || !heap->initialized) return;
@@ -192,21 +198,18 @@ void sm_heap_thread_done(void *arg) {
     sm_page_t *page;
     while ((page = heap->queues[qi].first) != NULL) {
       sm_page_collect_thread_free(page);
-      if (sm_page_vacant(page)) {
-        sm_page_release(heap, page);
-        continue;
-      }
-      sm_page_fold_stats(heap, page);
-      sm_pq_remove(heap, qi, page);
-      sm_page_set_owner(page, 0);
-      sm_cnt_add(heap->stats.pages_abandoned, 1);
+      if (sm_page_vacant(page)) sm_page_release(heap, page);
+      else sm_page_donate(heap, page);
     }
   }
+  sm_heap_take_home(heap);
   sm_segment_abandon_heap(heap);
+  sm_heap_close_home(heap);
   sm_cnt_add(heap->stats.threads_exited, 1);
   sm_heaps_lock();
   if (heap->all_prev) heap->all_prev->all_next = heap->all_next; else sm_heaps_all = heap->all_next;
   if (heap->all_next) heap->all_next->all_prev = heap->all_prev;
+  atomic_fetch_sub_explicit(&sm_heaps_live, 1, memory_order_relaxed);
   sm_stats_thread_exit(heap);   /* under the heaps lock: readers see it once */
   heap->initialized = 0;
   heap->pool_next = sm_heaps_pool;
@@ -217,12 +220,14 @@ void sm_heap_thread_done(void *arg) {
 
 /* Give back everything that holds no live block, whichever thread freed
  * it: the caller's own empty pages and the blocks handed to it, every
- * abandoned segment (adopted by the caller: their empty pages go back),
- * the retired pages of every other live heap (their owners may be idle or
- * blocked), the free pages left in every heap's segments (decommitted),
- * and then the whole segment cache, unmapped.  Memory that
- * other threads freed into a live owner's queued pages comes back when
- * that owner next allocates.  Returns whether the mapped bytes fell. */
+ * abandoned segment (held by the caller from now on), the retired pages
+ * of every other live heap (their owners may be idle or blocked), the
+ * pages in the pool that other threads' frees emptied, the empty pages
+ * sent home to every heap, the free pages left in every heap's segments
+ * (decommitted), and then the whole segment cache, unmapped.  Memory
+ * that other threads freed into a live owner's queued pages comes back
+ * when that owner next allocates.  Returns whether the mapped bytes
+ * fell. */
 bool sm_collect_process(sm_heap_t *self) {
   uint64_t before = atomic_load(&sm_gstats.bytes_mapped);
   if (self->initialized) {
@@ -231,9 +236,11 @@ bool sm_collect_process(sm_heap_t *self) {
     sm_heap_reclaim_all(self);
     sm_heap_collect_retired(self, true);
   }
+  sm_pool_collect(self);
   sm_heaps_lock();
   for (sm_heap_t *h = sm_heaps_all; h; h = h->all_next) {
     if (h != self) sm_heap_claim_retired(h, self);
+    sm_heap_take_home(h);
     sm_heap_decommit(h, true);
   }
   sm_heaps_unlock();

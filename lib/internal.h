@@ -136,7 +136,8 @@ struct sm_page_s {
   uint32_t used;                 /* blocks handed out and not freed locally */
   uint8_t in_use;                /* carved out of its segment */
   uint8_t retired;               /* empty, kept warm, on the heap's retired lists (heap->lock) */
-  uint8_t pad0[2];
+  uint8_t xfreed;                /* other threads freed blocks of it (collected), since it was made */
+  uint8_t pad0[1];
   sm_block_t *local_free;
   uint32_t frees;                /* local frees since the last stats fold */
   uint32_t capacity;             /* blocks built into lists so far */
@@ -149,8 +150,9 @@ struct sm_page_s {
    * page changes state: other threads' frees read it without pulling the
    * owner's line 1 away from it */
   /* the owner's id (sm_heap_owner_id), with bit 0 set while the page is
-   * on the full list; 0 when a SM_PAGE_SLOW_FREE flag is set: one compare
-   * in free decides "owner thread, nothing special" */
+   * on the full list; SM_XTID_POOLED while it has no owner; 0 when a
+   * SM_PAGE_SLOW_FREE flag is set: one compare in free decides "owner
+   * thread, nothing special" */
   _Atomic uintptr_t xtid;
   uint8_t *start;
   uint64_t mul;                  /* block-start test, see sm_page_is_block */
@@ -160,7 +162,11 @@ struct sm_page_s {
   _Atomic uint8_t flags;
   uint8_t bin;                   /* size class: read by other threads' frees (their counts) */
   _Atomic uint16_t sampled;      /* blocks the profiler sampled (prof.c) */
-  uint8_t pad1[16];
+  /* the heap whose thread allocates from the page and owns its lists;
+   * NULL while the page waits in the process's pool (pool.c): the one
+   * record of a page's owner (xtid caches it for free) */
+  _Atomic(sm_heap_t *) owner;
+  uint8_t pad1[8];
 
   /* line 3: pushed by other threads with a CAS, taken by the owner; bit 0
    * (SM_TF_FULL) set while the page is on the full list, so a pushing
@@ -193,10 +199,11 @@ struct sm_segment_s {
   size_t mapped;                 /* bytes of the mapping, from the segment start */
   size_t block_offset;           /* large, huge: offset of the block */
   size_t block_size;             /* large, huge: usable bytes */
-  _Atomic(sm_heap_t *) heap;     /* owner heap, NULL when abandoned or for a
-                                    large or huge block: the one record of a
-                                    segment's owner (a page's xtid caches it
-                                    for free) */
+  /* the segment's holder: the heap whose lock guards its pages' in_use
+   * and its place on a segment list (its pages may be owned by other
+   * heaps, page->owner); NULL while abandoned (then on the abandoned list,
+   * under its lock) and for a large or huge block */
+  _Atomic(sm_heap_t *) heap;
   sm_segment_t *next, *prev;     /* heap's segments with free pages, cache, abandoned */
   uint64_t cached_at_ms;
   /* last, so that the header of a large or huge block (which uses only
@@ -218,9 +225,10 @@ SM_INLINE void sm_segment_clear_mapped(sm_segment_t *seg) {
 typedef struct sm_page_queue_s { sm_page_t *first, *last; } sm_page_queue_t;
 
 /* A spin lock for the slow paths: one exchange to take it when free (the
- * owner's case), a yield while another thread holds it.  Never held
- * across a call that may block on another smalloc lock except the
- * segment cache's (lock order: heaps, heap, cache, abandoned). */
+ * owner's case), a yield while another thread holds it.  A heap's lock is
+ * held across no other smalloc lock but the abandoned list's and the
+ * segment cache's; a pool's across none (lock order: heaps, heap,
+ * abandoned, cache). */
 typedef struct sm_lock_s { _Atomic int held; } sm_lock_t;
 SM_INLINE bool sm_trylock(sm_lock_t *l) {
   return atomic_load_explicit(&l->held, memory_order_relaxed) == 0 &&
@@ -298,6 +306,10 @@ struct sm_heap_s {
    * so the owner finds the page without a scan; links are stored xor
    * sm_secret; SM_XDELAYED_CLOSED once the heap is abandoned */
   _Atomic(sm_block_t *) xdelayed __attribute__((aligned(64)));
+  /* empty pages of this heap's segments that other heaps owned, sent home
+   * to be given back to their segment under this heap's lock (pool.c),
+   * linked through page->next; SM_XHOME_CLOSED once the heap is abandoned */
+  _Atomic(sm_page_t *) xhome;
   /* ---- under lock ---- */
   sm_lock_t lock __attribute__((aligned(64)));
   sm_page_t *retired_first, *retired_last;   /* retired pages by expiry */
@@ -329,6 +341,10 @@ SM_INLINE bool sm_xbuf_pending(const sm_heap_t *heap) {
 extern sm_heap_t sm_heap_empty;
 extern sm_heap_t sm_heap_exited;   /* a thread after its heap was abandoned */
 #define SM_XDELAYED_CLOSED ((sm_block_t *)1)
+#define SM_XHOME_CLOSED ((sm_page_t *)1)
+/* xtid of a page in the process's pool: not 0 (its frees take the batched
+ * remote path) and no heap's id */
+#define SM_XTID_POOLED ((uintptr_t)2)
 extern sm_page_t sm_page_empty;
 extern __thread sm_heap_t *sm_heap_tls __attribute__((tls_model("initial-exec")));
 extern uintptr_t sm_secret;
@@ -695,7 +711,7 @@ void sm_free_generic(void *p, const char *who);
 void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p);
 void sm_free_emptied(sm_page_t *page);
 bool sm_free_is_double(sm_page_t *page, sm_block_t *b);
-bool sm_block_is_free(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
+bool sm_block_is_free(sm_page_t *page, sm_block_t *b);
 bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep);
 bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
@@ -784,7 +800,9 @@ void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page);
 void sm_page_to_full(sm_heap_t *heap, sm_page_t *page);
 void sm_page_unfull(sm_heap_t *heap, sm_page_t *page);
 void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid);
-void sm_page_set_owner(sm_page_t *page, uintptr_t tid);
+void sm_page_set_owner(sm_page_t *page, sm_heap_t *heap);
+void sm_page_donate(sm_heap_t *heap, sm_page_t *page);
+void sm_page_clear(sm_page_t *page);
 void sm_heap_collect_retired(sm_heap_t *heap, bool force);
 void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page);
 void sm_pq_push_front(sm_heap_t *heap, size_t qi, sm_page_t *page);
@@ -797,6 +815,7 @@ void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *
 void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t delay);
 void sm_segment_abandon_heap(sm_heap_t *heap);
 sm_segment_t *sm_segment_reclaim_one(sm_heap_t *heap, int kind);
+bool sm_segment_page_free_abandoned(sm_segment_t *seg, sm_page_t *page);
 void sm_segment_cache_collect(bool force);
 void sm_segment_cache_purge_all(void);
 bool sm_segment_cache_pending(void);
@@ -805,6 +824,16 @@ void sm_segment_fork_child(void);
 uint64_t sm_clock_ms(void);
 extern uint64_t sm_start_ms;
 uint64_t sm_heap_random(sm_heap_t *heap);
+
+/* ---- pool.c: pages given to the process, and pages sent home ------------ */
+void sm_pool_push(sm_page_t *page);
+sm_page_t *sm_pool_pop(size_t bin, uint32_t min);
+void sm_pool_collect(sm_heap_t *self);
+void sm_pool_fork_child(void);
+void sm_page_send_home(sm_page_t *page);
+void sm_heap_take_home(sm_heap_t *heap);
+void sm_heap_close_home(sm_heap_t *heap);
+extern _Atomic uint64_t sm_heaps_live;   /* heaps of live threads (heap.c) */
 
 /* ---- huge.c ----------------------------------------------------------- */
 void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed);

@@ -7,7 +7,8 @@
  *   3. extend into untouched capacity            a bounded chunk
  *   4. the next page of the class with blocks
  *   5. a retired page (empty, kept warm)
- *   6. a fresh page of a segment the heap owns
+ *      a page from the process's pool (pool.c)
+ *   6. a fresh page of a segment the heap holds
  *   7. a new segment (cache, abandoned, then the OS)
  * A page whose last block is freed is retired, not released: it serves the
  * next burst and goes back to its segment only after its retire cycles.
@@ -27,9 +28,15 @@
  *     owner is blocked and never calls in again (heap.c,
  *     sm_collect_process); a segment left without pages goes to the
  *     process-wide cache, from which any thread takes it;
+ *   - a page with live blocks that its owner has exhausted and other
+ *     threads free into goes to the process's pool of its class, and
+ *     every page with live blocks of an exited thread: any thread that
+ *     needs a page of the class takes it before carving a fresh one
+ *     (pool.c: the hand-over and its invariants);
  *   - the heap of an exited thread releases its empty pages and abandons
- *     its segments with live blocks to a process-wide list (segment.c);
- *     any thread that needs a page reclaims them.
+ *     its segments to a process-wide list (segment.c); any thread that
+ *     needs a page reclaims them, and a page of a segment another heap
+ *     holds goes home to that heap when it empties (pool.c).
  * Invariants: a retired page has used == 0, free == NULL (all its blocks
  * on local_free), an empty thread_free, its counts folded, and is on
  * exactly the two retired lists of its heap; a queued page is never
@@ -44,6 +51,7 @@
 #define SM_EXTEND_BYTES 4096
 
 static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page);
+static int sm_page_refill(sm_page_t *page);
 
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin) {
   size_t idx = (size_t)(page - seg->pages);
@@ -57,9 +65,11 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   page->local_free = NULL;
   atomic_store_explicit(&page->thread_free, 0, memory_order_relaxed);
   page->used = 0;
-  sm_page_set_flags(page, sm_track_on() ? SM_PAGE_TRACKED : 0, sm_heap_owner_id(heap));
   page->bin = (uint8_t)bin;
+  atomic_store_explicit(&page->owner, heap, memory_order_relaxed);
+  sm_page_set_flags(page, sm_track_on() ? SM_PAGE_TRACKED : 0, sm_heap_owner_id(heap));
   page->retired = 0;
+  page->xfreed = 0;
   atomic_store_explicit(&page->sampled, 0, memory_order_relaxed);
   /* a new key for every life of the page: blocks of an earlier life (of
    * another size class) leave links and tags in memory that blocks of
@@ -148,6 +158,7 @@ void sm_page_collect_thread_free(sm_page_t *page) {
   sm_block_t *head = sm_tf_ptr(page, v);
   if (!head) return;
   uint32_t n = sm_tf_count(v);
+  page->xfreed = 1;
   if (page->local_free && page->free == NULL) {
     page->free = head;
   } else if (page->local_free) {
@@ -296,10 +307,10 @@ static sm_page_t *sm_page_take_retired(sm_heap_t *heap, size_t bin) {
   return page;
 }
 
-/* Give an empty page that is on no queue back to its segment, under
- * heap->lock; any thread may do it, so no owner counter is touched (the
- * page's counts were folded when it retired). */
-static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
+/* An empty page on no queue leaves its class and its owner, on its way
+ * back to its segment; any thread may do it, so no owner counter is
+ * touched (the page's counts were folded). */
+void sm_page_clear(sm_page_t *page) {
   sm_assert(page->used == 0 && !page->retired && page->frees == 0);
   sm_assert(sm_tf_head(page, memory_order_relaxed) == NULL);
   atomic_fetch_sub_explicit(&sm_gstats.class_pages[page->bin], 1, memory_order_relaxed);
@@ -307,7 +318,17 @@ static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
   page->free = page->local_free = NULL;
   page->capacity = 0;
   sm_page_set_flags(page, 0, 0);
-  sm_segment_page_free_locked(heap, sm_ptr_segment(page), page);
+  atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
+}
+
+/* Give an empty page that is on no queue back to its segment, under
+ * heap->lock: at once when the heap holds the segment (which then stays
+ * its while the lock is held), else through the holder (pool.c). */
+static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
+  sm_page_clear(page);
+  sm_segment_t *seg = sm_ptr_segment(page);
+  if (atomic_load_explicit(&seg->heap, memory_order_relaxed) == heap) sm_segment_page_free_locked(heap, seg, page);
+  else sm_page_send_home(page);
 }
 
 /* The owner gives an empty page back to its segment: from its queue (the
@@ -470,7 +491,8 @@ static size_t sm_heap_sweep(sm_heap_t *heap) {
  *   on the full list      flags & SM_PAGE_IN_FULL (sm_page_to_full,
  *                         sm_page_unfull); bit 0 of xtid is its copy for
  *                         free's one compare
- *   owner                 seg->heap; xtid caches the owner's thread id
+ *   owner                 page->owner (NULL in the pool); xtid caches it
+ *   segment holder        seg->heap (NULL while abandoned)
  *   retired               page->retired, with membership of the heap's
  *                         retired lists (heap->lock)
  * SM_TF_FULL is not a copy: it asks the first other thread that frees
@@ -481,7 +503,7 @@ static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page) {
   bool full = (flags & SM_PAGE_IN_FULL) != 0;
   if (xtid != 0 && ((xtid & 1) != full || (xtid & ~(uintptr_t)1) != sm_heap_owner_id(heap))) return false;
   if (xtid == 0 && !(flags & SM_PAGE_SLOW_FREE)) return false;
-  if (atomic_load_explicit(&sm_ptr_segment(page)->heap, memory_order_relaxed) != heap) return false;
+  if (atomic_load_explicit(&page->owner, memory_order_relaxed) != heap) return false;
   if (page->retired && (full || page->used != 0 || page->free != NULL)) return false;
   return page->in_use;
 }
@@ -496,10 +518,12 @@ void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid) {
   if (!slow) atomic_store_explicit(&page->xtid, tid | ((flags & SM_PAGE_IN_FULL) ? 1 : 0), memory_order_seq_cst);
 }
 
-/* A new owner (tid, 0 for none) for a page, off the full list: the flags
- * that send frees out of line stay, the full bits go. */
-void sm_page_set_owner(sm_page_t *page, uintptr_t tid) {
-  sm_page_set_flags(page, atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_SLOW_FREE, tid);
+/* A page's owner (NULL: the pool) and its copy for free, off the full
+ * list: the flags that send frees out of line stay, the full bits go. */
+void sm_page_set_owner(sm_page_t *page, sm_heap_t *heap) {
+  atomic_store_explicit(&page->owner, heap, memory_order_relaxed);
+  sm_page_set_flags(page, atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_SLOW_FREE,
+                    heap ? sm_heap_owner_id(heap) : SM_XTID_POOLED);
   atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
 }
 
@@ -528,7 +552,7 @@ void sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
 void sm_page_unfull(sm_heap_t *heap, sm_page_t *page) {
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
   if (!(flags & SM_PAGE_IN_FULL)) return;
-  sm_page_set_owner(page, sm_heap_owner_id(heap));
+  sm_page_set_owner(page, heap);
   sm_pq_remove(heap, SM_BIN_FULL, page);
   sm_pq_push_back(heap, page->bin, page);
   sm_cnt_add(heap->stats.pages_unfull, 1);
@@ -544,6 +568,7 @@ void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   sm_track_link(b);
   b->next = sm_enc(page, page->local_free);
   page->local_free = b;
+  page->xfreed = 1;
   if (sm_likely(page->used > 0)) {
     page->used--;
     page->used_folded--;
@@ -561,15 +586,16 @@ static void sm_heap_take_delayed(sm_heap_t *heap, sm_block_t *b) {
     sm_block_t *next = (sm_block_t *)((uintptr_t)b->next ^ sm_secret);
     sm_segment_t *seg = sm_ptr_segment(b);
     sm_page_t *page = sm_segment_page_of(seg, b);
-    if (atomic_load_explicit(&seg->heap, memory_order_relaxed) == heap) sm_page_free_delayed(heap, page, b);
+    if (atomic_load_explicit(&page->owner, memory_order_relaxed) == heap) sm_page_free_delayed(heap, page, b);
     else sm_free_push_remote(seg, page, b);
     b = next;
   }
 }
 
 /* Take the blocks other threads handed over (see sm_page_to_full).  A
- * block whose segment is no longer this heap's (the list may outlive an
- * owner: heaps are reused) goes to its page's thread_free instead. */
+ * block whose page is no longer this heap's (given to the pool since, or
+ * the list outlived an owner: heaps are reused) goes to its page's
+ * thread_free instead. */
 void sm_heap_collect_delayed(sm_heap_t *heap) {
   if (atomic_load_explicit(&heap->xdelayed, memory_order_relaxed) == NULL) return;
   sm_heap_take_delayed(heap, atomic_exchange_explicit(&heap->xdelayed, NULL, memory_order_acquire));
@@ -581,36 +607,65 @@ void sm_heap_close_delayed(sm_heap_t *heap) {
   sm_heap_take_delayed(heap, atomic_exchange_explicit(&heap->xdelayed, SM_XDELAYED_CLOSED, memory_order_acquire));
 }
 
-/* ---- abandoned segments ------------------------------------------------------ */
+/* ---- pages shared with the process (pool.c) ----------------------------- */
 
-/* Take one abandoned segment of the kind and make its pages this heap's:
- * empty ones go back at once, exhausted ones to the full list.  Returns
- * whether a segment was taken. */
-static bool sm_heap_reclaim_one(sm_heap_t *heap, int kind) {
-  sm_segment_t *seg = sm_segment_reclaim_one(heap, kind);
-  if (!seg) return false;
-  sm_cnt_add(heap->stats.segments_reclaimed, 1);
-  /* releasing empty pages may free the whole segment: count the pages to
-   * visit first */
-  size_t live = seg->used_pages, count = seg->page_count;
-  for (size_t i = 0; live > 0 && i < count; i++) {
-    sm_page_t *page = &seg->pages[i];
-    if (!page->in_use) continue;
-    live--;
-    sm_page_set_owner(page, sm_heap_owner_id(heap));
-    page->used_folded = (int32_t)page->used;
-    page->frees = 0;
-    page->retired = 0;
-    page->next = page->prev = page->rnext = page->rprev = NULL;
+/* Whether an exhausted page goes to the pool rather than to the full
+ * list: when other threads live and have freed blocks of it.  Its blocks
+ * come back from anywhere, so any thread may as well allocate from it
+ * once they have, and the heaps' surges share pages rather than each
+ * keeping the most it ever used (bench_xchurn 64: resident 2.2 times the
+ * live bytes with full lists, 1.45 with the pool).  A page only its owner
+ * frees into stays: its frees are local and cheapest there, and a
+ * program whose other threads are idle keeps its own pages (giving them
+ * away made a single thread's build-then-free 1.2 and random replacement
+ * 1.8 times slower: its frees became remote ones). */
+static bool sm_page_shares(const sm_page_t *page) {
+  return page->xfreed && atomic_load_explicit(&sm_heaps_live, memory_order_relaxed) > 1 &&
+         !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
+}
+
+/* The owner gives a page with live blocks to the process: off its queue
+ * (a class's or the full list), counts folded, ownerless, on the pool of
+ * its class for any thread to take.  Its lists go with it. */
+void sm_page_donate(sm_heap_t *heap, sm_page_t *page) {
+  sm_assert(!page->retired && atomic_load_explicit(&page->owner, memory_order_relaxed) == heap);
+  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+  sm_pq_remove(heap, (flags & SM_PAGE_IN_FULL) ? SM_BIN_FULL : page->bin, page);
+  sm_page_fold_stats(heap, page);
+  sm_page_set_owner(page, NULL);
+  sm_pool_push(page);
+  sm_cnt_add(heap->stats.pages_abandoned, 1);
+}
+
+/* A page of the class from the pool with at least SM_ADOPT_MIN blocks
+ * freed, made the heap's, at the front of its queue; NULL when the pool
+ * has none.  The bound matters little (bench_xchurn 64, medians of 7: at
+ * least 4, 8, 16 or 32 blocks: 0.42, 0.42, 0.41, 0.42 s, resident 1.33,
+ * 1.36, 1.36, 1.40 times the live bytes); with 1, a page taken gave a
+ * block or two before it went back (0.66 s in a single run). */
+#define SM_ADOPT_MIN 8
+static sm_page_t *sm_page_adopt(sm_heap_t *heap, size_t bin) {
+  sm_page_t *page;
+  while ((page = sm_pool_pop(bin, SM_ADOPT_MIN)) != NULL) {
+    sm_page_set_owner(page, heap);
     sm_cnt_add(heap->stats.pages_reclaimed, 1);
     sm_page_collect_thread_free(page);
-    sm_pq_push_back(heap, page->bin, page);
-    if (sm_page_vacant(page)) {
-      sm_page_release(heap, page);   /* may free seg: it is the last use */
-    } else if (!page->free && !page->local_free && page->capacity == page->reserved) {
-      sm_page_to_full(heap, page);
+    sm_pq_push_front(heap, bin, page);
+    if (sm_page_has_free(page) || sm_page_refill(page) >= 0) {
+      sm_assert_expensive(sm_page_valid(page) && sm_page_state_ok(heap, page));
+      return page;
     }
+    sm_page_to_full(heap, page);
   }
+  return NULL;
+}
+
+/* Take one abandoned segment of the kind: its free pages are the heap's
+ * to carve (its pages in use are other heaps' or the pool's).  Returns
+ * whether a segment was taken. */
+static bool sm_heap_reclaim_one(sm_heap_t *heap, int kind) {
+  if (!sm_segment_reclaim_one(heap, kind)) return false;
+  sm_cnt_add(heap->stats.segments_reclaimed, 1);
   return true;
 }
 
@@ -639,9 +694,9 @@ void sm_page_corrupt(sm_page_t *page, const char *what, const void *b) {
                   " was written after its free (or freed twice)");
   else sm_error("corrupted free list in page at %p%s", (void *)page->start, what);
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-  sm_heap_t *owner = atomic_load_explicit(&sm_ptr_segment(page)->heap, memory_order_relaxed);
+  sm_heap_t *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
   if (!(flags & SM_PAGE_CORRUPT))
-    sm_page_set_flags(page, flags | SM_PAGE_CORRUPT, owner ? sm_heap_owner_id(owner) : 0);
+    sm_page_set_flags(page, flags | SM_PAGE_CORRUPT, owner ? sm_heap_owner_id(owner) : SM_XTID_POOLED);
 }
 
 bool sm_page_has_free(sm_page_t *page) {
@@ -695,6 +750,7 @@ static int sm_page_refill(sm_page_t *page) {
 static void sm_heap_housekeeping(sm_heap_t *heap) {
   if (sm_xbuf_pending(heap)) sm_free_flush_remote(heap);
   sm_heap_collect_delayed(heap);
+  if (atomic_load_explicit(&heap->xhome, memory_order_relaxed) != NULL) sm_heap_take_home(heap);
   uint64_t expire = atomic_load_explicit(&heap->next_expire, memory_order_relaxed);
   if (expire != SM_NO_EXPIRY && sm_cycle_reached(heap->cycle, (uint32_t)expire))
     sm_heap_collect_retired(heap, false);
@@ -718,24 +774,15 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
   if (sm_unlikely(sm_segment_cache_wants_purge())) sm_background_wake();
 }
 
-/* Steps 6 and 7: a page from a segment, owned, else an abandoned one
- * reclaimed, else a new one.  Reclaimed pages may serve the class
- * already: then *step says NEXT_PAGE and the page is queued. */
+/* Steps 6 and 7: a page from a segment, held, else an abandoned one
+ * reclaimed, else a new one. */
 static sm_page_t *sm_page_fresh(sm_heap_t *heap, size_t bin, int *step) {
   int kind = bin <= SM_BIN_SMALL_LAST ? SM_SEG_SMALL : SM_SEG_MEDIUM;
   bool new_segment = false;
   sm_page_t *page = sm_segment_page_alloc(heap, kind, &new_segment);
   /* Before mapping: segments of exited threads, of the kind needed, until
-   * one gives a page.  Each is taken once, so the work is paid for by the
-   * segments it frees (their blocks were often all freed meanwhile). */
-  while (!page && sm_heap_reclaim_one(heap, kind)) {
-    sm_page_t *q = heap->queues[bin].first;
-    if (q && (sm_page_has_free(q) || sm_page_refill(q) >= 0)) {
-      *step = SMALLOC_STEP_NEXT_PAGE;
-      return q;
-    }
-    page = sm_segment_page_alloc(heap, kind, &new_segment);
-  }
+   * one gives a page */
+  while (!page && sm_heap_reclaim_one(heap, kind)) page = sm_segment_page_alloc(heap, kind, &new_segment);
   if (!page) {
     /* also drain the other kind's list, one segment per new segment, so
      * it cannot grow without bound in a program that never asks for it */
@@ -756,7 +803,7 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
   heap->bin_active[bin] = 1;
 
   /* 1-4: the class's queue, first page first; exhausted pages go to the
-   * full list on the way */
+   * full list on the way, or to the pool (sm_page_shares) */
   sm_page_queue_t *q = &heap->queues[bin];
   sm_page_t *first = q->first;
   for (sm_page_t *page = first; page; ) {
@@ -776,6 +823,11 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
       sm_assert_expensive(sm_page_valid(page));
       return page;
     }
+    if (sm_page_shares(page)) {
+      sm_page_donate(heap, page);
+      page = next;
+      continue;
+    }
     sm_page_to_full(heap, page);
     if (!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL)) {
       continue;   /* blocks arrived from another thread: refill it again */
@@ -794,12 +846,18 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
     return page;
   }
 
+  /* a page another heap gave to the process, with its free blocks */
+  page = sm_page_adopt(heap, bin);
+  if (page) {
+    sm_count_step(heap, bin, SMALLOC_STEP_NEXT_PAGE);
+    return page;
+  }
+
   /* 6. a fresh page; 7. a new segment */
   int step;
   page = sm_page_fresh(heap, bin, &step);
   if (page == NULL) return NULL;
   sm_count_step(heap, bin, step);
-  if (step == SMALLOC_STEP_NEXT_PAGE) return page;
   sm_page_init(heap, sm_ptr_segment(page), page, bin);
   sm_page_extend(page);
   sm_pq_push_front(heap, bin, page);

@@ -1,9 +1,10 @@
 /* Segments: 4 MiB regions aligned to their size, carved into pages.
  *
- * A thread heap owns its small and medium segments (its lists of them are
- * under heap->lock, see page.c); empty ones go to a small process-wide cache (purged after SMALLOC_PURGE_DELAY, unmapped when
- * the cache is full); segments of exited threads are abandoned and
- * reclaimed by threads that need pages.  Blocks above the size classes
+ * A thread heap holds its small and medium segments (its lists of them are
+ * under heap->lock, see page.c; their pages may be owned by other heaps,
+ * pool.c); empty ones go to a small process-wide cache (purged after
+ * SMALLOC_PURGE_DELAY, unmapped when the cache is full); segments of
+ * exited threads are abandoned and reclaimed by threads that need pages.  Blocks above the size classes
  * have mappings of their own (huge.c). */
 #include "internal.h"
 #include "track.h"
@@ -334,50 +335,73 @@ void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *
 
 /* ---- abandonment and reclaim ------------------------------------------------ */
 
-/* The heap's thread exited: its remaining segments (each with live blocks)
- * wait on the abandoned list.  Their blocks stay valid; frees from any
- * thread go to thread_free until a thread reclaims the segment. */
+/* The heap's thread exited: its remaining segments (each with pages in
+ * use, owned by other heaps or in the pool) wait on the abandoned list,
+ * with no holder.  Under the heap's lock and the list's: a segment's
+ * holder is NULL exactly while it is on the list, and a thread holding
+ * heap->lock that finds seg->heap == heap knows the segment stays its. */
 void sm_segment_abandon_heap(sm_heap_t *heap) {
   sm_lock(&heap->lock);
+  pthread_mutex_lock(&sm_abandoned_lock);
   sm_segment_t *lists[3] = {heap->free_segs[0], heap->free_segs[1], heap->full_segs};
   heap->free_segs[0] = heap->free_segs[1] = heap->full_segs = NULL;
-  sm_unlock(&heap->lock);
   for (int l = 0; l < 3; l++) {
     sm_segment_t *seg = lists[l];
     while (seg) {
       sm_segment_t *next = seg->next;
       atomic_store_explicit(&seg->heap, NULL, memory_order_release);
       seg->in_free_list = 0;
-      pthread_mutex_lock(&sm_abandoned_lock);
       seg->prev = NULL;
       seg->next = sm_abandoned_first[seg->kind];
       if (seg->next) seg->next->prev = seg;
       sm_abandoned_first[seg->kind] = seg;
       atomic_fetch_add(&sm_abandoned_count[seg->kind], 1);
-      pthread_mutex_unlock(&sm_abandoned_lock);
       seg = next;
     }
   }
+  pthread_mutex_unlock(&sm_abandoned_lock);
+  sm_unlock(&heap->lock);
 }
 
-/* Take one abandoned segment of the kind into the heap's segment lists;
- * its pages are the caller's to adopt (page.c). */
+static void sm_abandoned_unlink_locked(sm_segment_t *seg) {
+  if (seg->prev) seg->prev->next = seg->next; else sm_abandoned_first[seg->kind] = seg->next;
+  if (seg->next) seg->next->prev = seg->prev;
+  seg->next = seg->prev = NULL;
+  atomic_fetch_sub(&sm_abandoned_count[seg->kind], 1);
+}
+
+/* Take one abandoned segment of the kind: the heap becomes its holder and
+ * may carve its free pages. */
 sm_segment_t *sm_segment_reclaim_one(sm_heap_t *heap, int kind) {
   if (atomic_load_explicit(&sm_abandoned_count[kind], memory_order_relaxed) == 0) return NULL;
+  sm_lock(&heap->lock);
   pthread_mutex_lock(&sm_abandoned_lock);
   sm_segment_t *seg = sm_abandoned_first[kind];
   if (seg) {
-    sm_abandoned_first[kind] = seg->next;
-    if (seg->next) seg->next->prev = NULL;
-    atomic_fetch_sub(&sm_abandoned_count[kind], 1);
+    sm_abandoned_unlink_locked(seg);
+    sm_segment_adopt(heap, seg);
   }
   pthread_mutex_unlock(&sm_abandoned_lock);
-  if (!seg) return NULL;
-  seg->next = seg->prev = NULL;
-  sm_lock(&heap->lock);
-  sm_segment_adopt(heap, seg);
   sm_unlock(&heap->lock);
   return seg;
+}
+
+/* An empty page of an abandoned segment goes back to it (sm_page_send_home);
+ * a segment left without pages leaves the list for the cache.  False when
+ * the segment has a holder again (send the page there). */
+bool sm_segment_page_free_abandoned(sm_segment_t *seg, sm_page_t *page) {
+  pthread_mutex_lock(&sm_abandoned_lock);
+  if (atomic_load_explicit(&seg->heap, memory_order_relaxed) != NULL) {
+    pthread_mutex_unlock(&sm_abandoned_lock);
+    return false;
+  }
+  page->in_use = 0;
+  page->empty_since_ms = sm_clock_ms();
+  bool gone = --seg->used_pages == 0;
+  if (gone) sm_abandoned_unlink_locked(seg);
+  pthread_mutex_unlock(&sm_abandoned_lock);
+  if (gone) sm_segment_raw_free(seg);
+  return true;
 }
 
 /* ---- fork (fork.c): repair in the child what a lost thread held --------- */

@@ -654,6 +654,191 @@ START_TEST(a_consumer_freeing_into_many_pages_loses_no_block)
 }
 END_TEST
 
+/* ---- a page handed from one thread to another ------------------------------ */
+
+/* Thread A fills one page of a class (every block handed out) and another
+ * thread frees SH_S_FREED of its blocks.  A takes them back, and when the
+ * page is exhausted again it gives it to the process's pool (other threads
+ * free into it, and other threads live) instead of its full list, and
+ * carves a fresh page.  Another thread frees SH_S_FREED more of the page's
+ * blocks; then thread C, which has no page of the class, takes the page
+ * from the pool with those blocks rather than carving a fresh one, and its
+ * block is one of that page's. */
+enum { SH_S_SIZE = SM_TEST_REQUEST_FOR(112), SH_S_FREED = 16 };
+
+typedef struct sh_s {
+  pthread_barrier_t step;
+  void **v;                 /* the blocks of A's first page */
+  size_t cap;
+  void *more[SH_S_FREED + 1];
+  void *taken;              /* C's block */
+  smalloc_stats_t s[4];
+  int rc;
+} sh_s_t;
+
+static sh_s_t sh_s;
+
+static void *sh_s_freer(void *arg)
+{
+  size_t lo = (size_t)(uintptr_t)arg;
+  for (size_t i = lo; i < lo + SH_S_FREED; i++)
+    smalloc_free(sh_s.v[i]);
+  return NULL;
+}
+
+static void sh_s_free_from_another_thread(size_t lo)
+{
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, sh_s_freer, (void *)(uintptr_t)lo), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+}
+
+static void *sh_s_owner(void *arg)
+{
+  (void)arg;
+  void *first = smalloc_malloc(SH_S_SIZE);
+  size_t index = ((uintptr_t)first & (4 * MiB - 1)) / SM_TEST_SMALL_PAGE;
+  sh_s.cap = sm_test_page_capacity(sm_test_class_size(SH_S_SIZE), index);
+  sh_s.v = mmap(NULL, sh_s.cap * sizeof *sh_s.v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                -1, 0);
+  if (sh_s.v == MAP_FAILED) {
+    sh_s.rc = -1;
+    sh_s.v = NULL;
+  }
+  for (size_t i = 0; sh_s.v && i < sh_s.cap; i++)
+    sh_s.v[i] = i == 0 ? first : smalloc_malloc(SH_S_SIZE);
+  pthread_barrier_wait(&sh_s.step);   /* another thread frees v[0..SH_S_FREED) */
+  pthread_barrier_wait(&sh_s.step);
+  sh_s.rc |= sm_test_snap(&sh_s.s[0]);
+  for (size_t i = 0; i <= SH_S_FREED; i++)
+    sh_s.more[i] = smalloc_malloc(SH_S_SIZE);
+  sh_s.rc |= sm_test_snap(&sh_s.s[1]);
+  pthread_barrier_wait(&sh_s.step);   /* C takes the page */
+  pthread_barrier_wait(&sh_s.step);
+  for (size_t i = 0; i <= SH_S_FREED; i++)
+    smalloc_free(sh_s.more[i]);
+  return NULL;
+}
+
+static void *sh_s_taker(void *arg)
+{
+  (void)arg;
+  sh_s.rc |= sm_test_snap(&sh_s.s[2]);
+  sh_s.taken = smalloc_malloc(SH_S_SIZE);
+  sh_s.rc |= sm_test_snap(&sh_s.s[3]);
+  smalloc_free(sh_s.taken);
+  return NULL;
+}
+
+START_TEST(an_exhausted_page_other_threads_free_into_serves_another_thread)
+{
+  void *mine = smalloc_malloc(1000);   /* this thread lives, with a heap */
+  ck_assert_ptr_nonnull(mine);
+  ck_assert_int_eq(pthread_barrier_init(&sh_s.step, NULL, 2), 0);
+  pthread_t a, c;
+  ck_assert_int_eq(pthread_create(&a, NULL, sh_s_owner, NULL), 0);
+  pthread_barrier_wait(&sh_s.step);
+  ck_assert_ptr_nonnull(sh_s.v);
+  for (size_t i = 1; i < sh_s.cap; i++)
+    ck_assert_msg((uintptr_t)sh_s.v[i] / SM_TEST_SMALL_PAGE == (uintptr_t)sh_s.v[0] / SM_TEST_SMALL_PAGE,
+                  "block %zu of %zu is not in the first block's page", i, sh_s.cap);
+  sh_s_free_from_another_thread(0);
+  pthread_barrier_wait(&sh_s.step);
+  pthread_barrier_wait(&sh_s.step);   /* A took the freed blocks and one more */
+  sh_s_free_from_another_thread(SH_S_FREED);
+  ck_assert_int_eq(pthread_create(&c, NULL, sh_s_taker, NULL), 0);
+  ck_assert_int_eq(pthread_join(c, NULL), 0);
+  pthread_barrier_wait(&sh_s.step);
+  ck_assert_int_eq(pthread_join(a, NULL), 0);
+  ck_assert_int_eq(sh_s.rc, 0);
+  const smalloc_stats_t *s = sh_s.s;
+  int k = sm_test_class_index(&s[0], SH_S_SIZE);
+  ck_assert_int_ge(k, 0);
+  const uint64_t *a0 = s[0].classes[k].slow_steps, *a1 = s[1].classes[k].slow_steps;
+  /* A: the freed blocks collected, the page given away, a fresh one */
+  ck_assert_uint_eq(a1[SMALLOC_STEP_THREAD_COLLECT] - a0[SMALLOC_STEP_THREAD_COLLECT], 1);
+  ck_assert_uint_eq(a1[SMALLOC_STEP_FRESH_PAGE] + a1[SMALLOC_STEP_NEW_SEGMENT] -
+                    a0[SMALLOC_STEP_FRESH_PAGE] - a0[SMALLOC_STEP_NEW_SEGMENT], 1);
+  ck_assert_uint_eq(s[1].pages_abandoned - s[0].pages_abandoned, 1);
+  ck_assert_uint_eq(s[1].pages_full - s[0].pages_full, 0);
+  /* C: the page from the pool, nothing carved */
+  const uint64_t *c2 = s[2].classes[k].slow_steps, *c3 = s[3].classes[k].slow_steps;
+  ck_assert_uint_eq(s[3].pages_reclaimed - s[2].pages_reclaimed, 1);
+  ck_assert_uint_eq(c3[SMALLOC_STEP_NEXT_PAGE] - c2[SMALLOC_STEP_NEXT_PAGE], 1);
+  ck_assert_uint_eq(c3[SMALLOC_STEP_FRESH_PAGE] + c3[SMALLOC_STEP_NEW_SEGMENT], 
+                    c2[SMALLOC_STEP_FRESH_PAGE] + c2[SMALLOC_STEP_NEW_SEGMENT]);
+  ck_assert_uint_eq(s[3].classes[k].pages_in_use, s[2].classes[k].pages_in_use);
+  ck_assert_msg((uintptr_t)sh_s.taken / SM_TEST_SMALL_PAGE == (uintptr_t)sh_s.v[0] / SM_TEST_SMALL_PAGE,
+                "the taking thread's block %p is not in the given page (%p)", sh_s.taken, sh_s.v[0]);
+  for (size_t i = 2 * SH_S_FREED; i < sh_s.cap; i++)
+    smalloc_free(sh_s.v[i]);
+  munmap(sh_s.v, sh_s.cap * sizeof *sh_s.v);
+  smalloc_free(mine);
+}
+END_TEST
+
+/* ---- an exited thread's pages, freed by another, go back on trim ----------- */
+
+/* A thread allocates SH_E_PAGES pages' worth of blocks of a class and
+ * exits: its pages (each with live blocks) go to the process's pool.  This
+ * thread frees every block, into pages nobody owns; smalloc_collect(true)
+ * finds those pages empty in the pool and gives them back: exactly the
+ * pages the thread left, the class holds the pages it held before, and
+ * the segments in use are those in use before. */
+enum { SH_E_SIZE = SM_TEST_REQUEST_FOR(176), SH_E_PAGES = 5 };
+
+typedef struct sh_e {
+  void **v;
+  size_t n;
+} sh_e_t;
+
+static void *sh_e_maker(void *arg)
+{
+  sh_e_t *e = arg;
+  for (size_t i = 0; i < e->n; i++)
+    e->v[i] = smalloc_malloc(SH_E_SIZE);
+  return NULL;
+}
+
+START_TEST(an_exited_threads_pages_freed_by_another_go_back_on_trim)
+{
+  sh_e_t e;
+  e.n = SH_E_PAGES * (SM_TEST_SMALL_PAGE / sm_test_class_size(SH_E_SIZE));
+  e.v = mmap(NULL, e.n * sizeof *e.v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ck_assert(e.v != MAP_FAILED);
+  smalloc_collect(true);
+  smalloc_stats_t s0, s1, s2;
+  ck_assert_int_eq(sm_test_snap(&s0), 0);
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, sh_e_maker, &e), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  ck_assert_int_eq(sm_test_snap(&s1), 0);
+  size_t bad = 0;
+  for (size_t i = 0; i < e.n; i++) {
+    bad += e.v[i] == NULL;
+    smalloc_free(e.v[i]);
+  }
+  smalloc_collect(true);
+  ck_assert_int_eq(sm_test_snap(&s2), 0);
+  ck_assert_uint_eq(bad, 0);
+  int k = sm_test_class_index(&s0, SH_E_SIZE);
+  ck_assert_int_ge(k, 0);
+  uint64_t pages = s1.classes[k].pages_in_use - s0.classes[k].pages_in_use;
+  ck_assert_uint_ge(pages, SH_E_PAGES);
+  ck_assert_uint_eq(s1.classes[k].blocks_in_use - s0.classes[k].blocks_in_use, e.n);
+  /* every page with live blocks went to the pool when the thread exited */
+  ck_assert_uint_eq(s1.pages_abandoned - s0.pages_abandoned, pages);
+  /* and came back empty */
+  ck_assert_uint_eq(s2.classes[k].blocks_in_use, s0.classes[k].blocks_in_use);
+  ck_assert_uint_eq(s2.classes[k].pages_in_use, s0.classes[k].pages_in_use);
+  ck_assert_uint_eq(s2.pages_released - s1.pages_released, pages);
+  ck_assert_uint_eq(s2.pages_reclaimed - s1.pages_reclaimed, 0);
+  /* the thread's segment, left without pages, is unmapped */
+  ck_assert_uint_eq(s2.segments_in_use, s0.segments_in_use);
+  munmap(e.v, e.n * sizeof *e.v);
+}
+END_TEST
+
 static Suite *shared_suite(void)
 {
   Suite *s = suite_create("shared");
@@ -666,6 +851,8 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, queued_pages_emptied_by_remote_frees_expire);
   tcase_add_test(tc, many_threads_freeing_each_others_blocks_stay_bounded);
   tcase_add_test(tc, a_consumer_freeing_into_many_pages_loses_no_block);
+  tcase_add_test(tc, an_exhausted_page_other_threads_free_into_serves_another_thread);
+  tcase_add_test(tc, an_exited_threads_pages_freed_by_another_go_back_on_trim);
   suite_add_tcase(s, tc);
   return s;
 }
