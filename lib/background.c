@@ -6,8 +6,10 @@
  * a retired page), the next slow path or free that sees no purge thread
  * running starts one.  Every quarter of SMALLOC_PURGE_DELAY it
  *   - releases the retired pages of every heap whose thread ran no
- *     slow-path step for a whole purge delay (sm_heap_claim_retired, as
- *     trim does: that thread may be busy elsewhere, blocked or sleeping),
+ *     slow-path step for a whole purge delay, and the pages of its full
+ *     list that other threads freed (sm_heap_claim_retired and
+ *     sm_heap_claim_full, as trim does: that thread may be busy
+ *     elsewhere, blocked or sleeping),
  *     then purges the segments this left empty at once (they have been
  *     idle that long already), and gives back the memory of the free pages
  *     left in that heap's segments;
@@ -79,6 +81,7 @@ static bool sm_bg_round(void) {
         left = left || sm_heap_has_retired(h);
       }
     }
+    if (idle) sm_heap_claim_full(h, self);
     sm_heap_take_home(h);
     sm_heap_decommit(h, idle);
   }

@@ -58,10 +58,9 @@ bool sm_block_is_free(sm_page_t *page, sm_block_t *b) {
   return sm_page_lists_hold(page, b);
 }
 
-/* The owner frees into a page the fast path does not handle: one on the
- * full list, a flagged one, or a block whose tag says it may be free. */
-void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
-  sm_heap_t *heap = atomic_load_explicit(&page->owner, memory_order_relaxed);
+/* The owner puts b on its page's local_free, unless it is free already
+ * (reported); false then. */
+static bool sm_free_local_push(sm_page_t *page, sm_block_t *b, void *p) {
   sm_track_link(b);
   if (b->tag == (page->key ^ SM_TAG_REMOTE) || page->local_free == b) {
     /* another thread freed it already and it is on its way back, or it
@@ -70,9 +69,9 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
      * of local_free gets its tag back, so that the list stays sound */
     sm_error("free(): double free of %p", (void *)b);
     if (page->local_free == b) b->tag = page->key;
-    return;
+    return false;
   }
-  if (b->tag == page->key && sm_free_is_double(page, b)) return;
+  if (b->tag == page->key && sm_free_is_double(page, b)) return false;
   sm_track_free(p, b);
   if (!sm_track_on()) sm_poison_set(page, b);
   b->next = sm_enc(page, page->local_free);
@@ -80,7 +79,32 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   page->local_free = b;
   sm_cnt_add(page->frees, 1);
   if (sm_likely(page->used > 0)) page->used--;   /* 0: only in a page found corrupted */
-  sm_page_unfull(heap, page);
+  return true;
+}
+
+/* The owner frees into a page the fast path does not handle: one on the
+ * full list, a flagged one, or a block whose tag says it may be free.  A
+ * page on the full list changes under heap->lock (another thread may
+ * give it back once all its blocks are free, sm_heap_claim_full): if it
+ * is gone from the list, every block of it was free, b too. */
+void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
+  sm_heap_t *heap = sm_heap();
+  bool full = (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL) != 0;
+  if (full) {
+    sm_lock(&heap->lock);
+    if (!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL) ||
+        atomic_load_explicit(&page->owner, memory_order_relaxed) != heap) {
+      sm_unlock(&heap->lock);
+      sm_error("free(): double free of %p", (void *)b);
+      return;
+    }
+  }
+  bool pushed = sm_free_local_push(page, b, p);
+  if (full) {
+    if (pushed) sm_page_unfull_locked(heap, page);
+    sm_unlock(&heap->lock);
+  }
+  if (!pushed) return;
   sm_prof_page_check(heap, page);
   if (sm_page_vacant(page) && page->free == NULL) sm_page_retire(heap, page);
   sm_background_poll();

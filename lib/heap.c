@@ -194,9 +194,10 @@ void sm_heap_thread_done(void *arg) {
   sm_free_flush_remote(heap);
   sm_heap_close_delayed(heap);
   sm_heap_collect_retired(heap, true);
-  for (size_t qi = 0; qi < SM_BIN_COUNT; qi++) {
+  sm_heap_unfull_all(heap);
+  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
     sm_page_t *page;
-    while ((page = heap->queues[qi].first) != NULL) {
+    while ((page = heap->queues[bin].first) != NULL) {
       sm_page_collect_thread_free(page);
       if (sm_page_vacant(page)) sm_page_release(heap, page);
       else sm_page_donate(heap, page);
@@ -221,13 +222,14 @@ void sm_heap_thread_done(void *arg) {
 /* Give back everything that holds no live block, whichever thread freed
  * it: the caller's own empty pages and the blocks handed to it, every
  * abandoned segment (held by the caller from now on), the retired pages
- * of every other live heap (their owners may be idle or blocked), the
+ * of every other live heap and the pages of their full lists that other
+ * threads freed (their owners may be idle or blocked), the
  * pages in the pool that other threads' frees emptied, the empty pages
  * sent home to every heap, the free pages left in every heap's segments
  * (decommitted), and then the whole segment cache, unmapped.  Memory
- * that other threads freed into a live owner's queued pages comes back
- * when that owner next allocates.  Returns whether the mapped bytes
- * fell. */
+ * that other threads freed into the pages a live owner allocates from (at
+ * most a page or so per size class) comes back when that owner next
+ * allocates.  Returns whether the mapped bytes fell. */
 bool sm_collect_process(sm_heap_t *self) {
   uint64_t before = atomic_load(&sm_gstats.bytes_mapped);
   if (self->initialized) {
@@ -239,7 +241,10 @@ bool sm_collect_process(sm_heap_t *self) {
   sm_pool_collect(self);
   sm_heaps_lock();
   for (sm_heap_t *h = sm_heaps_all; h; h = h->all_next) {
-    if (h != self) sm_heap_claim_retired(h, self);
+    if (h != self) {
+      sm_heap_claim_retired(h, self);
+      sm_heap_claim_full(h, self);
+    }
     sm_heap_take_home(h);
     sm_heap_decommit(h, true);
   }

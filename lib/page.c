@@ -331,13 +331,13 @@ static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
   else sm_page_send_home(page);
 }
 
-/* The owner gives an empty page back to its segment: from its queue (the
- * full list included) or from the retired lists. */
+/* The owner gives an empty page back to its segment: from its queue or
+ * from the retired lists. */
 void sm_page_release(sm_heap_t *heap, sm_page_t *page) {
   sm_assert(page->used == 0);
+  sm_assert(!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL));
   if (!page->retired) {
-    uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-    sm_pq_remove(heap, (flags & SM_PAGE_IN_FULL) ? SM_BIN_FULL : page->bin, page);
+    sm_pq_remove(heap, page->bin, page);
     sm_page_fold_stats(heap, page);
   }
   sm_lock(&heap->lock);
@@ -374,14 +374,116 @@ void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
   sm_cnt_add(heap->stats.pages_released, n);
   if (!force) return;
   sm_page_t *page;
-  for (size_t qi = 0; qi < SM_BIN_COUNT; qi++) {
-    for (page = heap->queues[qi].first; page; ) {
+  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
+    for (page = heap->queues[bin].first; page; ) {
       sm_page_t *next = page->next;
       sm_page_collect_thread_free(page);
       if (sm_page_vacant(page)) sm_page_release(heap, page);
       page = next;
     }
   }
+  n = 0;
+  sm_lock(&heap->lock);   /* the full list's pages change under it */
+  for (page = heap->queues[SM_BIN_FULL].first; page; ) {
+    sm_page_t *next = page->next;
+    sm_page_collect_thread_free(page);
+    if (sm_page_vacant(page)) {
+      sm_pq_remove(heap, SM_BIN_FULL, page);
+      sm_page_fold_stats(heap, page);
+      sm_page_release_locked(heap, page);
+      n++;
+    }
+    page = next;
+  }
+  sm_unlock(&heap->lock);
+  sm_cnt_add(heap->stats.pages_released, n);
+}
+
+/* Thread exit: every page of the full list back in its class's queue. */
+void sm_heap_unfull_all(sm_heap_t *heap) {
+  sm_page_t *page;
+  sm_lock(&heap->lock);
+  while ((page = heap->queues[SM_BIN_FULL].first) != NULL) {
+    sm_pq_remove(heap, SM_BIN_FULL, page);
+    sm_page_set_owner(page, heap);
+    sm_pq_push_back(heap, page->bin, page);
+  }
+  sm_unlock(&heap->lock);
+}
+
+/* Another thread gives back the pages of the owner's full list whose
+ * blocks other threads have all freed: trim, smalloc_collect(true), an
+ * allocation the OS refused, the purge thread for an idle heap.  Without
+ * it, memory that one thread allocated and others freed stays with the
+ * first for as long as it does not allocate again.  The full list, and
+ * the lists and counts of its pages, change under owner->lock (the owner
+ * takes it at each move to or from the list and at each free into such a
+ * page; the fast paths never touch one).  A page on the full list is
+ * free when its blocks in use are those on its thread_free plus the one
+ * that the first of them handed over to the owner's heap (xdelayed), so
+ * the claim takes that list: the block of a page given back goes with
+ * it, the others are handed over again.  Counted in the caller's heap,
+ * the page's pending counts too. */
+void sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
+  sm_block_t *list = atomic_load_explicit(&owner->xdelayed, memory_order_relaxed);
+  while (list != NULL && list != SM_XDELAYED_CLOSED &&
+         !atomic_compare_exchange_weak_explicit(&owner->xdelayed, &list, NULL, memory_order_acquire,
+                                                memory_order_relaxed)) {
+  }
+  if (list == NULL || list == SM_XDELAYED_CLOSED) return;
+  sm_block_t *back = NULL, *back_tail = NULL;
+  uint64_t n = 0;
+  sm_lock(&owner->lock);
+  for (sm_block_t *b = list, *next; b; b = next) {
+    next = (sm_block_t *)((uintptr_t)b->next ^ sm_secret);
+    sm_page_t *page = sm_segment_page_of(sm_ptr_segment(b), b);
+    uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+    uintptr_t tf = atomic_load_explicit(&page->thread_free, memory_order_acquire);
+    if (atomic_load_explicit(&page->owner, memory_order_relaxed) == owner && (flags & SM_PAGE_IN_FULL) &&
+        !(flags & SM_PAGE_CORRUPT) && page->used == sm_tf_count(tf) + 1) {
+      sm_pq_remove(owner, SM_BIN_FULL, page);
+      sm_page_collect_thread_free(page);
+      sm_track_link(b);
+      b->next = sm_enc(page, page->local_free);
+      page->local_free = b;
+      page->used--;
+      page->used_folded--;
+      sm_assert(page->used == 0);
+      /* the fold (sm_page_fold_stats), into the caller's counts */
+      SM_COUNT(self, class_allocs[page->bin], (uint64_t)((int64_t)page->frees - page->used_folded));
+      SM_COUNT(self, class_frees[page->bin], page->frees);
+      page->frees = 0;
+      page->used_folded = 0;
+      sm_page_release_locked(owner, page);
+      n++;
+      continue;
+    }
+    b->next = (sm_block_t *)((uintptr_t)back ^ sm_secret);
+    back = b;
+    if (!back_tail) back_tail = b;
+  }
+  sm_unlock(&owner->lock);
+  /* the other notices go back to the owner */
+  if (back) {
+    sm_block_t *old = atomic_load_explicit(&owner->xdelayed, memory_order_relaxed);
+    for (;;) {
+      if (old == SM_XDELAYED_CLOSED) {   /* it exited meanwhile: to their pages */
+        for (sm_block_t *b = back, *next; b; b = next) {
+          next = (sm_block_t *)((uintptr_t)b->next ^ sm_secret);
+          sm_segment_t *seg = sm_ptr_segment(b);
+          sm_free_push_remote(seg, sm_segment_page_of(seg, b), b);
+        }
+        break;
+      }
+      back_tail->next = (sm_block_t *)((uintptr_t)old ^ sm_secret);
+      if (atomic_compare_exchange_weak_explicit(&owner->xdelayed, &old, back, memory_order_release,
+                                                memory_order_relaxed))
+        break;
+    }
+  }
+  if (n == 0) return;
+  SM_COUNT(self, pages_released, n);
+  SM_COUNT(self, pages_claimed, n);
 }
 
 /* Give back the memory of free pages in the heap's segments: those free
@@ -489,8 +591,9 @@ static size_t sm_heap_sweep(sm_heap_t *heap) {
 /* The page-state facts and their one source each (--enable-debug checks
  * that the copies agree after every transition):
  *   on the full list      flags & SM_PAGE_IN_FULL (sm_page_to_full,
- *                         sm_page_unfull); bit 0 of xtid is its copy for
- *                         free's one compare
+ *                         sm_page_unfull_locked), under heap->lock with
+ *                         the full list itself; bit 0 of xtid is its copy
+ *                         for free's one compare
  *   owner                 page->owner (NULL in the pool); xtid caches it
  *   segment holder        seg->heap (NULL while abandoned)
  *   retired               page->retired, with membership of the heap's
@@ -529,27 +632,35 @@ void sm_page_set_owner(sm_page_t *page, sm_heap_t *heap) {
 
 /* ---- full pages ------------------------------------------------------------ */
 
-/* Move an exhausted page to the full list.  The full bit goes into the
+/* Move an exhausted page to the full list; false when blocks arrived
+ * meanwhile and the page stays.  The full bit goes into the
  * thread_free word with one atomic operation that also shows whether a
  * block arrived meanwhile: either we see that block here (and keep the
  * page), or the first later free from another thread sees the bit, clears
  * it and hands its block to the heap's xdelayed list (free.c), which the
  * owner takes on its next slow path: one notice per page, no scan. */
-void sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
+bool sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
   uintptr_t v = atomic_fetch_or_explicit(&page->thread_free, SM_TF_FULL, memory_order_acq_rel);
   if (sm_tf_ptr(page, v) != NULL) {
     atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
-    return;
+    return false;
   }
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-  sm_page_set_flags(page, flags | SM_PAGE_IN_FULL, sm_heap_owner_id(heap));
   sm_pq_remove(heap, page->bin, page);
+  sm_lock(&heap->lock);
+  sm_page_set_flags(page, flags | SM_PAGE_IN_FULL, sm_heap_owner_id(heap));
   sm_pq_push_back(heap, SM_BIN_FULL, page);
-  sm_cnt_add(heap->stats.pages_full, 1);
   sm_assert_expensive(sm_page_state_ok(heap, page));
+  sm_unlock(&heap->lock);
+  /* from here on the page may be claimed (sm_heap_claim_full): not
+   * touched again */
+  sm_cnt_add(heap->stats.pages_full, 1);
+  return true;
 }
 
-void sm_page_unfull(sm_heap_t *heap, sm_page_t *page) {
+/* Under heap->lock: a page of the full list goes back to its class's
+ * queue (the owner only). */
+void sm_page_unfull_locked(sm_heap_t *heap, sm_page_t *page) {
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
   if (!(flags & SM_PAGE_IN_FULL)) return;
   sm_page_set_owner(page, heap);
@@ -566,6 +677,7 @@ void sm_page_unfull(sm_heap_t *heap, sm_page_t *page) {
  * threads freed into it, and retires if that empties it. */
 void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   sm_track_link(b);
+  sm_lock(&heap->lock);   /* the page may be on the full list */
   b->next = sm_enc(page, page->local_free);
   page->local_free = b;
   page->xfreed = 1;
@@ -573,7 +685,8 @@ void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
     page->used--;
     page->used_folded--;
   }
-  sm_page_unfull(heap, page);
+  sm_page_unfull_locked(heap, page);
+  sm_unlock(&heap->lock);
   sm_page_collect_thread_free(page);   /* the rest of that thread's batch, often */
   if (sm_page_vacant(page)) {
     sm_page_free_to_local(page);
@@ -624,13 +737,13 @@ static bool sm_page_shares(const sm_page_t *page) {
          !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
 }
 
-/* The owner gives a page with live blocks to the process: off its queue
- * (a class's or the full list), counts folded, ownerless, on the pool of
+/* The owner gives a page with live blocks to the process: off its
+ * class's queue, counts folded, ownerless, on the pool of
  * its class for any thread to take.  Its lists go with it. */
 void sm_page_donate(sm_heap_t *heap, sm_page_t *page) {
   sm_assert(!page->retired && atomic_load_explicit(&page->owner, memory_order_relaxed) == heap);
-  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-  sm_pq_remove(heap, (flags & SM_PAGE_IN_FULL) ? SM_BIN_FULL : page->bin, page);
+  sm_assert(!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL));
+  sm_pq_remove(heap, page->bin, page);
   sm_page_fold_stats(heap, page);
   sm_page_set_owner(page, NULL);
   sm_pool_push(page);
@@ -828,10 +941,7 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
       page = next;
       continue;
     }
-    sm_page_to_full(heap, page);
-    if (!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL)) {
-      continue;   /* blocks arrived from another thread: refill it again */
-    }
+    if (!sm_page_to_full(heap, page)) continue;   /* blocks arrived from another thread: refill it again */
     page = next;
   }
 

@@ -67,9 +67,13 @@ void sm_stats_orphan_add(size_t offset, uint64_t n) {
 /* Fold the pending counts of every page of the calling thread's heap. */
 void sm_stats_fold_heap(sm_heap_t *heap) {
   if (!heap->initialized) return;
-  for (size_t qi = 0; qi < SM_BIN_COUNT; qi++)
+  for (size_t qi = 1; qi < SM_BIN_COUNT; qi++)
     for (sm_page_t *page = heap->queues[qi].first; page; page = page->next)
       sm_page_fold_stats(heap, page);
+  sm_lock(&heap->lock);   /* the full list changes under it (sm_heap_claim_full) */
+  for (sm_page_t *page = heap->queues[SM_BIN_FULL].first; page; page = page->next)
+    sm_page_fold_stats(heap, page);
+  sm_unlock(&heap->lock);
 }
 
 static void sm_max_raise(_Atomic uint64_t *peak_at, uint64_t v) {

@@ -245,7 +245,15 @@ END_TEST
 
 enum { SH_TRIM_BLOCKS = 1 << 20, SH_TRIM_SIZE = 64 };   /* 64 MiB */
 
-START_TEST(trim_from_main_releases_idle_workers_pages)
+typedef struct sh_trim {
+  size_t rss0, rss1, rss2;   /* before the worker, after the frees, after malloc_trim */
+  smalloc_stats_t a, b;      /* around malloc_trim */
+} sh_trim_t;
+
+/* Run a worker that fills sh_idle.v with SH_TRIM_BLOCKS blocks (and frees
+ * them, or leaves them for this thread to free when main_frees), stays
+ * alive and idle, and call malloc_trim(0) from here. */
+static void sh_trim_run(void *(*worker)(void *), bool main_frees, sh_trim_t *r)
 {
   sh_idle.v = mmap(NULL, SH_TRIM_BLOCKS * sizeof(void *), PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -253,39 +261,88 @@ START_TEST(trim_from_main_releases_idle_workers_pages)
   pthread_t t;
   sh_idle.max = SH_TRIM_BLOCKS;
   sh_idle.size = SH_TRIM_SIZE;
-  ck_assert_int_eq(pthread_create(&t, NULL, sh_idle_worker, NULL), 0);
+  ck_assert_int_eq(pthread_create(&t, NULL, worker, NULL), 0);
   smalloc_malloc_trim(0);
-  size_t rss0 = sm_test_rss();
+  r->rss0 = sm_test_rss();
   sh_set_phase(1);
   sh_wait_phase(2);
   ck_assert_uint_eq(sh_idle.n, SH_TRIM_BLOCKS);
-  size_t rss1 = sm_test_rss();
-  smalloc_stats_t a, b;
-  ck_assert_int_eq(sm_test_snap(&a), 0);
+  if (main_frees)
+    sh_free_all(sh_idle.v, sh_idle.n);
+  r->rss1 = sm_test_rss();
+  ck_assert_int_eq(sm_test_snap(&r->a), 0);
   smalloc_malloc_trim(0);
-  ck_assert_int_eq(sm_test_snap(&b), 0);
-  size_t rss2 = sm_test_rss();
+  ck_assert_int_eq(sm_test_snap(&r->b), 0);
+  r->rss2 = sm_test_rss();
   sh_set_phase(3);
   pthread_join(t, NULL);
+  munmap(sh_idle.v, SH_TRIM_BLOCKS * sizeof(void *));
+}
 
+/* The worker's blocks took resident memory, and malloc_trim gave it back. */
+static void sh_trim_check_rss(const sh_trim_t *r)
+{
+  ck_assert_msg(r->rss1 > r->rss0 + 48 * MiB, "resident %zu MiB before the worker, %zu after its fill",
+                r->rss0 / MiB, r->rss1 / MiB);
+#if SM_TEST_SANITIZED   /* the sanitizers' shadow of the freed blocks stays resident */
+  (void)r;
+#else
+  ck_assert_msg(r->rss2 <= r->rss0 + 10 * MiB,
+                "resident %zu MiB after malloc_trim; %zu MiB before the worker allocated",
+                r->rss2 / MiB, r->rss0 / MiB);
+#endif
+}
+
+START_TEST(trim_from_main_releases_idle_workers_pages)
+{
+  sh_trim_t r;
+  sh_trim_run(sh_idle_worker, false, &r);
   uint64_t retired = sh_idle.s1.pages_retired - sh_idle.s0.pages_retired;
   ck_assert_msg(retired >= SH_TRIM_BLOCKS * SH_TRIM_SIZE / SM_TEST_SMALL_PAGE - 1,
                 "the worker retired %llu pages", (unsigned long long)retired);
-  ck_assert_msg(b.pages_claimed - a.pages_claimed == retired,
+  ck_assert_msg(r.b.pages_claimed - r.a.pages_claimed == retired,
                 "malloc_trim claimed %llu of the idle worker's %llu retired pages",
-                (unsigned long long)(b.pages_claimed - a.pages_claimed),
+                (unsigned long long)(r.b.pages_claimed - r.a.pages_claimed),
                 (unsigned long long)retired);
-  ck_assert_uint_ge(b.pages_released - a.pages_released, retired);
-  ck_assert_msg(rss1 > rss0 + 48 * MiB, "resident %zu MiB before the worker, %zu after its frees",
-                rss0 / MiB, rss1 / MiB);
-#if SM_TEST_SANITIZED   /* the sanitizers' shadow of the freed blocks stays resident */
-  (void)rss2;
-#else
-  ck_assert_msg(rss2 <= rss0 + 10 * MiB,
-                "resident %zu MiB after malloc_trim; %zu MiB before the worker allocated",
-                rss2 / MiB, rss0 / MiB);
-#endif
-  munmap(sh_idle.v, SH_TRIM_BLOCKS * sizeof(void *));
+  ck_assert_uint_ge(r.b.pages_released - r.a.pages_released, retired);
+  sh_trim_check_rss(&r);
+}
+END_TEST
+
+/* The same, but this thread frees the blocks the worker allocated (and
+ * keeps alive and idle): the worker's exhausted pages, on its full list,
+ * hold nothing but blocks that another thread freed, and the worker will
+ * not allocate again to take them.  malloc_trim(0) claims every one of
+ * them (only the page the worker allocates from stays with it) and the
+ * resident size falls. */
+static void *sh_fill_worker(void *arg)
+{
+  (void)arg;
+  sh_wait_phase(1);
+  sm_test_snap(&sh_idle.s0);
+  sh_idle.n = sh_fill(sh_idle.v, sh_idle.max, sh_idle.size);
+  sm_test_snap(&sh_idle.s1);
+  sh_set_phase(2);
+  sh_wait_phase(3);
+  return NULL;
+}
+
+START_TEST(trim_from_main_releases_pages_it_freed_for_an_idle_worker)
+{
+  sh_trim_t r;
+  sh_trim_run(sh_fill_worker, true, &r);
+  const smalloc_stats_t *s0 = &sh_idle.s0, *s1 = &sh_idle.s1;
+  int k = sm_test_class_index(s0, SH_TRIM_SIZE);
+  ck_assert_int_ge(k, 0);
+  uint64_t full = s1->pages_full - s0->pages_full;
+  uint64_t pages = s1->classes[k].pages_in_use - s0->classes[k].pages_in_use;
+  ck_assert_msg(full >= SH_TRIM_BLOCKS * SH_TRIM_SIZE / SM_TEST_SMALL_PAGE - 1 && full == pages - 1,
+                "the worker filled %llu pages of %llu", (unsigned long long)full,
+                (unsigned long long)pages);
+  ck_assert_uint_eq(r.b.pages_claimed - r.a.pages_claimed, full);
+  ck_assert_uint_eq(r.b.pages_released - r.a.pages_released, full);
+  ck_assert_uint_eq(r.b.classes[k].pages_in_use, s0->classes[k].pages_in_use + 1);
+  sh_trim_check_rss(&r);
 }
 END_TEST
 
@@ -847,6 +904,7 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, same_thread_other_sizes_after_free_all);
   tcase_add_test(tc, posix_memalign_enomem_sets_errno);
   tcase_add_test(tc, trim_from_main_releases_idle_workers_pages);
+  tcase_add_test(tc, trim_from_main_releases_pages_it_freed_for_an_idle_worker);
   tcase_add_test(tc, pages_emptied_by_remote_frees_retire);
   tcase_add_test(tc, queued_pages_emptied_by_remote_frees_expire);
   tcase_add_test(tc, many_threads_freeing_each_others_blocks_stay_bounded);
