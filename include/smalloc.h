@@ -209,6 +209,8 @@ typedef enum smalloc_option {
                                      is sampled with its stack */
   SMALLOC_OPTION_PROF_LEAKS,     /* SMALLOC_PROF_LEAKS: 1 sample from the start, report the
                                     sampled blocks still live at exit */
+  SMALLOC_OPTION_PROF_SEED,      /* SMALLOC_PROF_SEED: 0 random sampling, else the same
+                                    samples for the same allocations */
   SMALLOC_OPTION_COUNT
 } smalloc_option_t;
 

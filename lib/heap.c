@@ -169,6 +169,7 @@ sm_heap_t *sm_heap_init_thread(void) {
   static _Atomic uint64_t seedings;
   uint64_t n = atomic_fetch_add_explicit(&seedings, 1, memory_order_relaxed) + 1;
   heap->rng = (sm_secret ^ (uintptr_t)heap ^ (n * 0x9E3779B97F4A7C15ull)) | 1;
+  heap->serial = n;
   heap->initialized = 1;
   heap->stats.threads_started = 1;
   sm_heaps_lock();

@@ -297,6 +297,8 @@ struct sm_heap_s {
   uint64_t rng;                          /* secure build: page keys, list order */
   uint64_t grow_events;                  /* fresh pages and large blocks, for the peak */
   int64_t prof_events_left;              /* slow-path steps to the next churn sample (prof.c) */
+  uint64_t prof_rng;                     /* the profiler's draws; 0 until the first (prof.c) */
+  uint64_t serial;                       /* heaps set up before this one, this one included */
   sm_page_queue_t queues[SM_BIN_COUNT];  /* [0] is the full list */
   uint8_t bin_active[SM_BIN_COUNT];      /* slow path ran for the class since the sweep */
   uint32_t bg_cycle;                     /* the purge thread's: cycle when last seen, */

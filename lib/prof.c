@@ -93,14 +93,35 @@ static double sm_ln(double x) {
   return e * 0.69314718055994531 + 2 * s;
 }
 
-/* Uniform in (0, 1], from the heap's generator. */
-static double sm_prof_uniform(sm_heap_t *heap) {
-  return (double)((sm_heap_random(heap) >> 11) + 1) / 9007199254740992.0;
+/* The distances between samples come from a generator of each heap's
+ * own, seeded at its first draw: from SMALLOC_PROF_SEED when set, with
+ * the heap's serial number (the same allocations give the same samples:
+ * profiles that can be compared run to run, tests that are not
+ * statistical), else from the heap's random generator.  The churn
+ * events draw from the heap's generator, so that slow work, which
+ * differs between runs that allocate alike, does not move the samples. */
+static uint64_t sm_prof_random(sm_heap_t *heap) {
+  uint64_t x = heap->prof_rng;
+  if (x == 0) {
+    uint64_t seed = (uint64_t)sm_opt(PROF_SEED);
+    x = seed ? (seed * 0x9E3779B97F4A7C15ull) ^ (heap->serial * 0xBF58476D1CE4E5B9ull) : sm_heap_random(heap);
+    x |= 1;
+  }
+  x ^= x << 13;
+  x ^= x >> 7;
+  x ^= x << 17;
+  heap->prof_rng = x;
+  return x * 0x2545F4914F6CDD1Dull;
+}
+
+/* Uniform in (0, 1], from 64 random bits. */
+static double sm_prof_uniform(uint64_t r) {
+  return (double)((r >> 11) + 1) / 9007199254740992.0;
 }
 
 /* The bytes to the next sample: exponential with mean rate. */
 static uint64_t sm_prof_draw(sm_heap_t *heap) {
-  double d = -sm_ln(sm_prof_uniform(heap)) * (double)sm_opt(PROF_RATE);
+  double d = -sm_ln(sm_prof_uniform(sm_prof_random(heap))) * (double)sm_opt(PROF_RATE);
   return d < 1 ? 1 : d > 1e15 ? (uint64_t)1e15 : (uint64_t)d;
 }
 
@@ -286,7 +307,7 @@ void sm_prof_event_slow(int kind) {
     /* geometric with mean rate: each event is taken with probability
      * 1 / rate, whatever came before */
     long rate = sm_opt(PROF_EVENT_RATE);
-    double d = rate == 1 ? 0 : sm_ln(sm_prof_uniform(heap)) / sm_ln(1 - 1.0 / (double)rate);
+    double d = rate == 1 ? 0 : sm_ln(sm_prof_uniform(sm_heap_random(heap))) / sm_ln(1 - 1.0 / (double)rate);
     heap->prof_events_left = d > 1e12 ? (int64_t)1e12 : (int64_t)d + 1;
     weight = (uint64_t)rate;
   }
@@ -471,7 +492,10 @@ SM_EXPORT int smalloc_prof_start(void) {
   if (!ok) return ENOMEM;
   atomic_store(&sm_prof_active, 1);
   sm_heap_t *heap = sm_heap();
-  if (heap->initialized) sm_prof_rearm(heap);   /* this thread samples from now on */
+  if (heap->initialized) {
+    heap->prof_rng = 0;   /* with SMALLOC_PROF_SEED: its draws start again from the seed */
+    sm_prof_rearm(heap);  /* this thread samples from now on */
+  }
   return 0;
 }
 
