@@ -11,6 +11,8 @@ Allocators:
   fresh-prof   fresh with SMALLOC_PROF=1: the heap profiler on at its default rate
   jemalloc-prof  jemalloc with MALLOC_CONF=prof:true (its sampled heap profiler at its
                default rate, one sample per 512 KiB like smalloc's), when jemalloc is found
+  heaptrack    glibc's malloc with every call traced by heaptrack, on the python3
+               workload only, when heaptrack is installed: what tracing costs
   baseline     BASELINE, else the installed libsmalloc (pkg-config, then
                ldconfig); if there is none, glibc serves as the baseline
   glibc        no preload
@@ -62,6 +64,7 @@ PEERS = [("jemalloc", "libjemalloc.so.2"),
          ("tcmalloc", "libtcmalloc_minimal.so.4"),
          ("mimalloc", "libmimalloc.so.2")]
 RUN_TIMEOUT = 300
+HEAPTRACK_WORK = "python3"   # the one workload run under heaptrack
 # What each row is, said once at the start of the console output.
 ROW_MEANING = {
     "fresh": "the library just built",
@@ -75,6 +78,8 @@ ROW_MEANING = {
     "jemalloc-prof": "Debian's jemalloc with MALLOC_CONF=prof:true: its heap profiler at its "
                      "default rate, what profiling costs there",
     "mimalloc": "Debian's mimalloc",
+    "heaptrack": "glibc's malloc under heaptrack, which records every call with its stack "
+                 "(python3 only): what a tracing profiler costs",
     "null": "reference: a per-thread bump allocator with no checks and no stats, the floor of "
             "an allocator's own cost",
 }
@@ -89,12 +94,13 @@ def say(msg=""):
 # ---- finding allocators ------------------------------------------------------
 
 class Alloc:
-    def __init__(self, name, lib, smalloc=False, env=None, note=""):
+    def __init__(self, name, lib, smalloc=False, env=None, note="", wrap=None):
         self.name = name
         self.lib = lib
         self.smalloc = smalloc
         self.env = env or {}
         self.note = note
+        self.wrap = wrap or []   # a command the workload runs under (heaptrack)
 
 
 def elf_id(path):
@@ -397,7 +403,7 @@ def run_once(work, alloc, spawn, tmpdir):
     if work.pre:
         work.pre()
     try:
-        rc, wall, rss, out, err = launch(spawn, work.argv, env, work.stdin, tmpdir)
+        rc, wall, rss, out, err = launch(spawn, alloc.wrap + work.argv, env, work.stdin, tmpdir)
     except (OSError, TimeoutError) as e:
         return {"error": str(e)}
     res = {}
@@ -669,7 +675,7 @@ COLOURS = {"fresh": "#d62728", "fresh-naive": "#ff9896", "fresh-prof": "#e377c2"
            "jemalloc-prof": "#c5b0d5", "baseline": "#8c564b",
            "glibc": "#7f7f7f", "jemalloc": "#2ca02c", "tcmalloc": "#1f77b4",
            "mimalloc": "#9467bd", "mimalloc3": "#17becf", "snmalloc": "#bcbd22",
-           "null": "#c7c7c7"}
+           "null": "#c7c7c7", "heaptrack": "#ff7f0e"}
 SPARE_COLOURS = ["#e377c2", "#ff7f0e", "#98df8a", "#aec7e8", "#c5b0d5", "#f7b6d2"]
 
 
@@ -904,7 +910,8 @@ def write_files(outdir, report, allocs, info, mode, tmpdir):
         f.write("## Allocators\n\n")
         f.write(table(["allocator", "library"],
                       [[a.name + (" (%s)" % a.note if a.note else ""),
-                        "`%s`" % a.lib if a.lib else "(no preload: glibc malloc)"]
+                        "`%s`" % a.lib if a.lib else
+                        "(no preload: glibc malloc%s)" % (", under `heaptrack`" if a.wrap else "")]
                        for a in allocs], True, left=2) + "\n\n")
         for note in report.notes:
             f.write("- %s\n" % note)
@@ -1008,6 +1015,9 @@ def main():
             say("bench: BENCH_PEERS entry %r: want name=/path/to/lib.so of an existing file" % spec)
             return 2
         allocs.append(Alloc(name, os.path.abspath(lib)))
+    heaptrack = None
+    if shutil.which("heaptrack"):
+        heaptrack = Alloc("heaptrack", None, note=HEAPTRACK_WORK + " only")
     floor = Alloc("floor", None)
     nulllib = os.environ.get("NULLLIB", "")
     null = None
@@ -1022,6 +1032,8 @@ def main():
         use_strace = False
 
     tmpdir = tempfile.mkdtemp(prefix="smalloc-bench-")
+    if heaptrack:
+        heaptrack.wrap = [shutil.which("heaptrack"), "-o", os.path.join(tmpdir, "heaptrack")]
     try:
         ws = workloads(os.path.abspath(args.bindir), os.path.abspath(args.srcdir), quick, tmpdir)
         only = [s for s in os.environ.get("BENCH_ONLY", "").split(",") if s]
@@ -1033,8 +1045,9 @@ def main():
         say("smalloc bench: %s; allocators: %s" % (mode, ", ".join(
             a.name + ("" if a.name != baseline_name or a.name == "baseline" else " (baseline)")
             for a in allocs)))
-        for a in allocs + ([null] if null else []):
-            say("  %-12s %s" % (a.name, a.lib or "(no preload)"))
+        extra = ([null] if null else []) + ([heaptrack] if heaptrack else [])
+        for a in allocs + extra:
+            say("  %-12s %s" % (a.name, " ".join(a.wrap) if a.wrap else a.lib or "(no preload)"))
             say("  %-12s   %s" % ("", ROW_MEANING.get(a.name, "a peer allocator, preloaded")
                                   + (" (%s)" % a.note if a.note and a.name == "baseline" else "")))
         say("columns: median s = median of the counted runs, spread s = fastest-slowest run, "
@@ -1058,6 +1071,8 @@ def main():
                 wallocs = allocs + ([null] if null and w.threads == 1 else [])
             else:
                 wallocs = [a for a in allocs if a.name != "fresh-naive"]
+            if heaptrack and w.name == HEAPTRACK_WORK:
+                wallocs.append(heaptrack)
             rows = {a.name: Row(a) for a in wallocs}
             t0 = time.perf_counter()
             for rnd in range(nruns + 1):
@@ -1128,7 +1143,7 @@ def main():
         say(report.geomean_table(False))
         for note in report.notes:
             say("note: " + note)
-        made = write_files(args.outdir, report, allocs + ([null] if null else []),
+        made = write_files(args.outdir, report, allocs + extra,
                            machine_info(), mode, tmpdir)
         say("")
         say("wrote " + ", ".join(made))
