@@ -166,7 +166,9 @@ struct sm_page_s {
    * NULL while the page waits in the process's pool (pool.c): the one
    * record of a page's owner (xtid caches it for free) */
   _Atomic(sm_heap_t *) owner;
-  uint8_t pad1[8];
+  /* the page's one sampled block, or SM_PROF_MANY (prof.c): a free into a
+   * flagged page looks the block up only when it may be a sample */
+  _Atomic uintptr_t prof_one;
 
   /* line 3: pushed by other threads with a CAS, taken by the owner; bit 0
    * (SM_TF_FULL) set while the page is on the full list, so a pushing
@@ -656,6 +658,7 @@ void sm_prof_event_slow(int kind);
 SM_INLINE void sm_prof_event(int kind) {
   if (sm_unlikely(atomic_load_explicit(&sm_prof_active, memory_order_relaxed))) sm_prof_event_slow(kind);
 }
+#define SM_PROF_MANY ((uintptr_t)1)
 void *sm_prof_sampled(sm_heap_t *heap, sm_page_t *page, void *b, size_t n);
 void sm_prof_forget(sm_page_t *page, const void *b);
 void sm_prof_page_check(sm_heap_t *heap, sm_page_t *page);

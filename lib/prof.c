@@ -18,7 +18,10 @@
  * flags that send every free of the page out of line (free's fast path
  * is unchanged), and free.c asks sm_prof_forget about each block of such
  * a page; page->sampled counts the page's sampled blocks, and the owner
- * clears the flag when it is 0 again.  Blocks above the size classes
+ * clears the flag when it is 0 again.  page->prof_one holds the page's
+ * one sample (SM_PROF_MANY once there were two at a time, until the flag
+ * goes), so that the other blocks' frees skip the table and its lock
+ * (bench_longlived 1e5 with profiling: 5.5 % of the run in the lookup).  Blocks above the size classes
  * always free out of line; they are looked up while any sample lives.
  *
  * Stacks.  glibc's backtrace (the libgcc unwinder, which reads the
@@ -276,7 +279,8 @@ static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) 
   }
   pthread_mutex_unlock(&sm_prof_lock);
   if (kept && page) {
-    atomic_fetch_add_explicit(&page->sampled, 1, memory_order_relaxed);
+    uint16_t before = atomic_fetch_add_explicit(&page->sampled, 1, memory_order_relaxed);
+    atomic_store_explicit(&page->prof_one, before == 0 ? (uintptr_t)b : SM_PROF_MANY, memory_order_relaxed);
     uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
     if (!(flags & SM_PAGE_SAMPLED)) sm_page_set_flags(page, flags | SM_PAGE_SAMPLED, sm_heap_owner_id(heap));
   }
@@ -321,6 +325,11 @@ void sm_prof_event_slow(int kind) {
 /* Block b (its start) is freed: if it is a sample, it leaves the live
  * profile, and its page (NULL above the size classes) counts one fewer. */
 void sm_prof_forget(sm_page_t *page, const void *b) {
+  if (page) {
+    /* most frees into a flagged page are of other blocks than its sample */
+    uintptr_t one = atomic_load_explicit(&page->prof_one, memory_order_relaxed);
+    if (one != SM_PROF_MANY && one != (uintptr_t)b) return;
+  }
   bool found = false;
   pthread_mutex_lock(&sm_prof_lock);
   if (sm_prof_live) {
@@ -344,8 +353,10 @@ void sm_prof_forget(sm_page_t *page, const void *b) {
  * in it, so its frees may take the fast path again. */
 void sm_prof_page_check(sm_heap_t *heap, sm_page_t *page) {
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-  if ((flags & SM_PAGE_SAMPLED) && atomic_load_explicit(&page->sampled, memory_order_relaxed) == 0)
+  if ((flags & SM_PAGE_SAMPLED) && atomic_load_explicit(&page->sampled, memory_order_relaxed) == 0) {
+    atomic_store_explicit(&page->prof_one, 0, memory_order_relaxed);
     sm_page_set_flags(page, flags & ~SM_PAGE_SAMPLED, sm_heap_owner_id(heap));
+  }
 }
 
 /* fork (fork.c): a lock a lost thread held is free in the child, and the
