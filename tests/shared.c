@@ -255,6 +255,8 @@ typedef struct sh_trim {
  * alive and idle, and call malloc_trim(0) from here. */
 static void sh_trim_run(void *(*worker)(void *), bool main_frees, sh_trim_t *r)
 {
+  /* no purge thread: it would claim the idle worker's pages itself */
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
   sh_idle.v = mmap(NULL, SH_TRIM_BLOCKS * sizeof(void *), PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   ck_assert(sh_idle.v != MAP_FAILED);
@@ -340,7 +342,7 @@ START_TEST(trim_from_main_releases_pages_it_freed_for_an_idle_worker)
                 "the worker filled %llu pages of %llu", (unsigned long long)full,
                 (unsigned long long)pages);
   ck_assert_uint_eq(r.b.pages_claimed - r.a.pages_claimed, full);
-  ck_assert_uint_eq(r.b.pages_released - r.a.pages_released, full);
+  ck_assert_uint_ge(r.b.pages_released - r.a.pages_released, full);   /* this thread's own too */
   ck_assert_uint_eq(r.b.classes[k].pages_in_use, s0->classes[k].pages_in_use + 1);
   sh_trim_check_rss(&r);
 }
@@ -860,6 +862,8 @@ static void *sh_e_maker(void *arg)
 START_TEST(an_exited_threads_pages_freed_by_another_go_back_on_trim)
 {
   sh_e_t e;
+  /* no purge thread: what it gives back would be counted too */
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
   e.n = SH_E_PAGES * (SM_TEST_SMALL_PAGE / sm_test_class_size(SH_E_SIZE));
   e.v = mmap(NULL, e.n * sizeof *e.v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   ck_assert(e.v != MAP_FAILED);
@@ -888,7 +892,9 @@ START_TEST(an_exited_threads_pages_freed_by_another_go_back_on_trim)
   /* and came back empty */
   ck_assert_uint_eq(s2.classes[k].blocks_in_use, s0.classes[k].blocks_in_use);
   ck_assert_uint_eq(s2.classes[k].pages_in_use, s0.classes[k].pages_in_use);
-  ck_assert_uint_eq(s2.pages_released - s1.pages_released, pages);
+  /* (the collection may release other pages too: this thread's, of
+   * what the C library allocated for the other thread) */
+  ck_assert_uint_ge(s2.pages_released - s1.pages_released, pages);
   ck_assert_uint_eq(s2.pages_reclaimed - s1.pages_reclaimed, 0);
   /* the thread's segment, left without pages, is unmapped */
   ck_assert_uint_eq(s2.segments_in_use, s0.segments_in_use);
