@@ -469,6 +469,7 @@ void sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
     sm_block_t *old = atomic_load_explicit(&owner->xdelayed, memory_order_relaxed);
     for (;;) {
       if (old == SM_XDELAYED_CLOSED) {   /* it exited meanwhile: to their pages */
+        back_tail->next = (sm_block_t *)sm_secret;   /* a failed CAS linked it on */
         for (sm_block_t *b = back, *next; b; b = next) {
           next = (sm_block_t *)((uintptr_t)b->next ^ sm_secret);
           sm_segment_t *seg = sm_ptr_segment(b);
