@@ -413,5 +413,16 @@ void sm_free_generic(void *p, const char *who) {
   }
   size_t bin = page->bin;   /* the page may be gone once the block is pushed */
   sm_track_free(p, b);
+  if (heap->initialized && !sm_track_on()) {
+    /* batched like the common remote free (a page with a sampled or an
+     * aligned block, a page in the pool with such a flag) */
+    if (!sm_free_tag_remote(page, b)) return;
+    if (sm_unlikely(!sm_xbuf_add(heap, page, b))) {
+      sm_error("%s(): double free of %p", who, p);
+      return;
+    }
+    sm_cnt_add(heap->stats.class_frees[bin], 1);
+    return;
+  }
   if (sm_free_block_xthread(seg, page, b)) SM_COUNT(heap, class_frees[bin], 1);
 }
