@@ -9,7 +9,9 @@
  *     slow-path step for a whole purge delay, and the pages of its full
  *     list that other threads freed (sm_heap_claim_retired and
  *     sm_heap_claim_full, as trim does: that thread may be busy
- *     elsewhere, blocked or sleeping),
+ *     elsewhere, blocked or sleeping); blocks freed into the full pages
+ *     of a heap, SM_BG_NOTICES of its pages or more, also start the
+ *     thread, which waits for that heap to take them or go idle,
  *     then purges the segments this left empty at once (they have been
  *     idle that long already), and gives back the memory of the free pages
  *     left in that heap's segments;
@@ -81,7 +83,11 @@ static bool sm_bg_round(void) {
         left = left || sm_heap_has_retired(h);
       }
     }
-    if (idle) sm_heap_claim_full(h, self);
+    if (idle) {
+      if (sm_heap_claim_full(h, self)) claimed = true;
+    } else if (atomic_load_explicit(&h->xnotices, memory_order_relaxed) >= SM_BG_NOTICES) {
+      left = true;   /* full pages freed for a thread that may be going idle */
+    }
     sm_heap_take_home(h);
     sm_heap_decommit(h, idle);
   }

@@ -130,8 +130,11 @@ static void sm_free_hand_over(sm_segment_t *seg, sm_page_t *page, sm_block_t *b)
     while (old != SM_XDELAYED_CLOSED) {
       b->next = (sm_block_t *)((uintptr_t)old ^ sm_secret);
       if (atomic_compare_exchange_weak_explicit(&heap->xdelayed, &old, b, memory_order_release,
-                                                memory_order_relaxed))
+                                                memory_order_relaxed)) {
+        if (atomic_fetch_add_explicit(&heap->xnotices, 1, memory_order_relaxed) + 1 == SM_BG_NOTICES)
+          sm_background_wake();
         return;
+      }
     }
   }
   sm_tf_push(seg, page, b);
@@ -318,11 +321,13 @@ static __attribute__((noinline)) void sm_free_xthread_general(sm_page_t *page, s
   sm_heap_t *heap = sm_heap();
   if (sm_unlikely(!heap->initialized || !sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
   if (!sm_free_tag_remote(page, b)) return;
+  size_t bin = page->bin;   /* the page may be gone once a batch is sent */
   if (sm_unlikely(!sm_xbuf_add(heap, page, b))) {
     sm_error("free(): double free of %p", (void *)b);
     return;
   }
-  sm_cnt_add(heap->stats.class_frees[page->bin], 1);
+  sm_cnt_add(heap->stats.class_frees[bin], 1);
+  sm_background_poll();   /* a batch sent may have asked for the purge thread */
 }
 
 /* The common remote free, a leaf that calls nothing: the block joins the

@@ -314,6 +314,9 @@ struct sm_heap_s {
    * to be given back to their segment under this heap's lock (pool.c),
    * linked through page->next; SM_XHOME_CLOSED once the heap is abandoned */
   _Atomic(sm_page_t *) xhome;
+  /* blocks on xdelayed: past SM_BG_NOTICES, a purge thread is wanted, for
+   * the owner may be idle and those pages' blocks freed (background.c) */
+  _Atomic uint32_t xnotices;
   /* ---- under lock ---- */
   sm_lock_t lock __attribute__((aligned(64)));
   sm_page_t *retired_first, *retired_last;   /* retired pages by expiry */
@@ -804,7 +807,7 @@ void sm_page_collect_thread_free(sm_page_t *page);
 void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page);
 bool sm_page_to_full(sm_heap_t *heap, sm_page_t *page);
 void sm_page_unfull_locked(sm_heap_t *heap, sm_page_t *page);
-void sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self);
+uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self);
 void sm_heap_unfull_all(sm_heap_t *heap);
 void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid);
 void sm_page_set_owner(sm_page_t *page, sm_heap_t *heap);
@@ -905,6 +908,10 @@ void sm_stats_fork_child(void);
 /* ---- background.c: the purge thread ------------------------------------ */
 /* Bytes waiting to be given back above which a purge thread is started. */
 #define SM_BG_THRESHOLD ((uint64_t)8 << 20)
+/* Full pages of one heap that other threads have freed into and that it
+ * has not taken back, above which a purge thread is wanted: 8 MiB of
+ * small pages. */
+#define SM_BG_NOTICES 128
 void sm_background_wake(void);
 void sm_background_act(void);
 void sm_background_fork_child(void);

@@ -424,14 +424,15 @@ void sm_heap_unfull_all(sm_heap_t *heap) {
  * that the first of them handed over to the owner's heap (xdelayed), so
  * the claim takes that list: the block of a page given back goes with
  * it, the others are handed over again.  Counted in the caller's heap,
- * the page's pending counts too. */
-void sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
+ * the page's pending counts too; returns the pages given back. */
+uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
   sm_block_t *list = atomic_load_explicit(&owner->xdelayed, memory_order_relaxed);
   while (list != NULL && list != SM_XDELAYED_CLOSED &&
          !atomic_compare_exchange_weak_explicit(&owner->xdelayed, &list, NULL, memory_order_acquire,
                                                 memory_order_relaxed)) {
   }
-  if (list == NULL || list == SM_XDELAYED_CLOSED) return;
+  if (list == NULL || list == SM_XDELAYED_CLOSED) return 0;
+  atomic_store_explicit(&owner->xnotices, 0, memory_order_relaxed);
   sm_block_t *back = NULL, *back_tail = NULL;
   uint64_t n = 0;
   sm_lock(&owner->lock);
@@ -483,9 +484,10 @@ void sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
         break;
     }
   }
-  if (n == 0) return;
+  if (n == 0) return 0;
   SM_COUNT(self, pages_released, n);
   SM_COUNT(self, pages_claimed, n);
+  return n;
 }
 
 /* Give back the memory of free pages in the heap's segments: those free
@@ -713,6 +715,7 @@ static void sm_heap_take_delayed(sm_heap_t *heap, sm_block_t *b) {
  * thread_free instead. */
 void sm_heap_collect_delayed(sm_heap_t *heap) {
   if (atomic_load_explicit(&heap->xdelayed, memory_order_relaxed) == NULL) return;
+  atomic_store_explicit(&heap->xnotices, 0, memory_order_relaxed);
   sm_heap_take_delayed(heap, atomic_exchange_explicit(&heap->xdelayed, NULL, memory_order_acquire));
 }
 

@@ -124,6 +124,96 @@ START_TEST(idle_small_blocks_go_back_without_a_call)
 }
 END_TEST
 
+/* Blocks that one thread allocated and another freed, while the first
+ * stays alive and idle: its exhausted pages sit on its full list with
+ * every block freed, and neither thread calls in again.  The frees start
+ * the purge thread, which claims those pages once their thread has been
+ * idle for the purge delay: all of them, and the resident size falls.  (The
+ * frees go in allocation order, a page at a time, in batches of 64: each
+ * page's last batch fills and goes out with its last block, so no block
+ * waits in this thread's batches: in the default layout, where a page
+ * holds a multiple of 64 of these blocks.) */
+typedef struct bg_w {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int phase;
+  void **v;
+  size_t rss0;
+  smalloc_stats_t s0, s1;
+} bg_w_t;
+
+static bg_w_t bg_w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, 0, {0}, {0}};
+
+static void bg_w_set(int phase)
+{
+  pthread_mutex_lock(&bg_w.mu);
+  bg_w.phase = phase;
+  pthread_cond_broadcast(&bg_w.cv);
+  pthread_mutex_unlock(&bg_w.mu);
+}
+
+static void bg_w_wait(int phase)
+{
+  pthread_mutex_lock(&bg_w.mu);
+  while (bg_w.phase < phase)
+    pthread_cond_wait(&bg_w.cv, &bg_w.mu);
+  pthread_mutex_unlock(&bg_w.mu);
+}
+
+static void *bg_w_filler(void *arg)
+{
+  (void)arg;
+  sm_test_snap(&bg_w.s0);
+  bg_w.v = bg_burst(&bg_w.rss0);
+  sm_test_snap(&bg_w.s1);
+  bg_w_set(1);
+  bg_w_wait(2);   /* alive and idle */
+  return NULL;
+}
+
+START_TEST(blocks_freed_for_an_idle_thread_go_back_without_a_call)
+{
+  bg_on();
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, bg_w_filler, NULL), 0);
+  bg_w_wait(1);
+  smalloc_stats_t a, c;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  for (size_t i = 0; i < BG_BLOCKS; i++)
+    smalloc_free(bg_w.v[i]);
+  size_t rss1 = sm_test_rss();
+  /* idle from here on */
+  size_t rss2 = bg_wait_rss(SM_TEST_SANITIZED ? SIZE_MAX : bg_w.rss0 + 10 * MiB);
+  uint64_t full = bg_w.s1.pages_full - bg_w.s0.pages_full;
+  /* In the secure layout the first page of each segment holds a number
+   * of blocks that is not a multiple of 64: its last batch waits in this
+   * thread's slots, and the page with it */
+  uint64_t waiting = SM_TEST_SECURE ? full / 64 + 1 : 0;
+  for (long waited = 0; waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+    ck_assert_int_eq(sm_test_snap(&c), 0);
+    if (c.pages_claimed - a.pages_claimed + waiting >= full)
+      break;
+    bg_sleep_ms(BG_POLL_MS);
+  }
+  bg_w_set(2);
+  pthread_join(t, NULL);
+  ck_assert_msg(rss1 > bg_w.rss0 + 48 * MiB, "resident %zu MiB before, %zu MiB after the burst",
+                bg_w.rss0 / MiB, rss1 / MiB);
+  ck_assert_msg(SM_TEST_SANITIZED || rss2 <= bg_w.rss0 + 10 * MiB,
+                "resident %zu MiB after %d ms idle; %zu MiB before the burst", rss2 / MiB,
+                BG_POLL_MAX_MS, bg_w.rss0 / MiB);
+  ck_assert_uint_ge(full, BG_BLOCKS * BG_SIZE / SM_TEST_SMALL_PAGE - 1);
+  /* (this thread's heap is idle too: pages of it that other threads
+   * freed, such as what the C library allocated for the worker, may be
+   * claimed with them) */
+  ck_assert_msg(c.pages_claimed - a.pages_claimed + waiting >= full,
+                "the purge thread claimed %llu of the idle thread's %llu full pages",
+                (unsigned long long)(c.pages_claimed - a.pages_claimed), (unsigned long long)full);
+  ck_assert_uint_ge(c.background_threads - a.background_threads, 1);
+  munmap(bg_w.v, BG_BLOCKS * sizeof *bg_w.v);
+}
+END_TEST
+
 START_TEST(idle_huge_block_goes_back_without_a_call)
 {
   enum { N = 64 * 1024 * 1024 };
@@ -409,6 +499,7 @@ static Suite *background_suite(void)
   Suite *s = suite_create("background");
   TCase *tc = sm_tcase("background", 300);
   tcase_add_test(tc, idle_small_blocks_go_back_without_a_call);
+  tcase_add_test(tc, blocks_freed_for_an_idle_thread_go_back_without_a_call);
   tcase_add_test(tc, idle_huge_block_goes_back_without_a_call);
   tcase_add_test(tc, a_burst_goes_back_while_its_thread_calls_in);
   tcase_add_test(tc, purge_thread_exits_when_done);
