@@ -134,31 +134,13 @@ END_TEST
  * waits in this thread's batches: in the default layout, where a page
  * holds a multiple of 64 of these blocks.) */
 typedef struct bg_w {
-  pthread_mutex_t mu;
-  pthread_cond_t cv;
-  int phase;
+  sm_test_phase_t ph;   /* 1 filled, 2 exit */
   void **v;
   size_t rss0;
   smalloc_stats_t s0, s1;
 } bg_w_t;
 
-static bg_w_t bg_w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, 0, {0}, {0}};
-
-static void bg_w_set(int phase)
-{
-  pthread_mutex_lock(&bg_w.mu);
-  bg_w.phase = phase;
-  pthread_cond_broadcast(&bg_w.cv);
-  pthread_mutex_unlock(&bg_w.mu);
-}
-
-static void bg_w_wait(int phase)
-{
-  pthread_mutex_lock(&bg_w.mu);
-  while (bg_w.phase < phase)
-    pthread_cond_wait(&bg_w.cv, &bg_w.mu);
-  pthread_mutex_unlock(&bg_w.mu);
-}
+static bg_w_t bg_w = {SM_TEST_PHASE_INIT, NULL, 0, {0}, {0}};
 
 static void *bg_w_filler(void *arg)
 {
@@ -166,8 +148,8 @@ static void *bg_w_filler(void *arg)
   sm_test_snap(&bg_w.s0);
   bg_w.v = bg_burst(&bg_w.rss0);
   sm_test_snap(&bg_w.s1);
-  bg_w_set(1);
-  bg_w_wait(2);   /* alive and idle */
+  sm_test_phase_set(&bg_w.ph, 1);
+  sm_test_phase_wait(&bg_w.ph, 2);   /* alive and idle */
   return NULL;
 }
 
@@ -176,7 +158,7 @@ START_TEST(blocks_freed_for_an_idle_thread_go_back_without_a_call)
   bg_on();
   pthread_t t;
   ck_assert_int_eq(pthread_create(&t, NULL, bg_w_filler, NULL), 0);
-  bg_w_wait(1);
+  sm_test_phase_wait(&bg_w.ph, 1);
   smalloc_stats_t a, c;
   ck_assert_int_eq(sm_test_snap(&a), 0);
   for (size_t i = 0; i < BG_BLOCKS; i++)
@@ -195,7 +177,7 @@ START_TEST(blocks_freed_for_an_idle_thread_go_back_without_a_call)
       break;
     bg_sleep_ms(BG_POLL_MS);
   }
-  bg_w_set(2);
+  sm_test_phase_set(&bg_w.ph, 2);
   pthread_join(t, NULL);
   ck_assert_msg(rss1 > bg_w.rss0 + 48 * MiB, "resident %zu MiB before, %zu MiB after the burst",
                 bg_w.rss0 / MiB, rss1 / MiB);

@@ -15,6 +15,7 @@
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -430,6 +431,31 @@ static inline int sm_test_class_index(const smalloc_stats_t *s, size_t n)
       best = (int)i;
   }
   return best;
+}
+
+/* Steps between threads of a test: one waits until another has set a
+ * phase at least as high. */
+typedef struct sm_test_phase {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int phase;
+} sm_test_phase_t;
+#define SM_TEST_PHASE_INIT {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0}
+
+static inline void sm_test_phase_set(sm_test_phase_t *p, int phase)
+{
+  pthread_mutex_lock(&p->mu);
+  p->phase = phase;
+  pthread_cond_broadcast(&p->cv);
+  pthread_mutex_unlock(&p->mu);
+}
+
+static inline void sm_test_phase_wait(sm_test_phase_t *p, int phase)
+{
+  pthread_mutex_lock(&p->mu);
+  while (p->phase < phase)
+    pthread_cond_wait(&p->cv, &p->mu);
+  pthread_mutex_unlock(&p->mu);
 }
 
 static inline uint64_t sm_blocks_in_use(void)

@@ -80,31 +80,22 @@ static size_t sh_same_room(size_t from, size_t big, size_t small)
 /* ---- an idle thread's freed memory serves another thread ------------------ */
 
 typedef struct sh_idle {
-  pthread_mutex_t mu;
-  pthread_cond_t cv;
-  int phase;            /* 0 wait, 1 go, 2 filled and freed, 3 exit */
+  sm_test_phase_t ph;   /* 0 wait, 1 go, 2 filled and freed, 3 exit */
   void **v;
   size_t max, size, n;
   smalloc_stats_t s0, s1;   /* around the worker's frees */
 } sh_idle_t;
 
-static sh_idle_t sh_idle = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, 0, 0, 0,
-                            {0}, {0}};
+static sh_idle_t sh_idle = {SM_TEST_PHASE_INIT, NULL, 0, 0, 0, {0}, {0}};
 
 static void sh_set_phase(int phase)
 {
-  pthread_mutex_lock(&sh_idle.mu);
-  sh_idle.phase = phase;
-  pthread_cond_broadcast(&sh_idle.cv);
-  pthread_mutex_unlock(&sh_idle.mu);
+  sm_test_phase_set(&sh_idle.ph, phase);
 }
 
 static void sh_wait_phase(int phase)
 {
-  pthread_mutex_lock(&sh_idle.mu);
-  while (sh_idle.phase < phase)
-    pthread_cond_wait(&sh_idle.cv, &sh_idle.mu);
-  pthread_mutex_unlock(&sh_idle.mu);
+  sm_test_phase_wait(&sh_idle.ph, phase);
 }
 
 /* Fills sh_idle.v with up to sh_idle.max blocks of sh_idle.size bytes
