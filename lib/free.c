@@ -125,19 +125,24 @@ static bool sm_tf_push(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
  * an owner that gave the page away meanwhile sends it there too. */
 static void sm_free_hand_over(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
   sm_heap_t *heap = atomic_load_explicit(&page->owner, memory_order_acquire);
-  if (heap != NULL) {
-    sm_block_t *old = atomic_load_explicit(&heap->xdelayed, memory_order_relaxed);
-    while (old != SM_XDELAYED_CLOSED) {
-      b->next = (sm_block_t *)((uintptr_t)old ^ sm_secret);
-      if (atomic_compare_exchange_weak_explicit(&heap->xdelayed, &old, b, memory_order_release,
-                                                memory_order_relaxed)) {
-        if (atomic_fetch_add_explicit(&heap->xnotices, 1, memory_order_relaxed) + 1 == SM_BG_NOTICES)
-          sm_background_wake();
-        return;
-      }
+  if (heap == NULL || !sm_heap_hand_over(heap, b, b, 1)) sm_tf_push(seg, page, b);
+}
+
+/* Push the chain head..tail of n blocks (linked xor sm_secret) onto the
+ * heap's hand-over list; false, with nothing pushed, once the list is
+ * closed.  SM_BG_NOTICES of them waiting want a purge thread. */
+bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint32_t n) {
+  sm_block_t *old = atomic_load_explicit(&heap->xdelayed, memory_order_relaxed);
+  while (old != SM_XDELAYED_CLOSED) {
+    tail->next = (sm_block_t *)((uintptr_t)old ^ sm_secret);
+    if (atomic_compare_exchange_weak_explicit(&heap->xdelayed, &old, head, memory_order_release,
+                                              memory_order_relaxed)) {
+      uint32_t was = atomic_fetch_add_explicit(&heap->xnotices, n, memory_order_relaxed);
+      if (was < SM_BG_NOTICES && was + n >= SM_BG_NOTICES) sm_background_wake();
+      return true;
     }
   }
-  sm_tf_push(seg, page, b);
+  return false;
 }
 
 /* Push b (tagged free already) onto the page's thread_free with one CAS;
@@ -308,6 +313,19 @@ static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   return true;
 }
 
+/* A remote free by a thread with a heap: b (a checked block start) is
+ * tagged and joins the thread's batch for its page, and counted. */
+static void sm_free_batch(sm_heap_t *heap, sm_page_t *page, sm_block_t *b, const char *who) {
+  if (!sm_free_tag_remote(page, b)) return;
+  size_t bin = page->bin;   /* the page may be gone once a batch is sent */
+  if (sm_unlikely(!sm_xbuf_add(heap, page, b))) {
+    sm_error("%s(): double free of %p", who, (void *)b);
+    return;
+  }
+  sm_cnt_add(heap->stats.class_frees[bin], 1);
+  sm_background_poll();   /* a batch sent may have asked for the purge thread */
+}
+
 /* From the inline free: a block start in another live thread's ordinary
  * page (or one of ours on the full list).  Count it here and batch it. */
 static __attribute__((noinline)) void sm_free_xthread_general(sm_page_t *page, sm_block_t *b,
@@ -320,14 +338,7 @@ static __attribute__((noinline)) void sm_free_xthread_general(sm_page_t *page, s
   }
   sm_heap_t *heap = sm_heap();
   if (sm_unlikely(!heap->initialized || !sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
-  if (!sm_free_tag_remote(page, b)) return;
-  size_t bin = page->bin;   /* the page may be gone once a batch is sent */
-  if (sm_unlikely(!sm_xbuf_add(heap, page, b))) {
-    sm_error("free(): double free of %p", (void *)b);
-    return;
-  }
-  sm_cnt_add(heap->stats.class_frees[bin], 1);
-  sm_background_poll();   /* a batch sent may have asked for the purge thread */
+  sm_free_batch(heap, page, b, "free");
 }
 
 /* The common remote free, a leaf that calls nothing: the block joins the
@@ -421,12 +432,7 @@ void sm_free_generic(void *p, const char *who) {
   if (heap->initialized && !sm_track_on()) {
     /* batched like the common remote free (a page with a sampled or an
      * aligned block, a page in the pool with such a flag) */
-    if (!sm_free_tag_remote(page, b)) return;
-    if (sm_unlikely(!sm_xbuf_add(heap, page, b))) {
-      sm_error("%s(): double free of %p", who, p);
-      return;
-    }
-    sm_cnt_add(heap->stats.class_frees[bin], 1);
+    sm_free_batch(heap, page, b, who);
     return;
   }
   if (sm_free_block_xthread(seg, page, b)) SM_COUNT(heap, class_frees[bin], 1);

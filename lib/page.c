@@ -52,6 +52,7 @@
 
 static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page);
 static int sm_page_refill(sm_page_t *page);
+static void sm_page_unfull_move(sm_heap_t *heap, sm_page_t *page);
 
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin) {
   size_t idx = (size_t)(page - seg->pages);
@@ -404,11 +405,7 @@ void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
 void sm_heap_unfull_all(sm_heap_t *heap) {
   sm_page_t *page;
   sm_lock(&heap->lock);
-  while ((page = heap->queues[SM_BIN_FULL].first) != NULL) {
-    sm_pq_remove(heap, SM_BIN_FULL, page);
-    sm_page_set_owner(page, heap);
-    sm_pq_push_back(heap, page->bin, page);
-  }
+  while ((page = heap->queues[SM_BIN_FULL].first) != NULL) sm_page_unfull_move(heap, page);
   sm_unlock(&heap->lock);
 }
 
@@ -435,6 +432,7 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
   atomic_store_explicit(&owner->xnotices, 0, memory_order_relaxed);
   sm_block_t *back = NULL, *back_tail = NULL;
   uint64_t n = 0;
+  uint32_t nback = 0;
   sm_lock(&owner->lock);
   for (sm_block_t *b = list, *next; b; b = next) {
     next = (sm_block_t *)((uintptr_t)b->next ^ sm_secret);
@@ -463,25 +461,17 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
     b->next = (sm_block_t *)((uintptr_t)back ^ sm_secret);
     back = b;
     if (!back_tail) back_tail = b;
+    nback++;
   }
   sm_unlock(&owner->lock);
-  /* the other notices go back to the owner */
-  if (back) {
-    sm_block_t *old = atomic_load_explicit(&owner->xdelayed, memory_order_relaxed);
-    for (;;) {
-      if (old == SM_XDELAYED_CLOSED) {   /* it exited meanwhile: to their pages */
-        back_tail->next = (sm_block_t *)sm_secret;   /* a failed CAS linked it on */
-        for (sm_block_t *b = back, *next; b; b = next) {
-          next = (sm_block_t *)((uintptr_t)b->next ^ sm_secret);
-          sm_segment_t *seg = sm_ptr_segment(b);
-          sm_free_push_remote(seg, sm_segment_page_of(seg, b), b);
-        }
-        break;
-      }
-      back_tail->next = (sm_block_t *)((uintptr_t)old ^ sm_secret);
-      if (atomic_compare_exchange_weak_explicit(&owner->xdelayed, &old, back, memory_order_release,
-                                                memory_order_relaxed))
-        break;
+  /* the other notices go back to the owner, or to their pages if it
+   * exited meanwhile */
+  if (back && !sm_heap_hand_over(owner, back, back_tail, nback)) {
+    back_tail->next = (sm_block_t *)sm_secret;   /* the chain ends there */
+    for (sm_block_t *b = back, *next; b; b = next) {
+      next = (sm_block_t *)((uintptr_t)b->next ^ sm_secret);
+      sm_segment_t *seg = sm_ptr_segment(b);
+      sm_free_push_remote(seg, sm_segment_page_of(seg, b), b);
     }
   }
   if (n == 0) return 0;
@@ -664,14 +654,18 @@ bool sm_page_to_full(sm_heap_t *heap, sm_page_t *page) {
 
 /* Under heap->lock: a page of the full list goes back to its class's
  * queue (the owner only). */
-void sm_page_unfull_locked(sm_heap_t *heap, sm_page_t *page) {
-  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-  if (!(flags & SM_PAGE_IN_FULL)) return;
+static void sm_page_unfull_move(sm_heap_t *heap, sm_page_t *page) {
   sm_page_set_owner(page, heap);
   sm_pq_remove(heap, SM_BIN_FULL, page);
   sm_pq_push_back(heap, page->bin, page);
-  sm_cnt_add(heap->stats.pages_unfull, 1);
   sm_assert_expensive(sm_page_state_ok(heap, page));
+}
+
+/* Under heap->lock: the same after a free into the page, counted. */
+void sm_page_unfull_locked(sm_heap_t *heap, sm_page_t *page) {
+  if (!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL)) return;
+  sm_page_unfull_move(heap, page);
+  sm_cnt_add(heap->stats.pages_unfull, 1);
 }
 
 /* The owner takes back a block another thread freed into a page on the

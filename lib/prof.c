@@ -21,8 +21,9 @@
  * clears the flag when it is 0 again.  page->prof_one holds the page's
  * one sample (SM_PROF_MANY once there were two at a time, until the flag
  * goes), so that the other blocks' frees skip the table and its lock
- * (bench_longlived 1e5 with profiling: 5.5 % of the run in the lookup).  Blocks above the size classes
- * always free out of line; they are looked up while any sample lives.
+ * (bench_longlived 1e5 with profiling: 5.5 % of the run in the lookup).
+ * Blocks above the size classes always free out of line; they are looked
+ * up while any sample lives.
  *
  * Stacks.  glibc's backtrace (the libgcc unwinder, which reads the
  * binaries' unwind tables, so programs built without frame pointers
