@@ -48,11 +48,17 @@ static SM_COLD bool sm_oom_collect(sm_heap_t *heap) {
   return unmapped || heap->stats.pages_released != released;
 }
 
-/* Blocks above the largest size class: a mapping of their own, reused
- * from the cache of freed ones when one fits (huge.c). */
+/* Blocks above the largest size class: up to 2 MiB in a shared segment
+ * (span.c), else a mapping of their own, reused from the cache of freed
+ * ones when one fits (huge.c). */
 static void *sm_malloc_large_once(sm_heap_t *heap, size_t n, size_t alignment, bool zero) {
   bool zeroed;
-  void *p = sm_huge_alloc(n, alignment, zero, &zeroed);
+  void *p = sm_span_serves(n, alignment) ? sm_span_alloc(n, &zeroed) : NULL;
+  if (p && zero && !zeroed) {
+    memset(p, 0, n);
+    zeroed = true;
+  }
+  if (!p) p = sm_huge_alloc(n, alignment, zero, &zeroed);
   if (!p) return NULL;
   if (n <= SM_LARGE_MAX) sm_cnt_add(heap->stats.large_allocs, 1);
   else sm_cnt_add(heap->stats.huge_allocs, 1);
@@ -172,6 +178,7 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
 /* Bytes usable from p to the end of its block (p may be an aligned
  * pointer inside it); no division when p starts the block. */
 static size_t sm_usable_in(const sm_segment_t *seg, const sm_page_t *page, const void *p) {
+  if (seg->kind == SM_SEG_SPAN) return (size_t)(page->start + page->block_size - (const uint8_t *)p);
   if (seg->kind >= SM_SEG_LARGE)
     return (size_t)(((const uint8_t *)seg + seg->block_offset + seg->block_size) - (const uint8_t *)p);
   size_t diff = (size_t)((const uint8_t *)p - page->start);
@@ -194,7 +201,7 @@ size_t sm_usable_size(const void *p, const char *who) {
 /* What realloc may resize, as free would accept it: a block start, the
  * start of a large or huge block, or an aligned pointer with its mark. */
 static bool sm_realloc_target_ok(const sm_segment_t *seg, const sm_page_t *page, const void *p) {
-  if (seg->kind >= SM_SEG_LARGE) return p == (const void *)page->start;
+  if (seg->kind >= SM_SEG_SPAN) return p == (const void *)page->start;
   if (sm_page_is_block(page, p)) return true;
   size_t diff = (size_t)((const uint8_t *)p - page->start);
   if (diff >= (size_t)page->reserved * page->block_size ||
@@ -219,7 +226,7 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
     sm_error("%s(): invalid pointer %p (not allocated by smalloc)", name, p);
     return sm_fail(heap, EINVAL);
   }
-  if (seg->kind < SM_SEG_LARGE && sm_page_is_block(page, p) &&
+  if (seg->kind < SM_SEG_SPAN && sm_page_is_block(page, p) &&
       sm_unlikely(sm_block_is_free(page, (sm_block_t *)p))) {
     /* resized in place, it would be handed out while free */
     sm_error("%s(): pointer %p was freed", name, p);
@@ -240,19 +247,27 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
   if (sm_track_on() || SM_GUARD) {
     /* copy: memcheck sees one block die and another start; in the secure
      * build the guard page after a large or huge block stays put */
-    if (!sm_track_on() && n <= usable && (seg->kind >= SM_SEG_LARGE || n >= usable / 2)) {
+    if (!sm_track_on() && n <= usable && (seg->kind >= SM_SEG_SPAN || n >= usable / 2)) {
       sm_cnt_add(heap->stats.requested, n);
       return p;
     }
-  } else if (seg->kind >= SM_SEG_LARGE) {
+  } else if (seg->kind >= SM_SEG_SPAN) {
     /* fits, and not wastefully: up to 2 MiB, any block above the classes
-     * keeps its mapping (the memory it gives back would fault in again
+     * keeps its place (the memory it gives back would fault in again
      * when it grows) */
     if (n <= usable && (n >= usable / 2 || (n > SM_MEDIUM_MAX - SM_CANARY && usable <= SM_LARGE_MAX))) {
       sm_cnt_add(heap->stats.requested, n);
       return p;
     }
-    if (n > SM_MEDIUM_MAX - SM_CANARY) {
+    /* a block in a shared segment grows into the free units after it
+     * (an eighth more when it can, as a block that is copied below) */
+    if (seg->kind == SM_SEG_SPAN && n > usable &&
+        (sm_span_grow(seg, page, n + n / 8) || sm_span_grow(seg, page, n))) {
+      sm_cnt_add(heap->stats.huge_remaps, 1);
+      sm_cnt_add(heap->stats.requested, n);
+      return p;
+    }
+    if (n > SM_MEDIUM_MAX - SM_CANARY && seg->kind != SM_SEG_SPAN) {
       /* grows or shrinks in place or moves with mremap: never copies.  A
        * block that grows usually grows again: an eighth more, so that
        * growing by small steps makes one mremap per eighth, not per step */
@@ -272,9 +287,10 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
     return p;   /* fits, and not wastefully */
   }
   /* A block that grows by realloc usually grows again: give it an eighth
-   * more (one size class) so small steps copy half as often. */
+   * more (one size class, or a unit or more of a large block) so small
+   * steps copy half as often. */
   size_t want = n;
-  if (n > usable && n <= SM_MEDIUM_MAX / 2) want = n + n / 8;
+  if (n > usable && (n <= SM_MEDIUM_MAX / 2 || sm_span_serves(n + n / 8, 16))) want = n + n / 8;
   void *q = sm_malloc_other(want);
   if (!q) return NULL;   /* p is untouched, errno is ENOMEM */
   heap->stats.requested -= want - n;

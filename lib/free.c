@@ -379,7 +379,7 @@ void sm_free_generic(void *p, const char *who) {
     sm_error("%s(): invalid pointer %p (not allocated by smalloc)", who, p);
     return;
   }
-  if (seg->kind >= SM_SEG_LARGE) {
+  if (seg->kind >= SM_SEG_SPAN) {
     if (p != (void *)page->start) {
       sm_error("%s(): invalid pointer %p (not the start of a block)", who, p);
       return;
@@ -392,7 +392,8 @@ void sm_free_generic(void *p, const char *who) {
     if (atomic_load_explicit(&sm_prof_live_n, memory_order_relaxed)) sm_prof_forget(NULL, p);
     if (seg->kind == SM_SEG_HUGE) SM_COUNT(heap, huge_frees, 1);
     else SM_COUNT(heap, large_frees, 1);
-    sm_huge_free(seg);
+    if (seg->kind == SM_SEG_SPAN) sm_span_free(seg, page);
+    else sm_huge_free(seg);
     sm_background_poll();
     return;
   }

@@ -1,5 +1,7 @@
-/* Large and huge blocks: every block above the size classes (256 KiB) in
- * a mapping of its own, aligned to a segment, whose first bytes hold a
+/* Huge blocks (above SM_LARGE_MAX), and large ones that do not go to a
+ * shared segment (span.c decides: under an address-space limit, in the
+ * secure build, or with an alignment above 64 KiB): each block in a
+ * mapping of its own, aligned to a segment, whose first bytes hold a
  * segment header (SM_MAPPED_HDR, a few hundred bytes), so free() finds it
  * with the same mask as any block.  A block costs its size rounded up to
  * the OS page in address space and memory, which lets a program under
@@ -166,13 +168,13 @@ void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed) {
     size_t pre = offset == SM_SEGMENT_SIZE ? SM_SEGMENT_SIZE : 0;
     if (sm_os_map_aligned(mapped, align, pre, &base) != 0) return NULL;
     seg = base;
-  }
-  sm_huge_header(seg, mapped, offset, n);
-  if (fresh) {
-    if (SM_GUARD) sm_os_protect((uint8_t *)seg + mapped - SM_GUARD, SM_GUARD, false);
-    /* the whole mapping, so it stays one VMA that mremap can move */
+    /* the whole mapping, so it stays one VMA that mremap can move; before
+     * the header is written, whose first touch would fault its first
+     * 2 MiB in 4 KiB pages */
     if (n >= SM_SEGMENT_SIZE) sm_os_hugepage(seg, mapped);
   }
+  sm_huge_header(seg, mapped, offset, n);
+  if (fresh && SM_GUARD) sm_os_protect((uint8_t *)seg + mapped - SM_GUARD, SM_GUARD, false);
   sm_segmap_set((uintptr_t)seg, SM_SEGMENT_SHIFT);
   sm_gadd(huge_bytes, seg->block_size);
   void *p = (uint8_t *)seg + offset;

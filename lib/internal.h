@@ -185,9 +185,12 @@ _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines")
 _Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_free) == 128,
                "page descriptor lines");
 
-/* Large (up to SM_LARGE_MAX when allocated) and huge blocks are each in a
- * mapping of their own (huge.c); the kind only says how they are counted. */
-enum { SM_SEG_SMALL = 0, SM_SEG_MEDIUM = 1, SM_SEG_LARGE = 2, SM_SEG_HUGE = 3 };
+/* Large blocks (up to SM_LARGE_MAX) share segments of 64 KiB units
+ * (span.c), one block per run of units; where those are not used, large
+ * and huge blocks are each in a mapping of their own (huge.c), whose kind
+ * only says how they are counted.  From SM_SEG_SPAN on, a page descriptor
+ * describes one block. */
+enum { SM_SEG_SMALL = 0, SM_SEG_MEDIUM = 1, SM_SEG_SPAN = 2, SM_SEG_LARGE = 3, SM_SEG_HUGE = 4 };
 
 struct sm_segment_s {
   uintptr_t cookie;              /* address ^ sm_secret: a live header */
@@ -207,7 +210,10 @@ struct sm_segment_s {
    * under its lock) and for a large or huge block */
   _Atomic(sm_heap_t *) heap;
   sm_segment_t *next, *prev;     /* heap's segments with free pages, cache, abandoned */
-  uint64_t cached_at_ms;
+  uint64_t cached_at_ms;         /* cached; span: its last free */
+  /* span (span.c): units free, purged since they were free, and handed
+   * out since the segment was mapped or they were purged */
+  uint64_t span_free, span_purged, span_touched;
   /* last, so that the header of a large or huge block (which uses only
    * pages[0]) ends a few hundred bytes in */
   sm_page_t pages[SM_SMALL_PAGES] __attribute__((aligned(64)));
@@ -846,6 +852,15 @@ void sm_heap_take_home(sm_heap_t *heap);
 void sm_heap_close_home(sm_heap_t *heap);
 extern _Atomic uint64_t sm_heaps_live;   /* heaps of live threads (heap.c) */
 
+/* ---- span.c: large blocks in shared segments ------------------------- */
+bool sm_span_serves(size_t n, size_t alignment);
+void *sm_span_alloc(size_t n, bool *zeroed);
+void sm_span_free(sm_segment_t *seg, sm_page_t *page);
+bool sm_span_grow(sm_segment_t *seg, sm_page_t *page, size_t n);
+void sm_span_collect(bool force);
+size_t sm_span_unpurged(void);
+void sm_span_fork_child(void);
+
 /* ---- huge.c ----------------------------------------------------------- */
 void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed);
 void sm_huge_free(sm_segment_t *seg);
@@ -877,6 +892,7 @@ int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out);
 int sm_os_unmap(void *p, size_t size);
 int sm_os_purge(void *p, size_t size);
 int sm_os_hugepage(void *p, size_t size);
+bool sm_os_space_limited(void);
 int sm_os_protect(void *p, size_t size, bool accessible);
 int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, size_t pre, void **out);
 void sm_os_random(void *buf, size_t len);

@@ -5,6 +5,7 @@
 #include "probes.h"
 
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/auxv.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -177,6 +178,13 @@ int sm_os_purge(void *p, size_t size) {
   errno = saved;
   if (!err) sm_gadd(bytes_purged, size);
   return err;
+}
+
+/* Whether the process runs under an address-space limit (RLIMIT_AS),
+ * where every byte of address space counts. */
+bool sm_os_space_limited(void) {
+  struct rlimit rl;
+  return getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY;
 }
 
 int sm_os_hugepage(void *p, size_t size) {

@@ -99,10 +99,11 @@ static void sm_segment_purge_cached_locked(sm_segment_t *s) {
   SM_PROBE(segment_purge, s);
 }
 
-/* Purge cached segments and huge mappings older than the delay (all of
- * them when forced, and then unmap them too). */
+/* Purge cached segments, huge mappings and free span units older than
+ * the delay (all of them when forced, and then unmap them too). */
 void sm_segment_cache_collect(bool force) {
   sm_huge_cache_collect(force);
+  sm_span_collect(force);
   uint64_t now = sm_clock_ms();
   long delay = sm_opt(PURGE_DELAY);
   sm_segment_t *unmap = NULL;
@@ -133,14 +134,14 @@ void sm_segment_cache_purge_all(void) {
   pthread_mutex_unlock(&sm_cache_lock);
 }
 
-/* Bytes cached and not purged yet (segments and huge mappings). */
+/* Bytes cached and not purged yet (segments, huge mappings, span units). */
 static uint64_t sm_cache_unpurged_bytes(void) {
   uint64_t n = 0;
   pthread_mutex_lock(&sm_cache_lock);
   for (sm_segment_t *s = sm_cache_first; s; s = s->next)
     if (!s->purged) n += SM_SEGMENT_SIZE;
   pthread_mutex_unlock(&sm_cache_lock);
-  return n + sm_huge_cache_unpurged();
+  return n + sm_huge_cache_unpurged() + sm_span_unpurged();
 }
 
 /* Whether cached memory still waits to be purged. */
@@ -416,4 +417,5 @@ void sm_segment_fork_child(void) {
     atomic_store(&sm_abandoned_count[1], 0);
   }
   sm_huge_fork_child();
+  sm_span_fork_child();
 }

@@ -227,6 +227,45 @@ START_TEST(idle_huge_block_goes_back_without_a_call)
 }
 END_TEST
 
+/* 48 blocks of 1 MiB (three to a shared segment, span.c), all freed but
+ * one: the segments left without blocks are unmapped and the free units
+ * of the last one purged, while the test sleeps. */
+START_TEST(idle_large_blocks_go_back_without_a_call)
+{
+  enum { N = 48, SIZE = 1 << 20 };
+  bg_on();
+  smalloc_malloc_trim(0);
+  size_t rss0 = sm_test_rss();
+  unsigned char *v[N];
+  for (int i = 0; i < N; i++) {
+    v[i] = smalloc_malloc(SIZE);
+    ck_assert_ptr_nonnull(v[i]);
+    memset(v[i], 5, SIZE);
+  }
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  for (int i = 1; i < N; i++)
+    smalloc_free(v[i]);
+  size_t limit = rss0 + SIZE + 10 * MiB;
+  size_t rss2 = bg_wait_rss(SM_TEST_SANITIZED ? SIZE_MAX : limit);
+  ck_assert_msg(SM_TEST_SANITIZED || rss2 <= limit, "resident %zu MiB after %d ms idle; %zu MiB before",
+                rss2 / MiB, BG_POLL_MAX_MS, rss0 / MiB);
+  if (!SM_TEST_SECURE) {
+    /* the counts come after the resident size falls */
+    for (long waited = 0; waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+      ck_assert_int_eq(sm_test_snap(&b), 0);
+      if (b.segments_unmapped - a.segments_unmapped >= N / 3 - 1 && b.bytes_purged > a.bytes_purged)
+        break;
+      bg_sleep_ms(BG_POLL_MS);
+    }
+    ck_assert_uint_ge(b.segments_unmapped - a.segments_unmapped, N / 3 - 1);
+    ck_assert_uint_ge(b.bytes_purged - a.bytes_purged, 2 * SIZE);
+  }
+  ck_assert_uint_eq(v[0][SIZE - 1], 5);
+  smalloc_free(v[0]);
+}
+END_TEST
+
 /* Something for the purge thread: 16 MiB of 1 KiB blocks, freed (their
  * pages retire: more than the 8 MiB that start it). */
 static void bg_give_something_back(void)
@@ -483,6 +522,7 @@ static Suite *background_suite(void)
   tcase_add_test(tc, idle_small_blocks_go_back_without_a_call);
   tcase_add_test(tc, blocks_freed_for_an_idle_thread_go_back_without_a_call);
   tcase_add_test(tc, idle_huge_block_goes_back_without_a_call);
+  tcase_add_test(tc, idle_large_blocks_go_back_without_a_call);
   tcase_add_test(tc, a_burst_goes_back_while_its_thread_calls_in);
   tcase_add_test(tc, purge_thread_exits_when_done);
   tcase_add_test(tc, background_off_starts_no_thread);

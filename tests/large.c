@@ -94,6 +94,142 @@ START_TEST(large_replacement_makes_no_os_calls)
 }
 END_TEST
 
+/* ---- large blocks share segments (span.c) ----------------------------------
+ * Blocks of 256 KiB-2 MiB take runs of 64 KiB units in shared 4 MiB
+ * segments, advised for transparent huge pages before their first touch:
+ * 12 blocks of 300 KB (5 units each, 63 units to a segment) map one
+ * segment, the 13th another.  Not in the secure build (a mapping each,
+ * ending in a guard page). */
+enum { LG_UNIT = 64 * 1024, LG_300K = 300 * 1000 };
+
+START_TEST(large_blocks_share_a_segment)
+{
+  if (SM_TEST_SECURE)
+    return;
+  void *v[13];
+  smalloc_collect(true);
+  smalloc_stats_t a, b, c;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  for (int i = 0; i < 12; i++) {
+    v[i] = smalloc_malloc(LG_300K);
+    ck_assert_ptr_nonnull(v[i]);
+    ck_assert_uint_eq(smalloc_malloc_usable_size(v[i]), 5 * LG_UNIT);
+    ck_assert_uint_eq((uintptr_t)v[i] % LG_UNIT, 0);
+  }
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  v[12] = smalloc_malloc(LG_300K);
+  ck_assert_ptr_nonnull(v[12]);
+  ck_assert_int_eq(sm_test_snap(&c), 0);
+  ck_assert_uint_eq(b.segments_mapped - a.segments_mapped, 1);
+  ck_assert_uint_eq(b.os_mmap - a.os_mmap, 1);
+  ck_assert_uint_eq(b.os_madvise - a.os_madvise, 1);   /* MADV_HUGEPAGE */
+  ck_assert_uint_eq(b.huge_cache_hits - a.huge_cache_hits, 11);
+  ck_assert_uint_eq(b.large_allocs - a.large_allocs, 12);
+  ck_assert_uint_eq(b.bytes_in_use - a.bytes_in_use, 12 * 5 * LG_UNIT);
+  ck_assert_uint_eq(c.segments_mapped - b.segments_mapped, 1);
+  for (int i = 0; i < 12; i++)   /* all in one segment */
+    ck_assert_uint_eq((uintptr_t)v[i] >> 22, (uintptr_t)v[0] >> 22);
+  ck_assert_uint_ne((uintptr_t)v[12] >> 22, (uintptr_t)v[0] >> 22);
+  for (int i = 0; i < 13; i++)
+    smalloc_free(v[i]);
+}
+END_TEST
+
+/* With no purge delay, a freed block's units are purged at once with the
+ * rest of the segment's free units (its unused tail, which may lie in a
+ * huge page the blocks faulted in): two runs, 58 of its 63 units, while
+ * the segment still holds another block; the last block freed, the
+ * segment is unmapped. */
+START_TEST(free_units_are_purged_and_empty_segments_unmapped)
+{
+  if (SM_TEST_SECURE)
+    return;
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 0), 0);
+  smalloc_collect(true);
+  unsigned char *p = smalloc_malloc(LG_300K), *q = smalloc_malloc(LG_300K);
+  ck_assert_ptr_nonnull(p);
+  ck_assert_ptr_nonnull(q);
+  ck_assert_uint_eq((uintptr_t)p >> 22, (uintptr_t)q >> 22);
+  memset(p, 1, LG_300K);
+  memset(q, 2, LG_300K);
+  smalloc_stats_t a, b, c;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  smalloc_free(p);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  smalloc_free(q);
+  ck_assert_int_eq(sm_test_snap(&c), 0);
+  ck_assert_uint_eq(b.os_madvise - a.os_madvise, 2);
+  ck_assert_uint_eq(b.bytes_purged - a.bytes_purged, 58 * LG_UNIT);
+  ck_assert_uint_eq(a.bytes_committed - b.bytes_committed, 58 * LG_UNIT);
+  ck_assert_uint_eq(b.os_munmap - a.os_munmap, 0);
+  ck_assert_uint_eq(c.segments_unmapped - b.segments_unmapped, 1);
+  ck_assert_uint_eq(c.os_munmap - b.os_munmap, 1);
+  ck_assert_uint_eq(b.bytes_mapped - c.bytes_mapped, 4 * MiB);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 1000), 0);
+}
+END_TEST
+
+/* Units a freed block held serve the next block, old bytes and all:
+ * calloc clears them; fresh units read as zero already. */
+START_TEST(calloc_of_reused_units_is_zero)
+{
+  if (SM_TEST_SECURE)
+    return;
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000), 0);
+  unsigned char *keep = smalloc_malloc(LG_300K);   /* the segment stays */
+  unsigned char *p = smalloc_malloc(LG_300K);
+  ck_assert_ptr_nonnull(keep);
+  ck_assert_ptr_nonnull(p);
+  memset(p, 0xa5, LG_300K);
+  smalloc_free(p);
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  unsigned char *q = smalloc_calloc(1, LG_300K);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  ck_assert_ptr_eq(q, p);
+  ck_assert_uint_eq(b.huge_cache_hits - a.huge_cache_hits, 1);
+  ck_assert_uint_eq(b.os_mmap - a.os_mmap, 0);
+  size_t bad = sm_find_not_byte(q, LG_300K, 0);
+  ck_assert_msg(bad == SIZE_MAX, "calloc'd byte %zu is %#x", bad, q[bad]);
+  smalloc_free(q);
+  smalloc_free(keep);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 1000), 0);
+}
+END_TEST
+
+/* realloc grows a large block into the free units after it (an eighth
+ * more than asked, for the next step), without a copy or an OS call; once
+ * those units are taken, it moves, contents kept. */
+START_TEST(realloc_grows_a_large_block_in_place)
+{
+  if (SM_TEST_SECURE)
+    return;
+  smalloc_collect(true);
+  unsigned char *p = smalloc_malloc(LG_300K);
+  ck_assert_ptr_nonnull(p);
+  uint64_t seed = sm_pattern_seed(p, 3);
+  sm_pattern_fill(p, LG_300K, seed);
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  unsigned char *q = smalloc_realloc(p, 2 * LG_300K);   /* 10 units; 11 with the eighth */
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  ck_assert_ptr_eq(q, p);
+  ck_assert_uint_eq(smalloc_malloc_usable_size(q), 11 * LG_UNIT);
+  ck_assert_uint_eq(b.huge_remaps - a.huge_remaps, 1);
+  ck_assert_uint_eq(b.os_mmap + b.os_mremap - a.os_mmap - a.os_mremap, 0);
+  ck_assert_uint_eq(b.bytes_in_use - a.bytes_in_use, 6 * LG_UNIT);
+  ck_assert(sm_pattern_ok(q, LG_300K, seed));
+  unsigned char *next = smalloc_malloc(LG_300K);   /* the units right after it */
+  ck_assert_ptr_eq(next, q + 11 * LG_UNIT);
+  unsigned char *r = smalloc_realloc(q, 12 * LG_UNIT);
+  ck_assert_ptr_nonnull(r);
+  ck_assert_ptr_ne(r, q);
+  ck_assert(sm_pattern_ok(r, LG_300K, seed));
+  smalloc_free(r);
+  smalloc_free(next);
+}
+END_TEST
+
 /* A reused mapping holds the old block's bytes: calloc clears them. */
 START_TEST(calloc_of_a_reused_huge_block_is_zero)
 {
@@ -240,6 +376,10 @@ static Suite *large_suite(void)
   tcase_add_test(tc, huge_replacement_makes_no_os_calls);
   tcase_add_test(tc, large_replacement_makes_no_os_calls);
   tcase_add_test(tc, calloc_of_a_reused_huge_block_is_zero);
+  tcase_add_test(tc, large_blocks_share_a_segment);
+  tcase_add_test(tc, free_units_are_purged_and_empty_segments_unmapped);
+  tcase_add_test(tc, calloc_of_reused_units_is_zero);
+  tcase_add_test(tc, realloc_grows_a_large_block_in_place);
   tcase_add_test(tc, kept_huge_mappings_are_purged_then_trimmed);
   tcase_add_test(tc, large_blocks_fill_an_address_space_limit);
   tcase_add_test(tc, a_request_beyond_memory_and_swap_fails);

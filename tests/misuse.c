@@ -645,6 +645,13 @@ static void free_middle_of_large_block(bool warn)
 }
 MISUSE(free_middle_of_large_block)
 
+/* a unit boundary inside a large block: that unit describes the block too */
+static void free_unit_inside_large_block(bool warn)
+{
+  free_middle_of_block(warn, 1 * MiB, 64 * KiB);
+}
+MISUSE(free_unit_inside_large_block)
+
 static void free_middle_of_huge_block(bool warn)
 {
   free_middle_of_block(warn, 3 * MiB, 2 * MiB);
@@ -1346,6 +1353,7 @@ int main(void)
   ADD_MISUSE(tc, free_middle_of_small_block);
   ADD_MISUSE(tc, free_middle_of_medium_block);
   ADD_MISUSE(tc, free_middle_of_large_block);
+  ADD_MISUSE(tc, free_unit_inside_large_block);
   ADD_MISUSE(tc, free_middle_of_huge_block);
   ADD_MISUSE(tc, free_stack_address);
   ADD_MISUSE(tc, realloc_stack_address);
