@@ -211,6 +211,8 @@ typedef enum smalloc_option {
                                     sampled blocks still live at exit */
   SMALLOC_OPTION_PROF_SEED,      /* SMALLOC_PROF_SEED: 0 random sampling, else the same
                                     samples for the same allocations */
+  SMALLOC_OPTION_HUGEPAGES,      /* SMALLOC_HUGEPAGES: 1 ask for transparent huge pages for
+                                    large and huge blocks, 0 never */
   SMALLOC_OPTION_COUNT
 } smalloc_option_t;
 

@@ -187,8 +187,10 @@ bool sm_os_space_limited(void) {
   return getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY;
 }
 
+/* Ask for transparent huge pages, unless SMALLOC_HUGEPAGES=0. */
 int sm_os_hugepage(void *p, size_t size) {
 #ifdef MADV_HUGEPAGE
+  if (!sm_opt(HUGEPAGES)) return 0;
   int saved = errno;
   int err = sm_sys_madvise(p, size, MADV_HUGEPAGE) ? errno : 0;
   errno = saved;

@@ -136,6 +136,25 @@ START_TEST(large_blocks_share_a_segment)
 }
 END_TEST
 
+/* SMALLOC_HUGEPAGES=0: a segment of large blocks is mapped without advice. */
+START_TEST(hugepages_off_gives_no_advice)
+{
+  if (SM_TEST_SECURE)
+    return;
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, 0), 0);
+  smalloc_collect(true);
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  void *p = smalloc_malloc(LG_300K);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  ck_assert_ptr_nonnull(p);
+  ck_assert_uint_eq(b.segments_mapped - a.segments_mapped, 1);
+  ck_assert_uint_eq(b.os_madvise - a.os_madvise, 0);
+  smalloc_free(p);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, 1), 0);
+}
+END_TEST
+
 /* With no purge delay, a freed block's units are purged at once with the
  * rest of the segment's free units (its unused tail, which may lie in a
  * huge page the blocks faulted in): two runs, 58 of its 63 units, while
@@ -378,6 +397,7 @@ static Suite *large_suite(void)
   tcase_add_test(tc, large_replacement_makes_no_os_calls);
   tcase_add_test(tc, calloc_of_a_reused_huge_block_is_zero);
   tcase_add_test(tc, large_blocks_share_a_segment);
+  tcase_add_test(tc, hugepages_off_gives_no_advice);
   tcase_add_test(tc, free_units_are_purged_and_empty_segments_unmapped);
   tcase_add_test(tc, calloc_of_reused_units_is_zero);
   tcase_add_test(tc, realloc_grows_a_large_block_in_place);

@@ -1332,7 +1332,7 @@ static const char *const st_option_env[SMALLOC_OPTION_COUNT] = {
   "SMALLOC_STATS", "SMALLOC_VERBOSE", "SMALLOC_RETIRE_CYCLES",
   "SMALLOC_PURGE_DELAY", "SMALLOC_SEGMENT_CACHE", "SMALLOC_ON_ERROR",
   "SMALLOC_BACKGROUND", "SMALLOC_STATS_INTERVAL", "SMALLOC_PROF", "SMALLOC_PROF_RATE",
-  "SMALLOC_PROF_EVENT_RATE", "SMALLOC_PROF_LEAKS", "SMALLOC_PROF_SEED",
+  "SMALLOC_PROF_EVENT_RATE", "SMALLOC_PROF_LEAKS", "SMALLOC_PROF_SEED", "SMALLOC_HUGEPAGES",
 };
 
 /* The options of a child started with a clean environment. */
@@ -1708,16 +1708,16 @@ START_TEST(env_conf_sets_several)
     const char *err;                   /* the whole of stderr */
   } cases[] = {
     {{"SMALLOC_CONF=retire_cycles:512,purge_delay:7,on_error:warn", NULL},
-     {-1, -1, 512, 7, -1, 1, -1, -1, -1, -1, -1, -1}, ""},
+     {-1, -1, 512, 7, -1, 1, -1, -1, -1, -1, -1, -1, -1, -1}, ""},
     {{"SMALLOC_CONF= Retire_Cycles : 33 , SMALLOC_BACKGROUND:0,stats_interval:250", NULL},
-     {-1, -1, 33, -1, -1, -1, 0, 250, -1, -1, -1, -1}, ""},
+     {-1, -1, 33, -1, -1, -1, 0, 250, -1, -1, -1, -1, -1, -1}, ""},
     {{"SMALLOC_CONF=retire_cycles:5,segment_cache:2", "SMALLOC_RETIRE_CYCLES=9", NULL},
-     {-1, -1, 9, -1, 2, -1, -1, -1, -1, -1, -1, -1}, ""},
+     {-1, -1, 9, -1, 2, -1, -1, -1, -1, -1, -1, -1, -1, -1}, ""},
     {{"SMALLOC_CONF=retire_cycle:5,purge_delay:3", NULL},
-     {-1, -1, -1, 3, -1, -1, -1, -1, -1, -1, -1, -1},
+     {-1, -1, -1, 3, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
      "smalloc: ignoring SMALLOC_CONF key 'retire_cycle': no such option; did you mean retire_cycles?\n"},
     {{"SMALLOC_CONF=colour:red,on_error:maybe,segment_cache", NULL},
-     {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
+     {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
      "smalloc: ignoring SMALLOC_CONF key 'colour': no such option\n"
      "smalloc: ignoring SMALLOC_CONF on_error='maybe': not abort or warn; using abort\n"
      "smalloc: ignoring SMALLOC_CONF 'segment_cache': not key:value\n"},
