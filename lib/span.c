@@ -179,6 +179,7 @@ void *sm_span_alloc(size_t n, bool *zeroed) {
   unsigned at = 0, best_len = 0;
   pthread_mutex_lock(&sm_span_lock);
   for (sm_segment_t *s = sm_span_first; s; s = s->next) {
+    if ((unsigned)__builtin_popcountll(s->span_free) < k) continue;   /* too few free units */
     unsigned len, i = sm_span_best_run(s->span_free, k, &len);
     if (len && (best == NULL || len < best_len)) {
       best = s;
