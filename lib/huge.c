@@ -19,6 +19,26 @@ static size_t sm_huge_offset(size_t alignment) {
   return (SM_MAPPED_HDR + alignment - 1) & ~(alignment - 1);
 }
 
+/* The bytes of a mapping for a block of n at offset (0 on overflow):
+ * its end rounded to the OS page, or, for a block of a segment or more
+ * that may get transparent huge pages, to a huge page when that adds at
+ * most half of one, so that its tail is a huge page too.  20 live blocks
+ * of 5-25 MiB replaced at random, every page written: 0.153 s, 33,078
+ * page faults, 574 MB resident with 4 KiB tails; 0.112 s, 585 MB with
+ * this rule; 0.105 s, 642 MB with every tail rounded (mimalloc 3.4.3:
+ * 0.096 s, 606 MB).  Not under an address-space limit, where every page
+ * counts. */
+#define SM_HUGE_PAGE ((size_t)2 << 20)
+static size_t sm_huge_need(size_t offset, size_t n) {
+  size_t need = ((offset + n + SM_LARGE_CANARY + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1)) + SM_GUARD;
+  if (need < n) return 0;
+  if (!SM_GUARD && n >= SM_SEGMENT_SIZE && sm_opt(HUGEPAGES) && !sm_os_space_limited()) {
+    size_t r = (need + SM_HUGE_PAGE - 1) & ~(SM_HUGE_PAGE - 1);
+    if (r > need && r - need <= SM_HUGE_PAGE / 2) need = r;
+  }
+  return need;
+}
+
 static void sm_huge_header(sm_segment_t *seg, size_t mapped, size_t offset, size_t n) {
   sm_segment_clear_mapped(seg);
   seg->cookie = (uintptr_t)seg ^ sm_secret;
@@ -148,8 +168,8 @@ static sm_segment_t *sm_huge_reuse(sm_huge_entry_t *e, size_t need, size_t n) {
 void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed) {
   if (alignment < 16) alignment = 16;
   size_t offset = sm_huge_offset(alignment);
-  size_t mapped = ((offset + n + SM_LARGE_CANARY + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1)) + SM_GUARD;
-  if (mapped < n) return NULL;
+  size_t mapped = sm_huge_need(offset, n);
+  if (mapped == 0) return NULL;
   sm_segment_t *seg = NULL;
   if (offset < SM_SEGMENT_SIZE) {
     sm_huge_entry_t e;
@@ -274,8 +294,8 @@ void sm_huge_fork_child(void) {
 void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n) {
   if (SM_GUARD || p != (uint8_t *)seg + seg->block_offset) return NULL;
   size_t offset = seg->block_offset;
-  size_t mapped = (offset + n + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
-  if (mapped < n) return NULL;
+  size_t mapped = sm_huge_need(offset, n);
+  if (mapped == 0) return NULL;
   if (mapped == seg->mapped) return p;
   size_t old_block = seg->block_size;
   void *base;

@@ -250,6 +250,38 @@ START_TEST(realloc_grows_a_large_block_in_place)
 }
 END_TEST
 
+/* A huge block's mapping ends on a huge page (2 MiB) when that adds at
+ * most 1 MiB, so that its tail can be one; with SMALLOC_HUGEPAGES=0, or
+ * when rounding would add more, on the OS page. */
+static size_t lg_usable_end(size_t n)
+{
+  void *p = smalloc_malloc(n);
+  ck_assert_ptr_nonnull(p);
+  size_t end = (uintptr_t)p + smalloc_malloc_usable_size(p);
+  smalloc_free(p);
+  return end;
+}
+
+START_TEST(huge_mappings_end_on_a_huge_page)
+{
+  if (SM_TEST_SECURE)
+    return;   /* a guard page ends each mapping */
+  smalloc_collect(true);   /* no kept mapping: each block is mapped afresh */
+  size_t end = lg_usable_end(7 * MiB + MiB / 2);
+  ck_assert_uint_eq(end % (2 * MiB), 0);
+  smalloc_collect(true);
+  end = lg_usable_end(6 * MiB + MiB / 4);
+  ck_assert_uint_ne(end % (2 * MiB), 0);
+  ck_assert_uint_eq(end % 4096, 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, 0), 0);
+  smalloc_collect(true);
+  end = lg_usable_end(7 * MiB + MiB / 2);
+  ck_assert_uint_ne(end % (2 * MiB), 0);
+  ck_assert_uint_eq(end % 4096, 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, 1), 0);
+}
+END_TEST
+
 /* A reused mapping holds the old block's bytes: calloc clears them. */
 START_TEST(calloc_of_a_reused_huge_block_is_zero)
 {
@@ -398,6 +430,7 @@ static Suite *large_suite(void)
   tcase_add_test(tc, calloc_of_a_reused_huge_block_is_zero);
   tcase_add_test(tc, large_blocks_share_a_segment);
   tcase_add_test(tc, hugepages_off_gives_no_advice);
+  tcase_add_test(tc, huge_mappings_end_on_a_huge_page);
   tcase_add_test(tc, free_units_are_purged_and_empty_segments_unmapped);
   tcase_add_test(tc, calloc_of_reused_units_is_zero);
   tcase_add_test(tc, realloc_grows_a_large_block_in_place);
