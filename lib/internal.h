@@ -279,6 +279,18 @@ typedef struct sm_tstats_s {
   uint64_t pages_claimed, oom_collects;
 } sm_tstats_t;
 
+/* A stack the profiler took (prof.c): where its frame was (sp, 0 for
+ * none), its return addresses (ip) and the stack slots that held them
+ * (slot, as offsets from sp). */
+#define SM_PROF_MEMOS     4
+#define SM_PROF_MEMO_MAX 24
+typedef struct sm_prof_memo_s {
+  uintptr_t sp;
+  uint32_t n;
+  uint32_t slot[SM_PROF_MEMO_MAX];
+  uintptr_t ip[SM_PROF_MEMO_MAX];
+} sm_prof_memo_t;
+
 /* Remote frees waiting to be sent: a chain of blocks of one page, linked
  * with the page's key, as they will sit on its thread_free. */
 #define SM_XBUF_SLOTS_LOG2 7
@@ -336,6 +348,9 @@ struct sm_heap_s {
   sm_xbuf_t xbuf[SM_XBUF_SLOTS];
   uint64_t xbuf_used[SM_XBUF_SLOTS / 64]; /* bit i: xbuf[i] holds blocks */
   sm_tstats_t stats __attribute__((aligned(64)));
+  /* the thread's last few sampled stacks, to check rather than unwind
+   * again (prof.c) */
+  sm_prof_memo_t prof_memo[SM_PROF_MEMOS];
   sm_heap_t *all_next, *all_prev;        /* every live heap, under sm_heaps_lock */
   sm_heap_t *pool_next;
   uint8_t initialized;

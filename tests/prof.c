@@ -182,6 +182,35 @@ START_TEST(estimates_per_call_site_are_within_ten_percent)
 }
 END_TEST
 
+/* Every block sampled (a mean of 1 byte between samples), the two sites
+ * called in turn from one loop, so that each takes its stacks from the
+ * same frame address: the thread's remembered stack (prof.c) must not
+ * give one site's samples to the other.  Exact counts. */
+START_TEST(sites_called_in_turn_keep_their_own_samples)
+{
+  enum { N = 1000 };
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_RATE, 1), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_SEED, 7), 0);
+  prof_site_a(64);   /* the unwinder's first run, before the counts */
+  prof_free_all();
+  smalloc_prof_reset();
+  ck_assert_int_eq(smalloc_prof_start(), 0);
+  for (int i = 0; i < N; i++) {
+    prof_site_a(64);
+    prof_site_b(64);
+  }
+  smalloc_prof_stop();
+  prof_read_t r;
+  prof_dump_read(&r, "prof_site_a", "prof_site_b");
+  ck_assert_uint_eq(r.sites[0].alloc_count, N);
+  ck_assert_uint_eq(r.sites[1].alloc_count, N);
+  ck_assert_uint_eq(r.sites[0].live_count, N);
+  ck_assert_uint_eq(r.sites[1].live_count, N);
+  prof_free_all();
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_RATE, 524288), 0);
+}
+END_TEST
+
 /* With a seed, the same allocations give the same samples: the sequence
  * run twice (the profile reset and the blocks freed in between) samples
  * exactly as many blocks at each site, of exactly the same bytes; with
@@ -498,6 +527,7 @@ static Suite *prof_suite(void)
   Suite *s = suite_create("prof");
   TCase *tc = sm_tcase("prof", 300);
   tcase_add_test(tc, estimates_per_call_site_are_within_ten_percent);
+  tcase_add_test(tc, sites_called_in_turn_keep_their_own_samples);
   tcase_add_test(tc, a_seed_gives_the_same_samples);
   tcase_add_test(tc, freed_blocks_leave_the_live_profile);
   tcase_add_test(tc, nothing_is_sampled_while_off);
