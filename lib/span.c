@@ -49,15 +49,22 @@ static uint64_t sm_span_run(unsigned i, unsigned k) {
   return (k >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << k) - 1)) << i;
 }
 
+/* The first run of set bits in f (not 0): its first unit, and its
+ * length in *len. */
+static unsigned sm_span_first_run(uint64_t f, unsigned *len) {
+  unsigned s = (unsigned)__builtin_ctzll(f);
+  uint64_t rest = ~(f >> s);
+  *len = rest ? (unsigned)__builtin_ctzll(rest) : 64 - s;
+  return s;
+}
+
 /* The smallest run of at least k free units in mask f: its first unit,
  * and its length in *len (0 when none). */
 static unsigned sm_span_best_run(uint64_t f, unsigned k, unsigned *len) {
   unsigned best = 0;
   *len = 0;
   while (f) {
-    unsigned s = (unsigned)__builtin_ctzll(f);
-    uint64_t rest = ~(f >> s);
-    unsigned n = rest ? (unsigned)__builtin_ctzll(rest) : 64 - s;
+    unsigned n, s = sm_span_first_run(f, &n);
     if (n >= k && (*len == 0 || n < *len)) {
       best = s;
       *len = n;
@@ -247,9 +254,7 @@ void sm_span_collect(bool force) {
     /* each run of free units not purged yet */
     uint64_t f = s->span_free & ~s->span_purged;
     while (f) {
-      unsigned i = (unsigned)__builtin_ctzll(f);
-      uint64_t rest = ~(f >> i);
-      unsigned n = rest ? (unsigned)__builtin_ctzll(rest) : 64 - i;
+      unsigned n, i = sm_span_first_run(f, &n);
       uint64_t run = sm_span_run(i, n);
       size_t bytes = (size_t)n << SM_SPAN_SHIFT;
       sm_os_purge((uint8_t *)s + ((size_t)i << SM_SPAN_SHIFT), bytes);
