@@ -183,8 +183,11 @@ int sm_os_purge(void *p, size_t size) {
 /* Whether the process runs under an address-space limit (RLIMIT_AS),
  * where every byte of address space counts. */
 bool sm_os_space_limited(void) {
+  int saved = errno;
   struct rlimit rl;
-  return getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY;
+  bool limited = getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY;
+  errno = saved;
+  return limited;
 }
 
 /* Ask for transparent huge pages, unless SMALLOC_HUGEPAGES=0. */

@@ -29,8 +29,8 @@
  * binaries' unwind tables, so programs built without frame pointers
  * unwind too) from inside malloc, loaded at the first sample; a
  * thread-local flag keeps the profiler from sampling what loading it
- * allocates.  Frames
- * inside this library are left out.  Identical stacks are stored once.
+ * allocates.  Frames inside this library are left out.  Identical stacks
+ * are stored once.
  * An unwind costs about 0.6 us, and a program that allocates in a loop
  * asks for the same stack again and again: on x86-64 each thread keeps
  * its last few stacks (heap->prof_memo) with the stack slots their
@@ -253,9 +253,6 @@ typedef struct sm_prof_unwind_s {
   int n, cap;   /* n -1 until the first frame, _Unwind_Backtrace's own */
 } sm_prof_unwind_t;
 
-/* Each frame's return address, and the unwinder's CFA for it: the stack
- * pointer of the frame at its call, so on x86-64 the return address sits
- * just below it. */
 /* libgcc_s's unwinder, loaded at the first sample as the C library's
  * backtrace(3) loads it (a library every process linked to smalloc
  * loaded at start-up would cost each of them 0.2 ms); NULL when it cannot
@@ -285,6 +282,9 @@ static bool sm_prof_unwinder_load(void) {
   return ok;
 }
 
+/* Each frame's return address, and the unwinder's CFA for it: the stack
+ * pointer of the frame at its call, so on x86-64 the return address sits
+ * just below it. */
 static _Unwind_Reason_Code sm_prof_frame(struct _Unwind_Context *ctx, void *arg) {
   sm_prof_unwind_t *u = arg;
   if (u->n == u->cap) return _URC_END_OF_STACK;
