@@ -259,20 +259,15 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
       sm_cnt_add(heap->stats.requested, n);
       return p;
     }
-    /* a block in a shared segment grows into the free units after it
-     * (an eighth more when it can, as a block that is copied below) */
-    if (seg->kind == SM_SEG_SPAN && n > usable &&
-        (sm_span_grow(seg, page, n + n / 8) || sm_span_grow(seg, page, n))) {
-      sm_cnt_add(heap->stats.huge_remaps, 1);
-      sm_cnt_add(heap->stats.requested, n);
-      return p;
-    }
-    if (n > SM_MEDIUM_MAX - SM_CANARY && seg->kind != SM_SEG_SPAN) {
-      /* grows or shrinks in place or moves with mremap: never copies.  A
-       * block that grows usually grows again: an eighth more, so that
-       * growing by small steps makes one mremap per eighth, not per step */
+    if (n > SM_MEDIUM_MAX - SM_CANARY) {
+      /* never copies: a block in a shared segment grows into the free
+       * units after it, a mapping grows or shrinks in place or moves with
+       * mremap.  A block that grows usually grows again: an eighth more
+       * when it can, so that growing by small steps resizes once per
+       * eighth, not per step */
       size_t want = n > usable && n <= SM_MAX_REQUEST / 2 ? n + n / 8 : n;
-      void *q = sm_huge_realloc(seg, p, want);
+      void *q = seg->kind != SM_SEG_SPAN ? sm_huge_realloc(seg, p, want)
+                : sm_span_grow(seg, page, want) || sm_span_grow(seg, page, n) ? p : NULL;
       if (q) {
         /* a sample there moves with its block: forgotten (the estimate
          * for its call site loses it; the block is no longer what it was) */

@@ -842,6 +842,8 @@ void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page);
 void sm_pq_update_direct(sm_heap_t *heap, size_t bin);
 
 /* ---- segment.c ---------------------------------------------------------- */
+sm_segment_t *sm_segment_map(void);
+void sm_segment_unmap(sm_segment_t *seg);
 sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment);
 void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page);
 void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t delay);

@@ -72,16 +72,22 @@ static sm_segment_t *sm_segment_raw_alloc(void) {
     sm_gadd(segments_in_use, 1);
     return seg;
   }
+  return sm_segment_map();
+}
+
+/* A segment from the OS, counted in use; its header untouched, and not in
+ * the segment map until its owner writes the header. */
+sm_segment_t *sm_segment_map(void) {
   void *p;
   if (sm_os_map_aligned(SM_SEGMENT_SIZE, SM_SEGMENT_SIZE, 0, &p) != 0) return NULL;
-  sm_segmap_set((uintptr_t)p, SM_SEGMENT_SHIFT);
   sm_gadd(segments_mapped, 1);
   SM_PROBE(segment_map, p);
   sm_gadd(segments_in_use, 1);
   return p;
 }
 
-static void sm_segment_unmap(sm_segment_t *seg) {
+/* Back to the OS (a segment no longer counted in use). */
+void sm_segment_unmap(sm_segment_t *seg) {
   sm_segmap_set((uintptr_t)seg, 0);
   if (!seg->purged) sm_gsub(bytes_committed, SM_SEGMENT_SIZE - seg->decommitted);
   sm_os_unmap(seg, SM_SEGMENT_SIZE);

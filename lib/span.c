@@ -29,7 +29,6 @@
  * 4 KiB (huge.c; in the secure build it also ends in a guard page). */
 #include "internal.h"
 #include "track.h"
-#include "probes.h"
 
 #include <pthread.h>
 
@@ -42,7 +41,6 @@ _Static_assert(sizeof(sm_segment_t) <= SM_SPAN_UNIT, "the header fits unit 0");
 
 static pthread_mutex_t sm_span_lock = PTHREAD_MUTEX_INITIALIZER;
 static sm_segment_t *sm_span_first;   /* segments holding large blocks, newest first */
-static _Atomic size_t sm_span_count;  /* how many */
 
 /* The mask of k units from unit i. */
 static uint64_t sm_span_run(unsigned i, unsigned k) {
@@ -75,24 +73,34 @@ static unsigned sm_span_best_run(uint64_t f, unsigned k, unsigned *len) {
   return best;
 }
 
+/* Units holding blocks. */
+static unsigned sm_span_used(const sm_segment_t *seg) {
+  return (unsigned)__builtin_popcountll(SM_SPAN_ALL & ~seg->span_free);
+}
+
+/* The block that page describes: its first unit, and its units in *k. */
+static unsigned sm_span_block(const sm_segment_t *seg, const sm_page_t *page, unsigned *k) {
+  *k = page->block_size >> SM_SPAN_SHIFT;
+  return (unsigned)(((uintptr_t)page->start - (uintptr_t)seg) >> SM_SPAN_SHIFT);
+}
+
 static void sm_span_list_remove(sm_segment_t *seg) {
   if (seg->prev) seg->prev->next = seg->next; else sm_span_first = seg->next;
   if (seg->next) seg->next->prev = seg->prev;
 }
 
 /* A fresh segment for large blocks; NULL when the OS refuses it or an
- * address-space limit makes packing the wrong choice. */
-static sm_segment_t *sm_span_segment_new(void) {
-  void *p;
-  if (sm_os_space_limited() || sm_os_map_aligned(SM_SEGMENT_SIZE, SM_SEGMENT_SIZE, 0, &p) != 0)
-    return NULL;
-  /* Huge pages from the second segment on: a program with a large block
-   * or two keeps to the bytes it touches (python3 with one 300 KB buffer:
-   * 24.7 MB resident, 2 MiB of it one huge page, with the first segment
-   * advised; 23.7 MB without).  Before the header's first touch, or its
-   * 2 MiB fault in 4 KiB pages. */
-  if (atomic_fetch_add_explicit(&sm_span_count, 1, memory_order_relaxed) > 0) sm_os_hugepage(p, SM_SEGMENT_SIZE);
-  sm_segment_t *seg = p;
+ * address-space limit makes packing the wrong choice.  Huge pages when
+ * asked: the caller asks from the second segment on, so that a program with
+ * a large block or two keeps to the bytes it touches (python3 with one
+ * 300 KB buffer: 24.7 MB resident, 2 MiB of it one huge page, with the
+ * first segment advised; 23.7 MB without). */
+static sm_segment_t *sm_span_segment_new(bool huge_pages) {
+  if (sm_os_space_limited()) return NULL;
+  sm_segment_t *seg = sm_segment_map();
+  if (!seg) return NULL;
+  /* before the header's first touch, or its 2 MiB fault in 4 KiB pages */
+  if (huge_pages) sm_os_hugepage(seg, SM_SEGMENT_SIZE);
   sm_track_reuse(seg, SM_SPAN_UNIT);
   memset(seg, 0, sizeof *seg);
   seg->cookie = (uintptr_t)seg ^ sm_secret;
@@ -101,21 +109,8 @@ static sm_segment_t *sm_span_segment_new(void) {
   seg->page_count = SM_SPAN_UNITS;
   seg->mapped = SM_SEGMENT_SIZE;
   seg->span_free = SM_SPAN_ALL;
-  sm_gadd(segments_mapped, 1);
-  SM_PROBE(segment_map, seg);
-  sm_gadd(segments_in_use, 1);
   sm_segmap_set((uintptr_t)seg, SM_SPAN_SHIFT);
   return seg;
-}
-
-static void sm_span_segment_unmap(sm_segment_t *seg) {
-  atomic_fetch_sub_explicit(&sm_span_count, 1, memory_order_relaxed);
-  sm_segmap_set((uintptr_t)seg, 0);
-  sm_gsub(bytes_committed, SM_SEGMENT_SIZE - seg->decommitted);
-  sm_os_unmap(seg, SM_SEGMENT_SIZE);
-  sm_gadd(segments_unmapped, 1);
-  SM_PROBE(segment_unmap, seg);
-  sm_gsub(segments_in_use, 1);
 }
 
 /* Whether a request goes to a shared segment (else to a mapping of its
@@ -129,7 +124,6 @@ bool sm_span_serves(size_t n, size_t alignment) {
  * read as zero. */
 static bool sm_span_take(sm_segment_t *seg, uint64_t run) {
   seg->span_free &= ~run;
-  seg->used_pages = (uint16_t)(seg->used_pages + __builtin_popcountll(run));
   uint64_t purged = seg->span_purged & run;
   if (purged) {
     size_t back = (size_t)__builtin_popcountll(purged) << SM_SPAN_SHIFT;
@@ -168,8 +162,7 @@ static void *sm_span_carve(sm_segment_t *seg, unsigned i, unsigned k, bool *zero
  * most SM_LARGE_MAX), taking the free units right after it; false when
  * they are taken. */
 bool sm_span_grow(sm_segment_t *seg, sm_page_t *page, size_t n) {
-  unsigned i = (unsigned)(((uintptr_t)page->start - (uintptr_t)seg) >> SM_SPAN_SHIFT);
-  unsigned k = page->block_size >> SM_SPAN_SHIFT;
+  unsigned k, i = sm_span_block(seg, page, &k);
   unsigned want = (unsigned)((n + SM_SPAN_UNIT - 1) >> SM_SPAN_SHIFT);
   if (want <= k) return true;
   if (n > SM_LARGE_MAX || i + want > SM_SPAN_UNITS) return false;
@@ -206,9 +199,10 @@ void *sm_span_alloc(size_t n, bool *zeroed) {
     p = sm_span_carve(best, at, k, zeroed);
     sm_gadd(huge_cache_hits, 1);
   }
+  bool second = sm_span_first != NULL;
   pthread_mutex_unlock(&sm_span_lock);
   if (p) return p;
-  sm_segment_t *seg = sm_span_segment_new();   /* no lock held while the OS maps */
+  sm_segment_t *seg = sm_span_segment_new(second);   /* no lock held while the OS maps */
   if (!seg) return NULL;
   pthread_mutex_lock(&sm_span_lock);
   seg->next = sm_span_first;
@@ -221,12 +215,10 @@ void *sm_span_alloc(size_t n, bool *zeroed) {
 
 /* Give the block that page describes back to its segment. */
 void sm_span_free(sm_segment_t *seg, sm_page_t *page) {
-  unsigned i = (unsigned)(((uintptr_t)page->start - (uintptr_t)seg) >> SM_SPAN_SHIFT);
-  unsigned k = page->block_size >> SM_SPAN_SHIFT;
+  unsigned k, i = sm_span_block(seg, page, &k);
   pthread_mutex_lock(&sm_span_lock);
   for (unsigned j = i; j < i + k; j++) seg->pages[j].in_use = 0;
   seg->span_free |= sm_span_run(i, k);
-  seg->used_pages = (uint16_t)(seg->used_pages - k);
   seg->cached_at_ms = sm_clock_ms();
   pthread_mutex_unlock(&sm_span_lock);
   sm_gadd(huge_bytes_freed, (size_t)k << SM_SPAN_SHIFT);
@@ -245,7 +237,7 @@ void sm_span_collect(bool force) {
   for (sm_segment_t *s = sm_span_first, *next; s; s = next) {
     next = s->next;
     if (!force && now - s->cached_at_ms < delay) continue;
-    if (s->used_pages == 0) {
+    if (sm_span_used(s) == 0) {
       sm_span_list_remove(s);
       s->next = gone;
       gone = s;
@@ -268,7 +260,8 @@ void sm_span_collect(bool force) {
   pthread_mutex_unlock(&sm_span_lock);
   while (gone) {
     sm_segment_t *next = gone->next;
-    sm_span_segment_unmap(gone);
+    sm_gsub(segments_in_use, 1);
+    sm_segment_unmap(gone);
     gone = next;
   }
 }
@@ -278,7 +271,7 @@ size_t sm_span_unpurged(void) {
   size_t n = 0;
   pthread_mutex_lock(&sm_span_lock);
   for (sm_segment_t *s = sm_span_first; s; s = s->next)
-    n += s->used_pages == 0 ? SM_SEGMENT_SIZE
+    n += sm_span_used(s) == 0 ? SM_SEGMENT_SIZE
                             : (size_t)__builtin_popcountll(s->span_free & ~s->span_purged) << SM_SPAN_SHIFT;
   pthread_mutex_unlock(&sm_span_lock);
   return n;
@@ -289,5 +282,4 @@ size_t sm_span_unpurged(void) {
 void sm_span_fork_child(void) {
   if (!sm_fork_mutex_was_held(&sm_span_lock)) return;
   sm_span_first = NULL;
-  atomic_store_explicit(&sm_span_count, 0, memory_order_relaxed);
 }
