@@ -751,7 +751,7 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
 /* Free on the owner thread: 44 instructions to its ret on x86-64 (gcc 12,
  * -O2; 3 of them the segment map window, 2 the local list's head
  * compared with the block); with malloc's 26 and the loop, a
- * malloc(32)+free pair is 88.4 under callgrind (make bench-callgrind).
+ * malloc(32)+free pair is 88.5 under callgrind (make bench-callgrind).
  * Checks (all cheap): the pointer is in a segment, it starts a block, its
  * tag word holds neither the page's key nor the remote tag, and it is not
  * the block freed last in its page (else: a full double-free check in the
