@@ -361,6 +361,24 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
   sm_cnt_add(heap->stats.class_frees[page->bin], 1);
 }
 
+/* From the inline free: a block start in a page whose xtid is 0 (a
+ * SM_PAGE_SLOW_FREE flag, or no live owner).  While profiling, most are
+ * the owner's frees into a page flagged only for a sample it holds (every
+ * sample flags its page until it is freed: in bench_churn e, one free in
+ * eighteen): those skip the lookup and checks free did already.
+ * Everything else goes the long way. */
+void sm_free_flagged(sm_page_t *page, void *p) {
+  if (SM_CANARY || sm_track_on() ||
+      atomic_load_explicit(&page->flags, memory_order_relaxed) != SM_PAGE_SAMPLED ||
+      atomic_load_explicit(&page->owner, memory_order_relaxed) != sm_heap()) {
+    sm_free_generic(p, "free");
+    return;
+  }
+  sm_prof_forget(page, p);
+  if (atomic_load_explicit(&page->sampled, memory_order_relaxed) == 0) sm_prof_page_check(sm_heap(), page);
+  sm_free_owner_push(page, p);
+}
+
 void sm_free_generic(void *p, const char *who) {
   sm_heap_t *heap = sm_heap();
   /* a thread that frees blocks gets a heap, so its counts stay plain

@@ -351,6 +351,7 @@ struct sm_heap_s {
   /* the thread's last few sampled stacks, to check rather than unwind
    * again (prof.c) */
   sm_prof_memo_t prof_memo[SM_PROF_MEMOS];
+  uint32_t prof_memo_next;               /* the memo to replace next */
   sm_heap_t *all_next, *all_prev;        /* every live heap, under sm_heaps_lock */
   sm_heap_t *pool_next;
   uint8_t initialized;
@@ -747,6 +748,33 @@ void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint32_t n);
 void sm_free_flush_remote(sm_heap_t *heap);
 void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
+void sm_free_flagged(sm_page_t *page, void *p);
+
+/* The owner frees block start p of its page (not on the full list, its
+ * canary checked): pushed on local_free, and the page retired if that
+ * emptied it; the slow path checks a block whose tag says it may be free
+ * already, or that heads local_free (freed just before, its tag
+ * overwritten since). */
+SM_INLINE void sm_free_owner_push(sm_page_t *page, void *p) {
+  sm_block_t *b = (sm_block_t *)p;
+  uintptr_t key = page->key;
+  sm_poison_set(page, b);
+  sm_block_t *head = page->local_free;
+  if (sm_unlikely((b->tag ^ key) <= SM_TAG_REMOTE || head == b)) {
+    sm_free_local_slow(page, b, p);
+    return;
+  }
+  b->next = sm_enc(page, head);
+  b->tag = key;
+  page->local_free = b;
+#if SM_STATS
+  sm_cnt_add(page->frees, 1);
+#endif
+  /* the page emptied: let the slow path decide whether it retires (a
+   * page on the full list has bit 0 in xtid and came the long way) */
+  if (sm_unlikely(--page->used == 0) && page->free == NULL)
+    sm_free_emptied(page);
+}
 
 /* Free on the owner thread: 44 instructions to its ret on x86-64 (gcc 12,
  * -O2; 3 of them the segment map window, 2 the local list's head
@@ -775,32 +803,11 @@ SM_INLINE void sm_free_inline(void *p) {
      * thread_free, or bring it back; anything else (flagged, abandoned,
      * not in use, single) goes the long way */
     if (xtid != 0) sm_free_xthread(page, (sm_block_t *)p, xtid);
-    else sm_free_generic(p, "free");
+    else sm_free_flagged(page, p);
     return;
   }
-  {
-    sm_block_t *b = (sm_block_t *)p;
-    uintptr_t key = page->key;
-    if (SM_CANARY && sm_unlikely(!sm_canary_ok(page, b))) { sm_free_generic(p, "free"); return; }
-    sm_poison_set(page, b);
-    sm_block_t *head = page->local_free;
-    /* its tag says it may be free already, or it heads local_free (freed
-     * just before, its tag overwritten since): check, then push */
-    if (sm_unlikely((b->tag ^ key) <= SM_TAG_REMOTE || head == b)) {
-      sm_free_local_slow(page, b, p);
-      return;
-    }
-    b->next = sm_enc(page, head);
-    b->tag = key;
-    page->local_free = b;
-#if SM_STATS
-    sm_cnt_add(page->frees, 1);
-#endif
-    /* the page emptied: let the slow path decide whether it retires (a
-     * page on the full list has bit 0 in xtid and came the long way) */
-    if (sm_unlikely(--page->used == 0) && page->free == NULL)
-      sm_free_emptied(page);
-  }
+  if (SM_CANARY && sm_unlikely(!sm_canary_ok(page, (sm_block_t *)p))) { sm_free_generic(p, "free"); return; }
+  sm_free_owner_push(page, p);
 }
 
 /* ---- page.c / page-queue.c ------------------------------------------ */

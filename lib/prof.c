@@ -21,7 +21,8 @@
  * clears the flag when it is 0 again.  page->prof_one holds the page's
  * one sample (SM_PROF_MANY once there were two at a time, until the flag
  * goes), so that the other blocks' frees skip the table and its lock
- * (bench_longlived 1e5 with profiling: 5.5 % of the run in the lookup).
+ * (bench_longlived 1e5 with profiling: 5.5 % of the run in the lookup);
+ * past that, a count of live samples by address hash (sm_prof_filter).
  * Blocks above the size classes always free out of line; they are looked
  * up while any sample lives.
  *
@@ -82,6 +83,16 @@ static uint32_t *sm_prof_index;           /* 2 * SM_PROF_STACKS slots: stack num
 static uint32_t sm_prof_nstacks;
 static sm_prof_live_t *sm_prof_live;
 static size_t sm_prof_live_cap, sm_prof_live_slots;   /* slots used, deleted ones included */
+/* Live samples counted by a hash of their address, read without the
+ * lock: a free whose slot counts 0 holds no sample, so it neither takes
+ * the lock nor searches (a page with two samples at once, and every block
+ * above the size classes while any sample lives, used to do both: in
+ * bench_churn e, 50 instructions a free into a flagged page).  A count is
+ * raised before malloc returns the block, so any thread that frees it
+ * sees it; a sample is counted in it until it leaves sm_prof_live. */
+#define SM_PROF_FILTER (1u << 16)
+typedef _Atomic uint32_t sm_prof_count_t;
+static sm_prof_count_t *_Atomic sm_prof_filter;
 /* this library's code, found once outside the lock (dl_iterate_phdr takes
  * the loader's lock, which a thread in dlopen holds when it allocates) */
 static _Atomic uintptr_t sm_prof_text_lo, sm_prof_text_hi;
@@ -178,12 +189,15 @@ static bool sm_prof_tables_locked(void) {
   sm_prof_stack_t *stacks = sm_prof_map(SM_PROF_STACKS * sizeof *stacks);
   uint32_t *index = sm_prof_map(2 * SM_PROF_STACKS * sizeof *index);
   sm_prof_live_t *live = sm_prof_map(1024 * sizeof *live);
-  if (!stacks || !index || !live) {
+  sm_prof_count_t *filter = sm_prof_map(SM_PROF_FILTER * sizeof *filter);
+  if (!stacks || !index || !live || !filter) {
     if (stacks) munmap(stacks, SM_PROF_STACKS * sizeof *stacks);
     if (index) munmap(index, 2 * SM_PROF_STACKS * sizeof *index);
     if (live) munmap(live, 1024 * sizeof *live);
+    if (filter) munmap(filter, SM_PROF_FILTER * sizeof *filter);
     return false;
   }
+  atomic_store_explicit(&sm_prof_filter, filter, memory_order_release);
   sm_prof_stacks = stacks;
   sm_prof_index = index;
   sm_prof_live = live;
@@ -220,6 +234,10 @@ static uint32_t sm_prof_intern_locked(void *const *frames, uint32_t depth) {
 
 static size_t sm_prof_slot(uintptr_t addr, size_t cap) {
   return (size_t)((addr * 0x9E3779B97F4A7C15ull) >> 20) & (cap - 1);
+}
+
+static sm_prof_count_t *sm_prof_filter_at(sm_prof_count_t *filter, uintptr_t addr) {
+  return &filter[(addr * 0xBF58476D1CE4E5B9ull) >> 48];
 }
 
 /* Under the lock: room for one more live sample (the table at most half
@@ -304,8 +322,10 @@ static _Unwind_Reason_Code sm_prof_frame(struct _Unwind_Context *ctx, void *arg)
 __attribute__((no_sanitize("address")))
 static const sm_prof_memo_t *sm_prof_memo_find(const sm_heap_t *heap, uintptr_t sp) {
 #if defined(__x86_64__)
-  const sm_prof_memo_t *m = &heap->prof_memo[(sp >> 4) % SM_PROF_MEMOS];
-  if (m->sp != sp || m->n == 0) return NULL;
+  const sm_prof_memo_t *m = NULL;
+  for (int k = 0; k < SM_PROF_MEMOS; k++)
+    if (heap->prof_memo[k].sp == sp) m = &heap->prof_memo[k];
+  if (m == NULL || m->n == 0) return NULL;
   for (uint32_t i = 0; i < m->n; i++)
     if (*(const uintptr_t *)(sp + m->slot[i]) != m->ip[i]) return NULL;
   return m;
@@ -320,7 +340,11 @@ static const sm_prof_memo_t *sm_prof_memo_find(const sm_heap_t *heap, uintptr_t 
  * for it (a signal frame breaks that). */
 static void sm_prof_memo_keep(sm_heap_t *heap, uintptr_t sp, void *const *frames, const uintptr_t *cfa, int n) {
 #if defined(__x86_64__)
-  sm_prof_memo_t *m = &heap->prof_memo[(sp >> 4) % SM_PROF_MEMOS];
+  /* the one from this frame address again, else the one kept longest ago */
+  int k = 0;
+  while (k < SM_PROF_MEMOS && heap->prof_memo[k].sp != sp) k++;
+  if (k == SM_PROF_MEMOS) k = (int)(heap->prof_memo_next++ % SM_PROF_MEMOS);
+  sm_prof_memo_t *m = &heap->prof_memo[k];
   m->sp = 0;
   if (n < 1 || n > SM_PROF_MEMO_MAX) return;
   for (int i = 0; i < n; i++) {
@@ -393,6 +417,7 @@ static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) 
     while (sm_prof_live[j].addr > 1) j = (j + 1) & (sm_prof_live_cap - 1);
     if (sm_prof_live[j].addr == 0) sm_prof_live_slots++;
     sm_prof_live[j] = (sm_prof_live_t){(uintptr_t)b, n, s};
+    atomic_fetch_add_explicit(sm_prof_filter_at(sm_prof_filter, (uintptr_t)b), 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&sm_prof_live_n, 1, memory_order_relaxed);
     kept = true;
   }
@@ -449,6 +474,9 @@ void sm_prof_forget(sm_page_t *page, const void *b) {
     uintptr_t one = atomic_load_explicit(&page->prof_one, memory_order_relaxed);
     if (one != SM_PROF_MANY && one != (uintptr_t)b) return;
   }
+  sm_prof_count_t *filter = atomic_load_explicit(&sm_prof_filter, memory_order_acquire);
+  if (filter == NULL || atomic_load_explicit(sm_prof_filter_at(filter, (uintptr_t)b), memory_order_relaxed) == 0)
+    return;
   bool found = false;
   pthread_mutex_lock(&sm_prof_lock);
   if (sm_prof_live) {
@@ -459,6 +487,7 @@ void sm_prof_forget(sm_page_t *page, const void *b) {
       st->live_count--;
       st->live_bytes -= sm_prof_live[j].size;
       sm_prof_live[j].addr = 1;
+      atomic_fetch_sub_explicit(sm_prof_filter_at(filter, (uintptr_t)b), 1, memory_order_relaxed);
       atomic_fetch_sub_explicit(&sm_prof_live_n, 1, memory_order_relaxed);
       found = true;
       break;
@@ -488,6 +517,7 @@ void sm_prof_fork_child(void) {
   sm_prof_stacks = NULL;
   sm_prof_index = NULL;
   sm_prof_live = NULL;
+  atomic_store(&sm_prof_filter, NULL);
   sm_prof_nstacks = 0;
   sm_prof_live_cap = sm_prof_live_slots = 0;
   atomic_store(&sm_prof_live_n, 0);

@@ -373,6 +373,32 @@ static void double_free_after_other_frees(bool warn)
 }
 MISUSE(double_free_after_other_frees)
 
+/* Profiling on, every allocation sampled: the page's frees take the
+ * path for pages holding samples, which checks as free does; the first
+ * free takes the block out of the profile, the second is reported. */
+static void double_free_in_a_sampled_page(bool warn)
+{
+  enum { N = 16 };
+  unsigned char *a[N];
+  CHILD_CHECK(smalloc_option_set(SMALLOC_OPTION_PROF_RATE, 1) == 0, "option");
+  CHILD_CHECK(smalloc_prof_start() == 0, "smalloc_prof_start");
+  for (int i = 0; i < N; i++) {
+    a[i] = smalloc_malloc(48);
+    CHILD_CHECK(a[i] != NULL, "malloc(48) failed");
+  }
+  smalloc_prof_stop();
+  smalloc_free(a[3]);
+  smalloc_free(a[4]);
+  uint64_t in_use = child_blocks_in_use();
+  expect_line("free(): double free of %p", (void *)a[3]);
+  smalloc_free(sm_opaque(a[3]));
+  if (!warn)
+    return;
+  CHILD_CHECK(child_blocks_in_use() == in_use, "the second free was counted");
+  heap_still_sound(48);
+}
+MISUSE(double_free_in_a_sampled_page)
+
 /* Blocks handed out and freed again between the two frees, so the page's
  * lists were swapped and rebuilt meanwhile. */
 static void double_free_after_reuse_of_others(bool warn)
@@ -1328,6 +1354,7 @@ int main(void)
   TCase *tc = sm_tcase("misuse", 60);
   ADD_MISUSE(tc, double_free_at_once);
   ADD_MISUSE(tc, double_free_after_other_frees);
+  ADD_MISUSE(tc, double_free_in_a_sampled_page);
   ADD_MISUSE(tc, double_free_after_reuse_of_others);
   ADD_MISUSE(tc, double_free_after_cross_thread_free);
   ADD_MISUSE(tc, double_free_while_cross_thread_free_is_batched);
