@@ -363,19 +363,24 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
 
 /* From the inline free: a block start in a page whose xtid is 0 (a
  * SM_PAGE_SLOW_FREE flag, or no live owner).  While profiling, most are
- * the owner's frees into a page flagged only for a sample it holds (every
- * sample flags its page until it is freed: in bench_churn e, one free in
- * eighteen): those skip the lookup and checks free did already.
+ * frees into a page flagged only for a sample it holds (every sample
+ * flags its page until it is freed: in bench_churn e, one free in
+ * eighteen): those skip the lookup and checks free did already, and go
+ * on the owner's list or into this thread's batch for the page.
  * Everything else goes the long way. */
 void sm_free_flagged(sm_page_t *page, void *p) {
-  if (SM_CANARY || sm_track_on() ||
-      atomic_load_explicit(&page->flags, memory_order_relaxed) != SM_PAGE_SAMPLED ||
-      atomic_load_explicit(&page->owner, memory_order_relaxed) != sm_heap()) {
+  sm_heap_t *heap = sm_heap();
+  if (SM_CANARY || sm_track_on() || !heap->initialized ||
+      atomic_load_explicit(&page->flags, memory_order_relaxed) != SM_PAGE_SAMPLED) {
     sm_free_generic(p, "free");
     return;
   }
   sm_prof_forget(page, p);
-  if (atomic_load_explicit(&page->sampled, memory_order_relaxed) == 0) sm_prof_page_check(sm_heap(), page);
+  if (atomic_load_explicit(&page->owner, memory_order_relaxed) != heap) {
+    sm_free_batch(heap, page, p, "free");
+    return;
+  }
+  if (atomic_load_explicit(&page->sampled, memory_order_relaxed) == 0) sm_prof_page_check(heap, page);
   sm_free_owner_push(page, p);
 }
 
