@@ -893,6 +893,49 @@ START_TEST(an_exited_threads_pages_freed_by_another_go_back_on_trim)
 }
 END_TEST
 
+/* Threads that each leave a block behind for the next one to free, as
+ * mimalloc-bench's mleak does: a thread's page goes to the pool when it
+ * exits, and once the next thread has freed its last block (sent when
+ * that thread exits), a later thread takes it from there: the class
+ * keeps a page or two, not one per thread (20,000 pages for 6 live
+ * blocks before). */
+enum { SH_LV_THREADS = 400, SH_LV_SIZE = 200 };
+static void *sh_lv_prev;
+
+static void *sh_lv_leaver(void *arg)
+{
+  (void)arg;
+  void *mine = smalloc_malloc(SH_LV_SIZE);
+  smalloc_free(sh_lv_prev);
+  sh_lv_prev = mine;
+  return mine;
+}
+
+START_TEST(pages_exited_threads_left_serve_later_threads_once_freed)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  smalloc_collect(true);
+  smalloc_stats_t s0, s1;
+  ck_assert_int_eq(sm_test_snap(&s0), 0);
+  for (int i = 0; i < SH_LV_THREADS; i++) {
+    pthread_t t;
+    void *got;
+    ck_assert_int_eq(pthread_create(&t, NULL, sh_lv_leaver, NULL), 0);
+    ck_assert_int_eq(pthread_join(t, &got), 0);
+    ck_assert_ptr_nonnull(got);
+  }
+  ck_assert_int_eq(sm_test_snap(&s1), 0);
+  int k = sm_test_class_index(&s0, SH_LV_SIZE);
+  ck_assert_int_ge(k, 0);
+  ck_assert_uint_eq(s1.classes[k].blocks_in_use - s0.classes[k].blocks_in_use, 1);
+  /* the last thread's page, and one other at most (a thread may take a
+   * fresh page while the page before waits for its block) */
+  ck_assert_uint_le(s1.classes[k].pages_in_use - s0.classes[k].pages_in_use, 2);
+  ck_assert_uint_ge(s1.pages_reclaimed - s0.pages_reclaimed, SH_LV_THREADS - 3);
+  smalloc_free(sh_lv_prev);
+}
+END_TEST
+
 static Suite *shared_suite(void)
 {
   Suite *s = suite_create("shared");
@@ -908,6 +951,7 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, a_consumer_freeing_into_many_pages_loses_no_block);
   tcase_add_test(tc, an_exhausted_page_other_threads_free_into_serves_another_thread);
   tcase_add_test(tc, an_exited_threads_pages_freed_by_another_go_back_on_trim);
+  tcase_add_test(tc, pages_exited_threads_left_serve_later_threads_once_freed);
   suite_add_tcase(s, tc);
   return s;
 }
