@@ -201,7 +201,7 @@ void sm_heap_thread_done(void *arg) {
     while ((page = heap->queues[bin].first) != NULL) {
       sm_page_collect_thread_free(page);
       if (sm_page_vacant(page)) sm_page_release(heap, page);
-      else sm_page_donate(heap, page);
+      else sm_page_donate(heap, page, true);
     }
   }
   sm_heap_take_home(heap);

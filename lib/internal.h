@@ -126,8 +126,10 @@ enum {
   SM_PAGE_CORRUPT     = 8,   /* a free list was found corrupted: used is not to be
                                 trusted, the page is kept for good (sm_page_vacant) */
   SM_PAGE_SAMPLED     = 16,  /* holds blocks the profiler sampled (prof.c) */
+  SM_PAGE_ORPHAN      = 32,  /* in the pool since its owner exited: the next free claims it (pool.c) */
   /* flags that send every free of the page to the out-of-line path */
-  SM_PAGE_SLOW_FREE   = SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED | SM_PAGE_CORRUPT | SM_PAGE_SAMPLED,
+  SM_PAGE_SLOW_FREE   = SM_PAGE_HAS_ALIGNED | SM_PAGE_TRACKED | SM_PAGE_CORRUPT | SM_PAGE_SAMPLED |
+                        SM_PAGE_ORPHAN,
 };
 
 struct sm_page_s {
@@ -180,6 +182,9 @@ struct sm_page_s {
   /* while the page is retired or free in its segment (under heap->lock) */
   uint64_t empty_since_ms;       /* when it retired, or went back to its segment */
   uint8_t decommitted;           /* its memory was given back (madvise) */
+  /* while it waits in the pool, its mark there (pool.c), else 0: written
+   * under that pool's lock, so that a thread holding it knows */
+  _Atomic uint32_t pooled;
 };
 _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines");
 _Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_free) == 128,
@@ -840,7 +845,9 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self);
 void sm_heap_unfull_all(sm_heap_t *heap);
 void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid);
 void sm_page_set_owner(sm_page_t *page, sm_heap_t *heap);
-void sm_page_donate(sm_heap_t *heap, sm_page_t *page);
+void sm_page_donate(sm_heap_t *heap, sm_page_t *page, bool orphan);
+void sm_page_claim(sm_heap_t *heap, sm_page_t *page);
+bool sm_page_may_claim(const sm_heap_t *heap, const sm_page_t *page);
 void sm_page_clear(sm_page_t *page);
 void sm_heap_collect_retired(sm_heap_t *heap, bool force);
 void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page);
@@ -870,6 +877,7 @@ uint64_t sm_heap_random(sm_heap_t *heap);
 void sm_pool_push(sm_page_t *page);
 sm_page_t *sm_pool_pop(size_t bin, uint32_t min);
 void sm_pool_collect(sm_heap_t *self);
+bool sm_pool_take(sm_page_t *page);
 void sm_pool_fork_child(void);
 void sm_page_send_home(sm_page_t *page);
 void sm_heap_take_home(sm_heap_t *heap);

@@ -32,9 +32,16 @@ typedef struct sm_pool_s {
   sm_lock_t lock;
   sm_page_t *first, *last;       /* oldest first, linked through next/prev */
   _Atomic uint64_t count;
+  uint32_t epoch;                /* lists forgotten in a child of fork (under the lock) */
 } __attribute__((aligned(64))) sm_pool_t;
 
 static sm_pool_t sm_pool[SM_BIN_COUNT];
+
+/* What page->pooled holds while the page is on this pool's list: never
+ * 0, and a page the child of a fork forgot is not on the list any more. */
+static uint32_t sm_pool_mark(const sm_pool_t *pool) {
+  return (uint32_t)(pool - sm_pool) | (pool->epoch << 8) | 0x80;
+}
 
 void sm_pool_push(sm_page_t *page) {
   sm_pool_t *pool = &sm_pool[page->bin];
@@ -43,6 +50,7 @@ void sm_pool_push(sm_page_t *page) {
   page->prev = pool->last;
   if (pool->last) pool->last->next = page; else pool->first = page;
   pool->last = page;
+  atomic_store_explicit(&page->pooled, sm_pool_mark(pool), memory_order_relaxed);
   atomic_store_explicit(&pool->count, atomic_load_explicit(&pool->count, memory_order_relaxed) + 1,
                         memory_order_relaxed);
   sm_unlock(&pool->lock);
@@ -52,6 +60,7 @@ static void sm_pool_unlink_locked(sm_pool_t *pool, sm_page_t *page) {
   if (page->prev) page->prev->next = page->next; else pool->first = page->next;
   if (page->next) page->next->prev = page->prev; else pool->last = page->prev;
   page->next = page->prev = NULL;
+  atomic_store_explicit(&page->pooled, 0, memory_order_relaxed);
   atomic_store_explicit(&pool->count, atomic_load_explicit(&pool->count, memory_order_relaxed) - 1,
                         memory_order_relaxed);
 }
@@ -82,7 +91,8 @@ sm_page_t *sm_pool_pop(size_t bin, uint32_t min) {
   sm_page_t *best = NULL, *page = pool->first;
   uint32_t most = 0;
   for (unsigned seen = 0; page && seen < SM_POOL_LOOK; page = page->next, seen++) {
-    uint32_t n = sm_tf_count(atomic_load_explicit(&page->thread_free, memory_order_relaxed));
+    uint32_t n = sm_tf_count(atomic_load_explicit(&page->thread_free, memory_order_relaxed)) +
+                 (page->reserved - page->used);
     if (n > most && (n >= min || sm_pool_page_empty(page))) {
       best = page;
       most = n;
@@ -101,6 +111,18 @@ sm_page_t *sm_pool_pop(size_t bin, uint32_t min) {
   }
   sm_unlock(&pool->lock);
   return best;
+}
+
+/* Take this page off the pool, for the caller to own; false when it is
+ * not there (taken by another thread, or not pushed yet).  The caller
+ * holds a live block of the page, so its class cannot change. */
+bool sm_pool_take(sm_page_t *page) {
+  sm_pool_t *pool = &sm_pool[page->bin];
+  sm_lock(&pool->lock);
+  bool there = atomic_load_explicit(&page->pooled, memory_order_relaxed) == sm_pool_mark(pool);
+  if (there) sm_pool_unlink_locked(pool, page);
+  sm_unlock(&pool->lock);
+  return there;
 }
 
 /* Pages in the pool whose blocks other threads have all freed go home
@@ -141,6 +163,7 @@ void sm_pool_fork_child(void) {
     sm_pool_t *pool = &sm_pool[bin];
     if (atomic_load_explicit(&pool->lock.held, memory_order_relaxed) == 0) continue;
     pool->first = pool->last = NULL;
+    pool->epoch++;
     atomic_store_explicit(&pool->count, 0, memory_order_relaxed);
     sm_unlock(&pool->lock);
   }
