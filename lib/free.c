@@ -371,10 +371,10 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
 void sm_free_flagged(sm_page_t *page, void *p) {
   sm_heap_t *heap = sm_heap();
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-  if (SM_CANARY || sm_track_on() || !heap->initialized || (flags & ~SM_PAGE_ORPHAN) != SM_PAGE_SAMPLED) {
-    /* an exited thread's page is the first freeing thread's (page.c) */
-    if ((flags & SM_PAGE_ORPHAN) && heap->initialized && sm_page_may_claim(heap, page) && sm_pool_take(page))
-      sm_page_claim(heap, page);
+  if (SM_CANARY || sm_track_on() || !heap->initialized || flags != SM_PAGE_SAMPLED) {
+    /* an exited thread's page is the first freeing thread's (page.c);
+     * the free itself checks the block as ever */
+    if ((flags & SM_PAGE_ORPHAN) && heap->initialized) sm_page_claim(heap, page);
     sm_free_generic(p, "free");
     return;
   }

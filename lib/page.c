@@ -753,6 +753,15 @@ void sm_page_donate(sm_heap_t *heap, sm_page_t *page, bool orphan) {
   sm_cnt_add(heap->stats.pages_abandoned, 1);
 }
 
+/* A page taken off the pool becomes the heap's, at the front of its
+ * class's queue, with the blocks other threads freed into it. */
+static void sm_page_take_over(sm_heap_t *heap, sm_page_t *page) {
+  sm_page_set_owner(page, heap);
+  sm_cnt_add(heap->stats.pages_reclaimed, 1);
+  sm_page_collect_thread_free(page);
+  sm_pq_push_front(heap, page->bin, page);
+}
+
 /* A page of the class from the pool with at least SM_ADOPT_MIN blocks
  * freed, made the heap's, at the front of its queue; NULL when the pool
  * has none.  The bound matters little (bench_xchurn 64, medians of 7: at
@@ -763,10 +772,7 @@ void sm_page_donate(sm_heap_t *heap, sm_page_t *page, bool orphan) {
 static sm_page_t *sm_page_adopt(sm_heap_t *heap, size_t bin) {
   sm_page_t *page;
   while ((page = sm_pool_pop(bin, SM_ADOPT_MIN)) != NULL) {
-    sm_page_set_owner(page, heap);
-    sm_cnt_add(heap->stats.pages_reclaimed, 1);
-    sm_page_collect_thread_free(page);
-    sm_pq_push_front(heap, bin, page);
+    sm_page_take_over(heap, page);
     if (sm_page_has_free(page) || sm_page_refill(page) >= 0) {
       sm_assert_expensive(sm_page_valid(page) && sm_page_state_ok(heap, page));
       return page;
@@ -777,29 +783,28 @@ static sm_page_t *sm_page_adopt(sm_heap_t *heap, size_t bin) {
 }
 
 /* A free into an orphan (a page its owner left in the pool at exit) by
- * a thread with a heap: the page becomes that heap's, at the back of its
- * class's queue, so that the frees that follow are local ones.  A thread
- * that takes over an exited thread's blocks (mimalloc-bench's larson,
- * a server whose worker threads come and go) otherwise freed every one
- * into a page nobody owned, batched and pushed with a CAS each time a
- * batch was sent, and the pages went back and forth between the heaps
- * and the pool: larson 2.5 times mimalloc 3.4.3's time. */
-#ifndef SM_CLAIM_MAX
+ * a thread with a heap: the page becomes that heap's, at the front of
+ * its class's queue, so that the frees that follow are local ones, while
+ * the heap holds fewer than SM_CLAIM_MAX pages of the class (so that a
+ * thread that frees much and allocates little of a class does not keep
+ * many of its pages from the rest).  A thread that takes over an exited
+ * thread's blocks (mimalloc-bench's larson, a server whose worker
+ * threads come and go) otherwise freed every one into a page nobody
+ * owned, batched and pushed with a CAS each time a batch was sent, and
+ * the pages went back and forth between the heaps and the pool: larson
+ * 2.5 times mimalloc 3.4.3's time (with the claim, bounds of 4, 8 and
+ * none: 62-100, 73-99 and 80-108 M operations a second, 28-36, 32-35 and
+ * 28-34 MB peak resident).  Returns whether the page was taken (not if
+ * another thread took it first, or it is not in the pool yet). */
 #define SM_CLAIM_MAX 8
-#endif
-bool sm_page_may_claim(const sm_heap_t *heap, const sm_page_t *page) {
+bool sm_page_claim(sm_heap_t *heap, sm_page_t *page) {
   unsigned n = 0;
   for (const sm_page_t *q = heap->queues[page->bin].first; q && n < SM_CLAIM_MAX; q = q->next) n++;
-  return n < SM_CLAIM_MAX;
-}
-
-void sm_page_claim(sm_heap_t *heap, sm_page_t *page) {
-  sm_page_set_owner(page, heap);
-  sm_cnt_add(heap->stats.pages_reclaimed, 1);
-  sm_page_collect_thread_free(page);
+  if (n == SM_CLAIM_MAX || !sm_pool_take(page)) return false;
+  sm_page_take_over(heap, page);
   page->xfreed = 0;   /* what others freed before is the claimer's to free now */
-  sm_pq_push_front(heap, page->bin, page);
   sm_assert_expensive(sm_page_valid(page) && sm_page_state_ok(heap, page));
+  return true;
 }
 
 /* Take one abandoned segment of the kind: its free pages are the heap's

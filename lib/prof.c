@@ -319,13 +319,23 @@ static _Unwind_Reason_Code sm_prof_frame(struct _Unwind_Context *ctx, void *arg)
  * is not that one any more may be anything in the frames above: a
  * sanitizer's red zone, a local memcheck sees as undefined (no memo
  * under valgrind, sm_prof_unwind). */
+/* The memo of frame address sp, or SM_PROF_MEMOS: any of the four (one
+ * place per address made two addresses that met there unwind every
+ * time). */
+#if defined(__x86_64__)
+static int sm_prof_memo_of(const sm_heap_t *heap, uintptr_t sp) {
+  int k = 0;
+  while (k < SM_PROF_MEMOS && heap->prof_memo[k].sp != sp) k++;
+  return k;
+}
+#endif
+
 __attribute__((no_sanitize("address")))
 static const sm_prof_memo_t *sm_prof_memo_find(const sm_heap_t *heap, uintptr_t sp) {
 #if defined(__x86_64__)
-  const sm_prof_memo_t *m = NULL;
-  for (int k = 0; k < SM_PROF_MEMOS; k++)
-    if (heap->prof_memo[k].sp == sp) m = &heap->prof_memo[k];
-  if (m == NULL || m->n == 0) return NULL;
+  int k = sm_prof_memo_of(heap, sp);
+  if (k == SM_PROF_MEMOS || heap->prof_memo[k].n == 0) return NULL;
+  const sm_prof_memo_t *m = &heap->prof_memo[k];
   for (uint32_t i = 0; i < m->n; i++)
     if (*(const uintptr_t *)(sp + m->slot[i]) != m->ip[i]) return NULL;
   return m;
@@ -341,8 +351,7 @@ static const sm_prof_memo_t *sm_prof_memo_find(const sm_heap_t *heap, uintptr_t 
 static void sm_prof_memo_keep(sm_heap_t *heap, uintptr_t sp, void *const *frames, const uintptr_t *cfa, int n) {
 #if defined(__x86_64__)
   /* the one from this frame address again, else the one kept longest ago */
-  int k = 0;
-  while (k < SM_PROF_MEMOS && heap->prof_memo[k].sp != sp) k++;
+  int k = sm_prof_memo_of(heap, sp);
   if (k == SM_PROF_MEMOS) k = (int)(heap->prof_memo_next++ % SM_PROF_MEMOS);
   sm_prof_memo_t *m = &heap->prof_memo[k];
   m->sp = 0;
