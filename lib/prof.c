@@ -47,6 +47,7 @@
 #include "track.h"
 
 #include <dlfcn.h>
+#include <sched.h>
 #include <execinfo.h>
 #include <unwind.h>
 #include <stdarg.h>
@@ -281,12 +282,16 @@ typedef struct sm_prof_unwinder_s {
   _Unwind_Word (*cfa)(struct _Unwind_Context *);
 } sm_prof_unwinder_t;
 static sm_prof_unwinder_t sm_prof_unw;
-static _Atomic int sm_prof_unw_state;   /* 0 not tried, 1 loaded, 2 not there */
+static _Atomic int sm_prof_unw_state;   /* 0 not tried, 1 loaded, 2 not there, 3 being written */
 
-/* Under sm_prof_busy: its allocations are not sampled. */
+/* Under sm_prof_busy: its allocations are not sampled.  Threads that
+ * sample first at the same time each load it (no lock is held across
+ * dlopen, which takes the loader's lock: a thread in dlopen may be
+ * sampling); the first to finish writes sm_prof_unw, the others wait
+ * the few stores that takes (ThreadSanitizer saw two threads write it). */
 static bool sm_prof_unwinder_load(void) {
   int state = atomic_load_explicit(&sm_prof_unw_state, memory_order_acquire);
-  if (state != 0) return state == 1;
+  if (state == 1 || state == 2) return state == 1;
   void *h = dlopen("libgcc_s.so.1", RTLD_NOW | RTLD_LOCAL);
   sm_prof_unwinder_t u = {0};
   if (h) {
@@ -295,9 +300,15 @@ static bool sm_prof_unwinder_load(void) {
     *(void **)&u.cfa = dlsym(h, "_Unwind_GetCFA");
   }
   bool ok = u.backtrace && u.ip && u.cfa;
-  if (ok) sm_prof_unw = u;   /* every thread that loads it writes the same */
-  atomic_store_explicit(&sm_prof_unw_state, ok ? 1 : 2, memory_order_release);
-  return ok;
+  int expect = 0;
+  if (atomic_compare_exchange_strong_explicit(&sm_prof_unw_state, &expect, 3, memory_order_acquire,
+                                              memory_order_acquire)) {
+    if (ok) sm_prof_unw = u;
+    atomic_store_explicit(&sm_prof_unw_state, ok ? 1 : 2, memory_order_release);
+    return ok;
+  }
+  while ((state = atomic_load_explicit(&sm_prof_unw_state, memory_order_acquire)) == 3) sched_yield();
+  return state == 1;
 }
 
 /* Each frame's return address, and the unwinder's CFA for it: the stack
