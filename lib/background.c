@@ -103,11 +103,11 @@ static void *sm_bg_main(void *arg) {
   for (;;) {
     sm_bg_sleep(sm_bg_tick_ms());
     if (sm_bg_round()) continue;
-    atomic_store_explicit(&sm_bg_running, 0, memory_order_release);
+    atomic_store_explicit(&sm_bg_running, 0, memory_order_seq_cst);
     /* memory that came meanwhile found the thread still running: take it
      * on, unless another thread has started meanwhile */
     int expected = 0;
-    if (!sm_segment_cache_pending() ||
+    if (!(sm_segment_cache_pending() || sm_heaps_watched_notices()) ||
         !atomic_compare_exchange_strong(&sm_bg_running, &expected, 1))
       return NULL;
   }

@@ -124,13 +124,17 @@ static bool sm_tf_push(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
  * (no owner) or an exiting owner (list closed) takes it on thread_free;
  * an owner that gave the page away meanwhile sends it there too. */
 static void sm_free_hand_over(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+  /* what was written before the full bit was set (xwatch, by a claim
+   * that armed the page again) is seen */
+  atomic_thread_fence(memory_order_acquire);
   sm_heap_t *heap = atomic_load_explicit(&page->owner, memory_order_acquire);
   if (heap == NULL || !sm_heap_hand_over(heap, b, b, 1)) sm_tf_push(seg, page, b);
 }
 
 /* Push the chain head..tail of n blocks (linked xor sm_secret) onto the
  * heap's hand-over list; false, with nothing pushed, once the list is
- * closed.  SM_BG_NOTICES of them waiting want a purge thread. */
+ * closed.  SM_BG_NOTICES of them waiting want a purge thread, and so
+ * does any of them while the heap is watched (xwatch). */
 bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint32_t n) {
   sm_block_t *old = atomic_load_explicit(&heap->xdelayed, memory_order_relaxed);
   while (old != SM_XDELAYED_CLOSED) {
@@ -138,7 +142,14 @@ bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint
     if (atomic_compare_exchange_weak_explicit(&heap->xdelayed, &old, head, memory_order_release,
                                               memory_order_relaxed)) {
       uint32_t was = atomic_fetch_add_explicit(&heap->xnotices, n, memory_order_relaxed);
-      if (was < SM_BG_NOTICES && was + n >= SM_BG_NOTICES) sm_background_wake();
+      if (was < SM_BG_NOTICES && was + n >= SM_BG_NOTICES) {
+        sm_background_wake();
+      } else if (atomic_load_explicit(&heap->xwatch, memory_order_relaxed)) {
+        /* the count before the look at the purge thread, as it looks at
+         * the count after it stops (sm_heaps_watched_notices) */
+        atomic_thread_fence(memory_order_seq_cst);
+        sm_background_wake();
+      }
       return true;
     }
   }

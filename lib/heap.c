@@ -62,6 +62,22 @@ void sm_heaps_unlock(void) { pthread_mutex_unlock(&sm_heaps_mutex); }
 bool sm_heaps_trylock(void) { return pthread_mutex_trylock(&sm_heaps_mutex) == 0; }
 sm_heap_t *sm_heaps_first(void) { return sm_heaps_all; }
 
+/* Whether a notice came into a heap whose full pages a claim armed again
+ * (sm_heap_claim_full) since that claim: the purge thread's last look
+ * before it exits, after it said so (the notice's thread looks at that
+ * after its count, free.c). */
+bool sm_heaps_watched_notices(void) {
+  bool any = false;
+  atomic_thread_fence(memory_order_seq_cst);
+  sm_heaps_lock();
+  for (sm_heap_t *h = sm_heaps_all; h && !any; h = h->all_next)
+    any = atomic_load_explicit(&h->xwatch, memory_order_relaxed) &&
+          atomic_load_explicit(&h->xnotices, memory_order_relaxed) >
+              atomic_load_explicit(&h->xkept, memory_order_relaxed);
+  sm_heaps_unlock();
+  return any;
+}
+
 /* fork (fork.c): in the child only the forking thread lives on.  The heap
  * list, and any heap whose lock a lost thread held, may be half-changed:
  * such a list is rebuilt from the caller's heap alone and such a heap is

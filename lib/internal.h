@@ -185,6 +185,10 @@ struct sm_page_s {
   /* while it waits in the pool, its mark there (pool.c), else 0: written
    * under that pool's lock, so that a thread holding it knows */
   _Atomic uint32_t pooled;
+  /* while a claim walks the notices it took (sm_heap_claim_full, under
+   * the owner's lock): how many of them are this page's, then what is
+   * left of them and the decision taken; 0 otherwise */
+  uint32_t claim_notices;
 };
 _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines");
 _Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_free) == 128,
@@ -340,6 +344,13 @@ struct sm_heap_s {
   /* blocks on xdelayed: past SM_BG_NOTICES, a purge thread is wanted, for
    * the owner may be idle and those pages' blocks freed (background.c) */
   _Atomic uint32_t xnotices;
+  /* the last claim left pages of the full list armed for a notice of
+   * their next free (sm_heap_claim_full): such a notice wants a purge
+   * thread whatever the count, for the owner may be idle; xkept counts
+   * the notices that claim handed back, so xnotices above it shows that
+   * one came since */
+  _Atomic uint8_t xwatch;
+  _Atomic uint32_t xkept;
   /* ---- under lock ---- */
   sm_lock_t lock __attribute__((aligned(64)));
   sm_page_t *retired_first, *retired_last;   /* retired pages by expiry */
@@ -914,6 +925,7 @@ void sm_heaps_unlock(void);
 bool sm_heaps_trylock(void);
 void sm_heaps_fork_child(void);
 sm_heap_t *sm_heaps_first(void);
+bool sm_heaps_watched_notices(void);
 bool sm_collect_process(sm_heap_t *self);
 
 /* ---- os.c: the only file that talks to the kernel about memory --------- */

@@ -416,54 +416,111 @@ void sm_heap_unfull_all(sm_heap_t *heap) {
  * first for as long as it does not allocate again.  The full list, and
  * the lists and counts of its pages, change under owner->lock (the owner
  * takes it at each move to or from the list and at each free into such a
- * page; the fast paths never touch one).  A page on the full list is
- * free when its blocks in use are those on its thread_free plus the one
- * that the first of them handed over to the owner's heap (xdelayed), so
- * the claim takes that list: the block of a page given back goes with
- * it, the others are handed over again.  Counted in the caller's heap,
+ * page; the fast paths never touch one).
+ *
+ * It learns of those pages from the notices (blocks handed over to the
+ * owner's xdelayed, sm_page_to_full): a page on the full list is free
+ * when its blocks in use are those on its thread_free plus its notices
+ * on the list taken.  A page with blocks still out keeps one notice,
+ * handed back so that its owner learns of the room when it calls in, and
+ * is armed again (SM_TF_FULL): the next free into it sends a new notice,
+ * which wakes the purge thread (xwatch).  Without that, a page whose last
+ * blocks were freed after the purge thread looked (a consumer slower
+ * than its rounds) would wait for its idle owner forever.  A page armed
+ * again has two notices on the next list; the extra ones go onto its
+ * local_free as the owner would take them.  Counted in the caller's heap,
  * the page's pending counts too; returns the pages given back. */
+enum {
+  SM_CLAIM_DECIDED = 1u << 31,   /* claim_notices: the page's first notice was seen */
+  SM_CLAIM_FREE = 1u << 30,      /* ... and every block of it is free */
+  SM_CLAIM_LEFT = SM_CLAIM_FREE - 1,
+};
+
+static bool sm_page_on_full_list_of(const sm_heap_t *heap, const sm_page_t *page) {
+  return atomic_load_explicit(&page->owner, memory_order_relaxed) == heap &&
+         (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL);
+}
+
+/* A notice the page takes on its local_free, as sm_page_free_delayed. */
+static void sm_claim_take_notice(sm_page_t *page, sm_block_t *b) {
+  sm_track_link(b);
+  b->next = sm_enc(page, page->local_free);
+  page->local_free = b;
+  page->used--;
+  page->used_folded--;
+}
+
 uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
   sm_block_t *list = atomic_load_explicit(&owner->xdelayed, memory_order_relaxed);
+  if (list == NULL || list == SM_XDELAYED_CLOSED) return 0;
+  /* the count first: a notice that comes between is counted and taken */
+  atomic_store_explicit(&owner->xnotices, 0, memory_order_relaxed);
   while (list != NULL && list != SM_XDELAYED_CLOSED &&
          !atomic_compare_exchange_weak_explicit(&owner->xdelayed, &list, NULL, memory_order_acquire,
                                                 memory_order_relaxed)) {
   }
   if (list == NULL || list == SM_XDELAYED_CLOSED) return 0;
-  atomic_store_explicit(&owner->xnotices, 0, memory_order_relaxed);
   sm_block_t *back = NULL, *back_tail = NULL;
   uint64_t n = 0;
   uint32_t nback = 0;
+  bool armed = false;
   sm_lock(&owner->lock);
+  /* watched before any page is armed: its next notice wakes the purge
+   * thread */
+  atomic_store_explicit(&owner->xwatch, 1, memory_order_relaxed);
+  /* each page's notices: those of the owner's full list (no other heap
+   * touches the count of such a page, nor moves it, without this lock) */
+  for (sm_block_t *b = list; b; b = (sm_block_t *)((uintptr_t)b->next ^ sm_secret)) {
+    sm_page_t *page = sm_segment_page_of(sm_ptr_segment(b), b);
+    if (sm_page_on_full_list_of(owner, page) &&
+        !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT))
+      page->claim_notices++;
+  }
   for (sm_block_t *b = list, *next; b; b = next) {
     next = (sm_block_t *)((uintptr_t)b->next ^ sm_secret);
     sm_page_t *page = sm_segment_page_of(sm_ptr_segment(b), b);
-    uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-    uintptr_t tf = atomic_load_explicit(&page->thread_free, memory_order_acquire);
-    if (atomic_load_explicit(&page->owner, memory_order_relaxed) == owner && (flags & SM_PAGE_IN_FULL) &&
-        !(flags & SM_PAGE_CORRUPT) && page->used == sm_tf_count(tf) + 1) {
-      sm_pq_remove(owner, SM_BIN_FULL, page);
-      sm_page_collect_thread_free(page);
-      sm_track_link(b);
-      b->next = sm_enc(page, page->local_free);
-      page->local_free = b;
-      page->used--;
-      page->used_folded--;
-      sm_assert(page->used == 0);
-      /* the fold (sm_page_fold_stats), into the caller's counts */
-      SM_COUNT(self, class_allocs[page->bin], (uint64_t)((int64_t)page->frees - page->used_folded));
-      SM_COUNT(self, class_frees[page->bin], page->frees);
-      page->frees = 0;
-      page->used_folded = 0;
-      sm_page_release_locked(owner, page);
-      n++;
-      continue;
+    uint32_t c = sm_page_on_full_list_of(owner, page) ? page->claim_notices : 0;
+    bool keep = false;
+    if (c == 0) {
+      keep = true;   /* not on the full list (or corrupted): the owner sorts it out */
+    } else if (!(c & SM_CLAIM_DECIDED)) {
+      /* armed first: a block freed after this is noticed, one before it
+       * is counted in v */
+      uintptr_t v = atomic_fetch_or_explicit(&page->thread_free, SM_TF_FULL, memory_order_acq_rel);
+      bool free = page->used == sm_tf_count(v) + c;
+      if (free && !(v & SM_TF_FULL))
+        atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
+      armed = armed || !free;
+      keep = !free;   /* the one notice handed back */
+      c |= SM_CLAIM_DECIDED | (free ? SM_CLAIM_FREE : 0);
     }
-    b->next = (sm_block_t *)((uintptr_t)back ^ sm_secret);
-    back = b;
-    if (!back_tail) back_tail = b;
-    nback++;
+    if (keep) {
+      b->next = (sm_block_t *)((uintptr_t)back ^ sm_secret);
+      back = b;
+      if (!back_tail) back_tail = b;
+      nback++;
+    } else {
+      sm_claim_take_notice(page, b);
+    }
+    if (c == 0) continue;
+    c--;   /* this notice done */
+    page->claim_notices = (c & SM_CLAIM_LEFT) ? c : 0;
+    if ((c & SM_CLAIM_LEFT) || !(c & SM_CLAIM_FREE)) continue;
+    /* the page's last notice, and every block free: give it back */
+    sm_pq_remove(owner, SM_BIN_FULL, page);
+    sm_page_collect_thread_free(page);
+    sm_assert(page->used == 0);
+    /* the fold (sm_page_fold_stats), into the caller's counts */
+    SM_COUNT(self, class_allocs[page->bin], (uint64_t)((int64_t)page->frees - page->used_folded));
+    SM_COUNT(self, class_frees[page->bin], page->frees);
+    page->frees = 0;
+    page->used_folded = 0;
+    sm_page_release_locked(owner, page);
+    n++;
   }
   sm_unlock(&owner->lock);
+  atomic_store_explicit(&owner->xkept, nback, memory_order_relaxed);
+  atomic_store_explicit(&owner->xwatch, armed, memory_order_relaxed);
   /* the other notices go back to the owner, or to their pages if it
    * exited meanwhile */
   if (back && !sm_heap_hand_over(owner, back, back_tail, nback)) {
@@ -710,6 +767,7 @@ static void sm_heap_take_delayed(sm_heap_t *heap, sm_block_t *b) {
 void sm_heap_collect_delayed(sm_heap_t *heap) {
   if (atomic_load_explicit(&heap->xdelayed, memory_order_relaxed) == NULL) return;
   atomic_store_explicit(&heap->xnotices, 0, memory_order_relaxed);
+  atomic_store_explicit(&heap->xwatch, 0, memory_order_relaxed);   /* its owner takes them */
   sm_heap_take_delayed(heap, atomic_exchange_explicit(&heap->xdelayed, NULL, memory_order_acquire));
 }
 

@@ -103,11 +103,12 @@ START_TEST(idle_small_blocks_go_back_without_a_call)
    * enough that the thread starts claiming before the last one, and
    * that this thread's own slow path releases the pages it retired
    * first, once they are older than the purge delay: every retired page
-   * is released, most of them by the purge thread) */
+   * is released, most of them by the purge thread, and the segments they
+   * leave empty may be purged before the last free) */
   for (long waited = 0; waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
     ck_assert_int_eq(sm_test_snap(&c), 0);
     if (c.pages_released - a.pages_released >= retired &&
-        c.segments_purged + c.segments_unmapped >= b.segments_purged + b.segments_unmapped + 14)
+        c.segments_purged + c.segments_unmapped >= a.segments_purged + a.segments_unmapped + 14)
       break;
     bg_sleep_ms(BG_POLL_MS);
   }
@@ -129,7 +130,7 @@ START_TEST(idle_small_blocks_go_back_without_a_call)
                 (unsigned long long)retired);
   ck_assert_uint_ge(c.background_threads - a.background_threads, 1);
   ck_assert_uint_ge(c.segments_purged + c.segments_unmapped,
-                    b.segments_purged + b.segments_unmapped + 14);
+                    a.segments_purged + a.segments_unmapped + 14);
   munmap(v, BG_BLOCKS * sizeof *v);
 }
 END_TEST
@@ -202,6 +203,68 @@ START_TEST(blocks_freed_for_an_idle_thread_go_back_without_a_call)
                 "the purge thread claimed %llu of the idle thread's %llu full pages",
                 (unsigned long long)(c.pages_claimed - a.pages_claimed), (unsigned long long)full);
   ck_assert_uint_ge(c.background_threads - a.background_threads, 1);
+  munmap(bg_w.v, BG_BLOCKS * sizeof *bg_w.v);
+}
+END_TEST
+
+/* The same blocks freed by two threads in turn, the second only once the
+ * purge thread has looked at the first one's frees, found no page free
+ * (each still holds every other block) and exited: the second thread's
+ * frees bring it back, and it claims every page.  (Each freeing thread
+ * exits, which sends its last batches.) */
+static void *bg_free_every_other(void *arg)
+{
+  for (size_t i = (size_t)(uintptr_t)arg; i < BG_BLOCKS; i += 2)
+    smalloc_free(bg_w.v[i]);
+  return NULL;
+}
+
+static void bg_free_by_a_thread(size_t first)
+{
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, bg_free_every_other, (void *)(uintptr_t)first), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+}
+
+START_TEST(blocks_freed_slowly_for_an_idle_thread_go_back_without_a_call)
+{
+  bg_on();
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, bg_w_filler, NULL), 0);
+  sm_test_phase_wait(&bg_w.ph, 1);
+  int before = bg_threads();
+  smalloc_stats_t a, b, c;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  bg_free_by_a_thread(0);
+  /* the purge thread looks, claims nothing and exits */
+  bg_sleep_ms(10 * BG_DELAY_MS);
+  int between = bg_threads();
+  for (long waited = 0; between > before && waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+    bg_sleep_ms(BG_POLL_MS);
+    between = bg_threads();
+  }
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  bg_free_by_a_thread(1);
+  uint64_t full = bg_w.s1.pages_full - bg_w.s0.pages_full;
+  for (long waited = 0; waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+    ck_assert_int_eq(sm_test_snap(&c), 0);
+    if (c.pages_claimed - a.pages_claimed >= full)
+      break;
+    bg_sleep_ms(BG_POLL_MS);
+  }
+  sm_test_phase_set(&bg_w.ph, 2);
+  pthread_join(t, NULL);
+  ck_assert_uint_ge(full, BG_BLOCKS * BG_SIZE / SM_TEST_SMALL_PAGE - 1);
+  /* ThreadSanitizer keeps threads of its own that come and go */
+  ck_assert_msg(SM_TEST_TSAN || between == before,
+                "%d threads after the first half of the frees, %d before", between, before);
+  ck_assert_msg(b.pages_claimed - a.pages_claimed < full / 64,
+                "the purge thread claimed %llu pages with every other block in use",
+                (unsigned long long)(b.pages_claimed - a.pages_claimed));
+  ck_assert_msg(c.pages_claimed - a.pages_claimed >= full,
+                "the purge thread claimed %llu of the idle thread's %llu full pages",
+                (unsigned long long)(c.pages_claimed - a.pages_claimed), (unsigned long long)full);
+  ck_assert_uint_ge(c.background_threads - b.background_threads, 1);
   munmap(bg_w.v, BG_BLOCKS * sizeof *bg_w.v);
 }
 END_TEST
@@ -531,6 +594,7 @@ static Suite *background_suite(void)
   TCase *tc = sm_tcase("background", 300);
   tcase_add_test(tc, idle_small_blocks_go_back_without_a_call);
   tcase_add_test(tc, blocks_freed_for_an_idle_thread_go_back_without_a_call);
+  tcase_add_test(tc, blocks_freed_slowly_for_an_idle_thread_go_back_without_a_call);
   tcase_add_test(tc, idle_huge_block_goes_back_without_a_call);
   tcase_add_test(tc, idle_large_blocks_go_back_without_a_call);
   tcase_add_test(tc, a_burst_goes_back_while_its_thread_calls_in);
