@@ -62,8 +62,8 @@ void sm_heaps_unlock(void) { pthread_mutex_unlock(&sm_heaps_mutex); }
 bool sm_heaps_trylock(void) { return pthread_mutex_trylock(&sm_heaps_mutex) == 0; }
 sm_heap_t *sm_heaps_first(void) { return sm_heaps_all; }
 
-/* Whether a notice came into a heap whose full pages a claim armed again
- * (sm_heap_claim_full) since that claim: the purge thread's last look
+/* Whether a notice came into a watched heap (sm_heap_claim_full) since
+ * the last claim: the purge thread's last look
  * before it exits, after it said so (the notice's thread looks at that
  * after its count, free.c). */
 bool sm_heaps_watched_notices(void) {

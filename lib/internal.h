@@ -344,9 +344,9 @@ struct sm_heap_s {
   /* blocks on xdelayed: past SM_BG_NOTICES, a purge thread is wanted, for
    * the owner may be idle and those pages' blocks freed (background.c) */
   _Atomic uint32_t xnotices;
-  /* the last claim left pages of the full list armed for a notice of
-   * their next free (sm_heap_claim_full): such a notice wants a purge
-   * thread whatever the count, for the owner may be idle; xkept counts
+  /* another thread claimed pages of the full list (sm_heap_claim_full)
+   * since this heap last took its notices: every notice wants a purge
+   * thread, whatever the count, for the owner may be idle; xkept counts
    * the notices that claim handed back, so xnotices above it shows that
    * one came since */
   _Atomic uint8_t xwatch;

@@ -423,10 +423,13 @@ void sm_heap_unfull_all(sm_heap_t *heap) {
  * when its blocks in use are those on its thread_free plus its notices
  * on the list taken.  A page with blocks still out keeps one notice,
  * handed back so that its owner learns of the room when it calls in, and
- * is armed again (SM_TF_FULL): the next free into it sends a new notice,
- * which wakes the purge thread (xwatch).  Without that, a page whose last
- * blocks were freed after the purge thread looked (a consumer slower
- * than its rounds) would wait for its idle owner forever.  A page armed
+ * is armed again (SM_TF_FULL): the next free into it sends a new notice.
+ * From then on every notice into the owner's pages wakes the purge
+ * thread (xwatch), not only the SM_BG_NOTICES-th, until the owner takes
+ * them itself.  Without that, a page whose last blocks were freed after
+ * the purge thread looked (a consumer slower than its rounds, or held up)
+ * would wait for its idle owner forever, and so would the pages noticed
+ * after the thread exited, fewer than SM_BG_NOTICES.  A page armed
  * again has two notices on the next list; the extra ones go onto its
  * local_free as the owner would take them.  Counted in the caller's heap,
  * the page's pending counts too; returns the pages given back. */
@@ -463,10 +466,8 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
   sm_block_t *back = NULL, *back_tail = NULL;
   uint64_t n = 0;
   uint32_t nback = 0;
-  bool armed = false;
   sm_lock(&owner->lock);
-  /* watched before any page is armed: its next notice wakes the purge
-   * thread */
+  /* watched before any page is armed */
   atomic_store_explicit(&owner->xwatch, 1, memory_order_relaxed);
   /* each page's notices: those of the owner's full list (no other heap
    * touches the count of such a page, nor moves it, without this lock) */
@@ -490,7 +491,6 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
       bool free = page->used == sm_tf_count(v) + c;
       if (free && !(v & SM_TF_FULL))
         atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
-      armed = armed || !free;
       keep = !free;   /* the one notice handed back */
       c |= SM_CLAIM_DECIDED | (free ? SM_CLAIM_FREE : 0);
     }
@@ -520,7 +520,6 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
   }
   sm_unlock(&owner->lock);
   atomic_store_explicit(&owner->xkept, nback, memory_order_relaxed);
-  atomic_store_explicit(&owner->xwatch, armed, memory_order_relaxed);
   /* the other notices go back to the owner, or to their pages if it
    * exited meanwhile */
   if (back && !sm_heap_hand_over(owner, back, back_tail, nback)) {
@@ -774,6 +773,7 @@ void sm_heap_collect_delayed(sm_heap_t *heap) {
 /* Thread exit: take the last blocks and close the list; hand-overs that
  * still come go to their pages' thread_free (free.c). */
 void sm_heap_close_delayed(sm_heap_t *heap) {
+  atomic_store_explicit(&heap->xwatch, 0, memory_order_relaxed);
   sm_heap_take_delayed(heap, atomic_exchange_explicit(&heap->xdelayed, SM_XDELAYED_CLOSED, memory_order_acquire));
 }
 

@@ -20,6 +20,8 @@
  * busy machine (CI runs two suites at once) it was still at work after
  * 20 s, a few dozen pages short of the last. */
 enum { BG_DELAY_MS = 100, BG_POLL_MS = 20, BG_POLL_MAX_MS = SM_TEST_SANITIZED ? 120000 : 20000 };
+/* retired pages of one thread that start the purge thread (smalloc(7)) */
+#define BG_WAKE_BYTES ((uint64_t)8 << 20)
 
 static void bg_sleep_ms(long ms)
 {
@@ -99,15 +101,19 @@ START_TEST(idle_small_blocks_go_back_without_a_call)
   size_t rss2 = bg_wait_rss(SM_TEST_SANITIZED ? SIZE_MAX : rss0 + 10 * MiB);
   uint64_t retired = b.pages_retired - a.pages_retired;
   /* the resident size falls while the purge thread works; its counts
-   * come with it (from the first free on: a slow build frees for long
-   * enough that the thread starts claiming before the last one, and
-   * that this thread's own slow path releases the pages it retired
-   * first, once they are older than the purge delay: every retired page
-   * is released, most of them by the purge thread, and the segments they
-   * leave empty may be purged before the last free) */
+   * come with it.  A slow build (a sanitizer on a loaded machine) frees
+   * for long enough that the thread releases pages before the last free,
+   * this thread's own slow path releases some, and the segments they
+   * leave empty may be purged before the last free.  It may even find
+   * every retired page released while this thread is held up, and exit:
+   * the pages retired after that wait for this thread's next call, or
+   * for the purge thread to come back, which takes 8 MiB of them
+   * (smalloc(7)).  Fewer are left; none in a quick run. */
+  uint64_t wake_pages = BG_WAKE_BYTES / SM_TEST_SMALL_PAGE;
+  uint64_t may_stay = SM_TEST_SANITIZED ? wake_pages - 1 : 0;
   for (long waited = 0; waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
     ck_assert_int_eq(sm_test_snap(&c), 0);
-    if (c.pages_released - a.pages_released >= retired &&
+    if (c.pages_released - a.pages_released + may_stay >= retired &&
         c.segments_purged + c.segments_unmapped >= a.segments_purged + a.segments_unmapped + 14)
       break;
     bg_sleep_ms(BG_POLL_MS);
@@ -120,11 +126,16 @@ START_TEST(idle_small_blocks_go_back_without_a_call)
                 "resident %zu MiB after %d ms idle; %zu MiB before the burst", rss2 / MiB,
                 BG_POLL_MAX_MS, rss0 / MiB);
   ck_assert_uint_ge(retired, BG_BLOCKS * BG_SIZE / SM_TEST_SMALL_PAGE - 1);
-  ck_assert_msg(c.pages_released - a.pages_released == retired,
+  ck_assert_msg(c.pages_released - a.pages_released <= retired &&
+                    c.pages_released - a.pages_released + may_stay >= retired,
                 "%llu of the %llu retired pages released",
                 (unsigned long long)(c.pages_released - a.pages_released),
                 (unsigned long long)retired);
-  ck_assert_msg(2 * (c.pages_claimed - a.pages_claimed) > retired,
+  /* most of them claimed by the purge thread once this thread went
+   * idle; a slow build may have had them all released as they aged,
+   * while this thread was still freeing (the purge thread's work under
+   * a sanitizer is shown by the other tests here) */
+  ck_assert_msg(SM_TEST_SANITIZED || 2 * (c.pages_claimed - a.pages_claimed) > retired,
                 "the purge thread claimed %llu of the %llu retired pages",
                 (unsigned long long)(c.pages_claimed - a.pages_claimed),
                 (unsigned long long)retired);
@@ -239,7 +250,9 @@ START_TEST(blocks_freed_slowly_for_an_idle_thread_go_back_without_a_call)
   /* the purge thread looks, claims nothing and exits */
   bg_sleep_ms(10 * BG_DELAY_MS);
   int between = bg_threads();
-  for (long waited = 0; between > before && waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+  /* (ThreadSanitizer keeps threads of its own that come and go) */
+  for (long waited = 0; !SM_TEST_TSAN && between > before && waited < BG_POLL_MAX_MS;
+       waited += BG_POLL_MS) {
     bg_sleep_ms(BG_POLL_MS);
     between = bg_threads();
   }
@@ -361,12 +374,14 @@ START_TEST(purge_thread_exits_when_done)
   bg_give_something_back();
   int during = bg_threads();
   int now = during;
-  for (long waited = 0; now > before && waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+  /* ThreadSanitizer keeps threads of its own that come and go: the
+   * count cannot show the exit there */
+  for (long waited = 0; !SM_TEST_TSAN && now > before && waited < BG_POLL_MAX_MS;
+       waited += BG_POLL_MS) {
     bg_sleep_ms(BG_POLL_MS);
     now = bg_threads();
   }
   ck_assert_msg(during >= before + 1, "%d threads before the free, %d after", before, during);
-  /* ThreadSanitizer keeps threads of its own that come and go */
   ck_assert_msg(SM_TEST_TSAN || now == before,
                 "%d threads %d ms after the memory was purged, %d before", now, BG_POLL_MAX_MS,
                 before);
