@@ -339,6 +339,53 @@ START_TEST(trim_from_main_releases_pages_it_freed_for_an_idle_worker)
 }
 END_TEST
 
+/* The same, with this thread's frees in two halves (every other block,
+ * then the rest) and a malloc_trim(0) after each: the first finds every
+ * page with blocks still out and claims none; each page then has two
+ * notices for the second, which claims every one, exactly. */
+static void sh_free_every_other(void **v, size_t n, size_t first)
+{
+  for (size_t i = first; i < n; i += 2)
+    smalloc_free(v[i]);
+}
+
+START_TEST(trim_claims_pages_freed_in_two_halves_for_an_idle_worker)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  sh_idle.v = mmap(NULL, SH_TRIM_BLOCKS * sizeof(void *), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ck_assert(sh_idle.v != MAP_FAILED);
+  sh_idle.max = SH_TRIM_BLOCKS;
+  sh_idle.size = SH_TRIM_SIZE;
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, sh_fill_worker, NULL), 0);
+  sh_set_phase(1);
+  sh_wait_phase(2);
+  ck_assert_uint_eq(sh_idle.n, SH_TRIM_BLOCKS);
+  smalloc_stats_t a, b, c;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  sh_free_every_other(sh_idle.v, sh_idle.n, 0);
+  smalloc_malloc_trim(0);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  sh_free_every_other(sh_idle.v, sh_idle.n, 1);
+  smalloc_malloc_trim(0);
+  ck_assert_int_eq(sm_test_snap(&c), 0);
+  sh_set_phase(3);
+  pthread_join(t, NULL);
+  munmap(sh_idle.v, SH_TRIM_BLOCKS * sizeof(void *));
+  const smalloc_stats_t *s0 = &sh_idle.s0, *s1 = &sh_idle.s1;
+  int k = sm_test_class_index(s0, SH_TRIM_SIZE);
+  ck_assert_int_ge(k, 0);
+  uint64_t full = s1->pages_full - s0->pages_full;
+  ck_assert_uint_ge(full, SH_TRIM_BLOCKS * SH_TRIM_SIZE / SM_TEST_SMALL_PAGE - 1);
+  ck_assert_uint_eq(b.pages_claimed - a.pages_claimed, 0);
+  ck_assert_msg(c.pages_claimed - b.pages_claimed == full,
+                "the second malloc_trim claimed %llu of the idle worker's %llu full pages",
+                (unsigned long long)(c.pages_claimed - b.pages_claimed), (unsigned long long)full);
+  ck_assert_uint_eq(c.classes[k].pages_in_use, s0->classes[k].pages_in_use + 1);
+}
+END_TEST
+
 /* ---- pages emptied by another thread's frees ------------------------------ */
 
 enum { SH_X_SIZE = SM_TEST_REQUEST_FOR(64), SH_X_PAGES = 6 };
@@ -984,6 +1031,7 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, posix_memalign_enomem_sets_errno);
   tcase_add_test(tc, trim_from_main_releases_idle_workers_pages);
   tcase_add_test(tc, trim_from_main_releases_pages_it_freed_for_an_idle_worker);
+  tcase_add_test(tc, trim_claims_pages_freed_in_two_halves_for_an_idle_worker);
   tcase_add_test(tc, pages_emptied_by_remote_frees_retire);
   tcase_add_test(tc, queued_pages_emptied_by_remote_frees_expire);
   tcase_add_test(tc, many_threads_freeing_each_others_blocks_stay_bounded);
