@@ -63,9 +63,9 @@ bool sm_heaps_trylock(void) { return pthread_mutex_trylock(&sm_heaps_mutex) == 0
 sm_heap_t *sm_heaps_first(void) { return sm_heaps_all; }
 
 /* Whether a notice came into a watched heap (sm_heap_claim_full) since
- * the last claim: the purge thread's last look
- * before it exits, after it said so (the notice's thread looks at that
- * after its count, free.c). */
+ * its last claim: the purge thread's last look before it exits, made
+ * after it said it stopped (a notice's thread looks at that after its
+ * count, free.c: one of the two sees the other). */
 bool sm_heaps_watched_notices(void) {
   bool any = false;
   atomic_thread_fence(memory_order_seq_cst);

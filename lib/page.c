@@ -190,8 +190,9 @@ void sm_page_collect_thread_free(sm_page_t *page) {
 void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page) {
   size_t bin = page->bin;
   int64_t allocs = (int64_t)page->frees + (int64_t)page->used - page->used_folded;
-  sm_cnt_add(heap->stats.class_allocs[bin], (uint64_t)allocs);
-  sm_cnt_add(heap->stats.class_frees[bin], page->frees);
+  /* heap may be the purge thread's (a claim): then the orphan totals */
+  SM_COUNT(heap, class_allocs[bin], (uint64_t)allocs);
+  SM_COUNT(heap, class_frees[bin], page->frees);
   page->frees = 0;
   page->used_folded = (int32_t)page->used;
 }
@@ -431,8 +432,9 @@ void sm_heap_unfull_all(sm_heap_t *heap) {
  * would wait for its idle owner forever, and so would the pages noticed
  * after the thread exited, fewer than SM_BG_NOTICES.  A page armed
  * again has two notices on the next list; the extra ones go onto its
- * local_free as the owner would take them.  Counted in the caller's heap,
- * the page's pending counts too; returns the pages given back. */
+ * local_free as the owner would take them (sm_page_take_notice).
+ * Counted in the caller's heap, the page's pending counts too; returns
+ * the pages given back. */
 enum {
   SM_CLAIM_DECIDED = 1u << 31,   /* claim_notices: the page's first notice was seen */
   SM_CLAIM_FREE = 1u << 30,      /* ... and every block of it is free */
@@ -444,14 +446,7 @@ static bool sm_page_on_full_list_of(const sm_heap_t *heap, const sm_page_t *page
          (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL);
 }
 
-/* A notice the page takes on its local_free, as sm_page_free_delayed. */
-static void sm_claim_take_notice(sm_page_t *page, sm_block_t *b) {
-  sm_track_link(b);
-  b->next = sm_enc(page, page->local_free);
-  page->local_free = b;
-  page->used--;
-  page->used_folded--;
-}
+static void sm_page_take_notice(sm_page_t *page, sm_block_t *b);
 
 uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
   sm_block_t *list = atomic_load_explicit(&owner->xdelayed, memory_order_relaxed);
@@ -500,7 +495,7 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
       if (!back_tail) back_tail = b;
       nback++;
     } else {
-      sm_claim_take_notice(page, b);
+      sm_page_take_notice(page, b);
     }
     if (c == 0) continue;
     c--;   /* this notice done */
@@ -510,11 +505,7 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
     sm_pq_remove(owner, SM_BIN_FULL, page);
     sm_page_collect_thread_free(page);
     sm_assert(page->used == 0);
-    /* the fold (sm_page_fold_stats), into the caller's counts */
-    SM_COUNT(self, class_allocs[page->bin], (uint64_t)((int64_t)page->frees - page->used_folded));
-    SM_COUNT(self, class_frees[page->bin], page->frees);
-    page->frees = 0;
-    page->used_folded = 0;
+    sm_page_fold_stats(self, page);   /* into the caller's counts */
     sm_page_release_locked(owner, page);
     n++;
   }
@@ -724,21 +715,27 @@ void sm_page_unfull_locked(sm_heap_t *heap, sm_page_t *page) {
   sm_cnt_add(heap->stats.pages_unfull, 1);
 }
 
-/* The owner takes back a block another thread freed into a page on the
- * full list and handed over (tagged, and counted by that thread).  Like a
- * collected thread_free block, it leaves used and the fold's baseline
- * together; the page comes back from the full list with what else other
- * threads freed into it, and retires if that empties it. */
-void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
+/* Under the owner's lock: a block another thread freed into the page
+ * and handed over (tagged, and counted by that thread) goes on its
+ * local_free.  Like a collected thread_free block, it leaves used and the
+ * fold's baseline together. */
+static void sm_page_take_notice(sm_page_t *page, sm_block_t *b) {
   sm_track_link(b);
-  sm_lock(&heap->lock);   /* the page may be on the full list */
   b->next = sm_enc(page, page->local_free);
   page->local_free = b;
   page->xfreed = 1;
-  if (sm_likely(page->used > 0)) {
+  if (sm_likely(page->used > 0)) {   /* 0: only in a page found corrupted */
     page->used--;
     page->used_folded--;
   }
+}
+
+/* The owner takes back a handed-over block; the page comes back from the
+ * full list with what else other threads freed into it, and retires if
+ * that empties it. */
+void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
+  sm_lock(&heap->lock);   /* the page may be on the full list */
+  sm_page_take_notice(page, b);
   sm_page_unfull_locked(heap, page);
   sm_unlock(&heap->lock);
   sm_page_collect_thread_free(page);   /* the rest of that thread's batch, often */
