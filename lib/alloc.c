@@ -101,7 +101,7 @@ static void *sm_malloc_slow(sm_heap_t *heap, size_t n) {
   return sm_prof_count(heap, page, p, n);
 }
 
-void *sm_malloc_generic(sm_heap_t *heap, size_t n) {
+void *sm_malloc_generic(size_t n, sm_heap_t *heap) {
   void *p = sm_malloc_slow(heap, n);
   sm_background_poll();   /* the block is out: no page state is held */
   return p;

@@ -457,8 +457,7 @@ SM_INLINE uintptr_t sm_heap_owner_id(const sm_heap_t *heap) { return (uintptr_t)
  * Where it is kept:
  *   - the window: 2^16 bytes in .bss for the 256 GiB of address space
  *     around the first segment (sm_segmap_base, set once by os.c), where
- *     the kernel places the mappings of nearly every process; free looks
- *     there with one subtraction and one compare;
+ *     the kernel places the mappings of nearly every process;
  *   - elsewhere, three levels: a root in .bss of 2^11 entries, mid tables
  *     of 2^10 entries and leaves of 2^14 units (16 KiB each, for 64 GiB
  *     of address space), which os.c maps when it first maps a segment in
@@ -490,6 +489,26 @@ SM_INLINE size_t sm_segmap_leaf_of(uintptr_t unit) { return unit & (SM_SEGMAP_LE
 extern uintptr_t sm_segmap_base;   /* set once, read with __atomic_load_n */
 extern _Atomic uint8_t sm_segmap_window[SM_SEGMAP_WINDOW];
 extern _Atomic(sm_segmap_mid_t *) sm_segmap_root[SM_SEGMAP_ROOTS];
+
+/* ---- page map: free's way from a pointer to its page ------------------- */
+/* Each 64 KiB slice of the 32 GiB around the first segment has the page
+ * descriptor its blocks belong to (NULL where no segment is): free's fast
+ * path finds the page with one subtraction, one compare and one load,
+ * and sends every pointer it does not find the long way (segment map,
+ * cookie).  Written only by sm_segmap_set, from the segment's page shift:
+ * the page map is the segment map's byte spelled out per slice.
+ * 4 MiB of .bss, touched 4 KiB per 32 MiB of segments. */
+#define SM_PAGEMAP_SHIFT   SM_SMALL_SHIFT
+#define SM_PAGEMAP_SLICES  ((uintptr_t)1 << 19)
+#define SM_PAGEMAP_UNIT    (SM_SEGMENT_SIZE >> SM_PAGEMAP_SHIFT)   /* slices per segment */
+_Static_assert(SM_PAGEMAP_SLICES % SM_PAGEMAP_UNIT == 0, "the window holds whole segments");
+extern uintptr_t sm_pagemap_base;   /* first slice, set once by os.c */
+extern _Atomic(sm_page_t *) sm_pagemap[SM_PAGEMAP_SLICES];
+SM_INLINE sm_page_t *sm_pagemap_near(const void *p) {
+  uintptr_t i = ((uintptr_t)p >> SM_PAGEMAP_SHIFT) - __atomic_load_n(&sm_pagemap_base, __ATOMIC_RELAXED);
+  if (sm_likely(i < SM_PAGEMAP_SLICES)) return atomic_load_explicit(&sm_pagemap[i], memory_order_relaxed);
+  return NULL;
+}
 
 /* The byte of the unit at seg: where it is kept (NULL beyond the map). */
 _Atomic uint8_t *sm_segmap_slot(uintptr_t seg);
@@ -649,7 +668,7 @@ SM_COLD void sm_call_failed(sm_heap_t *heap, int err);
 #define sm_assert_expensive(x) ((SM_DEBUG >= 2 && sm_unlikely(!(x))) ? sm_assert_fail(#x, __FILE__, __LINE__) : (void)0)
 
 /* ---- alloc.c --------------------------------------------------------- */
-void *sm_malloc_generic(sm_heap_t *heap, size_t n);
+void *sm_malloc_generic(size_t n, sm_heap_t *heap);
 void *sm_calloc(size_t count, size_t size);
 void *sm_realloc(void *p, size_t n, enum sm_call who);
 void *sm_malloc_aligned(size_t alignment, size_t n);
@@ -717,7 +736,7 @@ SM_INLINE void *sm_prof_count(sm_heap_t *heap, sm_page_t *page, void *p, size_t 
   return p;
 }
 
-/* The fast path: malloc is 26 instructions to its ret on x86-64 (gcc 12,
+/* The fast path: malloc is 24 instructions to its ret on x86-64 (gcc 12,
  * -O2; one of them the tag cleared, 4 the tag checked, 1 the branch of
  * the profiler's count-down), three unlikely branches besides the size
  * test.  The first also catches the static empty heap (its pages are
@@ -728,14 +747,14 @@ SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
   sm_page_t *page = heap->direct[(sm_class_size(n) + 15) >> 4];
   sm_block_t *b = page->free;
   if (sm_unlikely(((uintptr_t)b ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT))
-    return sm_malloc_generic(heap, n);
+    return sm_malloc_generic(n, heap);
   /* a block on a list is tagged free (the key, or the key ^ SM_TAG_REMOTE
    * after a free by another thread); one that is not was handed out
    * already and must not be again (a double free after a stale write), or
    * was written after its free: the slow path reports it */
   if (sm_unlikely((b->tag ^ page->key) > SM_TAG_REMOTE))
-    return sm_malloc_generic(heap, n);
-  if (SM_CANARY && sm_unlikely(!sm_poison_ok(page, b))) return sm_malloc_generic(heap, n);
+    return sm_malloc_generic(n, heap);
+  if (SM_CANARY && sm_unlikely(!sm_poison_ok(page, b))) return sm_malloc_generic(n, heap);
   sm_block_t *next = sm_dec(page, b->next);
   page->free = next;
   __builtin_prefetch(next);     /* the next malloc's block: often cold, or another core's */
@@ -749,7 +768,7 @@ SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
 SM_INLINE void *sm_malloc(size_t n) {
   sm_heap_t *heap = sm_heap();
   if (sm_likely(n <= SM_DIRECT_MAX - SM_CANARY)) return sm_malloc_small(heap, n);
-  return sm_malloc_generic(heap, n);
+  return sm_malloc_generic(n, heap);
 }
 
 /* ---- free.c ------------------------------------------------------------ */
@@ -792,20 +811,17 @@ SM_INLINE void sm_free_owner_push(sm_page_t *page, void *p) {
     sm_free_emptied(page);
 }
 
-/* Free on the owner thread: 44 instructions to its ret on x86-64 (gcc 12,
- * -O2; 3 of them the segment map window, 2 the local list's head
- * compared with the block); with malloc's 26 and the loop, a
- * malloc(32)+free pair is 88.5 under callgrind (make bench-callgrind).
+/* Free on the owner thread: 36 instructions to its ret on x86-64 (gcc 12,
+ * -O2; 10 of them find the page in the page map, 2 compare the local
+ * list's head with the block); with malloc's 24 and the loop, a
+ * malloc(32)+free pair is 78.7 under callgrind (make bench-callgrind).
  * Checks (all cheap): the pointer is in a segment, it starts a block, its
  * tag word holds neither the page's key nor the remote tag, and it is not
  * the block freed last in its page (else: a full double-free check in the
  * slow path). */
 SM_INLINE void sm_free_inline(void *p) {
-  sm_segment_t *seg = sm_ptr_segment(p);
-  unsigned shift = sm_segmap_shift_near((uintptr_t)seg);
-  if (sm_unlikely(shift == 0)) { sm_free_generic(p, "free"); return; }
-  sm_page_t *page = &seg->pages[((uintptr_t)p - (uintptr_t)seg) >> shift];
-  __asm__("" : "+r"(page));   /* one register for the page (gcc 12 builds it twice) */
+  sm_page_t *page = sm_pagemap_near(p);
+  if (sm_unlikely(page == NULL)) { sm_free_generic(p, "free"); return; }
   uintptr_t xtid = atomic_load_explicit(&page->xtid, memory_order_relaxed);
   uintptr_t self = sm_heap_owner_id(sm_heap());
   /* a block start: inside the page's blocks (not its segment header or

@@ -55,6 +55,8 @@ static void *sm_sys_mremap(void *p, size_t old_size, size_t new_size, int flags,
 /* ---- the segment map's storage (internal.h) ------------------------------ */
 uintptr_t sm_segmap_base = SM_SEGMAP_NO_BASE;
 _Atomic uint8_t sm_segmap_window[SM_SEGMAP_WINDOW];
+uintptr_t sm_pagemap_base = SM_SEGMAP_NO_BASE;
+_Atomic(sm_page_t *) sm_pagemap[SM_PAGEMAP_SLICES];
 _Atomic(sm_segmap_mid_t *) sm_segmap_root[SM_SEGMAP_ROOTS];
 
 /* The table at *slot (a mid table or a leaf of size bytes), mapped and
@@ -77,16 +79,22 @@ static void *sm_segmap_table(_Atomic(void *) *slot, size_t size) {
  * and leaf for the unit are mapped.  False when the address is beyond the
  * map or a table cannot be mapped, and the caller then gives the mapping
  * back.  Tables stay for the life of the process. */
+/* The base of a window of size entries, placed around entry at by the
+ * first caller; two threads racing keep the first. */
+static uintptr_t sm_window_place(uintptr_t *base_var, uintptr_t at, uintptr_t size) {
+  uintptr_t base = __atomic_load_n(base_var, __ATOMIC_RELAXED);
+  if (base != SM_SEGMAP_NO_BASE) return base;
+  uintptr_t want = at > size / 2 ? at - size / 2 : 0;
+  if (__atomic_compare_exchange_n(base_var, &base, want, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+    return want;
+  return base;   /* another thread placed it */
+}
+
 bool sm_segmap_prepare(uintptr_t seg) {
   uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
-  uintptr_t base = __atomic_load_n(&sm_segmap_base, __ATOMIC_RELAXED);
-  if (base == SM_SEGMAP_NO_BASE) {
-    uintptr_t want = unit > SM_SEGMAP_WINDOW / 2 ? unit - SM_SEGMAP_WINDOW / 2 : 0;
-    if (!__atomic_compare_exchange_n(&sm_segmap_base, &base, want, false, __ATOMIC_RELAXED,
-                                     __ATOMIC_RELAXED))
-      want = base;   /* another thread placed it */
-    base = want;
-  }
+  /* the page map's window starts at a segment: a segment is in it whole, or not at all */
+  sm_window_place(&sm_pagemap_base, unit * SM_PAGEMAP_UNIT, SM_PAGEMAP_SLICES);
+  uintptr_t base = sm_window_place(&sm_segmap_base, unit, SM_SEGMAP_WINDOW);
   if (unit - base < SM_SEGMAP_WINDOW) return true;
   uintptr_t r = sm_segmap_root_of(unit);
   if (r >= SM_SEGMAP_ROOTS) return false;

@@ -41,11 +41,22 @@ unsigned sm_segmap_shift_far(uintptr_t seg) {
 }
 
 /* Record (or with 0 erase) the segment at seg in the map; os.c gave its
- * unit a place when it mapped the segment. */
+ * unit a place when it mapped the segment.  Where the page map's window
+ * holds the segment, each of its slices gets the page it lies in (free's
+ * fast path), before the segment map says the segment is there. */
 void sm_segmap_set(uintptr_t seg, unsigned shift) {
   _Atomic uint8_t *slot = sm_segmap_slot(seg);
   sm_assert(slot != NULL || shift == 0);
+  sm_assert(shift == 0 || shift >= SM_PAGEMAP_SHIFT);
   if (slot == NULL) return;
+  uintptr_t first = (seg >> SM_PAGEMAP_SHIFT) - __atomic_load_n(&sm_pagemap_base, __ATOMIC_RELAXED);
+  if (first < SM_PAGEMAP_SLICES) {
+    sm_segment_t *s = (sm_segment_t *)seg;
+    for (uintptr_t j = 0; j < SM_PAGEMAP_UNIT; j++) {
+      sm_page_t *page = shift ? &s->pages[j >> (shift - SM_PAGEMAP_SHIFT)] : NULL;
+      atomic_store_explicit(&sm_pagemap[first + j], page, memory_order_release);
+    }
+  }
   atomic_store_explicit(slot, (uint8_t)shift, memory_order_release);
 }
 

@@ -1,8 +1,10 @@
-/* The segment map and the thread_free word at any address width.
+/* The segment map, the page map and the thread_free word at any address
+ * width.
  *
- * free finds a block's segment through the segment map: a window around
- * the first segment, and three levels of tables beyond it that cover
- * 57-bit addresses (x86-64 with 5-level paging, arm64 with 52-bit VA).
+ * free finds a block's page through the page map (a 32 GiB window around
+ * the first segment), and otherwise its segment through the segment map:
+ * a wider window, and three levels of tables beyond it that cover 57-bit
+ * addresses (x86-64 with 5-level paging, arm64 with 52-bit VA).
  * This suite links the library's objects (libsmalloc-core.la) to reach
  * the map and the hint for the next segment's address:
  *   - a segment placed far from the window (below 2^47 on any kernel;
@@ -56,7 +58,7 @@ static void *far_thread(void *arg)
  * for a new thread's heap; use it from that thread and from this one. */
 static void far_segment_serves(uintptr_t seg)
 {
-  SM_CHILD_CHECK(sm_segmap_shift_near(seg) == 0, "%#lx is inside the window",
+  SM_CHILD_CHECK(sm_pagemap_near((void *)seg) == NULL, "%#lx is inside the page map's window",
                  (unsigned long)seg);
   uint64_t before = blocks_in_use();
   atomic_store(&sm_os_hint, seg);
@@ -67,6 +69,8 @@ static void far_segment_serves(uintptr_t seg)
                  sm_segmap_shift(seg), (unsigned long)seg);
   SM_CHILD_CHECK(blocks_in_use() == before + FAR_N / 2, "blocks_in_use %llu, want %llu",
                  (unsigned long long)blocks_in_use(), (unsigned long long)(before + FAR_N / 2));
+  SM_CHILD_CHECK(sm_pagemap_near(far_blocks[1]) == NULL, "a block at %p is in the page map",
+                 far_blocks[1]);
   for (int i = 1; i < FAR_N; i += 2) {
     unsigned char *b = far_blocks[i];
     SM_CHILD_CHECK(b[0] == (unsigned char)i && b[63] == (unsigned char)i, "block %d changed", i);
@@ -101,6 +105,8 @@ static void far_below_the_window(void)
   for (uintptr_t unit = base - 16384; unit > 16384; unit -= 16384) {
     uintptr_t seg = unit << SM_SEGMENT_SHIFT;
     if (range_is_free(seg, SM_SEGMENT_SIZE)) {
+      SM_CHILD_CHECK(sm_segmap_shift_near(seg) == 0, "%#lx is inside the window",
+                     (unsigned long)seg);
       far_segment_serves(seg);
       return;
     }
@@ -111,6 +117,101 @@ static void far_below_the_window(void)
 START_TEST(a_segment_far_from_the_window_serves)
 {
   sm_test_in_child(far_below_the_window);
+}
+END_TEST
+
+/* The page map's first and last unit (in segments) and the segment map's
+ * window start: the page map's window lies inside the segment map's. */
+static uintptr_t pagemap_first_unit(void)
+{
+  return __atomic_load_n(&sm_pagemap_base, __ATOMIC_RELAXED) / SM_PAGEMAP_UNIT;
+}
+
+/* A segment in the segment map's window but outside the page map's: its
+ * blocks are freed the long way (segment map, cookie), from its thread
+ * and from another one. */
+static void beside_the_page_map(void)
+{
+  window_first();
+  uintptr_t first = pagemap_first_unit();
+  uintptr_t base = __atomic_load_n(&sm_segmap_base, __ATOMIC_RELAXED);
+  SM_CHILD_CHECK(first > base, "the page map starts at unit %#lx, the window at %#lx",
+                 (unsigned long)first, (unsigned long)base);
+  for (uintptr_t unit = first - 1; unit > base; unit -= 64) {
+    uintptr_t seg = unit << SM_SEGMENT_SHIFT;
+    if (range_is_free(seg, SM_SEGMENT_SIZE)) {
+      SM_CHILD_CHECK(sm_segmap_shift_near(seg) == 0 && unit - base < SM_SEGMAP_WINDOW,
+                     "%#lx is not free in the window", (unsigned long)seg);
+      far_segment_serves(seg);
+      SM_CHILD_CHECK(sm_segmap_shift_near(seg) == SM_SMALL_SHIFT, "%#lx not in the window",
+                     (unsigned long)seg);
+      return;
+    }
+  }
+  SM_CHILD_CHECK(false, "no free 4 MiB between unit %#lx and %#lx", (unsigned long)base,
+                 (unsigned long)first);
+}
+
+START_TEST(a_segment_outside_the_page_map_serves)
+{
+  sm_test_in_child(beside_the_page_map);
+}
+END_TEST
+
+/* Every slice of a segment in the page map's window names the page that
+ * the segment's shift puts it in; erased, none does. */
+START_TEST(the_page_map_names_each_slices_page)
+{
+  window_first();
+  uintptr_t first = pagemap_first_unit();
+  const unsigned shifts[] = {SM_SMALL_SHIFT, SM_MEDIUM_SHIFT, SM_SEGMENT_SHIFT};
+  uintptr_t unit = first + SM_PAGEMAP_SLICES / SM_PAGEMAP_UNIT - 1;   /* the last */
+  for (; unit > first; unit--)
+    if (sm_segmap_shift(unit << SM_SEGMENT_SHIFT) == 0 &&
+        range_is_free(unit << SM_SEGMENT_SHIFT, SM_SEGMENT_SIZE)) break;
+  ck_assert_msg(unit > first, "no free unit in the page map's window");
+  uintptr_t seg = unit << SM_SEGMENT_SHIFT;   /* synthetic: nothing is mapped there */
+  sm_segment_t *s = (sm_segment_t *)seg;
+  ck_assert_msg(sm_segmap_prepare(seg), "no place in the map for %#lx", (unsigned long)seg);
+  for (size_t k = 0; k < sizeof shifts / sizeof shifts[0]; k++) {
+    sm_segmap_set(seg, shifts[k]);
+    for (uintptr_t off = 0; off < SM_SEGMENT_SIZE; off += SM_OS_PAGE) {
+      sm_page_t *want = &s->pages[off >> shifts[k]];
+      ck_assert_msg(sm_pagemap_near((void *)(seg + off)) == want,
+                    "shift %u: offset %#lx has page %p, want %p", shifts[k], (unsigned long)off,
+                    (void *)sm_pagemap_near((void *)(seg + off)), (void *)want);
+    }
+    ck_assert_ptr_null(sm_pagemap_near((void *)(seg + SM_SEGMENT_SIZE)));
+    ck_assert_ptr_null(sm_pagemap_near((void *)(seg - 1)));
+    sm_segmap_set(seg, 0);
+    for (uintptr_t off = 0; off < SM_SEGMENT_SIZE; off += SM_OS_PAGE)
+      ck_assert_ptr_null(sm_pagemap_near((void *)(seg + off)));
+  }
+}
+END_TEST
+
+/* Blocks of every kind the library hands out are found in the page map
+ * at the page that the long way finds. */
+START_TEST(the_page_map_agrees_with_the_segment_map)
+{
+  const size_t sizes[] = {16, 64, 1024, 8192, 20000, 200000, 300000, 1 << 20, 5 << 20};
+  void *blocks[sizeof sizes / sizeof sizes[0]];
+  for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+    blocks[i] = smalloc_malloc(sizes[i]);
+    ck_assert_ptr_nonnull(blocks[i]);
+    sm_segment_t *seg;
+    sm_page_t *page;
+    ck_assert_msg(sm_lookup(blocks[i], &seg, &page), "malloc(%zu) gave %p, not found",
+                  sizes[i], blocks[i]);
+    if (sm_pagemap_near(blocks[i]) == NULL) {
+      /* outside the window: the whole segment is */
+      ck_assert_ptr_null(sm_pagemap_near(seg));
+      continue;
+    }
+    ck_assert_msg(sm_pagemap_near(blocks[i]) == page, "malloc(%zu) gave %p: page %p, want %p",
+                  sizes[i], blocks[i], (void *)sm_pagemap_near(blocks[i]), (void *)page);
+  }
+  for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) smalloc_free(blocks[i]);
 }
 END_TEST
 
@@ -203,6 +304,9 @@ int main(void)
   Suite *s = suite_create("segmap");
   TCase *tc = sm_tcase("core", 120);
   tcase_add_test(tc, a_segment_far_from_the_window_serves);
+  tcase_add_test(tc, a_segment_outside_the_page_map_serves);
+  tcase_add_test(tc, the_page_map_names_each_slices_page);
+  tcase_add_test(tc, the_page_map_agrees_with_the_segment_map);
   tcase_add_test(tc, a_segment_above_2_47_serves_where_the_kernel_allows);
   tcase_add_test(tc, the_map_covers_57_bit_addresses);
   tcase_add_test(tc, the_thread_free_word_keeps_high_addresses);
