@@ -491,23 +491,49 @@ extern _Atomic uint8_t sm_segmap_window[SM_SEGMAP_WINDOW];
 extern _Atomic(sm_segmap_mid_t *) sm_segmap_root[SM_SEGMAP_ROOTS];
 
 /* ---- page map: free's way from a pointer to its page ------------------- */
-/* Each 64 KiB slice of the 32 GiB around the first segment has the page
- * descriptor its blocks belong to (NULL where no segment is): free's fast
- * path finds the page with one subtraction, one compare and one load,
- * and sends every pointer it does not find the long way (segment map,
- * cookie).  Written only by sm_segmap_set, from the segment's page shift:
- * the page map is the segment map's byte spelled out per slice.
+/* Each 64 KiB slice of the 32 GiB around the first segment names the page
+ * descriptor its blocks belong to, as its distance from the map's start:
+ * free's fast path finds the page with one subtraction, one compare and
+ * one add from memory.  The window's first segment is never recorded, so
+ * its entries stay 0, and read as a page descriptor they hold no block
+ * (none: its block test fails).  An entry of 0, where no segment is,
+ * leads there, so free needs no test for it; a pointer outside the
+ * window, or in none, goes the long way (segment map, cookie).
+ * Written only by sm_segmap_set, from the segment's page shift: the page
+ * map is the segment map's byte spelled out per slice.
  * 4 MiB of .bss, touched 4 KiB per 32 MiB of segments. */
 #define SM_PAGEMAP_SHIFT   SM_SMALL_SHIFT
 #define SM_PAGEMAP_SLICES  ((uintptr_t)1 << 19)
 #define SM_PAGEMAP_UNIT    (SM_SEGMENT_SIZE >> SM_PAGEMAP_SHIFT)   /* slices per segment */
 _Static_assert(SM_PAGEMAP_SLICES % SM_PAGEMAP_UNIT == 0, "the window holds whole segments");
+typedef union sm_pagemap_u {
+  sm_page_t none;                                /* the first segment's entries */
+  _Atomic uintptr_t slice[SM_PAGEMAP_SLICES];   /* page - &none, 0 for none */
+} sm_pagemap_t;
+_Static_assert(sizeof(sm_page_t) <= SM_PAGEMAP_UNIT * sizeof(uintptr_t),
+               "none lies in the entries of one segment");
 extern uintptr_t sm_pagemap_base;   /* first slice, set once by os.c */
-extern _Atomic(sm_page_t *) sm_pagemap[SM_PAGEMAP_SLICES];
+extern sm_pagemap_t sm_pagemap;
+/* p's slice in the window: SM_PAGEMAP_SLICES or more outside it */
+SM_INLINE uintptr_t sm_pagemap_index(const void *p) {
+  return ((uintptr_t)p >> SM_PAGEMAP_SHIFT) - __atomic_load_n(&sm_pagemap_base, __ATOMIC_RELAXED);
+}
+SM_INLINE sm_page_t *sm_pagemap_at(uintptr_t i) {
+  return (sm_page_t *)((uintptr_t)&sm_pagemap.none +
+                       atomic_load_explicit(&sm_pagemap.slice[i], memory_order_relaxed));
+}
 SM_INLINE sm_page_t *sm_pagemap_near(const void *p) {
-  uintptr_t i = ((uintptr_t)p >> SM_PAGEMAP_SHIFT) - __atomic_load_n(&sm_pagemap_base, __ATOMIC_RELAXED);
-  if (sm_likely(i < SM_PAGEMAP_SLICES)) return atomic_load_explicit(&sm_pagemap[i], memory_order_relaxed);
-  return NULL;
+  uintptr_t i = sm_pagemap_index(p);
+  return sm_likely(i < SM_PAGEMAP_SLICES) ? sm_pagemap_at(i) : NULL;
+}
+/* What the entry for a slice in page holds (none: 0). */
+SM_INLINE uintptr_t sm_pagemap_entry(const sm_page_t *page) {
+  return page ? (uintptr_t)page - (uintptr_t)&sm_pagemap.none : 0;
+}
+/* The page p's slice names, NULL where none is (outside the window too). */
+SM_INLINE sm_page_t *sm_pagemap_page(const void *p) {
+  sm_page_t *page = sm_pagemap_near(p);
+  return page == &sm_pagemap.none ? NULL : page;
 }
 
 /* The byte of the unit at seg: where it is kept (NULL beyond the map). */
@@ -811,17 +837,18 @@ SM_INLINE void sm_free_owner_push(sm_page_t *page, void *p) {
     sm_free_emptied(page);
 }
 
-/* Free on the owner thread: 36 instructions to its ret on x86-64 (gcc 12,
- * -O2; 10 of them find the page in the page map, 2 compare the local
+/* Free on the owner thread: 35 instructions to its ret on x86-64 (gcc 12,
+ * -O2; 9 of them find the page in the page map, 2 compare the local
  * list's head with the block); with malloc's 24 and the loop, a
- * malloc(32)+free pair is 78.7 under callgrind (make bench-callgrind).
+ * malloc(32)+free pair is 77.7 under callgrind (make bench-callgrind).
  * Checks (all cheap): the pointer is in a segment, it starts a block, its
  * tag word holds neither the page's key nor the remote tag, and it is not
  * the block freed last in its page (else: a full double-free check in the
  * slow path). */
 SM_INLINE void sm_free_inline(void *p) {
-  sm_page_t *page = sm_pagemap_near(p);
-  if (sm_unlikely(page == NULL)) { sm_free_generic(p, "free"); return; }
+  uintptr_t slice = sm_pagemap_index(p);
+  if (sm_unlikely(slice >= SM_PAGEMAP_SLICES)) { sm_free_generic(p, "free"); return; }
+  sm_page_t *page = sm_pagemap_at(slice);   /* none fails the block test below */
   uintptr_t xtid = atomic_load_explicit(&page->xtid, memory_order_relaxed);
   uintptr_t self = sm_heap_owner_id(sm_heap());
   /* a block start: inside the page's blocks (not its segment header or

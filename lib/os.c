@@ -56,7 +56,7 @@ static void *sm_sys_mremap(void *p, size_t old_size, size_t new_size, int flags,
 uintptr_t sm_segmap_base = SM_SEGMAP_NO_BASE;
 _Atomic uint8_t sm_segmap_window[SM_SEGMAP_WINDOW];
 uintptr_t sm_pagemap_base = SM_SEGMAP_NO_BASE;
-_Atomic(sm_page_t *) sm_pagemap[SM_PAGEMAP_SLICES];
+sm_pagemap_t sm_pagemap __attribute__((aligned(64)));
 _Atomic(sm_segmap_mid_t *) sm_segmap_root[SM_SEGMAP_ROOTS];
 
 /* The table at *slot (a mid table or a leaf of size bytes), mapped and

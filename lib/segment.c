@@ -50,11 +50,11 @@ void sm_segmap_set(uintptr_t seg, unsigned shift) {
   sm_assert(shift == 0 || shift >= SM_PAGEMAP_SHIFT);
   if (slot == NULL) return;
   uintptr_t first = (seg >> SM_PAGEMAP_SHIFT) - __atomic_load_n(&sm_pagemap_base, __ATOMIC_RELAXED);
-  if (first < SM_PAGEMAP_SLICES) {
+  if (first - SM_PAGEMAP_UNIT < SM_PAGEMAP_SLICES - SM_PAGEMAP_UNIT) {   /* not none's */
     sm_segment_t *s = (sm_segment_t *)seg;
     for (uintptr_t j = 0; j < SM_PAGEMAP_UNIT; j++) {
       sm_page_t *page = shift ? &s->pages[j >> (shift - SM_PAGEMAP_SHIFT)] : NULL;
-      atomic_store_explicit(&sm_pagemap[first + j], page, memory_order_release);
+      atomic_store_explicit(&sm_pagemap.slice[first + j], sm_pagemap_entry(page), memory_order_release);
     }
   }
   atomic_store_explicit(slot, (uint8_t)shift, memory_order_release);

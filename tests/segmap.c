@@ -58,7 +58,7 @@ static void *far_thread(void *arg)
  * for a new thread's heap; use it from that thread and from this one. */
 static void far_segment_serves(uintptr_t seg)
 {
-  SM_CHILD_CHECK(sm_pagemap_near((void *)seg) == NULL, "%#lx is inside the page map's window",
+  SM_CHILD_CHECK(sm_pagemap_page((void *)seg) == NULL, "%#lx is inside the page map's window",
                  (unsigned long)seg);
   uint64_t before = blocks_in_use();
   atomic_store(&sm_os_hint, seg);
@@ -69,7 +69,7 @@ static void far_segment_serves(uintptr_t seg)
                  sm_segmap_shift(seg), (unsigned long)seg);
   SM_CHILD_CHECK(blocks_in_use() == before + FAR_N / 2, "blocks_in_use %llu, want %llu",
                  (unsigned long long)blocks_in_use(), (unsigned long long)(before + FAR_N / 2));
-  SM_CHILD_CHECK(sm_pagemap_near(far_blocks[1]) == NULL, "a block at %p is in the page map",
+  SM_CHILD_CHECK(sm_pagemap_page(far_blocks[1]) == NULL, "a block at %p is in the page map",
                  far_blocks[1]);
   for (int i = 1; i < FAR_N; i += 2) {
     unsigned char *b = far_blocks[i];
@@ -177,16 +177,29 @@ START_TEST(the_page_map_names_each_slices_page)
     sm_segmap_set(seg, shifts[k]);
     for (uintptr_t off = 0; off < SM_SEGMENT_SIZE; off += SM_OS_PAGE) {
       sm_page_t *want = &s->pages[off >> shifts[k]];
-      ck_assert_msg(sm_pagemap_near((void *)(seg + off)) == want,
+      ck_assert_msg(sm_pagemap_page((void *)(seg + off)) == want,
                     "shift %u: offset %#lx has page %p, want %p", shifts[k], (unsigned long)off,
-                    (void *)sm_pagemap_near((void *)(seg + off)), (void *)want);
+                    (void *)sm_pagemap_page((void *)(seg + off)), (void *)want);
     }
-    ck_assert_ptr_null(sm_pagemap_near((void *)(seg + SM_SEGMENT_SIZE)));
-    ck_assert_ptr_null(sm_pagemap_near((void *)(seg - 1)));
+    ck_assert_ptr_null(sm_pagemap_page((void *)(seg + SM_SEGMENT_SIZE)));
+    ck_assert_ptr_null(sm_pagemap_page((void *)(seg - 1)));
     sm_segmap_set(seg, 0);
     for (uintptr_t off = 0; off < SM_SEGMENT_SIZE; off += SM_OS_PAGE)
-      ck_assert_ptr_null(sm_pagemap_near((void *)(seg + off)));
+      ck_assert_ptr_null(sm_pagemap_page((void *)(seg + off)));
   }
+  /* the window's first segment is none's: never recorded, so none holds
+   * no block (free's block test fails there) */
+  uintptr_t none_seg = first << SM_SEGMENT_SHIFT;
+  if (sm_segmap_shift(none_seg) == 0 && range_is_free(none_seg, SM_SEGMENT_SIZE)) {
+    ck_assert(sm_segmap_prepare(none_seg));
+    sm_segmap_set(none_seg, SM_SMALL_SHIFT);
+    for (uintptr_t off = 0; off < SM_SEGMENT_SIZE; off += SM_OS_PAGE)
+      ck_assert_ptr_null(sm_pagemap_page((void *)(none_seg + off)));
+    sm_segmap_set(none_seg, 0);
+  }
+  ck_assert_ptr_null(sm_pagemap.none.start);
+  ck_assert_uint_eq(sm_pagemap.none.limit, 0);
+  ck_assert(!sm_page_is_block(&sm_pagemap.none, (void *)seg));
 }
 END_TEST
 
@@ -203,13 +216,13 @@ START_TEST(the_page_map_agrees_with_the_segment_map)
     sm_page_t *page;
     ck_assert_msg(sm_lookup(blocks[i], &seg, &page), "malloc(%zu) gave %p, not found",
                   sizes[i], blocks[i]);
-    if (sm_pagemap_near(blocks[i]) == NULL) {
+    if (sm_pagemap_page(blocks[i]) == NULL) {
       /* outside the window: the whole segment is */
-      ck_assert_ptr_null(sm_pagemap_near(seg));
+      ck_assert_ptr_null(sm_pagemap_page(seg));
       continue;
     }
-    ck_assert_msg(sm_pagemap_near(blocks[i]) == page, "malloc(%zu) gave %p: page %p, want %p",
-                  sizes[i], blocks[i], (void *)sm_pagemap_near(blocks[i]), (void *)page);
+    ck_assert_msg(sm_pagemap_page(blocks[i]) == page, "malloc(%zu) gave %p: page %p, want %p",
+                  sizes[i], blocks[i], (void *)sm_pagemap_page(blocks[i]), (void *)page);
   }
   for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) smalloc_free(blocks[i]);
 }
