@@ -58,25 +58,26 @@ bool sm_block_is_free(sm_page_t *page, sm_block_t *b) {
   return sm_page_lists_hold(page, b);
 }
 
-/* The owner puts b on its page's local_free, unless it is free already
- * (reported); false then. */
+/* The owner puts b on the list its frees go on (sm_page_free_list),
+ * unless it is free already (reported); false then. */
 static bool sm_free_local_push(sm_page_t *page, sm_block_t *b, void *p) {
   sm_track_link(b);
-  if (b->tag == (page->key ^ SM_TAG_REMOTE) || page->local_free == b) {
+  sm_block_t **list = sm_page_free_list(page);
+  if (b->tag == (page->key ^ SM_TAG_REMOTE) || *list == b) {
     /* another thread freed it already and it is on its way back, or it
      * was the last block freed here (its tag overwritten since): pushed
      * again, it would link to itself and be handed out twice.  The head
-     * of local_free gets its tag back, so that the list stays sound */
+     * of the list gets its tag back, so that the list stays sound */
     sm_error("free(): double free of %p", (void *)b);
-    if (page->local_free == b) b->tag = page->key;
+    if (*list == b) b->tag = page->key;
     return false;
   }
   if (b->tag == page->key && sm_free_is_double(page, b)) return false;
   sm_track_free(p, b);
   if (!sm_track_on()) sm_poison_set(page, b);
-  b->next = sm_enc(page, page->local_free);
+  b->next = sm_enc(page, *list);
   b->tag = page->key;
-  page->local_free = b;
+  *list = b;
   sm_cnt_add(page->frees, 1);
   if (sm_likely(page->used > 0)) page->used--;   /* 0: only in a page found corrupted */
   return true;

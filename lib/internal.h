@@ -139,7 +139,9 @@ struct sm_page_s {
   uint8_t in_use;                /* carved out of its segment */
   uint8_t retired;               /* empty, kept warm, on the heap's retired lists (heap->lock) */
   uint8_t xfreed;                /* other threads freed blocks of it (collected), since it was made */
-  uint8_t pad0[1];
+  /* where the owner's frees go (sm_page_free_list): SM_FREE_TO_FREE while
+   * the page is the first of its class's queue (page-queue.c sets it) */
+  uint8_t free_to;
   sm_block_t *local_free;
   uint32_t frees;                /* local frees since the last stats fold */
   uint32_t capacity;             /* blocks built into lists so far */
@@ -191,6 +193,15 @@ struct sm_page_s {
   uint32_t claim_notices;
 };
 _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines");
+/* The owner's frees into the page malloc takes blocks from go straight
+ * back on its free list: last in, first out, so the next malloc hands out
+ * a block still in the cache, and a burst that frees and allocates again
+ * needs no slow path at all.  Into any other page they go on local_free,
+ * which malloc takes whole when it comes to the page (step 1). */
+enum { SM_FREE_TO_FREE = offsetof(sm_page_t, free), SM_FREE_TO_LOCAL = offsetof(sm_page_t, local_free) };
+SM_INLINE sm_block_t **sm_page_free_list(sm_page_t *page) {
+  return (sm_block_t **)((char *)page + page->free_to);
+}
 _Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_free) == 128,
                "page descriptor lines");
 
@@ -812,22 +823,23 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
 void sm_free_flagged(sm_page_t *page, void *p);
 
 /* The owner frees block start p of its page (not on the full list, its
- * canary checked): pushed on local_free, and the page retired if that
- * emptied it; the slow path checks a block whose tag says it may be free
- * already, or that heads local_free (freed just before, its tag
- * overwritten since). */
+ * canary checked): pushed on the page's free list if it is the current
+ * page, else on local_free, and the page retired if that emptied it; the
+ * slow path checks a block whose tag says it may be free already, or
+ * that heads the list (freed just before, its tag overwritten since). */
 SM_INLINE void sm_free_owner_push(sm_page_t *page, void *p) {
   sm_block_t *b = (sm_block_t *)p;
   uintptr_t key = page->key;
   sm_poison_set(page, b);
-  sm_block_t *head = page->local_free;
+  sm_block_t **list = sm_page_free_list(page);
+  sm_block_t *head = *list;
   if (sm_unlikely((b->tag ^ key) <= SM_TAG_REMOTE || head == b)) {
     sm_free_local_slow(page, b, p);
     return;
   }
   b->next = sm_enc(page, head);
   b->tag = key;
-  page->local_free = b;
+  *list = b;
 #if SM_STATS
   sm_cnt_add(page->frees, 1);
 #endif
@@ -837,10 +849,12 @@ SM_INLINE void sm_free_owner_push(sm_page_t *page, void *p) {
     sm_free_emptied(page);
 }
 
-/* Free on the owner thread: 35 instructions to its ret on x86-64 (gcc 12,
- * -O2; 9 of them find the page in the page map, 2 compare the local
- * list's head with the block); with malloc's 24 and the loop, a
- * malloc(32)+free pair is 77.7 under callgrind (make bench-callgrind).
+/* Free on the owner thread: 37 instructions to its ret on x86-64 (gcc 12,
+ * -O2; 9 of them find the page in the page map, 2 pick the list the
+ * block goes on, 2 compare that list's head with the block); with
+ * malloc's 24 and the loop, a malloc(32)+free pair is 76.0 under
+ * callgrind (make bench-callgrind: a ping-pong that never leaves the
+ * fast path, the block going back on the free list it came from).
  * Checks (all cheap): the pointer is in a segment, it starts a block, its
  * tag word holds neither the page's key nor the remote tag, and it is not
  * the block freed last in its page (else: a full double-free check in the

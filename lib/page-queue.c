@@ -5,6 +5,32 @@
 #include "internal.h"
 #include "track.h"
 
+/* Whether the owner's frees into the first page of its class go straight
+ * back on its free list: not where emptied pages are released at once
+ * (SMALLOC_RETIRE_CYCLES=0: a page that stayed first would never empty),
+ * nor in the secure build, which delays the reuse of a freed block until
+ * its page's list runs dry, so that a write after free is seen then. */
+static bool sm_pq_frees_to_free(const sm_page_t *page) {
+#ifdef SM_SECURE
+  (void)page;
+  return false;
+#else
+  return sm_retire_cycles_for(page->block_size) != 0;
+#endif
+}
+
+/* The bin's first page changed from old (NULL: none) to its first now:
+ * the owner's frees go on the new one's free list (SM_FREE_TO_FREE, see
+ * sm_pq_frees_to_free), on the old one's local_free again, and every
+ * direct entry of the bin points at the new one. */
+static void sm_pq_first_changed(sm_heap_t *heap, size_t bin, sm_page_t *old) {
+  if (bin == SM_BIN_FULL) return;
+  sm_page_t *first = heap->queues[bin].first;
+  if (old) old->free_to = SM_FREE_TO_LOCAL;
+  if (first) first->free_to = sm_pq_frees_to_free(first) ? SM_FREE_TO_FREE : SM_FREE_TO_LOCAL;
+  sm_pq_update_direct(heap, bin);
+}
+
 /* Point every direct entry of the bin at its first page. */
 void sm_pq_update_direct(sm_heap_t *heap, size_t bin) {
   if (bin == SM_BIN_FULL || sm_bin_size(bin) > SM_DIRECT_MAX) return;
@@ -22,17 +48,18 @@ void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page) {
   page->prev = q->last;
   if (q->last) q->last->next = page; else q->first = page;
   q->last = page;
-  if (q->first == page) sm_pq_update_direct(heap, qi);
+  if (q->first == page) sm_pq_first_changed(heap, qi, NULL);
 }
 
 void sm_pq_push_front(sm_heap_t *heap, size_t qi, sm_page_t *page) {
   sm_page_queue_t *q = &heap->queues[qi];
   sm_assert_expensive(!page->retired && q->first != page);
+  sm_page_t *old = q->first;
   page->prev = NULL;
-  page->next = q->first;
-  if (q->first) q->first->prev = page; else q->last = page;
+  page->next = old;
+  if (old) old->prev = page; else q->last = page;
   q->first = page;
-  sm_pq_update_direct(heap, qi);
+  sm_pq_first_changed(heap, qi, old);
 }
 
 void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page) {
@@ -44,5 +71,5 @@ void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page) {
   if (page->prev) page->prev->next = page->next; else q->first = page->next;
   if (page->next) page->next->prev = page->prev; else q->last = page->prev;
   page->next = page->prev = NULL;
-  if (was_first) sm_pq_update_direct(heap, qi);
+  if (was_first) sm_pq_first_changed(heap, qi, page);
 }

@@ -1,8 +1,12 @@
 /* Pages: the malloc slow path and the page life cycle.
  *
- * When the first page of a size class has no free block the slow path
- * tries, cheapest first (DESIGN.md), and counts the step that served:
- *   1. swap local_free into free                 O(1), the churn case
+ * The first page of a size class is its current page: malloc takes
+ * blocks from it, and its owner's frees go back on its free list (LIFO:
+ * a burst freed and allocated again never leaves the fast path).  When it
+ * has no free block the slow path tries, cheapest first (DESIGN.md), and
+ * counts the step that served:
+ *   1. swap local_free into free                 O(1): a page freed into
+ *                                                while it was not current
  *   2. collect thread_free                       one atomic exchange
  *   3. extend into untouched capacity            a bounded chunk
  *   4. the next page of the class with blocks
@@ -12,6 +16,9 @@
  *   7. a new segment (cache, abandoned, then the OS)
  * A page whose last block is freed is retired, not released: it serves the
  * next burst and goes back to its segment only after its retire cycles.
+ * The current page is not retired while it is current (its emptied free
+ * list serves the next burst); the sweep retires it once its class has
+ * seen no slow path for a sweep period.
  *
  * Who owns free memory.  A heap's owner thread alone touches its page
  * queues, its direct table and the free lists of its pages: that is what
@@ -70,6 +77,7 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   atomic_store_explicit(&page->owner, heap, memory_order_relaxed);
   sm_page_set_flags(page, sm_track_on() ? SM_PAGE_TRACKED : 0, sm_heap_owner_id(heap));
   page->retired = 0;
+  page->free_to = SM_FREE_TO_LOCAL;
   page->xfreed = 0;
   atomic_store_explicit(&page->sampled, 0, memory_order_relaxed);
   atomic_store_explicit(&page->prof_one, 0, memory_order_relaxed);
@@ -666,6 +674,7 @@ void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid) {
  * list: the flags that send frees out of line stay, the full bits go. */
 void sm_page_set_owner(sm_page_t *page, sm_heap_t *heap) {
   atomic_store_explicit(&page->owner, heap, memory_order_relaxed);
+  page->free_to = SM_FREE_TO_LOCAL;   /* no queue's first yet (page-queue.c) */
   sm_page_set_flags(page, atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_SLOW_FREE &
                     ~SM_PAGE_ORPHAN, heap ? sm_heap_owner_id(heap) : SM_XTID_POOLED);
   atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);

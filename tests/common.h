@@ -148,6 +148,35 @@ static inline size_t sm_test_page_capacity(size_t block_size, size_t page_index)
   return (area - SM_TEST_GUARD) / block_size;
 }
 
+/* Slow-path entries that give no page back: n blocks of malloc(size),
+ * more than one page's worth (the page malloc takes blocks from gets
+ * every block freed into it back on its free list, so rounds on one page
+ * would need no slow path), all freed again except the first on each
+ * page, which go to anchors (at most max; the caller frees them) so that
+ * no page of the class ever empties, retires or goes back.  Returns
+ * false when malloc fails or anchors is full. */
+static inline bool sm_test_round_anchored(void **v, size_t n, size_t size, void **anchors,
+                                          size_t *nanchors, size_t max)
+{
+  uintptr_t mask = ~(uintptr_t)(sm_test_page_size(sm_test_class_size(size)) - 1);
+  for (size_t i = 0; i < n; i++) {
+    v[i] = smalloc_malloc(size);
+    if (v[i] == NULL) return false;
+  }
+  for (size_t i = 0; i < n; i++) {
+    bool anchored = false;
+    for (size_t k = 0; k < *nanchors && !anchored; k++)
+      anchored = ((uintptr_t)anchors[k] & mask) == ((uintptr_t)v[i] & mask);
+    if (!anchored) {
+      if (*nanchors == max) return false;
+      anchors[(*nanchors)++] = v[i];
+    } else {
+      smalloc_free(v[i]);
+    }
+  }
+  return true;
+}
+
 /* realloc of a huge block that stays huge remaps it (huge_remaps) rather
  * than allocating a new block and freeing the old one. */
 static inline bool sm_test_huge_realloc_remaps(void)

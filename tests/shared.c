@@ -512,17 +512,19 @@ static void *sh_q_owner(void *arg)
   if (pthread_create(&t, NULL, sh_q_freer, q) == 0)
     pthread_join(t, NULL);   /* its batches are sent when it exits */
   sm_test_snap(&q->s[1]);
-  /* slow-path entries of another class, until the sweep and the expiry ran */
-  void *other[256];
+  /* slow-path entries of another class, until the sweep and the expiry
+   * ran; none of its pages goes back */
+  enum { OTHER_N = 3 * 65536 / SH_Q_OTHER, ANCHORS = 16 };   /* three pages */
+  static void *other[OTHER_N], *anchors[ANCHORS];
+  size_t nanchors = 0;
   for (q->rounds = 0; q->rounds < 4000; q->rounds++) {
-    for (int i = 0; i < 256; i++)
-      other[i] = smalloc_malloc(SH_Q_OTHER);
-    for (int i = 0; i < 256; i++)
-      smalloc_free(other[i]);
+    if (!sm_test_round_anchored(other, OTHER_N, SH_Q_OTHER, anchors, &nanchors, ANCHORS))
+      break;
     sm_test_snap(&q->s[2]);
     if (q->s[2].pages_released - q->s[1].pages_released >= q->pages)
       break;
   }
+  sh_free_all(anchors, nanchors);
   sh_free_all(q->v, live);
   munmap(q->v, 2 * q->n * sizeof *q->v);
   return NULL;
