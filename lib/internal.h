@@ -885,6 +885,7 @@ SM_INLINE void sm_free_inline(void *p) {
 
 /* ---- page.c / page-queue.c ------------------------------------------ */
 sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin);
+void sm_heap_heartbeat(sm_heap_t *heap);
 void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b);
 void sm_heap_collect_delayed(sm_heap_t *heap);
 void sm_heap_close_delayed(sm_heap_t *heap);

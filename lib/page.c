@@ -958,10 +958,26 @@ static int sm_page_refill(sm_page_t *page) {
  * when one is due, and every SM_SWEEP_CYCLES (or the retire cycles, when
  * fewer) the sweep and the segment cache's purge. */
 #define SM_SWEEP_CYCLES 1024
-static void sm_heap_housekeeping(sm_heap_t *heap) {
+
+/* The periodic work that is not counted in cycles: this thread's batched
+ * frees for other heaps sent, the blocks other threads handed over or
+ * sent home taken, a report that came due asked for, the purge thread
+ * woken for the segment cache.  Every slow-path entry does it, and so,
+ * every SM_PROF_IDLE bytes a thread allocates, does its heartbeat
+ * (prof.c): a thread whose bursts its current pages serve may not enter
+ * the slow path for a long time.  Not counted as a cycle (those retire
+ * and sweep pages): the purge thread takes such a heap for idle, and
+ * releases its retired pages (background.c). */
+void sm_heap_heartbeat(sm_heap_t *heap) {
   if (sm_xbuf_pending(heap)) sm_free_flush_remote(heap);
   sm_heap_collect_delayed(heap);
   if (atomic_load_explicit(&heap->xhome, memory_order_relaxed) != NULL) sm_heap_take_home(heap);
+  if (sm_unlikely(sm_opt(STATS_INTERVAL) != 0)) sm_stats_tick();
+  if (sm_unlikely(sm_segment_cache_wants_purge())) sm_background_wake();
+}
+
+static void sm_heap_housekeeping(sm_heap_t *heap) {
+  sm_heap_heartbeat(heap);
   uint64_t expire = atomic_load_explicit(&heap->next_expire, memory_order_relaxed);
   if (expire != SM_NO_EXPIRY && sm_cycle_reached(heap->cycle, (uint32_t)expire))
     sm_heap_collect_retired(heap, false);
@@ -980,9 +996,6 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
     sm_heap_decommit(heap, false);
     sm_segment_cache_collect(false);
   }
-  /* SMALLOC_STATS_INTERVAL: the clock, every 16th entry (stats.c) */
-  if (sm_unlikely(sm_opt(STATS_INTERVAL) != 0) && (heap->cycle & 15) == 0) sm_stats_tick();
-  if (sm_unlikely(sm_segment_cache_wants_purge())) sm_background_wake();
 }
 
 /* Steps 6 and 7: a page from a segment, held, else an abandoned one

@@ -12,7 +12,7 @@
  * (one subtraction, as the addition was) and adds one branch; requested
  * bytes are derived from it (stats.c).  While profiling is off a thread
  * still reaches sm_prof_sampled every SM_PROF_IDLE bytes, which is how it
- * learns that profiling started.
+ * learns that profiling started, and its heartbeat (sm_heap_heartbeat).
  *
  * Live heap.  A sampled block's page gets SM_PAGE_SAMPLED, one of the
  * flags that send every free of the page out of line (free's fast path
@@ -452,11 +452,15 @@ static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) 
 
 /* The count-down went below zero at block b of page (NULL above the size
  * classes), n bytes, just handed out: draw again, and sample it when
- * profiling.  Returns b. */
+ * profiling.  This is also the thread's heartbeat (sm_heap_heartbeat):
+ * the caller holds no lock and no page state.  Returns b. */
 void *sm_prof_sampled(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
   sm_prof_rearm(heap);
-  if (atomic_load_explicit(&sm_prof_active, memory_order_relaxed) && !sm_prof_busy && heap->initialized)
+  if (!heap->initialized) return b;
+  if (atomic_load_explicit(&sm_prof_active, memory_order_relaxed) && !sm_prof_busy)
     sm_prof_record(heap, page, b, n);
+  sm_heap_heartbeat(heap);
+  sm_background_poll();
   return b;
 }
 

@@ -1240,6 +1240,34 @@ static int st_child_main(const char *mode)
     }
     return 0;
   }
+  if (strcmp(mode, "fastchurn") == 0) {
+    /* 300 ms of bursts that the class's current page serves from its own
+     * free list: after the first, no slow-path entry of the class (exit 3
+     * if there is one; the reports allocate in other classes); the
+     * periodic work is the heartbeat's.  The secure build delays the
+     * reuse of freed blocks: slow paths there. */
+    static void *p[100];
+    static smalloc_stats_t s0 = {.size = sizeof s0}, s1 = {.size = sizeof s1};
+    uint64_t t0 = 0;
+    for (int round = 0; round == 0 || st_now_ms() - t0 < 300; round++) {
+      for (int i = 0; i < 100; i++)
+        if ((p[i] = smalloc_malloc(64)) == NULL)
+          return 1;
+      for (int i = 0; i < 100; i++)
+        smalloc_free(p[i]);
+      if (round == 0) {
+        smalloc_stats_get(&s0);
+        t0 = st_now_ms();
+      }
+    }
+    smalloc_stats_get(&s1);
+    uint64_t slow = 0;
+    for (uint32_t c = 0; c < s1.nclasses; c++)
+      if (s1.classes[c].block_size == sm_test_class_size(64))
+        for (int k = 0; k < SMALLOC_STEP_COUNT; k++)
+          slow += s1.classes[c].slow_steps[k] - s0.classes[c].slow_steps[k];
+    return slow == 0 || SM_TEST_SECURE ? 0 : 3;
+  }
   if (strcmp(mode, "exit") == 0) {
     void *p[7];
     for (int i = 0; i < 7; i++)
@@ -1491,8 +1519,9 @@ END_TEST
  * env_stats_interval: SMALLOC_STATS_INTERVAL=50 prints reports while the
  * program runs (a child that churns for 300 ms: at least two besides the
  * one at exit, however the machine schedules it), each JSON one a line of
- * its own; into a file, appended after the first; and none at all while
- * it is 0. */
+ * its own; into a file, appended after the first; none at all while it is
+ * 0; and as many from a child whose bursts never leave the fast path (its
+ * heartbeat, every MiB it allocates, looks at the clock). */
 
 START_TEST(env_stats_interval)
 {
@@ -1534,6 +1563,13 @@ START_TEST(env_stats_interval)
   const char *none[] = {"SMALLOC_STATS=json", NULL};
   st_run_self("churn", none, &c);
   ck_assert_int_eq(st_count_lines(c.err), 1);
+  st_child_done(&c);
+
+  /* bursts that never leave the fast path: the reports come all the same
+   * (st_run_self asserts the child's exit 0, so no slow path there) */
+  st_run_self("fastchurn", json, &c);
+  lines = st_count_lines(c.err);
+  ck_assert_msg(lines >= 3, "%d reports in 300 ms at 50 ms on the fast path:\n%.300s", lines, c.err);
   st_child_done(&c);
 }
 END_TEST
