@@ -73,12 +73,6 @@ static void *sm_segmap_table(_Atomic(void *) *slot, size_t size) {
   return t;
 }
 
-/* Every mapping that may hold a segment header (segment-aligned) gets a
- * place in the map for its first unit before it is handed out: the first
- * one places the window around itself; beyond the window, the mid table
- * and leaf for the unit are mapped.  False when the address is beyond the
- * map or a table cannot be mapped, and the caller then gives the mapping
- * back.  Tables stay for the life of the process. */
 /* The base of a window of size entries, placed around entry at by the
  * first caller; two threads racing keep the first. */
 static uintptr_t sm_window_place(uintptr_t *base_var, uintptr_t at, uintptr_t size) {
@@ -90,6 +84,12 @@ static uintptr_t sm_window_place(uintptr_t *base_var, uintptr_t at, uintptr_t si
   return base;   /* another thread placed it */
 }
 
+/* Every mapping that may hold a segment header (segment-aligned) gets a
+ * place in the map for its first unit before it is handed out: the first
+ * one places the window around itself; beyond the window, the mid table
+ * and leaf for the unit are mapped.  False when the address is beyond the
+ * map or a table cannot be mapped, and the caller then gives the mapping
+ * back.  Tables stay for the life of the process. */
 bool sm_segmap_prepare(uintptr_t seg) {
   uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
   /* the page map's window starts at a segment: a segment is in it whole, or not at all */
