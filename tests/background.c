@@ -501,6 +501,13 @@ START_TEST(a_burst_goes_back_while_its_thread_calls_in)
   uint64_t retired = b.pages_retired - a.pages_retired;
   uint64_t slow = b.slow_path;
   size_t rss = sm_test_rss();
+  /* A sanitizer slows the frees above to seconds, during which this heap
+   * makes no slow-path step and looks idle: the purge thread may claim
+   * every page retired so far and exit before the last frees.  The pages
+   * retired after that wait for it to come back, which takes 8 MiB of
+   * them (smalloc(7)), as this thread's own expiry is off here.  Fewer
+   * may stay there; none in a quick run. */
+  uint64_t may_stay = SM_TEST_SANITIZED ? BG_WAKE_BYTES / SM_TEST_SMALL_PAGE - 1 : 0;
   long waited;
   for (waited = 0; waited < BG_POLL_MAX_MS; waited += TICK_MS) {
     for (int i = 0; i < TICK_BLOCKS; i++)
@@ -511,14 +518,15 @@ START_TEST(a_burst_goes_back_while_its_thread_calls_in)
     ck_assert_msg(c.slow_path > slow, "no slow path in a tick");
     slow = c.slow_path;
     rss = sm_test_rss();
-    if (c.pages_claimed - a.pages_claimed >= retired && (SM_TEST_SANITIZED || rss <= rss0 + 10 * MiB))
+    if (c.pages_claimed - a.pages_claimed + may_stay >= retired &&
+        (SM_TEST_SANITIZED || rss <= rss0 + 10 * MiB))
       break;
     bg_sleep_ms(TICK_MS);
   }
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, cycles), 0);
   munmap(v, BG_BLOCKS * sizeof *v);
   ck_assert_uint_ge(retired, BG_BLOCKS * BG_SIZE / SM_TEST_SMALL_PAGE - 1);
-  ck_assert_msg(c.pages_claimed - a.pages_claimed >= retired,
+  ck_assert_msg(c.pages_claimed - a.pages_claimed + may_stay >= retired,
                 "the purge thread claimed %llu of the %llu retired pages in %ld ms",
                 (unsigned long long)(c.pages_claimed - a.pages_claimed),
                 (unsigned long long)retired, waited);
