@@ -533,17 +533,14 @@ SM_INLINE sm_page_t *sm_pagemap_at(uintptr_t i) {
   return (sm_page_t *)((uintptr_t)&sm_pagemap.none +
                        atomic_load_explicit(&sm_pagemap.slice[i], memory_order_relaxed));
 }
-SM_INLINE sm_page_t *sm_pagemap_near(const void *p) {
-  uintptr_t i = sm_pagemap_index(p);
-  return sm_likely(i < SM_PAGEMAP_SLICES) ? sm_pagemap_at(i) : NULL;
-}
 /* What the entry for a slice in page holds (none: 0). */
 SM_INLINE uintptr_t sm_pagemap_entry(const sm_page_t *page) {
   return page ? (uintptr_t)page - (uintptr_t)&sm_pagemap.none : 0;
 }
 /* The page p's slice names, NULL where none is (outside the window too). */
 SM_INLINE sm_page_t *sm_pagemap_page(const void *p) {
-  sm_page_t *page = sm_pagemap_near(p);
+  uintptr_t i = sm_pagemap_index(p);
+  sm_page_t *page = i < SM_PAGEMAP_SLICES ? sm_pagemap_at(i) : &sm_pagemap.none;
   return page == &sm_pagemap.none ? NULL : page;
 }
 
@@ -551,8 +548,7 @@ SM_INLINE sm_page_t *sm_pagemap_page(const void *p) {
 _Atomic uint8_t *sm_segmap_slot(uintptr_t seg);
 unsigned sm_segmap_shift_far(uintptr_t seg);
 
-/* In the window only, 0 elsewhere: free's fast path, which sends every
- * other pointer the long way. */
+/* In the window only, 0 elsewhere (sm_segmap_shift looks further). */
 SM_INLINE unsigned sm_segmap_shift_near(uintptr_t seg) {
   uintptr_t i = (seg >> SM_SEGMENT_SHIFT) - __atomic_load_n(&sm_segmap_base, __ATOMIC_RELAXED);
   if (sm_likely(i < SM_SEGMAP_WINDOW)) return atomic_load_explicit(&sm_segmap_window[i], memory_order_relaxed);

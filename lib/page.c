@@ -674,7 +674,6 @@ void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid) {
  * list: the flags that send frees out of line stay, the full bits go. */
 void sm_page_set_owner(sm_page_t *page, sm_heap_t *heap) {
   atomic_store_explicit(&page->owner, heap, memory_order_relaxed);
-  page->free_to = SM_FREE_TO_LOCAL;   /* no queue's first yet (page-queue.c) */
   sm_page_set_flags(page, atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_SLOW_FREE &
                     ~SM_PAGE_ORPHAN, heap ? sm_heap_owner_id(heap) : SM_XTID_POOLED);
   atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);

@@ -49,7 +49,7 @@ void sm_segmap_set(uintptr_t seg, unsigned shift) {
   sm_assert(slot != NULL || shift == 0);
   sm_assert(shift == 0 || shift >= SM_PAGEMAP_SHIFT);
   if (slot == NULL) return;
-  uintptr_t first = (seg >> SM_PAGEMAP_SHIFT) - __atomic_load_n(&sm_pagemap_base, __ATOMIC_RELAXED);
+  uintptr_t first = sm_pagemap_index((const void *)seg);
   if (first - SM_PAGEMAP_UNIT < SM_PAGEMAP_SLICES - SM_PAGEMAP_UNIT) {   /* not none's */
     sm_segment_t *s = (sm_segment_t *)seg;
     for (uintptr_t j = 0; j < SM_PAGEMAP_UNIT; j++) {
