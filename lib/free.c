@@ -102,7 +102,7 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   }
   bool pushed = sm_free_local_push(page, b, p);
   if (full) {
-    if (pushed) sm_page_unfull_locked(heap, page);
+    if (pushed) sm_page_owner_freed_locked(heap, page);
     sm_unlock(&heap->lock);
   }
   if (!pushed) return;

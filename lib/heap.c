@@ -237,7 +237,8 @@ void sm_heap_thread_done(void *arg) {
 }
 
 /* Give back everything that holds no live block, whichever thread freed
- * it: the caller's own empty pages and the blocks handed to it, every
+ * it: the caller's own empty pages, the blocks handed to it and the
+ * pages of its full list it freed blocks into (sm_heap_wake_full), every
  * abandoned segment (held by the caller from now on), the retired pages
  * of every other live heap and the pages of their full lists that other
  * threads freed (their owners may be idle or blocked), the
@@ -252,6 +253,7 @@ bool sm_collect_process(sm_heap_t *self) {
   if (self->initialized) {
     sm_free_flush_remote(self);
     sm_heap_collect_delayed(self);
+    sm_heap_wake_full(self);
     sm_heap_reclaim_all(self);
     sm_heap_collect_retired(self, true);
   }

@@ -906,6 +906,8 @@ void sm_page_collect_thread_free(sm_page_t *page);
 void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page);
 bool sm_page_to_full(sm_heap_t *heap, sm_page_t *page);
 void sm_page_unfull_locked(sm_heap_t *heap, sm_page_t *page);
+void sm_page_owner_freed_locked(sm_heap_t *heap, sm_page_t *page);
+void sm_heap_wake_full(sm_heap_t *heap);
 uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self);
 void sm_heap_unfull_all(sm_heap_t *heap);
 void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid);

@@ -792,6 +792,86 @@ START_TEST(emptied_only_page_stays_current)
 END_TEST
 
 /* ============================================================================
+ * full_page_waits_for_blocks: a page whose every block is in use leaves
+ * its class's queue for the full list; the owner's frees into it bring it
+ * back once they number a sixteenth of its blocks (at most 16, at least
+ * one), not at the first free, so that malloc does not come back to a
+ * page for a block or two (smalloc(7)); smalloc_collect(true) brings back
+ * a page with any block freed.  Counted in pages_unfull, exactly: the
+ * windows run in a fresh thread and make no malloc. */
+
+enum { CH_WAKE_SIZE = SM_TEST_REQUEST_FOR(256), CH_WAKE_MAX = 3 * 256 + 1 };
+
+typedef struct ch_wake {
+  ch_err_t e;
+  int rc;
+  size_t capacity, want;
+  smalloc_stats_t s[5];
+} ch_wake_t;
+
+static void *ch_wake_thread(void *arg)
+{
+  ch_wake_t *w = arg;
+  void **v = ch_thread_map(CH_WAKE_MAX * sizeof *v, &w->e);
+  if (v == NULL)
+    return NULL;
+  /* pages A, B and C filled, the first block of D taken: A to C are on
+   * the full list; [b0, c0) are B's blocks, C's start at c0 */
+  size_t n = 0, b0 = 0, c0 = 0, pages = 1;
+  while (pages < 4 && n < CH_WAKE_MAX) {
+    v[n] = smalloc_malloc(CH_WAKE_SIZE);
+    if (v[n] == NULL) {
+      CH_FAIL(&w->e, "malloc(%d) returned NULL", CH_WAKE_SIZE);
+      break;
+    }
+    if (n > 0 && ch_page_of(v[n], CH_WAKE_SIZE) != ch_page_of(v[n - 1], CH_WAKE_SIZE)) {
+      pages++;
+      if (pages == 2) b0 = n;
+      if (pages == 3) c0 = n;
+    }
+    n++;
+  }
+  if (pages < 4 && !w->e.failed) CH_FAIL(&w->e, "no fourth page after %zu blocks", n);
+  if (!w->e.failed) {
+    w->capacity = c0 - b0;
+    w->want = w->capacity / 16 < 16 ? w->capacity / 16 : 16;
+    if (w->want == 0) w->want = 1;
+    w->rc |= ch_snap(&w->s[0]);
+    for (size_t i = 0; i + 1 < w->want; i++)
+      smalloc_free(v[b0 + i]);   /* B stays on the full list */
+    w->rc |= ch_snap(&w->s[1]);
+    smalloc_free(v[b0 + w->want - 1]);   /* B goes back */
+    w->rc |= ch_snap(&w->s[2]);
+    smalloc_free(v[c0]);   /* C stays */
+    w->rc |= ch_snap(&w->s[3]);
+    smalloc_collect(true);   /* C goes back */
+    w->rc |= ch_snap(&w->s[4]);
+    v[c0] = NULL;
+    for (size_t i = 0; i < w->want; i++) v[b0 + i] = NULL;
+  }
+  for (size_t i = 0; i < n; i++)
+    smalloc_free(v[i]);
+  ch_unmap(v, CH_WAKE_MAX * sizeof *v);
+  return NULL;
+}
+
+START_TEST(full_page_waits_for_blocks)
+{
+  static ch_wake_t w;
+  ch_in_thread(ch_wake_thread, &w);
+  CH_ASSERT_OK(&w.e);
+  ck_assert_int_eq(w.rc, 0);
+  ck_assert_uint_eq(w.capacity, sm_test_page_capacity(sm_test_class_size(CH_WAKE_SIZE), 1));
+  for (int i = 1; i < 5; i++)
+    ck_assert_uint_eq(w.s[i].pages_full - w.s[i - 1].pages_full, 0);
+  ck_assert_uint_eq(w.s[1].pages_unfull - w.s[0].pages_unfull, 0);
+  ck_assert_uint_eq(w.s[2].pages_unfull - w.s[1].pages_unfull, 1);
+  ck_assert_uint_eq(w.s[3].pages_unfull - w.s[2].pages_unfull, 0);
+  ck_assert_uint_eq(w.s[4].pages_unfull - w.s[3].pages_unfull, 1);
+}
+END_TEST
+
+/* ============================================================================
  * retire_keeps_every_page: a burst of eight and a half pages of 512-byte
  * blocks, freed completely, leaves every page retired; the next identical
  * burst is served by exactly the same pages, with no fresh page, no new
@@ -1241,6 +1321,7 @@ static Suite *churn_suite(void)
   tcase_add_test(tc, multi_page_churn_correctness);
   tcase_add_test(tc, churn_no_os_calls);
   tcase_add_test(tc, emptied_only_page_stays_current);
+  tcase_add_test(tc, full_page_waits_for_blocks);
   tcase_add_test(tc, retire_keeps_every_page);
   tcase_add_test(tc, retired_pages_expire);
   tcase_add_test(tc, cross_thread_frees_are_counted);
