@@ -68,25 +68,6 @@ uint64_t sm_clock_ms(void) {
 
 /* ---- raw segments: cache first, then the OS ------------------------------ */
 
-/* Whether a segment of small or medium blocks, mapped now, is advised
- * for transparent huge pages: once the process holds 16 segments (64 MiB)
- * per live thread on average.  A heap that large touches its memory all
- * over, and one TLB entry then covers 2 MiB instead of 4 KiB: 10 million
- * live blocks of 16-64 B replaced at random (bench_longlived, 530 MB)
- * ran 1.47 -> 1.22 s (medians of 7 interleaved; tcmalloc 1.02, with no
- * huge pages), every segment advised 1.59 -> 1.23.  Below it, a huge page
- * holds many untouched pages: with every segment advised, 8 server
- * threads of a few segments each (bench_server) went from 83 to 245 MB
- * resident, 16 threads of bench_xchurn from 67 to 152 MB.  Not under an
- * address-space limit, where every page counts, nor with guard pages. */
-#define SM_HUGE_SEGMENTS_PER_THREAD 16
-static bool sm_segment_wants_huge_pages(void) {
-  if (SM_GUARD || sm_os_space_limited()) return false;
-  uint64_t threads = atomic_load_explicit(&sm_heaps_live, memory_order_relaxed);
-  uint64_t segs = atomic_load_explicit(&sm_gstats.segments_in_use, memory_order_relaxed);
-  return segs >= SM_HUGE_SEGMENTS_PER_THREAD * (threads ? threads : 1);
-}
-
 static sm_segment_t *sm_segment_raw_alloc(void) {
   pthread_mutex_lock(&sm_cache_lock);
   sm_segment_t *seg = sm_cache_first;
@@ -102,9 +83,7 @@ static sm_segment_t *sm_segment_raw_alloc(void) {
     sm_gadd(segments_in_use, 1);
     return seg;
   }
-  seg = sm_segment_map();
-  if (seg && sm_segment_wants_huge_pages()) sm_os_hugepage(seg, SM_SEGMENT_SIZE);
-  return seg;
+  return sm_segment_map();
 }
 
 /* A segment from the OS, counted in use; its header untouched, and not in

@@ -161,51 +161,6 @@ START_TEST(hugepages_off_gives_no_advice)
 }
 END_TEST
 
-/* Segments of small and medium blocks are advised for transparent huge
- * pages once the process holds 16 segments per live thread (64 MiB), with
- * one madvise each; below that, and with SMALLOC_HUGEPAGES=0, none is.
- * The test's one thread fills 24 segments with 1 KiB blocks; exact:
- * the segment cache is emptied first, so every segment is mapped. */
-enum { LG_SEG = 4 << 20, LG_HEAP_SEGS = 24, LG_HEAP_BLOCK = 1024,
-       LG_HEAP_BLOCKS = LG_HEAP_SEGS * (LG_SEG / LG_HEAP_BLOCK) };
-
-START_TEST(a_heap_of_many_segments_gets_huge_pages)
-{
-  if (SM_TEST_SECURE)
-    return;   /* guard pages in every page: no huge page fits */
-  size_t bytes = LG_HEAP_BLOCKS * sizeof(void *);
-  void **v = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ck_assert_ptr_ne(v, MAP_FAILED);
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
-  for (int on = 1; on >= 0; on--) {
-    ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, on), 0);
-    smalloc_collect(true);
-    smalloc_stats_t a, b;
-    ck_assert_int_eq(sm_test_snap(&a), 0);
-    size_t n = 0;
-    for (; n < LG_HEAP_BLOCKS && (v[n] = smalloc_malloc(SM_TEST_REQUEST_FOR(LG_HEAP_BLOCK))); n++) {
-    }
-    ck_assert_int_eq(sm_test_snap(&b), 0);
-    ck_assert_uint_eq(n, LG_HEAP_BLOCKS);
-    uint64_t mapped = b.segments_mapped - a.segments_mapped;
-    ck_assert_uint_eq(b.segments_cache_hits - a.segments_cache_hits, 0);
-    ck_assert_uint_ge(mapped, LG_HEAP_SEGS - 1);
-    /* the k-th segment mapped (k from 1) is advised when a.segments_in_use
-     * + k reaches 16 */
-    uint64_t before = a.segments_in_use >= 15 ? 0 : 15 - a.segments_in_use;
-    uint64_t advised = on && mapped > before ? mapped - before : 0;
-    ck_assert_uint_eq(b.os_madvise - a.os_madvise, advised);
-    if (on)
-      ck_assert_uint_ge(advised, LG_HEAP_SEGS - 16);
-    for (size_t i = 0; i < n; i++)
-      smalloc_free(v[i]);
-  }
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, 1), 0);
-  smalloc_collect(true);
-  munmap(v, bytes);
-}
-END_TEST
-
 /* With no purge delay, a freed block's units are purged at once with the
  * rest of the segment's free units (its unused tail, which may lie in a
  * huge page the blocks faulted in): two runs, 58 of its 63 units, while
@@ -477,7 +432,6 @@ static Suite *large_suite(void)
   Suite *s = suite_create("large");
   TCase *tc = sm_tcase("large", 300);
   tcase_add_test(tc, huge_replacement_makes_no_os_calls);
-  tcase_add_test(tc, a_heap_of_many_segments_gets_huge_pages);
   tcase_add_test(tc, large_replacement_makes_no_os_calls);
   tcase_add_test(tc, calloc_of_a_reused_huge_block_is_zero);
   tcase_add_test(tc, large_blocks_share_a_segment);
