@@ -338,16 +338,16 @@ static void sm_free_batch(sm_heap_t *heap, sm_page_t *page, sm_block_t *b, const
   sm_background_poll();   /* a batch sent may have asked for the purge thread */
 }
 
+/* From the inline free: a block start in one of the thread's pages on
+ * its full list. */
+void sm_free_full(sm_page_t *page, void *p) {
+  if (sm_unlikely(!sm_canary_ok(page, (sm_block_t *)p))) { sm_free_generic(p, "free"); return; }
+  sm_free_local_slow(page, (sm_block_t *)p, p);
+}
+
 /* From the inline free: a block start in another live thread's ordinary
- * page (or one of ours on the full list).  Count it here and batch it. */
-static __attribute__((noinline)) void sm_free_xthread_general(sm_page_t *page, sm_block_t *b,
-                                                             uintptr_t xtid) {
-  if ((xtid & ~(uintptr_t)1) == sm_heap_owner_id(sm_heap())) {
-    /* our own page, on the full list */
-    if (sm_unlikely(!sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
-    sm_free_local_slow(page, b, b);
-    return;
-  }
+ * page.  Count it here and batch it. */
+static __attribute__((noinline)) void sm_free_xthread_general(sm_page_t *page, sm_block_t *b) {
   sm_heap_t *heap = sm_heap();
   if (sm_unlikely(!heap->initialized || !sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
   sm_free_batch(heap, page, b, "free");
@@ -355,17 +355,16 @@ static __attribute__((noinline)) void sm_free_xthread_general(sm_page_t *page, s
 
 /* The common remote free, a leaf that calls nothing: the block joins the
  * open batch of its page, which has room, and its tag says it is not free
- * yet.  Everything else (a new batch, a full one, our own page on the
- * full list, a thread without a heap: its slots hold no page, the secure
- * build's checks, valgrind) takes the general path above. */
-void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid) {
+ * yet.  Everything else (a new batch, a full one, a thread without a
+ * heap: its slots hold no page, the secure build's checks, valgrind)
+ * takes the general path above. */
+void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
   sm_heap_t *heap = sm_heap();
   sm_xbuf_t *x = sm_xbuf_open(heap, page);
   uintptr_t key = page->key;
   if (sm_unlikely(SM_CANARY || sm_track_on() || x->page != page || x->head == b ||
-                  x->count >= SM_XBUF_MAX - 1 || (b->tag ^ key) <= SM_TAG_REMOTE ||
-                  (xtid & ~(uintptr_t)1) == sm_heap_owner_id(heap))) {
-    sm_free_xthread_general(page, b, xtid);
+                  x->count >= SM_XBUF_MAX - 1 || (b->tag ^ key) <= SM_TAG_REMOTE)) {
+    sm_free_xthread_general(page, b);
     return;
   }
   b->tag = key ^ SM_TAG_REMOTE;

@@ -815,8 +815,9 @@ bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint32_t n);
 void sm_free_flush_remote(sm_heap_t *heap);
-void sm_free_xthread(sm_page_t *page, sm_block_t *b, uintptr_t xtid);
+void sm_free_xthread(sm_page_t *page, sm_block_t *b);
 void sm_free_flagged(sm_page_t *page, void *p);
+void sm_free_full(sm_page_t *page, void *p);
 
 /* The owner frees block start p of its page (not on the full list, its
  * canary checked): pushed on the page's free list if it is the current
@@ -868,10 +869,11 @@ SM_INLINE void sm_free_inline(void *p) {
     return;
   }
   if (sm_unlikely(xtid != self)) {
-    /* another thread's page, or one of ours on the full list: push on its
-     * thread_free, or bring it back; anything else (flagged, abandoned,
-     * not in use, single) goes the long way */
-    if (xtid != 0) sm_free_xthread(page, (sm_block_t *)p, xtid);
+    /* one of ours on the full list: counted towards bringing it back;
+     * another thread's page: pushed on its thread_free; anything else
+     * (flagged, abandoned, not in use, single) goes the long way */
+    if ((xtid ^ self) == 1) sm_free_full(page, p);
+    else if (xtid != 0) sm_free_xthread(page, (sm_block_t *)p);
     else sm_free_flagged(page, p);
     return;
   }
