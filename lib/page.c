@@ -736,11 +736,15 @@ void sm_page_unfull_locked(sm_heap_t *heap, sm_page_t *page) {
  * block freed (sm_heap_wake_full).  Blocks other threads free bring a
  * page back at their first batch (the owner learns of those only then). */
 #define SM_WAKE_BLOCKS 16
+/* The blocks freed into a page of the full list and not handed out since
+ * (it went there with every block of its capacity in use). */
+static uint32_t sm_full_page_freed(const sm_page_t *page) { return page->capacity - page->used; }
+
 static bool sm_page_wakes(const sm_page_t *page) {
   uint32_t want = page->capacity / 16;
   if (want > SM_WAKE_BLOCKS) want = SM_WAKE_BLOCKS;
   if (want == 0) want = 1;
-  return page->capacity - page->used >= want;
+  return sm_full_page_freed(page) >= want;
 }
 
 /* Under heap->lock: the owner freed a block into a page of its full list
@@ -756,7 +760,7 @@ void sm_heap_wake_full(sm_heap_t *heap) {
   sm_lock(&heap->lock);
   for (sm_page_t *page = heap->queues[SM_BIN_FULL].first, *next; page; page = next) {
     next = page->next;
-    if (page->used < page->capacity) sm_page_unfull_locked(heap, page);
+    if (sm_full_page_freed(page) > 0) sm_page_unfull_locked(heap, page);
   }
   sm_unlock(&heap->lock);
 }
