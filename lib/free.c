@@ -389,7 +389,7 @@ void sm_free_flagged(sm_page_t *page, void *p) {
     sm_free_generic(p, "free");
     return;
   }
-  sm_prof_forget(page, p);
+  if (sm_prof_may_be_sample(page, p)) sm_prof_forget(page, p);
   if (atomic_load_explicit(&page->owner, memory_order_relaxed) != heap) {
     sm_free_batch(heap, page, p, "free");
     return;
@@ -460,7 +460,8 @@ void sm_free_generic(void *p, const char *who) {
   }
   /* a sampled block leaves the profile (a block freed twice is not found
    * the second time, and is reported below) */
-  if (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_SAMPLED) sm_prof_forget(page, b);
+  if ((atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_SAMPLED) && sm_prof_may_be_sample(page, b))
+    sm_prof_forget(page, b);
   if (atomic_load_explicit(&page->owner, memory_order_relaxed) == heap) {
     sm_free_local_slow(page, b, p);
     return;

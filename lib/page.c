@@ -80,7 +80,7 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   page->free_to = SM_FREE_TO_LOCAL;
   page->xfreed = 0;
   atomic_store_explicit(&page->sampled, 0, memory_order_relaxed);
-  atomic_store_explicit(&page->prof_one, 0, memory_order_relaxed);
+  atomic_store_explicit(&page->prof_marks, 0, memory_order_relaxed);
   /* a new key for every life of the page: blocks of an earlier life (of
    * another size class) leave links and tags in memory that blocks of
    * this one hand out; they must tell nothing about this life's key.  At

@@ -18,11 +18,15 @@
  * flags that send every free of the page out of line (free's fast path
  * is unchanged), and free.c asks sm_prof_forget about each block of such
  * a page; page->sampled counts the page's sampled blocks, and the owner
- * clears the flag when it is 0 again.  page->prof_one holds the page's
- * one sample (SM_PROF_MANY once there were two at a time, until the flag
- * goes), so that the other blocks' frees skip the table and its lock
- * (bench_longlived 1e5 with profiling: 5.5 % of the run in the lookup);
- * past that, a count of live samples by address hash (sm_prof_filter).
+ * clears the flag when it is 0 again.  page->prof_marks holds the marks
+ * of the page's live samples, up to SM_PROF_MARKS of them (SM_PROF_MANY
+ * once there were more at a time, until the flag goes), so that the other
+ * blocks' frees skip the table and its lock (bench_longlived 1e5 with
+ * profiling: 5.5 % of the run in the lookup) with a few instructions on
+ * the page's own line; past that, a count of live samples by address
+ * hash (sm_prof_filter), a load that misses the cache (bench_churn e,
+ * where a 512 KiB page of 1-8 KiB blocks holds a sample or two most of
+ * the time: half of sm_prof_forget's time, when a page kept one mark).
  * Blocks above the size classes always free out of line; they are looked
  * up while any sample lives.
  *
@@ -230,6 +234,28 @@ static uint32_t sm_prof_intern_locked(void *const *frames, uint32_t depth) {
     sm_prof_stack_t *st = &sm_prof_stacks[s - 1];
     if (st->hash == h && st->depth == depth && memcmp(st->frames, frames, depth * sizeof *frames) == 0)
       return s - 1;
+  }
+}
+
+/* ---- a page's marks (internal.h) -------------------------------------- */
+
+/* w with mark m put in a free lane (add) or taken out of its lane;
+ * SM_PROF_MANY when no lane is free. */
+static uint64_t sm_prof_marks_with(uint64_t w, uint64_t m, bool add) {
+  for (unsigned i = 0; i < SM_PROF_MARKS; i++) {
+    uint64_t lane = (w >> (16 * i)) & 0xffff;
+    if (add && lane == 0) return w | m << (16 * i);
+    if (!add && lane == m) return w & ~((uint64_t)0xffff << (16 * i));
+  }
+  return add ? SM_PROF_MANY : w;
+}
+/* Change page's marks: m added (the owner, as it samples) or taken out
+ * (the thread that frees the sample, any); SM_PROF_MANY stays. */
+static void sm_prof_marks_update(sm_page_t *page, uint64_t m, bool add) {
+  uint64_t w = atomic_load_explicit(&page->prof_marks, memory_order_relaxed);
+  while (w != SM_PROF_MANY &&
+         !atomic_compare_exchange_weak_explicit(&page->prof_marks, &w, sm_prof_marks_with(w, m, add),
+                                                memory_order_relaxed, memory_order_relaxed)) {
   }
 }
 
@@ -443,8 +469,12 @@ static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) 
   }
   pthread_mutex_unlock(&sm_prof_lock);
   if (kept && page) {
-    uint16_t before = atomic_fetch_add_explicit(&page->sampled, 1, memory_order_relaxed);
-    atomic_store_explicit(&page->prof_one, before == 0 ? (uintptr_t)b : SM_PROF_MANY, memory_order_relaxed);
+    /* with no sample live in the page, no free is taking a mark out
+     * (sm_prof_forget takes its mark out before it counts the sample
+     * gone): SM_PROF_MANY may go */
+    uint16_t before = atomic_fetch_add_explicit(&page->sampled, 1, memory_order_acq_rel);
+    if (before == 0) atomic_store_explicit(&page->prof_marks, sm_prof_mark(page, b), memory_order_relaxed);
+    else sm_prof_marks_update(page, sm_prof_mark(page, b), true);
     uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
     if (!(flags & SM_PAGE_SAMPLED)) sm_page_set_flags(page, flags | SM_PAGE_SAMPLED, sm_heap_owner_id(heap));
   }
@@ -490,14 +520,10 @@ void sm_prof_event_slow(int kind) {
   pthread_mutex_unlock(&sm_prof_lock);
 }
 
-/* Block b (its start) is freed: if it is a sample, it leaves the live
- * profile, and its page (NULL above the size classes) counts one fewer. */
+/* Block b (its start) is freed, and may be a sample (sm_prof_may_be_sample):
+ * if it is, it leaves the live profile, and its page (NULL above the size
+ * classes) counts one fewer. */
 void sm_prof_forget(sm_page_t *page, const void *b) {
-  if (page) {
-    /* most frees into a flagged page are of other blocks than its sample */
-    uintptr_t one = atomic_load_explicit(&page->prof_one, memory_order_relaxed);
-    if (one != SM_PROF_MANY && one != (uintptr_t)b) return;
-  }
   sm_prof_count_t *filter = atomic_load_explicit(&sm_prof_filter, memory_order_acquire);
   if (filter == NULL || atomic_load_explicit(sm_prof_filter_at(filter, (uintptr_t)b), memory_order_relaxed) == 0)
     return;
@@ -518,17 +544,17 @@ void sm_prof_forget(sm_page_t *page, const void *b) {
     }
   }
   pthread_mutex_unlock(&sm_prof_lock);
-  if (found && page) atomic_fetch_sub_explicit(&page->sampled, 1, memory_order_relaxed);
+  if (found && page) {
+    sm_prof_marks_update(page, sm_prof_mark(page, b), false);
+    atomic_fetch_sub_explicit(&page->sampled, 1, memory_order_release);
+  }
 }
 
-/* The owner, freeing into a flagged page or refilling one: no sample left
- * in it, so its frees may take the fast path again. */
-void sm_prof_page_check(sm_heap_t *heap, sm_page_t *page) {
-  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-  if ((flags & SM_PAGE_SAMPLED) && atomic_load_explicit(&page->sampled, memory_order_relaxed) == 0) {
-    atomic_store_explicit(&page->prof_one, 0, memory_order_relaxed);
-    sm_page_set_flags(page, flags & ~SM_PAGE_SAMPLED, sm_heap_owner_id(heap));
-  }
+/* The owner, of a flagged page with no sample left (sm_prof_page_check):
+ * its frees may take the fast path again. */
+void sm_prof_page_unflag(sm_heap_t *heap, sm_page_t *page, uint8_t flags) {
+  atomic_store_explicit(&page->prof_marks, 0, memory_order_relaxed);
+  sm_page_set_flags(page, flags & ~SM_PAGE_SAMPLED, sm_heap_owner_id(heap));
 }
 
 /* fork (fork.c): a lock a lost thread held is free in the child, and the

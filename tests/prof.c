@@ -341,6 +341,61 @@ START_TEST(blocks_freed_by_other_threads_leave_the_profile)
 }
 END_TEST
 
+/* A page's samples are found when they are freed, whether the page marks
+ * each of them (up to four) or holds too many to mark, and whichever
+ * thread frees them; frees of the page's other blocks leave them be. */
+static void *ps_block;
+void *ps_free_one(void *arg);
+void *ps_free_one(void *arg)
+{
+  (void)arg;
+  smalloc_free(ps_block);
+  return NULL;
+}
+
+static uint64_t ps_live(void)
+{
+  prof_read_t r;
+  prof_dump_read(&r, NULL, NULL);
+  return r.live_count;
+}
+
+START_TEST(a_page_finds_its_samples_among_its_blocks)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_RATE, 1), 0);   /* every allocation */
+  for (int many = 0; many < 2; many++) {
+    enum { OTHERS = 200 };
+    int n = many ? 7 : 3;
+    void *sampled[8], *others[OTHERS];
+    ck_assert_int_eq(smalloc_prof_start(), 0);
+    for (int i = 0; i < n; i++)
+      ck_assert_ptr_nonnull(sampled[i] = smalloc_malloc(48));
+    smalloc_prof_stop();   /* the rest are not samples, nor what reading allocates */
+    ck_assert_uint_eq(ps_live(), (uint64_t)n);
+    for (int i = 0; i < OTHERS; i++)
+      ck_assert_ptr_nonnull(others[i] = smalloc_malloc(48));
+    for (int i = 0; i < OTHERS; i++)
+      smalloc_free(others[i]);
+    ck_assert_uint_eq(ps_live(), (uint64_t)n);
+    /* one freed by another thread */
+    ps_block = sampled[1];
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, ps_free_one, NULL), 0);
+    pthread_join(t, NULL);
+    ck_assert_uint_eq(ps_live(), (uint64_t)n - 1);
+    /* a new sample in the page, where the freed one was marked */
+    ck_assert_int_eq(smalloc_prof_start(), 0);
+    ck_assert_ptr_nonnull(sampled[1] = smalloc_malloc(48));
+    smalloc_prof_stop();
+    ck_assert_uint_eq(ps_live(), (uint64_t)n);
+    for (int i = 0; i < n; i++) {
+      smalloc_free(sampled[i]);
+      ck_assert_uint_eq(ps_live(), (uint64_t)(n - 1 - i));
+    }
+  }
+}
+END_TEST
+
 /* ---- the churn profile ---------------------------------------------------- */
 
 /* Blocks of 40 size classes, 600 of each, then all freed: fresh pages
@@ -532,6 +587,7 @@ static Suite *prof_suite(void)
   tcase_add_test(tc, freed_blocks_leave_the_live_profile);
   tcase_add_test(tc, nothing_is_sampled_while_off);
   tcase_add_test(tc, blocks_freed_by_other_threads_leave_the_profile);
+  tcase_add_test(tc, a_page_finds_its_samples_among_its_blocks);
   tcase_add_test(tc, churn_profile_names_the_cause_and_is_empty_under_steady_churn);
   tcase_add_test(tc, the_leak_report_names_the_leaking_function_first);
   suite_add_tcase(s, tc);
