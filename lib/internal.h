@@ -775,7 +775,7 @@ SM_INLINE bool sm_prof_may_be_sample(const sm_page_t *page, const void *b) {
   uint64_t x = marks ^ (sm_prof_mark(page, b) * SM_PROF_LANES);
   return marks == SM_PROF_MANY || ((x - SM_PROF_LANES) & ~x & (SM_PROF_LANES << 15)) != 0;
 }
-void sm_prof_page_unflag(sm_heap_t *heap, sm_page_t *page, uint8_t flags);
+void sm_prof_page_unflag(sm_heap_t *heap, sm_page_t *page);
 /* The owner, freeing into a page or refilling one: a page flagged for
  * its samples whose samples were all freed (by other threads too) is
  * unflagged.  Inline: the slow paths call it each time, profiling on or
@@ -783,7 +783,7 @@ void sm_prof_page_unflag(sm_heap_t *heap, sm_page_t *page, uint8_t flags);
 SM_INLINE void sm_prof_page_check(sm_heap_t *heap, sm_page_t *page) {
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
   if (sm_unlikely(flags & SM_PAGE_SAMPLED) && atomic_load_explicit(&page->sampled, memory_order_acquire) == 0)
-    sm_prof_page_unflag(heap, page, flags);
+    sm_prof_page_unflag(heap, page);
 }
 void sm_prof_fork_child(void);
 void sm_prof_init(void);
@@ -943,6 +943,7 @@ void sm_heap_wake_full(sm_heap_t *heap);
 uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self);
 void sm_heap_unfull_all(sm_heap_t *heap);
 void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid);
+void sm_page_set_sampled(sm_page_t *page, sm_heap_t *heap, bool on);
 void sm_page_set_owner(sm_page_t *page, sm_heap_t *heap);
 void sm_page_donate(sm_heap_t *heap, sm_page_t *page, bool orphan);
 bool sm_page_claim(sm_heap_t *heap, sm_page_t *page);

@@ -670,6 +670,26 @@ void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid) {
   if (!slow) atomic_store_explicit(&page->xtid, tid | ((flags & SM_PAGE_IN_FULL) ? 1 : 0), memory_order_seq_cst);
 }
 
+/* The profiler's flag (prof.c), set by the owner as it samples a block of
+ * the page and cleared by the owner once none is live: the same stores as
+ * sm_page_set_flags, release ones (a locked instruction each on x86-64,
+ * four a sample, where these are plain moves).  Nothing depends on the
+ * order of this change against another thread's stores, as the full
+ * list's does (sm_page_to_full): a free of a sampled block is ordered
+ * after the flag by the program's own hand-over of the block, and a free
+ * of another block that sees the state before is right either way
+ * (sm_free_flagged, sm_free_generic). */
+void sm_page_set_sampled(sm_page_t *page, sm_heap_t *heap, bool on) {
+  uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
+  flags = on ? flags | SM_PAGE_SAMPLED : flags & ~SM_PAGE_SAMPLED;
+  bool slow = (flags & SM_PAGE_SLOW_FREE) != 0;
+  if (slow) atomic_store_explicit(&page->xtid, 0, memory_order_release);
+  atomic_store_explicit(&page->flags, flags, memory_order_release);
+  if (!slow)
+    atomic_store_explicit(&page->xtid, sm_heap_owner_id(heap) | ((flags & SM_PAGE_IN_FULL) ? 1 : 0),
+                          memory_order_release);
+}
+
 /* A page's owner (NULL: the pool) and its copy for free, off the full
  * list: the flags that send frees out of line stay, the full bits go. */
 void sm_page_set_owner(sm_page_t *page, sm_heap_t *heap) {

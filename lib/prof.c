@@ -476,7 +476,7 @@ static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) 
     if (before == 0) atomic_store_explicit(&page->prof_marks, sm_prof_mark(page, b), memory_order_relaxed);
     else sm_prof_marks_update(page, sm_prof_mark(page, b), true);
     uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-    if (!(flags & SM_PAGE_SAMPLED)) sm_page_set_flags(page, flags | SM_PAGE_SAMPLED, sm_heap_owner_id(heap));
+    if (!(flags & SM_PAGE_SAMPLED)) sm_page_set_sampled(page, heap, true);
   }
 }
 
@@ -552,9 +552,9 @@ void sm_prof_forget(sm_page_t *page, const void *b) {
 
 /* The owner, of a flagged page with no sample left (sm_prof_page_check):
  * its frees may take the fast path again. */
-void sm_prof_page_unflag(sm_heap_t *heap, sm_page_t *page, uint8_t flags) {
+void sm_prof_page_unflag(sm_heap_t *heap, sm_page_t *page) {
   atomic_store_explicit(&page->prof_marks, 0, memory_order_relaxed);
-  sm_page_set_flags(page, flags & ~SM_PAGE_SAMPLED, sm_heap_owner_id(heap));
+  sm_page_set_sampled(page, heap, false);
 }
 
 /* fork (fork.c): a lock a lost thread held is free in the child, and the
