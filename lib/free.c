@@ -377,12 +377,14 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
  * frees into a page flagged only for a sample it holds (every sample
  * flags its page until it is freed: in bench_churn e, one free in
  * eighteen): those skip the lookup and checks free did already, and go
- * on the owner's list or into this thread's batch for the page.
- * Everything else goes the long way. */
+ * on the owner's list (or its slow free, for a page on its full list:
+ * one in twenty of them in bench_churn e, 256 instructions each the long
+ * way) or into this thread's batch for the page.  Everything else goes
+ * the long way. */
 void sm_free_flagged(sm_page_t *page, void *p) {
   sm_heap_t *heap = sm_heap();
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
-  if (SM_CANARY || sm_track_on() || !heap->initialized || flags != SM_PAGE_SAMPLED) {
+  if (SM_CANARY || sm_track_on() || !heap->initialized || (flags & ~SM_PAGE_IN_FULL) != SM_PAGE_SAMPLED) {
     /* an exited thread's page is the first freeing thread's (page.c);
      * the free itself checks the block as ever */
     if ((flags & SM_PAGE_ORPHAN) && heap->initialized) sm_page_claim(heap, page);
@@ -392,6 +394,10 @@ void sm_free_flagged(sm_page_t *page, void *p) {
   if (sm_prof_may_be_sample(page, p)) sm_prof_forget(page, p);
   if (atomic_load_explicit(&page->owner, memory_order_relaxed) != heap) {
     sm_free_batch(heap, page, p, "free");
+    return;
+  }
+  if (flags & SM_PAGE_IN_FULL) {   /* on the full list: checked again under the heap lock */
+    sm_free_local_slow(page, (sm_block_t *)p, p);
     return;
   }
   if (atomic_load_explicit(&page->sampled, memory_order_relaxed) == 0) sm_prof_page_check(heap, page);
