@@ -308,6 +308,9 @@ typedef struct sm_tstats_s {
 typedef struct sm_prof_memo_s {
   uintptr_t sp;
   uint32_t n;
+  /* the stack's number in the profiler's table + 1 (0: not looked up
+   * yet), valid while gen is the table's generation */
+  uint32_t stack, gen;
   uint32_t slot[SM_PROF_MEMO_MAX];
   uintptr_t ip[SM_PROF_MEMO_MAX];
 } sm_prof_memo_t;

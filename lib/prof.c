@@ -86,6 +86,7 @@ static pthread_mutex_t sm_prof_lock = PTHREAD_MUTEX_INITIALIZER;
 static sm_prof_stack_t *sm_prof_stacks;   /* SM_PROF_STACKS of them, touched as used */
 static uint32_t *sm_prof_index;           /* 2 * SM_PROF_STACKS slots: stack number + 1 */
 static uint32_t sm_prof_nstacks;
+static uint32_t sm_prof_gen;              /* the stack table's: a memo's stack number holds within one */
 static sm_prof_live_t *sm_prof_live;
 static size_t sm_prof_live_cap, sm_prof_live_slots;   /* slots used, deleted ones included */
 /* Live samples counted by a hash of their address, read without the
@@ -214,6 +215,21 @@ static uint64_t sm_prof_hash(void *const *frames, uint32_t depth) {
   uint64_t h = 0x9E3779B97F4A7C15ull ^ depth;
   for (uint32_t i = 0; i < depth; i++) h = (h ^ (uintptr_t)frames[i]) * 0xff51afd7ed558ccdull;
   return h ^ (h >> 29);
+}
+
+/* Under the lock: the number of the stack at frames, the one its memo
+ * (NULL: none) holds when it has one: a stack taken again from the same
+ * place is not hashed and compared again (bench_churn e with profiling:
+ * about 200 instructions a sample). */
+static uint32_t sm_prof_intern_locked(void *const *frames, uint32_t depth);
+static uint32_t sm_prof_stack_number_locked(sm_prof_memo_t *memo, void *const *frames, uint32_t depth) {
+  if (memo && memo->stack != 0 && memo->gen == sm_prof_gen) return memo->stack - 1;
+  uint32_t s = sm_prof_intern_locked(frames, depth);
+  if (memo) {
+    memo->stack = s + 1;
+    memo->gen = sm_prof_gen;
+  }
+  return s;
 }
 
 /* Under the lock: the number of the stack, stored if it is new. */
@@ -385,33 +401,42 @@ static const sm_prof_memo_t *sm_prof_memo_find(const sm_heap_t *heap, uintptr_t 
 /* Remember the n frames just unwound from frame address sp, when each
  * return address sits where x86-64 puts it, just below the unwinder's CFA
  * for it (a signal frame breaks that). */
-static void sm_prof_memo_keep(sm_heap_t *heap, uintptr_t sp, void *const *frames, const uintptr_t *cfa, int n) {
+static sm_prof_memo_t *sm_prof_memo_keep(sm_heap_t *heap, uintptr_t sp, void *const *frames, const uintptr_t *cfa,
+                                          int n) {
 #if defined(__x86_64__)
   /* the one from this frame address again, else the one kept longest ago */
   int k = sm_prof_memo_of(heap, sp);
   if (k == SM_PROF_MEMOS) k = (int)(heap->prof_memo_next++ % SM_PROF_MEMOS);
   sm_prof_memo_t *m = &heap->prof_memo[k];
   m->sp = 0;
-  if (n < 1 || n > SM_PROF_MEMO_MAX) return;
+  m->stack = 0;
+  if (n < 1 || n > SM_PROF_MEMO_MAX) return NULL;
   for (int i = 0; i < n; i++) {
     uintptr_t at = cfa[i] - sizeof(uintptr_t);
-    if (at < sp || at - sp > UINT32_MAX || *(const uintptr_t *)at != (uintptr_t)frames[i]) return;
+    if (at < sp || at - sp > UINT32_MAX || *(const uintptr_t *)at != (uintptr_t)frames[i]) return NULL;
     m->slot[i] = (uint32_t)(at - sp);
   }
   for (int i = 0; i < n; i++) m->ip[i] = (uintptr_t)frames[i];
   m->n = (uint32_t)n;
   m->sp = sp;
+  return m;
 #else
   (void)heap; (void)sp; (void)frames; (void)cfa; (void)n;
+  return NULL;
 #endif
 }
 
 /* The calling thread's stack (frames[0] in this function), unwound or
- * as remembered: the number of frames. */
-static __attribute__((noinline)) int sm_prof_unwind(sm_heap_t *heap, void **frames, int cap) {
+ * as remembered: the number of frames, and in *memo the memo that holds
+ * it (NULL: none); no frames when the memo knows the stack's number. */
+static __attribute__((noinline)) int sm_prof_unwind(sm_heap_t *heap, void **frames, int cap, sm_prof_memo_t **memo) {
   uintptr_t sp = (uintptr_t)__builtin_frame_address(0);
-  const sm_prof_memo_t *m = sm_track_on() ? NULL : sm_prof_memo_find(heap, sp);
+  sm_prof_memo_t *m = sm_track_on() ? NULL : (sm_prof_memo_t *)sm_prof_memo_find(heap, sp);
+  *memo = NULL;
   if (m && (int)m->n <= cap) {
+    *memo = m;
+    /* its number known (sm_prof_stack_number_locked): no frames needed */
+    if (m->stack != 0 && m->gen == sm_prof_gen) return 0;
     for (uint32_t i = 0; i < m->n; i++) frames[i] = (void *)m->ip[i];
     return (int)m->n;
   }
@@ -421,17 +446,17 @@ static __attribute__((noinline)) int sm_prof_unwind(sm_heap_t *heap, void **fram
   sm_prof_unw.backtrace(sm_prof_frame, &u);
   if (u.n > 0 && frames[u.n - 1] == NULL) u.n--;   /* the outermost frame's end mark */
   if (u.n < 0) u.n = 0;
-  sm_prof_memo_keep(heap, sp, frames, cfa, u.n);
+  *memo = sm_prof_memo_keep(heap, sp, frames, cfa, u.n);
   return u.n;
 }
 
 /* The caller's stack, this library's frames left out: the number of
- * frames at *start. */
-static int sm_prof_stack(sm_heap_t *heap, void **frames, int cap, void ***start) {
+ * frames at *start, and the memo that holds it (sm_prof_unwind). */
+static int sm_prof_stack(sm_heap_t *heap, void **frames, int cap, void ***start, sm_prof_memo_t **memo) {
   sm_prof_busy = 1;
   if (atomic_load_explicit(&sm_prof_text_hi, memory_order_acquire) == 0)
     dl_iterate_phdr(sm_prof_text_of, (void *)(uintptr_t)&sm_prof_text_of);
-  int depth = sm_prof_unwind(heap, frames, cap);
+  int depth = sm_prof_unwind(heap, frames, cap, memo);
   sm_prof_busy = 0;
   uintptr_t lo = atomic_load_explicit(&sm_prof_text_lo, memory_order_relaxed);
   uintptr_t hi = atomic_load_explicit(&sm_prof_text_hi, memory_order_relaxed);
@@ -448,12 +473,13 @@ static int sm_prof_stack(sm_heap_t *heap, void **frames, int cap, void ***start)
  * with the calling stack. */
 static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
   void *frames[SM_PROF_DEPTH + 8], **at;
-  int depth = sm_prof_stack(heap, frames, SM_PROF_DEPTH + 8, &at);
+  sm_prof_memo_t *memo;
+  int depth = sm_prof_stack(heap, frames, SM_PROF_DEPTH + 8, &at, &memo);
   atomic_store_explicit(&sm_prof_unwinder_ready, 1, memory_order_relaxed);
   pthread_mutex_lock(&sm_prof_lock);
   bool kept = false;
   if (sm_prof_tables_locked() && sm_prof_live_room_locked()) {
-    uint32_t s = sm_prof_intern_locked(at, (uint32_t)depth);
+    uint32_t s = sm_prof_stack_number_locked(memo, at, (uint32_t)depth);
     sm_prof_stack_t *st = &sm_prof_stacks[s];
     st->live_count++;
     st->live_bytes += n;
@@ -514,9 +540,11 @@ void sm_prof_event_slow(int kind) {
     weight = (uint64_t)rate;
   }
   void *frames[SM_PROF_DEPTH + 8], **at;
-  int depth = sm_prof_stack(heap, frames, SM_PROF_DEPTH + 8, &at);
+  sm_prof_memo_t *memo;
+  int depth = sm_prof_stack(heap, frames, SM_PROF_DEPTH + 8, &at, &memo);
   pthread_mutex_lock(&sm_prof_lock);
-  if (sm_prof_tables_locked()) sm_prof_stacks[sm_prof_intern_locked(at, (uint32_t)depth)].events[kind] += weight;
+  if (sm_prof_tables_locked())
+    sm_prof_stacks[sm_prof_stack_number_locked(memo, at, (uint32_t)depth)].events[kind] += weight;
   pthread_mutex_unlock(&sm_prof_lock);
 }
 
@@ -569,6 +597,7 @@ void sm_prof_fork_child(void) {
   sm_prof_live = NULL;
   atomic_store(&sm_prof_filter, NULL);
   sm_prof_nstacks = 0;
+  sm_prof_gen++;   /* the stack numbers memos hold are gone */
   sm_prof_live_cap = sm_prof_live_slots = 0;
   atomic_store(&sm_prof_live_n, 0);
 }
