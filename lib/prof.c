@@ -42,8 +42,9 @@
  * return addresses sat in, and a stack taken from the same frame address
  * whose slots still hold the same return addresses is that stack again
  * (the return addresses are the stack; the slots are checked, not
- * trusted).  A stack through a signal frame, or deeper than
- * SM_PROF_MEMO_MAX frames, is always unwound.
+ * trusted), with its number in the table of stacks once it has one.
+ * A stack through a signal frame, or deeper than SM_PROF_MEMO_MAX
+ * frames, is always unwound.
  *
  * Memory.  The tables live in their own mappings, never in the heap being
  * profiled, under one lock that is never held while allocating. */
