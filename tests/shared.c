@@ -943,6 +943,58 @@ START_TEST(an_exited_threads_pages_freed_by_another_go_back_on_trim)
 }
 END_TEST
 
+/* The same with more pages than a thread claims (SM_CLAIM_MAX, 8 of a
+ * class), and the collection made by another thread while this one
+ * waits: the frees into the pages it does not claim, which stay in the
+ * pool without an owner, are pushed at once, not kept in this thread's
+ * batches until its next slow path.  Before, they pinned those pages
+ * and their segments: under an address-space limit, another thread's
+ * allocation failed although every block was free. */
+enum { SH_W_PAGES = 40 };
+
+static void *sh_w_collect(void *arg)
+{
+  smalloc_stats_t *s = arg;
+  smalloc_collect(true);
+  ck_assert_int_eq(sm_test_snap(s), 0);
+  return NULL;
+}
+
+START_TEST(an_exited_threads_pages_freed_by_a_thread_that_waits_go_back)
+{
+  sh_e_t e;
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  e.n = SH_W_PAGES * (SM_TEST_SMALL_PAGE / sm_test_class_size(SH_E_SIZE));
+  e.v = mmap(NULL, e.n * sizeof *e.v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ck_assert(e.v != MAP_FAILED);
+  smalloc_collect(true);
+  smalloc_stats_t s0, s1, s2;
+  ck_assert_int_eq(sm_test_snap(&s0), 0);
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, sh_e_maker, &e), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  ck_assert_int_eq(sm_test_snap(&s1), 0);
+  for (size_t i = 0; i < e.n; i++)
+    smalloc_free(e.v[i]);
+  ck_assert_int_eq(pthread_create(&t, NULL, sh_w_collect, &s2), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  int k = sm_test_class_index(&s0, SH_E_SIZE);
+  ck_assert_int_ge(k, 0);
+  uint64_t pages = s1.classes[k].pages_in_use - s0.classes[k].pages_in_use;
+  ck_assert_uint_ge(pages, SH_W_PAGES);
+  ck_assert_uint_eq(s1.pages_abandoned - s0.pages_abandoned, pages);
+  /* this thread claimed some (its frees into them were local ones, and
+   * they wait in its queues for its next slow path); every other page
+   * went back to its segment */
+  uint64_t claimed = s2.pages_reclaimed - s1.pages_reclaimed;
+  ck_assert_uint_gt(claimed, 0);
+  ck_assert_uint_lt(claimed, pages);
+  ck_assert_uint_eq(s2.classes[k].pages_in_use, s0.classes[k].pages_in_use + claimed);
+  ck_assert_uint_ge(s2.pages_released - s1.pages_released, pages - claimed);
+  munmap(e.v, e.n * sizeof *e.v);
+}
+END_TEST
+
 /* Threads that each leave a block behind for the next one to free, as
  * mimalloc-bench's mleak does: a thread's page goes to the pool when it
  * exits, and once the next thread has freed its last block (sent when
@@ -1040,6 +1092,7 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, a_consumer_freeing_into_many_pages_loses_no_block);
   tcase_add_test(tc, an_exhausted_page_other_threads_free_into_serves_another_thread);
   tcase_add_test(tc, an_exited_threads_pages_freed_by_another_go_back_on_trim);
+  tcase_add_test(tc, an_exited_threads_pages_freed_by_a_thread_that_waits_go_back);
   tcase_add_test(tc, pages_exited_threads_left_serve_later_threads_once_freed);
   tcase_add_test(tc, a_page_an_exited_thread_left_serves_the_next_thread);
   suite_add_tcase(s, tc);
