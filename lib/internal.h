@@ -369,7 +369,6 @@ struct sm_heap_s {
   /* ---- under lock ---- */
   sm_lock_t lock __attribute__((aligned(64)));
   sm_page_t *retired_first, *retired_last;   /* retired pages by expiry */
-  uint64_t retired_bytes;                    /* their page bytes */
   sm_page_queue_t retired[SM_BIN_COUNT];     /* retired pages by class, warmest first */
   sm_segment_t *free_segs[2];            /* owned segments with free pages, by kind */
   sm_segment_t *full_segs;               /* owned segments without */
@@ -430,6 +429,9 @@ typedef struct sm_gstats_s {
   _Atomic int64_t class_pages[SM_BIN_COUNT];
   _Atomic uint64_t huge_bytes, huge_bytes_freed, huge_cache_hits, huge_cached;
   _Atomic uint64_t background_threads, pages_purged, errors_reported;
+  /* page bytes of every heap's retired pages: past SM_BG_THRESHOLD, a
+   * purge thread is wanted (page.c) */
+  _Atomic uint64_t retired_bytes;
   _Atomic uint64_t peak_in_use;
   _Atomic uint64_t class_peak[SM_BIN_COUNT];   /* blocks, sampled as peak_in_use */
 } sm_gstats_t;

@@ -246,7 +246,7 @@ static size_t sm_page_bytes(const sm_page_t *page) {
 
 static void sm_retired_unlink_locked(sm_heap_t *heap, sm_page_t *page) {
   sm_page_queue_t *q = &heap->retired[page->bin];
-  heap->retired_bytes -= sm_page_bytes(page);
+  sm_gsub(retired_bytes, sm_page_bytes(page));
   if (page->prev) page->prev->next = page->next; else q->first = page->next;
   if (page->next) page->next->prev = page->prev; else q->last = page->prev;
   if (page->rprev) page->rprev->rnext = page->rnext; else heap->retired_first = page->rnext;
@@ -297,9 +297,12 @@ void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
   if (page->rnext) page->rnext->rprev = page; else heap->retired_last = page;
   if (after) after->rnext = page; else heap->retired_first = page;
   page->retired = 1;
-  heap->retired_bytes += sm_page_bytes(page);
   sm_retired_note_expiry_locked(heap);
-  bool wake = heap->retired_bytes >= SM_BG_THRESHOLD;   /* worth a purge thread */
+  /* worth a purge thread, whichever heaps hold them: 100 threads that
+   * each retired 1 MiB and went idle kept 120 MiB resident for good when
+   * each heap's own bytes were weighed */
+  uint64_t bytes = sm_page_bytes(page);
+  bool wake = sm_gadd(retired_bytes, bytes) + bytes >= SM_BG_THRESHOLD;
   sm_unlock(&heap->lock);
   sm_assert_expensive(sm_page_state_ok(heap, page));
   if (wake) sm_background_wake();

@@ -218,6 +218,65 @@ START_TEST(blocks_freed_for_an_idle_thread_go_back_without_a_call)
 }
 END_TEST
 
+/* Many threads that each retire less than BG_WAKE_BYTES and go idle:
+ * what counts for the purge thread is every heap's retired pages
+ * together.  Before, 100 threads that each freed 1 MiB of small blocks
+ * and waited kept 120 MiB resident for good, no purge thread started. */
+enum { BG_IT_THREADS = 16, BG_IT_BLOCKS = (1 << 20) / BG_SIZE };   /* 1 MiB a thread */
+_Static_assert((uint64_t)BG_IT_BLOCKS * BG_SIZE < BG_WAKE_BYTES, "one thread alone does not wake it");
+_Static_assert((uint64_t)BG_IT_THREADS * BG_IT_BLOCKS * BG_SIZE >= 2 * BG_WAKE_BYTES, "all of them do");
+static sm_test_phase_t bg_it_ph = SM_TEST_PHASE_INIT;
+static _Atomic int bg_it_idle;
+
+static void *bg_it_worker(void *arg)
+{
+  (void)arg;
+  void **v = mmap(NULL, BG_IT_BLOCKS * sizeof *v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ck_assert(v != MAP_FAILED);
+  for (size_t i = 0; i < BG_IT_BLOCKS; i++) {
+    v[i] = smalloc_malloc(BG_SIZE);
+    ck_assert_ptr_nonnull(v[i]);
+    memset(v[i], 7, BG_SIZE);
+  }
+  for (size_t i = 0; i < BG_IT_BLOCKS; i++)
+    smalloc_free(v[i]);
+  munmap(v, BG_IT_BLOCKS * sizeof *v);
+  atomic_fetch_add(&bg_it_idle, 1);
+  sm_test_phase_wait(&bg_it_ph, 1);   /* alive and idle */
+  return NULL;
+}
+
+START_TEST(many_idle_threads_small_bursts_go_back_without_a_call)
+{
+  bg_on();
+  smalloc_stats_t a, b, c;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  pthread_t t[BG_IT_THREADS];
+  for (int i = 0; i < BG_IT_THREADS; i++)
+    ck_assert_int_eq(pthread_create(&t[i], NULL, bg_it_worker, NULL), 0);
+  while (atomic_load(&bg_it_idle) < BG_IT_THREADS)
+    bg_sleep_ms(1);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  uint64_t retired = b.pages_retired - a.pages_retired;
+  for (long waited = 0; waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+    ck_assert_int_eq(sm_test_snap(&c), 0);
+    if (c.pages_released - a.pages_released >= retired)
+      break;
+    bg_sleep_ms(BG_POLL_MS);
+  }
+  sm_test_phase_set(&bg_it_ph, 1);
+  for (int i = 0; i < BG_IT_THREADS; i++)
+    pthread_join(t[i], NULL);
+  /* each thread retired all but its current page's worth */
+  ck_assert_uint_ge(retired, BG_IT_THREADS * (BG_IT_BLOCKS * BG_SIZE / SM_TEST_SMALL_PAGE - 1));
+  ck_assert_msg(c.pages_released - a.pages_released == retired,
+                "%llu of the %llu retired pages released after %d ms idle",
+                (unsigned long long)(c.pages_released - a.pages_released), (unsigned long long)retired,
+                BG_POLL_MAX_MS);
+  ck_assert_uint_ge(c.background_threads - a.background_threads, 1);
+}
+END_TEST
+
 /* The same blocks freed by two threads in turn, the second only once the
  * purge thread has looked at the first one's frees, found no page free
  * (each still holds every other block) and exited: the second thread's
@@ -617,6 +676,7 @@ static Suite *background_suite(void)
   TCase *tc = sm_tcase("background", 300);
   tcase_add_test(tc, idle_small_blocks_go_back_without_a_call);
   tcase_add_test(tc, blocks_freed_for_an_idle_thread_go_back_without_a_call);
+  tcase_add_test(tc, many_idle_threads_small_bursts_go_back_without_a_call);
   tcase_add_test(tc, blocks_freed_slowly_for_an_idle_thread_go_back_without_a_call);
   tcase_add_test(tc, idle_huge_block_goes_back_without_a_call);
   tcase_add_test(tc, idle_large_blocks_go_back_without_a_call);
