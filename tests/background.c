@@ -20,7 +20,7 @@
  * busy machine (CI runs two suites at once) it was still at work after
  * 20 s, a few dozen pages short of the last. */
 enum { BG_DELAY_MS = 100, BG_POLL_MS = 20, BG_POLL_MAX_MS = SM_TEST_SANITIZED ? 120000 : 20000 };
-/* retired pages of one thread that start the purge thread (smalloc(7)) */
+/* retired pages (of all threads) that start the purge thread (smalloc(7)) */
 #define BG_WAKE_BYTES ((uint64_t)8 << 20)
 
 static void bg_sleep_ms(long ms)
