@@ -63,3 +63,19 @@ void sm_assert_fail(const char *expr, const char *file, int line) {
   sm_message("internal assertion failed: %s (%s:%d)", expr, file, line);
   abort();
 }
+
+void sm_path_expand(const char *pattern, char *out, size_t cap) {
+  size_t len = 0;
+  for (const char *s = pattern; *s && len + 24 < cap; s++) {
+    if (s[0] == '%' && s[1] == 'p') {
+      len += (size_t)snprintf(out + len, cap - len, "%ld", (long)getpid());
+      s++;
+    } else if (s[0] == '%' && s[1] == '%') {
+      out[len++] = '%';
+      s++;
+    } else {
+      out[len++] = *s;
+    }
+  }
+  out[len] = '\0';
+}

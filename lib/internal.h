@@ -1055,8 +1055,12 @@ SM_INLINE void sm_heap_grew(sm_heap_t *heap) {
 void sm_stats_thread_exit(sm_heap_t *heap);
 void sm_stats_at_exit(void);
 void sm_stats_open_fd(void);
-#define SM_STATS_FILE_MAX 256   /* SMALLOC_STATS_FILE, its NUL included */
+#define SM_STATS_FILE_MAX 256   /* SMALLOC_STATS_FILE, SMALLOC_PROF_DUMP, their NUL included */
 void sm_stats_set_file(const char *path);   /* shorter than SM_STATS_FILE_MAX */
+void sm_prof_set_dump(const char *path);    /* shorter than SM_STATS_FILE_MAX */
+/* A path of SMALLOC_STATS_FILE or SMALLOC_PROF_DUMP with "%p" replaced by
+ * the process id and "%%" by a percent sign, into out (diag.c). */
+void sm_path_expand(const char *pattern, char *out, size_t cap);
 void sm_stats_fork_child(void);
 
 /* ---- background.c: the purge thread ------------------------------------ */

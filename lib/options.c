@@ -172,6 +172,10 @@ static void sm_options_conf_pair(const char *key, const char *val) {
     sm_stats_set_file(val);
     return;
   }
+  if (sm_word_eq(name, "prof_dump")) {
+    sm_prof_set_dump(val);
+    return;
+  }
   char what[64], opt[40];
   for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
     if (sm_word_eq(name, sm_option_desc[i].env + 8)) {
@@ -191,7 +195,8 @@ static void sm_options_conf_pair(const char *key, const char *val) {
 /* SMALLOC_CONF="stats:json,retire_cycles:512": several options in one
  * variable, as users of jemalloc's MALLOC_CONF expect.  A key is an
  * option's name without SMALLOC_, in any case (the full name works too);
- * stats_file sets SMALLOC_STATS_FILE (its path runs to the next comma).
+ * stats_file sets SMALLOC_STATS_FILE and prof_dump SMALLOC_PROF_DUMP (a
+ * path runs to the next comma).
  * Read before the separate variables, which win.  A pair without a colon
  * or with an unknown key is named in one warning. */
 static void sm_options_conf(const char *conf) {
@@ -243,6 +248,12 @@ void sm_options_init(void) {
       char path[SM_STATS_FILE_MAX];
       if (sm_trim(e + 19, path, sizeof path)) sm_stats_set_file(path);
       else sm_message("ignoring SMALLOC_STATS_FILE: longer than %zu characters", sizeof path - 1);
+      continue;
+    }
+    if (strncmp(e, "SMALLOC_PROF_DUMP=", 18) == 0) {
+      char path[SM_STATS_FILE_MAX];
+      if (sm_trim(e + 18, path, sizeof path)) sm_prof_set_dump(path);
+      else sm_message("ignoring SMALLOC_PROF_DUMP: longer than %zu characters", sizeof path - 1);
       continue;
     }
     for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {

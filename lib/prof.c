@@ -889,9 +889,23 @@ void sm_prof_print_top(FILE *out) {
   munmap(copy, size);
 }
 
+/* SMALLOC_PROF_DUMP: where the profiles at exit go ("%p" the process id);
+ * empty: smalloc.PID.heap in the current directory. */
+static char sm_prof_dump_path[SM_STATS_FILE_MAX];
+
+void sm_prof_set_dump(const char *path) {
+  snprintf(sm_prof_dump_path, sizeof sm_prof_dump_path, "%s", path);
+}
+
+/* At exit: the profiles, with SMALLOC_PROF=1, or with SMALLOC_PROF_DUMP
+ * when the program profiled (smalloc_prof_start). */
 void sm_prof_at_exit(void) {
   if (sm_opt(PROF_LEAKS)) sm_prof_leak_report();
-  if (!sm_opt(PROF)) return;
-  int err = smalloc_prof_dump(NULL);
-  if (err) sm_message("SMALLOC_PROF: cannot write the profile: %s", strerror(err));
+  bool profiled = atomic_load_explicit(&sm_prof_filter, memory_order_acquire) != NULL;
+  if (!sm_opt(PROF) && !(sm_prof_dump_path[0] && profiled)) return;
+  char path[512];
+  if (sm_prof_dump_path[0]) sm_path_expand(sm_prof_dump_path, path, sizeof path);
+  int err = smalloc_prof_dump(sm_prof_dump_path[0] ? path : NULL);
+  if (err) sm_message("SMALLOC_PROF: cannot write the profile to %s: %s",
+                      sm_prof_dump_path[0] ? path : "smalloc.PID.heap", strerror(err));
 }

@@ -676,19 +676,7 @@ static _Atomic bool sm_stats_file_started;   /* periodic reports and the one at 
 static int sm_stats_open_file(void) {
   if (sm_stats_file[0] == '\0') return -1;
   char path[512];
-  size_t len = 0;
-  for (const char *s = sm_stats_file; *s && len + 24 < sizeof path; s++) {
-    if (s[0] == '%' && s[1] == 'p') {
-      len += (size_t)snprintf(path + len, sizeof path - len, "%ld", (long)getpid());
-      s++;
-    } else if (s[0] == '%' && s[1] == '%') {
-      path[len++] = '%';
-      s++;
-    } else {
-      path[len++] = *s;
-    }
-  }
-  path[len] = '\0';
+  sm_path_expand(sm_stats_file, path, sizeof path);
   bool started = atomic_load_explicit(&sm_stats_file_started, memory_order_relaxed);
   int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | (started ? O_APPEND : O_TRUNC), 0644);
   if (fd >= 0) atomic_store_explicit(&sm_stats_file_started, true, memory_order_relaxed);

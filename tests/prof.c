@@ -579,6 +579,83 @@ START_TEST(the_leak_report_names_the_leaking_function_first)
 }
 END_TEST
 
+/* SMALLOC_PROF_DUMP: the profiles at exit go to its path, "%p" the
+ * process id, the churn profile beside it; with SMALLOC_PROF=1, and with
+ * a program that starts profiling itself. */
+static int exit_profile_main(bool start)
+{
+  if (start && smalloc_prof_start() != 0)
+    return 2;
+  for (int i = 0; i < 4000; i++)
+    prof_site_a(prof_size());
+  return 0;   /* the blocks stay live: the profile at exit shows them */
+}
+
+static void pd_run(const char *mode, bool env_on, const char *dir, pid_t *child)
+{
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0) {
+    char *argv[] = {"test_prof", (char *)mode, NULL};
+    static char dump[512], ld[4096];
+    snprintf(dump, sizeof dump, "SMALLOC_PROF_DUMP=%s/p.%%p.heap", dir);
+    char *envp[] = {dump, "SMALLOC_PROF_RATE=8192", "SMALLOC_BACKGROUND=0", NULL, NULL, NULL};
+    int n = 3;
+    if (env_on)
+      envp[n++] = "SMALLOC_PROF=1";
+    if (getenv("LD_LIBRARY_PATH")) {
+      snprintf(ld, sizeof ld, "LD_LIBRARY_PATH=%s", getenv("LD_LIBRARY_PATH"));
+      envp[n++] = ld;
+    }
+    execve("/proc/self/exe", argv, envp);
+    _exit(127);
+  }
+  int status;
+  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
+  *child = pid;
+}
+
+/* The live samples of the profile at path, from its first line. */
+static long pd_live_samples(const char *path)
+{
+  FILE *f = fopen(path, "r");
+  ck_assert_msg(f != NULL, "no profile at %s", path);
+  unsigned long long lc, lb, ac, ab, rate;
+  int got = fscanf(f, "heap profile: %llu: %llu [%llu: %llu] @ heap_v2/%llu", &lc, &lb, &ac, &ab, &rate);
+  fclose(f);
+  ck_assert_int_eq(got, 5);
+  ck_assert_uint_eq(rate, 8192);
+  return (long)lc;
+}
+
+START_TEST(profiles_at_exit_go_where_smalloc_prof_dump_says)
+{
+  char dir[] = "/tmp/smalloc-prof-dump.XXXXXX";
+  ck_assert_ptr_nonnull(mkdtemp(dir));
+  const char *modes[] = {"--exit-profile", "--exit-profile-started"};
+  for (int m = 0; m < 2; m++) {
+    pid_t pid;
+    pd_run(modes[m], m == 0, dir, &pid);
+    char path[600], churn[620];
+    snprintf(path, sizeof path, "%s/p.%ld.heap", dir, (long)pid);
+    snprintf(churn, sizeof churn, "%s.churn", path);
+    /* 4000 blocks of 32-1024 bytes live at exit: about 250 samples */
+    ck_assert_int_gt(pd_live_samples(path), 100);
+    ck_assert_int_eq(access(churn, R_OK), 0);
+    unlink(path);
+    unlink(churn);
+  }
+  /* neither SMALLOC_PROF nor a start: nothing written */
+  pid_t pid;
+  pd_run("--exit-profile-off", false, dir, &pid);
+  char path[600];
+  snprintf(path, sizeof path, "%s/p.%ld.heap", dir, (long)pid);
+  ck_assert_int_ne(access(path, F_OK), 0);
+  ck_assert_int_eq(rmdir(dir), 0);
+}
+END_TEST
+
 static Suite *prof_suite(void)
 {
   Suite *s = suite_create("prof");
@@ -592,6 +669,7 @@ static Suite *prof_suite(void)
   tcase_add_test(tc, a_page_finds_its_samples_among_its_blocks);
   tcase_add_test(tc, churn_profile_names_the_cause_and_is_empty_under_steady_churn);
   tcase_add_test(tc, the_leak_report_names_the_leaking_function_first);
+  tcase_add_test(tc, profiles_at_exit_go_where_smalloc_prof_dump_says);
   suite_add_tcase(s, tc);
   return s;
 }
@@ -613,5 +691,11 @@ int main(int argc, char **argv)
   }
   if (argc == 2 && strcmp(argv[1], "--leak") == 0)
     return leak_main();
+  if (argc == 2 && strcmp(argv[1], "--exit-profile") == 0)
+    return exit_profile_main(false);
+  if (argc == 2 && strcmp(argv[1], "--exit-profile-started") == 0)
+    return exit_profile_main(true);
+  if (argc == 2 && strcmp(argv[1], "--exit-profile-off") == 0)
+    return exit_profile_main(false);
   return sm_run_suite(prof_suite());
 }
