@@ -226,16 +226,27 @@ enum { BG_IT_THREADS = 16, BG_IT_BLOCKS = (1 << 20) / BG_SIZE };   /* 1 MiB a th
 _Static_assert((uint64_t)BG_IT_BLOCKS * BG_SIZE < BG_WAKE_BYTES, "one thread alone does not wake it");
 _Static_assert((uint64_t)BG_IT_THREADS * BG_IT_BLOCKS * BG_SIZE >= 2 * BG_WAKE_BYTES, "all of them do");
 static sm_test_phase_t bg_it_ph = SM_TEST_PHASE_INIT;
-static _Atomic int bg_it_idle;
+static _Atomic int bg_it_idle, bg_it_failed;
 
+/* No ck_assert in the loops: libcheck's bookkeeping of each assertion
+ * allocates, and in the secure build, which reuses a freed block only
+ * once its page's list runs dry, that retired and reused pages as the
+ * thread went */
 static void *bg_it_worker(void *arg)
 {
   (void)arg;
   void **v = mmap(NULL, BG_IT_BLOCKS * sizeof *v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ck_assert(v != MAP_FAILED);
+  if (v == MAP_FAILED) {
+    atomic_store(&bg_it_failed, 1);
+    atomic_fetch_add(&bg_it_idle, 1);
+    return NULL;
+  }
   for (size_t i = 0; i < BG_IT_BLOCKS; i++) {
     v[i] = smalloc_malloc(BG_SIZE);
-    ck_assert_ptr_nonnull(v[i]);
+    if (v[i] == NULL) {
+      atomic_store(&bg_it_failed, 1);
+      break;
+    }
     memset(v[i], 7, BG_SIZE);
   }
   for (size_t i = 0; i < BG_IT_BLOCKS; i++)
@@ -267,9 +278,12 @@ START_TEST(many_idle_threads_small_bursts_go_back_without_a_call)
   sm_test_phase_set(&bg_it_ph, 1);
   for (int i = 0; i < BG_IT_THREADS; i++)
     pthread_join(t[i], NULL);
+  ck_assert_int_eq(atomic_load(&bg_it_failed), 0);
+  ck_assert_uint_eq(b.pages_reused, a.pages_reused);
   /* each thread retired all but its current page's worth */
   ck_assert_uint_ge(retired, BG_IT_THREADS * (BG_IT_BLOCKS * BG_SIZE / SM_TEST_SMALL_PAGE - 1));
-  ck_assert_msg(c.pages_released - a.pages_released == retired,
+  /* (other pages may go back with them: a page of this thread's) */
+  ck_assert_msg(c.pages_released - a.pages_released >= retired,
                 "%llu of the %llu retired pages released after %d ms idle",
                 (unsigned long long)(c.pages_released - a.pages_released), (unsigned long long)retired,
                 BG_POLL_MAX_MS);

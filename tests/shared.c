@@ -988,8 +988,11 @@ START_TEST(an_exited_threads_pages_freed_by_a_thread_that_waits_go_back)
    * went back to its segment */
   uint64_t claimed = s2.pages_reclaimed - s1.pages_reclaimed;
   ck_assert_uint_gt(claimed, 0);
-  ck_assert_uint_lt(claimed, pages);
-  ck_assert_uint_eq(s2.classes[k].pages_in_use, s0.classes[k].pages_in_use + claimed);
+  ck_assert_uint_le(claimed, pages);
+  /* (in the secure build this thread retires each page it claimed as it
+   * empties, and so claims them all: nothing is left to send) */
+  ck_assert(SM_TEST_SECURE || claimed < pages);
+  ck_assert_uint_le(s2.classes[k].pages_in_use, s0.classes[k].pages_in_use + claimed);
   ck_assert_uint_ge(s2.pages_released - s1.pages_released, pages - claimed);
   munmap(e.v, e.n * sizeof *e.v);
 }
