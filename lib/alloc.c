@@ -187,6 +187,15 @@ static size_t sm_usable_in(const sm_segment_t *seg, const sm_page_t *page, const
   return block + page->block_size - SM_CANARY - diff;
 }
 
+/* What realloc may resize and malloc_usable_size may measure, as free
+ * would accept it: a block start, the start of a large or huge block, or
+ * an aligned pointer with its mark. */
+static bool sm_realloc_target_ok(const sm_segment_t *seg, const sm_page_t *page, const void *p);
+
+/* The usable bytes of block p, checked as realloc checks it (a pointer
+ * into the middle of a block, or a block that is free, is reported, and
+ * is 0 bytes: what it returned before, the bytes to the block's end, led
+ * a program that trusted it to write over the next block). */
 size_t sm_usable_size(const void *p, const char *who) {
   sm_segment_t *seg;
   sm_page_t *page;
@@ -195,11 +204,17 @@ size_t sm_usable_size(const void *p, const char *who) {
     sm_error("%s(): invalid pointer %p (not allocated by smalloc)", who, p);
     return 0;
   }
+  if (seg->kind < SM_SEG_SPAN && sm_page_is_block(page, p) && sm_block_is_free(page, (sm_block_t *)p)) {
+    sm_error("%s(): pointer %p was freed", who, p);
+    return 0;
+  }
+  if (!sm_realloc_target_ok(seg, page, p)) {
+    sm_error("%s(): invalid pointer %p (not the start of a block)", who, p);
+    return 0;
+  }
   return sm_usable_in(seg, page, p);
 }
 
-/* What realloc may resize, as free would accept it: a block start, the
- * start of a large or huge block, or an aligned pointer with its mark. */
 static bool sm_realloc_target_ok(const sm_segment_t *seg, const sm_page_t *page, const void *p) {
   if (seg->kind >= SM_SEG_SPAN) return p == (const void *)page->start;
   if (sm_page_is_block(page, p)) return true;

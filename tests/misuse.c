@@ -1187,6 +1187,44 @@ static void usable_size_libc_block(bool warn)
 }
 MISUSE(usable_size_libc_block)
 
+/* malloc_usable_size checks its pointer as realloc does: a pointer into
+ * a block (small, large, huge), or a block that was freed, is reported
+ * and measures 0 bytes, not the bytes to the block's end. */
+static void usable_size_interior_of(bool warn, size_t size)
+{
+  unsigned char *p = smalloc_malloc(size);
+  CHILD_CHECK(p != NULL, "malloc(%zu) failed", size);
+  expect_line("malloc_usable_size(): invalid pointer %p (not the start of a block)", (void *)(p + 16));
+  size_t n = smalloc_malloc_usable_size(sm_opaque(p + 16));
+  if (!warn)
+    return;
+  CHILD_CHECK(n == 0, "malloc_usable_size(%p + 16) = %zu", (void *)p, n);
+  smalloc_free(p);
+  heap_still_sound(48);
+}
+static void usable_size_interior_small(bool warn) { usable_size_interior_of(warn, 48); }
+MISUSE(usable_size_interior_small)
+static void usable_size_interior_large(bool warn) { usable_size_interior_of(warn, 300 * KiB); }
+MISUSE(usable_size_interior_large)
+static void usable_size_interior_huge(bool warn) { usable_size_interior_of(warn, 6 * MiB); }
+MISUSE(usable_size_interior_huge)
+
+static void usable_size_freed(bool warn)
+{
+  void *live = smalloc_malloc(48);
+  void *p = smalloc_malloc(48);
+  CHILD_CHECK(live != NULL && p != NULL, "malloc failed");
+  smalloc_free(p);
+  expect_line("malloc_usable_size(): pointer %p was freed", p);
+  size_t n = smalloc_malloc_usable_size(sm_opaque(p));
+  if (!warn)
+    return;
+  CHILD_CHECK(n == 0, "malloc_usable_size of a freed block = %zu", n);
+  heap_still_sound(48);
+  smalloc_free(live);
+}
+MISUSE(usable_size_freed)
+
 /* free_sized takes the same checks as free. */
 static void free_sized_foreign(bool warn)
 {
@@ -1395,6 +1433,10 @@ int main(void)
   ADD_MISUSE(tc, realloc_foreign_mapping);
   ADD_MISUSE(tc, usable_size_foreign);
   ADD_MISUSE(tc, usable_size_libc_block);
+  ADD_MISUSE(tc, usable_size_interior_small);
+  ADD_MISUSE(tc, usable_size_interior_large);
+  ADD_MISUSE(tc, usable_size_interior_huge);
+  ADD_MISUSE(tc, usable_size_freed);
   ADD_MISUSE(tc, free_sized_foreign);
   tcase_add_test(tc, warn_mode_caps_repeated_reports);
   tcase_add_test(tc, free_keeps_errno);
