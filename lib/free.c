@@ -256,8 +256,30 @@ static void sm_tf_push_chain(sm_segment_t *seg, sm_page_t *page, sm_block_t *hea
   if (old & SM_TF_FULL) sm_free_hand_over(seg, page, head);
 }
 
+/* Send a batch.  Its blocks keep their page in use, so the page's key is
+ * the one it had when the batch began; when it is not, the page emptied
+ * and was carved anew meanwhile: every block of the batch was free
+ * already when this thread freed it (its owner freed it and wrote over
+ * its tag, where free looks), and may be live now.  Pushed, they would be
+ * handed out twice and their links written into live data: the batch is
+ * reported as the double free it was and left out.  Within one life of
+ * the page, the push writes into one block, the tail (its link): a tail
+ * whose tag is no longer the one this thread gave it was handed out
+ * again, live, and the batch goes the same way.  Any other block of the
+ * batch that was handed out again is found by malloc's check of its tag
+ * when it reaches it, before it is handed out twice. */
 static void sm_xbuf_send(sm_xbuf_t *x) {
   sm_page_t *page = x->page;
+  sm_track_link(x->tail);
+  sm_block_t *bad = (uint32_t)page->key != x->key ? x->head
+                    : x->tail->tag != (page->key ^ SM_TAG_REMOTE) ? x->tail : NULL;
+  if (sm_unlikely(bad != NULL)) {
+    sm_error("free(): double free of %p (handed out again since)", (void *)bad);
+    x->page = NULL;
+    x->head = x->tail = NULL;
+    x->count = 0;
+    return;
+  }
   sm_tf_push_chain(sm_ptr_segment(page), page, x->head, x->tail, x->count);
   x->page = NULL;
   x->head = x->tail = NULL;
@@ -314,6 +336,7 @@ static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   if (x->page != page) {
     if (x->page != NULL) sm_xbuf_send(x);
     x->page = page;
+    x->key = (uint32_t)page->key;
     x->tail = b;
     heap->xbuf_used[i / 64] |= (uint64_t)1 << (i % 64);
   }

@@ -324,6 +324,7 @@ typedef struct sm_xbuf_s {
   sm_page_t *page;
   sm_block_t *head, *tail;
   uint32_t count;
+  uint32_t key;                  /* the page's key when the batch began (its low bits) */
 } sm_xbuf_t;
 
 /* A thread heap.  The owner alone touches the direct table, the queues
@@ -929,6 +930,7 @@ bool sm_heap_has_retired(sm_heap_t *heap);
 void sm_heap_decommit(sm_heap_t *heap, bool all);
 bool sm_page_has_free(sm_page_t *page);
 void sm_page_corrupt(sm_page_t *page, const char *what, const void *b);
+bool sm_page_clear_ok(sm_page_t *page);
 /* Whether the page holds no live block: used says so, unless a corrupted
  * free list was found in it (a block freed twice, which used counted
  * twice), after which it is never emptied, retired or released. */

@@ -324,6 +324,17 @@ static sm_page_t *sm_page_take_retired(sm_heap_t *heap, size_t bin) {
 /* An empty page on no queue leaves its class and its owner, on its way
  * back to its segment; any thread may do it, so no owner counter is
  * touched (the page's counts were folded). */
+/* Whether an empty page may be cleared: no block came to its thread_free
+ * since it was found empty.  Every block of it was free, so one that came
+ * was freed twice (by another thread, after the block was written over
+ * where free looks for its mark, or racing the first free): reported,
+ * and the page is kept for good, on no list, as a corrupted page is. */
+bool sm_page_clear_ok(sm_page_t *page) {
+  if (sm_likely(sm_tf_head(page, memory_order_acquire) == NULL)) return true;
+  sm_page_corrupt(page, ": a block of it was freed twice", NULL);
+  return false;
+}
+
 void sm_page_clear(sm_page_t *page) {
   sm_assert(page->used == 0 && !page->retired && page->frees == 0);
   sm_assert(sm_tf_head(page, memory_order_relaxed) == NULL);
@@ -339,6 +350,7 @@ void sm_page_clear(sm_page_t *page) {
  * heap->lock: at once when the heap holds the segment (which then stays
  * its while the lock is held), else through the holder (pool.c). */
 static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
+  if (sm_unlikely(!sm_page_clear_ok(page))) return;
   sm_page_clear(page);
   sm_segment_t *seg = sm_ptr_segment(page);
   if (atomic_load_explicit(&seg->heap, memory_order_relaxed) == heap) sm_segment_page_free_locked(heap, seg, page);
