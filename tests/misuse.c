@@ -536,21 +536,22 @@ MISUSE(double_free_while_cross_thread_free_is_batched)
 
 /* The owner frees a block and writes over its tag; another thread frees
  * it again (not seen: its tag no longer says free) and holds it in its
- * batch; the owner frees the rest of the page, which empties, goes back
- * on trim and is carved again: the block is live again.  The other
- * thread's batch, sent when it goes on, is reported and left out: pushed,
- * it would write a link into the live block and hand it out twice (found
- * by probing). */
-enum { RC_BLOCKS = 2000, RC_SIZE = 64 };
-static void double_free_batched_while_the_page_is_carved_again(bool warn)
+ * batch; the owner frees the rest and allocates again: the block is live
+ * again (64-byte blocks: their pages hold other live blocks, and the
+ * block comes back off the owner's list; when its page is carved anew
+ * instead, the batch's key shows it).  The other thread's batch, sent as
+ * it exits, is reported and left out: pushed, it would write a link into
+ * the live block and hand it out twice (found by probing). */
+enum { RC_BLOCKS = 2000 };
+static void double_free_batched_then_handed_out(bool warn, size_t size, int count)
 {
   static batched_free_t bf = {NULL, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
   static unsigned char *v[RC_BLOCKS];
-  for (int i = 0; i < RC_BLOCKS; i++) {
-    v[i] = smalloc_malloc(RC_SIZE);
-    CHILD_CHECK(v[i] != NULL, "malloc(%d) failed", RC_SIZE);
+  for (int i = 0; i < count; i++) {
+    v[i] = smalloc_malloc(size);
+    CHILD_CHECK(v[i] != NULL, "malloc(%zu) failed", size);
   }
-  bf.p = v[RC_BLOCKS / 2];
+  bf.p = v[count / 2];
   smalloc_free(bf.p);
   memset(bf.p + 8, 0x5a, 8);   /* a write after free, over its tag */
   pthread_t t;
@@ -559,15 +560,15 @@ static void double_free_batched_while_the_page_is_carved_again(bool warn)
   while (bf.state != 1)
     pthread_cond_wait(&bf.cv, &bf.mu);
   pthread_mutex_unlock(&bf.mu);
-  for (int i = 0; i < RC_BLOCKS; i++)
-    if (i != RC_BLOCKS / 2)
+  for (int i = 0; i < count; i++)
+    if (i != count / 2)
       smalloc_free(v[i]);
   smalloc_malloc_trim(0);
   bool again = false;
-  for (int i = 0; i < RC_BLOCKS; i++) {
-    v[i] = smalloc_malloc(RC_SIZE);
-    CHILD_CHECK(v[i] != NULL, "malloc(%d) failed", RC_SIZE);
-    memset(v[i], 0x11, RC_SIZE);
+  for (int i = 0; i < count; i++) {
+    v[i] = smalloc_malloc(size);
+    CHILD_CHECK(v[i] != NULL, "malloc(%zu) failed", size);
+    memset(v[i], 0x11, size);
     again |= v[i] == bf.p;
   }
   CHILD_CHECK(again, "the block was not handed out again");
@@ -579,14 +580,19 @@ static void double_free_batched_while_the_page_is_carved_again(bool warn)
   CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");   /* it sends its batch as it exits */
   if (!warn)
     return;
-  for (int i = 0; i < RC_BLOCKS; i++)
-    for (int j = 0; j < RC_SIZE; j++)
-      CHILD_CHECK(v[i][j] == 0x11, "live block %p damaged at byte %d", (void *)v[i], j);
-  for (int i = 0; i < RC_BLOCKS; i++)
+  for (int i = 0; i < count; i++)
+    for (size_t j = 0; j < size; j++)
+      CHILD_CHECK(v[i][j] == 0x11, "live block %p damaged at byte %zu", (void *)v[i], j);
+  for (int i = 0; i < count; i++)
     smalloc_free(v[i]);
-  heap_still_sound(RC_SIZE);
+  heap_still_sound(size);
 }
-MISUSE(double_free_batched_while_the_page_is_carved_again)
+static void double_free_batched_while_the_block_is_handed_out_again(bool warn)
+{
+  double_free_batched_then_handed_out(warn, 64, RC_BLOCKS);
+}
+MISUSE(double_free_batched_while_the_block_is_handed_out_again)
+
 
 /* realloc of a block freed already, to its own size: resized in place it
  * would be handed out again while still on a free list. */
@@ -1450,7 +1456,7 @@ int main(void)
   ADD_MISUSE(tc, double_free_after_reuse_of_others);
   ADD_MISUSE(tc, double_free_after_cross_thread_free);
   ADD_MISUSE(tc, double_free_while_cross_thread_free_is_batched);
-  ADD_MISUSE(tc, double_free_batched_while_the_page_is_carved_again);
+  ADD_MISUSE(tc, double_free_batched_while_the_block_is_handed_out_again);
   ADD_MISUSE(tc, realloc_of_a_freed_block);
   ADD_MISUSE(tc, realloc_of_a_block_freed_by_another_thread);
   ADD_MISUSE(tc, double_free_both_cross_thread);
