@@ -900,21 +900,28 @@ static void *sh_e_maker(void *arg)
   return NULL;
 }
 
+/* A thread allocates pages' worth of blocks of SH_E_SIZE and exits;
+ * s0 and s1 are the counters before and after.  No purge thread: what it
+ * gives back would be counted too. */
+static void sh_e_leave_pages(sh_e_t *e, size_t pages, smalloc_stats_t *s0, smalloc_stats_t *s1)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  e->n = pages * (SM_TEST_SMALL_PAGE / sm_test_class_size(SH_E_SIZE));
+  e->v = mmap(NULL, e->n * sizeof *e->v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ck_assert(e->v != MAP_FAILED);
+  smalloc_collect(true);
+  ck_assert_int_eq(sm_test_snap(s0), 0);
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, sh_e_maker, e), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  ck_assert_int_eq(sm_test_snap(s1), 0);
+}
+
 START_TEST(an_exited_threads_pages_freed_by_another_go_back_on_trim)
 {
   sh_e_t e;
-  /* no purge thread: what it gives back would be counted too */
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
-  e.n = SH_E_PAGES * (SM_TEST_SMALL_PAGE / sm_test_class_size(SH_E_SIZE));
-  e.v = mmap(NULL, e.n * sizeof *e.v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ck_assert(e.v != MAP_FAILED);
-  smalloc_collect(true);
   smalloc_stats_t s0, s1, s2;
-  ck_assert_int_eq(sm_test_snap(&s0), 0);
-  pthread_t t;
-  ck_assert_int_eq(pthread_create(&t, NULL, sh_e_maker, &e), 0);
-  ck_assert_int_eq(pthread_join(t, NULL), 0);
-  ck_assert_int_eq(sm_test_snap(&s1), 0);
+  sh_e_leave_pages(&e, SH_E_PAGES, &s0, &s1);
   size_t bad = 0;
   for (size_t i = 0; i < e.n; i++) {
     bad += e.v[i] == NULL;
@@ -963,19 +970,11 @@ static void *sh_w_collect(void *arg)
 START_TEST(an_exited_threads_pages_freed_by_a_thread_that_waits_go_back)
 {
   sh_e_t e;
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
-  e.n = SH_W_PAGES * (SM_TEST_SMALL_PAGE / sm_test_class_size(SH_E_SIZE));
-  e.v = mmap(NULL, e.n * sizeof *e.v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ck_assert(e.v != MAP_FAILED);
-  smalloc_collect(true);
   smalloc_stats_t s0, s1, s2;
-  ck_assert_int_eq(sm_test_snap(&s0), 0);
-  pthread_t t;
-  ck_assert_int_eq(pthread_create(&t, NULL, sh_e_maker, &e), 0);
-  ck_assert_int_eq(pthread_join(t, NULL), 0);
-  ck_assert_int_eq(sm_test_snap(&s1), 0);
+  sh_e_leave_pages(&e, SH_W_PAGES, &s0, &s1);
   for (size_t i = 0; i < e.n; i++)
     smalloc_free(e.v[i]);
+  pthread_t t;
   ck_assert_int_eq(pthread_create(&t, NULL, sh_w_collect, &s2), 0);
   ck_assert_int_eq(pthread_join(t, NULL), 0);
   int k = sm_test_class_index(&s0, SH_E_SIZE);
