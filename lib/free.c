@@ -273,14 +273,8 @@ static void sm_xbuf_send(sm_xbuf_t *x) {
   sm_track_link(x->tail);
   sm_block_t *bad = (uint32_t)page->key != x->key ? x->head
                     : x->tail->tag != (page->key ^ SM_TAG_REMOTE) ? x->tail : NULL;
-  if (sm_unlikely(bad != NULL)) {
-    sm_error("free(): double free of %p (handed out again since)", (void *)bad);
-    x->page = NULL;
-    x->head = x->tail = NULL;
-    x->count = 0;
-    return;
-  }
-  sm_tf_push_chain(sm_ptr_segment(page), page, x->head, x->tail, x->count);
+  if (sm_unlikely(bad != NULL)) sm_error("free(): double free of %p (handed out again since)", (void *)bad);
+  else sm_tf_push_chain(sm_ptr_segment(page), page, x->head, x->tail, x->count);
   x->page = NULL;
   x->head = x->tail = NULL;
   x->count = 0;

@@ -930,7 +930,6 @@ bool sm_heap_has_retired(sm_heap_t *heap);
 void sm_heap_decommit(sm_heap_t *heap, bool all);
 bool sm_page_has_free(sm_page_t *page);
 void sm_page_corrupt(sm_page_t *page, const char *what, const void *b);
-bool sm_page_clear_ok(sm_page_t *page);
 /* Whether the page holds no live block: used says so, unless a corrupted
  * free list was found in it (a block freed twice, which used counted
  * twice), after which it is never emptied, retired or released. */
@@ -954,7 +953,7 @@ void sm_page_set_sampled(sm_page_t *page, sm_heap_t *heap, bool on);
 void sm_page_set_owner(sm_page_t *page, sm_heap_t *heap);
 void sm_page_donate(sm_heap_t *heap, sm_page_t *page, bool orphan);
 bool sm_page_claim(sm_heap_t *heap, sm_page_t *page);
-void sm_page_clear(sm_page_t *page);
+bool sm_page_clear(sm_page_t *page);   /* false: kept, corrupted (page.c) */
 void sm_heap_collect_retired(sm_heap_t *heap, bool force);
 void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page);
 void sm_pq_push_front(sm_heap_t *heap, size_t qi, sm_page_t *page);

@@ -165,17 +165,26 @@ static const char *sm_option_key(int i, char *buf, size_t cap) {
   return buf;
 }
 
+/* The options that take a path (the table above holds numbers): their
+ * variable, their SMALLOC_CONF key, and where the path goes (shorter
+ * than SM_STATS_FILE_MAX, "%p" expanded when it is used). */
+static const struct {
+  const char *env, *key;
+  void (*set)(const char *path);
+} sm_path_options[] = {
+  {"SMALLOC_STATS_FILE", "stats_file", sm_stats_set_file},
+  {"SMALLOC_PROF_DUMP", "prof_dump", sm_prof_set_dump},
+};
+#define SM_PATH_OPTIONS (sizeof sm_path_options / sizeof sm_path_options[0])
+
 /* One key:value pair of SMALLOC_CONF (key and value trimmed). */
 static void sm_options_conf_pair(const char *key, const char *val) {
   const char *name = strncasecmp(key, "SMALLOC_", 8) == 0 ? key + 8 : key;   /* the full name too */
-  if (sm_word_eq(name, "stats_file")) {
-    sm_stats_set_file(val);
-    return;
-  }
-  if (sm_word_eq(name, "prof_dump")) {
-    sm_prof_set_dump(val);
-    return;
-  }
+  for (size_t i = 0; i < SM_PATH_OPTIONS; i++)
+    if (sm_word_eq(name, sm_path_options[i].key)) {
+      sm_path_options[i].set(val);
+      return;
+    }
   char what[64], opt[40];
   for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
     if (sm_word_eq(name, sm_option_desc[i].env + 8)) {
@@ -244,18 +253,15 @@ void sm_options_init(void) {
     const char *e = *env;
     if (strncmp(e, "SMALLOC_", 8) != 0 || strncmp(e, "SMALLOC_CONF=", 13) == 0) continue;
     bool known = false;
-    if (strncmp(e, "SMALLOC_STATS_FILE=", 19) == 0) {
+    for (size_t i = 0; i < SM_PATH_OPTIONS && !known; i++) {
+      size_t len = strlen(sm_path_options[i].env);
+      if (strncmp(e, sm_path_options[i].env, len) != 0 || e[len] != '=') continue;
       char path[SM_STATS_FILE_MAX];
-      if (sm_trim(e + 19, path, sizeof path)) sm_stats_set_file(path);
-      else sm_message("ignoring SMALLOC_STATS_FILE: longer than %zu characters", sizeof path - 1);
-      continue;
+      if (sm_trim(e + len + 1, path, sizeof path)) sm_path_options[i].set(path);
+      else sm_message("ignoring %s: longer than %zu characters", sm_path_options[i].env, sizeof path - 1);
+      known = true;
     }
-    if (strncmp(e, "SMALLOC_PROF_DUMP=", 18) == 0) {
-      char path[SM_STATS_FILE_MAX];
-      if (sm_trim(e + 18, path, sizeof path)) sm_prof_set_dump(path);
-      else sm_message("ignoring SMALLOC_PROF_DUMP: longer than %zu characters", sizeof path - 1);
-      continue;
-    }
+    if (known) continue;
     for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
       const char *name = sm_option_desc[i].env;
       size_t len = strlen(name);

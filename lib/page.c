@@ -323,35 +323,32 @@ static sm_page_t *sm_page_take_retired(sm_heap_t *heap, size_t bin) {
 
 /* An empty page on no queue leaves its class and its owner, on its way
  * back to its segment; any thread may do it, so no owner counter is
- * touched (the page's counts were folded). */
-/* Whether an empty page may be cleared: no block came to its thread_free
- * since it was found empty.  Every block of it was free, so one that came
- * was freed twice (by another thread, after the block was written over
- * where free looks for its mark, or racing the first free): reported,
- * and the page is kept for good, on no list, as a corrupted page is. */
-bool sm_page_clear_ok(sm_page_t *page) {
-  if (sm_likely(sm_tf_head(page, memory_order_acquire) == NULL)) return true;
-  sm_page_corrupt(page, ": a block of it was freed twice", NULL);
-  return false;
-}
-
-void sm_page_clear(sm_page_t *page) {
+ * touched (the page's counts were folded).  False, with nothing done,
+ * when a block came to its thread_free since it was found empty: every
+ * block of it was free, so that one was freed twice (by another thread,
+ * after the block was written over where free looks for its mark, or
+ * racing the first free): reported, and the page is kept for good, on
+ * no list, as a corrupted page is. */
+bool sm_page_clear(sm_page_t *page) {
   sm_assert(page->used == 0 && !page->retired && page->frees == 0);
-  sm_assert(sm_tf_head(page, memory_order_relaxed) == NULL);
+  if (sm_unlikely(sm_tf_head(page, memory_order_acquire) != NULL)) {
+    sm_page_corrupt(page, ": a block of it was freed twice", NULL);
+    return false;
+  }
   atomic_fetch_sub_explicit(&sm_gstats.class_pages[page->bin], 1, memory_order_relaxed);
   SM_PROBE(page_release, page->start, page->block_size);
   page->free = page->local_free = NULL;
   page->capacity = 0;
   sm_page_set_flags(page, 0, 0);
   atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
+  return true;
 }
 
 /* Give an empty page that is on no queue back to its segment, under
  * heap->lock: at once when the heap holds the segment (which then stays
  * its while the lock is held), else through the holder (pool.c). */
 static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
-  if (sm_unlikely(!sm_page_clear_ok(page))) return;
-  sm_page_clear(page);
+  if (!sm_page_clear(page)) return;
   sm_segment_t *seg = sm_ptr_segment(page);
   if (atomic_load_explicit(&seg->heap, memory_order_relaxed) == heap) sm_segment_page_free_locked(heap, seg, page);
   else sm_page_send_home(page);
@@ -678,11 +675,15 @@ static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page) {
 /* Flags and xtid change together (owner thread only): xtid is the owner's
  * thread id unless a flag needs every free out of line, so free's fast
  * path needs one compare.  Sequentially consistent: see sm_page_to_full. */
-void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid) {
+static void sm_page_store_flags(sm_page_t *page, uint8_t flags, uintptr_t tid, memory_order mo) {
   bool slow = (flags & SM_PAGE_SLOW_FREE) != 0 || tid == 0;
-  if (slow) atomic_store_explicit(&page->xtid, 0, memory_order_seq_cst);
-  atomic_store_explicit(&page->flags, flags, memory_order_seq_cst);
-  if (!slow) atomic_store_explicit(&page->xtid, tid | ((flags & SM_PAGE_IN_FULL) ? 1 : 0), memory_order_seq_cst);
+  if (slow) atomic_store_explicit(&page->xtid, 0, mo);
+  atomic_store_explicit(&page->flags, flags, mo);
+  if (!slow) atomic_store_explicit(&page->xtid, tid | ((flags & SM_PAGE_IN_FULL) ? 1 : 0), mo);
+}
+
+void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid) {
+  sm_page_store_flags(page, flags, tid, memory_order_seq_cst);
 }
 
 /* The profiler's flag (prof.c), set by the owner as it samples a block of
@@ -697,12 +698,7 @@ void sm_page_set_flags(sm_page_t *page, uint8_t flags, uintptr_t tid) {
 void sm_page_set_sampled(sm_page_t *page, sm_heap_t *heap, bool on) {
   uint8_t flags = atomic_load_explicit(&page->flags, memory_order_relaxed);
   flags = on ? flags | SM_PAGE_SAMPLED : flags & ~SM_PAGE_SAMPLED;
-  bool slow = (flags & SM_PAGE_SLOW_FREE) != 0;
-  if (slow) atomic_store_explicit(&page->xtid, 0, memory_order_release);
-  atomic_store_explicit(&page->flags, flags, memory_order_release);
-  if (!slow)
-    atomic_store_explicit(&page->xtid, sm_heap_owner_id(heap) | ((flags & SM_PAGE_IN_FULL) ? 1 : 0),
-                          memory_order_release);
+  sm_page_store_flags(page, flags, sm_heap_owner_id(heap), memory_order_release);
 }
 
 /* A page's owner (NULL: the pool) and its copy for free, off the full

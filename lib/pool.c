@@ -162,8 +162,7 @@ void sm_pool_collect(sm_heap_t *self) {
         sm_pool_push(page);
         continue;
       }
-      if (!sm_page_clear_ok(page)) continue;
-      sm_page_clear(page);
+      if (!sm_page_clear(page)) continue;
       sm_page_send_home(page);
       n++;
     }

@@ -385,11 +385,11 @@ static int sm_prof_memo_of(const sm_heap_t *heap, uintptr_t sp) {
 #endif
 
 __attribute__((no_sanitize("address")))
-static const sm_prof_memo_t *sm_prof_memo_find(const sm_heap_t *heap, uintptr_t sp) {
+static sm_prof_memo_t *sm_prof_memo_find(sm_heap_t *heap, uintptr_t sp) {
 #if defined(__x86_64__)
   int k = sm_prof_memo_of(heap, sp);
   if (k == SM_PROF_MEMOS || heap->prof_memo[k].n == 0) return NULL;
-  const sm_prof_memo_t *m = &heap->prof_memo[k];
+  sm_prof_memo_t *m = &heap->prof_memo[k];
   for (uint32_t i = 0; i < m->n; i++)
     if (*(const uintptr_t *)(sp + m->slot[i]) != m->ip[i]) return NULL;
   return m;
@@ -432,7 +432,7 @@ static sm_prof_memo_t *sm_prof_memo_keep(sm_heap_t *heap, uintptr_t sp, void *co
  * it (NULL: none); no frames when the memo knows the stack's number. */
 static __attribute__((noinline)) int sm_prof_unwind(sm_heap_t *heap, void **frames, int cap, sm_prof_memo_t **memo) {
   uintptr_t sp = (uintptr_t)__builtin_frame_address(0);
-  sm_prof_memo_t *m = sm_track_on() ? NULL : (sm_prof_memo_t *)sm_prof_memo_find(heap, sp);
+  sm_prof_memo_t *m = sm_track_on() ? NULL : sm_prof_memo_find(heap, sp);
   *memo = NULL;
   if (m && (int)m->n <= cap) {
     *memo = m;
