@@ -279,10 +279,16 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
        * units after it, a mapping grows or shrinks in place or moves with
        * mremap.  A block that grows usually grows again: an eighth more
        * when it can, so that growing by small steps resizes once per
-       * eighth, not per step */
+       * eighth, not per step; just n when the eighth does not fit (near
+       * an address-space limit, or a neighbour in the segment) */
       size_t want = n > usable && n <= SM_MAX_REQUEST / 2 ? n + n / 8 : n;
-      void *q = seg->kind != SM_SEG_SPAN ? sm_huge_realloc(seg, p, want)
-                : sm_span_grow(seg, page, want) || sm_span_grow(seg, page, n) ? p : NULL;
+      void *q;
+      if (seg->kind != SM_SEG_SPAN) {
+        q = sm_huge_realloc(seg, p, want);
+        if (!q && want != n) q = sm_huge_realloc(seg, p, n);
+      } else {
+        q = sm_span_grow(seg, page, want) || sm_span_grow(seg, page, n) ? p : NULL;
+      }
       if (q) {
         /* a sample there moves with its block: forgotten (the estimate
          * for its call site loses it; the block is no longer what it was) */
