@@ -212,8 +212,38 @@ int sm_os_hugepage(void *p, size_t size) {
 #endif
 }
 
+/* The move of sm_os_remap when the reservation does not fit, under an
+ * address-space limit: the kernel moves the mapping where it likes, grown
+ * by the alignment, which counts only that growth against the limit (a
+ * reservation counts the whole new size while the old mapping still
+ * stands, so a block could only grow to about half the limit); then the
+ * bytes are shifted down to the aligned place inside it and the ends
+ * trimmed.  The one path that copies, and only near the limit. */
+static int sm_os_remap_shifted(void *p, size_t old_size, size_t new_size, size_t alignment, size_t pre,
+                               void **out) {
+  size_t total = new_size + alignment;
+  if (total < new_size) return ENOMEM;
+  uint8_t *raw = sm_sys_mremap(p, old_size, total, MREMAP_MAYMOVE, NULL);
+  if (raw == MAP_FAILED) return errno;
+  uintptr_t want = (((uintptr_t)raw + pre + alignment - 1) & ~(uintptr_t)(alignment - 1)) - pre;
+  if (want < (uintptr_t)raw) want += alignment;
+  if (alignment >= SM_SEGMENT_SIZE && !sm_segmap_prepare(want)) {
+    /* the old place may be another mapping's by now: nowhere to go back */
+    sm_message("cannot place a moved block in the segment map: out of address space");
+    abort();
+  }
+  memmove((void *)want, raw, old_size);
+  size_t head = want - (uintptr_t)raw, tail = total - head - new_size;
+  if (head) sm_sys_munmap(raw, head);
+  if (tail) sm_sys_munmap((uint8_t *)want + new_size, tail);
+  sm_mapped_add(new_size - old_size);
+  *out = (void *)want;
+  return 0;
+}
+
 /* Resize a mapping without copying.  In place first; else move it with
- * MREMAP_FIXED onto a fresh reservation where (result + pre) is aligned. */
+ * MREMAP_FIXED onto a fresh reservation where (result + pre) is aligned;
+ * else, when that reservation is refused, sm_os_remap_shifted. */
 int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, size_t pre, void **out) {
   int saved = errno;
   void *q = sm_sys_mremap(p, old_size, new_size, 0, NULL);
@@ -227,7 +257,11 @@ int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, siz
   /* reserve an aligned range, then move the pages onto it */
   size_t total = new_size + alignment;
   uint8_t *raw = sm_sys_mmap(NULL, total, PROT_NONE, MAP_NORESERVE);
-  if (raw == MAP_FAILED) { int err = errno; errno = saved; return err; }
+  if (raw == MAP_FAILED) {
+    int err = errno == ENOMEM ? sm_os_remap_shifted(p, old_size, new_size, alignment, pre, out) : errno;
+    errno = saved;
+    return err;
+  }
   uintptr_t want = (((uintptr_t)raw + pre + alignment - 1) & ~(uintptr_t)(alignment - 1)) - pre;
   if (want < (uintptr_t)raw) want += alignment;
   if (alignment >= SM_SEGMENT_SIZE && !sm_segmap_prepare(want)) {
