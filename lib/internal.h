@@ -221,6 +221,7 @@ struct sm_segment_s {
   uint16_t used_pages;
   uint8_t purged;                /* cached and madvised away */
   uint8_t in_free_list;
+  uint8_t span_samples;          /* span: holds profile samples (prof.c) only */
   size_t decommitted;            /* bytes of free pages given back (not counted committed) */
   size_t mapped;                 /* bytes of the mapping, from the segment start */
   size_t block_offset;           /* large, huge: offset of the block */
@@ -833,6 +834,16 @@ SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
   return sm_prof_count(heap, page, b, n);   /* also the bytes requested */
 }
 
+/* Undo the pop of block b, just handed out by its page's owner (the
+ * default build's; the secure build's blocks hold more): b heads the
+ * page's free list again, tagged free, as it was. */
+SM_INLINE void sm_page_unpop(sm_page_t *page, sm_block_t *b) {
+  b->next = sm_enc(page, page->free);
+  b->tag = page->key;
+  page->free = b;
+  page->used--;
+}
+
 /* malloc: the fast path for sizes the direct table serves */
 SM_INLINE void *sm_malloc(size_t n) {
   sm_heap_t *heap = sm_heap();
@@ -992,6 +1003,7 @@ extern _Atomic uint64_t sm_heaps_live;   /* heaps of live threads (heap.c) */
 /* ---- span.c: large blocks in shared segments ------------------------- */
 bool sm_span_serves(size_t n, size_t alignment);
 void *sm_span_alloc(size_t n, bool *zeroed);
+void *sm_span_alloc_sample(size_t n);
 void sm_span_free(sm_segment_t *seg, sm_page_t *page);
 bool sm_span_grow(sm_segment_t *seg, sm_page_t *page, size_t n);
 void sm_span_collect(bool force);

@@ -507,6 +507,30 @@ static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) 
   }
 }
 
+/* A sample of the medium classes gets units of its own (span.c), and
+ * block b goes back to its page: a page that holds a sample is flagged
+ * (SM_PAGE_SAMPLED), and every free into it leaves the fast path, so
+ * that at the default rate a 512 KiB medium page held one most of the
+ * time (bench_churn e: 440,000 of 8 million frees out of line; profiling
+ * took 1.20 times the time without it, now 1.12, medians of 11
+ * interleaved).  A sample costs its unit in address space and the 4 KiB
+ * pages the program touches.  Only where a 64 KiB unit is at most an eighth
+ * of the bytes a sample stands for (SMALLOC_PROF_RATE of 512 KiB or
+ * more), and not in the secure build, under valgrind or an address-space
+ * limit: there the page is flagged as for the small classes.  Returns the
+ * block the caller hands out, and its page (NULL for units). */
+static void *sm_prof_move(sm_heap_t *heap, sm_page_t **page, void *b, size_t n) {
+  if (*page == NULL || (*page)->bin <= SM_BIN_SMALL_LAST || SM_CANARY || sm_track_on() ||
+      (uint64_t)sm_opt(PROF_RATE) < ((uint64_t)8 << SM_SMALL_SHIFT))
+    return b;
+  void *s = sm_span_alloc_sample(n);
+  if (s == NULL) return b;
+  sm_page_unpop(*page, (sm_block_t *)b);
+  *page = NULL;
+  sm_cnt_add(heap->stats.large_allocs, 1);
+  return s;
+}
+
 /* The count-down went below zero at block b of page (NULL above the size
  * classes), n bytes, just handed out: draw again, and sample it when
  * profiling.  This is also the thread's heartbeat (sm_heap_heartbeat):
@@ -514,8 +538,12 @@ static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) 
 void *sm_prof_sampled(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
   sm_prof_rearm(heap);
   if (!heap->initialized) return b;
-  if (atomic_load_explicit(&sm_prof_active, memory_order_relaxed) && !sm_prof_busy)
+  if (atomic_load_explicit(&sm_prof_active, memory_order_relaxed) && !sm_prof_busy) {
+    sm_prof_busy = 1;   /* a segment mapped for it is the profiler's doing, not a churn event */
+    b = sm_prof_move(heap, &page, b, n);
+    sm_prof_busy = 0;
     sm_prof_record(heap, page, b, n);
+  }
   sm_heap_heartbeat(heap);
   sm_background_poll();
   return b;

@@ -95,12 +95,12 @@ static void sm_span_list_remove(sm_segment_t *seg) {
  * a large block or two keeps to the bytes it touches (python3 with one
  * 300 KB buffer: 24.7 MB resident, 2 MiB of it one huge page, with the
  * first segment advised; 23.7 MB without). */
-static sm_segment_t *sm_span_segment_new(bool huge_pages) {
+static sm_segment_t *sm_span_segment_new(bool huge_pages, bool samples) {
   if (sm_os_space_limited()) return NULL;
   sm_segment_t *seg = sm_segment_map();
   if (!seg) return NULL;
   /* before the header's first touch, or its 2 MiB fault in 4 KiB pages */
-  if (huge_pages) sm_os_hugepage(seg, SM_SEGMENT_SIZE);
+  if (huge_pages && !samples) sm_os_hugepage(seg, SM_SEGMENT_SIZE);
   sm_track_reuse(seg, SM_SPAN_UNIT);
   memset(seg, 0, sizeof *seg);
   seg->cookie = (uintptr_t)seg ^ sm_secret;
@@ -109,6 +109,7 @@ static sm_segment_t *sm_span_segment_new(bool huge_pages) {
   seg->page_count = SM_SPAN_UNITS;
   seg->mapped = SM_SEGMENT_SIZE;
   seg->span_free = SM_SPAN_ALL;
+  seg->span_samples = samples;
   sm_segmap_set((uintptr_t)seg, SM_SPAN_SHIFT);
   return seg;
 }
@@ -177,14 +178,15 @@ bool sm_span_grow(sm_segment_t *seg, sm_page_t *page, size_t n) {
   return free;
 }
 
-/* A large block of n bytes in a shared segment, or NULL (the caller maps
- * one of its own).  *zeroed says whether it reads as zero. */
-void *sm_span_alloc(size_t n, bool *zeroed) {
+/* A block of n bytes in a shared segment of the kind asked (samples or
+ * not), or NULL.  *zeroed says whether it reads as zero. */
+static void *sm_span_alloc_in(size_t n, bool samples, bool *zeroed) {
   unsigned k = (unsigned)((n + SM_SPAN_UNIT - 1) >> SM_SPAN_SHIFT);
   sm_segment_t *best = NULL;
   unsigned at = 0, best_len = 0;
   pthread_mutex_lock(&sm_span_lock);
   for (sm_segment_t *s = sm_span_first; s; s = s->next) {
+    if (s->span_samples != samples) continue;
     if ((unsigned)__builtin_popcountll(s->span_free) < k) continue;   /* too few free units */
     unsigned len, i = sm_span_best_run(s->span_free, k, &len);
     if (len && (best == NULL || len < best_len)) {
@@ -202,7 +204,7 @@ void *sm_span_alloc(size_t n, bool *zeroed) {
   bool second = sm_span_first != NULL;
   pthread_mutex_unlock(&sm_span_lock);
   if (p) return p;
-  sm_segment_t *seg = sm_span_segment_new(second);   /* no lock held while the OS maps */
+  sm_segment_t *seg = sm_span_segment_new(second, samples);   /* no lock held while the OS maps */
   if (!seg) return NULL;
   pthread_mutex_lock(&sm_span_lock);
   seg->next = sm_span_first;
@@ -211,6 +213,22 @@ void *sm_span_alloc(size_t n, bool *zeroed) {
   p = sm_span_carve(seg, 1, k, zeroed);
   pthread_mutex_unlock(&sm_span_lock);
   return p;
+}
+
+/* A large block of n bytes in a shared segment, or NULL (the caller maps
+ * one of its own).  *zeroed says whether it reads as zero. */
+void *sm_span_alloc(size_t n, bool *zeroed) {
+  return sm_span_alloc_in(n, false, zeroed);
+}
+
+/* A block of n bytes (a medium class's) for a profile sample, in units of
+ * its own (prof.c, sm_prof_move): in segments that hold only samples and
+ * are never advised for huge pages, so that a sample costs the 4 KiB
+ * pages it touches, not 2 MiB; NULL where shared segments are not used
+ * (an address-space limit, the secure build). */
+void *sm_span_alloc_sample(size_t n) {
+  bool zeroed;
+  return SM_GUARD ? NULL : sm_span_alloc_in(n, true, &zeroed);
 }
 
 /* Give the block that page describes back to its segment. */

@@ -341,6 +341,73 @@ START_TEST(blocks_freed_by_other_threads_leave_the_profile)
 }
 END_TEST
 
+/* At a rate of 512 KiB or more, a sampled block of the medium classes
+ * (above 1 KiB) gets a 64 KiB unit of its own, and the block taken for it
+ * goes back to its page, which is never flagged for it: frees of the
+ * page's other blocks stay on the fast path.  Exact: the blocks whose
+ * usable size is a unit are the samples, counted once each as a large
+ * block, and all leave the profile when another thread frees them.  At
+ * 8 KiB, where a unit would cost more than an eighth of the bytes a
+ * sample stands for, samples stay in their pages. */
+enum { MV_N = 16384 };   /* 4000-byte blocks: 62 MiB, about 125 samples at 512 KiB */
+static void *mv_blocks[MV_N];
+
+void *mv_free_all(void *arg);
+void *mv_free_all(void *arg)
+{
+  (void)arg;
+  for (int i = 0; i < MV_N; i++)
+    smalloc_free(mv_blocks[i]);
+  return NULL;
+}
+
+static void mv_run(long rate, size_t *moved, uint64_t *large, uint64_t *live)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_RATE, rate), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_SEED, 99), 0);
+  smalloc_prof_reset();
+  ck_assert_int_eq(smalloc_prof_start(), 0);
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  for (int i = 0; i < MV_N; i++)
+    if ((mv_blocks[i] = smalloc_malloc(4000)) == NULL)
+      abort();
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  smalloc_prof_stop();
+  *large = b.large_allocs - a.large_allocs;
+  *moved = 0;
+  for (int i = 0; i < MV_N; i++)
+    *moved += smalloc_malloc_usable_size(mv_blocks[i]) >= 65536;
+  prof_read_t r;
+  prof_dump_read(&r, NULL, NULL);
+  *live = r.live_count;
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, mv_free_all, NULL), 0);
+  pthread_join(t, NULL);
+  prof_dump_read(&r, NULL, NULL);
+  ck_assert_uint_eq(r.live_count, 0);
+}
+
+START_TEST(medium_samples_get_units_of_their_own_at_the_default_rate)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_RATE, 1), 0);
+  prof_site_a(4000);   /* the unwinder's first run, before the counts */
+  prof_free_all();
+  size_t moved;
+  uint64_t large, live;
+  mv_run(524288, &moved, &large, &live);
+  if (!SM_TEST_SECURE) {   /* the secure build keeps samples in their pages */
+    ck_assert_uint_gt(moved, 60);
+    ck_assert_uint_eq(large, moved);
+    ck_assert_uint_eq(live, moved);
+  }
+  mv_run(RATE, &moved, &large, &live);
+  ck_assert_uint_eq(moved, 0);
+  ck_assert_uint_eq(large, 0);
+  ck_assert_uint_gt(live, 1000);
+}
+END_TEST
+
 /* A page's samples are found when they are freed, whether the page marks
  * each of them (up to four) or holds too many to mark, and whichever
  * thread frees them; frees of the page's other blocks leave them be. */
@@ -667,6 +734,7 @@ static Suite *prof_suite(void)
   tcase_add_test(tc, nothing_is_sampled_while_off);
   tcase_add_test(tc, blocks_freed_by_other_threads_leave_the_profile);
   tcase_add_test(tc, a_page_finds_its_samples_among_its_blocks);
+  tcase_add_test(tc, medium_samples_get_units_of_their_own_at_the_default_rate);
   tcase_add_test(tc, churn_profile_names_the_cause_and_is_empty_under_steady_churn);
   tcase_add_test(tc, the_leak_report_names_the_leaking_function_first);
   tcase_add_test(tc, profiles_at_exit_go_where_smalloc_prof_dump_says);
