@@ -4,6 +4,7 @@
 #include "internal.h"
 #include "probes.h"
 
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/auxv.h>
