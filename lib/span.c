@@ -184,9 +184,11 @@ static void *sm_span_alloc_in(size_t n, bool samples, bool *zeroed) {
   unsigned k = (unsigned)((n + SM_SPAN_UNIT - 1) >> SM_SPAN_SHIFT);
   sm_segment_t *best = NULL;
   unsigned at = 0, best_len = 0;
+  bool second = false;   /* a segment of this kind exists */
   pthread_mutex_lock(&sm_span_lock);
   for (sm_segment_t *s = sm_span_first; s; s = s->next) {
     if (s->span_samples != samples) continue;
+    second = true;
     if ((unsigned)__builtin_popcountll(s->span_free) < k) continue;   /* too few free units */
     unsigned len, i = sm_span_best_run(s->span_free, k, &len);
     if (len && (best == NULL || len < best_len)) {
@@ -201,7 +203,6 @@ static void *sm_span_alloc_in(size_t n, bool samples, bool *zeroed) {
     p = sm_span_carve(best, at, k, zeroed);
     sm_gadd(huge_cache_hits, 1);
   }
-  bool second = sm_span_first != NULL;
   pthread_mutex_unlock(&sm_span_lock);
   if (p) return p;
   sm_segment_t *seg = sm_span_segment_new(second, samples);   /* no lock held while the OS maps */
