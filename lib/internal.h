@@ -838,6 +838,7 @@ SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
  * default build's; the secure build's blocks hold more): b heads the
  * page's free list again, tagged free, as it was. */
 SM_INLINE void sm_page_unpop(sm_page_t *page, sm_block_t *b) {
+  sm_assert(!SM_CANARY);
   b->next = sm_enc(page, page->free);
   b->tag = page->key;
   page->free = b;

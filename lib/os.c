@@ -119,6 +119,20 @@ int sm_os_map(size_t size, void **out) {
  * which is aligned whenever the last one was. */
 _Atomic uintptr_t sm_os_hint;
 
+/* In a range of size + alignment bytes at raw: the place where a block of
+ * size bytes has (place + pre) aligned. */
+static uintptr_t sm_os_aligned_in(const uint8_t *raw, size_t alignment, size_t pre) {
+  uintptr_t want = (((uintptr_t)raw + pre + alignment - 1) & ~(uintptr_t)(alignment - 1)) - pre;
+  return want < (uintptr_t)raw ? want + alignment : want;
+}
+
+/* Unmap the range of total bytes at raw around the size bytes at want. */
+static void sm_os_trim_around(uint8_t *raw, size_t total, uintptr_t want, size_t size) {
+  size_t head = want - (uintptr_t)raw, tail = total - head - size;
+  if (head) sm_sys_munmap(raw, head);
+  if (tail) sm_sys_munmap((uint8_t *)want + size, tail);
+}
+
 /* Map exactly size bytes at an aligned hint; the kernel takes the hint
  * when that range is free, so most segments cost one mmap and no more
  * address space than their size (a program under RLIMIT_AS can use nearly
@@ -153,12 +167,8 @@ int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out) {
   if (total < size) return ENOMEM;
   uint8_t *raw = sm_sys_mmap(NULL, total, PROT_READ | PROT_WRITE, 0);
   if (raw == MAP_FAILED) { int err = errno; errno = saved; return err; }
-  uintptr_t want = (((uintptr_t)raw + pre + alignment - 1) & ~(uintptr_t)(alignment - 1)) - pre;
-  if (want < (uintptr_t)raw) want += alignment;
-  size_t head = want - (uintptr_t)raw;
-  size_t tail = total - head - size;
-  if (head) sm_sys_munmap(raw, head);
-  if (tail) sm_sys_munmap((uint8_t *)want + size, tail);
+  uintptr_t want = sm_os_aligned_in(raw, alignment, pre);
+  sm_os_trim_around(raw, total, want, size);
   if (alignment >= SM_SEGMENT_SIZE && !sm_segmap_prepare(want)) {
     sm_sys_munmap((void *)want, size);
     errno = saved;
@@ -226,17 +236,14 @@ static int sm_os_remap_shifted(void *p, size_t old_size, size_t new_size, size_t
   if (total < new_size) return ENOMEM;
   uint8_t *raw = sm_sys_mremap(p, old_size, total, MREMAP_MAYMOVE, NULL);
   if (raw == MAP_FAILED) return errno;
-  uintptr_t want = (((uintptr_t)raw + pre + alignment - 1) & ~(uintptr_t)(alignment - 1)) - pre;
-  if (want < (uintptr_t)raw) want += alignment;
+  uintptr_t want = sm_os_aligned_in(raw, alignment, pre);
   if (alignment >= SM_SEGMENT_SIZE && !sm_segmap_prepare(want)) {
     /* the old place may be another mapping's by now: nowhere to go back */
     sm_message("cannot place a moved block in the segment map: out of address space");
     abort();
   }
   memmove((void *)want, raw, old_size);
-  size_t head = want - (uintptr_t)raw, tail = total - head - new_size;
-  if (head) sm_sys_munmap(raw, head);
-  if (tail) sm_sys_munmap((uint8_t *)want + new_size, tail);
+  sm_os_trim_around(raw, total, want, new_size);
   sm_mapped_add(new_size - old_size);
   *out = (void *)want;
   return 0;
@@ -263,8 +270,7 @@ int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, siz
     errno = saved;
     return err;
   }
-  uintptr_t want = (((uintptr_t)raw + pre + alignment - 1) & ~(uintptr_t)(alignment - 1)) - pre;
-  if (want < (uintptr_t)raw) want += alignment;
+  uintptr_t want = sm_os_aligned_in(raw, alignment, pre);
   if (alignment >= SM_SEGMENT_SIZE && !sm_segmap_prepare(want)) {
     sm_sys_munmap(raw, total);
     errno = saved;
@@ -277,9 +283,7 @@ int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, siz
     errno = saved;
     return err;
   }
-  size_t head = want - (uintptr_t)raw, tail = total - head - new_size;
-  if (head) sm_sys_munmap(raw, head);
-  if (tail) sm_sys_munmap((uint8_t *)want + new_size, tail);
+  sm_os_trim_around(raw, total, want, new_size);
   errno = saved;
   sm_mapped_add(new_size - old_size);
   *out = q;
