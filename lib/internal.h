@@ -222,6 +222,7 @@ struct sm_segment_s {
   uint8_t purged;                /* cached and madvised away */
   uint8_t in_free_list;
   uint8_t span_samples;          /* span: holds profile samples (prof.c) only */
+  uint8_t huge_advised;          /* small, medium: advised for huge pages (segment.c) */
   size_t decommitted;            /* bytes of free pages given back (not counted committed) */
   size_t mapped;                 /* bytes of the mapping, from the segment start */
   size_t block_offset;           /* large, huge: offset of the block */
@@ -1043,6 +1044,7 @@ int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out);
 int sm_os_unmap(void *p, size_t size);
 int sm_os_purge(void *p, size_t size);
 int sm_os_hugepage(void *p, size_t size);
+int sm_os_nohugepage(void *p, size_t size);
 bool sm_os_space_limited(void);
 int sm_os_protect(void *p, size_t size, bool accessible);
 int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, size_t pre, void **out);

@@ -223,6 +223,20 @@ int sm_os_hugepage(void *p, size_t size) {
 #endif
 }
 
+/* Withdraw that advice: the range gets no huge page from then on,
+ * whatever the system's setting. */
+int sm_os_nohugepage(void *p, size_t size) {
+#ifdef MADV_NOHUGEPAGE
+  int saved = errno;
+  int err = sm_sys_madvise(p, size, MADV_NOHUGEPAGE) ? errno : 0;
+  errno = saved;
+  return err;
+#else
+  (void)p; (void)size;
+  return 0;
+#endif
+}
+
 /* The move of sm_os_remap when the reservation does not fit, under an
  * address-space limit: the kernel moves the mapping where it likes, grown
  * by the alignment, which counts only that growth against the limit (a

@@ -411,17 +411,15 @@ static inline size_t sm_find_not_byte(const void *p, size_t n, unsigned char c)
 
 /* ---- the resident size ---------------------------------------------------- */
 
-/* Resident bytes of the mappings under 1 TiB (the sanitizers' shadow
- * mappings are terabytes), from /proc/self/smaps read in pieces into a
- * static buffer: no allocation.  0 when it cannot be read. */
-static inline size_t sm_test_rss_unshadowed(void)
+/* Each line of /proc/self/smaps (without its newline), read in pieces
+ * into a static buffer: no allocation.  false when it cannot be read. */
+static inline bool sm_test_smaps_each(void (*fn)(const char *line, void *ctx), void *ctx)
 {
   static char buf[65536];
   int fd = open("/proc/self/smaps", O_RDONLY | O_CLOEXEC);
   if (fd < 0)
-    return 0;
-  size_t have = 0, kib = 0;
-  unsigned long long size = 0;
+    return false;
+  size_t have = 0;
   bool eof = false;
   while (!eof || have > 0) {
     if (!eof && have < sizeof buf - 1) {
@@ -436,16 +434,62 @@ static inline size_t sm_test_rss_unshadowed(void)
     if (nl == NULL && !eof && have < sizeof buf - 1)
       continue;
     size_t len = nl ? (size_t)(nl - buf) + 1 : have;
-    unsigned long long lo, hi, v;
-    if (sscanf(buf, "%llx-%llx ", &lo, &hi) == 2)
-      size = hi - lo;
-    else if (sscanf(buf, "Rss: %llu kB", &v) == 1 && size < (1ull << 40))
-      kib += v;
+    if (nl)
+      *nl = '\0';
+    fn(buf, ctx);
     memmove(buf, buf + len, have - len);
     have -= len;
   }
   close(fd);
-  return kib * 1024;
+  return true;
+}
+
+typedef struct sm_test_rss_ctx {
+  unsigned long long size, kib;
+} sm_test_rss_ctx_t;
+
+static inline void sm_test_rss_line(const char *line, void *arg)
+{
+  sm_test_rss_ctx_t *c = arg;
+  unsigned long long lo, hi, v;
+  if (sscanf(line, "%llx-%llx ", &lo, &hi) == 2)
+    c->size = hi - lo;
+  else if (sscanf(line, "Rss: %llu kB", &v) == 1 && c->size < (1ull << 40))
+    c->kib += v;
+}
+
+/* Resident bytes of the mappings under 1 TiB (the sanitizers' shadow
+ * mappings are terabytes); 0 when they cannot be read. */
+static inline size_t sm_test_rss_unshadowed(void)
+{
+  sm_test_rss_ctx_t c = {0, 0};
+  return sm_test_smaps_each(sm_test_rss_line, &c) ? (size_t)c.kib * 1024 : 0;
+}
+
+typedef struct sm_test_vmflags_ctx {
+  uintptr_t addr;
+  bool in;
+  char flags[256];
+} sm_test_vmflags_ctx_t;
+
+static inline void sm_test_vmflags_line(const char *line, void *arg)
+{
+  sm_test_vmflags_ctx_t *c = arg;
+  unsigned long long lo, hi;
+  if (sscanf(line, "%llx-%llx ", &lo, &hi) == 2)
+    c->in = c->addr >= lo && c->addr < hi;
+  else if (c->in && strncmp(line, "VmFlags:", 8) == 0)
+    snprintf(c->flags, sizeof c->flags, "%.200s ", line + 8);
+}
+
+/* Whether the mapping that holds addr has the two-letter flag (smaps'
+ * VmFlags: "hg" advised for huge pages, "nh" advised against them). */
+static inline bool sm_test_vmflag(const void *addr, const char *flag)
+{
+  sm_test_vmflags_ctx_t c = {(uintptr_t)addr, false, ""};
+  char word[8];
+  snprintf(word, sizeof word, " %s ", flag);
+  return sm_test_smaps_each(sm_test_vmflags_line, &c) && strstr(c.flags, word) != NULL;
 }
 
 /* Resident bytes of this process, read without allocating (open and read,

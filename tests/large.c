@@ -161,6 +161,88 @@ START_TEST(hugepages_off_gives_no_advice)
 }
 END_TEST
 
+/* A heap of small blocks that holds four segments has its next ones
+ * advised for huge pages before their first touch (one madvise each),
+ * and the first four not: a thread of its own fills seven segments with
+ * 64-byte blocks (the block that starts an eighth is freed at once).  A
+ * segment that gives memory back has the advice
+ * withdrawn ("nh": khugepaged would fill the hole again), the others
+ * keep it.  Not in the secure build (its pages end in guard pages), nor
+ * where the kernel has no huge pages. */
+enum { HP_SEGS = 7, HP_ADVISED_FROM = 4, HP_BLOCK = 64 };
+#define HP_MAX ((size_t)HP_SEGS * (4u << 20) / HP_BLOCK)
+static void *hp_block[HP_MAX];
+static size_t hp_first[HP_SEGS + 1];   /* hp_block index of each segment's first block */
+static smalloc_stats_t hp_s[2];
+static bool hp_advised[HP_SEGS], hp_withdrawn, hp_kept;
+static const char *hp_fail;
+
+static void *hp_heap(void *arg)
+{
+  (void)arg;
+  size_t n = 0;
+  unsigned nseg = 0;
+  hp_fail = sm_test_snap(&hp_s[0]) == 0 ? NULL : "stats";
+  while (!hp_fail && n < HP_MAX) {
+    void *p = smalloc_malloc(HP_BLOCK);
+    if (p == NULL) {
+      hp_fail = "malloc failed";
+      break;
+    }
+    if (n == 0 || (uintptr_t)p >> 22 != (uintptr_t)hp_block[n - 1] >> 22) {
+      for (unsigned i = 0; i < nseg; i++)
+        if ((uintptr_t)p >> 22 == (uintptr_t)hp_block[hp_first[i]] >> 22)
+          hp_fail = "a segment again after another";
+      if (nseg == HP_SEGS) {
+        smalloc_free(p);
+        break;
+      }
+      hp_first[nseg++] = n;
+    }
+    hp_block[n++] = p;
+  }
+  hp_first[HP_SEGS] = n;
+  if (!hp_fail && nseg < HP_SEGS)
+    hp_fail = "too few segments";
+  if (!hp_fail && sm_test_snap(&hp_s[1]) != 0)
+    hp_fail = "stats";
+  for (unsigned i = 0; i < HP_SEGS && !hp_fail; i++)
+    hp_advised[i] = sm_test_vmflag(hp_block[hp_first[i]], "hg");
+  if (!hp_fail) {
+    /* all but the first block of the fifth segment: its pages go back */
+    size_t w = HP_ADVISED_FROM;
+    for (size_t i = hp_first[w] + 1; i < hp_first[w + 1]; i++)
+      smalloc_free(hp_block[i]);
+    smalloc_collect(true);
+    hp_withdrawn = sm_test_vmflag(hp_block[hp_first[w]], "nh") && !sm_test_vmflag(hp_block[hp_first[w]], "hg");
+    hp_kept = sm_test_vmflag(hp_block[hp_first[w + 1]], "hg");
+    for (size_t i = 0; i < n; i++)
+      if (i <= hp_first[w] || i >= hp_first[w + 1])
+        smalloc_free(hp_block[i]);
+  }
+  return NULL;
+}
+
+START_TEST(a_large_heap_of_small_blocks_gets_huge_pages)
+{
+  if (SM_TEST_SECURE || access("/sys/kernel/mm/transparent_hugepage/enabled", F_OK) != 0)
+    return;
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000), 0);
+  smalloc_collect(true);   /* no cached segment: each one is mapped for the heap */
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, hp_heap, NULL), 0);
+  pthread_join(t, NULL);
+  ck_assert_msg(hp_fail == NULL, "%s", hp_fail);
+  /* the segments from the fifth on, and the eighth, whose first block
+   * ended the fill */
+  ck_assert_uint_eq(hp_s[1].os_madvise - hp_s[0].os_madvise, HP_SEGS + 1 - HP_ADVISED_FROM);
+  for (unsigned i = 0; i < HP_SEGS; i++)
+    ck_assert_msg(hp_advised[i] == (i >= HP_ADVISED_FROM), "segment %u: advised %d", i, hp_advised[i]);
+  ck_assert(hp_withdrawn);
+  ck_assert(hp_kept);
+}
+END_TEST
+
 /* With no purge delay, a freed block's units are purged at once with the
  * rest of the segment's free units (its unused tail, which may lie in a
  * huge page the blocks faulted in): two runs, 58 of its 63 units, while
@@ -478,6 +560,7 @@ static Suite *large_suite(void)
   tcase_add_test(tc, calloc_of_a_reused_huge_block_is_zero);
   tcase_add_test(tc, large_blocks_share_a_segment);
   tcase_add_test(tc, hugepages_off_gives_no_advice);
+  tcase_add_test(tc, a_large_heap_of_small_blocks_gets_huge_pages);
   tcase_add_test(tc, huge_mappings_end_on_a_huge_page);
   tcase_add_test(tc, free_units_are_purged_and_empty_segments_unmapped);
   tcase_add_test(tc, calloc_of_reused_units_is_zero);
