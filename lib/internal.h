@@ -222,7 +222,8 @@ struct sm_segment_s {
   uint8_t purged;                /* cached and madvised away */
   uint8_t in_free_list;
   uint8_t span_samples;          /* span: holds profile samples (prof.c) only */
-  uint8_t huge_advised;          /* small, medium: advised for huge pages (segment.c) */
+  uint8_t huge_pages;            /* small: advised for huge pages when it was mapped (segment.c) */
+  uint8_t huge_withdrawn;        /* small: and that advice withdrawn since */
   size_t decommitted;            /* bytes of free pages given back (not counted committed) */
   size_t mapped;                 /* bytes of the mapping, from the segment start */
   size_t block_offset;           /* large, huge: offset of the block */

@@ -106,8 +106,8 @@ static bool sm_segment_wants_huge(const sm_heap_t *heap, int kind) {
  * pages still in use next to it (by default it does so with one page of
  * 512 resident). */
 static void sm_segment_unadvise(sm_segment_t *seg) {
-  if (!seg->huge_advised) return;
-  seg->huge_advised = 0;
+  if (!seg->huge_pages || seg->huge_withdrawn) return;
+  seg->huge_withdrawn = 1;
   sm_os_nohugepage(seg, SM_SEGMENT_SIZE);
 }
 
@@ -288,22 +288,15 @@ static sm_segment_t *sm_segment_alloc(int kind, bool huge) {
   sm_segment_t *seg = sm_segment_raw_alloc();
   if (!seg) return NULL;
   if (huge) huge = sm_os_hugepage(seg, SM_SEGMENT_SIZE) == 0;   /* before the header's first touch */
-  else if (seg->huge_advised) sm_os_nohugepage(seg, SM_SEGMENT_SIZE);   /* a cached one, advised */
+  else sm_segment_unadvise(seg);   /* a cached one may be advised */
   sm_track_reuse(seg, SM_SEGMENT_SIZE);
   memset(seg, 0, sizeof *seg);
-  seg->huge_advised = huge;
+  seg->huge_pages = huge;
   seg->cookie = (uintptr_t)seg ^ sm_secret;
   seg->kind = (uint8_t)kind;
   seg->page_shift = kind == SM_SEG_SMALL ? SM_SMALL_SHIFT : SM_MEDIUM_SHIFT;
   seg->page_count = kind == SM_SEG_SMALL ? SM_SMALL_PAGES : SM_MEDIUM_PAGES;
   seg->mapped = SM_SEGMENT_SIZE;
-  if (huge) {
-    /* a huge page brings in the pages around the first one touched:
-     * the free ones count as given back to the segment when it was
-     * mapped, so that they are decommitted like pages that were used */
-    uint64_t now = sm_clock_ms();
-    for (size_t i = 0; i < seg->page_count; i++) seg->pages[i].empty_since_ms = now;
-  }
   sm_segment_guard(seg);
   sm_segmap_set((uintptr_t)seg, seg->page_shift);
   return seg;
@@ -381,10 +374,14 @@ void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t del
       for (size_t i = 0; i < seg->page_count; i++) {
         sm_page_t *page = &seg->pages[i];
         /* empty_since_ms 0: never used since the segment was mapped, so
-         * never touched either (not so in a segment advised for huge
-         * pages, sm_segment_alloc): nothing to give back */
-        if (!page->in_use && !page->decommitted && page->empty_since_ms != 0 &&
-            now - page->empty_since_ms >= delay)
+         * never touched either: nothing to give back, but in a segment
+         * advised for huge pages, where the huge page of a page used
+         * brought in its neighbours; those go back when all is asked
+         * (trim), not after the delay, as the heap is about to carve
+         * them (only its newest segment has pages never used) */
+        bool unused = page->empty_since_ms == 0;
+        if (!page->in_use && !page->decommitted &&
+            (unused ? seg->huge_pages && delay == 0 : now - page->empty_since_ms >= delay))
           sm_segment_decommit_page(seg, page);
       }
     }
