@@ -190,11 +190,17 @@ int sm_os_unmap(void *p, size_t size) {
   return err;
 }
 
+/* madvise, errno kept: 0 or the error. */
+static int sm_os_advise(void *p, size_t size, int advice) {
+  int saved = errno;
+  int err = sm_sys_madvise(p, size, advice) ? errno : 0;
+  errno = saved;
+  return err;
+}
+
 /* Give the memory back but keep the mapping: it reads as zero afterwards. */
 int sm_os_purge(void *p, size_t size) {
-  int saved = errno;
-  int err = sm_sys_madvise(p, size, MADV_DONTNEED) ? errno : 0;
-  errno = saved;
+  int err = sm_os_advise(p, size, MADV_DONTNEED);
   if (!err) sm_gadd(bytes_purged, size);
   return err;
 }
@@ -209,17 +215,14 @@ bool sm_os_space_limited(void) {
   return limited;
 }
 
-/* Ask for transparent huge pages, unless SMALLOC_HUGEPAGES=0. */
+/* Ask for transparent huge pages, unless SMALLOC_HUGEPAGES=0 (then
+ * ENOTSUP: no advice was given). */
 int sm_os_hugepage(void *p, size_t size) {
 #ifdef MADV_HUGEPAGE
-  if (!sm_opt(HUGEPAGES)) return 0;
-  int saved = errno;
-  int err = sm_sys_madvise(p, size, MADV_HUGEPAGE) ? errno : 0;
-  errno = saved;
-  return err;
+  return sm_opt(HUGEPAGES) ? sm_os_advise(p, size, MADV_HUGEPAGE) : ENOTSUP;
 #else
   (void)p; (void)size;
-  return 0;
+  return ENOTSUP;
 #endif
 }
 
@@ -227,13 +230,10 @@ int sm_os_hugepage(void *p, size_t size) {
  * whatever the system's setting. */
 int sm_os_nohugepage(void *p, size_t size) {
 #ifdef MADV_NOHUGEPAGE
-  int saved = errno;
-  int err = sm_sys_madvise(p, size, MADV_NOHUGEPAGE) ? errno : 0;
-  errno = saved;
-  return err;
+  return sm_os_advise(p, size, MADV_NOHUGEPAGE);
 #else
   (void)p; (void)size;
-  return 0;
+  return ENOTSUP;
 #endif
 }
 
