@@ -95,9 +95,11 @@ static bool sm_heap_holds(const sm_heap_t *heap, int kind, unsigned n) {
   return k >= n;
 }
 
-/* Whether the heap's next segment of the kind is advised; under its lock. */
+/* Whether the heap's next segment of the kind is advised (the one place
+ * that decides); under its lock. */
 static bool sm_segment_wants_huge(const sm_heap_t *heap, int kind) {
-  return !SM_GUARD && kind == SM_SEG_SMALL && sm_opt(HUGEPAGES) && sm_heap_holds(heap, kind, SM_SEGMENT_HUGE_AFTER);
+  return !SM_GUARD && kind == SM_SEG_SMALL && sm_opt(HUGEPAGES) &&
+         sm_heap_holds(heap, kind, SM_SEGMENT_HUGE_AFTER) && !sm_os_space_limited();
 }
 
 /* A segment gives memory back (madvise) for the first time since it was
@@ -321,7 +323,7 @@ sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment) {
     bool have = heap->free_segs[kind] != NULL;
     bool huge = !have && sm_segment_wants_huge(heap, kind);
     sm_unlock(&heap->lock);
-    if (!have && (fresh = sm_segment_alloc(kind, huge && !sm_os_space_limited())) == NULL) return NULL;
+    if (!have && (fresh = sm_segment_alloc(kind, huge)) == NULL) return NULL;
   }
   sm_lock(&heap->lock);
   if (fresh) sm_segment_adopt(heap, fresh);
