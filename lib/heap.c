@@ -276,6 +276,7 @@ __attribute__((constructor)) static void sm_constructor(void) {
   sm_process_init();
   sm_options_init();
   sm_prof_init();
+  sm_prof_init_late();
   /* the first allocation may have come before the environment was set:
    * pages made from now on are tracked (earlier ones stay consistently
    * untracked: their blocks never reach memcheck either way) */

@@ -796,6 +796,7 @@ SM_INLINE void sm_prof_page_check(sm_heap_t *heap, sm_page_t *page) {
 }
 void sm_prof_fork_child(void);
 void sm_prof_init(void);
+void sm_prof_init_late(void);
 void sm_prof_at_exit(void);
 #ifdef EOF   /* <stdio.h> */
 void sm_prof_print_top(FILE *out);

@@ -32,9 +32,9 @@
  *
  * Stacks.  The libgcc unwinder (_Unwind_Backtrace, which reads the
  * binaries' unwind tables, so programs built without frame pointers
- * unwind too) from inside malloc, loaded at the first sample; a
- * thread-local flag keeps the profiler from sampling what loading it
- * allocates.  Frames inside this library are left out.  Identical stacks
+ * unwind too) from inside malloc, loaded when profiling starts
+ * (sm_prof_prepare); a thread-local flag keeps the profiler from sampling
+ * what loading it allocates.  Frames inside this library are left out.  Identical stacks
  * are stored once.
  * An unwind costs about 0.6 us, and a program that allocates in a loop
  * asks for the same stack again and again: on x86-64 each thread keeps
@@ -47,7 +47,10 @@
  * frames, is always unwound.
  *
  * Memory.  The tables live in their own mappings, never in the heap being
- * profiled, under one lock that is never held while allocating. */
+ * profiled, under one spin lock (sm_lock_t) that is never held while
+ * allocating or writing a report: the reports work on a copy.  A sample
+ * takes it twice (recorded, forgotten); a pthread mutex cost 54
+ * instructions a pair under callgrind, this lock 5 inline. */
 #include "internal.h"
 #include "track.h"
 
@@ -83,7 +86,7 @@ typedef struct sm_prof_live_s {
 
 _Atomic int sm_prof_active;            /* sampling */
 _Atomic uint64_t sm_prof_live_n;       /* live samples */
-static pthread_mutex_t sm_prof_lock = PTHREAD_MUTEX_INITIALIZER;
+static sm_lock_t sm_prof_lock;
 static sm_prof_stack_t *sm_prof_stacks;   /* SM_PROF_STACKS of them, touched as used */
 static uint32_t *sm_prof_index;           /* 2 * SM_PROF_STACKS slots: stack number + 1 */
 static uint32_t sm_prof_nstacks;
@@ -104,8 +107,9 @@ static sm_prof_count_t *_Atomic sm_prof_filter;
  * the loader's lock, which a thread in dlopen holds when it allocates) */
 static _Atomic uintptr_t sm_prof_text_lo, sm_prof_text_hi;
 static __thread int sm_prof_busy __attribute__((tls_model("initial-exec")));
-/* the unwinder has run once, from malloc: it is loaded, and taking a stack
- * allocates nothing any more (an OS call under an allocator lock may) */
+/* the unwinder has run once (sm_prof_prepare, or a sample): it is loaded,
+ * and taking a stack allocates nothing any more (an OS call under an
+ * allocator lock may) */
 static _Atomic int sm_prof_unwinder_ready;
 static const char *const sm_prof_event_names[SM_PROF_EVENTS] = {
   "local_swap", "thread_collect", "extend", "next_page", "retired_page", "fresh_page",
@@ -315,10 +319,10 @@ typedef struct sm_prof_unwind_s {
   int n, cap;   /* n -1 until the first frame, _Unwind_Backtrace's own */
 } sm_prof_unwind_t;
 
-/* libgcc_s's unwinder, loaded at the first sample as the C library's
- * backtrace(3) loads it (a library every process linked to smalloc
- * loaded at start-up would cost each of them 0.2 ms); NULL when it cannot
- * be loaded, and backtrace(3) serves. */
+/* libgcc_s's unwinder, loaded when profiling starts, as the C library's
+ * backtrace(3) loads it at its first call (a library every process linked
+ * to smalloc loaded at start-up would cost each of them 0.2 ms); NULL
+ * when it cannot be loaded, and backtrace(3) serves. */
 typedef struct sm_prof_unwinder_s {
   _Unwind_Reason_Code (*backtrace)(_Unwind_Trace_Fn, void *);
   _Unwind_Ptr (*ip)(struct _Unwind_Context *);
@@ -470,6 +474,32 @@ static int sm_prof_stack(sm_heap_t *heap, void **frames, int cap, void ***start,
   return depth - skip > SM_PROF_DEPTH ? SM_PROF_DEPTH : depth - skip;
 }
 
+/* What profiling costs once, paid where it starts (the constructor with
+ * SMALLOC_PROF or SMALLOC_PROF_LEAKS set, smalloc_prof_start) rather than
+ * at its first sample, in the middle of the program's work: the tables,
+ * this library's code range, the unwinder and a first stack (libgcc finds
+ * the unwind tables then); nothing allocated meanwhile is sampled.  False
+ * when the tables cannot be mapped. */
+static bool sm_prof_prepare(void) {
+  sm_lock(&sm_prof_lock);
+  bool ok = sm_prof_tables_locked();
+  sm_unlock(&sm_prof_lock);
+  if (!ok) return false;
+  int busy = sm_prof_busy;
+  sm_prof_busy = 1;
+  if (atomic_load_explicit(&sm_prof_text_hi, memory_order_acquire) == 0)
+    dl_iterate_phdr(sm_prof_text_of, (void *)(uintptr_t)&sm_prof_text_of);
+  if (sm_prof_unwinder_load()) {
+    void *frames[4];
+    uintptr_t cfa[4];
+    sm_prof_unwind_t u = {frames, cfa, -1, 4};
+    sm_prof_unw.backtrace(sm_prof_frame, &u);
+    atomic_store_explicit(&sm_prof_unwinder_ready, 1, memory_order_relaxed);
+  }
+  sm_prof_busy = busy;
+  return true;
+}
+
 /* Record block b (n bytes; page NULL above the size classes) as a sample
  * with the calling stack. */
 static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
@@ -477,7 +507,7 @@ static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) 
   sm_prof_memo_t *memo;
   int depth = sm_prof_stack(heap, frames, SM_PROF_DEPTH + 8, &at, &memo);
   atomic_store_explicit(&sm_prof_unwinder_ready, 1, memory_order_relaxed);
-  pthread_mutex_lock(&sm_prof_lock);
+  sm_lock(&sm_prof_lock);
   bool kept = false;
   if (sm_prof_tables_locked() && sm_prof_live_room_locked()) {
     uint32_t s = sm_prof_stack_number_locked(memo, at, (uint32_t)depth);
@@ -494,7 +524,7 @@ static void sm_prof_record(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) 
     atomic_fetch_add_explicit(&sm_prof_live_n, 1, memory_order_relaxed);
     kept = true;
   }
-  pthread_mutex_unlock(&sm_prof_lock);
+  sm_unlock(&sm_prof_lock);
   if (kept && page) {
     /* with no sample live in the page, no free is taking a mark out
      * (sm_prof_forget takes its mark out before it counts the sample
@@ -573,10 +603,10 @@ void sm_prof_event_slow(int kind) {
   void *frames[SM_PROF_DEPTH + 8], **at;
   sm_prof_memo_t *memo;
   int depth = sm_prof_stack(heap, frames, SM_PROF_DEPTH + 8, &at, &memo);
-  pthread_mutex_lock(&sm_prof_lock);
+  sm_lock(&sm_prof_lock);
   if (sm_prof_tables_locked())
     sm_prof_stacks[sm_prof_stack_number_locked(memo, at, (uint32_t)depth)].events[kind] += weight;
-  pthread_mutex_unlock(&sm_prof_lock);
+  sm_unlock(&sm_prof_lock);
 }
 
 /* Block b (its start) is freed, and may be a sample (sm_prof_may_be_sample):
@@ -587,7 +617,7 @@ void sm_prof_forget(sm_page_t *page, const void *b) {
   if (filter == NULL || atomic_load_explicit(sm_prof_filter_at(filter, (uintptr_t)b), memory_order_relaxed) == 0)
     return;
   bool found = false;
-  pthread_mutex_lock(&sm_prof_lock);
+  sm_lock(&sm_prof_lock);
   if (sm_prof_live) {
     for (size_t j = sm_prof_slot((uintptr_t)b, sm_prof_live_cap); sm_prof_live[j].addr != 0;
          j = (j + 1) & (sm_prof_live_cap - 1)) {
@@ -602,7 +632,7 @@ void sm_prof_forget(sm_page_t *page, const void *b) {
       break;
     }
   }
-  pthread_mutex_unlock(&sm_prof_lock);
+  sm_unlock(&sm_prof_lock);
   if (found && page) {
     sm_prof_marks_update(page, sm_prof_mark(page, b), false);
     atomic_fetch_sub_explicit(&page->sampled, 1, memory_order_release);
@@ -621,7 +651,8 @@ void sm_prof_page_unflag(sm_heap_t *heap, sm_page_t *page) {
  * its samples are forgotten (their pages keep their flag: their frees
  * take the long way, and find nothing). */
 void sm_prof_fork_child(void) {
-  if (!sm_fork_mutex_was_held(&sm_prof_lock)) return;
+  if (atomic_load_explicit(&sm_prof_lock.held, memory_order_relaxed) == 0) return;
+  sm_unlock(&sm_prof_lock);
   atomic_store(&sm_prof_active, 0);
   sm_prof_stacks = NULL;
   sm_prof_index = NULL;
@@ -665,23 +696,45 @@ static void sm_out(sm_out_t *o, const char *fmt, ...) {
   o->len += (size_t)n;
 }
 
+/* A copy of the stack table in a mapping of its own (NULL when empty or
+ * unmappable), for the reports, which write files and name frames without
+ * the lock: dladdr takes the loader's lock, which a thread in dlopen holds
+ * while it allocates, and may then wait for the profiler's.  The table
+ * only grows: the copy holds the stacks there were before it was mapped. */
+static sm_prof_stack_t *sm_prof_copy(uint32_t *n, size_t *size) {
+  sm_lock(&sm_prof_lock);
+  *n = sm_prof_nstacks;
+  sm_unlock(&sm_prof_lock);
+  *size = (size_t)*n * sizeof(sm_prof_stack_t);
+  sm_prof_stack_t *copy = *n ? sm_prof_map(*size) : NULL;
+  if (copy) {
+    sm_lock(&sm_prof_lock);
+    memcpy(copy, sm_prof_stacks, *size);
+    sm_unlock(&sm_prof_lock);
+  }
+  return copy;
+}
+
 /* The heap profile in pprof's legacy text format (heap_v2, which pprof
  * scales back from the samples by the rate), then the process's mappings
  * for symbolisation. */
 static int sm_prof_write(int fd) {
   sm_out_t o = {.fd = fd};
-  pthread_mutex_lock(&sm_prof_lock);
+  uint32_t n;
+  size_t size;
+  sm_prof_stack_t *copy = sm_prof_copy(&n, &size);
+  if (n && !copy) return ENOMEM;
   uint64_t lc = 0, lb = 0, ac = 0, ab = 0;
-  for (uint32_t s = 0; s < sm_prof_nstacks; s++) {
-    lc += sm_prof_stacks[s].live_count;
-    lb += sm_prof_stacks[s].live_bytes;
-    ac += sm_prof_stacks[s].alloc_count;
-    ab += sm_prof_stacks[s].alloc_bytes;
+  for (uint32_t s = 0; s < n; s++) {
+    lc += copy[s].live_count;
+    lb += copy[s].live_bytes;
+    ac += copy[s].alloc_count;
+    ab += copy[s].alloc_bytes;
   }
   sm_out(&o, "heap profile: %llu: %llu [%llu: %llu] @ heap_v2/%ld\n", (unsigned long long)lc,
          (unsigned long long)lb, (unsigned long long)ac, (unsigned long long)ab, sm_opt(PROF_RATE));
-  for (uint32_t s = 0; s < sm_prof_nstacks; s++) {
-    const sm_prof_stack_t *st = &sm_prof_stacks[s];
+  for (uint32_t s = 0; s < n; s++) {
+    const sm_prof_stack_t *st = &copy[s];
     if (st->alloc_count == 0 && st->live_count == 0) continue;
     sm_out(&o, "%llu: %llu [%llu: %llu] @", (unsigned long long)st->live_count,
            (unsigned long long)st->live_bytes, (unsigned long long)st->alloc_count,
@@ -689,7 +742,7 @@ static int sm_prof_write(int fd) {
     for (uint32_t i = 0; i < st->depth; i++) sm_out(&o, " %p", st->frames[i]);
     sm_out(&o, "\n");
   }
-  pthread_mutex_unlock(&sm_prof_lock);
+  if (copy) munmap(copy, size);
   sm_out(&o, "\nMAPPED_LIBRARIES:\n");
   sm_out_flush(&o);
   int maps = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
@@ -702,20 +755,6 @@ static int sm_prof_write(int fd) {
     close(maps);
   }
   return o.err;
-}
-
-/* A copy of the stack table in a mapping of its own (NULL when empty or
- * unmappable), for the reports that name frames: dladdr takes the
- * loader's lock, which a thread in dlopen holds while it allocates, and
- * may then wait for the profiler's. */
-static sm_prof_stack_t *sm_prof_copy(uint32_t *n, size_t *size) {
-  pthread_mutex_lock(&sm_prof_lock);
-  *n = sm_prof_nstacks;
-  *size = (size_t)*n * sizeof(sm_prof_stack_t);
-  sm_prof_stack_t *copy = *n ? sm_prof_map(*size) : NULL;
-  if (copy) memcpy(copy, sm_prof_stacks, *size);
-  pthread_mutex_unlock(&sm_prof_lock);
-  return copy;
 }
 
 /* A frame's name for the reports: the symbol dladdr finds for the call
@@ -756,10 +795,7 @@ static int sm_prof_write_churn(int fd) {
 
 SM_EXPORT int smalloc_prof_start(void) {
   sm_process_init();
-  pthread_mutex_lock(&sm_prof_lock);
-  bool ok = sm_prof_tables_locked();
-  pthread_mutex_unlock(&sm_prof_lock);
-  if (!ok) return ENOMEM;
+  if (!sm_prof_prepare()) return ENOMEM;
   atomic_store(&sm_prof_active, 1);
   sm_heap_t *heap = sm_heap();
   if (heap->initialized) {
@@ -774,13 +810,13 @@ SM_EXPORT void smalloc_prof_stop(void) {
 }
 
 SM_EXPORT void smalloc_prof_reset(void) {
-  pthread_mutex_lock(&sm_prof_lock);
+  sm_lock(&sm_prof_lock);
   for (uint32_t s = 0; s < sm_prof_nstacks; s++) {
     sm_prof_stacks[s].alloc_count = sm_prof_stacks[s].live_count;
     sm_prof_stacks[s].alloc_bytes = sm_prof_stacks[s].live_bytes;
     memset(sm_prof_stacks[s].events, 0, sizeof sm_prof_stacks[s].events);
   }
-  pthread_mutex_unlock(&sm_prof_lock);
+  sm_unlock(&sm_prof_lock);
 }
 
 static int sm_prof_write_file(const char *path, int (*write_fn)(int)) {
@@ -807,6 +843,12 @@ SM_EXPORT int smalloc_prof_dump(const char *path) {
 /* SMALLOC_PROF=1 or SMALLOC_PROF_LEAKS=1: profiling from the start. */
 void sm_prof_init(void) {
   if (sm_opt(PROF) || sm_opt(PROF_LEAKS)) atomic_store(&sm_prof_active, 1);
+}
+
+/* The library's constructor: where profiling was switched on by the
+ * environment, it is made ready now (sm_prof_prepare). */
+void sm_prof_init_late(void) {
+  if (atomic_load(&sm_prof_active)) sm_prof_prepare();
 }
 
 /* The stack's callers for a report line: the innermost six, named with

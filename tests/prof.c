@@ -568,6 +568,36 @@ START_TEST(churn_profile_names_the_cause_and_is_empty_under_steady_churn)
 }
 END_TEST
 
+/* Profiling is ready when it starts: the slow work it causes is counted
+ * from smalloc_prof_start on, before any block was sampled (a rate of
+ * 1 GiB: churn_maker's 24 MB make a sample unlikely, and one would only
+ * come after events it must not have lost). */
+START_TEST(churn_is_counted_from_the_start_before_any_sample)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_RATE, 1L << 30), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_EVENT_RATE, 1), 0);
+  ck_assert_int_eq(smalloc_prof_start(), 0);
+  smalloc_stats_t s0, s1;
+  ck_assert_int_eq(sm_test_snap(&s0), 0);
+  churn_maker();
+  ck_assert_int_eq(sm_test_snap(&s1), 0);
+  smalloc_prof_stop();
+  char path[] = "/tmp/smalloc-churn.XXXXXX";
+  int fd = mkstemp(path);
+  ck_assert_int_ge(fd, 0);
+  close(fd);
+  ck_assert_int_eq(smalloc_prof_dump(path), 0);
+  static const char *const kinds[] = {"fresh_page", "new_segment", "os_mmap", NULL};
+  uint64_t c[16] = {0};
+  ck_assert_int_gt(churn_read(path, "churn_maker", c, kinds), 0);
+  ck_assert_uint_eq(c[0], s1.slow_steps[SMALLOC_STEP_FRESH_PAGE] - s0.slow_steps[SMALLOC_STEP_FRESH_PAGE]);
+  ck_assert_uint_eq(c[1], s1.slow_steps[SMALLOC_STEP_NEW_SEGMENT] - s0.slow_steps[SMALLOC_STEP_NEW_SEGMENT]);
+  ck_assert_uint_eq(c[2], s1.os_mmap - s0.os_mmap);
+  ck_assert_uint_gt(c[0], 30);
+  unlink(path);
+}
+END_TEST
+
 /* ---- the leak report ------------------------------------------------------- */
 
 /* 2 MiB in 4 KiB blocks, never freed */
@@ -737,6 +767,7 @@ static Suite *prof_suite(void)
   tcase_add_test(tc, a_page_finds_its_samples_among_its_blocks);
   tcase_add_test(tc, samples_get_units_of_their_own_at_the_default_rate);
   tcase_add_test(tc, churn_profile_names_the_cause_and_is_empty_under_steady_churn);
+  tcase_add_test(tc, churn_is_counted_from_the_start_before_any_sample);
   tcase_add_test(tc, the_leak_report_names_the_leaking_function_first);
   tcase_add_test(tc, profiles_at_exit_go_where_smalloc_prof_dump_says);
   suite_add_tcase(s, tc);
