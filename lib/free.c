@@ -390,15 +390,10 @@ static __attribute__((noinline)) void sm_free_xthread_general(sm_page_t *page, s
  * heap: its slots hold no page, the secure build's checks, valgrind)
  * takes the general path above. */
 void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
-#if defined(__x86_64__)
-  /* the block's line, last written by the thread that allocated it, is
-   * asked for to be written: its tag is read below and written after,
-   * and a read alone would bring it shared, to be taken over again for
-   * the write (bench_pipeline: 0.956 of the time, bench_xchurn 16: 0.958,
-   * medians of 15 and 7 interleaved runs).  x86-64 processors that do
-   * not report the instruction run it as a no-op (valgrind too). */
-  __asm__ volatile("prefetchw %0" : : "m"(*(const char *)b));
-#endif
+  /* the block's line, written last by the thread that allocated it: its
+   * tag is read below and written after (bench_pipeline: 0.956 of the
+   * time, bench_xchurn 16: 0.958, medians of 15 and 7 interleaved runs) */
+  sm_prefetch_write(b);
   sm_heap_t *heap = sm_heap();
   sm_xbuf_t *x = sm_xbuf_open(heap, page);
   uintptr_t key = page->key;
