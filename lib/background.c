@@ -161,7 +161,13 @@ void sm_background_act(void) {
   pthread_attr_init(&attr);
   pthread_attr_setstacksize(&attr, 64 << 10);
   pthread_sigmask(SIG_SETMASK, &all, &old);   /* the thread inherits: no signal lands there */
+  /* what glibc allocates for the thread (its TLS vector, live for good)
+   * is no call site's doing: not sampled, where the profile named the
+   * caller whose free started the thread */
+  int busy = sm_prof_busy;
+  sm_prof_busy = busy | SM_PROF_NO_SAMPLE;
   int err = pthread_create(&sm_bg_thread, &attr, sm_bg_main, NULL);
+  sm_prof_busy = busy;
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   pthread_attr_destroy(&attr);
   sm_bg_joinable = err == 0;

@@ -812,6 +812,12 @@ SM_INLINE void sm_prof_page_check(sm_heap_t *heap, sm_page_t *page) {
 void sm_prof_fork_child(void);
 void sm_prof_init(void);
 void sm_prof_init_late(void);
+/* Set while smalloc allocates for itself: what the profiler allocates
+ * is neither sampled nor churn (SM_PROF_QUIET); what glibc allocates for
+ * the purge thread is not sampled, and the slow work it takes is the
+ * churn of the call that started the thread (SM_PROF_NO_SAMPLE). */
+enum { SM_PROF_NO_SAMPLE = 1, SM_PROF_NO_EVENT = 2, SM_PROF_QUIET = 3 };
+extern __thread int sm_prof_busy __attribute__((tls_model("initial-exec")));
 void sm_prof_at_exit(void);
 #ifdef EOF   /* <stdio.h> */
 void sm_prof_print_top(FILE *out);

@@ -106,7 +106,7 @@ static sm_prof_count_t *_Atomic sm_prof_filter;
 /* this library's code, found once outside the lock (dl_iterate_phdr takes
  * the loader's lock, which a thread in dlopen holds when it allocates) */
 static _Atomic uintptr_t sm_prof_text_lo, sm_prof_text_hi;
-static __thread int sm_prof_busy __attribute__((tls_model("initial-exec")));
+__thread int sm_prof_busy __attribute__((tls_model("initial-exec")));
 /* the unwinder has run once (sm_prof_prepare, or a sample): it is loaded,
  * and taking a stack allocates nothing any more (an OS call under an
  * allocator lock may) */
@@ -458,11 +458,12 @@ static __attribute__((noinline)) int sm_prof_unwind(sm_heap_t *heap, void **fram
 /* The caller's stack, this library's frames left out: the number of
  * frames at *start, and the memo that holds it (sm_prof_unwind). */
 static int sm_prof_stack(sm_heap_t *heap, void **frames, int cap, void ***start, sm_prof_memo_t **memo) {
-  sm_prof_busy = 1;
+  int busy = sm_prof_busy;
+  sm_prof_busy = SM_PROF_QUIET;
   if (atomic_load_explicit(&sm_prof_text_hi, memory_order_acquire) == 0)
     dl_iterate_phdr(sm_prof_text_of, (void *)(uintptr_t)&sm_prof_text_of);
   int depth = sm_prof_unwind(heap, frames, cap, memo);
-  sm_prof_busy = 0;
+  sm_prof_busy = busy;
   uintptr_t lo = atomic_load_explicit(&sm_prof_text_lo, memory_order_relaxed);
   uintptr_t hi = atomic_load_explicit(&sm_prof_text_hi, memory_order_relaxed);
   /* past the last of this library's frames among the innermost few: a
@@ -486,7 +487,7 @@ static bool sm_prof_prepare(void) {
   sm_unlock(&sm_prof_lock);
   if (!ok) return false;
   int busy = sm_prof_busy;
-  sm_prof_busy = 1;
+  sm_prof_busy = SM_PROF_QUIET;
   if (atomic_load_explicit(&sm_prof_text_hi, memory_order_acquire) == 0)
     dl_iterate_phdr(sm_prof_text_of, (void *)(uintptr_t)&sm_prof_text_of);
   if (sm_prof_unwinder_load()) {
@@ -570,10 +571,11 @@ static void *sm_prof_move(sm_heap_t *heap, sm_page_t **page, void *b, size_t n) 
 void *sm_prof_sampled(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
   sm_prof_rearm(heap);
   if (!heap->initialized) return b;
-  if (atomic_load_explicit(&sm_prof_active, memory_order_relaxed) && !sm_prof_busy) {
-    sm_prof_busy = 1;   /* a segment mapped for it is the profiler's doing, not a churn event */
+  if (atomic_load_explicit(&sm_prof_active, memory_order_relaxed) && !(sm_prof_busy & SM_PROF_NO_SAMPLE)) {
+    int busy = sm_prof_busy;
+    sm_prof_busy = SM_PROF_QUIET;   /* a segment mapped for it is the profiler's doing, not a churn event */
     b = sm_prof_move(heap, &page, b, n);
-    sm_prof_busy = 0;
+    sm_prof_busy = busy;
     sm_prof_record(heap, page, b, n);
   }
   sm_heap_heartbeat(heap);
@@ -588,7 +590,8 @@ void *sm_prof_sampled(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
  * may allocate; an event can come with an allocator lock held. */
 void sm_prof_event_slow(int kind) {
   sm_heap_t *heap = sm_heap();
-  if (!heap->initialized || sm_prof_busy || !atomic_load_explicit(&sm_prof_unwinder_ready, memory_order_relaxed))
+  if (!heap->initialized || (sm_prof_busy & SM_PROF_NO_EVENT) ||
+      !atomic_load_explicit(&sm_prof_unwinder_ready, memory_order_relaxed))
     return;
   uint64_t weight = 1;
   if (kind < SMALLOC_STEP_COUNT) {
