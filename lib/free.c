@@ -31,7 +31,7 @@ static bool sm_page_lists_hold(sm_page_t *page, sm_block_t *b) {
   for (int l = 0; l < 3; l++) {
     size_t guard = page->capacity + 1;
     for (sm_block_t *x = lists[l]; x && guard--; x = sm_dec(page, x->next)) {
-      if (((uintptr_t)x ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT) break;  /* corrupt: stop */
+      if (!sm_page_link_ok(page, x)) break;  /* corrupt: stop */
       sm_track_link(x);
       if (x == b) return true;
     }

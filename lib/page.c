@@ -176,8 +176,8 @@ void sm_page_collect_thread_free(sm_page_t *page) {
     sm_track_link(tail);
     for (uint32_t i = 1; i < n; i++) {
       sm_block_t *next = sm_dec(page, tail->next);
-      /* a link out of the segment: stop there, as malloc would */
-      if (sm_unlikely(((uintptr_t)next ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
+      /* a link out of the page: stop there, as malloc would */
+      if (sm_unlikely(!sm_page_link_ok(page, next))) {
         sm_page_corrupt(page, " (thread_free)", NULL);
         break;
       }
@@ -985,7 +985,7 @@ void sm_page_corrupt(sm_page_t *page, const char *what, const void *b) {
 bool sm_page_has_free(sm_page_t *page) {
   sm_block_t *b = page->free;
   if (b == NULL) return false;
-  if (sm_unlikely(((uintptr_t)b ^ (uintptr_t)page) >> SM_SEGMENT_SHIFT)) {
+  if (sm_unlikely(!sm_page_link_ok(page, b))) {
     page->free = NULL;
     sm_page_corrupt(page, "", NULL);
     return false;

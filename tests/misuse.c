@@ -1152,6 +1152,50 @@ static void corrupted_free_list(bool warn)
 }
 MISUSE(corrupted_free_list)
 
+/* A freed block's link pointed, by a write after its free, into its
+ * segment's header, 8 bytes before a copy of the block's tag word there
+ * (its page's key, in the page's descriptor): the tag check alone took
+ * that for a free block and malloc handed out the header.  The
+ * allocations of the class reach the block and must stop at its link. */
+static void free_list_link_into_the_segment_header(bool warn)
+{
+  enum { SIZE = 208, MAX = 100000 };
+  static void *kept[MAX];
+  unsigned char *victim = smalloc_malloc(SIZE);
+  CHILD_CHECK(victim != NULL, "malloc failed");
+  smalloc_free(victim);
+  uint64_t tag, *seg = (uint64_t *)((uintptr_t)victim & ~(((uintptr_t)4 << 20) - 1));
+  memcpy(&tag, sm_opaque(victim) + 8, 8);   /* a read after free */
+  uint64_t *target = seg + 8;
+  for (size_t i = 1; i < SM_TEST_SEGMENT_HDR / 8; i++)
+    if (seg[i] == tag) {
+      target = &seg[i - 1];
+      break;
+    }
+  CHILD_CHECK(SM_TEST_SECURE || target != seg + 8, "no copy of the tag in the header");
+  memcpy(sm_opaque(victim), &target, 8);   /* a write after free */
+  expect_line("^corrupted free list in page at 0x");
+  size_t i;
+  for (i = 0; i < MAX; i++) {
+    kept[i] = smalloc_malloc(SIZE);
+    CHILD_CHECK(kept[i] != NULL, "malloc(%d) failed after %zu", SIZE, i);
+    CHILD_CHECK((uintptr_t)kept[i] - (uintptr_t)seg >= SM_TEST_SEGMENT_HDR,
+                "malloc(%d) returned %p, in the segment header", SIZE, kept[i]);
+    if (kept[i] == victim)
+      break;
+  }
+  CHILD_CHECK(i < MAX, "the freed block never came back");
+  unsigned char *q = smalloc_malloc(SIZE);
+  if (!warn)
+    child_fail("malloc after the corrupted block returned %p", (void *)q);
+  CHILD_CHECK(q != NULL && (uintptr_t)q - (uintptr_t)seg >= SM_TEST_SEGMENT_HDR &&
+                  smalloc_malloc_usable_size(q) >= SIZE,
+              "malloc after the corrupted block returned %p", (void *)q);
+  memset(q, 0, SIZE);
+  heap_still_sound(SIZE);
+}
+MISUSE(free_list_link_into_the_segment_header)
+
 /* The same on the list of blocks freed by other threads, which the owner
  * takes whole when its own lists run dry: the allocation after the
  * corrupted block must stop at its link. */
@@ -1496,6 +1540,7 @@ int main(void)
   ADD_MISUSE(tc, free_segment_header);
   ADD_MISUSE(tc, corrupted_free_list);
   ADD_MISUSE(tc, corrupted_thread_free_list);
+  ADD_MISUSE(tc, free_list_link_into_the_segment_header);
   ADD_MISUSE(tc, realloc_foreign);
   ADD_MISUSE(tc, realloc_foreign_mapping);
   ADD_MISUSE(tc, usable_size_foreign);
