@@ -1122,46 +1122,55 @@ static void free_segment_header(bool warn)
 }
 MISUSE(free_segment_header)
 
-/* A freed block's first word (its free-list link) overwritten: the
- * allocations of its size class reach it and must stop there. */
-static void corrupted_free_list(bool warn)
+/* After the link of the freed block victim (size bytes) was written
+ * over: the allocations of its size class reach it and must stop at its
+ * link with the report, never handing out an address in its segment's
+ * header; with warn they go on with sound blocks. */
+static void malloc_up_to_the_bad_link(bool warn, unsigned char *victim, size_t size)
 {
-  enum { SIZE = 208, MAX = 100000 };
+  enum { MAX = 100000 };
   static void *kept[MAX];
-  unsigned char *victim = smalloc_malloc(SIZE);
-  CHILD_CHECK(victim != NULL, "malloc failed");
-  smalloc_free(victim);
-  memset(victim, 0x41, 8);   /* a use after free */
+  uintptr_t seg = (uintptr_t)victim & ~(((uintptr_t)4 << 20) - 1);
   expect_line("^corrupted free list in page at 0x");
   size_t i;
   for (i = 0; i < MAX; i++) {
-    kept[i] = smalloc_malloc(SIZE);
-    CHILD_CHECK(kept[i] != NULL, "malloc(%d) failed after %zu", SIZE, i);
+    kept[i] = smalloc_malloc(size);
+    CHILD_CHECK(kept[i] != NULL, "malloc(%zu) failed after %zu", size, i);
+    CHILD_CHECK((uintptr_t)kept[i] - seg >= SM_TEST_SEGMENT_HDR, "malloc(%zu) returned %p, in the segment header",
+                size, kept[i]);
     if (kept[i] == victim)
       break;
   }
   CHILD_CHECK(i < MAX, "the freed block never came back");
   /* the next allocation of the class would follow the bad link */
-  unsigned char *q = smalloc_malloc(SIZE);
+  unsigned char *q = smalloc_malloc(size);
   if (!warn)
     child_fail("malloc after the corrupted block returned %p", (void *)q);
-  CHILD_CHECK(q != NULL && sm_is_aligned(q, 16) && smalloc_malloc_usable_size(q) >= SIZE,
+  CHILD_CHECK(q != NULL && sm_is_aligned(q, 16) && (uintptr_t)q - seg >= SM_TEST_SEGMENT_HDR &&
+                  smalloc_malloc_usable_size(q) >= size,
               "malloc after the corrupted block returned %p", (void *)q);
-  memset(q, 0, SIZE);
-  heap_still_sound(SIZE);
+  memset(q, 0, size);
+  heap_still_sound(size);
+}
+
+/* A freed block's first word (its free-list link) overwritten. */
+static void corrupted_free_list(bool warn)
+{
+  unsigned char *victim = smalloc_malloc(208);
+  CHILD_CHECK(victim != NULL, "malloc failed");
+  smalloc_free(victim);
+  memset(victim, 0x41, 8);   /* a use after free */
+  malloc_up_to_the_bad_link(warn, victim, 208);
 }
 MISUSE(corrupted_free_list)
 
 /* A freed block's link pointed, by a write after its free, into its
  * segment's header, 8 bytes before a copy of the block's tag word there
  * (its page's key, in the page's descriptor): the tag check alone took
- * that for a free block and malloc handed out the header.  The
- * allocations of the class reach the block and must stop at its link. */
+ * that for a free block and malloc handed out the header. */
 static void free_list_link_into_the_segment_header(bool warn)
 {
-  enum { SIZE = 208, MAX = 100000 };
-  static void *kept[MAX];
-  unsigned char *victim = smalloc_malloc(SIZE);
+  unsigned char *victim = smalloc_malloc(208);
   CHILD_CHECK(victim != NULL, "malloc failed");
   smalloc_free(victim);
   uint64_t tag, *seg = (uint64_t *)((uintptr_t)victim & ~(((uintptr_t)4 << 20) - 1));
@@ -1174,25 +1183,7 @@ static void free_list_link_into_the_segment_header(bool warn)
     }
   CHILD_CHECK(SM_TEST_SECURE || target != seg + 8, "no copy of the tag in the header");
   memcpy(sm_opaque(victim), &target, 8);   /* a write after free */
-  expect_line("^corrupted free list in page at 0x");
-  size_t i;
-  for (i = 0; i < MAX; i++) {
-    kept[i] = smalloc_malloc(SIZE);
-    CHILD_CHECK(kept[i] != NULL, "malloc(%d) failed after %zu", SIZE, i);
-    CHILD_CHECK((uintptr_t)kept[i] - (uintptr_t)seg >= SM_TEST_SEGMENT_HDR,
-                "malloc(%d) returned %p, in the segment header", SIZE, kept[i]);
-    if (kept[i] == victim)
-      break;
-  }
-  CHILD_CHECK(i < MAX, "the freed block never came back");
-  unsigned char *q = smalloc_malloc(SIZE);
-  if (!warn)
-    child_fail("malloc after the corrupted block returned %p", (void *)q);
-  CHILD_CHECK(q != NULL && (uintptr_t)q - (uintptr_t)seg >= SM_TEST_SEGMENT_HDR &&
-                  smalloc_malloc_usable_size(q) >= SIZE,
-              "malloc after the corrupted block returned %p", (void *)q);
-  memset(q, 0, SIZE);
-  heap_still_sound(SIZE);
+  malloc_up_to_the_bad_link(warn, victim, 208);
 }
 MISUSE(free_list_link_into_the_segment_header)
 

@@ -525,6 +525,24 @@ static int churn_read(const char *path, const char *fn, uint64_t *counts, const 
   return lines;
 }
 
+/* churn_maker under the profiler the caller started, which is stopped
+ * after it: the counters before and after, the profile written to path
+ * (a mkstemp template; the caller unlinks it) and its events of the given
+ * kinds in lines that name churn_maker, of which there are some. */
+static void churn_maker_profiled(char *path, smalloc_stats_t *s0, smalloc_stats_t *s1, uint64_t *counts,
+                                 const char *const *kinds)
+{
+  ck_assert_int_eq(sm_test_snap(s0), 0);
+  churn_maker();
+  ck_assert_int_eq(sm_test_snap(s1), 0);
+  smalloc_prof_stop();
+  int fd = mkstemp(path);
+  ck_assert_int_ge(fd, 0);
+  close(fd);
+  ck_assert_int_eq(smalloc_prof_dump(path), 0);
+  ck_assert_int_gt(churn_read(path, "churn_maker", counts, kinds), 0);
+}
+
 /* The churn profile names the function that made smalloc take fresh pages
  * and map memory; under steady churn (the swap only) it is empty. */
 START_TEST(churn_profile_names_the_cause_and_is_empty_under_steady_churn)
@@ -536,18 +554,10 @@ START_TEST(churn_profile_names_the_cause_and_is_empty_under_steady_churn)
     prof_site_a(prof_size());   /* the first samples load the unwinder */
   prof_free_all();
   smalloc_stats_t s0, s1;
-  ck_assert_int_eq(sm_test_snap(&s0), 0);
-  churn_maker();
-  ck_assert_int_eq(sm_test_snap(&s1), 0);
-  smalloc_prof_stop();
   char path[] = "/tmp/smalloc-churn.XXXXXX";
-  int fd = mkstemp(path);
-  ck_assert_int_ge(fd, 0);
-  close(fd);
-  ck_assert_int_eq(smalloc_prof_dump(path), 0);
   static const char *const kinds[] = {"fresh_page", "new_segment", "os_mmap", "extend", NULL};
   uint64_t c[16] = {0};
-  ck_assert_int_gt(churn_read(path, "churn_maker", c, kinds), 0);
+  churn_maker_profiled(path, &s0, &s1, c, kinds);
   /* every event taken (rate 1) and attributed to churn_maker */
   ck_assert_uint_eq(c[0], s1.slow_steps[SMALLOC_STEP_FRESH_PAGE] - s0.slow_steps[SMALLOC_STEP_FRESH_PAGE]);
   ck_assert_uint_eq(c[1], s1.slow_steps[SMALLOC_STEP_NEW_SEGMENT] - s0.slow_steps[SMALLOC_STEP_NEW_SEGMENT]);
@@ -578,18 +588,10 @@ START_TEST(churn_is_counted_from_the_start_before_any_sample)
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PROF_EVENT_RATE, 1), 0);
   ck_assert_int_eq(smalloc_prof_start(), 0);
   smalloc_stats_t s0, s1;
-  ck_assert_int_eq(sm_test_snap(&s0), 0);
-  churn_maker();
-  ck_assert_int_eq(sm_test_snap(&s1), 0);
-  smalloc_prof_stop();
   char path[] = "/tmp/smalloc-churn.XXXXXX";
-  int fd = mkstemp(path);
-  ck_assert_int_ge(fd, 0);
-  close(fd);
-  ck_assert_int_eq(smalloc_prof_dump(path), 0);
   static const char *const kinds[] = {"fresh_page", "new_segment", "os_mmap", NULL};
   uint64_t c[16] = {0};
-  ck_assert_int_gt(churn_read(path, "churn_maker", c, kinds), 0);
+  churn_maker_profiled(path, &s0, &s1, c, kinds);
   ck_assert_uint_eq(c[0], s1.slow_steps[SMALLOC_STEP_FRESH_PAGE] - s0.slow_steps[SMALLOC_STEP_FRESH_PAGE]);
   ck_assert_uint_eq(c[1], s1.slow_steps[SMALLOC_STEP_NEW_SEGMENT] - s0.slow_steps[SMALLOC_STEP_NEW_SEGMENT]);
   ck_assert_uint_gt(c[0], 30);
