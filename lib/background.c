@@ -33,8 +33,8 @@
  * Why a thread and not a timer signal: a signal interrupts the program's
  * own system calls and could land inside smalloc; the thread needs no
  * cooperation.  What it costs: one thread while there is memory to give
- * back (exit never waits for it), all signals blocked, and a 64 KiB
- * stack.  It never allocates (its heap stays the static empty one)
+ * back, detached (exit never waits for it), all signals blocked, and a
+ * 64 KiB stack.  It never allocates (its heap stays the static empty one)
  * and is not running in a child after fork until the child gives memory
  * back itself.  SMALLOC_BACKGROUND=0 turns it off: then memory goes back
  * only when the program calls in, as before. */
@@ -46,15 +46,6 @@
 
 /* 0 no thread, 1 running (or being started) */
 static _Atomic int sm_bg_running;
-/* The last purge thread started, not joined yet, under sm_bg_start_lock:
- * the next start joins it first (it has said it stops), so that glibc
- * gives the new thread the old one's stack and TLS vector.  Detached, a
- * thread still on its way out when the next one started made glibc map
- * a second stack and allocate a second vector with malloc: blocks_in_use
- * one higher for good (tests/stress.c saw it on a loaded machine). */
-static pthread_mutex_t sm_bg_start_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_t sm_bg_thread;
-static bool sm_bg_joinable;
 /* after pthread_create failed (a thread limit, say): no new try before */
 static _Atomic uint64_t sm_bg_retry_ms;
 
@@ -147,18 +138,14 @@ void sm_background_act(void) {
     return;
   uint64_t retry = atomic_load_explicit(&sm_bg_retry_ms, memory_order_relaxed);
   if (retry != 0 && sm_clock_ms() < retry) return;
-  pthread_mutex_lock(&sm_bg_start_lock);
   int expected = 0;
-  if (!atomic_compare_exchange_strong(&sm_bg_running, &expected, 1)) {
-    pthread_mutex_unlock(&sm_bg_start_lock);
-    return;
-  }
-  if (sm_bg_joinable) pthread_join(sm_bg_thread, NULL);   /* it stopped: its last steps */
-  sm_bg_joinable = false;
+  if (!atomic_compare_exchange_strong(&sm_bg_running, &expected, 1)) return;
   pthread_attr_t attr;
+  pthread_t t;
   sigset_t all, old;
   sigfillset(&all);
   pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
   pthread_attr_setstacksize(&attr, 64 << 10);
   pthread_sigmask(SIG_SETMASK, &all, &old);   /* the thread inherits: no signal lands there */
   /* what glibc allocates for the thread (its TLS vector, live for good)
@@ -166,12 +153,10 @@ void sm_background_act(void) {
    * caller whose free started the thread */
   int busy = sm_prof_busy;
   sm_prof_busy = busy | SM_PROF_NO_SAMPLE;
-  int err = pthread_create(&sm_bg_thread, &attr, sm_bg_main, NULL);
+  int err = pthread_create(&t, &attr, sm_bg_main, NULL);
   sm_prof_busy = busy;
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   pthread_attr_destroy(&attr);
-  sm_bg_joinable = err == 0;
-  pthread_mutex_unlock(&sm_bg_start_lock);
   if (err != 0) {
     atomic_store_explicit(&sm_bg_retry_ms, sm_clock_ms() + 1000, memory_order_relaxed);
     atomic_store_explicit(&sm_bg_running, 0, memory_order_relaxed);
@@ -182,8 +167,6 @@ void sm_background_act(void) {
 
 /* In a child after fork no purge thread runs. */
 void sm_background_fork_child(void) {
-  sm_fork_mutex_was_held(&sm_bg_start_lock);
-  sm_bg_joinable = false;   /* not in this process */
   atomic_store_explicit(&sm_bg_running, 0, memory_order_relaxed);
   atomic_store_explicit(&sm_bg_wanted, 0, memory_order_relaxed);
 }

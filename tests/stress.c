@@ -332,9 +332,10 @@ static bool start_thread(pthread_t *t, void *(*fn)(void *), void *arg)
  * blocks count as live.  Running the most threads the test ever runs at once
  * first fills that cache, so the count taken afterwards stays exact; one
  * more, for smalloc's purge thread, which glibc may give a cached stack of
- * the test's size, and which is started once here: each one after it gets
- * its stack and vector (background.c), and the first one started during
- * the test made the count one higher at its end. */
+ * the test's size, and which is started once here: the ones after it get
+ * its stack and vector back from glibc's cache, and the first one started
+ * during the test made the count one higher at its end (make check runs
+ * this suite without it, SMALLOC_BACKGROUND=0). */
 static atomic_int warm_go;
 
 static void *warm_thread(void *arg)
