@@ -151,10 +151,9 @@ void sm_background_act(void) {
   /* what glibc allocates for the thread (its TLS vector, live for good)
    * is no call site's doing: not sampled, where the profile named the
    * caller whose free started the thread */
-  int busy = sm_prof_busy;
-  sm_prof_busy = busy | SM_PROF_NO_SAMPLE;
+  int busy = sm_prof_hush(SM_PROF_NO_SAMPLE);
   int err = pthread_create(&t, &attr, sm_bg_main, NULL);
-  sm_prof_busy = busy;
+  sm_prof_hush_end(busy);
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   pthread_attr_destroy(&attr);
   if (err != 0) {

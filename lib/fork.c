@@ -35,6 +35,13 @@ bool sm_fork_mutex_was_held(pthread_mutex_t *m) {
   return true;
 }
 
+/* The same for one of smalloc's spin locks. */
+bool sm_fork_lock_was_held(sm_lock_t *l) {
+  if (atomic_load_explicit(&l->held, memory_order_relaxed) == 0) return false;
+  sm_unlock(l);
+  return true;
+}
+
 static void sm_fork_child(void) {
   sm_background_fork_child();
   sm_stats_fork_child();

@@ -101,8 +101,7 @@ void sm_heaps_fork_child(void) {
   }
   for (sm_heap_t *h = sm_heaps_all, *next; h; h = next) {
     next = h->all_next;
-    if (atomic_load_explicit(&h->lock.held, memory_order_relaxed) == 0) continue;
-    sm_unlock(&h->lock);
+    if (!sm_fork_lock_was_held(&h->lock)) continue;
     if (h->all_prev) h->all_prev->all_next = h->all_next; else sm_heaps_all = h->all_next;
     if (h->all_next) h->all_next->all_prev = h->all_prev;
     if (h == me) sm_heap_tls = &sm_heap_empty;

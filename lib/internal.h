@@ -826,6 +826,13 @@ void sm_prof_init_late(void);
  * churn of the call that started the thread (SM_PROF_NO_SAMPLE). */
 enum { SM_PROF_NO_SAMPLE = 1, SM_PROF_NO_EVENT = 2, SM_PROF_QUIET = 3 };
 extern __thread int sm_prof_busy __attribute__((tls_model("initial-exec")));
+/* Turn off what bits say until sm_prof_hush_end(the value returned). */
+SM_INLINE int sm_prof_hush(int bits) {
+  int was = sm_prof_busy;
+  sm_prof_busy = was | bits;
+  return was;
+}
+SM_INLINE void sm_prof_hush_end(int was) { sm_prof_busy = was; }
 void sm_prof_at_exit(void);
 #ifdef EOF   /* <stdio.h> */
 void sm_prof_print_top(FILE *out);
@@ -1059,6 +1066,7 @@ void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n);
 /* ---- fork.c ---------------------------------------------------------------- */
 void sm_fork_init(void);
 bool sm_fork_mutex_was_held(pthread_mutex_t *m);
+bool sm_fork_lock_was_held(sm_lock_t *l);
 
 /* ---- heap.c -------------------------------------------------------------- */
 sm_heap_t *sm_heap_init_thread(void);

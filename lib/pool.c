@@ -175,11 +175,10 @@ void sm_pool_collect(sm_heap_t *self) {
 void sm_pool_fork_child(void) {
   for (size_t bin = 0; bin < SM_BIN_COUNT; bin++) {
     sm_pool_t *pool = &sm_pool[bin];
-    if (atomic_load_explicit(&pool->lock.held, memory_order_relaxed) == 0) continue;
+    if (!sm_fork_lock_was_held(&pool->lock)) continue;
     pool->first = pool->last = NULL;
     pool->epoch++;
     atomic_store_explicit(&pool->count, 0, memory_order_relaxed);
-    sm_unlock(&pool->lock);
   }
 }
 

@@ -194,6 +194,12 @@ static int sm_prof_text_of(struct dl_phdr_info *info, size_t size, void *arg) {
   return 0;
 }
 
+/* This library's code range, found once (outside the lock). */
+static void sm_prof_text_find(void) {
+  if (atomic_load_explicit(&sm_prof_text_hi, memory_order_acquire) == 0)
+    dl_iterate_phdr(sm_prof_text_of, (void *)(uintptr_t)&sm_prof_text_of);
+}
+
 /* Under the lock: the tables exist.  False when they cannot be mapped. */
 static bool sm_prof_tables_locked(void) {
   if (sm_prof_stacks) return true;
@@ -458,12 +464,10 @@ static __attribute__((noinline)) int sm_prof_unwind(sm_heap_t *heap, void **fram
 /* The caller's stack, this library's frames left out: the number of
  * frames at *start, and the memo that holds it (sm_prof_unwind). */
 static int sm_prof_stack(sm_heap_t *heap, void **frames, int cap, void ***start, sm_prof_memo_t **memo) {
-  int busy = sm_prof_busy;
-  sm_prof_busy = SM_PROF_QUIET;
-  if (atomic_load_explicit(&sm_prof_text_hi, memory_order_acquire) == 0)
-    dl_iterate_phdr(sm_prof_text_of, (void *)(uintptr_t)&sm_prof_text_of);
+  int busy = sm_prof_hush(SM_PROF_QUIET);
+  sm_prof_text_find();
   int depth = sm_prof_unwind(heap, frames, cap, memo);
-  sm_prof_busy = busy;
+  sm_prof_hush_end(busy);
   uintptr_t lo = atomic_load_explicit(&sm_prof_text_lo, memory_order_relaxed);
   uintptr_t hi = atomic_load_explicit(&sm_prof_text_hi, memory_order_relaxed);
   /* past the last of this library's frames among the innermost few: a
@@ -486,10 +490,8 @@ static bool sm_prof_prepare(void) {
   bool ok = sm_prof_tables_locked();
   sm_unlock(&sm_prof_lock);
   if (!ok) return false;
-  int busy = sm_prof_busy;
-  sm_prof_busy = SM_PROF_QUIET;
-  if (atomic_load_explicit(&sm_prof_text_hi, memory_order_acquire) == 0)
-    dl_iterate_phdr(sm_prof_text_of, (void *)(uintptr_t)&sm_prof_text_of);
+  int busy = sm_prof_hush(SM_PROF_QUIET);
+  sm_prof_text_find();
   if (sm_prof_unwinder_load()) {
     void *frames[4];
     uintptr_t cfa[4];
@@ -497,7 +499,7 @@ static bool sm_prof_prepare(void) {
     sm_prof_unw.backtrace(sm_prof_frame, &u);
     atomic_store_explicit(&sm_prof_unwinder_ready, 1, memory_order_relaxed);
   }
-  sm_prof_busy = busy;
+  sm_prof_hush_end(busy);
   return true;
 }
 
@@ -572,10 +574,9 @@ void *sm_prof_sampled(sm_heap_t *heap, sm_page_t *page, void *b, size_t n) {
   sm_prof_rearm(heap);
   if (!heap->initialized) return b;
   if (atomic_load_explicit(&sm_prof_active, memory_order_relaxed) && !(sm_prof_busy & SM_PROF_NO_SAMPLE)) {
-    int busy = sm_prof_busy;
-    sm_prof_busy = SM_PROF_QUIET;   /* a segment mapped for it is the profiler's doing, not a churn event */
+    int busy = sm_prof_hush(SM_PROF_QUIET);   /* a segment mapped for it is the profiler's doing, not a churn event */
     b = sm_prof_move(heap, &page, b, n);
-    sm_prof_busy = busy;
+    sm_prof_hush_end(busy);
     sm_prof_record(heap, page, b, n);
   }
   sm_heap_heartbeat(heap);
@@ -654,8 +655,7 @@ void sm_prof_page_unflag(sm_heap_t *heap, sm_page_t *page) {
  * its samples are forgotten (their pages keep their flag: their frees
  * take the long way, and find nothing). */
 void sm_prof_fork_child(void) {
-  if (atomic_load_explicit(&sm_prof_lock.held, memory_order_relaxed) == 0) return;
-  sm_unlock(&sm_prof_lock);
+  if (!sm_fork_lock_was_held(&sm_prof_lock)) return;
   atomic_store(&sm_prof_active, 0);
   sm_prof_stacks = NULL;
   sm_prof_index = NULL;
