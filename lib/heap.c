@@ -17,6 +17,9 @@ sm_heap_t sm_heap_empty = {
 sm_heap_t sm_heap_exited = {
   .direct = {[0 ... SM_DIRECT_COUNT - 1] = &sm_page_empty},
 };
+static sm_heap_t *sm_heap_alloc_struct(void);
+static sm_heap_t sm_heap_shared_first;
+sm_heap_t *sm_heap_shared = &sm_heap_shared_first;
 __thread sm_heap_t *sm_heap_tls __attribute__((tls_model("initial-exec"))) = &sm_heap_empty;
 uintptr_t sm_secret;
 #if SM_TRACK
@@ -105,6 +108,15 @@ void sm_heaps_fork_child(void) {
     if (h->all_prev) h->all_prev->all_next = h->all_next; else sm_heaps_all = h->all_next;
     if (h->all_next) h->all_next->all_prev = h->all_prev;
     if (h == me) sm_heap_tls = &sm_heap_empty;
+  }
+  /* the shared segments' holder: its lists may be half-changed, so its
+   * segments are left to it (the pages released into them are lost in
+   * the child) and threads share new ones */
+  sm_fork_mutex_was_held(&sm_shared_map_lock);   /* guards no data of its own */
+  if (sm_heap_shared && sm_fork_lock_was_held(&sm_heap_shared->lock)) {
+    sm_heap_t *fresh = sm_heap_alloc_struct();
+    if (fresh) memset(fresh, 0, sizeof *fresh);
+    sm_heap_shared = fresh;
   }
   uint64_t live = 0;
   for (sm_heap_t *h = sm_heaps_all; h; h = h->all_next) live++;
@@ -267,6 +279,10 @@ bool sm_collect_process(sm_heap_t *self) {
     sm_heap_decommit(h, true);
   }
   sm_heaps_unlock();
+  if (sm_heap_shared) {
+    sm_heap_take_home(sm_heap_shared);
+    sm_heap_decommit(sm_heap_shared, true);
+  }
   sm_segment_cache_collect(true);
   return atomic_load(&sm_gstats.bytes_mapped) < before;
 }

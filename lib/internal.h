@@ -359,6 +359,9 @@ struct sm_heap_s {
   _Atomic uint64_t next_expire;
   uint64_t rng;                          /* secure build: page keys, list order */
   uint64_t grow_events;                  /* fresh pages and large blocks, for the peak */
+  /* fresh pages taken from the shared segments, by kind (page.c:
+   * sm_page_borrow), so that a thread with few pages maps none */
+  uint16_t borrowed[2];
   int64_t prof_events_left;              /* slow-path steps to the next churn sample (prof.c) */
   uint64_t prof_rng;                     /* the profiler's draws; 0 until the first (prof.c) */
   uint64_t serial;                       /* heaps set up before this one, this one included */
@@ -418,6 +421,12 @@ SM_INLINE bool sm_xbuf_pending(const sm_heap_t *heap) {
 /* ---- globals ---------------------------------------------------------- */
 extern sm_heap_t sm_heap_empty;
 extern sm_heap_t sm_heap_exited;   /* a thread after its heap was abandoned */
+/* The holder of the segments every thread takes its first fresh pages
+ * from (page.c: sm_page_borrow): no thread, on no heap list; only its
+ * lock, segment lists and xhome are used.  A child of fork whose lost
+ * thread held its lock starts another (heap.c); NULL if it could not. */
+extern sm_heap_t *sm_heap_shared;
+extern pthread_mutex_t sm_shared_map_lock;   /* held while a shared segment is mapped (page.c) */
 #define SM_XDELAYED_CLOSED ((sm_block_t *)1)
 #define SM_XHOME_CLOSED ((sm_page_t *)1)
 /* xtid of a page in the process's pool: not 0 (its frees take the batched

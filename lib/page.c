@@ -1070,8 +1070,53 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
   }
 }
 
+/* A thread's first fresh pages of each kind, while other threads live,
+ * come from segments that all threads share (held by sm_heap_shared)
+ * rather than from a 4 MiB segment of its own: a thread with a few
+ * blocks costs the process a page, not a mapping.  Each thread mapping
+ * its own, a program of 1000 threads with a small block each mapped
+ * 4 GiB, and under `ulimit -v 262144` no more than about 60 threads
+ * could start.  From the SM_BORROW_*-th page on, pages come from the
+ * thread's own segments (its lock alone, its huge pages); the first
+ * thread maps its own from the start.  A shared page for blocks of up
+ * to SM_BORROW_SMALL_PAGE bytes is a small one (64 KiB), whatever their
+ * class: a thread with a few blocks of 4 KiB does not take 512 KiB of
+ * address space either. */
+enum { SM_BORROW_SMALL = 4, SM_BORROW_MEDIUM = 1, SM_BORROW_SMALL_PAGE = 32 << 10 };
+
+pthread_mutex_t sm_shared_map_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static bool sm_page_may_borrow(const sm_heap_t *heap, int kind) {
+  return heap->borrowed[kind] < (kind == SM_SEG_SMALL ? SM_BORROW_SMALL : SM_BORROW_MEDIUM) &&
+         atomic_load_explicit(&sm_heaps_live, memory_order_relaxed) > 1 && sm_heap_shared != NULL;
+}
+
+/* A free page for bin of the shared segments, of a new one only if
+ * may_map (*new_segment says whether one was). */
+static sm_page_t *sm_page_borrow(sm_heap_t *heap, size_t bin, int kind, bool may_map, bool *new_segment) {
+  sm_heap_t *shared = sm_heap_shared;
+  if (shared == NULL) return NULL;
+  int from = sm_bin_size(bin) <= SM_BORROW_SMALL_PAGE ? SM_SEG_SMALL : SM_SEG_MEDIUM;
+  sm_heap_take_home(shared);   /* pages their owners gave back */
+  *new_segment = false;
+  sm_page_t *page = sm_segment_page_alloc(shared, from, new_segment);
+  if (!page && may_map) {
+    /* one thread maps at a time, the others wait for its pages: threads
+     * that start together would map a segment each */
+    pthread_mutex_lock(&sm_shared_map_lock);
+    page = sm_segment_page_alloc(shared, from, new_segment);
+    if (!page) {
+      *new_segment = true;
+      page = sm_segment_page_alloc(shared, from, new_segment);
+    }
+    pthread_mutex_unlock(&sm_shared_map_lock);
+  }
+  if (page && heap->borrowed[kind] < UINT16_MAX) heap->borrowed[kind]++;
+  return page;
+}
+
 /* Steps 6 and 7: a page from a segment, held, else an abandoned one
- * reclaimed, else a new one. */
+ * reclaimed, else a shared one (sm_page_may_borrow), else a new one. */
 static sm_page_t *sm_page_fresh(sm_heap_t *heap, size_t bin, int *step) {
   int kind = bin <= SM_BIN_SMALL_LAST ? SM_SEG_SMALL : SM_SEG_MEDIUM;
   bool new_segment = false;
@@ -1079,12 +1124,15 @@ static sm_page_t *sm_page_fresh(sm_heap_t *heap, size_t bin, int *step) {
   /* Before mapping: segments of exited threads, of the kind needed, until
    * one gives a page */
   while (!page && sm_heap_reclaim_one(heap, kind)) page = sm_segment_page_alloc(heap, kind, &new_segment);
+  if (!page && sm_page_may_borrow(heap, kind)) page = sm_page_borrow(heap, bin, kind, true, &new_segment);
   if (!page) {
     /* also drain the other kind's list, one segment per new segment, so
      * it cannot grow without bound in a program that never asks for it */
     sm_heap_reclaim_one(heap, 1 - kind);
     new_segment = true;
     page = sm_segment_page_alloc(heap, kind, &new_segment);
+    /* the OS refused: a free page of the shared segments will do */
+    if (!page) page = sm_page_borrow(heap, bin, kind, false, &new_segment);
     if (!page) return NULL;
   }
   *step = new_segment ? SMALLOC_STEP_NEW_SEGMENT : SMALLOC_STEP_FRESH_PAGE;

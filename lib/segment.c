@@ -98,7 +98,8 @@ static bool sm_heap_holds(const sm_heap_t *heap, int kind, unsigned n) {
 /* Whether the heap's next segment of the kind is advised (the one place
  * that decides); under its lock. */
 static bool sm_segment_wants_huge(const sm_heap_t *heap, int kind) {
-  return !SM_GUARD && kind == SM_SEG_SMALL && sm_opt(HUGEPAGES) &&
+  /* not the shared segments: their pages are many threads' few */
+  return !SM_GUARD && kind == SM_SEG_SMALL && heap != sm_heap_shared && sm_opt(HUGEPAGES) &&
          sm_heap_holds(heap, kind, SM_SEGMENT_HUGE_AFTER) && !sm_os_space_limited();
 }
 

@@ -541,8 +541,11 @@ END_TEST
 static void *bg_decommit_thread(void *arg)
 {
   smalloc_stats_t *s = arg;
-  enum { N = 16384, SIZE = SM_TEST_REQUEST_FOR(64) };   /* 16 pages of 64 KiB */
-  static void *v[N];
+  enum { N = 16384, SIZE = SM_TEST_REQUEST_FOR(64), SHARED = 4 * 1024 };   /* 16 pages of 64 KiB */
+  static void *v[N], *shared[SHARED];
+  /* the thread's pages of the shared segments first: the rest are in a
+   * segment of its own */
+  size_t nshared = sm_test_take_shared(SIZE, shared, SHARED);
   void *anchor = smalloc_malloc(1000);   /* keeps the segment */
   for (int i = 0; i < N; i++)
     v[i] = smalloc_malloc(SIZE);
@@ -551,7 +554,9 @@ static void *bg_decommit_thread(void *arg)
     smalloc_free(v[i]);
   sm_test_snap(&s[1]);
   smalloc_free(anchor);
-  return NULL;
+  for (size_t i = 0; i < nshared; i++)
+    smalloc_free(shared[i]);
+  return nshared ? NULL : arg;
 }
 
 START_TEST(free_pages_of_a_live_segment_go_back)
@@ -560,8 +565,10 @@ START_TEST(free_pages_of_a_live_segment_go_back)
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 0), 0);
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0), 0);
   pthread_t t;
+  void *failed;
   ck_assert_int_eq(pthread_create(&t, NULL, bg_decommit_thread, s), 0);
-  pthread_join(t, NULL);
+  pthread_join(t, &failed);
+  ck_assert_ptr_null(failed);
   uint64_t released = s[1].pages_released - s[0].pages_released;
   ck_assert_uint_ge(released, 16);
   ck_assert_uint_eq(s[1].segments_cached - s[0].segments_cached, 0);   /* the segment lives */

@@ -164,7 +164,8 @@ END_TEST
 /* A heap of small blocks that holds four segments has its next ones
  * advised for huge pages before their first touch (one madvise each),
  * and the first four not: a thread of its own fills seven segments with
- * 64-byte blocks (the block that starts an eighth is freed at once).  A
+ * 64-byte blocks (the block that starts an eighth is freed at once),
+ * once it has filled its pages of the shared segments, never advised.  A
  * segment that gives memory back has the advice
  * withdrawn ("nh": khugepaged would fill the hole again), the others
  * keep it.  Not in the secure build (its pages end in guard pages), nor
@@ -176,6 +177,9 @@ static size_t hp_first[HP_SEGS + 1];   /* hp_block index of each segment's first
 static smalloc_stats_t hp_s[2];
 static bool hp_advised[HP_SEGS], hp_withdrawn, hp_kept;
 static const char *hp_fail;
+/* the blocks of the thread's pages in the shared segments, taken first */
+#define HP_SHARED_MAX (4 * SM_TEST_SMALL_PAGE / HP_BLOCK)
+static void *hp_shared[HP_SHARED_MAX];
 
 static void *hp_heap(void *arg)
 {
@@ -183,6 +187,9 @@ static void *hp_heap(void *arg)
   size_t n = 0;
   unsigned nseg = 0;
   hp_fail = sm_test_snap(&hp_s[0]) == 0 ? NULL : "stats";
+  size_t nshared = sm_test_take_shared(HP_BLOCK, hp_shared, HP_SHARED_MAX);
+  if (nshared == 0)
+    hp_fail = "the shared pages";
   while (!hp_fail && n < HP_MAX) {
     void *p = smalloc_malloc(HP_BLOCK);
     if (p == NULL) {
@@ -220,6 +227,8 @@ static void *hp_heap(void *arg)
       if (i <= hp_first[w] || i >= hp_first[w + 1])
         smalloc_free(hp_block[i]);
   }
+  for (size_t i = 0; i < nshared; i++)
+    smalloc_free(hp_shared[i]);
   return NULL;
 }
 

@@ -1078,6 +1078,94 @@ START_TEST(a_page_an_exited_thread_left_serves_the_next_thread)
 }
 END_TEST
 
+/* ---- many threads with a few blocks each ----------------------------------- */
+
+/* 256 threads start, each allocates a block of 48 bytes and one of 4 KiB
+ * and waits until all have: their pages come from the segments all
+ * threads share, 64 KiB pages for either (not 512 KiB for the 4 KiB
+ * class), 64 pages to a segment, so the process maps 8 segments for
+ * them, not 512 (2 GiB of address space).  In a child under a limit of 64 MiB above its size
+ * (thread stacks of 64 KiB included): with segments of its own for
+ * every thread, the 61st thread could not start.  Under a sanitizer,
+ * whose runtime maps memory of its own for every thread, without the
+ * limit: the counters tell the same. */
+enum {
+  SH_T_THREADS = 256, SH_T_PER_SEGMENT = 64,
+  SH_T_SIZE = SM_TEST_REQUEST_FOR(48), SH_T_MEDIUM = SM_TEST_REQUEST_FOR(4096)
+};
+
+static pthread_barrier_t sh_t_all_in;
+static _Atomic unsigned sh_t_failed;
+
+static void *sh_t_worker(void *arg)
+{
+  (void)arg;
+  char *p = smalloc_malloc(SH_T_SIZE), *q = smalloc_malloc(SH_T_MEDIUM);
+  if (p == NULL || q == NULL)
+    atomic_fetch_add(&sh_t_failed, 1);
+  if (p)
+    memset(p, 0x5a, SH_T_SIZE);
+  if (q)
+    memset(q, 0x5a, SH_T_MEDIUM);
+  pthread_barrier_wait(&sh_t_all_in);   /* all blocks live at once */
+  pthread_barrier_wait(&sh_t_all_in);   /* counted */
+  smalloc_free(p);
+  smalloc_free(q);
+  return NULL;
+}
+
+static void sh_t_body(void)
+{
+  static pthread_t t[SH_T_THREADS];
+  pthread_attr_t attr;
+  SM_CHILD_CHECK(pthread_attr_init(&attr) == 0 &&
+                 pthread_attr_setstacksize(&attr, SM_TEST_SANITIZED ? 1 * MiB : 64 * 1024) == 0,
+                 "pthread_attr");
+  SM_CHILD_CHECK(pthread_barrier_init(&sh_t_all_in, NULL, SH_T_THREADS + 1) == 0, "barrier");
+  smalloc_collect(true);   /* no shared segment with a free page left */
+  smalloc_stats_t a, b;
+  SM_CHILD_CHECK(sm_test_snap(&a) == 0, "stats");
+  if (!SM_TEST_SANITIZED) {
+    struct rlimit rl;
+    rl.rlim_cur = rl.rlim_max = sm_test_vm_bytes() + 64 * MiB;
+    SM_CHILD_CHECK(setrlimit(RLIMIT_AS, &rl) == 0, "setrlimit: %s", strerror(errno));
+  }
+  for (unsigned i = 0; i < SH_T_THREADS; i++) {
+    int rc = pthread_create(&t[i], &attr, sh_t_worker, NULL);
+    SM_CHILD_CHECK(rc == 0, "pthread_create failed at thread %u: %s", i, strerror(rc));
+  }
+  pthread_barrier_wait(&sh_t_all_in);
+  SM_CHILD_CHECK(sm_test_snap(&b) == 0, "stats");
+  pthread_barrier_wait(&sh_t_all_in);
+  for (unsigned i = 0; i < SH_T_THREADS; i++)
+    pthread_join(t[i], NULL);
+  SM_CHILD_CHECK(atomic_load(&sh_t_failed) == 0, "malloc returned NULL in %u threads",
+                 atomic_load(&sh_t_failed));
+  size_t sizes[2] = {SH_T_SIZE, SH_T_MEDIUM};
+  for (int i = 0; i < 2; i++) {
+    int k = sm_test_class_index(&a, sizes[i]);
+    SM_CHILD_CHECK(k >= 0, "class");
+    SM_CHILD_CHECK(b.classes[k].pages_in_use - a.classes[k].pages_in_use == SH_T_THREADS,
+                   "%llu pages of %zu-byte blocks for %d threads",
+                   (unsigned long long)(b.classes[k].pages_in_use - a.classes[k].pages_in_use),
+                   sizes[i], SH_T_THREADS);
+  }
+  SM_CHILD_CHECK(b.segments_mapped - a.segments_mapped == 2 * SH_T_THREADS / SH_T_PER_SEGMENT,
+                 "%llu segments mapped for %d threads' pages",
+                 (unsigned long long)(b.segments_mapped - a.segments_mapped), SH_T_THREADS);
+  SM_CHILD_CHECK(b.slow_steps[SMALLOC_STEP_NEW_SEGMENT] - a.slow_steps[SMALLOC_STEP_NEW_SEGMENT] ==
+                     2 * SH_T_THREADS / SH_T_PER_SEGMENT,
+                 "%llu new segments",
+                 (unsigned long long)(b.slow_steps[SMALLOC_STEP_NEW_SEGMENT] -
+                                      a.slow_steps[SMALLOC_STEP_NEW_SEGMENT]));
+}
+
+START_TEST(many_threads_with_a_few_blocks_share_segments)
+{
+  sm_test_in_child(sh_t_body);
+}
+END_TEST
+
 static Suite *shared_suite(void)
 {
   Suite *s = suite_create("shared");
@@ -1097,6 +1185,7 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, an_exited_threads_pages_freed_by_a_thread_that_waits_go_back);
   tcase_add_test(tc, pages_exited_threads_left_serve_later_threads_once_freed);
   tcase_add_test(tc, a_page_an_exited_thread_left_serves_the_next_thread);
+  tcase_add_test(tc, many_threads_with_a_few_blocks_share_segments);
   suite_add_tcase(s, tc);
   return s;
 }

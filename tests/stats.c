@@ -1153,7 +1153,10 @@ static void st_segment_burst(long cache, long delay, st_segrun_t *r)
   r->rc |= st_snap(&r->s1);
   ck_assert_int_eq(r->rc, 0);
   ck_assert_int_eq(r->failed, 0);
-  ST_EXPECT(&r->s0, &r->s1, segments_mapped, ST_SEGS);
+  /* and the shared segment its first page comes from (page.c:
+   * sm_page_borrow), emptied by the previous collect; the page goes back
+   * to it at the next borrow or trim, so it is not cached here */
+  ST_EXPECT(&r->s0, &r->s1, segments_mapped, ST_SEGS + 1);
 }
 
 START_TEST(option_purge_delay_zero_purges)
