@@ -566,6 +566,7 @@ START_TEST(free_pages_of_a_live_segment_go_back)
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0), 0);
   pthread_t t;
   void *failed;
+  sm_test_heap_here();   /* the thread's first pages are shared ones */
   ck_assert_int_eq(pthread_create(&t, NULL, bg_decommit_thread, s), 0);
   pthread_join(t, &failed);
   ck_assert_ptr_null(failed);

@@ -177,6 +177,15 @@ static inline bool sm_test_round_anchored(void **v, size_t n, size_t size, void 
   return true;
 }
 
+/* Give the calling thread a heap, as its first allocation does: built
+ * with --disable-override, a test's main thread may have none, and a
+ * thread started while no other has one takes its first pages from
+ * segments of its own (below). */
+static inline void sm_test_heap_here(void)
+{
+  smalloc_free(smalloc_malloc(16));
+}
+
 /* While other threads live, a thread's first pages of each kind (small,
  * medium) come from segments all threads share (page.c: sm_page_borrow).
  * A test about the segments a thread maps for itself first lets the

@@ -237,6 +237,7 @@ START_TEST(a_large_heap_of_small_blocks_gets_huge_pages)
   if (SM_TEST_SECURE || access("/sys/kernel/mm/transparent_hugepage/enabled", F_OK) != 0)
     return;
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000), 0);
+  sm_test_heap_here();      /* the thread's first pages are shared ones */
   smalloc_collect(true);   /* no cached segment: each one is mapped for the heap */
   pthread_t t;
   ck_assert_int_eq(pthread_create(&t, NULL, hp_heap, NULL), 0);

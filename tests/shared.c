@@ -1122,6 +1122,7 @@ static void sh_t_body(void)
                  pthread_attr_setstacksize(&attr, SM_TEST_SANITIZED ? 1 * MiB : 64 * 1024) == 0,
                  "pthread_attr");
   SM_CHILD_CHECK(pthread_barrier_init(&sh_t_all_in, NULL, SH_T_THREADS + 1) == 0, "barrier");
+  sm_test_heap_here();      /* every worker's first pages are shared ones */
   smalloc_collect(true);   /* no shared segment with a free page left */
   smalloc_stats_t a, b;
   SM_CHILD_CHECK(sm_test_snap(&a) == 0, "stats");

@@ -1145,6 +1145,7 @@ static void st_segment_burst(long cache, long delay, st_segrun_t *r)
   memset(r, 0, sizeof *r);
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_SEGMENT_CACHE, cache), 0);
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, delay), 0);
+  sm_test_heap_here();      /* the filler's first page is a shared one */
   smalloc_collect(true);   /* start from an empty cache, nothing abandoned */
   r->rc = st_snap(&r->s0);
   ck_assert_int_eq(pthread_create(&t, NULL, st_segment_filler, r), 0);
