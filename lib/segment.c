@@ -382,9 +382,11 @@ void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t del
          * brought in its neighbours; those go back when all is asked
          * (trim), not after the delay, as the heap is about to carve
          * them (only its newest segment has pages never used) */
+        /* a page in use is its owner's, who may be another heap, and
+         * writes empty_since_ms when it retires it (under its own lock) */
+        if (page->in_use || page->decommitted) continue;
         bool unused = page->empty_since_ms == 0;
-        if (!page->in_use && !page->decommitted &&
-            (unused ? seg->huge_pages && delay == 0 : now - page->empty_since_ms >= delay))
+        if (unused ? seg->huge_pages && delay == 0 : now - page->empty_since_ms >= delay)
           sm_segment_decommit_page(seg, page);
       }
     }
