@@ -1075,8 +1075,8 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
  * rather than from a 4 MiB segment of its own: a thread with a few
  * blocks costs the process a page, not a mapping.  Each thread mapping
  * its own, a program of 1000 threads with a small block each mapped
- * 4 GiB, and under `ulimit -v 262144` no more than about 60 threads
- * could start.  From the SM_BORROW_*-th page on, pages come from the
+ * 4 GiB, and under `ulimit -v 262144` no more than 63 to 164 threads
+ * could start, many of them without their block.  From the SM_BORROW_*-th page on, pages come from the
  * thread's own segments (its lock alone, its huge pages); the first
  * thread maps its own from the start.  A shared page for blocks of up
  * to SM_BORROW_SMALL_PAGE bytes is a small one (64 KiB), whatever their
