@@ -92,10 +92,7 @@ static bool sm_bg_round(void) {
     sm_heap_decommit(h, idle);
   }
   sm_heaps_unlock();
-  if (sm_heap_shared) {
-    sm_heap_take_home(sm_heap_shared);
-    sm_heap_decommit(sm_heap_shared, false);
-  }
+  sm_heap_shared_tidy(false);
   sm_pool_collect(self);
   if (claimed) sm_segment_cache_purge_all();
   sm_segment_cache_collect(false);

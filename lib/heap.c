@@ -279,10 +279,7 @@ bool sm_collect_process(sm_heap_t *self) {
     sm_heap_decommit(h, true);
   }
   sm_heaps_unlock();
-  if (sm_heap_shared) {
-    sm_heap_take_home(sm_heap_shared);
-    sm_heap_decommit(sm_heap_shared, true);
-  }
+  sm_heap_shared_tidy(true);
   sm_segment_cache_collect(true);
   return atomic_load(&sm_gstats.bytes_mapped) < before;
 }

@@ -994,6 +994,7 @@ void sm_heap_release_stale(sm_heap_t *owner, sm_heap_t *self, uint64_t now, uint
 void sm_heap_reclaim_all(sm_heap_t *heap);
 bool sm_heap_has_retired(sm_heap_t *heap);
 void sm_heap_decommit(sm_heap_t *heap, bool all);
+void sm_heap_shared_tidy(bool all);
 bool sm_page_has_free(sm_page_t *page);
 void sm_page_corrupt(sm_page_t *page, const char *what, const void *b);
 /* Whether the page holds no live block: used says so, unless a corrupted

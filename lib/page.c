@@ -1076,19 +1076,19 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
  * blocks costs the process a page, not a mapping.  Each thread mapping
  * its own, a program of 1000 threads with a small block each mapped
  * 4 GiB, and under `ulimit -v 262144` no more than 63 to 164 threads
- * could start, many of them without their block.  From the SM_BORROW_*-th page on, pages come from the
- * thread's own segments (its lock alone, its huge pages); the first
- * thread maps its own from the start.  A shared page for blocks of up
- * to SM_BORROW_SMALL_PAGE bytes is a small one (64 KiB), whatever their
- * class: a thread with a few blocks of 4 KiB does not take 512 KiB of
- * address space either. */
+ * could start, many of them without their block.  From the
+ * SM_BORROW_*-th page on, pages come from the thread's own segments (its
+ * lock alone, its huge pages); the first thread maps its own from the
+ * start.  A shared page for blocks of up to SM_BORROW_SMALL_PAGE bytes is
+ * a small one (64 KiB), whatever their class: a thread with a few blocks
+ * of 4 KiB does not take 512 KiB of address space either. */
 enum { SM_BORROW_SMALL = 4, SM_BORROW_MEDIUM = 1, SM_BORROW_SMALL_PAGE = 32 << 10 };
 
 pthread_mutex_t sm_shared_map_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static bool sm_page_may_borrow(const sm_heap_t *heap, int kind) {
   return heap->borrowed[kind] < (kind == SM_SEG_SMALL ? SM_BORROW_SMALL : SM_BORROW_MEDIUM) &&
-         atomic_load_explicit(&sm_heaps_live, memory_order_relaxed) > 1 && sm_heap_shared != NULL;
+         atomic_load_explicit(&sm_heaps_live, memory_order_relaxed) > 1;
 }
 
 /* A free page for bin of the shared segments, of a new one only if
@@ -1101,18 +1101,26 @@ static sm_page_t *sm_page_borrow(sm_heap_t *heap, size_t bin, int kind, bool may
   *new_segment = false;
   sm_page_t *page = sm_segment_page_alloc(shared, from, new_segment);
   if (!page && may_map) {
-    /* one thread maps at a time, the others wait for its pages: threads
-     * that start together would map a segment each */
+    /* one thread maps at a time: the others find its segment (which
+     * sm_segment_page_alloc looks for first) rather than map one each */
     pthread_mutex_lock(&sm_shared_map_lock);
+    *new_segment = true;
     page = sm_segment_page_alloc(shared, from, new_segment);
-    if (!page) {
-      *new_segment = true;
-      page = sm_segment_page_alloc(shared, from, new_segment);
-    }
     pthread_mutex_unlock(&sm_shared_map_lock);
   }
   if (page && heap->borrowed[kind] < UINT16_MAX) heap->borrowed[kind]++;
   return page;
+}
+
+/* Give the pages sent home to the shared segments back to them and
+ * decommit their free pages, those free for the purge delay or (all) every
+ * one: trim and the purge thread, which visit the thread heaps the same
+ * way. */
+void sm_heap_shared_tidy(bool all) {
+  sm_heap_t *shared = sm_heap_shared;
+  if (shared == NULL) return;
+  sm_heap_take_home(shared);
+  sm_heap_decommit(shared, all);
 }
 
 /* Steps 6 and 7: a page from a segment, held, else an abandoned one

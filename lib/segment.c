@@ -381,9 +381,9 @@ void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t del
          * advised for huge pages, where the huge page of a page used
          * brought in its neighbours; those go back when all is asked
          * (trim), not after the delay, as the heap is about to carve
-         * them (only its newest segment has pages never used) */
-        /* a page in use is its owner's, who may be another heap, and
-         * writes empty_since_ms when it retires it (under its own lock) */
+         * them (only its newest segment has pages never used).  A page
+         * in use is its owner's, who may be another heap and writes
+         * empty_since_ms when it retires it (under its own lock). */
         if (page->in_use || page->decommitted) continue;
         bool unused = page->empty_since_ms == 0;
         if (unused ? seg->huge_pages && delay == 0 : now - page->empty_since_ms >= delay)
