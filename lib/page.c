@@ -1081,8 +1081,14 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
  * lock alone, its huge pages); the first thread maps its own from the
  * start.  A shared page for blocks of up to SM_BORROW_SMALL_PAGE bytes is
  * a small one (64 KiB), whatever their class: a thread with a few blocks
- * of 4 KiB does not take 512 KiB of address space either. */
-enum { SM_BORROW_SMALL = 4, SM_BORROW_MEDIUM = 1, SM_BORROW_SMALL_PAGE = 32 << 10 };
+ * of 4 KiB does not take 512 KiB of address space either.  That is every
+ * class of which even a segment's first page (behind the header) holds a
+ * block: 48 KiB (44 KiB in the secure build, whose pages end in a
+ * guard).  With 32 KiB, 1000 threads with a block of 40,000 bytes each
+ * took a 512 KiB page apiece, and under the same limit only 534 of them
+ * could start. */
+enum { SM_BORROW_SMALL = 4, SM_BORROW_MEDIUM = 1 };
+#define SM_BORROW_SMALL_PAGE (((size_t)1 << SM_SMALL_SHIFT) - SM_SEGMENT_HDR - SM_GUARD)
 
 pthread_mutex_t sm_shared_map_lock = PTHREAD_MUTEX_INITIALIZER;
 

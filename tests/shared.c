@@ -1080,18 +1080,20 @@ END_TEST
 
 /* ---- many threads with a few blocks each ----------------------------------- */
 
-/* 256 threads start, each allocates a block of 48 bytes and one of 4 KiB
- * and waits until all have: their pages come from the segments all
- * threads share, 64 KiB pages for either (not 512 KiB for the 4 KiB
- * class), 64 pages to a segment, so the process maps 8 segments for
- * them, not 512 (2 GiB of address space).  In a child under a limit of 64 MiB above its size
- * (thread stacks of 64 KiB included): with segments of its own for
- * every thread, the 61st thread could not start.  Under a sanitizer,
- * whose runtime maps memory of its own for every thread, without the
- * limit: the counters tell the same. */
+/* 256 threads start, each allocates a block of 48 bytes and one of
+ * 40,000 and waits until all have: their pages come from the segments
+ * all threads share, 64 KiB pages for either (not 512 KiB for the
+ * 40,000-byte class: 128 MiB for 256 threads), 64 pages to a segment, so
+ * the process maps 8 segments for them, not 512 (2 GiB of address
+ * space).  In a child under a limit of 64 MiB above its size (thread
+ * stacks of 64 KiB included): with segments of its own for every thread,
+ * the 61st thread could not start, and with 512 KiB shared pages for the
+ * larger block, 192 threads got none.  Under a sanitizer, whose runtime
+ * maps memory of its own for every thread, without the limit: the
+ * counters tell the same. */
 enum {
   SH_T_THREADS = 256, SH_T_PER_SEGMENT = 64,
-  SH_T_SIZE = SM_TEST_REQUEST_FOR(48), SH_T_MEDIUM = SM_TEST_REQUEST_FOR(4096)
+  SH_T_SIZE = SM_TEST_REQUEST_FOR(48), SH_T_MEDIUM = SM_TEST_REQUEST_FOR(40000)
 };
 
 static pthread_barrier_t sh_t_all_in;
