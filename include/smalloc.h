@@ -111,7 +111,7 @@ typedef struct smalloc_stats {
   uint64_t bytes_in_use;    /* block bytes held by live blocks now */
   uint64_t bytes_in_use_peak; /* highest bytes_in_use sampled (reads, thread exits, heap growth) */
   uint64_t blocks_in_use;
-  uint64_t large_allocs;    /* blocks above the largest size class */
+  uint64_t large_allocs;    /* blocks above the largest size class, and lent ones (smalloc(7)) */
   uint64_t large_frees;
   uint64_t huge_allocs;     /* blocks in their own mapping */
   uint64_t huge_frees;

@@ -75,17 +75,21 @@ static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool z
   }
 }
 
-static void *sm_malloc_slow(sm_heap_t *heap, size_t n) {
+/* may_lend: a medium block may be served as a large one
+ * (sm_page_lends_large); not for the aligned functions, which place
+ * their result inside a class's block (sm_malloc_paged). */
+static void *sm_malloc_slow(sm_heap_t *heap, size_t n, bool may_lend) {
   heap = sm_heap_for_alloc(heap);
   if (sm_unlikely(heap == NULL)) { errno = ENOMEM; return NULL; }
-  if (n > SM_MEDIUM_MAX - SM_CANARY) {
+  bool large = n > SM_MEDIUM_MAX - SM_CANARY;
+  size_t bin = large ? 0 : sm_bin_of(sm_class_size(n));
+  sm_page_t *page = large ? NULL : heap->queues[bin].first;
+  if (large || (page == NULL && may_lend && sm_page_lends_large(heap, bin))) {
     void *p = sm_malloc_large(heap, n, 16, false);
     if (p) return sm_prof_count(heap, NULL, p, n);
     sm_cnt_add(heap->stats.calls[SM_CALL_MALLOC_FAILED], 1);
     return p;
   }
-  size_t bin = sm_bin_of(sm_class_size(n));
-  sm_page_t *page = heap->queues[bin].first;
   /* the head of the list a page found has its checks too: a list whose
    * head fails them is dropped, and the slow path runs again */
   while (!page || !sm_page_has_free(page)) {
@@ -102,7 +106,7 @@ static void *sm_malloc_slow(sm_heap_t *heap, size_t n) {
 }
 
 void *sm_malloc_generic(size_t n, sm_heap_t *heap) {
-  void *p = sm_malloc_slow(heap, n);
+  void *p = sm_malloc_slow(heap, n, true);
   sm_background_poll();   /* the block is out: no page state is held */
   return p;
 }
@@ -134,6 +138,16 @@ void *sm_calloc(size_t count, size_t size) {
   return p;
 }
 
+/* A block of n's class from a page, for the aligned functions: never
+ * lent (with a page of the class at hand, malloc lends nothing). */
+static void *sm_malloc_paged(sm_heap_t *heap, size_t n) {
+  if (heap->queues[sm_bin_of(sm_class_size(n))].first) return sm_malloc_other(n);
+  void *p = sm_malloc_slow(heap, n, false);
+  sm_background_poll();
+  if (p) sm_cnt_add(heap->stats.alloc_other, 1);
+  return p;
+}
+
 /* Aligned allocation: a size class whose blocks are already aligned when
  * possible, else a block with room to place the result at an aligned
  * offset (the page is flagged so free finds the block start). */
@@ -147,13 +161,13 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
     size_t bin = sm_bin_of(sm_class_size(n));
     if ((sm_bin_size(bin) & (alignment - 1)) == 0) {
       /* page starts are 16 KiB aligned, so these blocks are aligned too */
-      void *p = sm_malloc_other(n);
+      void *p = sm_malloc_paged(heap, n);
       sm_assert(p == NULL || ((uintptr_t)p & (alignment - 1)) == 0);
       return p;
     }
     size_t padded = n + alignment - 16;
     if (padded <= SM_MEDIUM_MAX - SM_CANARY) {
-      uint8_t *b = sm_malloc_other(padded);
+      uint8_t *b = sm_malloc_paged(heap, padded);
       if (!b) return NULL;
       heap->stats.requested -= padded - n;
       uint8_t *p = (uint8_t *)(((uintptr_t)b + alignment - 1) & ~(uintptr_t)(alignment - 1));

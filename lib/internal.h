@@ -362,6 +362,9 @@ struct sm_heap_s {
   /* fresh pages taken from the shared segments, by kind (page.c:
    * sm_page_borrow), so that a thread with few pages maps none */
   uint16_t borrowed[2];
+  /* medium blocks served as large ones, each in a mapping of its own,
+   * while the thread had no page of their class (sm_page_lends_large) */
+  uint16_t lent;
   int64_t prof_events_left;              /* slow-path steps to the next churn sample (prof.c) */
   uint64_t prof_rng;                     /* the profiler's draws; 0 until the first (prof.c) */
   uint64_t serial;                       /* heaps set up before this one, this one included */
@@ -985,6 +988,7 @@ SM_INLINE void sm_free_inline(void *p) {
 
 /* ---- page.c / page-queue.c ------------------------------------------ */
 sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin);
+bool sm_page_lends_large(sm_heap_t *heap, size_t bin);
 void sm_heap_heartbeat(sm_heap_t *heap);
 void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b);
 void sm_heap_collect_delayed(sm_heap_t *heap);

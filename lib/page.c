@@ -1118,6 +1118,26 @@ static sm_page_t *sm_page_borrow(sm_heap_t *heap, size_t bin, int kind, bool may
   return page;
 }
 
+/* Whether a block of a medium class too big for a shared small page
+ * (above SM_BORROW_SMALL_PAGE), for a thread without a page of its class
+ * that would borrow a medium page, is served as a large block instead: a
+ * mapping of its own, its size rounded to the OS page (huge.c), not a
+ * 512 KiB page.  Up to SM_LEND_LARGE of them a thread; its next ones come
+ * from a shared page, then its own segments, as ever.  With a 512 KiB
+ * page each, 500 threads with a block of 100,000 bytes each took 256 MiB
+ * of address space, and under `ulimit -v 262144` only 372-492 of them
+ * could start.  The one place that decides; called only when the class's
+ * queue is empty, it counts what it lends. */
+enum { SM_LEND_LARGE = 4 };
+
+bool sm_page_lends_large(sm_heap_t *heap, size_t bin) {
+  if (sm_bin_size(bin) <= SM_BORROW_SMALL_PAGE || heap->lent >= SM_LEND_LARGE ||
+      !sm_page_may_borrow(heap, SM_SEG_MEDIUM))
+    return false;
+  heap->lent++;
+  return true;
+}
+
 /* Give the pages sent home to the shared segments back to them and
  * decommit their free pages, those free for the purge delay or (all) every
  * one: trim and the purge thread, which visit the thread heaps the same

@@ -193,7 +193,9 @@ static inline void sm_test_heap_here(void)
  * segment of the first, which is freed again (its page, the thread's own,
  * serves the test's next block of that size); the others stay live in v
  * (room for max) until the caller frees them.  Returns how many, or 0
- * when malloc fails or v is full. */
+ * when malloc fails or v is full.  For sizes of up to 48 KiB: a thread's
+ * first larger medium blocks get mappings of their own (page.c:
+ * sm_page_lends_large), each outside the first one's segment. */
 static inline size_t sm_test_take_shared(size_t size, void **v, size_t max)
 {
   size_t k = 0;

@@ -1169,6 +1169,109 @@ START_TEST(many_threads_with_a_few_blocks_share_segments)
 }
 END_TEST
 
+/* ---- a thread's first blocks of a class no small page holds ---------------- */
+
+/* 256 threads start, each allocates a block of 100,000 bytes (a class of
+ * 512 KiB pages, too big for a shared small page) and waits until all
+ * have: each block is lent a mapping of its own, its size rounded to the
+ * OS page (large_allocs), and no page of the class is carved.  In a child
+ * under a limit of 64 MiB above its size (thread stacks of 64 KiB
+ * included): with a shared 512 KiB page for each thread (128 MiB), the
+ * 223rd thread could not start.  Under a sanitizer, without the limit. */
+enum { SH_L_THREADS = 256, SH_L_SIZE = 100000 };
+
+static pthread_barrier_t sh_l_all_in;
+static _Atomic unsigned sh_l_failed;
+
+static void *sh_l_worker(void *arg)
+{
+  (void)arg;
+  char *p = smalloc_malloc(SH_L_SIZE);
+  if (p == NULL)
+    atomic_fetch_add(&sh_l_failed, 1);
+  else
+    memset(p, 0x5a, SH_L_SIZE);
+  pthread_barrier_wait(&sh_l_all_in);   /* all blocks live at once */
+  pthread_barrier_wait(&sh_l_all_in);   /* counted */
+  smalloc_free(p);
+  return NULL;
+}
+
+static void sh_l_body(void)
+{
+  static pthread_t t[SH_L_THREADS];
+  pthread_attr_t attr;
+  SM_CHILD_CHECK(pthread_attr_init(&attr) == 0 &&
+                 pthread_attr_setstacksize(&attr, SM_TEST_SANITIZED ? 1 * MiB : 64 * 1024) == 0,
+                 "pthread_attr");
+  SM_CHILD_CHECK(pthread_barrier_init(&sh_l_all_in, NULL, SH_L_THREADS + 1) == 0, "barrier");
+  sm_test_heap_here();
+  smalloc_collect(true);
+  smalloc_stats_t a, b;
+  SM_CHILD_CHECK(sm_test_snap(&a) == 0, "stats");
+  if (!SM_TEST_SANITIZED) {
+    struct rlimit rl;
+    rl.rlim_cur = rl.rlim_max = sm_test_vm_bytes() + 64 * MiB;
+    SM_CHILD_CHECK(setrlimit(RLIMIT_AS, &rl) == 0, "setrlimit: %s", strerror(errno));
+  }
+  for (unsigned i = 0; i < SH_L_THREADS; i++) {
+    int rc = pthread_create(&t[i], &attr, sh_l_worker, NULL);
+    SM_CHILD_CHECK(rc == 0, "pthread_create failed at thread %u: %s", i, strerror(rc));
+  }
+  pthread_barrier_wait(&sh_l_all_in);
+  SM_CHILD_CHECK(sm_test_snap(&b) == 0, "stats");
+  pthread_barrier_wait(&sh_l_all_in);
+  for (unsigned i = 0; i < SH_L_THREADS; i++)
+    pthread_join(t[i], NULL);
+  SM_CHILD_CHECK(atomic_load(&sh_l_failed) == 0, "malloc returned NULL in %u threads",
+                 atomic_load(&sh_l_failed));
+  SM_CHILD_CHECK(b.large_allocs - a.large_allocs == SH_L_THREADS, "%llu blocks lent for %d threads",
+                 (unsigned long long)(b.large_allocs - a.large_allocs), SH_L_THREADS);
+  int k = sm_test_class_index(&a, SH_L_SIZE);
+  SM_CHILD_CHECK(k >= 0, "class");
+  SM_CHILD_CHECK(b.classes[k].pages_in_use == a.classes[k].pages_in_use,
+                 "%llu pages of the class carved",
+                 (unsigned long long)(b.classes[k].pages_in_use - a.classes[k].pages_in_use));
+}
+
+START_TEST(many_threads_with_a_medium_block_each_are_lent_mappings)
+{
+  sm_test_in_child(sh_l_body);
+}
+END_TEST
+
+/* The aligned functions place their result inside a block of a class
+ * (at an offset, or at its start when the class is a multiple of the
+ * alignment): a thread's first aligned block of such a size comes from
+ * a page, never from a lent mapping.  Both ways, from a thread whose
+ * medium blocks would be lent. */
+static void *sh_a_worker(void *arg)
+{
+  size_t *align = arg;
+  void *p = NULL;
+  smalloc_stats_t a, b;
+  if (sm_test_snap(&a) != 0 || smalloc_posix_memalign(&p, *align, SH_L_SIZE) != 0 || sm_test_snap(&b) != 0)
+    return NULL;
+  memset(p, 0x5a, SH_L_SIZE);
+  bool ok = ((uintptr_t)p & (*align - 1)) == 0 && b.large_allocs == a.large_allocs;
+  smalloc_free(p);
+  return ok ? p : NULL;
+}
+
+START_TEST(aligned_medium_blocks_come_from_pages)
+{
+  sm_test_heap_here();
+  size_t aligns[2] = {4096, 16384};   /* the class's multiple (106,496); an offset */
+  for (int i = 0; i < 2; i++) {
+    pthread_t t;
+    void *res = NULL;
+    ck_assert_int_eq(pthread_create(&t, NULL, sh_a_worker, &aligns[i]), 0);
+    ck_assert_int_eq(pthread_join(t, &res), 0);
+    ck_assert_msg(res != NULL, "alignment %zu: not aligned, or served as a large block", aligns[i]);
+  }
+}
+END_TEST
+
 static Suite *shared_suite(void)
 {
   Suite *s = suite_create("shared");
@@ -1189,6 +1292,8 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, pages_exited_threads_left_serve_later_threads_once_freed);
   tcase_add_test(tc, a_page_an_exited_thread_left_serves_the_next_thread);
   tcase_add_test(tc, many_threads_with_a_few_blocks_share_segments);
+  tcase_add_test(tc, many_threads_with_a_medium_block_each_are_lent_mappings);
+  tcase_add_test(tc, aligned_medium_blocks_come_from_pages);
   suite_add_tcase(s, tc);
   return s;
 }
