@@ -1085,10 +1085,10 @@ END_TEST
  * all threads share, 64 KiB pages for either (not 512 KiB for the
  * 40,000-byte class: 128 MiB for 256 threads), 64 pages to a segment, so
  * the process maps 8 segments for them, not 512 (2 GiB of address
- * space).  In a child under a limit of 64 MiB above its size (thread
- * stacks of 64 KiB included): with segments of its own for every thread,
- * the 61st thread could not start, and with 512 KiB shared pages for the
- * larger block, 192 threads got none.  Under a sanitizer, whose runtime
+ * space).  In a child under a limit of 96 MiB above its size (thread
+ * stacks of 64 KiB included): with 512 KiB shared pages for the larger
+ * block, the 204th to 246th thread could not start (with segments of its
+ * own for every thread, far fewer did).  Under a sanitizer, whose runtime
  * maps memory of its own for every thread, without the limit: the
  * counters tell the same. */
 enum {
@@ -1116,9 +1116,13 @@ static void *sh_t_worker(void *arg)
   return NULL;
 }
 
-/* In a child: n threads start with 64 KiB stacks, under a limit of 64
+/* In a child: n threads start with 64 KiB stacks, under a limit of 96
  * MiB above the process's size (none under a sanitizer, whose runtime
- * maps memory of its own for every thread); each runs worker, which
+ * maps memory of its own for every thread): about 48 MiB more than 256
+ * threads with their blocks need, since a thread's aligned mapping takes
+ * 4 MiB more for a moment (os.c), and other threads' may take it then;
+ * with a page or a segment of their own each, they need 150 MiB and
+ * more.  Each runs worker, which
  * allocates its blocks, waits at all_in until every one has, then again
  * until they are counted, and frees them.  *a holds the stats from before
  * the threads start, *b from while all their blocks are live. */
@@ -1137,7 +1141,7 @@ static void sh_threads_under_limit(unsigned n, void *(*worker)(void *), pthread_
   SM_CHILD_CHECK(sm_test_snap(a) == 0, "stats");
   if (!SM_TEST_SANITIZED) {
     struct rlimit rl;
-    rl.rlim_cur = rl.rlim_max = sm_test_vm_bytes() + 64 * MiB;
+    rl.rlim_cur = rl.rlim_max = sm_test_vm_bytes() + 96 * MiB;
     SM_CHILD_CHECK(setrlimit(RLIMIT_AS, &rl) == 0, "setrlimit: %s", strerror(errno));
   }
   for (unsigned i = 0; i < n; i++) {
@@ -1188,10 +1192,10 @@ END_TEST
  * 512 KiB pages, too big for a shared small page) and waits until all
  * have: each block is lent a mapping of its own, its size rounded to the
  * OS page (large_allocs), and no page of the class is carved.  In a child
- * under a limit of 64 MiB above its size (thread stacks of 64 KiB
+ * under a limit of 96 MiB above its size (thread stacks of 64 KiB
  * included): with a shared 512 KiB page for each thread (128 MiB), the
- * 223rd thread could not start in one run, 176 threads got no block in
- * another.  Under a sanitizer, without the limit. */
+ * 204th to 246th thread could not start.  Under a sanitizer, without the
+ * limit. */
 enum { SH_L_THREADS = 256, SH_L_SIZE = 100000 };
 
 static pthread_barrier_t sh_l_all_in;
