@@ -1124,9 +1124,9 @@ static sm_page_t *sm_page_borrow(sm_heap_t *heap, size_t bin, int kind, bool may
  * mapping of its own, its size rounded to the OS page (huge.c), not a
  * 512 KiB page.  Up to SM_LEND_LARGE of them a thread; its next ones come
  * from a shared page, then its own segments, as ever.  With a 512 KiB
- * page each, 500 threads with a block of 100,000 bytes each took 256 MiB
- * of address space, and under `ulimit -v 262144` only 372-492 of them
- * could start.  The one place that decides; called only when the class's
+ * page each, 500 threads with a block of 60,000-200,000 bytes each took
+ * 256 MiB of address space, and under `ulimit -v 262144` only 474-492 of
+ * them could start.  The one place that decides; called only when the class's
  * queue is empty, it counts what it lends. */
 enum { SM_LEND_LARGE = 4 };
 
