@@ -1,8 +1,6 @@
 /* Allocation: the generic (out-of-line) malloc path, large blocks, calloc,
  * realloc and aligned allocation.  The inline fast path is in internal.h. */
 #include "internal.h"
-
-#include <sched.h>
 #include "track.h"
 #include "probes.h"
 
@@ -69,22 +67,12 @@ static void *sm_malloc_large_once(sm_heap_t *heap, size_t n, size_t alignment, b
   return p;
 }
 
-/* Under an address-space limit a mapping can fail for a moment only:
- * another thread's aligned mapping holds its size + 4 MiB until it trims
- * it (os.c).  256 threads each mapping a block of 100,000 bytes, under a
- * limit 56 MiB above the 48 MiB they need, got NULL in 2 runs of 10; a
- * failed mapping is tried again after each of up to SM_LARGE_RETRIES
- * yields. */
-#define SM_LARGE_RETRIES 3
 static void *sm_malloc_large(sm_heap_t *heap, size_t n, size_t alignment, bool zero) {
   if (n > SM_MAX_REQUEST || alignment > SM_MAX_REQUEST) return sm_fail_enomem(heap);
-  void *p = sm_malloc_large_once(heap, n, alignment, zero);
-  if (!p && sm_oom_collect(heap)) p = sm_malloc_large_once(heap, n, alignment, zero);
-  for (int i = 0; !p && i < SM_LARGE_RETRIES && sm_os_space_limited(); i++) {
-    sched_yield();
-    p = sm_malloc_large_once(heap, n, alignment, zero);
+  for (int attempt = 0;; attempt++) {
+    void *p = sm_malloc_large_once(heap, n, alignment, zero);
+    if (p || attempt > 0 || !sm_oom_collect(heap)) return p ? p : sm_fail_enomem(heap);
   }
-  return p ? p : sm_fail_enomem(heap);
 }
 
 /* may_lend: a medium block may be served as a large one
