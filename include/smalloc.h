@@ -164,7 +164,7 @@ typedef struct smalloc_stats {
                                  back everything that held no live block */
   uint64_t huge_cached;       /* freed huge blocks whose mapping was kept */
   uint64_t huge_cache_hits;   /* huge blocks served by a kept mapping */
-  uint64_t background_threads; /* purge threads started (one runs at a time) */
+  uint64_t background_threads; /* purge threads started (one, parked when idle) */
   uint64_t pages_purged;      /* free pages of live segments whose memory was given
                                  back (madvise), after the purge delay */
   uint64_t errors_reported;   /* heap misuse reported (double or invalid free,

@@ -1,20 +1,25 @@
 /* The purge thread: memory goes back while the program is idle.
  *
  * Everything else in smalloc gives memory back on its slow paths, which
- * a program that has stopped calling the allocator never takes.  So once
- * there is something to give back (a cached segment, a kept huge mapping,
- * a retired page), the next slow path or free that sees no purge thread
- * running starts one.  Every quarter of SMALLOC_PURGE_DELAY it
+ * a program that has stopped calling the allocator never takes.  So one
+ * thread does it for the process.  It is started at the end of a malloc:
+ * a second thread's first one (sm_background_want), or, in a program
+ * that has had no other thread, the first malloc or free after there is
+ * something to give back (a cached segment, a kept huge mapping, retired
+ * pages).  Every quarter of SMALLOC_PURGE_DELAY while it has work it
  *   - releases the retired pages of every heap whose thread ran no
  *     slow-path step for a whole purge delay, and the pages of its full
  *     list that other threads freed (sm_heap_claim_retired and
  *     sm_heap_claim_full, as trim does: that thread may be busy
  *     elsewhere, blocked or sleeping); blocks freed into the full pages
- *     of a heap, SM_BG_NOTICES of its pages or more, also start the
+ *     of a heap, SM_BG_NOTICES of its pages or more, also wake the
  *     thread, which waits for that heap to take them or go idle,
  *     then purges the segments this left empty at once (they have been
  *     idle that long already), and gives back the memory of the free pages
  *     left in that heap's segments;
+ *   - sends the batches of remote frees that such a heap holds (free.c:
+ *     its thread may never call in again, and they keep other threads'
+ *     pages in use);
  *   - releases the pages of the other heaps that have been retired for
  *     the purge delay (sm_heap_release_stale): a thread that calls in
  *     now and then is not idle, but its burst is over;
@@ -24,28 +29,42 @@
  *   - gives back the memory of free pages that have been free in any
  *     heap's segments for the delay;
  *   - purges cached segments and kept huge mappings older than the delay.
- * When nothing is left to purge it exits, so a program that has gone
- * quiet has no extra thread, and the next free of a large block or the
- * next slow path starts another.  Measured on this design's target, a
- * burst of 64 MiB of small blocks freed and then idle: resident size back
- * within 1.5 purge delays (tests/large.c).
+ * When nothing is left it parks on a futex, and whatever gives it work
+ * wakes it (sm_background_wake, one system call, no lock).  Measured on
+ * this design's target, a burst of 64 MiB of small blocks freed and then
+ * idle: resident size back within 1.5 purge delays (tests/large.c).
+ *
+ * Why it parks rather than exits: starting a thread takes a lock of
+ * glibc's that glibc holds while it frees a dead thread's TLS vector (in
+ * pthread_join), so a free that started the thread could wait for
+ * itself; the thread exited and was started again from frees, and a
+ * program whose threads came and went hung.  Now a free starts no thread
+ * in a program that has had others, and the one thread, once started,
+ * stays.
  *
  * Why a thread and not a timer signal: a signal interrupts the program's
  * own system calls and could land inside smalloc; the thread needs no
- * cooperation.  What it costs: one thread while there is memory to give
- * back, detached (exit never waits for it), all signals blocked, and a
- * 64 KiB stack.  It never allocates (its heap stays the static empty one)
- * and is not running in a child after fork until the child gives memory
- * back itself.  SMALLOC_BACKGROUND=0 turns it off: then memory goes back
- * only when the program calls in, as before. */
+ * cooperation.  What it costs: one thread, detached (exit never waits
+ * for it), all signals blocked, a 64 KiB stack (the default size when the
+ * program's thread-local data does not fit in that), asleep while there
+ * is nothing to give back.  It never allocates (its heap stays the static
+ * empty one) and is not running in a child after fork until the child
+ * starts its own.  SMALLOC_BACKGROUND=0 turns it off: then memory goes
+ * back only when the program calls in. */
 #include "internal.h"
 
+#include <errno.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/single_threaded.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
-/* 0 no thread, 1 running (or being started) */
-static _Atomic int sm_bg_running;
+/* The thread's state, and the futex word it parks on. */
+_Atomic int sm_bg_state;
 /* after pthread_create failed (a thread limit, say): no new try before */
 static _Atomic uint64_t sm_bg_retry_ms;
 
@@ -60,11 +79,20 @@ static void sm_bg_sleep(uint64_t ms) {
   }
 }
 
-/* One round; returns whether anything is left to purge later. */
-static bool sm_bg_round(void) {
+static void sm_bg_futex_timed(int val, const struct timespec *timeout) {
+  syscall(SYS_futex, (int *)&sm_bg_state, FUTEX_WAIT_PRIVATE, val, timeout, NULL, 0);
+}
+
+/* What a round leaves: nothing; only batches of remote frees held by
+ * threads that are not idle yet (worth a look in a purge delay, when
+ * they may be); work for the next tick. */
+enum { SM_BG_DONE, SM_BG_BATCHES, SM_BG_MORE };
+
+/* One round; returns what is left (SM_BG_*). */
+static int sm_bg_round(void) {
   uint64_t now = sm_clock_ms();
   uint64_t delay = (uint64_t)sm_opt(PURGE_DELAY);
-  bool left = false, claimed = false;
+  bool left = false, claimed = false, batches = false;
   sm_heap_t *self = sm_heap();   /* the static empty heap: counts go to the orphan totals */
   sm_heaps_lock();
   for (sm_heap_t *h = sm_heaps_first(); h; h = h->all_next) {
@@ -91,56 +119,111 @@ static bool sm_bg_round(void) {
     sm_heap_take_home(h);
     sm_heap_decommit(h, idle);
   }
+  /* the batches of remote frees that idle threads hold (free.c); a heap
+   * not idle yet brings the thread back */
+  if (sm_free_steal_begin()) {
+    bool marked = false;
+    for (sm_heap_t *h = sm_heaps_first(); h; h = h->all_next) {
+      if (now - h->bg_seen_ms < delay) batches = batches || sm_xbuf_pending(h);
+      else marked = sm_free_steal_mark(h) || marked;
+    }
+    if (marked) {
+      sm_free_steal_barrier();
+      for (sm_heap_t *h = sm_heaps_first(); h; h = h->all_next)
+        if (atomic_load_explicit(&h->xbuf_steal, memory_order_relaxed) && !sm_free_steal_send(h))
+          left = true;
+    }
+  }
   sm_heaps_unlock();
   sm_heap_shared_tidy(false);
   sm_pool_collect(self);
   if (claimed) sm_segment_cache_purge_all();
   sm_segment_cache_collect(false);
-  return left || sm_segment_cache_pending();
+  if (left || sm_segment_cache_pending()) return SM_BG_MORE;
+  return batches ? SM_BG_BATCHES : SM_BG_DONE;
 }
 
 static void *sm_bg_main(void *arg) {
   (void)arg;
+  prctl(PR_SET_NAME, "smalloc-purge", 0, 0, 0);
   for (;;) {
     sm_bg_sleep(sm_bg_tick_ms());
-    if (sm_bg_round()) continue;
-    atomic_store_explicit(&sm_bg_running, 0, memory_order_seq_cst);
-    /* memory that came meanwhile found the thread still running: take it
-     * on, unless another thread has started meanwhile */
-    int expected = 0;
-    if (!(sm_segment_cache_pending() || sm_heaps_watched_notices()) ||
-        !atomic_compare_exchange_strong(&sm_bg_running, &expected, 1))
-      return NULL;
+    int left = sm_bg_round();
+    if (left == SM_BG_MORE) continue;
+    /* Park: for good when nothing is left, for a purge delay when only
+     * busy threads' batches are (a thread's next batch does not wake it
+     * then).  A wake that saw the thread awake before this store had made
+     * its work pending first (sm_background_wake), and the round after
+     * the store finds it; one that comes later sees the thread parked
+     * and wakes it. */
+    int park = left == SM_BG_BATCHES ? SM_BG_DOZING : SM_BG_PARKED;
+    atomic_store_explicit(&sm_bg_state, park, memory_order_seq_cst);
+    atomic_thread_fence(memory_order_seq_cst);
+    left = sm_bg_round();
+    if (left == SM_BG_MORE || sm_heaps_watched_notices()) {
+      atomic_store_explicit(&sm_bg_state, SM_BG_AWAKE, memory_order_relaxed);
+      continue;
+    }
+    if (park == SM_BG_DOZING) {
+      uint64_t ms = (uint64_t)sm_opt(PURGE_DELAY);
+      struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+      sm_bg_futex_timed(SM_BG_DOZING, &ts);
+    } else {
+      while (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_PARKED)
+        sm_bg_futex_timed(SM_BG_PARKED, NULL);
+    }
+    atomic_store_explicit(&sm_bg_state, SM_BG_AWAKE, memory_order_relaxed);
   }
+  return NULL;
 }
 
-/* There may be something to give back: a purge thread is wanted.  It is
- * started later, at the end of the malloc or free that asked
- * (sm_background_poll): pthread_create allocates (the new thread's TLS
- * vector), and a malloc nested inside the slow path, in the middle of a
- * walk over the heap's queues, could retire or move the very pages that
- * walk holds on to. */
+/* There may be something to give back.  A parked thread is woken (one
+ * system call, no lock: this may run anywhere, in free too); with no
+ * thread yet, one is wanted, started later at the end of a malloc
+ * (sm_background_act). */
 _Atomic int sm_bg_wanted;
 
 void sm_background_wake(void) {
-  if (sm_likely(atomic_load_explicit(&sm_bg_running, memory_order_relaxed) != 0)) return;
+  /* the work made pending before the look at the thread (the thread
+   * looks for work after it parks) */
+  atomic_thread_fence(memory_order_seq_cst);
+  int s = atomic_load_explicit(&sm_bg_state, memory_order_relaxed);
+  if (sm_likely(s == SM_BG_AWAKE)) return;
+  if (s == SM_BG_PARKED || s == SM_BG_DOZING) {
+    if (atomic_compare_exchange_strong(&sm_bg_state, &s, SM_BG_AWAKE))
+      syscall(SYS_futex, (int *)&sm_bg_state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    return;
+  }
   atomic_fetch_or_explicit(&sm_bg_wanted, SM_WANT_PURGE_THREAD, memory_order_relaxed);
 }
 
+/* A second thread allocates: the purge thread is started now, parked
+ * until there is work, so that a free never has to start it. */
+void sm_background_want(void) {
+  if (atomic_load_explicit(&sm_bg_state, memory_order_relaxed) == SM_BG_NONE)
+    atomic_fetch_or_explicit(&sm_bg_wanted, SM_WANT_PURGE_THREAD, memory_order_relaxed);
+}
+
 /* Do what was asked (sm_bg_wanted): print the report that came due, start
- * the purge thread if it is not running.  Only where the calling thread
- * holds no smalloc lock and no page state. */
-void sm_background_act(void) {
+ * the purge thread if there is none.  Only where the calling thread holds
+ * no smalloc lock and no page state.  Where glibc frees (a dead thread's
+ * TLS vector, from pthread_join) it may hold the lock that pthread_create
+ * takes: a free (from_free) starts no thread once the process has had
+ * others, and leaves the wish to the next malloc. */
+void sm_background_act(bool from_free) {
   int wanted = atomic_exchange_explicit(&sm_bg_wanted, 0, memory_order_relaxed);
   if (wanted & SM_WANT_REPORT) sm_stats_periodic();
   if (!(wanted & SM_WANT_PURGE_THREAD)) return;
-  if (sm_likely(atomic_load_explicit(&sm_bg_running, memory_order_relaxed) != 0)) return;
+  if (sm_likely(atomic_load_explicit(&sm_bg_state, memory_order_relaxed) != SM_BG_NONE)) return;
   if (!sm_opt(BACKGROUND) || atomic_load_explicit(&sm_process_ready, memory_order_acquire) != 2)
     return;
   uint64_t retry = atomic_load_explicit(&sm_bg_retry_ms, memory_order_relaxed);
-  if (retry != 0 && sm_clock_ms() < retry) return;
-  int expected = 0;
-  if (!atomic_compare_exchange_strong(&sm_bg_running, &expected, 1)) return;
+  if ((from_free && !__libc_single_threaded) || (retry != 0 && sm_clock_ms() < retry)) {
+    atomic_fetch_or_explicit(&sm_bg_wanted, SM_WANT_PURGE_THREAD, memory_order_relaxed);
+    return;
+  }
+  int expected = SM_BG_NONE;
+  if (!atomic_compare_exchange_strong(&sm_bg_state, &expected, SM_BG_AWAKE)) return;
   pthread_attr_t attr;
   pthread_t t;
   sigset_t all, old;
@@ -154,12 +237,21 @@ void sm_background_act(void) {
    * caller whose free started the thread */
   int busy = sm_prof_hush(SM_PROF_NO_SAMPLE);
   int err = pthread_create(&t, &attr, sm_bg_main, NULL);
+  if (err == EINVAL) {
+    /* the program's thread-local data leaves no room in 64 KiB (glibc
+     * puts it on the stack): the default size then */
+    pthread_attr_destroy(&attr);
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    err = pthread_create(&t, &attr, sm_bg_main, NULL);
+  }
   sm_prof_hush_end(busy);
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   pthread_attr_destroy(&attr);
   if (err != 0) {
     atomic_store_explicit(&sm_bg_retry_ms, sm_clock_ms() + 1000, memory_order_relaxed);
-    atomic_store_explicit(&sm_bg_running, 0, memory_order_relaxed);
+    atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_relaxed);
+    atomic_fetch_or_explicit(&sm_bg_wanted, SM_WANT_PURGE_THREAD, memory_order_relaxed);   /* tried again in a second */
     return;
   }
   sm_gadd(background_threads, 1);
@@ -167,6 +259,6 @@ void sm_background_act(void) {
 
 /* In a child after fork no purge thread runs. */
 void sm_background_fork_child(void) {
-  atomic_store_explicit(&sm_bg_running, 0, memory_order_relaxed);
+  atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_relaxed);
   atomic_store_explicit(&sm_bg_wanted, 0, memory_order_relaxed);
 }

@@ -4,6 +4,11 @@
 #include "internal.h"
 #include "track.h"
 
+#include <linux/membarrier.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 /* Map a pointer to its segment and page, validating that smalloc handed it
  * out: the segment map says a header lives there, and the header's cookie
  * matches.  Never faults on a foreign pointer. */
@@ -108,13 +113,13 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   if (!pushed) return;
   sm_prof_page_check(heap, page);
   if (sm_page_vacant(page) && page->free == NULL) sm_page_retire(heap, page);
-  sm_background_poll();
+  sm_background_poll_free();
 }
 
 /* The fast path freed the last block of one of the thread's pages. */
 void sm_free_emptied(sm_page_t *page) {
   sm_page_retire(sm_heap(), page);
-  sm_background_poll();
+  sm_background_poll_free();
 }
 
 static bool sm_tf_push(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
@@ -280,12 +285,113 @@ static void sm_xbuf_send(sm_xbuf_t *x) {
   x->count = 0;
 }
 
-void sm_free_flush_remote(sm_heap_t *heap) {
+static void sm_xbuf_send_all(sm_heap_t *heap) {
   for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++) {
-    for (uint64_t used = heap->xbuf_used[w]; used != 0; used &= used - 1)
+    uint64_t used = atomic_load_explicit(&heap->xbuf_used[w], memory_order_relaxed);
+    if (used == 0) continue;
+    for (; used != 0; used &= used - 1)
       sm_xbuf_send(&heap->xbuf[w * 64 + (unsigned)__builtin_ctzll(used)]);
-    heap->xbuf_used[w] = 0;
+    atomic_store_explicit(&heap->xbuf_used[w], 0, memory_order_relaxed);
   }
+}
+
+/* ---- an idle thread's batches ---------------------------------------------
+ * A thread that stops calling in (blocked, asleep, idle for the rest of
+ * the program) keeps its batches, and with them every page they were
+ * freed into, from everyone: 1600 threads handed blocks to main, which
+ * freed them and slept, and its 126 unsent batches kept the last threads'
+ * pages, 8 of each class, and their segments, resident for good.  So the
+ * purge thread sends the batches of a heap that took no slow path for a
+ * purge delay (sm_free_steal_*, from background.c).
+ *
+ * The owner marks itself busy at its batches (xbuf_busy), then looks for
+ * the purge thread's mark (xbuf_steal) and, if it finds one, waits until
+ * the mark is gone; the purge thread marks the heap, makes every thread
+ * of the process pass a full memory barrier (membarrier), and sends the
+ * batches only if it then finds the owner not busy.  Either the owner sees
+ * the mark or the purge thread sees the owner busy: the barrier orders
+ * the owner's store before its load, as a fence of its own would, so a
+ * free pays two plain stores and a load.  Without membarrier (a kernel
+ * before 4.14, a filter that refuses it) idle threads' batches wait as
+ * before.  ThreadSanitizer, which does not model that barrier, builds
+ * both sides from sequentially consistent operations. */
+#ifdef SM_TSAN
+#define SM_XB_ORDER memory_order_seq_cst
+#define SM_XB_ACQUIRE memory_order_seq_cst
+#else
+#define SM_XB_ORDER memory_order_relaxed
+#define SM_XB_ACQUIRE memory_order_acquire
+#endif
+
+static SM_COLD void sm_xbuf_wait(sm_heap_t *heap) {
+  while (atomic_load_explicit(&heap->xbuf_steal, memory_order_acquire)) sched_yield();
+}
+
+/* Mark the heap busy at its batches; false when the purge thread has
+ * marked it (the caller leaves, or waits: sm_xbuf_enter). */
+static inline bool sm_xbuf_try_enter(sm_heap_t *heap) {
+  atomic_store_explicit(&heap->xbuf_busy, 1, SM_XB_ORDER);
+  atomic_signal_fence(memory_order_seq_cst);
+  return !atomic_load_explicit(&heap->xbuf_steal, SM_XB_ACQUIRE);
+}
+
+static inline void sm_xbuf_enter(sm_heap_t *heap) {
+  if (sm_unlikely(!sm_xbuf_try_enter(heap))) sm_xbuf_wait(heap);
+}
+
+static inline void sm_xbuf_leave(sm_heap_t *heap) {
+  atomic_store_explicit(&heap->xbuf_busy, 0, memory_order_release);
+}
+
+void sm_free_flush_remote(sm_heap_t *heap) {
+  sm_xbuf_enter(heap);
+  sm_xbuf_send_all(heap);
+  sm_xbuf_leave(heap);
+}
+
+/* The purge thread: whether it can send other threads' batches (the
+ * process registered for membarrier; tried once). */
+static _Atomic int sm_steal_cmd = -1;   /* -1 not tried, 0 none, else the membarrier command */
+
+bool sm_free_steal_begin(void) {
+  int cmd = atomic_load_explicit(&sm_steal_cmd, memory_order_relaxed);
+  if (cmd < 0) {
+    long have = syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
+    cmd = 0;
+    if (have > 0 && (have & MEMBARRIER_CMD_PRIVATE_EXPEDITED) &&
+        syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0)
+      cmd = MEMBARRIER_CMD_PRIVATE_EXPEDITED;
+    else if (have > 0 && (have & MEMBARRIER_CMD_GLOBAL))
+      cmd = MEMBARRIER_CMD_GLOBAL;
+    atomic_store_explicit(&sm_steal_cmd, cmd, memory_order_relaxed);
+  }
+  return cmd != 0;
+}
+
+/* Mark a heap with batches waiting; false when it has none. */
+bool sm_free_steal_mark(sm_heap_t *heap) {
+  if (!sm_xbuf_pending(heap)) return false;
+  atomic_store_explicit(&heap->xbuf_steal, 1, SM_XB_ORDER);
+  return true;
+}
+
+/* After marking every heap: the barrier. */
+void sm_free_steal_barrier(void) {
+  int cmd = atomic_load_explicit(&sm_steal_cmd, memory_order_relaxed);
+  if (syscall(SYS_membarrier, cmd, 0, 0) != 0) atomic_store_explicit(&sm_steal_cmd, 0, memory_order_relaxed);
+  atomic_thread_fence(memory_order_seq_cst);
+}
+
+/* Send a marked heap's batches unless its owner is at them, and unmark
+ * it; whether they were sent. */
+bool sm_free_steal_send(sm_heap_t *heap) {
+  bool sent = false;
+  if (!atomic_load_explicit(&heap->xbuf_busy, SM_XB_ACQUIRE)) {
+    sm_xbuf_send_all(heap);
+    sent = true;
+  }
+  atomic_store_explicit(&heap->xbuf_steal, 0, memory_order_release);
+  return sent;
 }
 
 /* The first slot of the page's pair. */
@@ -329,15 +435,22 @@ static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   if (sm_unlikely(x->head == b)) return false;
   if (x->page != page) {
     if (x->page != NULL) sm_xbuf_send(x);
+    sm_background_nudge();   /* to send it, should this thread go idle */
     x->page = page;
     x->key = (uint32_t)page->key;
     x->tail = b;
-    heap->xbuf_used[i / 64] |= (uint64_t)1 << (i % 64);
+    atomic_store_explicit(&heap->xbuf_used[i / 64],
+                          atomic_load_explicit(&heap->xbuf_used[i / 64], memory_order_relaxed) |
+                              (uint64_t)1 << (i % 64),
+                          memory_order_relaxed);
   }
   sm_xbuf_push(x, page, b);
   if (x->count == SM_XBUF_MAX) {
     sm_xbuf_send(x);
-    heap->xbuf_used[i / 64] &= ~((uint64_t)1 << (i % 64));
+    atomic_store_explicit(&heap->xbuf_used[i / 64],
+                          atomic_load_explicit(&heap->xbuf_used[i / 64], memory_order_relaxed) &
+                              ~((uint64_t)1 << (i % 64)),
+                          memory_order_relaxed);
   }
   return true;
 }
@@ -358,15 +471,20 @@ static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
 static void sm_free_batch(sm_heap_t *heap, sm_page_t *page, sm_block_t *b, const char *who) {
   if (!sm_free_tag_remote(page, b)) return;
   size_t bin = page->bin;   /* the page may be gone once a batch is sent */
-  bool pushed = (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_ORPHAN)
-                    ? sm_tf_push(sm_ptr_segment(page), page, b)
-                    : sm_xbuf_add(heap, page, b);
+  bool pushed;
+  if (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_ORPHAN) {
+    pushed = sm_tf_push(sm_ptr_segment(page), page, b);
+  } else {
+    sm_xbuf_enter(heap);
+    pushed = sm_xbuf_add(heap, page, b);
+    sm_xbuf_leave(heap);
+  }
   if (sm_unlikely(!pushed)) {
     sm_error("%s(): double free of %p", who, (void *)b);
     return;
   }
   sm_cnt_add(heap->stats.class_frees[bin], 1);
-  sm_background_poll();   /* a batch sent may have asked for the purge thread */
+  sm_background_poll_free();   /* a batch sent may have asked for the purge thread */
 }
 
 /* From the inline free: a block start in one of the thread's pages on
@@ -387,23 +505,26 @@ static __attribute__((noinline)) void sm_free_xthread_general(sm_page_t *page, s
 /* The common remote free, a leaf that calls nothing: the block joins the
  * open batch of its page, which has room, and its tag says it is not free
  * yet.  Everything else (a new batch, a full one, a thread without a
- * heap: its slots hold no page, the secure build's checks, valgrind)
- * takes the general path above. */
+ * heap: its slots hold no page, the secure build's checks, valgrind, the
+ * purge thread at this heap's batches) takes the general path above. */
 void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
   /* the block's line, written last by the thread that allocated it: its
    * tag is read below and written after (bench_pipeline: 0.956 of the
    * time, bench_xchurn 16: 0.958, medians of 15 and 7 interleaved runs) */
   sm_prefetch_write(b);
   sm_heap_t *heap = sm_heap();
+  bool entered = sm_xbuf_try_enter(heap);
   sm_xbuf_t *x = sm_xbuf_open(heap, page);
   uintptr_t key = page->key;
-  if (sm_unlikely(SM_CANARY || sm_track_on() || x->page != page || x->head == b ||
+  if (sm_unlikely(!entered || SM_CANARY || sm_track_on() || x->page != page || x->head == b ||
                   x->count >= SM_XBUF_MAX - 1 || (b->tag ^ key) <= SM_TAG_REMOTE)) {
+    sm_xbuf_leave(heap);
     sm_free_xthread_general(page, b);
     return;
   }
   b->tag = key ^ SM_TAG_REMOTE;
   sm_xbuf_push(x, page, b);
+  sm_xbuf_leave(heap);
   sm_cnt_add(heap->stats.class_frees[page->bin], 1);
 }
 
@@ -487,7 +608,7 @@ void sm_free_generic(void *p, const char *who) {
     else SM_COUNT(heap, large_frees, 1);
     if (seg->kind == SM_SEG_SPAN) sm_span_free(seg, page);
     else sm_huge_free(seg);
-    sm_background_poll();
+    sm_background_poll_free();
     return;
   }
   size_t diff = (size_t)((uint8_t *)p - page->start);

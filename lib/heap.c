@@ -204,8 +204,9 @@ sm_heap_t *sm_heap_init_thread(void) {
   heap->all_next = sm_heaps_all;
   if (sm_heaps_all) sm_heaps_all->all_prev = heap;
   sm_heaps_all = heap;
-  atomic_fetch_add_explicit(&sm_heaps_live, 1, memory_order_relaxed);
+  size_t live = atomic_fetch_add_explicit(&sm_heaps_live, 1, memory_order_relaxed) + 1;
   sm_heaps_unlock();
+  if (live >= 2) sm_background_want();   /* started at the end of this malloc */
   sm_heap_tls = heap;
   if (atomic_load(&sm_process_ready) == 2) pthread_setspecific(sm_heap_key, heap);
   return heap;

@@ -401,7 +401,12 @@ struct sm_heap_s {
   /* blocks this thread freed into other heaps' pages, batched by page
    * and pushed on its thread_free in one CAS (free.c) */
   sm_xbuf_t xbuf[SM_XBUF_SLOTS];
-  uint64_t xbuf_used[SM_XBUF_SLOTS / 64]; /* bit i: xbuf[i] holds blocks */
+  /* bit i: xbuf[i] holds blocks; written by the owner alone (with
+   * relaxed stores), read by the purge thread as a hint */
+  _Atomic uint64_t xbuf_used[SM_XBUF_SLOTS / 64];
+  /* the owner is at its batches / the purge thread sends them for it: the
+   * hand-over of an idle thread's batches (free.c) */
+  _Atomic uint8_t xbuf_busy, xbuf_steal;
   sm_tstats_t stats __attribute__((aligned(64)));
   /* the thread's last few sampled stacks, to check rather than unwind
    * again (prof.c) */
@@ -415,7 +420,8 @@ struct sm_heap_s {
 /* Whether the heap holds batches of remote frees not sent yet. */
 SM_INLINE bool sm_xbuf_pending(const sm_heap_t *heap) {
   uint64_t any = 0;
-  for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++) any |= heap->xbuf_used[w];
+  for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++)
+    any |= atomic_load_explicit(&heap->xbuf_used[w], memory_order_relaxed);
   return any != 0;
 }
 
@@ -920,6 +926,12 @@ bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
 bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint32_t n);
 void sm_free_flush_remote(sm_heap_t *heap);
+/* the purge thread sends an idle heap's batches (free.c): begin, mark
+ * each heap, one barrier, send each marked one */
+bool sm_free_steal_begin(void);
+bool sm_free_steal_mark(sm_heap_t *heap);
+void sm_free_steal_barrier(void);
+bool sm_free_steal_send(sm_heap_t *heap);
 void sm_free_xthread(sm_page_t *page, sm_block_t *b);
 void sm_free_flagged(sm_page_t *page, void *p);
 void sm_free_full(sm_page_t *page, void *p);
@@ -1146,7 +1158,19 @@ void sm_stats_fork_child(void);
  * small pages. */
 #define SM_BG_NOTICES 128
 void sm_background_wake(void);
-void sm_background_act(void);
+void sm_background_want(void);
+/* the purge thread: none, awake (or being started), parked until woken,
+ * parked for a purge delay (background.c) */
+enum { SM_BG_NONE = 0, SM_BG_AWAKE = 1, SM_BG_PARKED = 2, SM_BG_DOZING = 3 };
+extern _Atomic int sm_bg_state;
+/* Something the purge thread looks after while it is awake began (a batch
+ * of remote frees: the thread that holds it may go idle): wake it if it
+ * is parked. */
+SM_INLINE void sm_background_nudge(void) {
+  if (sm_unlikely(atomic_load_explicit(&sm_bg_state, memory_order_relaxed) == SM_BG_PARKED))
+    sm_background_wake();
+}
+void sm_background_act(bool from_free);
 void sm_background_fork_child(void);
 /* What the end of a malloc or free is asked to do, where the caller holds
  * no lock and no page state: start the purge thread, print a report */
@@ -1155,11 +1179,16 @@ void sm_background_fork_child(void);
 extern _Atomic int sm_bg_wanted;
 void sm_stats_tick(void);
 void sm_stats_periodic(void);
-/* At the end of a malloc or free slow path: start the purge thread that
- * was asked for meanwhile (sm_background_wake), print the report that
- * came due (sm_stats_tick). */
+/* At the end of a malloc slow path (or a call such as smalloc_collect):
+ * start the purge thread that was asked for meanwhile
+ * (sm_background_wake), print the report that came due (sm_stats_tick). */
 SM_INLINE void sm_background_poll(void) {
-  if (sm_unlikely(atomic_load_explicit(&sm_bg_wanted, memory_order_relaxed) != 0)) sm_background_act();
+  if (sm_unlikely(atomic_load_explicit(&sm_bg_wanted, memory_order_relaxed) != 0)) sm_background_act(false);
+}
+/* The same at the end of a free slow path, which starts no thread in a
+ * process that has had others (sm_background_act). */
+SM_INLINE void sm_background_poll_free(void) {
+  if (sm_unlikely(atomic_load_explicit(&sm_bg_wanted, memory_order_relaxed) != 0)) sm_background_act(true);
 }
 
 /* ---- options.c ---------------------------------------------------------- */

@@ -3,7 +3,7 @@
  * in and purges cached segments and kept huge mappings, while the test
  * only sleeps (no smalloc call in the polling loop: RSS is read with
  * open/read).  The polls have generous bounds: they prove the behaviour,
- * they do not time it.  The thread exits when nothing is left to purge,
+ * they do not time it.  The thread parks when nothing is left to purge,
  * is never started with the option off, and survives fork. */
 #include "common.h"
 
@@ -228,7 +228,10 @@ START_TEST(blocks_freed_for_an_idle_thread_go_back_without_a_call)
   ck_assert_msg(c.pages_claimed - a.pages_claimed + waiting >= full,
                 "the purge thread claimed %llu of the idle thread's %llu full pages",
                 (unsigned long long)(c.pages_claimed - a.pages_claimed), (unsigned long long)full);
-  ck_assert_uint_ge(c.background_threads - a.background_threads, 1);
+  /* by the purge thread started when the worker first allocated, parked
+   * in between: no other was started */
+  ck_assert_uint_ge(c.background_threads, 1);
+  ck_assert_uint_eq(c.background_threads - a.background_threads, 0);
   munmap(bg_w.v, BG_BLOCKS * sizeof *bg_w.v);
 }
 END_TEST
@@ -335,7 +338,7 @@ START_TEST(blocks_freed_slowly_for_an_idle_thread_go_back_without_a_call)
   smalloc_stats_t a, b, c;
   ck_assert_int_eq(sm_test_snap(&a), 0);
   bg_free_by_a_thread(0);
-  /* the purge thread looks, claims nothing and exits */
+  /* the purge thread looks, claims nothing and parks */
   bg_sleep_ms(10 * BG_DELAY_MS);
   int between = bg_threads();
   /* (ThreadSanitizer keeps threads of its own that come and go) */
@@ -365,7 +368,10 @@ START_TEST(blocks_freed_slowly_for_an_idle_thread_go_back_without_a_call)
   ck_assert_msg(c.pages_claimed - a.pages_claimed >= full,
                 "the purge thread claimed %llu of the idle thread's %llu full pages",
                 (unsigned long long)(c.pages_claimed - a.pages_claimed), (unsigned long long)full);
-  ck_assert_uint_ge(c.background_threads - b.background_threads, 1);
+  /* by the purge thread started when the worker first allocated, parked
+   * in between: no other was started */
+  ck_assert_uint_ge(c.background_threads, 1);
+  ck_assert_uint_eq(c.background_threads - a.background_threads, 0);
   munmap(bg_w.v, BG_BLOCKS * sizeof *bg_w.v);
 }
 END_TEST
@@ -454,30 +460,225 @@ static void bg_give_something_back(void)
     smalloc_free(v[i]);
 }
 
-/* When nothing is left to purge the thread exits. */
-START_TEST(purge_thread_exits_when_done)
+/* The purge thread's id (its name is smalloc-purge), or 0. */
+static int bg_purge_tid(void)
+{
+  DIR *d = opendir("/proc/self/task");
+  if (!d)
+    return 0;
+  int tid = 0;
+  for (struct dirent *e; tid == 0 && (e = readdir(d)) != NULL;) {
+    if (e->d_name[0] == '.')
+      continue;
+    char path[300], comm[32] = "";
+    snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+      continue;
+    ssize_t n = read(fd, comm, sizeof comm - 1);
+    close(fd);
+    if (n > 0 && strncmp(comm, "smalloc-purge\n", 14) == 0)
+      tid = atoi(e->d_name);
+  }
+  closedir(d);
+  return tid;
+}
+
+/* How often the thread has gone to sleep (voluntary context switches). */
+static long bg_switches(int tid)
+{
+  char path[64], buf[4096];
+  snprintf(path, sizeof path, "/proc/self/task/%d/status", tid);
+  int fd = open(path, O_RDONLY);
+  ck_assert_int_ge(fd, 0);
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  ck_assert_int_gt(n, 0);
+  buf[n] = '\0';
+  const char *v = strstr(buf, "\nvoluntary_ctxt_switches:");
+  ck_assert_ptr_nonnull(v);
+  return atol(v + 25);
+}
+
+/* Wait until the purge thread sleeps for good: it wakes every quarter
+ * purge delay while it has work, not at all once parked.  Returns its
+ * switch count then. */
+static long bg_wait_parked(int tid)
+{
+  long s0 = bg_switches(tid);
+  for (long waited = 0; waited < BG_POLL_MAX_MS; waited += 4 * BG_DELAY_MS) {
+    bg_sleep_ms(4 * BG_DELAY_MS);
+    long s1 = bg_switches(tid);
+    if (s1 == s0)
+      return s1;
+    s0 = s1;
+  }
+  ck_abort_msg("the purge thread still wakes after %d ms", BG_POLL_MAX_MS);
+  return -1;
+}
+
+/* When nothing is left to purge the thread parks: no wake-up while the
+ * program is idle, and the next memory to give back wakes it, the same
+ * thread (a free never starts one in a threaded program: glibc frees a
+ * dead thread's TLS under the lock pthread_create takes). */
+START_TEST(purge_thread_parks_when_done)
 {
   bg_on();
-  smalloc_stats_t a, b;
+  smalloc_stats_t a, b, c;
   ck_assert_int_eq(sm_test_snap(&a), 0);
   int before = bg_threads();
   bg_give_something_back();
+  int tid = bg_purge_tid();
+  ck_assert_msg(tid != 0, "no purge thread after 16 MiB freed");
+  long s0 = bg_wait_parked(tid);
+  /* parked: no wake-up in ten purge delays */
+  bg_sleep_ms(10 * BG_DELAY_MS);
+  ck_assert_int_eq(bg_switches(tid), s0);
   ck_assert_int_eq(sm_test_snap(&b), 0);
-  int now = bg_threads();
-  /* ThreadSanitizer keeps threads of its own that come and go: the
-   * count cannot show the exit there */
-  for (long waited = 0; !SM_TEST_TSAN && now > before && waited < BG_POLL_MAX_MS;
-       waited += BG_POLL_MS) {
-    bg_sleep_ms(BG_POLL_MS);
-    now = bg_threads();
+  ck_assert_uint_eq(b.background_threads - a.background_threads, 1);
+  ck_assert_uint_eq(b.pages_released - a.pages_released, b.pages_retired - a.pages_retired);
+  if (!SM_TEST_TSAN)   /* ThreadSanitizer keeps threads of its own that come and go */
+    ck_assert_int_eq(bg_threads(), before + 1);
+
+  /* more to give back: the same thread wakes and releases it */
+  bg_give_something_back();
+  ck_assert_int_eq(bg_purge_tid(), tid);
+  bg_wait_parked(tid);
+  ck_assert_int_gt(bg_switches(tid), s0);
+  ck_assert_int_eq(sm_test_snap(&c), 0);
+  ck_assert_uint_eq(c.background_threads - a.background_threads, 1);
+  ck_assert_uint_eq(c.pages_released - b.pages_released, c.pages_retired - b.pages_retired);
+  ck_assert_uint_gt(c.pages_retired - b.pages_retired, 0);
+}
+END_TEST
+
+/* A thread frees another's blocks and goes idle, and so does the owner:
+ * the frees wait in the idle thread's batches (one per page, sent when
+ * it reaches 64 blocks or at that thread's next slow path), and the
+ * purge thread sends them for it, after which the owner's pages, free
+ * again, go back like any others.  Before, the batches kept the pages in
+ * use for as long as the thread stayed idle. */
+enum { BG_X_SIZE = SM_TEST_REQUEST_FOR(2048), BG_X_PAGES = 16, BG_X_MAX = 4096 };
+static struct {
+  sm_test_phase_t ph;
+  void *v[BG_X_MAX];
+  size_t n;
+  int k;
+  uint64_t p0;
+} bg_x = {.ph = SM_TEST_PHASE_INIT};
+
+static uint64_t bg_x_pages(void)
+{
+  smalloc_stats_t s;
+  ck_assert_int_eq(sm_test_snap(&s), 0);
+  return s.classes[bg_x.k].pages_in_use;
+}
+
+/* Fills BG_X_PAGES pages (they go on its full list as it starts the
+ * next), keeps the block that started the next, and idles. */
+static void *bg_x_owner(void *arg)
+{
+  (void)arg;
+  smalloc_stats_t s;
+  ck_assert_int_eq(sm_test_snap(&s), 0);
+  bg_x.k = sm_test_class_index(&s, BG_X_SIZE);
+  ck_assert_int_ge(bg_x.k, 0);
+  bg_x.p0 = s.classes[bg_x.k].pages_in_use;
+  void *extra = NULL;
+  while (extra == NULL) {
+    void *p = smalloc_malloc(BG_X_SIZE);
+    ck_assert_ptr_nonnull(p);
+    if (bg_x_pages() == bg_x.p0 + BG_X_PAGES + 1) {
+      extra = p;
+    } else {
+      ck_assert_uint_lt(bg_x.n, BG_X_MAX);
+      bg_x.v[bg_x.n++] = p;
+    }
   }
-  /* started (on a loaded machine it may be gone again by now: the frees
-   * outlast its work on the first 8 MiB, and what is retired after it
-   * left waits for 8 MiB more, smalloc(7)) */
-  ck_assert_uint_ge(b.background_threads - a.background_threads, 1);
-  ck_assert_msg(SM_TEST_TSAN || now == before,
-                "%d threads %d ms after the memory was purged, %d before", now, BG_POLL_MAX_MS,
-                before);
+  sm_test_phase_set(&bg_x.ph, 1);
+  sm_test_phase_wait(&bg_x.ph, 3);   /* alive and idle */
+  smalloc_free(extra);
+  return NULL;
+}
+
+static void *bg_x_freer(void *arg)
+{
+  (void)arg;
+  sm_test_phase_wait(&bg_x.ph, 1);
+  for (size_t i = 0; i < bg_x.n; i++)
+    smalloc_free(bg_x.v[i]);
+  sm_test_phase_set(&bg_x.ph, 2);
+  sm_test_phase_wait(&bg_x.ph, 3);   /* alive and idle */
+  return NULL;
+}
+
+START_TEST(an_idle_threads_remote_frees_are_sent_without_a_call)
+{
+  bg_on();
+  pthread_t o, f;
+  ck_assert_int_eq(pthread_create(&o, NULL, bg_x_owner, NULL), 0);
+  ck_assert_int_eq(pthread_create(&f, NULL, bg_x_freer, NULL), 0);
+  sm_test_phase_wait(&bg_x.ph, 2);
+  ck_assert_uint_ge(bg_x.n, BG_X_PAGES * 24);
+  /* idle: only the owner's page with the kept block is left */
+  uint64_t pages = bg_x_pages();
+  for (long waited = 0; pages > bg_x.p0 + 1 && waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+    bg_sleep_ms(BG_POLL_MS);
+    pages = bg_x_pages();
+  }
+  ck_assert_msg(pages == bg_x.p0 + 1, "%llu pages of the %d filled still in use after %d ms",
+                (unsigned long long)(pages - bg_x.p0 - 1), BG_X_PAGES, BG_POLL_MAX_MS);
+  sm_test_phase_set(&bg_x.ph, 3);
+  pthread_join(o, NULL);
+  pthread_join(f, NULL);
+}
+END_TEST
+
+/* Threads start, free into pages that retire, hand blocks to main and
+ * exit, round after round, while the purge thread has work: glibc frees
+ * a dead thread's TLS vector, in pthread_join, under the lock that
+ * pthread_create takes, and a free that started the purge thread there
+ * would wait for itself.  One purge thread serves the whole run (it
+ * parks, it does not exit and start again).  The workers' blocks sit in
+ * thread-local arrays: with those of churn_thread below, 64 KiB of them,
+ * more than the purge thread's own 64 KiB stack holds (glibc puts a
+ * thread's TLS there), and it must start all the same. */
+enum { BG_S_ROUNDS = 40, BG_S_THREADS = 4, BG_S_BLOCKS = 4096 };
+static void *bg_s_given[BG_S_THREADS][BG_S_BLOCKS / 2];
+
+static void *bg_s_worker(void *arg)
+{
+  void **given = arg;
+  static __thread void *mine[BG_S_BLOCKS];
+  for (int i = 0; i < BG_S_BLOCKS; i++) {
+    mine[i] = smalloc_malloc(SM_TEST_REQUEST_FOR(1024));
+    ck_assert_ptr_nonnull(mine[i]);
+  }
+  for (int i = 0; i < BG_S_BLOCKS; i++) {
+    if (i % 2) given[i / 2] = mine[i];
+    else smalloc_free(mine[i]);
+  }
+  return NULL;
+}
+
+START_TEST(threads_come_and_go_while_the_purge_thread_works)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 10), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 1), 0);
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  for (int r = 0; r < BG_S_ROUNDS; r++) {
+    pthread_t t[BG_S_THREADS];
+    for (int k = 0; k < BG_S_THREADS; k++)
+      ck_assert_int_eq(pthread_create(&t[k], NULL, bg_s_worker, bg_s_given[k]), 0);
+    for (int k = 0; k < BG_S_THREADS; k++)
+      ck_assert_int_eq(pthread_join(t[k], NULL), 0);
+    for (int k = 0; k < BG_S_THREADS; k++)
+      for (int i = 0; i < BG_S_BLOCKS / 2; i++)
+        smalloc_free(bg_s_given[k][i]);
+  }
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  ck_assert_uint_eq(b.background_threads - a.background_threads, 1);
 }
 END_TEST
 
@@ -726,7 +927,9 @@ static Suite *background_suite(void)
   tcase_add_test(tc, idle_huge_block_goes_back_without_a_call);
   tcase_add_test(tc, idle_large_blocks_go_back_without_a_call);
   tcase_add_test(tc, a_burst_goes_back_while_its_thread_calls_in);
-  tcase_add_test(tc, purge_thread_exits_when_done);
+  tcase_add_test(tc, purge_thread_parks_when_done);
+  tcase_add_test(tc, an_idle_threads_remote_frees_are_sent_without_a_call);
+  tcase_add_test(tc, threads_come_and_go_while_the_purge_thread_works);
   tcase_add_test(tc, background_off_starts_no_thread);
   tcase_add_test(tc, fork_while_purging);
   tcase_add_test(tc, free_pages_of_a_live_segment_go_back);
