@@ -128,9 +128,9 @@ static int sm_bg_round(void) {
       else marked = sm_free_steal_mark(h) || marked;
     }
     if (marked) {
-      sm_free_steal_barrier();
+      bool ok = sm_free_steal_barrier();
       for (sm_heap_t *h = sm_heaps_first(); h; h = h->all_next)
-        if (atomic_load_explicit(&h->xbuf_steal, memory_order_relaxed) && !sm_free_steal_send(h))
+        if (atomic_load_explicit(&h->xbuf_steal, memory_order_relaxed) && !sm_free_steal_send(h, ok) && ok)
           left = true;
     }
   }
@@ -260,5 +260,6 @@ void sm_background_act(bool from_free) {
 /* In a child after fork no purge thread runs. */
 void sm_background_fork_child(void) {
   atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_relaxed);
+  sm_free_steal_fork_child();
   atomic_store_explicit(&sm_bg_wanted, 0, memory_order_relaxed);
 }

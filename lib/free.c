@@ -368,6 +368,11 @@ bool sm_free_steal_begin(void) {
   return cmd != 0;
 }
 
+/* In a child after fork: the registration was the parent's process's. */
+void sm_free_steal_fork_child(void) {
+  atomic_store_explicit(&sm_steal_cmd, -1, memory_order_relaxed);
+}
+
 /* Mark a heap with batches waiting; false when it has none. */
 bool sm_free_steal_mark(sm_heap_t *heap) {
   if (!sm_xbuf_pending(heap)) return false;
@@ -375,18 +380,21 @@ bool sm_free_steal_mark(sm_heap_t *heap) {
   return true;
 }
 
-/* After marking every heap: the barrier. */
-void sm_free_steal_barrier(void) {
+/* After marking every heap: the barrier; false when it failed (then
+ * sm_free_steal_send only unmarks, and no batch is sent from now on). */
+bool sm_free_steal_barrier(void) {
   int cmd = atomic_load_explicit(&sm_steal_cmd, memory_order_relaxed);
-  if (syscall(SYS_membarrier, cmd, 0, 0) != 0) atomic_store_explicit(&sm_steal_cmd, 0, memory_order_relaxed);
+  bool ok = cmd > 0 && syscall(SYS_membarrier, cmd, 0, 0) == 0;
+  if (!ok) atomic_store_explicit(&sm_steal_cmd, 0, memory_order_relaxed);
   atomic_thread_fence(memory_order_seq_cst);
+  return ok;
 }
 
-/* Send a marked heap's batches unless its owner is at them, and unmark
- * it; whether they were sent. */
-bool sm_free_steal_send(sm_heap_t *heap) {
+/* Send a marked heap's batches unless its owner is at them (or the
+ * barrier failed: ok false), and unmark it; whether they were sent. */
+bool sm_free_steal_send(sm_heap_t *heap, bool ok) {
   bool sent = false;
-  if (!atomic_load_explicit(&heap->xbuf_busy, SM_XB_ACQUIRE)) {
+  if (ok && !atomic_load_explicit(&heap->xbuf_busy, SM_XB_ACQUIRE)) {
     sm_xbuf_send_all(heap);
     sent = true;
   }
@@ -513,10 +521,14 @@ void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
    * time, bench_xchurn 16: 0.958, medians of 15 and 7 interleaved runs) */
   sm_prefetch_write(b);
   sm_heap_t *heap = sm_heap();
-  bool entered = sm_xbuf_try_enter(heap);
+  if (sm_unlikely(!sm_xbuf_try_enter(heap))) {   /* the purge thread is at the batches */
+    sm_xbuf_leave(heap);
+    sm_free_xthread_general(page, b);
+    return;
+  }
   sm_xbuf_t *x = sm_xbuf_open(heap, page);
   uintptr_t key = page->key;
-  if (sm_unlikely(!entered || SM_CANARY || sm_track_on() || x->page != page || x->head == b ||
+  if (sm_unlikely(SM_CANARY || sm_track_on() || x->page != page || x->head == b ||
                   x->count >= SM_XBUF_MAX - 1 || (b->tag ^ key) <= SM_TAG_REMOTE)) {
     sm_xbuf_leave(heap);
     sm_free_xthread_general(page, b);

@@ -9,6 +9,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/mman.h>
+#include <sys/single_threaded.h>
 
 sm_page_t sm_page_empty;
 sm_heap_t sm_heap_empty = {
@@ -206,7 +207,10 @@ sm_heap_t *sm_heap_init_thread(void) {
   sm_heaps_all = heap;
   size_t live = atomic_fetch_add_explicit(&sm_heaps_live, 1, memory_order_relaxed) + 1;
   sm_heaps_unlock();
-  if (live >= 2) sm_background_want();   /* started at the end of this malloc */
+  /* another thread lives, or has lived (a program that calls smalloc_*
+   * from its threads only): the purge thread is started at the end of
+   * this malloc, as a free may not start it (background.c) */
+  if (live >= 2 || !__libc_single_threaded) sm_background_want();
   sm_heap_tls = heap;
   if (atomic_load(&sm_process_ready) == 2) pthread_setspecific(sm_heap_key, heap);
   return heap;

@@ -930,8 +930,9 @@ void sm_free_flush_remote(sm_heap_t *heap);
  * each heap, one barrier, send each marked one */
 bool sm_free_steal_begin(void);
 bool sm_free_steal_mark(sm_heap_t *heap);
-void sm_free_steal_barrier(void);
-bool sm_free_steal_send(sm_heap_t *heap);
+bool sm_free_steal_barrier(void);
+bool sm_free_steal_send(sm_heap_t *heap, bool ok);
+void sm_free_steal_fork_child(void);
 void sm_free_xthread(sm_page_t *page, sm_block_t *b);
 void sm_free_flagged(sm_page_t *page, void *p);
 void sm_free_full(sm_page_t *page, void *p);
