@@ -940,17 +940,6 @@ bool sm_page_claim(sm_heap_t *heap, sm_page_t *page) {
   sm_page_take_over(heap, page);
   page->xfreed = 0;   /* what others freed before is the claimer's to free now */
   sm_assert_expensive(sm_page_valid(page) && sm_page_state_ok(heap, page));
-  /* the page it put second may have emptied while it was first, as this
-   * thread freed an exited one's blocks into it: it goes back to its
-   * segment for any thread to carve.  It stayed in this queue, vacant,
-   * until the next slow path: a thread that freed an exited one's blocks
-   * page by page kept 8 empty pages of the class.  Released, not
-   * retired: this thread frees into such pages, it does not allocate
-   * from them (retiring every claimed page that emptied kept 1.4 GB
-   * resident in a spawn-and-join probe before the pages expired). */
-  sm_page_t *second = page->next;
-  if (second && sm_page_vacant(second) && sm_tf_head(second, memory_order_relaxed) == NULL)
-    sm_page_release(heap, second);
   return true;
 }
 

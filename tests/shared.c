@@ -950,15 +950,13 @@ START_TEST(an_exited_threads_pages_freed_by_another_go_back_on_trim)
 }
 END_TEST
 
-/* The same with more pages than a thread keeps claimed (SM_CLAIM_MAX, 8
- * of a class), and the collection made by another thread while this one
- * waits.  The thread claims each page as it frees into it and gives back
- * the one it emptied as it claims the next; frees into pages it does not
- * claim, which stay in the pool without an owner, are pushed at once,
- * not kept in this thread's batches until its next slow path.  Before,
- * they pinned those pages and their segments: under an address-space
- * limit, another thread's allocation failed although every block was
- * free. */
+/* The same with more pages than a thread claims (SM_CLAIM_MAX, 8 of a
+ * class), and the collection made by another thread while this one
+ * waits: the frees into the pages it does not claim, which stay in the
+ * pool without an owner, are pushed at once, not kept in this thread's
+ * batches until its next slow path.  Before, they pinned those pages
+ * and their segments: under an address-space limit, another thread's
+ * allocation failed although every block was free. */
 enum { SH_W_PAGES = 40 };
 
 static void *sh_w_collect(void *arg)
@@ -984,14 +982,17 @@ START_TEST(an_exited_threads_pages_freed_by_a_thread_that_waits_go_back)
   uint64_t pages = s1.classes[k].pages_in_use - s0.classes[k].pages_in_use;
   ck_assert_uint_ge(pages, SH_W_PAGES);
   ck_assert_uint_eq(s1.pages_abandoned - s0.pages_abandoned, pages);
-  /* this thread claimed every page as it freed into it (its frees were
-   * local ones from then on), and each page it had emptied went back to
-   * its segment as it claimed the next: only the last one waits in its
-   * queue for its next slow path */
+  /* this thread claimed some (its frees into them were local ones, and
+   * they wait in its queues for its next slow path); every other page
+   * went back to its segment */
   uint64_t claimed = s2.pages_reclaimed - s1.pages_reclaimed;
-  ck_assert_uint_eq(claimed, pages);
-  ck_assert_uint_le(s2.classes[k].pages_in_use, s0.classes[k].pages_in_use + 1);
-  ck_assert_uint_ge(s2.pages_released - s1.pages_released, pages - 1);
+  ck_assert_uint_gt(claimed, 0);
+  ck_assert_uint_le(claimed, pages);
+  /* (in the secure build this thread retires each page it claimed as it
+   * empties, and so claims them all: nothing is left to send) */
+  ck_assert(SM_TEST_SECURE || claimed < pages);
+  ck_assert_uint_le(s2.classes[k].pages_in_use, s0.classes[k].pages_in_use + claimed);
+  ck_assert_uint_ge(s2.pages_released - s1.pages_released, pages - claimed);
   munmap(e.v, e.n * sizeof *e.v);
 }
 END_TEST
