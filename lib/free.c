@@ -299,10 +299,10 @@ static void sm_xbuf_send_all(sm_heap_t *heap) {
  * A thread that stops calling in (blocked, asleep, idle for the rest of
  * the program) keeps its batches, and with them every page they were
  * freed into, from everyone: 1600 threads handed blocks to main, which
- * freed them and slept, and its 126 unsent batches kept the last threads'
- * pages, 8 of each class, and their segments, resident for good.  So the
- * purge thread sends the batches of a heap that took no slow path for a
- * purge delay (sm_free_steal_*, from background.c).
+ * freed them and slept with 126 batches unsent, and the pages those were
+ * freed into stayed in use for good.  So the purge thread sends the
+ * batches of a heap that took no slow path for a purge delay
+ * (sm_free_steal_*, from background.c).
  *
  * The owner marks itself busy at its batches (xbuf_busy), then looks for
  * the purge thread's mark (xbuf_steal) and, if it finds one, waits until
