@@ -1041,6 +1041,7 @@ bool sm_page_clear(sm_page_t *page);   /* false: kept, corrupted (page.c) */
 void sm_heap_collect_retired(sm_heap_t *heap, bool force);
 void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page);
 void sm_pq_push_front(sm_heap_t *heap, size_t qi, sm_page_t *page);
+void sm_page_free_to_local(sm_page_t *page);
 void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page);
 void sm_pq_update_direct(sm_heap_t *heap, size_t bin);
 

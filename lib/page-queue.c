@@ -51,10 +51,17 @@ void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page) {
   if (q->first == page) sm_pq_first_changed(heap, qi, NULL);
 }
 
+/* The page goes first; the one it puts second keeps its free blocks on
+ * local_free from now on (sm_page_free_to_local), so that only the first
+ * page of a class has a free list: the fast path's free that empties a
+ * page behind it sees free == NULL and retires it.  (A thread that freed
+ * into the pages of exited threads, each claimed in front of the last,
+ * kept 8 vacant pages of every class for good.) */
 void sm_pq_push_front(sm_heap_t *heap, size_t qi, sm_page_t *page) {
   sm_page_queue_t *q = &heap->queues[qi];
   sm_assert_expensive(!page->retired && q->first != page);
   sm_page_t *old = q->first;
+  if (old && qi != SM_BIN_FULL) sm_page_free_to_local(old);
   page->prev = NULL;
   page->next = old;
   if (old) old->prev = page; else q->last = page;
