@@ -27,7 +27,7 @@
  *     emptied in the pool, and the empty pages sent home to each heap
  *     (pool.c);
  *   - gives back the memory of free pages that have been free in any
- *     heap's segments for the delay;
+ *     heap's segments, or in an exited thread's, for the delay;
  *   - purges cached segments and kept huge mappings older than the delay.
  * When nothing is left it parks on a futex, and whatever gives it work
  * wakes it (sm_background_wake, one system call, no lock).  Measured on
@@ -137,6 +137,7 @@ static int sm_bg_round(void) {
   sm_heaps_unlock();
   sm_heap_shared_tidy(false);
   sm_pool_collect(self);
+  if (sm_segment_decommit_abandoned(now, delay)) left = true;
   if (claimed) sm_segment_cache_purge_all();
   sm_segment_cache_collect(false);
   if (left || sm_segment_cache_pending()) return SM_BG_MORE;

@@ -1051,6 +1051,7 @@ void sm_segment_unmap(sm_segment_t *seg);
 sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment);
 void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page);
 void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t delay);
+bool sm_segment_decommit_abandoned(uint64_t now, uint64_t delay);
 void sm_segment_abandon_heap(sm_heap_t *heap);
 sm_segment_t *sm_segment_reclaim_one(sm_heap_t *heap, int kind);
 bool sm_segment_page_free_abandoned(sm_segment_t *seg, sm_page_t *page);

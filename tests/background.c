@@ -670,6 +670,60 @@ START_TEST(an_idle_threads_remote_frees_are_sent_without_a_call)
 }
 END_TEST
 
+/* A thread fills BG_A_PAGES pages of a class and exits; this thread
+ * frees every block but the last and goes idle.  The exited thread's
+ * segment stays abandoned (the page of the kept block is in use), and the
+ * pages that went back to it, released from the pool or from this
+ * thread's retired ones, are given back to the OS after the purge delay
+ * like the free pages of a live thread's segments.  Before, they stayed
+ * committed until a thread took the segment, which an idle program never
+ * does: a program whose threads came and went kept 90 MB resident for
+ * 6 KB live. */
+enum { BG_A_PAGES = 24, BG_A_SIZE = SM_TEST_REQUEST_FOR(512) };
+static void **bg_a_v;
+static size_t bg_a_n;
+
+static void *bg_a_maker(void *arg)
+{
+  (void)arg;
+  for (size_t i = 0; i < bg_a_n; i++)
+    bg_a_v[i] = smalloc_malloc(BG_A_SIZE);
+  return NULL;
+}
+
+START_TEST(free_pages_of_an_exited_threads_segment_go_back)
+{
+  bg_on();
+  bg_a_n = BG_A_PAGES * (SM_TEST_SMALL_PAGE / sm_test_class_size(BG_A_SIZE));
+  bg_a_v = mmap(NULL, bg_a_n * sizeof *bg_a_v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ck_assert(bg_a_v != MAP_FAILED);
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, bg_a_maker, NULL), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  for (size_t i = 0; i < bg_a_n; i++)
+    ck_assert_ptr_nonnull(bg_a_v[i]);
+  smalloc_stats_t a, c;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  for (size_t i = 0; i + 1 < bg_a_n; i++)
+    smalloc_free(bg_a_v[i]);
+  /* idle: every page but the kept block's gives its memory back (the
+   * count takes in other heaps' free pages too) */
+  uint64_t want = BG_A_PAGES - 2;
+  for (long waited = 0; waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+    ck_assert_int_eq(sm_test_snap(&c), 0);
+    if (c.pages_purged - a.pages_purged >= want)
+      break;
+    bg_sleep_ms(BG_POLL_MS);
+  }
+  ck_assert_msg(c.pages_purged - a.pages_purged >= want,
+                "%llu pages purged after %d ms idle, of the %d free in the exited thread's segment",
+                (unsigned long long)(c.pages_purged - a.pages_purged), BG_POLL_MAX_MS, BG_A_PAGES - 1);
+  ck_assert_uint_le(c.bytes_committed + want * SM_TEST_SMALL_PAGE, a.bytes_committed);
+  smalloc_free(bg_a_v[bg_a_n - 1]);
+  munmap(bg_a_v, bg_a_n * sizeof *bg_a_v);
+}
+END_TEST
+
 /* Threads start, free into pages that retire, hand blocks to main and
  * exit, round after round, while the purge thread has work: glibc frees
  * a dead thread's TLS vector, in pthread_join, under the lock that
@@ -969,6 +1023,7 @@ static Suite *background_suite(void)
   tcase_add_test(tc, background_off_starts_no_thread);
   tcase_add_test(tc, fork_while_purging);
   tcase_add_test(tc, free_pages_of_a_live_segment_go_back);
+  tcase_add_test(tc, free_pages_of_an_exited_threads_segment_go_back);
   tcase_add_test(tc, many_threads_churn_while_the_purge_thread_restarts);
   suite_add_tcase(s, tc);
   return s;
