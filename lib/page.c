@@ -595,23 +595,39 @@ void sm_heap_release_stale(sm_heap_t *owner, sm_heap_t *self, uint64_t now, uint
 }
 
 /* Move a page's free list onto local_free, so the page has the shape of
- * one emptied by free (free == NULL). */
+ * one emptied by free (free == NULL).  The shorter list goes behind the
+ * longer, both walked in step: a page put second (sm_pq_push_front) often
+ * has a long free list and a short local_free, or the other way round,
+ * and walking local_free whole took a quarter of bench_xchurn 64's time
+ * in its short run. */
+static sm_block_t *sm_list_next_checked(sm_page_t *page, sm_block_t *b, bool *bad) {
+  sm_block_t *next = sm_dec(page, b->next);
+  if (next != NULL && sm_unlikely(!sm_page_is_block(page, next))) {
+    sm_page_corrupt(page, "", NULL);
+    *bad = true;
+  }
+  return next;
+}
+
 void sm_page_free_to_local(sm_page_t *page) {
   if (!sm_page_has_free(page)) return;
-  sm_block_t *head = page->free;
+  sm_block_t *a = page->free, *b = page->local_free;
   page->free = NULL;
-  if (page->local_free == NULL) { page->local_free = head; return; }
-  sm_block_t *tail = page->local_free;
+  page->local_free = a;
+  if (b == NULL) return;
+  bool bad = false;
+  sm_block_t *ta = a, *tb = b;
   for (uint32_t i = 0; i < page->capacity; i++) {
-    sm_block_t *next = sm_dec(page, tail->next);
-    if (next == NULL) break;
-    if (sm_unlikely(!sm_page_is_block(page, next))) {
-      sm_page_corrupt(page, "", NULL);
-      return;   /* keep local_free as it is, drop the rest */
-    }
-    tail = next;
+    sm_block_t *na = sm_list_next_checked(page, ta, &bad);
+    if (bad) return;   /* the page is kept for good: the rest is dropped */
+    if (na == NULL) { ta->next = sm_enc(page, b); return; }
+    sm_block_t *nb = sm_list_next_checked(page, tb, &bad);
+    if (bad) return;
+    if (nb == NULL) { tb->next = sm_enc(page, a); page->local_free = b; return; }
+    ta = na;
+    tb = nb;
   }
-  tail->next = sm_enc(page, head);
+  sm_page_corrupt(page, "", NULL);   /* more blocks than the page holds: a cycle */
 }
 
 /* Housekeeping, every SM_SWEEP_CYCLES slow-path entries: pages of the

@@ -10,6 +10,9 @@
  *     all free;
  *   - a page ready behind more than eight that wait for their blocks is
  *     found, not passed by for a fresh page.
+ * And, on a page of this thread's heap, sm_page_free_to_local: the free
+ * list of a page put behind the first of its class joins its local_free,
+ * whichever of the two is longer, with no block lost or doubled.
  */
 #include "common.h"
 
@@ -62,6 +65,73 @@ START_TEST(a_ready_page_behind_waiting_ones_is_found)
 }
 END_TEST
 
+enum { FL_SIZE = 48, FL_BLOCKS = 40 };
+
+/* Link blocks v[from..to) into a free list of page, tagged free. */
+static sm_block_t *fl_list(sm_page_t *page, void **v, int from, int to)
+{
+  sm_block_t *head = NULL;
+  for (int i = to - 1; i >= from; i--) {
+    sm_block_t *b = v[i];
+    b->next = sm_enc(page, head);
+    b->tag = page->key;
+    head = b;
+  }
+  return head;
+}
+
+/* free_n blocks on free, the next local_n on local_free; after the move,
+ * local_free holds exactly those blocks, each once, and free none. */
+static void fl_check(int free_n, int local_n)
+{
+  void *v[FL_BLOCKS];
+  sm_page_t *page = NULL;
+  for (int i = 0; i < FL_BLOCKS; i++) {
+    v[i] = smalloc_malloc(FL_SIZE);
+    sm_segment_t *seg;
+    sm_page_t *pg;
+    ck_assert(sm_lookup(v[i], &seg, &pg));
+    if (i == 0) page = pg;
+    ck_assert_ptr_eq(pg, page);   /* one page holds them all */
+  }
+  sm_block_t *free0 = page->free, *local0 = page->local_free;
+  page->free = fl_list(page, v, 0, free_n);
+  page->local_free = fl_list(page, v, free_n, free_n + local_n);
+  sm_page_free_to_local(page);
+  ck_assert_ptr_null(page->free);
+  int seen[FL_BLOCKS] = {0}, n = 0;
+  for (sm_block_t *b = page->local_free; b && n <= FL_BLOCKS; b = sm_dec(page, b->next), n++) {
+    int k = -1;
+    for (int i = 0; i < FL_BLOCKS; i++)
+      if (v[i] == b) k = i;
+    ck_assert_int_ge(k, 0);
+    ck_assert_int_lt(k, free_n + local_n);
+    seen[k]++;
+  }
+  ck_assert_int_eq(n, free_n + local_n);
+  for (int i = 0; i < free_n + local_n; i++)
+    ck_assert_int_eq(seen[i], 1);
+  /* as it was: the blocks are live again, and freed as such */
+  page->free = free0;
+  page->local_free = local0;
+  for (int i = 0; i < FL_BLOCKS; i++) {
+    ((sm_block_t *)v[i])->tag = 0;
+    smalloc_free(v[i]);
+  }
+}
+
+START_TEST(a_demoted_pages_free_list_joins_local_free)
+{
+  smalloc_collect(true);
+  fl_check(30, 3);    /* the longer on free */
+  fl_check(2, 25);    /* the longer on local_free */
+  fl_check(7, 7);
+  fl_check(1, 1);
+  fl_check(12, 0);    /* local_free empty */
+  fl_check(0, 9);     /* nothing on free: nothing moves */
+}
+END_TEST
+
 static Suite *pool_suite(void)
 {
   Suite *s = suite_create("pool");
@@ -69,6 +139,7 @@ static Suite *pool_suite(void)
   tcase_add_test(tc, blocks_never_handed_out_count);
   tcase_add_test(tc, a_page_with_few_blocks_is_taken_once_all_are_free);
   tcase_add_test(tc, a_ready_page_behind_waiting_ones_is_found);
+  tcase_add_test(tc, a_demoted_pages_free_list_joins_local_free);
   suite_add_tcase(s, tc);
   return s;
 }
