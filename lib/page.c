@@ -945,11 +945,11 @@ static sm_page_t *sm_page_adopt(sm_heap_t *heap, size_t bin) {
  * retired (so that a thread that frees much and allocates little of a
  * class does not keep many of its pages from the rest: claimed pages
  * that emptied and retired let it claim 1.4-1.8 GB in a probe whose
- * threads came and went, when only its queues were counted).  A thread that takes over an exited
- * thread's blocks (mimalloc-bench's larson, a server whose worker
- * threads come and go) otherwise freed every one into a page nobody
- * owned, batched and pushed with a CAS each time a batch was sent, and
- * the pages went back and forth between the heaps and the pool: larson
+ * threads came and went, when only its queues were counted).  A thread
+ * that takes over an exited thread's blocks (mimalloc-bench's larson, a
+ * server whose worker threads come and go) otherwise freed every one
+ * into a page nobody owned, batched and pushed with a CAS each time a
+ * batch was sent, and the pages went back and forth between the heaps and the pool: larson
  * 2.5 times mimalloc 3.4.3's time (with the claim, bounds of 4, 8 and
  * none: 62-100, 73-99 and 80-108 M operations a second, 28-36, 32-35 and
  * 28-34 MB peak resident).  Returns whether the page was taken (not if
