@@ -1066,7 +1066,7 @@ uint64_t sm_heap_random(sm_heap_t *heap);
 
 /* ---- pool.c: pages given to the process, and pages sent home ------------ */
 void sm_pool_push(sm_page_t *page);
-sm_page_t *sm_pool_pop(size_t bin, uint32_t min);
+sm_page_t *sm_pool_pop(size_t bin, uint32_t min, uint32_t part);
 void sm_pool_collect(sm_heap_t *self);
 bool sm_pool_take(sm_page_t *page);
 void sm_pool_fork_child(void);

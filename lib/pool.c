@@ -76,7 +76,8 @@ static bool sm_pool_page_empty(const sm_page_t *page) {
 /* Of the pages given longest ago for the class (other threads' frees had
  * the most time to come back to them), the one with the most free
  * blocks (on its thread_free, or not handed out since the page was
- * given), at least min or all of its blocks; NULL when none has
+ * given), at least min and a part-th of the page's, or all of its
+ * blocks; NULL when none has
  * (one relaxed load when the pool is empty).  An empty page qualifies
  * whatever its size: threads that each leave a block or two behind for
  * others to free (mimalloc-bench's mleak: 20,000 threads) left as many
@@ -91,7 +92,7 @@ static bool sm_pool_page_empty(const sm_page_t *page) {
  * batches last in, first out: 195 MB resident for 28 MB live when only
  * the first 8 were looked at, ready pages further back passed by). */
 #define SM_POOL_FAR 64
-sm_page_t *sm_pool_pop(size_t bin, uint32_t min) {
+sm_page_t *sm_pool_pop(size_t bin, uint32_t min, uint32_t part) {
   sm_pool_t *pool = &sm_pool[bin];
   if (atomic_load_explicit(&pool->count, memory_order_relaxed) == 0) return NULL;
   sm_lock(&pool->lock);
@@ -101,7 +102,7 @@ sm_page_t *sm_pool_pop(size_t bin, uint32_t min) {
        page = page->next, seen++) {
     uint32_t n = sm_tf_count(atomic_load_explicit(&page->thread_free, memory_order_relaxed)) +
                  (page->reserved - page->used);
-    if (n > most && (n >= min || sm_pool_page_empty(page))) {
+    if (n > most && ((n >= min && n >= page->reserved / part) || sm_pool_page_empty(page))) {
       best = page;
       most = n;
     }

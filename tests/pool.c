@@ -8,6 +8,8 @@
  *     threads freed into it;
  *   - a page with fewer free blocks than the bound is taken once they are
  *     all free;
+ *   - a page must have a part of its blocks free too, not only the bound
+ *     (a large page soon exhausted would go back and forth);
  *   - a page ready behind more than eight that wait for their blocks is
  *     found, not passed by for a fresh page.
  * And, on a page of this thread's heap, sm_page_free_to_local: the free
@@ -18,7 +20,7 @@
 
 #include "internal.h"
 
-enum { POOL_BIN = 90, POOL_PAGES = 40, POOL_MIN = 8 };
+enum { POOL_BIN = 90, POOL_PAGES = 40, POOL_MIN = 8, POOL_PART = 16 };
 static sm_page_t pages[POOL_PAGES] __attribute__((aligned(64)));
 
 /* A page that handed out `used` of `reserved` blocks, `freed` of which
@@ -40,17 +42,27 @@ static sm_page_t *pool_page(int i, uint32_t reserved, uint32_t used, uint32_t fr
 START_TEST(blocks_never_handed_out_count)
 {
   sm_page_t *p = pool_page(0, 100, 3, 0);
-  ck_assert_ptr_eq(sm_pool_pop(POOL_BIN, POOL_MIN), p);
-  ck_assert_ptr_null(sm_pool_pop(POOL_BIN, POOL_MIN));
+  ck_assert_ptr_eq(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART), p);
+  ck_assert_ptr_null(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART));
 }
 END_TEST
 
 START_TEST(a_page_with_few_blocks_is_taken_once_all_are_free)
 {
   sm_page_t *p = pool_page(0, 4, 4, 3);
-  ck_assert_ptr_null(sm_pool_pop(POOL_BIN, POOL_MIN));
+  ck_assert_ptr_null(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART));
   atomic_store(&p->thread_free, (uintptr_t)4 * SM_TF_COUNT_ONE);
-  ck_assert_ptr_eq(sm_pool_pop(POOL_BIN, POOL_MIN), p);
+  ck_assert_ptr_eq(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART), p);
+}
+END_TEST
+
+START_TEST(a_large_page_needs_a_part_of_its_blocks_free)
+{
+  /* 400 blocks: 24 free is fewer than a 16th, 25 is one */
+  sm_page_t *p = pool_page(0, 400, 400, 24);
+  ck_assert_ptr_null(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART));
+  atomic_store(&p->thread_free, (uintptr_t)25 * SM_TF_COUNT_ONE);
+  ck_assert_ptr_eq(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART), p);
 }
 END_TEST
 
@@ -59,9 +71,9 @@ START_TEST(a_ready_page_behind_waiting_ones_is_found)
   for (int i = 0; i < 20; i++)
     pool_page(i, 100, 100, 1);   /* waiting: one block freed */
   sm_page_t *ready = pool_page(20, 100, 100, 60);
-  ck_assert_ptr_eq(sm_pool_pop(POOL_BIN, POOL_MIN), ready);
+  ck_assert_ptr_eq(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART), ready);
   /* of the waiting ones, none will do */
-  ck_assert_ptr_null(sm_pool_pop(POOL_BIN, POOL_MIN));
+  ck_assert_ptr_null(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART));
 }
 END_TEST
 
@@ -138,6 +150,7 @@ static Suite *pool_suite(void)
   TCase *tc = sm_tcase("pool", 30);
   tcase_add_test(tc, blocks_never_handed_out_count);
   tcase_add_test(tc, a_page_with_few_blocks_is_taken_once_all_are_free);
+  tcase_add_test(tc, a_large_page_needs_a_part_of_its_blocks_free);
   tcase_add_test(tc, a_ready_page_behind_waiting_ones_is_found);
   tcase_add_test(tc, a_demoted_pages_free_list_joins_local_free);
   suite_add_tcase(s, tc);

@@ -762,8 +762,9 @@ END_TEST
  * carves a fresh page.  Another thread frees SH_S_FREED more of the page's
  * blocks; then thread C, which has no page of the class, takes the page
  * from the pool with those blocks rather than carving a fresh one, and its
- * block is one of that page's. */
-enum { SH_S_SIZE = SM_TEST_REQUEST_FOR(112), SH_S_FREED = 16 };
+ * block is one of that page's.  (SH_S_FREED is more than a 16th of the
+ * page's 585 blocks: a page with fewer free is not worth taking, page.c.) */
+enum { SH_S_SIZE = SM_TEST_REQUEST_FOR(112), SH_S_FREED = 40 };
 
 typedef struct sh_s {
   pthread_barrier_t step;
