@@ -968,6 +968,7 @@ static sm_page_t *sm_page_adopt(sm_heap_t *heap, size_t bin) {
 bool sm_page_claim(sm_heap_t *heap, sm_page_t *page) {
   unsigned n = 0;
   for (const sm_page_t *q = heap->queues[page->bin].first; q && n < SM_CLAIM_MAX; q = q->next) n++;
+  if (n == SM_CLAIM_MAX) return false;   /* the common case once it holds them: no lock */
   sm_lock(&heap->lock);   /* the purge thread releases retired pages */
   for (const sm_page_t *q = heap->retired[page->bin].first; q && n < SM_CLAIM_MAX; q = q->next) n++;
   sm_unlock(&heap->lock);
