@@ -90,6 +90,9 @@ static void prof_dump_read(prof_read_t *r, const char *site_a, const char *site_
   ck_assert_msg(maps, "no MAPPED_LIBRARIES section");
   fclose(f);
   unlink(path);
+  char churn[sizeof path + 8];   /* the dump writes the churn profile beside it */
+  snprintf(churn, sizeof churn, "%s.churn", path);
+  unlink(churn);
 }
 
 static void *blocks[1 << 18];
