@@ -9,6 +9,8 @@
  *   bench_xchurn THREADS [quick]
  *   XCHURN_SECONDS=60 bench_xchurn THREADS    run by time instead, and print
  *                                             the resident size every 5 s
+ *   XCHURN_POOL=20000 bench_xchurn THREADS    blocks each thread keeps live
+ *                                             (default 4096)
  */
 #include "common.h"
 
@@ -16,7 +18,8 @@
 #include <stdatomic.h>
 #include <unistd.h>
 
-enum { POOL = 4096, HANDOFF = 4, DRAIN_EVERY = 32 };
+enum { POOL_DEFAULT = 4096, HANDOFF = 4, DRAIN_EVERY = 32 };
+static unsigned pool_size = POOL_DEFAULT;   /* blocks live per thread */
 
 static struct inbox *inbox;
 static unsigned nthreads;
@@ -46,13 +49,13 @@ static void *worker(void *arg)
   unsigned self = (unsigned)(uintptr_t)arg;
   uint64_t rng = 0x7c4e0000 + self;
   uint64_t ck = 0;
-  uint64_t **pool = xmalloc(POOL * sizeof *pool);
-  for (int i = 0; i < POOL; i++)
+  uint64_t **pool = xmalloc(pool_size * sizeof *pool);
+  for (unsigned i = 0; i < pool_size; i++)
     pool[i] = make_block(&rng);
 
   for (uint64_t s = 0; deadline > 0 || s < steps; s++) {
     uint64_t r = rng_next(&rng);
-    unsigned i = (unsigned)(r % POOL);
+    unsigned i = (unsigned)(r % pool_size);
     uint64_t *old = pool[i];
     if ((r >> 32) % HANDOFF == 0) {
       unsigned to = (unsigned)(self + 1 + (r >> 40) % (nthreads - 1)) % nthreads;
@@ -70,7 +73,7 @@ static void *worker(void *arg)
 
   pthread_barrier_wait(&stopped);   /* nobody hands off any more */
   uint64_t live = 0;
-  for (int i = 0; i < POOL; i++)
+  for (unsigned i = 0; i < pool_size; i++)
     live += pool[i][1] & 0xfffff;
   for (uint64_t *p = atomic_load(&inbox[self].head); p; p = (uint64_t *)(uintptr_t)p[0])
     live += p[1] & 0xfffff;
@@ -78,7 +81,7 @@ static void *worker(void *arg)
   pthread_barrier_wait(&measured);  /* main reads the resident size */
   pthread_barrier_wait(&measured);
   ck += inbox_drain(&inbox[self], retire_block);
-  for (int i = 0; i < POOL; i++)
+  for (unsigned i = 0; i < pool_size; i++)
     ck += retire_block(pool[i]);
   free(pool);
   atomic_fetch_add(&total_ck, ck);
@@ -93,6 +96,9 @@ int main(int argc, char **argv)
   int quick = is_quick(argc, argv);
   steps = (quick ? 400000 : 8000000) / nthreads;
   const char *secs = getenv("XCHURN_SECONDS");
+  const char *psize = getenv("XCHURN_POOL");
+  if (psize && atoi(psize) > 0)
+    pool_size = (unsigned)atoi(psize);
   double t0 = now_s();
   if (secs && atof(secs) > 0)
     deadline = t0 + atof(secs);
