@@ -470,10 +470,12 @@ static int sm_prof_stack(sm_heap_t *heap, void **frames, int cap, void ***start,
   sm_prof_hush_end(busy);
   uintptr_t lo = atomic_load_explicit(&sm_prof_text_lo, memory_order_relaxed);
   uintptr_t hi = atomic_load_explicit(&sm_prof_text_hi, memory_order_relaxed);
-  /* past the last of this library's frames among the innermost few: a
-   * sanitizer's interceptor of backtrace may come before them */
+  /* past the last of this library's frames, however deep the event
+   * (a segment mapped for a malloc is a dozen of them in); up to 7 frames
+   * of others between two of ours are crossed: a sanitizer's interceptor
+   * of backtrace, or the unwinder's own, may come first */
   int skip = 0;
-  for (int i = 0; i < depth && i < 8; i++)
+  for (int i = 0; i < depth && i < skip + 8; i++)
     if ((uintptr_t)frames[i] >= lo && (uintptr_t)frames[i] < hi) skip = i + 1;
   *start = frames + skip;
   return depth - skip > SM_PROF_DEPTH ? SM_PROF_DEPTH : depth - skip;

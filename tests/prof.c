@@ -501,7 +501,9 @@ __attribute__((noinline)) void steady_churner(void)
 }
 
 /* The lines of the churn profile that name fn, and their events by kind,
- * summed: the count of lines is the result. */
+ * summed: the count of lines is the result.  In a line that names fn, fn
+ * is the innermost frame: it calls smalloc, and the library's own frames
+ * (however many the event is deep in it) are left out. */
 static int churn_read(const char *path, const char *fn, uint64_t *counts, const char *const *kinds)
 {
   char churn[300];
@@ -519,6 +521,10 @@ static int churn_read(const char *path, const char *fn, uint64_t *counts, const 
     ck_assert_ptr_nonnull(leaf);
     if (fn && !strstr(line, fn))
       continue;
+    *leaf = '\0';
+    char *inner = strrchr(line, ';');
+    inner = inner ? inner + 1 : line;
+    ck_assert_msg(!fn || strcmp(inner, fn) == 0, "%s: innermost frame %s, not %s", leaf + 1, inner, fn);
     for (int k = 0; kinds[k]; k++)
       if (strcmp(leaf + 1, kinds[k]) == 0)
         counts[k] += strtoull(sp + 1, NULL, 10);
