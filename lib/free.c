@@ -504,8 +504,7 @@ void sm_free_full(sm_page_t *page, void *p) {
 
 /* From the inline free: a block start in another live thread's ordinary
  * page.  Count it here and batch it. */
-static __attribute__((noinline)) void sm_free_xthread_general(sm_page_t *page, sm_block_t *b) {
-  sm_heap_t *heap = sm_heap();
+static __attribute__((noinline)) void sm_free_xthread_general(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   if (sm_unlikely(!heap->initialized || !sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
   sm_free_batch(heap, page, b, "free");
 }
@@ -513,25 +512,26 @@ static __attribute__((noinline)) void sm_free_xthread_general(sm_page_t *page, s
 /* The common remote free, a leaf that calls nothing: the block joins the
  * open batch of its page, which has room, and its tag says it is not free
  * yet.  Everything else (a new batch, a full one, a thread without a
- * heap: its slots hold no page, the secure build's checks, valgrind, the
- * purge thread at this heap's batches) takes the general path above. */
-void sm_free_xthread(sm_page_t *page, sm_block_t *b) {
+ * heap: its slots hold no page, the secure build's checks, the purge
+ * thread at this heap's batches) takes the general path above.  heap is
+ * the caller's (sm_heap(), which the inline free has read already).
+ * Under valgrind no free comes here: a tracked page's xtid is 0. */
+void sm_free_xthread(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   /* the block's line, written last by the thread that allocated it: its
    * tag is read below and written after (bench_pipeline: 0.956 of the
    * time, bench_xchurn 16: 0.958, medians of 15 and 7 interleaved runs) */
   sm_prefetch_write(b);
-  sm_heap_t *heap = sm_heap();
   if (sm_unlikely(!sm_xbuf_try_enter(heap))) {   /* the purge thread is at the batches */
     sm_xbuf_leave(heap);
-    sm_free_xthread_general(page, b);
+    sm_free_xthread_general(heap, page, b);
     return;
   }
   sm_xbuf_t *x = sm_xbuf_open(heap, page);
   uintptr_t key = page->key;
-  if (sm_unlikely(SM_CANARY || sm_track_on() || x->page != page || x->head == b ||
-                  x->count >= SM_XBUF_MAX - 1 || (b->tag ^ key) <= SM_TAG_REMOTE)) {
+  if (sm_unlikely(SM_CANARY || x->page != page || x->head == b || x->count >= SM_XBUF_MAX - 1 ||
+                  (b->tag ^ key) <= SM_TAG_REMOTE)) {
     sm_xbuf_leave(heap);
-    sm_free_xthread_general(page, b);
+    sm_free_xthread_general(heap, page, b);
     return;
   }
   b->tag = key ^ SM_TAG_REMOTE;

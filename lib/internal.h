@@ -933,7 +933,7 @@ bool sm_free_steal_mark(sm_heap_t *heap);
 bool sm_free_steal_barrier(void);
 bool sm_free_steal_send(sm_heap_t *heap, bool ok);
 void sm_free_steal_fork_child(void);
-void sm_free_xthread(sm_page_t *page, sm_block_t *b);
+void sm_free_xthread(sm_heap_t *heap, sm_page_t *page, sm_block_t *b);
 void sm_free_flagged(sm_page_t *page, void *p);
 void sm_free_full(sm_page_t *page, void *p);
 
@@ -979,7 +979,8 @@ SM_INLINE void sm_free_inline(void *p) {
   if (sm_unlikely(slice >= SM_PAGEMAP_SLICES)) { sm_free_generic(p, "free"); return; }
   sm_page_t *page = sm_pagemap_at(slice);   /* none fails the block test below */
   uintptr_t xtid = atomic_load_explicit(&page->xtid, memory_order_relaxed);
-  uintptr_t self = sm_heap_owner_id(sm_heap());
+  sm_heap_t *heap = sm_heap();
+  uintptr_t self = sm_heap_owner_id(heap);
   /* a block start: inside the page's blocks (not its segment header or
    * unused tail) and at a multiple of the block size */
   if (sm_unlikely(!sm_page_is_block(page, p))) {
@@ -991,7 +992,7 @@ SM_INLINE void sm_free_inline(void *p) {
      * another thread's page: pushed on its thread_free; anything else
      * (flagged, abandoned, not in use, single) goes the long way */
     if ((xtid ^ self) == 1) sm_free_full(page, p);
-    else if (xtid != 0) sm_free_xthread(page, (sm_block_t *)p);
+    else if (xtid != 0) sm_free_xthread(heap, page, (sm_block_t *)p);
     else sm_free_flagged(page, p);
     return;
   }
