@@ -1045,6 +1045,7 @@ void sm_pq_push_front(sm_heap_t *heap, size_t qi, sm_page_t *page);
 void sm_page_free_to_local(sm_page_t *page);
 void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page);
 void sm_pq_update_direct(sm_heap_t *heap, size_t bin);
+void sm_pq_first_refilled(sm_heap_t *heap, sm_page_t *page);
 
 /* ---- segment.c ---------------------------------------------------------- */
 sm_segment_t *sm_segment_map(void);

@@ -9,13 +9,18 @@
  * back on its free list: not where emptied pages are released at once
  * (SMALLOC_RETIRE_CYCLES=0: a page that stayed first would never empty),
  * nor in the secure build, which delays the reuse of a freed block until
- * its page's list runs dry, so that a write after free is seen then. */
+ * its page's list runs dry, so that a write after free is seen then; and
+ * not before its local_free is empty.  The block the owner freed last
+ * must head the list its frees go on, where free looks for a second free
+ * of it (sm_free_owner_push): a page that becomes first with blocks on
+ * local_free (one back from the full list, say) frees there until the
+ * slow path takes local_free as its free list (sm_pq_first_refilled). */
 static bool sm_pq_frees_to_free(const sm_page_t *page) {
 #ifdef SM_SECURE
   (void)page;
   return false;
 #else
-  return sm_retire_cycles_for(page->block_size) != 0;
+  return page->local_free == NULL && sm_retire_cycles_for(page->block_size) != 0;
 #endif
 }
 
@@ -29,6 +34,12 @@ static void sm_pq_first_changed(sm_heap_t *heap, size_t bin, sm_page_t *old) {
   if (old) old->free_to = SM_FREE_TO_LOCAL;
   if (first) first->free_to = sm_pq_frees_to_free(first) ? SM_FREE_TO_FREE : SM_FREE_TO_LOCAL;
   sm_pq_update_direct(heap, bin);
+}
+
+/* The slow path found page, the first of its class, with a free list
+ * (its local_free taken as that, maybe): where its frees go now. */
+void sm_pq_first_refilled(sm_heap_t *heap, sm_page_t *page) {
+  if (heap->queues[page->bin].first == page && sm_pq_frees_to_free(page)) page->free_to = SM_FREE_TO_FREE;
 }
 
 /* Point every direct entry of the bin at its first page. */

@@ -595,11 +595,10 @@ void sm_heap_release_stale(sm_heap_t *owner, sm_heap_t *self, uint64_t now, uint
 }
 
 /* Move a page's free list onto local_free, so the page has the shape of
- * one emptied by free (free == NULL).  The shorter list goes behind the
- * longer, both walked in step: a page put second (sm_pq_push_front) often
- * has a long free list and a short local_free, or the other way round,
- * and walking local_free whole took a quarter of bench_xchurn 64's time
- * in its short run. */
+ * one emptied by free (free == NULL).  The head of the list the owner's
+ * frees went on stays the head: it is the block freed last, and freeing
+ * it again after a write over its tag is caught only there
+ * (sm_free_owner_push). */
 static sm_block_t *sm_list_next_checked(sm_page_t *page, sm_block_t *b, bool *bad) {
   sm_block_t *next = sm_dec(page, b->next);
   if (next != NULL && sm_unlikely(!sm_page_is_block(page, next))) {
@@ -609,25 +608,41 @@ static sm_block_t *sm_list_next_checked(sm_page_t *page, sm_block_t *b, bool *ba
   return next;
 }
 
+/* The blocks of the page's lists x (not NULL) and y as one list headed
+ * by x's head.  Both are walked in step and the shorter goes behind the
+ * longer (y right behind x's head when y is the shorter): a page put
+ * second (sm_pq_push_front) often has a long free list and a short
+ * local_free, or the other way round, and walking one whole took a
+ * quarter of bench_xchurn 64's time in its short run.  A bad link or a
+ * cycle marks the page corrupted and drops y. */
+static sm_block_t *sm_list_join(sm_page_t *page, sm_block_t *x, sm_block_t *y) {
+  if (y == NULL) return x;
+  bool bad = false;
+  sm_block_t *tx = x, *ty = y;
+  for (uint32_t i = 0; i < page->capacity; i++) {
+    sm_block_t *nx = sm_list_next_checked(page, tx, &bad);
+    if (bad) return x;   /* the page is kept for good: the rest is dropped */
+    if (nx == NULL) { tx->next = sm_enc(page, y); return x; }
+    sm_block_t *ny = sm_list_next_checked(page, ty, &bad);
+    if (bad) return x;
+    if (ny == NULL) {
+      ty->next = x->next;
+      x->next = sm_enc(page, y);
+      return x;
+    }
+    tx = nx;
+    ty = ny;
+  }
+  sm_page_corrupt(page, "", NULL);   /* more blocks than the page holds: a cycle */
+  return x;
+}
+
 void sm_page_free_to_local(sm_page_t *page) {
   if (!sm_page_has_free(page)) return;
   sm_block_t *a = page->free, *b = page->local_free;
   page->free = NULL;
-  page->local_free = a;
-  if (b == NULL) return;
-  bool bad = false;
-  sm_block_t *ta = a, *tb = b;
-  for (uint32_t i = 0; i < page->capacity; i++) {
-    sm_block_t *na = sm_list_next_checked(page, ta, &bad);
-    if (bad) return;   /* the page is kept for good: the rest is dropped */
-    if (na == NULL) { ta->next = sm_enc(page, b); return; }
-    sm_block_t *nb = sm_list_next_checked(page, tb, &bad);
-    if (bad) return;
-    if (nb == NULL) { tb->next = sm_enc(page, a); page->local_free = b; return; }
-    ta = na;
-    tb = nb;
-  }
-  sm_page_corrupt(page, "", NULL);   /* more blocks than the page holds: a cycle */
+  page->local_free = page->free_to == SM_FREE_TO_FREE || b == NULL ? sm_list_join(page, a, b)
+                                                                  : sm_list_join(page, b, a);
 }
 
 /* Housekeeping, every SM_SWEEP_CYCLES slow-path entries: pages of the
@@ -1211,7 +1226,7 @@ static sm_page_t *sm_page_fresh(sm_heap_t *heap, size_t bin, int *step) {
 
 /* Find a page of the bin with a free block, counting how it was found.
  * Returns NULL only when the OS refuses memory. */
-sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
+static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
   sm_cnt_add(heap->cycle, 1);   /* the purge thread reads it */
   sm_heap_housekeeping(heap);
   heap->bin_active[bin] = 1;
@@ -1273,5 +1288,14 @@ sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
   sm_page_extend(page);
   sm_pq_push_front(heap, bin, page);
   sm_heap_grew(heap);
+  return page;
+}
+
+/* The same; the page found is the first of its class, and its local_free
+ * may have become its free list on the way (page-queue.c decides where
+ * its frees go from now on). */
+sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
+  sm_page_t *page = sm_page_find_step(heap, bin);
+  if (page) sm_pq_first_refilled(heap, page);
   return page;
 }

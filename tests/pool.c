@@ -14,7 +14,9 @@
  *     found, not passed by for a fresh page.
  * And, on a page of this thread's heap, sm_page_free_to_local: the free
  * list of a page put behind the first of its class joins its local_free,
- * whichever of the two is longer, with no block lost or doubled.
+ * whichever of the two is longer, with no block lost or doubled, and the
+ * head of the list the owner's frees went on still at its head; and
+ * where the frees into a page that becomes first go (page-queue.c).
  */
 #include "common.h"
 
@@ -95,9 +97,12 @@ static sm_block_t *fl_list(sm_page_t *page, void **v, int from, int to)
   return head;
 }
 
-/* free_n blocks on free, the next local_n on local_free; after the move,
- * local_free holds exactly those blocks, each once, and free none. */
-static void fl_check(int free_n, int local_n)
+/* free_n blocks on free, the next local_n on local_free, the owner's
+ * frees going to the list free_to says; after the move, local_free holds
+ * exactly those blocks, each once, and free none; and the head of the
+ * list the frees went on is the head (the block freed last, where free's
+ * test for a second free of it looks). */
+static void fl_check_to(int free_n, int local_n, uint8_t free_to)
 {
   void *v[FL_BLOCKS];
   sm_page_t *page = NULL;
@@ -110,8 +115,10 @@ static void fl_check(int free_n, int local_n)
     ck_assert_ptr_eq(pg, page);   /* one page holds them all */
   }
   sm_block_t *free0 = page->free, *local0 = page->local_free;
+  uint8_t free_to0 = page->free_to;
   page->free = fl_list(page, v, 0, free_n);
   page->local_free = fl_list(page, v, free_n, free_n + local_n);
+  page->free_to = free_to;
   sm_page_free_to_local(page);
   /* the snapshot, with no call in between, then the page as it was */
   sm_block_t *free1 = page->free;
@@ -121,8 +128,13 @@ static void fl_check(int free_n, int local_n)
     got[n++] = b;
   page->free = free0;
   page->local_free = local0;
+  page->free_to = free_to0;
   ck_assert_ptr_null(free1);
   ck_assert_int_eq(n, free_n + local_n);
+  if (n > 0) {
+    bool from_free = free_to == SM_FREE_TO_FREE ? free_n > 0 : local_n == 0;
+    ck_assert_ptr_eq(got[0], v[from_free ? 0 : free_n]);
+  }
   int seen[FL_BLOCKS] = {0};
   for (int j = 0; j < n; j++) {
     int k = -1;
@@ -141,6 +153,12 @@ static void fl_check(int free_n, int local_n)
   }
 }
 
+static void fl_check(int free_n, int local_n)
+{
+  fl_check_to(free_n, local_n, SM_FREE_TO_FREE);    /* the first page of its class */
+  fl_check_to(free_n, local_n, SM_FREE_TO_LOCAL);   /* any other */
+}
+
 START_TEST(a_demoted_pages_free_list_joins_local_free)
 {
   smalloc_collect(true);
@@ -153,6 +171,38 @@ START_TEST(a_demoted_pages_free_list_joins_local_free)
 }
 END_TEST
 
+/* A page that becomes the first of its class with blocks on local_free
+ * (one back from the full list, say) takes its owner's frees on
+ * local_free until the slow path makes local_free its free list: the
+ * block freed last stays at the head of the list where free looks for a
+ * second free of it.  (The secure build frees onto local_free always.) */
+START_TEST(a_page_put_first_frees_onto_local_free_until_refilled)
+{
+#ifndef SM_SECURE
+  static sm_heap_t heap;   /* made up: its queues alone are used */
+  static sm_block_t block;
+  sm_page_t *p = &pages[0];
+  memset(p, 0, sizeof *p);
+  p->bin = POOL_BIN;
+  p->block_size = (uint32_t)sm_bin_size(POOL_BIN);
+  p->local_free = &block;
+  sm_pq_push_back(&heap, POOL_BIN, p);
+  ck_assert_ptr_eq(heap.queues[POOL_BIN].first, p);
+  ck_assert_uint_eq(p->free_to, SM_FREE_TO_LOCAL);
+  p->free = p->local_free;   /* the slow path's swap */
+  p->local_free = NULL;
+  sm_pq_first_refilled(&heap, p);
+  ck_assert_uint_eq(p->free_to, SM_FREE_TO_FREE);
+  /* behind the first no longer; first again with local_free empty */
+  sm_pq_remove(&heap, POOL_BIN, p);
+  ck_assert_uint_eq(p->free_to, SM_FREE_TO_LOCAL);
+  sm_pq_push_back(&heap, POOL_BIN, p);
+  ck_assert_uint_eq(p->free_to, SM_FREE_TO_FREE);
+  sm_pq_remove(&heap, POOL_BIN, p);
+#endif
+}
+END_TEST
+
 static Suite *pool_suite(void)
 {
   Suite *s = suite_create("pool");
@@ -162,6 +212,7 @@ static Suite *pool_suite(void)
   tcase_add_test(tc, a_large_page_needs_a_part_of_its_blocks_free);
   tcase_add_test(tc, a_ready_page_behind_waiting_ones_is_found);
   tcase_add_test(tc, a_demoted_pages_free_list_joins_local_free);
+  tcase_add_test(tc, a_page_put_first_frees_onto_local_free_until_refilled);
   suite_add_tcase(s, tc);
   return s;
 }
