@@ -631,6 +631,10 @@ void sm_free_generic(void *p, const char *who) {
     sm_error("%s(): invalid pointer %p (not the start of a block)", who, p);
     return;
   }
+  if (sm_unlikely(page->limit == 0)) {   /* cleared: every block of it was freed (sm_page_clear) */
+    sm_error("%s(): double free of %p", who, p);
+    return;
+  }
   sm_block_t *b = (sm_block_t *)((uint8_t *)p - rem);
   if (rem != 0) {
     /* an aligned pointer carries its mark; anything else inside a block

@@ -339,6 +339,10 @@ bool sm_page_clear(sm_page_t *page) {
   SM_PROBE(page_release, page->start, page->block_size);
   page->free = page->local_free = NULL;
   page->capacity = 0;
+  /* no block of it is live: every free into it fails the block test and
+   * is reported (sm_free_generic), also while it waits for its segment's
+   * holder to take it home */
+  page->limit = 0;
   sm_page_set_flags(page, 0, 0);
   atomic_store_explicit(&page->owner, NULL, memory_order_relaxed);
   return true;

@@ -838,6 +838,53 @@ static void double_free_after_stale_write_deep(bool warn)
 }
 MISUSE(double_free_after_stale_write_deep)
 
+/* A block whose page went back to its segment at its free (retire cycles
+ * 0) while another heap holds the segment (a new thread's first pages
+ * are borrowed from the segments all threads share): the page waits,
+ * cleared, for the holder to take it home, still in use in its segment.
+ * Freeing the block again there, after a write over its tag, is a
+ * double free (found by the fuzzer: it went unreported).  The page is
+ * filled, so that the free that empties it finds no free list. */
+static void *cleared_page_thread(void *arg)
+{
+  bool warn = *(bool *)arg;
+  enum { N = 64, SIZE = 7000 };
+  static unsigned char *v[N];
+  CHILD_CHECK(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0) == 0, "option");
+  int n = 0;
+  uintptr_t first = 0;
+  for (;;) {
+    CHILD_CHECK(n < N, "no block of %d landed in a second page", SIZE);
+    v[n] = smalloc_malloc(SIZE);
+    CHILD_CHECK(v[n] != NULL, "malloc(%d) failed", SIZE);
+    uintptr_t page = (uintptr_t)page_start_of(v[n]);
+    if (n == 0)
+      first = page;
+    if (page != first)
+      break;
+    n++;
+  }
+  for (int i = 0; i < n; i++)   /* the first page's blocks: the last empties it */
+    smalloc_free(v[i]);
+  unsigned char *p = v[n - 1];
+  memset(sm_opaque(p) + 8, 0x41, 8);
+  expect_line("free(): double free of %p", (void *)p);
+  smalloc_free(sm_opaque(p));
+  smalloc_free(v[n]);
+  if (warn)
+    heap_still_sound(SIZE);
+  return NULL;
+}
+
+static void double_free_into_a_page_on_its_way_home(bool warn)
+{
+  sm_test_heap_here();   /* another heap lives: the thread borrows its first pages */
+  pthread_t t;
+  CHILD_CHECK(pthread_create(&t, NULL, cleared_page_thread, &warn) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+}
+MISUSE(double_free_into_a_page_on_its_way_home)
+
 /* A page that holds a block returned at an aligned offset (posix_memalign
  * pads a 40-byte request with 64-byte alignment into a 96-byte block, in
  * the secure build too; of two such blocks 96 bytes apart, one at least
@@ -1513,6 +1560,7 @@ int main(void)
     ADD_MISUSE(tc, use_after_free_write);
   }
   ADD_MISUSE(tc, double_free_after_stale_write_deep);
+  ADD_MISUSE(tc, double_free_into_a_page_on_its_way_home);
   ADD_MISUSE(tc, double_free_from_another_thread_after_stale_write);
   ADD_MISUSE(tc, interior_free_in_a_page_with_aligned_blocks);
   ADD_MISUSE(tc, interior_realloc_in_a_page_with_aligned_blocks);
