@@ -26,6 +26,8 @@ Environment (make passes the first four):
   FRESH=path  BASELINE=path  NULLLIB=path  QUICK=1  BENCH_STRACE=1 (count OS calls of
   non-smalloc allocators in the churn cases with strace, untimed)
   BENCH_RUNS=n (counted rounds)  BENCH_ONLY=name,prefix* (workloads to run)
+  BENCH_ALLOCS=name,... (allocators to run, by the names below; fresh always runs,
+  as every ratio is to it)
   BENCH_PEERS=name=/path/lib.so,... (more allocators to preload, such as a
   mimalloc or snmalloc built from source)
 
@@ -882,6 +884,7 @@ plot for [i=0:%d] '%s' index i using 1:2 with linespoints lt (i+1) pt 7 ps 0.4 t
 
 def write_files(outdir, report, allocs, info, mode, tmpdir):
     import csv
+    os.makedirs(outdir, exist_ok=True)
     csv_path = os.path.join(outdir, "results.csv")
     md_path = os.path.join(outdir, "results.md")
     svg_path = os.path.join(outdir, "results.svg")
@@ -1025,6 +1028,20 @@ def main():
         null = Alloc("null", os.path.abspath(nulllib), note="reference: no checks, no stats")
     elif nulllib:
         say("bench: NULLLIB=%s does not exist: no null allocator row" % nulllib)
+
+    pick = [s for s in os.environ.get("BENCH_ALLOCS", "").split(",") if s]
+    if pick:
+        known = [a.name for a in allocs] + ["null", "heaptrack"]
+        unknown = [s for s in pick if s not in known]
+        if unknown:
+            say("bench: BENCH_ALLOCS names %s, not among the allocators found: %s" %
+                (", ".join(unknown), ", ".join(known)))
+            return 2
+        allocs = [a for a in allocs if a.name == "fresh" or a.name in pick]
+        if baseline_name not in pick:
+            baseline_name = "fresh"
+        null = null if "null" in pick else None
+        heaptrack = heaptrack if "heaptrack" in pick else None
 
     if use_strace and not shutil.which("strace"):
         say("bench: BENCH_STRACE=1 but strace is not installed: OS calls of other "
