@@ -342,6 +342,11 @@ def stats_summary(st):
     return out
 
 
+def env_list(name):
+    """The comma-separated items of environment variable name, empty ones left out."""
+    return [x for x in os.environ.get(name, "").split(",") if x]
+
+
 def base_env():
     env = dict(os.environ)
     for k in ("LD_PRELOAD", "SMALLOC_STATS", "MALLOC_CONF", "MIMALLOC_SHOW_STATS"):
@@ -1012,7 +1017,7 @@ def main():
             if name == "jemalloc":
                 allocs.append(Alloc("jemalloc-prof", lib, env={"MALLOC_CONF": "prof:true"},
                                     note="MALLOC_CONF=prof:true"))
-    for spec in [x for x in os.environ.get("BENCH_PEERS", "").split(",") if x]:
+    for spec in env_list("BENCH_PEERS"):
         name, _, lib = spec.partition("=")
         if not name or not os.path.exists(lib):
             say("bench: BENCH_PEERS entry %r: want name=/path/to/lib.so of an existing file" % spec)
@@ -1029,9 +1034,9 @@ def main():
     elif nulllib:
         say("bench: NULLLIB=%s does not exist: no null allocator row" % nulllib)
 
-    pick = [s for s in os.environ.get("BENCH_ALLOCS", "").split(",") if s]
+    pick = env_list("BENCH_ALLOCS")
     if pick:
-        known = [a.name for a in allocs] + ["null", "heaptrack"]
+        known = [a.name for a in allocs + [x for x in (null, heaptrack) if x]]
         unknown = [s for s in pick if s not in known]
         if unknown:
             say("bench: BENCH_ALLOCS names %s, not among the allocators found: %s" %
@@ -1053,7 +1058,7 @@ def main():
         heaptrack.wrap = [shutil.which("heaptrack"), "-o", os.path.join(tmpdir, "heaptrack")]
     try:
         ws = workloads(os.path.abspath(args.bindir), os.path.abspath(args.srcdir), quick, tmpdir)
-        only = [s for s in os.environ.get("BENCH_ONLY", "").split(",") if s]
+        only = env_list("BENCH_ONLY")
         if only:
             ws = [w for w in ws if any(w.name == o or (o.endswith("*") and
                                                        w.name.startswith(o[:-1])) for o in only)]
