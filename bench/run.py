@@ -364,8 +364,18 @@ def alloc_env(alloc):
     return env
 
 
-def launch(spawn, argv, env_extra, stdin_path, tmpdir):
-    """Run argv through bench_spawn, with env_extra set in the child only.
+def settle_mib(peak_kb):
+    """MiB of bench_spawn's settle step (-p, see spawn.c) before a run of a
+    workload whose runs so far peaked at peak_kb (0 before the first): half as
+    much again as that peak, as a run that faults in more than the step freed
+    is slow again (bench_large, 200 MB: a step of 212 MiB left 3 of 6 runs of
+    one allocator slow, 256 MiB 0 of 6); within 256-1024."""
+    return min(max(-(-peak_kb * 3 // 2048), 256), 1024)
+
+
+def launch(spawn, argv, env_extra, stdin_path, tmpdir, settle=0):
+    """Run argv through bench_spawn, with env_extra set in the child only,
+    after a settle step of settle MiB (none when 0).
     Returns (status, wall seconds, peak RSS kB, stdout, stderr)."""
     outp = os.path.join(tmpdir, "stdout")
     errp = os.path.join(tmpdir, "stderr")
@@ -373,6 +383,8 @@ def launch(spawn, argv, env_extra, stdin_path, tmpdir):
     if os.path.exists(repp):
         os.unlink(repp)
     cmd = [spawn, "-o", repp]
+    if settle:
+        cmd += ["-p", str(settle)]
     for k, v in env_extra.items():
         cmd += ["-e", "%s=%s" % (k, v)]
     if stdin_path:
@@ -400,7 +412,7 @@ def launch(spawn, argv, env_extra, stdin_path, tmpdir):
         raise OSError("bench_spawn failed (exit %d): %s" % (p.returncode, err.strip()[-300:]))
 
 
-def run_once(work, alloc, spawn, tmpdir):
+def run_once(work, alloc, spawn, tmpdir, settle=0):
     env = {}
     if alloc.lib:
         env["LD_PRELOAD"] = alloc.lib
@@ -410,7 +422,8 @@ def run_once(work, alloc, spawn, tmpdir):
     if work.pre:
         work.pre()
     try:
-        rc, wall, rss, out, err = launch(spawn, alloc.wrap + work.argv, env, work.stdin, tmpdir)
+        rc, wall, rss, out, err = launch(spawn, alloc.wrap + work.argv, env, work.stdin, tmpdir,
+                                       settle)
     except (OSError, TimeoutError) as e:
         return {"error": str(e)}
     res = {}
@@ -1097,24 +1110,28 @@ def main():
                 wallocs.append(heaptrack)
             rows = {a.name: Row(a) for a in wallocs}
             t0 = time.perf_counter()
+            peak_kb = 0
             for rnd in range(nruns + 1):
                 # each round in its own order (the same in every run of
                 # the benchmark): a run right after one that used much
                 # memory pays for the kernel taking it back (largerep-huge
                 # after snmalloc: 2.5-4.5x), and no allocator should get
-                # that place in every round, as a rotation would give it
+                # that place in every round, as a rotation would give it;
+                # and every run starts after the same settle step, as on a
+                # VM the run before also decides how fast memory faults in
                 order = list(wallocs)
                 random.Random(rnd).shuffle(order)
                 for a in order:
                     row = rows[a.name]
                     if row.error:
                         continue
-                    r = run_once(w, a, spawn, tmpdir)
+                    r = run_once(w, a, spawn, tmpdir, settle_mib(peak_kb))
                     if "error" in r:
                         row.error = ("warm-up: " if rnd == 0 else "") + r["error"]
                         report.errors.append("%s under %s: %s" % (w.name, a.name, row.error))
                         continue
                     row.checksums.add(r["checksum"])
+                    peak_kb = max(peak_kb, r["rss"])
                     if rnd > 0:
                         row.runs.append(r)
             if use_strace and w.group == "churn":
