@@ -33,7 +33,8 @@
 
 #define USAGE "bench_spawn -o REPORT [-p MIB] [-e NAME=VALUE]... [-i STDIN] -- PROG ARGS..."
 
-/* Wait for pid; its status, or -1 when wait4 fails. */
+/* Wait for pid (its resource use in *ru unless NULL); 0, or -1 when
+ * wait4 fails. */
 static int wait_child(pid_t pid, int *status, struct rusage *ru)
 {
   while (wait4(pid, status, 0, ru) < 0)
@@ -64,8 +65,7 @@ static int settle(size_t mib)
     _exit(0);
   }
   int status;
-  struct rusage ru;
-  if (wait_child(pid, &status, &ru) < 0)
+  if (wait_child(pid, &status, NULL) < 0)
     return -1;
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
     fprintf(stderr, "bench_spawn: settle step of %zu MiB failed\n", mib);

@@ -21,16 +21,18 @@ static size_t sm_huge_offset(size_t alignment) {
 
 /* Whether a mapping for a block of n is advised for transparent huge
  * pages (before its first touch) and may be rounded to them: the one place
- * that decides.  From 2 MiB on: a smaller block could never fill one.  Not
- * under an address-space limit, where every page counts, nor with guard
- * pages, which split a huge page. */
+ * that decides, asked once per call (it reads the address-space limit
+ * with a system call).  From 2 MiB on: a smaller block could never fill
+ * one.  Not under an address-space limit, where every page counts, nor
+ * with guard pages, which split a huge page. */
 #define SM_HUGE_PAGE ((size_t)2 << 20)
 static bool sm_huge_pages_for(size_t n) {
   return !SM_GUARD && n >= SM_HUGE_PAGE && sm_opt(HUGEPAGES) && !sm_os_space_limited();
 }
 
 /* The bytes of a mapping for a block of n at offset (0 on overflow):
- * its end rounded to the OS page, or, where huge pages are advised, to a
+ * its end rounded to the OS page, or, where huge pages are advised
+ * (huge: sm_huge_pages_for(n)), to a
  * huge page when that adds at most a quarter of the block (always from
  * 8 MiB on), so that its tail faults in as one huge page rather than up to
  * 511 small ones, and a realloc that grows it in place finds whole huge
@@ -42,10 +44,10 @@ static bool sm_huge_pages_for(size_t n) {
  * only when that added at most 1 MiB; 529 faults, 0.155 s, 592 MB with
  * this rule; 461 faults, 643 MB with every tail rounded (mimalloc 3.4.3:
  * 0.169 s, 606 MB). */
-static size_t sm_huge_need(size_t offset, size_t n) {
+static size_t sm_huge_need(size_t offset, size_t n, bool huge) {
   size_t need = ((offset + n + SM_LARGE_CANARY + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1)) + SM_GUARD;
   if (need < n) return 0;
-  if (sm_huge_pages_for(n)) {
+  if (huge) {
     size_t r = (need + SM_HUGE_PAGE - 1) & ~(SM_HUGE_PAGE - 1);
     if (r > need && r - need <= n / 4) need = r;
   }
@@ -181,7 +183,8 @@ static sm_segment_t *sm_huge_reuse(sm_huge_entry_t *e, size_t need, size_t n) {
 void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed) {
   if (alignment < 16) alignment = 16;
   size_t offset = sm_huge_offset(alignment);
-  size_t mapped = sm_huge_need(offset, n);
+  bool huge = sm_huge_pages_for(n);
+  size_t mapped = sm_huge_need(offset, n, huge);
   if (mapped == 0) return NULL;
   sm_segment_t *seg = NULL;
   if (offset < SM_SEGMENT_SIZE) {
@@ -204,7 +207,7 @@ void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed) {
     /* the whole mapping, so it stays one VMA that mremap can move; before
      * the header is written, whose first touch would fault its first
      * 2 MiB in 4 KiB pages */
-    if (sm_huge_pages_for(n)) sm_os_hugepage(seg, mapped);
+    if (huge) sm_os_hugepage(seg, mapped);
   }
   sm_huge_header(seg, mapped, offset, n);
   if (fresh && SM_GUARD) sm_os_protect((uint8_t *)seg + mapped - SM_GUARD, SM_GUARD, false);
@@ -307,7 +310,8 @@ void sm_huge_fork_child(void) {
 void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n) {
   if (SM_GUARD || p != (uint8_t *)seg + seg->block_offset) return NULL;
   size_t offset = seg->block_offset;
-  size_t mapped = sm_huge_need(offset, n);
+  bool huge = sm_huge_pages_for(n);
+  size_t mapped = sm_huge_need(offset, n, huge);
   if (mapped == 0) return NULL;
   if (mapped == seg->mapped) return p;
   size_t old_block = seg->block_size;
@@ -320,7 +324,7 @@ void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n) {
   seg = base;
   /* a block that grew into huge pages from below them (a large one that
    * has a mapping of its own) is advised as if it had been mapped so */
-  if (!sm_huge_pages_for(old_block) && sm_huge_pages_for(n)) sm_os_hugepage(seg, mapped);
+  if (huge && old_block < SM_HUGE_PAGE) sm_os_hugepage(seg, mapped);
   seg->cookie = (uintptr_t)seg ^ sm_secret;
   seg->mapped = mapped;
   seg->block_size = mapped - offset;
