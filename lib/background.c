@@ -135,8 +135,8 @@ static int sm_bg_round(void) {
     }
   }
   sm_heaps_unlock();
-  sm_heap_shared_tidy(false);
-  sm_pool_collect(self);
+  sm_pool_collect(self);   /* its emptied pages go home: to the shared segments, mostly */
+  if (sm_heap_shared_tidy(false)) left = true;
   if (sm_segment_decommit_abandoned(now, delay)) left = true;
   if (claimed) sm_segment_cache_purge_all();
   sm_segment_cache_collect(false);

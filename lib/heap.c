@@ -216,10 +216,11 @@ sm_heap_t *sm_heap_init_thread(void) {
   return heap;
 }
 
-/* Thread exit: empty pages go back to their segments, pages with live
- * blocks to the process's pool (any thread takes them), the segments it
- * held to the abandoned list; the counters are folded into the process
- * totals and the heap struct is kept for the next thread. */
+/* Thread exit: empty pages go back to their segments (those of the
+ * shared segments too, which the thread's pages mostly are), pages with
+ * live blocks to the process's pool (any thread takes them), the
+ * segments it held to the abandoned list; the counters are folded into
+ * the process totals and the heap struct is kept for the next thread. */
 void sm_heap_thread_done(void *arg) {
   sm_heap_t *heap = arg;
   if (heap == NULL || !heap->initialized) return;
@@ -237,6 +238,7 @@ void sm_heap_thread_done(void *arg) {
     }
   }
   sm_heap_take_home(heap);
+  if (sm_heap_shared) sm_heap_take_home(sm_heap_shared);
   sm_segment_abandon_heap(heap);
   sm_heap_close_home(heap);
   sm_cnt_add(heap->stats.threads_exited, 1);

@@ -359,9 +359,10 @@ struct sm_heap_s {
   _Atomic uint64_t next_expire;
   uint64_t rng;                          /* secure build: page keys, list order */
   uint64_t grow_events;                  /* fresh pages and large blocks, for the peak */
-  /* fresh pages taken from the shared segments, by kind (page.c:
-   * sm_page_borrow), so that a thread with few pages maps none */
-  uint16_t borrowed[2];
+  /* whether the thread took a medium page of the shared segments
+   * (page.c: sm_page_borrow; its first medium blocks take a small page
+   * or a mapping of their own until then) */
+  bool borrowed_medium;
   /* medium blocks served as large ones, each in a mapping of its own,
    * while the thread had no page of their class (sm_page_lends_large) */
   uint16_t lent;
@@ -1011,8 +1012,8 @@ void sm_heap_claim_retired(sm_heap_t *owner, sm_heap_t *self);
 void sm_heap_release_stale(sm_heap_t *owner, sm_heap_t *self, uint64_t now, uint64_t delay);
 void sm_heap_reclaim_all(sm_heap_t *heap);
 bool sm_heap_has_retired(sm_heap_t *heap);
-void sm_heap_decommit(sm_heap_t *heap, bool all);
-void sm_heap_shared_tidy(bool all);
+bool sm_heap_decommit(sm_heap_t *heap, bool all);
+bool sm_heap_shared_tidy(bool all);
 bool sm_page_has_free(sm_page_t *page);
 void sm_page_corrupt(sm_page_t *page, const char *what, const void *b);
 /* Whether the page holds no live block: used says so, unless a corrupted
@@ -1052,7 +1053,7 @@ sm_segment_t *sm_segment_map(void);
 void sm_segment_unmap(sm_segment_t *seg);
 sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment);
 void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page);
-void sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t delay);
+bool sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t delay);
 bool sm_segment_decommit_abandoned(uint64_t now, uint64_t delay);
 void sm_segment_abandon_heap(sm_heap_t *heap);
 sm_segment_t *sm_segment_reclaim_one(sm_heap_t *heap, int kind);

@@ -552,12 +552,14 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
 }
 
 /* Give back the memory of free pages in the heap's segments: those free
- * for at least the purge delay, or (all) every one.  Any thread. */
-void sm_heap_decommit(sm_heap_t *heap, bool all) {
+ * for at least the purge delay, or (all) every one; returns whether a
+ * free page still waits for its delay.  Any thread. */
+bool sm_heap_decommit(sm_heap_t *heap, bool all) {
   uint64_t delay = all ? 0 : (uint64_t)sm_opt(PURGE_DELAY);
   sm_lock(&heap->lock);
-  sm_segment_decommit_free_locked(heap, sm_clock_ms(), delay);
+  bool waiting = sm_segment_decommit_free_locked(heap, sm_clock_ms(), delay);
   sm_unlock(&heap->lock);
+  return waiting;
 }
 
 /* Another thread (trim, smalloc_collect(true), an allocation the OS
@@ -1125,31 +1127,38 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
   }
 }
 
-/* A thread's first fresh pages of each kind, while other threads live,
- * come from segments that all threads share (held by sm_heap_shared)
- * rather than from a 4 MiB segment of its own: a thread with a few
- * blocks costs the process a page, not a mapping.  Each thread mapping
- * its own, a program of 1000 threads with a small block each mapped
- * 4 GiB, and under `ulimit -v 262144` no more than 63 to 164 threads
- * could start, many of them without their block.  From the
- * SM_BORROW_*-th page on, pages come from the thread's own segments (its
- * lock alone, its huge pages); the first thread maps its own from the
- * start.  A shared page for blocks of up to SM_BORROW_SMALL_PAGE bytes is
- * a small one (64 KiB), whatever their class: a thread with a few blocks
- * of 4 KiB does not take 512 KiB of address space either.  That is every
- * class of which even a segment's first page (behind the header) holds a
- * block: 48 KiB (44 KiB in the secure build, whose pages end in a
- * guard).  With 32 KiB, 1000 threads with a block of 40,000 bytes each
- * took a 512 KiB page apiece, and under the same limit only 534 of them
- * could start. */
-enum { SM_BORROW_SMALL = 4, SM_BORROW_MEDIUM = 1 };
+/* While other threads live, a thread's fresh pages come from segments
+ * that all threads share (held by sm_heap_shared) rather than from 4 MiB
+ * segments of its own; the first thread maps its own from the start, and
+ * a thread keeps carving the own segments it holds.
+ *
+ * Shared, the pages of all threads lie side by side, the first free page
+ * of a segment with one first: a thread with a few blocks costs the
+ * process a page, not a mapping, and the shared segments are dense
+ * enough to take huge pages once they are many (segment.c:
+ * sm_segment_wants_huge).  Each thread mapping its own, a program of
+ * 1000 threads with a small block each mapped 4 GiB, and under
+ * `ulimit -v 262144` no more than 63 to 164 threads could start, many of
+ * them without their block.  And with every thread's fifth page on in
+ * segments of its own (a few pages used in each, too sparse for huge
+ * pages), bench_server (8 threads) took 31,900 page faults for 125 MB:
+ * 0.32 s on a 2-core VM where a 4 KiB fault costs 10-20 us, against
+ * 0.26 s shared (medians of 5).
+ *
+ * A shared page for blocks of up to SM_BORROW_SMALL_PAGE bytes is a
+ * small one (64 KiB), whatever their class, until the thread takes its
+ * first medium page: a thread with a few blocks of 4 KiB does not take
+ * 512 KiB of address space either.  That is every class of which even a
+ * segment's first page (behind the header) holds a block: 48 KiB (44 KiB
+ * in the secure build, whose pages end in a guard).  With 32 KiB, 1000
+ * threads with a block of 40,000 bytes each took a 512 KiB page apiece,
+ * and under the same limit only 534 of them could start. */
 #define SM_BORROW_SMALL_PAGE (((size_t)1 << SM_SMALL_SHIFT) - SM_SEGMENT_HDR - SM_GUARD)
 
 pthread_mutex_t sm_shared_map_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static bool sm_page_may_borrow(const sm_heap_t *heap, int kind) {
-  return heap->borrowed[kind] < (kind == SM_SEG_SMALL ? SM_BORROW_SMALL : SM_BORROW_MEDIUM) &&
-         atomic_load_explicit(&sm_heaps_live, memory_order_relaxed) > 1;
+static bool sm_page_may_borrow(void) {
+  return atomic_load_explicit(&sm_heaps_live, memory_order_relaxed) > 1;
 }
 
 /* A free page for bin of the shared segments, of a new one only if
@@ -1157,7 +1166,8 @@ static bool sm_page_may_borrow(const sm_heap_t *heap, int kind) {
 static sm_page_t *sm_page_borrow(sm_heap_t *heap, size_t bin, int kind, bool may_map, bool *new_segment) {
   sm_heap_t *shared = sm_heap_shared;
   if (shared == NULL) return NULL;
-  int from = sm_bin_size(bin) <= SM_BORROW_SMALL_PAGE ? SM_SEG_SMALL : SM_SEG_MEDIUM;
+  int from = kind == SM_SEG_MEDIUM && (heap->borrowed_medium || sm_bin_size(bin) > SM_BORROW_SMALL_PAGE)
+                 ? SM_SEG_MEDIUM : SM_SEG_SMALL;
   sm_heap_take_home(shared);   /* pages their owners gave back */
   *new_segment = false;
   sm_page_t *page = sm_segment_page_alloc(shared, from, new_segment);
@@ -1169,7 +1179,7 @@ static sm_page_t *sm_page_borrow(sm_heap_t *heap, size_t bin, int kind, bool may
     page = sm_segment_page_alloc(shared, from, new_segment);
     pthread_mutex_unlock(&sm_shared_map_lock);
   }
-  if (page && heap->borrowed[kind] < UINT16_MAX) heap->borrowed[kind]++;
+  if (page && from == SM_SEG_MEDIUM) heap->borrowed_medium = true;
   return page;
 }
 
@@ -1187,7 +1197,7 @@ enum { SM_LEND_LARGE = 4 };
 
 bool sm_page_lends_large(sm_heap_t *heap, size_t bin) {
   if (sm_bin_size(bin) <= SM_BORROW_SMALL_PAGE || heap->lent >= SM_LEND_LARGE ||
-      !sm_page_may_borrow(heap, SM_SEG_MEDIUM))
+      heap->borrowed_medium || !sm_page_may_borrow())
     return false;
   heap->lent++;
   return true;
@@ -1197,11 +1207,11 @@ bool sm_page_lends_large(sm_heap_t *heap, size_t bin) {
  * decommit their free pages, those free for the purge delay or (all) every
  * one: trim and the purge thread, which visit the thread heaps the same
  * way. */
-void sm_heap_shared_tidy(bool all) {
+bool sm_heap_shared_tidy(bool all) {
   sm_heap_t *shared = sm_heap_shared;
-  if (shared == NULL) return;
+  if (shared == NULL) return false;
   sm_heap_take_home(shared);
-  sm_heap_decommit(shared, all);
+  return sm_heap_decommit(shared, all);
 }
 
 /* Steps 6 and 7: a page from a segment, held, else an abandoned one
@@ -1213,7 +1223,7 @@ static sm_page_t *sm_page_fresh(sm_heap_t *heap, size_t bin, int *step) {
   /* Before mapping: segments of exited threads, of the kind needed, until
    * one gives a page */
   while (!page && sm_heap_reclaim_one(heap, kind)) page = sm_segment_page_alloc(heap, kind, &new_segment);
-  if (!page && sm_page_may_borrow(heap, kind)) page = sm_page_borrow(heap, bin, kind, true, &new_segment);
+  if (!page && sm_page_may_borrow()) page = sm_page_borrow(heap, bin, kind, true, &new_segment);
   if (!page) {
     /* also drain the other kind's list, one segment per new segment, so
      * it cannot grow without bound in a program that never asks for it */

@@ -833,39 +833,27 @@ END_TEST
 
 /* Pages freed in a segment that still holds a live block go back to the
  * OS too (once free for the purge delay; here 0, so at once): committed
- * bytes follow the live bytes, not the most pages a segment ever held. */
-static void *bg_decommit_thread(void *arg)
+ * bytes follow the live bytes, not the most pages a segment ever held.
+ * The test's thread is the process's only one: its pages are in segments
+ * of its own (with other threads, they would be shared ones, whose free
+ * pages go back at the next trim or purge round: free_pages_of_an_exited_
+ * threads_segment_go_back). */
+START_TEST(free_pages_of_a_live_segment_go_back)
 {
-  smalloc_stats_t *s = arg;
-  enum { N = 16384, SIZE = SM_TEST_REQUEST_FOR(64), SHARED = 4 * 1024 };   /* 16 pages of 64 KiB */
-  static void *v[N], *shared[SHARED];
-  /* the thread's pages of the shared segments first: the rest are in a
-   * segment of its own */
-  size_t nshared = sm_test_take_shared(SIZE, shared, SHARED);
+  /* 17 pages of 64 KiB, the first of which may hold another block */
+  enum { N = 17 * 1024, SIZE = SM_TEST_REQUEST_FOR(64) };
+  static void *v[N];
+  smalloc_stats_t s[2];
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 0), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0), 0);
   void *anchor = smalloc_malloc(1000);   /* keeps the segment */
   for (int i = 0; i < N; i++)
     v[i] = smalloc_malloc(SIZE);
-  sm_test_snap(&s[0]);
+  ck_assert_int_eq(sm_test_snap(&s[0]), 0);
   for (int i = 0; i < N; i++)
     smalloc_free(v[i]);
-  sm_test_snap(&s[1]);
+  ck_assert_int_eq(sm_test_snap(&s[1]), 0);
   smalloc_free(anchor);
-  for (size_t i = 0; i < nshared; i++)
-    smalloc_free(shared[i]);
-  return nshared ? NULL : arg;
-}
-
-START_TEST(free_pages_of_a_live_segment_go_back)
-{
-  static smalloc_stats_t s[2];
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 0), 0);
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0), 0);
-  pthread_t t;
-  void *failed;
-  sm_test_heap_here();   /* the thread's first pages are shared ones */
-  ck_assert_int_eq(pthread_create(&t, NULL, bg_decommit_thread, s), 0);
-  pthread_join(t, &failed);
-  ck_assert_ptr_null(failed);
   uint64_t released = s[1].pages_released - s[0].pages_released;
   ck_assert_uint_ge(released, 16);
   ck_assert_uint_eq(s[1].segments_cached - s[0].segments_cached, 0);   /* the segment lives */

@@ -179,34 +179,12 @@ static inline bool sm_test_round_anchored(void **v, size_t n, size_t size, void 
 
 /* Give the calling thread a heap, as its first allocation does: built
  * with --disable-override, a test's main thread may have none, and a
- * thread started while no other has one takes its first pages from
- * segments of its own (below). */
+ * thread started while no other has one takes its pages from segments
+ * of its own, not from those all threads share (page.c:
+ * sm_page_borrow). */
 static inline void sm_test_heap_here(void)
 {
   smalloc_free(smalloc_malloc(16));
-}
-
-/* While other threads live, a thread's first pages of each kind (small,
- * medium) come from segments all threads share (page.c: sm_page_borrow).
- * A test about the segments a thread maps for itself first lets the
- * thread take those: blocks of malloc(size) until one lands outside the
- * segment of the first, which is freed again (its page, the thread's own,
- * serves the test's next block of that size); the others stay live in v
- * (room for max) until the caller frees them.  Returns how many, or 0
- * when malloc fails or v is full.  For sizes of up to 48 KiB: a thread's
- * first larger medium blocks get mappings of their own (page.c:
- * sm_page_lends_large), each outside the first one's segment. */
-static inline size_t sm_test_take_shared(size_t size, void **v, size_t max)
-{
-  size_t k = 0;
-  for (;;) {
-    if (k == max || (v[k] = smalloc_malloc(size)) == NULL) return 0;
-    if (k > 0 && ((uintptr_t)v[k] ^ (uintptr_t)v[0]) >> 22) {
-      smalloc_free(v[k]);
-      return k;
-    }
-    k++;
-  }
 }
 
 /* realloc of a huge block that stays huge remaps it (huge_remaps) rather

@@ -6,6 +6,8 @@
  * nearly all of it. */
 #include "common.h"
 
+#include <sched.h>
+#include <stdatomic.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/sysinfo.h>
@@ -166,37 +168,42 @@ START_TEST(hugepages_off_gives_no_advice)
 }
 END_TEST
 
-/* A heap of small blocks that holds four segments has its next ones
- * advised for huge pages before their first touch (one madvise each),
- * and the first four not: a thread of its own fills seven segments with
- * 64-byte blocks (the block that starts an eighth is freed at once),
- * once it has filled its pages of the shared segments, never advised.  A
- * segment that gives memory back has the advice
- * withdrawn ("nh": khugepaged would fill the hole again), the others
- * keep it.  Not in the secure build (its pages end in guard pages), nor
- * where the kernel has no huge pages. */
-enum { HP_SEGS = 7, HP_ADVISED_FROM = 4, HP_BLOCK = 64 };
+/* The shared segments, once they hold four of a kind, have their next
+ * ones advised for huge pages before their first touch (one madvise
+ * each), and the first four not: a thread of its own, its pages shared
+ * ones (page.c: sm_page_borrow; the test's main thread took none, and
+ * trim left no empty one), fills eight segments with 64-byte blocks (the
+ * block that starts a ninth is freed at once); the same with blocks
+ * of 200 KiB and medium segments (the thread's first four of them get
+ * mappings of their own, page.c: sm_page_lends_large).  With more
+ * threads alive, the advice waits for a segment per thread: with six
+ * (four idle ones, a block each), from the seventh.  A segment that
+ * gives memory back has the advice withdrawn ("nh": khugepaged would fill the hole
+ * again), the others keep it.  Not in the secure build (its pages end in
+ * guard pages), nor where the kernel has no huge pages. */
+enum { HP_SEGS = 8, HP_BLOCK = 64, HP_IDLE_MAX = 4, HP_MEDIUM = 200 << 10, HP_LENT = 4 };
 #define HP_MAX ((size_t)HP_SEGS * (4u << 20) / HP_BLOCK)
+static size_t hp_size;
 static void *hp_block[HP_MAX];
 static size_t hp_first[HP_SEGS + 1];   /* hp_block index of each segment's first block */
 static smalloc_stats_t hp_s[2];
 static bool hp_advised[HP_SEGS], hp_withdrawn, hp_kept;
 static const char *hp_fail;
-/* the blocks of the thread's pages in the shared segments, taken first */
-#define HP_SHARED_MAX (4 * SM_TEST_SMALL_PAGE / HP_BLOCK)
-static void *hp_shared[HP_SHARED_MAX];
+static unsigned hp_from;               /* the first segment advised */
+static sm_test_phase_t hp_idle_ph = SM_TEST_PHASE_INIT;   /* 2: the idle threads go */
+static _Atomic unsigned hp_idle_ready;
 
 static void *hp_heap(void *arg)
 {
   (void)arg;
   size_t n = 0;
   unsigned nseg = 0;
+  void *lent[HP_LENT] = {NULL};
+  for (unsigned i = 0; i < HP_LENT && hp_size > 48 * 1024; i++)
+    lent[i] = smalloc_malloc(hp_size);
   hp_fail = sm_test_snap(&hp_s[0]) == 0 ? NULL : "stats";
-  size_t nshared = sm_test_take_shared(HP_BLOCK, hp_shared, HP_SHARED_MAX);
-  if (nshared == 0)
-    hp_fail = "the shared pages";
   while (!hp_fail && n < HP_MAX) {
-    void *p = smalloc_malloc(HP_BLOCK);
+    void *p = smalloc_malloc(hp_size);
     if (p == NULL) {
       hp_fail = "malloc failed";
       break;
@@ -221,8 +228,8 @@ static void *hp_heap(void *arg)
   for (unsigned i = 0; i < HP_SEGS && !hp_fail; i++)
     hp_advised[i] = sm_test_vmflag(hp_block[hp_first[i]], "hg");
   if (!hp_fail) {
-    /* all but the first block of the fifth segment: its pages go back */
-    size_t w = HP_ADVISED_FROM;
+    /* all but the first block of the first advised segment: its pages go back */
+    size_t w = hp_from;
     for (size_t i = hp_first[w] + 1; i < hp_first[w + 1]; i++)
       smalloc_free(hp_block[i]);
     smalloc_collect(true);
@@ -232,29 +239,66 @@ static void *hp_heap(void *arg)
       if (i <= hp_first[w] || i >= hp_first[w + 1])
         smalloc_free(hp_block[i]);
   }
-  for (size_t i = 0; i < nshared; i++)
-    smalloc_free(hp_shared[i]);
+  for (unsigned i = 0; i < HP_LENT; i++)
+    smalloc_free(lent[i]);
   return NULL;
 }
 
-START_TEST(a_large_heap_of_small_blocks_gets_huge_pages)
+/* A thread with a block (a page of the shared segments) that waits. */
+static void *hp_idle(void *arg)
+{
+  (void)arg;
+  void *p = smalloc_malloc(HP_BLOCK);
+  atomic_fetch_add(&hp_idle_ready, 1);
+  sm_test_phase_wait(&hp_idle_ph, 2);
+  smalloc_free(p);
+  return NULL;
+}
+
+static void hp_check(size_t size, unsigned idle, unsigned from)
 {
   if (SM_TEST_SECURE || access("/sys/kernel/mm/transparent_hugepage/enabled", F_OK) != 0)
     return;
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000), 0);
-  sm_test_heap_here();      /* the thread's first pages are shared ones */
+  hp_size = size;
+  hp_from = from;
+  pthread_t t, it[HP_IDLE_MAX];
+  for (unsigned i = 0; i < idle; i++)
+    ck_assert_int_eq(pthread_create(&it[i], NULL, hp_idle, NULL), 0);
+  while (atomic_load(&hp_idle_ready) < idle)
+    sched_yield();
+  sm_test_heap_here();      /* the thread's pages are shared ones */
   smalloc_collect(true);   /* no cached segment: each one is mapped for the heap */
-  pthread_t t;
   ck_assert_int_eq(pthread_create(&t, NULL, hp_heap, NULL), 0);
   pthread_join(t, NULL);
+  sm_test_phase_set(&hp_idle_ph, 2);
+  for (unsigned i = 0; i < idle; i++)
+    pthread_join(it[i], NULL);
   ck_assert_msg(hp_fail == NULL, "%s", hp_fail);
-  /* the segments from the fifth on, and the eighth, whose first block
-   * ended the fill */
-  ck_assert_uint_eq(hp_s[1].os_madvise - hp_s[0].os_madvise, HP_SEGS + 1 - HP_ADVISED_FROM);
+  /* the segments from the first advised on, and the ninth, whose first
+   * block ended the fill */
+  ck_assert_uint_eq(hp_s[1].os_madvise - hp_s[0].os_madvise, HP_SEGS + 1 - from);
   for (unsigned i = 0; i < HP_SEGS; i++)
-    ck_assert_msg(hp_advised[i] == (i >= HP_ADVISED_FROM), "segment %u: advised %d", i, hp_advised[i]);
+    ck_assert_msg(hp_advised[i] == (i >= from), "segment %u: advised %d", i, hp_advised[i]);
   ck_assert(hp_withdrawn);
   ck_assert(hp_kept);
+}
+
+START_TEST(a_large_heap_of_small_blocks_gets_huge_pages)
+{
+  hp_check(HP_BLOCK, 0, 4);
+}
+END_TEST
+
+START_TEST(a_large_heap_of_medium_blocks_gets_huge_pages)
+{
+  hp_check(HP_MEDIUM, 0, 4);
+}
+END_TEST
+
+START_TEST(many_threads_wait_longer_for_huge_pages)
+{
+  hp_check(HP_BLOCK, HP_IDLE_MAX, 6);
 }
 END_TEST
 
@@ -608,6 +652,8 @@ static Suite *large_suite(void)
   tcase_add_test(tc, large_blocks_share_a_segment);
   tcase_add_test(tc, hugepages_off_gives_no_advice);
   tcase_add_test(tc, a_large_heap_of_small_blocks_gets_huge_pages);
+  tcase_add_test(tc, a_large_heap_of_medium_blocks_gets_huge_pages);
+  tcase_add_test(tc, many_threads_wait_longer_for_huge_pages);
   tcase_add_test(tc, huge_mappings_end_on_a_huge_page);
   tcase_add_test(tc, huge_mappings_are_advised_from_2_mib);
   tcase_add_test(tc, free_units_are_purged_and_empty_segments_unmapped);
