@@ -255,9 +255,40 @@ static void *hp_idle(void *arg)
   return NULL;
 }
 
+/* What the fill found against what it should: NULL, or what differs. */
+static const char *hp_verdict(void)
+{
+  static char why[96];
+  if (hp_fail)
+    return hp_fail;
+  /* the segments from the first advised on, and the ninth, whose first
+   * block ended the fill */
+  uint64_t advised = hp_s[1].os_madvise - hp_s[0].os_madvise;
+  if (advised != HP_SEGS + 1 - hp_from) {
+    snprintf(why, sizeof why, "%llu segments advised, want %u", (unsigned long long)advised,
+             HP_SEGS + 1 - hp_from);
+    return why;
+  }
+  for (unsigned i = 0; i < HP_SEGS; i++)
+    if (hp_advised[i] != (i >= hp_from)) {
+      snprintf(why, sizeof why, "segment %u: advised %d", i, hp_advised[i]);
+      return why;
+    }
+  if (!hp_withdrawn)
+    return "the advice of the segment that gave memory back is not withdrawn";
+  if (!hp_kept)
+    return "the next segment lost its advice";
+  return NULL;
+}
+
+static bool hp_possible(void)
+{
+  return !SM_TEST_SECURE && access("/sys/kernel/mm/transparent_hugepage/enabled", F_OK) == 0;
+}
+
 static void hp_check(size_t size, unsigned idle, unsigned from)
 {
-  if (SM_TEST_SECURE || access("/sys/kernel/mm/transparent_hugepage/enabled", F_OK) != 0)
+  if (!hp_possible())
     return;
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000), 0);
   hp_size = size;
@@ -274,15 +305,47 @@ static void hp_check(size_t size, unsigned idle, unsigned from)
   sm_test_phase_set(&hp_idle_ph, 2);
   for (unsigned i = 0; i < idle; i++)
     pthread_join(it[i], NULL);
-  ck_assert_msg(hp_fail == NULL, "%s", hp_fail);
-  /* the segments from the first advised on, and the ninth, whose first
-   * block ended the fill */
-  ck_assert_uint_eq(hp_s[1].os_madvise - hp_s[0].os_madvise, HP_SEGS + 1 - from);
-  for (unsigned i = 0; i < HP_SEGS; i++)
-    ck_assert_msg(hp_advised[i] == (i >= from), "segment %u: advised %d", i, hp_advised[i]);
-  ck_assert(hp_withdrawn);
-  ck_assert(hp_kept);
+  const char *verdict = hp_verdict();
+  ck_assert_msg(verdict == NULL, "%s", verdict);
 }
+
+/* A thread alone in its process fills segments of its own (page.c:
+ * sm_page_borrow), and they too are advised from the fifth: the test
+ * program run again (a process of one thread, whatever libcheck
+ * started), the fill on its main thread, from the first segment it has
+ * a free page in. */
+#define HP_ALONE_MARK "--smalloc-large-alone"
+
+static int hp_alone_main(void)
+{
+  smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000);
+  hp_size = HP_BLOCK;
+  hp_from = 4;
+  smalloc_collect(true);
+  hp_heap(NULL);
+  const char *verdict = hp_verdict();
+  if (verdict)
+    fprintf(stderr, "%s\n", verdict);
+  return verdict ? 1 : 0;
+}
+
+START_TEST(a_thread_alone_gets_huge_pages_for_its_own_segments)
+{
+  if (!hp_possible())
+    return;
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0) {
+    char *argv[] = {(char *)"test_large", (char *)HP_ALONE_MARK, NULL};
+    execv("/proc/self/exe", argv);
+    _exit(127);
+  }
+  int status;
+  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the process alone: status %#x (its stderr says why)",
+                status);
+}
+END_TEST
 
 START_TEST(a_large_heap_of_small_blocks_gets_huge_pages)
 {
@@ -654,6 +717,7 @@ static Suite *large_suite(void)
   tcase_add_test(tc, a_large_heap_of_small_blocks_gets_huge_pages);
   tcase_add_test(tc, a_large_heap_of_medium_blocks_gets_huge_pages);
   tcase_add_test(tc, many_threads_wait_longer_for_huge_pages);
+  tcase_add_test(tc, a_thread_alone_gets_huge_pages_for_its_own_segments);
   tcase_add_test(tc, huge_mappings_end_on_a_huge_page);
   tcase_add_test(tc, huge_mappings_are_advised_from_2_mib);
   tcase_add_test(tc, free_units_are_purged_and_empty_segments_unmapped);
@@ -667,7 +731,9 @@ static Suite *large_suite(void)
   return s;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+  if (argc == 2 && strcmp(argv[1], HP_ALONE_MARK) == 0)
+    return hp_alone_main();
   return sm_run_suite(large_suite());
 }
