@@ -107,9 +107,10 @@ static bool sm_heap_holds(const sm_heap_t *heap, int kind, unsigned n) {
  * part of each page not carved yet, and every thread carves a page of
  * each class it uses: up to 64 KiB a class and thread that 4 KiB pages
  * would not hold.  bench_xchurn, 20,000 blocks of 16-256 bytes live per
- * thread: resident 1.41x the live bytes at 64 threads and 1.32x at 256
- * with none advised, 1.52x and 1.56x advised from a segment per four
- * threads, 1.41x and 1.46x with this rule.  bench_server (8 threads):
+ * thread: resident 1.43-1.45x the live bytes at 64 threads and 1.32x at
+ * 256 with none advised, 1.52-1.57x and 1.54-1.58x advised from a
+ * segment per four threads; with this rule, 1.41-1.52x (none advised:
+ * 60 segments for 65 threads) and 1.27-1.46x.  bench_server (8 threads):
  * 0.32 s and 83 MB resident with none advised, 0.26 s and 161 MB (and
  * 0.23 s from a segment per four threads; its blocks of 8-32 KiB are
  * written at both ends, their pages sparsely). */
