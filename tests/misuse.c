@@ -839,12 +839,12 @@ static void double_free_after_stale_write_deep(bool warn)
 MISUSE(double_free_after_stale_write_deep)
 
 /* A block whose page went back to its segment at its free (retire cycles
- * 0) while another heap holds the segment (a new thread's first pages
- * are borrowed from the segments all threads share): the page waits,
- * cleared, for the holder to take it home, still in use in its segment.
- * Freeing the block again there, after a write over its tag, is a
- * double free (found by the fuzzer: it went unreported).  The page is
- * filled, so that the free that empties it finds no free list. */
+ * 0) while another heap holds the segment (while other threads live, a
+ * thread's pages are borrowed from the segments all threads share): the
+ * page waits, cleared, for the holder to take it home, still in use in
+ * its segment.  Freeing the block again there, after a write over its
+ * tag, is a double free (found by the fuzzer: it went unreported).  The
+ * page is filled, so that the free that empties it finds no free list. */
 static void *cleared_page_thread(void *arg)
 {
   bool warn = *(bool *)arg;
@@ -878,7 +878,7 @@ static void *cleared_page_thread(void *arg)
 
 static void double_free_into_a_page_on_its_way_home(bool warn)
 {
-  sm_test_heap_here();   /* another heap lives: the thread borrows its first pages */
+  sm_test_heap_here();   /* another heap lives: the thread borrows its pages */
   pthread_t t;
   CHILD_CHECK(pthread_create(&t, NULL, cleared_page_thread, &warn) == 0, "pthread_create");
   CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");

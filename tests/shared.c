@@ -1166,7 +1166,7 @@ static void sh_threads_under_limit(unsigned n, void *(*worker)(void *), pthread_
   /* no purge thread: it would start with the first worker, and what the
    * C library allocates for it takes a page of a class of its own */
   SM_CHILD_CHECK(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0) == 0, "option");
-  sm_test_heap_here();      /* every worker's first pages are shared ones */
+  sm_test_heap_here();      /* every worker's pages are shared ones */
   smalloc_collect(true);   /* no shared segment with a free page left */
   SM_CHILD_CHECK(sm_test_snap(a) == 0, "stats");
   if (!SM_TEST_SANITIZED) {
