@@ -198,8 +198,10 @@ static void *hp_heap(void *arg)
   (void)arg;
   size_t n = 0;
   unsigned nseg = 0;
-  void *lent[HP_LENT] = {NULL};
-  for (unsigned i = 0; i < HP_LENT && hp_size > 48 * 1024; i++)
+  /* a thread's first blocks of a larger medium class get mappings of
+   * their own: taken before the fill (of a small class, they start it) */
+  void *lent[HP_LENT];
+  for (unsigned i = 0; i < HP_LENT; i++)
     lent[i] = smalloc_malloc(hp_size);
   hp_fail = sm_test_snap(&hp_s[0]) == 0 ? NULL : "stats";
   while (!hp_fail && n < HP_MAX) {
