@@ -3,6 +3,8 @@
  * not freed by its owner but handed to another thread, which frees it.
  *
  *   bench_server [quick]
+ *   SERVER_STEPS=2000000 bench_server   steps of each thread (default
+ *                                       500,000; quick 25,000)
  */
 #include "common.h"
 
@@ -87,7 +89,7 @@ static void *worker(void *arg)
 int main(int argc, char **argv)
 {
   int quick = is_quick(argc, argv);
-  steps = quick ? 25000 : 500000;
+  steps = steps_from_env("SERVER_STEPS", quick ? 25000 : 500000);
   pthread_t t[NTHREADS];
   pthread_barrier_init(&done_stepping, NULL, NTHREADS);
 

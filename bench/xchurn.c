@@ -11,6 +11,8 @@
  *                                             the resident size every 5 s
  *   XCHURN_POOL=20000 bench_xchurn THREADS    blocks each thread keeps live
  *                                             (default 4096)
+ *   XCHURN_STEPS=40000000 bench_xchurn THREADS   steps of all threads
+ *                                             (default 8,000,000; quick 400,000)
  */
 #include "common.h"
 
@@ -94,7 +96,7 @@ int main(int argc, char **argv)
     usage_exit("bench_xchurn THREADS(>=2) [quick]");
   nthreads = (unsigned)atoi(argv[1]);
   int quick = is_quick(argc, argv);
-  steps = (quick ? 400000 : 8000000) / nthreads;
+  steps = steps_from_env("XCHURN_STEPS", quick ? 400000 : 8000000) / nthreads;
   const char *secs = getenv("XCHURN_SECONDS");
   const char *psize = getenv("XCHURN_POOL");
   if (psize && atoi(psize) > 0)
