@@ -161,7 +161,11 @@ static void *sm_bg_main(void *arg) {
     atomic_store_explicit(&sm_bg_state, park, memory_order_seq_cst);
     atomic_thread_fence(memory_order_seq_cst);
     left = sm_bg_round();
-    if (left == SM_BG_MORE || sm_heaps_watched_notices()) {
+    /* batches that came since the first round: a park for good would
+     * never send them, should their thread go idle (its later batches
+     * see the thread parked, but not these) */
+    if (left == SM_BG_MORE || (left == SM_BG_BATCHES && park == SM_BG_PARKED) ||
+        sm_heaps_watched_notices()) {
       atomic_store_explicit(&sm_bg_state, SM_BG_AWAKE, memory_order_relaxed);
       continue;
     }
