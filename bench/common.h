@@ -96,10 +96,10 @@ static UNUSED int is_quick(int argc, char **argv)
   return argc > 1 && strcmp(argv[argc - 1], "quick") == 0;
 }
 
-/* A step count from the environment variable name when it holds a
- * positive number, else dflt: a longer run shows the steady state after
- * the heap has grown (and its first touches are paid). */
-static UNUSED uint64_t steps_from_env(const char *name, uint64_t dflt)
+/* A count from the environment variable name when it holds a positive
+ * number, else dflt (a longer run, say, shows the steady state after the
+ * heap has grown and its first touches are paid). */
+static UNUSED uint64_t count_from_env(const char *name, uint64_t dflt)
 {
   const char *v = getenv(name);
   unsigned long long n = v ? strtoull(v, NULL, 10) : 0;

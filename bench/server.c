@@ -89,7 +89,7 @@ static void *worker(void *arg)
 int main(int argc, char **argv)
 {
   int quick = is_quick(argc, argv);
-  steps = steps_from_env("SERVER_STEPS", quick ? 25000 : 500000);
+  steps = count_from_env("SERVER_STEPS", quick ? 25000 : 500000);
   pthread_t t[NTHREADS];
   pthread_barrier_init(&done_stepping, NULL, NTHREADS);
 

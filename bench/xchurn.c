@@ -96,11 +96,9 @@ int main(int argc, char **argv)
     usage_exit("bench_xchurn THREADS(>=2) [quick]");
   nthreads = (unsigned)atoi(argv[1]);
   int quick = is_quick(argc, argv);
-  steps = steps_from_env("XCHURN_STEPS", quick ? 400000 : 8000000) / nthreads;
+  steps = count_from_env("XCHURN_STEPS", quick ? 400000 : 8000000) / nthreads;
+  pool_size = (unsigned)count_from_env("XCHURN_POOL", POOL_DEFAULT);
   const char *secs = getenv("XCHURN_SECONDS");
-  const char *psize = getenv("XCHURN_POOL");
-  if (psize && atoi(psize) > 0)
-    pool_size = (unsigned)atoi(psize);
   double t0 = now_s();
   if (secs && atof(secs) > 0)
     deadline = t0 + atof(secs);

@@ -450,11 +450,7 @@ static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
                           atomic_load_explicit(&heap->xbuf_used[i / 64], memory_order_relaxed) |
                               (uint64_t)1 << (i % 64),
                           memory_order_relaxed);
-    /* to send it, should this thread go idle: the batch made pending
-     * before the look at the purge thread, as the thread looks for
-     * batches after it parks (else both could miss the other) */
-    atomic_thread_fence(memory_order_seq_cst);
-    sm_background_nudge();
+    sm_background_nudge();   /* to send it, should this thread go idle */
   }
   sm_xbuf_push(x, page, b);
   if (x->count == SM_XBUF_MAX) {

@@ -1170,9 +1170,12 @@ void sm_background_want(void);
 enum { SM_BG_NONE = 0, SM_BG_AWAKE = 1, SM_BG_PARKED = 2, SM_BG_DOZING = 3 };
 extern _Atomic int sm_bg_state;
 /* Something the purge thread looks after while it is awake began (a batch
- * of remote frees: the thread that holds it may go idle): wake it if it
- * is parked. */
+ * of remote frees: the thread that holds it may go idle), made visible
+ * by the caller first: wake the thread if it is parked.  The work before
+ * the look at the thread, as the thread looks for work after it parks
+ * (sm_background_wake): else each could miss the other. */
 SM_INLINE void sm_background_nudge(void) {
+  atomic_thread_fence(memory_order_seq_cst);
   if (sm_unlikely(atomic_load_explicit(&sm_bg_state, memory_order_relaxed) == SM_BG_PARKED))
     sm_background_wake();
 }
