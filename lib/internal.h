@@ -222,8 +222,8 @@ struct sm_segment_s {
   uint8_t purged;                /* cached and madvised away */
   uint8_t in_free_list;
   uint8_t span_samples;          /* span: holds profile samples (prof.c) only */
-  uint8_t huge_pages;            /* small: advised for huge pages when it was mapped (segment.c) */
-  uint8_t huge_withdrawn;        /* small: and that advice withdrawn since */
+  uint8_t huge_pages;            /* small, span: halves advised for huge pages when it was mapped (SM_HALF_*) */
+  uint8_t huge_withdrawn;        /* small, span: halves whose advice was withdrawn since (segment.c) */
   size_t decommitted;            /* bytes of free pages given back (not counted committed) */
   size_t mapped;                 /* bytes of the mapping, from the segment start */
   size_t block_offset;           /* large, huge: offset of the block */
@@ -247,6 +247,10 @@ _Static_assert(sizeof(sm_segment_t) <= SM_SEGMENT_HDR, "segment header too big")
 /* Where the block of a large or huge mapping starts (at least): after the
  * header fields and the one page descriptor it uses. */
 #define SM_MAPPED_HDR ((offsetof(sm_segment_t, pages) + sizeof(sm_page_t) + 63) & ~(size_t)63)
+
+/* The halves of a segment, each one huge page (2 MiB), as masks of
+ * huge_pages and huge_withdrawn. */
+enum { SM_HALF_LOWER = 1, SM_HALF_UPPER = 2, SM_HALF_BOTH = 3 };
 
 /* Clear the header of a mapping that holds one block: the fields and its
  * first page descriptor. */
@@ -1051,6 +1055,8 @@ void sm_pq_first_refilled(sm_heap_t *heap, sm_page_t *page);
 /* ---- segment.c ---------------------------------------------------------- */
 sm_segment_t *sm_segment_map(void);
 void sm_segment_unmap(sm_segment_t *seg);
+unsigned sm_segment_advise(sm_segment_t *seg, unsigned halves);
+void sm_segment_unadvise(sm_segment_t *seg, unsigned halves);
 sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment);
 void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page);
 bool sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t delay);

@@ -128,15 +128,37 @@ static bool sm_segment_wants_huge(const sm_heap_t *heap, int kind) {
   return sm_heap_holds(heap, kind, sm_segment_huge_after(heap)) && !sm_os_space_limited();
 }
 
-/* A segment gives memory back (madvise) for the first time since it was
- * advised for huge pages: the advice is withdrawn, or the kernel's
- * khugepaged would fill the hole again with a huge page around the 4 KiB
- * pages still in use next to it (by default it does so with one page of
- * 512 resident). */
-static void sm_segment_unadvise(sm_segment_t *seg) {
-  if (!seg->huge_pages || seg->huge_withdrawn) return;
-  seg->huge_withdrawn = 1;
-  sm_os_nohugepage(seg, SM_SEGMENT_SIZE);
+/* Where halves of seg (SM_HALF_*, not 0) start; their bytes in *len. */
+static uint8_t *sm_segment_halves_at(sm_segment_t *seg, unsigned halves, size_t *len) {
+  *len = halves == SM_HALF_BOTH ? SM_SEGMENT_SIZE : SM_SEGMENT_SIZE / 2;
+  return (uint8_t *)seg + (halves == SM_HALF_UPPER ? SM_SEGMENT_SIZE / 2 : 0);
+}
+
+/* Advise the halves of a freshly mapped segment for huge pages, before
+ * the header's first touch (or the header's first 2 MiB fault in 4 KiB
+ * pages): the halves advised, 0 where the advice is off or refused.  The
+ * caller records them in huge_pages once the header is written. */
+unsigned sm_segment_advise(sm_segment_t *seg, unsigned halves) {
+  if (halves == 0) return 0;
+  size_t len;
+  uint8_t *from = sm_segment_halves_at(seg, halves, &len);
+  return sm_os_hugepage(from, len) == 0 ? halves : 0;
+}
+
+/* Halves of a segment give memory back (madvise) for the first time since
+ * they were advised for huge pages: the advice is withdrawn from them, or
+ * the kernel's khugepaged would fill the hole again with a huge page
+ * around the 4 KiB pages still in use next to it (by default it does so
+ * with one page of 512 resident).  Small segments withdraw it from both
+ * halves at their first purge, span ones (span.c) from each half that
+ * purges units beside a block or the header. */
+void sm_segment_unadvise(sm_segment_t *seg, unsigned halves) {
+  halves &= seg->huge_pages & ~seg->huge_withdrawn;
+  if (halves == 0) return;
+  seg->huge_withdrawn |= (uint8_t)halves;
+  size_t len;
+  uint8_t *from = sm_segment_halves_at(seg, halves, &len);
+  sm_os_nohugepage(from, len);
 }
 
 /* ---- raw segments: cache first, then the OS ------------------------------ */
@@ -182,7 +204,7 @@ void sm_segment_unmap(sm_segment_t *seg) {
 /* Under sm_cache_lock: give a cached segment's memory back; the header
  * stays (it holds the cache link). */
 static void sm_segment_purge_cached_locked(sm_segment_t *s) {
-  sm_segment_unadvise(s);
+  sm_segment_unadvise(s, SM_HALF_BOTH);
   sm_os_purge((uint8_t *)s + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR);
   s->purged = 1;
   sm_gsub(bytes_committed, SM_SEGMENT_SIZE - s->decommitted);
@@ -315,11 +337,11 @@ static void sm_segment_adopt(sm_heap_t *heap, sm_segment_t *seg) {
 static sm_segment_t *sm_segment_alloc(int kind, bool huge) {
   sm_segment_t *seg = sm_segment_raw_alloc();
   if (!seg) return NULL;
-  if (huge) huge = sm_os_hugepage(seg, SM_SEGMENT_SIZE) == 0;   /* before the header's first touch */
-  else sm_segment_unadvise(seg);   /* a cached one may be advised */
+  unsigned advised = sm_segment_advise(seg, huge ? SM_HALF_BOTH : 0);
+  if (!huge) sm_segment_unadvise(seg, SM_HALF_BOTH);   /* a cached one may be advised */
   sm_track_reuse(seg, SM_SEGMENT_SIZE);
   memset(seg, 0, sizeof *seg);
-  seg->huge_pages = huge;
+  seg->huge_pages = (uint8_t)advised;
   seg->cookie = (uintptr_t)seg ^ sm_secret;
   seg->kind = (uint8_t)kind;
   seg->page_shift = kind == SM_SEG_SMALL ? SM_SMALL_SHIFT : SM_MEDIUM_SHIFT;
@@ -384,7 +406,7 @@ static void sm_segment_decommit_page(sm_segment_t *seg, sm_page_t *page) {
   size_t idx = (size_t)(page - seg->pages);
   size_t len = sm_segment_page_len(seg, page);
   uint8_t *start = (uint8_t *)seg + (idx << seg->page_shift) + (idx == 0 ? SM_SEGMENT_HDR : 0);
-  sm_segment_unadvise(seg);
+  sm_segment_unadvise(seg, SM_HALF_BOTH);
   sm_os_purge(start, len);
   page->decommitted = 1;
   seg->decommitted += len;

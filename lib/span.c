@@ -21,7 +21,9 @@
  *
  * Memory goes back on the purge delay: once a segment has seen no free
  * for SMALLOC_PURGE_DELAY ms, its free units are purged (madvise), and a
- * segment without blocks is unmapped.  Everything is under one lock: a
+ * segment without blocks is unmapped.  A half of a segment (2 MiB) that
+ * purges units beside a block or the header loses its huge-page advice,
+ * or khugepaged would fill it again within seconds (sm_span_halves).  Everything is under one lock: a
  * large block costs far more to touch than to find.
  *
  * Not used under an address-space limit (RLIMIT_AS) nor in the secure
@@ -105,11 +107,10 @@ static sm_segment_t *sm_span_segment_new(bool first, bool samples) {
   if (sm_os_space_limited()) return NULL;
   sm_segment_t *seg = sm_segment_map();
   if (!seg) return NULL;
-  /* before the header's first touch, or its 2 MiB fault in 4 KiB pages */
-  size_t plain = first ? SM_SEGMENT_SIZE / 2 : 0;
-  if (!samples) sm_os_hugepage((uint8_t *)seg + plain, SM_SEGMENT_SIZE - plain);
+  unsigned advised = sm_segment_advise(seg, samples ? 0 : first ? SM_HALF_UPPER : SM_HALF_BOTH);
   sm_track_reuse(seg, SM_SPAN_UNIT);
   memset(seg, 0, sizeof *seg);
+  seg->huge_pages = (uint8_t)advised;
   seg->cookie = (uintptr_t)seg ^ sm_secret;
   seg->kind = SM_SEG_SPAN;
   seg->page_shift = SM_SPAN_SHIFT;
@@ -128,16 +129,32 @@ bool sm_span_serves(size_t n, size_t alignment) {
   return !SM_GUARD && n > SM_MEDIUM_MAX - SM_CANARY && n <= SM_LARGE_MAX && alignment <= SM_SPAN_UNIT;
 }
 
+/* The halves of a segment (SM_HALF_*) that units lie in, and the units
+ * of halves.  A half advised for huge pages is faulted in whole by the
+ * first touch of a block in it; one that purges units beside a block or
+ * the header has the advice withdrawn (sm_segment_unadvise), or
+ * khugepaged would fill the holes again around them. */
+static const uint64_t sm_span_lower = ((uint64_t)1 << (SM_SPAN_UNITS / 2)) - 1;
+static unsigned sm_span_halves(uint64_t units) {
+  return ((units & sm_span_lower) ? SM_HALF_LOWER : 0u) | ((units & ~sm_span_lower) ? SM_HALF_UPPER : 0u);
+}
+static uint64_t sm_span_half_units(unsigned halves) {
+  return ((halves & SM_HALF_LOWER) ? sm_span_lower : 0) | ((halves & SM_HALF_UPPER) ? ~sm_span_lower : 0);
+}
+
 /* Take the free units `run` of seg; under sm_span_lock.  Whether they
- * read as zero. */
+ * read as zero.  Purged units come back: the run's, and in a half still
+ * advised for huge pages every one, faulted in with the block's first
+ * touch (purged again, free, they withdraw the advice). */
 static bool sm_span_take(sm_segment_t *seg, uint64_t run) {
   seg->span_free &= ~run;
-  uint64_t purged = seg->span_purged & run;
+  unsigned whole = sm_span_halves(run) & seg->huge_pages & ~seg->huge_withdrawn;
+  uint64_t purged = seg->span_purged & (run | sm_span_half_units(whole));
   if (purged) {
     size_t back = (size_t)__builtin_popcountll(purged) << SM_SPAN_SHIFT;
     sm_gadd(bytes_committed, back);
     seg->decommitted -= back;
-    seg->span_purged &= ~run;
+    seg->span_purged &= ~purged;
   }
   bool zeroed = (seg->span_touched & run) == 0;
   seg->span_touched |= run;
@@ -271,6 +288,7 @@ void sm_span_collect(bool force) {
     }
     /* each run of free units not purged yet */
     uint64_t f = s->span_free & ~s->span_purged;
+    sm_segment_unadvise(s, sm_span_halves(f) & sm_span_halves(~s->span_free));   /* unit 0: the header */
     while (f) {
       unsigned n, i = sm_span_first_run(f, &n);
       uint64_t run = sm_span_run(i, n);

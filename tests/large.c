@@ -401,6 +401,87 @@ START_TEST(free_units_are_purged_and_empty_segments_unmapped)
 }
 END_TEST
 
+/* A segment of large blocks advised for huge pages that gives memory back
+ * beside a block (or its header) has the advice withdrawn from that half
+ * ("nh"): khugepaged would fill the holes again, a whole huge page around
+ * a single 4 KiB page in use.  A half left without a block keeps it
+ * ("hg"), and its next block, faulting in the whole half, brings its
+ * purged units back (committed, to be purged again).  Blocks of 7 units,
+ * nine to a segment (units 1-63): the second segment, advised whole
+ * (large_blocks_share_a_segment), gives back its second block (units
+ * 8-14): the lower half is withdrawn, the upper one kept.  Then its last
+ * five (29-63): one run, the upper half empty and kept.  A block of 14
+ * units takes 29-42 and brings back 43-63 with them; purged again,
+ * beside it, they withdraw the upper half. */
+enum { LG_7U = 6 * LG_UNIT + LG_UNIT / 2, LG_14U = 13 * LG_UNIT + LG_UNIT / 2 };
+
+START_TEST(a_segment_that_gives_memory_back_withdraws_its_huge_page_advice)
+{
+  if (!hp_possible())
+    return;
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000), 0);
+  smalloc_collect(true);
+  void *v[9], *w[9];
+  for (int i = 0; i < 9; i++)
+    ck_assert_ptr_nonnull(v[i] = smalloc_malloc(LG_7U));
+  for (int i = 0; i < 9; i++) {
+    ck_assert_ptr_nonnull(w[i] = smalloc_malloc(LG_7U));
+    memset(w[i], 1, LG_7U);
+  }
+  uintptr_t seg = (uintptr_t)w[0] & ~(uintptr_t)(4 * MiB - 1);
+  ck_assert_uint_ne(seg, (uintptr_t)v[0] & ~(uintptr_t)(4 * MiB - 1));
+  for (int i = 0; i < 9; i++)
+    ck_assert_uint_eq((uintptr_t)w[i], seg + (1 + 7 * (uintptr_t)i) * LG_UNIT);
+  void *lower = (void *)(seg + LG_UNIT), *upper = (void *)(seg + 3 * MiB);
+  ck_assert(sm_test_vmflag(lower, "hg"));
+  ck_assert(sm_test_vmflag(upper, "hg"));
+
+  smalloc_stats_t a, b, c, d, e;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  smalloc_free(w[1]);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 0), 0);
+  smalloc_collect(false);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  ck_assert_uint_eq(b.bytes_purged - a.bytes_purged, 7 * LG_UNIT);
+  ck_assert_uint_eq(b.os_madvise - a.os_madvise, 2);   /* the units; the half's advice */
+  ck_assert(sm_test_vmflag(lower, "nh") && !sm_test_vmflag(lower, "hg"));
+  ck_assert(sm_test_vmflag(upper, "hg") && !sm_test_vmflag(upper, "nh"));
+
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000), 0);
+  for (int i = 4; i < 9; i++)
+    smalloc_free(w[i]);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 0), 0);
+  smalloc_collect(false);
+  ck_assert_int_eq(sm_test_snap(&c), 0);
+  ck_assert_uint_eq(c.bytes_purged - b.bytes_purged, 35 * LG_UNIT);
+  ck_assert_uint_eq(c.os_madvise - b.os_madvise, 1);
+  ck_assert(sm_test_vmflag(upper, "hg") && !sm_test_vmflag(upper, "nh"));
+
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000), 0);
+  void *x = smalloc_malloc(LG_14U);
+  ck_assert_ptr_eq(x, (void *)(seg + 29 * LG_UNIT));
+  ck_assert_int_eq(sm_test_snap(&d), 0);
+  ck_assert_uint_eq(d.bytes_committed - c.bytes_committed, 35 * LG_UNIT);
+  memset(x, 1, LG_14U);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 0), 0);
+  smalloc_collect(false);
+  ck_assert_int_eq(sm_test_snap(&e), 0);
+  ck_assert_uint_eq(e.bytes_purged - d.bytes_purged, 21 * LG_UNIT);
+  ck_assert_uint_eq(d.bytes_committed - e.bytes_committed, 21 * LG_UNIT);
+  ck_assert_uint_eq(e.os_madvise - d.os_madvise, 2);
+  ck_assert(sm_test_vmflag(upper, "nh") && !sm_test_vmflag(upper, "hg"));
+  ck_assert(sm_test_vmflag(lower, "nh"));
+
+  smalloc_free(x);
+  for (int i = 0; i < 9; i++)
+    smalloc_free(v[i]);
+  for (int i = 0; i < 4; i++)
+    if (i != 1)
+      smalloc_free(w[i]);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 1000), 0);
+}
+END_TEST
+
 /* Units a freed block held serve the next block, old bytes and all:
  * calloc clears them; fresh units read as zero already. */
 START_TEST(calloc_of_reused_units_is_zero)
@@ -723,6 +804,7 @@ static Suite *large_suite(void)
   tcase_add_test(tc, huge_mappings_end_on_a_huge_page);
   tcase_add_test(tc, huge_mappings_are_advised_from_2_mib);
   tcase_add_test(tc, free_units_are_purged_and_empty_segments_unmapped);
+  tcase_add_test(tc, a_segment_that_gives_memory_back_withdraws_its_huge_page_advice);
   tcase_add_test(tc, calloc_of_reused_units_is_zero);
   tcase_add_test(tc, realloc_grows_a_large_block_in_place);
   tcase_add_test(tc, kept_huge_mappings_are_purged_then_trimmed);
