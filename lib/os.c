@@ -4,6 +4,7 @@
 #include "internal.h"
 #include "probes.h"
 
+#include <fcntl.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -242,6 +243,32 @@ int sm_os_hugepage(void *p, size_t size) {
   (void)p; (void)size;
   return ENOTSUP;
 #endif
+}
+
+/* Whether the kernel backs anonymous memory with transparent huge pages
+ * unasked (THP "always": /sys/kernel/mm/transparent_hugepage/enabled),
+ * where a range that gives memory back needs the advice against them
+ * as much as one advised for them.  Read once; not where it cannot be
+ * read. */
+bool sm_os_thp_always(void) {
+  static _Atomic int known;   /* 0: not read yet, 1: no, 2: yes */
+  int k = atomic_load_explicit(&known, memory_order_relaxed);
+  if (k == 0) {
+    int saved = errno;
+    char buf[64] = {0};
+    /* system calls of their own: an open() interposed by a preloaded
+     * library may call malloc, which is where this is asked from */
+    long fd = syscall(SYS_openat, AT_FDCWD, "/sys/kernel/mm/transparent_hugepage/enabled",
+                      O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      if (syscall(SYS_read, fd, buf, sizeof buf - 1) < 0) buf[0] = 0;
+      syscall(SYS_close, fd);
+    }
+    errno = saved;
+    k = strstr(buf, "[always]") ? 2 : 1;
+    atomic_store_explicit(&known, k, memory_order_relaxed);
+  }
+  return k == 2;
 }
 
 /* Withdraw that advice: the range gets no huge page from then on,

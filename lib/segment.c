@@ -136,22 +136,26 @@ static uint8_t *sm_segment_halves_at(sm_segment_t *seg, unsigned halves, size_t 
 
 /* Advise the halves of a freshly mapped segment for huge pages, before
  * the header's first touch (or the header's first 2 MiB fault in 4 KiB
- * pages): the halves advised, 0 where the advice is off or refused.  The
- * caller records them in huge_pages once the header is written. */
+ * pages): the halves that huge pages may back, which the caller records
+ * in huge_pages once the header is written.  Those advised, or all of
+ * them where the kernel backs memory with huge pages unasked (THP
+ * "always"); 0 where the advice is off or refused. */
 unsigned sm_segment_advise(sm_segment_t *seg, unsigned halves) {
-  if (halves == 0) return 0;
+  unsigned backed = sm_os_thp_always() ? SM_HALF_BOTH : 0;
+  if (halves == 0) return backed;
   size_t len;
   uint8_t *from = sm_segment_halves_at(seg, halves, &len);
-  return sm_os_hugepage(from, len) == 0 ? halves : 0;
+  return (sm_os_hugepage(from, len) == 0 ? halves : 0) | backed;
 }
 
 /* Halves of a segment give memory back (madvise) for the first time since
- * they were advised for huge pages: the advice is withdrawn from them, or
- * the kernel's khugepaged would fill the hole again with a huge page
- * around the 4 KiB pages still in use next to it (by default it does so
- * with one page of 512 resident).  Small segments withdraw it from both
- * halves at their first purge, span ones (span.c) from each half that
- * purges units beside a block or the header. */
+ * huge pages may back them (advised, or mapped under THP "always"): they
+ * are advised against huge pages, or the kernel's khugepaged would fill
+ * the hole again with a huge page around the 4 KiB pages still in use
+ * next to it (by default it does so with one page of 512 resident).
+ * Small segments give that advice for both halves at their first purge,
+ * span ones (span.c) for each half that purges units beside a block or
+ * the header. */
 void sm_segment_unadvise(sm_segment_t *seg, unsigned halves) {
   halves &= seg->huge_pages & ~seg->huge_withdrawn;
   if (halves == 0) return;
