@@ -222,8 +222,8 @@ struct sm_segment_s {
   uint8_t purged;                /* cached and madvised away */
   uint8_t in_free_list;
   uint8_t span_samples;          /* span: holds profile samples (prof.c) only */
-  uint8_t huge_pages;            /* small, span: halves advised for huge pages when it was mapped (SM_HALF_*) */
-  uint8_t huge_withdrawn;        /* small, span: halves whose advice was withdrawn since (segment.c) */
+  uint8_t huge_pages;            /* small, span: halves huge pages may back since it was mapped (SM_HALF_*) */
+  uint8_t huge_withdrawn;        /* small, span: halves advised against them since (segment.c) */
   size_t decommitted;            /* bytes of free pages given back (not counted committed) */
   size_t mapped;                 /* bytes of the mapping, from the segment start */
   size_t block_offset;           /* large, huge: offset of the block */

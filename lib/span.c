@@ -23,8 +23,9 @@
  * for SMALLOC_PURGE_DELAY ms, its free units are purged (madvise), and a
  * segment without blocks is unmapped.  A half of a segment (2 MiB) that
  * purges units beside a block or the header loses its huge-page advice,
- * or khugepaged would fill it again within seconds (sm_span_halves).  Everything is under one lock: a
- * large block costs far more to touch than to find.
+ * or khugepaged would fill it again within seconds (sm_span_halves).
+ * Everything is under one lock: a large block costs far more to touch
+ * than to find.
  *
  * Not used under an address-space limit (RLIMIT_AS) nor in the secure
  * build: a unit per block at most and a segment's tail are lost to
@@ -130,10 +131,10 @@ bool sm_span_serves(size_t n, size_t alignment) {
 }
 
 /* The halves of a segment (SM_HALF_*) that units lie in, and the units
- * of halves.  A half advised for huge pages is faulted in whole by the
- * first touch of a block in it; one that purges units beside a block or
- * the header has the advice withdrawn (sm_segment_unadvise), or
- * khugepaged would fill the holes again around them. */
+ * of halves.  A half that huge pages may back (huge_pages) is faulted in
+ * whole by the first touch of a block in it; one that purges units beside
+ * a block or the header is advised against them (sm_segment_unadvise),
+ * or khugepaged would fill the holes again around them. */
 static const uint64_t sm_span_lower = ((uint64_t)1 << (SM_SPAN_UNITS / 2)) - 1;
 static unsigned sm_span_halves(uint64_t units) {
   return ((units & sm_span_lower) ? SM_HALF_LOWER : 0u) | ((units & ~sm_span_lower) ? SM_HALF_UPPER : 0u);
@@ -143,9 +144,9 @@ static uint64_t sm_span_half_units(unsigned halves) {
 }
 
 /* Take the free units `run` of seg; under sm_span_lock.  Whether they
- * read as zero.  Purged units come back: the run's, and in a half still
- * advised for huge pages every one, faulted in with the block's first
- * touch (purged again, free, they withdraw the advice). */
+ * read as zero.  Purged units come back: the run's, and in a half that
+ * huge pages may still back every one, faulted in with the block's first
+ * touch (purged again beside it, they withdraw the advice). */
 static bool sm_span_take(sm_segment_t *seg, uint64_t run) {
   seg->span_free &= ~run;
   unsigned whole = sm_span_halves(run) & seg->huge_pages & ~seg->huge_withdrawn;
