@@ -106,18 +106,13 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
     }
   }
   bool pushed = sm_free_local_push(page, b, p);
-  bool emptied;
-  if (full) {
-    if (pushed) sm_page_owner_freed_locked(heap, page);
-    /* decided under the lock: a page still on the full list once it is
-     * released is the purge thread's to count down and give back
-     * (sm_heap_claim_full); one emptied has left it (it wakes) */
-    emptied = pushed && sm_page_vacant(page) && page->free == NULL &&
-              !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL);
-    sm_unlock(&heap->lock);
-  } else {
-    emptied = pushed && sm_page_vacant(page) && page->free == NULL;
-  }
+  if (full && pushed) sm_page_owner_freed_locked(heap, page);
+  /* decided before the lock goes: a page still on the full list then is
+   * the purge thread's to count down and give back (sm_heap_claim_full);
+   * one emptied has left it (it wakes) */
+  bool emptied = pushed && sm_page_vacant(page) && page->free == NULL &&
+                 !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL);
+  if (full) sm_unlock(&heap->lock);
   if (!pushed) return;
   sm_prof_page_check(heap, page);
   if (emptied) sm_page_retire(heap, page);
