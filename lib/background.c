@@ -136,6 +136,7 @@ static int sm_bg_round(void) {
   }
   sm_heaps_unlock();
   sm_pool_collect(self);   /* its emptied pages go home: to the shared segments, mostly */
+  if (sm_pool_purge(now, delay)) left = true;
   if (sm_heap_shared_tidy(false)) left = true;
   if (sm_segment_decommit_abandoned(now, delay)) left = true;
   if (claimed) sm_segment_cache_purge_all();

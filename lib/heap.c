@@ -276,6 +276,7 @@ bool sm_collect_process(sm_heap_t *self) {
     sm_heap_collect_retired(self, true);
   }
   sm_pool_collect(self);
+  sm_pool_purge(sm_clock_ms(), 0);
   sm_heaps_lock();
   for (sm_heap_t *h = sm_heaps_all; h; h = h->all_next) {
     if (h != self) {

@@ -182,9 +182,11 @@ struct sm_page_s {
   _Atomic uintptr_t thread_free __attribute__((aligned(64)));
   /* touched only when the page retires or is reused, under heap->lock */
   sm_page_t *rnext, *rprev;      /* heap->retired_first..last, in expiry order */
-  /* while the page is retired or free in its segment (under heap->lock) */
-  uint64_t empty_since_ms;       /* when it retired, or went back to its segment */
+  /* while the page is retired or free in its segment (under heap->lock),
+   * or waits in the pool (under the pool's lock) */
+  uint64_t empty_since_ms;       /* when it retired, went back to its segment, or to the pool */
   uint8_t decommitted;           /* its memory was given back (madvise) */
+  uint8_t pool_scanned;          /* in the pool: its free blocks' interiors were given back (pool.c) */
   /* while it waits in the pool, its mark there (pool.c), else 0: written
    * under that pool's lock, so that a thread holding it knows */
   _Atomic uint32_t pooled;
@@ -192,6 +194,7 @@ struct sm_page_s {
    * the owner's lock): how many of them are this page's, then what is
    * left of them and the decision taken; 0 otherwise */
   uint32_t claim_notices;
+  uint32_t pool_purged;          /* in the pool: bytes of its free blocks given back (pool.c) */
 };
 _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines");
 /* The owner's frees into the page malloc takes blocks from go straight
@@ -223,7 +226,7 @@ struct sm_segment_s {
   uint8_t in_free_list;
   uint8_t span_samples;          /* span: holds profile samples (prof.c) only */
   uint8_t huge_pages;            /* small, span: halves huge pages may back since it was mapped (SM_HALF_*) */
-  uint8_t huge_withdrawn;        /* small, span: halves advised against them since (segment.c) */
+  _Atomic uint8_t huge_withdrawn; /* small, span: halves advised against them since (segment.c) */
   size_t decommitted;            /* bytes of free pages given back (not counted committed) */
   size_t mapped;                 /* bytes of the mapping, from the segment start */
   size_t block_offset;           /* large, huge: offset of the block */
@@ -1078,6 +1081,7 @@ void sm_pool_push(sm_page_t *page);
 sm_page_t *sm_pool_pop(size_t bin, uint32_t min, uint32_t part);
 void sm_pool_collect(sm_heap_t *self);
 bool sm_pool_take(sm_page_t *page);
+bool sm_pool_purge(uint64_t now, uint64_t delay);
 void sm_pool_fork_child(void);
 void sm_page_send_home(sm_page_t *page);
 void sm_heap_take_home(sm_heap_t *heap);

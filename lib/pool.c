@@ -20,8 +20,9 @@
  *
  * Invariants: a page in the pool has owner NULL, is on no queue and no
  * retired list, its counts are folded, and only thread_free changes while
- * it waits; a page on an xhome list is empty, cleared (sm_page_clear) and
- * still in_use in its segment.  The pool's lock orders the donor's writes
+ * it waits (and, under the pool's lock, the memory of its free blocks
+ * goes back: see below); a page on an xhome list is empty, cleared
+ * (sm_page_clear) and still in_use in its segment.  The pool's lock orders the donor's writes
  * to the page before the adopter's reads (lock order: heap, pool).
  * Homing never waits for the holder: a holder that exits abandons its
  * segments (seg->heap becomes NULL) before it closes its list, so a
@@ -37,6 +38,15 @@ typedef struct sm_pool_s {
 
 static sm_pool_t sm_pool[SM_BIN_COUNT];
 
+/* Free blocks of pages that wait give their interiors back (see below). */
+#define SM_POOL_KEEP 32   /* bytes at a free block's start: link, tag, poison */
+_Static_assert(SM_POOL_KEEP >= 2 * sizeof(sm_block_t), "a free block keeps its link, tag and poison");
+
+/* Whether a page's free blocks may hold a whole OS page past what they keep. */
+static bool sm_pool_may_purge(const sm_page_t *page) {
+  return page->block_size >= SM_OS_PAGE + SM_POOL_KEEP;
+}
+
 /* What page->pooled holds while the page is on this pool's list: never
  * 0, and a page the child of a fork forgot is not on the list any more. */
 static uint32_t sm_pool_mark(const sm_pool_t *pool) {
@@ -45,7 +55,10 @@ static uint32_t sm_pool_mark(const sm_pool_t *pool) {
 
 void sm_pool_push(sm_page_t *page) {
   sm_pool_t *pool = &sm_pool[page->bin];
+  uint64_t now = sm_clock_ms();
   sm_lock(&pool->lock);
+  page->empty_since_ms = now;
+  page->pool_scanned = 0;
   page->next = NULL;
   page->prev = pool->last;
   if (pool->last) pool->last->next = page; else pool->first = page;
@@ -54,9 +67,17 @@ void sm_pool_push(sm_page_t *page) {
   atomic_store_explicit(&pool->count, atomic_load_explicit(&pool->count, memory_order_relaxed) + 1,
                         memory_order_relaxed);
   sm_unlock(&pool->lock);
+  if (sm_pool_may_purge(page)) sm_background_wake();
 }
 
+/* Off the pool: what its free blocks gave back is counted as committed
+ * again, for its new owner to fault in as it hands them out (or for its
+ * segment's holder to give back with the page). */
 static void sm_pool_unlink_locked(sm_pool_t *pool, sm_page_t *page) {
+  if (page->pool_purged) {
+    sm_gadd(bytes_committed, page->pool_purged);
+    page->pool_purged = 0;
+  }
   if (page->prev) page->prev->next = page->next; else pool->first = page->next;
   if (page->next) page->next->prev = page->prev; else pool->last = page->prev;
   page->next = page->prev = NULL;
@@ -169,6 +190,104 @@ void sm_pool_collect(sm_heap_t *self) {
     }
     if (n) SM_COUNT(self, pages_released, n);
   }
+}
+
+/* ---- the free blocks of the pages that wait ------------------------------ */
+
+/* A page in the pool keeps its free blocks while it waits for a thread
+ * to take it, and a page of medium blocks that stays sparse (a block or
+ * two still in use) is never emptied, so its memory would stay resident
+ * for good: 1,000 blocks of 100 KB written by a thread that freed three
+ * in four and exited kept 128 MB resident.  Once a page has waited for
+ * the purge delay, the whole OS pages inside each block of its free lists
+ * go back (madvise), all but the words a free block keeps: its link, its
+ * tag and (secure build) its poison.  Under the pool's lock, so that no
+ * thread takes the page meanwhile; once per stay in the pool (blocks
+ * freed to it later wait on its thread_free, which only its next owner
+ * takes).  What went back counts as committed again when the page leaves
+ * the pool (sm_pool_unlink_locked), and a block handed out again faults
+ * its pages back in, zeroed.  The segment's half the page lies in is
+ * advised against huge pages first, as every purge beside memory in use
+ * is (sm_segment_unadvise). */
+
+/* The whole OS pages of free block b of bsize bytes past what it keeps:
+ * their start, and their bytes (0: none). */
+static size_t sm_pool_interior(const sm_block_t *b, size_t bsize, uint8_t **from) {
+  uintptr_t lo = ((uintptr_t)b + SM_POOL_KEEP + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
+  uintptr_t hi = ((uintptr_t)b + bsize) & ~(SM_OS_PAGE - 1);
+  *from = (uint8_t *)lo;
+  return hi > lo ? hi - lo : 0;
+}
+
+/* Give back the interiors of the blocks on one of the page's free lists;
+ * the bytes.  A link out of the page ends the walk (its next owner finds
+ * and reports it), and so does a cycle. */
+static size_t sm_pool_purge_list(sm_page_t *page, sm_block_t *b, uint32_t *left) {
+  size_t bytes = 0;
+  for (; b != NULL && *left > 0 && sm_page_is_block(page, b); (*left)--) {
+    uint8_t *from;
+    size_t len = sm_pool_interior(b, page->block_size, &from);
+    if (len && sm_os_purge(from, len) == 0) bytes += len;
+    b = sm_dec(page, b->next);
+  }
+  return bytes;
+}
+
+static void sm_pool_purge_page(sm_page_t *page) {
+  page->pool_scanned = 1;
+  sm_segment_t *seg = sm_ptr_segment(page);
+  uintptr_t at = (uintptr_t)page->start - (uintptr_t)seg;
+  /* what no list holds yet: the blocks not built into one, and the bytes
+   * past the last block (up to the guard page, secure build), resident
+   * where a huge page brought them in */
+  uintptr_t end = (uintptr_t)seg + (((at >> seg->page_shift) + 1) << seg->page_shift) - SM_GUARD;
+  uintptr_t lo = ((uintptr_t)page->start + (size_t)page->capacity * page->block_size + SM_OS_PAGE - 1) &
+                 ~(SM_OS_PAGE - 1);
+  if (page->free == NULL && page->local_free == NULL && end <= lo) return;   /* a full page */
+  sm_segment_unadvise(seg, at < SM_SEGMENT_SIZE / 2 ? SM_HALF_LOWER : SM_HALF_UPPER);
+  uint32_t left = page->reserved;   /* no list holds more blocks than the page */
+  size_t bytes = sm_pool_purge_list(page, page->free, &left);
+  bytes += sm_pool_purge_list(page, page->local_free, &left);
+  if (end > lo && sm_os_purge((void *)lo, end - lo) == 0) bytes += end - lo;
+  page->pool_purged = (uint32_t)bytes;
+  sm_gsub(bytes_committed, bytes);
+}
+
+/* Pages this many at a time per lock hold: a thread that wants a page of
+ * the class waits no longer than their madvise calls take. */
+#define SM_POOL_PURGE_BATCH 8
+
+/* Give back the free blocks of the pages that have waited in the pool
+ * for delay ms (0: all of them, trim); whether some wait still. */
+bool sm_pool_purge(uint64_t now, uint64_t delay) {
+  bool waiting = false;
+  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
+    sm_pool_t *pool = &sm_pool[bin];
+    if (atomic_load_explicit(&pool->count, memory_order_relaxed) == 0) continue;
+    bool more = true;
+    while (more) {
+      more = false;
+      unsigned done = 0;
+      sm_lock(&pool->lock);
+      for (sm_page_t *page = pool->first; page; page = page->next) {
+        if (page->pool_scanned || !sm_pool_may_purge(page) ||
+            (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT))
+          continue;
+        if (now - page->empty_since_ms < delay) {
+          waiting = true;
+          continue;
+        }
+        if (done == SM_POOL_PURGE_BATCH) {
+          more = true;
+          break;
+        }
+        sm_pool_purge_page(page);
+        done++;
+      }
+      sm_unlock(&pool->lock);
+    }
+  }
+  return waiting;
 }
 
 /* In the child of fork: a pool whose lock a lost thread held is

@@ -157,9 +157,11 @@ unsigned sm_segment_advise(sm_segment_t *seg, unsigned halves) {
  * span ones (span.c) for each half that purges units beside a block or
  * the header. */
 void sm_segment_unadvise(sm_segment_t *seg, unsigned halves) {
-  halves &= seg->huge_pages & ~seg->huge_withdrawn;
+  halves &= seg->huge_pages;
   if (halves == 0) return;
-  seg->huge_withdrawn |= (uint8_t)halves;
+  /* any thread may (pool.c: the pages of a segment held by another) */
+  halves &= ~(unsigned)atomic_fetch_or_explicit(&seg->huge_withdrawn, (uint8_t)halves, memory_order_relaxed);
+  if (halves == 0) return;
   size_t len;
   uint8_t *from = sm_segment_halves_at(seg, halves, &len);
   sm_os_nohugepage(from, len);

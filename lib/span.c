@@ -149,7 +149,8 @@ static uint64_t sm_span_half_units(unsigned halves) {
  * touch (purged again beside it, they withdraw the advice). */
 static bool sm_span_take(sm_segment_t *seg, uint64_t run) {
   seg->span_free &= ~run;
-  unsigned whole = sm_span_halves(run) & seg->huge_pages & ~seg->huge_withdrawn;
+  unsigned whole = sm_span_halves(run) & seg->huge_pages &
+                   ~(unsigned)atomic_load_explicit(&seg->huge_withdrawn, memory_order_relaxed);
   uint64_t purged = seg->span_purged & (run | sm_span_half_units(whole));
   if (purged) {
     size_t back = (size_t)__builtin_popcountll(purged) << SM_SPAN_SHIFT;

@@ -733,6 +733,89 @@ START_TEST(free_pages_of_an_exited_threads_segment_go_back)
 }
 END_TEST
 
+/* A thread writes blocks of 80 KiB, frees three in four and exits: each
+ * of its 512 KiB pages keeps a live block and waits in the process's
+ * pool, where no thread may take it for a long while.  Idle, the memory
+ * of the free blocks goes back all the same, but the words each keeps at
+ * its start: the purge thread gives it back once the pages have waited
+ * for the purge delay (pool.c).  Before, 1,000 such blocks of 100 KB
+ * kept 128 MB resident for 25 MB live, for good. */
+enum { BG_P_N = 64, BG_P_KEEP = 4, BG_P_SIZE = SM_TEST_REQUEST_FOR(81920) };
+static void *bg_p_v[BG_P_N];
+static size_t bg_p_free_resident(void);
+static size_t bg_p_before;   /* bg_p_free_resident() as the worker exits */
+
+static void *bg_p_worker(void *arg)
+{
+  (void)arg;
+  for (int i = 0; i < BG_P_N; i++) {
+    bg_p_v[i] = smalloc_malloc(BG_P_SIZE);
+    ck_assert_ptr_nonnull(bg_p_v[i]);
+    memset(bg_p_v[i], 0x5a, BG_P_SIZE);
+  }
+  for (int i = 0; i < BG_P_N; i++)
+    if (i % BG_P_KEEP)
+      smalloc_free(bg_p_v[i]);
+  bg_p_before = bg_p_free_resident();   /* its pages go to the pool when it exits */
+  return NULL;
+}
+
+/* OS pages resident of those [from, to) touches (mincore; an unmapped
+ * one, such as a block lent a mapping of its own and freed, counts as
+ * not). */
+static size_t bg_resident(uintptr_t from, uintptr_t to)
+{
+  size_t n = 0;
+  for (uintptr_t at = from & ~(uintptr_t)4095; at < to; at += 4096) {
+    unsigned char v = 0;
+    n += mincore((void *)at, 4096, &v) == 0 && (v & 1);
+  }
+  return n;
+}
+
+/* OS pages resident inside the free blocks (past the 32 bytes each keeps). */
+static size_t bg_p_free_resident(void)
+{
+  size_t n = 0;
+  for (int i = 0; i < BG_P_N; i++) {
+    if (i % BG_P_KEEP == 0) continue;
+    uintptr_t from = ((uintptr_t)bg_p_v[i] + 32 + 4095) & ~(uintptr_t)4095;
+    uintptr_t to = ((uintptr_t)bg_p_v[i] + sm_test_class_size(BG_P_SIZE)) & ~(uintptr_t)4095;
+    n += bg_resident(from, to);
+  }
+  return n;
+}
+
+START_TEST(free_blocks_of_an_exited_threads_sparse_pages_go_back)
+{
+  bg_on();
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, bg_p_worker, NULL), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  /* resident when their thread exits: most of them (lent mappings are
+   * given back at once) */
+  size_t before = bg_p_before;
+  ck_assert_uint_ge(before, BG_P_N / 2 * (BG_P_SIZE / 4096 - 1));
+  size_t left = before;
+  for (long waited = 0; left > 0 && waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+    bg_sleep_ms(BG_POLL_MS);
+    left = bg_p_free_resident();
+  }
+  ck_assert_msg(left == 0, "%zu of %zu OS pages of free blocks still resident after %d ms idle", left, before,
+                BG_POLL_MAX_MS);
+  /* the live blocks and the words the free ones keep stay */
+  for (int i = 0; i < BG_P_N; i++) {
+    uintptr_t b = (uintptr_t)bg_p_v[i];
+    if (i % BG_P_KEEP == 0) {
+      uintptr_t end = b + BG_P_SIZE;
+      ck_assert_uint_eq(bg_resident(b, end), (end - (b & ~(uintptr_t)4095) + 4095) / 4096);
+      ck_assert_uint_eq(((unsigned char *)bg_p_v[i])[BG_P_SIZE - 1], 0x5a);
+      smalloc_free(bg_p_v[i]);
+    }
+  }
+}
+END_TEST
+
 /* Threads start, free into pages that retire, hand blocks to main and
  * exit, round after round, while the purge thread has work: glibc frees
  * a dead thread's TLS vector, in pthread_join, under the lock that
@@ -1003,6 +1086,98 @@ START_TEST(many_threads_churn_while_the_purge_thread_restarts)
 }
 END_TEST
 
+/* Threads that exit leave sparse pages of medium blocks in the pool,
+ * round after round, while the purge thread gives their free blocks'
+ * memory back (a purge delay of 10 ms), a taker thread allocates blocks
+ * of the same class all along (from those pages, when they have enough
+ * free blocks) and main frees what the leavers kept (claiming their
+ * pages).  Every live block keeps every byte it was given: the purge
+ * touches free blocks only, and never one a thread took meanwhile. */
+enum { LV_ROUNDS = 40, LV_LEAVERS = 2, LV_BLOCKS = 24, LV_KEEP = 4, LV_TAKE = 8,
+       LV_SIZE = SM_TEST_REQUEST_FOR(81920) };
+static void *lv_kept[LV_LEAVERS][LV_BLOCKS / LV_KEEP];
+static _Atomic int lv_stop;
+
+/* The block's own byte at every OS page of it, and at its end. */
+static void lv_fill(void *b)
+{
+  unsigned char v = (unsigned char)((uintptr_t)b >> 12);
+  for (size_t o = 0; o < LV_SIZE; o += 4096) ((unsigned char *)b)[o] = v;
+  ((unsigned char *)b)[LV_SIZE - 1] = v;
+}
+
+static bool lv_intact(const void *b)
+{
+  unsigned char v = (unsigned char)((uintptr_t)b >> 12);
+  for (size_t o = 0; o < LV_SIZE; o += 4096)
+    if (((const unsigned char *)b)[o] != v) return false;
+  return ((const unsigned char *)b)[LV_SIZE - 1] == v;
+}
+
+static void *lv_leaver(void *arg)
+{
+  void **kept = arg;
+  void *v[LV_BLOCKS];
+  for (int i = 0; i < LV_BLOCKS; i++) {
+    v[i] = smalloc_malloc(LV_SIZE);
+    SM_CHILD_CHECK(v[i] != NULL, "malloc failed");
+    lv_fill(v[i]);
+  }
+  for (int i = 0; i < LV_BLOCKS; i++) {
+    if (i % LV_KEEP == 0) kept[i / LV_KEEP] = v[i];
+    else smalloc_free(v[i]);
+  }
+  return NULL;
+}
+
+static void *lv_taker(void *arg)
+{
+  (void)arg;
+  void *v[LV_TAKE];
+  while (!atomic_load(&lv_stop)) {
+    for (int i = 0; i < LV_TAKE; i++) {
+      v[i] = smalloc_malloc(LV_SIZE);
+      SM_CHILD_CHECK(v[i] != NULL, "malloc failed");
+      lv_fill(v[i]);
+    }
+    bg_sleep_ms(1);
+    for (int i = 0; i < LV_TAKE; i++) {
+      SM_CHILD_CHECK(lv_intact(v[i]), "a block the taker held lost its bytes");
+      smalloc_free(v[i]);
+    }
+  }
+  return NULL;
+}
+
+static void leavers_and_takers(void)
+{
+  SM_CHILD_CHECK(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 10) == 0, "option");
+  SM_CHILD_CHECK(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 1) == 0, "option");
+  smalloc_free(smalloc_malloc(16));   /* main's heap, to claim pages with */
+  pthread_t taker, t[LV_LEAVERS];
+  SM_CHILD_CHECK(pthread_create(&taker, NULL, lv_taker, NULL) == 0, "pthread_create");
+  for (int round = 0; round < LV_ROUNDS; round++) {
+    for (int k = 0; k < LV_LEAVERS; k++)
+      SM_CHILD_CHECK(pthread_create(&t[k], NULL, lv_leaver, lv_kept[k]) == 0, "pthread_create");
+    for (int k = 0; k < LV_LEAVERS; k++) SM_CHILD_CHECK(pthread_join(t[k], NULL) == 0, "pthread_join");
+    bg_sleep_ms(round % 3 * 10);   /* some pages purged before main frees into them, some not */
+    for (int k = 0; k < LV_LEAVERS; k++) {
+      for (int i = 0; i < LV_BLOCKS / LV_KEEP; i++) {
+        SM_CHILD_CHECK(lv_intact(lv_kept[k][i]), "a block an exited thread left lost its bytes");
+        smalloc_free(lv_kept[k][i]);
+      }
+    }
+  }
+  atomic_store(&lv_stop, 1);
+  SM_CHILD_CHECK(pthread_join(taker, NULL) == 0, "pthread_join");
+}
+
+START_TEST(threads_leave_sparse_pages_while_the_purge_thread_gives_them_back)
+{
+  sm_test_in_child(leavers_and_takers);
+}
+END_TEST
+
 static Suite *background_suite(void)
 {
   Suite *s = suite_create("background");
@@ -1021,6 +1196,8 @@ static Suite *background_suite(void)
   tcase_add_test(tc, fork_while_purging);
   tcase_add_test(tc, free_pages_of_a_live_segment_go_back);
   tcase_add_test(tc, free_pages_of_an_exited_threads_segment_go_back);
+  tcase_add_test(tc, free_blocks_of_an_exited_threads_sparse_pages_go_back);
+  tcase_add_test(tc, threads_leave_sparse_pages_while_the_purge_thread_gives_them_back);
   tcase_add_test(tc, many_threads_churn_while_the_purge_thread_restarts);
   suite_add_tcase(s, tc);
   return s;

@@ -12,6 +12,11 @@
  *     (a large page soon exhausted would go back and forth);
  *   - a page ready behind more than eight that wait for their blocks is
  *     found, not passed by for a fresh page.
+ * And, on real pages a thread left in the pool when it exited: the free
+ * blocks of a page that waits give back their memory but the words they
+ * keep, and so do the blocks not built yet and the tail (exact counters,
+ * and what mincore says), once per stay, counted as committed again when
+ * the page leaves the pool.
  * And, on a page of this thread's heap, sm_page_free_to_local: the free
  * list of a page put behind the first of its class joins its local_free,
  * whichever of the two is longer, with no block lost or doubled, and the
@@ -21,6 +26,9 @@
 #include "common.h"
 
 #include "internal.h"
+
+#include <pthread.h>
+#include <sys/mman.h>
 
 enum { POOL_BIN = 90, POOL_PAGES = 40, POOL_MIN = 8, POOL_PART = 16 };
 static sm_page_t pages[POOL_PAGES] __attribute__((aligned(64)));
@@ -203,6 +211,156 @@ START_TEST(a_page_put_first_frees_onto_local_free_until_refilled)
 }
 END_TEST
 
+/* ---- the free blocks of pages that wait give their memory back ------------ */
+
+/* A thread allocates PB_N blocks of PB_SIZE, writes them whole, frees
+ * all but every fourth and exits: each page of its blocks keeps a live
+ * one and goes to the pool.  (Its first blocks of the class may be lent
+ * elsewhere, page.c: only the pages in the pool are looked at.) */
+enum { PB_N = 64, PB_KEEP = 4, PB_SIZE = SM_TEST_REQUEST_FOR(81920) };
+static void *pb_blocks[PB_N];
+
+static void *pb_worker(void *arg)
+{
+  (void)arg;
+  for (int i = 0; i < PB_N; i++) {
+    pb_blocks[i] = smalloc_malloc(PB_SIZE);
+    ck_assert_ptr_nonnull(pb_blocks[i]);
+    memset(pb_blocks[i], 0x5a, PB_SIZE);
+  }
+  for (int i = 0; i < PB_N; i++)
+    if (i % PB_KEEP)
+      smalloc_free(pb_blocks[i]);
+  return NULL;
+}
+
+static bool pb_resident(uintptr_t at)
+{
+  unsigned char v = 0;
+  ck_assert_int_eq(mincore((void *)(at & ~(SM_OS_PAGE - 1)), SM_OS_PAGE, &v), 0);
+  return v & 1;
+}
+
+/* The whole OS pages from lo to hi, rounded inwards. */
+static size_t pb_inside(uintptr_t lo, uintptr_t hi, uintptr_t *from)
+{
+  *from = (lo + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1);
+  hi &= ~(SM_OS_PAGE - 1);
+  return hi > *from ? hi - *from : 0;
+}
+
+/* Whether every OS page from `from` for len bytes is resident (want) or
+ * none is. */
+static bool pb_all(uintptr_t from, size_t len, bool want)
+{
+  for (size_t o = 0; o < len; o += SM_OS_PAGE)
+    if (pb_resident(from + o) != want) return false;
+  return true;
+}
+
+/* The page in the pool block i lies in, or NULL. */
+static sm_page_t *pb_pooled(int i)
+{
+  sm_segment_t *seg;
+  sm_page_t *page;
+  if (!sm_lookup(pb_blocks[i], &seg, &page) || seg->kind > SM_SEG_MEDIUM) return NULL;
+  return atomic_load(&page->pooled) ? page : NULL;
+}
+
+/* What giving back a pooled page's free blocks gives: the interiors of
+ * the blocks freed (past the 32 bytes a free block keeps), and what lies
+ * past the blocks built so far, up to the page's end (or guard page);
+ * each checked with mincore, resident (before) or not (after). */
+static size_t pb_page_bytes(sm_page_t *page, bool before)
+{
+  size_t bytes = 0, len;
+  uintptr_t from;
+  for (int i = 0; i < PB_N; i++) {
+    if (pb_pooled(i) != page) continue;
+    uintptr_t b = (uintptr_t)pb_blocks[i];
+    if (i % PB_KEEP == 0) {   /* live: all of it stays */
+      len = pb_inside(b & ~(SM_OS_PAGE - 1), b + page->block_size, &from);
+      ck_assert_msg(pb_all(b & ~(SM_OS_PAGE - 1), len, true), "a live block lost its memory");
+      continue;
+    }
+    len = pb_inside(b + 32, b + page->block_size, &from);
+    ck_assert_uint_gt(len, 0);
+    ck_assert_msg(pb_all(from, len, before), "free block %d: interior %s", i,
+                  before ? "not resident before" : "still resident after");
+    ck_assert_msg(pb_resident(b), "free block %d: the words it keeps were given back", i);
+    bytes += len;
+  }
+  sm_segment_t *seg = sm_ptr_segment(page);
+  size_t psize = (size_t)1 << seg->page_shift;
+  uintptr_t end = (((uintptr_t)page->start - (uintptr_t)seg) / psize + 1) * psize + (uintptr_t)seg - SM_GUARD;
+  len = pb_inside((uintptr_t)page->start + (size_t)page->capacity * page->block_size, end, &from);
+  if (!before) ck_assert_msg(pb_all(from, len, false), "the page's tail is still resident");
+  return bytes + len;
+}
+
+START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  /* this thread's heap, for its free below to claim a page with (where
+   * malloc is not smalloc's, it may have none yet) */
+  smalloc_free(smalloc_malloc(16));
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, pb_worker, NULL), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+
+  sm_page_t *pooled[PB_N];
+  int npooled = 0;
+  size_t want = 0;
+  for (int i = 0; i < PB_N; i++) {
+    sm_page_t *page = pb_pooled(i);
+    bool seen = page == NULL;
+    for (int k = 0; k < npooled && !seen; k++) seen = pooled[k] == page;
+    if (seen) continue;
+    pooled[npooled++] = page;
+    want += pb_page_bytes(page, true);
+  }
+  ck_assert_int_ge(npooled, 2);
+
+  smalloc_stats_t s0, s1, s2;
+  ck_assert_int_eq(sm_test_snap(&s0), 0);
+  sm_pool_purge(sm_clock_ms(), 0);
+  ck_assert_int_eq(sm_test_snap(&s1), 0);
+  size_t got = 0;
+  for (int k = 0; k < npooled; k++) {
+    size_t bytes = pb_page_bytes(pooled[k], false);
+    ck_assert_uint_eq(pooled[k]->pool_purged, bytes);
+    got += bytes;
+  }
+  ck_assert_uint_eq(got, want);
+  ck_assert_uint_eq(s1.bytes_purged - s0.bytes_purged, want);
+  ck_assert_uint_eq(s0.bytes_committed - s1.bytes_committed, want);
+
+  /* once per stay in the pool */
+  sm_pool_purge(sm_clock_ms(), 0);
+  ck_assert_int_eq(sm_test_snap(&s2), 0);
+  ck_assert_uint_eq(s2.bytes_purged, s1.bytes_purged);
+  ck_assert_uint_eq(s2.bytes_committed, s1.bytes_committed);
+
+  /* a page that leaves the pool counts what it gave back as committed
+   * again: this thread's free into it claims it (page.c) */
+  sm_page_t *first = pooled[0];
+  size_t back = first->pool_purged;
+  for (int i = 0; i < PB_N; i++) {
+    if (i % PB_KEEP == 0 && pb_pooled(i) == first) {
+      smalloc_free(pb_blocks[i]);
+      pb_blocks[i] = NULL;
+      break;
+    }
+  }
+  ck_assert_int_eq(sm_test_snap(&s0), 0);
+  ck_assert_int_eq(atomic_load(&first->pooled), 0);
+  ck_assert_uint_eq(first->pool_purged, 0);
+  ck_assert_uint_eq(s0.bytes_committed - s2.bytes_committed, back);
+  for (int i = 0; i < PB_N; i += PB_KEEP)
+    smalloc_free(pb_blocks[i]);
+}
+END_TEST
+
 static Suite *pool_suite(void)
 {
   Suite *s = suite_create("pool");
@@ -213,6 +371,7 @@ static Suite *pool_suite(void)
   tcase_add_test(tc, a_ready_page_behind_waiting_ones_is_found);
   tcase_add_test(tc, a_demoted_pages_free_list_joins_local_free);
   tcase_add_test(tc, a_page_put_first_frees_onto_local_free_until_refilled);
+  tcase_add_test(tc, the_free_blocks_of_a_page_in_the_pool_give_their_memory_back);
   suite_add_tcase(s, tc);
   return s;
 }
