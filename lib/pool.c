@@ -201,14 +201,15 @@ void sm_pool_collect(sm_heap_t *self) {
  * in four and exited kept 128 MB resident.  Once a page has waited for
  * the purge delay, the whole OS pages inside each block of its free lists
  * go back (madvise), all but the words a free block keeps: its link, its
- * tag and (secure build) its poison.  Under the pool's lock, so that no
- * thread takes the page meanwhile; once per stay in the pool (blocks
- * freed to it later wait on its thread_free, which only its next owner
- * takes).  What went back counts as committed again when the page leaves
- * the pool (sm_pool_unlink_locked), and a block handed out again faults
- * its pages back in, zeroed.  The segment's half the page lies in is
- * advised against huge pages first, as every purge beside memory in use
- * is (sm_segment_unadvise). */
+ * tag and (secure build) its poison; and so does what lies past the
+ * blocks built so far.  Blocks freed into it later, onto its thread_free,
+ * are taken onto its lists and go back the same way, a purge delay after
+ * the last time.  Under the pool's lock, so that no thread takes the page
+ * meanwhile.  What went back counts as committed again when the page
+ * leaves the pool (sm_pool_unlink_locked), and a block handed out again
+ * faults its pages back in, zeroed.  The segment's half the page lies in
+ * is advised against huge pages first, as every purge beside memory in
+ * use is (sm_segment_unadvise). */
 
 /* The whole OS pages of free block b of bsize bytes past what it keeps:
  * their start, and their bytes (0: none). */
@@ -219,12 +220,12 @@ static size_t sm_pool_interior(const sm_block_t *b, size_t bsize, uint8_t **from
   return hi > lo ? hi - lo : 0;
 }
 
-/* Give back the interiors of the blocks on one of the page's free lists;
- * the bytes.  A link out of the page ends the walk (its next owner finds
- * and reports it), and so does a cycle. */
-static size_t sm_pool_purge_list(sm_page_t *page, sm_block_t *b, uint32_t *left) {
+/* Give back the interiors of the blocks on one of the page's free lists,
+ * up to block `stop`; the bytes.  A link out of the page ends the walk
+ * (its next owner finds and reports it), and so does a cycle. */
+static size_t sm_pool_purge_list(sm_page_t *page, sm_block_t *b, sm_block_t *stop, uint32_t *left) {
   size_t bytes = 0;
-  for (; b != NULL && *left > 0 && sm_page_is_block(page, b); (*left)--) {
+  for (; b != stop && *left > 0 && sm_page_is_block(page, b); (*left)--) {
     uint8_t *from;
     size_t len = sm_pool_interior(b, page->block_size, &from);
     if (len && sm_os_purge(from, len) == 0) bytes += len;
@@ -233,8 +234,21 @@ static size_t sm_pool_purge_list(sm_page_t *page, sm_block_t *b, uint32_t *left)
   return bytes;
 }
 
-static void sm_pool_purge_page(sm_page_t *page) {
+/* Whether the page has blocks to give back: never looked at in this
+ * stay, or blocks freed into it since. */
+static bool sm_pool_purge_due(const sm_page_t *page) {
+  return !page->pool_scanned || sm_tf_head((sm_page_t *)page, memory_order_relaxed) != NULL;
+}
+
+static void sm_pool_purge_page(sm_page_t *page, uint64_t now) {
+  bool first = !page->pool_scanned;
   page->pool_scanned = 1;
+  page->empty_since_ms = now;
+  /* blocks freed into it: onto its lists, the new ones ahead of those
+   * given back before (sm_page_collect_thread_free: the whole free list
+   * when it had none, else local_free down to its old head) */
+  sm_block_t *free0 = page->free, *local0 = page->local_free;
+  sm_page_collect_thread_free(page);
   sm_segment_t *seg = sm_ptr_segment(page);
   uintptr_t at = (uintptr_t)page->start - (uintptr_t)seg;
   /* what no list holds yet: the blocks not built into one, and the bytes
@@ -243,13 +257,23 @@ static void sm_pool_purge_page(sm_page_t *page) {
   uintptr_t end = (uintptr_t)seg + (((at >> seg->page_shift) + 1) << seg->page_shift) - SM_GUARD;
   uintptr_t lo = ((uintptr_t)page->start + (size_t)page->capacity * page->block_size + SM_OS_PAGE - 1) &
                  ~(SM_OS_PAGE - 1);
-  if (page->free == NULL && page->local_free == NULL && end <= lo) return;   /* a full page */
+  sm_block_t *a = page->free, *b = page->local_free, *b_stop = NULL;
+  if (!first) {
+    end = lo;   /* given back already */
+    if (page->free != free0) {
+      b = NULL;   /* the new blocks: the whole free list */
+    } else {
+      a = NULL;   /* local_free down to its old head */
+      b_stop = local0;
+    }
+  }
+  if (a == NULL && b == b_stop && end <= lo) return;   /* nothing: a full page, say */
   sm_segment_unadvise(seg, at < SM_SEGMENT_SIZE / 2 ? SM_HALF_LOWER : SM_HALF_UPPER);
   uint32_t left = page->reserved;   /* no list holds more blocks than the page */
-  size_t bytes = sm_pool_purge_list(page, page->free, &left);
-  bytes += sm_pool_purge_list(page, page->local_free, &left);
+  size_t bytes = sm_pool_purge_list(page, a, NULL, &left);
+  bytes += sm_pool_purge_list(page, b, b_stop, &left);
   if (end > lo && sm_os_purge((void *)lo, end - lo) == 0) bytes += end - lo;
-  page->pool_purged = (uint32_t)bytes;
+  page->pool_purged += (uint32_t)bytes;
   sm_gsub(bytes_committed, bytes);
 }
 
@@ -270,7 +294,7 @@ bool sm_pool_purge(uint64_t now, uint64_t delay) {
       unsigned done = 0;
       sm_lock(&pool->lock);
       for (sm_page_t *page = pool->first; page; page = page->next) {
-        if (page->pool_scanned || !sm_pool_may_purge(page) ||
+        if (!sm_pool_purge_due(page) || !sm_pool_may_purge(page) ||
             (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT))
           continue;
         if (now - page->empty_since_ms < delay) {
@@ -281,7 +305,7 @@ bool sm_pool_purge(uint64_t now, uint64_t delay) {
           more = true;
           break;
         }
-        sm_pool_purge_page(page);
+        sm_pool_purge_page(page, now);
         done++;
       }
       sm_unlock(&pool->lock);

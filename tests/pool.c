@@ -15,8 +15,8 @@
  * And, on real pages a thread left in the pool when it exited: the free
  * blocks of a page that waits give back their memory but the words they
  * keep, and so do the blocks not built yet and the tail (exact counters,
- * and what mincore says), once per stay, counted as committed again when
- * the page leaves the pool.
+ * and what mincore says), once, and a block freed into it later at the
+ * next purge; counted as committed again when the page leaves the pool.
  * And, on a page of this thread's heap, sm_page_free_to_local: the free
  * list of a page put behind the first of its class joins its local_free,
  * whichever of the two is longer, with no block lost or doubled, and the
@@ -335,11 +335,38 @@ START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
   ck_assert_uint_eq(s1.bytes_purged - s0.bytes_purged, want);
   ck_assert_uint_eq(s0.bytes_committed - s1.bytes_committed, want);
 
-  /* once per stay in the pool */
+  /* given back once */
   sm_pool_purge(sm_clock_ms(), 0);
   ck_assert_int_eq(sm_test_snap(&s2), 0);
   ck_assert_uint_eq(s2.bytes_purged, s1.bytes_purged);
   ck_assert_uint_eq(s2.bytes_committed, s1.bytes_committed);
+
+  /* a block freed into a page that waits, by a thread that does not own
+   * it, goes on its thread_free; the next purge takes it onto the page's
+   * lists and gives back its interior, and no other block's again */
+  sm_page_t *second = pooled[1];
+  int k = 0;
+  while (k < PB_N && !(k % PB_KEEP == 0 && pb_pooled(k) == second)) k++;
+  ck_assert_int_lt(k, PB_N);
+  sm_segment_t *seg;
+  sm_page_t *page;
+  ck_assert(sm_lookup(pb_blocks[k], &seg, &page) && page == second);
+  uintptr_t b = (uintptr_t)pb_blocks[k], from;
+  size_t len = pb_inside(b + 32, b + second->block_size, &from);
+  ck_assert(pb_all(from, len, true));
+  uint32_t used = second->used, purged = second->pool_purged;
+  ck_assert(sm_free_block_xthread(seg, second, (sm_block_t *)pb_blocks[k]));
+  pb_blocks[k] = NULL;
+  sm_pool_purge(sm_clock_ms(), 0);
+  smalloc_stats_t s3;
+  ck_assert_int_eq(sm_test_snap(&s3), 0);
+  ck_assert_uint_eq(second->used, used - 1);
+  ck_assert_uint_eq(second->pool_purged, purged + len);
+  ck_assert_uint_eq(s3.bytes_purged - s2.bytes_purged, len);
+  ck_assert_uint_eq(s2.bytes_committed - s3.bytes_committed, len);
+  ck_assert(pb_all(from, len, false));
+  ck_assert(pb_resident(b));
+  s2 = s3;
 
   /* a page that leaves the pool counts what it gave back as committed
    * again: this thread's free into it claims it (page.c) */
@@ -357,7 +384,73 @@ START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
   ck_assert_uint_eq(first->pool_purged, 0);
   ck_assert_uint_eq(s0.bytes_committed - s2.bytes_committed, back);
   for (int i = 0; i < PB_N; i += PB_KEEP)
-    smalloc_free(pb_blocks[i]);
+    smalloc_free(pb_blocks[i]);   /* NULL: freed above */
+}
+END_TEST
+
+/* Threads free the live blocks of the pages that wait (as other threads'
+ * frees do, onto their thread_free) while this one gives back what the
+ * pages free again and again: every block freed is given back once, and
+ * each page ends empty. */
+enum { PB_FREERS = 2 };
+
+static void *pb_freer(void *arg)
+{
+  int id = (int)(intptr_t)arg;
+  for (int i = id * PB_KEEP; i < PB_N; i += PB_FREERS * PB_KEEP) {
+    sm_segment_t *seg;
+    sm_page_t *page;
+    ck_assert(sm_lookup(pb_blocks[i], &seg, &page));
+    if (!atomic_load(&page->pooled)) continue;   /* lent elsewhere */
+    ck_assert(sm_free_block_xthread(seg, page, pb_blocks[i]));
+    sched_yield();
+  }
+  return NULL;
+}
+
+START_TEST(blocks_freed_into_pages_that_wait_go_back_while_others_are_given_back)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  pthread_t t[PB_FREERS];
+  ck_assert_int_eq(pthread_create(&t[0], NULL, pb_worker, NULL), 0);
+  ck_assert_int_eq(pthread_join(t[0], NULL), 0);
+  sm_page_t *pooled[PB_N];
+  int npooled = 0;
+  size_t want = 0;
+  for (int i = 0; i < PB_N; i++) {
+    sm_page_t *page = pb_pooled(i);
+    bool seen = page == NULL;
+    for (int k = 0; k < npooled && !seen; k++) seen = pooled[k] == page;
+    if (!seen) pooled[npooled++] = page;
+    if (page) {   /* every block of it will be free */
+      uintptr_t b = (uintptr_t)pb_blocks[i], from;
+      want += pb_inside(b + 32, b + page->block_size, &from);
+    }
+  }
+  ck_assert_int_ge(npooled, 2);
+  for (int k = 0; k < npooled; k++) {   /* and what lies past them */
+    sm_page_t *page = pooled[k];
+    sm_segment_t *seg = sm_ptr_segment(page);
+    size_t psize = (size_t)1 << seg->page_shift;
+    uintptr_t end = (((uintptr_t)page->start - (uintptr_t)seg) / psize + 1) * psize + (uintptr_t)seg - SM_GUARD, from;
+    want += pb_inside((uintptr_t)page->start + (size_t)page->capacity * page->block_size, end, &from);
+  }
+  for (intptr_t id = 0; id < PB_FREERS; id++)
+    ck_assert_int_eq(pthread_create(&t[id], NULL, pb_freer, (void *)id), 0);
+  for (int round = 0; round < 200; round++) {
+    sm_pool_purge(sm_clock_ms(), 0);
+    sched_yield();
+  }
+  for (int id = 0; id < PB_FREERS; id++)
+    ck_assert_int_eq(pthread_join(t[id], NULL), 0);
+  sm_pool_purge(sm_clock_ms(), 0);
+  size_t got = 0;
+  for (int k = 0; k < npooled; k++) {
+    ck_assert_uint_eq(pooled[k]->used, 0);
+    ck_assert_int_ne(atomic_load(&pooled[k]->pooled), 0);
+    got += pooled[k]->pool_purged;
+  }
+  ck_assert_uint_eq(got, want);
 }
 END_TEST
 
@@ -372,6 +465,7 @@ static Suite *pool_suite(void)
   tcase_add_test(tc, a_demoted_pages_free_list_joins_local_free);
   tcase_add_test(tc, a_page_put_first_frees_onto_local_free_until_refilled);
   tcase_add_test(tc, the_free_blocks_of_a_page_in_the_pool_give_their_memory_back);
+  tcase_add_test(tc, blocks_freed_into_pages_that_wait_go_back_while_others_are_given_back);
   suite_add_tcase(s, tc);
   return s;
 }
