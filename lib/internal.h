@@ -186,7 +186,7 @@ struct sm_page_s {
    * or waits in the pool (under the pool's lock) */
   uint64_t empty_since_ms;       /* when it retired, went back to its segment, or to the pool */
   uint8_t decommitted;           /* its memory was given back (madvise) */
-  uint8_t pool_scanned;          /* in the pool: its free blocks' interiors were given back (pool.c) */
+  uint8_t pool_scanned;          /* in the pool: its free blocks were given back once this stay (pool.c) */
   /* while it waits in the pool, its mark there (pool.c), else 0: written
    * under that pool's lock, so that a thread holding it knows */
   _Atomic uint32_t pooled;
