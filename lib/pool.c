@@ -254,7 +254,7 @@ static void sm_pool_purge_page(sm_page_t *page, uint64_t now) {
   /* what no list holds yet: the blocks not built into one, and the bytes
    * past the last block (up to the guard page, secure build), resident
    * where a huge page brought them in */
-  uintptr_t end = (uintptr_t)seg + (((at >> seg->page_shift) + 1) << seg->page_shift) - SM_GUARD;
+  uintptr_t end = (uintptr_t)page->start + sm_segment_page_len(seg, page) - SM_GUARD;
   uintptr_t lo = ((uintptr_t)page->start + (size_t)page->capacity * page->block_size + SM_OS_PAGE - 1) &
                  ~(SM_OS_PAGE - 1);
   sm_block_t *a = page->free, *b = page->local_free, *b_stop = NULL;

@@ -360,7 +360,7 @@ static sm_segment_t *sm_segment_alloc(int kind, bool huge) {
 
 /* Bytes of a page that its blocks may use: the first page of a segment
  * starts after the header. */
-static size_t sm_segment_page_len(const sm_segment_t *seg, const sm_page_t *page) {
+size_t sm_segment_page_len(const sm_segment_t *seg, const sm_page_t *page) {
   size_t psize = (size_t)1 << seg->page_shift;
   return page == &seg->pages[0] ? psize - SM_SEGMENT_HDR : psize;
 }

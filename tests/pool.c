@@ -249,6 +249,16 @@ static size_t pb_inside(uintptr_t lo, uintptr_t hi, uintptr_t *from)
   return hi > *from ? hi - *from : 0;
 }
 
+/* The whole OS pages past the blocks a page has built, up to its end
+ * (or guard page). */
+static size_t pb_tail(const sm_page_t *page, uintptr_t *from)
+{
+  sm_segment_t *seg = sm_ptr_segment(page);
+  size_t psize = (size_t)1 << seg->page_shift;
+  uintptr_t end = (((uintptr_t)page->start - (uintptr_t)seg) / psize + 1) * psize + (uintptr_t)seg - SM_GUARD;
+  return pb_inside((uintptr_t)page->start + (size_t)page->capacity * page->block_size, end, from);
+}
+
 /* Whether every OS page from `from` for len bytes is resident (want) or
  * none is. */
 static bool pb_all(uintptr_t from, size_t len, bool want)
@@ -290,12 +300,22 @@ static size_t pb_page_bytes(sm_page_t *page, bool before)
     ck_assert_msg(pb_resident(b), "free block %d: the words it keeps were given back", i);
     bytes += len;
   }
-  sm_segment_t *seg = sm_ptr_segment(page);
-  size_t psize = (size_t)1 << seg->page_shift;
-  uintptr_t end = (((uintptr_t)page->start - (uintptr_t)seg) / psize + 1) * psize + (uintptr_t)seg - SM_GUARD;
-  len = pb_inside((uintptr_t)page->start + (size_t)page->capacity * page->block_size, end, &from);
+  len = pb_tail(page, &from);
   if (!before) ck_assert_msg(pb_all(from, len, false), "the page's tail is still resident");
   return bytes + len;
+}
+
+/* The distinct pages in the pool that the worker's blocks lie in. */
+static int pb_pool_pages(sm_page_t **pooled)
+{
+  int npooled = 0;
+  for (int i = 0; i < PB_N; i++) {
+    sm_page_t *page = pb_pooled(i);
+    bool seen = page == NULL;
+    for (int k = 0; k < npooled && !seen; k++) seen = pooled[k] == page;
+    if (!seen) pooled[npooled++] = page;
+  }
+  return npooled;
 }
 
 START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
@@ -309,17 +329,11 @@ START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
   ck_assert_int_eq(pthread_join(t, NULL), 0);
 
   sm_page_t *pooled[PB_N];
-  int npooled = 0;
-  size_t want = 0;
-  for (int i = 0; i < PB_N; i++) {
-    sm_page_t *page = pb_pooled(i);
-    bool seen = page == NULL;
-    for (int k = 0; k < npooled && !seen; k++) seen = pooled[k] == page;
-    if (seen) continue;
-    pooled[npooled++] = page;
-    want += pb_page_bytes(page, true);
-  }
+  int npooled = pb_pool_pages(pooled);
   ck_assert_int_ge(npooled, 2);
+  size_t want = 0;
+  for (int k = 0; k < npooled; k++)
+    want += pb_page_bytes(pooled[k], true);
 
   smalloc_stats_t s0, s1, s2;
   ck_assert_int_eq(sm_test_snap(&s0), 0);
@@ -415,26 +429,18 @@ START_TEST(blocks_freed_into_pages_that_wait_go_back_while_others_are_given_back
   ck_assert_int_eq(pthread_create(&t[0], NULL, pb_worker, NULL), 0);
   ck_assert_int_eq(pthread_join(t[0], NULL), 0);
   sm_page_t *pooled[PB_N];
-  int npooled = 0;
+  int npooled = pb_pool_pages(pooled);
+  ck_assert_int_ge(npooled, 2);
   size_t want = 0;
+  uintptr_t from;
   for (int i = 0; i < PB_N; i++) {
     sm_page_t *page = pb_pooled(i);
-    bool seen = page == NULL;
-    for (int k = 0; k < npooled && !seen; k++) seen = pooled[k] == page;
-    if (!seen) pooled[npooled++] = page;
     if (page) {   /* every block of it will be free */
-      uintptr_t b = (uintptr_t)pb_blocks[i], from;
+      uintptr_t b = (uintptr_t)pb_blocks[i];
       want += pb_inside(b + 32, b + page->block_size, &from);
     }
   }
-  ck_assert_int_ge(npooled, 2);
-  for (int k = 0; k < npooled; k++) {   /* and what lies past them */
-    sm_page_t *page = pooled[k];
-    sm_segment_t *seg = sm_ptr_segment(page);
-    size_t psize = (size_t)1 << seg->page_shift;
-    uintptr_t end = (((uintptr_t)page->start - (uintptr_t)seg) / psize + 1) * psize + (uintptr_t)seg - SM_GUARD, from;
-    want += pb_inside((uintptr_t)page->start + (size_t)page->capacity * page->block_size, end, &from);
-  }
+  for (int k = 0; k < npooled; k++) want += pb_tail(pooled[k], &from);   /* and what lies past them */
   for (intptr_t id = 0; id < PB_FREERS; id++)
     ck_assert_int_eq(pthread_create(&t[id], NULL, pb_freer, (void *)id), 0);
   for (int round = 0; round < 200; round++) {
