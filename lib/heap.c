@@ -274,6 +274,7 @@ bool sm_collect_process(sm_heap_t *self) {
     sm_heap_wake_full(self);
     sm_heap_reclaim_all(self);
     sm_heap_collect_retired(self, true);
+    sm_heap_purge_sparse(self);
   }
   sm_pool_collect(self);
   sm_pool_purge(sm_clock_ms(), 0);

@@ -186,7 +186,9 @@ struct sm_page_s {
    * or waits in the pool (under the pool's lock) */
   uint64_t empty_since_ms;       /* when it retired, went back to its segment, or to the pool */
   uint8_t decommitted;           /* its memory was given back (madvise) */
-  uint8_t pool_scanned;          /* in the pool: its free blocks were given back once this stay (pool.c) */
+  /* its free blocks went back (pool.c: in the pool, or behind the first
+   * of its class when its owner trimmed) since it was last in use */
+  uint8_t free_scanned;
   /* while it waits in the pool, its mark there (pool.c), else 0: written
    * under that pool's lock, so that a thread holding it knows */
   _Atomic uint32_t pooled;
@@ -194,7 +196,10 @@ struct sm_page_s {
    * the owner's lock): how many of them are this page's, then what is
    * left of them and the decision taken; 0 otherwise */
   uint32_t claim_notices;
-  uint32_t pool_purged;          /* in the pool: bytes of its free blocks given back (pool.c) */
+  uint32_t free_purged;          /* bytes of its free blocks given back since then (pool.c) */
+  /* behind the first of its class: local_free's head when its owner gave
+   * its free blocks back (the blocks from there on went back) */
+  sm_block_t *purged_to;
 };
 _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines");
 /* The owner's frees into the page malloc takes blocks from go straight
@@ -1083,6 +1088,8 @@ sm_page_t *sm_pool_pop(size_t bin, uint32_t min, uint32_t part);
 void sm_pool_collect(sm_heap_t *self);
 bool sm_pool_take(sm_page_t *page);
 bool sm_pool_purge(uint64_t now, uint64_t delay);
+void sm_heap_purge_sparse(sm_heap_t *heap);
+void sm_page_unpurge(sm_page_t *page);
 void sm_pool_fork_child(void);
 void sm_page_send_home(sm_page_t *page);
 void sm_heap_take_home(sm_heap_t *heap);

@@ -32,7 +32,10 @@ static void sm_pq_first_changed(sm_heap_t *heap, size_t bin, sm_page_t *old) {
   if (bin == SM_BIN_FULL) return;
   sm_page_t *first = heap->queues[bin].first;
   if (old) old->free_to = SM_FREE_TO_LOCAL;
-  if (first) first->free_to = sm_pq_frees_to_free(first) ? SM_FREE_TO_FREE : SM_FREE_TO_LOCAL;
+  if (first) {
+    sm_page_unpurge(first);   /* allocated from again (pool.c) */
+    first->free_to = sm_pq_frees_to_free(first) ? SM_FREE_TO_FREE : SM_FREE_TO_LOCAL;
+  }
   sm_pq_update_direct(heap, bin);
 }
 
@@ -86,6 +89,7 @@ void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page) {
   sm_assert_expensive(!page->retired && (page->prev ? page->prev->next == page : q->first == page) &&
                       (page->next ? page->next->prev == page : q->last == page));
   bool was_first = q->first == page;
+  sm_page_unpurge(page);   /* on its way to another state (pool.c) */
   if (page->prev) page->prev->next = page->next; else q->first = page->next;
   if (page->next) page->next->prev = page->prev; else q->last = page->prev;
   page->next = page->prev = NULL;

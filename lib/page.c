@@ -1255,8 +1255,12 @@ static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
     if (step >= 0) {
       if (page != first) {
         step = SMALLOC_STEP_NEXT_PAGE;
-        sm_pq_remove(heap, bin, page);
-        sm_pq_push_front(heap, bin, page);
+        /* first already when the ones before it went to the full list:
+         * moved, it would put the page after it first for a moment */
+        if (page != q->first) {
+          sm_pq_remove(heap, bin, page);
+          sm_pq_push_front(heap, bin, page);
+        }
       }
       sm_count_step(heap, bin, step);
       sm_page_fold_stats(heap, page);   /* keeps the 32-bit frees count small */

@@ -57,8 +57,8 @@ void sm_pool_push(sm_page_t *page) {
   sm_pool_t *pool = &sm_pool[page->bin];
   uint64_t now = sm_clock_ms();
   sm_lock(&pool->lock);
+  sm_assert(!page->free_scanned && page->free_purged == 0);   /* sm_page_unpurge on its way */
   page->empty_since_ms = now;
-  page->pool_scanned = 0;
   page->next = NULL;
   page->prev = pool->last;
   if (pool->last) pool->last->next = page; else pool->first = page;
@@ -74,10 +74,7 @@ void sm_pool_push(sm_page_t *page) {
  * again, for its new owner to fault in as it hands them out (or for its
  * segment's holder to give back with the page). */
 static void sm_pool_unlink_locked(sm_pool_t *pool, sm_page_t *page) {
-  if (page->pool_purged) {
-    sm_gadd(bytes_committed, page->pool_purged);
-    page->pool_purged = 0;
-  }
+  sm_page_unpurge(page);
   if (page->prev) page->prev->next = page->next; else pool->first = page->next;
   if (page->next) page->next->prev = page->prev; else pool->last = page->prev;
   page->next = page->prev = NULL;
@@ -192,7 +189,7 @@ void sm_pool_collect(sm_heap_t *self) {
   }
 }
 
-/* ---- the free blocks of the pages that wait ------------------------------ */
+/* ---- the free blocks of sparse pages -------------------------------------- */
 
 /* A page in the pool keeps its free blocks while it waits for a thread
  * to take it, and a page of medium blocks that stays sparse (a block or
@@ -205,8 +202,19 @@ void sm_pool_collect(sm_heap_t *self) {
  * blocks built so far.  Blocks freed into it later, onto its thread_free,
  * are taken onto its lists and go back the same way, a purge delay after
  * the last time.  Under the pool's lock, so that no thread takes the page
- * meanwhile.  What went back counts as committed again when the page
- * leaves the pool (sm_pool_unlink_locked), and a block handed out again
+ * meanwhile.
+ *
+ * The pages of a live thread's own that stay sparse are the same, but
+ * only their owner may walk their lists: when it trims (malloc_trim,
+ * smalloc_collect(true): sm_heap_purge_sparse), the free blocks of every
+ * page behind the first of its class go back, and the first's stay for
+ * its next allocation.  Such a page keeps its free blocks on local_free
+ * alone (page-queue.c), where the owner's frees push them, so the blocks
+ * from the head at the last trim on (purged_to) went back already.
+ *
+ * What went back counts as committed again when the page is next in use:
+ * when it leaves the pool, or becomes the first of its class or leaves
+ * its queue (sm_page_unpurge, the one place); a block handed out again
  * faults its pages back in, zeroed.  The segment's half the page lies in
  * is advised against huge pages first, as every purge beside memory in
  * use is (sm_segment_unadvise). */
@@ -234,47 +242,77 @@ static size_t sm_pool_purge_list(sm_page_t *page, sm_block_t *b, sm_block_t *sto
   return bytes;
 }
 
-/* Whether the page has blocks to give back: never looked at in this
- * stay, or blocks freed into it since. */
-static bool sm_pool_purge_due(const sm_page_t *page) {
-  return !page->pool_scanned || sm_tf_head((sm_page_t *)page, memory_order_relaxed) != NULL;
-}
-
-static void sm_pool_purge_page(sm_page_t *page, uint64_t now) {
-  bool first = !page->pool_scanned;
-  page->pool_scanned = 1;
-  page->empty_since_ms = now;
-  /* blocks freed into it: onto its lists, the new ones ahead of those
-   * given back before (sm_page_collect_thread_free: the whole free list
-   * when it had none, else local_free down to its old head) */
-  sm_block_t *free0 = page->free, *local0 = page->local_free;
-  sm_page_collect_thread_free(page);
+/* Give back the interiors of the free blocks on list a (whole) and on
+ * list b down to b_stop, and, at the page's first scan since it was in
+ * use, what no list holds yet: the blocks not built into one, and the
+ * bytes past the last block (up to the guard page, secure build),
+ * resident where a huge page brought them in.  Counted here. */
+static void sm_page_purge_free(sm_page_t *page, sm_block_t *a, sm_block_t *b, sm_block_t *b_stop) {
+  bool first = !page->free_scanned;
+  page->free_scanned = 1;
   sm_segment_t *seg = sm_ptr_segment(page);
   uintptr_t at = (uintptr_t)page->start - (uintptr_t)seg;
-  /* what no list holds yet: the blocks not built into one, and the bytes
-   * past the last block (up to the guard page, secure build), resident
-   * where a huge page brought them in */
   uintptr_t end = (uintptr_t)page->start + sm_segment_page_len(seg, page) - SM_GUARD;
   uintptr_t lo = ((uintptr_t)page->start + (size_t)page->capacity * page->block_size + SM_OS_PAGE - 1) &
                  ~(SM_OS_PAGE - 1);
-  sm_block_t *a = page->free, *b = page->local_free, *b_stop = NULL;
-  if (!first) {
-    end = lo;   /* given back already */
-    if (page->free != free0) {
-      b = NULL;   /* the new blocks: the whole free list */
-    } else {
-      a = NULL;   /* local_free down to its old head */
-      b_stop = local0;
-    }
-  }
+  if (!first) end = lo;   /* given back already */
   if (a == NULL && b == b_stop && end <= lo) return;   /* nothing: a full page, say */
   sm_segment_unadvise(seg, at < SM_SEGMENT_SIZE / 2 ? SM_HALF_LOWER : SM_HALF_UPPER);
   uint32_t left = page->reserved;   /* no list holds more blocks than the page */
   size_t bytes = sm_pool_purge_list(page, a, NULL, &left);
   bytes += sm_pool_purge_list(page, b, b_stop, &left);
   if (end > lo && sm_os_purge((void *)lo, end - lo) == 0) bytes += end - lo;
-  page->pool_purged += (uint32_t)bytes;
+  page->free_purged += (uint32_t)bytes;
   sm_gsub(bytes_committed, bytes);
+}
+
+/* The page is in use again (see above): what its free blocks gave back
+ * counts as committed, and its next purge looks at all of them. */
+void sm_page_unpurge(sm_page_t *page) {
+  if (page->free_purged) {
+    sm_gadd(bytes_committed, page->free_purged);
+    page->free_purged = 0;
+  }
+  page->free_scanned = 0;
+  page->purged_to = NULL;
+}
+
+/* Whether the page has blocks to give back: never looked at in this
+ * stay, or blocks freed into it since. */
+static bool sm_pool_purge_due(const sm_page_t *page) {
+  return !page->free_scanned || sm_tf_head((sm_page_t *)page, memory_order_relaxed) != NULL;
+}
+
+static void sm_pool_purge_page(sm_page_t *page, uint64_t now) {
+  page->empty_since_ms = now;
+  if (!page->free_scanned) {
+    sm_page_collect_thread_free(page);
+    sm_page_purge_free(page, page->free, page->local_free, NULL);
+    return;
+  }
+  /* blocks freed into it since: onto its lists, ahead of those given
+   * back before (sm_page_collect_thread_free: the whole free list when it
+   * had none, else local_free down to its old head) */
+  sm_block_t *free0 = page->free, *local0 = page->local_free;
+  sm_page_collect_thread_free(page);
+  if (page->free != free0) sm_page_purge_free(page, page->free, NULL, NULL);
+  else sm_page_purge_free(page, NULL, page->local_free, local0);
+}
+
+/* The owner trims: the free blocks of its pages behind the first of
+ * their class go back, those freed since its last trim alone. */
+void sm_heap_purge_sparse(sm_heap_t *heap) {
+  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
+    sm_page_t *first = heap->queues[bin].first;
+    if (first == NULL || !sm_pool_may_purge(first)) continue;
+    for (sm_page_t *page = first->next; page; page = page->next) {
+      /* behind the first, a free list is a moment's (sm_heap_sweep) */
+      if (page->free != NULL || (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT))
+        continue;
+      sm_page_purge_free(page, NULL, page->local_free, page->purged_to);
+      page->purged_to = page->local_free;
+    }
+  }
 }
 
 /* Pages this many at a time per lock hold: a thread that wants a page of

@@ -17,6 +17,8 @@
  * keep, and so do the blocks not built yet and the tail (exact counters,
  * and what mincore says), once, and a block freed into it later at the
  * next purge; counted as committed again when the page leaves the pool.
+ * And the same in this thread's own pages behind the first of their
+ * class when it trims, counted as committed again when one becomes first.
  * And, on a page of this thread's heap, sm_page_free_to_local: the free
  * list of a page put behind the first of its class joins its local_free,
  * whichever of the two is longer, with no block lost or doubled, and the
@@ -268,13 +270,20 @@ static bool pb_all(uintptr_t from, size_t len, bool want)
   return true;
 }
 
-/* The page in the pool block i lies in, or NULL. */
-static sm_page_t *pb_pooled(int i)
+/* The page block i lies in, or NULL (freed, or not in a page). */
+static sm_page_t *pb_page_of(int i)
 {
   sm_segment_t *seg;
   sm_page_t *page;
   if (!sm_lookup(pb_blocks[i], &seg, &page) || seg->kind > SM_SEG_MEDIUM) return NULL;
-  return atomic_load(&page->pooled) ? page : NULL;
+  return page;
+}
+
+/* The page in the pool block i lies in, or NULL. */
+static sm_page_t *pb_pooled(int i)
+{
+  sm_page_t *page = pb_page_of(i);
+  return page && atomic_load(&page->pooled) ? page : NULL;
 }
 
 /* What giving back a pooled page's free blocks gives: the interiors of
@@ -286,7 +295,7 @@ static size_t pb_page_bytes(sm_page_t *page, bool before)
   size_t bytes = 0, len;
   uintptr_t from;
   for (int i = 0; i < PB_N; i++) {
-    if (pb_pooled(i) != page) continue;
+    if (pb_page_of(i) != page) continue;
     uintptr_t b = (uintptr_t)pb_blocks[i];
     if (i % PB_KEEP == 0) {   /* live: all of it stays */
       len = pb_inside(b & ~(SM_OS_PAGE - 1), b + page->block_size, &from);
@@ -342,7 +351,7 @@ START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
   size_t got = 0;
   for (int k = 0; k < npooled; k++) {
     size_t bytes = pb_page_bytes(pooled[k], false);
-    ck_assert_uint_eq(pooled[k]->pool_purged, bytes);
+    ck_assert_uint_eq(pooled[k]->free_purged, bytes);
     got += bytes;
   }
   ck_assert_uint_eq(got, want);
@@ -368,14 +377,14 @@ START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
   uintptr_t b = (uintptr_t)pb_blocks[k], from;
   size_t len = pb_inside(b + 32, b + second->block_size, &from);
   ck_assert(pb_all(from, len, true));
-  uint32_t used = second->used, purged = second->pool_purged;
+  uint32_t used = second->used, purged = second->free_purged;
   ck_assert(sm_free_block_xthread(seg, second, (sm_block_t *)pb_blocks[k]));
   pb_blocks[k] = NULL;
   sm_pool_purge(sm_clock_ms(), 0);
   smalloc_stats_t s3;
   ck_assert_int_eq(sm_test_snap(&s3), 0);
   ck_assert_uint_eq(second->used, used - 1);
-  ck_assert_uint_eq(second->pool_purged, purged + len);
+  ck_assert_uint_eq(second->free_purged, purged + len);
   ck_assert_uint_eq(s3.bytes_purged - s2.bytes_purged, len);
   ck_assert_uint_eq(s2.bytes_committed - s3.bytes_committed, len);
   ck_assert(pb_all(from, len, false));
@@ -385,7 +394,7 @@ START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
   /* a page that leaves the pool counts what it gave back as committed
    * again: this thread's free into it claims it (page.c) */
   sm_page_t *first = pooled[0];
-  size_t back = first->pool_purged;
+  size_t back = first->free_purged;
   for (int i = 0; i < PB_N; i++) {
     if (i % PB_KEEP == 0 && pb_pooled(i) == first) {
       smalloc_free(pb_blocks[i]);
@@ -395,7 +404,7 @@ START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
   }
   ck_assert_int_eq(sm_test_snap(&s0), 0);
   ck_assert_int_eq(atomic_load(&first->pooled), 0);
-  ck_assert_uint_eq(first->pool_purged, 0);
+  ck_assert_uint_eq(first->free_purged, 0);
   ck_assert_uint_eq(s0.bytes_committed - s2.bytes_committed, back);
   for (int i = 0; i < PB_N; i += PB_KEEP)
     smalloc_free(pb_blocks[i]);   /* NULL: freed above */
@@ -454,9 +463,123 @@ START_TEST(blocks_freed_into_pages_that_wait_go_back_while_others_are_given_back
   for (int k = 0; k < npooled; k++) {
     ck_assert_uint_eq(pooled[k]->used, 0);
     ck_assert_int_ne(atomic_load(&pooled[k]->pooled), 0);
-    got += pooled[k]->pool_purged;
+    got += pooled[k]->free_purged;
   }
   ck_assert_uint_eq(got, want);
+}
+END_TEST
+
+/* A live block from i on in a page behind `first` that holds another. */
+static int pb_live_behind(const sm_page_t *first, int i)
+{
+  for (; i < PB_N; i++) {
+    sm_page_t *page = i % PB_KEEP == 0 ? pb_page_of(i) : NULL;   /* the rest were freed */
+    if (page && page != first && page->used >= 2) return i;
+  }
+  ck_abort_msg("no page behind the first holds two live blocks");
+  return -1;
+}
+
+/* The same in a live thread's own pages, when it trims: the free blocks
+ * of its pages behind the first of their class give back their memory
+ * but the words they keep, and so do the tails; once, and a block freed
+ * since at the next trim; counted as committed again when such a page
+ * becomes the first of its class.  The first page keeps its blocks for
+ * the next allocation. */
+START_TEST(a_thread_that_trims_gives_back_the_free_blocks_of_its_sparse_pages)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  pb_worker(NULL);   /* this thread */
+  sm_heap_t *heap = sm_heap();
+  sm_page_t *first = pb_page_of(0);
+  ck_assert_ptr_nonnull(first);
+  ck_assert_ptr_eq(atomic_load(&first->owner), heap);
+  first = heap->queues[first->bin].first;
+  sm_page_t *behind[PB_N];
+  int nbehind = 0;
+  for (sm_page_t *page = first->next; page; page = page->next)
+    behind[nbehind++] = page;
+  ck_assert_int_ge(nbehind, 2);
+  size_t want = 0, first_bytes = pb_page_bytes(first, true);
+  for (int k = 0; k < nbehind; k++)
+    want += pb_page_bytes(behind[k], true);
+
+  smalloc_stats_t s0, s1, s2;
+  ck_assert_int_eq(sm_test_snap(&s0), 0);
+  sm_heap_purge_sparse(heap);
+  ck_assert_int_eq(sm_test_snap(&s1), 0);
+  size_t got = 0;
+  for (int k = 0; k < nbehind; k++) {
+    size_t bytes = pb_page_bytes(behind[k], false);
+    ck_assert_uint_eq(behind[k]->free_purged, bytes);
+    got += bytes;
+  }
+  ck_assert_uint_eq(got, want);
+  ck_assert_uint_eq(s1.bytes_purged - s0.bytes_purged, want);
+  ck_assert_uint_eq(s0.bytes_committed - s1.bytes_committed, want);
+  ck_assert_uint_eq(pb_page_bytes(first, true), first_bytes);   /* still resident */
+  ck_assert_uint_eq(first->free_purged, 0);
+
+  /* given back once */
+  sm_heap_purge_sparse(heap);
+  ck_assert_int_eq(sm_test_snap(&s2), 0);
+  ck_assert_uint_eq(s2.bytes_purged, s1.bytes_purged);
+  ck_assert_uint_eq(s2.bytes_committed, s1.bytes_committed);
+
+  /* a block this thread frees into such a page since goes back at the
+   * next trim (malloc_trim, smalloc_collect(true)), and no other again */
+  int k = pb_live_behind(first, 0);
+  sm_page_t *page = pb_page_of(k);
+  uintptr_t b = (uintptr_t)pb_blocks[k], from;
+  size_t len = pb_inside(b + 32, b + page->block_size, &from);
+  ck_assert(pb_all(from, len, true));
+  uint32_t purged = page->free_purged;
+  smalloc_free(pb_blocks[k]);
+  pb_blocks[k] = NULL;
+  sm_heap_purge_sparse(heap);
+  smalloc_stats_t s3;
+  ck_assert_int_eq(sm_test_snap(&s3), 0);
+  ck_assert_uint_eq(page->free_purged, purged + len);
+  ck_assert_uint_eq(s3.bytes_purged - s2.bytes_purged, len);
+  ck_assert_uint_eq(s2.bytes_committed - s3.bytes_committed, len);
+  ck_assert(pb_all(from, len, false));
+  ck_assert(pb_resident(b));
+  /* and trim does it */
+  k = pb_live_behind(first, k + 1);
+  b = (uintptr_t)pb_blocks[k];
+  len = pb_inside(b + 32, b + page->block_size, &from);
+  ck_assert(pb_all(from, len, true));
+  smalloc_free(pb_blocks[k]);
+  pb_blocks[k] = NULL;
+  ck_assert_int_eq(smalloc_malloc_trim(0), 1);   /* memory went back */
+  ck_assert(pb_all(from, len, false));
+  ck_assert(pb_resident(b));
+  for (int i = 0; i < nbehind; i++)
+    (void)pb_page_bytes(behind[i], false);
+
+  /* allocating the class on, past the first page's free blocks, makes
+   * the next page first: what it gave back counts as committed again */
+  ck_assert_int_eq(sm_test_snap(&s0), 0);
+  sm_page_t *next = first->next;
+  size_t back = next->free_purged;
+  ck_assert_uint_gt(back, 0);
+  void *got_block[PB_N];
+  int n = 0;
+  while (heap->queues[first->bin].first != next) {
+    ck_assert_int_lt(n, PB_N);
+    got_block[n] = smalloc_malloc(PB_SIZE);
+    ck_assert_ptr_nonnull(got_block[n]);
+    memset(got_block[n], 0x3c, PB_SIZE);
+    n++;
+  }
+  ck_assert_int_eq(sm_test_snap(&s1), 0);
+  ck_assert_uint_eq(next->free_purged, 0);
+  ck_assert_uint_eq(s1.bytes_committed - s0.bytes_committed, back);
+  ck_assert_uint_eq(s1.bytes_purged, s0.bytes_purged);
+  while (n > 0)
+    smalloc_free(got_block[--n]);
+  for (int i = 0; i < PB_N; i += PB_KEEP)
+    smalloc_free(pb_blocks[i]);
 }
 END_TEST
 
@@ -472,6 +595,7 @@ static Suite *pool_suite(void)
   tcase_add_test(tc, a_page_put_first_frees_onto_local_free_until_refilled);
   tcase_add_test(tc, the_free_blocks_of_a_page_in_the_pool_give_their_memory_back);
   tcase_add_test(tc, blocks_freed_into_pages_that_wait_go_back_while_others_are_given_back);
+  tcase_add_test(tc, a_thread_that_trims_gives_back_the_free_blocks_of_its_sparse_pages);
   suite_add_tcase(s, tc);
   return s;
 }
