@@ -48,6 +48,7 @@ static void sm_fork_child(void) {
   sm_segment_fork_child();
   sm_pool_fork_child();
   sm_heaps_fork_child();
+  sm_page_gate_fork_child(sm_heap_tls);
   sm_prof_fork_child();
 }
 

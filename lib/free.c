@@ -82,7 +82,7 @@ static bool sm_free_local_push(sm_page_t *page, sm_block_t *b, void *p) {
   if (!sm_track_on()) sm_poison_set(page, b);
   b->next = sm_enc(page, *list);
   b->tag = page->key;
-  *list = b;
+  sm_list_publish(list, b);
   sm_cnt_add(page->frees, 1);
   if (sm_likely(page->used > 0)) page->used--;   /* 0: only in a page found corrupted */
   return true;

@@ -274,7 +274,6 @@ bool sm_collect_process(sm_heap_t *self) {
     sm_heap_wake_full(self);
     sm_heap_reclaim_all(self);
     sm_heap_collect_retired(self, true);
-    sm_heap_purge_sparse(self);
   }
   sm_pool_collect(self);
   sm_pool_purge(sm_clock_ms(), 0);
@@ -289,6 +288,7 @@ bool sm_collect_process(sm_heap_t *self) {
   }
   sm_heaps_unlock();
   sm_heap_shared_tidy(true);
+  sm_segments_purge_open();
   sm_segment_cache_collect(true);
   return atomic_load(&sm_gstats.bytes_mapped) < before;
 }

@@ -187,8 +187,11 @@ struct sm_page_s {
   uint64_t empty_since_ms;       /* when it retired, went back to its segment, or to the pool */
   uint8_t decommitted;           /* its memory was given back (madvise) */
   /* its free blocks went back (pool.c: in the pool, or behind the first
-   * of its class when its owner trimmed) since it was last in use */
+   * of its class) since it was last in use */
   uint8_t free_scanned;
+  /* SM_GATE_*: whether a thread other than the owner may give back the
+   * free blocks of a page behind the first of its class (pool.c) */
+  _Atomic uint8_t purge_gate;
   /* while it waits in the pool, its mark there (pool.c), else 0: written
    * under that pool's lock, so that a thread holding it knows */
   _Atomic uint32_t pooled;
@@ -197,10 +200,14 @@ struct sm_page_s {
    * left of them and the decision taken; 0 otherwise */
   uint32_t claim_notices;
   uint32_t free_purged;          /* bytes of its free blocks given back since then (pool.c) */
-  /* behind the first of its class: local_free's head when its owner gave
-   * its free blocks back (the blocks from there on went back) */
+  /* behind the first of its class: local_free's head when its free
+   * blocks went back (the blocks from there on went back) */
   sm_block_t *purged_to;
 };
+/* page->purge_gate: shut while the page is its owner's to allocate from
+ * or change (first of its class, or off the class queues); open behind
+ * the first; busy while a thread gives its free blocks back (pool.c) */
+enum { SM_GATE_SHUT = 0, SM_GATE_OPEN = 1, SM_GATE_BUSY = 2 };
 _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines");
 /* The owner's frees into the page malloc takes blocks from go straight
  * back on its free list: last in, first out, so the next malloc hands out
@@ -210,6 +217,14 @@ _Static_assert(sizeof(sm_page_t) == 192, "page descriptor is three cache lines")
 enum { SM_FREE_TO_FREE = offsetof(sm_page_t, free), SM_FREE_TO_LOCAL = offsetof(sm_page_t, local_free) };
 SM_INLINE sm_block_t **sm_page_free_list(sm_page_t *page) {
   return (sm_block_t **)((char *)page + page->free_to);
+}
+/* The owner pushed block b (linked, tagged) on one of its page's lists:
+ * b becomes the head.  A release store, as plain as any on x86-64: the
+ * local_free of a page behind the first of its class is read by the
+ * thread that gives its free blocks back (pool.c), which walks from the
+ * head it finds. */
+SM_INLINE void sm_list_publish(sm_block_t **list, sm_block_t *b) {
+  __atomic_store_n(list, b, __ATOMIC_RELEASE);
 }
 _Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_free) == 128,
                "page descriptor lines");
@@ -232,6 +247,7 @@ struct sm_segment_s {
   uint8_t span_samples;          /* span: holds profile samples (prof.c) only */
   uint8_t huge_pages;            /* small, span: halves huge pages may back since it was mapped (SM_HALF_*) */
   _Atomic uint8_t huge_withdrawn; /* small, span: halves advised against them since (segment.c) */
+  _Atomic uint16_t open_pages;   /* pages whose purge_gate is open (pool.c) */
   size_t decommitted;            /* bytes of free pages given back (not counted committed) */
   size_t mapped;                 /* bytes of the mapping, from the segment start */
   size_t block_offset;           /* large, huge: offset of the block */
@@ -967,7 +983,7 @@ SM_INLINE void sm_free_owner_push(sm_page_t *page, void *p) {
   }
   b->next = sm_enc(page, head);
   b->tag = key;
-  *list = b;
+  sm_list_publish(list, b);
 #if SM_STATS
   sm_cnt_add(page->frees, 1);
 #endif
@@ -1059,6 +1075,7 @@ void sm_page_free_to_local(sm_page_t *page);
 void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page);
 void sm_pq_update_direct(sm_heap_t *heap, size_t bin);
 void sm_pq_first_refilled(sm_heap_t *heap, sm_page_t *page);
+void sm_pq_reopen(sm_heap_t *heap, sm_page_t *page);
 
 /* ---- segment.c ---------------------------------------------------------- */
 sm_segment_t *sm_segment_map(void);
@@ -1078,6 +1095,7 @@ void sm_segment_cache_purge_all(void);
 bool sm_segment_cache_pending(void);
 bool sm_segment_cache_wants_purge(void);
 void sm_segment_fork_child(void);
+void sm_segments_purge_open(void);
 uint64_t sm_clock_ms(void);
 extern uint64_t sm_start_ms;
 uint64_t sm_heap_random(sm_heap_t *heap);
@@ -1088,8 +1106,10 @@ sm_page_t *sm_pool_pop(size_t bin, uint32_t min, uint32_t part);
 void sm_pool_collect(sm_heap_t *self);
 bool sm_pool_take(sm_page_t *page);
 bool sm_pool_purge(uint64_t now, uint64_t delay);
-void sm_heap_purge_sparse(sm_heap_t *heap);
+void sm_page_gate_open(sm_page_t *page);
 void sm_page_unpurge(sm_page_t *page);
+void sm_page_purge_open(sm_page_t *page);
+void sm_page_gate_fork_child(sm_heap_t *heap);
 void sm_pool_fork_child(void);
 void sm_page_send_home(sm_page_t *page);
 void sm_heap_take_home(sm_heap_t *heap);

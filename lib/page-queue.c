@@ -33,7 +33,7 @@ static void sm_pq_first_changed(sm_heap_t *heap, size_t bin, sm_page_t *old) {
   sm_page_t *first = heap->queues[bin].first;
   if (old) old->free_to = SM_FREE_TO_LOCAL;
   if (first) {
-    sm_page_unpurge(first);   /* allocated from again (pool.c) */
+    sm_page_unpurge(first);   /* allocated from again: its gate shuts (pool.c) */
     first->free_to = sm_pq_frees_to_free(first) ? SM_FREE_TO_FREE : SM_FREE_TO_LOCAL;
   }
   sm_pq_update_direct(heap, bin);
@@ -63,6 +63,13 @@ void sm_pq_push_back(sm_heap_t *heap, size_t qi, sm_page_t *page) {
   if (q->last) q->last->next = page; else q->first = page;
   q->last = page;
   if (q->first == page) sm_pq_first_changed(heap, qi, NULL);
+  else if (qi != SM_BIN_FULL) sm_page_gate_open(page);   /* behind the first (pool.c) */
+}
+
+/* The owner changed the lists of a page of a class's queue (its gate
+ * shut for that, pool.c): behind the first, its gate opens again. */
+void sm_pq_reopen(sm_heap_t *heap, sm_page_t *page) {
+  if (heap->queues[page->bin].first != page) sm_page_gate_open(page);
 }
 
 /* The page goes first; the one it puts second keeps its free blocks on
@@ -81,6 +88,8 @@ void sm_pq_push_front(sm_heap_t *heap, size_t qi, sm_page_t *page) {
   if (old) old->prev = page; else q->last = page;
   q->first = page;
   sm_pq_first_changed(heap, qi, old);
+  /* behind the first, its lists as they stay: its gate opens (pool.c) */
+  if (old && qi != SM_BIN_FULL) sm_page_gate_open(old);
 }
 
 void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page) {
@@ -89,7 +98,7 @@ void sm_pq_remove(sm_heap_t *heap, size_t qi, sm_page_t *page) {
   sm_assert_expensive(!page->retired && (page->prev ? page->prev->next == page : q->first == page) &&
                       (page->next ? page->next->prev == page : q->last == page));
   bool was_first = q->first == page;
-  sm_page_unpurge(page);   /* on its way to another state (pool.c) */
+  sm_page_unpurge(page);   /* on its way to another state: its gate shuts (pool.c) */
   if (page->prev) page->prev->next = page->next; else q->first = page->next;
   if (page->next) page->next->prev = page->prev; else q->last = page->prev;
   page->next = page->prev = NULL;

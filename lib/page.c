@@ -404,7 +404,11 @@ void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
     for (page = heap->queues[bin].first; page; ) {
       sm_page_t *next = page->next;
-      sm_page_collect_thread_free(page);
+      if (sm_tf_head(page, memory_order_relaxed) != NULL) {
+        sm_page_unpurge(page);   /* its lists change: its gate shuts (pool.c) */
+        sm_page_collect_thread_free(page);
+        if (!sm_page_vacant(page)) sm_pq_reopen(heap, page);
+      }
       if (sm_page_vacant(page)) sm_page_release(heap, page);
       page = next;
     }
@@ -672,8 +676,13 @@ static size_t sm_heap_sweep(sm_heap_t *heap) {
       sm_page_t *next = page->next;
       if (!(active && page == heap->queues[bin].first)) {
         uintptr_t tf = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
-        if (sm_tf_ptr(page, tf) != NULL && sm_tf_count(tf) == page->used) sm_page_collect_thread_free(page);
+        if (sm_tf_ptr(page, tf) != NULL && sm_tf_count(tf) == page->used) {
+          sm_page_unpurge(page);   /* its lists change: its gate shuts (pool.c) */
+          sm_page_collect_thread_free(page);
+          if (!sm_page_vacant(page)) sm_pq_reopen(heap, page);
+        }
         if (sm_page_vacant(page) && sm_tf_head(page, memory_order_relaxed) == NULL) {
+          sm_page_unpurge(page);
           sm_page_free_to_local(page);
           sm_page_retire(heap, page);
         }
@@ -696,6 +705,8 @@ static size_t sm_heap_sweep(sm_heap_t *heap) {
  *   segment holder        seg->heap (NULL while abandoned)
  *   retired               page->retired, with membership of the heap's
  *                         retired lists (heap->lock)
+ *   others may purge it   page->purge_gate, open only behind the first of
+ *                         its class (sm_pq_push_*, sm_page_unpurge)
  * SM_TF_FULL is not a copy: it asks the first other thread that frees
  * into the page to hand its block over, and that thread clears it. */
 static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page) {
@@ -706,6 +717,10 @@ static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page) {
   if (xtid == 0 && !(flags & SM_PAGE_SLOW_FREE)) return false;
   if (atomic_load_explicit(&page->owner, memory_order_relaxed) != heap) return false;
   if (page->retired && (full || page->used != 0 || page->free != NULL)) return false;
+  /* the page it allocates from is its own alone (pool.c) */
+  if (heap->queues[page->bin].first == page &&
+      atomic_load_explicit(&page->purge_gate, memory_order_relaxed) != SM_GATE_SHUT)
+    return false;
   return page->in_use;
 }
 
@@ -852,12 +867,14 @@ static void sm_page_take_notice(sm_page_t *page, sm_block_t *b) {
  * full list with what else other threads freed into it, and retires if
  * that empties it. */
 void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
+  sm_page_unpurge(page);   /* its lists change: its gate shuts (pool.c) */
   sm_lock(&heap->lock);   /* the page may be on the full list */
   sm_page_take_notice(page, b);
-  sm_page_unfull_locked(heap, page);
-  sm_unlock(&heap->lock);
   sm_page_collect_thread_free(page);   /* the rest of that thread's batch, often */
+  sm_page_unfull_locked(heap, page);   /* behind the first of its class: its gate opens */
+  sm_unlock(&heap->lock);
   if (sm_page_vacant(page)) {
+    sm_page_unpurge(page);
     sm_page_free_to_local(page);
     sm_page_retire(heap, page);
   }
@@ -1251,6 +1268,7 @@ static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
   sm_page_t *first = q->first;
   for (sm_page_t *page = first; page; ) {
     sm_page_t *next = page->next;
+    if (page != q->first) sm_page_unpurge(page);   /* its lists change: its gate shuts (pool.c) */
     int step = sm_page_has_free(page) ? SMALLOC_STEP_NEXT_PAGE : sm_page_refill(page);
     if (step >= 0) {
       if (page != first) {

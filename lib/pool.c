@@ -204,13 +204,23 @@ void sm_pool_collect(sm_heap_t *self) {
  * the last time.  Under the pool's lock, so that no thread takes the page
  * meanwhile.
  *
- * The pages of a live thread's own that stay sparse are the same, but
- * only their owner may walk their lists: when it trims (malloc_trim,
- * smalloc_collect(true): sm_heap_purge_sparse), the free blocks of every
- * page behind the first of its class go back, and the first's stay for
- * its next allocation.  Such a page keeps its free blocks on local_free
- * alone (page-queue.c), where the owner's frees push them, so the blocks
- * from the head at the last trim on (purged_to) went back already.
+ * A live thread's own pages that stay sparse are the same, and trim
+ * (malloc_trim, smalloc_collect(true)) gives back the free blocks of
+ * every page behind the first of its class, from any thread, whatever
+ * the owner does (segment.c: sm_segments_purge_open); the first keeps
+ * its blocks for its thread's next allocation.  Such a page keeps its
+ * free blocks on local_free alone (page-queue.c), where its owner's frees
+ * push them, and the owner allocates from it only once it is first.  So
+ * its purge gate (page->purge_gate) is open while it is behind the first
+ * (the owner opens it once the page's lists are as they stay); a purge
+ * takes it busy, walks local_free from the head it reads down to where
+ * the last purge began (purged_to), and opens it again; the owner shuts
+ * it, waiting while it is busy, before the page becomes first, leaves
+ * its queue, or has its lists changed other than by a push
+ * (sm_page_unpurge).  A free of the owner's meanwhile pushes a block
+ * whose link is written before the block heads the list
+ * (sm_list_publish), and no block below the head the purge read is
+ * taken while the gate is open.
  *
  * What went back counts as committed again when the page is next in use:
  * when it leaves the pool, or becomes the first of its class or leaves
@@ -266,15 +276,73 @@ static void sm_page_purge_free(sm_page_t *page, sm_block_t *a, sm_block_t *b, sm
   sm_gsub(bytes_committed, bytes);
 }
 
-/* The page is in use again (see above): what its free blocks gave back
- * counts as committed, and its next purge looks at all of them. */
+/* The owner opens the gate of a page it put behind the first of its
+ * class (page-queue.c), its lists as they stay: any thread may give its
+ * free blocks back from now on. */
+void sm_page_gate_open(sm_page_t *page) {
+  if (!sm_pool_may_purge(page) || atomic_load_explicit(&page->purge_gate, memory_order_relaxed) != SM_GATE_SHUT)
+    return;
+  atomic_fetch_add_explicit(&sm_ptr_segment(page)->open_pages, 1, memory_order_relaxed);
+  atomic_store_explicit(&page->purge_gate, SM_GATE_OPEN, memory_order_release);
+}
+
+/* The page is in use again (see above), its owner's to allocate from or
+ * change: its gate shuts, once a purge under way is done, and what its
+ * free blocks gave back counts as committed; its next purge looks at
+ * all of them.  The owner, or whoever takes it off the pool. */
 void sm_page_unpurge(sm_page_t *page) {
+  uint8_t gate = atomic_load_explicit(&page->purge_gate, memory_order_relaxed);
+  if (gate != SM_GATE_SHUT) {
+    for (;;) {
+      gate = SM_GATE_OPEN;
+      if (atomic_compare_exchange_weak_explicit(&page->purge_gate, &gate, SM_GATE_SHUT, memory_order_acquire,
+                                                memory_order_relaxed))
+        break;
+      if (gate == SM_GATE_BUSY) sched_yield();
+    }
+    atomic_fetch_sub_explicit(&sm_ptr_segment(page)->open_pages, 1, memory_order_relaxed);
+  }
   if (page->free_purged) {
     sm_gadd(bytes_committed, page->free_purged);
     page->free_purged = 0;
   }
   page->free_scanned = 0;
   page->purged_to = NULL;
+}
+
+/* Give back the free blocks of a page whose gate is open, those freed
+ * since the last time alone (trim); under the lock of its segment's
+ * holder (segment.c), from any thread, its owner's too.  The owner may
+ * keep freeing into it meanwhile: each block it pushes on local_free is
+ * linked before it heads the list (sm_list_publish), and a block below
+ * the head read here stays free until the gate is shut again. */
+void sm_page_purge_open(sm_page_t *page) {
+  if (atomic_load_explicit(&page->purge_gate, memory_order_relaxed) != SM_GATE_OPEN) return;
+  uint8_t gate = SM_GATE_OPEN;
+  if (!atomic_compare_exchange_strong_explicit(&page->purge_gate, &gate, SM_GATE_BUSY, memory_order_acquire,
+                                               memory_order_relaxed))
+    return;
+  sm_block_t *head = __atomic_load_n(&page->local_free, __ATOMIC_ACQUIRE);
+  if (!(page->free_scanned && head == page->purged_to) &&
+      !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT)) {
+    sm_page_purge_free(page, NULL, head, page->purged_to);
+    page->purged_to = head;
+  }
+  atomic_store_explicit(&page->purge_gate, SM_GATE_OPEN, memory_order_release);
+}
+
+/* In the child of fork: a purge that a lost thread had under way on one
+ * of the heap's pages is over. */
+void sm_page_gate_fork_child(sm_heap_t *heap) {
+  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++)
+    for (sm_page_t *page = heap->queues[bin].first; page; page = page->next)
+      if (atomic_load_explicit(&page->purge_gate, memory_order_relaxed) == SM_GATE_BUSY) {
+        /* how much went back is not known: counted committed, and all of
+         * it goes back again at the next purge */
+        atomic_store_explicit(&page->purge_gate, SM_GATE_OPEN, memory_order_relaxed);
+        sm_page_unpurge(page);
+        sm_page_gate_open(page);
+      }
 }
 
 /* Whether the page has blocks to give back: never looked at in this
@@ -297,22 +365,6 @@ static void sm_pool_purge_page(sm_page_t *page, uint64_t now) {
   sm_page_collect_thread_free(page);
   if (page->free != free0) sm_page_purge_free(page, page->free, NULL, NULL);
   else sm_page_purge_free(page, NULL, page->local_free, local0);
-}
-
-/* The owner trims: the free blocks of its pages behind the first of
- * their class go back, those freed since its last trim alone. */
-void sm_heap_purge_sparse(sm_heap_t *heap) {
-  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
-    sm_page_t *first = heap->queues[bin].first;
-    if (first == NULL || !sm_pool_may_purge(first)) continue;
-    for (sm_page_t *page = first->next; page; page = page->next) {
-      /* behind the first, a free list is a moment's (sm_heap_sweep) */
-      if (page->free != NULL || (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT))
-        continue;
-      sm_page_purge_free(page, NULL, page->local_free, page->purged_to);
-      page->purged_to = page->local_free;
-    }
-  }
 }
 
 /* Pages this many at a time per lock hold: a thread that wants a page of
