@@ -102,6 +102,7 @@ static int sm_bg_round(void) {
       h->bg_seen_ms = now;
     }
     bool idle = now - h->bg_seen_ms >= delay;
+    h->bg_idle = idle;
     if (sm_heap_has_retired(h)) {
       if (idle) {
         sm_heap_claim_retired(h, self);
@@ -135,6 +136,7 @@ static int sm_bg_round(void) {
     }
   }
   sm_heaps_unlock();
+  if (sm_segments_purge_open(false)) left = true;   /* idle threads' sparse pages */
   sm_pool_collect(self);   /* its emptied pages go home: to the shared segments, mostly */
   if (sm_pool_purge(now, delay)) left = true;
   if (sm_heap_shared_tidy(false)) left = true;

@@ -401,6 +401,7 @@ struct sm_heap_s {
   uint8_t bin_active[SM_BIN_COUNT];      /* slow path ran for the class since the sweep */
   uint32_t bg_cycle;                     /* the purge thread's: cycle when last seen, */
   uint64_t bg_seen_ms;                   /* and when (under the heaps lock) */
+  uint8_t bg_idle;                       /* the purge thread's: no slow path for a purge delay */
   /* blocks other threads freed into pages on the full list: the first
    * such free of each page comes here instead of the page's thread_free,
    * so the owner finds the page without a scan; links are stored xor
@@ -1095,7 +1096,7 @@ void sm_segment_cache_purge_all(void);
 bool sm_segment_cache_pending(void);
 bool sm_segment_cache_wants_purge(void);
 void sm_segment_fork_child(void);
-void sm_segments_purge_open(void);
+bool sm_segments_purge_open(bool all);
 uint64_t sm_clock_ms(void);
 extern uint64_t sm_start_ms;
 uint64_t sm_heap_random(sm_heap_t *heap);
@@ -1108,7 +1109,7 @@ bool sm_pool_take(sm_page_t *page);
 bool sm_pool_purge(uint64_t now, uint64_t delay);
 void sm_page_gate_open(sm_page_t *page);
 void sm_page_unpurge(sm_page_t *page);
-void sm_page_purge_open(sm_page_t *page);
+bool sm_page_purge_open(sm_page_t *page, bool all);
 void sm_page_gate_fork_child(sm_heap_t *heap);
 void sm_pool_fork_child(void);
 void sm_page_send_home(sm_page_t *page);

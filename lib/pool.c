@@ -208,7 +208,10 @@ void sm_pool_collect(sm_heap_t *self) {
  * (malloc_trim, smalloc_collect(true)) gives back the free blocks of
  * every page behind the first of its class, from any thread, whatever
  * the owner does (segment.c: sm_segments_purge_open); the first keeps
- * its blocks for its thread's next allocation.  Such a page keeps its
+ * its blocks for its thread's next allocation.  The purge thread does
+ * the same for the pages of a thread that has taken no slow path for the
+ * purge delay (bg_idle), and an owner that opens a page with free blocks
+ * wakes it.  Such a page keeps its
  * free blocks on local_free alone (page-queue.c), where its owner's frees
  * push them, and the owner allocates from it only once it is first.  So
  * its purge gate (page->purge_gate) is open while it is behind the first
@@ -284,6 +287,9 @@ void sm_page_gate_open(sm_page_t *page) {
     return;
   atomic_fetch_add_explicit(&sm_ptr_segment(page)->open_pages, 1, memory_order_relaxed);
   atomic_store_explicit(&page->purge_gate, SM_GATE_OPEN, memory_order_release);
+  /* blocks to give back once its thread goes idle: the purge thread
+   * looks (it runs where other threads live) */
+  if (page->local_free && atomic_load_explicit(&sm_heaps_live, memory_order_relaxed) > 1) sm_background_wake();
 }
 
 /* The page is in use again (see above), its owner's to allocate from or
@@ -311,24 +317,34 @@ void sm_page_unpurge(sm_page_t *page) {
 }
 
 /* Give back the free blocks of a page whose gate is open, those freed
- * since the last time alone (trim); under the lock of its segment's
- * holder (segment.c), from any thread, its owner's too.  The owner may
- * keep freeing into it meanwhile: each block it pushes on local_free is
- * linked before it heads the list (sm_list_publish), and a block below
- * the head read here stays free until the gate is shut again. */
-void sm_page_purge_open(sm_page_t *page) {
-  if (atomic_load_explicit(&page->purge_gate, memory_order_relaxed) != SM_GATE_OPEN) return;
+ * since the last time alone: all such pages (trim), or those whose owner
+ * has taken no slow path for a purge delay (the purge thread, which set
+ * bg_idle); whether the page has blocks to give back and waits for its
+ * owner to go idle.  Under the lock of its segment's holder (segment.c),
+ * from any thread, its owner's too.  The owner may keep freeing into it
+ * meanwhile: each block it pushes on local_free is linked before it
+ * heads the list (sm_list_publish), and no block below the head read
+ * here is taken while the gate is open. */
+bool sm_page_purge_open(sm_page_t *page, bool all) {
+  if (atomic_load_explicit(&page->purge_gate, memory_order_relaxed) != SM_GATE_OPEN) return false;
   uint8_t gate = SM_GATE_OPEN;
   if (!atomic_compare_exchange_strong_explicit(&page->purge_gate, &gate, SM_GATE_BUSY, memory_order_acquire,
                                                memory_order_relaxed))
-    return;
+    return false;
+  bool waits = false;
   sm_block_t *head = __atomic_load_n(&page->local_free, __ATOMIC_ACQUIRE);
   if (!(page->free_scanned && head == page->purged_to) &&
       !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT)) {
-    sm_page_purge_free(page, NULL, head, page->purged_to);
-    page->purged_to = head;
+    sm_heap_t *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
+    if (all || owner->bg_idle) {
+      sm_page_purge_free(page, NULL, head, page->purged_to);
+      page->purged_to = head;
+    } else {
+      waits = true;
+    }
   }
   atomic_store_explicit(&page->purge_gate, SM_GATE_OPEN, memory_order_release);
+  return waits;
 }
 
 /* In the child of fork: a purge that a lost thread had under way on one

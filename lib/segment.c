@@ -574,34 +574,44 @@ bool sm_segment_decommit_abandoned(uint64_t now, uint64_t delay) {
 /* ---- the free blocks of pages behind the first of their class ----------- */
 
 /* The pages of seg whose gate is open give back their free blocks
- * (pool.c); under the lock of its holder. */
-static void sm_segment_purge_open(sm_segment_t *seg) {
-  if (atomic_load_explicit(&seg->open_pages, memory_order_relaxed) == 0) return;
+ * (pool.c: all, or those of idle owners); under the lock of its holder.
+ * Whether one waits for its owner to go idle. */
+static bool sm_segment_purge_open(sm_segment_t *seg, bool all) {
+  if (atomic_load_explicit(&seg->open_pages, memory_order_relaxed) == 0) return false;
+  bool waits = false;
   for (size_t i = 0; i < seg->page_count; i++)
-    if (seg->pages[i].in_use) sm_page_purge_open(&seg->pages[i]);
+    if (seg->pages[i].in_use && sm_page_purge_open(&seg->pages[i], all)) waits = true;
+  return waits;
 }
 
-static void sm_segment_purge_open_held(sm_heap_t *heap) {
+static bool sm_segment_purge_open_held(sm_heap_t *heap, bool all) {
+  bool waits = false;
   sm_lock(&heap->lock);
   for (int kind = 0; kind < 2; kind++)
-    for (sm_segment_t *seg = heap->free_segs[kind]; seg; seg = seg->next) sm_segment_purge_open(seg);
-  for (sm_segment_t *seg = heap->full_segs; seg; seg = seg->next) sm_segment_purge_open(seg);
+    for (sm_segment_t *seg = heap->free_segs[kind]; seg; seg = seg->next)
+      waits = sm_segment_purge_open(seg, all) || waits;
+  for (sm_segment_t *seg = heap->full_segs; seg; seg = seg->next) waits = sm_segment_purge_open(seg, all) || waits;
   sm_unlock(&heap->lock);
+  return waits;
 }
 
-/* Trim: every page behind the first of its class gives back its free
- * blocks, whichever thread owns it, busy, idle or blocked, and wherever
- * it lies: in a segment its owner holds, another thread's, the shared
- * ones or an abandoned one. */
-void sm_segments_purge_open(void) {
+/* Every page behind the first of its class gives back its free blocks
+ * (all: trim), or every such page of a thread idle for a purge delay
+ * (the purge thread), whatever the owner does, and wherever the page
+ * lies: in a segment its owner holds, another thread's, the shared ones
+ * or an abandoned one.  Whether a page waits for its owner to go idle. */
+bool sm_segments_purge_open(bool all) {
+  bool waits = false;
   sm_heaps_lock();
-  for (sm_heap_t *h = sm_heaps_first(); h; h = h->all_next) sm_segment_purge_open_held(h);
+  for (sm_heap_t *h = sm_heaps_first(); h; h = h->all_next) waits = sm_segment_purge_open_held(h, all) || waits;
   sm_heaps_unlock();
-  if (sm_heap_shared) sm_segment_purge_open_held(sm_heap_shared);
+  if (sm_heap_shared) waits = sm_segment_purge_open_held(sm_heap_shared, all) || waits;
   pthread_mutex_lock(&sm_abandoned_lock);
   for (int kind = 0; kind < 2; kind++)
-    for (sm_segment_t *seg = sm_abandoned_first[kind]; seg; seg = seg->next) sm_segment_purge_open(seg);
+    for (sm_segment_t *seg = sm_abandoned_first[kind]; seg; seg = seg->next)
+      waits = sm_segment_purge_open(seg, all) || waits;
   pthread_mutex_unlock(&sm_abandoned_lock);
+  return waits;
 }
 
 /* ---- fork (fork.c): repair in the child what a lost thread held --------- */

@@ -224,11 +224,14 @@ static void *pb_blocks[PB_N];
 
 static void *pb_worker(void *arg)
 {
-  (void)arg;
   for (int i = 0; i < PB_N; i++) {
     pb_blocks[i] = smalloc_malloc(PB_SIZE);
     ck_assert_ptr_nonnull(pb_blocks[i]);
     memset(pb_blocks[i], 0x5a, PB_SIZE);
+  }
+  if (arg) {   /* a pause of that many ms before the frees */
+    struct timespec ts = {0, (long)(intptr_t)arg * 1000000L};
+    nanosleep(&ts, NULL);
   }
   for (int i = 0; i < PB_N; i++)
     if (i % PB_KEEP)
@@ -506,7 +509,7 @@ START_TEST(a_thread_that_trims_gives_back_the_free_blocks_of_its_sparse_pages)
 
   smalloc_stats_t s0, s1, s2;
   ck_assert_int_eq(sm_test_snap(&s0), 0);
-  sm_segments_purge_open();
+  sm_segments_purge_open(true);
   ck_assert_int_eq(sm_test_snap(&s1), 0);
   size_t got = 0;
   for (int k = 0; k < nbehind; k++) {
@@ -521,7 +524,7 @@ START_TEST(a_thread_that_trims_gives_back_the_free_blocks_of_its_sparse_pages)
   ck_assert_uint_eq(first->free_purged, 0);
 
   /* given back once */
-  sm_segments_purge_open();
+  sm_segments_purge_open(true);
   ck_assert_int_eq(sm_test_snap(&s2), 0);
   ck_assert_uint_eq(s2.bytes_purged, s1.bytes_purged);
   ck_assert_uint_eq(s2.bytes_committed, s1.bytes_committed);
@@ -536,7 +539,7 @@ START_TEST(a_thread_that_trims_gives_back_the_free_blocks_of_its_sparse_pages)
   uint32_t purged = page->free_purged;
   smalloc_free(pb_blocks[k]);
   pb_blocks[k] = NULL;
-  sm_segments_purge_open();
+  sm_segments_purge_open(true);
   smalloc_stats_t s3;
   ck_assert_int_eq(sm_test_snap(&s3), 0);
   ck_assert_uint_eq(page->free_purged, purged + len);
@@ -619,8 +622,12 @@ static bool pb_filled(const void *p, unsigned char c, size_t n)
 
 static void *pb_idle_worker(void *arg)
 {
-  (void)arg;
-  pb_worker(NULL);
+  /* the first blocks of the class, lent mappings of their own (page.c),
+   * freed last: their frees would wake the purge thread too */
+  void *lent[PB_KEEP];
+  for (int i = 0; i < PB_KEEP; i++)
+    ck_assert_ptr_nonnull(lent[i] = smalloc_malloc(PB_SIZE));
+  pb_worker(arg);
   pb_idle_heap = sm_heap();
   pb_stage_set(1);
   pb_stage_wait(2);
@@ -639,6 +646,8 @@ static void *pb_idle_worker(void *arg)
       smalloc_free(pb_blocks[i]);
     }
   }
+  for (int i = 0; i < PB_KEEP; i++)
+    smalloc_free(lent[i]);
   return NULL;
 }
 
@@ -681,6 +690,58 @@ START_TEST(another_threads_trim_gives_back_the_free_blocks_of_an_idle_threads_sp
   smalloc_stats_t st;
   ck_assert_int_eq(sm_test_snap(&st), 0);
   ck_assert_uint_eq(st.errors_reported, 0);
+}
+END_TEST
+
+/* Whether every OS page inside the free blocks of a page (past the 32
+ * bytes each keeps) and past its built blocks is given back. */
+static bool pb_page_given_back(sm_page_t *page)
+{
+  uintptr_t from;
+  for (int i = 0; i < PB_N; i++) {
+    if (i % PB_KEEP == 0 || pb_page_of(i) != page) continue;
+    uintptr_t b = (uintptr_t)pb_blocks[i];
+    size_t len = pb_inside(b + 32, b + page->block_size, &from);
+    if (!pb_all(from, len, false)) return false;
+  }
+  size_t len = pb_tail(page, &from);
+  return pb_all(from, len, false);
+}
+
+/* The same without trim: once the thread has been idle for the purge
+ * delay, the purge thread gives the free blocks of its sparse pages back.
+ * The thread pauses before its frees, long enough for the purge thread
+ * to have parked: the frees into its pages wake it. */
+START_TEST(the_purge_thread_gives_back_the_free_blocks_of_an_idle_threads_sparse_pages)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 100), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 1), 0);
+  smalloc_free(smalloc_malloc(16));
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, pb_idle_worker, (void *)(intptr_t)1000), 0);
+  pb_stage_wait(1);
+  int live = 0;
+  while (live < PB_N && pb_page_of(live) == NULL) live += PB_KEEP;
+  ck_assert_int_lt(live, PB_N);
+  sm_page_t *first = pb_idle_heap->queues[pb_page_of(live)->bin].first;
+  size_t first_bytes = pb_page_bytes(first, true);
+  int nbehind = 0, done = 0;
+  for (sm_page_t *page = first->next; page; page = page->next) nbehind++;
+  ck_assert_int_ge(nbehind, 2);
+  for (long waited = 0; done < nbehind && waited < 20000; waited += 20) {
+    struct timespec ts = {0, 20 * 1000000L};
+    nanosleep(&ts, NULL);
+    done = 0;
+    for (sm_page_t *page = first->next; page; page = page->next) done += pb_page_given_back(page);
+  }
+  ck_assert_msg(done == nbehind, "%d of %d sparse pages given back after 20 s idle", done, nbehind);
+  for (sm_page_t *page = first->next; page; page = page->next)
+    (void)pb_page_bytes(page, false);   /* and each free block keeps its first words */
+  ck_assert_uint_eq(pb_page_bytes(first, true), first_bytes);
+  for (int i = 0; i < PB_N; i += PB_KEEP)
+    ck_assert(pb_filled(pb_blocks[i], 0x5a, PB_SIZE));
+  pb_stage_set(2);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
 }
 END_TEST
 
@@ -772,6 +833,7 @@ static Suite *pool_suite(void)
   tcase_add_test(tc, a_thread_that_trims_gives_back_the_free_blocks_of_its_sparse_pages);
   tcase_add_test(tc, another_threads_trim_gives_back_the_free_blocks_of_an_idle_threads_sparse_pages);
   tcase_add_test(tc, threads_free_into_their_sparse_pages_while_another_trims);
+  tcase_add_test(tc, the_purge_thread_gives_back_the_free_blocks_of_an_idle_threads_sparse_pages);
   suite_add_tcase(s, tc);
   return s;
 }
