@@ -317,6 +317,19 @@ static size_t pb_page_bytes(sm_page_t *page, bool before)
   return bytes + len;
 }
 
+/* What the pages give back, before (resident, checked) or after (gone,
+ * checked, and each page's own count of it agrees), in all. */
+static size_t pb_pages_bytes(sm_page_t **of, int n, bool before)
+{
+  size_t bytes = 0;
+  for (int k = 0; k < n; k++) {
+    size_t b = pb_page_bytes(of[k], before);
+    if (!before) ck_assert_uint_eq(of[k]->free_purged, b);
+    bytes += b;
+  }
+  return bytes;
+}
+
 /* The distinct pages in the pool that the worker's blocks lie in. */
 static int pb_pool_pages(sm_page_t **pooled)
 {
@@ -343,21 +356,13 @@ START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
   sm_page_t *pooled[PB_N];
   int npooled = pb_pool_pages(pooled);
   ck_assert_int_ge(npooled, 2);
-  size_t want = 0;
-  for (int k = 0; k < npooled; k++)
-    want += pb_page_bytes(pooled[k], true);
+  size_t want = pb_pages_bytes(pooled, npooled, true);
 
   smalloc_stats_t s0, s1, s2;
   ck_assert_int_eq(sm_test_snap(&s0), 0);
   sm_pool_purge(sm_clock_ms(), 0);
   ck_assert_int_eq(sm_test_snap(&s1), 0);
-  size_t got = 0;
-  for (int k = 0; k < npooled; k++) {
-    size_t bytes = pb_page_bytes(pooled[k], false);
-    ck_assert_uint_eq(pooled[k]->free_purged, bytes);
-    got += bytes;
-  }
-  ck_assert_uint_eq(got, want);
+  ck_assert_uint_eq(pb_pages_bytes(pooled, npooled, false), want);
   ck_assert_uint_eq(s1.bytes_purged - s0.bytes_purged, want);
   ck_assert_uint_eq(s0.bytes_committed - s1.bytes_committed, want);
 
@@ -472,6 +477,22 @@ START_TEST(blocks_freed_into_pages_that_wait_go_back_while_others_are_given_back
 }
 END_TEST
 
+/* The first page of the blocks' class in heap's queue; the pages behind
+ * it (two or more) in behind[0 .. *nbehind). */
+static sm_page_t *pb_queue(sm_heap_t *heap, sm_page_t **behind, int *nbehind)
+{
+  int live = 0;   /* a block in a page (the first of the class may be lent elsewhere, page.c) */
+  while (live < PB_N && pb_page_of(live) == NULL) live += PB_KEEP;
+  ck_assert_int_lt(live, PB_N);
+  ck_assert_ptr_eq(atomic_load(&pb_page_of(live)->owner), heap);
+  sm_page_t *first = heap->queues[pb_page_of(live)->bin].first;
+  *nbehind = 0;
+  for (sm_page_t *page = first->next; page; page = page->next)
+    behind[(*nbehind)++] = page;
+  ck_assert_int_ge(*nbehind, 2);
+  return first;
+}
+
 /* A live block from i on in a page behind `first` that holds another. */
 static int pb_live_behind(const sm_page_t *first, int i)
 {
@@ -494,30 +515,17 @@ START_TEST(a_thread_that_trims_gives_back_the_free_blocks_of_its_sparse_pages)
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
   pb_worker(NULL);   /* this thread */
   sm_heap_t *heap = sm_heap();
-  sm_page_t *first = pb_page_of(0);
-  ck_assert_ptr_nonnull(first);
-  ck_assert_ptr_eq(atomic_load(&first->owner), heap);
-  first = heap->queues[first->bin].first;
   sm_page_t *behind[PB_N];
-  int nbehind = 0;
-  for (sm_page_t *page = first->next; page; page = page->next)
-    behind[nbehind++] = page;
-  ck_assert_int_ge(nbehind, 2);
-  size_t want = 0, first_bytes = pb_page_bytes(first, true);
-  for (int k = 0; k < nbehind; k++)
-    want += pb_page_bytes(behind[k], true);
+  int nbehind;
+  sm_page_t *first = pb_queue(heap, behind, &nbehind);
+  size_t first_bytes = pb_page_bytes(first, true);
+  size_t want = pb_pages_bytes(behind, nbehind, true);
 
   smalloc_stats_t s0, s1, s2;
   ck_assert_int_eq(sm_test_snap(&s0), 0);
   sm_segments_purge_open(true);
   ck_assert_int_eq(sm_test_snap(&s1), 0);
-  size_t got = 0;
-  for (int k = 0; k < nbehind; k++) {
-    size_t bytes = pb_page_bytes(behind[k], false);
-    ck_assert_uint_eq(behind[k]->free_purged, bytes);
-    got += bytes;
-  }
-  ck_assert_uint_eq(got, want);
+  ck_assert_uint_eq(pb_pages_bytes(behind, nbehind, false), want);
   ck_assert_uint_eq(s1.bytes_purged - s0.bytes_purged, want);
   ck_assert_uint_eq(s0.bytes_committed - s1.bytes_committed, want);
   ck_assert_uint_eq(pb_page_bytes(first, true), first_bytes);   /* still resident */
@@ -658,29 +666,15 @@ START_TEST(another_threads_trim_gives_back_the_free_blocks_of_an_idle_threads_sp
   pthread_t t;
   ck_assert_int_eq(pthread_create(&t, NULL, pb_idle_worker, NULL), 0);
   pb_stage_wait(1);
-  /* the worker waits: its queue stays as it is (its first blocks of the
-   * class may be lent elsewhere, page.c) */
-  int live = 0;
-  while (live < PB_N && pb_page_of(live) == NULL) live += PB_KEEP;
-  ck_assert_int_lt(live, PB_N);
-  sm_page_t *first = pb_idle_heap->queues[pb_page_of(live)->bin].first;
+  /* the worker waits: its queue stays as it is */
   sm_page_t *behind[PB_N];
-  int nbehind = 0;
-  for (sm_page_t *page = first->next; page; page = page->next)
-    behind[nbehind++] = page;
-  ck_assert_int_ge(nbehind, 2);
-  size_t want = 0, first_bytes = pb_page_bytes(first, true);
-  for (int k = 0; k < nbehind; k++)
-    want += pb_page_bytes(behind[k], true);
+  int nbehind;
+  sm_page_t *first = pb_queue(pb_idle_heap, behind, &nbehind);
+  size_t first_bytes = pb_page_bytes(first, true);
+  size_t want = pb_pages_bytes(behind, nbehind, true);
 
   ck_assert_int_eq(smalloc_malloc_trim(0), 1);
-  size_t got = 0;
-  for (int k = 0; k < nbehind; k++) {
-    size_t bytes = pb_page_bytes(behind[k], false);
-    ck_assert_uint_eq(behind[k]->free_purged, bytes);
-    got += bytes;
-  }
-  ck_assert_uint_eq(got, want);
+  ck_assert_uint_eq(pb_pages_bytes(behind, nbehind, false), want);
   ck_assert_uint_eq(pb_page_bytes(first, true), first_bytes);   /* the first keeps its blocks */
   for (int i = 0; i < PB_N; i += PB_KEEP)
     ck_assert(pb_filled(pb_blocks[i], 0x5a, PB_SIZE));
@@ -720,23 +714,19 @@ START_TEST(the_purge_thread_gives_back_the_free_blocks_of_an_idle_threads_sparse
   pthread_t t;
   ck_assert_int_eq(pthread_create(&t, NULL, pb_idle_worker, (void *)(intptr_t)1000), 0);
   pb_stage_wait(1);
-  int live = 0;
-  while (live < PB_N && pb_page_of(live) == NULL) live += PB_KEEP;
-  ck_assert_int_lt(live, PB_N);
-  sm_page_t *first = pb_idle_heap->queues[pb_page_of(live)->bin].first;
+  sm_page_t *behind[PB_N];
+  int nbehind, done = 0;
+  sm_page_t *first = pb_queue(pb_idle_heap, behind, &nbehind);
   size_t first_bytes = pb_page_bytes(first, true);
-  int nbehind = 0, done = 0;
-  for (sm_page_t *page = first->next; page; page = page->next) nbehind++;
-  ck_assert_int_ge(nbehind, 2);
   for (long waited = 0; done < nbehind && waited < 20000; waited += 20) {
     struct timespec ts = {0, 20 * 1000000L};
     nanosleep(&ts, NULL);
     done = 0;
-    for (sm_page_t *page = first->next; page; page = page->next) done += pb_page_given_back(page);
+    for (int k = 0; k < nbehind; k++) done += pb_page_given_back(behind[k]);
   }
   ck_assert_msg(done == nbehind, "%d of %d sparse pages given back after 20 s idle", done, nbehind);
-  for (sm_page_t *page = first->next; page; page = page->next)
-    (void)pb_page_bytes(page, false);   /* and each free block keeps its first words */
+  for (int k = 0; k < nbehind; k++)
+    (void)pb_page_bytes(behind[k], false);   /* and each free block keeps its first words */
   ck_assert_uint_eq(pb_page_bytes(first, true), first_bytes);
   for (int i = 0; i < PB_N; i += PB_KEEP)
     ck_assert(pb_filled(pb_blocks[i], 0x5a, PB_SIZE));
