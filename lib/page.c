@@ -392,6 +392,15 @@ static uint64_t sm_release_retired_locked(sm_heap_t *heap, bool all) {
   return n;
 }
 
+/* The owner takes the thread_free of a page of its class queues: its
+ * gate shuts for the lists' change (pool.c) and, behind the first and
+ * still holding blocks, opens again. */
+static void sm_page_take_thread_free(sm_heap_t *heap, sm_page_t *page) {
+  sm_page_unpurge(page);
+  sm_page_collect_thread_free(page);
+  if (!sm_page_vacant(page)) sm_pq_reopen(heap, page);
+}
+
 /* Release retired pages whose cycles ran out; when forced, all of them
  * and every other empty page of the heap (thread_free collected first). */
 void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
@@ -404,11 +413,7 @@ void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
     for (page = heap->queues[bin].first; page; ) {
       sm_page_t *next = page->next;
-      if (sm_tf_head(page, memory_order_relaxed) != NULL) {
-        sm_page_unpurge(page);   /* its lists change: its gate shuts (pool.c) */
-        sm_page_collect_thread_free(page);
-        if (!sm_page_vacant(page)) sm_pq_reopen(heap, page);
-      }
+      if (sm_tf_head(page, memory_order_relaxed) != NULL) sm_page_take_thread_free(heap, page);
       if (sm_page_vacant(page)) sm_page_release(heap, page);
       page = next;
     }
@@ -676,11 +681,7 @@ static size_t sm_heap_sweep(sm_heap_t *heap) {
       sm_page_t *next = page->next;
       if (!(active && page == heap->queues[bin].first)) {
         uintptr_t tf = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
-        if (sm_tf_ptr(page, tf) != NULL && sm_tf_count(tf) == page->used) {
-          sm_page_unpurge(page);   /* its lists change: its gate shuts (pool.c) */
-          sm_page_collect_thread_free(page);
-          if (!sm_page_vacant(page)) sm_pq_reopen(heap, page);
-        }
+        if (sm_tf_ptr(page, tf) != NULL && sm_tf_count(tf) == page->used) sm_page_take_thread_free(heap, page);
         if (sm_page_vacant(page) && sm_tf_head(page, memory_order_relaxed) == NULL) {
           sm_page_unpurge(page);
           sm_page_free_to_local(page);

@@ -292,6 +292,17 @@ void sm_page_gate_open(sm_page_t *page) {
   if (page->local_free && atomic_load_explicit(&sm_heaps_live, memory_order_relaxed) > 1) sm_background_wake();
 }
 
+/* What the page's free blocks gave back counts as committed again, and
+ * its next purge looks at all of them. */
+static void sm_page_purged_forget(sm_page_t *page) {
+  if (page->free_purged) {
+    sm_gadd(bytes_committed, page->free_purged);
+    page->free_purged = 0;
+  }
+  page->free_scanned = 0;
+  page->purged_to = NULL;
+}
+
 /* The page is in use again (see above), its owner's to allocate from or
  * change: its gate shuts, once a purge under way is done, and what its
  * free blocks gave back counts as committed; its next purge looks at
@@ -308,12 +319,7 @@ void sm_page_unpurge(sm_page_t *page) {
     }
     atomic_fetch_sub_explicit(&sm_ptr_segment(page)->open_pages, 1, memory_order_relaxed);
   }
-  if (page->free_purged) {
-    sm_gadd(bytes_committed, page->free_purged);
-    page->free_purged = 0;
-  }
-  page->free_scanned = 0;
-  page->purged_to = NULL;
+  sm_page_purged_forget(page);
 }
 
 /* Give back the free blocks of a page whose gate is open, those freed
@@ -355,9 +361,8 @@ void sm_page_gate_fork_child(sm_heap_t *heap) {
       if (atomic_load_explicit(&page->purge_gate, memory_order_relaxed) == SM_GATE_BUSY) {
         /* how much went back is not known: counted committed, and all of
          * it goes back again at the next purge */
+        sm_page_purged_forget(page);
         atomic_store_explicit(&page->purge_gate, SM_GATE_OPEN, memory_order_relaxed);
-        sm_page_unpurge(page);
-        sm_page_gate_open(page);
       }
 }
 
