@@ -282,7 +282,7 @@ static void sm_xbuf_send(sm_xbuf_t *x) {
   sm_block_t *bad = (uint32_t)page->key != x->key ? x->head
                     : x->tail->tag != (page->key ^ SM_TAG_REMOTE) ? x->tail : NULL;
   if (sm_unlikely(bad != NULL)) sm_error("free(): double free of %p (handed out again since)", (void *)bad);
-  else sm_tf_push_chain(sm_ptr_segment(page), page, x->head, x->tail, x->count);
+  else sm_tf_push_chain(sm_page_segment(page), page, x->head, x->tail, x->count);
   x->page = NULL;
   x->head = x->tail = NULL;
   x->count = 0;
@@ -484,7 +484,7 @@ static void sm_free_batch(sm_heap_t *heap, sm_page_t *page, sm_block_t *b, const
   size_t bin = page->bin;   /* the page may be gone once a batch is sent */
   bool pushed;
   if (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_ORPHAN) {
-    pushed = sm_tf_push(sm_ptr_segment(page), page, b);
+    pushed = sm_tf_push(sm_page_segment(page), page, b);
   } else {
     sm_xbuf_enter(heap);
     pushed = sm_xbuf_add(heap, page, b);

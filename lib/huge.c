@@ -325,6 +325,7 @@ void *sm_huge_realloc(sm_segment_t *seg, void *p, size_t n) {
   /* a block that grew into huge pages from below them (a large one that
    * has a mapping of its own) is advised as if it had been mapped so */
   if (huge && old_block < SM_HUGE_PAGE) sm_os_hugepage(seg, mapped);
+  sm_segment_hold_pages(seg, NULL);   /* its header moved with it */
   seg->cookie = (uintptr_t)seg ^ sm_secret;
   seg->mapped = mapped;
   seg->block_size = mapped - offset;

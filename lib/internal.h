@@ -237,6 +237,10 @@ _Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_fre
 enum { SM_SEG_SMALL = 0, SM_SEG_MEDIUM = 1, SM_SEG_SPAN = 2, SM_SEG_LARGE = 3, SM_SEG_HUGE = 4 };
 
 struct sm_segment_s {
+  /* the segment's own address: first, so that the first word of the
+   * block that holds a page descriptor names its segment, whether that
+   * block is the header or a slot (sm_page_segment) */
+  sm_segment_t *self;
   uintptr_t cookie;              /* address ^ sm_secret: a live header */
   uint8_t kind;
   uint8_t page_shift;
@@ -262,15 +266,35 @@ struct sm_segment_s {
   /* span (span.c): units free, purged since they were free, and handed
    * out since the segment was mapped or they were purged */
   uint64_t span_free, span_purged, span_touched;
+  /* its page descriptors: a slot of the descriptor area for a small or
+   * medium segment (segment.c), else hdr_pages (sm_segment_hold_pages) */
+  sm_page_t *pages;
   /* last, so that the header of a large or huge block (which uses only
-   * pages[0]) ends a few hundred bytes in */
-  sm_page_t pages[SM_SMALL_PAGES] __attribute__((aligned(64)));
+   * hdr_pages[0]) ends a few hundred bytes in */
+  sm_page_t hdr_pages[SM_SMALL_PAGES] __attribute__((aligned(64)));
 };
 _Static_assert(sizeof(sm_segment_t) <= SM_SEGMENT_HDR, "segment header too big");
 
+/* Page descriptors sit in blocks of SM_DESC_ALIGN bytes, so aligned,
+ * whose first word is their segment: a segment's header, or a slot of the
+ * descriptor area (segment.c). */
+#define SM_DESC_ALIGN ((uintptr_t)16 << 10)
+_Static_assert(offsetof(sm_segment_t, self) == 0 && sizeof(sm_segment_t) <= SM_DESC_ALIGN &&
+                   SM_SEGMENT_SIZE % SM_DESC_ALIGN == 0,
+               "a header's descriptors are in its first block");
+SM_INLINE sm_segment_t *sm_page_segment(const sm_page_t *page) {
+  return *(sm_segment_t *const *)((uintptr_t)page & ~(SM_DESC_ALIGN - 1));
+}
+/* The segment's descriptors are pages (NULL: those in its header); it is
+ * where it is (set again after it moved, huge.c). */
+SM_INLINE void sm_segment_hold_pages(sm_segment_t *seg, sm_page_t *pages) {
+  seg->self = seg;
+  seg->pages = pages ? pages : seg->hdr_pages;
+}
+
 /* Where the block of a large or huge mapping starts (at least): after the
  * header fields and the one page descriptor it uses. */
-#define SM_MAPPED_HDR ((offsetof(sm_segment_t, pages) + sizeof(sm_page_t) + 63) & ~(size_t)63)
+#define SM_MAPPED_HDR ((offsetof(sm_segment_t, hdr_pages) + sizeof(sm_page_t) + 63) & ~(size_t)63)
 
 /* The halves of a segment, each one huge page (2 MiB), as masks of
  * huge_pages and huge_withdrawn. */
@@ -279,7 +303,8 @@ enum { SM_HALF_LOWER = 1, SM_HALF_UPPER = 2, SM_HALF_BOTH = 3 };
 /* Clear the header of a mapping that holds one block: the fields and its
  * first page descriptor. */
 SM_INLINE void sm_segment_clear_mapped(sm_segment_t *seg) {
-  memset(seg, 0, offsetof(sm_segment_t, pages) + sizeof seg->pages[0]);
+  memset(seg, 0, offsetof(sm_segment_t, hdr_pages) + sizeof seg->hdr_pages[0]);
+  sm_segment_hold_pages(seg, NULL);
 }
 
 typedef struct sm_page_queue_s { sm_page_t *first, *last; } sm_page_queue_t;
@@ -633,6 +658,7 @@ SM_INLINE unsigned sm_segmap_shift(uintptr_t seg) {
 }
 SM_INLINE bool sm_segmap_contains(uintptr_t seg) { return sm_segmap_shift(seg) != 0; }
 void sm_segmap_set(uintptr_t seg, unsigned shift);
+void sm_segmap_set_pages(uintptr_t seg, unsigned shift, sm_page_t *pages);
 bool sm_segmap_prepare(uintptr_t seg);   /* os.c */
 
 SM_INLINE sm_segment_t *sm_ptr_segment(const void *p) {
@@ -656,9 +682,10 @@ SM_INLINE bool sm_page_is_block(const sm_page_t *page, const void *p) {
 }
 /* Whether link b of one of the page's lists may be followed: it points
  * among the page's blocks, give or take (limit is at most twice their
- * bytes).  Not NULL, not the static empty page's (limit 0), not into the
- * segment's header, where a page's key sits in its descriptor: a link
- * written into freed memory to point there would pass the tag check. */
+ * bytes).  Not NULL, not the static empty page's (limit 0), not into a
+ * page descriptor (in the descriptor area or a segment's header), where
+ * a page's key sits: a link written into freed memory to point there
+ * would pass the tag check. */
 SM_INLINE bool sm_page_link_ok(const sm_page_t *page, const sm_block_t *b) {
   return (uintptr_t)b - (uintptr_t)page->start < page->limit;
 }
@@ -685,10 +712,11 @@ _Static_assert(SM_SEGMENT_SHIFT <= SM_TF_COUNT_SHIFT, "a segment offset fits bel
 _Static_assert(((uintptr_t)1 << SM_MEDIUM_SHIFT) / 16 < ((uintptr_t)1 << (64 - SM_TF_COUNT_SHIFT)),
                "a page's blocks fit the count");
 /* The head block of thread_free value v of page (NULL for none: offset 0
- * is the segment header, never a block). */
+ * is the segment header, never a block).  The segment is its blocks'
+ * (start's line is the one free reads). */
 SM_INLINE sm_block_t *sm_tf_ptr(const sm_page_t *page, uintptr_t v) {
   uintptr_t off = v & SM_TF_OFF_MASK;
-  return off ? (sm_block_t *)(((uintptr_t)page & ~SM_SEGMENT_MASK) + off) : NULL;
+  return off ? (sm_block_t *)(((uintptr_t)page->start & ~SM_SEGMENT_MASK) + off) : NULL;
 }
 /* What the word holds for head block b (NULL: 0). */
 SM_INLINE uintptr_t sm_tf_off(const sm_block_t *b) { return (uintptr_t)b & SM_TF_OFF_MASK; }

@@ -241,7 +241,7 @@ bool sm_page_valid(const sm_page_t *page) {
  * retired_first..last (for release).  They are on no page queue, so the
  * malloc fast path cannot reach them and another thread may release them. */
 static size_t sm_page_bytes(const sm_page_t *page) {
-  return (size_t)1 << sm_ptr_segment(page)->page_shift;
+  return (size_t)1 << sm_page_segment(page)->page_shift;
 }
 
 static void sm_retired_unlink_locked(sm_heap_t *heap, sm_page_t *page) {
@@ -353,7 +353,7 @@ bool sm_page_clear(sm_page_t *page) {
  * its while the lock is held), else through the holder (pool.c). */
 static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
   if (!sm_page_clear(page)) return;
-  sm_segment_t *seg = sm_ptr_segment(page);
+  sm_segment_t *seg = sm_page_segment(page);
   if (atomic_load_explicit(&seg->heap, memory_order_relaxed) == heap) sm_segment_page_free_locked(heap, seg, page);
   else sm_page_send_home(page);
 }
@@ -1321,7 +1321,7 @@ static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
   page = sm_page_fresh(heap, bin, &step);
   if (page == NULL) return NULL;
   sm_count_step(heap, bin, step);
-  sm_page_init(heap, sm_ptr_segment(page), page, bin);
+  sm_page_init(heap, sm_page_segment(page), page, bin);
   sm_page_extend(page);
   sm_pq_push_front(heap, bin, page);
   sm_heap_grew(heap);

@@ -263,7 +263,7 @@ static size_t sm_pool_purge_list(sm_page_t *page, sm_block_t *b, sm_block_t *sto
 static void sm_page_purge_free(sm_page_t *page, sm_block_t *a, sm_block_t *b, sm_block_t *b_stop) {
   bool first = !page->free_scanned;
   page->free_scanned = 1;
-  sm_segment_t *seg = sm_ptr_segment(page);
+  sm_segment_t *seg = sm_page_segment(page);
   uintptr_t at = (uintptr_t)page->start - (uintptr_t)seg;
   uintptr_t end = (uintptr_t)page->start + sm_segment_page_len(seg, page) - SM_GUARD;
   uintptr_t lo = ((uintptr_t)page->start + (size_t)page->capacity * page->block_size + SM_OS_PAGE - 1) &
@@ -285,7 +285,7 @@ static void sm_page_purge_free(sm_page_t *page, sm_block_t *a, sm_block_t *b, sm
 void sm_page_gate_open(sm_page_t *page) {
   if (!sm_pool_may_purge(page) || atomic_load_explicit(&page->purge_gate, memory_order_relaxed) != SM_GATE_SHUT)
     return;
-  atomic_fetch_add_explicit(&sm_ptr_segment(page)->open_pages, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&sm_page_segment(page)->open_pages, 1, memory_order_relaxed);
   atomic_store_explicit(&page->purge_gate, SM_GATE_OPEN, memory_order_release);
   /* blocks to give back once its thread goes idle: the purge thread
    * looks (it runs where other threads live) */
@@ -317,7 +317,7 @@ void sm_page_unpurge(sm_page_t *page) {
         break;
       if (gate == SM_GATE_BUSY) sched_yield();
     }
-    atomic_fetch_sub_explicit(&sm_ptr_segment(page)->open_pages, 1, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&sm_page_segment(page)->open_pages, 1, memory_order_relaxed);
   }
   sm_page_purged_forget(page);
 }
@@ -443,7 +443,7 @@ void sm_pool_fork_child(void) {
  * through the segment's holder, or at once when the segment is
  * abandoned.  Any thread, any lock held but the abandoned list's. */
 void sm_page_send_home(sm_page_t *page) {
-  sm_segment_t *seg = sm_ptr_segment(page);
+  sm_segment_t *seg = sm_page_segment(page);
   for (;;) {
     sm_heap_t *holder = atomic_load_explicit(&seg->heap, memory_order_acquire);
     if (holder == NULL) {
@@ -478,7 +478,7 @@ void sm_heap_take_home(sm_heap_t *heap) {
   while (list) {
     sm_page_t *page = list;
     list = page->next;
-    sm_segment_t *seg = sm_ptr_segment(page);
+    sm_segment_t *seg = sm_page_segment(page);
     if (atomic_load_explicit(&seg->heap, memory_order_relaxed) == heap) {
       sm_segment_page_free_locked(heap, seg, page);
     } else {

@@ -52,15 +52,21 @@ unsigned sm_segmap_shift_far(uintptr_t seg) {
  * holds the segment, each of its slices gets the page it lies in (free's
  * fast path), before the segment map says the segment is there. */
 void sm_segmap_set(uintptr_t seg, unsigned shift) {
+  sm_segmap_set_pages(seg, shift, NULL);
+}
+
+/* The same for a segment whose descriptors are pages (NULL: those its
+ * header names, read only where the page map's window holds it). */
+void sm_segmap_set_pages(uintptr_t seg, unsigned shift, sm_page_t *pages) {
   _Atomic uint8_t *slot = sm_segmap_slot(seg);
   sm_assert(slot != NULL || shift == 0);
   sm_assert(shift == 0 || shift >= SM_PAGEMAP_SHIFT);
   if (slot == NULL) return;
   uintptr_t first = sm_pagemap_index((const void *)seg);
   if (first - SM_PAGEMAP_UNIT < SM_PAGEMAP_SLICES - SM_PAGEMAP_UNIT) {   /* not none's */
-    sm_segment_t *s = (sm_segment_t *)seg;
+    if (shift && !pages) pages = ((sm_segment_t *)seg)->pages;
     for (uintptr_t j = 0; j < SM_PAGEMAP_UNIT; j++) {
-      sm_page_t *page = shift ? &s->pages[j >> (shift - SM_PAGEMAP_SHIFT)] : NULL;
+      sm_page_t *page = shift ? &pages[j >> (shift - SM_PAGEMAP_SHIFT)] : NULL;
       atomic_store_explicit(&sm_pagemap.slice[first + j], sm_pagemap_entry(page), memory_order_release);
     }
   }
@@ -167,6 +173,79 @@ void sm_segment_unadvise(sm_segment_t *seg, unsigned halves) {
   sm_os_nohugepage(from, len);
 }
 
+/* ---- page descriptors: the descriptor area ----------------------------------
+ * A small or medium segment's page descriptors are kept apart from it, in
+ * a slot of SM_DESC_ALIGN bytes that it holds from its first use until it
+ * goes back to the OS (cached, it keeps it).  Slots are carved one after
+ * another from mappings of SM_DESC_CHUNK bytes.  In its header, page i's
+ * descriptor would sit at the same offset in every segment (each is
+ * aligned to its 4 MiB), and a cache indexed by address, as L2 and L3 are
+ * (with huge pages the physical offset within 2 MiB is the virtual one),
+ * would put descriptor i of every segment in one set: with more segments
+ * than the set has ways, a free into a page of a large heap missed on
+ * both lines of the descriptor it reads.  bench_longlived 1e6 (13
+ * segments) under cachegrind with this machine's L2 (512 KiB, 8-way):
+ * 3.86 L2 misses per replacement with the descriptors in the headers,
+ * 3.13 now; 11 interleaved runs, median 0.774 s then, 0.744 s now (1e7:
+ * 1.45 s and 1.34 s, 5 runs).  Slots of one mapping lie at distinct
+ * offsets within it: in a cache whose ways span 1 MiB or more, the
+ * descriptors of its segments share no set, and in L2 (64 KiB ways) a
+ * set holds a quarter of them.  The mappings count as mapped; a slot,
+ * like the header it stands in for, counts as committed with its
+ * segment (whose header keeps its 16 KiB).
+ * Where no slot can be had (the OS refused a mapping), a segment keeps
+ * its descriptors in its header (hdr_pages), as large and huge blocks'
+ * headers and span segments always do. */
+#define SM_DESC_CHUNK ((size_t)1 << 20)
+typedef struct sm_desc_slot_s {
+  sm_segment_t *seg;                /* first (sm_page_segment) */
+  struct sm_desc_slot_s *next;      /* while free */
+  sm_page_t pages[SM_SMALL_PAGES] __attribute__((aligned(64)));
+} sm_desc_slot_t;
+_Static_assert(offsetof(sm_desc_slot_t, seg) == 0 && sizeof(sm_desc_slot_t) <= SM_DESC_ALIGN,
+               "a slot is a block of descriptors");
+
+static pthread_mutex_t sm_desc_lock = PTHREAD_MUTEX_INITIALIZER;
+static sm_desc_slot_t *sm_desc_free;          /* slots given back, last first */
+static uintptr_t sm_desc_next, sm_desc_end;   /* the rest of the last mapping */
+
+/* A slot for seg, its descriptors zeroed (NULL: none to be had). */
+static sm_page_t *sm_desc_get(sm_segment_t *seg) {
+  pthread_mutex_lock(&sm_desc_lock);
+  sm_desc_slot_t *slot = sm_desc_free;
+  if (slot) {
+    sm_desc_free = slot->next;
+  } else {
+    if (sm_desc_next == sm_desc_end) {
+      void *chunk;
+      if (sm_os_map(SM_DESC_CHUNK, &chunk) != 0) {
+        pthread_mutex_unlock(&sm_desc_lock);
+        return NULL;
+      }
+      sm_desc_next = ((uintptr_t)chunk + SM_DESC_ALIGN - 1) & ~(SM_DESC_ALIGN - 1);
+      sm_desc_end = ((uintptr_t)chunk + SM_DESC_CHUNK) & ~(SM_DESC_ALIGN - 1);
+    }
+    slot = (sm_desc_slot_t *)sm_desc_next;
+    sm_desc_next += SM_DESC_ALIGN;
+  }
+  pthread_mutex_unlock(&sm_desc_lock);
+  memset(slot, 0, sizeof *slot);
+  slot->seg = seg;
+  return slot->pages;
+}
+
+/* A segment going back to the OS gives its slot back, its memory too. */
+static void sm_desc_put(sm_segment_t *seg) {
+  if (seg->pages == seg->hdr_pages) return;
+  sm_desc_slot_t *slot = (sm_desc_slot_t *)((uintptr_t)seg->pages & ~(SM_DESC_ALIGN - 1));
+  sm_assert(slot->seg == seg);
+  sm_os_purge(slot, SM_DESC_ALIGN);
+  pthread_mutex_lock(&sm_desc_lock);
+  slot->next = sm_desc_free;
+  sm_desc_free = slot;
+  pthread_mutex_unlock(&sm_desc_lock);
+}
+
 /* ---- raw segments: cache first, then the OS ------------------------------ */
 
 static sm_segment_t *sm_segment_raw_alloc(void) {
@@ -201,6 +280,7 @@ sm_segment_t *sm_segment_map(void) {
 /* Back to the OS (a segment no longer counted in use). */
 void sm_segment_unmap(sm_segment_t *seg) {
   sm_segmap_set((uintptr_t)seg, 0);
+  sm_desc_put(seg);
   if (!seg->purged) sm_gsub(bytes_committed, SM_SEGMENT_SIZE - seg->decommitted);
   sm_os_unmap(seg, SM_SEGMENT_SIZE);
   sm_gadd(segments_unmapped, 1);
@@ -345,8 +425,17 @@ static sm_segment_t *sm_segment_alloc(int kind, bool huge) {
   if (!seg) return NULL;
   unsigned advised = sm_segment_advise(seg, huge ? SM_HALF_BOTH : 0);
   if (!huge) sm_segment_unadvise(seg, SM_HALF_BOTH);   /* a cached one may be advised */
+  /* a cached one keeps its slot (a fresh mapping reads NULL) */
+  sm_page_t *pages = seg->self == seg && seg->pages != seg->hdr_pages ? seg->pages : NULL;
   sm_track_reuse(seg, SM_SEGMENT_SIZE);
-  memset(seg, 0, sizeof *seg);
+  memset(seg, 0, offsetof(sm_segment_t, hdr_pages));
+  if (pages) {
+    memset(pages, 0, SM_SMALL_PAGES * sizeof *pages);
+  } else {
+    pages = sm_desc_get(seg);
+    if (!pages) memset(seg->hdr_pages, 0, sizeof seg->hdr_pages);
+  }
+  sm_segment_hold_pages(seg, pages);
   seg->huge_pages = (uint8_t)advised;
   seg->cookie = (uintptr_t)seg ^ sm_secret;
   seg->kind = (uint8_t)kind;
@@ -619,6 +708,10 @@ void sm_segment_fork_child(void) {
   if (sm_fork_mutex_was_held(&sm_cache_lock)) {
     sm_cache_first = NULL;   /* may be half-linked: its segments stay mapped, unused */
     __atomic_store_n(&sm_cache_count, 0, __ATOMIC_RELAXED);
+  }
+  if (sm_fork_mutex_was_held(&sm_desc_lock)) {
+    sm_desc_free = NULL;   /* may be half-linked: those slots are lost */
+    sm_desc_next = sm_desc_end = 0;
   }
   if (sm_fork_mutex_was_held(&sm_abandoned_lock)) {
     sm_abandoned_first[0] = sm_abandoned_first[1] = NULL;

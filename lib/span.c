@@ -111,6 +111,7 @@ static sm_segment_t *sm_span_segment_new(bool first, bool samples) {
   unsigned advised = sm_segment_advise(seg, samples ? 0 : first ? SM_HALF_UPPER : SM_HALF_BOTH);
   sm_track_reuse(seg, SM_SPAN_UNIT);
   memset(seg, 0, sizeof *seg);
+  sm_segment_hold_pages(seg, NULL);
   seg->huge_pages = (uint8_t)advised;
   seg->cookie = (uintptr_t)seg ^ sm_secret;
   seg->kind = SM_SEG_SPAN;

@@ -258,7 +258,7 @@ static size_t pb_inside(uintptr_t lo, uintptr_t hi, uintptr_t *from)
  * (or guard page). */
 static size_t pb_tail(const sm_page_t *page, uintptr_t *from)
 {
-  sm_segment_t *seg = sm_ptr_segment(page);
+  sm_segment_t *seg = sm_page_segment(page);
   size_t psize = (size_t)1 << seg->page_shift;
   uintptr_t end = (((uintptr_t)page->start - (uintptr_t)seg) / psize + 1) * psize + (uintptr_t)seg - SM_GUARD;
   return pb_inside((uintptr_t)page->start + (size_t)page->capacity * page->block_size, end, from);

@@ -13,7 +13,9 @@
  *   - the map records and erases units anywhere below 2^57 (synthetic
  *     addresses: nothing is mapped there) and refuses beyond;
  *   - the thread_free word keeps a head anywhere below 2^64 with its
- *     count (it packs the head's offset in its segment, not the address).
+ *     count (it packs the head's offset in its segment, not the address);
+ *   - page descriptors lie apart from their segments, each segment's at
+ *     another offset.
  */
 #include "common.h"
 
@@ -171,12 +173,12 @@ START_TEST(the_page_map_names_each_slices_page)
         range_is_free(unit << SM_SEGMENT_SHIFT, SM_SEGMENT_SIZE)) break;
   ck_assert_msg(unit > first, "no free unit in the page map's window");
   uintptr_t seg = unit << SM_SEGMENT_SHIFT;   /* synthetic: nothing is mapped there */
-  sm_segment_t *s = (sm_segment_t *)seg;
+  static sm_page_t descs[SM_SMALL_PAGES];      /* its descriptors (addresses only) */
   ck_assert_msg(sm_segmap_prepare(seg), "no place in the map for %#lx", (unsigned long)seg);
   for (size_t k = 0; k < sizeof shifts / sizeof shifts[0]; k++) {
-    sm_segmap_set(seg, shifts[k]);
+    sm_segmap_set_pages(seg, shifts[k], descs);
     for (uintptr_t off = 0; off < SM_SEGMENT_SIZE; off += SM_OS_PAGE) {
-      sm_page_t *want = &s->pages[off >> shifts[k]];
+      sm_page_t *want = &descs[off >> shifts[k]];
       ck_assert_msg(sm_pagemap_page((void *)(seg + off)) == want,
                     "shift %u: offset %#lx has page %p, want %p", shifts[k], (unsigned long)off,
                     (void *)sm_pagemap_page((void *)(seg + off)), (void *)want);
@@ -297,8 +299,9 @@ START_TEST(the_thread_free_word_keeps_high_addresses)
     UINTPTR_MAX & ~SM_SEGMENT_MASK,
   };
   for (size_t i = 0; i < sizeof segs / sizeof segs[0]; i++) {
-    sm_segment_t *seg = (sm_segment_t *)segs[i];
-    sm_page_t *page = &seg->pages[SM_SMALL_PAGES - 1];   /* no access: arithmetic only */
+    /* the last page's descriptor (its start is all the word reads) */
+    sm_page_t page_desc = {.start = (uint8_t *)segs[i] + SM_SEGMENT_SIZE - ((size_t)1 << SM_SMALL_SHIFT)};
+    sm_page_t *page = &page_desc;
     sm_block_t *last = (sm_block_t *)(segs[i] + SM_SEGMENT_SIZE - 16);
     sm_block_t *first = (sm_block_t *)(segs[i] + SM_SEGMENT_HDR);
     uint32_t most = (uint32_t)((1u << SM_MEDIUM_SHIFT) / 16);
@@ -309,6 +312,49 @@ START_TEST(the_thread_free_word_keeps_high_addresses)
     ck_assert_ptr_null(sm_tf_ptr(page, SM_TF_FULL | 5 * SM_TF_COUNT_ONE));
     ck_assert_ptr_null(sm_tf_ptr(page, sm_tf_off(NULL)));
   }
+}
+END_TEST
+
+/* ---- page descriptors ------------------------------------------------------ */
+
+/* A thread's first small segments, found through blocks of malloc(64)'s
+ * class: each one's page descriptors lie apart from it, in a block that
+ * names the segment, and no two segments' descriptors are at one offset
+ * within 1 MiB.  (In the headers they were, each segment being aligned to
+ * its 4 MiB: descriptor i of every segment fell in one cache set.) */
+enum { DESC_SEGS = 6 };
+static void descriptors_apart(void)
+{
+  window_first();
+  sm_segment_t *segs[DESC_SEGS];
+  unsigned nsegs = 0;
+  const size_t most = DESC_SEGS * 2 * (SM_SEGMENT_SIZE / 64);
+  for (size_t i = 0; nsegs < DESC_SEGS && i < most; i++) {
+    void *p = smalloc_malloc(64);
+    SM_CHILD_CHECK(p != NULL, "malloc(64) failed");
+    sm_segment_t *seg = sm_ptr_segment(p);
+    sm_page_t *page = sm_pagemap_page(p);
+    SM_CHILD_CHECK(page == sm_segment_page_of(seg, p), "the page map has %p for %p, the segment %p",
+                   (void *)page, p, (void *)sm_segment_page_of(seg, p));
+    SM_CHILD_CHECK(sm_page_segment(page) == seg, "page %p names segment %p, not %p", (void *)page,
+                   (void *)sm_page_segment(page), (void *)seg);
+    SM_CHILD_CHECK((uintptr_t)page - (uintptr_t)seg >= SM_SEGMENT_SIZE,
+                   "page %p is in its segment at %p", (void *)page, (void *)seg);
+    bool seen = false;
+    for (unsigned k = 0; k < nsegs; k++) seen = seen || segs[k] == seg;
+    if (!seen) segs[nsegs++] = seg;
+  }
+  SM_CHILD_CHECK(nsegs == DESC_SEGS, "%u segments after %zu blocks", nsegs, most);
+  for (unsigned a = 0; a < nsegs; a++)
+    for (unsigned b = a + 1; b < nsegs; b++)
+      SM_CHILD_CHECK(((uintptr_t)segs[a]->pages - (uintptr_t)segs[b]->pages) % ((size_t)1 << 20) != 0,
+                     "the descriptors of segments %p and %p are %p and %p", (void *)segs[a],
+                     (void *)segs[b], (void *)segs[a]->pages, (void *)segs[b]->pages);
+}
+
+START_TEST(page_descriptors_lie_apart_from_their_segments)
+{
+  sm_test_in_child(descriptors_apart);
 }
 END_TEST
 
@@ -323,6 +369,7 @@ int main(void)
   tcase_add_test(tc, a_segment_above_2_47_serves_where_the_kernel_allows);
   tcase_add_test(tc, the_map_covers_57_bit_addresses);
   tcase_add_test(tc, the_thread_free_word_keeps_high_addresses);
+  tcase_add_test(tc, page_descriptors_lie_apart_from_their_segments);
   suite_add_tcase(s, tc);
   return sm_run_suite(s);
 }
