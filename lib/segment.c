@@ -234,9 +234,10 @@ static sm_page_t *sm_desc_get(sm_segment_t *seg) {
   return slot->pages;
 }
 
-/* A segment going back to the OS gives its slot back, its memory too. */
+/* A segment going back to the OS gives its slot back, its memory too
+ * (one whose header was never written has none). */
 static void sm_desc_put(sm_segment_t *seg) {
-  if (seg->pages == seg->hdr_pages) return;
+  if (seg->self != seg || seg->pages == NULL || seg->pages == seg->hdr_pages) return;
   sm_desc_slot_t *slot = (sm_desc_slot_t *)((uintptr_t)seg->pages & ~(SM_DESC_ALIGN - 1));
   sm_assert(slot->seg == seg);
   sm_os_purge(slot, SM_DESC_ALIGN);
