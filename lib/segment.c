@@ -10,7 +10,9 @@
  * segments from the fifth on, and the shared ones of both kinds once
  * there are enough of them for the threads alive, are advised for huge
  * pages until they first give memory back (sm_segment_wants_huge).  Blocks
- * above the size classes have mappings of their own (huge.c). */
+ * above the size classes have mappings of their own (huge.c).  The page
+ * descriptors of small and medium segments live apart from them, in the
+ * descriptor area (below). */
 #include "internal.h"
 #include "track.h"
 #include "probes.h"
