@@ -125,19 +125,19 @@ void sm_free_emptied(sm_page_t *page) {
   sm_background_poll_free();
 }
 
-static bool sm_tf_push(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
+static bool sm_tf_push(sm_page_t *page, sm_block_t *b);
 
 /* The first free from another thread into a page on its owner's full list
  * hands the block to the owner's heap (xdelayed), so the owner learns
  * which page has room without scanning its full list.  A page in the pool
  * (no owner) or an exiting owner (list closed) takes it on thread_free;
  * an owner that gave the page away meanwhile sends it there too. */
-static void sm_free_hand_over(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+static void sm_free_hand_over(sm_page_t *page, sm_block_t *b) {
   /* what was written before the full bit was set (xwatch, by a claim
    * that armed the page again) is seen */
   atomic_thread_fence(memory_order_acquire);
   sm_heap_t *heap = atomic_load_explicit(&page->owner, memory_order_acquire);
-  if (heap == NULL || !sm_heap_hand_over(heap, b, b, 1)) sm_tf_push(seg, page, b);
+  if (heap == NULL || !sm_heap_hand_over(heap, b, b, 1)) sm_tf_push(page, b);
 }
 
 /* Push the chain head..tail of n blocks (linked xor sm_secret) onto the
@@ -174,7 +174,7 @@ bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint
  * is read after a push (the owner may take the block and release the
  * page at once); a handed-over block keeps the page in use until its
  * owner takes it, and heaps are never unmapped. */
-static bool sm_tf_push(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+static bool sm_tf_push(sm_page_t *page, sm_block_t *b) {
   uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   uintptr_t val;
   do {
@@ -187,13 +187,13 @@ static bool sm_tf_push(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
     }
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, val, memory_order_release,
                                                   memory_order_relaxed));
-  if (old & SM_TF_FULL) sm_free_hand_over(seg, page, b);
+  if (old & SM_TF_FULL) sm_free_hand_over(page, b);
   return true;
 }
 
 /* A block handed over to a heap that no longer owns its segment. */
-void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
-  sm_tf_push(seg, page, b);
+void sm_free_push_remote(sm_page_t *page, sm_block_t *b) {
+  sm_tf_push(page, b);
 }
 
 /* A block freed by a thread that does not own its page sets out for its
@@ -214,9 +214,9 @@ static bool sm_free_tag_remote(sm_page_t *page, sm_block_t *b) {
 
 /* Free from a thread that does not own the page; false when the block was
  * already free (reported). */
-bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
+bool sm_free_block_xthread(sm_page_t *page, sm_block_t *b) {
   if (!sm_free_tag_remote(page, b)) return false;
-  if (sm_unlikely(!sm_tf_push(seg, page, b))) {
+  if (sm_unlikely(!sm_tf_push(page, b))) {
     sm_error("free(): double free of %p", (void *)b);
     return false;
   }
@@ -242,7 +242,7 @@ bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b) {
 /* Push the chain head..tail of n blocks (linked with the page's key) onto
  * the page's thread_free.  While the page is on the full list, its head
  * is handed over instead (sm_tf_push) and the rest pushed. */
-static void sm_tf_push_chain(sm_segment_t *seg, sm_page_t *page, sm_block_t *head, sm_block_t *tail,
+static void sm_tf_push_chain(sm_page_t *page, sm_block_t *head, sm_block_t *tail,
                              uint32_t n) {
   sm_block_t *rest = n > 1 ? sm_dec(page, head->next) : NULL;
   uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
@@ -261,7 +261,7 @@ static void sm_tf_push_chain(sm_segment_t *seg, sm_page_t *page, sm_block_t *hea
     }
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, val, memory_order_release,
                                                   memory_order_relaxed));
-  if (old & SM_TF_FULL) sm_free_hand_over(seg, page, head);
+  if (old & SM_TF_FULL) sm_free_hand_over(page, head);
 }
 
 /* Send a batch.  Its blocks keep their page in use, so the page's key is
@@ -282,7 +282,7 @@ static void sm_xbuf_send(sm_xbuf_t *x) {
   sm_block_t *bad = (uint32_t)page->key != x->key ? x->head
                     : x->tail->tag != (page->key ^ SM_TAG_REMOTE) ? x->tail : NULL;
   if (sm_unlikely(bad != NULL)) sm_error("free(): double free of %p (handed out again since)", (void *)bad);
-  else sm_tf_push_chain(sm_page_segment(page), page, x->head, x->tail, x->count);
+  else sm_tf_push_chain(page, x->head, x->tail, x->count);
   x->page = NULL;
   x->head = x->tail = NULL;
   x->count = 0;
@@ -484,7 +484,7 @@ static void sm_free_batch(sm_heap_t *heap, sm_page_t *page, sm_block_t *b, const
   size_t bin = page->bin;   /* the page may be gone once a batch is sent */
   bool pushed;
   if (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_ORPHAN) {
-    pushed = sm_tf_push(sm_page_segment(page), page, b);
+    pushed = sm_tf_push(page, b);
   } else {
     sm_xbuf_enter(heap);
     pushed = sm_xbuf_add(heap, page, b);
@@ -670,5 +670,5 @@ void sm_free_generic(void *p, const char *who) {
     sm_free_batch(heap, page, b, who);
     return;
   }
-  if (sm_free_block_xthread(seg, page, b)) SM_COUNT(heap, class_frees[bin], 1);
+  if (sm_free_block_xthread(page, b)) SM_COUNT(heap, class_frees[bin], 1);
 }

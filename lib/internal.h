@@ -980,8 +980,8 @@ void sm_free_emptied(sm_page_t *page);
 bool sm_free_is_double(sm_page_t *page, sm_block_t *b);
 bool sm_block_is_free(sm_page_t *page, sm_block_t *b);
 bool sm_lookup(const void *p, sm_segment_t **segp, sm_page_t **pagep);
-bool sm_free_block_xthread(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
-void sm_free_push_remote(sm_segment_t *seg, sm_page_t *page, sm_block_t *b);
+bool sm_free_block_xthread(sm_page_t *page, sm_block_t *b);
+void sm_free_push_remote(sm_page_t *page, sm_block_t *b);
 bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint32_t n);
 void sm_free_flush_remote(sm_heap_t *heap);
 /* the purge thread sends an idle heap's batches (free.c): begin, mark

@@ -551,7 +551,7 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
     for (sm_block_t *b = back, *next; b; b = next) {
       next = (sm_block_t *)((uintptr_t)b->next ^ sm_secret);
       sm_segment_t *seg = sm_ptr_segment(b);
-      sm_free_push_remote(seg, sm_segment_page_of(seg, b), b);
+      sm_free_push_remote(sm_segment_page_of(seg, b), b);
     }
   }
   if (n == 0) return 0;
@@ -887,7 +887,7 @@ static void sm_heap_take_delayed(sm_heap_t *heap, sm_block_t *b) {
     sm_segment_t *seg = sm_ptr_segment(b);
     sm_page_t *page = sm_segment_page_of(seg, b);
     if (atomic_load_explicit(&page->owner, memory_order_relaxed) == heap) sm_page_free_delayed(heap, page, b);
-    else sm_free_push_remote(seg, page, b);
+    else sm_free_push_remote(page, b);
     b = next;
   }
 }

@@ -386,7 +386,7 @@ START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
   size_t len = pb_inside(b + 32, b + second->block_size, &from);
   ck_assert(pb_all(from, len, true));
   uint32_t used = second->used, purged = second->free_purged;
-  ck_assert(sm_free_block_xthread(seg, second, (sm_block_t *)pb_blocks[k]));
+  ck_assert(sm_free_block_xthread(second, (sm_block_t *)pb_blocks[k]));
   pb_blocks[k] = NULL;
   sm_pool_purge(sm_clock_ms(), 0);
   smalloc_stats_t s3;
@@ -433,7 +433,7 @@ static void *pb_freer(void *arg)
     sm_page_t *page;
     ck_assert(sm_lookup(pb_blocks[i], &seg, &page));
     if (!atomic_load(&page->pooled)) continue;   /* lent elsewhere */
-    ck_assert(sm_free_block_xthread(seg, page, pb_blocks[i]));
+    ck_assert(sm_free_block_xthread(page, pb_blocks[i]));
     sched_yield();
   }
   return NULL;
