@@ -211,7 +211,14 @@ static pthread_mutex_t sm_desc_lock = PTHREAD_MUTEX_INITIALIZER;
 static sm_desc_slot_t *sm_desc_free;          /* slots given back, last first */
 static uintptr_t sm_desc_next, sm_desc_end;   /* the rest of the last mapping */
 
-/* A slot for seg, its descriptors zeroed (NULL: none to be had). */
+/* The slot whose descriptors seg holds; NULL when it holds none (its
+ * descriptors in its header, or a header never written). */
+static sm_desc_slot_t *sm_desc_slot_of(const sm_segment_t *seg) {
+  if (seg->self != seg || seg->pages == NULL || seg->pages == seg->hdr_pages) return NULL;
+  return (sm_desc_slot_t *)((uintptr_t)seg->pages & ~(SM_DESC_ALIGN - 1));
+}
+
+/* A slot for seg (NULL: none to be had); the caller clears its descriptors. */
 static sm_page_t *sm_desc_get(sm_segment_t *seg) {
   pthread_mutex_lock(&sm_desc_lock);
   sm_desc_slot_t *slot = sm_desc_free;
@@ -231,7 +238,6 @@ static sm_page_t *sm_desc_get(sm_segment_t *seg) {
     sm_desc_next += SM_DESC_ALIGN;
   }
   pthread_mutex_unlock(&sm_desc_lock);
-  memset(slot, 0, sizeof *slot);
   slot->seg = seg;
   return slot->pages;
 }
@@ -239,8 +245,8 @@ static sm_page_t *sm_desc_get(sm_segment_t *seg) {
 /* A segment going back to the OS gives its slot back, its memory too
  * (one whose header was never written has none). */
 static void sm_desc_put(sm_segment_t *seg) {
-  if (seg->self != seg || seg->pages == NULL || seg->pages == seg->hdr_pages) return;
-  sm_desc_slot_t *slot = (sm_desc_slot_t *)((uintptr_t)seg->pages & ~(SM_DESC_ALIGN - 1));
+  sm_desc_slot_t *slot = sm_desc_slot_of(seg);
+  if (slot == NULL) return;
   sm_assert(slot->seg == seg);
   sm_os_purge(slot, SM_DESC_ALIGN);
   pthread_mutex_lock(&sm_desc_lock);
@@ -428,17 +434,14 @@ static sm_segment_t *sm_segment_alloc(int kind, bool huge) {
   if (!seg) return NULL;
   unsigned advised = sm_segment_advise(seg, huge ? SM_HALF_BOTH : 0);
   if (!huge) sm_segment_unadvise(seg, SM_HALF_BOTH);   /* a cached one may be advised */
-  /* a cached one keeps its slot (a fresh mapping reads NULL) */
-  sm_page_t *pages = seg->self == seg && seg->pages != seg->hdr_pages ? seg->pages : NULL;
+  /* a cached one keeps its slot; a fresh mapping, or one that had none,
+   * asks for one, and keeps its descriptors in its header without */
+  sm_desc_slot_t *slot = sm_desc_slot_of(seg);
+  sm_page_t *pages = slot ? slot->pages : sm_desc_get(seg);
   sm_track_reuse(seg, SM_SEGMENT_SIZE);
   memset(seg, 0, offsetof(sm_segment_t, hdr_pages));
-  if (pages) {
-    memset(pages, 0, SM_SMALL_PAGES * sizeof *pages);
-  } else {
-    pages = sm_desc_get(seg);
-    if (!pages) memset(seg->hdr_pages, 0, sizeof seg->hdr_pages);
-  }
   sm_segment_hold_pages(seg, pages);
+  memset(seg->pages, 0, SM_SMALL_PAGES * sizeof *seg->pages);
   seg->huge_pages = (uint8_t)advised;
   seg->cookie = (uintptr_t)seg ^ sm_secret;
   seg->kind = (uint8_t)kind;
