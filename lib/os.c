@@ -76,8 +76,9 @@ static void *sm_segmap_table(_Atomic(void *) *slot, size_t size) {
   return t;
 }
 
-/* The base of a window of size entries, placed around entry at by the
- * first caller; two threads racing keep the first. */
+/* The base of a window size long, placed around at by the first caller
+ * (in segments for the segment map, in bytes for the page map); two
+ * threads racing keep the first. */
 static uintptr_t sm_window_place(uintptr_t *base_var, uintptr_t at, uintptr_t size) {
   uintptr_t base = __atomic_load_n(base_var, __ATOMIC_RELAXED);
   if (base != SM_SEGMAP_NO_BASE) return base;
@@ -96,7 +97,7 @@ static uintptr_t sm_window_place(uintptr_t *base_var, uintptr_t at, uintptr_t si
 bool sm_segmap_prepare(uintptr_t seg) {
   uintptr_t unit = seg >> SM_SEGMENT_SHIFT;
   /* the page map's window starts at a segment: a segment is in it whole, or not at all */
-  sm_window_place(&sm_pagemap_base, unit * SM_PAGEMAP_UNIT, SM_PAGEMAP_SLICES);
+  sm_window_place(&sm_pagemap_base, seg, SM_PAGEMAP_SLICES << SM_PAGEMAP_SHIFT);
   uintptr_t base = sm_window_place(&sm_segmap_base, unit, SM_SEGMAP_WINDOW);
   if (unit - base < SM_SEGMAP_WINDOW) return true;
   uintptr_t r = sm_segmap_root_of(unit);

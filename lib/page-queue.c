@@ -31,10 +31,10 @@ static bool sm_pq_frees_to_free(const sm_page_t *page) {
 static void sm_pq_first_changed(sm_heap_t *heap, size_t bin, sm_page_t *old) {
   if (bin == SM_BIN_FULL) return;
   sm_page_t *first = heap->queues[bin].first;
-  if (old) old->free_to = SM_FREE_TO_LOCAL;
+  if (old) sm_page_set_free_to(old, SM_FREE_TO_LOCAL);
   if (first) {
     sm_page_unpurge(first);   /* allocated from again: its gate shuts (pool.c) */
-    first->free_to = sm_pq_frees_to_free(first) ? SM_FREE_TO_FREE : SM_FREE_TO_LOCAL;
+    sm_page_set_free_to(first, sm_pq_frees_to_free(first) ? SM_FREE_TO_FREE : SM_FREE_TO_LOCAL);
   }
   sm_pq_update_direct(heap, bin);
 }
@@ -42,7 +42,8 @@ static void sm_pq_first_changed(sm_heap_t *heap, size_t bin, sm_page_t *old) {
 /* The slow path found page, the first of its class, with a free list
  * (its local_free taken as that, maybe): where its frees go now. */
 void sm_pq_first_refilled(sm_heap_t *heap, sm_page_t *page) {
-  if (heap->queues[page->bin].first == page && sm_pq_frees_to_free(page)) page->free_to = SM_FREE_TO_FREE;
+  if (heap->queues[page->bin].first == page && sm_pq_frees_to_free(page))
+    sm_page_set_free_to(page, SM_FREE_TO_FREE);
 }
 
 /* Point every direct entry of the bin at its first page. */

@@ -77,7 +77,7 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   atomic_store_explicit(&page->owner, heap, memory_order_relaxed);
   sm_page_set_flags(page, sm_track_on() ? SM_PAGE_TRACKED : 0, sm_heap_owner_id(heap));
   page->retired = 0;
-  page->free_to = SM_FREE_TO_LOCAL;
+  sm_page_set_free_to(page, SM_FREE_TO_LOCAL);
   page->xfreed = 0;
   atomic_store_explicit(&page->sampled, 0, memory_order_relaxed);
   atomic_store_explicit(&page->prof_marks, 0, memory_order_relaxed);
@@ -656,7 +656,7 @@ void sm_page_free_to_local(sm_page_t *page) {
   if (!sm_page_has_free(page)) return;
   sm_block_t *a = page->free, *b = page->local_free;
   page->free = NULL;
-  page->local_free = page->free_to == SM_FREE_TO_FREE || b == NULL ? sm_list_join(page, a, b)
+  page->local_free = sm_page_free_to(page) == SM_FREE_TO_FREE || b == NULL ? sm_list_join(page, a, b)
                                                                   : sm_list_join(page, b, a);
 }
 

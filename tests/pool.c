@@ -112,7 +112,7 @@ static sm_block_t *fl_list(sm_page_t *page, void **v, int from, int to)
  * exactly those blocks, each once, and free none; and the head of the
  * list the frees went on is the head (the block freed last, where free's
  * test for a second free of it looks). */
-static void fl_check_to(int free_n, int local_n, uint8_t free_to)
+static void fl_check_to(int free_n, int local_n, size_t free_to)
 {
   void *v[FL_BLOCKS];
   sm_page_t *page = NULL;
@@ -125,10 +125,10 @@ static void fl_check_to(int free_n, int local_n, uint8_t free_to)
     ck_assert_ptr_eq(pg, page);   /* one page holds them all */
   }
   sm_block_t *free0 = page->free, *local0 = page->local_free;
-  uint8_t free_to0 = page->free_to;
+  size_t free_to0 = sm_page_free_to(page);
   page->free = fl_list(page, v, 0, free_n);
   page->local_free = fl_list(page, v, free_n, free_n + local_n);
-  page->free_to = free_to;
+  sm_page_set_free_to(page, free_to);
   sm_page_free_to_local(page);
   /* the snapshot, with no call in between, then the page as it was */
   sm_block_t *free1 = page->free;
@@ -138,7 +138,7 @@ static void fl_check_to(int free_n, int local_n, uint8_t free_to)
     got[n++] = b;
   page->free = free0;
   page->local_free = local0;
-  page->free_to = free_to0;
+  sm_page_set_free_to(page, free_to0);
   ck_assert_ptr_null(free1);
   ck_assert_int_eq(n, free_n + local_n);
   if (n > 0) {
@@ -198,16 +198,16 @@ START_TEST(a_page_put_first_frees_onto_local_free_until_refilled)
   p->local_free = &block;
   sm_pq_push_back(&heap, POOL_BIN, p);
   ck_assert_ptr_eq(heap.queues[POOL_BIN].first, p);
-  ck_assert_uint_eq(p->free_to, SM_FREE_TO_LOCAL);
+  ck_assert_uint_eq(sm_page_free_to(p), SM_FREE_TO_LOCAL);
   p->free = p->local_free;   /* the slow path's swap */
   p->local_free = NULL;
   sm_pq_first_refilled(&heap, p);
-  ck_assert_uint_eq(p->free_to, SM_FREE_TO_FREE);
+  ck_assert_uint_eq(sm_page_free_to(p), SM_FREE_TO_FREE);
   /* behind the first no longer; first again with local_free empty */
   sm_pq_remove(&heap, POOL_BIN, p);
-  ck_assert_uint_eq(p->free_to, SM_FREE_TO_LOCAL);
+  ck_assert_uint_eq(sm_page_free_to(p), SM_FREE_TO_LOCAL);
   sm_pq_push_back(&heap, POOL_BIN, p);
-  ck_assert_uint_eq(p->free_to, SM_FREE_TO_FREE);
+  ck_assert_uint_eq(sm_page_free_to(p), SM_FREE_TO_FREE);
   sm_pq_remove(&heap, POOL_BIN, p);
 #endif
 }

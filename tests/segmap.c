@@ -126,7 +126,7 @@ END_TEST
  * window start: the page map's window lies inside the segment map's. */
 static uintptr_t pagemap_first_unit(void)
 {
-  return __atomic_load_n(&sm_pagemap_base, __ATOMIC_RELAXED) / SM_PAGEMAP_UNIT;
+  return __atomic_load_n(&sm_pagemap_base, __ATOMIC_RELAXED) >> SM_SEGMENT_SHIFT;
 }
 
 /* A segment in the segment map's window but outside the page map's: its
