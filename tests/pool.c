@@ -24,6 +24,10 @@
  * whichever of the two is longer, with no block lost or doubled, and the
  * head of the list the owner's frees went on still at its head; and
  * where the frees into a page that becomes first go (page-queue.c).
+ * And remote frees (free.c): a thread's frees into a page another thread
+ * owns wait in one batch, in one slot of the pair the page hashes to,
+ * linked from the last freed to the first, and reach the page's
+ * thread_free together at the thread's next collect.
  */
 #include "common.h"
 
@@ -808,6 +812,70 @@ START_TEST(threads_free_into_their_sparse_pages_while_another_trims)
 }
 END_TEST
 
+/* ---- remote frees wait in a batch ------------------------------------------ */
+enum { RB_BLOCKS = 3 };
+static void *rb_blocks[RB_BLOCKS];
+static sm_page_t *rb_page;
+/* what the freeing thread saw: slots holding the page, the batch's count,
+ * head and tail, its bit in xbuf_used, the page's thread_free count before
+ * and after the collect, slots holding the page and batches left after */
+static struct {
+  unsigned slots, count, bit, slots_after, pending_after;
+  void *head, *tail;
+  uint32_t tf_before, tf_after;
+} rb_seen;
+
+static void *rb_freer(void *arg)
+{
+  (void)arg;
+  smalloc_free(smalloc_malloc(16));   /* this thread's heap, and its slow path, first */
+  for (int i = 0; i < RB_BLOCKS; i++)
+    smalloc_free(rb_blocks[i]);
+  sm_heap_t *heap = sm_heap();
+  for (unsigned i = 0; i < SM_XBUF_SLOTS; i++) {
+    const sm_xbuf_t *x = &heap->xbuf[i];
+    if (x->page != rb_page) continue;
+    rb_seen.slots++;
+    rb_seen.count = x->count;
+    rb_seen.head = x->head;
+    rb_seen.tail = x->tail;
+    rb_seen.bit = (unsigned)(atomic_load_explicit(&heap->xbuf_used[i / 64], memory_order_relaxed) >> (i % 64)) & 1;
+  }
+  rb_seen.tf_before = sm_tf_count(atomic_load(&rb_page->thread_free));
+  smalloc_collect(false);
+  for (unsigned i = 0; i < SM_XBUF_SLOTS; i++)
+    rb_seen.slots_after += heap->xbuf[i].page == rb_page;
+  rb_seen.pending_after = sm_xbuf_pending(heap);
+  rb_seen.tf_after = sm_tf_count(atomic_load(&rb_page->thread_free));
+  return NULL;
+}
+
+START_TEST(remote_frees_wait_in_one_batch_and_go_together)
+{
+  sm_segment_t *seg;
+  for (int i = 0; i < RB_BLOCKS; i++) {
+    rb_blocks[i] = smalloc_malloc(64);
+    sm_page_t *page;
+    ck_assert(sm_lookup(rb_blocks[i], &seg, &page));
+    if (i == 0) rb_page = page;
+    ck_assert_ptr_eq(page, rb_page);
+  }
+  ck_assert_uint_eq(sm_tf_count(atomic_load(&rb_page->thread_free)), 0);
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, rb_freer, NULL), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  ck_assert_uint_eq(rb_seen.slots, 1);
+  ck_assert_uint_eq(rb_seen.count, RB_BLOCKS);
+  ck_assert_ptr_eq(rb_seen.head, rb_blocks[RB_BLOCKS - 1]);
+  ck_assert_ptr_eq(rb_seen.tail, rb_blocks[0]);
+  ck_assert_uint_eq(rb_seen.bit, 1);
+  ck_assert_uint_eq(rb_seen.tf_before, 0);
+  ck_assert_uint_eq(rb_seen.slots_after, 0);
+  ck_assert_uint_eq(rb_seen.pending_after, 0);
+  ck_assert_uint_eq(rb_seen.tf_after, RB_BLOCKS);
+}
+END_TEST
+
 static Suite *pool_suite(void)
 {
   Suite *s = suite_create("pool");
@@ -824,6 +892,7 @@ static Suite *pool_suite(void)
   tcase_add_test(tc, another_threads_trim_gives_back_the_free_blocks_of_an_idle_threads_sparse_pages);
   tcase_add_test(tc, threads_free_into_their_sparse_pages_while_another_trims);
   tcase_add_test(tc, the_purge_thread_gives_back_the_free_blocks_of_an_idle_threads_sparse_pages);
+  tcase_add_test(tc, remote_frees_wait_in_one_batch_and_go_together);
   suite_add_tcase(s, tc);
   return s;
 }
