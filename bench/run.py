@@ -235,6 +235,8 @@ def workloads(bindir, srcdir, quick, tmpdir):
              prog("bench_churn", "floor")),
         Work("server", "other", "8 threads, pools of 2000 live blocks, random replacement, "
              "1 in 8 freed by another thread", prog("bench_server")),
+        Work("server-relay", "other", "16 workers that come and go, each taking over its "
+             "predecessor's pool of 2000 blocks every 25,000 steps", prog("bench_server", "relay")),
         Work("pipeline", "other", "source, 3 transforming stages and a sink passing message batches",
              prog("bench_pipeline")),
         Work("xchurn-16", "other", "16 threads, pools of 4096 blocks 16-256 B, random replacement, "

@@ -2,8 +2,16 @@
  * random sizes and replacing a random one each step.  One block in eight is
  * not freed by its owner but handed to another thread, which frees it.
  *
- *   bench_server [quick]
- *   SERVER_STEPS=2000000 bench_server   steps of each thread (default
+ * relay: 16 workers that come and go, as a server's worker threads do:
+ * every RELAY_STEPS steps a worker starts its successor, which takes over
+ * its pool (the blocks it allocated) and its place, and exits.  The new
+ * thread frees what the exited one allocated; nothing is handed off.
+ * The first blocks are main's, dealt out among the workers at random
+ * (as mimalloc-bench's larson starts).
+ *
+ *   bench_server [relay] [quick]
+ *   SERVER_STEPS=2000000 bench_server   steps of each worker, or of each
+ *                                       relay of workers (default
  *                                       500,000; quick 25,000)
  */
 #include "common.h"
@@ -12,9 +20,10 @@
 #include <stdatomic.h>
 
 enum { NTHREADS = 8, POOL = 2000, HANDOFF = 8, DRAIN_EVERY = 32 };
+enum { RELAYS = 16, RELAY_STEPS = 25000 };
 
 static struct inbox inbox[NTHREADS];
-static uint64_t steps;
+static uint64_t steps, relay_steps;
 static pthread_barrier_t done_stepping;
 static _Atomic uint64_t total_ck;
 
@@ -86,10 +95,84 @@ static void *worker(void *arg)
   return NULL;
 }
 
+/* One relay of workers: its pool and where it stands, handed from each
+ * worker to its successor.  A worker writes next and more before it
+ * returns; main reads them after joining it. */
+struct relay {
+  uint64_t **pool;
+  uint64_t rng, ck, done;
+  pthread_t next;
+  int more;
+};
+
+static void *relay_worker(void *arg)
+{
+  struct relay *r = arg;
+  uint64_t stop = r->done + relay_steps < steps ? r->done + relay_steps : steps;
+  for (; r->done < stop; r->done++) {
+    unsigned i = (unsigned)(rng_next(&r->rng) % POOL);
+    r->ck += retire_block(r->pool[i]);
+    r->pool[i] = make_block(&r->rng);
+  }
+  r->more = r->done < steps;
+  if (r->more && pthread_create(&r->next, NULL, relay_worker, r) != 0) {
+    fprintf(stderr, "bench_server: pthread_create failed\n");
+    exit(2);
+  }
+  return NULL;
+}
+
+static int run_relays(void)
+{
+  static struct relay relay[RELAYS];
+  pthread_t first[RELAYS];
+  double t0 = now_s();
+  for (unsigned k = 0; k < RELAYS; k++) {
+    relay[k].rng = 0x4e1a7000 + k;
+    relay[k].pool = xmalloc(POOL * sizeof *relay[k].pool);
+    for (int i = 0; i < POOL; i++)
+      relay[k].pool[i] = make_block(&relay[k].rng);
+  }
+  /* the blocks main allocated, dealt out among the relays at random */
+  uint64_t rng = 0x4e1a7fff;
+  for (unsigned n = RELAYS * POOL; n > 1; n--) {
+    unsigned a = n - 1, b = (unsigned)(rng_next(&rng) % n);
+    uint64_t *t = relay[a / POOL].pool[a % POOL];
+    relay[a / POOL].pool[a % POOL] = relay[b / POOL].pool[b % POOL];
+    relay[b / POOL].pool[b % POOL] = t;
+  }
+  for (unsigned k = 0; k < RELAYS; k++) {
+    if (pthread_create(&first[k], NULL, relay_worker, &relay[k]) != 0) {
+      fprintf(stderr, "bench_server: pthread_create failed\n");
+      return 2;
+    }
+  }
+  uint64_t ck = 0;
+  for (unsigned k = 0; k < RELAYS; k++) {
+    pthread_t t = first[k];
+    for (;;) {
+      pthread_join(t, NULL);
+      if (!relay[k].more)
+        break;
+      t = relay[k].next;
+    }
+    for (int i = 0; i < POOL; i++)
+      ck += retire_block(relay[k].pool[i]);
+    free(relay[k].pool);
+    ck += relay[k].ck;
+  }
+  double t1 = now_s();
+  report(t1 - t0, (uint64_t)RELAYS * steps, ck);
+  return 0;
+}
+
 int main(int argc, char **argv)
 {
   int quick = is_quick(argc, argv);
   steps = count_from_env("SERVER_STEPS", quick ? 25000 : 500000);
+  relay_steps = quick ? RELAY_STEPS / 20 : RELAY_STEPS;
+  if (argc > 1 && strcmp(argv[1], "relay") == 0)
+    return run_relays();
   pthread_t t[NTHREADS];
   pthread_barrier_init(&done_stepping, NULL, NTHREADS);
 
