@@ -146,7 +146,8 @@ struct sm_page_s {
   uint32_t used;                 /* blocks handed out and not freed locally */
   uint8_t in_use;                /* carved out of its segment */
   uint8_t retired;               /* empty, kept warm, on the heap's retired lists (heap->lock) */
-  uint8_t xfreed;                /* other threads freed blocks of it (collected), since it was made */
+  uint8_t xfreed;                /* other threads freed blocks of it (collected), since it was made
+                                  * (or taken from the pool: sm_page_take_over) */
   sm_block_t *local_free;
   uint32_t frees;                /* local frees since the last stats fold */
   uint32_t capacity;             /* blocks built into lists so far */

@@ -756,23 +756,29 @@ END_TEST
 /* ---- a page handed from one thread to another ------------------------------ */
 
 /* Thread A fills one page of a class (every block handed out) and another
- * thread frees SH_S_FREED of its blocks.  A takes them back, and when the
+ * thread frees `freed` of its blocks.  A takes them back, and when the
  * page is exhausted again it gives it to the process's pool (other threads
  * free into it, and other threads live) instead of its full list, and
- * carves a fresh page.  Another thread frees SH_S_FREED more of the page's
+ * carves a fresh page.  Another thread frees `freed` more of the page's
  * blocks; then thread C, which has no page of the class, takes the page
  * from the pool with those blocks rather than carving a fresh one, and its
- * block is one of that page's.  (SH_S_FREED is more than a 16th of the
- * page's 585 blocks: a page with fewer free is not worth taking, page.c.) */
-enum { SH_S_SIZE = SM_TEST_REQUEST_FOR(112), SH_S_FREED = 40 };
+ * block is one of that page's.  (`freed` is at least 8 and a 16th of the
+ * page's blocks: a page with fewer free is not worth taking, page.c.)
+ * C then takes the rest of those blocks and one more.  The page, exhausted
+ * with no block freed into it while C held it, goes back to the pool if
+ * it has many blocks (those it waited for say that others free into it)
+ * and to C's full list if it has few (page.c: sm_page_take_over, fewer
+ * than 256 blocks: 64 blocks of 1 KiB). */
+enum { SH_S_MAX_FREED = 40 };
 
 typedef struct sh_s {
   pthread_barrier_t step;
+  size_t size, freed;
   void **v;                 /* the blocks of A's first page */
   size_t cap;
-  void *more[SH_S_FREED + 1];
-  void *taken;              /* C's block */
-  smalloc_stats_t s[4];
+  void *more[SH_S_MAX_FREED + 1];
+  void *taken[SH_S_MAX_FREED + 1];   /* C's blocks */
+  smalloc_stats_t s[6];
   int rc;
 } sh_s_t;
 
@@ -781,7 +787,7 @@ static sh_s_t sh_s;
 static void *sh_s_freer(void *arg)
 {
   size_t lo = (size_t)(uintptr_t)arg;
-  for (size_t i = lo; i < lo + SH_S_FREED; i++)
+  for (size_t i = lo; i < lo + sh_s.freed; i++)
     smalloc_free(sh_s.v[i]);
   return NULL;
 }
@@ -796,9 +802,10 @@ static void sh_s_free_from_another_thread(size_t lo)
 static void *sh_s_owner(void *arg)
 {
   (void)arg;
-  void *first = smalloc_malloc(SH_S_SIZE);
-  size_t index = ((uintptr_t)first & (4 * MiB - 1)) / SM_TEST_SMALL_PAGE;
-  sh_s.cap = sm_test_page_capacity(sm_test_class_size(SH_S_SIZE), index);
+  void *first = smalloc_malloc(sh_s.size);
+  size_t block = sm_test_class_size(sh_s.size);
+  size_t index = ((uintptr_t)first & (4 * MiB - 1)) / sm_test_page_size(block);
+  sh_s.cap = sm_test_page_capacity(block, index);
   sh_s.v = mmap(NULL, sh_s.cap * sizeof *sh_s.v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                 -1, 0);
   if (sh_s.v == MAP_FAILED) {
@@ -806,16 +813,16 @@ static void *sh_s_owner(void *arg)
     sh_s.v = NULL;
   }
   for (size_t i = 0; sh_s.v && i < sh_s.cap; i++)
-    sh_s.v[i] = i == 0 ? first : smalloc_malloc(SH_S_SIZE);
-  pthread_barrier_wait(&sh_s.step);   /* another thread frees v[0..SH_S_FREED) */
+    sh_s.v[i] = i == 0 ? first : smalloc_malloc(sh_s.size);
+  pthread_barrier_wait(&sh_s.step);   /* another thread frees v[0..freed) */
   pthread_barrier_wait(&sh_s.step);
   sh_s.rc |= sm_test_snap(&sh_s.s[0]);
-  for (size_t i = 0; i <= SH_S_FREED; i++)
-    sh_s.more[i] = smalloc_malloc(SH_S_SIZE);
+  for (size_t i = 0; i <= sh_s.freed; i++)
+    sh_s.more[i] = smalloc_malloc(sh_s.size);
   sh_s.rc |= sm_test_snap(&sh_s.s[1]);
   pthread_barrier_wait(&sh_s.step);   /* C takes the page */
   pthread_barrier_wait(&sh_s.step);
-  for (size_t i = 0; i <= SH_S_FREED; i++)
+  for (size_t i = 0; i <= sh_s.freed; i++)
     smalloc_free(sh_s.more[i]);
   return NULL;
 }
@@ -824,14 +831,23 @@ static void *sh_s_taker(void *arg)
 {
   (void)arg;
   sh_s.rc |= sm_test_snap(&sh_s.s[2]);
-  sh_s.taken = smalloc_malloc(SH_S_SIZE);
+  sh_s.taken[0] = smalloc_malloc(sh_s.size);
   sh_s.rc |= sm_test_snap(&sh_s.s[3]);
-  smalloc_free(sh_s.taken);
+  for (size_t i = 1; i < sh_s.freed; i++)
+    sh_s.taken[i] = smalloc_malloc(sh_s.size);
+  sh_s.rc |= sm_test_snap(&sh_s.s[4]);
+  sh_s.taken[sh_s.freed] = smalloc_malloc(sh_s.size);   /* the page is exhausted */
+  sh_s.rc |= sm_test_snap(&sh_s.s[5]);
+  for (size_t i = 0; i <= sh_s.freed; i++)
+    smalloc_free(sh_s.taken[i]);
   return NULL;
 }
 
-START_TEST(an_exhausted_page_other_threads_free_into_serves_another_thread)
+static void sh_s_run(size_t size, size_t freed, bool shared_again)
 {
+  memset(&sh_s, 0, sizeof sh_s);
+  sh_s.size = size;
+  sh_s.freed = freed;
   void *mine = smalloc_malloc(1000);   /* this thread lives, with a heap */
   ck_assert_ptr_nonnull(mine);
   ck_assert_int_eq(pthread_barrier_init(&sh_s.step, NULL, 2), 0);
@@ -839,20 +855,25 @@ START_TEST(an_exhausted_page_other_threads_free_into_serves_another_thread)
   ck_assert_int_eq(pthread_create(&a, NULL, sh_s_owner, NULL), 0);
   pthread_barrier_wait(&sh_s.step);
   ck_assert_ptr_nonnull(sh_s.v);
+  size_t page_size = sm_test_page_size(sm_test_class_size(size));
+  ck_assert_uint_ge(freed, 8);
+  ck_assert_uint_ge(freed * 16, sh_s.cap);
+  ck_assert_uint_lt(2 * freed, sh_s.cap);
+  ck_assert((sh_s.cap < 256) == !shared_again);   /* the case the caller means */
   for (size_t i = 1; i < sh_s.cap; i++)
-    ck_assert_msg((uintptr_t)sh_s.v[i] / SM_TEST_SMALL_PAGE == (uintptr_t)sh_s.v[0] / SM_TEST_SMALL_PAGE,
+    ck_assert_msg((uintptr_t)sh_s.v[i] / page_size == (uintptr_t)sh_s.v[0] / page_size,
                   "block %zu of %zu is not in the first block's page", i, sh_s.cap);
   sh_s_free_from_another_thread(0);
   pthread_barrier_wait(&sh_s.step);
   pthread_barrier_wait(&sh_s.step);   /* A took the freed blocks and one more */
-  sh_s_free_from_another_thread(SH_S_FREED);
+  sh_s_free_from_another_thread(freed);
   ck_assert_int_eq(pthread_create(&c, NULL, sh_s_taker, NULL), 0);
   ck_assert_int_eq(pthread_join(c, NULL), 0);
   pthread_barrier_wait(&sh_s.step);
   ck_assert_int_eq(pthread_join(a, NULL), 0);
   ck_assert_int_eq(sh_s.rc, 0);
   const smalloc_stats_t *s = sh_s.s;
-  int k = sm_test_class_index(&s[0], SH_S_SIZE);
+  int k = sm_test_class_index(&s[0], size);
   ck_assert_int_ge(k, 0);
   const uint64_t *a0 = s[0].classes[k].slow_steps, *a1 = s[1].classes[k].slow_steps;
   /* A: the freed blocks collected, the page given away, a fresh one */
@@ -868,12 +889,34 @@ START_TEST(an_exhausted_page_other_threads_free_into_serves_another_thread)
   ck_assert_uint_eq(c3[SMALLOC_STEP_FRESH_PAGE] + c3[SMALLOC_STEP_NEW_SEGMENT], 
                     c2[SMALLOC_STEP_FRESH_PAGE] + c2[SMALLOC_STEP_NEW_SEGMENT]);
   ck_assert_uint_eq(s[3].classes[k].pages_in_use, s[2].classes[k].pages_in_use);
-  ck_assert_msg((uintptr_t)sh_s.taken / SM_TEST_SMALL_PAGE == (uintptr_t)sh_s.v[0] / SM_TEST_SMALL_PAGE,
-                "the taking thread's block %p is not in the given page (%p)", sh_s.taken, sh_s.v[0]);
-  for (size_t i = 2 * SH_S_FREED; i < sh_s.cap; i++)
+  for (size_t i = 0; i < freed; i++)
+    ck_assert_msg((uintptr_t)sh_s.taken[i] / page_size == (uintptr_t)sh_s.v[0] / page_size,
+                  "the taking thread's block %zu (%p) is not in the given page (%p)", i, sh_s.taken[i],
+                  sh_s.v[0]);
+  /* C's malloc past the page's blocks: the page exhausted, shared again
+   * or kept (on the full list), and a page carved for the block */
+  const uint64_t *c4 = s[4].classes[k].slow_steps, *c5 = s[5].classes[k].slow_steps;
+  ck_assert_uint_eq(c4[SMALLOC_STEP_NEXT_PAGE], c3[SMALLOC_STEP_NEXT_PAGE]);
+  ck_assert_uint_eq(s[5].pages_abandoned - s[4].pages_abandoned, shared_again ? 1 : 0);
+  ck_assert_uint_eq(s[5].pages_full - s[4].pages_full, shared_again ? 0 : 1);
+  ck_assert_uint_eq(s[5].pages_reclaimed, s[4].pages_reclaimed);
+  ck_assert_uint_eq(c5[SMALLOC_STEP_FRESH_PAGE] + c5[SMALLOC_STEP_NEW_SEGMENT] -
+                    c4[SMALLOC_STEP_FRESH_PAGE] - c4[SMALLOC_STEP_NEW_SEGMENT], 1);
+  for (size_t i = 2 * freed; i < sh_s.cap; i++)
     smalloc_free(sh_s.v[i]);
   munmap(sh_s.v, sh_s.cap * sizeof *sh_s.v);
   smalloc_free(mine);
+}
+
+START_TEST(an_exhausted_page_other_threads_free_into_serves_another_thread)
+{
+  sh_s_run(SM_TEST_REQUEST_FOR(112), 40, true);   /* 585 blocks */
+}
+END_TEST
+
+START_TEST(a_page_of_few_blocks_taken_from_the_pool_stays_with_its_taker)
+{
+  sh_s_run(SM_TEST_REQUEST_FOR(1024), 8, false);   /* 64 blocks */
 }
 END_TEST
 
@@ -1313,6 +1356,7 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, many_threads_freeing_each_others_blocks_stay_bounded);
   tcase_add_test(tc, a_consumer_freeing_into_many_pages_loses_no_block);
   tcase_add_test(tc, an_exhausted_page_other_threads_free_into_serves_another_thread);
+  tcase_add_test(tc, a_page_of_few_blocks_taken_from_the_pool_stays_with_its_taker);
   tcase_add_test(tc, an_exited_threads_pages_freed_by_another_go_back_on_trim);
   tcase_add_test(tc, an_exited_threads_pages_freed_by_another_retire_as_they_empty);
   tcase_add_test(tc, an_exited_threads_pages_freed_by_a_thread_that_waits_go_back);
