@@ -949,19 +949,20 @@ void sm_page_donate(sm_heap_t *heap, sm_page_t *page, bool orphan) {
  *
  * Whether those blocks make it shared again once it is exhausted
  * (sm_page_shares) depends on how many it holds.  A page of fewer than
- * SM_RESHARE_BLOCKS blocks (a 16th of it fewer than 16: blocks over
- * 256 bytes in a 64 KiB page, over 2 KiB in a 512 KiB one) is taken with a handful of blocks free
- * and exhausted a handful of mallocs later; given again at once, it went
- * round the pool every few mallocs, and the frees of the thread whose
- * blocks fill it became remote ones for good.  mimalloc-bench's larson
- * at 16 threads (workers that come and go, blocks of 8-1000 bytes) gave
- * 2.7 million pages to the pool in a run of 5 s and took 1.6 times
- * mimalloc 3.4.3's time.  Such a page is shared again only if other
- * threads free into it while this heap holds it: 31,000 pages given,
- * 1.00 times mimalloc 3.4.3's time (medians of 5 interleaved runs).  A page of many blocks serves many
- * mallocs a turn, and the frees it waited for say that other threads
- * free into it (bench_xchurn 64: resident 2.1 times the live bytes when
- * they did not count, 1.35 as they do). */
+ * SM_RESHARE_BLOCKS blocks (a 16th of it fewer than 16: blocks over 256
+ * bytes in a 64 KiB page, over 2 KiB in a 512 KiB one) is taken with a
+ * handful of blocks free and exhausted a handful of mallocs later; given
+ * again at once, it went round the pool every few mallocs, and the frees
+ * of the thread whose blocks fill it became remote ones for good.
+ * mimalloc-bench's larson at 16 threads (workers that come and go, blocks
+ * of 8-1000 bytes) gave 2.7 million pages to the pool in a run of 5 s and
+ * took 1.6 times mimalloc 3.4.3's time.  Such a page is shared again only
+ * if other threads free into it while this heap holds it: 31,000 pages
+ * given, 1.00 times mimalloc 3.4.3's time (medians of 5 interleaved runs).
+ * A page of many blocks serves many mallocs a turn, and the frees it
+ * waited for say that other threads free into it (bench_xchurn 64:
+ * resident 2.1 times the live bytes when they did not count, 1.35 as they
+ * do). */
 #define SM_RESHARE_BLOCKS 256
 static void sm_page_take_over(sm_heap_t *heap, sm_page_t *page) {
   sm_page_set_owner(page, heap);
