@@ -1060,7 +1060,12 @@ START_TEST(an_exited_threads_pages_freed_by_a_thread_that_waits_go_back)
    * its segment.  (Before retired pages counted, the secure build, which
    * retires each page as it empties, claimed every one.) */
   uint64_t claimed = s2.pages_reclaimed - s1.pages_reclaimed;
-  ck_assert_uint_eq(claimed, SH_CLAIM_MAX);
+  /* less the pages of the class this thread held already (after the
+   * collection, on its queue alone): check's runner, which this test's
+   * process is forked from, allocates through smalloc too */
+  uint64_t held = s0.classes[k].pages_in_use;
+  ck_assert_uint_lt(held, SH_CLAIM_MAX);
+  ck_assert_uint_eq(claimed, SH_CLAIM_MAX - held);
   ck_assert_uint_le(s2.classes[k].pages_in_use, s0.classes[k].pages_in_use + claimed);
   ck_assert_uint_ge(s2.pages_released - s1.pages_released, pages - claimed);
   munmap(e.v, e.n * sizeof *e.v);
