@@ -257,7 +257,8 @@ static void sm_desc_put(sm_segment_t *seg) {
 
 /* ---- raw segments: cache first, then the OS ------------------------------ */
 
-static sm_segment_t *sm_segment_raw_alloc(void) {
+/* A segment from the cache (*cached set) or the OS. */
+static sm_segment_t *sm_segment_raw_alloc(bool *cached) {
   pthread_mutex_lock(&sm_cache_lock);
   sm_segment_t *seg = sm_cache_first;
   if (seg) {
@@ -265,6 +266,7 @@ static sm_segment_t *sm_segment_raw_alloc(void) {
     __atomic_store_n(&sm_cache_count, sm_cache_count - 1, __ATOMIC_RELAXED);
   }
   pthread_mutex_unlock(&sm_cache_lock);
+  *cached = seg != NULL;
   if (seg) {
     sm_gadd(segments_cache_hits, 1);
     /* its pages will be carved afresh: all of it counts as committed again */
@@ -430,13 +432,17 @@ static void sm_segment_adopt(sm_heap_t *heap, sm_segment_t *seg) {
 }
 
 static sm_segment_t *sm_segment_alloc(int kind, bool huge) {
-  sm_segment_t *seg = sm_segment_raw_alloc();
+  bool cached;
+  sm_segment_t *seg = sm_segment_raw_alloc(&cached);
   if (!seg) return NULL;
   unsigned advised = sm_segment_advise(seg, huge ? SM_HALF_BOTH : 0);
-  if (!huge) sm_segment_unadvise(seg, SM_HALF_BOTH);   /* a cached one may be advised */
+  /* A fresh mapping is not read before the header's first write: a read
+   * would fault in the zero page (2 MiB of it where the header's half is
+   * advised) and the write fault again to replace it. */
+  if (cached && !huge) sm_segment_unadvise(seg, SM_HALF_BOTH);   /* it may have been advised */
   /* a cached one keeps its slot; a fresh mapping, or one that had none,
    * asks for one, and keeps its descriptors in its header without */
-  sm_desc_slot_t *slot = sm_desc_slot_of(seg);
+  sm_desc_slot_t *slot = cached ? sm_desc_slot_of(seg) : NULL;
   sm_page_t *pages = slot ? slot->pages : sm_desc_get(seg);
   sm_track_reuse(seg, SM_SEGMENT_SIZE);
   memset(seg, 0, offsetof(sm_segment_t, hdr_pages));
