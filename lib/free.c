@@ -228,8 +228,8 @@ bool sm_free_block_xthread(sm_page_t *page, sm_block_t *b) {
  * page (in one slot of a pair among SM_XBUF_SLOTS, chosen by page),
  * already linked as it will sit on the page's thread_free; the batch goes
  * there with one CAS when it reaches SM_XBUF_MAX blocks, when its slot is
- * wanted for another page, and whenever this thread takes its own slow
- * path, collects or exits.  The owner takes the list and its length with
+ * wanted for another page, at every SM_XBUF_BEATS-th slow path this
+ * thread takes, and when it collects or exits.  The owner takes the list and its length with
  * one exchange, as before: a run of frees into one page (a consumer
  * freeing what a producer allocated) costs one atomic operation, not one
  * per block.  128 slots in pairs: a consumer of 16 size classes frees
@@ -485,7 +485,7 @@ static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
  * tagged and joins the thread's batch for its page, and counted.  Not
  * into a page an exited thread left in the pool (SM_PAGE_ORPHAN; this
  * thread holds as many of its class as it claims): that is pushed at
- * once.  A batch waits for this thread's next slow path, and a thread
+ * once.  A batch waits for this thread's slow paths, and a thread
  * that frees what exited threads left and then waits, for the rest of
  * the program say, kept those pages and their segments from everyone:
  * under a 256 MiB address-space limit, four threads filled it and

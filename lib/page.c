@@ -1119,14 +1119,14 @@ static int sm_page_refill(sm_page_t *page) {
 }
 
 /* The periodic part of the slow path: this thread's batched frees for
- * other heaps sent, blocks other threads sent or handed over taken (one
+ * other heaps sent (at every SM_XBUF_BEATS-th entry), blocks other threads sent or handed over taken (one
  * load each when there are none), expired retired pages
  * when one is due, and every SM_SWEEP_CYCLES (or the retire cycles, when
  * fewer) the sweep and the segment cache's purge. */
 #define SM_SWEEP_CYCLES 1024
 
 /* The periodic work that is not counted in cycles: this thread's batched
- * frees for other heaps sent, the blocks other threads handed over or
+ * frees for other heaps sent (every SM_XBUF_BEATS-th entry), the blocks other threads handed over or
  * sent home taken, a report that came due asked for, the purge thread
  * woken for the segment cache.  Every slow-path entry does it, and so,
  * every SM_PROF_IDLE bytes a thread allocates, does its heartbeat
@@ -1135,7 +1135,7 @@ static int sm_page_refill(sm_page_t *page) {
  * and sweep pages): the purge thread takes such a heap for idle, and
  * releases its retired pages (background.c). */
 void sm_heap_heartbeat(sm_heap_t *heap) {
-  if (sm_xbuf_pending(heap)) sm_free_flush_remote(heap);
+  if (++heap->xbuf_beats % SM_XBUF_BEATS == 0 && sm_xbuf_pending(heap)) sm_free_flush_remote(heap);
   sm_heap_collect_delayed(heap);
   if (atomic_load_explicit(&heap->xhome, memory_order_relaxed) != NULL) sm_heap_take_home(heap);
   if (sm_unlikely(sm_opt(STATS_INTERVAL) != 0)) sm_stats_tick();

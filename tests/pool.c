@@ -876,6 +876,64 @@ START_TEST(remote_frees_wait_in_one_batch_and_go_together)
 }
 END_TEST
 
+/* A batch is sent at every SM_XBUF_BEATS-th slow path of the thread that
+ * holds it, not at each: the freeing thread takes slow paths until its
+ * count is at a multiple, frees three blocks of main's page, then
+ * allocates blocks of classes it has no page for, one slow path each:
+ * the batch waits through SM_XBUF_BEATS - 1 of them and goes, whole, at
+ * the next. */
+static struct {
+  unsigned sent_at, beats_each, tf_on_send;
+} rs_seen;
+
+static void *rs_freer(void *arg)
+{
+  (void)arg;
+  smalloc_free(smalloc_malloc(16));   /* this thread's heap first */
+  sm_heap_t *heap = sm_heap();
+  void *kept[2 * SM_XBUF_BEATS];
+  unsigned n = 0;
+  size_t bin = sm_bin_of(300);   /* classes new to this thread, a slow path each */
+  while (heap->xbuf_beats % SM_XBUF_BEATS != 0)
+    kept[n++] = smalloc_malloc(sm_bin_size(bin++));
+  for (int i = 0; i < RB_BLOCKS; i++)
+    smalloc_free(rb_blocks[i]);
+  rs_seen.beats_each = 1;
+  for (unsigned k = 1; k <= SM_XBUF_BEATS; k++) {
+    uint32_t before = heap->xbuf_beats;
+    kept[n++] = smalloc_malloc(sm_bin_size(bin++));
+    if (heap->xbuf_beats != before + 1) rs_seen.beats_each = 0;
+    uint32_t tf = sm_tf_count(atomic_load(&rb_page->thread_free));
+    if (rs_seen.sent_at == 0 && tf != 0) {
+      rs_seen.sent_at = k;
+      rs_seen.tf_on_send = tf;
+    }
+  }
+  while (n > 0)
+    smalloc_free(kept[--n]);
+  return NULL;
+}
+
+START_TEST(remote_frees_wait_for_the_eighth_slow_path)
+{
+  sm_segment_t *seg;
+  for (int i = 0; i < RB_BLOCKS; i++) {
+    rb_blocks[i] = smalloc_malloc(64);
+    sm_page_t *page;
+    ck_assert(sm_lookup(rb_blocks[i], &seg, &page));
+    if (i == 0) rb_page = page;
+    ck_assert_ptr_eq(page, rb_page);
+  }
+  ck_assert_uint_eq(sm_tf_count(atomic_load(&rb_page->thread_free)), 0);
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, rs_freer, NULL), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  ck_assert_uint_eq(rs_seen.beats_each, 1);
+  ck_assert_uint_eq(rs_seen.sent_at, SM_XBUF_BEATS);
+  ck_assert_uint_eq(rs_seen.tf_on_send, RB_BLOCKS);
+}
+END_TEST
+
 static Suite *pool_suite(void)
 {
   Suite *s = suite_create("pool");
@@ -893,6 +951,7 @@ static Suite *pool_suite(void)
   tcase_add_test(tc, threads_free_into_their_sparse_pages_while_another_trims);
   tcase_add_test(tc, the_purge_thread_gives_back_the_free_blocks_of_an_idle_threads_sparse_pages);
   tcase_add_test(tc, remote_frees_wait_in_one_batch_and_go_together);
+  tcase_add_test(tc, remote_frees_wait_for_the_eighth_slow_path);
   suite_add_tcase(s, tc);
   return s;
 }
