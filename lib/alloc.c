@@ -240,7 +240,45 @@ static bool sm_realloc_target_ok(const sm_segment_t *seg, const sm_page_t *page,
   return sm_aligned_mark_ok(page, p);
 }
 
+/* A block of usable bytes that realloc(n) keeps in place: it fits, and
+ * not wastefully. */
+static inline bool sm_realloc_fits(size_t n, size_t usable) { return n <= usable && n >= usable / 2; }
+
+/* realloc's common case, found as free's fast path finds its page: a
+ * block start in a small or medium page whose frees take no detour
+ * (xtid not 0: no aligned block, no sample, not under valgrind), not
+ * free by its tag, that still fits n (sm_realloc_fits) stays where it
+ * is.  Anything else, a tag
+ * that says the block may be free included, goes the general way, which
+ * checks it fully.  bench_realloc quick: 165 instructions a realloc kept
+ * in place the general way (its segment found through the segment map,
+ * the block's state and place checked one function each). */
+static inline bool sm_realloc_in_place(void *p, size_t n) {
+  if (SM_CANARY || SM_GUARD) return false;   /* the secure build's blocks hold more */
+  uintptr_t slice = sm_pagemap_index(p);
+  if (slice >= SM_PAGEMAP_SLICES) return false;   /* NULL too */
+  sm_page_t *page = sm_pagemap_at(slice);
+  size_t usable = page->block_size;
+  return atomic_load_explicit(&page->xtid, memory_order_relaxed) != 0 && sm_page_is_block(page, p) &&
+         n != 0 && sm_realloc_fits(n, usable) &&
+         (((sm_block_t *)p)->tag ^ page->key) > SM_TAG_REMOTE;
+}
+
+static __attribute__((noinline)) void *sm_realloc_general(void *p, size_t n, enum sm_call who);
+
 void *sm_realloc(void *p, size_t n, enum sm_call who) {
+  if (sm_realloc_in_place(p, n)) {
+    sm_heap_t *heap = sm_heap();
+    if (sm_likely(heap->initialized)) {
+      sm_cnt_add(heap->stats.calls[who], 1);
+      sm_cnt_add(heap->stats.requested, n);
+      return p;
+    }
+  }
+  return sm_realloc_general(p, n, who);
+}
+
+static void *sm_realloc_general(void *p, size_t n, enum sm_call who) {
   sm_heap_t *heap = sm_heap_for_alloc(sm_heap());
   if (sm_unlikely(heap == NULL)) { errno = ENOMEM; return NULL; }
   sm_cnt_add(heap->stats.calls[who], 1);
@@ -276,7 +314,7 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
   if (sm_track_on() || SM_GUARD) {
     /* copy: memcheck sees one block die and another start; in the secure
      * build the guard page after a large or huge block stays put */
-    if (!sm_track_on() && n <= usable && (seg->kind >= SM_SEG_SPAN || n >= usable / 2)) {
+    if (!sm_track_on() && n <= usable && (seg->kind >= SM_SEG_SPAN || sm_realloc_fits(n, usable))) {
       sm_cnt_add(heap->stats.requested, n);
       return p;
     }
@@ -284,7 +322,7 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
     /* fits, and not wastefully: up to 2 MiB, any block above the classes
      * keeps its place (the memory it gives back would fault in again
      * when it grows) */
-    if (n <= usable && (n >= usable / 2 || (n > SM_MEDIUM_MAX - SM_CANARY && usable <= SM_LARGE_MAX))) {
+    if (sm_realloc_fits(n, usable) || (n <= usable && n > SM_MEDIUM_MAX - SM_CANARY && usable <= SM_LARGE_MAX)) {
       sm_cnt_add(heap->stats.requested, n);
       return p;
     }
@@ -312,9 +350,9 @@ void *sm_realloc(void *p, size_t n, enum sm_call who) {
         return q;
       }
     }
-  } else if (n <= usable && n >= usable / 2) {
+  } else if (sm_realloc_fits(n, usable)) {
     sm_cnt_add(heap->stats.requested, n);
-    return p;   /* fits, and not wastefully */
+    return p;
   }
   /* A block that grows by realloc usually grows again: give it an eighth
    * more (one size class, or a unit or more of a large block) so small

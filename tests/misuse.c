@@ -723,6 +723,29 @@ static void free_middle_of_small_block(bool warn)
 }
 MISUSE(free_middle_of_small_block)
 
+/* realloc into the middle of a small block, to a size its block would
+ * keep in place (realloc's fast path must not take it) */
+static void realloc_middle_of_small_block(bool warn)
+{
+  unsigned char *p = smalloc_malloc(100);
+  CHILD_CHECK(p != NULL, "malloc(100) failed");
+  uint64_t seed = sm_pattern_seed(p, 1);
+  sm_pattern_fill(p, 100, seed);
+  uint64_t in_use = child_blocks_in_use();
+  expect_line("realloc(): invalid pointer %p (not the start of a block)", (void *)(p + 16));
+  errno = 0;
+  void *r = smalloc_realloc(sm_opaque(p + 16), 80);
+  if (!warn)
+    return;
+  CHILD_CHECK(r == NULL && errno == EINVAL, "realloc returned %p, errno %d", r, errno);
+  CHILD_CHECK(child_blocks_in_use() == in_use, "the bad realloc changed blocks_in_use");
+  CHILD_CHECK(sm_pattern_ok(p, 100, seed), "the block changed");
+  heap_still_sound(100);
+  smalloc_free(p);
+  CHILD_CHECK(child_blocks_in_use() == in_use - 1, "the block did not free");
+}
+MISUSE(realloc_middle_of_small_block)
+
 static void free_middle_of_medium_block(bool warn)
 {
   free_middle_of_block(warn, 100 * KiB, 4096);
@@ -1566,6 +1589,7 @@ int main(void)
   ADD_MISUSE(tc, interior_realloc_in_a_page_with_aligned_blocks);
   ADD_MISUSE(tc, double_free_of_an_aligned_block);
   ADD_MISUSE(tc, free_middle_of_small_block);
+  ADD_MISUSE(tc, realloc_middle_of_small_block);
   ADD_MISUSE(tc, free_middle_of_medium_block);
   ADD_MISUSE(tc, free_middle_of_large_block);
   ADD_MISUSE(tc, free_unit_inside_large_block);
