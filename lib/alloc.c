@@ -121,21 +121,26 @@ static void *sm_malloc_other(size_t n) {
 
 void *sm_calloc(size_t count, size_t size) {
   size_t n;
+  bool over = __builtin_mul_overflow(count, size, &n);
   sm_heap_t *heap = sm_heap_for_alloc(sm_heap());
   if (sm_unlikely(heap == NULL)) { errno = ENOMEM; return NULL; }
   sm_cnt_add(heap->stats.calls[SM_CALL_CALLOC], 1);
-  if (sm_unlikely(__builtin_mul_overflow(count, size, &n) || n > SM_MAX_REQUEST))
-    return sm_fail_enomem(heap);
   void *p;
-  if (n > SM_MEDIUM_MAX - SM_CANARY) {
+  if (sm_likely(n <= SM_DIRECT_MAX - SM_CANARY && !over)) {
+    p = sm_malloc_small(heap, n);   /* malloc's fast path, inline */
+  } else if (over || n > SM_MAX_REQUEST) {
+    return sm_fail_enomem(heap);
+  } else if (n > SM_MEDIUM_MAX - SM_CANARY) {
     p = sm_malloc_large(heap, n, 16, true);   /* huge mappings are zero already */
     if (!p) return NULL;
     sm_cnt_add(heap->stats.alloc_other, 1);
     return sm_prof_count(heap, NULL, p, n);
+  } else {
+    p = sm_malloc_generic(n, heap);
   }
-  p = sm_malloc_other(n);
-  if (p) memset(p, 0, n);
-  return p;
+  if (!p) return NULL;
+  sm_cnt_add(heap->stats.alloc_other, 1);
+  return memset(p, 0, n);
 }
 
 /* A block of n's class from a page, for the aligned functions: never
@@ -189,6 +194,26 @@ void *sm_malloc_aligned(size_t alignment, size_t n) {
   return sm_prof_count(heap, NULL, p, n);
 }
 
+/* The common case of realloc and malloc_usable_size, found as free's
+ * fast path finds its page: p a block start in a small or medium page
+ * whose frees take no detour (xtid not 0: no aligned block, no sample,
+ * not under valgrind), and not free by its tag.  Its page then, else
+ * NULL: anything else, a tag that says the block may be free included,
+ * goes the general way, which checks it fully.  The general way cost
+ * bench_realloc quick 165 instructions a realloc kept in place (the
+ * segment map, then one function each for the block's state, place and
+ * size), and a malloc_usable_size 138. */
+static inline sm_page_t *sm_live_block_page(const void *p) {
+  if (SM_CANARY || SM_GUARD) return NULL;   /* the secure build's blocks hold more */
+  uintptr_t slice = sm_pagemap_index(p);
+  if (slice >= SM_PAGEMAP_SLICES) return NULL;   /* NULL too */
+  sm_page_t *page = sm_pagemap_at(slice);
+  if (atomic_load_explicit(&page->xtid, memory_order_relaxed) != 0 && sm_page_is_block(page, p) &&
+      (((const sm_block_t *)p)->tag ^ page->key) > SM_TAG_REMOTE)
+    return page;
+  return NULL;
+}
+
 /* Bytes usable from p to the end of its block (p may be an aligned
  * pointer inside it); no division when p starts the block. */
 static size_t sm_usable_in(const sm_segment_t *seg, const sm_page_t *page, const void *p) {
@@ -205,12 +230,19 @@ static size_t sm_usable_in(const sm_segment_t *seg, const sm_page_t *page, const
  * would accept it: a block start, the start of a large or huge block, or
  * an aligned pointer with its mark. */
 static bool sm_realloc_target_ok(const sm_segment_t *seg, const sm_page_t *page, const void *p);
+static __attribute__((noinline)) size_t sm_usable_size_general(const void *p, const char *who);
 
 /* The usable bytes of block p, checked as realloc checks it (a pointer
  * into the middle of a block, or a block that is free, is reported, and
  * is 0 bytes: what it returned before, the bytes to the block's end, led
  * a program that trusted it to write over the next block). */
 size_t sm_usable_size(const void *p, const char *who) {
+  sm_page_t *page = sm_live_block_page(p);
+  if (page) return page->block_size;
+  return sm_usable_size_general(p, who);
+}
+
+static size_t sm_usable_size_general(const void *p, const char *who) {
   sm_segment_t *seg;
   sm_page_t *page;
   if (p == NULL) return 0;
@@ -244,30 +276,11 @@ static bool sm_realloc_target_ok(const sm_segment_t *seg, const sm_page_t *page,
  * not wastefully. */
 static inline bool sm_realloc_fits(size_t n, size_t usable) { return n <= usable && n >= usable / 2; }
 
-/* realloc's common case, found as free's fast path finds its page: a
- * block start in a small or medium page whose frees take no detour
- * (xtid not 0: no aligned block, no sample, not under valgrind), not
- * free by its tag, that still fits n (sm_realloc_fits) stays where it
- * is.  Anything else, a tag
- * that says the block may be free included, goes the general way, which
- * checks it fully.  bench_realloc quick: 165 instructions a realloc kept
- * in place the general way (its segment found through the segment map,
- * the block's state and place checked one function each). */
-static inline bool sm_realloc_in_place(void *p, size_t n) {
-  if (SM_CANARY || SM_GUARD) return false;   /* the secure build's blocks hold more */
-  uintptr_t slice = sm_pagemap_index(p);
-  if (slice >= SM_PAGEMAP_SLICES) return false;   /* NULL too */
-  sm_page_t *page = sm_pagemap_at(slice);
-  size_t usable = page->block_size;
-  return atomic_load_explicit(&page->xtid, memory_order_relaxed) != 0 && sm_page_is_block(page, p) &&
-         n != 0 && sm_realloc_fits(n, usable) &&
-         (((sm_block_t *)p)->tag ^ page->key) > SM_TAG_REMOTE;
-}
-
 static __attribute__((noinline)) void *sm_realloc_general(void *p, size_t n, enum sm_call who);
 
 void *sm_realloc(void *p, size_t n, enum sm_call who) {
-  if (sm_realloc_in_place(p, n)) {
+  sm_page_t *page = sm_live_block_page(p);
+  if (page && n != 0 && sm_realloc_fits(n, page->block_size)) {
     sm_heap_t *heap = sm_heap();
     if (sm_likely(heap->initialized)) {
       sm_cnt_add(heap->stats.calls[who], 1);
