@@ -156,12 +156,30 @@ static void *sm_malloc_paged(sm_heap_t *heap, size_t n) {
 /* Aligned allocation: a size class whose blocks are already aligned when
  * possible, else a block with room to place the result at an aligned
  * offset (the page is flagged so free finds the block start). */
+static __attribute__((noinline)) void *sm_malloc_aligned_general(sm_heap_t *heap, size_t alignment, size_t n);
+
 void *sm_malloc_aligned(size_t alignment, size_t n) {
-  sm_heap_t *heap = sm_heap_for_alloc(sm_heap());
+  sm_heap_t *heap = sm_heap();
+  if (n == 0) n = 1;   /* the aligned result must still point into its block */
+  /* the common case: malloc's fast path, inline, for a size of the
+   * direct table whose class is aligned enough (page starts are 16 KiB
+   * aligned, so its blocks are too; malloc lends no block of these
+   * sizes, sm_page_lends_large) */
+  if (sm_likely(heap->initialized && n <= SM_DIRECT_MAX - SM_CANARY && alignment <= SM_SEGMENT_HDR)) {
+    if (alignment <= 16 || (sm_bin_size(sm_bin_of(sm_class_size(n))) & (alignment - 1)) == 0) {
+      void *p = sm_malloc_small(heap, n);
+      if (p) sm_cnt_add(heap->stats.alloc_other, 1);
+      return p;
+    }
+  }
+  return sm_malloc_aligned_general(heap, alignment, n);
+}
+
+static void *sm_malloc_aligned_general(sm_heap_t *heap, size_t alignment, size_t n) {
+  heap = sm_heap_for_alloc(heap);
   if (sm_unlikely(heap == NULL)) { errno = ENOMEM; return NULL; }
   if (n > SM_MAX_REQUEST || alignment > SM_MAX_REQUEST) return sm_fail_enomem(heap);
   if (alignment <= 16) return sm_malloc_other(n);
-  if (n == 0) n = 1;   /* the aligned result must still point into its block */
   if (n <= SM_MEDIUM_MAX - SM_CANARY && alignment <= SM_SEGMENT_HDR) {
     size_t bin = sm_bin_of(sm_class_size(n));
     if ((sm_bin_size(bin) & (alignment - 1)) == 0) {

@@ -52,10 +52,10 @@ SM_EXPORT int smalloc_posix_memalign(void **out, size_t alignment, size_t n) {
     sm_call_failed(sm_heap(), EINVAL);
     return EINVAL;
   }
-  int saved = errno;
+  int *err = &errno, saved = *err;
   void *p = sm_malloc_aligned(alignment, n);
   if (p == NULL) return ENOMEM;   /* errno is ENOMEM too, as glibc leaves it */
-  errno = saved;
+  *err = saved;
   *out = p;
   return 0;
 }
