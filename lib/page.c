@@ -1119,19 +1119,20 @@ static int sm_page_refill(sm_page_t *page) {
 }
 
 /* The periodic part of the slow path: this thread's batched frees for
- * other heaps sent (at every SM_XBUF_BEATS-th entry), blocks other threads sent or handed over taken (one
- * load each when there are none), expired retired pages
- * when one is due, and every SM_SWEEP_CYCLES (or the retire cycles, when
- * fewer) the sweep and the segment cache's purge. */
+ * other heaps sent (at every SM_XBUF_BEATS-th entry), blocks other
+ * threads sent or handed over taken (one load each when there are none),
+ * expired retired pages when one is due, and every SM_SWEEP_CYCLES (or
+ * the retire cycles, when fewer) the sweep and the segment cache's
+ * purge. */
 #define SM_SWEEP_CYCLES 1024
 
 /* The periodic work that is not counted in cycles: this thread's batched
- * frees for other heaps sent (every SM_XBUF_BEATS-th entry), the blocks other threads handed over or
- * sent home taken, a report that came due asked for, the purge thread
- * woken for the segment cache.  Every slow-path entry does it, and so,
- * every SM_PROF_IDLE bytes a thread allocates, does its heartbeat
- * (prof.c): a thread whose bursts its current pages serve may not enter
- * the slow path for a long time.  Not counted as a cycle (those retire
+ * frees for other heaps sent (every SM_XBUF_BEATS-th entry), the blocks
+ * other threads handed over or sent home taken, a report that came due
+ * asked for, the purge thread woken for the segment cache.  Every
+ * slow-path entry does it, and so, every SM_PROF_IDLE bytes a thread
+ * allocates, does its heartbeat (prof.c): a thread whose bursts its
+ * current pages serve may not enter the slow path for a long time.  Not counted as a cycle (those retire
  * and sweep pages): the purge thread takes such a heap for idle, and
  * releases its retired pages (background.c). */
 void sm_heap_heartbeat(sm_heap_t *heap) {
