@@ -850,7 +850,9 @@ static void *rb_freer(void *arg)
   return NULL;
 }
 
-START_TEST(remote_frees_wait_in_one_batch_and_go_together)
+/* Three blocks of one page of main's, then freer run on a thread of its
+ * own, which frees them. */
+static void rb_run(void *(*freer)(void *))
 {
   sm_segment_t *seg;
   for (int i = 0; i < RB_BLOCKS; i++) {
@@ -862,8 +864,13 @@ START_TEST(remote_frees_wait_in_one_batch_and_go_together)
   }
   ck_assert_uint_eq(sm_tf_count(atomic_load(&rb_page->thread_free)), 0);
   pthread_t t;
-  ck_assert_int_eq(pthread_create(&t, NULL, rb_freer, NULL), 0);
+  ck_assert_int_eq(pthread_create(&t, NULL, freer, NULL), 0);
   ck_assert_int_eq(pthread_join(t, NULL), 0);
+}
+
+START_TEST(remote_frees_wait_in_one_batch_and_go_together)
+{
+  rb_run(rb_freer);
   ck_assert_uint_eq(rb_seen.slots, 1);
   ck_assert_uint_eq(rb_seen.count, RB_BLOCKS);
   ck_assert_ptr_eq(rb_seen.head, rb_blocks[RB_BLOCKS - 1]);
@@ -916,18 +923,7 @@ static void *rs_freer(void *arg)
 
 START_TEST(remote_frees_wait_for_the_eighth_slow_path)
 {
-  sm_segment_t *seg;
-  for (int i = 0; i < RB_BLOCKS; i++) {
-    rb_blocks[i] = smalloc_malloc(64);
-    sm_page_t *page;
-    ck_assert(sm_lookup(rb_blocks[i], &seg, &page));
-    if (i == 0) rb_page = page;
-    ck_assert_ptr_eq(page, rb_page);
-  }
-  ck_assert_uint_eq(sm_tf_count(atomic_load(&rb_page->thread_free)), 0);
-  pthread_t t;
-  ck_assert_int_eq(pthread_create(&t, NULL, rs_freer, NULL), 0);
-  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  rb_run(rs_freer);
   ck_assert_uint_eq(rs_seen.beats_each, 1);
   ck_assert_uint_eq(rs_seen.sent_at, SM_XBUF_BEATS);
   ck_assert_uint_eq(rs_seen.tf_on_send, RB_BLOCKS);
