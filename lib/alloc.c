@@ -158,15 +158,21 @@ static void *sm_malloc_paged(sm_heap_t *heap, size_t n) {
  * offset (the page is flagged so free finds the block start). */
 static __attribute__((noinline)) void *sm_malloc_aligned_general(sm_heap_t *heap, size_t alignment, size_t n);
 
+/* Whether the blocks of n's class (n at most SM_MEDIUM_MAX) are aligned
+ * at alignment (at most SM_SEGMENT_HDR): page starts are 16 KiB aligned,
+ * so they are when the class size is a multiple of it. */
+static inline bool sm_class_aligned(size_t n, size_t alignment) {
+  return (sm_bin_size(sm_bin_of(sm_class_size(n))) & (alignment - 1)) == 0;
+}
+
 void *sm_malloc_aligned(size_t alignment, size_t n) {
   sm_heap_t *heap = sm_heap();
   if (n == 0) n = 1;   /* the aligned result must still point into its block */
   /* the common case: malloc's fast path, inline, for a size of the
-   * direct table whose class is aligned enough (page starts are 16 KiB
-   * aligned, so its blocks are too; malloc lends no block of these
-   * sizes, sm_page_lends_large) */
+   * direct table whose class is aligned enough (malloc lends no block of
+   * these sizes, sm_page_lends_large) */
   if (sm_likely(heap->initialized && n <= SM_DIRECT_MAX - SM_CANARY && alignment <= SM_SEGMENT_HDR)) {
-    if (alignment <= 16 || (sm_bin_size(sm_bin_of(sm_class_size(n))) & (alignment - 1)) == 0) {
+    if (alignment <= 16 || sm_class_aligned(n, alignment)) {
       void *p = sm_malloc_small(heap, n);
       if (p) sm_cnt_add(heap->stats.alloc_other, 1);
       return p;
@@ -181,9 +187,7 @@ static void *sm_malloc_aligned_general(sm_heap_t *heap, size_t alignment, size_t
   if (n > SM_MAX_REQUEST || alignment > SM_MAX_REQUEST) return sm_fail_enomem(heap);
   if (alignment <= 16) return sm_malloc_other(n);
   if (n <= SM_MEDIUM_MAX - SM_CANARY && alignment <= SM_SEGMENT_HDR) {
-    size_t bin = sm_bin_of(sm_class_size(n));
-    if ((sm_bin_size(bin) & (alignment - 1)) == 0) {
-      /* page starts are 16 KiB aligned, so these blocks are aligned too */
+    if (sm_class_aligned(n, alignment)) {
       void *p = sm_malloc_paged(heap, n);
       sm_assert(p == NULL || ((uintptr_t)p & (alignment - 1)) == 0);
       return p;
@@ -353,7 +357,8 @@ static void *sm_realloc_general(void *p, size_t n, enum sm_call who) {
     /* fits, and not wastefully: up to 2 MiB, any block above the classes
      * keeps its place (the memory it gives back would fault in again
      * when it grows) */
-    if (sm_realloc_fits(n, usable) || (n <= usable && n > SM_MEDIUM_MAX - SM_CANARY && usable <= SM_LARGE_MAX)) {
+    if (sm_realloc_fits(n, usable) ||
+        (n <= usable && n > SM_MEDIUM_MAX - SM_CANARY && usable <= SM_LARGE_MAX)) {
       sm_cnt_add(heap->stats.requested, n);
       return p;
     }

@@ -232,12 +232,12 @@ bool sm_free_block_xthread(sm_page_t *page, sm_block_t *b) {
  * thread takes, and when it collects or exits.  The owner takes the list
  * and its length with one exchange, as before: a run of frees into one
  * page (a consumer freeing what a producer allocated) costs one atomic
- * operation, not one per block.  128 slots in pairs: a consumer of 16 size classes frees
- * into about 40 pages by turns, and with 64 slots one page in three sent
- * its batch early (bench_churn f: 1.17 million sends for 8 million frees,
- * 0.102 s; now 0.081 s).  What a thread that stops calling in can hold
- * back is one batch per slot (SM_XBUF_MAX - 1 blocks each); those pages
- * stay in use until it is sent. */
+ * operation, not one per block.  128 slots in pairs: a consumer of 16
+ * size classes frees into about 40 pages by turns, and with 64 slots one
+ * page in three sent its batch early (bench_churn f: 1.17 million sends
+ * for 8 million frees, 0.102 s; now 0.081 s).  What a thread that stops
+ * calling in can hold back is one batch per slot (SM_XBUF_MAX - 1 blocks
+ * each); those pages stay in use until it is sent. */
 
 /* Push the chain head..tail of n blocks (linked with the page's key) onto
  * the page's thread_free.  While the page is on the full list, its head

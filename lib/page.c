@@ -1132,9 +1132,10 @@ static int sm_page_refill(sm_page_t *page) {
  * asked for, the purge thread woken for the segment cache.  Every
  * slow-path entry does it, and so, every SM_PROF_IDLE bytes a thread
  * allocates, does its heartbeat (prof.c): a thread whose bursts its
- * current pages serve may not enter the slow path for a long time.  Not counted as a cycle (those retire
- * and sweep pages): the purge thread takes such a heap for idle, and
- * releases its retired pages (background.c). */
+ * current pages serve may not enter the slow path for a long time.  Not
+ * counted as a cycle (those retire and sweep pages): the purge thread
+ * takes such a heap for idle, and releases its retired pages
+ * (background.c). */
 void sm_heap_heartbeat(sm_heap_t *heap) {
   if (++heap->xbuf_beats % SM_XBUF_BEATS == 0 && sm_xbuf_pending(heap)) sm_free_flush_remote(heap);
   sm_heap_collect_delayed(heap);
