@@ -58,7 +58,7 @@
 #define SM_EXTEND_BYTES 4096
 
 static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page);
-static int sm_page_refill(sm_page_t *page);
+static int sm_page_refill(sm_page_t *page, bool may_extend);
 static void sm_page_unfull_move(sm_heap_t *heap, sm_page_t *page);
 
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin) {
@@ -105,7 +105,8 @@ void sm_page_set_geometry(sm_page_t *page, size_t bsize, size_t reserved) {
   sm_block_test_consts(bsize, reserved, &page->mul, &page->limit);
 }
 
-static void sm_page_extend(sm_page_t *page) {
+/* How many blocks the page's next extension builds (0: none left). */
+static size_t sm_page_extend_count(const sm_page_t *page) {
   size_t bsize = page->block_size;
   size_t n = SM_EXTEND_BYTES / bsize;
   if (n < 4) {
@@ -116,6 +117,12 @@ static void sm_page_extend(sm_page_t *page) {
     if (n < 1) n = 1;
   }
   if (n > page->reserved - page->capacity) n = page->reserved - page->capacity;
+  return n;
+}
+
+static void sm_page_extend(sm_page_t *page) {
+  size_t bsize = page->block_size;
+  size_t n = sm_page_extend_count(page);
 #ifdef SM_SECURE
   {
     /* random order, so the next block's address cannot be predicted */
@@ -997,7 +1004,7 @@ static sm_page_t *sm_page_adopt(sm_heap_t *heap, size_t bin) {
   sm_page_t *page;
   while ((page = sm_pool_pop(bin, SM_ADOPT_MIN, SM_ADOPT_PART)) != NULL) {
     sm_page_take_over(heap, page);
-    if (sm_page_has_free(page) || sm_page_refill(page) >= 0) {
+    if (sm_page_has_free(page) || sm_page_refill(page, true) >= 0) {
       sm_assert_expensive(sm_page_valid(page) && sm_page_state_ok(heap, page));
       return page;
     }
@@ -1098,8 +1105,9 @@ bool sm_page_has_free(sm_page_t *page) {
   return true;
 }
 
-/* Make the page's free list non-empty by steps 1-3; returns the step or -1. */
-static int sm_page_refill(sm_page_t *page) {
+/* Make the page's free list non-empty by steps 1-3 (3 only if
+ * may_extend); returns the step or -1. */
+static int sm_page_refill(sm_page_t *page, bool may_extend) {
   if (page->local_free) {
     page->free = page->local_free;   /* both lists use the page's key */
     page->local_free = NULL;
@@ -1111,7 +1119,7 @@ static int sm_page_refill(sm_page_t *page) {
     page->local_free = NULL;
     return SMALLOC_STEP_THREAD_COLLECT;
   }
-  if (page->capacity < page->reserved) {
+  if (may_extend && page->capacity < page->reserved) {
     sm_page_extend(page);
     return SMALLOC_STEP_EXTEND;
   }
@@ -1285,45 +1293,65 @@ static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
   heap->bin_active[bin] = 1;
 
   /* 1-4: the class's queue, first page first; exhausted pages go to the
-   * full list on the way, or to the pool (sm_page_shares) */
+   * full list on the way, or to the pool (sm_page_shares).  A page with
+   * capacity never used (the one a class carves at a time) is extended
+   * only when the pages behind it hold fewer free blocks than that would
+   * build: they are used first, so a thread's pages fill before it
+   * touches memory it never did.  Extending first, every page of a class
+   * was carved whole however few of its blocks were live:
+   * bench_xchurn with no block handed to another thread, 20,000 blocks
+   * of 16-256 bytes live in each of 64 threads, was resident 1.44 times
+   * its live bytes, 1.28 times now; `bench_longlived 100000 quick`
+   * takes 4,815 slow paths rather than 4,045, and 0.75 % more
+   * instructions. */
   sm_page_queue_t *q = &heap->queues[bin];
-  sm_page_t *first = q->first;
-  for (sm_page_t *page = first; page; ) {
+  sm_page_t *first = q->first, *page, *extendable = NULL;
+  int step = -1;
+  for (page = first; page; ) {
     sm_page_t *next = page->next;
+    if (extendable && page->capacity - page->used < sm_page_extend_count(extendable)) break;
     if (page != q->first) sm_page_unpurge(page);   /* its lists change: its gate shuts (pool.c) */
-    int step = sm_page_has_free(page) ? SMALLOC_STEP_NEXT_PAGE : sm_page_refill(page);
-    if (step >= 0) {
-      if (page != first) {
-        step = SMALLOC_STEP_NEXT_PAGE;
-        /* first already when the ones before it went to the full list:
-         * moved, it would put the page after it first for a moment */
-        if (page != q->first) {
-          sm_pq_remove(heap, bin, page);
-          sm_pq_push_front(heap, bin, page);
-        }
-      }
-      sm_count_step(heap, bin, step);
-      sm_page_fold_stats(heap, page);   /* keeps the 32-bit frees count small */
-      /* a page whose sampled blocks were all freed, by other threads too,
-       * frees on the fast path again (the owner may never free into it) */
-      sm_prof_page_check(heap, page);
-      sm_assert_expensive(sm_page_valid(page));
-      return page;
-    }
-    if (sm_page_shares(page)) {
+    step = sm_page_has_free(page) ? SMALLOC_STEP_NEXT_PAGE : sm_page_refill(page, false);
+    if (step >= 0) break;
+    if (page->capacity < page->reserved) {
+      if (!extendable) extendable = page;
+      sm_pq_reopen(heap, page);   /* its lists did not change */
+    } else if (sm_page_shares(page)) {
       sm_page_donate(heap, page, false);
-      page = next;
-      continue;
+    } else if (!sm_page_to_full(heap, page)) {
+      continue;   /* blocks arrived from another thread: refill it again */
     }
-    if (!sm_page_to_full(heap, page)) continue;   /* blocks arrived from another thread: refill it again */
     page = next;
+  }
+  if (step < 0 && extendable) {
+    page = extendable;
+    sm_page_extend(page);
+    step = SMALLOC_STEP_EXTEND;
+  }
+  if (step >= 0) {
+    if (page != first) {
+      if (step != SMALLOC_STEP_EXTEND) step = SMALLOC_STEP_NEXT_PAGE;
+      /* first already when the ones before it went to the full list:
+       * moved, it would put the page after it first for a moment */
+      if (page != q->first) {
+        sm_pq_remove(heap, bin, page);
+        sm_pq_push_front(heap, bin, page);
+      }
+    }
+    sm_count_step(heap, bin, step);
+    sm_page_fold_stats(heap, page);   /* keeps the 32-bit frees count small */
+    /* a page whose sampled blocks were all freed, by other threads too,
+     * frees on the fast path again (the owner may never free into it) */
+    sm_prof_page_check(heap, page);
+    sm_assert_expensive(sm_page_valid(page));
+    return page;
   }
 
   /* 5. a retired page of the class */
-  sm_page_t *page = sm_page_take_retired(heap, bin);
+  page = sm_page_take_retired(heap, bin);
   if (page) {
     sm_pq_push_front(heap, bin, page);
-    sm_page_refill(page);   /* local_free holds every block */
+    sm_page_refill(page, true);   /* local_free holds every block */
     sm_cnt_add(heap->stats.pages_reused, 1);
     sm_count_step(heap, bin, SMALLOC_STEP_RETIRED_PAGE);
     sm_assert_expensive(sm_page_valid(page));
@@ -1338,7 +1366,6 @@ static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
   }
 
   /* 6. a fresh page; 7. a new segment */
-  int step;
   page = sm_page_fresh(heap, bin, &step);
   if (page == NULL) return NULL;
   sm_count_step(heap, bin, step);

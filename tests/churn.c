@@ -872,6 +872,103 @@ START_TEST(full_page_waits_for_blocks)
 END_TEST
 
 /* ============================================================================
+ * pages_fill_before_extension: when the class's first page has run out of
+ * built blocks, the slow path takes a page behind it that holds at least
+ * as many free blocks as an extension builds (4 KiB of blocks, page.c),
+ * rather than extend the first page into memory never touched; behind a
+ * page with fewer, it extends (smalloc(7), step 3).  Page A is filled, a
+ * block of fresh page B taken, and A given back `freed` of its blocks (A
+ * returns to the queue behind B at its 16th); once B's built blocks are
+ * used up, one malloc: exactly one slow path, by next_page into A when A
+ * has an extension's worth, by extend in B when it has fewer. */
+
+enum { CH_FILL_BLOCK = 64, CH_FILL_SIZE = SM_TEST_REQUEST_FOR(CH_FILL_BLOCK),
+       CH_FILL_EXTEND = 4096 / CH_FILL_BLOCK, CH_FILL_MAX = 2 * 65536 / CH_FILL_BLOCK };
+
+typedef struct ch_fill {
+  ch_err_t e;
+  int rc;
+  size_t freed;
+  uintptr_t page_a, page_b, got;
+  smalloc_stats_t s0, s1;
+} ch_fill_t;
+
+static void *ch_fill_thread(void *arg)
+{
+  ch_fill_t *f = arg;
+  void **v = ch_thread_map(CH_FILL_MAX * sizeof *v, &f->e);
+  if (v == NULL)
+    return NULL;
+  size_t n = 0;
+  for (; n < CH_FILL_MAX; n++) {
+    v[n] = smalloc_malloc(CH_FILL_SIZE);
+    if (v[n] == NULL) {
+      CH_FAIL(&f->e, "malloc(%d) returned NULL", CH_FILL_SIZE);
+      break;
+    }
+    if (n > 0 && ch_page_of(v[n], CH_FILL_SIZE) != ch_page_of(v[0], CH_FILL_SIZE))
+      break;   /* v[n] is B's first block */
+  }
+  if (n == CH_FILL_MAX && !f->e.failed) CH_FAIL(&f->e, "no second page after %zu blocks", n);
+  if (!f->e.failed) {
+    f->page_a = ch_page_of(v[0], CH_FILL_SIZE);
+    f->page_b = ch_page_of(v[n], CH_FILL_SIZE);
+    for (size_t i = 0; i < f->freed; i++) {
+      smalloc_free(v[i]);
+      v[i] = NULL;
+    }
+    size_t m = n + 1;
+    for (size_t i = 1; i < CH_FILL_EXTEND && m < CH_FILL_MAX; i++, m++) {   /* B's built blocks */
+      v[m] = smalloc_malloc(CH_FILL_SIZE);
+      if (v[m] == NULL || ch_page_of(v[m], CH_FILL_SIZE) != f->page_b) {
+        CH_FAIL(&f->e, "block %zu of page B: %p", i, v[m]);
+        break;
+      }
+    }
+    if (!f->e.failed && m < CH_FILL_MAX) {
+      f->rc |= ch_snap(&f->s0);
+      v[m] = smalloc_malloc(CH_FILL_SIZE);
+      f->rc |= ch_snap(&f->s1);
+      f->got = v[m] ? ch_page_of(v[m], CH_FILL_SIZE) : 0;
+      n = m + 1;
+    }
+  }
+  for (size_t i = 0; i < n; i++)
+    smalloc_free(v[i]);
+  ch_unmap(v, CH_FILL_MAX * sizeof *v);
+  return NULL;
+}
+
+static void ch_fill_check(size_t freed, bool takes_a)
+{
+  static ch_fill_t f;
+  memset(&f, 0, sizeof f);
+  f.freed = freed;
+  ch_in_thread(ch_fill_thread, &f);
+  CH_ASSERT_OK(&f.e);
+  ck_assert_int_eq(f.rc, 0);
+  int c = ch_class(&f.s0, CH_FILL_SIZE);
+  ck_assert_int_ge(c, 0);
+  const uint64_t *a = f.s0.classes[c].slow_steps, *b = f.s1.classes[c].slow_steps;
+  ck_assert_uint_eq(f.s1.slow_path - f.s0.slow_path, 1);
+  ck_assert_uint_eq(b[SMALLOC_STEP_NEXT_PAGE] - a[SMALLOC_STEP_NEXT_PAGE], takes_a ? 1 : 0);
+  ck_assert_uint_eq(b[SMALLOC_STEP_EXTEND] - a[SMALLOC_STEP_EXTEND], takes_a ? 0 : 1);
+  ck_assert_uint_eq(f.got, takes_a ? f.page_a : f.page_b);
+}
+
+START_TEST(pages_fill_before_extension)
+{
+  ch_fill_check(CH_FILL_EXTEND, true);
+}
+END_TEST
+
+START_TEST(page_with_few_free_blocks_waits_for_extension)
+{
+  ch_fill_check(16, false);
+}
+END_TEST
+
+/* ============================================================================
  * retire_keeps_every_page: a burst of eight and a half pages of 512-byte
  * blocks, freed completely, leaves every page retired; the next identical
  * burst is served by exactly the same pages, with no fresh page, no new
@@ -1322,6 +1419,8 @@ static Suite *churn_suite(void)
   tcase_add_test(tc, churn_no_os_calls);
   tcase_add_test(tc, emptied_only_page_stays_current);
   tcase_add_test(tc, full_page_waits_for_blocks);
+  tcase_add_test(tc, pages_fill_before_extension);
+  tcase_add_test(tc, page_with_few_free_blocks_waits_for_extension);
   tcase_add_test(tc, retire_keeps_every_page);
   tcase_add_test(tc, retired_pages_expire);
   tcase_add_test(tc, cross_thread_frees_are_counted);
