@@ -264,23 +264,38 @@ size_t sm_usable_size(const void *p, const char *who) {
   return sm_usable_size_general(p, who);
 }
 
-static size_t sm_usable_size_general(const void *p, const char *who) {
+/* Why p is not a block that free would accept, as a message with its
+ * caller's name and p to fill in (NULL: it is one, of *usable bytes). */
+static const char *sm_usable_checked(const void *p, size_t *usable) {
   sm_segment_t *seg;
   sm_page_t *page;
+  *usable = 0;
+  if (!sm_lookup(p, &seg, &page)) return "%s(): invalid pointer %p (not allocated by smalloc)";
+  if (seg->kind < SM_SEG_SPAN && sm_page_is_block(page, p) && sm_block_is_free(page, (sm_block_t *)p))
+    return "%s(): pointer %p was freed";
+  if (!sm_realloc_target_ok(seg, page, p)) return "%s(): invalid pointer %p (not the start of a block)";
+  *usable = sm_usable_in(seg, page, p);
+  return NULL;
+}
+
+static size_t sm_usable_size_general(const void *p, const char *who) {
   if (p == NULL) return 0;
-  if (!sm_lookup(p, &seg, &page)) {
-    sm_error("%s(): invalid pointer %p (not allocated by smalloc)", who, p);
-    return 0;
+  size_t usable;
+  const char *why = sm_usable_checked(p, &usable);
+  if (why) sm_error(why, who, p);
+  return usable;
+}
+
+/* A size larger than the block is reported, and the block leaked (the
+ * program's idea of it is wrong: it may have written past its end); a
+ * pointer free would not accept is left to free to report. */
+void sm_free_sized_general(void *p, size_t size, const char *who) {
+  size_t usable;
+  if (p != NULL && sm_usable_checked(p, &usable) == NULL && size > usable) {
+    sm_error("%s(): size %zu given for %p, whose block holds %zu bytes", who, size, p, usable);
+    return;
   }
-  if (seg->kind < SM_SEG_SPAN && sm_page_is_block(page, p) && sm_block_is_free(page, (sm_block_t *)p)) {
-    sm_error("%s(): pointer %p was freed", who, p);
-    return 0;
-  }
-  if (!sm_realloc_target_ok(seg, page, p)) {
-    sm_error("%s(): invalid pointer %p (not the start of a block)", who, p);
-    return 0;
-  }
-  return sm_usable_in(seg, page, p);
+  sm_free_generic(p, who);
 }
 
 static bool sm_realloc_target_ok(const sm_segment_t *seg, const sm_page_t *page, const void *p) {

@@ -1050,6 +1050,15 @@ SM_INLINE void sm_free_owner_push(sm_page_t *page, void *p) {
     sm_free_emptied(page);
 }
 
+/* free_sized(p, size), sized operator delete: free p, reporting a size
+ * larger than its block holds (alloc.c); size 0 is free(p). */
+void sm_free_sized_general(void *p, size_t size, const char *who);
+/* The out-of-line free of p (size as sm_free_sized_inline's). */
+SM_INLINE void sm_free_out(void *p, size_t size, const char *who) {
+  if (size != 0) sm_free_sized_general(p, size, who);
+  else sm_free_generic(p, who);
+}
+
 /* Free on the owner thread: 35 instructions to its ret on x86-64 (gcc 12,
  * -O2; 8 of them find the page in the page map, 1 loads the list the
  * block goes on, 2 compare that list's head with the block); with
@@ -1059,18 +1068,20 @@ SM_INLINE void sm_free_owner_push(sm_page_t *page, void *p) {
  * Checks (all cheap): the pointer is in a segment, it starts a block, its
  * tag word holds neither the page's key nor the remote tag, and it is not
  * the block freed last in its page (else: a full double-free check in the
- * slow path). */
-SM_INLINE void sm_free_inline(void *p) {
+ * slow path).  With the size the program gave (sized delete, free_sized;
+ * 0 for none, the test then folds away), also that the block holds that
+ * many bytes: one compare more. */
+SM_INLINE void sm_free_sized_inline(void *p, size_t size, const char *who) {
   uintptr_t slice = sm_pagemap_index(p);
-  if (sm_unlikely(slice >= SM_PAGEMAP_SLICES)) { sm_free_generic(p, "free"); return; }
+  if (sm_unlikely(slice >= SM_PAGEMAP_SLICES)) { sm_free_out(p, size, who); return; }
   sm_page_t *page = sm_pagemap_at(slice);   /* none fails the block test below */
   uintptr_t xtid = atomic_load_explicit(&page->xtid, memory_order_relaxed);
   sm_heap_t *heap = sm_heap();
   uintptr_t self = sm_heap_owner_id(heap);
   /* a block start: inside the page's blocks (not its segment header or
    * unused tail) and at a multiple of the block size */
-  if (sm_unlikely(!sm_page_is_block(page, p))) {
-    sm_free_generic(p, "free");
+  if (sm_unlikely(!sm_page_is_block(page, p) || size > page->block_size - SM_CANARY)) {
+    sm_free_out(p, size, who);
     return;
   }
   if (sm_unlikely(xtid != self)) {
@@ -1082,9 +1093,10 @@ SM_INLINE void sm_free_inline(void *p) {
     else sm_free_flagged(page, p);
     return;
   }
-  if (SM_CANARY && sm_unlikely(!sm_canary_ok(page, (sm_block_t *)p))) { sm_free_generic(p, "free"); return; }
+  if (SM_CANARY && sm_unlikely(!sm_canary_ok(page, (sm_block_t *)p))) { sm_free_generic(p, who); return; }
   sm_free_owner_push(page, p);
 }
+SM_INLINE void sm_free_inline(void *p) { sm_free_sized_inline(p, 0, "free"); }
 
 /* ---- page.c / page-queue.c ------------------------------------------ */
 sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin);

@@ -103,16 +103,14 @@ SM_EXPORT size_t smalloc_malloc_usable_size(void *p) {
 }
 
 SM_EXPORT void smalloc_free_sized(void *p, size_t size) {
-  (void)size;
   sm_count_call(SM_CALL_FREE_SIZED);
-  sm_free_inline(p);
+  sm_free_sized_inline(p, size, "free_sized");
 }
 
 SM_EXPORT void smalloc_free_aligned_sized(void *p, size_t alignment, size_t size) {
   (void)alignment;
-  (void)size;
   sm_count_call(SM_CALL_FREE_ALIGNED_SIZED);
-  sm_free_inline(p);
+  sm_free_sized_inline(p, size, "free_aligned_sized");
 }
 
 SM_EXPORT void smalloc_collect(bool force) {
@@ -377,14 +375,20 @@ SM_CXX void *_ZnamSt11align_val_tRKSt9nothrow_t(size_t n, size_t a, const void *
 /* operator delete, delete[]: plain, sized (C++14), nothrow, aligned */
 SM_CXX void _ZdlPv(void *p) { sm_free_inline(p); }
 SM_CXX void _ZdaPv(void *p) { sm_free_inline(p); }
-SM_CXX void _ZdlPvm(void *p, size_t n) { (void)n; sm_free_inline(p); }
-SM_CXX void _ZdaPvm(void *p, size_t n) { (void)n; sm_free_inline(p); }
+SM_CXX void _ZdlPvm(void *p, size_t n) { sm_free_sized_inline(p, n, "operator delete"); }
+SM_CXX void _ZdaPvm(void *p, size_t n) { sm_free_sized_inline(p, n, "operator delete[]"); }
 SM_CXX void _ZdlPvRKSt9nothrow_t(void *p, const void *tag) { (void)tag; sm_free_inline(p); }
 SM_CXX void _ZdaPvRKSt9nothrow_t(void *p, const void *tag) { (void)tag; sm_free_inline(p); }
 SM_CXX void _ZdlPvSt11align_val_t(void *p, size_t a) { (void)a; sm_free_inline(p); }
 SM_CXX void _ZdaPvSt11align_val_t(void *p, size_t a) { (void)a; sm_free_inline(p); }
-SM_CXX void _ZdlPvmSt11align_val_t(void *p, size_t n, size_t a) { (void)n; (void)a; sm_free_inline(p); }
-SM_CXX void _ZdaPvmSt11align_val_t(void *p, size_t n, size_t a) { (void)n; (void)a; sm_free_inline(p); }
+SM_CXX void _ZdlPvmSt11align_val_t(void *p, size_t n, size_t a) {
+  (void)a;
+  sm_free_sized_inline(p, n, "operator delete");
+}
+SM_CXX void _ZdaPvmSt11align_val_t(void *p, size_t n, size_t a) {
+  (void)a;
+  sm_free_sized_inline(p, n, "operator delete[]");
+}
 SM_CXX void _ZdlPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *tag) {
   (void)a;
   (void)tag;

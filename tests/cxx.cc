@@ -6,6 +6,8 @@
 
 #include <check.h>
 #include <dlfcn.h>
+#include <signal.h>
+#include <sys/resource.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -103,6 +105,20 @@ START_TEST(new_and_delete_are_smallocs)
 }
 END_TEST
 
+// Sized delete checks its size: one larger than the block holds means the
+// program has the block's type wrong (it may have written past its end),
+// and is reported as misuse (abort by default).  The sizes the operators
+// were given pass, above.
+START_TEST(sized_delete_of_a_larger_size_aborts)
+{
+  struct rlimit no_core = {0, 0};
+  setrlimit(RLIMIT_CORE, &no_core);   // the abort is expected
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_ON_ERROR, 0), 0);
+  void *p = escape(::operator new(100));
+  ::operator delete(p, smalloc_malloc_usable_size(p) + 1);
+}
+END_TEST
+
 struct alignas(256) wide {
   char bytes[300];
 };
@@ -191,6 +207,7 @@ int main()
   TCase *tc = tcase_create("core");
   tcase_add_test(tc, the_operators_are_smallocs);
   tcase_add_test(tc, new_and_delete_are_smallocs);
+  tcase_add_test_raise_signal(tc, sized_delete_of_a_larger_size_aborts, SIGABRT);
   tcase_add_test(tc, aligned_new_aligns);
   tcase_add_test(tc, new_throws_bad_alloc);
   tcase_add_test(tc, nothrow_new_returns_null);

@@ -723,6 +723,40 @@ static void free_middle_of_small_block(bool warn)
 }
 MISUSE(free_middle_of_small_block)
 
+/* free_sized with a size larger than the block holds: reported, the block
+ * leaked (the program's idea of it is wrong); the size it holds is fine */
+static void free_sized_larger_than_the_block(bool warn, size_t size)
+{
+  unsigned char *p = smalloc_malloc(size);
+  CHILD_CHECK(p != NULL, "malloc(%zu) failed", size);
+  size_t usable = smalloc_malloc_usable_size(p);
+  uint64_t seed = sm_pattern_seed(p, 1);
+  sm_pattern_fill(p, usable, seed);
+  uint64_t in_use = child_blocks_in_use();
+  expect_line("free_sized(): size %zu given for %p, whose block holds %zu bytes", usable + 1,
+              (void *)p, usable);
+  smalloc_free_sized(sm_opaque(p), usable + 1);
+  if (!warn)
+    return;
+  CHILD_CHECK(child_blocks_in_use() == in_use, "the bad free_sized changed blocks_in_use");
+  CHILD_CHECK(sm_pattern_ok(p, usable, seed), "the block changed");
+  heap_still_sound(size);
+  smalloc_free_sized(p, usable);
+  CHILD_CHECK(child_blocks_in_use() == in_use - 1, "the block did not free");
+}
+
+static void free_sized_larger_than_a_small_block(bool warn)
+{
+  free_sized_larger_than_the_block(warn, 100);
+}
+MISUSE(free_sized_larger_than_a_small_block)
+
+static void free_sized_larger_than_a_large_block(bool warn)
+{
+  free_sized_larger_than_the_block(warn, (size_t)1 << 20);
+}
+MISUSE(free_sized_larger_than_a_large_block)
+
 /* realloc into the middle of a small block, to a size its block would
  * keep in place (realloc's fast path must not take it) */
 static void realloc_middle_of_small_block(bool warn)
@@ -1568,6 +1602,8 @@ int main(void)
   /* (the sanitizer builds' layout does not hand the block out again) */
   if (!SM_TEST_SANITIZED)
     ADD_MISUSE(tc, double_free_batched_while_the_block_is_handed_out_again);
+  ADD_MISUSE(tc, free_sized_larger_than_a_small_block);
+  ADD_MISUSE(tc, free_sized_larger_than_a_large_block);
   ADD_MISUSE(tc, realloc_of_a_freed_block);
   ADD_MISUSE(tc, realloc_of_a_block_freed_by_another_thread);
   ADD_MISUSE(tc, double_free_both_cross_thread);
