@@ -82,6 +82,26 @@ bool sm_heaps_watched_notices(void) {
   return any;
 }
 
+/* A heap struct, new or one an exited thread left, set to zero for its
+ * next thread.  Heaps are reused, never unmapped, and another thread may
+ * still reach this one through a page or segment it held (free.c:
+ * sm_free_hand_over, pool.c: sm_page_send_home) and touch its lists for
+ * other threads, closed since its thread exited, and its lock: those are
+ * written with atomic stores, the lock not at all (it was left unlocked),
+ * and the lists opened last.  A block or page that a thread pushes there
+ * for the heap's last life is sent on by its next one, which does not
+ * hold it (sm_heap_take_delayed, sm_heap_take_home). */
+static void sm_heap_clear(sm_heap_t *heap) {
+  size_t shared = offsetof(sm_heap_t, xdelayed), owned = offsetof(sm_heap_t, lock) + sizeof heap->lock;
+  memset(heap, 0, shared);
+  memset((char *)heap + owned, 0, sizeof *heap - owned);
+  atomic_store_explicit(&heap->xnotices, 0, memory_order_relaxed);
+  atomic_store_explicit(&heap->xwatch, 0, memory_order_relaxed);
+  atomic_store_explicit(&heap->xkept, 0, memory_order_relaxed);
+  atomic_store_explicit(&heap->xhome, NULL, memory_order_release);
+  atomic_store_explicit(&heap->xdelayed, NULL, memory_order_release);
+}
+
 /* fork (fork.c): in the child only the forking thread lives on.  The heap
  * list, and any heap whose lock a lost thread held, may be half-changed:
  * such a list is rebuilt from the caller's heap alone and such a heap is
@@ -116,7 +136,7 @@ void sm_heaps_fork_child(void) {
   sm_fork_mutex_was_held(&sm_shared_map_lock);   /* guards no data of its own */
   if (sm_heap_shared && sm_fork_lock_was_held(&sm_heap_shared->lock)) {
     sm_heap_t *fresh = sm_heap_alloc_struct();
-    if (fresh) memset(fresh, 0, sizeof *fresh);
+    if (fresh) sm_heap_clear(fresh);
     sm_heap_shared = fresh;
   }
   uint64_t live = 0;
@@ -189,7 +209,7 @@ sm_heap_t *sm_heap_init_thread(void) {
   sm_process_init();
   sm_heap_t *heap = sm_heap_alloc_struct();
   if (!heap) return NULL;
-  memset(heap, 0, sizeof *heap);
+  sm_heap_clear(heap);
   atomic_init(&heap->next_expire, SM_NO_EXPIRY);
   for (size_t i = 0; i < SM_DIRECT_COUNT; i++) heap->direct[i] = &sm_page_empty;
   /* a heap is reused by later threads: a count of seedings keeps it from

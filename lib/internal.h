@@ -470,7 +470,8 @@ struct sm_heap_s {
    * one came since */
   _Atomic uint8_t xwatch;
   _Atomic uint32_t xkept;
-  /* ---- under lock ---- */
+  /* ---- under lock ---- (from xdelayed to the lock: what other threads
+   * may touch after the heap's thread exited, heap.c: sm_heap_clear) */
   sm_lock_t lock __attribute__((aligned(64)));
   sm_page_t *retired_first, *retired_last;   /* retired pages by expiry */
   sm_page_queue_t retired[SM_BIN_COUNT];     /* retired pages by class, warmest first */
