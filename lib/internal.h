@@ -1071,7 +1071,8 @@ SM_INLINE void sm_free_out(void *p, size_t size, const char *who) {
  * the block freed last in its page (else: a full double-free check in the
  * slow path).  With the size the program gave (sized delete, free_sized;
  * 0 for none, the test then folds away), also that the block holds that
- * many bytes: one compare more. */
+ * many bytes: a load and a compare more, 3 instructions (new+delete of 32
+ * bytes: 80 under callgrind, 77 without the check). */
 SM_INLINE void sm_free_sized_inline(void *p, size_t size, const char *who) {
   uintptr_t slice = sm_pagemap_index(p);
   if (sm_unlikely(slice >= SM_PAGEMAP_SLICES)) { sm_free_out(p, size, who); return; }
