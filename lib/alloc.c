@@ -27,7 +27,6 @@ static inline void *sm_page_pop(sm_page_t *page) {
   page->free = sm_dec(page, b->next);
   sm_block_clear(b);
   sm_canary_set(page, b);
-  page->used++;
   return b;
 }
 

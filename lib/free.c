@@ -84,7 +84,8 @@ static bool sm_free_local_push(sm_page_t *page, sm_block_t *b, void *p) {
   b->tag = page->key;
   sm_list_publish(list, b);
   sm_cnt_add(page->frees, 1);
-  if (sm_likely(page->used > 0)) page->used--;   /* 0: only in a page found corrupted */
+  /* on local_free it counts (sm_page_t); 0: only in a page found corrupted */
+  if (list != &page->free && sm_likely(page->used > 0)) page->used--;
   return true;
 }
 
@@ -110,7 +111,7 @@ void sm_free_local_slow(sm_page_t *page, sm_block_t *b, void *p) {
   /* decided before the lock goes: a page still on the full list then is
    * the purge thread's to count down and give back (sm_heap_claim_full);
    * one emptied has left it (it wakes) */
-  bool emptied = pushed && sm_page_vacant(page) && page->free == NULL &&
+  bool emptied = pushed && page->free == NULL && sm_page_vacant(page) &&
                  !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL);
   if (full) sm_unlock(&heap->lock);
   if (!pushed) return;

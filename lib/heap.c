@@ -247,13 +247,18 @@ void sm_heap_thread_done(void *arg) {
   sm_heap_tls = &sm_heap_exited;
   sm_free_flush_remote(heap);
   sm_heap_close_delayed(heap);
+  /* the free lists it allocated from go onto local_free, each walked
+   * once: used alone says then which of its pages are empty
+   * (sm_page_live), as the pool needs (bench_server relay: 4.8 % of the
+   * run in the walks when each of the steps below walked them) */
+  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++)
+    if (heap->queues[bin].first) sm_page_free_to_local(heap->queues[bin].first);
   sm_heap_collect_retired(heap, true);
   sm_heap_unfull_all(heap);
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
     sm_page_t *page;
     while ((page = heap->queues[bin].first) != NULL) {
-      sm_page_collect_thread_free(page);
-      if (sm_page_vacant(page)) sm_page_release(heap, page);
+      if (sm_page_collect_vacant(page)) sm_page_release(heap, page);
       else sm_page_donate(heap, page, true);
     }
   }

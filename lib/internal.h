@@ -143,7 +143,11 @@ enum {
 struct sm_page_s {
   /* line 1, written by the owner on every malloc and free */
   sm_block_t *free;
-  uint32_t used;                 /* blocks handed out and not freed locally */
+  /* blocks not on local_free: those handed out and not freed locally
+   * (thread_free's count until collected) and those on the free list,
+   * which malloc pops and the owner's frees push with no count at all
+   * (sm_page_live gives the blocks handed out) */
+  uint32_t used;
   uint8_t in_use;                /* carved out of its segment */
   uint8_t retired;               /* empty, kept warm, on the heap's retired lists (heap->lock) */
   uint8_t xfreed;                /* other threads freed blocks of it (collected), since it was made
@@ -950,10 +954,14 @@ SM_INLINE void *sm_prof_count(sm_heap_t *heap, sm_page_t *page, void *p, size_t 
   return p;
 }
 
-/* The fast path: malloc is 24 instructions to its ret on x86-64 (gcc 12,
+/* The fast path: malloc is 23 instructions to its ret on x86-64 (gcc 12,
  * -O2; one of them the tag cleared, 4 the tag checked, 1 the branch of
  * the profiler's count-down), three unlikely branches besides the size
- * test.  The first (4 instructions, as many as the same-segment test it
+ * test.  It counts nothing in the page: used counts the free list's
+ * blocks too (sm_page_t), so a block leaving it changes nothing.  The
+ * increment it made before, and the owner's free's decrement of the same
+ * word, cost bench_churn a (the ping-pong) 18 % of its time, b-e 7-8 %
+ * (medians of 7 interleaved runs): each read the other's store.  The first (4 instructions, as many as the same-segment test it
  * replaced) catches an empty list, the static empty heap (its page's
  * limit is 0) and a free-list link out of the page (corruption: a link
  * written into freed memory, even one aimed at the copy of the page's
@@ -980,7 +988,6 @@ SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
   __builtin_prefetch(next);     /* the next malloc's block: often cold, or another core's */
   sm_block_clear(b);
   sm_canary_set(page, b);
-  page->used++;
   return sm_prof_count(heap, page, b, n);   /* also the bytes requested */
 }
 
@@ -992,7 +999,6 @@ SM_INLINE void sm_page_unpop(sm_page_t *page, sm_block_t *b) {
   b->next = sm_enc(page, page->free);
   b->tag = page->key;
   page->free = b;
-  page->used--;
 }
 
 /* malloc: the fast path for sizes the direct table serves */
@@ -1045,9 +1051,11 @@ SM_INLINE void sm_free_owner_push(sm_page_t *page, void *p) {
 #if SM_STATS
   sm_cnt_add(page->frees, 1);
 #endif
-  /* the page emptied: let the slow path decide whether it retires (a
-   * page on the full list has bit 0 in xtid and came the long way) */
-  if (sm_unlikely(--page->used == 0) && page->free == NULL)
+  /* a block back on the free list leaves used as it is (sm_page_t); one
+   * on local_free counts, and the page may have emptied: let the slow
+   * path decide whether it retires (a page on the full list has bit 0 in
+   * xtid and came the long way) */
+  if ((void *)list != (void *)&page->free && sm_unlikely(--page->used == 0) && page->free == NULL)
     sm_free_emptied(page);
 }
 
@@ -1062,17 +1070,19 @@ SM_INLINE void sm_free_out(void *p, size_t size, const char *who) {
 
 /* Free on the owner thread: 35 instructions to its ret on x86-64 (gcc 12,
  * -O2; 8 of them find the page in the page map, 1 loads the list the
- * block goes on, 2 compare that list's head with the block); with
- * malloc's 24 and the loop, a malloc(32)+free pair is 74.0 under
- * callgrind (make bench-callgrind: a ping-pong that never leaves the
- * fast path, the block going back on the free list it came from).
+ * block goes on, 2 compare that list's head with the block, 2 skip the
+ * count of a block back on the free list; a block put on local_free
+ * counts, 2 more); with malloc's 23 and the loop, a malloc(32)+free pair
+ * is 71.0 under callgrind (make bench-callgrind: a ping-pong that never
+ * leaves the fast path, the block going back on the free list it came
+ * from).
  * Checks (all cheap): the pointer is in a segment, it starts a block, its
  * tag word holds neither the page's key nor the remote tag, and it is not
  * the block freed last in its page (else: a full double-free check in the
  * slow path).  With the size the program gave (sized delete, free_sized;
  * 0 for none, the test then folds away), also that the block holds that
- * many bytes: a load and a compare more, 3 instructions (new+delete of 32
- * bytes: 80 under callgrind, 77 without the check). */
+ * many bytes: a load and a compare more (new and sized delete of 32
+ * bytes: 76 under callgrind, new and unsized delete 74). */
 SM_INLINE void sm_free_sized_inline(void *p, size_t size, const char *who) {
   uintptr_t slice = sm_pagemap_index(p);
   if (sm_unlikely(slice >= SM_PAGEMAP_SLICES)) { sm_free_out(p, size, who); return; }
@@ -1115,17 +1125,27 @@ bool sm_heap_decommit(sm_heap_t *heap, bool all);
 bool sm_heap_shared_tidy(bool all);
 bool sm_page_has_free(sm_page_t *page);
 void sm_page_corrupt(sm_page_t *page, const char *what, const void *b);
-/* Whether the page holds no live block: used says so, unless a corrupted
- * free list was found in it (a block freed twice, which used counted
- * twice), after which it is never emptied, retired or released. */
+uint32_t sm_page_free_count(const sm_page_t *page, uint32_t most);
+/* The blocks of the page handed out and not freed (those on its
+ * thread_free count until collected): used less the free list's blocks,
+ * counted by walking it.  Only the first page of a class has a free list
+ * (page-queue.c), and the slow path finds it empty: elsewhere this is
+ * used alone. */
+SM_INLINE uint32_t sm_page_live(const sm_page_t *page) {
+  return page->free == NULL ? page->used : page->used - sm_page_free_count(page, page->used);
+}
+/* Whether the page holds no live block, unless a corrupted free list was
+ * found in it (a block freed twice, which used counted twice), after
+ * which it is never emptied, retired or released. */
 SM_INLINE bool sm_page_vacant(const sm_page_t *page) {
-  return page->used == 0 && !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
+  return !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT) && sm_page_live(page) == 0;
 }
 bool sm_page_valid(const sm_page_t *page);
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin);
 void sm_page_retire(sm_heap_t *heap, sm_page_t *page);
 void sm_page_release(sm_heap_t *heap, sm_page_t *page);
-void sm_page_collect_thread_free(sm_page_t *page);
+uint32_t sm_page_collect_thread_free(sm_page_t *page);
+bool sm_page_collect_vacant(sm_page_t *page);
 void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page);
 bool sm_page_to_full(sm_heap_t *heap, sm_page_t *page);
 void sm_page_unfull_locked(sm_heap_t *heap, sm_page_t *page);

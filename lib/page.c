@@ -59,6 +59,7 @@
 
 static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page);
 static int sm_page_refill(sm_page_t *page, bool may_extend);
+static void sm_page_free_to_local_n(sm_page_t *page, uint32_t n);
 static void sm_page_unfull_move(sm_heap_t *heap, sm_page_t *page);
 
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin) {
@@ -105,10 +106,30 @@ void sm_page_set_geometry(sm_page_t *page, size_t bsize, size_t reserved) {
   sm_block_test_consts(bsize, reserved, &page->mul, &page->limit);
 }
 
-/* The page's built blocks its owner can hand out once it takes its lists
- * (those other threads freed count once it collects them): for a page
- * of the full list, those freed into it since it went there. */
-static uint32_t sm_page_free_blocks(const sm_page_t *page) { return page->capacity - page->used; }
+/* The blocks on the page's free list, walked (see sm_page_live), up to
+ * most, which is at most used (that counts them), or to a link that is
+ * not one of the page's blocks. */
+uint32_t sm_page_free_count(const sm_page_t *page, uint32_t most) {
+  uint32_t n = 0;
+  for (sm_block_t *b = page->free; b != NULL && n < most; n++) {
+    if (sm_unlikely(!sm_page_link_ok(page, b))) break;
+    sm_track_link(b);
+    b = sm_dec(page, b->next);
+  }
+  return n;
+}
+
+/* Whether the page holds at least want built blocks its owner can hand
+ * out once it takes its lists (those other threads freed count once it
+ * collects them): for a page of the full list, those freed into it since
+ * it went there.  Those on local_free first, the free list's walked only
+ * for the rest (a page behind the first of its class has one when the
+ * blocks another thread sent became it, sm_page_collect_thread_free). */
+static bool sm_page_free_at_least(const sm_page_t *page, uint32_t want) {
+  uint32_t local = page->capacity - page->used;   /* used counts all the rest (sm_page_t) */
+  if (local >= want) return true;
+  return page->free != NULL && sm_page_free_count(page, want - local) == want - local;
+}
 
 /* How many blocks the page's next extension builds (0: none left). */
 static size_t sm_page_extend_count(const sm_page_t *page) {
@@ -150,6 +171,7 @@ static void sm_page_extend(sm_page_t *page) {
     }
     page->free = head;
     page->capacity += (uint32_t)n;
+    page->used += (uint32_t)n;   /* on the free list */
     return;
   }
 #endif
@@ -164,6 +186,7 @@ static void sm_page_extend(sm_page_t *page) {
   ((sm_block_t *)p)->tag = page->key;
   page->free = (sm_block_t *)first;
   page->capacity += (uint32_t)n;
+  page->used += (uint32_t)n;   /* on the free list */
 }
 
 /* Move thread_free onto local_free, with one exchange that also yields the
@@ -173,17 +196,20 @@ static void sm_page_extend(sm_page_t *page) {
  * its class, or on the full list: the list is taken whole too); only
  * otherwise is it walked to its tail, a cache miss per block (bench_server:
  * 5 % of the run when every collect walked). */
-void sm_page_collect_thread_free(sm_page_t *page) {
-  if (sm_tf_head(page, memory_order_relaxed) == NULL) return;
+uint32_t sm_page_collect_thread_free(sm_page_t *page) {
+  if (sm_tf_head(page, memory_order_relaxed) == NULL) return 0;
   /* take the list, keep the full bit */
   uintptr_t v = atomic_fetch_and_explicit(&page->thread_free, SM_TF_FULL, memory_order_acquire);
   sm_block_t *head = sm_tf_ptr(page, v);
-  if (!head) return;
+  if (!head) return 0;
   uint32_t n = sm_tf_count(v);
   page->xfreed = 1;
+  page->used_folded -= (int32_t)n;   /* keeps the fold's allocation count exact */
   if (page->local_free && page->free == NULL) {
-    page->free = head;
-  } else if (page->local_free) {
+    page->free = head;   /* counted in used, as they were on thread_free */
+    return n;
+  }
+  if (page->local_free) {
     sm_block_t *tail = head;
     sm_track_link(tail);
     for (uint32_t i = 1; i < n; i++) {
@@ -203,18 +229,29 @@ void sm_page_collect_thread_free(sm_page_t *page) {
   }
   if (sm_unlikely(n > page->used)) n = page->used;   /* only after a reported corruption */
   page->used -= n;
-  page->used_folded -= (int32_t)n;   /* keeps the fold's allocation count exact */
+  return 0;
+}
+
+/* Take the page's thread_free and say whether the page is empty now.  A
+ * page that had no free list has the blocks taken as its free list, or
+ * none, and then used says it with no walk (sm_page_live). */
+bool sm_page_collect_vacant(sm_page_t *page) {
+  bool had_free = page->free != NULL;
+  uint32_t onto_free = sm_page_collect_thread_free(page);
+  if (had_free) return sm_page_vacant(page);
+  return page->used == onto_free && !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
 }
 
 /* Merge the page's pending counts into the heap's class counters. */
 void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page) {
   size_t bin = page->bin;
-  int64_t allocs = (int64_t)page->frees + (int64_t)page->used - page->used_folded;
+  uint32_t live = sm_page_live(page);
+  int64_t allocs = (int64_t)page->frees + (int64_t)live - page->used_folded;
   /* heap may be the purge thread's (a claim): then the orphan totals */
   SM_COUNT(heap, class_allocs[bin], (uint64_t)allocs);
   SM_COUNT(heap, class_frees[bin], page->frees);
   page->frees = 0;
-  page->used_folded = (int32_t)page->used;
+  page->used_folded = (int32_t)live;
 }
 
 /* Expensive invariant check (--enable-debug): the owner lists plus the
@@ -238,12 +275,13 @@ static size_t sm_list_len(const sm_page_t *page, sm_block_t *b, uint64_t *seen) 
 
 bool sm_page_valid(const sm_page_t *page) {
   sm_assert(page->in_use && page->capacity <= page->reserved && page->used <= page->capacity);
+  /* used counts the free list's blocks (sm_page_t) */
   uint64_t seen[((1u << SM_MEDIUM_SHIFT) / 16 + 63) / 64] = {0};   /* a bit per block */
   size_t a = sm_list_len(page, page->free, seen), b = sm_list_len(page, page->local_free, seen);
   if (a == SM_LIST_CORRUPT || b == SM_LIST_CORRUPT) return true;
   /* after a reported misuse, lists cut off at a corrupted link hold fewer */
-  return sm_errors_seen() ? a + b + page->used <= page->capacity
-                          : a + b + page->used == page->capacity;
+  return sm_errors_seen() ? b + page->used <= page->capacity
+                          : b + page->used == page->capacity && a <= page->used;
 }
 
 /* ---- retire ------------------------------------------------------------- */
@@ -342,7 +380,8 @@ static sm_page_t *sm_page_take_retired(sm_heap_t *heap, size_t bin) {
  * racing the first free): reported, and the page is kept for good, on
  * no list, as a corrupted page is. */
 bool sm_page_clear(sm_page_t *page) {
-  sm_assert(page->used == 0 && !page->retired && page->frees == 0);
+  sm_assert(!page->retired && page->frees == 0);
+  sm_assert_expensive(sm_page_live(page) == 0);
   if (sm_unlikely(sm_tf_head(page, memory_order_acquire) != NULL)) {
     sm_page_corrupt(page, ": a block of it was freed twice", NULL);
     return false;
@@ -351,6 +390,7 @@ bool sm_page_clear(sm_page_t *page) {
   SM_PROBE(page_release, page->start, page->block_size);
   page->free = page->local_free = NULL;
   page->capacity = 0;
+  page->used = 0;
   /* no block of it is live: every free into it fails the block test and
    * is reported (sm_free_generic), also while it waits for its segment's
    * holder to take it home */
@@ -373,6 +413,9 @@ static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
 /* The owner gives an empty page back to its segment: from its queue or
  * from the retired lists. */
 void sm_page_release(sm_heap_t *heap, sm_page_t *page) {
+  sm_assert_expensive(sm_page_live(page) == 0);
+  /* empty: the blocks used counts are all on the free list (sm_page_t) */
+  if (page->free != NULL) sm_page_free_to_local_n(page, page->used);
   sm_assert(page->used == 0);
   sm_assert(!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL));
   if (!page->retired) {
@@ -407,10 +450,11 @@ static uint64_t sm_release_retired_locked(sm_heap_t *heap, bool all) {
 /* The owner takes the thread_free of a page of its class queues: its
  * gate shuts for the lists' change (pool.c) and, behind the first and
  * still holding blocks, opens again. */
-static void sm_page_take_thread_free(sm_heap_t *heap, sm_page_t *page) {
+static bool sm_page_take_thread_free(sm_heap_t *heap, sm_page_t *page) {
   sm_page_unpurge(page);
-  sm_page_collect_thread_free(page);
-  if (!sm_page_vacant(page)) sm_pq_reopen(heap, page);
+  bool vacant = sm_page_collect_vacant(page);
+  if (!vacant) sm_pq_reopen(heap, page);
+  return vacant;
 }
 
 /* Release retired pages whose cycles ran out; when forced, all of them
@@ -425,8 +469,9 @@ void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
     for (page = heap->queues[bin].first; page; ) {
       sm_page_t *next = page->next;
-      if (sm_tf_head(page, memory_order_relaxed) != NULL) sm_page_take_thread_free(heap, page);
-      if (sm_page_vacant(page)) sm_page_release(heap, page);
+      bool vacant = sm_tf_head(page, memory_order_relaxed) != NULL ? sm_page_take_thread_free(heap, page)
+                                                                   : sm_page_vacant(page);
+      if (vacant) sm_page_release(heap, page);
       page = next;
     }
   }
@@ -434,8 +479,7 @@ void sm_heap_collect_retired(sm_heap_t *heap, bool force) {
   sm_lock(&heap->lock);   /* the full list's pages change under it */
   for (page = heap->queues[SM_BIN_FULL].first; page; ) {
     sm_page_t *next = page->next;
-    sm_page_collect_thread_free(page);
-    if (sm_page_vacant(page)) {
+    if (sm_page_collect_vacant(page)) {
       sm_pq_remove(heap, SM_BIN_FULL, page);
       sm_page_fold_stats(heap, page);
       sm_page_release_locked(heap, page);
@@ -528,7 +572,7 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
       /* armed first: a block freed after this is noticed, one before it
        * is counted in v */
       uintptr_t v = atomic_fetch_or_explicit(&page->thread_free, SM_TF_FULL, memory_order_acq_rel);
-      bool free = page->used == sm_tf_count(v) + c;
+      bool free = sm_page_live(page) == sm_tf_count(v) + c;
       if (free && !(v & SM_TF_FULL))
         atomic_fetch_and_explicit(&page->thread_free, ~SM_TF_FULL, memory_order_relaxed);
       keep = !free;   /* the one notice handed back */
@@ -549,7 +593,9 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
     /* the page's last notice, and every block free: give it back */
     sm_pq_remove(owner, SM_BIN_FULL, page);
     sm_page_collect_thread_free(page);
-    sm_assert(page->used == 0);
+    sm_assert_expensive(sm_page_live(page) == 0);
+    /* empty: the blocks used counts are all on the free list (sm_page_t) */
+    if (page->free != NULL) sm_page_free_to_local_n(page, page->used);
     sm_page_fold_stats(self, page);   /* into the caller's counts */
     sm_page_release_locked(owner, page);
     n++;
@@ -664,12 +710,47 @@ static sm_block_t *sm_list_join(sm_page_t *page, sm_block_t *x, sm_block_t *y) {
   return x;
 }
 
-void sm_page_free_to_local(sm_page_t *page) {
+/* The same, the free list's length known (n, counted in used): the
+ * lists are walked in step to join them. */
+static void sm_page_free_to_local_n(sm_page_t *page, uint32_t n) {
   if (!sm_page_has_free(page)) return;
   sm_block_t *a = page->free, *b = page->local_free;
+  page->used -= n;   /* on local_free, they leave used (sm_page_t) */
   page->free = NULL;
   page->local_free = sm_page_free_to(page) == SM_FREE_TO_FREE || b == NULL ? sm_list_join(page, a, b)
                                                                   : sm_list_join(page, b, a);
+}
+
+/* Its length unknown, the free list is walked whole to count it, and
+ * the tail found on the way joins the lists with no other walk: local_free
+ * goes behind it, or it right behind local_free's head, whichever head
+ * the owner's frees went on (see sm_list_join).  A bad link or a list
+ * longer than used counts leaves it to the checked join. */
+void sm_page_free_to_local(sm_page_t *page) {
+  if (!sm_page_has_free(page)) return;
+  sm_block_t *a = page->free, *b = page->local_free, *tail = a;
+  uint32_t n = 1;
+  for (;;) {
+    sm_track_link(tail);
+    sm_block_t *next = sm_dec(page, tail->next);
+    if (next == NULL) break;
+    if (sm_unlikely(!sm_page_is_block(page, next) || n >= page->used)) {
+      sm_page_free_to_local_n(page, sm_page_free_count(page, page->used));
+      return;
+    }
+    tail = next;
+    n++;
+  }
+  page->used -= n;   /* on local_free, they leave used (sm_page_t) */
+  page->free = NULL;
+  if (b == NULL || sm_page_free_to(page) == SM_FREE_TO_FREE) {
+    tail->next = sm_enc(page, b);
+    page->local_free = a;
+  } else {
+    sm_track_link(b);
+    tail->next = b->next;
+    b->next = sm_enc(page, a);
+  }
 }
 
 /* Housekeeping, every SM_SWEEP_CYCLES slow-path entries: pages of the
@@ -693,7 +774,7 @@ static size_t sm_heap_sweep(sm_heap_t *heap) {
       sm_page_t *next = page->next;
       if (!(active && page == heap->queues[bin].first)) {
         uintptr_t tf = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
-        if (sm_tf_ptr(page, tf) != NULL && sm_tf_count(tf) == page->used) sm_page_take_thread_free(heap, page);
+        if (sm_tf_ptr(page, tf) != NULL && sm_tf_count(tf) == sm_page_live(page)) sm_page_take_thread_free(heap, page);
         if (sm_page_vacant(page) && sm_tf_head(page, memory_order_relaxed) == NULL) {
           sm_page_unpurge(page);
           sm_page_free_to_local(page);
@@ -837,7 +918,7 @@ static bool sm_page_wakes(const sm_page_t *page) {
   uint32_t want = page->capacity / 16;
   if (want > SM_WAKE_BLOCKS) want = SM_WAKE_BLOCKS;
   if (want == 0) want = 1;
-  return sm_page_free_blocks(page) >= want;
+  return sm_page_free_at_least(page, want);
 }
 
 /* Under heap->lock: the owner freed a block into a page of its full list
@@ -853,7 +934,7 @@ void sm_heap_wake_full(sm_heap_t *heap) {
   sm_lock(&heap->lock);
   for (sm_page_t *page = heap->queues[SM_BIN_FULL].first, *next; page; page = next) {
     next = page->next;
-    if (sm_page_free_blocks(page) > 0) sm_page_unfull_locked(heap, page);
+    if (sm_page_free_at_least(page, 1)) sm_page_unfull_locked(heap, page);
   }
   sm_unlock(&heap->lock);
 }
@@ -880,12 +961,18 @@ void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   sm_page_unpurge(page);   /* its lists change: its gate shuts (pool.c) */
   sm_lock(&heap->lock);   /* the page may be on the full list */
   sm_page_take_notice(page, b);
-  sm_page_collect_thread_free(page);   /* the rest of that thread's batch, often */
+  bool had_free = page->free != NULL;   /* none when it comes from the full list */
+  /* the rest of that thread's batch, often; on the free list when the
+   * page had none, and those are all it has then (not walked to count) */
+  uint32_t onto_free = sm_page_collect_thread_free(page);
   sm_page_unfull_locked(heap, page);   /* behind the first of its class: its gate opens */
   sm_unlock(&heap->lock);
-  if (sm_page_vacant(page)) {
+  bool vacant = had_free ? sm_page_vacant(page)
+                         : page->used == onto_free &&
+                           !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
+  if (vacant) {
     sm_page_unpurge(page);
-    sm_page_free_to_local(page);
+    sm_page_free_to_local_n(page, page->used);   /* empty: every block used counts is on it */
     sm_page_retire(heap, page);
   }
 }
@@ -945,6 +1032,7 @@ void sm_page_donate(sm_heap_t *heap, sm_page_t *page, bool orphan) {
   sm_assert(!page->retired && atomic_load_explicit(&page->owner, memory_order_relaxed) == heap);
   sm_assert(!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL));
   sm_pq_remove(heap, page->bin, page);
+  sm_page_free_to_local(page);   /* at thread exit, the first of its class: in the pool, used is exact */
   sm_page_fold_stats(heap, page);
   sm_page_set_owner(page, NULL);
   if (orphan)
@@ -1110,15 +1198,18 @@ bool sm_page_has_free(sm_page_t *page) {
 /* Make the page's free list non-empty by steps 1-3 (3 only if
  * may_extend); returns the step or -1. */
 static int sm_page_refill(sm_page_t *page, bool may_extend) {
+  /* local_free becomes the free list: used counts every block then */
   if (page->local_free) {
     page->free = page->local_free;   /* both lists use the page's key */
     page->local_free = NULL;
+    page->used = page->capacity;
     return SMALLOC_STEP_LOCAL_SWAP;
   }
   if (sm_tf_head(page, memory_order_relaxed) != NULL) {
     sm_page_collect_thread_free(page);
     page->free = page->local_free;
     page->local_free = NULL;
+    page->used = page->capacity;
     return SMALLOC_STEP_THREAD_COLLECT;
   }
   if (may_extend && page->capacity < page->reserved) {
@@ -1312,9 +1403,17 @@ static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
   int step = -1;
   for (page = first; page; ) {
     sm_page_t *next = page->next;
-    if (sm_page_free_blocks(page) < extend_blocks) break;
+    if (!sm_page_free_at_least(page, (uint32_t)extend_blocks)) break;
     if (page != q->first) sm_page_unpurge(page);   /* its lists change: its gate shuts (pool.c) */
-    step = sm_page_has_free(page) ? SMALLOC_STEP_NEXT_PAGE : sm_page_refill(page, false);
+    if (sm_page_has_free(page)) {
+      step = SMALLOC_STEP_NEXT_PAGE;
+      break;
+    }
+    /* its free list empty, used is exact (sm_page_live): its counts are
+     * folded before a refill counts the new list's blocks in used, which
+     * keeps the 32-bit frees count small */
+    sm_page_fold_stats(heap, page);
+    step = sm_page_refill(page, false);
     if (step >= 0) break;
     if (page->capacity < page->reserved) {
       if (!extendable) {
@@ -1345,7 +1444,6 @@ static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
       }
     }
     sm_count_step(heap, bin, step);
-    sm_page_fold_stats(heap, page);   /* keeps the 32-bit frees count small */
     /* a page whose sampled blocks were all freed, by other threads too,
      * frees on the fast path again (the owner may never free into it) */
     sm_prof_page_check(heap, page);

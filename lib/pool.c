@@ -87,7 +87,7 @@ static void sm_pool_unlink_locked(sm_pool_t *pool, sm_page_t *page) {
  * thread_free: nothing else changes while it waits).  Under the lock. */
 static bool sm_pool_page_empty(const sm_page_t *page) {
   uintptr_t tf = atomic_load_explicit(&page->thread_free, memory_order_acquire);
-  return sm_tf_count(tf) == page->used &&
+  return sm_tf_count(tf) == sm_page_live(page) &&
          !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
 }
 
@@ -119,7 +119,7 @@ sm_page_t *sm_pool_pop(size_t bin, uint32_t min, uint32_t part) {
   for (unsigned seen = 0; page && seen < SM_POOL_FAR && !(best && seen >= SM_POOL_LOOK);
        page = page->next, seen++) {
     uint32_t n = sm_tf_count(atomic_load_explicit(&page->thread_free, memory_order_relaxed)) +
-                 (page->reserved - page->used);
+                 (page->reserved - sm_page_live(page));
     if (n > most && ((n >= min && n >= page->reserved / part) || sm_pool_page_empty(page))) {
       best = page;
       most = n;

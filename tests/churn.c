@@ -1279,6 +1279,74 @@ START_TEST(cross_thread_frees_are_counted)
 END_TEST
 
 /* ============================================================================
+ * current_page_counts_are_exact: malloc takes blocks off the free list of
+ * its class's first page and the owner's frees put them back on it, with
+ * no count on either path (used counts that list's blocks too: see
+ * sm_page_t).  The counters still give the blocks in use exactly, and a
+ * first page whose blocks are all back on its free list is empty:
+ * smalloc_collect(true) gives it back.  A fresh thread, so that the
+ * class's page is its own and holds nothing else. */
+enum { CH_CUR_SIZE = 448, CH_CUR_N = 40 };
+
+typedef struct {
+  smalloc_stats_t s[4];
+  int rc;
+  bool null, one_page;
+} ch_cur_t;
+
+static void *ch_current_thread(void *arg)
+{
+  ch_cur_t *c = arg;
+  void *v[CH_CUR_N];
+  c->rc = ch_snap(&c->s[0]);
+  for (int i = 0; i < CH_CUR_N; i++) {
+    v[i] = smalloc_malloc(CH_CUR_SIZE);
+    c->null |= v[i] == NULL;
+  }
+  for (int i = 0; i < CH_CUR_N; i += 2)   /* 20 back on the free list */
+    smalloc_free(v[i]);
+  for (int i = 0; i < 10; i += 2) {       /* 5 of them taken again */
+    v[i] = smalloc_malloc(CH_CUR_SIZE);
+    c->null |= v[i] == NULL;
+  }
+  c->one_page = true;
+  for (int i = 1; i < CH_CUR_N; i++)
+    if (v[i] && v[i - 1])
+      c->one_page &= ch_page_of(v[i], CH_CUR_SIZE) == ch_page_of(v[0], CH_CUR_SIZE);
+  c->rc |= ch_snap(&c->s[1]);
+  for (int i = 0; i < CH_CUR_N; i++)
+    if (i < 10 || i % 2 == 1)
+      smalloc_free(v[i]);
+  c->rc |= ch_snap(&c->s[2]);
+  smalloc_collect(true);
+  c->rc |= ch_snap(&c->s[3]);
+  return NULL;
+}
+
+START_TEST(current_page_counts_are_exact)
+{
+  static ch_cur_t c;
+  ch_in_thread(ch_current_thread, &c);
+  ck_assert_int_eq(c.rc, 0);
+  ck_assert(!c.null);
+  ck_assert(c.one_page);
+  int k = ch_class(&c.s[0], CH_CUR_SIZE);
+  ck_assert_int_ge(k, 0);
+  const smalloc_class_stats_t *a = &c.s[0].classes[k], *b = &c.s[1].classes[k],
+                              *d = &c.s[2].classes[k], *e = &c.s[3].classes[k];
+  ck_assert_uint_eq(b->pages_in_use - a->pages_in_use, 1);
+  ck_assert_uint_eq(b->blocks_in_use - a->blocks_in_use, CH_CUR_N - 20 + 5);
+  ck_assert_uint_eq(b->allocs - a->allocs, CH_CUR_N + 5);
+  ck_assert_uint_eq(b->frees - a->frees, 20);
+  ck_assert_uint_eq(d->blocks_in_use, a->blocks_in_use);
+  ck_assert_uint_eq(d->frees - b->frees, CH_CUR_N - 20 + 5);
+  ck_assert_uint_eq(d->pages_in_use - a->pages_in_use, 1);   /* kept warm as the first */
+  ck_assert_uint_eq(e->pages_in_use, a->pages_in_use);
+  ck_assert_uint_ge(c.s[3].pages_released - c.s[2].pages_released, 1);
+}
+END_TEST
+
+/* ============================================================================
  * collect_returns_resident_memory: 1 GiB of 64..256-byte blocks allocated,
  * touched and freed; after smalloc_collect(true) the resident size is back
  * within 10 MiB of what it was before.  The pointer array is mmap'd and
@@ -1422,6 +1490,7 @@ static Suite *churn_suite(void)
   tcase_add_test(tc, pages_fill_before_extension);
   tcase_add_test(tc, page_with_few_free_blocks_waits_for_extension);
   tcase_add_test(tc, retire_keeps_every_page);
+  tcase_add_test(tc, current_page_counts_are_exact);
   tcase_add_test(tc, retired_pages_expire);
   tcase_add_test(tc, cross_thread_frees_are_counted);
   tcase_add_test(tc, collect_returns_resident_memory);

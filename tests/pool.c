@@ -389,13 +389,13 @@ START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
   uintptr_t b = (uintptr_t)pb_blocks[k], from;
   size_t len = pb_inside(b + 32, b + second->block_size, &from);
   ck_assert(pb_all(from, len, true));
-  uint32_t used = second->used, purged = second->free_purged;
+  uint32_t used = sm_page_live(second), purged = second->free_purged;
   ck_assert(sm_free_block_xthread(second, (sm_block_t *)pb_blocks[k]));
   pb_blocks[k] = NULL;
   sm_pool_purge(sm_clock_ms(), 0);
   smalloc_stats_t s3;
   ck_assert_int_eq(sm_test_snap(&s3), 0);
-  ck_assert_uint_eq(second->used, used - 1);
+  ck_assert_uint_eq(sm_page_live(second), used - 1);
   ck_assert_uint_eq(second->free_purged, purged + len);
   ck_assert_uint_eq(s3.bytes_purged - s2.bytes_purged, len);
   ck_assert_uint_eq(s2.bytes_committed - s3.bytes_committed, len);
@@ -473,7 +473,7 @@ START_TEST(blocks_freed_into_pages_that_wait_go_back_while_others_are_given_back
   sm_pool_purge(sm_clock_ms(), 0);
   size_t got = 0;
   for (int k = 0; k < npooled; k++) {
-    ck_assert_uint_eq(pooled[k]->used, 0);
+    ck_assert_uint_eq(sm_page_live(pooled[k]), 0);
     ck_assert_int_ne(atomic_load(&pooled[k]->pooled), 0);
     got += pooled[k]->free_purged;
   }
@@ -502,7 +502,7 @@ static int pb_live_behind(const sm_page_t *first, int i)
 {
   for (; i < PB_N; i++) {
     sm_page_t *page = i % PB_KEEP == 0 ? pb_page_of(i) : NULL;   /* the rest were freed */
-    if (page && page != first && page->used >= 2) return i;
+    if (page && page != first && sm_page_live(page) >= 2) return i;
   }
   ck_abort_msg("no page behind the first holds two live blocks");
   return -1;
