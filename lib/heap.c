@@ -258,8 +258,7 @@ void sm_heap_thread_done(void *arg) {
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
     sm_page_t *page;
     while ((page = heap->queues[bin].first) != NULL) {
-      if (sm_page_collect_vacant(page)) sm_page_release(heap, page);
-      else sm_page_donate(heap, page, true);
+      if (!(sm_page_collect_vacant(page) && sm_page_release(heap, page))) sm_page_donate(heap, page, true);
     }
   }
   sm_heap_take_home(heap);

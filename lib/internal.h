@@ -1143,7 +1143,7 @@ SM_INLINE bool sm_page_vacant(const sm_page_t *page) {
 bool sm_page_valid(const sm_page_t *page);
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin);
 void sm_page_retire(sm_heap_t *heap, sm_page_t *page);
-void sm_page_release(sm_heap_t *heap, sm_page_t *page);
+bool sm_page_release(sm_heap_t *heap, sm_page_t *page);
 uint32_t sm_page_collect_thread_free(sm_page_t *page);
 bool sm_page_collect_vacant(sm_page_t *page);
 void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page);

@@ -190,7 +190,9 @@ static void sm_page_extend(sm_page_t *page) {
 }
 
 /* Move thread_free onto local_free, with one exchange that also yields the
- * list's length (used must be exact for the retire decision).  When
+ * list's length (used must be exact for the retire decision).  Returns
+ * how many blocks became the free list (they stay in used, sm_page_t),
+ * 0 when they went on local_free (they leave it).  When
  * local_free is empty, as in the slow path's collect step, the list is
  * taken whole; when free is, it becomes free (a page behind the first of
  * its class, or on the full list: the list is taken whole too); only
@@ -410,13 +412,21 @@ static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
   else sm_page_send_home(page);
 }
 
-/* The owner gives an empty page back to its segment: from its queue or
- * from the retired lists. */
-void sm_page_release(sm_heap_t *heap, sm_page_t *page) {
+/* A vacant page's free list, which holds every block used counts
+ * (sm_page_t), onto local_free: the page has the shape of one emptied by
+ * free.  False when its lists turn out corrupted on the way (reported:
+ * the page is kept for good). */
+static bool sm_page_vacate(sm_page_t *page) {
   sm_assert_expensive(sm_page_live(page) == 0);
-  /* empty: the blocks used counts are all on the free list (sm_page_t) */
   if (page->free != NULL) sm_page_free_to_local_n(page, page->used);
-  sm_assert(page->used == 0);
+  return page->used == 0 && !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
+}
+
+/* The owner gives an empty page back to its segment: from its queue or
+ * from the retired lists.  False, with nothing done, when its lists turn
+ * out corrupted (sm_page_vacate). */
+bool sm_page_release(sm_heap_t *heap, sm_page_t *page) {
+  if (!sm_page_vacate(page)) return false;
   sm_assert(!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL));
   if (!page->retired) {
     sm_pq_remove(heap, page->bin, page);
@@ -430,6 +440,7 @@ void sm_page_release(sm_heap_t *heap, sm_page_t *page) {
   sm_page_release_locked(heap, page);
   sm_unlock(&heap->lock);
   sm_cnt_add(heap->stats.pages_released, 1);
+  return true;
 }
 
 /* Under heap->lock: release the heap's retired pages, the expired ones or
@@ -593,9 +604,7 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
     /* the page's last notice, and every block free: give it back */
     sm_pq_remove(owner, SM_BIN_FULL, page);
     sm_page_collect_thread_free(page);
-    sm_assert_expensive(sm_page_live(page) == 0);
-    /* empty: the blocks used counts are all on the free list (sm_page_t) */
-    if (page->free != NULL) sm_page_free_to_local_n(page, page->used);
+    if (!sm_page_vacate(page)) continue;   /* kept for good, on no list */
     sm_page_fold_stats(self, page);   /* into the caller's counts */
     sm_page_release_locked(owner, page);
     n++;
@@ -777,8 +786,8 @@ static size_t sm_heap_sweep(sm_heap_t *heap) {
         if (sm_tf_ptr(page, tf) != NULL && sm_tf_count(tf) == sm_page_live(page)) sm_page_take_thread_free(heap, page);
         if (sm_page_vacant(page) && sm_tf_head(page, memory_order_relaxed) == NULL) {
           sm_page_unpurge(page);
-          sm_page_free_to_local(page);
-          sm_page_retire(heap, page);
+          if (sm_page_vacate(page)) sm_page_retire(heap, page);
+          else sm_pq_reopen(heap, page);
         }
       }
       page = next;
@@ -972,8 +981,8 @@ void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
                            !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
   if (vacant) {
     sm_page_unpurge(page);
-    sm_page_free_to_local_n(page, page->used);   /* empty: every block used counts is on it */
-    sm_page_retire(heap, page);
+    if (sm_page_vacate(page)) sm_page_retire(heap, page);
+    else sm_pq_reopen(heap, page);
   }
 }
 

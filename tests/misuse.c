@@ -1502,6 +1502,41 @@ static void use_after_free_write(bool warn)
 }
 MISUSE(use_after_free_write)
 
+/* The same, found by trim: every block of a thread's page back on the
+ * free list it allocates from, the one freed last written over after its
+ * free.  That page is empty by its counts, so smalloc_collect(true) goes
+ * to give it back, and takes its free list first: the write is reported
+ * there and the page kept, not given back with the damage unseen.  A
+ * thread of its own, so that the page holds no other block. */
+static void *trim_finds_write_after_free_thread(void *arg)
+{
+  enum { SIZE = 48, N = 64 };
+  void *v[N];
+  (void)arg;
+  for (int i = 0; i < N; i++) {
+    v[i] = smalloc_malloc(SIZE);
+    CHILD_CHECK(v[i] != NULL && page_start_of(v[i]) == page_start_of(v[0]),
+                "malloc(%d) number %d returned %p, not in the first one's page", SIZE, i, v[i]);
+  }
+  for (int i = 0; i < N; i++)
+    smalloc_free(v[i]);
+  ((unsigned char *)sm_opaque(v[N - 1]))[8] ^= 0x10;   /* its tag word */
+  expect_line("corrupted free list in page at %p: block %p was written after its free "
+              "(or freed twice)", page_start_of(v[N - 1]), v[N - 1]);
+  smalloc_collect(true);
+  heap_still_sound(SIZE);
+  return NULL;
+}
+
+static void write_after_free_found_by_trim(bool warn)
+{
+  (void)warn;
+  pthread_t t;
+  CHILD_CHECK(pthread_create(&t, NULL, trim_finds_write_after_free_thread, NULL) == 0, "pthread_create failed");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join failed");
+}
+MISUSE(write_after_free_found_by_trim)
+
 /* ---- warn mode keeps reporting within bounds ------------------------------------ */
 
 static void many_bad_frees(bool warn)
@@ -1618,6 +1653,7 @@ int main(void)
     ADD_MISUSE(tc, overflow_huge_by_16);
     ADD_MISUSE(tc, use_after_free_write);
   }
+  ADD_MISUSE(tc, write_after_free_found_by_trim);
   ADD_MISUSE(tc, double_free_after_stale_write_deep);
   ADD_MISUSE(tc, double_free_into_a_page_on_its_way_home);
   ADD_MISUSE(tc, double_free_from_another_thread_after_stale_write);
