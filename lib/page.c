@@ -106,16 +106,24 @@ void sm_page_set_geometry(sm_page_t *page, size_t bsize, size_t reserved) {
   sm_block_test_consts(bsize, reserved, &page->mul, &page->limit);
 }
 
-/* The blocks on the page's free list, walked (see sm_page_live), up to
- * most, which is at most used (that counts them), or to a link that is
- * not one of the page's blocks. */
+/* The blocks on the page's free list (see sm_page_live), walked up to
+ * most, which is at most used (that counts them all).  The walk stops at
+ * a link that is not a block start of the page, or at a block not tagged
+ * free (written after its free): the blocks past it are out of reach,
+ * and count as in use (malloc reports the damage when it gets there).
+ * A list that goes on past used blocks (a cycle: a block freed twice
+ * where free could not tell) counts one fewer than used, so that its
+ * page never looks empty and goes back with a block live in it. */
 uint32_t sm_page_free_count(const sm_page_t *page, uint32_t most) {
   uint32_t n = 0;
-  for (sm_block_t *b = page->free; b != NULL && n < most; n++) {
-    if (sm_unlikely(!sm_page_link_ok(page, b))) break;
+  sm_block_t *b = page->free;
+  for (; b != NULL && n < most; n++) {
+    if (sm_unlikely(!sm_page_is_block(page, b))) return n;
     sm_track_link(b);
+    if (sm_unlikely((b->tag ^ page->key) > SM_TAG_REMOTE)) return n;
     b = sm_dec(page, b->next);
   }
+  if (sm_unlikely(b != NULL && n == page->used && n > 0)) return n - 1;
   return n;
 }
 
@@ -733,8 +741,10 @@ static void sm_page_free_to_local_n(sm_page_t *page, uint32_t n) {
 /* Its length unknown, the free list is walked whole to count it, and
  * the tail found on the way joins the lists with no other walk: local_free
  * goes behind it, or it right behind local_free's head, whichever head
- * the owner's frees went on (see sm_list_join).  A bad link or a list
- * longer than used counts leaves it to the checked join. */
+ * the owner's frees went on (see sm_list_join).  The walk checks each
+ * block as sm_page_free_count does, and the list is cut where that stops
+ * (reported: the page is kept for good), so that what it moves is what
+ * used counted off (the blocks past the cut stay in it, as in use). */
 void sm_page_free_to_local(sm_page_t *page) {
   if (!sm_page_has_free(page)) return;
   sm_block_t *a = page->free, *b = page->local_free, *tail = a;
@@ -743,9 +753,15 @@ void sm_page_free_to_local(sm_page_t *page) {
     sm_track_link(tail);
     sm_block_t *next = sm_dec(page, tail->next);
     if (next == NULL) break;
-    if (sm_unlikely(!sm_page_is_block(page, next) || n >= page->used)) {
-      sm_page_free_to_local_n(page, sm_page_free_count(page, page->used));
-      return;
+    bool bad = n >= page->used || !sm_page_is_block(page, next);
+    if (!bad) {
+      sm_track_link(next);
+      bad = (next->tag ^ page->key) > SM_TAG_REMOTE;
+    }
+    if (sm_unlikely(bad)) {
+      tail->next = sm_enc(page, NULL);
+      sm_page_corrupt(page, "", NULL);
+      break;
     }
     tail = next;
     n++;

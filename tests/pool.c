@@ -130,6 +130,8 @@ static void fl_check_to(int free_n, int local_n, size_t free_to)
   }
   sm_block_t *free0 = page->free, *local0 = page->local_free;
   size_t free_to0 = sm_page_free_to(page);
+  uint32_t used0 = page->used;
+  page->used = page->capacity - (uint32_t)local_n;   /* the blocks not on local_free (sm_page_t) */
   page->free = fl_list(page, v, 0, free_n);
   page->local_free = fl_list(page, v, free_n, free_n + local_n);
   sm_page_set_free_to(page, free_to);
@@ -140,10 +142,13 @@ static void fl_check_to(int free_n, int local_n, size_t free_to)
   int n = 0;
   for (sm_block_t *b = page->local_free; b && n <= FL_BLOCKS; b = sm_dec(page, b->next))
     got[n++] = b;
+  uint32_t used1 = page->used;
   page->free = free0;
   page->local_free = local0;
+  page->used = used0;
   sm_page_set_free_to(page, free_to0);
   ck_assert_ptr_null(free1);
+  ck_assert_uint_eq(used1, page->capacity - (uint32_t)(free_n + local_n));
   ck_assert_int_eq(n, free_n + local_n);
   if (n > 0) {
     bool from_free = free_to == SM_FREE_TO_FREE ? free_n > 0 : local_n == 0;
