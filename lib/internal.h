@@ -959,17 +959,18 @@ SM_INLINE void *sm_prof_count(sm_heap_t *heap, sm_page_t *page, void *p, size_t 
  * the profiler's count-down), three unlikely branches besides the size
  * test.  It counts nothing in the page: used counts the free list's
  * blocks too (sm_page_t), so a block leaving it changes nothing.  The
- * increment it made before, and the owner's free's decrement of the same
- * word, cost bench_churn a (the ping-pong) 18 % of its time, b-e 7-8 %
- * (medians of 7 interleaved runs): each read the other's store.  The first (4 instructions, as many as the same-segment test it
- * replaced) catches an empty list, the static empty heap (its page's
- * limit is 0) and a free-list link out of the page (corruption: a link
- * written into freed memory, even one aimed at the copy of the page's
- * key in the segment header; its start and limit are on the
- * descriptor's second line, beside the key: bench_churn f took 1.05 and
- * 1.07 times the time of the same-segment test, medians of 31 and 21
- * interleaved runs whose spreads were 2 and 4 times as wide); the
- * second a block that is not tagged
+ * increment of used it made before, with the owner's free's decrement
+ * of the same word, took 18 % of bench_churn a's time (the ping-pong)
+ * and 7-8 % of b-e's on a 2-core Xeon VM (medians of 7 interleaved
+ * runs), for 3 instructions of the pair.  The first branch (4
+ * instructions, as many as the same-segment test it replaced) catches
+ * an empty list, the static empty heap (its page's limit is 0) and a
+ * free-list link out of the page (corruption: a link written into freed
+ * memory, even one aimed at the copy of the page's key in the segment
+ * header; its start and limit are on the descriptor's second line,
+ * beside the key: bench_churn f took 1.05 and 1.07 times the time of the
+ * same-segment test, medians of 31 and 21 interleaved runs whose spreads
+ * were 2 and 4 times as wide); the second a block that is not tagged
  * free, so that none is handed out twice; the third a profile sample due
  * (prof.c). */
 SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
@@ -1128,9 +1129,11 @@ void sm_page_corrupt(sm_page_t *page, const char *what, const void *b);
 uint32_t sm_page_free_count(const sm_page_t *page, uint32_t most);
 /* The blocks of the page handed out and not freed (those on its
  * thread_free count until collected): used less the free list's blocks,
- * counted by walking it.  Only the first page of a class has a free list
- * (page-queue.c), and the slow path finds it empty: elsewhere this is
- * used alone. */
+ * counted by walking it (sm_page_free_count).  The first page of a class
+ * has a free list, and a page behind it that took blocks other threads
+ * sent as one (sm_page_collect_thread_free); the slow path finds the
+ * first's empty, and the callers that know how long a list is do not
+ * walk it.  With no free list, this is used alone. */
 SM_INLINE uint32_t sm_page_live(const sm_page_t *page) {
   return page->free == NULL ? page->used : page->used - sm_page_free_count(page, page->used);
 }
