@@ -258,7 +258,12 @@ void sm_heap_thread_done(void *arg) {
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
     sm_page_t *page;
     while ((page = heap->queues[bin].first) != NULL) {
-      if (!(sm_page_collect_vacant(page) && sm_page_release(heap, page))) sm_page_donate(heap, page, true);
+      /* what other threads sent, then whatever is on its free list (a
+       * batch of theirs, often) onto local_free, walked once: used is
+       * exact for the test and for the pool */
+      sm_page_collect_thread_free(page);
+      sm_page_free_to_local(page);
+      if (!(sm_page_vacant(page) && sm_page_release(heap, page))) sm_page_donate(heap, page, true);
     }
   }
   sm_heap_take_home(heap);
