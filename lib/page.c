@@ -242,14 +242,19 @@ uint32_t sm_page_collect_thread_free(sm_page_t *page) {
   return 0;
 }
 
-/* Take the page's thread_free and say whether the page is empty now.  A
- * page that had no free list has the blocks taken as its free list, or
- * none, and then used says it with no walk (sm_page_live). */
+/* Whether the page is empty after a collect that put onto_free blocks
+ * on its free list (sm_page_collect_thread_free): a page that had no
+ * free list before has those alone, and used says it with no walk. */
+static bool sm_page_vacant_after_collect(const sm_page_t *page, bool had_free, uint32_t onto_free) {
+  if (had_free) return sm_page_vacant(page);
+  return page->used == onto_free && !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
+}
+
+/* Take the page's thread_free and say whether the page is empty now. */
 bool sm_page_collect_vacant(sm_page_t *page) {
   bool had_free = page->free != NULL;
   uint32_t onto_free = sm_page_collect_thread_free(page);
-  if (had_free) return sm_page_vacant(page);
-  return page->used == onto_free && !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
+  return sm_page_vacant_after_collect(page, had_free, onto_free);
 }
 
 /* Merge the page's pending counts into the heap's class counters. */
@@ -992,10 +997,7 @@ void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   uint32_t onto_free = sm_page_collect_thread_free(page);
   sm_page_unfull_locked(heap, page);   /* behind the first of its class: its gate opens */
   sm_unlock(&heap->lock);
-  bool vacant = had_free ? sm_page_vacant(page)
-                         : page->used == onto_free &&
-                           !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
-  if (vacant) {
+  if (sm_page_vacant_after_collect(page, had_free, onto_free)) {
     sm_page_unpurge(page);
     if (sm_page_vacate(page)) sm_page_retire(heap, page);
     else sm_pq_reopen(heap, page);
