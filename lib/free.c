@@ -85,7 +85,7 @@ static bool sm_free_local_push(sm_page_t *page, sm_block_t *b, void *p) {
   sm_list_publish(list, b);
   sm_cnt_add(page->frees, 1);
   /* on local_free it counts (sm_page_t); 0: only in a page found corrupted */
-  if (list != &page->free && sm_likely(page->used > 0)) page->used--;
+  if (sm_page_push_counts(page, list) && sm_likely(page->used > 0)) page->used--;
   return true;
 }
 

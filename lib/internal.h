@@ -237,6 +237,11 @@ SM_INLINE size_t sm_page_free_to(const sm_page_t *page) {
   return (size_t)((const char *)page->free_to - (const char *)page);
 }
 SM_INLINE sm_block_t **sm_page_free_list(sm_page_t *page) { return page->free_to; }
+/* Whether a block the owner pushes on list leaves used: one on
+ * local_free does; one back on the free list stays counted (sm_page_t). */
+SM_INLINE bool sm_page_push_counts(const sm_page_t *page, sm_block_t *const *list) {
+  return list != &page->free;
+}
 /* The owner pushed block b (linked, tagged) on one of its page's lists:
  * b becomes the head.  A release store, as plain as any on x86-64: the
  * local_free of a page behind the first of its class is read by the
@@ -1056,7 +1061,7 @@ SM_INLINE void sm_free_owner_push(sm_page_t *page, void *p) {
    * on local_free counts, and the page may have emptied: let the slow
    * path decide whether it retires (a page on the full list has bit 0 in
    * xtid and came the long way) */
-  if ((void *)list != (void *)&page->free && sm_unlikely(--page->used == 0) && page->free == NULL)
+  if (sm_page_push_counts(page, list) && sm_unlikely(--page->used == 0) && page->free == NULL)
     sm_free_emptied(page);
 }
 
@@ -1137,12 +1142,15 @@ uint32_t sm_page_free_count(const sm_page_t *page, uint32_t most);
 SM_INLINE uint32_t sm_page_live(const sm_page_t *page) {
   return page->free == NULL ? page->used : page->used - sm_page_free_count(page, page->used);
 }
-/* Whether the page holds no live block, unless a corrupted free list was
- * found in it (a block freed twice, which used counted twice), after
- * which it is never emptied, retired or released. */
-SM_INLINE bool sm_page_vacant(const sm_page_t *page) {
-  return !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT) && sm_page_live(page) == 0;
+/* Whether the page holds no live block, on_free blocks on its free
+ * list, unless a corrupted free list was found in it (a block freed
+ * twice, which used counted twice), after which it is never emptied,
+ * retired or released. */
+SM_INLINE bool sm_page_vacant_with(const sm_page_t *page, uint32_t on_free) {
+  return page->used == on_free && !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
 }
+/* The same, the free list counted (sm_page_live). */
+SM_INLINE bool sm_page_vacant(const sm_page_t *page) { return sm_page_vacant_with(page, page->used - sm_page_live(page)); }
 bool sm_page_valid(const sm_page_t *page);
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin);
 void sm_page_retire(sm_heap_t *heap, sm_page_t *page);

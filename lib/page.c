@@ -106,24 +106,39 @@ void sm_page_set_geometry(sm_page_t *page, size_t bsize, size_t reserved) {
   sm_block_test_consts(bsize, reserved, &page->mul, &page->limit);
 }
 
-/* The blocks on the page's free list (see sm_page_live), walked up to
- * most, which is at most used (that counts them all).  The walk stops at
- * a link that is not a block start of the page, or at a block not tagged
- * free (written after its free): the blocks past it are out of reach,
- * and count as in use (malloc reports the damage when it gets there).
- * A list that goes on past used blocks (a cycle: a block freed twice
- * where free could not tell) counts one fewer than used, so that its
- * page never looks empty and goes back with a block live in it. */
-uint32_t sm_page_free_count(const sm_page_t *page, uint32_t most) {
+/* The page's free list walked as malloc takes blocks off it, up to most
+ * blocks: how many, the last of them in *last, and in *past where the
+ * walk stopped: NULL at the list's end, else a link that is not a block
+ * start of the page, a block not tagged free (written after its free),
+ * or the block after the most-th.  Every walk of a free list that counts
+ * it goes here, so that all agree on where a damaged list ends: the
+ * blocks past that point are out of reach and count as in use (malloc
+ * reports the damage when it gets there). */
+static uint32_t sm_free_list_walk(const sm_page_t *page, uint32_t most, sm_block_t **last,
+                                  sm_block_t **past) {
   uint32_t n = 0;
   sm_block_t *b = page->free;
+  *last = NULL;
   for (; b != NULL && n < most; n++) {
-    if (sm_unlikely(!sm_page_is_block(page, b))) return n;
+    if (sm_unlikely(!sm_page_is_block(page, b))) break;
     sm_track_link(b);
-    if (sm_unlikely((b->tag ^ page->key) > SM_TAG_REMOTE)) return n;
+    if (sm_unlikely((b->tag ^ page->key) > SM_TAG_REMOTE)) break;
+    *last = b;
     b = sm_dec(page, b->next);
   }
-  if (sm_unlikely(b != NULL && n == page->used && n > 0)) return n - 1;
+  *past = b;
+  return n;
+}
+
+/* The blocks on the page's free list (see sm_page_live), counted up to
+ * most, which is at most used (that counts them all).  A list that goes
+ * on past used blocks (a cycle: a block freed twice where free could not
+ * tell) counts one fewer than used, so that its page never looks empty
+ * and goes back with a block live in it. */
+uint32_t sm_page_free_count(const sm_page_t *page, uint32_t most) {
+  sm_block_t *last, *past;
+  uint32_t n = sm_free_list_walk(page, most, &last, &past);
+  if (sm_unlikely(past != NULL && n == most && n == page->used && n > 0)) return n - 1;
   return n;
 }
 
@@ -247,7 +262,7 @@ uint32_t sm_page_collect_thread_free(sm_page_t *page) {
  * free list before has those alone, and used says it with no walk. */
 static bool sm_page_vacant_after_collect(const sm_page_t *page, bool had_free, uint32_t onto_free) {
   if (had_free) return sm_page_vacant(page);
-  return page->used == onto_free && !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
+  return sm_page_vacant_with(page, onto_free);
 }
 
 /* Take the page's thread_free and say whether the page is empty now. */
@@ -432,7 +447,7 @@ static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
 static bool sm_page_vacate(sm_page_t *page) {
   sm_assert_expensive(sm_page_live(page) == 0);
   if (page->free != NULL) sm_page_free_to_local_n(page, page->used);
-  return page->used == 0 && !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
+  return sm_page_vacant_with(page, 0);
 }
 
 /* The owner gives an empty page back to its segment: from its queue or
@@ -743,33 +758,24 @@ static void sm_page_free_to_local_n(sm_page_t *page, uint32_t n) {
                                                                   : sm_list_join(page, b, a);
 }
 
-/* Its length unknown, the free list is walked whole to count it, and
- * the tail found on the way joins the lists with no other walk: local_free
- * goes behind it, or it right behind local_free's head, whichever head
- * the owner's frees went on (see sm_list_join).  The walk checks each
- * block as sm_page_free_count does, and the list is cut where that stops
- * (reported: the page is kept for good), so that what it moves is what
- * used counted off (the blocks past the cut stay in it, as in use). */
+/* Its length unknown, the free list is walked whole to count it
+ * (sm_free_list_walk), and the tail found on the way joins the lists
+ * with no other walk: local_free goes behind it, or it right behind
+ * local_free's head, whichever head the owner's frees went on (see
+ * sm_list_join).  A list the walk stops short of its end is cut there
+ * (reported: the page is kept for good), so that what moves is what used
+ * is lowered by (the blocks past the cut stay in it, as in use). */
 void sm_page_free_to_local(sm_page_t *page) {
   if (!sm_page_has_free(page)) return;
-  sm_block_t *a = page->free, *b = page->local_free, *tail = a;
-  uint32_t n = 1;
-  for (;;) {
-    sm_track_link(tail);
-    sm_block_t *next = sm_dec(page, tail->next);
-    if (next == NULL) break;
-    bool bad = n >= page->used || !sm_page_is_block(page, next);
-    if (!bad) {
-      sm_track_link(next);
-      bad = (next->tag ^ page->key) > SM_TAG_REMOTE;
+  sm_block_t *a = page->free, *b = page->local_free, *tail, *past;
+  uint32_t n = sm_free_list_walk(page, page->used, &tail, &past);
+  if (sm_unlikely(past != NULL)) {
+    sm_page_corrupt(page, "", NULL);
+    if (n == 0) {   /* the head itself */
+      page->free = NULL;
+      return;
     }
-    if (sm_unlikely(bad)) {
-      tail->next = sm_enc(page, NULL);
-      sm_page_corrupt(page, "", NULL);
-      break;
-    }
-    tail = next;
-    n++;
+    tail->next = sm_enc(page, NULL);
   }
   page->used -= n;   /* on local_free, they leave used (sm_page_t) */
   page->free = NULL;
@@ -1058,8 +1064,10 @@ static bool sm_page_shares(const sm_page_t *page) {
 void sm_page_donate(sm_heap_t *heap, sm_page_t *page, bool orphan) {
   sm_assert(!page->retired && atomic_load_explicit(&page->owner, memory_order_relaxed) == heap);
   sm_assert(!(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_IN_FULL));
+  /* in the pool, used is exact: the slow path gives a page whose lists
+   * ran dry, thread exit one it took the free list of */
+  sm_assert(page->free == NULL);
   sm_pq_remove(heap, page->bin, page);
-  sm_page_free_to_local(page);   /* at thread exit, the first of its class: in the pool, used is exact */
   sm_page_fold_stats(heap, page);
   sm_page_set_owner(page, NULL);
   if (orphan)
