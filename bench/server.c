@@ -96,26 +96,32 @@ static void *worker(void *arg)
 }
 
 /* One relay of workers: its pool and where it stands, handed from each
- * worker to its successor.  A worker writes next and more before it
- * returns; main reads them after joining it. */
+ * worker to its successor.  Worker g starts worker g + 1 and stores its
+ * id in workers[g + 1], a slot of its own: with one slot for the chain,
+ * a successor that finished and started its own before pthread_create
+ * returned in its predecessor (which may store the id that late) had its
+ * id overwritten with a stale one, and main joined a thread twice
+ * (double frees in glibc's own thread bookkeeping, under any malloc).
+ * Main joins every worker in turn; it reads workers[g + 1] after joining
+ * worker g. */
 struct relay {
   uint64_t **pool;
   uint64_t rng, ck, done;
-  pthread_t next;
-  int more;
+  pthread_t *workers;
+  uint64_t gens;             /* workers in the relay */
 };
 
 static void *relay_worker(void *arg)
 {
   struct relay *r = arg;
+  uint64_t g = r->done / relay_steps;
   uint64_t stop = r->done + relay_steps < steps ? r->done + relay_steps : steps;
   for (; r->done < stop; r->done++) {
     unsigned i = (unsigned)(rng_next(&r->rng) % POOL);
     r->ck += retire_block(r->pool[i]);
     r->pool[i] = make_block(&r->rng);
   }
-  r->more = r->done < steps;
-  if (r->more && pthread_create(&r->next, NULL, relay_worker, r) != 0) {
+  if (g + 1 < r->gens && pthread_create(&r->workers[g + 1], NULL, relay_worker, r) != 0) {
     fprintf(stderr, "bench_server: pthread_create failed\n");
     exit(2);
   }
@@ -125,9 +131,10 @@ static void *relay_worker(void *arg)
 static int run_relays(void)
 {
   static struct relay relay[RELAYS];
-  pthread_t first[RELAYS];
   double t0 = now_s();
   for (unsigned k = 0; k < RELAYS; k++) {
+    relay[k].gens = steps == 0 ? 1 : (steps + relay_steps - 1) / relay_steps;
+    relay[k].workers = xmalloc(relay[k].gens * sizeof *relay[k].workers);
     relay[k].rng = 0x4e1a7000 + k;
     relay[k].pool = xmalloc(POOL * sizeof *relay[k].pool);
     for (int i = 0; i < POOL; i++)
@@ -142,20 +149,16 @@ static int run_relays(void)
     relay[b / POOL].pool[b % POOL] = t;
   }
   for (unsigned k = 0; k < RELAYS; k++) {
-    if (pthread_create(&first[k], NULL, relay_worker, &relay[k]) != 0) {
+    if (pthread_create(&relay[k].workers[0], NULL, relay_worker, &relay[k]) != 0) {
       fprintf(stderr, "bench_server: pthread_create failed\n");
       return 2;
     }
   }
   uint64_t ck = 0;
   for (unsigned k = 0; k < RELAYS; k++) {
-    pthread_t t = first[k];
-    for (;;) {
-      pthread_join(t, NULL);
-      if (!relay[k].more)
-        break;
-      t = relay[k].next;
-    }
+    for (uint64_t g = 0; g < relay[k].gens; g++)
+      pthread_join(relay[k].workers[g], NULL);
+    free(relay[k].workers);
     for (int i = 0; i < POOL; i++)
       ck += retire_block(relay[k].pool[i]);
     free(relay[k].pool);
