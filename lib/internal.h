@@ -152,6 +152,8 @@ struct sm_page_s {
   uint8_t retired;               /* empty, kept warm, on the heap's retired lists (heap->lock) */
   uint8_t xfreed;                /* other threads freed blocks of it (collected), since it was made
                                   * (or taken from the pool: sm_page_take_over) */
+  uint8_t requeued;              /* sent to the back of its queue exhausted, not served since
+                                  * (page.c: sm_page_exhausted) */
   sm_block_t *local_free;
   uint32_t frees;                /* local frees since the last stats fold */
   uint32_t capacity;             /* blocks built into lists so far */

@@ -872,6 +872,115 @@ START_TEST(full_page_waits_for_blocks)
 END_TEST
 
 /* ============================================================================
+ * exhausted_page_goes_back_once: a page of a class's queue that runs out
+ * of blocks while other pages of the class wait behind it goes to the
+ * back of the queue, not to the full list, so that the owner's frees
+ * into it stay on the fast path; met again with no block, it goes to the
+ * full list (page.c: sm_page_exhausted).  Pages A and B are filled (each
+ * the only page of its queue when it ran out: full list), the first block
+ * of C taken, and A and B each freed the blocks that bring a full page
+ * back: the queue is C, A, B.  C filled to its last block, the next
+ * malloc sends C to the back and takes A's blocks (no page full); A
+ * emptied, the next sends A back and takes B's; B emptied, the next
+ * meets B, C and A with no block: all three go to the full list, and a
+ * fourth page serves.  Exact counts in pages_full. */
+
+enum { CH_RQ_SIZE = SM_TEST_REQUEST_FOR(64), CH_RQ_MAX = 4 * 1024 + 64 };
+
+typedef struct ch_rq {
+  ch_err_t e;
+  int rc;
+  size_t capacity, want;
+  int fourth_page;
+  smalloc_stats_t s[4];
+} ch_rq_t;
+
+/* n more blocks of CH_RQ_SIZE into v[*at...] */
+static void ch_rq_take(ch_rq_t *w, void **v, size_t *at, size_t n)
+{
+  for (size_t i = 0; i < n && !w->e.failed; i++) {
+    if (*at >= CH_RQ_MAX) {
+      CH_FAIL(&w->e, "more than %d blocks", CH_RQ_MAX);
+      return;
+    }
+    v[*at] = smalloc_malloc(CH_RQ_SIZE);
+    if (v[*at] == NULL)
+      CH_FAIL(&w->e, "malloc(%d) returned NULL", CH_RQ_SIZE);
+    (*at)++;
+  }
+}
+
+static void *ch_rq_thread(void *arg)
+{
+  ch_rq_t *w = arg;
+  void **v = ch_thread_map(CH_RQ_MAX * sizeof *v, &w->e);
+  if (v == NULL)
+    return NULL;
+  size_t n = 0, b0 = 0, c0 = 0, pages = 1;
+  while (pages < 3 && n < CH_RQ_MAX && !w->e.failed) {
+    ch_rq_take(w, v, &n, 1);
+    if (n > 1 && ch_page_of(v[n - 1], CH_RQ_SIZE) != ch_page_of(v[n - 2], CH_RQ_SIZE)) {
+      pages++;
+      if (pages == 2) b0 = n - 1;
+      if (pages == 3) c0 = n - 1;
+    }
+  }
+  if (pages < 3 && !w->e.failed) CH_FAIL(&w->e, "no third page after %zu blocks", n);
+  if (!w->e.failed) {
+    size_t cap = c0 - b0;   /* B's blocks; every page of the class holds as many */
+    w->capacity = cap;
+    w->want = cap / 16 < 16 ? cap / 16 : 16;
+    if (w->want == 0) w->want = 1;
+    for (size_t i = 0; i < w->want; i++) {
+      smalloc_free(v[i]);        /* A's first blocks: A back, behind C */
+      v[i] = NULL;
+    }
+    for (size_t i = 0; i < w->want; i++) {
+      smalloc_free(v[b0 + i]);   /* B's: B back, behind A */
+      v[b0 + i] = NULL;
+    }
+    w->rc |= ch_snap(&w->s[0]);
+    ch_rq_take(w, v, &n, cap - 1 + 1);   /* the rest of C, then one from A */
+    w->rc |= ch_snap(&w->s[1]);
+    ch_rq_take(w, v, &n, w->want);       /* the rest of A, then one from B */
+    w->rc |= ch_snap(&w->s[2]);
+    ch_rq_take(w, v, &n, w->want);       /* the rest of B, then one from a fourth page */
+    w->rc |= ch_snap(&w->s[3]);
+    if (!w->e.failed) {
+      uintptr_t last = ch_page_of(v[n - 1], CH_RQ_SIZE);
+      w->fourth_page = last != ch_page_of(v[0 + w->want], CH_RQ_SIZE) &&
+                       last != ch_page_of(v[b0 + w->want], CH_RQ_SIZE) &&
+                       last != ch_page_of(v[c0], CH_RQ_SIZE);
+    }
+  }
+  for (size_t i = 0; i < n; i++)
+    smalloc_free(v[i]);
+  ch_unmap(v, CH_RQ_MAX * sizeof *v);
+  return NULL;
+}
+
+START_TEST(exhausted_page_goes_back_once)
+{
+  static ch_rq_t w;
+  ch_in_thread(ch_rq_thread, &w);
+  CH_ASSERT_OK(&w.e);
+  ck_assert_int_eq(w.rc, 0);
+  ck_assert_uint_eq(w.capacity, sm_test_page_capacity(sm_test_class_size(CH_RQ_SIZE), 1));
+  ck_assert_uint_eq(w.s[1].pages_full - w.s[0].pages_full, 0);
+  ck_assert_uint_eq(w.s[2].pages_full - w.s[1].pages_full, 0);
+  ck_assert_uint_eq(w.s[3].pages_full - w.s[2].pages_full, 3);
+  ck_assert_int_eq(w.fourth_page, 1);
+  int c = ch_class(&w.s[0], CH_RQ_SIZE);
+  ck_assert_uint_eq(w.s[1].classes[c].slow_steps[SMALLOC_STEP_NEXT_PAGE] -
+                        w.s[0].classes[c].slow_steps[SMALLOC_STEP_NEXT_PAGE],
+                    1);
+  ck_assert_uint_eq(w.s[2].classes[c].slow_steps[SMALLOC_STEP_NEXT_PAGE] -
+                        w.s[1].classes[c].slow_steps[SMALLOC_STEP_NEXT_PAGE],
+                    1);
+}
+END_TEST
+
+/* ============================================================================
  * pages_fill_before_extension: when the class's first page has run out of
  * built blocks, the slow path takes a page behind it that holds at least
  * as many free blocks as an extension builds (4 KiB of blocks, page.c),
@@ -1487,6 +1596,7 @@ static Suite *churn_suite(void)
   tcase_add_test(tc, churn_no_os_calls);
   tcase_add_test(tc, emptied_only_page_stays_current);
   tcase_add_test(tc, full_page_waits_for_blocks);
+  tcase_add_test(tc, exhausted_page_goes_back_once);
   tcase_add_test(tc, pages_fill_before_extension);
   tcase_add_test(tc, page_with_few_free_blocks_waits_for_extension);
   tcase_add_test(tc, retire_keeps_every_page);
