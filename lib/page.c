@@ -1413,8 +1413,6 @@ static sm_page_t *sm_page_fresh(sm_heap_t *heap, size_t bin, int *step) {
   return page;
 }
 
-/* Find a page of the bin with a free block, counting how it was found.
- * Returns NULL only when the OS refuses memory. */
 /* A page of the class's queue that the slow path found with no free
  * block anywhere (its lists empty, nothing to collect, nothing to
  * build): the first time since it last served, it goes to the back of
@@ -1445,6 +1443,8 @@ static bool sm_page_exhausted(sm_heap_t *heap, sm_page_t *page) {
   return sm_page_to_full(heap, page);
 }
 
+/* Find a page of the bin with a free block, counting how it was found.
+ * Returns NULL only when the OS refuses memory. */
 static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
   sm_cnt_add(heap->cycle, 1);   /* the purge thread reads it */
   sm_heap_housekeeping(heap);
@@ -1499,7 +1499,6 @@ static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
     step = SMALLOC_STEP_EXTEND;
   }
   if (step >= 0) {
-    page->requeued = 0;
     if (page != first) {
       if (step != SMALLOC_STEP_EXTEND) step = SMALLOC_STEP_NEXT_PAGE;
       /* first already when the ones before it went to the full list:
@@ -1551,6 +1550,9 @@ static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
  * its frees go from now on). */
 sm_page_t *sm_page_find(sm_heap_t *heap, size_t bin) {
   sm_page_t *page = sm_page_find_step(heap, bin);
-  if (page) sm_pq_first_refilled(heap, page);
+  if (page) {
+    page->requeued = 0;   /* it serves (sm_page_exhausted) */
+    sm_pq_first_refilled(heap, page);
+  }
   return page;
 }
