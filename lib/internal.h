@@ -1151,8 +1151,10 @@ SM_INLINE uint32_t sm_page_live(const sm_page_t *page) {
 SM_INLINE bool sm_page_vacant_with(const sm_page_t *page, uint32_t on_free) {
   return page->used == on_free && !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
 }
-/* The same, the free list counted (sm_page_live). */
-SM_INLINE bool sm_page_vacant(const sm_page_t *page) { return sm_page_vacant_with(page, page->used - sm_page_live(page)); }
+/* The same, the free list counted (sm_page_free_count). */
+SM_INLINE bool sm_page_vacant(const sm_page_t *page) {
+  return sm_page_vacant_with(page, page->free == NULL ? 0 : sm_page_free_count(page, page->used));
+}
 bool sm_page_valid(const sm_page_t *page);
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin);
 void sm_page_retire(sm_heap_t *heap, sm_page_t *page);

@@ -59,7 +59,6 @@
 
 static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page);
 static int sm_page_refill(sm_page_t *page, bool may_extend);
-static void sm_page_free_to_local_n(sm_page_t *page, uint32_t n);
 static void sm_page_unfull_move(sm_heap_t *heap, sm_page_t *page);
 
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin) {
@@ -446,7 +445,7 @@ static void sm_page_release_locked(sm_heap_t *heap, sm_page_t *page) {
  * the page is kept for good). */
 static bool sm_page_vacate(sm_page_t *page) {
   sm_assert_expensive(sm_page_live(page) == 0);
-  if (page->free != NULL) sm_page_free_to_local_n(page, page->used);
+  sm_page_free_to_local(page);
   return sm_page_vacant_with(page, 0);
 }
 
@@ -705,64 +704,13 @@ void sm_heap_release_stale(sm_heap_t *owner, sm_heap_t *self, uint64_t now, uint
 }
 
 /* Move a page's free list onto local_free, so the page has the shape of
- * one emptied by free (free == NULL).  The head of the list the owner's
- * frees went on stays the head: it is the block freed last, and freeing
- * it again after a write over its tag is caught only there
- * (sm_free_owner_push). */
-static sm_block_t *sm_list_next_checked(sm_page_t *page, sm_block_t *b, bool *bad) {
-  sm_block_t *next = sm_dec(page, b->next);
-  if (next != NULL && sm_unlikely(!sm_page_is_block(page, next))) {
-    sm_page_corrupt(page, "", NULL);
-    *bad = true;
-  }
-  return next;
-}
-
-/* The blocks of the page's lists x (not NULL) and y as one list headed
- * by x's head.  Both are walked in step and the shorter goes behind the
- * longer (y right behind x's head when y is the shorter): a page put
- * second (sm_pq_push_front) often has a long free list and a short
- * local_free, or the other way round, and walking one whole took a
- * quarter of bench_xchurn 64's time in its short run.  A bad link or a
- * cycle marks the page corrupted and drops y. */
-static sm_block_t *sm_list_join(sm_page_t *page, sm_block_t *x, sm_block_t *y) {
-  if (y == NULL) return x;
-  bool bad = false;
-  sm_block_t *tx = x, *ty = y;
-  for (uint32_t i = 0; i < page->capacity; i++) {
-    sm_block_t *nx = sm_list_next_checked(page, tx, &bad);
-    if (bad) return x;   /* the page is kept for good: the rest is dropped */
-    if (nx == NULL) { tx->next = sm_enc(page, y); return x; }
-    sm_block_t *ny = sm_list_next_checked(page, ty, &bad);
-    if (bad) return x;
-    if (ny == NULL) {
-      ty->next = x->next;
-      x->next = sm_enc(page, y);
-      return x;
-    }
-    tx = nx;
-    ty = ny;
-  }
-  sm_page_corrupt(page, "", NULL);   /* more blocks than the page holds: a cycle */
-  return x;
-}
-
-/* The same, the free list's length known (n, counted in used): the
- * lists are walked in step to join them. */
-static void sm_page_free_to_local_n(sm_page_t *page, uint32_t n) {
-  if (!sm_page_has_free(page)) return;
-  sm_block_t *a = page->free, *b = page->local_free;
-  page->used -= n;   /* on local_free, they leave used (sm_page_t) */
-  page->free = NULL;
-  page->local_free = sm_page_free_to(page) == SM_FREE_TO_FREE || b == NULL ? sm_list_join(page, a, b)
-                                                                  : sm_list_join(page, b, a);
-}
-
-/* Its length unknown, the free list is walked whole to count it
- * (sm_free_list_walk), and the tail found on the way joins the lists
- * with no other walk: local_free goes behind it, or it right behind
- * local_free's head, whichever head the owner's frees went on (see
- * sm_list_join).  A list the walk stops short of its end is cut there
+ * one emptied by free (free == NULL).  The free list is walked whole to
+ * count it (sm_free_list_walk), and the tail found on the way joins the
+ * lists with no other walk: local_free goes behind it, or it right
+ * behind local_free's head, whichever head the owner's frees went on:
+ * that head is the block freed last, and freeing it again after a write
+ * over its tag is caught only there (sm_free_owner_push).  A list the
+ * walk stops short of its end is cut there
  * (reported: the page is kept for good), so that what moves is what used
  * is lowered by (the blocks past the cut stay in it, as in use). */
 void sm_page_free_to_local(sm_page_t *page) {

@@ -791,6 +791,39 @@ START_TEST(emptied_only_page_stays_current)
 }
 END_TEST
 
+/* ---- pages of one class filled in turn ------------------------------------ */
+
+/* Blocks of `size` into v (room for max) until the first block of page
+ * number `pages` is taken; first[k] is where page k's blocks start in v
+ * (page 0 at 0).  Returns how many were taken; a failure goes to e. */
+static size_t ch_fill_pages(void **v, size_t max, size_t size, size_t pages, size_t *first,
+                            ch_err_t *e)
+{
+  size_t n = 0, page = 0;
+  first[0] = 0;
+  while (page + 1 < pages && n < max) {
+    v[n] = smalloc_malloc(size);
+    if (v[n] == NULL) {
+      CH_FAIL(e, "malloc(%zu) returned NULL", size);
+      return n;
+    }
+    if (n > 0 && ch_page_of(v[n], size) != ch_page_of(v[n - 1], size))
+      first[++page] = n;
+    n++;
+  }
+  if (page + 1 < pages) CH_FAIL(e, "page %zu not reached after %zu blocks", pages, n);
+  return n;
+}
+
+/* The owner's frees into a full page of `capacity` blocks that bring it
+ * back to its queue: a sixteenth of its blocks, at most 16, at least 1
+ * (smalloc(7)). */
+static size_t ch_unfull_frees(size_t capacity)
+{
+  size_t want = capacity / 16 < 16 ? capacity / 16 : 16;
+  return want == 0 ? 1 : want;
+}
+
 /* ============================================================================
  * full_page_waits_for_blocks: a page whose every block is in use leaves
  * its class's queue for the full list; the owner's frees into it bring it
@@ -817,25 +850,12 @@ static void *ch_wake_thread(void *arg)
     return NULL;
   /* pages A, B and C filled, the first block of D taken: A to C are on
    * the full list; [b0, c0) are B's blocks, C's start at c0 */
-  size_t n = 0, b0 = 0, c0 = 0, pages = 1;
-  while (pages < 4 && n < CH_WAKE_MAX) {
-    v[n] = smalloc_malloc(CH_WAKE_SIZE);
-    if (v[n] == NULL) {
-      CH_FAIL(&w->e, "malloc(%d) returned NULL", CH_WAKE_SIZE);
-      break;
-    }
-    if (n > 0 && ch_page_of(v[n], CH_WAKE_SIZE) != ch_page_of(v[n - 1], CH_WAKE_SIZE)) {
-      pages++;
-      if (pages == 2) b0 = n;
-      if (pages == 3) c0 = n;
-    }
-    n++;
-  }
-  if (pages < 4 && !w->e.failed) CH_FAIL(&w->e, "no fourth page after %zu blocks", n);
+  size_t first[4] = {0};
+  size_t n = ch_fill_pages(v, CH_WAKE_MAX, CH_WAKE_SIZE, 4, first, &w->e);
+  size_t b0 = first[1], c0 = first[2];
   if (!w->e.failed) {
     w->capacity = c0 - b0;
-    w->want = w->capacity / 16 < 16 ? w->capacity / 16 : 16;
-    if (w->want == 0) w->want = 1;
+    w->want = ch_unfull_frees(w->capacity);
     w->rc |= ch_snap(&w->s[0]);
     for (size_t i = 0; i + 1 < w->want; i++)
       smalloc_free(v[b0 + i]);   /* B stays on the full list */
@@ -916,21 +936,14 @@ static void *ch_rq_thread(void *arg)
   void **v = ch_thread_map(CH_RQ_MAX * sizeof *v, &w->e);
   if (v == NULL)
     return NULL;
-  size_t n = 0, b0 = 0, c0 = 0, pages = 1;
-  while (pages < 3 && n < CH_RQ_MAX && !w->e.failed) {
-    ch_rq_take(w, v, &n, 1);
-    if (n > 1 && ch_page_of(v[n - 1], CH_RQ_SIZE) != ch_page_of(v[n - 2], CH_RQ_SIZE)) {
-      pages++;
-      if (pages == 2) b0 = n - 1;
-      if (pages == 3) c0 = n - 1;
-    }
-  }
-  if (pages < 3 && !w->e.failed) CH_FAIL(&w->e, "no third page after %zu blocks", n);
+  /* pages A and B filled, the first block of C taken */
+  size_t first[3] = {0};
+  size_t n = ch_fill_pages(v, CH_RQ_MAX, CH_RQ_SIZE, 3, first, &w->e);
+  size_t b0 = first[1], c0 = first[2];
   if (!w->e.failed) {
     size_t cap = c0 - b0;   /* B's blocks; every page of the class holds as many */
     w->capacity = cap;
-    w->want = cap / 16 < 16 ? cap / 16 : 16;
-    if (w->want == 0) w->want = 1;
+    w->want = ch_unfull_frees(cap);
     for (size_t i = 0; i < w->want; i++) {
       smalloc_free(v[i]);        /* A's first blocks: A back, behind C */
       v[i] = NULL;
@@ -940,15 +953,15 @@ static void *ch_rq_thread(void *arg)
       v[b0 + i] = NULL;
     }
     w->rc |= ch_snap(&w->s[0]);
-    ch_rq_take(w, v, &n, cap - 1 + 1);   /* the rest of C, then one from A */
+    ch_rq_take(w, v, &n, cap);   /* the rest of C (all but one), then one from A */
     w->rc |= ch_snap(&w->s[1]);
-    ch_rq_take(w, v, &n, w->want);       /* the rest of A, then one from B */
+    ch_rq_take(w, v, &n, w->want);   /* the rest of A, then one from B */
     w->rc |= ch_snap(&w->s[2]);
-    ch_rq_take(w, v, &n, w->want);       /* the rest of B, then one from a fourth page */
+    ch_rq_take(w, v, &n, w->want);   /* the rest of B, then one from a fourth page */
     w->rc |= ch_snap(&w->s[3]);
     if (!w->e.failed) {
       uintptr_t last = ch_page_of(v[n - 1], CH_RQ_SIZE);
-      w->fourth_page = last != ch_page_of(v[0 + w->want], CH_RQ_SIZE) &&
+      w->fourth_page = last != ch_page_of(v[w->want], CH_RQ_SIZE) &&
                        last != ch_page_of(v[b0 + w->want], CH_RQ_SIZE) &&
                        last != ch_page_of(v[c0], CH_RQ_SIZE);
     }
