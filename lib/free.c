@@ -83,9 +83,11 @@ static bool sm_free_local_push(sm_page_t *page, sm_block_t *b, void *p) {
   b->next = sm_enc(page, *list);
   b->tag = page->key;
   sm_list_publish(list, b);
-  sm_cnt_add(page->frees, 1);
-  /* on local_free it counts (sm_page_t); 0: only in a page found corrupted */
-  if (sm_page_push_counts(page, list) && sm_likely(page->used > 0)) page->used--;
+  /* on local_free it counts down used (sm_page_t), as on the fast path;
+   * used is 0 only in a page found corrupted, and used_mark counts the
+   * free instead (sm_page_local_frees) */
+  if (!sm_page_push_counts(page, list) || sm_likely(page->used > 0)) --*sm_page_push_count(list);
+  else page->used_mark++;
   return true;
 }
 

@@ -10,11 +10,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-SM_EXPORT void *smalloc_malloc(size_t n) {
+SM_EXPORT SM_ENTRY void *smalloc_malloc(size_t n) {
   return sm_malloc(n);
 }
 
-SM_EXPORT void smalloc_free(void *p) {
+SM_EXPORT SM_ENTRY void smalloc_free(void *p) {
   sm_free_inline(p);
 }
 
@@ -356,8 +356,8 @@ SM_CXX void _ZdlPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *t
 SM_CXX void _ZdaPvSt11align_val_tRKSt9nothrow_t(void *p, size_t a, const void *tag);
 
 /* operator new, new[], and their nothrow forms */
-SM_CXX void *_Znwm(size_t n) { return sm_new(n); }
-SM_CXX void *_Znam(size_t n) { return sm_new(n); }
+SM_CXX SM_ENTRY void *_Znwm(size_t n) { return sm_new(n); }
+SM_CXX SM_ENTRY void *_Znam(size_t n) { return sm_new(n); }
 SM_CXX void *_ZnwmRKSt9nothrow_t(size_t n, const void *tag) { (void)tag; return sm_new_nothrow(n); }
 SM_CXX void *_ZnamRKSt9nothrow_t(size_t n, const void *tag) { (void)tag; return sm_new_nothrow(n); }
 /* aligned (C++17) */
@@ -373,10 +373,10 @@ SM_CXX void *_ZnamSt11align_val_tRKSt9nothrow_t(size_t n, size_t a, const void *
 }
 
 /* operator delete, delete[]: plain, sized (C++14), nothrow, aligned */
-SM_CXX void _ZdlPv(void *p) { sm_free_inline(p); }
-SM_CXX void _ZdaPv(void *p) { sm_free_inline(p); }
-SM_CXX void _ZdlPvm(void *p, size_t n) { sm_free_sized_inline(p, n, "operator delete"); }
-SM_CXX void _ZdaPvm(void *p, size_t n) { sm_free_sized_inline(p, n, "operator delete[]"); }
+SM_CXX SM_ENTRY void _ZdlPv(void *p) { sm_free_inline(p); }
+SM_CXX SM_ENTRY void _ZdaPv(void *p) { sm_free_inline(p); }
+SM_CXX SM_ENTRY void _ZdlPvm(void *p, size_t n) { sm_free_sized_inline(p, n, "operator delete"); }
+SM_CXX SM_ENTRY void _ZdaPvm(void *p, size_t n) { sm_free_sized_inline(p, n, "operator delete[]"); }
 SM_CXX void _ZdlPvRKSt9nothrow_t(void *p, const void *tag) { (void)tag; sm_free_inline(p); }
 SM_CXX void _ZdaPvRKSt9nothrow_t(void *p, const void *tag) { (void)tag; sm_free_inline(p); }
 SM_CXX void _ZdlPvSt11align_val_t(void *p, size_t a) { (void)a; sm_free_inline(p); }

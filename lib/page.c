@@ -73,6 +73,8 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   page->local_free = NULL;
   atomic_store_explicit(&page->thread_free, 0, memory_order_relaxed);
   page->used = 0;
+  page->used_mark = 0;
+  page->free_pushes = 0;
   page->bin = (uint8_t)bin;
   atomic_store_explicit(&page->owner, heap, memory_order_relaxed);
   sm_page_set_flags(page, sm_track_on() ? SM_PAGE_TRACKED : 0, sm_heap_owner_id(heap));
@@ -90,7 +92,6 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   page->block_size = (uint32_t)bsize;
   sm_page_set_geometry(page, bsize, area / bsize);
   page->capacity = 0;
-  page->frees = 0;
   page->used_folded = 0;
   page->retire_expire = 0;
   page->next = page->prev = page->rnext = page->rprev = NULL;
@@ -193,7 +194,7 @@ static void sm_page_extend(sm_page_t *page) {
     }
     page->free = head;
     page->capacity += (uint32_t)n;
-    page->used += (uint32_t)n;   /* on the free list */
+    sm_page_used_set(page, page->used + (uint32_t)n);   /* on the free list */
     return;
   }
 #endif
@@ -208,7 +209,7 @@ static void sm_page_extend(sm_page_t *page) {
   ((sm_block_t *)p)->tag = page->key;
   page->free = (sm_block_t *)first;
   page->capacity += (uint32_t)n;
-  page->used += (uint32_t)n;   /* on the free list */
+  sm_page_used_set(page, page->used + (uint32_t)n);   /* on the free list */
 }
 
 /* Move thread_free onto local_free, with one exchange that also yields the
@@ -252,7 +253,7 @@ uint32_t sm_page_collect_thread_free(sm_page_t *page) {
     page->local_free = head;
   }
   if (sm_unlikely(n > page->used)) n = page->used;   /* only after a reported corruption */
-  page->used -= n;
+  sm_page_used_set(page, page->used - n);
   return 0;
 }
 
@@ -275,11 +276,13 @@ bool sm_page_collect_vacant(sm_page_t *page) {
 void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page) {
   size_t bin = page->bin;
   uint32_t live = sm_page_live(page);
-  int64_t allocs = (int64_t)page->frees + (int64_t)live - page->used_folded;
+  uint32_t frees = sm_page_local_frees(page);
+  int64_t allocs = (int64_t)frees + (int64_t)live - page->used_folded;
   /* heap may be the purge thread's (a claim): then the orphan totals */
   SM_COUNT(heap, class_allocs[bin], (uint64_t)allocs);
-  SM_COUNT(heap, class_frees[bin], page->frees);
-  page->frees = 0;
+  SM_COUNT(heap, class_frees[bin], frees);
+  page->free_pushes = 0;
+  page->used_mark = page->used;
   page->used_folded = (int32_t)live;
 }
 
@@ -409,7 +412,7 @@ static sm_page_t *sm_page_take_retired(sm_heap_t *heap, size_t bin) {
  * racing the first free): reported, and the page is kept for good, on
  * no list, as a corrupted page is. */
 bool sm_page_clear(sm_page_t *page) {
-  sm_assert(!page->retired && page->frees == 0);
+  sm_assert(!page->retired && sm_page_local_frees(page) == 0);
   sm_assert_expensive(sm_page_live(page) == 0);
   if (sm_unlikely(sm_tf_head(page, memory_order_acquire) != NULL)) {
     sm_page_corrupt(page, ": a block of it was freed twice", NULL);
@@ -419,7 +422,7 @@ bool sm_page_clear(sm_page_t *page) {
   SM_PROBE(page_release, page->start, page->block_size);
   page->free = page->local_free = NULL;
   page->capacity = 0;
-  page->used = 0;
+  sm_page_used_set(page, 0);
   /* no block of it is live: every free into it fails the block test and
    * is reported (sm_free_generic), also while it waits for its segment's
    * holder to take it home */
@@ -725,7 +728,7 @@ void sm_page_free_to_local(sm_page_t *page) {
     }
     tail->next = sm_enc(page, NULL);
   }
-  page->used -= n;   /* on local_free, they leave used (sm_page_t) */
+  sm_page_used_set(page, page->used - n);   /* on local_free, they leave used (sm_page_t) */
   page->free = NULL;
   if (b == NULL || sm_page_free_to(page) == SM_FREE_TO_FREE) {
     tail->next = sm_enc(page, b);
@@ -933,7 +936,7 @@ static void sm_page_take_notice(sm_page_t *page, sm_block_t *b) {
   page->local_free = b;
   page->xfreed = 1;
   if (sm_likely(page->used > 0)) {   /* 0: only in a page found corrupted */
-    page->used--;
+    sm_page_used_set(page, page->used - 1);
     page->used_folded--;
   }
 }
@@ -1185,14 +1188,14 @@ static int sm_page_refill(sm_page_t *page, bool may_extend) {
   if (page->local_free) {
     page->free = page->local_free;   /* both lists use the page's key */
     page->local_free = NULL;
-    page->used = page->capacity;
+    sm_page_used_set(page, page->capacity);
     return SMALLOC_STEP_LOCAL_SWAP;
   }
   if (sm_tf_head(page, memory_order_relaxed) != NULL) {
     sm_page_collect_thread_free(page);
     page->free = page->local_free;
     page->local_free = NULL;
-    page->used = page->capacity;
+    sm_page_used_set(page, page->capacity);
     return SMALLOC_STEP_THREAD_COLLECT;
   }
   if (may_extend && page->capacity < page->reserved) {

@@ -1469,6 +1469,110 @@ START_TEST(current_page_counts_are_exact)
 END_TEST
 
 /* ============================================================================
+ * frees_on_both_lists_are_counted: the owner's frees into its class's
+ * first page go back on that page's free list and count down one count
+ * (free_pushes), its frees into a page behind the first go on that
+ * page's local_free and count down used (sm_page_push_count: one count
+ * or the other, with no branch on which).  The class's counters still
+ * give every free and every allocation exactly, with frees of both kinds
+ * in turns and across the folds of the slow path; and the page behind,
+ * its last block freed, is empty by its count and retires.  Pages A and
+ * B are filled and C begun (A and B on the full list); a sixteenth of B
+ * freed brings it back behind C. */
+enum { CH_BL_SIZE = SM_TEST_REQUEST_FOR(512), CH_BL_TURNS = 24, CH_BL_MAX = 3 * 128 + 4 * CH_BL_TURNS };
+
+typedef struct {
+  ch_err_t e;
+  int rc;
+  size_t b_left, more;
+  smalloc_stats_t s[4];
+} ch_bl_t;
+
+static void *ch_both_lists_thread(void *arg)
+{
+  ch_bl_t *t = arg;
+  void **v = ch_thread_map(CH_BL_MAX * sizeof *v, &t->e);
+  if (v == NULL)
+    return NULL;
+  size_t first[3] = {0};
+  size_t n = ch_fill_pages(v, CH_BL_MAX, CH_BL_SIZE, 3, first, &t->e);
+  size_t b0 = first[1], c0 = first[2], back = ch_unfull_frees(c0 - b0);
+  if (!t->e.failed && c0 - b0 < back + CH_BL_TURNS + 1)
+    CH_FAIL(&t->e, "page B holds %zu blocks, too few", c0 - b0);
+  /* more of C first, while no other page has a free block */
+  size_t c1 = n;
+  for (int k = 0; !t->e.failed && k < CH_BL_TURNS && n < CH_BL_MAX; k++, n++) {
+    v[n] = smalloc_malloc(CH_BL_SIZE);
+    if (v[n] == NULL || ch_page_of(v[n], CH_BL_SIZE) != ch_page_of(v[c0], CH_BL_SIZE))
+      CH_FAIL(&t->e, "malloc %d after C's first block: %p, not on C", k, v[n]);
+  }
+  for (size_t i = 0; !t->e.failed && i < back; i++) {
+    smalloc_free(v[b0 + i]);   /* the last brings B back behind C */
+    v[b0 + i] = NULL;
+  }
+  if (!t->e.failed) {
+    t->rc |= ch_snap(&t->s[0]);
+    /* in turns: a block of B (onto its local_free), one of C (its free list) */
+    for (int k = 0; k < CH_BL_TURNS; k++) {
+      smalloc_free(v[b0 + back + (size_t)k]);
+      v[b0 + back + (size_t)k] = NULL;
+      smalloc_free(v[c1 + (size_t)k]);
+      v[c1 + (size_t)k] = NULL;
+    }
+    t->rc |= ch_snap(&t->s[1]);
+    /* the rest of B, all onto its local_free: the last empties it */
+    t->b_left = 0;
+    for (size_t i = b0; i < c0; i++)
+      if (v[i] != NULL) {
+        smalloc_free(v[i]);
+        v[i] = NULL;
+        t->b_left++;
+      }
+    t->rc |= ch_snap(&t->s[2]);
+    /* C's free list taken again and past it: the slow path folds C's
+     * counts before it serves more; every other block freed back */
+    t->more = 3 * CH_BL_TURNS;
+    for (size_t k = 0; k < t->more && n < CH_BL_MAX; k++, n++) {
+      v[n] = smalloc_malloc(CH_BL_SIZE);
+      if (v[n] == NULL)
+        CH_FAIL(&t->e, "malloc(%d) returned NULL", CH_BL_SIZE);
+    }
+    for (size_t k = n - t->more; k < n; k += 2) {
+      smalloc_free(v[k]);
+      v[k] = NULL;
+    }
+    t->rc |= ch_snap(&t->s[3]);
+  }
+  for (size_t i = 0; i < n; i++)
+    smalloc_free(v[i]);
+  ch_unmap(v, CH_BL_MAX * sizeof *v);
+  return NULL;
+}
+
+START_TEST(frees_on_both_lists_are_counted)
+{
+  static ch_bl_t t;
+  ch_in_thread(ch_both_lists_thread, &t);
+  ck_assert_msg(!t.e.failed, "%s", t.e.msg);
+  ck_assert_int_eq(t.rc, 0);
+  int k = ch_class(&t.s[0], CH_BL_SIZE);
+  ck_assert_int_ge(k, 0);
+  const smalloc_class_stats_t *a = &t.s[0].classes[k], *b = &t.s[1].classes[k],
+                              *c = &t.s[2].classes[k], *d = &t.s[3].classes[k];
+  ck_assert_uint_eq(b->frees - a->frees, 2 * CH_BL_TURNS);
+  ck_assert_uint_eq(b->allocs - a->allocs, 0);
+  ck_assert_uint_eq(a->blocks_in_use - b->blocks_in_use, 2 * CH_BL_TURNS);
+  ck_assert_uint_gt(t.b_left, 0);
+  ck_assert_uint_eq(c->frees - b->frees, t.b_left);
+  ck_assert_uint_eq(b->blocks_in_use - c->blocks_in_use, t.b_left);
+  ck_assert_uint_eq(t.s[2].pages_retired - t.s[1].pages_retired, 1);
+  ck_assert_uint_eq(d->allocs - c->allocs, t.more);
+  ck_assert_uint_eq(d->frees - c->frees, t.more / 2);
+  ck_assert_uint_eq(d->blocks_in_use - c->blocks_in_use, t.more - t.more / 2);
+}
+END_TEST
+
+/* ============================================================================
  * collect_returns_resident_memory: 1 GiB of 64..256-byte blocks allocated,
  * touched and freed; after smalloc_collect(true) the resident size is back
  * within 10 MiB of what it was before.  The pointer array is mmap'd and
@@ -1614,6 +1718,7 @@ static Suite *churn_suite(void)
   tcase_add_test(tc, page_with_few_free_blocks_waits_for_extension);
   tcase_add_test(tc, retire_keeps_every_page);
   tcase_add_test(tc, current_page_counts_are_exact);
+  tcase_add_test(tc, frees_on_both_lists_are_counted);
   tcase_add_test(tc, retired_pages_expire);
   tcase_add_test(tc, cross_thread_frees_are_counted);
   tcase_add_test(tc, collect_returns_resident_memory);
