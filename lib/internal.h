@@ -274,7 +274,9 @@ SM_INLINE uint32_t *sm_page_push_count(sm_block_t **list) {
 }
 /* The owner's frees into the page since its last stats fold: those onto
  * free, counted down from 0, and those onto local_free, which took used
- * below used_mark (both modulo 2^32; a fold comes first, see page.c). */
+ * below used_mark.  Modulo 2^32, as the 32-bit count of frees before
+ * them was: the slow path folds a page's counts before it refills the
+ * page (page.c), and a statistics read folds every page of the thread. */
 SM_INLINE uint32_t sm_page_local_frees(const sm_page_t *page) {
   return (0u - page->free_pushes) + (page->used_mark - page->used);
 }
