@@ -156,8 +156,7 @@ struct sm_page_s {
   /* counted down by each of the owner's pushes onto free, as one onto
    * local_free counts down used: the two counts sit as far from their
    * lists, so that free takes one from the count of the list it pushed
-   * on without a branch (sm_page_push_count; a branch on which list it
-   * was missed every other time where frees fall on pages at random) */
+   * on with no branch on which (sm_page_push_count, sm_free_owner_push) */
   uint32_t free_pushes;
   uint8_t in_use;                /* carved out of its segment */
   uint8_t retired;               /* empty, kept warm, on the heap's retired lists (heap->lock) */
@@ -285,6 +284,12 @@ SM_INLINE uint32_t sm_page_local_frees(const sm_page_t *page) {
 SM_INLINE void sm_page_used_set(sm_page_t *page, uint32_t used) {
   page->used_mark += used - page->used;
   page->used = used;
+}
+/* The page's frees counted from here on (sm_page_local_frees is 0):
+ * at its start and at each stats fold. */
+SM_INLINE void sm_page_frees_restart(sm_page_t *page) {
+  page->free_pushes = 0;
+  page->used_mark = page->used;
 }
 /* The owner pushed block b (linked, tagged) on one of its page's lists:
  * b becomes the head.  A release store, as plain as any on x86-64: the
@@ -1179,16 +1184,18 @@ bool sm_heap_shared_tidy(bool all);
 bool sm_page_has_free(sm_page_t *page);
 void sm_page_corrupt(sm_page_t *page, const char *what, const void *b);
 uint32_t sm_page_free_count(const sm_page_t *page, uint32_t most);
-/* The blocks of the page handed out and not freed (those on its
- * thread_free count until collected): used less the free list's blocks,
- * counted by walking it (sm_page_free_count).  The first page of a class
- * has a free list, and a page behind it that took blocks other threads
- * sent as one (sm_page_collect_thread_free); the slow path finds the
- * first's empty, and the callers that know how long a list is do not
- * walk it.  With no free list, this is used alone. */
-SM_INLINE uint32_t sm_page_live(const sm_page_t *page) {
-  return page->free == NULL ? page->used : page->used - sm_page_free_count(page, page->used);
+/* The blocks on the page's free list, counted by walking it
+ * (sm_page_free_count; no walk when it is empty).  The first page of a
+ * class has a free list, and a page behind it that took blocks other
+ * threads sent as one (sm_page_collect_thread_free); the slow path finds
+ * the first's empty, and the callers that know how long a list is do not
+ * walk it. */
+SM_INLINE uint32_t sm_page_on_free(const sm_page_t *page) {
+  return page->free == NULL ? 0 : sm_page_free_count(page, page->used);
 }
+/* The blocks of the page handed out and not freed (those on its
+ * thread_free count until collected): used less the free list's. */
+SM_INLINE uint32_t sm_page_live(const sm_page_t *page) { return page->used - sm_page_on_free(page); }
 /* Whether the page holds no live block, on_free blocks on its free
  * list, unless a corrupted free list was found in it (a block freed
  * twice, which used counted twice), after which it is never emptied,
@@ -1196,10 +1203,8 @@ SM_INLINE uint32_t sm_page_live(const sm_page_t *page) {
 SM_INLINE bool sm_page_vacant_with(const sm_page_t *page, uint32_t on_free) {
   return page->used == on_free && !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT);
 }
-/* The same, the free list counted (sm_page_free_count). */
-SM_INLINE bool sm_page_vacant(const sm_page_t *page) {
-  return sm_page_vacant_with(page, page->free == NULL ? 0 : sm_page_free_count(page, page->used));
-}
+/* The same, the free list counted (sm_page_on_free). */
+SM_INLINE bool sm_page_vacant(const sm_page_t *page) { return sm_page_vacant_with(page, sm_page_on_free(page)); }
 bool sm_page_valid(const sm_page_t *page);
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin);
 void sm_page_retire(sm_heap_t *heap, sm_page_t *page);

@@ -73,8 +73,7 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   page->local_free = NULL;
   atomic_store_explicit(&page->thread_free, 0, memory_order_relaxed);
   page->used = 0;
-  page->used_mark = 0;
-  page->free_pushes = 0;
+  sm_page_frees_restart(page);
   page->bin = (uint8_t)bin;
   atomic_store_explicit(&page->owner, heap, memory_order_relaxed);
   sm_page_set_flags(page, sm_track_on() ? SM_PAGE_TRACKED : 0, sm_heap_owner_id(heap));
@@ -281,8 +280,7 @@ void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page) {
   /* heap may be the purge thread's (a claim): then the orphan totals */
   SM_COUNT(heap, class_allocs[bin], (uint64_t)allocs);
   SM_COUNT(heap, class_frees[bin], frees);
-  page->free_pushes = 0;
-  page->used_mark = page->used;
+  sm_page_frees_restart(page);
   page->used_folded = (int32_t)live;
 }
 

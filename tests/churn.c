@@ -99,6 +99,14 @@ static void ch_unmap(void *p, size_t bytes)
   munmap(p, bytes);
 }
 
+/* Free the n blocks of v (NULL ones too), then unmap v's max slots. */
+static void ch_free_unmap(void **v, size_t n, size_t max)
+{
+  for (size_t i = 0; i < n; i++)
+    smalloc_free(v[i]);
+  ch_unmap(v, max * sizeof *v);
+}
+
 /* ---- stats ---------------------------------------------------------------- */
 
 #define ch_snap sm_test_snap
@@ -869,9 +877,7 @@ static void *ch_wake_thread(void *arg)
     v[c0] = NULL;
     for (size_t i = 0; i < w->want; i++) v[b0 + i] = NULL;
   }
-  for (size_t i = 0; i < n; i++)
-    smalloc_free(v[i]);
-  ch_unmap(v, CH_WAKE_MAX * sizeof *v);
+  ch_free_unmap(v, n, CH_WAKE_MAX);
   return NULL;
 }
 
@@ -966,9 +972,7 @@ static void *ch_rq_thread(void *arg)
                        last != ch_page_of(v[c0], CH_RQ_SIZE);
     }
   }
-  for (size_t i = 0; i < n; i++)
-    smalloc_free(v[i]);
-  ch_unmap(v, CH_RQ_MAX * sizeof *v);
+  ch_free_unmap(v, n, CH_RQ_MAX);
   return NULL;
 }
 
@@ -1055,9 +1059,7 @@ static void *ch_fill_thread(void *arg)
       n = m + 1;
     }
   }
-  for (size_t i = 0; i < n; i++)
-    smalloc_free(v[i]);
-  ch_unmap(v, CH_FILL_MAX * sizeof *v);
+  ch_free_unmap(v, n, CH_FILL_MAX);
   return NULL;
 }
 
@@ -1543,9 +1545,7 @@ static void *ch_both_lists_thread(void *arg)
     }
     t->rc |= ch_snap(&t->s[3]);
   }
-  for (size_t i = 0; i < n; i++)
-    smalloc_free(v[i]);
-  ch_unmap(v, CH_BL_MAX * sizeof *v);
+  ch_free_unmap(v, n, CH_BL_MAX);
   return NULL;
 }
 
