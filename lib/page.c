@@ -346,7 +346,7 @@ bool sm_heap_has_retired(sm_heap_t *heap) {
  * lock whenever the lists change (by the owner, trim or the purge thread),
  * so that the owner's slow path tests one field without the lock. */
 static void sm_retired_note_expiry_locked(sm_heap_t *heap) {
-  uint64_t e = heap->retired_first ? (uint32_t)heap->retired_first->retire_expire : SM_NO_EXPIRY;
+  uint64_t e = heap->retired_first ? heap->retired_first->retire_expire : SM_NO_EXPIRY;
   atomic_store_explicit(&heap->next_expire, e, memory_order_relaxed);
 }
 
@@ -383,8 +383,10 @@ void sm_page_retire(sm_heap_t *heap, sm_page_t *page) {
    * each heap's own bytes were weighed */
   uint64_t bytes = sm_page_bytes(page);
   bool wake = sm_gadd(retired_bytes, bytes) + bytes >= SM_BG_THRESHOLD;
-  sm_unlock(&heap->lock);
+  /* checked before the lock goes: from then on another thread may take
+   * the retired page and release it (sm_heap_claim_retired) */
   sm_assert_expensive(sm_page_state_ok(heap, page));
+  sm_unlock(&heap->lock);
   if (wake) sm_background_wake();
 }
 
