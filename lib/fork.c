@@ -50,6 +50,7 @@ static void sm_fork_child(void) {
   sm_heaps_fork_child();
   sm_page_gate_fork_child(sm_heap_tls);
   sm_prof_fork_child();
+  sm_os_limit_forget();   /* the child may set a limit of its own */
 }
 
 void sm_fork_init(void) {

@@ -21,10 +21,9 @@ static size_t sm_huge_offset(size_t alignment) {
 
 /* Whether a mapping for a block of n is advised for transparent huge
  * pages (before its first touch) and may be rounded to them: the one place
- * that decides, asked once per call (it reads the address-space limit
- * with a system call).  From 2 MiB on: a smaller block could never fill
- * one.  Not under an address-space limit, where every page counts, nor
- * with guard pages, which split a huge page. */
+ * that decides, asked once per call.  From 2 MiB on: a smaller block
+ * could never fill one.  Not under an address-space limit, where every
+ * page counts, nor with guard pages, which split a huge page. */
 #define SM_HUGE_PAGE ((size_t)2 << 20)
 static bool sm_huge_pages_for(size_t n) {
   return !SM_GUARD && n >= SM_HUGE_PAGE && sm_opt(HUGEPAGES) && !sm_os_space_limited();
@@ -202,7 +201,14 @@ void *sm_huge_alloc(size_t n, size_t alignment, bool zero, bool *zeroed) {
     void *base;
     size_t align = alignment > SM_SEGMENT_SIZE ? alignment : SM_SEGMENT_SIZE;
     size_t pre = offset == SM_SEGMENT_SIZE ? SM_SEGMENT_SIZE : 0;
-    if (sm_os_map_aligned(mapped, align, pre, &base) != 0) return NULL;
+    if (sm_os_map_aligned(mapped, align, pre, &base) != 0) {
+      /* refused, under a limit set since the last reading (sm_os_space_limited
+       * reads it again now): the exact size may fit where the rounded did not */
+      if (!huge || sm_huge_pages_for(n)) return NULL;
+      huge = false;
+      mapped = sm_huge_need(offset, n, false);
+      if (sm_os_map_aligned(mapped, align, pre, &base) != 0) return NULL;
+    }
     seg = base;
     /* the whole mapping, so it stays one VMA that mremap can move; before
      * the header is written, whose first touch would fault its first

@@ -1317,6 +1317,7 @@ int sm_os_purge(void *p, size_t size);
 int sm_os_hugepage(void *p, size_t size);
 int sm_os_nohugepage(void *p, size_t size);
 bool sm_os_space_limited(void);
+void sm_os_limit_forget(void);
 bool sm_os_thp_always(void);
 int sm_os_protect(void *p, size_t size, bool accessible);
 int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, size_t pre, void **out);

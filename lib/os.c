@@ -30,6 +30,7 @@ static void *sm_sys_mmap(void *hint, size_t size, int prot, int flags) {
   sm_prof_event(SM_PROF_OS_MMAP);
   void *p = mmap(hint, size, prot, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0);
   SM_PROBE(os_mmap, p, size);
+  if (p == MAP_FAILED && errno == ENOMEM) sm_os_limit_forget();
   return p;
 }
 
@@ -52,6 +53,7 @@ static void *sm_sys_mremap(void *p, size_t old_size, size_t new_size, int flags,
   sm_prof_event(SM_PROF_OS_MREMAP);
   void *q = mremap(p, old_size, new_size, flags, to);
   SM_PROBE(os_mremap, p, q, new_size);
+  if (q == MAP_FAILED && errno == ENOMEM) sm_os_limit_forget();
   return q;
 }
 
@@ -226,14 +228,32 @@ int sm_os_purge(void *p, size_t size) {
 }
 
 /* Whether the process runs under an address-space limit (RLIMIT_AS),
- * where every byte of address space counts. */
+ * where every byte of address space counts.  The limit is read again once
+ * SM_LIMIT_TTL_MS have passed since the last reading, at once after the
+ * OS refused a mapping (ENOMEM: the limit may be new, sm_sys_mmap) and in
+ * the child of a fork: huge blocks ask on every call, and a getrlimit
+ * each was the one system call of a program that replaces blocks of
+ * 2 MiB and more (mimalloc-bench's malloc-large: 2,001 for its 2,000
+ * allocations). */
+#define SM_LIMIT_TTL_MS 100
+static _Atomic uint64_t sm_os_limit_at;   /* sm_clock_ms() + 1 at the last reading; 0: none */
+static _Atomic bool sm_os_limit_was;
+
 bool sm_os_space_limited(void) {
+  uint64_t now = sm_clock_ms() + 1;
+  uint64_t at = atomic_load_explicit(&sm_os_limit_at, memory_order_acquire);
+  if (at != 0 && now - at < SM_LIMIT_TTL_MS) return atomic_load_explicit(&sm_os_limit_was, memory_order_relaxed);
   int saved = errno;
   struct rlimit rl;
   bool limited = getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY;
   errno = saved;
+  atomic_store_explicit(&sm_os_limit_was, limited, memory_order_relaxed);
+  atomic_store_explicit(&sm_os_limit_at, now, memory_order_release);
   return limited;
 }
+
+/* The next sm_os_space_limited reads the limit. */
+void sm_os_limit_forget(void) { atomic_store_explicit(&sm_os_limit_at, 0, memory_order_relaxed); }
 
 /* Ask for transparent huge pages, unless SMALLOC_HUGEPAGES=0 (then
  * ENOTSUP: no advice was given). */

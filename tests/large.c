@@ -781,6 +781,10 @@ static void lg_realloc_under_limit(void)
 
 static void lg_limit_300k(void) { lg_fill_under_limit(300 * 1000, 200 * MiB); }
 static void lg_limit_1m(void) { lg_fill_under_limit(MiB, 230 * MiB); }
+/* blocks above 2 MiB cost their size rounded to the page, not to a huge
+ * page as they may without a limit (up to a quarter more): 8 MiB + 1
+ * fill 29 or 30 blocks (232 MiB and more), 24 when rounded to 10 MiB */
+static void lg_limit_8m(void) { lg_fill_under_limit(8 * MiB + 1, 220 * MiB); }
 
 START_TEST(large_blocks_fill_an_address_space_limit)
 {
@@ -788,6 +792,21 @@ START_TEST(large_blocks_fill_an_address_space_limit)
     return;
   sm_test_in_child(lg_limit_300k);
   sm_test_in_child(lg_limit_1m);
+}
+END_TEST
+
+/* smalloc keeps its reading of the limit for 100 ms, where a huge block
+ * asks for it on every call; the child of a fork reads it again, and sees
+ * the limit it sets, though the parent has just read that there is none
+ * (the huge block below). */
+START_TEST(huge_blocks_fill_an_address_space_limit)
+{
+  if (SM_TEST_SANITIZED)
+    return;
+  void *p = smalloc_malloc(8 * MiB + 1);
+  ck_assert_ptr_nonnull(p);
+  smalloc_free(p);
+  sm_test_in_child(lg_limit_8m);
 }
 END_TEST
 
@@ -860,6 +879,7 @@ static Suite *large_suite(void)
   tcase_add_test(tc, realloc_grows_a_large_block_in_place);
   tcase_add_test(tc, kept_huge_mappings_are_purged_then_trimmed);
   tcase_add_test(tc, large_blocks_fill_an_address_space_limit);
+  tcase_add_test(tc, huge_blocks_fill_an_address_space_limit);
   tcase_add_test(tc, realloc_grows_a_huge_block_to_an_address_space_limit);
   tcase_add_test(tc, a_request_beyond_memory_and_swap_fails);
   suite_add_tcase(s, tc);
