@@ -1328,6 +1328,7 @@ extern _Atomic uintptr_t sm_os_hint;
 
 /* ---- stats.c ------------------------------------------------------------ */
 void sm_stats_fold_heap(sm_heap_t *heap);
+void sm_stats_with(void (*fn)(const smalloc_stats_t *s, void *arg), void *arg);
 void sm_stats_orphan_add(size_t offset, uint64_t n);
 void sm_stats_sample_peak(void);
 /* the smalloc command (tools/smalloc.c): a report's table from a filled

@@ -137,23 +137,42 @@ SM_EXPORT int smalloc_malloc_trim(size_t pad) {
   return after < before;
 }
 
-SM_EXPORT struct mallinfo2 smalloc_mallinfo2(void) {
-  smalloc_stats_t s;
-  s.size = sizeof s;
-  smalloc_stats_get(&s);
+/* glibc's introspection calls read the statistics through sm_stats_with,
+ * without a copy of them on the stack (10 KiB: a thread's stack may be
+ * 16).  mallinfo2's figures from s; with malloc_info's and
+ * malloc_stats' own. */
+typedef struct sm_mallinfo_s {
   struct mallinfo2 mi;
-  memset(&mi, 0, sizeof mi);
+  uint64_t committed, mapped, mapped_peak, in_use, regions;
+} sm_mallinfo_t;
+
+static void sm_mallinfo_read(const smalloc_stats_t *s, void *arg) {
+  sm_mallinfo_t *r = arg;
+  struct mallinfo2 *mi = &r->mi;
+  memset(mi, 0, sizeof *mi);
   uint64_t huge = atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed);
-  mi.arena = s.bytes_mapped - huge;        /* segments */
-  mi.ordblks = s.pages_in_use;
-  mi.hblks = s.huge_allocs - s.huge_frees;
-  mi.hblkhd = huge;
-  mi.usmblks = s.bytes_mapped_peak;
-  mi.uordblks = s.bytes_in_use;
-  mi.fordblks = s.bytes_committed > s.bytes_in_use ? s.bytes_committed - s.bytes_in_use : 0;
-  mi.keepcost = 0;
-  return mi;
+  mi->arena = s->bytes_mapped - huge;        /* segments */
+  mi->ordblks = s->pages_in_use;
+  mi->hblks = s->huge_allocs - s->huge_frees;
+  mi->hblkhd = huge;
+  mi->usmblks = s->bytes_mapped_peak;
+  mi->uordblks = s->bytes_in_use;
+  mi->fordblks = s->bytes_committed > s->bytes_in_use ? s->bytes_committed - s->bytes_in_use : 0;
+  mi->keepcost = 0;
+  r->committed = s->bytes_committed;
+  r->mapped = s->bytes_mapped;
+  r->mapped_peak = s->bytes_mapped_peak;
+  r->in_use = s->bytes_in_use;
+  r->regions = s->segments_in_use + s->huge_allocs - s->huge_frees;
 }
+
+static sm_mallinfo_t sm_mallinfo_get(void) {
+  sm_mallinfo_t r;
+  sm_stats_with(sm_mallinfo_read, &r);
+  return r;
+}
+
+SM_EXPORT struct mallinfo2 smalloc_mallinfo2(void) { return sm_mallinfo_get().mi; }
 
 /* The older mallinfo: the same figures in int fields, each at most
  * INT_MAX (glibc's wrap around instead). */
@@ -183,13 +202,9 @@ SM_EXPORT struct mallinfo smalloc_mallinfo(void) {
  * counterpart (a free block is on its page's lists): it is empty. */
 SM_EXPORT int smalloc_malloc_info(int options, FILE *fp) {
   if (options != 0 || fp == NULL) return EINVAL;
-  smalloc_stats_t s;
-  s.size = sizeof s;
-  smalloc_stats_get(&s);
-  struct mallinfo2 m = smalloc_mallinfo2();
-  unsigned long long rest = m.fordblks, cur = s.bytes_committed, max = s.bytes_mapped_peak,
-                     total = s.bytes_mapped, nmmap = m.hblks, mmapped = m.hblkhd,
-                     pages = s.pages_in_use;
+  sm_mallinfo_t r = sm_mallinfo_get();
+  unsigned long long rest = r.mi.fordblks, cur = r.committed, max = r.mapped_peak, total = r.mapped,
+                     nmmap = r.mi.hblks, mmapped = r.mi.hblkhd, pages = r.mi.ordblks;
   fprintf(fp,
           "<malloc version=\"1\">\n<heap nr=\"0\">\n<sizes>\n</sizes>\n"
           "<total type=\"fast\" count=\"0\" size=\"0\"/>\n"
@@ -218,19 +233,15 @@ SM_EXPORT int smalloc_mallopt(int param, int value) {
 }
 
 SM_EXPORT void smalloc_malloc_stats(void) {
-  smalloc_stats_t s;
-  s.size = sizeof s;
-  smalloc_stats_get(&s);
+  sm_mallinfo_t r = sm_mallinfo_get();
   int cancel;
   pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel);   /* the whole report, always */
   fprintf(stderr,
           "Arena 0:\nsystem bytes     = %10llu\nin use bytes     = %10llu\n"
           "Total (incl. mmap):\nsystem bytes     = %10llu\nin use bytes     = %10llu\n"
           "max mmap regions = %10llu\nmax mmap bytes   = %10llu\n",
-          (unsigned long long)s.bytes_committed, (unsigned long long)s.bytes_in_use,
-          (unsigned long long)s.bytes_mapped, (unsigned long long)s.bytes_in_use,
-          (unsigned long long)(s.segments_in_use + s.huge_allocs - s.huge_frees),
-          (unsigned long long)s.bytes_mapped_peak);
+          (unsigned long long)r.committed, (unsigned long long)r.in_use, (unsigned long long)r.mapped,
+          (unsigned long long)r.in_use, (unsigned long long)r.regions, (unsigned long long)r.mapped_peak);
   pthread_setcancelstate(cancel, NULL);
 }
 

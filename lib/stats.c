@@ -19,6 +19,17 @@ static sm_tstats_t sm_exited;          /* threads that exited (heaps lock) */
 static sm_tstats_t sm_orphan;          /* frees by threads without a heap (atomic) */
 static smalloc_stats_t sm_reset_base;  /* raw figures at the last reset (stats lock) */
 
+/* The figures being read, and the per-thread counters summed on the way:
+ * 10 KiB and twice 7 KiB, too much for the stack of a thread that may
+ * read them (a thread's stack can be 16 KiB: mallinfo2 and malloc_stats
+ * overflowed a 32 KiB one), so one reader at a time, under
+ * sm_stats_read_mutex, which is taken before any other lock. */
+static pthread_mutex_t sm_stats_read_mutex = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+  sm_tstats_t t, orphan;
+  smalloc_stats_t s;
+} sm_read;
+
 /* Every figure after the header: name, and whether it is a gauge (kept by
  * reset) or an event count (zeroed by reset).  B marks byte figures for
  * the table. */
@@ -120,29 +131,27 @@ void sm_stats_thread_exit(sm_heap_t *heap) {
   sm_tstats_add(&sm_exited, &heap->stats);
 }
 
+/* The raw figures into o; under sm_stats_read_mutex (sm_read). */
 static void sm_stats_raw(smalloc_stats_t *o) {
-  sm_tstats_t t;
-  memset(&t, 0, sizeof t);
+  sm_tstats_t *tp = &sm_read.t, *orphan = &sm_read.orphan;
+  memset(tp, 0, sizeof *tp);
   memset(o, 0, sizeof *o);
   sm_stats_fold_heap(sm_heap());
   sm_heaps_lock();
-  sm_tstats_add(&t, &sm_exited);
-  for (sm_heap_t *h = sm_heaps_first(); h; h = h->all_next) sm_tstats_add(&t, &h->stats);
+  sm_tstats_add(tp, &sm_exited);
+  for (sm_heap_t *h = sm_heaps_first(); h; h = h->all_next) sm_tstats_add(tp, &h->stats);
   sm_heaps_unlock();
-  {
-    sm_tstats_t orphan;
-    for (size_t i = 0; i < sizeof orphan / sizeof(uint64_t); i++)
-      ((uint64_t *)&orphan)[i] = __atomic_load_n(&((uint64_t *)&sm_orphan)[i], __ATOMIC_RELAXED);
-    sm_tstats_add(&t, &orphan);
-  }
+  for (size_t i = 0; i < sizeof *orphan / sizeof(uint64_t); i++)
+    ((uint64_t *)orphan)[i] = __atomic_load_n(&((uint64_t *)&sm_orphan)[i], __ATOMIC_RELAXED);
+  sm_tstats_add(tp, orphan);
 
   uint64_t allocs = 0, frees = 0, bytes = 0, blocks = 0, pages = 0;
   o->nclasses = SMALLOC_STATS_CLASSES;
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
     smalloc_class_stats_t *c = &o->classes[bin - 1];
     c->block_size = sm_bin_size(bin);
-    c->allocs = t.class_allocs[bin];
-    c->frees = t.class_frees[bin];
+    c->allocs = tp->class_allocs[bin];
+    c->frees = tp->class_frees[bin];
     /* a live thread's counts are read as they are: its frees of another
      * thread's blocks may be seen before its allocations are folded */
     c->blocks_in_use = c->allocs > c->frees ? c->allocs - c->frees : 0;
@@ -151,7 +160,7 @@ static void sm_stats_raw(smalloc_stats_t *o) {
     int64_t pg = atomic_load_explicit(&sm_gstats.class_pages[bin], memory_order_relaxed);
     c->pages_in_use = pg > 0 ? (uint64_t)pg : 0;
     for (int s = 0; s < SMALLOC_STEP_COUNT; s++) {
-      c->slow_steps[s] = t.class_steps[bin][s];
+      c->slow_steps[s] = tp->class_steps[bin][s];
       o->slow_steps[s] += c->slow_steps[s];
       o->slow_path += c->slow_steps[s];
     }
@@ -162,39 +171,39 @@ static void sm_stats_raw(smalloc_stats_t *o) {
     pages += c->pages_in_use;
   }
   uint64_t huge_b = atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed);
-  o->calls_malloc = allocs + t.large_allocs + t.huge_allocs - t.alloc_other + t.calls[SM_CALL_MALLOC_FAILED];
-  o->calls_calloc = t.calls[SM_CALL_CALLOC];
-  o->calls_realloc = t.calls[SM_CALL_REALLOC];
-  o->calls_reallocarray = t.calls[SM_CALL_REALLOCARRAY];
-  o->calls_free = frees + t.large_frees + t.huge_frees - t.free_other;
-  o->calls_free_null = t.calls[SM_CALL_FREE_NULL];
-  o->calls_posix_memalign = t.calls[SM_CALL_POSIX_MEMALIGN];
-  o->calls_aligned_alloc = t.calls[SM_CALL_ALIGNED_ALLOC];
-  o->calls_memalign = t.calls[SM_CALL_MEMALIGN];
-  o->calls_valloc = t.calls[SM_CALL_VALLOC];
-  o->calls_pvalloc = t.calls[SM_CALL_PVALLOC];
-  o->calls_usable_size = t.calls[SM_CALL_USABLE_SIZE];
-  o->calls_free_sized = t.calls[SM_CALL_FREE_SIZED];
-  o->calls_free_aligned_sized = t.calls[SM_CALL_FREE_ALIGNED_SIZED];
-  o->calls_failed = t.calls[SM_CALL_FAILED];
-  o->bytes_requested = t.requested - t.prof_left;   /* see sm_tstats_t */
+  o->calls_malloc = allocs + tp->large_allocs + tp->huge_allocs - tp->alloc_other + tp->calls[SM_CALL_MALLOC_FAILED];
+  o->calls_calloc = tp->calls[SM_CALL_CALLOC];
+  o->calls_realloc = tp->calls[SM_CALL_REALLOC];
+  o->calls_reallocarray = tp->calls[SM_CALL_REALLOCARRAY];
+  o->calls_free = frees + tp->large_frees + tp->huge_frees - tp->free_other;
+  o->calls_free_null = tp->calls[SM_CALL_FREE_NULL];
+  o->calls_posix_memalign = tp->calls[SM_CALL_POSIX_MEMALIGN];
+  o->calls_aligned_alloc = tp->calls[SM_CALL_ALIGNED_ALLOC];
+  o->calls_memalign = tp->calls[SM_CALL_MEMALIGN];
+  o->calls_valloc = tp->calls[SM_CALL_VALLOC];
+  o->calls_pvalloc = tp->calls[SM_CALL_PVALLOC];
+  o->calls_usable_size = tp->calls[SM_CALL_USABLE_SIZE];
+  o->calls_free_sized = tp->calls[SM_CALL_FREE_SIZED];
+  o->calls_free_aligned_sized = tp->calls[SM_CALL_FREE_ALIGNED_SIZED];
+  o->calls_failed = tp->calls[SM_CALL_FAILED];
+  o->bytes_requested = tp->requested - tp->prof_left;   /* see sm_tstats_t */
 #define SM_POS(a, b) ((a) > (b) ? (a) - (b) : 0)
   o->bytes_in_use = bytes + huge_b;
-  o->blocks_in_use = blocks + SM_POS(t.large_allocs, t.large_frees) + SM_POS(t.huge_allocs, t.huge_frees);
+  o->blocks_in_use = blocks + SM_POS(tp->large_allocs, tp->large_frees) + SM_POS(tp->huge_allocs, tp->huge_frees);
 #undef SM_POS
   sm_peak_raise(o->bytes_in_use);
   o->bytes_in_use_peak = atomic_load(&sm_gstats.peak_in_use);
-  o->large_allocs = t.large_allocs;
-  o->large_frees = t.large_frees;
-  o->huge_allocs = t.huge_allocs;
-  o->huge_frees = t.huge_frees;
-  o->huge_remaps = t.huge_remaps;
+  o->large_allocs = tp->large_allocs;
+  o->large_frees = tp->large_frees;
+  o->huge_allocs = tp->huge_allocs;
+  o->huge_frees = tp->huge_frees;
+  o->huge_remaps = tp->huge_remaps;
   o->pages_in_use = pages;
-  o->pages_retired = t.pages_retired;
-  o->pages_reused = t.pages_reused;
-  o->pages_released = t.pages_released;
-  o->pages_full = t.pages_full;
-  o->pages_unfull = t.pages_unfull;
+  o->pages_retired = tp->pages_retired;
+  o->pages_reused = tp->pages_reused;
+  o->pages_released = tp->pages_released;
+  o->pages_full = tp->pages_full;
+  o->pages_unfull = tp->pages_unfull;
 #define G(f) atomic_load_explicit(&sm_gstats.f, memory_order_relaxed)
   o->segments_in_use = G(segments_in_use);
   o->segments_mapped = G(segments_mapped);
@@ -211,13 +220,13 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   o->bytes_committed = G(bytes_committed);
   o->bytes_purged = G(bytes_purged);
 #undef G
-  o->threads_started = t.threads_started;
-  o->threads_exited = t.threads_exited;
-  o->pages_abandoned = t.pages_abandoned;
-  o->pages_reclaimed = t.pages_reclaimed;
-  o->segments_reclaimed = t.segments_reclaimed;
-  o->pages_claimed = t.pages_claimed;
-  o->oom_collects = t.oom_collects;
+  o->threads_started = tp->threads_started;
+  o->threads_exited = tp->threads_exited;
+  o->pages_abandoned = tp->pages_abandoned;
+  o->pages_reclaimed = tp->pages_reclaimed;
+  o->segments_reclaimed = tp->segments_reclaimed;
+  o->pages_claimed = tp->pages_claimed;
+  o->oom_collects = tp->oom_collects;
   o->huge_cached = atomic_load_explicit(&sm_gstats.huge_cached, memory_order_relaxed);
   o->huge_cache_hits = atomic_load_explicit(&sm_gstats.huge_cache_hits, memory_order_relaxed);
   o->background_threads = atomic_load_explicit(&sm_gstats.background_threads, memory_order_relaxed);
@@ -251,25 +260,38 @@ static void sm_stats_current(smalloc_stats_t *o) {
   o->version = SMALLOC_STATS_VERSION;
 }
 
+/* fn(the current figures, arg), under sm_stats_read_mutex: for readers
+ * that need a few of them (override.c), without a copy of them all. */
+void sm_stats_with(void (*fn)(const smalloc_stats_t *s, void *arg), void *arg) {
+  pthread_mutex_lock(&sm_stats_read_mutex);
+  sm_stats_current(&sm_read.s);
+  fn(&sm_read.s, arg);
+  pthread_mutex_unlock(&sm_stats_read_mutex);
+}
+
 SM_EXPORT int smalloc_stats_get(smalloc_stats_t *out) {
   if (out == NULL || out->size < offsetof(smalloc_stats_t, nclasses)) return EINVAL;
   size_t size = out->size < sizeof *out ? out->size : sizeof *out;
-  smalloc_stats_t s;   /* on the stack: reading the counters must not change them */
-  sm_stats_current(&s);
-  s.size = size;
-  memcpy(out, &s, size);
+  /* read apart from *out: reading the counters must not change them */
+  pthread_mutex_lock(&sm_stats_read_mutex);
+  sm_stats_current(&sm_read.s);
+  sm_read.s.size = size;
+  memcpy(out, &sm_read.s, size);
+  pthread_mutex_unlock(&sm_stats_read_mutex);
   return 0;
 }
 
 SM_EXPORT void smalloc_stats_reset(void) {
-  smalloc_stats_t s;
-  sm_stats_raw(&s);
+  pthread_mutex_lock(&sm_stats_read_mutex);
+  const smalloc_stats_t *s = &sm_read.s;
+  sm_stats_raw(&sm_read.s);
   pthread_mutex_lock(&sm_stats_mutex);
-  sm_reset_base = s;
+  sm_reset_base = *s;
   pthread_mutex_unlock(&sm_stats_mutex);
-  atomic_store(&sm_gstats.peak_in_use, s.bytes_in_use);
+  atomic_store(&sm_gstats.peak_in_use, s->bytes_in_use);
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++)
-    atomic_store(&sm_gstats.class_peak[bin], s.classes[bin - 1].blocks_in_use);
+    atomic_store(&sm_gstats.class_peak[bin], s->classes[bin - 1].blocks_in_use);
+  pthread_mutex_unlock(&sm_stats_read_mutex);
 }
 
 /* ---- printing --------------------------------------------------------------- */
@@ -413,12 +435,13 @@ void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t residen
 }
 
 static void sm_stats_print_table(FILE *out) {
-  smalloc_stats_t st;
-  sm_stats_current(&st);
+  pthread_mutex_lock(&sm_stats_read_mutex);
+  sm_stats_current(&sm_read.s);
   char prog[32], who[96];
   snprintf(who, sizeof who, "%s (pid %ld, running %.1f s)", sm_program(prog, sizeof prog),
            (long)getpid(), (double)(sm_clock_ms() - sm_start_ms) / 1000.0);
-  sm_stats_format(&st, who, sm_resident(), "the process", out);
+  sm_stats_format(&sm_read.s, who, sm_resident(), "the process", out);
+  pthread_mutex_unlock(&sm_stats_read_mutex);
   sm_prof_print_top(out);
 }
 
@@ -609,8 +632,9 @@ static void sm_json_steps(FILE *out, const uint64_t *steps) {
 }
 
 static void sm_stats_print_json(FILE *out) {
-  smalloc_stats_t st, *s = &st;
-  sm_stats_current(s);
+  pthread_mutex_lock(&sm_stats_read_mutex);
+  const smalloc_stats_t *s = &sm_read.s;
+  sm_stats_current(&sm_read.s);
   char prog[32];
   fprintf(out, "{\"version\": %u, \"size\": %zu, \"nclasses\": %u", s->version, s->size, s->nclasses);
   /* who, and with what: the process, the library, the options in effect */
@@ -644,6 +668,7 @@ static void sm_stats_print_json(FILE *out) {
     fputc('}', out);
   }
   fputs("]}\n", out);
+  pthread_mutex_unlock(&sm_stats_read_mutex);
   fflush(out);
 }
 
@@ -755,5 +780,6 @@ __attribute__((destructor)) static void sm_stats_destructor(void) {
 /* fork (fork.c): the reset base is numbers only; a half-copied one skews
  * the child's figures, nothing more */
 void sm_stats_fork_child(void) {
+  sm_fork_mutex_was_held(&sm_stats_read_mutex);
   sm_fork_mutex_was_held(&sm_stats_mutex);
 }

@@ -2,6 +2,8 @@
 #include "common.h"
 
 #include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <malloc.h>
 #include <sys/stat.h>
 
@@ -640,6 +642,60 @@ static off_t file_size(FILE *f)
   return st.st_size;
 }
 
+/* Every call that reads the statistics runs on a thread with the least
+ * stack a thread may have (16 KiB): their figures (10 KiB, and twice 7
+ * KiB of per-thread counters summed) are not copied onto it.  mallinfo2
+ * and malloc_stats overflowed a 32 KiB stack, malloc_info a 48 KiB one,
+ * and smalloc_stats_get, _print and _reset a 32 KiB one. */
+static _Atomic size_t small_stack_in_use;
+
+static void *small_stack_reads(void *arg)
+{
+  FILE *devnull = arg;
+  smalloc_stats_t *s = smalloc_malloc(sizeof *s);
+  if (s == NULL)
+    return NULL;
+  s->size = sizeof *s;
+  if (smalloc_stats_get(s) == 0 && smalloc_malloc_info(0, devnull) == 0) {
+    smalloc_stats_print(devnull);
+    smalloc_stats_print_json(devnull);
+    smalloc_malloc_stats();
+    struct mallinfo m = smalloc_mallinfo();
+    smalloc_stats_reset();
+    if ((size_t)m.uordblks == smalloc_mallinfo2().uordblks)
+      atomic_store(&small_stack_in_use, s->bytes_in_use);
+  }
+  smalloc_free(s);
+  return NULL;
+}
+
+static void small_stack_run(void)
+{
+  FILE *devnull = fopen("/dev/null", "w");
+  ck_assert_ptr_nonnull(devnull);
+  pthread_attr_t at;
+  pthread_t t;
+  ck_assert_int_eq(pthread_attr_init(&at), 0);
+  ck_assert_int_eq(pthread_attr_setstacksize(&at, PTHREAD_STACK_MIN), 0);
+  ck_assert_int_eq(pthread_create(&t, &at, small_stack_reads, devnull), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  pthread_attr_destroy(&at);
+  fclose(devnull);
+}
+
+START_TEST(statistics_are_read_on_the_smallest_stack)
+{
+  if (SM_TEST_SANITIZED)
+    return;   /* a sanitizer's frames are larger */
+  void *p = smalloc_malloc(3 * MiB);   /* the figures the thread reads count it */
+  ck_assert_ptr_nonnull(p);
+  fclose(capture_stderr(small_stack_run));
+  ck_assert_uint_ge(atomic_load(&small_stack_in_use), 3 * MiB);
+  smalloc_free(p);
+}
+END_TEST
+
+
 START_TEST(malloc_stats_prints_to_stderr)
 {
   void *p = smalloc_malloc(1000);
@@ -1017,6 +1073,7 @@ static Suite *api_suite(void)
   tcase_add_test(tc, mallinfo2_counts_live_blocks);
   tcase_add_test(tc, mallinfo_matches_mallinfo2);
   tcase_add_test(tc, malloc_info_reports_in_glibc_layout);
+  tcase_add_test(tc, statistics_are_read_on_the_smallest_stack);
   tcase_add_test(tc, mallopt_refuses_glibc_knobs);
   tcase_add_test(tc, malloc_stats_prints_to_stderr);
   suite_add_tcase(s, tc);
