@@ -29,6 +29,20 @@ static struct {
   sm_tstats_t t, orphan;
   smalloc_stats_t s;
 } sm_read;
+/* This thread holds sm_stats_read_mutex: a printer's write may allocate,
+ * and the periodic report that allocation may print (sm_stats_periodic)
+ * waits for the next one rather than for itself. */
+static __thread bool sm_stats_reading __attribute__((tls_model("initial-exec")));
+
+static void sm_stats_read_lock(void) {
+  pthread_mutex_lock(&sm_stats_read_mutex);
+  sm_stats_reading = true;
+}
+
+static void sm_stats_read_unlock(void) {
+  sm_stats_reading = false;
+  pthread_mutex_unlock(&sm_stats_read_mutex);
+}
 
 /* Every figure after the header: name, and whether it is a gauge (kept by
  * reset) or an event count (zeroed by reset).  B marks byte figures for
@@ -263,26 +277,26 @@ static void sm_stats_current(smalloc_stats_t *o) {
 /* fn(the current figures, arg), under sm_stats_read_mutex: for readers
  * that need a few of them (override.c), without a copy of them all. */
 void sm_stats_with(void (*fn)(const smalloc_stats_t *s, void *arg), void *arg) {
-  pthread_mutex_lock(&sm_stats_read_mutex);
+  sm_stats_read_lock();
   sm_stats_current(&sm_read.s);
   fn(&sm_read.s, arg);
-  pthread_mutex_unlock(&sm_stats_read_mutex);
+  sm_stats_read_unlock();
 }
 
 SM_EXPORT int smalloc_stats_get(smalloc_stats_t *out) {
   if (out == NULL || out->size < offsetof(smalloc_stats_t, nclasses)) return EINVAL;
   size_t size = out->size < sizeof *out ? out->size : sizeof *out;
   /* read apart from *out: reading the counters must not change them */
-  pthread_mutex_lock(&sm_stats_read_mutex);
+  sm_stats_read_lock();
   sm_stats_current(&sm_read.s);
   sm_read.s.size = size;
   memcpy(out, &sm_read.s, size);
-  pthread_mutex_unlock(&sm_stats_read_mutex);
+  sm_stats_read_unlock();
   return 0;
 }
 
 SM_EXPORT void smalloc_stats_reset(void) {
-  pthread_mutex_lock(&sm_stats_read_mutex);
+  sm_stats_read_lock();
   const smalloc_stats_t *s = &sm_read.s;
   sm_stats_raw(&sm_read.s);
   pthread_mutex_lock(&sm_stats_mutex);
@@ -291,7 +305,7 @@ SM_EXPORT void smalloc_stats_reset(void) {
   atomic_store(&sm_gstats.peak_in_use, s->bytes_in_use);
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++)
     atomic_store(&sm_gstats.class_peak[bin], s->classes[bin - 1].blocks_in_use);
-  pthread_mutex_unlock(&sm_stats_read_mutex);
+  sm_stats_read_unlock();
 }
 
 /* ---- printing --------------------------------------------------------------- */
@@ -435,13 +449,13 @@ void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t residen
 }
 
 static void sm_stats_print_table(FILE *out) {
-  pthread_mutex_lock(&sm_stats_read_mutex);
+  sm_stats_read_lock();
   sm_stats_current(&sm_read.s);
   char prog[32], who[96];
   snprintf(who, sizeof who, "%s (pid %ld, running %.1f s)", sm_program(prog, sizeof prog),
            (long)getpid(), (double)(sm_clock_ms() - sm_start_ms) / 1000.0);
   sm_stats_format(&sm_read.s, who, sm_resident(), "the process", out);
-  pthread_mutex_unlock(&sm_stats_read_mutex);
+  sm_stats_read_unlock();
   sm_prof_print_top(out);
 }
 
@@ -632,7 +646,7 @@ static void sm_json_steps(FILE *out, const uint64_t *steps) {
 }
 
 static void sm_stats_print_json(FILE *out) {
-  pthread_mutex_lock(&sm_stats_read_mutex);
+  sm_stats_read_lock();
   const smalloc_stats_t *s = &sm_read.s;
   sm_stats_current(&sm_read.s);
   char prog[32];
@@ -668,7 +682,7 @@ static void sm_stats_print_json(FILE *out) {
     fputc('}', out);
   }
   fputs("]}\n", out);
-  pthread_mutex_unlock(&sm_stats_read_mutex);
+  sm_stats_read_unlock();
   fflush(out);
 }
 
@@ -759,6 +773,7 @@ void sm_stats_tick(void) {
 
 void sm_stats_periodic(void) {
   static _Atomic int printing;
+  if (sm_stats_reading) return;   /* this thread is printing one */
   if (atomic_exchange(&printing, 1)) return;   /* another thread prints one */
   int fd = sm_stats_open_file();
   if (fd < 0 && sm_stats_fd >= 0) fd = fcntl(sm_stats_fd, F_DUPFD_CLOEXEC, 3);
