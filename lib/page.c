@@ -1260,9 +1260,9 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
  *
  * Shared, the pages of all threads lie side by side, the first free page
  * of a segment with one first: a thread with a few blocks costs the
- * process a page, not a mapping, and the shared segments are dense
- * enough to take huge pages once they are many (segment.c:
- * sm_segment_wants_huge).  Each thread mapping its own, a program of
+ * process a page, not a mapping, and the shared segments of small pages
+ * are dense enough to take huge pages once they are many (segment.c:
+ * sm_segment_wants_huge; not those of medium pages).  Each thread mapping its own, a program of
  * 1000 threads with a small block each mapped 4 GiB, and under
  * `ulimit -v 262144` no more than 63 to 164 threads could start, many of
  * them without their block.  And with every thread's fifth page on in
