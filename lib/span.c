@@ -190,10 +190,13 @@ static void *sm_span_carve(sm_segment_t *seg, unsigned i, unsigned k, bool *zero
  * most SM_LARGE_MAX), taking the free units right after it; false when
  * they are taken. */
 bool sm_span_grow(sm_segment_t *seg, sm_page_t *page, size_t n) {
+  /* first: the unit count of a larger n would wrap (realloc to 2^48 + 1
+   * bytes "fitted" in a block of one unit and kept it) */
+  if (n > SM_LARGE_MAX) return false;
   unsigned k, i = sm_span_block(seg, page, &k);
   unsigned want = (unsigned)((n + SM_SPAN_UNIT - 1) >> SM_SPAN_SHIFT);
   if (want <= k) return true;
-  if (n > SM_LARGE_MAX || i + want > SM_SPAN_UNITS) return false;
+  if (i + want > SM_SPAN_UNITS) return false;
   uint64_t more = sm_span_run(i + k, want - k);
   pthread_mutex_lock(&sm_span_lock);
   bool free = (seg->span_free & more) == more;

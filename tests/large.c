@@ -599,6 +599,29 @@ START_TEST(realloc_grows_a_large_block_in_place)
 }
 END_TEST
 
+/* realloc of a large block to a size no mapping can have fails with
+ * ENOMEM and leaves the block as it was: its unit count (n / 64 KiB)
+ * wrapped at 2^32 units, and a block of one unit took 2^48 + 4096 bytes
+ * as "fitting" and came back unchanged (found by the fuzzer). */
+START_TEST(realloc_of_a_large_block_to_an_impossible_size_fails)
+{
+  static const size_t absurd[] = {((size_t)1 << 48) + 4096, (size_t)3074457345618258602u};
+  for (size_t i = 0; i < sizeof absurd / sizeof absurd[0]; i++) {
+    unsigned char *p = smalloc_malloc(LG_300K);
+    ck_assert_ptr_nonnull(p);
+    uint64_t seed = sm_pattern_seed(p, 5);
+    sm_pattern_fill(p, LG_300K, seed);
+    size_t usable = smalloc_malloc_usable_size(p);
+    errno = 0;
+    ck_assert_ptr_null(smalloc_realloc(p, sm_opaque_size(absurd[i])));
+    ck_assert_int_eq(errno, ENOMEM);
+    ck_assert_uint_eq(smalloc_malloc_usable_size(p), usable);
+    ck_assert(sm_pattern_ok(p, LG_300K, seed));
+    smalloc_free(p);
+  }
+}
+END_TEST
+
 /* A huge block's mapping ends on a huge page (2 MiB) when that adds at
  * most 1 MiB, so that its tail can be one; with SMALLOC_HUGEPAGES=0, or
  * when rounding would add more, on the OS page. */
@@ -884,6 +907,7 @@ static Suite *large_suite(void)
   tcase_add_test(tc, a_half_that_gives_memory_back_is_advised_against_huge_pages_under_thp_always);
   tcase_add_test(tc, calloc_of_reused_units_is_zero);
   tcase_add_test(tc, realloc_grows_a_large_block_in_place);
+  tcase_add_test(tc, realloc_of_a_large_block_to_an_impossible_size_fails);
   tcase_add_test(tc, kept_huge_mappings_are_purged_then_trimmed);
   tcase_add_test(tc, large_blocks_fill_an_address_space_limit);
   tcase_add_test(tc, huge_blocks_fill_an_address_space_limit);
