@@ -139,11 +139,11 @@ SM_EXPORT int smalloc_malloc_trim(size_t pad) {
 
 /* glibc's introspection calls read the statistics through sm_stats_with,
  * without a copy of them on the stack (10 KiB: a thread's stack may be
- * 16).  mallinfo2's figures from s; with malloc_info's and
- * malloc_stats' own. */
+ * 16).  mallinfo2's figures from s, and the three more that malloc_info
+ * and malloc_stats print. */
 typedef struct sm_mallinfo_s {
   struct mallinfo2 mi;
-  uint64_t committed, mapped, mapped_peak, in_use, regions;
+  uint64_t committed, mapped, regions;
 } sm_mallinfo_t;
 
 static void sm_mallinfo_read(const smalloc_stats_t *s, void *arg) {
@@ -161,8 +161,6 @@ static void sm_mallinfo_read(const smalloc_stats_t *s, void *arg) {
   mi->keepcost = 0;
   r->committed = s->bytes_committed;
   r->mapped = s->bytes_mapped;
-  r->mapped_peak = s->bytes_mapped_peak;
-  r->in_use = s->bytes_in_use;
   r->regions = s->segments_in_use + s->huge_allocs - s->huge_frees;
 }
 
@@ -203,7 +201,7 @@ SM_EXPORT struct mallinfo smalloc_mallinfo(void) {
 SM_EXPORT int smalloc_malloc_info(int options, FILE *fp) {
   if (options != 0 || fp == NULL) return EINVAL;
   sm_mallinfo_t r = sm_mallinfo_get();
-  unsigned long long rest = r.mi.fordblks, cur = r.committed, max = r.mapped_peak, total = r.mapped,
+  unsigned long long rest = r.mi.fordblks, cur = r.committed, max = r.mi.usmblks, total = r.mapped,
                      nmmap = r.mi.hblks, mmapped = r.mi.hblkhd, pages = r.mi.ordblks;
   fprintf(fp,
           "<malloc version=\"1\">\n<heap nr=\"0\">\n<sizes>\n</sizes>\n"
@@ -240,8 +238,8 @@ SM_EXPORT void smalloc_malloc_stats(void) {
           "Arena 0:\nsystem bytes     = %10llu\nin use bytes     = %10llu\n"
           "Total (incl. mmap):\nsystem bytes     = %10llu\nin use bytes     = %10llu\n"
           "max mmap regions = %10llu\nmax mmap bytes   = %10llu\n",
-          (unsigned long long)r.committed, (unsigned long long)r.in_use, (unsigned long long)r.mapped,
-          (unsigned long long)r.in_use, (unsigned long long)r.regions, (unsigned long long)r.mapped_peak);
+          (unsigned long long)r.committed, (unsigned long long)r.mi.uordblks, (unsigned long long)r.mapped,
+          (unsigned long long)r.mi.uordblks, (unsigned long long)r.regions, (unsigned long long)r.mi.usmblks);
   pthread_setcancelstate(cancel, NULL);
 }
 

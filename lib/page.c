@@ -1262,10 +1262,10 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
  * of a segment with one first: a thread with a few blocks costs the
  * process a page, not a mapping, and the shared segments of small pages
  * are dense enough to take huge pages once they are many (segment.c:
- * sm_segment_wants_huge; not those of medium pages).  Each thread mapping its own, a program of
- * 1000 threads with a small block each mapped 4 GiB, and under
- * `ulimit -v 262144` no more than 63 to 164 threads could start, many of
- * them without their block.  And with every thread's fifth page on in
+ * sm_segment_wants_huge; not those of medium pages).  Each thread
+ * mapping its own, a program of 1000 threads with a small block each
+ * mapped 4 GiB, and under `ulimit -v 262144` no more than 63 to 164
+ * threads could start, many of them without their block.  And with every thread's fifth page on in
  * segments of its own (a few pages used in each, too sparse for huge
  * pages), bench_server (8 threads) took 31,900 page faults for 125 MB:
  * 0.32 s on a 2-core VM where a 4 KiB fault costs 10-20 us, against
