@@ -286,8 +286,9 @@ static void sm_xbuf_send(sm_xbuf_t *x) {
                     : x->tail->tag != (page->key ^ SM_TAG_REMOTE) ? x->tail : NULL;
   if (sm_unlikely(bad != NULL)) sm_error("free(): double free of %p (handed out again since)", (void *)bad);
   else sm_tf_push_chain(page, x->head, x->tail, x->count);
+  /* head stays, as the block this slot sent last (sm_xbuf_sent_again) */
   x->page = NULL;
-  x->head = x->tail = NULL;
+  x->tail = NULL;
   x->count = 0;
 }
 
@@ -448,12 +449,29 @@ static inline sm_xbuf_t *sm_xbuf_vacant(sm_heap_t *heap, const sm_page_t *page) 
   return b->page == NULL ? b : NULL;
 }
 
+/* Whether b, whose tag says it is not free, was freed already: it is the
+ * block a slot of its page's pair sent last, and it still heads the
+ * page's thread_free or the owner's hand-over list.  The first free's
+ * batch filled with it (or its slot was wanted) and went, and the program
+ * wrote over its tag before it freed it again; pushed again, it would
+ * link to itself.  A block sent last that heads neither may be live
+ * again: it is not reported (if it was freed twice, malloc finds the
+ * list it is on twice when it reaches it). */
+static bool sm_xbuf_sent_again(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
+  unsigned i = sm_xbuf_slot(page);
+  if (sm_likely(heap->xbuf[i].head != b && heap->xbuf[i ^ 1].head != b)) return false;
+  if (sm_tf_ptr(page, atomic_load_explicit(&page->thread_free, memory_order_relaxed)) == b) return true;
+  sm_heap_t *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
+  return owner != NULL && atomic_load_explicit(&owner->xdelayed, memory_order_relaxed) == b;
+}
+
 /* Empty slot x begins the page's batch, whose first block (its tail once
  * sent) is b. */
 static inline void sm_xbuf_begin(sm_heap_t *heap, sm_xbuf_t *x, const sm_page_t *page, sm_block_t *b) {
   unsigned i = (unsigned)(x - heap->xbuf);
   x->page = (sm_page_t *)page;
   x->key = (uint32_t)page->key;
+  x->head = NULL;
   x->tail = b;
   atomic_store_explicit(&heap->xbuf_used[i / 64],
                         atomic_load_explicit(&heap->xbuf_used[i / 64], memory_order_relaxed) |
@@ -463,12 +481,13 @@ static inline void sm_xbuf_begin(sm_heap_t *heap, sm_xbuf_t *x, const sm_page_t 
 }
 
 /* Add b (tagged) to this thread's batch for its page.  False when b heads
- * its batch already: freed twice by this thread, its tag overwritten in
- * between (pushed again, it would link to itself). */
+ * its batch already, or heads the batch this thread sent last for the
+ * page and is still on its way: freed twice by this thread, its tag
+ * overwritten in between (pushed again, it would link to itself). */
 static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   sm_xbuf_t *x = sm_xbuf_find(heap, page);
   unsigned i = (unsigned)(x - heap->xbuf);
-  if (sm_unlikely(x->head == b)) return false;
+  if (x->page == page ? x->head == b : sm_xbuf_sent_again(heap, page, b)) return false;
   if (x->page != page) {
     if (x->page != NULL) sm_xbuf_send(x);
     sm_xbuf_begin(heap, x, page, b);
@@ -533,8 +552,9 @@ static __attribute__((noinline)) void sm_free_xthread_general(sm_heap_t *heap, s
 /* A remote free whose page has no open batch, the heap's batches entered
  * (sm_xbuf_try_enter): the block begins one in an empty slot of the
  * page's pair; when neither is empty (a batch to send first), when its
- * tag says it is free already or the thread has no heap, the general
- * path takes it.  A thread that frees into many pages between two of its
+ * tag says it is free already, when it may be on its way already
+ * (sm_xbuf_sent_again) or the thread has no heap, the general path takes
+ * it.  A thread that frees into many pages between two of its
  * slow paths (each sends every batch) begins many batches:
  * bench_pipeline began 1.7 million of them for 6.1 million remote frees,
  * at 119 instructions each when the general path began them all. */
@@ -542,7 +562,7 @@ static __attribute__((noinline)) void sm_free_xthread_begin(sm_heap_t *heap, sm_
   sm_xbuf_t *x;
   uintptr_t key = page->key;
   if (sm_unlikely((b->tag ^ key) <= SM_TAG_REMOTE || !heap->initialized ||
-                  (x = sm_xbuf_vacant(heap, page)) == NULL)) {
+                  (x = sm_xbuf_vacant(heap, page)) == NULL || sm_xbuf_sent_again(heap, page, b))) {
     sm_xbuf_leave(heap);
     sm_free_xthread_general(heap, page, b);
     return;

@@ -961,14 +961,39 @@ void sm_page_free_delayed(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   }
 }
 
+/* Whether a link of a hand-over list leads to a block handed over: a
+ * block start of a size class's page in use, tagged as on its way back.
+ * The links sit in the first word of freed blocks, where a write after
+ * the free lands: followed as they were, one such write sent the owner
+ * to an address outside its heap (SIGBUS). */
+static bool sm_delayed_link_ok(sm_block_t *b, sm_page_t **pagep) {
+  sm_segment_t *seg;
+  sm_page_t *page;
+  if (!sm_lookup(b, &seg, &page) || seg->kind >= SM_SEG_SPAN || !sm_page_is_block(page, b)) return false;
+  sm_track_link(b);
+  if (b->tag != (page->key ^ SM_TAG_REMOTE)) return false;
+  *pagep = page;
+  return true;
+}
+
+/* The blocks of a hand-over list go home: each to its page, the owner's
+ * or its thread_free.  A link that leads elsewhere is reported as its
+ * block's page's corruption, and the rest of the list dropped (leaked:
+ * their pages keep them as in use). */
 static void sm_heap_take_delayed(sm_heap_t *heap, sm_block_t *b) {
+  sm_page_t *page = b ? sm_segment_page_of(sm_ptr_segment(b), b) : NULL;
   while (b != NULL) {
+    sm_track_link(b);
     sm_block_t *next = (sm_block_t *)((uintptr_t)b->next ^ sm_secret);
-    sm_segment_t *seg = sm_ptr_segment(b);
-    sm_page_t *page = sm_segment_page_of(seg, b);
+    sm_page_t *next_page = NULL;
+    if (next != NULL && sm_unlikely(!sm_delayed_link_ok(next, &next_page))) {
+      sm_page_corrupt(page, ": block ", b);
+      next = NULL;
+    }
     if (atomic_load_explicit(&page->owner, memory_order_relaxed) == heap) sm_page_free_delayed(heap, page, b);
     else sm_free_push_remote(page, b);
     b = next;
+    page = next_page;
   }
 }
 

@@ -487,6 +487,128 @@ static void double_free_from_another_thread_after_stale_write(bool warn)
 }
 MISUSE(double_free_from_another_thread_after_stale_write)
 
+/* The same after the thread's batch for the page went: the block was the
+ * one that filled it (the batch goes at 64 blocks), so it heads the page's
+ * thread_free, or, when the page is on its owner's full list, the owner's
+ * hand-over list.  Pushed again it would link to itself (found by the
+ * fuzzer; the page on the full list: a SIGBUS). */
+enum { SENT_BATCH = 64 };
+static struct {
+  unsigned char *a[SENT_BATCH];
+} stale_sent;
+
+static void *stale_sent_frees(void *arg)
+{
+  (void)arg;
+  smalloc_free(smalloc_malloc(16));   /* a heap of its own: its frees are batched */
+  for (int i = 0; i < SENT_BATCH; i++)
+    smalloc_free(stale_sent.a[i]);
+  unsigned char *p = stale_sent.a[SENT_BATCH - 1];
+  memset(p + 8, 0x41, 8);   /* a stale write over its tag */
+  smalloc_free(sm_opaque(p));
+  return NULL;
+}
+
+static void double_free_after_the_batch_went(bool warn, bool full)
+{
+  enum { SIZE = 176, MANY = 3000 };
+  static unsigned char *v[MANY];
+  /* on the full list: the first page of many; else the only one */
+  int n = full ? MANY : 2 * SENT_BATCH, k = 0;
+  for (int i = 0; i < n; i++) {
+    v[i] = smalloc_malloc(SIZE);
+    CHILD_CHECK(v[i] != NULL, "malloc(%d) failed", SIZE);
+    if (k < SENT_BATCH && page_start_of(v[i]) == page_start_of(v[0]))
+      stale_sent.a[k++] = v[i];
+  }
+  CHILD_CHECK(k == SENT_BATCH, "%d blocks in the first page", k);
+  CHILD_CHECK(page_start_of(v[n - 1]) != page_start_of(v[0]) || !full, "one page holds all");
+  CHILD_CHECK(page_start_of(v[n - 1]) == page_start_of(v[0]) || full, "more than one page");
+  unsigned char *p = stale_sent.a[SENT_BATCH - 1];
+  expect_line("free(): double free of %p", (void *)p);
+  pthread_t t;
+  CHILD_CHECK(pthread_create(&t, NULL, stale_sent_frees, NULL) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  if (!warn)
+    return;
+  for (int i = 0; i < n; i++) {
+    bool sent = false;
+    for (int j = 0; j < SENT_BATCH; j++)
+      sent |= v[i] == stale_sent.a[j];
+    if (!sent)
+      smalloc_free(v[i]);
+  }
+  heap_still_sound(SIZE);
+}
+
+static void double_free_from_another_thread_after_its_batch_went(bool warn)
+{
+  double_free_after_the_batch_went(warn, false);
+}
+MISUSE(double_free_from_another_thread_after_its_batch_went)
+
+static void double_free_into_a_full_page_after_the_batch_went(bool warn)
+{
+  double_free_after_the_batch_went(warn, true);
+}
+MISUSE(double_free_into_a_full_page_after_the_batch_went)
+
+/* Blocks of pages on their owner's full list, freed by another thread:
+ * the first of each page goes to the owner on a list of its own (the
+ * hand-over list), linked through the blocks' first words.  The owner
+ * writes over the link of the one that heads it (a use after free) and
+ * then collects: the link is reported, not followed (it was followed to
+ * 0x41414141... ^ the secret: SIGSEGV or SIGBUS). */
+static struct {
+  unsigned char *a[SENT_BATCH], *last;
+} handed;
+
+static void *hand_over_frees(void *arg)
+{
+  (void)arg;
+  smalloc_free(smalloc_malloc(16));   /* a heap of its own: its frees are batched */
+  for (int i = 0; i < SENT_BATCH; i++)   /* a batch that fills goes at once */
+    smalloc_free(handed.a[i]);
+  smalloc_free(handed.last);   /* goes as the thread exits, last */
+  return NULL;
+}
+
+static void corrupted_hand_over_list(bool warn)
+{
+  enum { SIZE = 176, MANY = 3000 };
+  static unsigned char *v[MANY];
+  int k = 0;
+  for (int i = 0; i < MANY; i++) {
+    v[i] = smalloc_malloc(SIZE);
+    CHILD_CHECK(v[i] != NULL, "malloc(%d) failed", SIZE);
+    if (k < SENT_BATCH && page_start_of(v[i]) == page_start_of(v[0]))
+      handed.a[k++] = v[i];
+  }
+  CHILD_CHECK(k == SENT_BATCH, "%d blocks in the first page", k);
+  for (int i = 0; i < MANY && !handed.last; i++)   /* a block of the second page */
+    if (page_start_of(v[i]) != page_start_of(v[0]))
+      handed.last = v[i];
+  CHILD_CHECK(page_start_of(v[MANY - 1]) != page_start_of(handed.last), "two pages hold all");
+  pthread_t t;
+  CHILD_CHECK(pthread_create(&t, NULL, hand_over_frees, NULL) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  memset(sm_opaque(handed.last), 0x41, 8);   /* a use after free, over its link */
+  expect_line("corrupted free list in page at %p: block %p was written after its free "
+              "(or freed twice)", page_start_of(handed.last), (void *)handed.last);
+  smalloc_collect(false);
+  if (!warn)
+    return;
+  for (int i = 0; i < MANY; i++) {
+    bool gone = v[i] == handed.last;
+    for (int j = 0; j < SENT_BATCH; j++)
+      gone |= v[i] == handed.a[j];
+    if (!gone)
+      smalloc_free(v[i]);
+  }
+  heap_still_sound(SIZE);
+}
+MISUSE(corrupted_hand_over_list)
+
 /* First free from another thread that is still running, so the block is
  * still in that thread's batch (not on any list of the owner's), second
  * from the owner: the block's tag word tells it. */
@@ -1674,6 +1796,9 @@ int main(void)
   ADD_MISUSE(tc, double_free_after_stale_write_deep);
   ADD_MISUSE(tc, double_free_into_a_page_on_its_way_home);
   ADD_MISUSE(tc, double_free_from_another_thread_after_stale_write);
+  ADD_MISUSE(tc, double_free_from_another_thread_after_its_batch_went);
+  ADD_MISUSE(tc, double_free_into_a_full_page_after_the_batch_went);
+  ADD_MISUSE(tc, corrupted_hand_over_list);
   ADD_MISUSE(tc, interior_free_in_a_page_with_aligned_blocks);
   ADD_MISUSE(tc, interior_realloc_in_a_page_with_aligned_blocks);
   ADD_MISUSE(tc, double_free_of_an_aligned_block);
