@@ -42,6 +42,7 @@ static sm_heap_t *sm_heap_for_alloc(sm_heap_t *heap) {
  * Returns whether anything was given back. */
 static SM_COLD bool sm_oom_collect(sm_heap_t *heap) {
   sm_cnt_add(heap->stats.oom_collects, 1);
+  sm_os_space_short();   /* under a limit, free pages give back their address space */
   uint64_t released = heap->stats.pages_released;
   bool unmapped = sm_collect_process(heap);
   return unmapped || heap->stats.pages_released != released;

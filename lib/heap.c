@@ -317,6 +317,7 @@ bool sm_collect_process(sm_heap_t *self) {
   }
   sm_heaps_unlock();
   sm_heap_shared_tidy(true);
+  sm_segment_decommit_abandoned(sm_clock_ms(), 0);
   sm_segments_purge_open(true);
   sm_segment_cache_collect(true);
   return atomic_load(&sm_gstats.bytes_mapped) < before;

@@ -220,7 +220,8 @@ struct sm_page_s {
   /* while the page is retired or free in its segment (under heap->lock),
    * or waits in the pool (under the pool's lock) */
   uint64_t empty_since_ms;       /* when it retired, went back to its segment, or to the pool */
-  uint8_t decommitted;           /* its memory was given back (madvise) */
+  uint8_t decommitted;           /* its memory was given back (madvise, or unmapped) */
+  uint8_t unmapped;              /* SM_HOLE_*: its range unmapped, under an address-space limit (segment.c) */
   /* its free blocks went back (pool.c: in the pool, or behind the first
    * of its class) since it was last in use */
   uint8_t free_scanned;
@@ -308,6 +309,9 @@ _Static_assert(offsetof(sm_page_t, xtid) == 64 && offsetof(sm_page_t, thread_fre
  * only says how they are counted.  From SM_SEG_SPAN on, a page descriptor
  * describes one block. */
 enum { SM_SEG_SMALL = 0, SM_SEG_MEDIUM = 1, SM_SEG_SPAN = 2, SM_SEG_LARGE = 3, SM_SEG_HUGE = 4 };
+/* page->unmapped (segment.c): a free page whose range is unmapped, and
+ * one whose range another mapping took meanwhile (never used again) */
+enum { SM_HOLE_NONE = 0, SM_HOLE = 1, SM_HOLE_LOST = 2 };
 
 struct sm_segment_s {
   /* the segment's own address: first, so that the first word of the
@@ -326,6 +330,7 @@ struct sm_segment_s {
   _Atomic uint8_t huge_withdrawn; /* small, span: halves advised against them since (segment.c) */
   _Atomic uint16_t open_pages;   /* pages whose purge_gate is open (pool.c) */
   size_t decommitted;            /* bytes of free pages given back (not counted committed) */
+  size_t unmapped;               /* bytes of those unmapped (holes: SM_HOLE_*) */
   size_t mapped;                 /* bytes of the mapping, from the segment start */
   size_t block_offset;           /* large, huge: offset of the block */
   size_t block_size;             /* large, huge: usable bytes */
@@ -1318,6 +1323,9 @@ int sm_os_hugepage(void *p, size_t size);
 int sm_os_nohugepage(void *p, size_t size);
 bool sm_os_space_limited(void);
 void sm_os_limit_forget(void);
+bool sm_os_holes(void);
+void sm_os_space_short(void);
+int sm_os_map_hole(void *p, size_t size);
 bool sm_os_thp_always(void);
 int sm_os_protect(void *p, size_t size, bool accessible);
 int sm_os_remap(void *p, size_t old_size, size_t new_size, size_t alignment, size_t pre, void **out);

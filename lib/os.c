@@ -13,14 +13,18 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-static void sm_mapped_add(size_t n) {
+static void sm_mapped_only_add(size_t n) {
   uint64_t now = sm_gadd(bytes_mapped, n) + n;
-  sm_gadd(bytes_committed, n);
   uint64_t peak = atomic_load_explicit(&sm_gstats.bytes_mapped_peak, memory_order_relaxed);
   while (now > peak &&
          !atomic_compare_exchange_weak_explicit(&sm_gstats.bytes_mapped_peak, &peak, now,
                                                 memory_order_relaxed, memory_order_relaxed)) {
   }
+}
+
+static void sm_mapped_add(size_t n) {
+  sm_mapped_only_add(n);
+  sm_gadd(bytes_committed, n);
 }
 
 /* The four calls, each counted and traced (smalloc(7), TRACEPOINTS) in
@@ -254,6 +258,41 @@ bool sm_os_space_limited(void) {
 
 /* The next sm_os_space_limited reads the limit. */
 void sm_os_limit_forget(void) { atomic_store_explicit(&sm_os_limit_at, 0, memory_order_relaxed); }
+
+/* Whether free pages inside segments give their address space back
+ * (segment.c: holes), not only their memory: from the first allocation
+ * the OS refused under an address-space limit on (sm_os_space_short).
+ * A page given back with madvise stays mapped, and under the limit
+ * mapped bytes are what runs out: 50 threads with 450 MiB live failed
+ * under a 3 GiB limit with 1.1 GiB of such pages.  Not before: each hole
+ * costs an mmap when its page is used again, and splits its mapping in
+ * the kernel's count of them. */
+static _Atomic bool sm_os_short;
+
+bool sm_os_holes(void) { return atomic_load_explicit(&sm_os_short, memory_order_relaxed); }
+
+void sm_os_space_short(void) {
+  if (!atomic_load_explicit(&sm_os_short, memory_order_relaxed) && sm_os_space_limited())
+    atomic_store_explicit(&sm_os_short, true, memory_order_relaxed);
+}
+
+/* Map exactly [p, p + size) again, where a hole was: 0, ENOMEM (the
+ * limit), or EEXIST (another mapping took the range meanwhile; a kernel
+ * before 4.17 takes MAP_FIXED_NOREPLACE for a hint and maps elsewhere:
+ * undone, and EEXIST too).  Counted mapped, not committed. */
+int sm_os_map_hole(void *p, size_t size) {
+  int saved = errno;
+  void *q = sm_sys_mmap(p, size, PROT_READ | PROT_WRITE, MAP_FIXED_NOREPLACE);
+  int err = q == MAP_FAILED ? errno : 0;
+  if (!err && q != p) {
+    sm_sys_munmap(q, size);
+    err = EEXIST;
+  }
+  errno = saved;
+  if (err) return err == ENOMEM ? ENOMEM : EEXIST;
+  sm_mapped_only_add(size);
+  return 0;
+}
 
 /* Ask for transparent huge pages, unless SMALLOC_HUGEPAGES=0 (then
  * ENOTSUP: no advice was given). */

@@ -9,7 +9,11 @@
  * that all threads share (page.c: sm_page_borrow).  A heap's small
  * segments from the fifth on, and the shared ones of both kinds once
  * there are enough of them for the threads alive, are advised for huge
- * pages until they first give memory back (sm_segment_wants_huge).  Blocks
+ * pages until they first give memory back (sm_segment_wants_huge).  Once
+ * an allocation was refused under an address-space limit, a free page
+ * gives back its range, not only its memory: the segment keeps a hole
+ * there until it carves the page again (sm_os_holes), a segment with
+ * holes is never cached, and it goes back to the OS around them.  Blocks
  * above the size classes have mappings of their own (huge.c).  The page
  * descriptors of small and medium segments live apart from them, in the
  * descriptor area (below). */
@@ -295,12 +299,30 @@ sm_segment_t *sm_segment_map(void) {
   return p;
 }
 
-/* Back to the OS (a segment no longer counted in use). */
+/* Back to the OS (a segment no longer counted in use).  One with holes
+ * is unmapped around them: another mapping may have taken one. */
 void sm_segment_unmap(sm_segment_t *seg) {
   sm_segmap_set((uintptr_t)seg, 0);
-  sm_desc_put(seg);
+  uint64_t holes = 0;   /* bit i: page i is a hole (at most 64 pages) */
+  if (seg->unmapped != 0)
+    for (unsigned i = 0; i < seg->page_count; i++) holes |= (uint64_t)(seg->pages[i].unmapped != SM_HOLE_NONE) << i;
+  unsigned shift = seg->page_shift, count = seg->page_count;
+  sm_desc_put(seg);   /* the descriptors are not read from here on */
   if (!seg->purged) sm_gsub(bytes_committed, SM_SEGMENT_SIZE - seg->decommitted);
-  sm_os_unmap(seg, SM_SEGMENT_SIZE);
+  uint8_t *base = (uint8_t *)seg;
+  size_t run = 0;   /* where the mapped run that reaches page i starts: the header always is */
+  bool in_run = true;
+  for (unsigned i = 0; holes != 0 && i < count; i++) {
+    size_t from = i == 0 ? SM_SEGMENT_HDR : (size_t)i << shift;
+    if (holes >> i & 1) {
+      if (in_run) sm_os_unmap(base + run, from - run);
+      in_run = false;
+    } else if (!in_run) {
+      run = from;
+      in_run = true;
+    }
+  }
+  if (in_run) sm_os_unmap(base + run, SM_SEGMENT_SIZE - run);
   sm_gadd(segments_unmapped, 1);
   SM_PROBE(segment_unmap, seg);
 }
@@ -382,7 +404,7 @@ static void sm_segment_raw_free(sm_segment_t *seg) {
   size_t max = (size_t)sm_opt(SEGMENT_CACHE);
   bool cached = false;
   pthread_mutex_lock(&sm_cache_lock);
-  if (sm_cache_count < max) {
+  if (sm_cache_count < max && seg->unmapped == 0) {   /* the cache hands out whole mappings */
     seg->next = sm_cache_first;
     sm_cache_first = seg;
     __atomic_store_n(&sm_cache_count, sm_cache_count + 1, __ATOMIC_RELAXED);
@@ -473,6 +495,66 @@ size_t sm_segment_page_len(const sm_segment_t *seg, const sm_page_t *page) {
   return page == &seg->pages[0] ? psize - SM_SEGMENT_HDR : psize;
 }
 
+/* Where the page's blocks begin (the first page's after the header). */
+static uint8_t *sm_segment_page_start(sm_segment_t *seg, const sm_page_t *page) {
+  size_t idx = (size_t)(page - seg->pages);
+  return (uint8_t *)seg + (idx << seg->page_shift) + (idx == 0 ? SM_SEGMENT_HDR : 0);
+}
+
+/* Under the holder's lock: a page the segment no longer holds counts as
+ * used, and a segment with all its pages used leaves the free list. */
+static void sm_segment_page_taken(sm_heap_t *heap, sm_segment_t *seg) {
+  if (++seg->used_pages == seg->page_count) {
+    sm_seg_list_remove(&heap->free_segs[seg->kind], seg);
+    seg->in_free_list = 0;
+    sm_seg_list_push(&heap->full_segs, seg);
+  }
+}
+
+/* A hole's range mapped again for its page (under the holder's lock:
+ * one mmap).  False when the OS refuses (the limit), and for good when
+ * another mapping took the range: the page is lost to the segment, and
+ * counts as used so that the segment is never given back whole. */
+static bool sm_segment_fill_hole(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page) {
+  uint8_t *start = sm_segment_page_start(seg, page);
+  size_t len = sm_segment_page_len(seg, page);
+  int err = sm_os_map_hole(start, len);
+  if (err == EEXIST) {
+    page->unmapped = SM_HOLE_LOST;
+    sm_segment_page_taken(heap, seg);
+  }
+  if (err) return false;
+  page->unmapped = SM_HOLE_NONE;
+  seg->unmapped -= len;
+#ifdef SM_SECURE
+  sm_os_protect(start + len - SM_GUARD, SM_GUARD, false);   /* sm_segment_guard */
+#endif
+  return true;
+}
+
+/* Under heap->lock: the first free page of one of its segments, in use
+ * from now on, or NULL when the segment has none it can use. */
+static sm_page_t *sm_segment_take_page(sm_heap_t *heap, sm_segment_t *seg) {
+  for (size_t i = 0; i < seg->page_count; i++) {
+    sm_page_t *page = &seg->pages[i];
+    if (page->in_use || page->unmapped == SM_HOLE_LOST) continue;
+    if (page->unmapped == SM_HOLE && !sm_segment_fill_hole(heap, seg, page)) {
+      if (!seg->in_free_list) return NULL;   /* its last free page was lost */
+      continue;
+    }
+    page->in_use = 1;
+    if (page->decommitted) {   /* faulted in again as it is used */
+      size_t len = sm_segment_page_len(seg, page);
+      page->decommitted = 0;
+      seg->decommitted -= len;
+      sm_gadd(bytes_committed, len);
+    }
+    sm_segment_page_taken(heap, seg);
+    return page;
+  }
+  return NULL;
+}
+
 /* A free page of an owned segment; of a new segment only when
  * *new_segment says so (it is cleared when an owned one served).  The
  * heap's segment lists are under heap->lock: another thread releasing a
@@ -494,34 +576,30 @@ sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment) {
     sm_unlock(&heap->lock);
     return NULL;
   }
-  *new_segment = seg == fresh;
   sm_page_t *page = NULL;
-  for (size_t i = 0; i < seg->page_count; i++) {
-    if (!seg->pages[i].in_use) { page = &seg->pages[i]; break; }
+  for (sm_segment_t *next; seg != NULL; seg = next) {
+    next = seg->next;   /* a segment whose last free page was lost leaves the list */
+    if ((page = sm_segment_take_page(heap, seg)) != NULL) break;
   }
-  sm_assert(page != NULL);
-  page->in_use = 1;
-  if (page->decommitted) {   /* faulted in again as it is used */
-    size_t len = sm_segment_page_len(seg, page);
-    page->decommitted = 0;
-    seg->decommitted -= len;
-    sm_gadd(bytes_committed, len);
-  }
-  if (++seg->used_pages == seg->page_count) {
-    sm_seg_list_remove(&heap->free_segs[kind], seg);
-    seg->in_free_list = 0;
-    sm_seg_list_push(&heap->full_segs, seg);
-  }
+  *new_segment = page != NULL && seg == fresh;
   sm_unlock(&heap->lock);
   return page;
 }
 
+/* A free page gives its memory back: its range is unmapped where the
+ * address space runs short (a hole, sm_os_holes), else madvised away.
+ * One given back before becomes a hole then. */
 static void sm_segment_decommit_page(sm_segment_t *seg, sm_page_t *page) {
-  size_t idx = (size_t)(page - seg->pages);
   size_t len = sm_segment_page_len(seg, page);
-  uint8_t *start = (uint8_t *)seg + (idx << seg->page_shift) + (idx == 0 ? SM_SEGMENT_HDR : 0);
+  uint8_t *start = sm_segment_page_start(seg, page);
+  bool hole = sm_os_holes() && page->unmapped == SM_HOLE_NONE && sm_os_unmap(start, len) == 0;
+  if (hole) {
+    page->unmapped = SM_HOLE;
+    seg->unmapped += len;
+  }
+  if (page->decommitted) return;
   sm_segment_unadvise(seg, SM_HALF_BOTH);
-  sm_os_purge(start, len);
+  if (!hole) sm_os_purge(start, len);
   page->decommitted = 1;
   seg->decommitted += len;
   sm_gsub(bytes_committed, len);
@@ -544,7 +622,11 @@ static bool sm_segment_decommit_pages(sm_segment_t *seg, uint64_t now, uint64_t 
      * them (only its newest segment has pages never used).  A page
      * in use is its owner's, who may be another heap and writes
      * empty_since_ms when it retires it (under its own lock). */
-    if (page->in_use || page->decommitted) continue;
+    if (page->in_use) continue;
+    if (page->decommitted) {   /* a hole, now that the address space runs short */
+      if (page->unmapped == SM_HOLE_NONE && sm_os_holes()) sm_segment_decommit_page(seg, page);
+      continue;
+    }
     bool unused = page->empty_since_ms == 0;
     if (unused ? seg->huge_pages && delay == 0 : now - page->empty_since_ms >= delay)
       sm_segment_decommit_page(seg, page);

@@ -206,6 +206,114 @@ START_TEST(same_thread_other_sizes_after_free_all)
 }
 END_TEST
 
+/* ---- free pages of segments that keep a live block ------------------------ */
+
+/* 4 KiB blocks fill the limit, and all are freed but the first of each
+ * segment: every segment stays, and so would the address space of its
+ * free pages, given back with madvise but still mapped (the limit counts
+ * mappings).  The first huge block the OS refuses unmaps them, and the
+ * program gets nearly all it freed back in huge blocks; then, the huge
+ * blocks freed, in 4 KiB blocks again, from the same pages mapped anew,
+ * the live blocks untouched. */
+enum { SH_HUGE = 3 * MiB, SH_SEGS = SH_LIMIT / (4 * MiB) + 8 };
+static void sh_holes_body(void)
+{
+  size_t max = SH_LIMIT / 4096;
+  void **v = sh_ptrs(max), **w = sh_ptrs(max);
+  sh_limit();
+  size_t n = sh_fill(v, max, SH_BIG);
+  SM_CHILD_CHECK(n > max / 2, "only %zu blocks of 4 KiB under a 256 MiB limit", n);
+  size_t psize = sm_test_page_size(4096);
+  uintptr_t segs[SH_SEGS];
+  unsigned char *keep[SH_SEGS];
+  uint64_t used[SH_SEGS];   /* bit i: page i of the segment held blocks */
+  size_t nsegs = 0, freed = 0, hole_pages = 0;
+  for (size_t i = 0; i < n; i++) {
+    uintptr_t seg = (uintptr_t)v[i] >> 22;
+    size_t k = 0;
+    while (k < nsegs && segs[k] != seg)
+      k++;
+    uint64_t bit = (uint64_t)1 << ((uintptr_t)v[i] % (4 * MiB) / psize);
+    if (k == nsegs) {
+      SM_CHILD_CHECK(nsegs < SH_SEGS, "more than %d segments", (int)SH_SEGS);
+      segs[nsegs] = seg;
+      used[nsegs] = bit;
+      keep[nsegs++] = v[i];
+    } else {
+      used[k] |= bit;
+      smalloc_free(v[i]);
+      freed++;
+    }
+  }
+  /* the pages that hold no kept block: free, their segments not */
+  for (size_t k = 0; k < nsegs; k++)
+    hole_pages += (size_t)__builtin_popcountll(used[k] & ~((uint64_t)1 << ((uintptr_t)keep[k] % (4 * MiB) / psize)));
+  size_t room = hole_pages * psize;
+  SM_CHILD_CHECK(room >= SH_LIMIT / 2, "%zu free pages of %zu KiB in %zu segments", hole_pages,
+                 psize / 1024, nsegs);
+  size_t got = sh_fill(w, max, SH_HUGE);
+  SM_CHILD_CHECK((got + 1) * SH_HUGE + SH_SLACK >= room,
+                 "%zu free pages (%zu MiB) in %zu segments that keep a block each, and "
+                 "malloc(%d MiB) returned NULL after %zu", hole_pages, room / MiB, nsegs,
+                 (int)(SH_HUGE / MiB), got);
+  sh_free_all(w, got);
+
+  /* Holes taken by mappings of the program's: in a segment that stays
+   * (its page is never used again), and in segments that then empty,
+   * until one is given back (around the hole; a segment also holds
+   * blocks that others allocated, the test framework's). */
+  enum { SH_TAKEN = 8 };
+  unsigned char *taken[SH_TAKEN];
+  size_t ntaken = 0;
+  bool emptied = false;
+  for (size_t k = 0; k < nsegs && !emptied && ntaken < SH_TAKEN; k++) {
+    uint64_t free_pages = used[k] & ~(uint64_t)1 & ~((uint64_t)1 << ((uintptr_t)keep[k] % (4 * MiB) / psize));
+    if (free_pages == 0)
+      continue;
+    unsigned char *seg = (unsigned char *)(segs[k] << 22);
+    unsigned char *at = seg + (size_t)__builtin_ctzll(free_pages) * psize;
+    taken[ntaken] = mmap(at, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    SM_CHILD_CHECK(taken[ntaken] == at, "the free page at %p is still mapped (mmap: %p, %s)", (void *)at,
+                   (void *)taken[ntaken], strerror(errno));
+    memset(taken[ntaken], 0xc3 + (int)ntaken, 4096);
+    if (ntaken++ == 0)
+      continue;   /* the first one's segment stays */
+    smalloc_free(keep[k]);
+    keep[k] = NULL;
+    smalloc_collect(true);
+    emptied = msync(seg, 4096, MS_ASYNC) == -1 && errno == ENOMEM;
+  }
+  SM_CHILD_CHECK(emptied, "none of %zu segments went back once emptied", ntaken - 1);
+
+  size_t again = sh_fill(w, max, SH_BIG);
+  SM_CHILD_CHECK(again + SH_SLACK / 4096 >= freed, "malloc(4096) returned NULL after %zu "
+                 "of the %zu blocks it served before", again, freed);
+  for (size_t i = 0; i < again; i++)
+    for (size_t t = 0; t < ntaken; t++)
+      SM_CHILD_CHECK((unsigned char *)w[i] + 4096 <= taken[t] || (unsigned char *)w[i] >= taken[t] + 4096,
+                     "malloc(4096) = %p, over the program's mapping at %p", w[i], (void *)taken[t]);
+  for (size_t k = 0; k < nsegs; k++)
+    for (size_t j = 0; keep[k] && j < 64; j++)
+      SM_CHILD_CHECK(keep[k][j] == 0x5a, "live block %p changed", (void *)keep[k]);
+  sh_free_all(w, again);
+  for (size_t k = 0; k < nsegs; k++)
+    smalloc_free(keep[k]);
+  smalloc_collect(true);
+  for (size_t t = 0; t < ntaken; t++)
+    for (size_t j = 0; j < 4096; j++)
+      SM_CHILD_CHECK(taken[t][j] == (unsigned char)(0xc3 + t), "the program's mapping at %p changed",
+                     (void *)taken[t]);
+}
+
+START_TEST(free_pages_give_back_their_address_space_under_a_limit)
+{
+#if SM_TEST_TSAN
+  return;   /* one thread; the limit can starve the runtime (see above) */
+#endif
+  sm_test_in_child(sh_holes_body);
+}
+END_TEST
+
 /* ---- posix_memalign leaves errno as glibc does ---------------------------- */
 
 static void sh_memalign_body(void)
@@ -1355,6 +1463,7 @@ static Suite *shared_suite(void)
   TCase *tc = sm_tcase("shared", 300);
   tcase_add_test(tc, idle_threads_memory_serves_another_thread);
   tcase_add_test(tc, same_thread_other_sizes_after_free_all);
+  tcase_add_test(tc, free_pages_give_back_their_address_space_under_a_limit);
   tcase_add_test(tc, posix_memalign_enomem_sets_errno);
   tcase_add_test(tc, trim_from_main_releases_idle_workers_pages);
   tcase_add_test(tc, trim_from_main_releases_pages_it_freed_for_an_idle_worker);
