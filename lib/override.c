@@ -70,14 +70,19 @@ SM_EXPORT void *smalloc_aligned_alloc(size_t alignment, size_t n) {
   return sm_malloc_aligned(alignment, n);
 }
 
+/* memalign as the GNU C library has it, for the programs written
+ * against it: an alignment that is not a power of two is rounded up to
+ * the next one (0 and 1 ask for malloc's 16), and only one above
+ * SIZE_MAX / 2 + 1, which no power of two reaches, is EINVAL. */
 SM_EXPORT void *smalloc_memalign(size_t alignment, size_t n) {
   sm_count_call(SM_CALL_MEMALIGN);
-  if (!sm_is_pow2(alignment)) {
+  if (alignment > SIZE_MAX / 2 + 1) {
     sm_call_failed(sm_heap(), EINVAL);
     errno = EINVAL;
     return NULL;
   }
-  return sm_malloc_aligned(alignment, n);
+  size_t a = alignment <= 16 ? 16 : (size_t)1 << (64 - __builtin_clzll((unsigned long long)alignment - 1));
+  return sm_malloc_aligned(a, n);
 }
 
 SM_EXPORT void *smalloc_valloc(size_t n) {

@@ -411,10 +411,11 @@ START_TEST(aligned_alloc_size_need_not_be_multiple)
 }
 END_TEST
 
+/* As the GNU C library's: rounded up to a power of two, EINVAL only above
+ * SIZE_MAX / 2 + 1. */
 START_TEST(memalign_bad_alignment_is_einval)
 {
-  const size_t bad[] = {3, 12, 24, 48, 100, 4097, 65535, SIZE_MAX,
-                        SIZE_MAX / 2 + 2};
+  const size_t bad[] = {SIZE_MAX, SIZE_MAX / 2 + 2};
   smalloc_stats_t a, b;
   sm_stats_snap(&a);
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
@@ -422,6 +423,27 @@ START_TEST(memalign_bad_alignment_is_einval)
   sm_stats_snap(&b);
   ck_assert_uint_eq(b.calls_memalign - a.calls_memalign, sizeof bad / sizeof bad[0]);
   ck_assert_uint_eq(b.calls_failed - a.calls_failed, sizeof bad / sizeof bad[0]);
+}
+END_TEST
+
+START_TEST(memalign_rounds_the_alignment_up_to_a_power_of_two)
+{
+  const size_t al[] = {0, 1, 3, 8, 12, 24, 48, 100, 4097, 65535};
+  const size_t want[] = {16, 16, 16, 16, 16, 32, 64, 128, 8192, 65536};
+  smalloc_stats_t a, b;
+  sm_stats_snap(&a);
+  for (size_t i = 0; i < sizeof al / sizeof al[0]; i++) {
+    errno = 0;
+    void *p = smalloc_memalign(sm_opaque_size(al[i]), 100);
+    SM_CHECK(p != NULL && errno == 0, "memalign(%zu, 100): %p, errno %d", al[i], p, errno);
+    SM_CHECK(sm_is_aligned(p, want[i]), "memalign(%zu, 100) gave %p, not aligned to %zu", al[i], p,
+             want[i]);
+    check_block(p, 100);
+    smalloc_free(p);
+  }
+  sm_stats_snap(&b);
+  ck_assert_uint_eq(b.calls_memalign - a.calls_memalign, sizeof al / sizeof al[0]);
+  ck_assert_uint_eq(b.calls_failed - a.calls_failed, 0);
 }
 END_TEST
 
@@ -995,7 +1017,7 @@ START_TEST(libc_bad_input_matches_contract)
   EXPECT_NULL_ERRNO(libc_malloc(sm_opaque_size(TOO_BIG)), ENOMEM);
   EXPECT_NULL_ERRNO(libc_reallocarray(NULL, SIZE_MAX, 3), ENOMEM);
   EXPECT_NULL_ERRNO(libc_aligned_alloc(24, 64), EINVAL);
-  EXPECT_NULL_ERRNO(libc_memalign(24, 64), EINVAL);
+  EXPECT_NULL_ERRNO(libc_memalign(SIZE_MAX / 2 + 2, 64), EINVAL);
   void *sentinel = (void *)(uintptr_t)0xdeadbeef, *q = sentinel;
   ck_assert_int_eq(libc_posix_memalign(&q, 4, 64), EINVAL);
   ck_assert_ptr_eq(q, sentinel);
@@ -1061,6 +1083,7 @@ static Suite *api_suite(void)
   tcase_add_test(tc, aligned_alloc_bad_alignment_is_einval);
   tcase_add_test(tc, aligned_alloc_size_need_not_be_multiple);
   tcase_add_test(tc, memalign_bad_alignment_is_einval);
+  tcase_add_test(tc, memalign_rounds_the_alignment_up_to_a_power_of_two);
   tcase_add_test(tc, memalign_aligns);
   tcase_add_test(tc, alignment_beyond_address_space_fails);
   tcase_add_test(tc, valloc_is_page_aligned);
