@@ -572,13 +572,18 @@ static void aligned_op(slot_t *s, enum op op, size_t align, size_t n)
     break;
   }
   case OP_ALIGNED_ALLOC:
-  case OP_MEMALIGN:
-    p = op == OP_ALIGNED_ALLOC ? smalloc_aligned_alloc(align, n) : smalloc_memalign(align, n);
+    p = smalloc_aligned_alloc(align, n);
     if (!pow2(align)) {
-      CHECK(p == NULL && errno == EINVAL, "%s(%zu, %zu) = %p, errno %d",
-            op == OP_ALIGNED_ALLOC ? "aligned_alloc" : "memalign", align, n, p, errno);
+      CHECK(p == NULL && errno == EINVAL, "aligned_alloc(%zu, %zu) = %p, errno %d", align, n, p, errno);
       return;
     }
+    break;
+  case OP_MEMALIGN:
+    /* as glibc's: any other alignment is rounded up to a power of two,
+     * 16 at least (read_align's are at most 8 MiB) */
+    p = smalloc_memalign(align, n);
+    while (!pow2(align) || align < 16)
+      align = align < 16 ? 16 : align + (align & -align);
     break;
   case OP_VALLOC:
     p = smalloc_valloc(n);
