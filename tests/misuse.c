@@ -509,19 +509,27 @@ static void *stale_sent_frees(void *arg)
   return NULL;
 }
 
+/* n blocks of size bytes into v; the first SENT_BATCH of them that lie in
+ * v[0]'s page also into first. */
+static void alloc_noting_the_first_page(unsigned char **v, int n, size_t size, unsigned char **first)
+{
+  int k = 0;
+  for (int i = 0; i < n; i++) {
+    v[i] = smalloc_malloc(size);
+    CHILD_CHECK(v[i] != NULL, "malloc(%zu) failed", size);
+    if (k < SENT_BATCH && page_start_of(v[i]) == page_start_of(v[0]))
+      first[k++] = v[i];
+  }
+  CHILD_CHECK(k == SENT_BATCH, "%d blocks in the first page", k);
+}
+
 static void double_free_after_the_batch_went(bool warn, bool full)
 {
   enum { SIZE = 176, MANY = 3000 };
   static unsigned char *v[MANY];
   /* on the full list: the first page of many; else the only one */
-  int n = full ? MANY : 2 * SENT_BATCH, k = 0;
-  for (int i = 0; i < n; i++) {
-    v[i] = smalloc_malloc(SIZE);
-    CHILD_CHECK(v[i] != NULL, "malloc(%d) failed", SIZE);
-    if (k < SENT_BATCH && page_start_of(v[i]) == page_start_of(v[0]))
-      stale_sent.a[k++] = v[i];
-  }
-  CHILD_CHECK(k == SENT_BATCH, "%d blocks in the first page", k);
+  int n = full ? MANY : 2 * SENT_BATCH;
+  alloc_noting_the_first_page(v, n, SIZE, stale_sent.a);
   CHILD_CHECK(page_start_of(v[n - 1]) != page_start_of(v[0]) || !full, "one page holds all");
   CHILD_CHECK(page_start_of(v[n - 1]) == page_start_of(v[0]) || full, "more than one page");
   unsigned char *p = stale_sent.a[SENT_BATCH - 1];
@@ -577,14 +585,7 @@ static void corrupted_hand_over_list(bool warn)
 {
   enum { SIZE = 176, MANY = 3000 };
   static unsigned char *v[MANY];
-  int k = 0;
-  for (int i = 0; i < MANY; i++) {
-    v[i] = smalloc_malloc(SIZE);
-    CHILD_CHECK(v[i] != NULL, "malloc(%d) failed", SIZE);
-    if (k < SENT_BATCH && page_start_of(v[i]) == page_start_of(v[0]))
-      handed.a[k++] = v[i];
-  }
-  CHILD_CHECK(k == SENT_BATCH, "%d blocks in the first page", k);
+  alloc_noting_the_first_page(v, MANY, SIZE, handed.a);
   for (int i = 0; i < MANY && !handed.last; i++)   /* a block of the second page */
     if (page_start_of(v[i]) != page_start_of(v[0]))
       handed.last = v[i];
