@@ -1244,6 +1244,7 @@ void sm_segment_unmap(sm_segment_t *seg);
 unsigned sm_segment_advise(sm_segment_t *seg, unsigned halves);
 void sm_segment_unadvise(sm_segment_t *seg, unsigned halves);
 size_t sm_segment_page_len(const sm_segment_t *seg, const sm_page_t *page);
+uint8_t *sm_segment_page_start(sm_segment_t *seg, const sm_page_t *page);
 sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment);
 void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page);
 bool sm_segment_decommit_free_locked(sm_heap_t *heap, uint64_t now, uint64_t delay);

@@ -62,12 +62,9 @@ static int sm_page_refill(sm_page_t *page, bool may_extend);
 static void sm_page_unfull_move(sm_heap_t *heap, sm_page_t *page);
 
 void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bin) {
-  size_t idx = (size_t)(page - seg->pages);
-  size_t psize = (size_t)1 << seg->page_shift;
-  uint8_t *start = (uint8_t *)seg + idx * psize;
-  size_t area = psize;
-  if (idx == 0) { start += SM_SEGMENT_HDR; area -= SM_SEGMENT_HDR; }
-  area -= SM_GUARD;   /* the page's last OS page is a guard in the secure build */
+  uint8_t *start = sm_segment_page_start(seg, page);
+  /* the page's last OS page is a guard in the secure build */
+  size_t area = sm_segment_page_len(seg, page) - SM_GUARD;
   size_t bsize = sm_bin_size(bin);
   page->free = NULL;
   page->local_free = NULL;
@@ -1290,11 +1287,11 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
  * sm_segment_wants_huge; not those of medium pages).  Each thread
  * mapping its own, a program of 1000 threads with a small block each
  * mapped 4 GiB, and under `ulimit -v 262144` no more than 63 to 164
- * threads could start, many of them without their block.  And with every thread's fifth page on in
- * segments of its own (a few pages used in each, too sparse for huge
- * pages), bench_server (8 threads) took 31,900 page faults for 125 MB:
- * 0.32 s on a 2-core VM where a 4 KiB fault costs 10-20 us, against
- * 0.26 s shared (medians of 5).
+ * threads could start, many of them without their block.  And with
+ * every thread's fifth page on in segments of its own (a few pages used
+ * in each, too sparse for huge pages), bench_server (8 threads) took
+ * 31,900 page faults for 125 MB: 0.32 s on a 2-core VM where a 4 KiB
+ * fault costs 10-20 us, against 0.26 s shared (medians of 5).
  *
  * A shared page for blocks of up to SM_BORROW_SMALL_PAGE bytes is a
  * small one (64 KiB), whatever their class, until the thread takes its

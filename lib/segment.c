@@ -496,7 +496,7 @@ size_t sm_segment_page_len(const sm_segment_t *seg, const sm_page_t *page) {
 }
 
 /* Where the page's blocks begin (the first page's after the header). */
-static uint8_t *sm_segment_page_start(sm_segment_t *seg, const sm_page_t *page) {
+uint8_t *sm_segment_page_start(sm_segment_t *seg, const sm_page_t *page) {
   size_t idx = (size_t)(page - seg->pages);
   return (uint8_t *)seg + (idx << seg->page_shift) + (idx == 0 ? SM_SEGMENT_HDR : 0);
 }

@@ -283,15 +283,18 @@ void sm_stats_with(void (*fn)(const smalloc_stats_t *s, void *arg), void *arg) {
   sm_stats_read_unlock();
 }
 
+/* The figures into *out, as many bytes of them as out->size says. */
+static void sm_stats_copy_to(const smalloc_stats_t *s, void *arg) {
+  smalloc_stats_t *out = arg;
+  size_t size = out->size < sizeof *out ? out->size : sizeof *out;
+  memcpy(out, s, size);
+  out->size = size;
+}
+
 SM_EXPORT int smalloc_stats_get(smalloc_stats_t *out) {
   if (out == NULL || out->size < offsetof(smalloc_stats_t, nclasses)) return EINVAL;
-  size_t size = out->size < sizeof *out ? out->size : sizeof *out;
   /* read apart from *out: reading the counters must not change them */
-  sm_stats_read_lock();
-  sm_stats_current(&sm_read.s);
-  sm_read.s.size = size;
-  memcpy(out, &sm_read.s, size);
-  sm_stats_read_unlock();
+  sm_stats_with(sm_stats_copy_to, out);
   return 0;
 }
 
@@ -448,14 +451,15 @@ void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t residen
   fflush(out);
 }
 
-static void sm_stats_print_table(FILE *out) {
-  sm_stats_read_lock();
-  sm_stats_current(&sm_read.s);
+static void sm_stats_table_of(const smalloc_stats_t *s, void *arg) {
   char prog[32], who[96];
   snprintf(who, sizeof who, "%s (pid %ld, running %.1f s)", sm_program(prog, sizeof prog),
            (long)getpid(), (double)(sm_clock_ms() - sm_start_ms) / 1000.0);
-  sm_stats_format(&sm_read.s, who, sm_resident(), "the process", out);
-  sm_stats_read_unlock();
+  sm_stats_format(s, who, sm_resident(), "the process", arg);
+}
+
+static void sm_stats_print_table(FILE *out) {
+  sm_stats_with(sm_stats_table_of, out);
   sm_prof_print_top(out);
 }
 
@@ -645,10 +649,8 @@ static void sm_json_steps(FILE *out, const uint64_t *steps) {
   fputc('}', out);
 }
 
-static void sm_stats_print_json(FILE *out) {
-  sm_stats_read_lock();
-  const smalloc_stats_t *s = &sm_read.s;
-  sm_stats_current(&sm_read.s);
+static void sm_stats_json_of(const smalloc_stats_t *s, void *arg) {
+  FILE *out = arg;
   char prog[32];
   fprintf(out, "{\"version\": %u, \"size\": %zu, \"nclasses\": %u", s->version, s->size, s->nclasses);
   /* who, and with what: the process, the library, the options in effect */
@@ -682,7 +684,10 @@ static void sm_stats_print_json(FILE *out) {
     fputc('}', out);
   }
   fputs("]}\n", out);
-  sm_stats_read_unlock();
+}
+
+static void sm_stats_print_json(FILE *out) {
+  sm_stats_with(sm_stats_json_of, out);
   fflush(out);
 }
 
