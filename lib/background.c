@@ -44,13 +44,21 @@
  *
  * Why a thread and not a timer signal: a signal interrupts the program's
  * own system calls and could land inside smalloc; the thread needs no
- * cooperation.  What it costs: one thread, detached (exit never waits
- * for it), all signals blocked, a 64 KiB stack (the default size when the
+ * cooperation.  What it costs: one thread (exit never waits for it),
+ * all signals blocked, a 64 KiB stack (the default size when the
  * program's thread-local data does not fit in that), asleep while there
  * is nothing to give back.  It never allocates (its heap stays the static
  * empty one) and is not running in a child after fork until the child
  * starts its own.  SMALLOC_BACKGROUND=0 turns it off: then memory goes
- * back only when the program calls in. */
+ * back only when the program calls in.
+ *
+ * Why it steps aside: the kernel refuses some calls to a process of more
+ * than one thread (unshare(CLONE_NEWUSER) and setns into a user or mount
+ * namespace fail with EINVAL), and a program of one thread that freed a
+ * few MiB has a second one, this.  Those calls go through
+ * sm_background_aside (override.c): one the kernel refuses stops the
+ * thread, waits until it is gone, and is made again.  The next malloc
+ * starts a new one. */
 #include "internal.h"
 
 #include <errno.h>
@@ -65,6 +73,10 @@
 
 /* The thread's state, and the futex word it parks on. */
 _Atomic int sm_bg_state;
+/* Held while the thread is started or stopped, so that a stop joins the
+ * thread a start made: sm_bg_thread is the running one's. */
+static pthread_mutex_t sm_bg_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_t sm_bg_thread;
 /* after pthread_create failed (a thread limit, say): no new try before */
 static _Atomic uint64_t sm_bg_retry_ms;
 
@@ -73,14 +85,24 @@ static uint64_t sm_bg_tick_ms(void) {
   return d < 10 ? 10 : d > 1000 ? 1000 : d;
 }
 
-static void sm_bg_sleep(uint64_t ms) {
-  struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
-  while (nanosleep(&ts, &ts) != 0) {
-  }
-}
-
 static void sm_bg_futex_timed(int val, const struct timespec *timeout) {
   syscall(SYS_futex, (int *)&sm_bg_state, FUTEX_WAIT_PRIVATE, val, timeout, NULL, 0);
+}
+
+/* Sleep for ms, or less: a stop cuts it short (and a signal, but the
+ * thread blocks them all); a round that comes early does no harm. */
+static void sm_bg_sleep(uint64_t ms) {
+  struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+  sm_bg_futex_timed(SM_BG_AWAKE, &ts);
+}
+
+/* The thread moves its own state from `from` to `to`; false if a stop
+ * came first (SM_BG_EXITING): then it returns.  While the thread is
+ * awake only a stop changes its state; while it is parked a wake may
+ * also have made it awake, which is where it goes anyway. */
+static bool sm_bg_move(int from, int to) {
+  if (atomic_compare_exchange_strong(&sm_bg_state, &from, to)) return true;
+  return from != SM_BG_EXITING;
 }
 
 /* What a round leaves: nothing; only batches of remote frees held by
@@ -152,6 +174,7 @@ static void *sm_bg_main(void *arg) {
   prctl(PR_SET_NAME, "smalloc-purge", 0, 0, 0);
   for (;;) {
     sm_bg_sleep(sm_bg_tick_ms());
+    if (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_EXITING) break;
     int left = sm_bg_round();
     if (left == SM_BG_MORE) continue;
     /* Park: for good when nothing is left, for a purge delay when only
@@ -161,7 +184,7 @@ static void *sm_bg_main(void *arg) {
      * the store finds it; one that comes later sees the thread parked
      * and wakes it. */
     int park = left == SM_BG_BATCHES ? SM_BG_DOZING : SM_BG_PARKED;
-    atomic_store_explicit(&sm_bg_state, park, memory_order_seq_cst);
+    if (!sm_bg_move(SM_BG_AWAKE, park)) break;
     atomic_thread_fence(memory_order_seq_cst);
     left = sm_bg_round();
     /* batches that came since the first round: a park for good would
@@ -169,7 +192,7 @@ static void *sm_bg_main(void *arg) {
      * see the thread parked, but not these) */
     if (left == SM_BG_MORE || (left == SM_BG_BATCHES && park == SM_BG_PARKED) ||
         sm_heaps_watched_notices()) {
-      atomic_store_explicit(&sm_bg_state, SM_BG_AWAKE, memory_order_relaxed);
+      if (!sm_bg_move(park, SM_BG_AWAKE)) break;
       continue;
     }
     if (park == SM_BG_DOZING) {
@@ -180,7 +203,7 @@ static void *sm_bg_main(void *arg) {
       while (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_PARKED)
         sm_bg_futex_timed(SM_BG_PARKED, NULL);
     }
-    atomic_store_explicit(&sm_bg_state, SM_BG_AWAKE, memory_order_relaxed);
+    if (!sm_bg_move(park, SM_BG_AWAKE)) break;
   }
   return NULL;
 }
@@ -230,28 +253,28 @@ void sm_background_act(bool from_free) {
     atomic_fetch_or_explicit(&sm_bg_wanted, SM_WANT_PURGE_THREAD, memory_order_relaxed);
     return;
   }
+  /* (a malloc in pthread_create finds the thread awake before the lock) */
+  pthread_mutex_lock(&sm_bg_lock);
   int expected = SM_BG_NONE;
-  if (!atomic_compare_exchange_strong(&sm_bg_state, &expected, SM_BG_AWAKE)) return;
+  if (!atomic_compare_exchange_strong(&sm_bg_state, &expected, SM_BG_AWAKE)) {
+    pthread_mutex_unlock(&sm_bg_lock);
+    return;
+  }
   pthread_attr_t attr;
-  pthread_t t;
   sigset_t all, old;
   sigfillset(&all);
   pthread_attr_init(&attr);
-  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
   pthread_attr_setstacksize(&attr, 64 << 10);
   pthread_sigmask(SIG_SETMASK, &all, &old);   /* the thread inherits: no signal lands there */
   /* what glibc allocates for the thread (its TLS vector, live for good)
    * is no call site's doing: not sampled, where the profile named the
    * caller whose free started the thread */
   int busy = sm_prof_hush(SM_PROF_NO_SAMPLE);
-  int err = pthread_create(&t, &attr, sm_bg_main, NULL);
+  int err = pthread_create(&sm_bg_thread, &attr, sm_bg_main, NULL);
   if (err == EINVAL) {
     /* the program's thread-local data leaves no room in 64 KiB (glibc
      * puts it on the stack): the default size then */
-    pthread_attr_destroy(&attr);
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    err = pthread_create(&t, &attr, sm_bg_main, NULL);
+    err = pthread_create(&sm_bg_thread, NULL, sm_bg_main, NULL);
   }
   sm_prof_hush_end(busy);
   pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -260,13 +283,51 @@ void sm_background_act(bool from_free) {
     atomic_store_explicit(&sm_bg_retry_ms, sm_clock_ms() + 1000, memory_order_relaxed);
     atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_relaxed);
     atomic_fetch_or_explicit(&sm_bg_wanted, SM_WANT_PURGE_THREAD, memory_order_relaxed);   /* tried again in a second */
-    return;
+  } else {
+    sm_gadd(background_threads, 1);
   }
-  sm_gadd(background_threads, 1);
+  pthread_mutex_unlock(&sm_bg_lock);
+}
+
+/* Stop the purge thread and wait until it has returned; false if there
+ * was none.  It is joinable for this alone: nothing else waits for it. */
+static bool sm_background_stop(void) {
+  pthread_mutex_lock(&sm_bg_lock);
+  bool had = atomic_exchange(&sm_bg_state, SM_BG_EXITING) != SM_BG_NONE;
+  if (had) {
+    syscall(SYS_futex, (int *)&sm_bg_state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    pthread_join(sm_bg_thread, NULL);
+  }
+  atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_release);
+  pthread_mutex_unlock(&sm_bg_lock);
+  /* what it left to do: the next malloc starts another */
+  if (had) atomic_fetch_or_explicit(&sm_bg_wanted, SM_WANT_PURGE_THREAD, memory_order_relaxed);
+  return had;
+}
+
+/* System call nr(a, b), as the C library's wrapper makes it (-1 and
+ * errno on failure), for a call the kernel refuses with EINVAL to a
+ * process of more than one thread: refused, with a purge thread running,
+ * it stops the thread and is made again until the kernel has let the
+ * thread go (pthread_join returns before the kernel has taken it off the
+ * process's threads), for at most a second.  A call refused for another
+ * reason (another thread of the program's, a wrong argument) returns
+ * EINVAL at the end of that second, once. */
+long sm_background_aside(long nr, long a, long b) {
+  long r = syscall(nr, a, b);
+  if (r == 0 || errno != EINVAL || !sm_background_stop()) return r;
+  struct timespec tick = {0, 100000};   /* 0.1 ms */
+  for (int i = 0; i < 10000; i++) {
+    r = syscall(nr, a, b);
+    if (r == 0 || errno != EINVAL) break;
+    nanosleep(&tick, NULL);
+  }
+  return r;
 }
 
 /* In a child after fork no purge thread runs. */
 void sm_background_fork_child(void) {
+  sm_fork_mutex_was_held(&sm_bg_lock);
   atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_relaxed);
   sm_free_steal_fork_child();
   atomic_store_explicit(&sm_bg_wanted, 0, memory_order_relaxed);

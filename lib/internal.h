@@ -1372,8 +1372,8 @@ void sm_stats_fork_child(void);
 void sm_background_wake(void);
 void sm_background_want(void);
 /* the purge thread: none, awake (or being started), parked until woken,
- * parked for a purge delay (background.c) */
-enum { SM_BG_NONE = 0, SM_BG_AWAKE = 1, SM_BG_PARKED = 2, SM_BG_DOZING = 3 };
+ * parked for a purge delay, being stopped (background.c) */
+enum { SM_BG_NONE = 0, SM_BG_AWAKE = 1, SM_BG_PARKED = 2, SM_BG_DOZING = 3, SM_BG_EXITING = 4 };
 extern _Atomic int sm_bg_state;
 /* Something the purge thread looks after while it is awake began (a batch
  * of remote frees: the thread that holds it may go idle), made visible
@@ -1387,6 +1387,7 @@ SM_INLINE void sm_background_nudge(void) {
 }
 void sm_background_act(bool from_free);
 void sm_background_fork_child(void);
+long sm_background_aside(long nr, long a, long b);
 /* What the end of a malloc or free is asked to do, where the caller holds
  * no lock and no page state: start the purge thread, print a report */
 #define SM_WANT_PURGE_THREAD 1

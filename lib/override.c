@@ -9,6 +9,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/syscall.h>
 
 SM_EXPORT SM_ENTRY void *smalloc_malloc(size_t n) {
   return sm_malloc(n);
@@ -282,6 +283,16 @@ SM_ALIAS(__libc_free, smalloc_free)
 SM_ALIAS(__libc_calloc, smalloc_calloc)
 SM_ALIAS(__libc_realloc, smalloc_realloc)
 SM_ALIAS(__libc_memalign, smalloc_memalign)
+
+/* Calls the kernel makes only in a process of one thread: the purge
+ * thread steps aside for them (background.c).  Made as system calls, as
+ * the C library's wrappers make them. */
+SM_EXPORT int unshare(int flags) {
+  return (int)sm_background_aside(SYS_unshare, flags, 0);
+}
+SM_EXPORT int setns(int fd, int nstype) {
+  return (int)sm_background_aside(SYS_setns, fd, nstype);
+}
 
 /* ---- C++ ------------------------------------------------------------------
  * The replaceable allocation functions, exported under their mangled

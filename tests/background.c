@@ -10,6 +10,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -918,6 +919,114 @@ START_TEST(fork_while_purging)
 }
 END_TEST
 
+#ifdef SM_OVERRIDE
+/* The calls the kernel makes only in a process of one thread, in a child
+ * (they change its namespaces).  unshare(CLONE_NEWUSER) is the first
+ * step of unprivileged sandboxes (unshare -r, bubblewrap); setns into a
+ * mount namespace needs CAP_SYS_ADMIN (joining its own changes only the
+ * child's root and working directory). */
+enum { BG_SETNS = 1, BG_UNSHARE = 2 };
+static int bg_ns_call(int which)
+{
+  if (which == BG_UNSHARE)
+    return unshare(CLONE_NEWUSER);
+  int fd = open("/proc/self/ns/mnt", O_RDONLY);
+  if (fd < 0)
+    return -1;
+  int r = setns(fd, CLONE_NEWNS);
+  int e = errno;
+  close(fd);
+  errno = e;
+  return r;
+}
+
+/* Which of the calls this kernel and this process's rights allow a
+ * process of one thread (a container may forbid both). */
+static int bg_ns_allowed(void)
+{
+  int allowed = 0;
+  for (int which = BG_SETNS; which <= BG_UNSHARE; which <<= 1) {
+    pid_t pid = fork();
+    ck_assert_int_ge(pid, 0);
+    if (pid == 0)
+      _exit(bg_ns_call(which) == 0 ? 0 : 1);
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+      ck_assert_int_eq(errno, EINTR);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      allowed |= which;
+  }
+  return allowed;
+}
+
+/* In the child: make the allowed calls with the purge thread running;
+ * 0, or the step that failed (said on stderr). */
+static int bg_ns_child(int allowed)
+{
+  smalloc_stats_t a, b;
+  bg_on();
+  if (sm_test_snap(&a) != 0)
+    return 1;
+  int starts = 0;
+  for (int which = BG_SETNS; which <= BG_UNSHARE; which <<= 1) {
+    if (!(allowed & which))
+      continue;
+    bg_give_something_back();
+    smalloc_free(smalloc_malloc(64));   /* the end of a malloc starts the thread */
+    if (bg_wait_purge_tid() == 0 || bg_threads() != 2) {
+      fprintf(stderr, "no purge thread beside the test's (%d threads)\n", bg_threads());
+      return 2;
+    }
+    starts++;
+    if (bg_ns_call(which) != 0) {
+      fprintf(stderr, "%s with the purge thread running: %s\n",
+              which == BG_UNSHARE ? "unshare(CLONE_NEWUSER)" : "setns(CLONE_NEWNS)", strerror(errno));
+      return 3;
+    }
+    if (bg_threads() != 1) {
+      fprintf(stderr, "%d threads after the call\n", bg_threads());
+      return 4;
+    }
+  }
+  /* the next malloc after memory to give back starts the thread again */
+  bg_give_something_back();
+  smalloc_free(smalloc_malloc(64));
+  if (bg_wait_purge_tid() == 0) {
+    fprintf(stderr, "no purge thread after the calls\n");
+    return 5;
+  }
+  if (sm_test_snap(&b) != 0 || b.background_threads - a.background_threads != (uint64_t)starts + 1) {
+    fprintf(stderr, "%llu purge threads started, %d expected\n",
+            (unsigned long long)(b.background_threads - a.background_threads), starts + 1);
+    return 6;
+  }
+  return 0;
+}
+
+/* A program of one thread that has freed memory, and so has a purge
+ * thread, may still make the calls the kernel refuses (EINVAL) to a
+ * process of more than one: the thread steps aside for them, and the
+ * next malloc starts it again. */
+START_TEST(purge_thread_steps_aside_for_unshare_and_setns)
+{
+  int allowed = bg_ns_allowed();
+  if (allowed == 0) {
+    printf("skipped: neither unshare(CLONE_NEWUSER) nor setns(CLONE_NEWNS) is allowed here\n");
+    return;
+  }
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0)
+    _exit(bg_ns_child(allowed));
+  int status;
+  while (waitpid(pid, &status, 0) < 0)
+    ck_assert_int_eq(errno, EINTR);
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child: status %#x (allowed %d)", status,
+                allowed);
+}
+END_TEST
+#endif
+
 /* Pages freed in a segment that still holds a live block go back to the
  * OS too (once free for the purge delay; here 0, so at once): committed
  * bytes follow the live bytes, not the most pages a segment ever held.
@@ -1194,6 +1303,9 @@ static Suite *background_suite(void)
   tcase_add_test(tc, threads_come_and_go_while_the_purge_thread_works);
   tcase_add_test(tc, background_off_starts_no_thread);
   tcase_add_test(tc, fork_while_purging);
+#ifdef SM_OVERRIDE
+  tcase_add_test(tc, purge_thread_steps_aside_for_unshare_and_setns);
+#endif
   tcase_add_test(tc, free_pages_of_a_live_segment_go_back);
   tcase_add_test(tc, free_pages_of_an_exited_threads_segment_go_back);
   tcase_add_test(tc, free_blocks_of_an_exited_threads_sparse_pages_go_back);
