@@ -1325,6 +1325,7 @@ int sm_os_nohugepage(void *p, size_t size);
 bool sm_os_space_limited(void);
 void sm_os_limit_forget(void);
 bool sm_os_holes(void);
+uint64_t sm_os_unmapped(void);
 void sm_os_space_short(void);
 int sm_os_map_hole(void *p, size_t size);
 bool sm_os_thp_always(void);

@@ -208,11 +208,21 @@ int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out) {
   return err;
 }
 
+/* Bytes given back with sm_os_unmap so far (not the trims of an aligned
+ * mapping, which another thread's malloc makes on the way to holding
+ * more): whether any came back while an allocation failed. */
+static _Atomic uint64_t sm_os_unmapped_bytes;
+
+uint64_t sm_os_unmapped(void) { return atomic_load_explicit(&sm_os_unmapped_bytes, memory_order_relaxed); }
+
 int sm_os_unmap(void *p, size_t size) {
   int saved = errno;
   int err = sm_sys_munmap(p, size) ? errno : 0;
   errno = saved;
-  if (!err) { sm_gsub(bytes_mapped, size); }
+  if (!err) {
+    sm_gsub(bytes_mapped, size);
+    atomic_fetch_add_explicit(&sm_os_unmapped_bytes, size, memory_order_relaxed);
+  }
   return err;
 }
 
