@@ -218,11 +218,16 @@ START_TEST(a_refusal_with_nothing_to_give_back_collects_once)
 #if SM_TEST_SANITIZED
   printf("skipped: the sanitizer intercepts mmap\n");
 #else
-  static const size_t sizes[] = {OOM_REQUEST, OOM_REQUEST, 64};
+  static const size_t sizes[] = {OOM_REQUEST, 64};
   for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+    /* the first refusal's collect gives back what the process held (the
+     * secure build's, once in CI, more than smalloc_collect had) */
     uint64_t collects;
     oom_one_try(sizes[i], &collects);
-    ck_assert_msg(collects == 1, "malloc(%zu): %llu collects", sizes[i], (unsigned long long)collects);
+    for (int k = 0; k < 2; k++) {
+      oom_one_try(sizes[i], &collects);
+      ck_assert_msg(collects == 1, "malloc(%zu): %llu collects", sizes[i], (unsigned long long)collects);
+    }
   }
 #endif
 }
