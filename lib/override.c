@@ -277,12 +277,19 @@ SM_ALIAS(malloc_info, smalloc_malloc_info)
 SM_ALIAS(mallopt, smalloc_mallopt)
 SM_ALIAS(malloc_stats, smalloc_malloc_stats)
 /* glibc's internal names, which a few programs and libraries call
- * directly: they must reach the same heap as malloc/free. */
+ * directly, and cfree, which programs built against a glibc before 2.26
+ * call (glibc keeps it for them): they must reach the same heap as
+ * malloc/free. */
 SM_ALIAS(__libc_malloc, smalloc_malloc)
 SM_ALIAS(__libc_free, smalloc_free)
 SM_ALIAS(__libc_calloc, smalloc_calloc)
 SM_ALIAS(__libc_realloc, smalloc_realloc)
 SM_ALIAS(__libc_memalign, smalloc_memalign)
+SM_ALIAS(__libc_valloc, smalloc_valloc)
+SM_ALIAS(__libc_pvalloc, smalloc_pvalloc)
+SM_ALIAS(__libc_mallinfo, smalloc_mallinfo)
+SM_ALIAS(__libc_mallopt, smalloc_mallopt)
+SM_ALIAS(cfree, smalloc_free)
 
 /* Calls the kernel makes only in a process of one thread: the purge
  * thread steps aside for them (background.c).  Made as system calls, as

@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 
 #ifdef SM_OVERRIDE
+#include <dlfcn.h>
 /* C23 names that glibc 2.36 does not declare yet. */
 void free_sized(void *ptr, size_t size);
 void free_aligned_sized(void *ptr, size_t alignment, size_t size);
@@ -1027,6 +1028,41 @@ START_TEST(libc_bad_input_matches_contract)
 }
 END_TEST
 
+/* glibc's other names for the family, which a few programs and
+ * libraries call directly, and cfree, which programs built against a
+ * glibc before 2.26 call: each is smalloc's (found in the library that
+ * holds smalloc_malloc), and a block goes back through cfree. */
+START_TEST(glibc_other_names_are_smalloc)
+{
+  static const char *const names[] = {"__libc_malloc", "__libc_free", "__libc_calloc",
+                                      "__libc_realloc", "__libc_memalign", "__libc_valloc",
+                                      "__libc_pvalloc", "__libc_mallinfo", "__libc_mallopt",
+                                      "cfree"};
+  Dl_info self, it;
+  void *own = dlsym(RTLD_DEFAULT, "smalloc_malloc");
+  ck_assert_ptr_nonnull(own);
+  ck_assert_int_ne(dladdr(own, &self), 0);
+  for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+    void *f = dlsym(RTLD_DEFAULT, names[i]);
+    ck_assert_msg(f != NULL, "%s: not found", names[i]);
+    ck_assert_int_ne(dladdr(f, &it), 0);
+    ck_assert_msg(strcmp(it.dli_fname, self.dli_fname) == 0, "%s is %s's, not %s's", names[i], it.dli_fname,
+                  self.dli_fname);
+  }
+  void *(*volatile libc_valloc_other)(size_t) = (void *(*)(size_t))dlsym(RTLD_DEFAULT, "__libc_valloc");
+  void (*volatile libc_cfree)(void *) = (void (*)(void *))dlsym(RTLD_DEFAULT, "cfree");
+  smalloc_stats_t a, b;
+  sm_stats_snap(&a);
+  void *p = libc_valloc_other(100);
+  libc_cfree(p);
+  sm_stats_snap(&b);
+  ck_assert_ptr_nonnull(p);
+  ck_assert_uint_eq(b.calls_valloc - a.calls_valloc, 1);
+  ck_assert_uint_eq(b.calls_free - a.calls_free, 1);
+  ck_assert_uint_eq(b.blocks_in_use, a.blocks_in_use);
+}
+END_TEST
+
 START_TEST(libc_mallinfo2_and_trim_are_smalloc)
 {
   struct mallinfo2 a = mallinfo2();
@@ -1117,6 +1153,7 @@ static Suite *api_suite(void)
   tcase_add_test(tc, libc_names_share_blocks_with_smalloc_names);
   tcase_add_test(tc, libc_bad_input_matches_contract);
   tcase_add_test(tc, libc_mallinfo2_and_trim_are_smalloc);
+  tcase_add_test(tc, glibc_other_names_are_smalloc);
   suite_add_tcase(s, tc);
 #endif
   return s;
