@@ -400,6 +400,28 @@ static sm_page_t *sm_page_take_retired(sm_heap_t *heap, size_t bin) {
   return page;
 }
 
+/* Whether every block the page built is tagged free, as the counts say:
+ * a block freed twice after a write over its tag (where free could not
+ * tell) went on a list again and was counted twice, so the page looked
+ * empty with one of its blocks still live, which would have gone to
+ * another class or back to the OS with the page (probe: two blocks
+ * freed, the first's tag overwritten and freed again, the rest of the
+ * page freed but one, which the next class's blocks then overwrote).
+ * Read in address order, one word a block (no list to follow), and only
+ * where the page leaves its class: a program that frees its heap at exit
+ * pays nothing, and a page that empties and fills again in its class
+ * never hands that block out (it is on no list; malloc finds the block
+ * freed twice where it comes off the list the second time). */
+static bool sm_page_all_free(const sm_page_t *page) {
+  const uint8_t *at = page->start;
+  for (uint32_t i = 0; i < page->capacity; i++, at += page->block_size) {
+    const sm_block_t *b = (const sm_block_t *)at;
+    sm_track_link(b);
+    if (sm_unlikely((b->tag ^ page->key) > SM_TAG_REMOTE)) return false;
+  }
+  return true;
+}
+
 /* An empty page on no queue leaves its class and its owner, on its way
  * back to its segment; any thread may do it, so no owner counter is
  * touched (the page's counts were folded).  False, with nothing done,
@@ -411,7 +433,7 @@ static sm_page_t *sm_page_take_retired(sm_heap_t *heap, size_t bin) {
 bool sm_page_clear(sm_page_t *page) {
   sm_assert(!page->retired && sm_page_local_frees(page) == 0);
   sm_assert_expensive(sm_page_live(page) == 0);
-  if (sm_unlikely(sm_tf_head(page, memory_order_acquire) != NULL)) {
+  if (sm_unlikely(sm_tf_head(page, memory_order_acquire) != NULL || !sm_page_all_free(page))) {
     sm_page_corrupt(page, ": a block of it was freed twice", NULL);
     return false;
   }

@@ -1020,6 +1020,71 @@ static void double_free_after_stale_write_deep(bool warn)
 }
 MISUSE(double_free_after_stale_write_deep)
 
+/* The same double free, unseen, in a page that is not the one its class
+ * allocates from (its frees go on local_free): the rest of its blocks
+ * freed but one, the page's count says it is empty, one free early.
+ * Before, the page went back to its segment with that block live in it,
+ * and the next class's blocks were written over it, unreported.  Where
+ * the page leaves its class every block it built must be tagged free:
+ * the page is reported and kept for good. */
+static void *stale_write_emptied_thread(void *arg)
+{
+  bool warn = *(bool *)arg;
+  enum { SIZE = 80, MAX = 2000, OTHER = 4000 };
+  static unsigned char *a[MAX], *o[OTHER];
+  /* an emptied page goes back to its segment at once */
+  CHILD_CHECK(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0) == 0, "option");
+  int n = 0;
+  uintptr_t first = 0;
+  for (;;) {
+    CHILD_CHECK(n < MAX, "no block of %d landed in a second page", SIZE);
+    a[n] = smalloc_malloc(SIZE);
+    CHILD_CHECK(a[n] != NULL, "malloc(%d) failed", SIZE);
+    uintptr_t page = (uintptr_t)page_start_of(a[n]);
+    if (n == 0)
+      first = page;
+    if (page != first)
+      break;
+    n++;
+  }
+  unsigned char *victim = a[0], *live = a[n - 1];
+  memset(live, 0x5c, SIZE);
+  smalloc_free(victim);
+  smalloc_free(a[1]);
+  memset(victim + 8, 0x41, 8);   /* a stale write over its tag */
+  smalloc_free(sm_opaque(victim));   /* not seen: counted twice */
+  expect_line("corrupted free list in page at %p: a block of it was freed twice", page_start_of(victim));
+  for (int i = 2; i < n - 1; i++)   /* the last of these empties the page, by its count */
+    smalloc_free(a[i]);
+  if (!warn)
+    child_fail("a page emptied with a block live in it, unreported");
+  uintptr_t lo = (uintptr_t)live, hi = lo + SIZE;
+  for (int i = 0; i < OTHER; i++) {
+    o[i] = smalloc_malloc(48);
+    CHILD_CHECK(o[i] != NULL, "malloc(48) failed");
+    CHILD_CHECK((uintptr_t)o[i] + 48 <= lo || (uintptr_t)o[i] >= hi,
+                "malloc(48) = %p overlaps the live block %p", (void *)o[i], (void *)live);
+    memset(o[i], 0x3c, 48);
+  }
+  smalloc_collect(true);
+  for (int k = 0; k < SIZE; k++)
+    CHILD_CHECK(live[k] == 0x5c, "the live block %p changed", (void *)live);
+  for (int i = 0; i < OTHER; i++)
+    smalloc_free(o[i]);
+  smalloc_free(live);
+  smalloc_free(a[n]);
+  return NULL;
+}
+
+static void double_free_after_stale_write_then_the_page_empties(bool warn)
+{
+  pthread_t t;
+  CHILD_CHECK(pthread_create(&t, NULL, stale_write_emptied_thread, &warn) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  heap_still_sound(80);
+}
+MISUSE(double_free_after_stale_write_then_the_page_empties)
+
 /* A block whose page went back to its segment at its free (retire cycles
  * 0) while another heap holds the segment (while other threads live, a
  * thread's pages are borrowed from the segments all threads share): the
@@ -1795,6 +1860,7 @@ int main(void)
   if (!SM_TEST_SECURE)   /* its frees go on local_free, which trim does not walk */
     ADD_MISUSE(tc, write_after_free_found_by_trim);
   ADD_MISUSE(tc, double_free_after_stale_write_deep);
+  ADD_MISUSE(tc, double_free_after_stale_write_then_the_page_empties);
   ADD_MISUSE(tc, double_free_into_a_page_on_its_way_home);
   ADD_MISUSE(tc, double_free_from_another_thread_after_stale_write);
   ADD_MISUSE(tc, double_free_from_another_thread_after_its_batch_went);
