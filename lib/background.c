@@ -293,8 +293,10 @@ void sm_background_act(bool from_free) {
 }
 
 /* Stop the purge thread and wait until it has returned; false if there
- * was none.  It is joinable for this alone: nothing else waits for it. */
-static bool sm_background_stop(void) {
+ * was none.  It is joinable for this alone: nothing else waits for it.
+ * For the calls it steps aside for, and SMALLOC_OPTION_BACKGROUND set to
+ * 0 (smalloc_option_set). */
+bool sm_background_stop(void) {
   pthread_mutex_lock(&sm_bg_lock);
   bool had = atomic_exchange(&sm_bg_state, SM_BG_EXITING) != SM_BG_NONE;
   if (had) {

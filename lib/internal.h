@@ -1389,6 +1389,7 @@ SM_INLINE void sm_background_nudge(void) {
 void sm_background_act(bool from_free);
 void sm_background_fork_child(void);
 long sm_background_aside(long nr, long a, long b);
+bool sm_background_stop(void);
 /* What the end of a malloc or free is asked to do, where the caller holds
  * no lock and no page state: start the purge thread, print a report */
 #define SM_WANT_PURGE_THREAD 1

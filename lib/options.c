@@ -314,5 +314,6 @@ SM_EXPORT int smalloc_option_set(smalloc_option_t option, long value) {
   const sm_option_desc_t *d = &sm_option_desc[option];
   if (value < d->min || value > d->max) return EINVAL;
   __atomic_store_n(&sm_options[option], value, __ATOMIC_RELAXED);
+  if (option == SMALLOC_OPTION_BACKGROUND && value == 0) sm_background_stop();   /* returns once it has */
   return 0;
 }

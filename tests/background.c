@@ -889,6 +889,53 @@ START_TEST(background_off_starts_no_thread)
 }
 END_TEST
 
+/* SMALLOC_OPTION_BACKGROUND set to 0 stops a thread that runs, and
+ * smalloc_option_set returns once it has (its id is gone from the
+ * process's threads soon after: the kernel lets it go after the join);
+ * set to 1 again, the next memory to give back starts another, which
+ * gives it back.  The stop comes at any point of the thread's work: the
+ * burst freed just before keeps it busy. */
+START_TEST(background_off_stops_the_thread_and_on_starts_another)
+{
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  for (int round = 0; round < 3; round++) {
+    bg_on();
+    bg_give_something_back();
+    smalloc_free(smalloc_malloc(64));   /* the end of a malloc starts the thread */
+    int tid = bg_wait_purge_tid();
+    ck_assert_msg(tid != 0, "round %d: no purge thread", round);
+    bg_give_something_back();   /* at work when told to stop */
+    ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+    int left = bg_purge_tid();
+    for (long waited = 0; left != 0 && waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+      bg_sleep_ms(BG_POLL_MS);
+      left = bg_purge_tid();
+    }
+    ck_assert_msg(left == 0, "round %d: the purge thread %d still runs", round, left);
+    /* off: memory to give back starts none */
+    bg_give_something_back();
+    smalloc_free(smalloc_malloc(64));
+    bg_sleep_ms(2 * BG_DELAY_MS);
+    ck_assert_int_eq(bg_purge_tid(), 0);
+  }
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  ck_assert_uint_eq(b.background_threads - a.background_threads, 3);
+  /* on again: the memory given back meanwhile goes back */
+  bg_on();
+  size_t rss0;
+  void **v = bg_burst(&rss0);
+  for (size_t i = 0; i < BG_BLOCKS; i++)
+    smalloc_free(v[i]);
+  smalloc_free(smalloc_malloc(64));
+  ck_assert_msg(bg_wait_purge_tid() != 0, "no purge thread once on again");
+  size_t rss = bg_wait_rss(rss0 + 8 * MiB);
+  if (!SM_TEST_SANITIZED)
+    ck_assert_msg(rss <= rss0 + 8 * MiB, "resident %zu KiB, %zu KiB before the burst", rss >> 10, rss0 >> 10);
+  munmap(v, BG_BLOCKS * sizeof *v);
+}
+END_TEST
+
 /* fork while the purge thread runs: the child allocates at once and
  * exits; the parent's thread goes on. */
 START_TEST(fork_while_purging)
@@ -1302,6 +1349,7 @@ static Suite *background_suite(void)
   tcase_add_test(tc, an_idle_threads_remote_frees_are_sent_without_a_call);
   tcase_add_test(tc, threads_come_and_go_while_the_purge_thread_works);
   tcase_add_test(tc, background_off_starts_no_thread);
+  tcase_add_test(tc, background_off_stops_the_thread_and_on_starts_another);
   tcase_add_test(tc, fork_while_purging);
 #ifdef SM_OVERRIDE
   tcase_add_test(tc, purge_thread_steps_aside_for_unshare_and_setns);
