@@ -902,7 +902,7 @@ START_TEST(background_off_stops_the_thread_and_on_starts_another)
   for (int round = 0; round < 3; round++) {
     bg_on();
     bg_give_something_back();
-    smalloc_free(smalloc_malloc(64));   /* the end of a malloc starts the thread */
+    smalloc_free(smalloc_malloc(3 * MiB));   /* the end of a slow-path malloc starts the thread */
     int tid = bg_wait_purge_tid();
     ck_assert_msg(tid != 0, "round %d: no purge thread", round);
     bg_give_something_back();   /* at work when told to stop */
@@ -915,7 +915,7 @@ START_TEST(background_off_stops_the_thread_and_on_starts_another)
     ck_assert_msg(left == 0, "round %d: the purge thread %d still runs", round, left);
     /* off: memory to give back starts none */
     bg_give_something_back();
-    smalloc_free(smalloc_malloc(64));
+    smalloc_free(smalloc_malloc(3 * MiB));
     bg_sleep_ms(2 * BG_DELAY_MS);
     ck_assert_int_eq(bg_purge_tid(), 0);
   }
@@ -927,7 +927,7 @@ START_TEST(background_off_stops_the_thread_and_on_starts_another)
   void **v = bg_burst(&rss0);
   for (size_t i = 0; i < BG_BLOCKS; i++)
     smalloc_free(v[i]);
-  smalloc_free(smalloc_malloc(64));
+  smalloc_free(smalloc_malloc(3 * MiB));
   ck_assert_msg(bg_wait_purge_tid() != 0, "no purge thread once on again");
   size_t rss = bg_wait_rss(rss0 + 8 * MiB);
   if (!SM_TEST_SANITIZED)
@@ -1019,7 +1019,7 @@ static int bg_ns_child(int allowed)
     if (!(allowed & which))
       continue;
     bg_give_something_back();
-    smalloc_free(smalloc_malloc(64));   /* the end of a malloc starts the thread */
+    smalloc_free(smalloc_malloc(3 * MiB));   /* the end of a slow-path malloc starts the thread */
     if (bg_wait_purge_tid() == 0 || bg_threads() != 2) {
       fprintf(stderr, "no purge thread beside the test's (%d threads)\n", bg_threads());
       return 2;
@@ -1037,7 +1037,7 @@ static int bg_ns_child(int allowed)
   }
   /* the next malloc after memory to give back starts the thread again */
   bg_give_something_back();
-  smalloc_free(smalloc_malloc(64));
+  smalloc_free(smalloc_malloc(3 * MiB));
   if (bg_wait_purge_tid() == 0) {
     fprintf(stderr, "no purge thread after the calls\n");
     return 5;
