@@ -1033,8 +1033,15 @@ static int bg_ns_child(int allowed)
               which == BG_UNSHARE ? "unshare(CLONE_NEWUSER)" : "setns(CLONE_NEWNS)", strerror(errno));
       return 3;
     }
-    if (bg_threads() != 1) {
-      fprintf(stderr, "%d threads after the call\n", bg_threads());
+    /* the call may succeed before the kernel has taken the thread off the
+     * process's threads (setns asks only that no other shares the root) */
+    int threads = bg_threads();
+    for (long waited = 0; threads != 1 && waited < 1000; waited += 10) {
+      bg_sleep_ms(10);
+      threads = bg_threads();
+    }
+    if (threads != 1) {
+      fprintf(stderr, "%d threads after the call\n", threads);
       return 4;
     }
   }
