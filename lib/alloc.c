@@ -44,7 +44,7 @@ static sm_heap_t *sm_heap_for_alloc(sm_heap_t *heap) {
  * address space back since the try began.  Threads that fail together
  * collect one after another, and the later ones find nothing left to
  * give while what the first gave is there for them: 50 threads with 450
- * MiB live under a 3 GiB limit (probeA thr) got NULL in 3 runs of 10
+ * MiB live under a 3 GiB limit (probeA thr) got NULL in 4 runs of 25
  * when only what a thread's own collect gave counted, at an address
  * space that the program's next malloc found.  At most SM_OOM_TRIES
  * collects for one allocation: each costs a walk of every heap. */

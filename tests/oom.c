@@ -239,8 +239,8 @@ END_TEST
  * while this one's try is failing, and this one's collect finds nothing:
  * it tries again, and is served, a huge block as a small one (a new
  * segment).  Before, only what its own collect gave counted: it returned
- * NULL (50 threads under a 3 GiB limit with 450 MiB live got NULL in 3
- * runs of 10). */
+ * NULL (50 threads under a 3 GiB limit with 450 MiB live got NULL in 4
+ * runs of 25). */
 START_TEST(a_refusal_tries_again_when_another_thread_gave_back)
 {
 #if SM_TEST_SANITIZED
