@@ -62,7 +62,6 @@
 #include "internal.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
@@ -316,12 +315,7 @@ enum { SM_BG_ASIDE_MS = 200 };
  * that cannot be read (no /proc in a sandbox, say). */
 static int sm_bg_threads(void) {
   char buf[1024];
-  int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return 0;
-  ssize_t n = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (n <= 0) return 0;
-  buf[n] = '\0';
+  if (sm_os_read_file("/proc/self/stat", buf, sizeof buf) == 0) return 0;
   /* after the command's closing parenthesis (a command may hold one):
    * state, then 16 fields, then the thread count */
   const char *p = strrchr(buf, ')');

@@ -1326,6 +1326,7 @@ bool sm_os_space_limited(void);
 void sm_os_limit_forget(void);
 bool sm_os_holes(void);
 uint64_t sm_os_unmapped(void);
+size_t sm_os_read_file(const char *path, char *buf, size_t cap);
 void sm_os_space_short(void);
 int sm_os_map_hole(void *p, size_t size);
 bool sm_os_thp_always(void);

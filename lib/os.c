@@ -208,6 +208,18 @@ int sm_os_map_aligned(size_t size, size_t alignment, size_t pre, void **out) {
   return err;
 }
 
+/* The start of a small file (a /proc one) in buf, NUL-terminated, without
+ * allocating: the bytes read, 0 when it could not be read. */
+size_t sm_os_read_file(const char *path, char *buf, size_t cap) {
+  int saved = errno;
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  ssize_t n = fd < 0 ? -1 : read(fd, buf, cap - 1);
+  if (fd >= 0) close(fd);
+  errno = saved;
+  buf[n > 0 ? n : 0] = '\0';
+  return n > 0 ? (size_t)n : 0;
+}
+
 /* Bytes given back with sm_os_unmap so far (not the trims of an aligned
  * mapping, which another thread's malloc makes on the way to holding
  * more): whether any came back while an allocation failed. */

@@ -358,13 +358,7 @@ static const char *sm_program(char *buf, size_t cap) {
     snprintf(buf, cap, "%s", program_invocation_short_name);
     return buf;
   }
-  snprintf(buf, cap, "?");
-  int fd = open("/proc/self/comm", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return buf;
-  ssize_t n = read(fd, buf, cap - 1);
-  close(fd);
-  if (n <= 0) { snprintf(buf, cap, "?"); return buf; }
-  buf[n] = '\0';
+  if (sm_os_read_file("/proc/self/comm", buf, cap) == 0) snprintf(buf, cap, "?");
   buf[strcspn(buf, "\n")] = '\0';
   return buf;
 }
@@ -372,12 +366,7 @@ static const char *sm_program(char *buf, size_t cap) {
 /* Resident bytes of the process (/proc/self/statm), 0 when unknown. */
 static uint64_t sm_resident(void) {
   char buf[128];
-  int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return 0;
-  ssize_t n = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (n <= 0) return 0;
-  buf[n] = '\0';
+  if (sm_os_read_file("/proc/self/statm", buf, sizeof buf) == 0) return 0;
   unsigned long long size, res;
   if (sscanf(buf, "%llu %llu", &size, &res) != 2) return 0;
   return (uint64_t)res * (uint64_t)sysconf(_SC_PAGESIZE);

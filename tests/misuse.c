@@ -1020,6 +1020,26 @@ static void double_free_after_stale_write_deep(bool warn)
 }
 MISUSE(double_free_after_stale_write_deep)
 
+/* Blocks of size into v (room for max) until one lands in another page
+ * than the first: the first page's blocks are v[0 .. n - 1], returned
+ * n, and v[n] is the first of the next page. */
+static int fill_a_page(unsigned char **v, int max, int size)
+{
+  int n = 0;
+  uintptr_t first = 0;
+  for (;;) {
+    CHILD_CHECK(n < max, "no block of %d landed in a second page", size);
+    v[n] = smalloc_malloc((size_t)size);
+    CHILD_CHECK(v[n] != NULL, "malloc(%d) failed", size);
+    uintptr_t page = (uintptr_t)page_start_of(v[n]);
+    if (n == 0)
+      first = page;
+    if (page != first)
+      return n;
+    n++;
+  }
+}
+
 /* The same double free, unseen, in a page that is not the one its class
  * allocates from (its frees go on local_free): the rest of its blocks
  * freed but one, the page's count says it is empty, one free early.
@@ -1034,19 +1054,7 @@ static void *stale_write_emptied_thread(void *arg)
   static unsigned char *a[MAX], *o[OTHER];
   /* an emptied page goes back to its segment at once */
   CHILD_CHECK(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0) == 0, "option");
-  int n = 0;
-  uintptr_t first = 0;
-  for (;;) {
-    CHILD_CHECK(n < MAX, "no block of %d landed in a second page", SIZE);
-    a[n] = smalloc_malloc(SIZE);
-    CHILD_CHECK(a[n] != NULL, "malloc(%d) failed", SIZE);
-    uintptr_t page = (uintptr_t)page_start_of(a[n]);
-    if (n == 0)
-      first = page;
-    if (page != first)
-      break;
-    n++;
-  }
+  int n = fill_a_page(a, MAX, SIZE);
   unsigned char *victim = a[0], *live = a[n - 1];
   memset(live, 0x5c, SIZE);
   smalloc_free(victim);
@@ -1098,19 +1106,7 @@ static void *cleared_page_thread(void *arg)
   enum { N = 64, SIZE = 7000 };
   static unsigned char *v[N];
   CHILD_CHECK(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0) == 0, "option");
-  int n = 0;
-  uintptr_t first = 0;
-  for (;;) {
-    CHILD_CHECK(n < N, "no block of %d landed in a second page", SIZE);
-    v[n] = smalloc_malloc(SIZE);
-    CHILD_CHECK(v[n] != NULL, "malloc(%d) failed", SIZE);
-    uintptr_t page = (uintptr_t)page_start_of(v[n]);
-    if (n == 0)
-      first = page;
-    if (page != first)
-      break;
-    n++;
-  }
+  int n = fill_a_page(v, N, SIZE);
   for (int i = 0; i < n; i++)   /* the first page's blocks: the last empties it */
     smalloc_free(v[i]);
   unsigned char *p = v[n - 1];
