@@ -91,6 +91,10 @@ static void sm_bg_futex_timed(int val, const struct timespec *timeout) {
   syscall(SYS_futex, (int *)&sm_bg_state, FUTEX_WAIT_PRIVATE, val, timeout, NULL, 0);
 }
 
+static void sm_bg_futex_wake(void) {
+  syscall(SYS_futex, (int *)&sm_bg_state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
 /* Sleep for ms, or less: a stop cuts it short (and a signal, but the
  * thread blocks them all); a round that comes early does no harm. */
 static void sm_bg_sleep(uint64_t ms) {
@@ -224,7 +228,7 @@ void sm_background_wake(void) {
   if (sm_likely(s == SM_BG_AWAKE)) return;
   if (s == SM_BG_PARKED || s == SM_BG_DOZING) {
     if (atomic_compare_exchange_strong(&sm_bg_state, &s, SM_BG_AWAKE))
-      syscall(SYS_futex, (int *)&sm_bg_state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+      sm_bg_futex_wake();
     return;
   }
   atomic_fetch_or_explicit(&sm_bg_wanted, SM_WANT_PURGE_THREAD, memory_order_relaxed);
@@ -299,7 +303,7 @@ bool sm_background_stop(void) {
   pthread_mutex_lock(&sm_bg_lock);
   bool had = atomic_exchange(&sm_bg_state, SM_BG_EXITING) != SM_BG_NONE;
   if (had) {
-    syscall(SYS_futex, (int *)&sm_bg_state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    sm_bg_futex_wake();
     pthread_join(sm_bg_thread, NULL);
   }
   atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_release);

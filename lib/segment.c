@@ -419,15 +419,24 @@ static void sm_segment_raw_free(sm_segment_t *seg) {
   }
 }
 
+/* Where the page's blocks begin (the first page's after the header). */
+uint8_t *sm_segment_page_start(sm_segment_t *seg, const sm_page_t *page) {
+  size_t idx = (size_t)(page - seg->pages);
+  return (uint8_t *)seg + (idx << seg->page_shift) + (idx == 0 ? SM_SEGMENT_HDR : 0);
+}
+
+/* Secure build: the page's last OS page made inaccessible (a guard). */
+static void sm_segment_page_guard(sm_segment_t *seg, const sm_page_t *page) {
+  if (SM_GUARD)
+    sm_os_protect(sm_segment_page_start(seg, page) + sm_segment_page_len(seg, page) - SM_GUARD, SM_GUARD, false);
+}
+
 /* Secure build: the last OS page of every page is inaccessible, so a linear overflow faults before it reaches
  * the next page.  A segment from the cache may have had another layout. */
 static void sm_segment_guard(sm_segment_t *seg) {
 #ifdef SM_SECURE
-  uint8_t *base = (uint8_t *)seg;
-  sm_os_protect(base + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR, true);
-  size_t psize = (size_t)1 << seg->page_shift;
-  for (size_t i = 0; i < seg->page_count; i++)
-    sm_os_protect(base + (i + 1) * psize - SM_GUARD, SM_GUARD, false);
+  sm_os_protect((uint8_t *)seg + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR, true);
+  for (size_t i = 0; i < seg->page_count; i++) sm_segment_page_guard(seg, &seg->pages[i]);
 #else
   (void)seg;
 #endif
@@ -495,11 +504,6 @@ size_t sm_segment_page_len(const sm_segment_t *seg, const sm_page_t *page) {
   return page == &seg->pages[0] ? psize - SM_SEGMENT_HDR : psize;
 }
 
-/* Where the page's blocks begin (the first page's after the header). */
-uint8_t *sm_segment_page_start(sm_segment_t *seg, const sm_page_t *page) {
-  size_t idx = (size_t)(page - seg->pages);
-  return (uint8_t *)seg + (idx << seg->page_shift) + (idx == 0 ? SM_SEGMENT_HDR : 0);
-}
 
 /* Under the holder's lock: a page the segment no longer holds counts as
  * used, and a segment with all its pages used leaves the free list. */
@@ -526,9 +530,7 @@ static bool sm_segment_fill_hole(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *
   if (err) return false;
   page->unmapped = SM_HOLE_NONE;
   seg->unmapped -= len;
-#ifdef SM_SECURE
-  sm_os_protect(start + len - SM_GUARD, SM_GUARD, false);   /* sm_segment_guard */
-#endif
+  sm_segment_page_guard(seg, page);
   return true;
 }
 
