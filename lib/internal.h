@@ -540,6 +540,7 @@ struct sm_heap_s {
   sm_page_queue_t retired[SM_BIN_COUNT];     /* retired pages by class, warmest first */
   sm_segment_t *free_segs[2];            /* owned segments with free pages, by kind */
   sm_segment_t *full_segs;               /* owned segments without */
+  uint32_t segs_held[2];                 /* those of both lists, by kind (segment.c: sm_heap_holds) */
   /* ---- the owner's again ---- */
   /* blocks this thread freed into other heaps' pages, batched by page
    * and pushed on its thread_free in one CAS (free.c) */
