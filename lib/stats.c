@@ -109,16 +109,16 @@ static void sm_max_raise(_Atomic uint64_t *peak_at, uint64_t v) {
 
 static void sm_peak_raise(uint64_t bytes) { sm_max_raise(&sm_gstats.peak_in_use, bytes); }
 
-/* Sample the bytes in use into the peak.  Called when the heap grows (a
- * fresh page, a new segment, a large or huge block; every eighth such
- * event per thread) besides every read of the stats and every thread
- * exit: a few hundred additions per live heap.  The sample is skipped
- * when another thread holds the heaps lock: an allocation never sleeps
- * on it (with many threads per core, its holder may be preempted, and
- * every thread that waited would stop for a whole scheduling round). */
-void sm_stats_sample_peak(void) {
+/* Sample the bytes in use into the peak, for a heap that grew
+ * (sm_heap_grew; the reads of the stats sum them themselves): a few
+ * hundred additions per live heap.  The sample is skipped when another
+ * thread holds the heaps lock: an allocation never sleeps on it (with
+ * many threads per core, its holder may be preempted, and every thread
+ * that waited would stop for a whole scheduling round). */
+void sm_stats_sample_peak(sm_heap_t *heap) {
   int64_t per_bin[SM_BIN_COUNT];
   memset(per_bin, 0, sizeof per_bin);
+  sm_heap_peak_rewait(heap);
   if (!sm_heaps_trylock()) return;
   const sm_tstats_t *src = &sm_exited;
   for (sm_heap_t *h = sm_heaps_first();; h = h->all_next) {

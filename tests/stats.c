@@ -951,6 +951,84 @@ START_TEST(class_peak_follows_in_use)
 END_TEST
 
 /* ============================================================================
+ * peak_samples_scale_with_threads: a heap that grows (a fresh page, a
+ * large or huge block) samples bytes_in_use_peak every 8 x (live threads)
+ * of its growths, so that the samples of all threads together, each a sum
+ * over every live heap, cost the same per growth however many threads run.
+ * A 4 MiB block allocated and freed again is one growth, and shows in the
+ * peak only when that growth took a sample: with the main thread alone
+ * the samples are 8 growths apart, with three more threads alive (each
+ * with a heap, waiting) 32. */
+
+enum { ST_GROW_BLOCK = 4 << 20, ST_GROW_MOST = 1000 };
+
+/* Growths from a reset of the peak to the one that sampled it; -1 when
+ * malloc failed or none did. */
+static int st_growths_to_sample(void)
+{
+  smalloc_stats_reset();
+  for (int i = 1; i <= ST_GROW_MOST; i++) {
+    void *p = smalloc_malloc(ST_GROW_BLOCK);
+    if (p == NULL)
+      return -1;
+    smalloc_free(p);
+    smalloc_stats_t s;
+    if (st_snap(&s) != 0)
+      return -1;
+    if (s.bytes_in_use_peak >= ST_GROW_BLOCK)
+      return i;
+  }
+  return -1;
+}
+
+static pthread_barrier_t st_grow_hold;
+
+static void *st_grow_waiter(void *arg)
+{
+  void *p = smalloc_malloc(16);   /* the thread's heap */
+  *(int *)arg = p == NULL;
+  pthread_barrier_wait(&st_grow_hold);   /* heaps made */
+  pthread_barrier_wait(&st_grow_hold);   /* measured */
+  smalloc_free(p);
+  return NULL;
+}
+
+START_TEST(peak_samples_scale_with_threads)
+{
+  enum { WAITERS = 3 };
+  smalloc_stats_t s0, s1;
+  ck_assert_int_eq(st_snap(&s0), 0);
+  uint64_t live = s0.threads_started - s0.threads_exited;
+  ck_assert_int_gt(st_growths_to_sample(), 0);   /* a sample: in step from here */
+  int alone1 = st_growths_to_sample(), alone2 = st_growths_to_sample();
+
+  pthread_t t[WAITERS];
+  int failed[WAITERS] = {0};
+  ck_assert_int_eq(pthread_barrier_init(&st_grow_hold, NULL, WAITERS + 1), 0);
+  for (int i = 0; i < WAITERS; i++)
+    ck_assert_int_eq(pthread_create(&t[i], NULL, st_grow_waiter, &failed[i]), 0);
+  pthread_barrier_wait(&st_grow_hold);
+  ck_assert_int_eq(st_snap(&s1), 0);   /* counts since the last reset */
+  /* the wait set while alone, less the growths of the threads' start
+   * (glibc allocates their TLS vectors): in step from here */
+  ck_assert_int_gt(st_growths_to_sample(), 0);
+  int more1 = st_growths_to_sample(), more2 = st_growths_to_sample();
+  pthread_barrier_wait(&st_grow_hold);
+  for (int i = 0; i < WAITERS; i++) {
+    pthread_join(t[i], NULL);
+    ck_assert_int_eq(failed[i], 0);
+  }
+  pthread_barrier_destroy(&st_grow_hold);
+
+  ck_assert_uint_eq(s1.threads_started - s1.threads_exited, WAITERS);
+  ck_assert_int_eq(alone1, 8 * (int)live);
+  ck_assert_int_eq(alone2, 8 * (int)live);
+  ck_assert_int_eq(more1, 8 * (int)(live + WAITERS));
+  ck_assert_int_eq(more2, 8 * (int)(live + WAITERS));
+}
+END_TEST
+
+/* ============================================================================
  * stats_get_respects_size: a caller built against an older, shorter struct
  * gets no byte written past its size; too small a size and NULL are
  * EINVAL. */
@@ -1792,6 +1870,7 @@ static Suite *stats_suite(bool with_json)
   tcase_add_test(tc, print_table_shape);
   tcase_add_test(tc, stats_get_respects_size);
   tcase_add_test(tc, class_peak_follows_in_use);
+  tcase_add_test(tc, peak_samples_scale_with_threads);
   suite_add_tcase(s, tc);
 
   tc = tcase_create("options");
