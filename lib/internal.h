@@ -438,15 +438,17 @@ typedef struct sm_tstats_s {
   uint64_t prof_left;
   uint64_t alloc_other;          /* blocks allocated by entry points other than malloc */
   uint64_t free_other;           /* blocks freed by realloc, not by a free call */
-  uint64_t class_allocs[SM_BIN_COUNT];
-  uint64_t class_frees[SM_BIN_COUNT];
-  uint64_t class_steps[SM_BIN_COUNT][SMALLOC_STEP_COUNT];
   uint64_t large_allocs, large_frees;
   uint64_t huge_allocs, huge_frees, huge_remaps;
   uint64_t pages_retired, pages_reused, pages_released, pages_full, pages_unfull;
   uint64_t pages_abandoned, pages_reclaimed, segments_reclaimed;
   uint64_t threads_started, threads_exited;
   uint64_t pages_claimed, oom_collects;
+  /* last, the arrays, of which a thread writes the lines of the classes
+   * it uses (sm_heap_t) */
+  uint64_t class_allocs[SM_BIN_COUNT];
+  uint64_t class_frees[SM_BIN_COUNT];
+  uint64_t class_steps[SM_BIN_COUNT][SMALLOC_STEP_COUNT];
 } sm_tstats_t;
 
 /* A stack the profiler took (prof.c): where its frame was (sp, 0 for
@@ -514,6 +516,9 @@ struct sm_heap_s {
   uint32_t bg_cycle;                     /* the purge thread's: cycle when last seen, */
   uint64_t bg_seen_ms;                   /* and when (under the heaps lock) */
   uint8_t bg_idle;                       /* the purge thread's: no slow path for a purge delay */
+  sm_heap_t *all_next, *all_prev;        /* every live heap, under sm_heaps_lock */
+  sm_heap_t *pool_next;
+  uint8_t initialized;
   /* blocks other threads freed into pages on the full list: the first
    * such free of each page comes here instead of the page's thread_free,
    * so the owner finds the page without a scan; links are stored xor
@@ -542,9 +547,6 @@ struct sm_heap_s {
   sm_segment_t *full_segs;               /* owned segments without */
   uint32_t segs_held[2];                 /* those of both lists, by kind (segment.c: sm_heap_holds) */
   /* ---- the owner's again ---- */
-  /* blocks this thread freed into other heaps' pages, batched by page
-   * and pushed on its thread_free in one CAS (free.c) */
-  sm_xbuf_t xbuf[SM_XBUF_SLOTS];
   /* bit i: xbuf[i] holds blocks; written by the owner alone (with
    * relaxed stores), read by the purge thread as a hint */
   _Atomic uint64_t xbuf_used[SM_XBUF_SLOTS / 64];
@@ -552,14 +554,19 @@ struct sm_heap_s {
    * hand-over of an idle thread's batches (free.c) */
   _Atomic uint8_t xbuf_busy, xbuf_steal;
   uint32_t xbuf_beats;                   /* slow-path entries, for SM_XBUF_BEATS */
+  /* its counts: the arrays last, of which a thread writes the lines of
+   * the classes it uses */
   sm_tstats_t stats __attribute__((aligned(64)));
+  /* Last, what a thread that frees no other thread's blocks and takes no
+   * profile never writes: a new heap struct is left as the OS gave it
+   * (heap.c: sm_heap_alloc_struct), so that those pages are never
+   * touched.  Blocks this thread freed into other heaps' pages, batched by page
+   * and pushed on its thread_free in one CAS (free.c) */
+  sm_xbuf_t xbuf[SM_XBUF_SLOTS];
   /* the thread's last few sampled stacks, to check rather than unwind
    * again (prof.c) */
   sm_prof_memo_t prof_memo[SM_PROF_MEMOS];
   uint32_t prof_memo_next;               /* the memo to replace next */
-  sm_heap_t *all_next, *all_prev;        /* every live heap, under sm_heaps_lock */
-  sm_heap_t *pool_next;
-  uint8_t initialized;
 };
 
 /* Whether the heap holds batches of remote frees not sent yet. */
