@@ -214,6 +214,7 @@ int main()
   tcase_add_test(tc, new_calls_the_new_handler);
   suite_add_tcase(s, tc);
   SRunner *sr = srunner_create(s);
+  srunner_set_fork_status(sr, CK_FORK);   /* as sm_run_suite (common.h) */
   srunner_run_all(sr, CK_NORMAL);
   int failed = srunner_ntests_failed(sr);
   srunner_free(sr);

@@ -1903,6 +1903,7 @@ int main(int argc, char **argv)
     return st_child_main(argv[2]);
   bool with_json = st_have_python();
   SRunner *sr = srunner_create(stats_suite(with_json));
+  srunner_set_fork_status(sr, CK_FORK);   /* as sm_run_suite (common.h) */
   srunner_run_all(sr, CK_NORMAL);
   int failed = srunner_ntests_failed(sr);
   srunner_free(sr);
