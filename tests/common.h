@@ -621,9 +621,8 @@ static inline size_t sm_intervals_overlap(sm_interval_t *v, size_t n)
  * the run, pool's made-up pages stay in the process's pool for the next
  * test to trip on, and fork, large, background and prof fail or stop; to
  * debug a test, run gdb with "set follow-fork-mode child").  Timeouts are
- * generous
- * because sanitizer builds run these suites several times slower; runtime is
- * kept small by the tests themselves. */
+ * generous because sanitizer builds run these suites several times
+ * slower; runtime is kept small by the tests themselves. */
 
 static inline TCase *sm_tcase(const char *name, double timeout)
 {
