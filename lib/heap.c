@@ -83,14 +83,14 @@ bool sm_heaps_watched_notices(void) {
 }
 
 /* A heap struct an exited thread left, set to zero for its next thread.
- * Heaps are reused, never unmapped, and another thread may
- * still reach this one through a page or segment it held (free.c:
- * sm_free_hand_over, pool.c: sm_page_send_home) and touch its lists for
- * other threads, closed since its thread exited, and its lock: those are
- * written with atomic stores, the lock not at all (it was left unlocked),
- * and the lists opened last.  A block or page that a thread pushes there
- * for the heap's last life is sent on by its next one, which does not
- * hold it (sm_heap_take_delayed, sm_heap_take_home). */
+ * Heaps are reused, never unmapped, and another thread may still reach
+ * this one through a page or segment it held (free.c: sm_free_hand_over,
+ * pool.c: sm_page_send_home) and touch its lists for other threads,
+ * closed since its thread exited, and its lock: those are written with
+ * atomic stores, the lock not at all (it was left unlocked), and the
+ * lists opened last.  A block or page that a thread pushes there for the
+ * heap's last life is sent on by its next one, which does not hold it
+ * (sm_heap_take_delayed, sm_heap_take_home). */
 static void sm_heap_clear(sm_heap_t *heap) {
   size_t shared = offsetof(sm_heap_t, xdelayed), owned = offsetof(sm_heap_t, lock) + sizeof heap->lock;
   memset(heap, 0, shared);

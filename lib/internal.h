@@ -560,8 +560,8 @@ struct sm_heap_s {
   /* Last, what a thread that frees no other thread's blocks and takes no
    * profile never writes: a new heap struct is left as the OS gave it
    * (heap.c: sm_heap_alloc_struct), so that those pages are never
-   * touched.  Blocks this thread freed into other heaps' pages, batched by page
-   * and pushed on its thread_free in one CAS (free.c) */
+   * touched.  Blocks this thread freed into other heaps' pages, batched
+   * by page and pushed on its thread_free in one CAS (free.c): */
   sm_xbuf_t xbuf[SM_XBUF_SLOTS];
   /* the thread's last few sampled stacks, to check rather than unwind
    * again (prof.c) */
