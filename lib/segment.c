@@ -514,7 +514,6 @@ size_t sm_segment_page_len(const sm_segment_t *seg, const sm_page_t *page) {
   return page == &seg->pages[0] ? psize - SM_SEGMENT_HDR : psize;
 }
 
-
 /* Under the holder's lock: a page the segment no longer holds counts as
  * used, and a segment with all its pages used leaves the free list. */
 static void sm_segment_page_taken(sm_heap_t *heap, sm_segment_t *seg) {

@@ -941,6 +941,29 @@ static void double_free_after_stale_write(bool warn)
 }
 MISUSE(double_free_after_stale_write)
 
+/* n blocks of 48 bytes into o, each written with fill, none of them
+ * over the live block of size bytes at live: what a class that takes the
+ * live block's page would hand out. */
+static void others_keep_off(unsigned char **o, int n, const unsigned char *live, int size, int fill)
+{
+  uintptr_t lo = (uintptr_t)live, hi = lo + (uintptr_t)size;
+  for (int i = 0; i < n; i++) {
+    o[i] = smalloc_malloc(48);
+    CHILD_CHECK(o[i] != NULL, "malloc(48) failed");
+    CHILD_CHECK((uintptr_t)o[i] + 48 <= lo || (uintptr_t)o[i] >= hi,
+                "malloc(48) = %p overlaps the live block %p", (void *)o[i], (const void *)live);
+    memset(o[i], fill, 48);
+  }
+}
+
+/* Run fn(&warn) in a thread of its own (a new heap) and wait for it. */
+static void run_in_a_thread(void *(*fn)(void *), bool *warn)
+{
+  pthread_t t;
+  CHILD_CHECK(pthread_create(&t, NULL, fn, warn) == 0, "pthread_create");
+  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+}
+
 /* A block freed, another block of its page freed after it, the first
  * one's tag overwritten, then the first freed again: free cannot tell
  * (the block is not its page's last freed one), and the block is on the
@@ -994,14 +1017,7 @@ static void *stale_write_deep_thread(void *arg)
   smalloc_collect(true);   /* releases every page that holds no live block */
   CHILD_CHECK(child_class_pages(SIZE) == pages, "pages of %d bytes: %llu, want %llu", SIZE,
               (unsigned long long)child_class_pages(SIZE), (unsigned long long)pages);
-  uintptr_t lo = (uintptr_t)a[keep], hi = lo + SIZE;
-  for (int i = 0; i < OTHER; i++) {
-    o[i] = smalloc_malloc(48);
-    CHILD_CHECK(o[i] != NULL, "malloc(48) failed");
-    CHILD_CHECK((uintptr_t)o[i] + 48 <= lo || (uintptr_t)o[i] >= hi,
-                "malloc(48) = %p overlaps the live block %p", (void *)o[i], (void *)a[keep]);
-    memset(o[i], 0x5a, 48);
-  }
+  others_keep_off(o, OTHER, a[keep], SIZE, 0x5a);
   for (int k = 0; k < SIZE; k++)
     CHILD_CHECK(a[keep][k] == (unsigned char)(keep & 0xff), "block %p changed", (void *)a[keep]);
   for (int i = 0; i < OTHER; i++)
@@ -1013,9 +1029,7 @@ static void *stale_write_deep_thread(void *arg)
 /* In a thread of its own: its heap is new, and so is the page. */
 static void double_free_after_stale_write_deep(bool warn)
 {
-  pthread_t t;
-  CHILD_CHECK(pthread_create(&t, NULL, stale_write_deep_thread, &warn) == 0, "pthread_create");
-  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  run_in_a_thread(stale_write_deep_thread, &warn);
   heap_still_sound(80);
 }
 MISUSE(double_free_after_stale_write_deep)
@@ -1066,14 +1080,7 @@ static void *stale_write_emptied_thread(void *arg)
     smalloc_free(a[i]);
   if (!warn)
     child_fail("a page emptied with a block live in it, unreported");
-  uintptr_t lo = (uintptr_t)live, hi = lo + SIZE;
-  for (int i = 0; i < OTHER; i++) {
-    o[i] = smalloc_malloc(48);
-    CHILD_CHECK(o[i] != NULL, "malloc(48) failed");
-    CHILD_CHECK((uintptr_t)o[i] + 48 <= lo || (uintptr_t)o[i] >= hi,
-                "malloc(48) = %p overlaps the live block %p", (void *)o[i], (void *)live);
-    memset(o[i], 0x3c, 48);
-  }
+  others_keep_off(o, OTHER, live, SIZE, 0x3c);
   smalloc_collect(true);
   for (int k = 0; k < SIZE; k++)
     CHILD_CHECK(live[k] == 0x5c, "the live block %p changed", (void *)live);
@@ -1086,9 +1093,7 @@ static void *stale_write_emptied_thread(void *arg)
 
 static void double_free_after_stale_write_then_the_page_empties(bool warn)
 {
-  pthread_t t;
-  CHILD_CHECK(pthread_create(&t, NULL, stale_write_emptied_thread, &warn) == 0, "pthread_create");
-  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  run_in_a_thread(stale_write_emptied_thread, &warn);
   heap_still_sound(80);
 }
 MISUSE(double_free_after_stale_write_then_the_page_empties)
@@ -1122,9 +1127,7 @@ static void *cleared_page_thread(void *arg)
 static void double_free_into_a_page_on_its_way_home(bool warn)
 {
   sm_test_heap_here();   /* another heap lives: the thread borrows its pages */
-  pthread_t t;
-  CHILD_CHECK(pthread_create(&t, NULL, cleared_page_thread, &warn) == 0, "pthread_create");
-  CHILD_CHECK(pthread_join(t, NULL) == 0, "pthread_join");
+  run_in_a_thread(cleared_page_thread, &warn);
 }
 MISUSE(double_free_into_a_page_on_its_way_home)
 
