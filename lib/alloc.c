@@ -72,7 +72,7 @@ static void *sm_malloc_large_once(sm_heap_t *heap, size_t n, size_t alignment, b
   if (!p) return NULL;
   if (n <= SM_LARGE_MAX) sm_cnt_add(heap->stats.large_allocs, 1);
   else sm_cnt_add(heap->stats.huge_allocs, 1);
-  sm_heap_grew(heap);
+  sm_stats_peak_large();
   sm_track_malloc(p, n, zeroed);
   return p;
 }

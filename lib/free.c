@@ -531,7 +531,7 @@ static void sm_free_batch(sm_heap_t *heap, sm_page_t *page, sm_block_t *b, const
     sm_error("%s(): double free of %p", who, (void *)b);
     return;
   }
-  sm_cnt_add(heap->stats.class_frees[bin], 1);
+  sm_stats_free_remote(heap, bin, (uint32_t)sm_bin_size(bin));
   sm_background_poll_free();   /* a batch sent may have asked for the purge thread */
 }
 
@@ -571,7 +571,7 @@ static __attribute__((noinline)) void sm_free_xthread_begin(sm_heap_t *heap, sm_
   sm_xbuf_begin(heap, x, page, b);
   sm_xbuf_push(x, page, b);
   sm_xbuf_leave(heap);
-  sm_cnt_add(heap->stats.class_frees[page->bin], 1);
+  sm_stats_free_remote(heap, page->bin, page->block_size);
 }
 
 /* The common remote free, a leaf that calls nothing: the block joins the
@@ -606,7 +606,7 @@ void sm_free_xthread(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   b->tag = key ^ SM_TAG_REMOTE;
   sm_xbuf_push(x, page, b);
   sm_xbuf_leave(heap);
-  sm_cnt_add(heap->stats.class_frees[page->bin], 1);
+  sm_stats_free_remote(heap, page->bin, page->block_size);
 }
 
 /* From the inline free: a block start in a page whose xtid is 0 (a
@@ -736,5 +736,7 @@ void sm_free_generic(void *p, const char *who) {
     sm_free_batch(heap, page, b, who);
     return;
   }
-  if (sm_free_block_xthread(page, b)) SM_COUNT(heap, class_frees[bin], 1);
+  if (!sm_free_block_xthread(page, b)) return;
+  SM_COUNT(heap, class_frees[bin], 1);
+  sm_stats_class_changed(heap, bin, -1, (uint32_t)sm_bin_size(bin));
 }

@@ -235,7 +235,6 @@ sm_heap_t *sm_heap_init_thread(void) {
   sm_heaps_all = heap;
   size_t live = atomic_fetch_add_explicit(&sm_heaps_live, 1, memory_order_relaxed) + 1;
   sm_heaps_unlock();
-  sm_heap_peak_rewait(heap);   /* a thread's start takes no sample */
   /* another thread lives, or has lived (a program that calls smalloc_*
    * from its threads only): the purge thread is started at the end of
    * this malloc, as a free may not start it (background.c) */

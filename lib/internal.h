@@ -500,7 +500,9 @@ struct sm_heap_s {
    * thread), read by the owner without it */
   _Atomic uint64_t next_expire;
   uint64_t rng;                          /* secure build: page keys, list order */
-  uint32_t peak_wait;                    /* growths of the heap to its next peak sample (sm_heap_grew) */
+  /* bytes of class changes to go before it publishes them (stats.c:
+   * sm_stats_class_changed); the owner's alone, as class_unpub */
+  int64_t pub_due;
   /* whether the thread took a medium page of the shared segments
    * (page.c: sm_page_borrow; its first medium blocks take a small page
    * or a mapping of their own until then) */
@@ -554,6 +556,10 @@ struct sm_heap_s {
    * hand-over of an idle thread's batches (free.c) */
   _Atomic uint8_t xbuf_busy, xbuf_steal;
   uint32_t xbuf_beats;                   /* slow-path entries, for SM_XBUF_BEATS */
+  /* blocks in use by class counted here (folds, remote frees) and not
+   * published to sm_gstats.class_live yet (stats.c); [0] and the last
+   * stay 0, read in pairs */
+  int32_t class_unpub[SM_BIN_COUNT + 1] __attribute__((aligned(8)));
   /* its counts: the arrays last, of which a thread writes the lines of
    * the classes it uses */
   sm_tstats_t stats __attribute__((aligned(64)));
@@ -622,7 +628,11 @@ typedef struct sm_gstats_s {
    * purge thread is wanted (page.c) */
   _Atomic uint64_t retired_bytes;
   _Atomic uint64_t peak_in_use;
-  _Atomic uint64_t class_peak[SM_BIN_COUNT];   /* blocks, sampled as peak_in_use */
+  _Atomic uint64_t class_peak[SM_BIN_COUNT];   /* blocks, raised with peak_in_use */
+  /* the blocks in use of each class and their bytes, as the heaps
+   * published them (stats.c: sm_stats_publish) */
+  _Atomic int64_t class_live[SM_BIN_COUNT];
+  _Atomic int64_t small_live;
 } sm_gstats_t;
 extern sm_gstats_t sm_gstats;
 #define sm_gadd(f, n) atomic_fetch_add_explicit(&sm_gstats.f, (n), memory_order_relaxed)
@@ -1349,7 +1359,6 @@ extern _Atomic uintptr_t sm_os_hint;
 void sm_stats_fold_heap(sm_heap_t *heap);
 void sm_stats_with(void (*fn)(const smalloc_stats_t *s, void *arg), void *arg);
 void sm_stats_orphan_add(size_t offset, uint64_t n);
-void sm_stats_sample_peak(sm_heap_t *heap);
 /* the smalloc command (tools/smalloc.c): a report's table from a filled
  * struct, sums, and a JSON report read back */
 void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t resident,
@@ -1357,23 +1366,47 @@ void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t residen
 void sm_stats_sum(smalloc_stats_t *dst, const smalloc_stats_t *src);
 bool sm_stats_parse_json(const char *text, smalloc_stats_t *s, char *program, size_t cap,
                          uint64_t *resident);
-/* A sample of the peak adds up the class counts of every live heap: each
- * heap takes one every SM_PEAK_EVERY growths times the live heaps, so that
- * the samples of all threads together cost a sum per SM_PEAK_EVERY
- * growths of any heap, however many threads there are.  (Every eighth
- * growth of each heap: 4,000 threads that each allocated one block in 60
- * classes ran 1.8 s, 0.90 s with no samples.) */
-#define SM_PEAK_EVERY 8
-/* The heap's wait for its next sample, from now; under no lock. */
-SM_INLINE void sm_heap_peak_rewait(sm_heap_t *heap) {
-  uint64_t live = atomic_load_explicit(&sm_heaps_live, memory_order_relaxed);
-  uint64_t wait = SM_PEAK_EVERY * (live ? live : 1) - 1;
-  heap->peak_wait = wait < UINT32_MAX ? (uint32_t)wait : UINT32_MAX;
+/* The peaks follow counts that the heaps publish.  A heap adds each
+ * change of its blocks in use (a page's counts folded, a block of another
+ * thread's freed) to its own per-class tally, and adds the tally to the
+ * process-wide counts (sm_gstats.class_live, small_live) once the changes
+ * since it last did come to SM_PUB_BYTES at their block sizes, whatever
+ * their signs, and at its exit: an atomic add per class it used, per 64
+ * KiB of blocks allocated or freed.  A publication that raises a count
+ * raises its peak, and a large or huge block raises bytes_in_use_peak as
+ * it is allocated.  So the peaks miss no thread: they may lag the exact
+ * figures (a read's) by under SM_PUB_BYTES per live thread, plus the
+ * blocks its pages handed out since their counts were last folded.
+ * (Sampling every live heap's counters instead cost a sum over all
+ * threads: sampled at every 8th growth of each heap, 4,000 threads that
+ * each allocated one block in 60 classes ran 1.8 s, 0.90 s with no
+ * samples; sampled less often, 64 threads that each held 2 MiB showed a
+ * peak of 3 MiB.) */
+#define SM_PUB_BYTES ((int64_t)64 << 10)
+void sm_stats_publish(sm_heap_t *heap);
+void sm_stats_class_publish(size_t bin, int64_t blocks);
+void sm_stats_peak_large(void);
+/* blocks more blocks of class bin (bsize bytes each) in use, fewer when
+ * negative, counted in heap, or published at once for a thread without
+ * one (its counts are the orphan totals) */
+SM_INLINE void sm_stats_class_changed(sm_heap_t *heap, size_t bin, int64_t blocks, uint32_t bsize) {
+  if (sm_unlikely(!heap->initialized)) {
+    sm_stats_class_publish(bin, blocks);
+    return;
+  }
+  heap->class_unpub[bin] += (int32_t)blocks;
+  heap->pub_due -= (blocks < 0 ? -blocks : blocks) * (int64_t)bsize;
+  if (heap->pub_due < 0) sm_stats_publish(heap);
 }
-/* a growth event of the heap (a fresh page, a new segment, a large or
- * huge block) */
-SM_INLINE void sm_heap_grew(sm_heap_t *heap) {
-  if (heap->peak_wait-- == 0) sm_stats_sample_peak(heap);
+/* A block of class bin (bsize bytes) freed by a thread with a heap that
+ * does not own its page: 3 instructions besides the count of frees, and
+ * a call that the remote free's leaf makes as its last (a jump). */
+SM_INLINE void sm_stats_free_remote(sm_heap_t *heap, size_t bin, uint32_t bsize) {
+  sm_assert(heap->initialized);
+  sm_cnt_add(heap->stats.class_frees[bin], 1);
+  heap->class_unpub[bin]--;
+  heap->pub_due -= bsize;
+  if (heap->pub_due < 0) sm_stats_publish(heap);
 }
 void sm_stats_thread_exit(sm_heap_t *heap);
 void sm_stats_at_exit(void);

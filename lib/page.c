@@ -277,6 +277,7 @@ void sm_page_fold_stats(sm_heap_t *heap, sm_page_t *page) {
   /* heap may be the purge thread's (a claim): then the orphan totals */
   SM_COUNT(heap, class_allocs[bin], (uint64_t)allocs);
   SM_COUNT(heap, class_frees[bin], frees);
+  if (allocs != (int64_t)frees) sm_stats_class_changed(heap, bin, allocs - (int64_t)frees, page->block_size);
   sm_page_frees_restart(page);
   page->used_folded = (int32_t)live;
 }
@@ -1536,7 +1537,6 @@ static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
   sm_page_init(heap, sm_page_segment(page), page, bin);
   sm_page_extend(page);
   sm_pq_push_front(heap, bin, page);
-  sm_heap_grew(heap);
   return page;
 }
 

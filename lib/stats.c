@@ -109,39 +109,56 @@ static void sm_max_raise(_Atomic uint64_t *peak_at, uint64_t v) {
 
 static void sm_peak_raise(uint64_t bytes) { sm_max_raise(&sm_gstats.peak_in_use, bytes); }
 
-/* Sample the bytes in use into the peak, for a heap that grew
- * (sm_heap_grew; the reads of the stats sum them themselves): a few
- * hundred additions per live heap.  The sample is skipped when another
- * thread holds the heaps lock: an allocation never sleeps on it (with
- * many threads per core, its holder may be preempted, and every thread
- * that waited would stop for a whole scheduling round). */
-void sm_stats_sample_peak(sm_heap_t *heap) {
-  int64_t per_bin[SM_BIN_COUNT];
-  memset(per_bin, 0, sizeof per_bin);
-  sm_heap_peak_rewait(heap);
-  if (!sm_heaps_trylock()) return;
-  const sm_tstats_t *src = &sm_exited;
-  for (sm_heap_t *h = sm_heaps_first();; h = h->all_next) {
-    for (size_t bin = 1; bin < SM_BIN_COUNT; bin++)
-      per_bin[bin] += (int64_t)(sm_cnt_read(src->class_allocs[bin]) - sm_cnt_read(src->class_frees[bin]));
-    if (h == NULL) break;
-    src = &h->stats;
-  }
-  sm_heaps_unlock();
-  uint64_t bytes = 0;
-  for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
-    int64_t n = per_bin[bin] - (int64_t)__atomic_load_n(&sm_orphan.class_frees[bin], __ATOMIC_RELAXED);
-    if (n > 0) {
-      bytes += (uint64_t)n * sm_bin_size(bin);
-      sm_max_raise(&sm_gstats.class_peak[bin], (uint64_t)n);
+static uint64_t sm_huge_live(void) {
+  return atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed);
+}
+
+/* The bytes of size-class blocks published, changed by bytes: raising
+ * them raises the peak, large and huge blocks included. */
+static void sm_stats_bytes_publish(int64_t bytes) {
+  int64_t small = atomic_fetch_add_explicit(&sm_gstats.small_live, bytes, memory_order_relaxed) + bytes;
+  if (bytes > 0 && small > 0) sm_peak_raise((uint64_t)small + sm_huge_live());
+}
+
+/* blocks more blocks of class bin in use, published (internal.h:
+ * SM_PUB_BYTES); straight from a thread without a heap. */
+void sm_stats_class_publish(size_t bin, int64_t blocks) {
+  int64_t n = atomic_fetch_add_explicit(&sm_gstats.class_live[bin], blocks, memory_order_relaxed) + blocks;
+  if (blocks > 0 && n > 0) sm_max_raise(&sm_gstats.class_peak[bin], (uint64_t)n);
+  sm_stats_bytes_publish(blocks * (int64_t)sm_bin_size(bin));
+}
+
+/* The heap's tally goes to the process-wide counts: one add per class
+ * that changed, and one for the bytes. */
+void sm_stats_publish(sm_heap_t *heap) {
+  int64_t bytes = 0;
+  for (size_t bin = 0; bin < SM_BIN_COUNT; bin += 2) {
+    /* a pair of classes a load: a thread uses few of them */
+    uint64_t pair;
+    memcpy(&pair, &heap->class_unpub[bin], sizeof pair);
+    if (pair == 0) continue;
+    for (size_t b = bin; b < bin + 2; b++) {
+      int32_t d = heap->class_unpub[b];
+      if (d == 0) continue;
+      heap->class_unpub[b] = 0;
+      int64_t n = atomic_fetch_add_explicit(&sm_gstats.class_live[b], d, memory_order_relaxed) + d;
+      if (d > 0 && n > 0) sm_max_raise(&sm_gstats.class_peak[b], (uint64_t)n);
+      bytes += (int64_t)d * (int64_t)sm_bin_size(b);
     }
   }
-  bytes += atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed);
-  sm_peak_raise(bytes);
+  heap->pub_due = SM_PUB_BYTES;
+  if (bytes) sm_stats_bytes_publish(bytes);
+}
+
+/* A large or huge block was just allocated (its bytes counted). */
+void sm_stats_peak_large(void) {
+  int64_t small = atomic_load_explicit(&sm_gstats.small_live, memory_order_relaxed);
+  sm_peak_raise((small > 0 ? (uint64_t)small : 0) + sm_huge_live());
 }
 
 /* Called with the heaps lock held, so a reader counts the thread once. */
 void sm_stats_thread_exit(sm_heap_t *heap) {
+  sm_stats_publish(heap);
   sm_tstats_add(&sm_exited, &heap->stats);
 }
 
@@ -184,7 +201,7 @@ static void sm_stats_raw(smalloc_stats_t *o) {
     bytes += c->blocks_in_use * c->block_size;
     pages += c->pages_in_use;
   }
-  uint64_t huge_b = atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed);
+  uint64_t huge_b = sm_huge_live();
   o->calls_malloc = allocs + tp->large_allocs + tp->huge_allocs - tp->alloc_other + tp->calls[SM_CALL_MALLOC_FAILED];
   o->calls_calloc = tp->calls[SM_CALL_CALLOC];
   o->calls_realloc = tp->calls[SM_CALL_REALLOC];

@@ -951,81 +951,96 @@ START_TEST(class_peak_follows_in_use)
 END_TEST
 
 /* ============================================================================
- * peak_samples_scale_with_threads: a heap that grows (a fresh page, a
- * large or huge block) samples bytes_in_use_peak every 8 x (live threads)
- * of its growths, so that the samples of all threads together, each a sum
- * over every live heap, cost the same per growth however many threads run.
- * A 4 MiB block allocated and freed again is one growth, and shows in the
- * peak only when that growth took a sample: the samples are 8 growths
- * apart for each thread with a heap (8 with this one alone), 24 more with
- * three more threads alive (each with a heap, waiting). */
+ * The peaks follow counts that each thread publishes once its blocks in
+ * use changed by 64 KiB (at their block sizes, whatever the signs), and
+ * at its exit; a large or huge block raises bytes_in_use_peak as it is
+ * allocated.  smalloc_stats(3): the peak may lag the exact figure by
+ * under 64 KiB a live thread, plus the blocks its pages handed out since
+ * their counts were last folded (a page a class: 64 KiB of small blocks). */
 
-enum { ST_GROW_BLOCK = 4 << 20, ST_GROW_MOST = 1000 };
+enum { ST_LAG = 64 << 10, ST_PAGE = 64 << 10 };
 
-/* Growths from a reset of the peak to the one that sampled it; -1 when
- * malloc failed or none did. */
-static int st_growths_to_sample(void)
+/* peak_counts_a_large_block_at_once: a 4 MiB block allocated and freed
+ * with no read in between shows in the peak, at the bytes a read counts
+ * for it while it is live. */
+START_TEST(peak_counts_a_large_block_at_once)
 {
+  enum { BIG = 4 << 20 };
+  smalloc_stats_t s0, s1, s2, s3;
   smalloc_stats_reset();
-  for (int i = 1; i <= ST_GROW_MOST; i++) {
-    void *p = smalloc_malloc(ST_GROW_BLOCK);
-    if (p == NULL)
-      return -1;
-    smalloc_free(p);
-    smalloc_stats_t s;
-    if (st_snap(&s) != 0)
-      return -1;
-    if (s.bytes_in_use_peak >= ST_GROW_BLOCK)
-      return i;
-  }
-  return -1;
-}
-
-static pthread_barrier_t st_grow_hold;
-
-static void *st_grow_waiter(void *arg)
-{
-  void *p = smalloc_malloc(16);   /* the thread's heap */
-  *(int *)arg = p == NULL;
-  pthread_barrier_wait(&st_grow_hold);   /* heaps made */
-  pthread_barrier_wait(&st_grow_hold);   /* measured */
+  int rc = st_snap(&s0);
+  void *p = smalloc_malloc(BIG);
+  ck_assert_ptr_nonnull(p);
+  rc |= st_snap(&s1);   /* what the block counts for */
   smalloc_free(p);
-  return NULL;
+  smalloc_stats_reset();
+  rc |= st_snap(&s2);
+  p = smalloc_malloc(BIG);
+  ck_assert_ptr_nonnull(p);
+  smalloc_free(p);
+  rc |= st_snap(&s3);
+  ck_assert_int_eq(rc, 0);
+
+  uint64_t block = s1.bytes_in_use - s0.bytes_in_use;
+  ck_assert_uint_ge(block, BIG);
+  ck_assert_uint_eq(s2.bytes_in_use_peak, s2.bytes_in_use);   /* reset: the peak is what is in use */
+  ck_assert_uint_ge(s3.bytes_in_use_peak + ST_LAG, s2.bytes_in_use + block);
+  ck_assert_uint_le(s3.bytes_in_use_peak, s2.bytes_in_use + block + ST_LAG);
+}
+END_TEST
+
+/* peak_counts_every_thread: THREADS threads each hold 2 MiB of 64-byte
+ * blocks at once, then free them and exit, with no read of the stats
+ * meanwhile: the peak holds all of them, less the lag each thread may
+ * leave (the blocks it had not published, and its last page's). */
+
+enum { ST_PT_THREADS = 16, ST_PT_BLOCK = 64, ST_PT_BLOCKS = (2 << 20) / ST_PT_BLOCK };
+static pthread_barrier_t st_pt_held;
+static void *st_pt_blocks[ST_PT_THREADS][ST_PT_BLOCKS];
+
+static void *st_pt_holder(void *arg)
+{
+  void **v = arg;
+  int failed = 0;
+  for (int i = 0; i < ST_PT_BLOCKS; i++)
+    failed |= (v[i] = smalloc_malloc(ST_PT_BLOCK)) == NULL;
+  pthread_barrier_wait(&st_pt_held);   /* all held at once */
+  for (int i = 0; i < ST_PT_BLOCKS; i++)
+    smalloc_free(v[i]);
+  return (void *)(intptr_t)failed;
 }
 
-START_TEST(peak_samples_scale_with_threads)
+START_TEST(peak_counts_every_thread)
 {
-  enum { WAITERS = 3 };
-  smalloc_stats_t s1;
-  ck_assert_int_gt(st_growths_to_sample(), 0);   /* a sample: in step from here */
-  int alone1 = st_growths_to_sample(), alone2 = st_growths_to_sample();
-
-  pthread_t t[WAITERS];
-  int failed[WAITERS] = {0};
-  ck_assert_int_eq(pthread_barrier_init(&st_grow_hold, NULL, WAITERS + 1), 0);
-  for (int i = 0; i < WAITERS; i++)
-    ck_assert_int_eq(pthread_create(&t[i], NULL, st_grow_waiter, &failed[i]), 0);
-  pthread_barrier_wait(&st_grow_hold);
-  ck_assert_int_eq(st_snap(&s1), 0);   /* counts since the last reset */
-  /* the wait set while alone, less the growths of the threads' start
-   * (glibc allocates their TLS vectors): in step from here */
-  ck_assert_int_gt(st_growths_to_sample(), 0);
-  int more1 = st_growths_to_sample(), more2 = st_growths_to_sample();
-  pthread_barrier_wait(&st_grow_hold);
-  for (int i = 0; i < WAITERS; i++) {
-    pthread_join(t[i], NULL);
-    ck_assert_int_eq(failed[i], 0);
+  smalloc_stats_t s0, s1;
+  pthread_t t[ST_PT_THREADS];
+  ck_assert_int_eq(pthread_barrier_init(&st_pt_held, NULL, ST_PT_THREADS), 0);
+  smalloc_stats_reset();
+  ck_assert_int_eq(st_snap(&s0), 0);
+  for (int i = 0; i < ST_PT_THREADS; i++)
+    ck_assert_int_eq(pthread_create(&t[i], NULL, st_pt_holder, st_pt_blocks[i]), 0);
+  for (int i = 0; i < ST_PT_THREADS; i++) {
+    void *failed;
+    ck_assert_int_eq(pthread_join(t[i], &failed), 0);
+    ck_assert_ptr_null(failed);
   }
-  pthread_barrier_destroy(&st_grow_hold);
+  pthread_barrier_destroy(&st_pt_held);
+  ck_assert_int_eq(st_snap(&s1), 0);
 
-  ck_assert_uint_eq(s1.threads_started - s1.threads_exited, WAITERS);
-  /* 8 x the threads with a heap: this one, and any the test program
-   * started before */
-  ck_assert_int_gt(alone1, 0);
-  ck_assert_int_eq(alone1 % 8, 0);
-  ck_assert_int_eq(alone2, alone1);
-  ck_assert_int_eq(more1, alone1 + 8 * WAITERS);
-  ck_assert_int_eq(more2, more1);
+  const uint64_t held = (uint64_t)ST_PT_THREADS * ST_PT_BLOCKS * ST_PT_BLOCK;
+  /* what the threads' start left in use (glibc's, a few dozen bytes each) */
+  ck_assert_uint_ge(s1.bytes_in_use, s0.bytes_in_use);
+  const uint64_t kept = s1.bytes_in_use - s0.bytes_in_use;
+  ck_assert_uint_lt(kept, held / 1000);
+  ck_assert_uint_ge(s1.bytes_in_use_peak + (uint64_t)ST_PT_THREADS * (ST_LAG + ST_PAGE),
+                    s0.bytes_in_use + held);
+  /* and not more than was held, give or take what a thread had freed
+   * and not published */
+  ck_assert_uint_le(s1.bytes_in_use_peak, s0.bytes_in_use + kept + held + (uint64_t)ST_PT_THREADS * ST_LAG);
+  int c = sm_test_class_index(&s1, ST_PT_BLOCK);
+  ck_assert_int_ge(c, 0);
+  ck_assert_uint_ge(s1.class_blocks_peak[c] + (uint64_t)ST_PT_THREADS * (ST_LAG + ST_PAGE) / ST_PT_BLOCK,
+                    s0.classes[c].blocks_in_use + (uint64_t)ST_PT_THREADS * ST_PT_BLOCKS);
 }
 END_TEST
 
@@ -1871,7 +1886,8 @@ static Suite *stats_suite(bool with_json)
   tcase_add_test(tc, print_table_shape);
   tcase_add_test(tc, stats_get_respects_size);
   tcase_add_test(tc, class_peak_follows_in_use);
-  tcase_add_test(tc, peak_samples_scale_with_threads);
+  tcase_add_test(tc, peak_counts_a_large_block_at_once);
+  tcase_add_test(tc, peak_counts_every_thread);
   suite_add_tcase(s, tc);
 
   tc = tcase_create("options");
