@@ -1457,6 +1457,133 @@ START_TEST(aligned_medium_blocks_come_from_pages)
 }
 END_TEST
 
+/* ---- huge pages for the shared segments only where their pages are live -- */
+
+/* SH_H_THREADS threads (each with a heap, so the shared segments serve
+ * them) each allocate 6 MiB of 1 KiB blocks, then 2 MiB of 512-byte
+ * ones: 32 MiB of pages, in more shared segments than there are threads,
+ * so that the last ones may be advised for huge pages.  Kept dense, they
+ * are ("hg" in smaps); with all but one block of each page of 1 KiB
+ * blocks freed before the second round (by main: a thread counts the
+ * blocks of others it frees at once, its own when it next folds a page's
+ * counts), the small pages in use hold far less than 3/4 of their bytes
+ * in live blocks, and the segments that round maps are not.  Not in the
+ * secure build (guard pages, no huge pages). */
+enum { SH_H_THREADS = 4, SH_H_BIG = 1024, SH_H_BIGS = (6 << 20) / SH_H_BIG,
+       SH_H_SMALL = 512, SH_H_SMALLS = (2 << 20) / SH_H_SMALL };
+
+static pthread_barrier_t sh_h_sync;
+static void *sh_h_big[SH_H_THREADS][SH_H_BIGS];
+static void *sh_h_small[SH_H_THREADS][SH_H_SMALLS];
+static bool sh_h_sparse;
+
+static void *sh_h_worker(void *arg)
+{
+  void **big = sh_h_big[(intptr_t)arg], **small = sh_h_small[(intptr_t)arg];
+  intptr_t failed = 0;
+  for (int i = 0; i < SH_H_BIGS; i++)
+    failed |= (big[i] = smalloc_malloc(SH_H_BIG)) == NULL;
+  pthread_barrier_wait(&sh_h_sync);   /* the first round done everywhere */
+  pthread_barrier_wait(&sh_h_sync);   /* main freed what it frees */
+  for (int i = 0; i < SH_H_SMALLS; i++)
+    failed |= (small[i] = smalloc_malloc(SH_H_SMALL)) == NULL;
+  pthread_barrier_wait(&sh_h_sync);   /* all held while main looks */
+  pthread_barrier_wait(&sh_h_sync);
+  for (int i = 0; i < SH_H_BIGS; i++)
+    smalloc_free(big[i]);
+  for (int i = 0; i < SH_H_SMALLS; i++)
+    smalloc_free(small[i]);
+  return (void *)failed;
+}
+
+#define SM_TEST_SEGMENT ((uintptr_t)4 << 20)
+
+static bool sh_h_in(const uintptr_t *segs, int n, const void *p)
+{
+  for (int i = 0; i < n; i++)
+    if (segs[i] == ((uintptr_t)p & ~(SM_TEST_SEGMENT - 1)))
+      return true;
+  return false;
+}
+
+/* Add p's segment to segs (n of them, room for 64); the new count. */
+static int sh_h_note(uintptr_t *segs, int n, const void *p)
+{
+  if (sh_h_in(segs, n, p))
+    return n;
+  ck_assert_int_lt(n, 64);
+  segs[n] = (uintptr_t)p & ~(SM_TEST_SEGMENT - 1);
+  return n + 1;
+}
+
+/* How many of the segments the second round mapped (*segments) are
+ * advised for huge pages. */
+static int sh_h_run(bool sparse, int *segments)
+{
+  pthread_t t[SH_H_THREADS];
+  sh_h_sparse = sparse;
+  ck_assert_int_eq(pthread_barrier_init(&sh_h_sync, NULL, SH_H_THREADS + 1), 0);
+  for (intptr_t i = 0; i < SH_H_THREADS; i++)
+    ck_assert_int_eq(pthread_create(&t[i], NULL, sh_h_worker, (void *)i), 0);
+  pthread_barrier_wait(&sh_h_sync);
+  /* the segments of the first round, with a block each at least */
+  uintptr_t first[64];
+  int nfirst = 0;
+  for (int w = 0; w < SH_H_THREADS; w++)
+    for (int i = 0; i < SH_H_BIGS; i += 64)
+      nfirst = sh_h_note(first, nfirst, sh_h_big[w][i]);
+  if (sparse)
+    for (int w = 0; w < SH_H_THREADS; w++)
+      for (int i = 0; i < SH_H_BIGS; i++)
+        if (i % 64 != 0) {   /* one block a page stays (64 KiB pages) */
+          smalloc_free(sh_h_big[w][i]);
+          sh_h_big[w][i] = NULL;
+        }
+  pthread_barrier_wait(&sh_h_sync);
+  pthread_barrier_wait(&sh_h_sync);
+  /* the segments the second round mapped: those of its blocks that hold
+   * none of the first's */
+  uintptr_t second[64];
+  int nsecond = 0;
+  for (int w = 0; w < SH_H_THREADS; w++)
+    for (int i = 0; i < SH_H_SMALLS; i += 128)
+      if (!sh_h_in(first, nfirst, sh_h_small[w][i]))
+        nsecond = sh_h_note(second, nsecond, sh_h_small[w][i]);
+  ck_assert_int_ge(nsecond, 1);
+  *segments = nsecond;
+  int advised = 0;
+  for (int i = 0; i < nsecond; i++)
+    advised += sm_test_vmflag((void *)(second[i] + SM_TEST_SEGMENT / 2), "hg");
+  pthread_barrier_wait(&sh_h_sync);
+  for (int i = 0; i < SH_H_THREADS; i++) {
+    void *failed;
+    ck_assert_int_eq(pthread_join(t[i], &failed), 0);
+    ck_assert_ptr_null(failed);
+  }
+  pthread_barrier_destroy(&sh_h_sync);
+  return advised;
+}
+
+START_TEST(shared_segments_take_huge_pages_where_their_pages_are_live)
+{
+  if (SM_TEST_SECURE)
+    return;
+  sm_test_heap_here();
+  int segments;
+  ck_assert_int_eq(sh_h_run(false, &segments), segments);
+}
+END_TEST
+
+START_TEST(shared_segments_of_sparse_pages_keep_to_small_pages)
+{
+  if (SM_TEST_SECURE)
+    return;
+  sm_test_heap_here();
+  int segments;
+  ck_assert_int_eq(sh_h_run(true, &segments), 0);
+}
+END_TEST
+
 static Suite *shared_suite(void)
 {
   Suite *s = suite_create("shared");
@@ -1482,6 +1609,8 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, many_threads_with_a_few_blocks_share_segments);
   tcase_add_test(tc, many_threads_with_a_medium_block_each_are_lent_mappings);
   tcase_add_test(tc, aligned_medium_blocks_come_from_pages);
+  tcase_add_test(tc, shared_segments_take_huge_pages_where_their_pages_are_live);
+  tcase_add_test(tc, shared_segments_of_sparse_pages_keep_to_small_pages);
   suite_add_tcase(s, tc);
   return s;
 }
