@@ -574,7 +574,8 @@ static __attribute__((noinline)) void sm_free_xthread_begin(sm_heap_t *heap, sm_
   sm_stats_free_remote(heap, page->bin, page->block_size);
 }
 
-/* The common remote free, a leaf that calls nothing: the block joins the
+/* The common remote free, a leaf (its one call, to publish its counts
+ * once in many frees, is a jump at its end): the block joins the
  * open batch of its page, which has room, and its tag says it is not free
  * yet.  A page with no open batch begins one (above); everything else (a
  * full batch, the secure build's checks, the purge thread at this heap's

@@ -1399,11 +1399,11 @@ SM_INLINE void sm_stats_class_changed(sm_heap_t *heap, size_t bin, int64_t block
   heap->pub_due -= (blocks < 0 ? -blocks : blocks) * (int64_t)bsize;
   if (heap->pub_due < 0) sm_stats_publish(heap);
 }
-/* A block of class bin (bsize bytes) freed by a thread with a heap that
- * does not own its page: 3 instructions besides the count of frees, and
- * a call that the remote free's leaf makes as its last (a jump). */
+/* A block of class bin (bsize bytes) freed by a thread with a heap (its
+ * callers know) that does not own its page: 3 instructions besides the
+ * count of frees, and a call that the remote free's leaf makes as its
+ * last (a jump, so that it stays a leaf). */
 SM_INLINE void sm_stats_free_remote(sm_heap_t *heap, size_t bin, uint32_t bsize) {
-  sm_assert(heap->initialized);
   sm_cnt_add(heap->stats.class_frees[bin], 1);
   heap->class_unpub[bin]--;
   heap->pub_due -= bsize;
