@@ -227,6 +227,7 @@ sm_heap_t *sm_heap_init_thread(void) {
   heap->rng = (sm_secret ^ (uintptr_t)heap ^ (n * 0x9E3779B97F4A7C15ull)) | 1;
   heap->serial = n;
   heap->initialized = 1;
+  sm_stats_pub_reset(heap);
   heap->stats.threads_started = 1;
   sm_heaps_lock();
   heap->all_prev = NULL;

@@ -128,26 +128,34 @@ void sm_stats_class_publish(size_t bin, int64_t blocks) {
   sm_stats_bytes_publish(blocks * (int64_t)sm_bin_size(bin));
 }
 
-/* The heap's tally goes to the process-wide counts: one add per class
- * that changed, and one for the bytes. */
-void sm_stats_publish(sm_heap_t *heap) {
-  int64_t bytes = 0;
-  for (size_t bin = 0; bin < SM_BIN_COUNT; bin += 2) {
-    /* a pair of classes a load: a thread uses few of them */
-    uint64_t pair;
-    memcpy(&pair, &heap->class_unpub[bin], sizeof pair);
-    if (pair == 0) continue;
-    for (size_t b = bin; b < bin + 2; b++) {
+/* The heap's per-class tally goes to the process-wide counts: an add per
+ * class that changed. */
+static void sm_stats_publish_classes(sm_heap_t *heap) {
+  for (size_t bin = 0; bin < SM_BIN_COUNT; bin += 4) {
+    /* four classes a test: a thread uses few of them */
+    uint64_t w[2];
+    memcpy(w, &heap->class_unpub[bin], sizeof w);
+    if ((w[0] | w[1]) == 0) continue;
+    for (size_t b = bin; b < bin + 4; b++) {
       int32_t d = heap->class_unpub[b];
       if (d == 0) continue;
       heap->class_unpub[b] = 0;
       int64_t n = atomic_fetch_add_explicit(&sm_gstats.class_live[b], d, memory_order_relaxed) + d;
       if (d > 0 && n > 0) sm_max_raise(&sm_gstats.class_peak[b], (uint64_t)n);
-      bytes += (int64_t)d * (int64_t)sm_bin_size(b);
     }
   }
-  heap->pub_due = SM_PUB_BYTES;
-  if (bytes) sm_stats_bytes_publish(bytes);
+  heap->pub_due = SM_PUB_CHURN;
+}
+
+/* The heap's net change of bytes goes to small_live, one add (internal.h:
+ * SM_PUB_BYTES); its per-class tally too once SM_PUB_CHURN's worth of
+ * changes came, each such call standing for SM_PUB_BYTES of them. */
+void sm_stats_publish(sm_heap_t *heap) {
+  heap->pub_due -= SM_PUB_BYTES;
+  if (heap->pub_due < 0) sm_stats_publish_classes(heap);
+  int64_t d = heap->pub_room - SM_PUB_BYTES;
+  heap->pub_room = SM_PUB_BYTES;
+  if (d) sm_stats_bytes_publish(d);
 }
 
 /* A large or huge block was just allocated (its bytes counted). */
@@ -158,6 +166,7 @@ void sm_stats_peak_large(void) {
 
 /* Called with the heaps lock held, so a reader counts the thread once. */
 void sm_stats_thread_exit(sm_heap_t *heap) {
+  sm_stats_publish_classes(heap);
   sm_stats_publish(heap);
   sm_tstats_add(&sm_exited, &heap->stats);
 }
