@@ -93,6 +93,7 @@
 #define SM_TEST_SMALL_MAX ((size_t)1 << 10)
 #define SM_TEST_CLASS_MAX ((size_t)256 << 10)    /* the largest block size */
 #define SM_TEST_SEGMENT_HDR ((size_t)16 << 10)  /* before page 0 */
+#define SM_TEST_SEGMENT ((uintptr_t)4 << 20)    /* a segment, aligned to its size */
 /* The largest request served from a size class; above it, "large". */
 #define SM_TEST_CLASS_MAX_REQUEST (SM_TEST_CLASS_MAX - SM_TEST_CANARY)
 /* The largest request served by the class of block bytes (a class size, at

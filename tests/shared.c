@@ -1496,8 +1496,6 @@ static void *sh_h_worker(void *arg)
   return (void *)failed;
 }
 
-#define SM_TEST_SEGMENT ((uintptr_t)4 << 20)
-
 static bool sh_h_in(const uintptr_t *segs, int n, const void *p)
 {
   for (int i = 0; i < n; i++)
