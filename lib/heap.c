@@ -63,7 +63,6 @@ void sm_lock_wait(sm_lock_t *l) {
 
 void sm_heaps_lock(void) { pthread_mutex_lock(&sm_heaps_mutex); }
 void sm_heaps_unlock(void) { pthread_mutex_unlock(&sm_heaps_mutex); }
-bool sm_heaps_trylock(void) { return pthread_mutex_trylock(&sm_heaps_mutex) == 0; }
 sm_heap_t *sm_heaps_first(void) { return sm_heaps_all; }
 
 /* Whether a notice came into a watched heap (sm_heap_claim_full) since

@@ -638,6 +638,8 @@ typedef struct sm_gstats_s {
 } sm_gstats_t;
 extern sm_gstats_t sm_gstats;
 #define sm_gadd(f, n) atomic_fetch_add_explicit(&sm_gstats.f, (n), memory_order_relaxed)
+/* the bytes of the live blocks above the size classes */
+#define sm_huge_live() (atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed))
 #define sm_gsub(f, n) atomic_fetch_sub_explicit(&sm_gstats.f, (n), memory_order_relaxed)
 
 /* ---- size classes ------------------------------------------------------ */
@@ -1328,7 +1330,6 @@ void sm_process_init(void);
 extern _Atomic int sm_process_ready;
 void sm_heaps_lock(void);
 void sm_heaps_unlock(void);
-bool sm_heaps_trylock(void);
 void sm_heaps_fork_child(void);
 sm_heap_t *sm_heaps_first(void);
 bool sm_heaps_watched_notices(void);

@@ -156,7 +156,7 @@ static void sm_mallinfo_read(const smalloc_stats_t *s, void *arg) {
   sm_mallinfo_t *r = arg;
   struct mallinfo2 *mi = &r->mi;
   memset(mi, 0, sizeof *mi);
-  uint64_t huge = atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed);
+  uint64_t huge = sm_huge_live();
   mi->arena = s->bytes_mapped - huge;        /* segments */
   mi->ordblks = s->pages_in_use;
   mi->hblks = s->huge_allocs - s->huge_frees;

@@ -165,7 +165,11 @@ static unsigned sm_segment_huge_after(const sm_heap_t *heap) {
  * loser measured: bench_server relay, whose workers come and go and,
  * carving each other's pages again, touch all of the segments: 0.257 s
  * without the advice against 0.242 s with it (44,000 page faults
- * against 22,000). */
+ * against 22,000).  A thread's own segments are not held to it: one
+ * thread carves its pages as it fills them, so what its pages hold
+ * unwritten is at most a page per class in use, and a heap whose blocks
+ * were freed keeps its pages written (the share of live blocks falls,
+ * not what a huge page would bring in). */
 #define SM_DENSE_NUM 3
 #define SM_DENSE_DEN 4
 static bool sm_small_pages_dense(void) {

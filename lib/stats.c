@@ -109,10 +109,6 @@ static void sm_max_raise(_Atomic uint64_t *peak_at, uint64_t v) {
 
 static void sm_peak_raise(uint64_t bytes) { sm_max_raise(&sm_gstats.peak_in_use, bytes); }
 
-static uint64_t sm_huge_live(void) {
-  return atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed);
-}
-
 /* The bytes of size-class blocks published, changed by bytes: raising
  * them raises the peak, large and huge blocks included. */
 static void sm_stats_bytes_publish(int64_t bytes) {
@@ -121,10 +117,15 @@ static void sm_stats_bytes_publish(int64_t bytes) {
 }
 
 /* blocks more blocks of class bin in use, published (internal.h:
- * SM_PUB_BYTES); straight from a thread without a heap. */
-void sm_stats_class_publish(size_t bin, int64_t blocks) {
+ * SM_PUB_BYTES): a rise raises the class's peak. */
+static void sm_stats_class_live_add(size_t bin, int64_t blocks) {
   int64_t n = atomic_fetch_add_explicit(&sm_gstats.class_live[bin], blocks, memory_order_relaxed) + blocks;
   if (blocks > 0 && n > 0) sm_max_raise(&sm_gstats.class_peak[bin], (uint64_t)n);
+}
+
+/* The same with its bytes, from a thread without a heap. */
+void sm_stats_class_publish(size_t bin, int64_t blocks) {
+  sm_stats_class_live_add(bin, blocks);
   sm_stats_bytes_publish(blocks * (int64_t)sm_bin_size(bin));
 }
 
@@ -140,8 +141,7 @@ static void sm_stats_publish_classes(sm_heap_t *heap) {
       int32_t d = heap->class_unpub[b];
       if (d == 0) continue;
       heap->class_unpub[b] = 0;
-      int64_t n = atomic_fetch_add_explicit(&sm_gstats.class_live[b], d, memory_order_relaxed) + d;
-      if (d > 0 && n > 0) sm_max_raise(&sm_gstats.class_peak[b], (uint64_t)n);
+      sm_stats_class_live_add(b, d);
     }
   }
   heap->pub_due = SM_PUB_CHURN;
