@@ -57,7 +57,7 @@ int    smalloc_mallopt(int param, int value);
 void   smalloc_collect(bool force);
 
 /* ---- statistics ---------------------------------------------------------- */
-#define SMALLOC_STATS_VERSION 3
+#define SMALLOC_STATS_VERSION 4
 /* Number of size classes reported in smalloc_stats_t.classes. */
 #define SMALLOC_STATS_CLASSES 96
 
@@ -78,7 +78,7 @@ typedef struct smalloc_class_stats {
   uint64_t blocks_in_use;   /* allocs - frees */
   uint64_t allocs;          /* blocks handed out */
   uint64_t frees;           /* blocks given back */
-  uint64_t pages_in_use;    /* pages of this class held by heaps */
+  uint64_t pages_in_use;    /* pages of this class in use (bytes: class_page_bytes) */
   uint64_t slow_steps[SMALLOC_STEP_COUNT]; /* slow-path entries served */
 } smalloc_class_stats_t;
 
@@ -174,6 +174,10 @@ typedef struct smalloc_stats {
   /* version 3: the highest blocks_in_use of each class sampled (when
    * bytes_in_use_peak is), indexed as classes[] */
   uint64_t class_blocks_peak[SMALLOC_STATS_CLASSES];
+
+  /* version 4: the bytes of each class's pages (pages_in_use counts
+   * them; a class's pages differ in size), indexed as classes[] */
+  uint64_t class_page_bytes[SMALLOC_STATS_CLASSES];
 } smalloc_stats_t;
 
 /* Fill *out up to out->size bytes.  Returns 0, or EINVAL when out is NULL

@@ -624,6 +624,7 @@ typedef struct sm_gstats_s {
   _Atomic uint64_t segments_in_use, segments_mapped, segments_cached, segments_cache_hits;
   _Atomic uint64_t segments_purged, segments_unmapped;
   _Atomic int64_t class_pages[SM_BIN_COUNT];
+  _Atomic int64_t class_page_bytes[SM_BIN_COUNT];   /* theirs: 64 KiB or 512 KiB each */
   _Atomic uint64_t huge_bytes, huge_bytes_freed, huge_cache_hits, huge_cached;
   _Atomic uint64_t background_threads, pages_purged, errors_reported;
   /* page bytes of every heap's retired pages: past SM_BG_THRESHOLD, a

@@ -58,6 +58,19 @@
 #define SM_EXTEND_BYTES 4096
 
 static bool sm_page_state_ok(const sm_heap_t *heap, const sm_page_t *page);
+
+/* The bytes the page takes in its segment, its header's share included. */
+static size_t sm_page_bytes(const sm_page_t *page) {
+  return (size_t)1 << sm_page_segment(page)->page_shift;
+}
+
+/* The page joins its class (+1) or leaves it (-1), in the process-wide
+ * counts of the class's pages and their bytes. */
+static void sm_page_class_count(const sm_page_t *page, int64_t dir) {
+  atomic_fetch_add_explicit(&sm_gstats.class_pages[page->bin], dir, memory_order_relaxed);
+  atomic_fetch_add_explicit(&sm_gstats.class_page_bytes[page->bin], dir * (int64_t)sm_page_bytes(page),
+                            memory_order_relaxed);
+}
 static int sm_page_refill(sm_page_t *page, bool may_extend);
 static void sm_page_unfull_move(sm_heap_t *heap, sm_page_t *page);
 
@@ -91,7 +104,7 @@ void sm_page_init(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *page, size_t bi
   page->used_folded = 0;
   page->retire_expire = 0;
   page->next = page->prev = page->rnext = page->rprev = NULL;
-  atomic_fetch_add_explicit(&sm_gstats.class_pages[bin], 1, memory_order_relaxed);
+  sm_page_class_count(page, 1);
 }
 
 /* Block size, block count and the constants of sm_page_is_block. */
@@ -318,9 +331,6 @@ bool sm_page_valid(const sm_page_t *page) {
  * heap->retired[bin] (warmest first, for reuse) and the expiry list
  * retired_first..last (for release).  They are on no page queue, so the
  * malloc fast path cannot reach them and another thread may release them. */
-static size_t sm_page_bytes(const sm_page_t *page) {
-  return (size_t)1 << sm_page_segment(page)->page_shift;
-}
 
 static void sm_retired_unlink_locked(sm_heap_t *heap, sm_page_t *page) {
   sm_page_queue_t *q = &heap->retired[page->bin];
@@ -438,7 +448,7 @@ bool sm_page_clear(sm_page_t *page) {
     sm_page_corrupt(page, ": a block of it was freed twice", NULL);
     return false;
   }
-  atomic_fetch_sub_explicit(&sm_gstats.class_pages[page->bin], 1, memory_order_relaxed);
+  sm_page_class_count(page, -1);
   SM_PROBE(page_release, page->start, page->block_size);
   page->free = page->local_free = NULL;
   page->capacity = 0;

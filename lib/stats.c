@@ -73,6 +73,10 @@ static void sm_stats_read_unlock(void) {
   X(huge_cached, 0, 0) X(huge_cache_hits, 0, 0) X(background_threads, 0, 0) \
   X(pages_purged, 0, 0) X(errors_reported, 0, 0)
 
+/* Per-class arrays after classes[] (stats versions 3 and 4), with the key
+ * each class object of the JSON report gives them. */
+#define SM_STATS_CLASS_ARRAYS(X) X(class_blocks_peak, "blocks_peak") X(class_page_bytes, "page_bytes")
+
 static const char *const sm_step_names[SMALLOC_STEP_COUNT] = {
   "local_swap", "thread_collect", "extend", "next_page", "retired_page", "fresh_page", "new_segment",
 };
@@ -199,6 +203,8 @@ static void sm_stats_raw(smalloc_stats_t *o) {
     o->class_blocks_peak[bin - 1] = atomic_load_explicit(&sm_gstats.class_peak[bin], memory_order_relaxed);
     int64_t pg = atomic_load_explicit(&sm_gstats.class_pages[bin], memory_order_relaxed);
     c->pages_in_use = pg > 0 ? (uint64_t)pg : 0;
+    int64_t pb = atomic_load_explicit(&sm_gstats.class_page_bytes[bin], memory_order_relaxed);
+    o->class_page_bytes[bin - 1] = pb > 0 ? (uint64_t)pb : 0;
     for (int s = 0; s < SMALLOC_STEP_COUNT; s++) {
       c->slow_steps[s] = tp->class_steps[bin][s];
       o->slow_steps[s] += c->slow_steps[s];
@@ -448,11 +454,10 @@ void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t residen
     uint64_t other = c->slow_steps[SMALLOC_STEP_NEXT_PAGE] + c->slow_steps[SMALLOC_STEP_RETIRED_PAGE] +
                      c->slow_steps[SMALLOC_STEP_FRESH_PAGE] + c->slow_steps[SMALLOC_STEP_NEW_SEGMENT];
     /* used: the share of the class's page bytes that live blocks fill */
-    uint64_t page_bytes = (uint64_t)1 << (i + 1 <= SM_BIN_SMALL_LAST ? SM_SMALL_SHIFT : SM_MEDIUM_SHIFT);
     char used[16];
-    if (c->pages_in_use)
+    if (s->class_page_bytes[i])
       snprintf(used, sizeof used, "%.0f%%",
-               100.0 * (double)(c->blocks_in_use * c->block_size) / (double)(c->pages_in_use * page_bytes));
+               100.0 * (double)(c->blocks_in_use * c->block_size) / (double)s->class_page_bytes[i]);
     else
       snprintf(used, sizeof used, "-");
     fprintf(out, "  %9llu %11llu %11llu %11llu %11llu %9llu %6s %9llu %9llu %9llu %9llu\n",
@@ -496,7 +501,9 @@ void sm_stats_sum(smalloc_stats_t *dst, const smalloc_stats_t *src) {
     d->allocs += c->allocs;
     d->frees += c->frees;
     d->pages_in_use += c->pages_in_use;
-    dst->class_blocks_peak[i] += src->class_blocks_peak[i];
+#define SM_ADD_CLASS(name, key) dst->name[i] += src->name[i];
+    SM_STATS_CLASS_ARRAYS(SM_ADD_CLASS)
+#undef SM_ADD_CLASS
     for (int k = 0; k < SMALLOC_STEP_COUNT; k++) d->slow_steps[k] += c->slow_steps[k];
   }
 }
@@ -589,15 +596,20 @@ static const char *sm_j_steps(void *ctx, const char *key, const char *p) {
 }
 
 typedef struct sm_j_class_s {
-  smalloc_class_stats_t *c;
-  uint64_t *peak;
+  smalloc_stats_t *s;   /* NULL: a class past SMALLOC_STATS_CLASSES, skipped */
+  size_t i;
 } sm_j_class_t;
 
 static const char *sm_j_class(void *ctx, const char *key, const char *p) {
   sm_j_class_t *jc = ctx;
-  smalloc_class_stats_t *c = jc->c;
+  smalloc_class_stats_t junk;
+  uint64_t junk_n;
+  smalloc_class_stats_t *c = jc->s ? &jc->s->classes[jc->i] : &junk;
   if (strcmp(key, "slow_steps") == 0) return sm_j_object(p, c->slow_steps, sm_j_steps);
-  if (strcmp(key, "blocks_peak") == 0) return sm_j_number(p, jc->peak);
+#define SM_J_CLASS(name, k) \
+  if (strcmp(key, k) == 0) return sm_j_number(p, jc->s ? &jc->s->name[jc->i] : &junk_n);
+  SM_STATS_CLASS_ARRAYS(SM_J_CLASS)
+#undef SM_J_CLASS
   uint64_t *f = strcmp(key, "block_size") == 0 ? &c->block_size
               : strcmp(key, "blocks_in_use") == 0 ? &c->blocks_in_use
               : strcmp(key, "allocs") == 0 ? &c->allocs
@@ -632,10 +644,7 @@ static const char *sm_j_report(void *ctx, const char *key, const char *p) {
     p = sm_j_ws(p + 1);
     if (*p == ']') return p + 1;
     for (size_t i = 0;; i++) {
-      smalloc_class_stats_t junk;
-      uint64_t junk_peak;
-      sm_j_class_t jc = {i < SMALLOC_STATS_CLASSES ? &s->classes[i] : &junk,
-                         i < SMALLOC_STATS_CLASSES ? &s->class_blocks_peak[i] : &junk_peak};
+      sm_j_class_t jc = {i < SMALLOC_STATS_CLASSES ? s : NULL, i};
       if (!(p = sm_j_object(p, &jc, sm_j_class))) return NULL;
       if (i < SMALLOC_STATS_CLASSES) s->nclasses = (uint32_t)(i + 1);
       p = sm_j_ws(p);
@@ -691,10 +700,13 @@ static void sm_stats_json_of(const smalloc_stats_t *s, void *arg) {
   for (size_t i = 0; i < s->nclasses; i++) {
     const smalloc_class_stats_t *c = &s->classes[i];
     fprintf(out, "%s{\"block_size\": %llu, \"blocks_in_use\": %llu, \"allocs\": %llu, \"frees\": %llu, "
-            "\"pages_in_use\": %llu, \"blocks_peak\": %llu, \"slow_steps\": ", i ? ", " : "",
+            "\"pages_in_use\": %llu", i ? ", " : "",
             (unsigned long long)c->block_size, (unsigned long long)c->blocks_in_use,
-            (unsigned long long)c->allocs, (unsigned long long)c->frees,
-            (unsigned long long)c->pages_in_use, (unsigned long long)s->class_blocks_peak[i]);
+            (unsigned long long)c->allocs, (unsigned long long)c->frees, (unsigned long long)c->pages_in_use);
+#define SM_JSON_CLASS(name, key) fprintf(out, ", \"%s\": %llu", key, (unsigned long long)s->name[i]);
+    SM_STATS_CLASS_ARRAYS(SM_JSON_CLASS)
+#undef SM_JSON_CLASS
+    fputs(", \"slow_steps\": ", out);
     sm_json_steps(out, c->slow_steps);
     fputc('}', out);
   }

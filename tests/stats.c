@@ -687,7 +687,8 @@ static bool st_json_valid(const char *path)
 /* Prints one line per figure of a JSON stats object:
  *   k NAME VALUE            top-level integers
  *   s STEP VALUE            slow_steps
- *   c INDEX block_size blocks_in_use allocs frees pages_in_use STEPS...
+ *   c INDEX block_size blocks_in_use allocs frees pages_in_use
+ *     blocks_peak page_bytes STEPS...
  *   x KEY                   a slow_steps key this test does not know */
 static const char st_json_script[] =
   "import json, sys\n"
@@ -701,7 +702,7 @@ static const char st_json_script[] =
   "    print('s' if k in steps else 'x', k, v)\n"
   "for i, c in enumerate(d['classes']):\n"
   "    print('c', i, c['block_size'], c['blocks_in_use'], c['allocs'],\n"
-  "          c['frees'], c['pages_in_use'],\n"
+  "          c['frees'], c['pages_in_use'], c['blocks_peak'], c['page_bytes'],\n"
   "          ' '.join(str(c['slow_steps'][s]) for s in steps))\n";
 
 typedef struct st_json_figures {
@@ -711,6 +712,7 @@ typedef struct st_json_figures {
   uint64_t steps[SMALLOC_STEP_COUNT];
   int nsteps, unknown_steps;
   smalloc_class_stats_t classes[SMALLOC_STATS_CLASSES];
+  uint64_t class_blocks_peak[SMALLOC_STATS_CLASSES], class_page_bytes[SMALLOC_STATS_CLASSES];
   int nclass_entries;
 } st_json_figures_t;
 
@@ -752,11 +754,11 @@ static void st_json_figures(const char *json_path, st_json_figures_t *j)
       j->unknown_steps++;
     } else if (line[0] == 'c') {
       unsigned idx;
-      unsigned long long c[5], st[SMALLOC_STEP_COUNT];
-      int got = sscanf(line, "c %u %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu",
-                       &idx, &c[0], &c[1], &c[2], &c[3], &c[4], &st[0], &st[1], &st[2],
-                       &st[3], &st[4], &st[5], &st[6]);
-      ck_assert_msg(got == 13, "bad class line from the script: %s", line);
+      unsigned long long c[7], st[SMALLOC_STEP_COUNT];
+      int got = sscanf(line, "c %u %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu",
+                       &idx, &c[0], &c[1], &c[2], &c[3], &c[4], &c[5], &c[6], &st[0], &st[1],
+                       &st[2], &st[3], &st[4], &st[5], &st[6]);
+      ck_assert_msg(got == 15, "bad class line from the script: %s", line);
       ck_assert_uint_lt(idx, SMALLOC_STATS_CLASSES);
       smalloc_class_stats_t *x = &j->classes[idx];
       x->block_size = c[0];
@@ -764,6 +766,8 @@ static void st_json_figures(const char *json_path, st_json_figures_t *j)
       x->allocs = c[2];
       x->frees = c[3];
       x->pages_in_use = c[4];
+      j->class_blocks_peak[idx] = c[5];
+      j->class_page_bytes[idx] = c[6];
       for (int k = 0; k < SMALLOC_STEP_COUNT; k++)
         x->slow_steps[k] = st[k];
       j->nclass_entries++;
@@ -803,6 +807,8 @@ static void st_expect_json_equals(const st_json_figures_t *j, const smalloc_stat
                   i, (unsigned long long)x->block_size, (unsigned long long)x->allocs,
                   (unsigned long long)x->frees, (unsigned long long)y->block_size,
                   (unsigned long long)y->allocs, (unsigned long long)y->frees);
+    ck_assert_uint_eq(j->class_blocks_peak[i], s->class_blocks_peak[i]);
+    ck_assert_uint_eq(j->class_page_bytes[i], s->class_page_bytes[i]);
   }
 }
 
@@ -947,6 +953,100 @@ START_TEST(class_peak_follows_in_use)
   ck_assert_uint_eq(s2.classes[c].blocks_in_use, u0);
   ck_assert_uint_eq(s2.class_blocks_peak[c], want);
   ck_assert_uint_eq(s3.class_blocks_peak[c], u0);
+}
+END_TEST
+
+/* ============================================================================
+ * class_page_bytes_follow_page_sizes: a class's page bytes add up the
+ * pages it holds at their own size, which differs within a class.  Alone,
+ * the main thread takes the 512 KiB pages of its own medium segments; a
+ * second thread, while main's heap lives, takes its first pages of a
+ * medium class from the shared segments, 64 KiB each (smalloc(7)).  The
+ * table's "used" column weighs the live blocks against those bytes. */
+
+enum { ST_PB_MAX = 256 };
+static void *st_pb_blocks[ST_PB_MAX];
+static size_t st_pb_req;
+static int st_pb_class, st_pb_n, st_pb_rc;
+static smalloc_stats_t st_pb_before, st_pb_after;
+static char st_pb_table[64 * 1024];
+
+/* Allocate blocks of st_pb_req until the class holds one page more. */
+static void st_pb_grow_one_page(void)
+{
+  st_pb_rc = st_snap(&st_pb_before);
+  st_pb_class = sm_test_class_index(&st_pb_before, st_pb_req);
+  st_pb_n = 0;
+  if (st_pb_class < 0)
+    return;
+  uint64_t pages = st_pb_before.classes[st_pb_class].pages_in_use;
+  st_pb_after = st_pb_before;
+  while (st_pb_n < ST_PB_MAX && st_pb_after.classes[st_pb_class].pages_in_use == pages &&
+         (st_pb_blocks[st_pb_n] = smalloc_malloc(st_pb_req)) != NULL) {
+    st_pb_n++;
+    st_pb_rc |= st_snap(&st_pb_after);
+  }
+}
+
+/* The "used" percentage on the table's row of the class of block bytes. */
+static int st_table_used(const char *text, uint64_t block)
+{
+  char want[32];
+  snprintf(want, sizeof want, "\n  %9llu ", (unsigned long long)block);
+  const char *row = strstr(text, want);
+  if (!row)
+    return -1;
+  unsigned long long bs, allocs, frees, in_use, peak, pages;
+  int used;
+  if (sscanf(row, " %llu %llu %llu %llu %llu %llu %d%%", &bs, &allocs, &frees, &in_use, &peak, &pages,
+             &used) != 7)
+    return -2;
+  return used;
+}
+
+static void *st_pb_worker(void *arg)
+{
+  (void)arg;
+  st_pb_grow_one_page();
+  FILE *f = fmemopen(st_pb_table, sizeof st_pb_table - 1, "w");
+  if (f) {
+    smalloc_stats_print(f);
+    fclose(f);
+  }
+  for (int i = 0; i < st_pb_n; i++)
+    smalloc_free(st_pb_blocks[i]);
+  return NULL;
+}
+
+START_TEST(class_page_bytes_follow_page_sizes)
+{
+  const uint64_t medium = 512 * ST_KiB, small = 64 * ST_KiB;
+  /* main alone: a page of its own medium segment */
+  st_pb_req = SM_TEST_REQUEST_FOR(5632);
+  st_pb_grow_one_page();
+  for (int i = 0; i < st_pb_n; i++)
+    smalloc_free(st_pb_blocks[i]);
+  ck_assert_int_eq(st_pb_rc, 0);
+  ck_assert_int_ge(st_pb_class, 0);
+  int c = st_pb_class;
+  ck_assert_uint_eq(st_pb_after.classes[c].pages_in_use, st_pb_before.classes[c].pages_in_use + 1);
+  ck_assert_uint_eq(st_pb_after.class_page_bytes[c], st_pb_before.class_page_bytes[c] + medium);
+
+  /* a second thread: a shared small page */
+  st_pb_req = SM_TEST_REQUEST_FOR(4608);
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, st_pb_worker, NULL), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  ck_assert_int_eq(st_pb_rc, 0);
+  ck_assert_int_ge(st_pb_class, 0);
+  c = st_pb_class;
+  ck_assert_uint_eq(st_pb_after.classes[c].pages_in_use, st_pb_before.classes[c].pages_in_use + 1);
+  ck_assert_uint_eq(st_pb_after.class_page_bytes[c], st_pb_before.class_page_bytes[c] + small);
+  /* the page holds the worker's blocks only (the last one took it) */
+  ck_assert_uint_eq(st_pb_before.class_page_bytes[c], 0);
+  int want = (int)(100.0 * (double)st_pb_after.classes[c].blocks_in_use * 4608 /
+                   (double)st_pb_after.class_page_bytes[c] + 0.5);
+  ck_assert_int_eq(st_table_used(st_pb_table, st_pb_after.classes[c].block_size), want);
 }
 END_TEST
 
@@ -1889,6 +1989,7 @@ static Suite *stats_suite(bool with_json)
   tcase_add_test(tc, print_table_shape);
   tcase_add_test(tc, stats_get_respects_size);
   tcase_add_test(tc, class_peak_follows_in_use);
+  tcase_add_test(tc, class_page_bytes_follow_page_sizes);
   tcase_add_test(tc, peak_counts_a_large_block_at_once);
   tcase_add_test(tc, peak_counts_every_thread);
   suite_add_tcase(s, tc);
