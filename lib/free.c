@@ -128,7 +128,7 @@ void sm_free_emptied(sm_page_t *page) {
   sm_background_poll_free();
 }
 
-static bool sm_tf_push(sm_page_t *page, sm_block_t *b);
+static bool sm_tf_push(sm_page_t *page, sm_block_t *b, uintptr_t *made);
 
 /* The first free from another thread into a page on its owner's full list
  * hands the block to the owner's heap (xdelayed), so the owner learns
@@ -140,7 +140,8 @@ static void sm_free_hand_over(sm_page_t *page, sm_block_t *b) {
    * that armed the page again) is seen */
   atomic_thread_fence(memory_order_acquire);
   sm_heap_t *heap = atomic_load_explicit(&page->owner, memory_order_acquire);
-  if (heap == NULL || !sm_heap_hand_over(heap, b, b, 1)) sm_tf_push(page, b);
+  uintptr_t made;
+  if (heap == NULL || !sm_heap_hand_over(heap, b, b, 1)) sm_tf_push(page, b, &made);
 }
 
 /* Push the chain head..tail of n blocks (linked xor sm_secret) onto the
@@ -168,16 +169,17 @@ bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint
   return false;
 }
 
-/* Push b (tagged free already) onto the page's thread_free with one CAS;
- * false when b is the list's head already (two threads freed it at once,
- * and the other one won: a link to itself would make the list endless).
+/* Push b (tagged free already) onto the page's thread_free with one CAS
+ * (*made: what the CAS made it); false when b is the list's head already
+ * (two threads freed it at once, and the other one won: a link to itself
+ * would make the list endless).
  * While the page is on the full list (SM_TF_FULL), the CAS clears the bit
  * instead and the block is handed over: one notice per full page, and
  * later frees into it touch nothing but thread_free.  Nothing of the page
  * is read after a push (the owner may take the block and release the
  * page at once); a handed-over block keeps the page in use until its
  * owner takes it, and heaps are never unmapped. */
-static bool sm_tf_push(sm_page_t *page, sm_block_t *b) {
+static bool sm_tf_push(sm_page_t *page, sm_block_t *b, uintptr_t *made) {
   uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   uintptr_t val;
   do {
@@ -191,12 +193,14 @@ static bool sm_tf_push(sm_page_t *page, sm_block_t *b) {
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, val, memory_order_release,
                                                   memory_order_relaxed));
   if (old & SM_TF_FULL) sm_free_hand_over(page, b);
+  *made = val;
   return true;
 }
 
 /* A block handed over to a heap that no longer owns its segment. */
 void sm_free_push_remote(sm_page_t *page, sm_block_t *b) {
-  sm_tf_push(page, b);
+  uintptr_t made;
+  sm_tf_push(page, b, &made);
 }
 
 /* A block freed by a thread that does not own its page sets out for its
@@ -219,10 +223,12 @@ static bool sm_free_tag_remote(sm_page_t *page, sm_block_t *b) {
  * already free (reported). */
 bool sm_free_block_xthread(sm_page_t *page, sm_block_t *b) {
   if (!sm_free_tag_remote(page, b)) return false;
-  if (sm_unlikely(!sm_tf_push(page, b))) {
+  uintptr_t made;
+  if (sm_unlikely(!sm_tf_push(page, b, &made))) {
     sm_error("free(): double free of %p", (void *)b);
     return false;
   }
+  sm_pool_freed_into(page, made);
   return true;
 }
 
@@ -243,10 +249,11 @@ bool sm_free_block_xthread(sm_page_t *page, sm_block_t *b) {
  * each); those pages stay in use until it is sent. */
 
 /* Push the chain head..tail of n blocks (linked with the page's key) onto
- * the page's thread_free.  While the page is on the full list, its head
- * is handed over instead (sm_tf_push) and the rest pushed. */
-static void sm_tf_push_chain(sm_page_t *page, sm_block_t *head, sm_block_t *tail,
-                             uint32_t n) {
+ * the page's thread_free; returns what the CAS made it.  While the page
+ * is on the full list, its head is handed over instead (sm_tf_push) and
+ * the rest pushed. */
+static uintptr_t sm_tf_push_chain(sm_page_t *page, sm_block_t *head, sm_block_t *tail,
+                                  uint32_t n) {
   sm_block_t *rest = n > 1 ? sm_dec(page, head->next) : NULL;
   uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   uintptr_t val;
@@ -265,6 +272,7 @@ static void sm_tf_push_chain(sm_page_t *page, sm_block_t *head, sm_block_t *tail
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, val, memory_order_release,
                                                   memory_order_relaxed));
   if (old & SM_TF_FULL) sm_free_hand_over(page, head);
+  return val;
 }
 
 /* Send a batch.  Its blocks keep their page in use, so the page's key is
@@ -278,26 +286,33 @@ static void sm_tf_push_chain(sm_page_t *page, sm_block_t *head, sm_block_t *tail
  * whose tag is no longer the one this thread gave it was handed out
  * again, live, and the batch goes the same way.  Any other block of the
  * batch that was handed out again is found by malloc's check of its tag
- * when it reaches it, before it is handed out twice. */
-static void sm_xbuf_send(sm_xbuf_t *x) {
+ * when it reaches it, before it is handed out twice.  A page of the pool
+ * that the batch empties goes home at once (sm_pool_freed_into), unless
+ * the purge thread sends it (holding the heaps' lock: the pool's
+ * collection after its round finds the page). */
+static void sm_xbuf_send(sm_xbuf_t *x, bool home) {
   sm_page_t *page = x->page;
   sm_track_link(x->tail);
   sm_block_t *bad = (uint32_t)page->key != x->key ? x->head
                     : x->tail->tag != (page->key ^ SM_TAG_REMOTE) ? x->tail : NULL;
-  if (sm_unlikely(bad != NULL)) sm_error("free(): double free of %p (handed out again since)", (void *)bad);
-  else sm_tf_push_chain(page, x->head, x->tail, x->count);
+  if (sm_unlikely(bad != NULL)) {
+    sm_error("free(): double free of %p (handed out again since)", (void *)bad);
+  } else {
+    uintptr_t made = sm_tf_push_chain(page, x->head, x->tail, x->count);
+    if (home) sm_pool_freed_into(page, made);
+  }
   /* head stays, as the block this slot sent last (sm_xbuf_sent_again) */
   x->page = NULL;
   x->tail = NULL;
   x->count = 0;
 }
 
-static void sm_xbuf_send_all(sm_heap_t *heap) {
+static void sm_xbuf_send_all(sm_heap_t *heap, bool home) {
   for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++) {
     uint64_t used = atomic_load_explicit(&heap->xbuf_used[w], memory_order_relaxed);
     if (used == 0) continue;
     for (; used != 0; used &= used - 1)
-      sm_xbuf_send(&heap->xbuf[w * 64 + (unsigned)__builtin_ctzll(used)]);
+      sm_xbuf_send(&heap->xbuf[w * 64 + (unsigned)__builtin_ctzll(used)], home);
     atomic_store_explicit(&heap->xbuf_used[w], 0, memory_order_relaxed);
   }
 }
@@ -352,7 +367,7 @@ static inline void sm_xbuf_leave(sm_heap_t *heap) {
 
 void sm_free_flush_remote(sm_heap_t *heap) {
   sm_xbuf_enter(heap);
-  sm_xbuf_send_all(heap);
+  sm_xbuf_send_all(heap, true);
   sm_xbuf_leave(heap);
 }
 
@@ -402,7 +417,7 @@ bool sm_free_steal_barrier(void) {
 bool sm_free_steal_send(sm_heap_t *heap, bool ok) {
   bool sent = false;
   if (ok && !atomic_load_explicit(&heap->xbuf_busy, SM_XB_ACQUIRE)) {
-    sm_xbuf_send_all(heap);
+    sm_xbuf_send_all(heap, false);
     sent = true;
   }
   atomic_store_explicit(&heap->xbuf_steal, 0, memory_order_release);
@@ -489,12 +504,12 @@ static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   unsigned i = (unsigned)(x - heap->xbuf);
   if (x->page == page ? x->head == b : sm_xbuf_sent_again(heap, page, b)) return false;
   if (x->page != page) {
-    if (x->page != NULL) sm_xbuf_send(x);
+    if (x->page != NULL) sm_xbuf_send(x, true);
     sm_xbuf_begin(heap, x, page, b);
   }
   sm_xbuf_push(x, page, b);
   if (x->count == SM_XBUF_MAX) {
-    sm_xbuf_send(x);
+    sm_xbuf_send(x, true);
     atomic_store_explicit(&heap->xbuf_used[i / 64],
                           atomic_load_explicit(&heap->xbuf_used[i / 64], memory_order_relaxed) &
                               ~((uint64_t)1 << (i % 64)),
@@ -521,7 +536,9 @@ static void sm_free_batch(sm_heap_t *heap, sm_page_t *page, sm_block_t *b, const
   size_t bin = page->bin;   /* the page may be gone once a batch is sent */
   bool pushed;
   if (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_ORPHAN) {
-    pushed = sm_tf_push(page, b);
+    uintptr_t made;
+    pushed = sm_tf_push(page, b, &made);
+    if (pushed) sm_pool_freed_into(page, made);
   } else {
     sm_xbuf_enter(heap);
     pushed = sm_xbuf_add(heap, page, b);

@@ -231,10 +231,17 @@ struct sm_page_s {
   /* while it waits in the pool, its mark there (pool.c), else 0: written
    * under that pool's lock, so that a thread holding it knows */
   _Atomic uint32_t pooled;
-  /* while a claim walks the notices it took (sm_heap_claim_full, under
-   * the owner's lock): how many of them are this page's, then what is
-   * left of them and the decision taken; 0 otherwise */
-  uint32_t claim_notices;
+  union {
+    /* while a claim walks the notices it took (sm_heap_claim_full, under
+     * the owner's lock): how many of them are this page's, then what is
+     * left of them and the decision taken; 0 otherwise */
+    _Atomic uint32_t claim_notices;
+    /* while the page waits in the pool (no claim reaches it there): its
+     * live blocks when its lists last changed, under the pool's lock;
+     * read by the frees that push onto its thread_free (pool.c:
+     * sm_pool_freed_into) */
+    _Atomic uint32_t pool_live;
+  };
   uint32_t free_purged;          /* bytes of its free blocks given back since then (pool.c) */
   /* behind the first of its class: local_free's head when its free
    * blocks went back (the blocks from there on went back) */
@@ -1289,6 +1296,7 @@ uint64_t sm_heap_random(sm_heap_t *heap);
 void sm_pool_push(sm_page_t *page);
 sm_page_t *sm_pool_pop(size_t bin, uint32_t min, uint32_t part);
 void sm_pool_collect(sm_heap_t *self);
+void sm_pool_freed_into(sm_page_t *page, uintptr_t v);
 bool sm_pool_take(sm_page_t *page);
 bool sm_pool_purge(uint64_t now, uint64_t delay);
 void sm_page_gate_open(sm_page_t *page);

@@ -630,12 +630,15 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
     sm_page_t *page = sm_segment_page_of(sm_ptr_segment(b), b);
     if (sm_page_on_full_list_of(owner, page) &&
         !(atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT))
-      page->claim_notices++;
+      atomic_store_explicit(&page->claim_notices,
+                            atomic_load_explicit(&page->claim_notices, memory_order_relaxed) + 1,
+                            memory_order_relaxed);
   }
   for (sm_block_t *b = list, *next; b; b = next) {
     next = (sm_block_t *)((uintptr_t)b->next ^ sm_secret);
     sm_page_t *page = sm_segment_page_of(sm_ptr_segment(b), b);
-    uint32_t c = sm_page_on_full_list_of(owner, page) ? page->claim_notices : 0;
+    uint32_t c = sm_page_on_full_list_of(owner, page)
+                     ? atomic_load_explicit(&page->claim_notices, memory_order_relaxed) : 0;
     bool keep = false;
     if (c == 0) {
       keep = true;   /* not on the full list (or corrupted): the owner sorts it out */
@@ -659,7 +662,7 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
     }
     if (c == 0) continue;
     c--;   /* this notice done */
-    page->claim_notices = (c & SM_CLAIM_LEFT) ? c : 0;
+    atomic_store_explicit(&page->claim_notices, (c & SM_CLAIM_LEFT) ? c : 0, memory_order_relaxed);
     if ((c & SM_CLAIM_LEFT) || !(c & SM_CLAIM_FREE)) continue;
     /* the page's last notice, and every block free: give it back */
     sm_pq_remove(owner, SM_BIN_FULL, page);

@@ -11,7 +11,9 @@
  *   - a page must have a part of its blocks free too, not only the bound
  *     (a large page soon exhausted would go back and forth);
  *   - a page ready behind more than eight that wait for their blocks is
- *     found, not passed by for a fresh page.
+ *     found, not passed by for a fresh page;
+ *   - a page whose last live blocks other threads free while it waits is
+ *     the next one taken, before ready pages given earlier.
  * And, on real pages a thread left in the pool when it exited: the free
  * blocks of a page that waits give back their memory but the words they
  * keep, and so do the blocks not built yet and the tail (exact counters,
@@ -92,6 +94,28 @@ START_TEST(a_ready_page_behind_waiting_ones_is_found)
   ck_assert_ptr_eq(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART), ready);
   /* of the waiting ones, none will do */
   ck_assert_ptr_null(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART));
+}
+END_TEST
+
+/* The push that frees a waiting page's last live block (what the pusher's
+ * CAS made its thread_free: the count is what the pool reads) moves it to
+ * the front, ahead of ten ready pages, more than a look at the pool
+ * takes in; one that leaves a block live moves nothing. */
+START_TEST(a_page_its_frees_empty_is_taken_first)
+{
+  sm_page_t *ready[10];
+  for (int i = 0; i < 10; i++)
+    ready[i] = pool_page(i, 100, 100, 20);   /* a fifth of their blocks free */
+  sm_page_t *p = pool_page(10, 100, 100, 98);
+  uintptr_t v = (uintptr_t)99 * SM_TF_COUNT_ONE;
+  atomic_store(&p->thread_free, v);
+  sm_pool_freed_into(p, v);
+  ck_assert_ptr_eq(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART), ready[0]);
+  v = (uintptr_t)100 * SM_TF_COUNT_ONE;
+  atomic_store(&p->thread_free, v);
+  sm_pool_freed_into(p, v);
+  ck_assert_ptr_eq(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART), p);
+  ck_assert_ptr_eq(sm_pool_pop(POOL_BIN, POOL_MIN, POOL_PART), ready[1]);
 }
 END_TEST
 
@@ -1000,6 +1024,7 @@ static Suite *pool_suite(void)
   tcase_add_test(tc, a_page_with_few_blocks_is_taken_once_all_are_free);
   tcase_add_test(tc, a_large_page_needs_a_part_of_its_blocks_free);
   tcase_add_test(tc, a_ready_page_behind_waiting_ones_is_found);
+  tcase_add_test(tc, a_page_its_frees_empty_is_taken_first);
   tcase_add_test(tc, a_demoted_pages_free_list_joins_local_free);
   tcase_add_test(tc, a_page_put_first_frees_onto_local_free_until_refilled);
   tcase_add_test(tc, the_free_blocks_of_a_page_in_the_pool_give_their_memory_back);
