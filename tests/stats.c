@@ -1033,7 +1033,7 @@ START_TEST(class_page_bytes_follow_page_sizes)
   ck_assert_uint_eq(st_pb_after.class_page_bytes[c], st_pb_before.class_page_bytes[c] + medium);
 
   /* a second thread: a shared small page */
-  st_pb_req = SM_TEST_REQUEST_FOR(4608);
+  st_pb_req = SM_TEST_REQUEST_FOR(6656);
   pthread_t t;
   ck_assert_int_eq(pthread_create(&t, NULL, st_pb_worker, NULL), 0);
   ck_assert_int_eq(pthread_join(t, NULL), 0);
@@ -1044,7 +1044,7 @@ START_TEST(class_page_bytes_follow_page_sizes)
   ck_assert_uint_eq(st_pb_after.class_page_bytes[c], st_pb_before.class_page_bytes[c] + small);
   /* the page holds the worker's blocks only (the last one took it) */
   ck_assert_uint_eq(st_pb_before.class_page_bytes[c], 0);
-  int want = (int)(100.0 * (double)st_pb_after.classes[c].blocks_in_use * 4608 /
+  int want = (int)(100.0 * (double)st_pb_after.classes[c].blocks_in_use * 6656 /
                    (double)st_pb_after.class_page_bytes[c] + 0.5);
   ck_assert_int_eq(st_table_used(st_pb_table, st_pb_after.classes[c].block_size), want);
 }
