@@ -176,8 +176,9 @@ bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint
  * While the page is on the full list (SM_TF_FULL), the CAS clears the bit
  * instead and the block is handed over: one notice per full page, and
  * later frees into it touch nothing but thread_free.  Nothing of the page
- * is read after a push (the owner may take the block and release the
- * page at once); a handed-over block keeps the page in use until its
+ * but two of its atomics (sm_pool_freed_into) is read after a push (the
+ * owner may take the block and release the page at once; descriptors are
+ * never unmapped); a handed-over block keeps the page in use until its
  * owner takes it, and heaps are never unmapped. */
 static bool sm_tf_push(sm_page_t *page, sm_block_t *b, uintptr_t *made) {
   uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
@@ -287,10 +288,8 @@ static uintptr_t sm_tf_push_chain(sm_page_t *page, sm_block_t *head, sm_block_t 
  * again, live, and the batch goes the same way.  Any other block of the
  * batch that was handed out again is found by malloc's check of its tag
  * when it reaches it, before it is handed out twice.  A page of the pool
- * that the batch empties goes home at once (sm_pool_freed_into), unless
- * the purge thread sends it (holding the heaps' lock: the pool's
- * collection after its round finds the page). */
-static void sm_xbuf_send(sm_xbuf_t *x, bool home) {
+ * that the batch empties goes to its front (sm_pool_freed_into). */
+static void sm_xbuf_send(sm_xbuf_t *x) {
   sm_page_t *page = x->page;
   sm_track_link(x->tail);
   sm_block_t *bad = (uint32_t)page->key != x->key ? x->head
@@ -298,8 +297,7 @@ static void sm_xbuf_send(sm_xbuf_t *x, bool home) {
   if (sm_unlikely(bad != NULL)) {
     sm_error("free(): double free of %p (handed out again since)", (void *)bad);
   } else {
-    uintptr_t made = sm_tf_push_chain(page, x->head, x->tail, x->count);
-    if (home) sm_pool_freed_into(page, made);
+    sm_pool_freed_into(page, sm_tf_push_chain(page, x->head, x->tail, x->count));
   }
   /* head stays, as the block this slot sent last (sm_xbuf_sent_again) */
   x->page = NULL;
@@ -307,12 +305,12 @@ static void sm_xbuf_send(sm_xbuf_t *x, bool home) {
   x->count = 0;
 }
 
-static void sm_xbuf_send_all(sm_heap_t *heap, bool home) {
+static void sm_xbuf_send_all(sm_heap_t *heap) {
   for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++) {
     uint64_t used = atomic_load_explicit(&heap->xbuf_used[w], memory_order_relaxed);
     if (used == 0) continue;
     for (; used != 0; used &= used - 1)
-      sm_xbuf_send(&heap->xbuf[w * 64 + (unsigned)__builtin_ctzll(used)], home);
+      sm_xbuf_send(&heap->xbuf[w * 64 + (unsigned)__builtin_ctzll(used)]);
     atomic_store_explicit(&heap->xbuf_used[w], 0, memory_order_relaxed);
   }
 }
@@ -367,7 +365,7 @@ static inline void sm_xbuf_leave(sm_heap_t *heap) {
 
 void sm_free_flush_remote(sm_heap_t *heap) {
   sm_xbuf_enter(heap);
-  sm_xbuf_send_all(heap, true);
+  sm_xbuf_send_all(heap);
   sm_xbuf_leave(heap);
 }
 
@@ -417,7 +415,7 @@ bool sm_free_steal_barrier(void) {
 bool sm_free_steal_send(sm_heap_t *heap, bool ok) {
   bool sent = false;
   if (ok && !atomic_load_explicit(&heap->xbuf_busy, SM_XB_ACQUIRE)) {
-    sm_xbuf_send_all(heap, false);
+    sm_xbuf_send_all(heap);
     sent = true;
   }
   atomic_store_explicit(&heap->xbuf_steal, 0, memory_order_release);
@@ -504,12 +502,12 @@ static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   unsigned i = (unsigned)(x - heap->xbuf);
   if (x->page == page ? x->head == b : sm_xbuf_sent_again(heap, page, b)) return false;
   if (x->page != page) {
-    if (x->page != NULL) sm_xbuf_send(x, true);
+    if (x->page != NULL) sm_xbuf_send(x);
     sm_xbuf_begin(heap, x, page, b);
   }
   sm_xbuf_push(x, page, b);
   if (x->count == SM_XBUF_MAX) {
-    sm_xbuf_send(x, true);
+    sm_xbuf_send(x);
     atomic_store_explicit(&heap->xbuf_used[i / 64],
                           atomic_load_explicit(&heap->xbuf_used[i / 64], memory_order_relaxed) &
                               ~((uint64_t)1 << (i % 64)),
