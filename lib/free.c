@@ -140,8 +140,7 @@ static void sm_free_hand_over(sm_page_t *page, sm_block_t *b) {
    * that armed the page again) is seen */
   atomic_thread_fence(memory_order_acquire);
   sm_heap_t *heap = atomic_load_explicit(&page->owner, memory_order_acquire);
-  uintptr_t made;
-  if (heap == NULL || !sm_heap_hand_over(heap, b, b, 1)) sm_tf_push(page, b, &made);
+  if (heap == NULL || !sm_heap_hand_over(heap, b, b, 1)) sm_tf_push(page, b, NULL);
 }
 
 /* Push the chain head..tail of n blocks (linked xor sm_secret) onto the
@@ -170,7 +169,7 @@ bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint
 }
 
 /* Push b (tagged free already) onto the page's thread_free with one CAS
- * (*made: what the CAS made it); false when b is the list's head already
+ * (*made, unless NULL: what the CAS made it); false when b is the list's head already
  * (two threads freed it at once, and the other one won: a link to itself
  * would make the list endless).
  * While the page is on the full list (SM_TF_FULL), the CAS clears the bit
@@ -194,14 +193,13 @@ static bool sm_tf_push(sm_page_t *page, sm_block_t *b, uintptr_t *made) {
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, val, memory_order_release,
                                                   memory_order_relaxed));
   if (old & SM_TF_FULL) sm_free_hand_over(page, b);
-  *made = val;
+  if (made) *made = val;
   return true;
 }
 
 /* A block handed over to a heap that no longer owns its segment. */
 void sm_free_push_remote(sm_page_t *page, sm_block_t *b) {
-  uintptr_t made;
-  sm_tf_push(page, b, &made);
+  sm_tf_push(page, b, NULL);
 }
 
 /* A block freed by a thread that does not own its page sets out for its

@@ -646,9 +646,9 @@ typedef struct sm_gstats_s {
 } sm_gstats_t;
 extern sm_gstats_t sm_gstats;
 #define sm_gadd(f, n) atomic_fetch_add_explicit(&sm_gstats.f, (n), memory_order_relaxed)
+#define sm_gsub(f, n) atomic_fetch_sub_explicit(&sm_gstats.f, (n), memory_order_relaxed)
 /* the bytes of the live blocks above the size classes */
 #define sm_huge_live() (atomic_load(&sm_gstats.huge_bytes) - atomic_load(&sm_gstats.huge_bytes_freed))
-#define sm_gsub(f, n) atomic_fetch_sub_explicit(&sm_gstats.f, (n), memory_order_relaxed)
 
 /* ---- size classes ------------------------------------------------------ */
 /* Multiples of 16 up to 256 (bins 1..16), then 8 classes per power of two
@@ -1296,7 +1296,16 @@ uint64_t sm_heap_random(sm_heap_t *heap);
 void sm_pool_push(sm_page_t *page);
 sm_page_t *sm_pool_pop(size_t bin, uint32_t min, uint32_t part);
 void sm_pool_collect(sm_heap_t *self);
-void sm_pool_freed_into(sm_page_t *page, uintptr_t v);
+void sm_pool_emptied(sm_page_t *page, uint32_t mark);
+/* A free pushed onto the thread_free of page, which made it v: a page
+ * waiting in the pool whose live blocks are all there now moves to the
+ * pool's front (pool.c: sm_pool_emptied).  Two relaxed loads of the line
+ * the push wrote, no call, for any other page. */
+SM_INLINE void sm_pool_freed_into(sm_page_t *page, uintptr_t v) {
+  uint32_t mark = atomic_load_explicit(&page->pooled, memory_order_relaxed);
+  if (sm_unlikely(mark != 0) && sm_tf_count(v) == atomic_load_explicit(&page->pool_live, memory_order_relaxed))
+    sm_pool_emptied(page, mark);
+}
 bool sm_pool_take(sm_page_t *page);
 bool sm_pool_purge(uint64_t now, uint64_t delay);
 void sm_page_gate_open(sm_page_t *page);

@@ -90,11 +90,16 @@ void sm_pool_push(sm_page_t *page) {
 /* Off the pool: what its free blocks gave back is counted as committed
  * again, for its new owner to fault in as it hands them out (or for its
  * segment's holder to give back with the page). */
-static void sm_pool_unlink_locked(sm_pool_t *pool, sm_page_t *page) {
-  sm_page_unpurge(page);
+/* The page out of the pool's list, under its lock (its mark stays). */
+static void sm_pool_detach(sm_pool_t *pool, sm_page_t *page) {
   if (page->prev) page->prev->next = page->next; else pool->first = page->next;
   if (page->next) page->next->prev = page->prev; else pool->last = page->prev;
   page->next = page->prev = NULL;
+}
+
+static void sm_pool_unlink_locked(sm_pool_t *pool, sm_page_t *page) {
+  sm_page_unpurge(page);
+  sm_pool_detach(pool, page);
   atomic_store_explicit(&page->pooled, 0, memory_order_relaxed);
   atomic_store_explicit(&page->claim_notices, 0, memory_order_relaxed);   /* no pool_live now */
   atomic_store_explicit(&pool->count, atomic_load_explicit(&pool->count, memory_order_relaxed) - 1,
@@ -170,32 +175,29 @@ bool sm_pool_take(sm_page_t *page) {
   return there;
 }
 
-/* A free pushed onto the thread_free of page, which made it v: when the
- * page waits in the pool and that is all its live blocks, it moves to the
- * front of its pool, where the next thread that looks for a page of its
- * class takes it (its blocks built, as a retired page's are) before any
- * page that waits for frees still; trim and the purge thread send it
+/* A free made thread_free hold as many blocks as page, with mark, had
+ * live when it went to the pool or its lists last changed there
+ * (sm_pool_freed_into): if it still waits there and all are free, it
+ * moves to the front of its pool, where the next thread that looks for
+ * a page of its class takes it (its blocks built, as a retired page's
+ * are) before any page that waits for frees still; trim and the purge thread send it
  * home if none does (sm_pool_collect).  Behind the rest, such pages held
  * memory no one used: mimalloc-bench's xmalloc-test (16 threads allocate
  * batches of 64-byte blocks that 16 others free, last batch first) had
- * 200-660 empty pages in a pool of 700-1,500 at any time, and carved
+ * 190-660 empty pages in a pool of 600-1,500 at any time, and carved
  * fresh pages where 980 of its 4,100 empty-handed looks at the pool's
  * first pages had an empty one further back.  Sent home at once
  * instead, they were carved again, block by block: seven times the
- * fresh pages, 1.15 times the time.  The live count read here may be
- * another life's (the page left the pool since): a hint, tested again
- * under the pool's lock.  Page descriptors are never unmapped, so the
- * page may be read after the push. */
-void sm_pool_freed_into(sm_page_t *page, uintptr_t v) {
-  uint32_t mark = atomic_load_explicit(&page->pooled, memory_order_relaxed);
-  if (mark == 0 || sm_tf_count(v) != atomic_load_explicit(&page->pool_live, memory_order_relaxed)) return;
+ * fresh pages, 1.15 times the time.  The mark and live count the free
+ * read may be another life's (the page left the pool since): a hint,
+ * tested again here, under the pool's lock.  Page descriptors are never
+ * unmapped, so the page may be read after the push. */
+void sm_pool_emptied(sm_page_t *page, uint32_t mark) {
   sm_pool_t *pool = sm_pool_of_mark(mark);
   sm_lock(&pool->lock);
   if (atomic_load_explicit(&page->pooled, memory_order_relaxed) == sm_pool_mark(pool) &&
       page != pool->first && sm_pool_page_empty(page)) {
-    page->prev->next = page->next;   /* not first: it has one before it */
-    if (page->next) page->next->prev = page->prev; else pool->last = page->prev;
-    page->prev = NULL;
+    sm_pool_detach(pool, page);   /* not first: the list stays non-empty */
     page->next = pool->first;
     pool->first->prev = page;
     pool->first = page;

@@ -173,14 +173,14 @@ static unsigned sm_segment_huge_after(const sm_heap_t *heap) {
 #define SM_DENSE_NUM 3
 #define SM_DENSE_DEN 4
 static bool sm_small_pages_dense(void) {
-  uint64_t live = 0, pages = 0;
+  uint64_t live = 0, page_bytes = 0;
   for (size_t bin = 1; bin <= SM_BIN_SMALL_LAST; bin++) {
     int64_t n = atomic_load_explicit(&sm_gstats.class_live[bin], memory_order_relaxed);
-    int64_t pg = atomic_load_explicit(&sm_gstats.class_page_bytes[bin], memory_order_relaxed);
+    int64_t pb = atomic_load_explicit(&sm_gstats.class_page_bytes[bin], memory_order_relaxed);
     if (n > 0) live += (uint64_t)n * sm_bin_size(bin);
-    if (pg > 0) pages += (uint64_t)pg;
+    if (pb > 0) page_bytes += (uint64_t)pb;
   }
-  return live * SM_DENSE_DEN >= pages * SM_DENSE_NUM;
+  return live * SM_DENSE_DEN >= page_bytes * SM_DENSE_NUM;
 }
 
 /* Whether the heap's next segment of the kind is advised (the one place

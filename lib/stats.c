@@ -111,13 +111,17 @@ static void sm_max_raise(_Atomic uint64_t *peak_at, uint64_t v) {
   }
 }
 
-static void sm_peak_raise(uint64_t bytes) { sm_max_raise(&sm_gstats.peak_in_use, bytes); }
+/* The peak raised to small published bytes of size-class blocks and the
+ * live bytes above the classes. */
+static void sm_peak_raise(int64_t small) {
+  sm_max_raise(&sm_gstats.peak_in_use, (small > 0 ? (uint64_t)small : 0) + sm_huge_live());
+}
 
 /* The bytes of size-class blocks published, changed by bytes: raising
  * them raises the peak, large and huge blocks included. */
 static void sm_stats_bytes_publish(int64_t bytes) {
   int64_t small = atomic_fetch_add_explicit(&sm_gstats.small_live, bytes, memory_order_relaxed) + bytes;
-  if (bytes > 0 && small > 0) sm_peak_raise((uint64_t)small + sm_huge_live());
+  if (bytes > 0) sm_peak_raise(small);
 }
 
 /* blocks more blocks of class bin in use, published (internal.h:
@@ -164,8 +168,7 @@ void sm_stats_publish(sm_heap_t *heap) {
 
 /* A large or huge block was just allocated (its bytes counted). */
 void sm_stats_peak_large(void) {
-  int64_t small = atomic_load_explicit(&sm_gstats.small_live, memory_order_relaxed);
-  sm_peak_raise((small > 0 ? (uint64_t)small : 0) + sm_huge_live());
+  sm_peak_raise(atomic_load_explicit(&sm_gstats.small_live, memory_order_relaxed));
 }
 
 /* Called with the heaps lock held, so a reader counts the thread once. */
@@ -237,7 +240,7 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   o->bytes_in_use = bytes + huge_b;
   o->blocks_in_use = blocks + SM_POS(tp->large_allocs, tp->large_frees) + SM_POS(tp->huge_allocs, tp->huge_frees);
 #undef SM_POS
-  sm_peak_raise(o->bytes_in_use);
+  sm_max_raise(&sm_gstats.peak_in_use, o->bytes_in_use);   /* the exact figure */
   o->bytes_in_use_peak = atomic_load(&sm_gstats.peak_in_use);
   o->large_allocs = tp->large_allocs;
   o->large_frees = tp->large_frees;
