@@ -217,6 +217,8 @@ typedef enum smalloc_option {
                                     samples for the same allocations */
   SMALLOC_OPTION_HUGEPAGES,      /* SMALLOC_HUGEPAGES: 1 ask for transparent huge pages for
                                     large and huge blocks, 0 never */
+  SMALLOC_OPTION_HEAP_CACHE,     /* SMALLOC_HEAP_CACHE: exited threads' heaps kept whole for
+                                    the next threads, each for up to a purge delay */
   SMALLOC_OPTION_COUNT
 } smalloc_option_t;
 

@@ -122,6 +122,7 @@ static int sm_bg_round(void) {
   uint64_t delay = (uint64_t)sm_opt(PURGE_DELAY);
   bool left = false, claimed = false, batches = false;
   sm_heap_t *self = sm_heap();   /* the static empty heap: counts go to the orphan totals */
+  if (sm_heaps_parked_expire(now, false)) left = true;   /* heaps that wait for a thread (heap.c) */
   sm_heaps_lock();
   for (sm_heap_t *h = sm_heaps_first(); h; h = h->all_next) {
     uint32_t cycle = __atomic_load_n(&h->cycle, __ATOMIC_RELAXED);

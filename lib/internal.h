@@ -527,8 +527,9 @@ struct sm_heap_s {
   uint32_t bg_cycle;                     /* the purge thread's: cycle when last seen, */
   uint64_t bg_seen_ms;                   /* and when (under the heaps lock) */
   uint8_t bg_idle;                       /* the purge thread's: no slow path for a purge delay */
-  sm_heap_t *all_next, *all_prev;        /* every live heap, under sm_heaps_lock */
-  sm_heap_t *pool_next;
+  sm_heap_t *all_next, *all_prev;        /* every live or waiting heap, under sm_heaps_lock */
+  sm_heap_t *pool_next;                  /* the next heap waiting for a thread, or pooled */
+  uint64_t parked_ms;                    /* since when it waits for a thread (heap.c), 0 if not */
   uint8_t initialized;
   /* blocks other threads freed into pages on the full list: the first
    * such free of each page comes here instead of the page's thread_free,
@@ -1352,6 +1353,9 @@ void sm_heaps_fork_child(void);
 sm_heap_t *sm_heaps_first(void);
 bool sm_heaps_watched_notices(void);
 bool sm_collect_process(sm_heap_t *self);
+bool sm_heaps_parked_expire(uint64_t now, bool all);
+bool sm_heaps_parked_any(void);
+void sm_heaps_fold_parked(void);
 
 /* ---- os.c: the only file that talks to the kernel about memory --------- */
 /* Each returns 0 or an errno value, and leaves errno as it found it. */
@@ -1446,6 +1450,7 @@ SM_INLINE void sm_stats_free_remote(sm_heap_t *heap, size_t bin, uint32_t bsize)
   if (heap->pub_room < 0) sm_stats_publish(heap);
 }
 void sm_stats_thread_exit(sm_heap_t *heap);
+void sm_stats_publish_all(sm_heap_t *heap);
 void sm_stats_at_exit(void);
 void sm_stats_open_fd(void);
 #define SM_STATS_FILE_MAX 256   /* SMALLOC_STATS_FILE, SMALLOC_PROF_DUMP, their NUL included */

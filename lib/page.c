@@ -1287,6 +1287,9 @@ void sm_heap_heartbeat(sm_heap_t *heap) {
   if (atomic_load_explicit(&heap->xhome, memory_order_relaxed) != NULL) sm_heap_take_home(heap);
   if (sm_unlikely(sm_opt(STATS_INTERVAL) != 0)) sm_stats_tick();
   if (sm_unlikely(sm_segment_cache_wants_purge())) sm_background_wake();
+  /* heaps that waited a purge delay for a thread are taken apart here
+   * too: no purge thread may run (heap.c) */
+  if (sm_unlikely(sm_heaps_parked_any())) sm_heaps_parked_expire(sm_clock_ms(), false);
 }
 
 static void sm_heap_housekeeping(sm_heap_t *heap) {

@@ -171,10 +171,15 @@ void sm_stats_peak_large(void) {
   sm_peak_raise(atomic_load_explicit(&sm_gstats.small_live, memory_order_relaxed));
 }
 
-/* Called with the heaps lock held, so a reader counts the thread once. */
-void sm_stats_thread_exit(sm_heap_t *heap) {
+/* Everything the heap has not published yet, published. */
+void sm_stats_publish_all(sm_heap_t *heap) {
   sm_stats_publish_classes(heap);
   sm_stats_publish(heap);
+}
+
+/* Called with the heaps lock held, so a reader counts the thread once. */
+void sm_stats_thread_exit(sm_heap_t *heap) {
+  sm_stats_publish_all(heap);
   sm_tstats_add(&sm_exited, &heap->stats);
 }
 
@@ -185,6 +190,7 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   memset(o, 0, sizeof *o);
   sm_stats_fold_heap(sm_heap());
   sm_heaps_lock();
+  sm_heaps_fold_parked();
   sm_tstats_add(tp, &sm_exited);
   for (sm_heap_t *h = sm_heaps_first(); h; h = h->all_next) sm_tstats_add(tp, &h->stats);
   sm_heaps_unlock();

@@ -665,6 +665,7 @@ static const sm_test_option_range_t sm_test_option_ranges[SMALLOC_OPTION_COUNT] 
   {SMALLOC_OPTION_PROF_LEAKS, 0, 1},
   {SMALLOC_OPTION_PROF_SEED, 0, 2147483647},
   {SMALLOC_OPTION_HUGEPAGES, 0, 1},
+  {SMALLOC_OPTION_HEAP_CACHE, 0, 1024},
 };
 
 /* the names smalloc_stats_print_json uses for slow_steps[] (bench/run.py

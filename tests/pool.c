@@ -381,6 +381,7 @@ static int pb_pool_pages(sm_page_t **pooled)
 START_TEST(the_free_blocks_of_a_page_in_the_pool_give_their_memory_back)
 {
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0), 0);   /* taken apart at exit */
   /* this thread's heap, for its free below to claim a page with (where
    * malloc is not smalloc's, it may have none yet) */
   smalloc_free(smalloc_malloc(16));
@@ -477,6 +478,7 @@ static void *pb_freer(void *arg)
 START_TEST(blocks_freed_into_pages_that_wait_go_back_while_others_are_given_back)
 {
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0), 0);   /* taken apart at exit */
   pthread_t t[PB_FREERS];
   ck_assert_int_eq(pthread_create(&t[0], NULL, pb_worker, NULL), 0);
   ck_assert_int_eq(pthread_join(t[0], NULL), 0);

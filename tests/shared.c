@@ -1058,6 +1058,7 @@ static void *sh_e_maker(void *arg)
 static void sh_e_leave_pages(sh_e_t *e, size_t pages, smalloc_stats_t *s0, smalloc_stats_t *s1)
 {
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0), 0);   /* taken apart at exit */
   e->n = pages * (SM_TEST_SMALL_PAGE / sm_test_class_size(SH_E_SIZE));
   e->v = mmap(NULL, e->n * sizeof *e->v, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   ck_assert(e->v != MAP_FAILED);
@@ -1204,6 +1205,7 @@ static void *sh_lv_leaver(void *arg)
 START_TEST(pages_exited_threads_left_serve_later_threads_once_freed)
 {
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0), 0);   /* taken apart at exit */
   smalloc_collect(true);
   smalloc_stats_t s0, s1;
   ck_assert_int_eq(sm_test_snap(&s0), 0);
@@ -1245,6 +1247,7 @@ static void *sh_f_leaver(void *arg)
 START_TEST(a_page_an_exited_thread_left_serves_the_next_thread)
 {
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0), 0);   /* taken apart at exit */
   pthread_t t;
   ck_assert_int_eq(pthread_create(&t, NULL, sh_f_leaver, NULL), 0);
   ck_assert_int_eq(pthread_join(t, NULL), 0);

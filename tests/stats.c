@@ -518,6 +518,10 @@ START_TEST(counts_exact_across_threads)
   static st_thread_arg_t args[ST_THREADS];
   static smalloc_stats_t c0, c1, c2, s0, s1, s2;
 
+  /* the exited threads' heaps are taken apart at exit (heaps that wait
+   * for the next thread: threads.c) */
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0), 0);
+
   /* The main thread frees the exited threads' blocks below: a thread gets
    * its heap (threads_started) at its first smalloc call, so make that
    * call now, also in builds where malloc is not smalloc's. */
@@ -1343,6 +1347,7 @@ static void st_segment_burst(long cache, long delay, st_segrun_t *r)
   memset(r, 0, sizeof *r);
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_SEGMENT_CACHE, cache), 0);
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, delay), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0), 0);   /* taken apart at exit */
   sm_test_heap_here();      /* the filler's pages are shared ones */
   smalloc_collect(true);   /* start from an empty cache, nothing abandoned */
   r->rc = st_snap(&r->s0);
@@ -1560,6 +1565,7 @@ static const char *const st_option_env[SMALLOC_OPTION_COUNT] = {
   "SMALLOC_PURGE_DELAY", "SMALLOC_SEGMENT_CACHE", "SMALLOC_ON_ERROR",
   "SMALLOC_BACKGROUND", "SMALLOC_STATS_INTERVAL", "SMALLOC_PROF", "SMALLOC_PROF_RATE",
   "SMALLOC_PROF_EVENT_RATE", "SMALLOC_PROF_LEAKS", "SMALLOC_PROF_SEED", "SMALLOC_HUGEPAGES",
+  "SMALLOC_HEAP_CACHE",
 };
 
 /* The options of a child started with a clean environment. */
@@ -1601,6 +1607,7 @@ START_TEST(env_options_applied)
     {"SMALLOC_ON_ERROR=warn", SMALLOC_OPTION_ON_ERROR, 1},
     {"SMALLOC_ON_ERROR=abort", SMALLOC_OPTION_ON_ERROR, 0},
     {"SMALLOC_BACKGROUND=0", SMALLOC_OPTION_BACKGROUND, 0},
+    {"SMALLOC_HEAP_CACHE=0", SMALLOC_OPTION_HEAP_CACHE, 0},
     /* words in any case, white space around a value, empty as unset */
     {"SMALLOC_ON_ERROR=WARN", SMALLOC_OPTION_ON_ERROR, 1},
     {"SMALLOC_ON_ERROR= Warn ", SMALLOC_OPTION_ON_ERROR, 1},
@@ -1943,16 +1950,16 @@ START_TEST(env_conf_sets_several)
     const char *err;                   /* the whole of stderr */
   } cases[] = {
     {{"SMALLOC_CONF=retire_cycles:512,purge_delay:7,on_error:warn", NULL},
-     {-1, -1, 512, 7, -1, 1, -1, -1, -1, -1, -1, -1, -1, -1}, ""},
+     {-1, -1, 512, 7, -1, 1, -1, -1, -1, -1, -1, -1, -1, -1, -1}, ""},
     {{"SMALLOC_CONF= Retire_Cycles : 33 , SMALLOC_BACKGROUND:0,stats_interval:250", NULL},
-     {-1, -1, 33, -1, -1, -1, 0, 250, -1, -1, -1, -1, -1, -1}, ""},
+     {-1, -1, 33, -1, -1, -1, 0, 250, -1, -1, -1, -1, -1, -1, -1}, ""},
     {{"SMALLOC_CONF=retire_cycles:5,segment_cache:2", "SMALLOC_RETIRE_CYCLES=9", NULL},
-     {-1, -1, 9, -1, 2, -1, -1, -1, -1, -1, -1, -1, -1, -1}, ""},
+     {-1, -1, 9, -1, 2, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1}, ""},
     {{"SMALLOC_CONF=retire_cycle:5,purge_delay:3", NULL},
-     {-1, -1, -1, 3, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
+     {-1, -1, -1, 3, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
      "smalloc: ignoring SMALLOC_CONF key 'retire_cycle': no such option; did you mean retire_cycles?\n"},
     {{"SMALLOC_CONF=colour:red,on_error:maybe,segment_cache", NULL},
-     {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
+     {-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
      "smalloc: ignoring SMALLOC_CONF key 'colour': no such option\n"
      "smalloc: ignoring SMALLOC_CONF on_error='maybe': not abort or warn; using abort\n"
      "smalloc: ignoring SMALLOC_CONF 'segment_cache': not key:value\n"},

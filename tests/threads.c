@@ -472,6 +472,201 @@ START_TEST(ten_thousand_short_threads)
 }
 END_TEST
 
+
+/* ---- heaps that wait for the next thread -------------------------------------------
+ * An exited thread's heap waits, whole, for the next thread to start
+ * (heap.c).  A leaver allocates WH_LIVE blocks of one class, frees the
+ * first (back on its page's free list, in front) and exits with the rest
+ * live: one page, held by a heap that waits. */
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+enum { WH_SIZE = SM_TEST_REQUEST_FOR(896), WH_LIVE = 5, WH_CACHE = 2, WH_LEAVERS = 4 };
+static void *wh_blocks[WH_LEAVERS][WH_LIVE];
+static pthread_barrier_t wh_all_allocated;
+static bool wh_together;
+
+static void *wh_leaver(void *arg)
+{
+  int id = (int)(intptr_t)arg;
+  for (int i = 0; i < WH_LIVE; i++)
+    if ((wh_blocks[id][i] = smalloc_malloc(WH_SIZE)) == NULL)
+      worker_fail("leaver %d: malloc failed", id);
+  smalloc_free(wh_blocks[id][0]);
+  if (wh_together)   /* every leaver holds its heap until all have one */
+    pthread_barrier_wait(&wh_all_allocated);
+  return NULL;
+}
+
+static void *wh_taker(void *arg)
+{
+  *(void **)arg = smalloc_malloc(WH_SIZE);
+  return NULL;
+}
+
+/* One leaver, on a process where no heap waits (collected), no purge
+ * thread; the class's index in *k and the counts before it in s0. */
+static void wh_leave(smalloc_stats_t *s0, int *k)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  smalloc_collect(true);
+  sm_stats_snap(s0);
+  *k = sm_test_class_index(s0, WH_SIZE);
+  ck_assert_int_ge(*k, 0);
+  pthread_t t;
+  start(&t, wh_leaver, (void *)(intptr_t)0);
+  join(t);
+  check_no_failures();
+}
+
+static void wh_free_left(int id)
+{
+  for (int i = 1; i < WH_LIVE; i++)
+    smalloc_free(wh_blocks[id][i]);
+}
+
+/* The next thread allocates from the page the leaver left, first the
+ * block the leaver freed last: its free list, as the leaver left it.
+ * Nothing was taken apart or carved, and the counts are exact. */
+START_TEST(the_next_thread_takes_an_exited_threads_heap)
+{
+  smalloc_stats_t s0, s1, s2, s3;
+  int k;
+  wh_leave(&s0, &k);
+  sm_stats_snap(&s1);
+  ck_assert_uint_eq(s1.threads_exited - s0.threads_exited, 1);
+  ck_assert_uint_eq(s1.pages_abandoned, s0.pages_abandoned);   /* it waits */
+  ck_assert_uint_eq(s1.classes[k].blocks_in_use - s0.classes[k].blocks_in_use, WH_LIVE - 1);
+  ck_assert_uint_eq(s1.classes[k].pages_in_use - s0.classes[k].pages_in_use, 1);
+
+  void *got = NULL;
+  pthread_t t;
+  start(&t, wh_taker, &got);
+  join(t);
+  sm_stats_snap(&s2);
+  ck_assert_ptr_eq(got, wh_blocks[0][0]);
+  ck_assert_uint_eq(s2.threads_started - s1.threads_started, 1);
+  ck_assert_uint_eq(s2.pages_abandoned, s0.pages_abandoned);
+  ck_assert_uint_eq(s2.pages_reclaimed, s0.pages_reclaimed);
+  ck_assert_uint_eq(s2.classes[k].pages_in_use, s1.classes[k].pages_in_use);
+  ck_assert_uint_eq(s2.classes[k].blocks_in_use - s0.classes[k].blocks_in_use, WH_LIVE);
+  ck_assert_uint_eq(s2.classes[k].allocs - s0.classes[k].allocs, WH_LIVE + 1);
+
+  smalloc_free(got);
+  wh_free_left(0);
+  smalloc_collect(true);
+  sm_stats_snap(&s3);
+  ck_assert_uint_eq(s3.classes[k].blocks_in_use, s0.classes[k].blocks_in_use);
+  ck_assert_uint_eq(s3.classes[k].pages_in_use, s0.classes[k].pages_in_use);
+}
+END_TEST
+
+/* Trim takes a waiting heap apart: its page with live blocks goes to the
+ * pool, and comes back to its segment once they are freed. */
+START_TEST(trim_takes_a_waiting_heap_apart)
+{
+  smalloc_stats_t s0, s1, s2, s3;
+  int k;
+  wh_leave(&s0, &k);
+  sm_stats_snap(&s1);
+  ck_assert_uint_eq(s1.pages_abandoned, s0.pages_abandoned);
+  smalloc_malloc_trim(0);
+  sm_stats_snap(&s2);
+  ck_assert_uint_eq(s2.pages_abandoned - s0.pages_abandoned, 1);
+  ck_assert_uint_eq(s2.classes[k].blocks_in_use - s0.classes[k].blocks_in_use, WH_LIVE - 1);
+  wh_free_left(0);
+  smalloc_malloc_trim(0);
+  sm_stats_snap(&s3);
+  ck_assert_uint_eq(s3.classes[k].blocks_in_use, s0.classes[k].blocks_in_use);
+  ck_assert_uint_eq(s3.classes[k].pages_in_use, s0.classes[k].pages_in_use);
+}
+END_TEST
+
+/* Without a purge thread, a heap that waited a purge delay is taken apart
+ * by the next slow path of any thread (the first allocation of a class
+ * this thread has no page of), not before. */
+START_TEST(a_heap_that_waited_a_purge_delay_is_taken_apart)
+{
+  smalloc_stats_t s0, s1, s2;
+  int k;
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 200), 0);
+  wh_leave(&s0, &k);
+  void *early = smalloc_malloc(SM_TEST_REQUEST_FOR(2560));   /* a slow path */
+  sm_stats_snap(&s1);
+  ck_assert_uint_eq(s1.pages_abandoned, s0.pages_abandoned);
+  usleep(250 * 1000);
+  void *late = smalloc_malloc(SM_TEST_REQUEST_FOR(3072));    /* another */
+  sm_stats_snap(&s2);
+  ck_assert_uint_eq(s2.pages_abandoned - s0.pages_abandoned, 1);
+  smalloc_free(early);
+  smalloc_free(late);
+  wh_free_left(0);
+}
+END_TEST
+
+/* Beyond SMALLOC_HEAP_CACHE, the heaps of threads that exit are taken
+ * apart at once, and the rest wait. */
+START_TEST(heaps_beyond_the_cache_are_taken_apart)
+{
+  smalloc_stats_t s0, s1, s2;
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, WH_CACHE), 0);
+  smalloc_collect(true);
+  sm_stats_snap(&s0);
+  ck_assert_int_eq(pthread_barrier_init(&wh_all_allocated, NULL, WH_LEAVERS), 0);
+  wh_together = true;
+  pthread_t t[WH_LEAVERS];
+  for (int i = 0; i < WH_LEAVERS; i++)
+    start(&t[i], wh_leaver, (void *)(intptr_t)i);
+  for (int i = 0; i < WH_LEAVERS; i++)
+    join(t[i]);
+  wh_together = false;
+  pthread_barrier_destroy(&wh_all_allocated);
+  check_no_failures();
+  sm_stats_snap(&s1);
+  ck_assert_uint_eq(s1.threads_exited - s0.threads_exited, WH_LEAVERS);
+  ck_assert_uint_eq(s1.pages_abandoned - s0.pages_abandoned, WH_LEAVERS - WH_CACHE);
+  smalloc_collect(true);
+  sm_stats_snap(&s2);
+  ck_assert_uint_eq(s2.pages_abandoned - s0.pages_abandoned, WH_LEAVERS);
+  for (int i = 0; i < WH_LEAVERS; i++)
+    wh_free_left(i);
+}
+END_TEST
+
+/* A heap that waited in the parent serves a thread of the child. */
+START_TEST(a_child_takes_a_heap_that_waited_in_its_parent)
+{
+  smalloc_stats_t s0;
+  int k;
+  wh_leave(&s0, &k);
+  smalloc_stats_t s1;
+  sm_stats_snap(&s1);
+  ck_assert_uint_eq(s1.pages_abandoned, s0.pages_abandoned);   /* it waits */
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0) {
+    void *got = NULL;
+    pthread_t t;
+    if (pthread_create(&t, NULL, wh_taker, &got) != 0 || pthread_join(t, NULL) != 0)
+      _exit(2);
+    if (got != wh_blocks[0][0])
+      _exit(3);
+    if (sm_test_snap(&s1) != 0 || s1.pages_abandoned != s0.pages_abandoned)
+      _exit(4);   /* taken over whole, not taken apart */
+    smalloc_free(got);
+    wh_free_left(0);
+    smalloc_collect(true);
+    _exit(0);
+  }
+  int status;
+  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child: status %#x", status);
+  wh_free_left(0);
+}
+END_TEST
+
 int main(void)
 {
   Suite *s = suite_create("threads");
@@ -481,6 +676,13 @@ int main(void)
   tc = sm_tcase("thread-exit", 120);
   tcase_add_test(tc, owner_exits_with_live_blocks);
   tcase_add_test(tc, ten_thousand_short_threads);
+  suite_add_tcase(s, tc);
+  tc = sm_tcase("waiting-heaps", 60);
+  tcase_add_test(tc, the_next_thread_takes_an_exited_threads_heap);
+  tcase_add_test(tc, trim_takes_a_waiting_heap_apart);
+  tcase_add_test(tc, a_heap_that_waited_a_purge_delay_is_taken_apart);
+  tcase_add_test(tc, heaps_beyond_the_cache_are_taken_apart);
+  tcase_add_test(tc, a_child_takes_a_heap_that_waited_in_its_parent);
   suite_add_tcase(s, tc);
   return sm_run_suite(s);
 }
