@@ -147,7 +147,10 @@ static int sm_bg_round(void) {
       left = true;   /* full pages freed for a thread that may be going idle */
     }
     sm_heap_take_home(h);
-    sm_heap_decommit(h, idle);
+    /* free pages that wait for their delay, such as those just released
+     * above for a thread not idle yet: the thread that goes idle keeps
+     * them otherwise (an idle thread's all go now) */
+    if (sm_heap_decommit(h, idle)) left = true;
   }
   /* the batches of remote frees that idle threads hold (free.c); a heap
    * not idle yet brings the thread back */

@@ -1117,6 +1117,51 @@ START_TEST(free_pages_of_a_live_segment_go_back)
 }
 END_TEST
 
+
+/* A thread frees a burst of its own segment's pages, all but one block,
+ * and goes idle.  The purge thread releases its retired pages once they
+ * have waited the delay, which comes before the thread counts as idle:
+ * their memory waits a delay more in the segment, and the purge thread
+ * stays awake for it.  Before, it parked there (nothing retired left),
+ * and the thread, idle from then on, kept 1.5 MB resident for good. */
+static void *bg_i_nothing(void *arg)
+{
+  (void)arg;
+  smalloc_free(smalloc_malloc(16));
+  return NULL;
+}
+
+START_TEST(free_pages_of_a_thread_going_idle_go_back)
+{
+  enum { PAGES = 24, SIZE = SM_TEST_REQUEST_FOR(512) };
+  enum { N = PAGES * (SM_TEST_SMALL_PAGE / 512) };
+  static void *v[N];
+  bg_on();
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0), 0);   /* no heap waits */
+  sm_test_heap_here();
+  pthread_t t;   /* a second thread: the purge thread starts */
+  ck_assert_int_eq(pthread_create(&t, NULL, bg_i_nothing, NULL), 0);
+  ck_assert_int_eq(pthread_join(t, NULL), 0);
+  for (int i = 0; i < N; i++)
+    ck_assert_ptr_nonnull(v[i] = smalloc_malloc(SIZE));
+  smalloc_stats_t a, c;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  for (int i = 0; i + 1 < N; i++)
+    smalloc_free(v[i]);
+  uint64_t want = PAGES - 2;
+  for (long waited = 0; waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+    ck_assert_int_eq(sm_test_snap(&c), 0);
+    if (c.pages_purged - a.pages_purged >= want)
+      break;
+    bg_sleep_ms(BG_POLL_MS);
+  }
+  ck_assert_msg(c.pages_purged - a.pages_purged >= want, "%llu of %llu free pages purged after %d ms idle",
+                (unsigned long long)(c.pages_purged - a.pages_purged), (unsigned long long)want,
+                BG_POLL_MAX_MS);
+  smalloc_free(v[N - 1]);
+}
+END_TEST
+
 /* A thread that calls in now and then is never idle for a whole purge
  * delay, but its burst is over: the purge thread releases the pages that
  * have been retired for the delay all the same.  RETIRE_CYCLES is set so
@@ -1365,6 +1410,7 @@ static Suite *background_suite(void)
   tcase_add_test(tc, purge_thread_steps_aside_for_unshare_and_setns);
 #endif
   tcase_add_test(tc, free_pages_of_a_live_segment_go_back);
+  tcase_add_test(tc, free_pages_of_a_thread_going_idle_go_back);
   tcase_add_test(tc, free_pages_of_an_exited_threads_segment_go_back);
   tcase_add_test(tc, free_blocks_of_an_exited_threads_sparse_pages_go_back);
   tcase_add_test(tc, threads_leave_sparse_pages_while_the_purge_thread_gives_them_back);
