@@ -20,7 +20,7 @@ sm_heap_t sm_heap_exited = {
 };
 static sm_heap_t *sm_heap_alloc_struct(void);
 static sm_heap_t *sm_heap_unpark(void);
-static sm_heap_t *sm_heaps_parked_take_locked(uint64_t before, uint32_t keep);
+static void sm_heaps_parked_count_locked(void);
 static sm_heap_t sm_heap_shared_first;
 sm_heap_t *sm_heap_shared = &sm_heap_shared_first;
 __thread sm_heap_t *sm_heap_tls __attribute__((tls_model("initial-exec"))) = &sm_heap_empty;
@@ -143,7 +143,7 @@ void sm_heaps_fork_child(void) {
     if ((*at)->parked_ms == UINT64_MAX) *at = (*at)->pool_next;
     else at = &(*at)->pool_next;
   }
-  sm_heaps_parked_take_locked(0, UINT32_MAX);   /* recounted */
+  sm_heaps_parked_count_locked();
   /* the shared segments' holder: its lists may be half-changed, so its
    * segments are left to it (the pages released into them are lost in
    * the child) and threads share new ones */
@@ -304,9 +304,20 @@ sm_heap_t *sm_heap_init_thread(void) {
  *     read folds its pages' pending counts (sm_heaps_fold_parked), as a
  *     thread's own read folds its own. */
 
-/* Take the heaps off sm_heaps_parked that waited since before `before`
- * (all of them for UINT64_MAX), or the oldest while more than keep wait;
- * under the heaps lock.  Returns them, linked through pool_next. */
+/* sm_heaps_parked_n and sm_heaps_parked_oldest from the list, after each
+ * change to it; under the heaps lock. */
+static void sm_heaps_parked_count_locked(void) {
+  uint32_t n = 0;
+  uint64_t oldest = UINT64_MAX;
+  for (sm_heap_t *h = sm_heaps_parked; h; h = h->pool_next, n++)
+    if (h->parked_ms < oldest) oldest = h->parked_ms;
+  atomic_store_explicit(&sm_heaps_parked_n, n, memory_order_relaxed);
+  atomic_store_explicit(&sm_heaps_parked_oldest, oldest, memory_order_relaxed);
+}
+
+/* Take the heaps off sm_heaps_parked that began to wait before `before`
+ * (all of them for UINT64_MAX), and the oldest while more than keep
+ * wait; under the heaps lock.  Returns them, linked through pool_next. */
 static sm_heap_t *sm_heaps_parked_take_locked(uint64_t before, uint32_t keep) {
   sm_heap_t **at = &sm_heaps_parked, *taken = NULL;
   uint32_t n = 0;
@@ -322,11 +333,7 @@ static sm_heap_t *sm_heaps_parked_take_locked(uint64_t before, uint32_t keep) {
     n++;
     at = &h->pool_next;
   }
-  atomic_store_explicit(&sm_heaps_parked_n, n, memory_order_relaxed);
-  uint64_t oldest = UINT64_MAX;
-  for (sm_heap_t *h = sm_heaps_parked; h; h = h->pool_next)
-    if (h->parked_ms < oldest) oldest = h->parked_ms;
-  atomic_store_explicit(&sm_heaps_parked_oldest, oldest, memory_order_relaxed);
+  sm_heaps_parked_count_locked();
   return taken;
 }
 
@@ -433,8 +440,7 @@ static sm_heap_t *sm_heap_unpark(void) {
     sm_heaps_parked = heap->pool_next;
     heap->pool_next = NULL;
     heap->parked_ms = 0;
-    atomic_store_explicit(&sm_heaps_parked_n, atomic_load_explicit(&sm_heaps_parked_n, memory_order_relaxed) - 1,
-                          memory_order_relaxed);
+    sm_heaps_parked_count_locked();
   }
   sm_heaps_unlock();
   if (heap) {
