@@ -122,7 +122,6 @@ static int sm_bg_round(void) {
   uint64_t delay = (uint64_t)sm_opt(PURGE_DELAY);
   bool left = false, claimed = false, batches = false;
   sm_heap_t *self = sm_heap();   /* the static empty heap: counts go to the orphan totals */
-  if (sm_heaps_parked_expire(now, false)) left = true;   /* heaps that wait for a thread (heap.c) */
   sm_heaps_lock();
   for (sm_heap_t *h = sm_heaps_first(); h; h = h->all_next) {
     uint32_t cycle = __atomic_load_n(&h->cycle, __ATOMIC_RELAXED);
@@ -168,6 +167,9 @@ static int sm_bg_round(void) {
     }
   }
   sm_heaps_unlock();
+  /* heaps that waited a purge delay for a thread (heap.c), after the
+   * loop above gave back the memory they held free, as an idle thread's */
+  if (sm_heaps_parked_expire(now, false)) left = true;
   if (sm_segments_purge_open(false)) left = true;   /* idle threads' sparse pages */
   sm_pool_collect(self);   /* its emptied pages go home: to the shared segments, mostly */
   if (sm_pool_purge(now, delay)) left = true;

@@ -278,7 +278,13 @@ sm_heap_t *sm_heap_init_thread(void) {
  * or any thread's slow path when there is none), when more than
  * SMALLOC_HEAP_CACHE heaps wait (the oldest), and at once when the
  * process collects (trim, smalloc_collect(true), an allocation the OS
- * refused).
+ * refused).  Meanwhile the purge thread treats it as an idle thread's
+ * heap: once it has been idle a purge delay, the memory of its free pages
+ * goes back, before the heap is taken apart in the same round (taken
+ * apart first, its pages would go back to their segments and wait a
+ * delay more there).  A thread that freed a 64 MiB burst of 128-byte
+ * blocks and exited: resident under 12 MB 1.2 s after its exit, as when
+ * it was taken apart at once (purge delay 1 s).
  * Why: taking a heap apart walks the free list of every page it
  * allocated from (used alone counts the blocks handed out and those on
  * the free list: sm_page_t), sends its pages to the pool and its

@@ -599,12 +599,12 @@ START_TEST(a_heap_that_waited_a_purge_delay_is_taken_apart)
 {
   smalloc_stats_t s0, s1, s2;
   int k;
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 200), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 1000), 0);
   wh_leave(&s0, &k);
   void *early = smalloc_malloc(SM_TEST_REQUEST_FOR(2560));   /* a slow path */
   sm_stats_snap(&s1);
   ck_assert_uint_eq(s1.pages_abandoned, s0.pages_abandoned);
-  usleep(250 * 1000);
+  usleep(1100 * 1000);
   void *late = smalloc_malloc(SM_TEST_REQUEST_FOR(3072));    /* another */
   sm_stats_snap(&s2);
   ck_assert_uint_eq(s2.pages_abandoned - s0.pages_abandoned, 1);
