@@ -128,7 +128,7 @@ void sm_free_emptied(sm_page_t *page) {
   sm_background_poll_free();
 }
 
-static bool sm_tf_push(sm_page_t *page, sm_block_t *b, uintptr_t *made);
+static bool sm_tf_push(sm_page_t *page, sm_block_t *b);
 
 /* The first free from another thread into a page on its owner's full list
  * hands the block to the owner's heap (xdelayed), so the owner learns
@@ -140,7 +140,7 @@ static void sm_free_hand_over(sm_page_t *page, sm_block_t *b) {
    * that armed the page again) is seen */
   atomic_thread_fence(memory_order_acquire);
   sm_heap_t *heap = atomic_load_explicit(&page->owner, memory_order_acquire);
-  if (heap == NULL || !sm_heap_hand_over(heap, b, b, 1)) sm_tf_push(page, b, NULL);
+  if (heap == NULL || !sm_heap_hand_over(heap, b, b, 1)) sm_tf_push(page, b);
 }
 
 /* Push the chain head..tail of n blocks (linked xor sm_secret) onto the
@@ -168,10 +168,11 @@ bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint
   return false;
 }
 
-/* Push b (tagged free already) onto the page's thread_free with one CAS
- * (*made, unless NULL: what the CAS made it); false when b is the list's head already
- * (two threads freed it at once, and the other one won: a link to itself
- * would make the list endless).
+/* Push b (tagged free already) onto the page's thread_free with one CAS;
+ * false when b is the list's head already (two threads freed it at once,
+ * and the other one won: a link to itself would make the list endless).
+ * A page of the pool that the push empties goes to its front
+ * (sm_pool_freed_into), whichever free pushed.
  * While the page is on the full list (SM_TF_FULL), the CAS clears the bit
  * instead and the block is handed over: one notice per full page, and
  * later frees into it touch nothing but thread_free.  Nothing of the page
@@ -179,7 +180,7 @@ bool sm_heap_hand_over(sm_heap_t *heap, sm_block_t *head, sm_block_t *tail, uint
  * owner may take the block and release the page at once; descriptors are
  * never unmapped); a handed-over block keeps the page in use until its
  * owner takes it, and heaps are never unmapped. */
-static bool sm_tf_push(sm_page_t *page, sm_block_t *b, uintptr_t *made) {
+static bool sm_tf_push(sm_page_t *page, sm_block_t *b) {
   uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   uintptr_t val;
   do {
@@ -193,13 +194,13 @@ static bool sm_tf_push(sm_page_t *page, sm_block_t *b, uintptr_t *made) {
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, val, memory_order_release,
                                                   memory_order_relaxed));
   if (old & SM_TF_FULL) sm_free_hand_over(page, b);
-  if (made) *made = val;
+  sm_pool_freed_into(page, val);
   return true;
 }
 
 /* A block handed over to a heap that no longer owns its segment. */
 void sm_free_push_remote(sm_page_t *page, sm_block_t *b) {
-  sm_tf_push(page, b, NULL);
+  sm_tf_push(page, b);
 }
 
 /* A block freed by a thread that does not own its page sets out for its
@@ -222,12 +223,10 @@ static bool sm_free_tag_remote(sm_page_t *page, sm_block_t *b) {
  * already free (reported). */
 bool sm_free_block_xthread(sm_page_t *page, sm_block_t *b) {
   if (!sm_free_tag_remote(page, b)) return false;
-  uintptr_t made;
-  if (sm_unlikely(!sm_tf_push(page, b, &made))) {
+  if (sm_unlikely(!sm_tf_push(page, b))) {
     sm_error("free(): double free of %p", (void *)b);
     return false;
   }
-  sm_pool_freed_into(page, made);
   return true;
 }
 
@@ -248,11 +247,10 @@ bool sm_free_block_xthread(sm_page_t *page, sm_block_t *b) {
  * each); those pages stay in use until it is sent. */
 
 /* Push the chain head..tail of n blocks (linked with the page's key) onto
- * the page's thread_free; returns what the CAS made it.  While the page
- * is on the full list, its head is handed over instead (sm_tf_push) and
- * the rest pushed. */
-static uintptr_t sm_tf_push_chain(sm_page_t *page, sm_block_t *head, sm_block_t *tail,
-                                  uint32_t n) {
+ * the page's thread_free.  While the page is on the full list, its head
+ * is handed over instead (sm_tf_push) and the rest pushed; a page of the
+ * pool that the batch empties goes to its front (sm_pool_freed_into). */
+static void sm_tf_push_chain(sm_page_t *page, sm_block_t *head, sm_block_t *tail, uint32_t n) {
   sm_block_t *rest = n > 1 ? sm_dec(page, head->next) : NULL;
   uintptr_t old = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
   uintptr_t val;
@@ -271,7 +269,7 @@ static uintptr_t sm_tf_push_chain(sm_page_t *page, sm_block_t *head, sm_block_t 
   } while (!atomic_compare_exchange_weak_explicit(&page->thread_free, &old, val, memory_order_release,
                                                   memory_order_relaxed));
   if (old & SM_TF_FULL) sm_free_hand_over(page, head);
-  return val;
+  sm_pool_freed_into(page, val);
 }
 
 /* Send a batch.  Its blocks keep their page in use, so the page's key is
@@ -285,18 +283,14 @@ static uintptr_t sm_tf_push_chain(sm_page_t *page, sm_block_t *head, sm_block_t 
  * whose tag is no longer the one this thread gave it was handed out
  * again, live, and the batch goes the same way.  Any other block of the
  * batch that was handed out again is found by malloc's check of its tag
- * when it reaches it, before it is handed out twice.  A page of the pool
- * that the batch empties goes to its front (sm_pool_freed_into). */
+ * when it reaches it, before it is handed out twice. */
 static void sm_xbuf_send(sm_xbuf_t *x) {
   sm_page_t *page = x->page;
   sm_track_link(x->tail);
   sm_block_t *bad = (uint32_t)page->key != x->key ? x->head
                     : x->tail->tag != (page->key ^ SM_TAG_REMOTE) ? x->tail : NULL;
-  if (sm_unlikely(bad != NULL)) {
-    sm_error("free(): double free of %p (handed out again since)", (void *)bad);
-  } else {
-    sm_pool_freed_into(page, sm_tf_push_chain(page, x->head, x->tail, x->count));
-  }
+  if (sm_unlikely(bad != NULL)) sm_error("free(): double free of %p (handed out again since)", (void *)bad);
+  else sm_tf_push_chain(page, x->head, x->tail, x->count);
   /* head stays, as the block this slot sent last (sm_xbuf_sent_again) */
   x->page = NULL;
   x->tail = NULL;
@@ -532,9 +526,7 @@ static void sm_free_batch(sm_heap_t *heap, sm_page_t *page, sm_block_t *b, const
   size_t bin = page->bin;   /* the page may be gone once a batch is sent */
   bool pushed;
   if (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_ORPHAN) {
-    uintptr_t made;
-    pushed = sm_tf_push(page, b, &made);
-    if (pushed) sm_pool_freed_into(page, made);
+    pushed = sm_tf_push(page, b);
   } else {
     sm_xbuf_enter(heap);
     pushed = sm_xbuf_add(heap, page, b);

@@ -200,6 +200,16 @@ static size_t ring_pop(item_t *v, size_t max)
   return n;
 }
 
+/* A producer is done: consumers return once the ring is empty and none
+ * is left. */
+static void ring_producer_done(void)
+{
+  pthread_mutex_lock(&ring.lock);
+  ring.producers_left--;
+  pthread_cond_broadcast(&ring.not_empty);
+  pthread_mutex_unlock(&ring.lock);
+}
+
 typedef struct worker {
   pthread_t t;
   unsigned id;
@@ -255,12 +265,9 @@ static void *producer(void *arg)
     local_churn(&l, &r, gen++);
   }
   local_drain(&l);
-  pthread_mutex_lock(&ring.lock);
   if (made < w->items)
     worker_fail("producer %u stopped after %zu of %zu items", w->id, made, w->items);
-  ring.producers_left--;
-  pthread_cond_broadcast(&ring.not_empty);
-  pthread_mutex_unlock(&ring.lock);
+  ring_producer_done();
   return NULL;
 }
 
@@ -679,11 +686,11 @@ END_TEST
 
 /* Generations of threads take the heaps of the generation before: each
  * thread checks and frees half the blocks its predecessor in the chain
- * left, hands the other half to a freer that lives throughout, and
- * allocates as many again.  The freer's frees land in the pages of
- * heaps that wait, are being taken over, or are being taken apart, while
- * that happens (ThreadSanitizer runs this in CI).  Nothing is lost or
- * damaged. */
+ * left, hands the other half to a consumer that lives throughout, and
+ * allocates as many again.  The consumer's frees (and reallocs) land in
+ * the pages of heaps that wait, are being taken over, or are being taken
+ * apart, while that happens (ThreadSanitizer runs this in CI).  Nothing
+ * is lost or damaged. */
 enum { WR_CHAINS = 4, WR_GENS = 12, WR_KEEP = 256 };
 static item_t wr_pool[WR_CHAINS][WR_KEEP];
 
@@ -711,26 +718,15 @@ static void *wr_worker(void *arg)
   return NULL;
 }
 
-static void *wr_freer(void *arg)
-{
-  (void)arg;
-  item_t v[BATCH];
-  size_t n;
-  while ((n = ring_pop(v, BATCH)) > 0)
-    for (size_t i = 0; i < n; i++)
-      if (item_ok(&v[i]))
-        smalloc_free(v[i].p);
-  return NULL;
-}
-
 START_TEST(generations_take_each_others_heaps_while_another_thread_frees_into_them)
 {
   warm_up();
   smalloc_stats_t a, b;
   sm_stats_snap(&a);
   ring.producers_left = 1;   /* until the last generation is done */
-  pthread_t f;
-  start(&f, wr_freer, NULL);
+  atomic_store(&consumed, 0);
+  worker_t f = {.id = 0};
+  start(&f.t, consumer, &f);
   for (unsigned g = 0; g < WR_GENS; g++) {
     pthread_t t[WR_CHAINS];
     for (unsigned c = 0; c < WR_CHAINS; c++)
@@ -738,11 +734,11 @@ START_TEST(generations_take_each_others_heaps_while_another_thread_frees_into_th
     for (unsigned c = 0; c < WR_CHAINS; c++)
       join(t[c]);
   }
-  pthread_mutex_lock(&ring.lock);
-  ring.producers_left = 0;
-  pthread_cond_broadcast(&ring.not_empty);
-  pthread_mutex_unlock(&ring.lock);
-  join(f);
+  ring_producer_done();
+  join(f.t);
+  check_no_failures();
+  /* half of what each generation but the first found */
+  ck_assert_uint_eq(atomic_load(&consumed), (WR_GENS - 1) * WR_CHAINS * (WR_KEEP / 2));
   for (unsigned c = 0; c < WR_CHAINS; c++)
     for (unsigned i = 0; i < WR_KEEP; i++)
       if (wr_pool[c][i].p && item_ok(&wr_pool[c][i]))
