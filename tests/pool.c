@@ -14,6 +14,10 @@
  *     found, not passed by for a fresh page;
  *   - a page whose last live blocks other threads free while it waits is
  *     the next one taken, before ready pages given earlier.
+ * And the same end to end, on real pages: a live thread gives the pool
+ * a page another thread freed into once it has handed out all its
+ * blocks, while another thread lives; frees that empty such a page there
+ * (a thread's batch, or a single push) put it ahead of one emptied before.
  * And, on real pages a thread left in the pool when it exited: the free
  * blocks of a page that waits give back their memory but the words they
  * keep, and so do the blocks not built yet and the tail (exact counters,
@@ -1018,6 +1022,120 @@ START_TEST(a_new_heap_struct_keeps_to_its_first_pages)
 }
 END_TEST
 
+/* ---- pages a live thread gives, emptied by frees ---------------------------- */
+
+/* End to end, on real pages: a live thread's page that another thread
+ * freed into goes to the pool once the thread has handed out all its
+ * blocks, while another thread lives (page.c: sm_page_shares); a page
+ * there that frees empty moves to the pool's front, ahead of pages
+ * emptied before it, whether a thread's batch of frees (free.c: the
+ * thread's own frees, remote ones now) or a single push emptied it. */
+enum { PE_BLOCK = 1536, PE_PAGES = 3, PE_MAX = 512 };
+static pthread_barrier_t pe_done;
+
+static void *pe_sleeper(void *arg)
+{
+  (void)arg;
+  smalloc_free(smalloc_malloc(16));   /* a heap: one more live thread */
+  pthread_barrier_wait(&pe_done);
+  pthread_barrier_wait(&pe_done);
+  return NULL;
+}
+
+/* blocks freed by a thread that then exits, sending its batches */
+struct pe_job {
+  void **v;
+  int n;
+};
+static void *pe_freer(void *arg)
+{
+  struct pe_job *job = arg;
+  for (int i = 0; i < job->n; i++)
+    smalloc_free(job->v[i]);
+  return NULL;
+}
+
+static sm_page_t *pe_page(void *p)
+{
+  sm_segment_t *seg;
+  sm_page_t *page;
+  ck_assert(sm_lookup(p, &seg, &page));
+  return page;
+}
+
+/* This thread allocates from the page *next lies in until a block lands
+ * in another (the new *next); after the page's fourth block, a thread
+ * frees its third and fourth.  The page's live blocks in v[0 .. *n). */
+static sm_page_t *pe_give_page(void **next, void **v, int *n)
+{
+  sm_page_t *page = pe_page(*next);
+  bool freed = false;
+  *n = 0;
+  v[(*n)++] = *next;
+  for (;;) {
+    void *p = smalloc_malloc(SM_TEST_REQUEST_FOR(PE_BLOCK));
+    ck_assert_ptr_nonnull(p);
+    if (pe_page(p) != page) {
+      *next = p;
+      return page;
+    }
+    ck_assert_int_lt(*n, PE_MAX);
+    v[(*n)++] = p;
+    if (*n == 4 && !freed) {
+      freed = true;
+      struct pe_job job = {v + 2, 2};
+      pthread_t t;
+      ck_assert_int_eq(pthread_create(&t, NULL, pe_freer, &job), 0);
+      ck_assert_int_eq(pthread_join(t, NULL), 0);
+      *n = 2;
+    }
+  }
+}
+
+START_TEST(pages_frees_empty_in_the_pool_go_to_its_front)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  pthread_barrier_init(&pe_done, NULL, 2);
+  pthread_t sleeper;
+  ck_assert_int_eq(pthread_create(&sleeper, NULL, pe_sleeper, NULL), 0);
+  pthread_barrier_wait(&pe_done);   /* it has its heap */
+
+  static void *v[PE_PAGES][PE_MAX];
+  int n[PE_PAGES];
+  sm_page_t *page[PE_PAGES];
+  void *next = smalloc_malloc(SM_TEST_REQUEST_FOR(PE_BLOCK));
+  for (int k = 0; k < PE_PAGES; k++) {
+    page[k] = pe_give_page(&next, v[k], &n[k]);
+    ck_assert_msg(atomic_load(&page[k]->pooled) != 0, "page %d not given to the pool", k);
+    ck_assert_ptr_null(atomic_load(&page[k]->owner));
+    ck_assert_uint_eq(sm_page_live(page[k]), (uint32_t)n[k]);
+  }
+  size_t bin = page[0]->bin;
+
+  /* the first given, emptied by this thread's frees (sent as a batch) */
+  for (int i = 0; i < n[0]; i++)
+    smalloc_free(v[0][i]);
+  smalloc_collect(false);
+  /* the last given, by single pushes: it goes ahead of the first */
+  for (int i = 0; i < n[2]; i++)
+    ck_assert(sm_free_block_xthread(page[2], v[2][i]));
+  ck_assert_ptr_eq(sm_pool_pop(bin, POOL_MIN, POOL_PART), page[2]);
+  /* the second, by this thread's batch: ahead of the first */
+  for (int i = 0; i < n[1]; i++)
+    smalloc_free(v[1][i]);
+  smalloc_collect(false);
+  ck_assert_ptr_eq(sm_pool_pop(bin, POOL_MIN, POOL_PART), page[1]);
+  ck_assert_ptr_eq(sm_pool_pop(bin, POOL_MIN, POOL_PART), page[0]);
+  /* back where they were, empty, for any thread to take */
+  for (int k = 0; k < PE_PAGES; k++)
+    sm_pool_push(page[k]);
+  smalloc_free(next);
+  pthread_barrier_wait(&pe_done);
+  ck_assert_int_eq(pthread_join(sleeper, NULL), 0);
+  pthread_barrier_destroy(&pe_done);
+}
+END_TEST
+
 static Suite *pool_suite(void)
 {
   Suite *s = suite_create("pool");
@@ -1027,6 +1145,7 @@ static Suite *pool_suite(void)
   tcase_add_test(tc, a_large_page_needs_a_part_of_its_blocks_free);
   tcase_add_test(tc, a_ready_page_behind_waiting_ones_is_found);
   tcase_add_test(tc, a_page_its_frees_empty_is_taken_first);
+  tcase_add_test(tc, pages_frees_empty_in_the_pool_go_to_its_front);
   tcase_add_test(tc, a_demoted_pages_free_list_joins_local_free);
   tcase_add_test(tc, a_page_put_first_frees_onto_local_free_until_refilled);
   tcase_add_test(tc, the_free_blocks_of_a_page_in_the_pool_give_their_memory_back);
