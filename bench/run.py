@@ -66,6 +66,15 @@ PEERS = [("jemalloc", "libjemalloc.so.2"),
          ("tcmalloc", "libtcmalloc_minimal.so.4"),
          ("mimalloc", "libmimalloc.so.2")]
 RUN_TIMEOUT = 300
+# A peer (not the baseline) whose first counted run of a workload took
+# more than SLOW_PEER times the fresh library's time, and more than
+# SLOW_PEER_S seconds, runs no more of that workload: its ratio is far
+# from 1 whatever the spread, and its other runs would take most of
+# `make bench` on a machine where page faults are dear (largerep-huge on
+# a 2-core VM: jemalloc 80 s a run, snmalloc 40 s, against 0.16 s; 14
+# minutes of a 28-minute full run).
+SLOW_PEER = 20
+SLOW_PEER_S = 5.0
 HEAPTRACK_WORK = "python3"   # the one workload run under heaptrack
 # What each row is, said once at the start of the console output.
 ROW_MEANING = {
@@ -481,6 +490,7 @@ class Row:
         self.checksums = set()
         self.error = None
         self.strace = None
+        self.cut = False   # runs stopped after the first (SLOW_PEER)
 
     def ok(self):
         return self.runs and self.error is None
@@ -612,6 +622,10 @@ class Report:
                         verdict, " ".join("%.6f" % t for t in row.times()),
                         sorted(row.checksums)[0] if row.checksums else "", ""])
         out = [table(headers, body, md)]
+        cut = [n for n, r in rows.items() if r.ok() and r.cut]
+        if cut:
+            out.append(("\n" if md else "") + "one counted run only, over %d times the fresh "
+                       "library's time: %s" % (SLOW_PEER, ", ".join(cut)))
         live = [(n, r.live_ratio()) for n, r in rows.items() if r.ok() and r.live_ratio()]
         if live:
             out.append(("\n" if md else "") + "resident size / live bytes at the end (pools and "
@@ -1125,7 +1139,7 @@ def main():
                 random.Random(rnd).shuffle(order)
                 for a in order:
                     row = rows[a.name]
-                    if row.error:
+                    if row.error or row.cut:
                         continue
                     r = run_once(w, a, spawn, tmpdir, settle_mib(peak_kb))
                     if "error" in r:
@@ -1136,6 +1150,15 @@ def main():
                     peak_kb = max(peak_kb, r["rss"])
                     if rnd > 0:
                         row.runs.append(r)
+                # after the first counted round: no more runs of a peer
+                # far slower than the fresh library (SLOW_PEER)
+                fresh_row = rows.get("fresh")
+                if rnd == 1 and fresh_row is not None and fresh_row.ok():
+                    for row in rows.values():
+                        if not row.alloc.smalloc and row.alloc.name != baseline_name and row.ok() and \
+                                row.median() > SLOW_PEER_S and \
+                                row.median() > SLOW_PEER * fresh_row.median():
+                            row.cut = True
             if use_strace and w.group == "churn":
                 for a in wallocs:
                     if not a.smalloc and rows[a.name].ok():
