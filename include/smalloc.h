@@ -216,7 +216,8 @@ typedef enum smalloc_option {
   SMALLOC_OPTION_PROF_SEED,      /* SMALLOC_PROF_SEED: 0 random sampling, else the same
                                     samples for the same allocations */
   SMALLOC_OPTION_HUGEPAGES,      /* SMALLOC_HUGEPAGES: 1 ask for transparent huge pages for
-                                    large and huge blocks, 0 never */
+                                    large and huge blocks and large heaps, 2 for every
+                                    segment of small blocks too, 0 never */
   SMALLOC_OPTION_HEAP_CACHE,     /* SMALLOC_HEAP_CACHE: exited threads' heaps kept whole for
                                     the next threads, each for up to a purge delay */
   SMALLOC_OPTION_COUNT

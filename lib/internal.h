@@ -624,6 +624,10 @@ extern uintptr_t sm_secret;
 /* Options, read once (options.c); index by smalloc_option_t. */
 extern long sm_options[SMALLOC_OPTION_COUNT];
 #define sm_opt(o) __atomic_load_n(&sm_options[SMALLOC_OPTION_##o], __ATOMIC_RELAXED)
+/* SMALLOC_HUGEPAGES: 0 never, 1 where memory is mostly written (segment.c,
+ * span.c), SM_HUGE_EAGER every segment of small or large blocks from the
+ * first (segment.c: sm_segment_wants_huge; span.c) */
+enum { SM_HUGE_EAGER = 2 };
 
 /* Process-wide gauges and OS counters, atomics (slow paths only). */
 typedef struct sm_gstats_s {

@@ -34,7 +34,7 @@ static const char *const sm_words_on_error[] = {"abort", "warn", NULL};
   X(PROF_EVENT_RATE, "SMALLOC_PROF_EVENT_RATE", 256, 1, 1000000, NULL)      \
   X(PROF_LEAKS, "SMALLOC_PROF_LEAKS", 0, 0, 1, NULL)                        \
   X(PROF_SEED, "SMALLOC_PROF_SEED", 0, 0, 2147483647, NULL)                 \
-  X(HUGEPAGES, "SMALLOC_HUGEPAGES", 1, 0, 1, NULL)                          \
+  X(HUGEPAGES, "SMALLOC_HUGEPAGES", 1, 0, 2, NULL)                          \
   X(HEAP_CACHE, "SMALLOC_HEAP_CACHE", 8, 0, 1024, NULL)
 
 #define SM_OPTION_DESC(id, env, def, min, max, words) \

@@ -103,12 +103,13 @@ static void sm_span_list_remove(sm_segment_t *seg) {
  * (bench_largerep mid): 1,173 page faults with the first segment not
  * advised, 662 with its upper half, 164 with all of it; python3 with one
  * 300 KB buffer: 16.3 MB resident in the first two cases, 17.5 MB in the
- * third. */
+ * third.  SMALLOC_HUGEPAGES=2 advises the first whole too. */
 static sm_segment_t *sm_span_segment_new(bool first, bool samples) {
   if (sm_os_space_limited()) return NULL;
   sm_segment_t *seg = sm_segment_map();
   if (!seg) return NULL;
-  unsigned advised = sm_segment_advise(seg, samples ? 0 : first ? SM_HALF_UPPER : SM_HALF_BOTH);
+  bool half = first && sm_opt(HUGEPAGES) < SM_HUGE_EAGER;   /* eager: the first whole too */
+  unsigned advised = sm_segment_advise(seg, samples ? 0 : half ? SM_HALF_UPPER : SM_HALF_BOTH);
   sm_track_reuse(seg, SM_SPAN_UNIT);
   memset(seg, 0, sizeof *seg);
   sm_segment_hold_pages(seg, NULL);

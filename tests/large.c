@@ -168,6 +168,34 @@ START_TEST(hugepages_off_gives_no_advice)
 }
 END_TEST
 
+/* SMALLOC_HUGEPAGES=2 (eager): the first segment of large blocks is
+ * advised whole, one madvise, its first block's half too; 3 is refused. */
+START_TEST(eager_huge_pages_advise_the_first_large_segment_whole)
+{
+  if (SM_TEST_SECURE)
+    return;
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, 3), EINVAL);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, 2), 0);
+  ck_assert_int_eq(smalloc_option_get(SMALLOC_OPTION_HUGEPAGES), 2);
+  void *v[12];
+  smalloc_collect(true);
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  for (int i = 0; i < 12; i++) {
+    v[i] = smalloc_malloc(LG_300K);
+    ck_assert_ptr_nonnull(v[i]);
+  }
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  ck_assert_uint_eq(b.segments_mapped - a.segments_mapped, 1);
+  ck_assert_uint_eq(b.os_madvise - a.os_madvise, 1);   /* MADV_HUGEPAGE, all of it */
+  ck_assert(sm_test_vmflag(v[0], "hg"));
+  ck_assert(sm_test_vmflag(v[11], "hg"));
+  for (int i = 0; i < 12; i++)
+    smalloc_free(v[i]);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, 1), 0);
+}
+END_TEST
+
 /* The shared segments, once they hold four of a kind, have their next
  * ones advised for huge pages before their first touch (one madvise
  * each), and the first four not: a thread of its own, its pages shared
@@ -268,9 +296,10 @@ static const char *hp_verdict(void)
   if (hp_fail)
     return hp_fail;
   /* the segments from the first advised on, and the ninth, whose first
-   * block ended the fill */
+   * block ended the fill; not the first segment, mapped before the count
+   * began (by the blocks taken before the fill) */
   uint64_t advised = hp_s[1].os_madvise - hp_s[0].os_madvise;
-  unsigned want = hp_from < HP_SEGS ? HP_SEGS + 1 - hp_from : 0;
+  unsigned want = hp_from < HP_SEGS ? HP_SEGS + 1 - (hp_from > 0 ? hp_from : 1) : 0;
   if (advised != want) {
     snprintf(why, sizeof why, "%llu segments advised, want %u", (unsigned long long)advised, want);
     return why;
@@ -364,6 +393,70 @@ START_TEST(a_thread_alone_gets_huge_pages_for_its_own_segments)
   int status;
   ck_assert_int_eq(waitpid(pid, &status, 0), pid);
   ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the process alone: status %#x (its stderr says why)",
+                status);
+}
+END_TEST
+
+/* SMALLOC_HUGEPAGES=2 (eager): every segment of small blocks from the
+ * first, shared ones while idle threads live that make the fill wait for
+ * a segment each at 1; medium segments still none.  The test program run
+ * again with the option in its environment, so that the segments mapped
+ * as it starts are advised too (memory mapped before a change keeps the
+ * advice it got). */
+#define HP_EAGER_MARK "--smalloc-large-eager"
+
+static int hp_eager_fill(size_t size, unsigned idle, unsigned from)
+{
+  hp_size = size;
+  hp_from = from;
+  hp_fail = NULL;
+  atomic_store(&hp_idle_ready, 0);
+  sm_test_phase_set(&hp_idle_ph, 1);
+  pthread_t t, it[HP_IDLE_MAX];
+  for (unsigned i = 0; i < idle; i++)
+    if (pthread_create(&it[i], NULL, hp_idle, NULL) != 0)
+      return 1;
+  while (atomic_load(&hp_idle_ready) < idle)
+    sched_yield();
+  /* no trim first: a segment that gives memory back loses its advice */
+  if (pthread_create(&t, NULL, hp_heap, NULL) != 0)
+    return 1;
+  pthread_join(t, NULL);
+  sm_test_phase_set(&hp_idle_ph, 2);
+  for (unsigned i = 0; i < idle; i++)
+    pthread_join(it[i], NULL);
+  const char *verdict = hp_verdict();
+  if (verdict)
+    fprintf(stderr, "%s (blocks of %zu bytes)\n", verdict, size);
+  return verdict ? 1 : 0;
+}
+
+static int hp_eager_main(void)
+{
+  if (smalloc_option_get(SMALLOC_OPTION_HUGEPAGES) != 2) {
+    fprintf(stderr, "SMALLOC_HUGEPAGES=2 not taken\n");
+    return 1;
+  }
+  smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000);
+  sm_test_heap_here();   /* the fill's pages are shared ones */
+  return hp_eager_fill(HP_BLOCK, HP_IDLE_MAX, 0) || hp_eager_fill(HP_MEDIUM, 0, HP_SEGS);
+}
+
+START_TEST(eager_huge_pages_advise_every_segment_of_small_blocks)
+{
+  if (!hp_possible())
+    return;
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0) {
+    char *argv[] = {(char *)"test_large", (char *)HP_EAGER_MARK, NULL};
+    setenv("SMALLOC_HUGEPAGES", "2", 1);
+    execv("/proc/self/exe", argv);
+    _exit(127);
+  }
+  int status;
+  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the eager process: status %#x (its stderr says why)",
                 status);
 }
 END_TEST
@@ -900,6 +993,8 @@ static Suite *large_suite(void)
   tcase_add_test(tc, a_large_heap_of_medium_blocks_gets_no_huge_pages);
   tcase_add_test(tc, many_threads_wait_longer_for_huge_pages);
   tcase_add_test(tc, a_thread_alone_gets_huge_pages_for_its_own_segments);
+  tcase_add_test(tc, eager_huge_pages_advise_the_first_large_segment_whole);
+  tcase_add_test(tc, eager_huge_pages_advise_every_segment_of_small_blocks);
   tcase_add_test(tc, huge_mappings_end_on_a_huge_page);
   tcase_add_test(tc, huge_mappings_are_advised_from_2_mib);
   tcase_add_test(tc, free_units_are_purged_and_empty_segments_unmapped);
@@ -921,5 +1016,7 @@ int main(int argc, char **argv)
 {
   if (argc == 2 && strcmp(argv[1], HP_ALONE_MARK) == 0)
     return hp_alone_main();
+  if (argc == 2 && strcmp(argv[1], HP_EAGER_MARK) == 0)
+    return hp_eager_main();
   return sm_run_suite(large_suite());
 }
