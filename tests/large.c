@@ -106,11 +106,14 @@ END_TEST
  * (a mapping each, ending in a guard page). */
 enum { LG_UNIT = 64 * 1024, LG_300K = 300 * 1000 };
 
-START_TEST(large_blocks_share_a_segment)
+/* The same at SMALLOC_HUGEPAGES=level: at 2 (eager) the first segment is
+ * advised whole, with the same one madvise. */
+static void lg_share(long level)
 {
   if (SM_TEST_SECURE)
     return;
   void *v[13];
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, level), 0);
   smalloc_collect(true);
   smalloc_stats_t a, b, c;
   ck_assert_int_eq(sm_test_snap(&a), 0);
@@ -127,9 +130,9 @@ START_TEST(large_blocks_share_a_segment)
   /* (os_mmap may count a leaf of the segment map too, where a sanitizer
    * puts mappings far apart) */
   ck_assert_uint_eq(b.segments_mapped - a.segments_mapped, 1);
-  ck_assert_uint_eq(b.os_madvise - a.os_madvise, 1);   /* MADV_HUGEPAGE, the upper half */
+  ck_assert_uint_eq(b.os_madvise - a.os_madvise, 1);   /* MADV_HUGEPAGE, the upper half (eager: all) */
   ck_assert_uint_eq(c.os_madvise - b.os_madvise, 1);   /* MADV_HUGEPAGE, all of it */
-  ck_assert(!sm_test_vmflag(v[0], "hg"));
+  ck_assert(sm_test_vmflag(v[0], "hg") == (level == 2));
   ck_assert(sm_test_vmflag(v[11], "hg"));
   ck_assert(sm_test_vmflag(v[12], "hg"));
   ck_assert_uint_eq(b.huge_cache_hits - a.huge_cache_hits, 11);
@@ -141,6 +144,12 @@ START_TEST(large_blocks_share_a_segment)
   ck_assert_uint_ne((uintptr_t)v[12] >> 22, (uintptr_t)v[0] >> 22);
   for (int i = 0; i < 13; i++)
     smalloc_free(v[i]);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, 1), 0);
+}
+
+START_TEST(large_blocks_share_a_segment)
+{
+  lg_share(1);
 }
 END_TEST
 
@@ -169,30 +178,12 @@ START_TEST(hugepages_off_gives_no_advice)
 END_TEST
 
 /* SMALLOC_HUGEPAGES=2 (eager): the first segment of large blocks is
- * advised whole, one madvise, its first block's half too; 3 is refused. */
+ * advised whole (lg_share); 3 is refused. */
 START_TEST(eager_huge_pages_advise_the_first_large_segment_whole)
 {
-  if (SM_TEST_SECURE)
-    return;
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, 3), EINVAL);
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, 2), 0);
-  ck_assert_int_eq(smalloc_option_get(SMALLOC_OPTION_HUGEPAGES), 2);
-  void *v[12];
-  smalloc_collect(true);
-  smalloc_stats_t a, b;
-  ck_assert_int_eq(sm_test_snap(&a), 0);
-  for (int i = 0; i < 12; i++) {
-    v[i] = smalloc_malloc(LG_300K);
-    ck_assert_ptr_nonnull(v[i]);
-  }
-  ck_assert_int_eq(sm_test_snap(&b), 0);
-  ck_assert_uint_eq(b.segments_mapped - a.segments_mapped, 1);
-  ck_assert_uint_eq(b.os_madvise - a.os_madvise, 1);   /* MADV_HUGEPAGE, all of it */
-  ck_assert(sm_test_vmflag(v[0], "hg"));
-  ck_assert(sm_test_vmflag(v[11], "hg"));
-  for (int i = 0; i < 12; i++)
-    smalloc_free(v[i]);
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_HUGEPAGES, 1), 0);
+  ck_assert_int_eq(smalloc_option_get(SMALLOC_OPTION_HUGEPAGES), 1);
+  lg_share(2);
 }
 END_TEST
 
@@ -336,27 +327,62 @@ static bool lg_thp_always(void)
   return strstr(buf, "[always]") != NULL;
 }
 
+/* The fill on a thread of its own while `idle` threads wait with a block
+ * each (the verdict: NULL, or what differs); first a trim, so that no
+ * cached segment serves it (each one is mapped for the heap), unless the
+ * process's first segments must keep their advice (a segment that gives
+ * memory back loses it). */
+static const char *hp_run(size_t size, unsigned idle, unsigned from, bool trim)
+{
+  hp_size = size;
+  hp_from = from;
+  hp_fail = NULL;
+  atomic_store(&hp_idle_ready, 0);
+  sm_test_phase_set(&hp_idle_ph, 1);
+  pthread_t t, it[HP_IDLE_MAX];
+  for (unsigned i = 0; i < idle; i++)
+    if (pthread_create(&it[i], NULL, hp_idle, NULL) != 0)
+      return "pthread_create failed";
+  while (atomic_load(&hp_idle_ready) < idle)
+    sched_yield();
+  sm_test_heap_here();      /* the thread's pages are shared ones */
+  if (trim)
+    smalloc_collect(true);
+  if (pthread_create(&t, NULL, hp_heap, NULL) != 0)
+    return "pthread_create failed";
+  pthread_join(t, NULL);
+  sm_test_phase_set(&hp_idle_ph, 2);
+  for (unsigned i = 0; i < idle; i++)
+    pthread_join(it[i], NULL);
+  return hp_verdict();
+}
+
 static void hp_check(size_t size, unsigned idle, unsigned from)
 {
   if (!hp_possible())
     return;
   ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000), 0);
-  hp_size = size;
-  hp_from = from;
-  pthread_t t, it[HP_IDLE_MAX];
-  for (unsigned i = 0; i < idle; i++)
-    ck_assert_int_eq(pthread_create(&it[i], NULL, hp_idle, NULL), 0);
-  while (atomic_load(&hp_idle_ready) < idle)
-    sched_yield();
-  sm_test_heap_here();      /* the thread's pages are shared ones */
-  smalloc_collect(true);   /* no cached segment: each one is mapped for the heap */
-  ck_assert_int_eq(pthread_create(&t, NULL, hp_heap, NULL), 0);
-  pthread_join(t, NULL);
-  sm_test_phase_set(&hp_idle_ph, 2);
-  for (unsigned i = 0; i < idle; i++)
-    pthread_join(it[i], NULL);
-  const char *verdict = hp_verdict();
+  const char *verdict = hp_run(size, idle, from, true);
   ck_assert_msg(verdict == NULL, "%s", verdict);
+}
+
+/* The test program run again with argument mark (and the variable env
+ * set to value, unless NULL), which says why it failed on its stderr. */
+static void hp_run_again(const char *mark, const char *env, const char *value)
+{
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0) {
+    char *argv[] = {(char *)"test_large", (char *)mark, NULL};
+    if (env)
+      setenv(env, value, 1);
+    execv("/proc/self/exe", argv);
+    _exit(127);
+  }
+  int status;
+  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "%s: status %#x (its stderr says why)", mark,
+                status);
 }
 
 /* A thread alone in its process fills segments of its own (page.c:
@@ -381,19 +407,8 @@ static int hp_alone_main(void)
 
 START_TEST(a_thread_alone_gets_huge_pages_for_its_own_segments)
 {
-  if (!hp_possible())
-    return;
-  pid_t pid = fork();
-  ck_assert_int_ge(pid, 0);
-  if (pid == 0) {
-    char *argv[] = {(char *)"test_large", (char *)HP_ALONE_MARK, NULL};
-    execv("/proc/self/exe", argv);
-    _exit(127);
-  }
-  int status;
-  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
-  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the process alone: status %#x (its stderr says why)",
-                status);
+  if (hp_possible())
+    hp_run_again(HP_ALONE_MARK, NULL, NULL);
 }
 END_TEST
 
@@ -405,32 +420,6 @@ END_TEST
  * advice it got). */
 #define HP_EAGER_MARK "--smalloc-large-eager"
 
-static int hp_eager_fill(size_t size, unsigned idle, unsigned from)
-{
-  hp_size = size;
-  hp_from = from;
-  hp_fail = NULL;
-  atomic_store(&hp_idle_ready, 0);
-  sm_test_phase_set(&hp_idle_ph, 1);
-  pthread_t t, it[HP_IDLE_MAX];
-  for (unsigned i = 0; i < idle; i++)
-    if (pthread_create(&it[i], NULL, hp_idle, NULL) != 0)
-      return 1;
-  while (atomic_load(&hp_idle_ready) < idle)
-    sched_yield();
-  /* no trim first: a segment that gives memory back loses its advice */
-  if (pthread_create(&t, NULL, hp_heap, NULL) != 0)
-    return 1;
-  pthread_join(t, NULL);
-  sm_test_phase_set(&hp_idle_ph, 2);
-  for (unsigned i = 0; i < idle; i++)
-    pthread_join(it[i], NULL);
-  const char *verdict = hp_verdict();
-  if (verdict)
-    fprintf(stderr, "%s (blocks of %zu bytes)\n", verdict, size);
-  return verdict ? 1 : 0;
-}
-
 static int hp_eager_main(void)
 {
   if (smalloc_option_get(SMALLOC_OPTION_HUGEPAGES) != 2) {
@@ -438,26 +427,18 @@ static int hp_eager_main(void)
     return 1;
   }
   smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 3600000);
-  sm_test_heap_here();   /* the fill's pages are shared ones */
-  return hp_eager_fill(HP_BLOCK, HP_IDLE_MAX, 0) || hp_eager_fill(HP_MEDIUM, 0, HP_SEGS);
+  const char *verdict = hp_run(HP_BLOCK, HP_IDLE_MAX, 0, false);
+  if (verdict == NULL)
+    verdict = hp_run(HP_MEDIUM, 0, HP_SEGS, false);
+  if (verdict)
+    fprintf(stderr, "%s (blocks of %zu bytes)\n", verdict, hp_size);
+  return verdict ? 1 : 0;
 }
 
 START_TEST(eager_huge_pages_advise_every_segment_of_small_blocks)
 {
-  if (!hp_possible())
-    return;
-  pid_t pid = fork();
-  ck_assert_int_ge(pid, 0);
-  if (pid == 0) {
-    char *argv[] = {(char *)"test_large", (char *)HP_EAGER_MARK, NULL};
-    setenv("SMALLOC_HUGEPAGES", "2", 1);
-    execv("/proc/self/exe", argv);
-    _exit(127);
-  }
-  int status;
-  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
-  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "the eager process: status %#x (its stderr says why)",
-                status);
+  if (hp_possible())
+    hp_run_again(HP_EAGER_MARK, "SMALLOC_HUGEPAGES", "2");
 }
 END_TEST
 
