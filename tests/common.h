@@ -195,6 +195,56 @@ static inline bool sm_test_huge_realloc_remaps(void)
   return !SM_TEST_SECURE;
 }
 
+/* ---- the test program run again ----------------------------------------------
+ * A test that needs a process of its own (a variable read as the library
+ * starts, a process of one thread, what happens at exit) runs this program
+ * again, with an argument its main() knows (argv: the suite's name, that
+ * argument and any more, NULL-terminated).  The child's environment is
+ * this one's without any SMALLOC_* variable, plus the variables in add
+ * (NULL-terminated, or NULL): each child names every option it needs,
+ * SMALLOC_BACKGROUND=0 too.  Its standard output and error go to out and
+ * err (-1: this process's).  Returns its pid, for sm_test_rerun_wait. */
+extern char **environ;
+
+static inline pid_t sm_test_rerun_start(const char *const argv[], const char *const add[], int out, int err)
+{
+  static char *envp[4096];
+  size_t n = 0;
+  for (char **e = environ; *e && n < 4000; e++)
+    if (strncmp(*e, "SMALLOC_", 8) != 0)
+      envp[n++] = *e;
+  for (; add && *add && n < 4095; add++)
+    envp[n++] = (char *)*add;
+  envp[n] = NULL;
+  fflush(NULL);
+  pid_t pid = fork();
+  ck_assert_msg(pid >= 0, "fork: %s", strerror(errno));
+  if (pid == 0) {
+    if ((out >= 0 && dup2(out, 1) < 0) || (err >= 0 && dup2(err, 2) < 0))
+      _exit(126);
+    execve("/proc/self/exe", (char *const *)argv, envp);
+    _exit(127);
+  }
+  return pid;
+}
+
+/* Wait for the child sm_test_rerun_start started: its wait status. */
+static inline int sm_test_rerun_wait(pid_t pid)
+{
+  int status;
+  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+  return status;
+}
+
+/* The same, started and waited for, and it must exit 0: what is wrong,
+ * it says on its standard error (err, or this process's). */
+static inline void sm_test_rerun(const char *const argv[], const char *const add[], int out, int err)
+{
+  int status = sm_test_rerun_wait(sm_test_rerun_start(argv, add, out, err));
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "%s %s: status %#x (its stderr says why)",
+                argv[0], argv[1] ? argv[1] : "", (unsigned)status);
+}
+
 /* ck_assert* reports every passing check to the parent process (one write
  * per call in fork mode), far too slow inside loops of a million steps.  This
  * one costs a branch until it fails. */

@@ -366,23 +366,13 @@ static void hp_check(size_t size, unsigned idle, unsigned from)
   ck_assert_msg(verdict == NULL, "%s", verdict);
 }
 
-/* The test program run again with argument mark (and the variable env
- * set to value, unless NULL), which says why it failed on its stderr. */
-static void hp_run_again(const char *mark, const char *env, const char *value)
+/* The test program run again with argument mark, and var (NAME=value,
+ * or NULL) in its environment; it says why it failed on its stderr. */
+static void hp_run_again(const char *mark, const char *var)
 {
-  pid_t pid = fork();
-  ck_assert_int_ge(pid, 0);
-  if (pid == 0) {
-    char *argv[] = {(char *)"test_large", (char *)mark, NULL};
-    if (env)
-      setenv(env, value, 1);
-    execv("/proc/self/exe", argv);
-    _exit(127);
-  }
-  int status;
-  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
-  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "%s: status %#x (its stderr says why)", mark,
-                status);
+  const char *argv[] = {"test_large", mark, NULL};
+  const char *add[] = {"SMALLOC_BACKGROUND=0", var, NULL};
+  sm_test_rerun(argv, add, -1, -1);
 }
 
 /* A thread alone in its process fills segments of its own (page.c:
@@ -408,7 +398,7 @@ static int hp_alone_main(void)
 START_TEST(a_thread_alone_gets_huge_pages_for_its_own_segments)
 {
   if (hp_possible())
-    hp_run_again(HP_ALONE_MARK, NULL, NULL);
+    hp_run_again(HP_ALONE_MARK, NULL);
 }
 END_TEST
 
@@ -438,7 +428,7 @@ static int hp_eager_main(void)
 START_TEST(eager_huge_pages_advise_every_segment_of_small_blocks)
 {
   if (hp_possible())
-    hp_run_again(HP_EAGER_MARK, "SMALLOC_HUGEPAGES", "2");
+    hp_run_again(HP_EAGER_MARK, "SMALLOC_HUGEPAGES=2");
 }
 END_TEST
 

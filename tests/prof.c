@@ -642,22 +642,10 @@ START_TEST(the_leak_report_names_the_leaking_function_first)
 {
   int fds[2];
   ck_assert_int_eq(pipe(fds), 0);
-  pid_t pid = fork();
-  ck_assert_int_ge(pid, 0);
-  if (pid == 0) {
-    dup2(fds[1], 2);
-    close(fds[0]);
-    char *argv[] = {"test_prof", "--leak", NULL};
-    char *envp[] = {"SMALLOC_PROF_LEAKS=1", "SMALLOC_PROF_RATE=8192", "SMALLOC_BACKGROUND=0",
-                    "SMALLOC_STATS=1", NULL, NULL};
-    static char ld[4096];
-    if (getenv("LD_LIBRARY_PATH")) {
-      snprintf(ld, sizeof ld, "LD_LIBRARY_PATH=%s", getenv("LD_LIBRARY_PATH"));
-      envp[4] = ld;
-    }
-    execve("/proc/self/exe", argv, envp);
-    _exit(127);
-  }
+  const char *argv[] = {"test_prof", "--leak", NULL};
+  const char *add[] = {"SMALLOC_PROF_LEAKS=1", "SMALLOC_PROF_RATE=8192", "SMALLOC_BACKGROUND=0", "SMALLOC_STATS=1",
+                       NULL};
+  pid_t pid = sm_test_rerun_start(argv, add, -1, fds[1]);
   close(fds[1]);
   static char out[1 << 17];
   size_t len = 0;
@@ -666,8 +654,7 @@ START_TEST(the_leak_report_names_the_leaking_function_first)
     len += (size_t)r;
   out[len] = '\0';
   close(fds[0]);
-  int status;
-  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+  int status = sm_test_rerun_wait(pid);
   ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d:\n%s", status, out);
   const char *top = strstr(out, "  heap profile: the call sites with the most live bytes");
   ck_assert_msg(top != NULL, "the stats table has no heap profile part:\n%s", out);
@@ -705,25 +692,12 @@ static int exit_profile_main(bool start)
 
 static void pd_run(const char *mode, bool env_on, const char *dir, pid_t *child)
 {
-  pid_t pid = fork();
-  ck_assert_int_ge(pid, 0);
-  if (pid == 0) {
-    char *argv[] = {"test_prof", (char *)mode, NULL};
-    static char dump[512], ld[4096];
-    snprintf(dump, sizeof dump, "SMALLOC_PROF_DUMP=%s/p.%%p.heap", dir);
-    char *envp[] = {dump, "SMALLOC_PROF_RATE=8192", "SMALLOC_BACKGROUND=0", NULL, NULL, NULL};
-    int n = 3;
-    if (env_on)
-      envp[n++] = "SMALLOC_PROF=1";
-    if (getenv("LD_LIBRARY_PATH")) {
-      snprintf(ld, sizeof ld, "LD_LIBRARY_PATH=%s", getenv("LD_LIBRARY_PATH"));
-      envp[n++] = ld;
-    }
-    execve("/proc/self/exe", argv, envp);
-    _exit(127);
-  }
-  int status;
-  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+  static char dump[512];
+  snprintf(dump, sizeof dump, "SMALLOC_PROF_DUMP=%s/p.%%p.heap", dir);
+  const char *argv[] = {"test_prof", mode, NULL};
+  const char *add[] = {dump, "SMALLOC_PROF_RATE=8192", "SMALLOC_BACKGROUND=0", env_on ? "SMALLOC_PROF=1" : NULL, NULL};
+  pid_t pid = sm_test_rerun_start(argv, add, -1, -1);
+  int status = sm_test_rerun_wait(pid);
   ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
   *child = pid;
 }

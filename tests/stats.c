@@ -50,8 +50,6 @@
 #define ST_KiB ((size_t)1 << 10)
 #define ST_MiB ((size_t)1 << 20)
 
-extern char **environ;
-
 /* ---- the stats struct as a table of fields ------------------------------- */
 
 enum st_kind { ST_EVENT, ST_GAUGE, ST_PEAK };
@@ -1501,32 +1499,17 @@ typedef struct st_child {
  * streams.  The output files are kept until st_child_done. */
 static void st_run_self(const char *mode, const char *const *env_add, st_child_t *c)
 {
-  static char *envp[4096];
-  size_t n = 0;
-  for (char **e = environ; *e && n < 4000; e++)
-    if (strncmp(*e, "SMALLOC_", 8) != 0)
-      envp[n++] = *e;
-  for (; env_add && *env_add; env_add++)
-    envp[n++] = (char *)*env_add;
-  envp[n] = NULL;
-
   memset(c, 0, sizeof *c);
   st_tmpname(c->out_path, sizeof c->out_path);
   st_tmpname(c->err_path, sizeof c->err_path);
-  fflush(NULL);
-  pid_t pid = fork();
-  ck_assert_msg(pid >= 0, "fork: %s", strerror(errno));
-  if (pid == 0) {
-    int out = open(c->out_path, O_WRONLY | O_TRUNC);
-    int err = open(c->err_path, O_WRONLY | O_TRUNC);
-    if (out < 0 || err < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
-      _exit(126);
-    char *argv[] = {(char *)"test_stats", (char *)ST_CHILD_MARK, (char *)mode, NULL};
-    execve("/proc/self/exe", argv, envp);
-    _exit(127);
-  }
-  int status;
-  ck_assert_int_eq(waitpid(pid, &status, 0), pid);
+  int out = open(c->out_path, O_WRONLY | O_TRUNC);
+  int err = open(c->err_path, O_WRONLY | O_TRUNC);
+  ck_assert_msg(out >= 0 && err >= 0, "open: %s", strerror(errno));
+  const char *argv[] = {"test_stats", ST_CHILD_MARK, mode, NULL};
+  pid_t pid = sm_test_rerun_start(argv, env_add, out, err);
+  close(out);
+  close(err);
+  int status = sm_test_rerun_wait(pid);
   c->status = status;
   c->out_len = st_slurp(c->out_path, c->out, sizeof c->out);
   c->err_len = st_slurp(c->err_path, c->err, sizeof c->err);
