@@ -46,6 +46,27 @@
 #define SM_STATS 1
 #endif
 
+/* The checks of the fast paths, each named and each on unless configure
+ * turns it off (--enable-checks=LIST, --disable-checks; smalloc(7),
+ * DIAGNOSTICS).  Off, a fast path trusts what the check would have tested,
+ * and the misuse it catches corrupts the heap silently; the slow paths
+ * check as ever.  What each costs, malloc(32)+free under callgrind
+ * (make bench-callgrind), is in NEWS and smalloc(7).
+ *   free-list    malloc follows a free-list link only inside its page
+ *   double-free  malloc hands out a block only if it is tagged free, and
+ *                free takes one only if it is not (nor the block freed
+ *                last into its page)
+ *   block-start  free takes a pointer only at the start of a block */
+#ifndef SM_CHECK_FREE_LIST
+#define SM_CHECK_FREE_LIST 1
+#endif
+#ifndef SM_CHECK_DOUBLE_FREE
+#define SM_CHECK_DOUBLE_FREE 1
+#endif
+#ifndef SM_CHECK_BLOCK_START
+#define SM_CHECK_BLOCK_START 1
+#endif
+
 #if defined(__SANITIZE_THREAD__)
 #define SM_TSAN 1
 #elif defined(__has_feature)
@@ -1066,16 +1087,19 @@ SM_INLINE void *sm_prof_count(sm_heap_t *heap, sm_page_t *page, void *p, size_t 
  * same-segment test, medians of 31 and 21 interleaved runs whose spreads
  * were 2 and 4 times as wide); the second a block that is not tagged
  * free, so that none is handed out twice; the third a profile sample due
- * (prof.c). */
+ * (prof.c).  The first two are the free-list and double-free checks:
+ * with --disable-checks malloc is 17 instructions (a NULL test, 2, in
+ * place of the first; no second), 52 the pair with free's 22, where
+ * mimalloc 3.4.3's is 55.1. */
 SM_INLINE void *sm_malloc_small(sm_heap_t *heap, size_t n) {
   sm_page_t *page = heap->direct[(sm_class_size(n) + 15) >> 4];
   sm_block_t *b = page->free;
-  if (sm_unlikely(!sm_page_link_ok(page, b))) return sm_malloc_generic(n, heap);
+  if (sm_unlikely(SM_CHECK_FREE_LIST ? !sm_page_link_ok(page, b) : b == NULL)) return sm_malloc_generic(n, heap);
   /* a block on a list is tagged free (the key, or the key ^ SM_TAG_REMOTE
    * after a free by another thread); one that is not was handed out
    * already and must not be again (a double free after a stale write), or
    * was written after its free: the slow path reports it */
-  if (sm_unlikely((b->tag ^ page->key) > SM_TAG_REMOTE))
+  if (SM_CHECK_DOUBLE_FREE && sm_unlikely((b->tag ^ page->key) > SM_TAG_REMOTE))
     return sm_malloc_generic(n, heap);
   if (SM_CANARY && sm_unlikely(!sm_poison_ok(page, b))) return sm_malloc_generic(n, heap);
   sm_block_t *next = sm_dec(page, b->next);
@@ -1136,7 +1160,7 @@ SM_INLINE void sm_free_owner_push(sm_page_t *page, void *p) {
   sm_poison_set(page, b);
   sm_block_t **list = sm_page_free_list(page);
   sm_block_t *head = *list;
-  if (sm_unlikely((b->tag ^ key) <= SM_TAG_REMOTE || head == b)) {
+  if (SM_CHECK_DOUBLE_FREE && sm_unlikely((b->tag ^ key) <= SM_TAG_REMOTE || head == b)) {
     sm_free_local_slow(page, b, p);
     return;
   }
@@ -1180,17 +1204,21 @@ SM_INLINE void sm_free_out(void *p, size_t size, const char *who) {
  * slow path).  With the size the program gave (sized delete, free_sized;
  * 0 for none, the test then folds away), also that the block holds that
  * many bytes: a load and a compare more (new and sized delete of 32
- * bytes: 75 under callgrind, new and unsized delete 70). */
+ * bytes: 75 under callgrind, new and unsized delete 70).  The block test
+ * is the block-start check and the tag and head tests the double-free
+ * check (5 and 6 instructions): with --disable-checks free is 22
+ * instructions, and a pointer into none goes the long way by its xtid
+ * of 0. */
 SM_INLINE void sm_free_sized_inline(void *p, size_t size, const char *who) {
   uintptr_t slice = sm_pagemap_index(p);
   if (sm_unlikely(slice >= SM_PAGEMAP_SLICES)) { sm_free_out(p, size, who); return; }
-  sm_page_t *page = sm_pagemap_at(slice);   /* none fails the block test below */
+  sm_page_t *page = sm_pagemap_at(slice);   /* none fails the block test below; its xtid is 0 */
   uintptr_t xtid = atomic_load_explicit(&page->xtid, memory_order_relaxed);
   sm_heap_t *heap = sm_heap();
   uintptr_t self = sm_heap_owner_id(heap);
   /* a block start: inside the page's blocks (not its segment header or
    * unused tail) and at a multiple of the block size */
-  if (sm_unlikely(!sm_page_is_block(page, p) || size > page->block_size - SM_CANARY)) {
+  if (sm_unlikely((SM_CHECK_BLOCK_START && !sm_page_is_block(page, p)) || size > page->block_size - SM_CANARY)) {
     sm_free_out(p, size, who);
     return;
   }

@@ -56,6 +56,24 @@
 #endif
 #define SM_TEST_SANITIZED (SM_TEST_TSAN || SM_TEST_ASAN)
 
+/* The fast paths' checks built in (configure --enable-checks; all unless
+ * told otherwise): a misuse only they catch is tested only with them. */
+#if defined(SM_CHECK_FREE_LIST) && !SM_CHECK_FREE_LIST
+#define SM_TEST_CHECK_FREE_LIST 0
+#else
+#define SM_TEST_CHECK_FREE_LIST 1
+#endif
+#if defined(SM_CHECK_DOUBLE_FREE) && !SM_CHECK_DOUBLE_FREE
+#define SM_TEST_CHECK_DOUBLE_FREE 0
+#else
+#define SM_TEST_CHECK_DOUBLE_FREE 1
+#endif
+#if defined(SM_CHECK_BLOCK_START) && !SM_CHECK_BLOCK_START
+#define SM_TEST_CHECK_BLOCK_START 0
+#else
+#define SM_TEST_CHECK_BLOCK_START 1
+#endif
+
 #ifdef SM_OVERRIDE
 #define SM_HAVE_OVERRIDE 1
 #else

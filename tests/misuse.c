@@ -1831,12 +1831,6 @@ int main(void)
 {
   Suite *s = suite_create("misuse");
   TCase *tc = sm_tcase("misuse", 60);
-  ADD_MISUSE(tc, double_free_at_once);
-  ADD_MISUSE(tc, double_free_after_other_frees);
-  ADD_MISUSE(tc, double_free_in_a_sampled_page);
-  ADD_MISUSE(tc, double_free_after_reuse_of_others);
-  ADD_MISUSE(tc, double_free_after_cross_thread_free);
-  ADD_MISUSE(tc, double_free_while_cross_thread_free_is_batched);
   /* (the sanitizer builds' layout does not hand the block out again) */
   if (!SM_TEST_SANITIZED)
     ADD_MISUSE(tc, double_free_batched_while_the_block_is_handed_out_again);
@@ -1846,7 +1840,6 @@ int main(void)
   ADD_MISUSE(tc, realloc_of_a_block_freed_by_another_thread);
   ADD_MISUSE(tc, double_free_both_cross_thread);
   ADD_MISUSE(tc, double_free_cross_thread_after_local_free);
-  ADD_MISUSE(tc, double_free_after_stale_write);
   if (SM_TEST_SECURE) {
     ADD_MISUSE(tc, overflow_small_by_1);
     ADD_MISUSE(tc, overflow_small_by_16);
@@ -1856,9 +1849,6 @@ int main(void)
     ADD_MISUSE(tc, overflow_huge_by_16);
     ADD_MISUSE(tc, use_after_free_write);
   }
-  if (!SM_TEST_SECURE)   /* its frees go on local_free, which trim does not walk */
-    ADD_MISUSE(tc, write_after_free_found_by_trim);
-  ADD_MISUSE(tc, double_free_after_stale_write_deep);
   ADD_MISUSE(tc, double_free_after_stale_write_then_the_page_empties);
   ADD_MISUSE(tc, double_free_into_a_page_on_its_way_home);
   ADD_MISUSE(tc, double_free_from_another_thread_after_stale_write);
@@ -1867,10 +1857,7 @@ int main(void)
   ADD_MISUSE(tc, corrupted_hand_over_list);
   ADD_MISUSE(tc, interior_free_in_a_page_with_aligned_blocks);
   ADD_MISUSE(tc, interior_realloc_in_a_page_with_aligned_blocks);
-  ADD_MISUSE(tc, double_free_of_an_aligned_block);
-  ADD_MISUSE(tc, free_middle_of_small_block);
   ADD_MISUSE(tc, realloc_middle_of_small_block);
-  ADD_MISUSE(tc, free_middle_of_medium_block);
   ADD_MISUSE(tc, free_middle_of_large_block);
   ADD_MISUSE(tc, free_unit_inside_large_block);
   ADD_MISUSE(tc, free_middle_of_huge_block);
@@ -1880,10 +1867,6 @@ int main(void)
   ADD_MISUSE(tc, free_libc_block);
   ADD_MISUSE(tc, free_mmap_page);
   ADD_MISUSE(tc, free_mmap_unit_start);
-  ADD_MISUSE(tc, free_segment_header);
-  ADD_MISUSE(tc, corrupted_free_list);
-  ADD_MISUSE(tc, corrupted_thread_free_list);
-  ADD_MISUSE(tc, free_list_link_into_the_segment_header);
   ADD_MISUSE(tc, realloc_foreign);
   ADD_MISUSE(tc, realloc_foreign_mapping);
   ADD_MISUSE(tc, usable_size_foreign);
@@ -1893,6 +1876,33 @@ int main(void)
   ADD_MISUSE(tc, usable_size_interior_huge);
   ADD_MISUSE(tc, usable_size_freed);
   ADD_MISUSE(tc, free_sized_foreign);
+  /* misuse that only the fast paths' named checks catch (configure
+   * --enable-checks; internal.h): tested where they are built in */
+  if (SM_TEST_CHECK_DOUBLE_FREE) {
+    ADD_MISUSE(tc, double_free_at_once);
+    ADD_MISUSE(tc, double_free_after_other_frees);
+    ADD_MISUSE(tc, double_free_in_a_sampled_page);
+    ADD_MISUSE(tc, double_free_after_reuse_of_others);
+    ADD_MISUSE(tc, double_free_after_cross_thread_free);
+    ADD_MISUSE(tc, double_free_while_cross_thread_free_is_batched);
+    ADD_MISUSE(tc, double_free_after_stale_write);
+    ADD_MISUSE(tc, double_free_after_stale_write_deep);
+    ADD_MISUSE(tc, double_free_of_an_aligned_block);
+    if (!SM_TEST_SECURE)   /* its frees go on local_free, which trim does not walk */
+      ADD_MISUSE(tc, write_after_free_found_by_trim);
+  }
+  if (SM_TEST_CHECK_BLOCK_START) {
+    ADD_MISUSE(tc, free_middle_of_small_block);
+    ADD_MISUSE(tc, free_middle_of_medium_block);
+    ADD_MISUSE(tc, free_segment_header);
+  }
+  if (SM_TEST_CHECK_FREE_LIST) {
+    ADD_MISUSE(tc, corrupted_free_list);
+    ADD_MISUSE(tc, corrupted_thread_free_list);
+  }
+  /* a link aimed at the copy of the page's key: either check sees it */
+  if (SM_TEST_CHECK_FREE_LIST || SM_TEST_CHECK_DOUBLE_FREE)
+    ADD_MISUSE(tc, free_list_link_into_the_segment_header);
   tcase_add_test(tc, warn_mode_caps_repeated_reports);
   tcase_add_test(tc, free_keeps_errno);
   tcase_add_test(tc, reused_blocks_hold_no_list_words);
