@@ -277,7 +277,14 @@ void sm_options_init(void) {
   sm_stats_open_fd();
 }
 
+/* The options in effect, and what the library was built to check on its
+ * fast paths (configure --enable-checks) and whether it is the secure
+ * build: which library a program runs is not in its environment. */
 void sm_options_print(void) {
+  bool any = SM_CHECK_FREE_LIST || SM_CHECK_DOUBLE_FREE || SM_CHECK_BLOCK_START;
+  sm_message("build: checks%s%s%s%s%s", SM_CHECK_FREE_LIST ? " free-list" : "",
+             SM_CHECK_DOUBLE_FREE ? " double-free" : "", SM_CHECK_BLOCK_START ? " block-start" : "",
+             any ? "" : " none", SM_CANARY ? "; secure" : "");
   for (int i = 0; i < SMALLOC_OPTION_COUNT; i++) {
     long v = __atomic_load_n(&sm_options[i], __ATOMIC_RELAXED);
     if (sm_option_desc[i].words) sm_message("option %s=%s", sm_option_desc[i].env, sm_option_desc[i].words[v]);
