@@ -56,23 +56,12 @@
 #endif
 #define SM_TEST_SANITIZED (SM_TEST_TSAN || SM_TEST_ASAN)
 
-/* The fast paths' checks built in (configure --enable-checks; all unless
- * told otherwise): a misuse only they catch is tested only with them. */
-#if defined(SM_CHECK_FREE_LIST) && !SM_CHECK_FREE_LIST
-#define SM_TEST_CHECK_FREE_LIST 0
-#else
-#define SM_TEST_CHECK_FREE_LIST 1
-#endif
-#if defined(SM_CHECK_DOUBLE_FREE) && !SM_CHECK_DOUBLE_FREE
-#define SM_TEST_CHECK_DOUBLE_FREE 0
-#else
-#define SM_TEST_CHECK_DOUBLE_FREE 1
-#endif
-#if defined(SM_CHECK_BLOCK_START) && !SM_CHECK_BLOCK_START
-#define SM_TEST_CHECK_BLOCK_START 0
-#else
-#define SM_TEST_CHECK_BLOCK_START 1
-#endif
+/* The fast paths' checks built in (configure --enable-checks, which
+ * defines each to 0 or 1 in config.h): a misuse only they catch is tested
+ * only with them. */
+#define SM_TEST_CHECK_FREE_LIST SM_CHECK_FREE_LIST
+#define SM_TEST_CHECK_DOUBLE_FREE SM_CHECK_DOUBLE_FREE
+#define SM_TEST_CHECK_BLOCK_START SM_CHECK_BLOCK_START
 
 #ifdef SM_OVERRIDE
 #define SM_HAVE_OVERRIDE 1
@@ -255,12 +244,15 @@ static inline int sm_test_rerun_wait(pid_t pid)
 }
 
 /* The same, started and waited for, and it must exit 0: what is wrong,
- * it says on its standard error (err, or this process's). */
-static inline void sm_test_rerun(const char *const argv[], const char *const add[], int out, int err)
+ * it says on its standard error (err, or this process's).  Returns its
+ * pid (a file it wrote may be named for it). */
+static inline pid_t sm_test_rerun(const char *const argv[], const char *const add[], int out, int err)
 {
-  int status = sm_test_rerun_wait(sm_test_rerun_start(argv, add, out, err));
+  pid_t pid = sm_test_rerun_start(argv, add, out, err);
+  int status = sm_test_rerun_wait(pid);
   ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "%s %s: status %#x (its stderr says why)",
                 argv[0], argv[1] ? argv[1] : "", (unsigned)status);
+  return pid;
 }
 
 /* ck_assert* reports every passing check to the parent process (one write

@@ -372,7 +372,7 @@ static void hp_run_again(const char *mark, const char *var)
 {
   const char *argv[] = {"test_large", mark, NULL};
   const char *add[] = {"SMALLOC_BACKGROUND=0", var, NULL};
-  sm_test_rerun(argv, add, -1, -1);
+  (void)sm_test_rerun(argv, add, -1, -1);
 }
 
 /* A thread alone in its process fills segments of its own (page.c:

@@ -696,10 +696,7 @@ static void pd_run(const char *mode, bool env_on, const char *dir, pid_t *child)
   snprintf(dump, sizeof dump, "SMALLOC_PROF_DUMP=%s/p.%%p.heap", dir);
   const char *argv[] = {"test_prof", mode, NULL};
   const char *add[] = {dump, "SMALLOC_PROF_RATE=8192", "SMALLOC_BACKGROUND=0", env_on ? "SMALLOC_PROF=1" : NULL, NULL};
-  pid_t pid = sm_test_rerun_start(argv, add, -1, -1);
-  int status = sm_test_rerun_wait(pid);
-  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child status %d", status);
-  *child = pid;
+  *child = sm_test_rerun(argv, add, -1, -1);
 }
 
 /* The live samples of the profile at path, from its first line. */
