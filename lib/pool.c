@@ -36,7 +36,7 @@
  * each class: a 64 KiB page a class a thread, however few blocks of it
  * the thread keeps, is the floor of this design's resident size.
  * bench_xchurn 256 (16 classes, 148 MB live) holds 4,128 such pages,
- * 230 MB resident, and 2,524 in the pool, 157 MB; with 20,000 blocks a
+ * 236 MB resident, and 2,524 in the pool, 161 MB; with 20,000 blocks a
  * thread (690 MB live) it keeps 1.36 times the live bytes (smalloc(7),
  * Threads).  Pages of 16 KiB for the smallest classes would lower that
  * floor fourfold, at four times the page map. */
