@@ -56,13 +56,6 @@
 #endif
 #define SM_TEST_SANITIZED (SM_TEST_TSAN || SM_TEST_ASAN)
 
-/* The fast paths' checks built in (configure --enable-checks, which
- * defines each to 0 or 1 in config.h): a misuse only they catch is tested
- * only with them. */
-#define SM_TEST_CHECK_FREE_LIST SM_CHECK_FREE_LIST
-#define SM_TEST_CHECK_DOUBLE_FREE SM_CHECK_DOUBLE_FREE
-#define SM_TEST_CHECK_BLOCK_START SM_CHECK_BLOCK_START
-
 #ifdef SM_OVERRIDE
 #define SM_HAVE_OVERRIDE 1
 #else

@@ -1878,7 +1878,7 @@ int main(void)
   ADD_MISUSE(tc, free_sized_foreign);
   /* misuse that only the fast paths' named checks catch (configure
    * --enable-checks; internal.h): tested where they are built in */
-  if (SM_TEST_CHECK_DOUBLE_FREE) {
+  if (SM_CHECK_DOUBLE_FREE) {
     ADD_MISUSE(tc, double_free_at_once);
     ADD_MISUSE(tc, double_free_after_other_frees);
     ADD_MISUSE(tc, double_free_in_a_sampled_page);
@@ -1891,17 +1891,17 @@ int main(void)
     if (!SM_TEST_SECURE)   /* its frees go on local_free, which trim does not walk */
       ADD_MISUSE(tc, write_after_free_found_by_trim);
   }
-  if (SM_TEST_CHECK_BLOCK_START) {
+  if (SM_CHECK_BLOCK_START) {
     ADD_MISUSE(tc, free_middle_of_small_block);
     ADD_MISUSE(tc, free_middle_of_medium_block);
     ADD_MISUSE(tc, free_segment_header);
   }
-  if (SM_TEST_CHECK_FREE_LIST) {
+  if (SM_CHECK_FREE_LIST) {
     ADD_MISUSE(tc, corrupted_free_list);
     ADD_MISUSE(tc, corrupted_thread_free_list);
   }
   /* a link aimed at the copy of the page's key: either check sees it */
-  if (SM_TEST_CHECK_FREE_LIST || SM_TEST_CHECK_DOUBLE_FREE)
+  if (SM_CHECK_FREE_LIST || SM_CHECK_DOUBLE_FREE)
     ADD_MISUSE(tc, free_list_link_into_the_segment_header);
   tcase_add_test(tc, warn_mode_caps_repeated_reports);
   tcase_add_test(tc, free_keeps_errno);

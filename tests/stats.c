@@ -1623,9 +1623,9 @@ START_TEST(env_options_applied)
   /* and the build: the fast paths' checks it has, secure or not */
   char build[160];
   snprintf(build, sizeof build, "smalloc: build: checks%s%s%s%s%s\n",
-           SM_TEST_CHECK_FREE_LIST ? " free-list" : "", SM_TEST_CHECK_DOUBLE_FREE ? " double-free" : "",
-           SM_TEST_CHECK_BLOCK_START ? " block-start" : "",
-           SM_TEST_CHECK_FREE_LIST || SM_TEST_CHECK_DOUBLE_FREE || SM_TEST_CHECK_BLOCK_START ? "" : " none",
+           SM_CHECK_FREE_LIST ? " free-list" : "", SM_CHECK_DOUBLE_FREE ? " double-free" : "",
+           SM_CHECK_BLOCK_START ? " block-start" : "",
+           SM_CHECK_FREE_LIST || SM_CHECK_DOUBLE_FREE || SM_CHECK_BLOCK_START ? "" : " none",
            SM_TEST_SECURE ? "; secure" : "");
   ck_assert_msg(strstr(c.err, build) != NULL, "SMALLOC_VERBOSE=1 did not print '%s':\n%s", build, c.err);
   ck_assert_msg(strstr(c.err, "ignoring") == NULL, "valid values were rejected:\n%s", c.err);
