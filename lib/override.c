@@ -130,6 +130,7 @@ SM_EXPORT void smalloc_collect(bool force) {
     sm_free_flush_remote(heap);
     sm_heap_collect_delayed(heap);
     sm_heap_collect_retired(heap, false);
+    sm_heap_decommit(heap, false);
   }
   sm_segment_cache_collect(false);
   sm_background_poll();
