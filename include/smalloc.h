@@ -57,7 +57,7 @@ int    smalloc_mallopt(int param, int value);
 void   smalloc_collect(bool force);
 
 /* ---- statistics ---------------------------------------------------------- */
-#define SMALLOC_STATS_VERSION 4
+#define SMALLOC_STATS_VERSION 5
 /* Number of size classes reported in smalloc_stats_t.classes. */
 #define SMALLOC_STATS_CLASSES 96
 
@@ -178,6 +178,11 @@ typedef struct smalloc_stats {
   /* version 4: the bytes of each class's pages (pages_in_use counts
    * them; a class's pages differ in size), indexed as classes[] */
   uint64_t class_page_bytes[SMALLOC_STATS_CLASSES];
+
+  /* version 5: the purge delay in force, in ms: SMALLOC_PURGE_DELAY,
+   * doubled up to three times while memory given back is soon used
+   * again */
+  uint64_t purge_delay;
 } smalloc_stats_t;
 
 /* Fill *out up to out->size bytes.  Returns 0, or EINVAL when out is NULL

@@ -400,7 +400,7 @@ static void sm_heaps_abandon_chain(sm_heap_t *h) {
  * returns whether any still waits.  Any thread, holding no lock. */
 bool sm_heaps_parked_expire(uint64_t now, bool all) {
   if (atomic_load_explicit(&sm_heaps_parked_n, memory_order_relaxed) == 0) return false;
-  uint64_t delay = (uint64_t)sm_opt(PURGE_DELAY);
+  uint64_t delay = sm_purge_delay(now);
   uint64_t before = all ? UINT64_MAX : now < delay ? 0 : now - delay + 1;
   if (!all && atomic_load_explicit(&sm_heaps_parked_oldest, memory_order_relaxed) >= before) return true;
   sm_heaps_lock();

@@ -154,7 +154,10 @@ static bool sm_huge_cut(size_t mapped, size_t need, size_t n) {
 static sm_segment_t *sm_huge_reuse(sm_huge_entry_t *e, size_t need, size_t n) {
   sm_segment_t *seg = e->seg;
   size_t mapped = e->mapped;
-  if (e->purged) sm_gadd(bytes_committed, mapped);
+  if (e->purged) {
+    sm_purge_reused();
+    sm_gadd(bytes_committed, mapped);
+  }
   if (sm_huge_cut(mapped, need, n)) {
     sm_os_unmap((uint8_t *)seg + need, mapped - need);
     sm_gsub(bytes_committed, mapped - need);
@@ -270,7 +273,7 @@ void sm_huge_free(sm_segment_t *seg) {
  * every one. */
 void sm_huge_cache_collect(bool force) {
   uint64_t now = sm_clock_ms();
-  uint64_t delay = (uint64_t)sm_opt(PURGE_DELAY);
+  uint64_t delay = sm_purge_delay(now);
   sm_huge_entry_t gone[SM_HUGE_CACHE_SLOTS];
   int ngone = 0;
   pthread_mutex_lock(&sm_huge_lock);
@@ -289,6 +292,7 @@ void sm_huge_cache_collect(bool force) {
       sm_os_purge(e->seg, e->mapped);
       sm_gsub(bytes_committed, e->mapped);
       e->purged = true;
+      if (delay) sm_purge_timed();
     }
   }
   pthread_mutex_unlock(&sm_huge_lock);

@@ -1502,6 +1502,15 @@ void sm_stats_fork_child(void);
 #define SM_BG_NOTICES 128
 void sm_background_wake(void);
 void sm_background_want(void);
+/* The purge delay in force at now (sm_clock_ms()): SMALLOC_PURGE_DELAY,
+ * lengthened while memory given back is soon used again (background.c). */
+uint64_t sm_purge_delay(uint64_t now);
+/* Memory was given back because it had been unused for the delay in
+ * force (not by trim, nor at a thread's exit, nor with a delay of 0). */
+void sm_purge_timed(void);
+/* Memory given back comes into use again. */
+void sm_purge_reused(void);
+void sm_purge_delay_reset(void);
 /* the purge thread: none, awake (or being started), parked until woken,
  * parked for a purge delay, being stopped (background.c) */
 enum { SM_BG_NONE = 0, SM_BG_AWAKE = 1, SM_BG_PARKED = 2, SM_BG_DOZING = 3, SM_BG_EXITING = 4 };

@@ -323,5 +323,6 @@ SM_EXPORT int smalloc_option_set(smalloc_option_t option, long value) {
   if (value < d->min || value > d->max) return EINVAL;
   __atomic_store_n(&sm_options[option], value, __ATOMIC_RELAXED);
   if (option == SMALLOC_OPTION_BACKGROUND && value == 0) sm_background_stop();   /* returns once it has */
+  if (option == SMALLOC_OPTION_PURGE_DELAY) sm_purge_delay_reset();
   return 0;
 }

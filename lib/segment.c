@@ -337,6 +337,7 @@ static sm_segment_t *sm_segment_raw_alloc(bool *cached) {
   *cached = seg != NULL;
   if (seg) {
     sm_gadd(segments_cache_hits, 1);
+    if (seg->purged) sm_purge_reused();
     /* its pages will be carved afresh: all of it counts as committed again */
     sm_gadd(bytes_committed, seg->purged ? SM_SEGMENT_SIZE : seg->decommitted);
     sm_gadd(segments_in_use, 1);
@@ -401,7 +402,7 @@ void sm_segment_cache_collect(bool force) {
   sm_huge_cache_collect(force);
   sm_span_collect(force);
   uint64_t now = sm_clock_ms();
-  long delay = sm_opt(PURGE_DELAY);
+  uint64_t delay = sm_purge_delay(now);
   sm_segment_t *unmap = NULL;
   pthread_mutex_lock(&sm_cache_lock);
   if (force) {
@@ -410,7 +411,10 @@ void sm_segment_cache_collect(bool force) {
     __atomic_store_n(&sm_cache_count, 0, __ATOMIC_RELAXED);
   } else {
     for (sm_segment_t *s = sm_cache_first; s; s = s->next) {
-      if (!s->purged && now - s->cached_at_ms >= (uint64_t)delay) sm_segment_purge_cached_locked(s);
+      if (!s->purged && now - s->cached_at_ms >= delay) {
+        sm_segment_purge_cached_locked(s);
+        if (delay) sm_purge_timed();
+      }
     }
   }
   pthread_mutex_unlock(&sm_cache_lock);
@@ -604,6 +608,7 @@ static sm_page_t *sm_segment_take_page(sm_heap_t *heap, sm_segment_t *seg) {
     page->in_use = 1;
     if (page->decommitted) {   /* faulted in again as it is used */
       size_t len = sm_segment_page_len(seg, page);
+      sm_purge_reused();
       page->decommitted = 0;
       seg->decommitted -= len;
       sm_gadd(bytes_committed, len);
@@ -687,9 +692,10 @@ static bool sm_segment_decommit_pages(sm_segment_t *seg, uint64_t now, uint64_t 
       continue;
     }
     bool unused = page->empty_since_ms == 0;
-    if (unused ? seg->huge_pages && delay == 0 : now - page->empty_since_ms >= delay)
+    if (unused ? seg->huge_pages && delay == 0 : now - page->empty_since_ms >= delay) {
       sm_segment_decommit_page(seg, page);
-    else if (!unused)
+      if (delay) sm_purge_timed();
+    } else if (!unused)
       waiting = true;
   }
   return waiting;

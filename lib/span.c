@@ -155,6 +155,7 @@ static bool sm_span_take(sm_segment_t *seg, uint64_t run) {
                    ~(unsigned)atomic_load_explicit(&seg->huge_withdrawn, memory_order_relaxed);
   uint64_t purged = seg->span_purged & (run | sm_span_half_units(whole));
   if (purged) {
+    sm_purge_reused();
     size_t back = (size_t)__builtin_popcountll(purged) << SM_SPAN_SHIFT;
     sm_gadd(bytes_committed, back);
     seg->decommitted -= back;
@@ -281,7 +282,7 @@ void sm_span_free(sm_segment_t *seg, sm_page_t *page) {
  * and unmap those without blocks; when forced, all of them now. */
 void sm_span_collect(bool force) {
   uint64_t now = sm_clock_ms();
-  uint64_t delay = (uint64_t)sm_opt(PURGE_DELAY);
+  uint64_t delay = sm_purge_delay(now);
   sm_segment_t *gone = NULL;
   pthread_mutex_lock(&sm_span_lock);
   for (sm_segment_t *s = sm_span_first, *next; s; s = next) {
@@ -306,6 +307,7 @@ void sm_span_collect(bool force) {
       s->span_purged |= run;
       s->span_touched &= ~run;
       f &= ~run;
+      if (!force && delay) sm_purge_timed();
     }
   }
   pthread_mutex_unlock(&sm_span_lock);

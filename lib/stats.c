@@ -73,6 +73,9 @@ static void sm_stats_read_unlock(void) {
   X(huge_cached, 0, 0) X(huge_cache_hits, 0, 0) X(background_threads, 0, 0) \
   X(pages_purged, 0, 0) X(errors_reported, 0, 0)
 
+/* after the per-class arrays (stats version 5) */
+#define SM_STATS_FIELDS4(X) X(purge_delay, 1, 0)
+
 /* Per-class arrays after classes[] (stats versions 3 and 4), with the key
  * each class object of the JSON report gives them. */
 #define SM_STATS_CLASS_ARRAYS(X) X(class_blocks_peak, "blocks_peak") X(class_page_bytes, "page_bytes")
@@ -287,6 +290,7 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   o->background_threads = atomic_load_explicit(&sm_gstats.background_threads, memory_order_relaxed);
   o->pages_purged = atomic_load_explicit(&sm_gstats.pages_purged, memory_order_relaxed);
   o->errors_reported = atomic_load_explicit(&sm_gstats.errors_reported, memory_order_relaxed);
+  o->purge_delay = sm_purge_delay(sm_clock_ms());
 }
 
 /* Subtract the reset base from every event count. */
@@ -295,6 +299,7 @@ static void sm_stats_rebase(smalloc_stats_t *o) {
   SM_STATS_FIELDS(SM_REBASE)
   SM_STATS_FIELDS2(SM_REBASE)
   SM_STATS_FIELDS3(SM_REBASE)
+  SM_STATS_FIELDS4(SM_REBASE)
 #undef SM_REBASE
   for (int s = 0; s < SMALLOC_STEP_COUNT; s++) o->slow_steps[s] -= sm_reset_base.slow_steps[s];
   for (size_t i = 0; i < SMALLOC_STATS_CLASSES; i++) {
@@ -454,6 +459,7 @@ void sm_stats_format(const smalloc_stats_t *s, const char *who, uint64_t residen
   }
   SM_STATS_FIELDS2(SM_ROW)
   SM_STATS_FIELDS3(SM_ROW)
+  SM_STATS_FIELDS4(SM_ROW)
 #undef SM_ROW
   fprintf(out, "  %-9s %11s %11s %11s %11s %9s %6s %9s %9s %9s %9s\n", "class", "allocs", "frees",
           "in use", "peak", "pages", "used", "swap", "collect", "extend", "other");
@@ -500,6 +506,10 @@ void sm_stats_sum(smalloc_stats_t *dst, const smalloc_stats_t *src) {
   SM_STATS_FIELDS2(SM_ADD)
   SM_STATS_FIELDS3(SM_ADD)
 #undef SM_ADD
+  /* a delay is not summed: the longest of them */
+#define SM_MAX(name, gauge, bytes) if (src->name > dst->name) dst->name = src->name;
+  SM_STATS_FIELDS4(SM_MAX)
+#undef SM_MAX
   for (int i = 0; i < SMALLOC_STEP_COUNT; i++) dst->slow_steps[i] += src->slow_steps[i];
   if (src->nclasses > dst->nclasses) dst->nclasses = src->nclasses;
   for (size_t i = 0; i < src->nclasses && i < SMALLOC_STATS_CLASSES; i++) {
@@ -643,6 +653,7 @@ static const char *sm_j_report(void *ctx, const char *key, const char *p) {
   SM_STATS_FIELDS(SM_J_FIELD)
   SM_STATS_FIELDS2(SM_J_FIELD)
   SM_STATS_FIELDS3(SM_J_FIELD)
+  SM_STATS_FIELDS4(SM_J_FIELD)
 #undef SM_J_FIELD
   if (strcmp(key, "resident") == 0) return sm_j_number(p, &r->resident);
   if (strcmp(key, "version") == 0 && (p = sm_j_number(p, &v))) { s->version = (uint32_t)v; return p; }
@@ -702,6 +713,7 @@ static void sm_stats_json_of(const smalloc_stats_t *s, void *arg) {
   SM_STATS_FIELDS(SM_JSON)
   SM_STATS_FIELDS2(SM_JSON)
   SM_STATS_FIELDS3(SM_JSON)
+  SM_STATS_FIELDS4(SM_JSON)
 #undef SM_JSON
   fputs(", \"slow_steps\": ", out);
   sm_json_steps(out, s->slow_steps);

@@ -1118,6 +1118,138 @@ START_TEST(free_pages_of_a_live_segment_go_back)
 END_TEST
 
 
+/* The purge delay in force (stats: purge_delay) doubles each time memory
+ * given back is used again within it, at most three times, and halves
+ * after eight delays in force with no such reuse.  The test's thread is
+ * the process's only one and the purge thread is off: the test gives
+ * back the pages it freed with smalloc_collect(false), which gives back
+ * what has been free for the delay in force.  17 pages of 64 KiB are
+ * freed (the first may hold another block), and allocated again. */
+enum { PD_N = 17 * 1024, PD_SIZE = SM_TEST_REQUEST_FOR(64) };
+static void *pd_v[PD_N];
+
+static void pd_alloc(void)
+{
+  for (int i = 0; i < PD_N; i++)
+    ck_assert_ptr_nonnull(pd_v[i] = smalloc_malloc(PD_SIZE));
+}
+
+static void pd_free(void)
+{
+  for (int i = 0; i < PD_N; i++)
+    smalloc_free(pd_v[i]);
+}
+
+/* The options of these tests; returns the block that keeps the segment. */
+static void *pd_setup(long delay)
+{
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, 0), 0);   /* freed pages go back to the segment */
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, delay), 0);
+  return smalloc_malloc(1000);
+}
+
+/* Free the blocks, wait `wait` ms, give back what has been free for the
+ * delay in force: the pages given back (they all went to the segment). */
+static uint64_t pd_free_wait_collect(long wait, uint64_t *released)
+{
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  pd_free();
+  bg_sleep_ms(wait);
+  smalloc_collect(false);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  *released = b.pages_released - a.pages_released;
+  ck_assert_uint_ge(*released, 16);
+  return b.pages_purged - a.pages_purged;
+}
+
+static uint64_t pd_delay(void)
+{
+  smalloc_stats_t s;
+  ck_assert_int_eq(sm_test_snap(&s), 0);
+  return s.purge_delay;
+}
+
+START_TEST(memory_used_again_within_the_purge_delay_doubles_it)
+{
+  enum { D = 500 };
+  void *anchor = pd_setup(D);
+  uint64_t released;
+  ck_assert_uint_eq(pd_delay(), D);
+  pd_alloc();
+  ck_assert_uint_eq(pd_free_wait_collect(D + 50, &released), released);   /* free for the delay: given back */
+  ck_assert_uint_eq(pd_delay(), D);
+  pd_alloc();   /* at once: the pages given back are faulted in again */
+  ck_assert_uint_eq(pd_delay(), 2 * D);
+  /* the same wait gives back nothing now; the rest of the longer delay does */
+  ck_assert_uint_eq(pd_free_wait_collect(D + 50, &released), 0);
+  bg_sleep_ms(D);
+  smalloc_stats_t a, b;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  smalloc_collect(false);
+  ck_assert_int_eq(sm_test_snap(&b), 0);
+  ck_assert_uint_eq(b.pages_purged - a.pages_purged, released);
+  ck_assert_uint_eq(b.purge_delay, 2 * D);
+  smalloc_free(anchor);
+}
+END_TEST
+
+START_TEST(memory_used_again_after_the_purge_delay_leaves_it)
+{
+  enum { D = 200 };
+  void *anchor = pd_setup(D);
+  uint64_t released;
+  pd_alloc();
+  ck_assert_uint_eq(pd_free_wait_collect(D + 50, &released), released);
+  bg_sleep_ms(D);   /* given back for longer than the delay before it is used again */
+  pd_alloc();
+  ck_assert_uint_eq(pd_delay(), D);
+  ck_assert_uint_eq(pd_free_wait_collect(D + 50, &released), released);
+  smalloc_free(anchor);
+}
+END_TEST
+
+START_TEST(the_purge_delay_doubles_at_most_three_times)
+{
+  enum { D = 100 };
+  void *anchor = pd_setup(D);
+  uint64_t released, want = D;
+  pd_alloc();
+  for (int i = 0; i < 4; i++) {
+    ck_assert_uint_eq(pd_free_wait_collect((long)want + 20, &released), released);
+    pd_alloc();
+    if (want < 8 * D)
+      want *= 2;
+    ck_assert_uint_eq(pd_delay(), want);
+  }
+  ck_assert_uint_eq(want, 8 * D);
+  pd_free();
+  smalloc_free(anchor);
+}
+END_TEST
+
+START_TEST(the_purge_delay_halves_after_a_calm_spell)
+{
+  enum { D = 100, CALM = 8 };
+  void *anchor = pd_setup(D);
+  uint64_t released;
+  pd_alloc();
+  ck_assert_uint_eq(pd_free_wait_collect(D + 20, &released), released);
+  long t0 = bg_ms();
+  pd_alloc();
+  ck_assert_uint_eq(pd_delay(), 2 * D);
+  uint64_t d = 2 * D;
+  long waited = 0;
+  for (; waited < BG_POLL_MAX_MS && (d = pd_delay()) == 2 * D; waited += BG_POLL_MS)
+    bg_sleep_ms(BG_POLL_MS);
+  ck_assert_uint_eq(d, D);
+  ck_assert_int_ge(bg_ms() - t0, CALM * 2 * D);   /* not before the calm spell */
+  pd_free();
+  smalloc_free(anchor);
+}
+END_TEST
+
 /* A thread frees a burst of its own segment's pages, all but one block,
  * and goes idle.  The purge thread releases its retired pages once they
  * have waited the delay, which comes before the thread counts as idle:
@@ -1411,6 +1543,10 @@ static Suite *background_suite(void)
 #endif
   tcase_add_test(tc, free_pages_of_a_live_segment_go_back);
   tcase_add_test(tc, free_pages_of_a_thread_going_idle_go_back);
+  tcase_add_test(tc, memory_used_again_within_the_purge_delay_doubles_it);
+  tcase_add_test(tc, memory_used_again_after_the_purge_delay_leaves_it);
+  tcase_add_test(tc, the_purge_delay_doubles_at_most_three_times);
+  tcase_add_test(tc, the_purge_delay_halves_after_a_calm_spell);
   tcase_add_test(tc, free_pages_of_an_exited_threads_segment_go_back);
   tcase_add_test(tc, free_blocks_of_an_exited_threads_sparse_pages_go_back);
   tcase_add_test(tc, threads_leave_sparse_pages_while_the_purge_thread_gives_them_back);
