@@ -117,62 +117,69 @@ static bool sm_bg_move(int from, int to) {
  * of it (10-20 us each on the VMs smalloc is measured on), and a program
  * that works in phases with pauses a little longer than the purge delay
  * would pay that at every phase.  So the delay in force is
- * SMALLOC_PURGE_DELAY doubled sm_purge_shift times (at most
- * SM_PURGE_SHIFT_MAX): once more each time memory comes back into use
- * within the delay in force of the last purge that the delay decided
- * (sm_purge_timed, sm_purge_reused: had the delay been twice as long,
- * that memory would have stayed; what trim or a thread's exit gave back
- * says nothing of the delay), and once
- * less each time SM_PURGE_CALM delays in force pass with no such reuse
- * (sm_purge_delay, as it is read).  A program that goes idle for good
- * gives its memory back after at most 8 times SMALLOC_PURGE_DELAY.
- * Two threads that allocate 27 MB of small blocks each, free them and
- * exit, six times, 1.5 s apart: 46,200 page faults and 0.95 s of CPU
- * with the fixed delay (211 MiB purged), 7,300 faults and 0.28 s with
- * this (3.4 MiB), medians of 3 interleaved runs on a 2-core VM; idle
- * 12 s after that, both were back at 2.2 MB resident. */
+ * SMALLOC_PURGE_DELAY doubled up to SM_PURGE_SHIFT_MAX times: once more
+ * each time memory comes back into use within the delay in force of the
+ * purge that gave it back for having been unused that long (its stamp,
+ * sm_purge_stamp: had the delay been twice as long, it would have
+ * stayed), and once less each time SM_PURGE_CALM delays in force pass
+ * with no such reuse (sm_purge_delay, as it is read).  What trim, a
+ * thread's exit or a delay of 0 gave back says nothing of the delay.
+ * The stamps are kept where a page of a segment or a cached segment is
+ * given back whole (segment.c); the free blocks of pages given back
+ * (pool.c), and large and huge blocks' memory, follow the delay in force
+ * without feeding it.  Each wait is at most 8 times
+ * SMALLOC_PURGE_DELAY, so a program that goes idle for good still gets
+ * its memory back.  Two threads that allocate 27 MB of small blocks
+ * each, free them and exit, six times, 1.5 s apart (bench_phases): 46,200
+ * page faults and 0.95 s of CPU with the fixed delay (211 MiB purged),
+ * 7,300 faults and 0.28 s with this (3.4 MiB), medians of 3 interleaved
+ * runs on a 2-core VM; idle 12 s after that, both were back at 2.2 MB
+ * resident.
+ * The shift and the time of its last change are one word
+ * (sm_purge_state: the time in ms above SM_PURGE_SHIFT_BITS), so that
+ * two threads that both see a calm spell halve the delay once, and a
+ * reuse doubles it only for memory given back after that time. */
 #define SM_PURGE_SHIFT_MAX 3
+#define SM_PURGE_SHIFT_BITS 2
 #define SM_PURGE_CALM 8
-static _Atomic unsigned sm_purge_shift;
-static _Atomic uint64_t sm_purge_last_ms;      /* sm_clock_ms() of the last timed purge (sm_purge_timed) */
-static _Atomic uint64_t sm_purge_answered;     /* the one a doubling answered */
-static _Atomic uint64_t sm_purge_calm_since;   /* sm_clock_ms() of the last doubling or halving */
+static _Atomic uint64_t sm_purge_state;
+
+static unsigned sm_purge_shift_of(uint64_t state) {
+  return (unsigned)(state & ((1u << SM_PURGE_SHIFT_BITS) - 1));
+}
 
 uint64_t sm_purge_delay(uint64_t now) {
   uint64_t base = (uint64_t)sm_opt(PURGE_DELAY);
-  unsigned shift = atomic_load_explicit(&sm_purge_shift, memory_order_relaxed);
+  uint64_t state = atomic_load_explicit(&sm_purge_state, memory_order_relaxed);
+  unsigned shift = sm_purge_shift_of(state);
   if (shift == 0) return base;
-  uint64_t since = atomic_load_explicit(&sm_purge_calm_since, memory_order_relaxed);
-  if (now >= since && now - since >= SM_PURGE_CALM * (base << shift) &&
-      atomic_compare_exchange_strong_explicit(&sm_purge_shift, &shift, shift - 1, memory_order_relaxed,
-                                              memory_order_relaxed)) {
-    atomic_store_explicit(&sm_purge_calm_since, now, memory_order_relaxed);
+  if (sm_aged(now, state >> SM_PURGE_SHIFT_BITS, SM_PURGE_CALM * (base << shift)) &&
+      atomic_compare_exchange_strong_explicit(&sm_purge_state, &state,
+                                              (now << SM_PURGE_SHIFT_BITS) | (shift - 1),
+                                              memory_order_relaxed, memory_order_relaxed))
     shift--;
-  }
   return base << shift;
 }
 
-void sm_purge_timed(void) {
-  atomic_store_explicit(&sm_purge_last_ms, sm_clock_ms(), memory_order_relaxed);
-}
-
-void sm_purge_reused(void) {
-  uint64_t purged = atomic_load_explicit(&sm_purge_last_ms, memory_order_relaxed);
+void sm_purge_reused(uint64_t stamp) {
+  if (stamp == 0) return;
   uint64_t now = sm_clock_ms();
-  if (sm_opt(PURGE_DELAY) == 0 || now - purged >= sm_purge_delay(now)) return;
-  /* once for each purge: the pages of one that come back one by one
+  if (sm_aged(now, stamp, sm_purge_delay(now))) return;
+  /* a doubling answers every purge made before it: the pages of one
+   * pass that come back one by one (or of two passes a moment apart)
    * double the delay once */
-  if (atomic_exchange_explicit(&sm_purge_answered, purged, memory_order_relaxed) == purged) return;
-  atomic_store_explicit(&sm_purge_calm_since, now, memory_order_relaxed);
-  unsigned cur = atomic_load_explicit(&sm_purge_shift, memory_order_relaxed);
-  if (cur < SM_PURGE_SHIFT_MAX)
-    atomic_compare_exchange_strong_explicit(&sm_purge_shift, &cur, cur + 1, memory_order_relaxed,
-                                            memory_order_relaxed);
+  uint64_t state = atomic_load_explicit(&sm_purge_state, memory_order_relaxed), next;
+  do {
+    if (stamp <= state >> SM_PURGE_SHIFT_BITS) return;
+    unsigned shift = sm_purge_shift_of(state);
+    next = (now << SM_PURGE_SHIFT_BITS) | (shift < SM_PURGE_SHIFT_MAX ? shift + 1 : shift);
+  } while (!atomic_compare_exchange_weak_explicit(&sm_purge_state, &state, next, memory_order_relaxed,
+                                                  memory_order_relaxed));
 }
 
 /* A new SMALLOC_PURGE_DELAY (smalloc_option_set): in force as it is. */
 void sm_purge_delay_reset(void) {
-  atomic_store_explicit(&sm_purge_shift, 0, memory_order_relaxed);
+  atomic_store_explicit(&sm_purge_state, 0, memory_order_relaxed);
 }
 
 /* What a round leaves: nothing; only batches of remote frees held by
@@ -239,10 +246,7 @@ static int sm_bg_round(void) {
   if (sm_pool_purge(now, delay)) left = true;
   if (sm_heap_shared_tidy(false)) left = true;
   if (sm_segment_decommit_abandoned(now, delay)) left = true;
-  if (claimed) {   /* idle for the delay: the segments they left, at once */
-    sm_segment_cache_purge_all();
-    sm_purge_timed();
-  }
+  if (claimed) sm_segment_cache_purge_all(sm_purge_stamp(now, delay));   /* idle for the delay */
   sm_segment_cache_collect(false);
   if (left || sm_segment_cache_pending()) return SM_BG_MORE;
   return batches ? SM_BG_BATCHES : SM_BG_DONE;

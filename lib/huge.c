@@ -154,10 +154,7 @@ static bool sm_huge_cut(size_t mapped, size_t need, size_t n) {
 static sm_segment_t *sm_huge_reuse(sm_huge_entry_t *e, size_t need, size_t n) {
   sm_segment_t *seg = e->seg;
   size_t mapped = e->mapped;
-  if (e->purged) {
-    sm_purge_reused();
-    sm_gadd(bytes_committed, mapped);
-  }
+  if (e->purged) sm_gadd(bytes_committed, mapped);
   if (sm_huge_cut(mapped, need, n)) {
     sm_os_unmap((uint8_t *)seg + need, mapped - need);
     sm_gsub(bytes_committed, mapped - need);
@@ -284,7 +281,7 @@ void sm_huge_cache_collect(bool force) {
       gone[ngone++] = *e;
       sm_huge_cached_bytes -= e->mapped;
       e->seg = NULL;
-    } else if (!e->purged && now - e->at_ms >= delay) {
+    } else if (!e->purged && sm_aged(now, e->at_ms, delay)) {
       /* the header's page too: a kept mapping's header is rewritten when
        * it is reused, and reads as no block meanwhile (its cookie is 0).
        * Kept, that page would pin the whole first huge page of a mapping
@@ -292,7 +289,6 @@ void sm_huge_cache_collect(bool force) {
       sm_os_purge(e->seg, e->mapped);
       sm_gsub(bytes_committed, e->mapped);
       e->purged = true;
-      if (delay) sm_purge_timed();
     }
   }
   pthread_mutex_unlock(&sm_huge_lock);

@@ -240,7 +240,8 @@ struct sm_page_s {
   int32_t used_folded;           /* live blocks at the last stats fold, less blocks collected since */
   /* while the page is retired or free in its segment (under heap->lock),
    * or waits in the pool (under the pool's lock) */
-  uint64_t empty_since_ms;       /* when it retired, went back to its segment, or to the pool */
+  uint64_t empty_since_ms;       /* when it retired, went back to its segment, or to the pool;
+                                  * decommitted in its segment: its purge's stamp (sm_purge_stamp) */
   uint8_t decommitted;           /* its memory was given back (madvise, or unmapped) */
   uint8_t unmapped;              /* SM_HOLE_*: its range unmapped, under an address-space limit (segment.c) */
   /* its free blocks went back (pool.c: in the pool, or behind the first
@@ -368,7 +369,7 @@ struct sm_segment_s {
    * under its lock) and for a large or huge block */
   _Atomic(sm_heap_t *) heap;
   sm_segment_t *next, *prev;     /* heap's segments with free pages, cache, abandoned */
-  uint64_t cached_at_ms;         /* cached; span: its last free */
+  uint64_t cached_at_ms;         /* cached (purged: its purge's stamp, sm_purge_stamp); span: its last free */
   /* span (span.c): units free, purged since they were free, and handed
    * out since the segment was mapped or they were purged */
   uint64_t span_free, span_purged, span_touched;
@@ -1316,7 +1317,7 @@ void sm_segment_abandon_heap(sm_heap_t *heap);
 sm_segment_t *sm_segment_reclaim_one(sm_heap_t *heap, int kind);
 bool sm_segment_page_free_abandoned(sm_segment_t *seg, sm_page_t *page);
 void sm_segment_cache_collect(bool force);
-void sm_segment_cache_purge_all(void);
+void sm_segment_cache_purge_all(uint64_t stamp);
 bool sm_segment_cache_pending(void);
 bool sm_segment_cache_wants_purge(void);
 void sm_segment_fork_child(void);
@@ -1505,11 +1506,17 @@ void sm_background_want(void);
 /* The purge delay in force at now (sm_clock_ms()): SMALLOC_PURGE_DELAY,
  * lengthened while memory given back is soon used again (background.c). */
 uint64_t sm_purge_delay(uint64_t now);
-/* Memory was given back because it had been unused for the delay in
- * force (not by trim, nor at a thread's exit, nor with a delay of 0). */
-void sm_purge_timed(void);
-/* Memory given back comes into use again. */
-void sm_purge_reused(void);
+/* Whether what became unused at `since` has been so for `delay` ms at
+ * now (a `since` read after now is not). */
+SM_INLINE bool sm_aged(uint64_t now, uint64_t since, uint64_t delay) {
+  return now >= since && now - since >= delay;
+}
+/* The stamp of memory given back at now because it was unused for
+ * `delay` ms: now, or 0 when the delay did not decide (trim, a delay of
+ * 0), which sm_purge_reused ignores. */
+SM_INLINE uint64_t sm_purge_stamp(uint64_t now, uint64_t delay) { return delay ? now : 0; }
+/* Memory given back with that stamp comes into use again. */
+void sm_purge_reused(uint64_t stamp);
 void sm_purge_delay_reset(void);
 /* the purge thread: none, awake (or being started), parked until woken,
  * parked for a purge delay, being stopped (background.c) */

@@ -694,9 +694,9 @@ uint64_t sm_heap_claim_full(sm_heap_t *owner, sm_heap_t *self) {
  * for at least the purge delay, or (all) every one; returns whether a
  * free page still waits for its delay.  Any thread. */
 bool sm_heap_decommit(sm_heap_t *heap, bool all) {
-  uint64_t now = sm_clock_ms();
-  uint64_t delay = all ? 0 : sm_purge_delay(now);
   sm_lock(&heap->lock);
+  uint64_t now = sm_clock_ms();   /* after the lock: pages freed meanwhile are older */
+  uint64_t delay = all ? 0 : sm_purge_delay(now);
   bool waiting = sm_segment_decommit_free_locked(heap, now, delay);
   sm_unlock(&heap->lock);
   return waiting;

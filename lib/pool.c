@@ -358,7 +358,6 @@ void sm_page_gate_open(sm_page_t *page) {
  * its next purge looks at all of them. */
 static void sm_page_purged_forget(sm_page_t *page) {
   if (page->free_purged) {
-    sm_purge_reused();
     sm_gadd(bytes_committed, page->free_purged);
     page->free_purged = 0;
   }
@@ -408,7 +407,6 @@ bool sm_page_purge_open(sm_page_t *page, bool all) {
     if (all || owner->bg_idle) {
       sm_page_purge_free(page, NULL, head, page->purged_to);
       page->purged_to = head;
-      if (!all) sm_purge_timed();   /* its owner idle for the delay */
     } else {
       waits = true;
     }
@@ -474,7 +472,7 @@ bool sm_pool_purge(uint64_t now, uint64_t delay) {
         if (!sm_pool_purge_due(page) || !sm_pool_may_purge(page) ||
             (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_CORRUPT))
           continue;
-        if (now - page->empty_since_ms < delay) {
+        if (!sm_aged(now, page->empty_since_ms, delay)) {
           waiting = true;
           continue;
         }
@@ -483,7 +481,6 @@ bool sm_pool_purge(uint64_t now, uint64_t delay) {
           break;
         }
         sm_pool_purge_page(page, now);
-        if (delay) sm_purge_timed();
         done++;
       }
       sm_unlock(&pool->lock);

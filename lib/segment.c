@@ -337,7 +337,7 @@ static sm_segment_t *sm_segment_raw_alloc(bool *cached) {
   *cached = seg != NULL;
   if (seg) {
     sm_gadd(segments_cache_hits, 1);
-    if (seg->purged) sm_purge_reused();
+    if (seg->purged) sm_purge_reused(seg->cached_at_ms);
     /* its pages will be carved afresh: all of it counts as committed again */
     sm_gadd(bytes_committed, seg->purged ? SM_SEGMENT_SIZE : seg->decommitted);
     sm_gadd(segments_in_use, 1);
@@ -385,12 +385,14 @@ void sm_segment_unmap(sm_segment_t *seg) {
   SM_PROBE(segment_unmap, seg);
 }
 
-/* Under sm_cache_lock: give a cached segment's memory back; the header
- * stays (it holds the cache link). */
-static void sm_segment_purge_cached_locked(sm_segment_t *s) {
+/* Under sm_cache_lock: give a cached segment's memory back, with the
+ * purge's stamp (sm_purge_stamp); the header stays (it holds the cache
+ * link). */
+static void sm_segment_purge_cached_locked(sm_segment_t *s, uint64_t stamp) {
   sm_segment_unadvise(s, SM_HALF_BOTH);
   sm_os_purge((uint8_t *)s + SM_SEGMENT_HDR, SM_SEGMENT_SIZE - SM_SEGMENT_HDR);
   s->purged = 1;
+  s->cached_at_ms = stamp;
   sm_gsub(bytes_committed, SM_SEGMENT_SIZE - s->decommitted);
   sm_gadd(segments_purged, 1);
   SM_PROBE(segment_purge, s);
@@ -401,20 +403,18 @@ static void sm_segment_purge_cached_locked(sm_segment_t *s) {
 void sm_segment_cache_collect(bool force) {
   sm_huge_cache_collect(force);
   sm_span_collect(force);
-  uint64_t now = sm_clock_ms();
-  uint64_t delay = sm_purge_delay(now);
   sm_segment_t *unmap = NULL;
   pthread_mutex_lock(&sm_cache_lock);
+  uint64_t now = sm_clock_ms();
+  uint64_t delay = sm_purge_delay(now);
   if (force) {
     unmap = sm_cache_first;
     sm_cache_first = NULL;
     __atomic_store_n(&sm_cache_count, 0, __ATOMIC_RELAXED);
   } else {
     for (sm_segment_t *s = sm_cache_first; s; s = s->next) {
-      if (!s->purged && now - s->cached_at_ms >= delay) {
-        sm_segment_purge_cached_locked(s);
-        if (delay) sm_purge_timed();
-      }
+      if (!s->purged && sm_aged(now, s->cached_at_ms, delay))
+        sm_segment_purge_cached_locked(s, sm_purge_stamp(now, delay));
     }
   }
   pthread_mutex_unlock(&sm_cache_lock);
@@ -426,11 +426,12 @@ void sm_segment_cache_collect(bool force) {
 }
 
 /* Purge every cached segment now, whatever its age (the purge thread,
- * after releasing pages that were idle for a whole delay). */
-void sm_segment_cache_purge_all(void) {
+ * after releasing pages that were idle for a whole delay), with the
+ * purge's stamp. */
+void sm_segment_cache_purge_all(uint64_t stamp) {
   pthread_mutex_lock(&sm_cache_lock);
   for (sm_segment_t *s = sm_cache_first; s; s = s->next)
-    if (!s->purged) sm_segment_purge_cached_locked(s);
+    if (!s->purged) sm_segment_purge_cached_locked(s, stamp);
   pthread_mutex_unlock(&sm_cache_lock);
 }
 
@@ -608,7 +609,7 @@ static sm_page_t *sm_segment_take_page(sm_heap_t *heap, sm_segment_t *seg) {
     page->in_use = 1;
     if (page->decommitted) {   /* faulted in again as it is used */
       size_t len = sm_segment_page_len(seg, page);
-      sm_purge_reused();
+      sm_purge_reused(page->empty_since_ms);   /* its purge's stamp */
       page->decommitted = 0;
       seg->decommitted -= len;
       sm_gadd(bytes_committed, len);
@@ -651,9 +652,10 @@ sm_page_t *sm_segment_page_alloc(sm_heap_t *heap, int kind, bool *new_segment) {
 }
 
 /* A free page gives its memory back: its range is unmapped where the
- * address space runs short (a hole, sm_os_holes), else madvised away.
- * One given back before becomes a hole then. */
-static void sm_segment_decommit_page(sm_segment_t *seg, sm_page_t *page) {
+ * address space runs short (a hole, sm_os_holes), else madvised away;
+ * its empty_since_ms becomes the purge's stamp (sm_purge_stamp).  One
+ * given back before becomes a hole then. */
+static void sm_segment_decommit_page(sm_segment_t *seg, sm_page_t *page, uint64_t stamp) {
   size_t len = sm_segment_page_len(seg, page);
   uint8_t *start = sm_segment_page_start(seg, page);
   bool hole = sm_os_holes() && page->unmapped == SM_HOLE_NONE && sm_os_unmap(start, len) == 0;
@@ -665,6 +667,7 @@ static void sm_segment_decommit_page(sm_segment_t *seg, sm_page_t *page) {
   sm_segment_unadvise(seg, SM_HALF_BOTH);
   if (!hole) sm_os_purge(start, len);
   page->decommitted = 1;
+  page->empty_since_ms = stamp;
   seg->decommitted += len;
   sm_gsub(bytes_committed, len);
   sm_gadd(pages_purged, 1);
@@ -688,14 +691,13 @@ static bool sm_segment_decommit_pages(sm_segment_t *seg, uint64_t now, uint64_t 
      * empty_since_ms when it retires it (under its own lock). */
     if (page->in_use) continue;
     if (page->decommitted) {   /* a hole, now that the address space runs short */
-      if (page->unmapped == SM_HOLE_NONE && sm_os_holes()) sm_segment_decommit_page(seg, page);
+      if (page->unmapped == SM_HOLE_NONE && sm_os_holes()) sm_segment_decommit_page(seg, page, 0);
       continue;
     }
     bool unused = page->empty_since_ms == 0;
-    if (unused ? seg->huge_pages && delay == 0 : now - page->empty_since_ms >= delay) {
-      sm_segment_decommit_page(seg, page);
-      if (delay) sm_purge_timed();
-    } else if (!unused)
+    if (unused ? seg->huge_pages && delay == 0 : sm_aged(now, page->empty_since_ms, delay))
+      sm_segment_decommit_page(seg, page, sm_purge_stamp(now, delay));
+    else if (!unused)
       waiting = true;
   }
   return waiting;
@@ -729,7 +731,7 @@ void sm_segment_page_free_locked(sm_heap_t *heap, sm_segment_t *seg, sm_page_t *
     heap->segs_held[seg->kind]--;
     sm_segment_raw_free(seg);
   } else if (sm_opt(PURGE_DELAY) == 0) {
-    sm_segment_decommit_page(seg, page);
+    sm_segment_decommit_page(seg, page, 0);
   }
 }
 

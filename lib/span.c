@@ -155,7 +155,6 @@ static bool sm_span_take(sm_segment_t *seg, uint64_t run) {
                    ~(unsigned)atomic_load_explicit(&seg->huge_withdrawn, memory_order_relaxed);
   uint64_t purged = seg->span_purged & (run | sm_span_half_units(whole));
   if (purged) {
-    sm_purge_reused();
     size_t back = (size_t)__builtin_popcountll(purged) << SM_SPAN_SHIFT;
     sm_gadd(bytes_committed, back);
     seg->decommitted -= back;
@@ -287,7 +286,7 @@ void sm_span_collect(bool force) {
   pthread_mutex_lock(&sm_span_lock);
   for (sm_segment_t *s = sm_span_first, *next; s; s = next) {
     next = s->next;
-    if (!force && now - s->cached_at_ms < delay) continue;
+    if (!force && !sm_aged(now, s->cached_at_ms, delay)) continue;
     if (sm_span_used(s) == 0) {
       sm_span_list_remove(s);
       s->next = gone;
@@ -307,7 +306,6 @@ void sm_span_collect(bool force) {
       s->span_purged |= run;
       s->span_touched &= ~run;
       f &= ~run;
-      if (!force && delay) sm_purge_timed();
     }
   }
   pthread_mutex_unlock(&sm_span_lock);
