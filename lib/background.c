@@ -252,12 +252,51 @@ static int sm_bg_round(void) {
   return batches ? SM_BG_BATCHES : SM_BG_DONE;
 }
 
+/* Set when the last thread with a heap exits (sm_background_last_thread). */
+static _Atomic int sm_bg_leave;
+
+/* Whether the thread ends now, as no thread with a heap is left: it
+ * takes itself off (detached, state none) unless a thread came since;
+ * when a stop is joining it, it just ends.  The stop holds sm_bg_lock
+ * while it joins, so the lock is only tried. */
+static bool sm_bg_leave_now(void) {
+  while (pthread_mutex_trylock(&sm_bg_lock) != 0) {
+    if (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_EXITING) return true;
+    sched_yield();
+  }
+  atomic_store_explicit(&sm_bg_leave, 0, memory_order_relaxed);
+  bool leave = atomic_load_explicit(&sm_bg_state, memory_order_relaxed) == SM_BG_EXITING ||
+               atomic_load_explicit(&sm_heaps_live, memory_order_relaxed) == 0;
+  if (leave && atomic_load_explicit(&sm_bg_state, memory_order_relaxed) != SM_BG_EXITING) {
+    pthread_detach(pthread_self());
+    atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_release);
+  }
+  pthread_mutex_unlock(&sm_bg_lock);
+  return leave;
+}
+
+/* The last thread with a heap exits (heap.c): the purge thread ends too.
+ * Else it would be the thread that keeps the process alive: a program
+ * whose main thread calls pthread_exit after its other threads end must
+ * then exit, as if by exit(0) (POSIX), and under smalloc it ran on for
+ * good, deaf to SIGTERM (the purge thread blocks every signal; Python's
+ * test_threading hung in two tests).  A thread that allocates later
+ * starts another. */
+void sm_background_last_thread(void) {
+  atomic_store_explicit(&sm_bg_leave, 1, memory_order_relaxed);
+  int s = atomic_load_explicit(&sm_bg_state, memory_order_relaxed);
+  if (s == SM_BG_NONE || s == SM_BG_EXITING) return;
+  sm_background_wake();
+}
+
 static void *sm_bg_main(void *arg) {
   (void)arg;
   prctl(PR_SET_NAME, "smalloc-purge", 0, 0, 0);
   for (;;) {
+    if (atomic_load_explicit(&sm_bg_leave, memory_order_relaxed) && sm_bg_leave_now()) break;
     sm_bg_sleep(sm_bg_tick_ms());
     if (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_EXITING) break;
+    if (atomic_load_explicit(&sm_bg_leave, memory_order_relaxed) && sm_bg_leave_now()) break;
     int left = sm_bg_round();
     if (left == SM_BG_MORE) continue;
     /* Park: for good when nothing is left, for a purge delay when only
@@ -428,6 +467,7 @@ long sm_background_aside(long nr, long a, long b) {
 void sm_background_fork_child(void) {
   sm_fork_mutex_was_held(&sm_bg_lock);
   atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_relaxed);
+  atomic_store_explicit(&sm_bg_leave, 0, memory_order_relaxed);
   sm_free_steal_fork_child();
   atomic_store_explicit(&sm_bg_wanted, 0, memory_order_relaxed);
 }

@@ -151,10 +151,11 @@ void sm_heaps_fork_child(void) {
   if (sm_heap_shared && sm_fork_lock_was_held(&sm_heap_shared->lock)) {
     sm_heap_shared = sm_heap_alloc_struct();
   }
-  uint64_t live = 0;
-  for (sm_heap_t *h = sm_heaps_all; h; h = h->all_next) live++;
-  live -= atomic_load_explicit(&sm_heaps_parked_n, memory_order_relaxed);
-  atomic_store_explicit(&sm_heaps_live, live, memory_order_relaxed);
+  /* the child's one thread: the other heaps listed are of threads that
+   * did not come along (their memory stays theirs, as an idle thread's);
+   * counted live, they kept the child's purge thread from ending with
+   * its last thread (sm_background_last_thread) */
+  atomic_store_explicit(&sm_heaps_live, me->initialized ? 1 : 0, memory_order_relaxed);
 }
 
 /* Idempotent; survives being entered before constructors run and
@@ -471,9 +472,10 @@ void sm_heap_thread_done(void *arg) {
   sm_heap_tls = &sm_heap_exited;
   sm_free_flush_remote(heap);
   sm_cnt_add(heap->stats.threads_exited, 1);
-  atomic_fetch_sub_explicit(&sm_heaps_live, 1, memory_order_relaxed);
+  bool last = atomic_fetch_sub_explicit(&sm_heaps_live, 1, memory_order_relaxed) == 1;
   if (!sm_heap_park(heap)) sm_heap_abandon(heap);
-  sm_background_poll();
+  if (last) sm_background_last_thread();
+  else sm_background_poll();
 }
 
 /* Give back everything that holds no live block, whichever thread freed

@@ -1533,6 +1533,7 @@ SM_INLINE void sm_background_nudge(void) {
     sm_background_wake();
 }
 void sm_background_act(bool from_free);
+void sm_background_last_thread(void);
 void sm_background_fork_child(void);
 long sm_background_aside(long nr, long a, long b);
 bool sm_background_stop(void);

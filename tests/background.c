@@ -1118,6 +1118,85 @@ START_TEST(free_pages_of_a_live_segment_go_back)
 END_TEST
 
 
+/* A process ends when its last thread does, as if by exit(0) (POSIX),
+ * also when main calls pthread_exit: the purge thread, once no thread
+ * with a heap is left, ends too rather than keep the process alive (it
+ * blocks every signal: only SIGKILL ended it).  In a child of fork, too,
+ * whose parent's other threads did not come along.  The child starts
+ * the purge thread (a second thread allocated), then its last thread
+ * calls pthread_exit; the test waits for it to exit, with status 0. */
+static void *pe_alloc(void *arg)
+{
+  (void)arg;
+  smalloc_free(smalloc_malloc(100));
+  return NULL;
+}
+
+static void pe_child(void)
+{
+  if (smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 1) != 0)
+    _exit(2);
+  pthread_t t;
+  if (pthread_create(&t, NULL, pe_alloc, NULL) != 0 || pthread_join(t, NULL) != 0)
+    _exit(3);
+  smalloc_free(smalloc_malloc(100));   /* the purge thread starts at the end of this one */
+  smalloc_stats_t s;
+  if (sm_test_snap(&s) != 0 || s.background_threads == 0)
+    _exit(4);
+  pthread_exit(NULL);
+}
+
+/* Wait for pid to end, at most BG_POLL_MAX_MS; its wait status, or -1
+ * after killing it when it did not end. */
+static int pe_wait(pid_t pid)
+{
+  int status;
+  for (long waited = 0; waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+    if (waitpid(pid, &status, WNOHANG) == pid)
+      return status;
+    bg_sleep_ms(BG_POLL_MS);
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, &status, 0);
+  return -1;
+}
+
+START_TEST(the_process_exits_when_its_last_thread_calls_pthread_exit)
+{
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0)
+    pe_child();
+  int status = pe_wait(pid);
+  ck_assert_msg(status != -1, "the process outlived its last thread by %d ms", BG_POLL_MAX_MS);
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "wait status %#x", status);
+}
+END_TEST
+
+static void *pe_fork(void *arg)
+{
+  (void)arg;
+  smalloc_free(smalloc_malloc(100));
+  pid_t pid = fork();
+  if (pid == 0)
+    pe_child();
+  return (void *)(intptr_t)pid;
+}
+
+START_TEST(a_child_forked_by_a_thread_exits_with_its_last_thread)
+{
+  pthread_t t;
+  void *r;
+  ck_assert_int_eq(pthread_create(&t, NULL, pe_fork, NULL), 0);
+  ck_assert_int_eq(pthread_join(t, &r), 0);
+  pid_t pid = (pid_t)(intptr_t)r;
+  ck_assert_int_gt(pid, 0);
+  int status = pe_wait(pid);
+  ck_assert_msg(status != -1, "the child outlived its last thread by %d ms", BG_POLL_MAX_MS);
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "wait status %#x", status);
+}
+END_TEST
+
 /* The purge delay in force (stats: purge_delay) doubles each time memory
  * given back for having been unused for it is used again within it, at
  * most three times, and halves after eight delays in force with no such
@@ -1568,6 +1647,8 @@ static Suite *background_suite(void)
 #endif
   tcase_add_test(tc, free_pages_of_a_live_segment_go_back);
   tcase_add_test(tc, free_pages_of_a_thread_going_idle_go_back);
+  tcase_add_test(tc, the_process_exits_when_its_last_thread_calls_pthread_exit);
+  tcase_add_test(tc, a_child_forked_by_a_thread_exits_with_its_last_thread);
   tcase_add_test(tc, memory_used_again_within_the_purge_delay_doubles_it);
   tcase_add_test(tc, memory_used_again_after_the_purge_delay_leaves_it);
   tcase_add_test(tc, memory_that_trim_gave_back_leaves_the_purge_delay);
