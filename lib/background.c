@@ -130,9 +130,9 @@ static bool sm_bg_move(int from, int to) {
  * without feeding it.  Each wait is at most 8 times
  * SMALLOC_PURGE_DELAY, so a program that goes idle for good still gets
  * its memory back.  Two threads that allocate 27 MB of small blocks
- * each, free them and exit, six times, 1.5 s apart (bench_phases): 46,200
- * page faults and 0.95 s of CPU with the fixed delay (211 MiB purged),
- * 7,300 faults and 0.28 s with this (3.4 MiB), medians of 3 interleaved
+ * each, free them and exit, six times, 1.5 s apart (bench_phases): 40,700
+ * page faults and 0.78 s of CPU with the fixed delay (220 MiB purged),
+ * 12,200 faults and 0.31 s with this (42 MiB), medians of 3 interleaved
  * runs on a 2-core VM; idle 12 s after that, both were back at 2.2 MB
  * resident.
  * The shift and the time of its last change are one word
