@@ -275,13 +275,23 @@ static bool sm_bg_leave_now(void) {
   return leave;
 }
 
+/* No thread with a heap is left: the memory the exited ones held goes
+ * back now, all of it (as trim gives it back: no thread is left to
+ * want it warm, and none to wait a delay for), and the thread ends;
+ * false when a thread came meanwhile. */
+static bool sm_bg_last_round(void) {
+  if (atomic_load_explicit(&sm_heaps_live, memory_order_relaxed) == 0) sm_collect_process(sm_heap());
+  return sm_bg_leave_now();
+}
+
 /* The last thread with a heap exits (heap.c): the purge thread ends too.
  * Else it would be the thread that keeps the process alive: a program
  * whose main thread calls pthread_exit after its other threads end must
  * then exit, as if by exit(0) (POSIX), and under smalloc it ran on for
  * good, deaf to SIGTERM (the purge thread blocks every signal; Python's
- * test_threading hung in two tests).  A thread that allocates later
- * starts another. */
+ * test_threading hung in two tests).  It gives back what the threads
+ * left first (sm_bg_last_round).  A thread that allocates later starts
+ * another. */
 void sm_background_last_thread(void) {
   atomic_store_explicit(&sm_bg_leave, 1, memory_order_relaxed);
   int s = atomic_load_explicit(&sm_bg_state, memory_order_relaxed);
@@ -293,10 +303,10 @@ static void *sm_bg_main(void *arg) {
   (void)arg;
   prctl(PR_SET_NAME, "smalloc-purge", 0, 0, 0);
   for (;;) {
-    if (atomic_load_explicit(&sm_bg_leave, memory_order_relaxed) && sm_bg_leave_now()) break;
+    if (atomic_load_explicit(&sm_bg_leave, memory_order_relaxed) && sm_bg_last_round()) break;
     sm_bg_sleep(sm_bg_tick_ms());
     if (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_EXITING) break;
-    if (atomic_load_explicit(&sm_bg_leave, memory_order_relaxed) && sm_bg_leave_now()) break;
+    if (atomic_load_explicit(&sm_bg_leave, memory_order_relaxed) && sm_bg_last_round()) break;
     int left = sm_bg_round();
     if (left == SM_BG_MORE) continue;
     /* Park: for good when nothing is left, for a purge delay when only

@@ -1118,7 +1118,9 @@ START_TEST(free_pages_of_a_live_segment_go_back)
 END_TEST
 
 
-/* A process ends when its last thread does, as if by exit(0) (POSIX),
+/* (Under AddressSanitizer the exit status is the leak checker's, which
+ * finds libcheck's memory at that exit: only the exit is checked.)
+ * A process ends when its last thread does, as if by exit(0) (POSIX),
  * also when main calls pthread_exit: the purge thread, once no thread
  * with a heap is left, ends too rather than keep the process alive (it
  * blocks every signal: only SIGKILL ended it).  In a child of fork, too,
@@ -1169,7 +1171,7 @@ START_TEST(the_process_exits_when_its_last_thread_calls_pthread_exit)
     pe_child();
   int status = pe_wait(pid);
   ck_assert_msg(status != -1, "the process outlived its last thread by %d ms", BG_POLL_MAX_MS);
-  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "wait status %#x", status);
+  ck_assert_msg(WIFEXITED(status) && (WEXITSTATUS(status) == 0 || SM_TEST_ASAN), "wait status %#x", status);
 }
 END_TEST
 
@@ -1193,7 +1195,7 @@ START_TEST(a_child_forked_by_a_thread_exits_with_its_last_thread)
   ck_assert_int_gt(pid, 0);
   int status = pe_wait(pid);
   ck_assert_msg(status != -1, "the child outlived its last thread by %d ms", BG_POLL_MAX_MS);
-  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "wait status %#x", status);
+  ck_assert_msg(WIFEXITED(status) && (WEXITSTATUS(status) == 0 || SM_TEST_ASAN), "wait status %#x", status);
 }
 END_TEST
 
