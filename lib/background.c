@@ -34,6 +34,13 @@
  * this design's target, a burst of 64 MiB of small blocks freed and then
  * idle: resident size back within 1.5 purge delays (tests/large.c).
  *
+ * It ends only when the last thread with a heap has ended (after giving
+ * back what those threads left): a process whose last thread calls
+ * pthread_exit must exit (sm_background_last_thread).  Where the
+ * program's main thread never allocates from smalloc (linked, not
+ * preloaded), that is each time its threads have all ended; the next
+ * one to allocate starts another.
+ *
  * Why it parks rather than exits: starting a thread takes a lock of
  * glibc's that glibc holds while it frees a dead thread's TLS vector (in
  * pthread_join), so a free that started the thread could wait for
@@ -264,9 +271,12 @@ static bool sm_bg_leave_now(void) {
     if (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_EXITING) return true;
     sched_yield();
   }
-  atomic_store_explicit(&sm_bg_leave, 0, memory_order_relaxed);
+  /* the flag cleared before the count is read, sequentially consistent
+   * as the exiting thread's count and flag: a last thread's flag is seen
+   * by this look or the next */
+  atomic_exchange(&sm_bg_leave, 0);
   bool leave = atomic_load_explicit(&sm_bg_state, memory_order_relaxed) == SM_BG_EXITING ||
-               atomic_load_explicit(&sm_heaps_live, memory_order_relaxed) == 0;
+               atomic_load(&sm_heaps_live) == 0;
   if (leave && atomic_load_explicit(&sm_bg_state, memory_order_relaxed) != SM_BG_EXITING) {
     pthread_detach(pthread_self());
     atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_release);
@@ -280,7 +290,7 @@ static bool sm_bg_leave_now(void) {
  * want it warm, and none to wait a delay for), and the thread ends;
  * false when a thread came meanwhile. */
 static bool sm_bg_last_round(void) {
-  if (atomic_load_explicit(&sm_heaps_live, memory_order_relaxed) == 0) sm_collect_process(sm_heap());
+  if (atomic_load(&sm_heaps_live) == 0) sm_collect_process(sm_heap());
   return sm_bg_leave_now();
 }
 
@@ -293,7 +303,7 @@ static bool sm_bg_last_round(void) {
  * left first (sm_bg_last_round).  A thread that allocates later starts
  * another. */
 void sm_background_last_thread(void) {
-  atomic_store_explicit(&sm_bg_leave, 1, memory_order_relaxed);
+  atomic_store(&sm_bg_leave, 1);
   int s = atomic_load_explicit(&sm_bg_state, memory_order_relaxed);
   if (s == SM_BG_NONE || s == SM_BG_EXITING) return;
   sm_background_wake();
@@ -303,10 +313,10 @@ static void *sm_bg_main(void *arg) {
   (void)arg;
   prctl(PR_SET_NAME, "smalloc-purge", 0, 0, 0);
   for (;;) {
-    if (atomic_load_explicit(&sm_bg_leave, memory_order_relaxed) && sm_bg_last_round()) break;
+    if (atomic_load(&sm_bg_leave) && sm_bg_last_round()) break;
     sm_bg_sleep(sm_bg_tick_ms());
     if (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_EXITING) break;
-    if (atomic_load_explicit(&sm_bg_leave, memory_order_relaxed) && sm_bg_last_round()) break;
+    if (atomic_load(&sm_bg_leave) && sm_bg_last_round()) break;
     int left = sm_bg_round();
     if (left == SM_BG_MORE) continue;
     /* Park: for good when nothing is left, for a purge delay when only
@@ -323,7 +333,7 @@ static void *sm_bg_main(void *arg) {
      * never send them, should their thread go idle (its later batches
      * see the thread parked, but not these) */
     if (left == SM_BG_MORE || (left == SM_BG_BATCHES && park == SM_BG_PARKED) ||
-        sm_heaps_watched_notices()) {
+        sm_heaps_watched_notices() || atomic_load(&sm_bg_leave)) {   /* (the last thread's wake saw it awake) */
       if (!sm_bg_move(park, SM_BG_AWAKE)) break;
       continue;
     }
@@ -337,6 +347,10 @@ static void *sm_bg_main(void *arg) {
     }
     if (!sm_bg_move(park, SM_BG_AWAKE)) break;
   }
+  /* glibc may free other threads' cached stacks' data as this one ends:
+   * those frees count as an exited thread's, and give it no heap that
+   * would then count as live for good */
+  sm_heap_tls = &sm_heap_exited;
   return NULL;
 }
 

@@ -155,7 +155,7 @@ void sm_heaps_fork_child(void) {
    * did not come along (their memory stays theirs, as an idle thread's);
    * counted live, they kept the child's purge thread from ending with
    * its last thread (sm_background_last_thread) */
-  atomic_store_explicit(&sm_heaps_live, me->initialized ? 1 : 0, memory_order_relaxed);
+  atomic_store_explicit(&sm_heaps_live, sm_heap_tls->initialized ? 1 : 0, memory_order_relaxed);
 }
 
 /* Idempotent; survives being entered before constructors run and
@@ -472,7 +472,7 @@ void sm_heap_thread_done(void *arg) {
   sm_heap_tls = &sm_heap_exited;
   sm_free_flush_remote(heap);
   sm_cnt_add(heap->stats.threads_exited, 1);
-  bool last = atomic_fetch_sub_explicit(&sm_heaps_live, 1, memory_order_relaxed) == 1;
+  bool last = atomic_fetch_sub(&sm_heaps_live, 1) == 1;   /* before the flag (background.c) */
   if (!sm_heap_park(heap)) sm_heap_abandon(heap);
   if (last) sm_background_last_thread();
   else sm_background_poll();
