@@ -275,14 +275,14 @@ static bool sm_bg_leave_now(void) {
    * as the exiting thread's count and flag: a last thread's flag is seen
    * by this look or the next */
   atomic_exchange(&sm_bg_leave, 0);
-  bool leave = atomic_load_explicit(&sm_bg_state, memory_order_relaxed) == SM_BG_EXITING ||
-               atomic_load(&sm_heaps_live) == 0;
-  if (leave && atomic_load_explicit(&sm_bg_state, memory_order_relaxed) != SM_BG_EXITING) {
+  bool stopping = atomic_load_explicit(&sm_bg_state, memory_order_relaxed) == SM_BG_EXITING;
+  bool leave = !stopping && atomic_load(&sm_heaps_live) == 0;
+  if (leave) {
     pthread_detach(pthread_self());
     atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_release);
   }
   pthread_mutex_unlock(&sm_bg_lock);
-  return leave;
+  return stopping || leave;
 }
 
 /* No thread with a heap is left: the memory the exited ones held goes
