@@ -34,12 +34,15 @@
  * this design's target, a burst of 64 MiB of small blocks freed and then
  * idle: resident size back within 1.5 purge delays (tests/large.c).
  *
- * It ends only when the last thread with a heap has ended (after giving
- * back what those threads left): a process whose last thread calls
- * pthread_exit must exit (sm_background_last_thread).  Where the
- * program's main thread never allocates from smalloc (linked, not
- * preloaded), that is each time its threads have all ended; the next
- * one to allocate starts another.
+ * It ends only when the program has no other thread left: a process
+ * whose last thread calls pthread_exit must exit
+ * (sm_background_last_thread).  It looks when the last thread with a
+ * heap ends, and then, while a thread that never allocated (a main
+ * thread where smalloc is linked, not preloaded) runs on, again after 1
+ * ms, then twice as long each time, up to a second, until a look finds
+ * a thread with a heap.  Where /proc cannot tell, it ends when the
+ * last thread with a heap has ended, after giving back what those
+ * threads left; the next one to allocate starts another.
  *
  * Why it parks rather than exits: starting a thread takes a lock of
  * glibc's that glibc holds while it frees a dead thread's TLS vector (in
@@ -262,36 +265,80 @@ static int sm_bg_round(void) {
 /* Set when the last thread with a heap exits (sm_background_last_thread). */
 static _Atomic int sm_bg_leave;
 
-/* Whether the thread ends now, as no thread with a heap is left: it
- * takes itself off (detached, state none) unless a thread came since;
- * when a stop is joining it, it just ends.  The stop holds sm_bg_lock
- * while it joins, so the lock is only tried. */
-static bool sm_bg_leave_now(void) {
+/* The process's threads (/proc/self/stat, without allocating), and in
+ * *state its main thread's state: 'Z' once it has ended while other
+ * threads run (it stays a zombie until the last one ends).  0 when that
+ * cannot be read (no /proc in a sandbox, say). */
+static int sm_bg_proc_threads(char *state) {
+  char buf[1024];
+  *state = '?';
+  if (sm_os_read_file("/proc/self/stat", buf, sizeof buf) == 0) return 0;
+  /* after the command's closing parenthesis (a command may hold one):
+   * state, then 16 fields, then the thread count */
+  const char *p = strrchr(buf, ')');
+  if (p && p[1] == ' ') *state = p[2];
+  for (int field = 0; p && field < 18; field++) p = strchr(p + 1, ' ');
+  return p ? atoi(p + 1) : 0;
+}
+
+/* The program's threads that still run, besides the purge thread; -1
+ * when unknown. */
+static int sm_bg_others(void) {
+  char state;
+  int n = sm_bg_proc_threads(&state);
+  return n == 0 ? -1 : n - 1 - (state == 'Z');
+}
+
+/* What the thread does when no thread with a heap is left: it ends when
+ * no other thread of the program runs either (or when that cannot be
+ * known), and watches while some do: a main thread that never allocates
+ * from smalloc (linked, not preloaded) may be running on, or may be
+ * ending with pthread_exit. */
+enum { SM_BG_STAY, SM_BG_WATCH, SM_BG_END };
+/* the watch looks again after 1 ms, then twice as long each time, up to */
+enum { SM_BG_WATCH_MAX_MS = 1000 };
+
+/* Whether the thread ends now, given the threads that run besides it
+ * (sm_bg_others): it takes itself off (detached, state none) unless a
+ * thread with a heap came since; when a stop is joining it, it just
+ * ends.  The stop holds sm_bg_lock while it joins, so the lock is only
+ * tried. */
+static int sm_bg_leave_now(int others) {
   while (pthread_mutex_trylock(&sm_bg_lock) != 0) {
-    if (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_EXITING) return true;
+    if (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_EXITING) return SM_BG_END;
     sched_yield();
   }
   /* the flag cleared before the count is read, sequentially consistent
    * as the exiting thread's count and flag: a last thread's flag is seen
    * by this look or the next */
   atomic_exchange(&sm_bg_leave, 0);
-  bool stopping = atomic_load_explicit(&sm_bg_state, memory_order_relaxed) == SM_BG_EXITING;
-  bool leave = !stopping && atomic_load(&sm_heaps_live) == 0;
-  if (leave) {
+  int r = atomic_load_explicit(&sm_bg_state, memory_order_relaxed) == SM_BG_EXITING ? SM_BG_END
+        : others == 0                      ? SM_BG_END   /* nothing can start a thread now */
+        : atomic_load(&sm_heaps_live) > 0  ? SM_BG_STAY
+        : others > 0                       ? SM_BG_WATCH
+                                           : SM_BG_END;
+  if (r == SM_BG_END && atomic_load_explicit(&sm_bg_state, memory_order_relaxed) != SM_BG_EXITING) {
     pthread_detach(pthread_self());
     atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_release);
   }
   pthread_mutex_unlock(&sm_bg_lock);
-  return stopping || leave;
+  return r;
 }
 
-/* No thread with a heap is left: the memory the exited ones held goes
- * back now, all of it (as trim gives it back: no thread is left to
- * want it warm, and none to wait a delay for), and the thread ends;
- * false when a thread came meanwhile. */
-static bool sm_bg_last_round(void) {
-  if (atomic_load(&sm_heaps_live) == 0) sm_collect_process(sm_heap());
-  return sm_bg_leave_now();
+/* No thread with a heap is left (or none was when the flag was set, or
+ * the watch is on): true when the thread ends; else *watch_ms is when to
+ * look again, 0 for no watch.  Where the other threads cannot be known,
+ * the memory the exited ones held goes back first, all of it (as trim
+ * gives it back: no thread is left to want it warm, and none to wait a
+ * delay for); where none run, the process ends with this thread. */
+static bool sm_bg_last_round(uint64_t *watch_ms) {
+  int others = sm_bg_others();
+  if (others < 0 && atomic_load(&sm_heaps_live) == 0) sm_collect_process(sm_heap());
+  int r = sm_bg_leave_now(others);
+  if (r == SM_BG_WATCH)
+    *watch_ms = *watch_ms == 0 ? 1 : *watch_ms * 2 > SM_BG_WATCH_MAX_MS ? SM_BG_WATCH_MAX_MS : *watch_ms * 2;
+  else *watch_ms = 0;
+  return r == SM_BG_END;
 }
 
 /* The last thread with a heap exits (heap.c): the purge thread ends too.
@@ -299,33 +346,36 @@ static bool sm_bg_last_round(void) {
  * whose main thread calls pthread_exit after its other threads end must
  * then exit, as if by exit(0) (POSIX), and under smalloc it ran on for
  * good, deaf to SIGTERM (the purge thread blocks every signal; Python's
- * test_threading hung in two tests).  It gives back what the threads
- * left first (sm_bg_last_round).  A thread that allocates later starts
+ * test_threading hung in two tests).  It ends once no thread of the
+ * program runs (sm_bg_last_round).  A thread that allocates later starts
  * another. */
 void sm_background_last_thread(void) {
   atomic_store(&sm_bg_leave, 1);
   int s = atomic_load_explicit(&sm_bg_state, memory_order_relaxed);
   if (s == SM_BG_NONE || s == SM_BG_EXITING) return;
-  sm_background_wake();
+  if (s == SM_BG_AWAKE) sm_bg_futex_wake();   /* cuts a sleep between rounds short */
+  else sm_background_wake();
 }
 
 static void *sm_bg_main(void *arg) {
   (void)arg;
   prctl(PR_SET_NAME, "smalloc-purge", 0, 0, 0);
+  uint64_t watch_ms = 0;   /* the watch is on: look again after this long */
   for (;;) {
-    if (atomic_load(&sm_bg_leave) && sm_bg_last_round()) break;
-    sm_bg_sleep(sm_bg_tick_ms());
+    if ((watch_ms || atomic_load(&sm_bg_leave)) && sm_bg_last_round(&watch_ms)) break;
+    uint64_t tick = sm_bg_tick_ms();
+    sm_bg_sleep(watch_ms && watch_ms < tick ? watch_ms : tick);
     if (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_EXITING) break;
-    if (atomic_load(&sm_bg_leave) && sm_bg_last_round()) break;
+    if (atomic_load(&sm_bg_leave) && sm_bg_last_round(&watch_ms)) break;
     int left = sm_bg_round();
     if (left == SM_BG_MORE) continue;
     /* Park: for good when nothing is left, for a purge delay when only
      * busy threads' batches are (a thread's next batch does not wake it
-     * then).  A wake that saw the thread awake before this store had made
-     * its work pending first (sm_background_wake), and the round after
-     * the store finds it; one that comes later sees the thread parked
-     * and wakes it. */
-    int park = left == SM_BG_BATCHES ? SM_BG_DOZING : SM_BG_PARKED;
+     * then), until the next look while the watch is on.  A wake that
+     * saw the thread awake before this store had made its work pending
+     * first (sm_background_wake), and the round after the store finds
+     * it; one that comes later sees the thread parked and wakes it. */
+    int park = left == SM_BG_BATCHES || watch_ms ? SM_BG_DOZING : SM_BG_PARKED;
     if (!sm_bg_move(SM_BG_AWAKE, park)) break;
     atomic_thread_fence(memory_order_seq_cst);
     left = sm_bg_round();
@@ -338,7 +388,7 @@ static void *sm_bg_main(void *arg) {
       continue;
     }
     if (park == SM_BG_DOZING) {
-      uint64_t ms = (uint64_t)sm_opt(PURGE_DELAY);
+      uint64_t ms = watch_ms ? watch_ms : (uint64_t)sm_opt(PURGE_DELAY);
       struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
       sm_bg_futex_timed(SM_BG_DOZING, &ts);
     } else {
@@ -455,16 +505,10 @@ bool sm_background_stop(void) {
 
 enum { SM_BG_ASIDE_MS = 200 };
 
-/* The process's threads (/proc/self/stat, without allocating); 0 when
- * that cannot be read (no /proc in a sandbox, say). */
+/* The process's threads; 0 when unknown. */
 static int sm_bg_threads(void) {
-  char buf[1024];
-  if (sm_os_read_file("/proc/self/stat", buf, sizeof buf) == 0) return 0;
-  /* after the command's closing parenthesis (a command may hold one):
-   * state, then 16 fields, then the thread count */
-  const char *p = strrchr(buf, ')');
-  for (int field = 0; p && field < 18; field++) p = strchr(p + 1, ' ');
-  return p ? atoi(p + 1) : 0;
+  char state;
+  return sm_bg_proc_threads(&state);
 }
 
 /* System call nr(a, b), as the C library's wrapper makes it (-1 and

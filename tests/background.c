@@ -822,7 +822,9 @@ END_TEST
  * a dead thread's TLS vector, in pthread_join, under the lock that
  * pthread_create takes, and a free that started the purge thread there
  * would wait for itself.  One purge thread serves the whole run (it
- * parks, it does not exit and start again).  The workers' blocks sit in
+ * parks, it does not exit and start again), also where the main thread
+ * never allocates from smalloc (the sanitizer builds): then no thread
+ * with a heap is left after each round, but the main thread runs.  The workers' blocks sit in
  * thread-local arrays: with those of churn_thread below, 64 KiB of them,
  * more than the purge thread's own 64 KiB stack holds (glibc puts a
  * thread's TLS there), and it must start all the same. */
@@ -1121,8 +1123,8 @@ END_TEST
 /* (Under AddressSanitizer the exit status is the leak checker's, which
  * finds libcheck's memory at that exit: only the exit is checked.)
  * A process ends when its last thread does, as if by exit(0) (POSIX),
- * also when main calls pthread_exit: the purge thread, once no thread
- * with a heap is left, ends too rather than keep the process alive (it
+ * also when main calls pthread_exit: the purge thread, once no other
+ * thread runs, ends too rather than keep the process alive (it
  * blocks every signal: only SIGKILL ended it).  In a child of fork, too,
  * whose parent's other threads did not come along.  The child starts
  * the purge thread (a second thread allocated), then its last thread
@@ -1211,6 +1213,64 @@ START_TEST(a_child_forked_by_a_thread_exits_with_its_last_thread)
   ck_assert_int_gt(pid, 0);
   int status = pe_wait(pid);
   ck_assert_msg(status != -1, "the child outlived its last thread by %d ms", BG_POLL_MAX_MS);
+  ck_assert_msg(WIFEXITED(status) && (WEXITSTATUS(status) == 0 || SM_TEST_ASAN), "wait status %#x", status);
+}
+END_TEST
+
+/* A main thread that ends with pthread_exit while a thread that never
+ * allocated runs on leaves the purge thread running: the program is not
+ * over (where smalloc is linked rather than preloaded, the main thread
+ * itself is such a thread, and the purge thread must serve the whole
+ * run, not end and start again with each generation of threads).  It
+ * ends with that thread, which checks, once the main thread has ended
+ * (a zombie, in /proc) and the purge thread has had 50 ms to look, that
+ * the process still has its three threads. */
+static bool pw_main_ended(void)
+{
+  char buf[1024];
+  int fd = open("/proc/self/stat", O_RDONLY);
+  ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf - 1);
+  if (fd >= 0)
+    close(fd);
+  buf[n > 0 ? n : 0] = '\0';
+  const char *p = strrchr(buf, ')');
+  return p && p[1] == ' ' && p[2] == 'Z';
+}
+
+static void *pw_runs_on(void *arg)
+{
+  (void)arg;
+  for (long waited = 0; !pw_main_ended(); waited++) {
+    if (waited == BG_POLL_MAX_MS)
+      _exit(6);
+    bg_sleep_ms(1);
+  }
+  bg_sleep_ms(50);
+  if (bg_threads() != 3)
+    _exit(7);
+  return NULL;
+}
+
+START_TEST(the_purge_thread_stays_while_a_thread_without_a_heap_runs)
+{
+  if (SM_TEST_TSAN) {
+    fprintf(stderr, "the_purge_thread_stays_while_a_thread_without_a_heap_runs: not under ThreadSanitizer\n");
+    return;
+  }
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0) {
+    if (smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0) != 0)
+      _exit(5);
+    pthread_t t;
+    if (pthread_create(&t, NULL, pw_runs_on, NULL) != 0)
+      _exit(8);
+    pe_child();
+  }
+  int status = pe_wait(pid);
+  ck_assert_msg(status != -1, "the process outlived its last thread by %d ms", BG_POLL_MAX_MS);
+  ck_assert_msg(!WIFEXITED(status) || WEXITSTATUS(status) != 7,
+                "the purge thread ended while a thread without a heap ran");
   ck_assert_msg(WIFEXITED(status) && (WEXITSTATUS(status) == 0 || SM_TEST_ASAN), "wait status %#x", status);
 }
 END_TEST
@@ -1675,6 +1735,7 @@ static Suite *background_suite(void)
   tcase_add_test(tc, free_pages_of_a_live_segment_go_back);
   tcase_add_test(tc, free_pages_of_a_thread_going_idle_go_back);
   tcase_add_test(tc, the_process_exits_when_its_last_thread_calls_pthread_exit);
+  tcase_add_test(tc, the_purge_thread_stays_while_a_thread_without_a_heap_runs);
   tcase_add_test(tc, a_child_forked_by_a_thread_exits_with_its_last_thread);
   tcase_add_test(tc, memory_used_again_within_the_purge_delay_doubles_it);
   tcase_add_test(tc, memory_used_again_after_the_purge_delay_leaves_it);
