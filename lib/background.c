@@ -521,11 +521,13 @@ static int sm_bg_threads(void) {
  * anyway: the purge thread stays.  A call refused for another reason (a
  * wrong argument) returns EINVAL at the end of that time. */
 long sm_background_aside(long nr, long a, long b) {
+  int saved = errno;
   long r = syscall(nr, a, b);
   if (r == 0 || errno != EINVAL || sm_bg_threads() > 2 || !sm_background_stop()) return r;
   struct timespec tick = {0, 100000};   /* 0.1 ms */
   for (uint64_t until = sm_clock_ms() + SM_BG_ASIDE_MS;;) {
     r = syscall(nr, a, b);
+    if (r == 0) errno = saved;   /* as the call that succeeded at once leaves it */
     if (r == 0 || errno != EINVAL || sm_clock_ms() > until) return r;
     nanosleep(&tick, NULL);
   }
