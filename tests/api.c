@@ -632,12 +632,20 @@ START_TEST(malloc_info_reports_in_glibc_layout)
 }
 END_TEST
 
-/* glibc's knobs change nothing in smalloc, and it says so. */
-START_TEST(mallopt_refuses_glibc_knobs)
+/* glibc's knobs change nothing in smalloc, and it answers as glibc
+ * 2.36 does: 1 (some programs stop at a 0), known param or not, but 0
+ * for M_MXFAST beyond glibc's largest fast size (160 bytes here). */
+START_TEST(mallopt_answers_as_glibc)
 {
-  ck_assert_int_eq(smalloc_mallopt(M_ARENA_MAX, 1), 0);
-  ck_assert_int_eq(smalloc_mallopt(M_MMAP_THRESHOLD, 1 << 20), 0);
-  ck_assert_int_eq(smalloc_mallopt(M_TRIM_THRESHOLD, 0), 0);
+  ck_assert_int_eq(smalloc_mallopt(M_ARENA_MAX, 1), 1);
+  ck_assert_int_eq(smalloc_mallopt(M_MMAP_THRESHOLD, 1 << 20), 1);
+  ck_assert_int_eq(smalloc_mallopt(M_TRIM_THRESHOLD, -1), 1);
+  ck_assert_int_eq(smalloc_mallopt(M_MMAP_MAX, 0), 1);
+  ck_assert_int_eq(smalloc_mallopt(12345, 7), 1);
+  ck_assert_int_eq(smalloc_mallopt(M_MXFAST, 0), 1);
+  ck_assert_int_eq(smalloc_mallopt(M_MXFAST, 80 * (int)sizeof(size_t) / 4), 1);
+  ck_assert_int_eq(smalloc_mallopt(M_MXFAST, 80 * (int)sizeof(size_t) / 4 + 1), 0);
+  ck_assert_int_eq(smalloc_mallopt(M_MXFAST, -1), 0);
 }
 END_TEST
 
@@ -1080,8 +1088,9 @@ START_TEST(libc_mallinfo2_and_trim_are_smalloc)
   FILE *out = capture_stderr(malloc_stats);
   ck_assert_int_gt(file_size(out), 0);
   fclose(out);
-  /* glibc's mallopt accepts M_ARENA_MAX (1); smalloc's refuses it (0) */
-  ck_assert_int_eq(mallopt(M_ARENA_MAX, 1), 0);
+  /* mallopt answers as glibc's (mallopt_answers_as_glibc) */
+  ck_assert_int_eq(mallopt(M_MXFAST, 80 * (int)sizeof(size_t) / 4 + 1), 0);
+  ck_assert_int_eq(mallopt(M_ARENA_MAX, 1), 1);
   ck_assert_int_eq(malloc_info(1, stdout), EINVAL);
 }
 END_TEST
@@ -1133,7 +1142,7 @@ static Suite *api_suite(void)
   tcase_add_test(tc, mallinfo_matches_mallinfo2);
   tcase_add_test(tc, malloc_info_reports_in_glibc_layout);
   tcase_add_test(tc, statistics_are_read_on_the_smallest_stack);
-  tcase_add_test(tc, mallopt_refuses_glibc_knobs);
+  tcase_add_test(tc, mallopt_answers_as_glibc);
   tcase_add_test(tc, malloc_stats_prints_to_stderr);
   suite_add_tcase(s, tc);
 
