@@ -40,9 +40,11 @@
  * heap ends, and then, while a thread that never allocated (a main
  * thread where smalloc is linked, not preloaded) runs on, again after 1
  * ms, then twice as long each time, up to a second, until a look finds
- * a thread with a heap.  Where /proc cannot tell, it ends when the
- * last thread with a heap has ended, after giving back what those
- * threads left; the next one to allocate starts another.
+ * a thread with a heap or none at all.  Alone, it hands the process's
+ * exit to a thread of the program's signal mask and default stack
+ * (sm_bg_hand_exit).  Where /proc cannot tell, it ends when the last
+ * thread with a heap has ended, after giving back what those threads
+ * left; the next one to allocate starts another.
  *
  * Why it parks rather than exits: starting a thread takes a lock of
  * glibc's that glibc holds while it frees a dead thread's TLS vector (in
@@ -58,7 +60,8 @@
  * all signals blocked, a 64 KiB stack (the default size when the
  * program's thread-local data does not fit in that), asleep while there
  * is nothing to give back.  It never allocates (its heap stays the static
- * empty one) and is not running in a child after fork until the child
+ * empty one; but for glibc's TLS vector of the thread it hands the
+ * process's exit to, at the very end) and is not running in a child after fork until the child
  * starts its own.  SMALLOC_BACKGROUND=0 turns it off: then memory goes
  * back only when the program calls in.
  *
@@ -293,16 +296,17 @@ static int sm_bg_others(void) {
  * no other thread of the program runs either (or when that cannot be
  * known), and watches while some do: a main thread that never allocates
  * from smalloc (linked, not preloaded) may be running on, or may be
- * ending with pthread_exit. */
-enum { SM_BG_STAY, SM_BG_WATCH, SM_BG_END };
+ * ending with pthread_exit.  Alone, it ends even if a heap still counts
+ * as live (a thread that ended with a bare exit system call). */
+enum { SM_BG_STAY, SM_BG_WATCH, SM_BG_END, SM_BG_ALONE };
 /* the watch looks again after 1 ms, then twice as long each time, up to */
 enum { SM_BG_WATCH_MAX_MS = 1000 };
 
-/* Whether the thread ends now, given the threads that run besides it
- * (sm_bg_others): it takes itself off (detached, state none) unless a
- * thread with a heap came since; when a stop is joining it, it just
- * ends.  The stop holds sm_bg_lock while it joins, so the lock is only
- * tried. */
+/* What the thread does, given the threads that run besides it
+ * (sm_bg_others).  Ending, it takes itself off (detached, state none)
+ * unless a thread with a heap came since, or, alone, leaves that to
+ * sm_bg_hand_exit; when a stop is joining it, it just ends.  The stop
+ * holds sm_bg_lock while it joins, so the lock is only tried. */
 static int sm_bg_leave_now(int others) {
   while (pthread_mutex_trylock(&sm_bg_lock) != 0) {
     if (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_EXITING) return SM_BG_END;
@@ -312,12 +316,13 @@ static int sm_bg_leave_now(int others) {
    * as the exiting thread's count and flag: a last thread's flag is seen
    * by this look or the next */
   atomic_exchange(&sm_bg_leave, 0);
-  int r = atomic_load_explicit(&sm_bg_state, memory_order_relaxed) == SM_BG_EXITING ? SM_BG_END
-        : others == 0                      ? SM_BG_END   /* nothing can start a thread now */
+  bool stopping = atomic_load_explicit(&sm_bg_state, memory_order_relaxed) == SM_BG_EXITING;
+  int r = stopping                         ? SM_BG_END
+        : others == 0                      ? SM_BG_ALONE   /* nothing can start a thread now */
         : atomic_load(&sm_heaps_live) > 0  ? SM_BG_STAY
         : others > 0                       ? SM_BG_WATCH
                                            : SM_BG_END;
-  if (r == SM_BG_END && atomic_load_explicit(&sm_bg_state, memory_order_relaxed) != SM_BG_EXITING) {
+  if (r == SM_BG_END && !stopping) {
     pthread_detach(pthread_self());
     atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_release);
   }
@@ -325,33 +330,91 @@ static int sm_bg_leave_now(int others) {
   return r;
 }
 
-/* No thread with a heap is left (or none was when the flag was set, or
- * the watch is on): true when the thread ends; else *watch_ms is when to
- * look again, 0 for no watch.  Where the other threads cannot be known,
- * the memory the exited ones held goes back first, all of it (as trim
- * gives it back: no thread is left to want it warm, and none to wait a
- * delay for); where none run, the process ends with this thread. */
-static bool sm_bg_last_round(uint64_t *watch_ms) {
+/* The watch: its interval, and when it looks next (0: no watch). */
+typedef struct {
+  uint64_t interval_ms, look_at_ms;
+} sm_bg_watch_t;
+
+/* The look, when the last thread with a heap has ended since the last
+ * one or the watch's time has come: SM_BG_END or SM_BG_ALONE when the
+ * thread ends, else SM_BG_STAY (and the watch set or cleared).  Where
+ * the other threads cannot be known, the memory the exited ones held
+ * goes back first, all of it (as trim gives it back: no thread is left
+ * to want it warm, and none to wait a delay for); where none run, the
+ * process ends with this thread. */
+static int sm_bg_look(sm_bg_watch_t *w) {
+  if (!atomic_load(&sm_bg_leave) && (w->look_at_ms == 0 || sm_clock_ms() < w->look_at_ms))
+    return SM_BG_STAY;
   int others = sm_bg_others();
   if (others < 0 && atomic_load(&sm_heaps_live) == 0) sm_collect_process(sm_heap());
   int r = sm_bg_leave_now(others);
-  if (r == SM_BG_WATCH)
-    *watch_ms = *watch_ms == 0 ? 1 : *watch_ms * 2 > SM_BG_WATCH_MAX_MS ? SM_BG_WATCH_MAX_MS : *watch_ms * 2;
-  else *watch_ms = 0;
-  return r == SM_BG_END;
+  if (r == SM_BG_END || r == SM_BG_ALONE) return r;
+  if (r == SM_BG_WATCH) {
+    w->interval_ms = w->interval_ms == 0 ? 1 : w->interval_ms * 2 > SM_BG_WATCH_MAX_MS ? SM_BG_WATCH_MAX_MS
+                                                                                      : w->interval_ms * 2;
+    w->look_at_ms = sm_clock_ms() + w->interval_ms;
+  } else {
+    w->interval_ms = w->look_at_ms = 0;
+  }
+  return SM_BG_STAY;
 }
 
-/* The last thread with a heap exits (heap.c): the purge thread ends too.
- * Else it would be the thread that keeps the process alive: a program
- * whose main thread calls pthread_exit after its other threads end must
- * then exit, as if by exit(0) (POSIX), and under smalloc it ran on for
- * good, deaf to SIGTERM (the purge thread blocks every signal; Python's
- * test_threading hung in two tests).  It ends once no thread of the
- * program runs (sm_bg_last_round).  A thread that allocates later starts
- * another. */
+/* How long the thread may sleep: max, or less when the watch looks
+ * sooner. */
+static uint64_t sm_bg_until(const sm_bg_watch_t *w, uint64_t max) {
+  if (w->look_at_ms == 0) return max;
+  uint64_t now = sm_clock_ms();
+  uint64_t left = w->look_at_ms > now ? w->look_at_ms - now : 0;
+  return left < max ? left : max;
+}
+
+/* The signal mask (the purge thread blocks them all) and the name of
+ * the thread that started the purge thread, for the thread that exits
+ * the process (which would otherwise take the purge thread's). */
+static sigset_t sm_bg_program_mask;
+static char sm_bg_program_name[16];
+
+/* The purge thread, alone in the process, has ended: this thread waits
+ * until it is gone and returns, the process's last thread, so that glibc
+ * exits the process (exit(0), as POSIX has it for a last thread that
+ * ends) here: the program's exit handlers and destructors run on a
+ * thread of the default stack size with the program's signal mask, not
+ * on the purge thread's 64 KiB with every signal blocked. */
+static void *sm_bg_exit_main(void *purge) {
+  prctl(PR_SET_NAME, sm_bg_program_name, 0, 0, 0);
+  pthread_join(*(pthread_t *)purge, NULL);
+  return NULL;
+}
+
+/* The purge thread is the process's last: it starts the thread that
+ * exits the process, or, where none can start, exits it itself, with
+ * the program's signal mask.  Its state is none only once that thread
+ * runs: a malloc in pthread_create (glibc's TLS vector) must not start
+ * a purge thread, and nothing else runs to start or stop one meanwhile;
+ * the exit handlers may. */
+static void sm_bg_hand_exit(void) {
+  static pthread_t self;
+  self = pthread_self();
+  pthread_sigmask(SIG_SETMASK, &sm_bg_program_mask, NULL);
+  pthread_t t;
+  bool handed = pthread_create(&t, NULL, sm_bg_exit_main, &self) == 0;
+  if (handed) pthread_detach(t);
+  else pthread_detach(self);
+  atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_release);
+}
+
+/* The last thread with a heap exits (heap.c): the purge thread looks
+ * whether the program is over.  Else it would be the thread that keeps
+ * the process alive: a program whose main thread calls pthread_exit
+ * after its other threads end must then exit, as if by exit(0) (POSIX),
+ * and under smalloc it ran on for good, deaf to SIGTERM (the purge
+ * thread blocks every signal; Python's test_threading hung in two
+ * tests).  It ends once no thread of the program runs (sm_bg_look).
+ * (The state read sequentially consistent after the flag's store, as
+ * the thread's park writes its state and then reads the flag.) */
 void sm_background_last_thread(void) {
   atomic_store(&sm_bg_leave, 1);
-  int s = atomic_load_explicit(&sm_bg_state, memory_order_relaxed);
+  int s = atomic_load(&sm_bg_state);
   if (s == SM_BG_NONE || s == SM_BG_EXITING) return;
   if (s == SM_BG_AWAKE) sm_bg_futex_wake();   /* cuts a sleep between rounds short */
   else sm_background_wake();
@@ -360,13 +423,13 @@ void sm_background_last_thread(void) {
 static void *sm_bg_main(void *arg) {
   (void)arg;
   prctl(PR_SET_NAME, "smalloc-purge", 0, 0, 0);
-  uint64_t watch_ms = 0;   /* the watch is on: look again after this long */
+  sm_bg_watch_t watch = {0, 0};
+  int end = SM_BG_END;
   for (;;) {
-    if ((watch_ms || atomic_load(&sm_bg_leave)) && sm_bg_last_round(&watch_ms)) break;
-    uint64_t tick = sm_bg_tick_ms();
-    sm_bg_sleep(watch_ms && watch_ms < tick ? watch_ms : tick);
+    if ((end = sm_bg_look(&watch)) != SM_BG_STAY) break;
+    sm_bg_sleep(sm_bg_until(&watch, sm_bg_tick_ms()));
     if (atomic_load_explicit(&sm_bg_state, memory_order_acquire) == SM_BG_EXITING) break;
-    if (atomic_load(&sm_bg_leave) && sm_bg_last_round(&watch_ms)) break;
+    if ((end = sm_bg_look(&watch)) != SM_BG_STAY) break;
     int left = sm_bg_round();
     if (left == SM_BG_MORE) continue;
     /* Park: for good when nothing is left, for a purge delay when only
@@ -375,7 +438,7 @@ static void *sm_bg_main(void *arg) {
      * saw the thread awake before this store had made its work pending
      * first (sm_background_wake), and the round after the store finds
      * it; one that comes later sees the thread parked and wakes it. */
-    int park = left == SM_BG_BATCHES || watch_ms ? SM_BG_DOZING : SM_BG_PARKED;
+    int park = left == SM_BG_BATCHES || watch.look_at_ms ? SM_BG_DOZING : SM_BG_PARKED;
     if (!sm_bg_move(SM_BG_AWAKE, park)) break;
     atomic_thread_fence(memory_order_seq_cst);
     left = sm_bg_round();
@@ -388,7 +451,7 @@ static void *sm_bg_main(void *arg) {
       continue;
     }
     if (park == SM_BG_DOZING) {
-      uint64_t ms = watch_ms ? watch_ms : (uint64_t)sm_opt(PURGE_DELAY);
+      uint64_t ms = sm_bg_until(&watch, (uint64_t)sm_opt(PURGE_DELAY));
       struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
       sm_bg_futex_timed(SM_BG_DOZING, &ts);
     } else {
@@ -397,6 +460,7 @@ static void *sm_bg_main(void *arg) {
     }
     if (!sm_bg_move(park, SM_BG_AWAKE)) break;
   }
+  if (end == SM_BG_ALONE) sm_bg_hand_exit();
   /* glibc may free other threads' cached stacks' data as this one ends:
    * those frees count as an exited thread's, and give it no heap that
    * would then count as live for good */
@@ -462,6 +526,8 @@ void sm_background_act(bool from_free) {
   pthread_attr_init(&attr);
   pthread_attr_setstacksize(&attr, 64 << 10);
   pthread_sigmask(SIG_SETMASK, &all, &old);   /* the thread inherits: no signal lands there */
+  sm_bg_program_mask = old;
+  prctl(PR_GET_NAME, sm_bg_program_name, 0, 0, 0);
   /* what glibc allocates for the thread (its TLS vector, live for good)
    * is no call site's doing: not sampled, where the profile named the
    * caller whose free started the thread */

@@ -228,14 +228,11 @@ SM_EXPORT int smalloc_malloc_info(int options, FILE *fp) {
 }
 
 /* glibc's tuning knobs do not apply to smalloc (its own options are
- * smalloc_option_set and the SMALLOC_ variables): every parameter is
- * refused with 0, glibc's answer for one it does not know, so a program
- * that checks sees that nothing was changed. */
-/* glibc's answers (2.36): 1 for every param, known or not, but 0 for
- * M_MXFAST (1) above its largest fast size, 80 * sizeof(size_t) / 4.
- * Nothing is changed, as no knob applies to smalloc; programs that stop
- * when mallopt returns 0 (LinuxCNC's real-time setup, for one, after
- * M_TRIM_THRESHOLD and M_MMAP_MAX) run as they do on glibc. */
+ * smalloc_option_set and the SMALLOC_ variables): nothing is changed.
+ * The answer is glibc's (2.36): 1 for every param, known or not, but 0
+ * for M_MXFAST (1) above its largest fast size, 80 * sizeof(size_t) / 4;
+ * programs that stop when mallopt returns 0 (LinuxCNC's real-time setup,
+ * for one, after M_TRIM_THRESHOLD and M_MMAP_MAX) run as on glibc. */
 SM_EXPORT int smalloc_mallopt(int param, int value) {
   if (param == 1) return (size_t)value <= 80 * sizeof(size_t) / 4;
   return 1;

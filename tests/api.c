@@ -1088,7 +1088,8 @@ START_TEST(libc_mallinfo2_and_trim_are_smalloc)
   FILE *out = capture_stderr(malloc_stats);
   ck_assert_int_gt(file_size(out), 0);
   fclose(out);
-  /* mallopt answers as glibc's (mallopt_answers_as_glibc) */
+  /* mallopt is smalloc's, and answers as glibc's (mallopt_answers_as_glibc) */
+  ck_assert_ptr_eq(dlsym(RTLD_DEFAULT, "mallopt"), (void *)smalloc_mallopt);
   ck_assert_int_eq(mallopt(M_MXFAST, 80 * (int)sizeof(size_t) / 4 + 1), 0);
   ck_assert_int_eq(mallopt(M_ARENA_MAX, 1), 1);
   ck_assert_int_eq(malloc_info(1, stdout), EINVAL);

@@ -14,6 +14,7 @@
 #include <stdatomic.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -1141,16 +1142,26 @@ static void *pe_alloc(void *arg)
   return NULL;
 }
 
+/* purge threads started before the child's (its parent's) */
+static uint64_t pe_started;
+
+/* The child: the purge thread sleeps 10 ms between rounds (a quarter of
+ * the delay), so that a look it makes only after a sleep shows. */
 static void pe_child(void)
 {
-  if (smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 1) != 0)
+  smalloc_stats_t s0;
+  if (sm_test_snap(&s0) != 0)
+    _exit(2);
+  pe_started = s0.background_threads;
+  if (smalloc_option_set(SMALLOC_OPTION_PURGE_DELAY, 40) != 0 ||
+      smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 1) != 0)
     _exit(2);
   pthread_t t;
   if (pthread_create(&t, NULL, pe_alloc, NULL) != 0 || pthread_join(t, NULL) != 0)
     _exit(3);
   smalloc_free(smalloc_malloc(100));   /* the purge thread starts at the end of this one */
   smalloc_stats_t s;
-  if (sm_test_snap(&s) != 0 || s.background_threads == 0)
+  if (sm_test_snap(&s) != 0 || s.background_threads == pe_started)
     _exit(4);
   pthread_exit(NULL);
 }
@@ -1219,6 +1230,45 @@ START_TEST(a_child_forked_by_a_thread_exits_with_its_last_thread)
   int status = pe_wait(pid);
   ck_assert_msg(status != -1, "the child outlived its last thread by %d ms", BG_POLL_MAX_MS);
   ck_assert_msg(WIFEXITED(status) && (WEXITSTATUS(status) == 0 || SM_TEST_ASAN), "wait status %#x", status);
+}
+END_TEST
+
+/* The exit of a process whose last thread was the purge thread runs the
+ * program's exit handlers as its own last thread would: with the
+ * program's signal mask, on a thread of the default stack size, not on
+ * the purge thread (every signal blocked, 64 KiB of stack where the
+ * program's thread-local data leaves room; not in this program).  The
+ * handler checks its thread's name and mask and ends the child with
+ * _exit: 0 when they are right (so under AddressSanitizer too). */
+static void pe_exit_handler(void)
+{
+  char name[32] = "";
+  sigset_t now;
+  if (prctl(PR_GET_NAME, name, 0, 0, 0) != 0 || strcmp(name, "smalloc-purge") == 0)
+    _exit(11);
+  if (pthread_sigmask(SIG_SETMASK, NULL, &now) != 0 || sigismember(&now, SIGTERM))
+    _exit(9);
+  _exit(0);
+}
+
+START_TEST(exit_handlers_run_with_the_programs_signal_mask_and_stack)
+{
+  if (SM_TEST_TSAN) {
+    fprintf(stderr, "exit_handlers_run_with_the_programs_signal_mask_and_stack: not under ThreadSanitizer\n");
+    return;
+  }
+  pid_t pid = fork();
+  ck_assert_int_ge(pid, 0);
+  if (pid == 0) {
+    if (smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0) != 0 || atexit(pe_exit_handler) != 0)
+      _exit(5);
+    pe_child();
+  }
+  int status = pe_wait(pid);
+  ck_assert_msg(status != -1, "the process outlived its last thread by %d ms", BG_POLL_MAX_MS);
+  ck_assert_msg(!WIFEXITED(status) || WEXITSTATUS(status) != 11, "the exit handlers ran on the purge thread");
+  ck_assert_msg(!WIFEXITED(status) || WEXITSTATUS(status) != 9, "the exit handlers ran with SIGTERM blocked");
+  ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "wait status %#x", status);
 }
 END_TEST
 
@@ -1741,6 +1791,7 @@ static Suite *background_suite(void)
   tcase_add_test(tc, free_pages_of_a_thread_going_idle_go_back);
   tcase_add_test(tc, the_process_exits_when_its_last_thread_calls_pthread_exit);
   tcase_add_test(tc, the_purge_thread_stays_while_a_thread_without_a_heap_runs);
+  tcase_add_test(tc, exit_handlers_run_with_the_programs_signal_mask_and_stack);
   tcase_add_test(tc, a_child_forked_by_a_thread_exits_with_its_last_thread);
   tcase_add_test(tc, memory_used_again_within_the_purge_delay_doubles_it);
   tcase_add_test(tc, memory_used_again_after_the_purge_delay_leaves_it);
