@@ -59,10 +59,10 @@
  * cooperation.  What it costs: one thread (exit never waits for it),
  * all signals blocked, a 64 KiB stack (the default size when the
  * program's thread-local data does not fit in that), asleep while there
- * is nothing to give back.  It never allocates (its heap stays the static
- * empty one; but for glibc's TLS vector of the thread it hands the
- * process's exit to, at the very end) and is not running in a child after fork until the child
- * starts its own.  SMALLOC_BACKGROUND=0 turns it off: then memory goes
+ * is nothing to give back.  It never allocates (its heap stays the
+ * static empty one), but for glibc's TLS vector of the thread it hands
+ * the process's exit to, at the very end, and is not running in a child
+ * after fork until the child starts its own.  SMALLOC_BACKGROUND=0 turns it off: then memory goes
  * back only when the program calls in.
  *
  * Why it steps aside: the kernel refuses some calls to a process of more
@@ -369,10 +369,17 @@ static uint64_t sm_bg_until(const sm_bg_watch_t *w, uint64_t max) {
 }
 
 /* The signal mask (the purge thread blocks them all) and the name of
+ * the last thread with a heap to end (sm_background_last_thread), or of
  * the thread that started the purge thread, for the thread that exits
- * the process (which would otherwise take the purge thread's). */
+ * the process (which would otherwise take the purge thread's).  Written
+ * before the flag, read after it (sequentially consistent). */
 static sigset_t sm_bg_program_mask;
 static char sm_bg_program_name[16];
+
+/* Set on the purge thread: it never starts another (sm_background_act),
+ * not even from the heap that glibc's TLS vector for the exit thread
+ * gives it at the end (its exit then wakes and polls). */
+static __thread bool sm_bg_self __attribute__((tls_model("initial-exec")));
 
 /* The purge thread, alone in the process, has ended: this thread waits
  * until it is gone and returns, the process's last thread, so that glibc
@@ -387,19 +394,30 @@ static void *sm_bg_exit_main(void *purge) {
 }
 
 /* The purge thread is the process's last: it starts the thread that
- * exits the process, or, where none can start, exits it itself, with
- * the program's signal mask.  Its state is none only once that thread
- * runs: a malloc in pthread_create (glibc's TLS vector) must not start
- * a purge thread, and nothing else runs to start or stop one meanwhile;
- * the exit handlers may. */
+ * exits the process with the program's signal mask (signals pending for
+ * the process land there, not here), or, where none can start, takes
+ * that mask and exits the process itself.  Its state is none only once
+ * that thread is started: nothing else runs to start or stop a purge
+ * thread meanwhile; the exit handlers may. */
 static void sm_bg_hand_exit(void) {
   static pthread_t self;
   self = pthread_self();
-  pthread_sigmask(SIG_SETMASK, &sm_bg_program_mask, NULL);
+  pthread_attr_t attr;
   pthread_t t;
-  bool handed = pthread_create(&t, NULL, sm_bg_exit_main, &self) == 0;
-  if (handed) pthread_detach(t);
-  else pthread_detach(self);
+  bool handed = false;
+  if (pthread_attr_init(&attr) == 0) {
+    int busy = sm_prof_hush(SM_PROF_NO_SAMPLE);   /* glibc's TLS vector for it: no call site's */
+    handed = pthread_attr_setsigmask_np(&attr, &sm_bg_program_mask) == 0 &&
+             pthread_create(&t, &attr, sm_bg_exit_main, &self) == 0;
+    sm_prof_hush_end(busy);
+    pthread_attr_destroy(&attr);
+  }
+  if (handed) {
+    pthread_detach(t);
+  } else {
+    pthread_detach(self);
+    pthread_sigmask(SIG_SETMASK, &sm_bg_program_mask, NULL);
+  }
   atomic_store_explicit(&sm_bg_state, SM_BG_NONE, memory_order_release);
 }
 
@@ -413,16 +431,22 @@ static void sm_bg_hand_exit(void) {
  * (The state read sequentially consistent after the flag's store, as
  * the thread's park writes its state and then reads the flag.) */
 void sm_background_last_thread(void) {
+  if (sm_bg_self) return;   /* its heap from the exit thread's TLS vector */
+  pthread_sigmask(SIG_BLOCK, NULL, &sm_bg_program_mask);
+  prctl(PR_GET_NAME, sm_bg_program_name, 0, 0, 0);
   atomic_store(&sm_bg_leave, 1);
   int s = atomic_load(&sm_bg_state);
   if (s == SM_BG_NONE || s == SM_BG_EXITING) return;
-  if (s == SM_BG_AWAKE) sm_bg_futex_wake();   /* cuts a sleep between rounds short */
+  /* cuts a sleep between rounds short (unless it comes just before one:
+   * the look then waits for the sleep) */
+  if (s == SM_BG_AWAKE) sm_bg_futex_wake();
   else sm_background_wake();
 }
 
 static void *sm_bg_main(void *arg) {
   (void)arg;
   prctl(PR_SET_NAME, "smalloc-purge", 0, 0, 0);
+  sm_bg_self = true;
   sm_bg_watch_t watch = {0, 0};
   int end = SM_BG_END;
   for (;;) {
@@ -506,6 +530,7 @@ void sm_background_act(bool from_free) {
   if (wanted & SM_WANT_REPORT) sm_stats_periodic();
   if (!(wanted & SM_WANT_PURGE_THREAD)) return;
   if (sm_likely(atomic_load_explicit(&sm_bg_state, memory_order_relaxed) != SM_BG_NONE)) return;
+  if (sm_bg_self) return;
   if (!sm_opt(BACKGROUND) || atomic_load_explicit(&sm_process_ready, memory_order_acquire) != 2)
     return;
   uint64_t retry = atomic_load_explicit(&sm_bg_retry_ms, memory_order_relaxed);

@@ -1137,16 +1137,28 @@ END_TEST
  * calls pthread_exit; the test waits for it to exit, with status 0. */
 static void *pe_alloc(void *arg)
 {
-  (void)arg;
+  if (arg != NULL) {   /* a worker of its own: its own name and mask */
+    sigset_t term;
+    sigemptyset(&term);
+    sigaddset(&term, SIGTERM);
+    if (prctl(PR_SET_NAME, "pe-worker", 0, 0, 0) != 0 || pthread_sigmask(SIG_BLOCK, &term, NULL) != 0)
+      _exit(6);
+  }
   smalloc_free(smalloc_malloc(100));
   return NULL;
 }
 
 /* purge threads started before the child's (its parent's) */
 static uint64_t pe_started;
+/* pe_child's worker has a stack of the program's (glibc keeps no such
+ * stack for a next thread, so the one that exits the process is given
+ * a new one, and its TLS vector is allocated on the purge thread), a
+ * name and SIGTERM blocked */
+static bool pe_own_worker;
 
 /* The child: the purge thread sleeps 10 ms between rounds (a quarter of
- * the delay), so that a look it makes only after a sleep shows. */
+ * the delay), so that it looks within 10 ms of the last thread's end
+ * even when the wake comes just before its sleep. */
 static void pe_child(void)
 {
   smalloc_stats_t s0;
@@ -1157,9 +1169,14 @@ static void pe_child(void)
       smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 1) != 0)
     _exit(2);
   pthread_t t;
-  if (pthread_create(&t, NULL, pe_alloc, NULL) != 0 || pthread_join(t, NULL) != 0)
+  pthread_attr_t attr;
+  static char stack[1 << 20] __attribute__((aligned(4096)));
+  if (pthread_attr_init(&attr) != 0 || (pe_own_worker && pthread_attr_setstack(&attr, stack, sizeof stack) != 0))
     _exit(3);
-  smalloc_free(smalloc_malloc(100));   /* the purge thread starts at the end of this one */
+  /* the purge thread starts at the end of the worker's malloc */
+  if (pthread_create(&t, &attr, pe_alloc, pe_own_worker ? stack : NULL) != 0 || pthread_join(t, NULL) != 0)
+    _exit(3);
+  smalloc_free(smalloc_malloc(100));
   smalloc_stats_t s;
   if (sm_test_snap(&s) != 0 || s.background_threads == pe_started)
     _exit(4);
@@ -1234,18 +1251,26 @@ START_TEST(a_child_forked_by_a_thread_exits_with_its_last_thread)
 END_TEST
 
 /* The exit of a process whose last thread was the purge thread runs the
- * program's exit handlers as its own last thread would: with the
- * program's signal mask, on a thread of the default stack size, not on
- * the purge thread (every signal blocked, 64 KiB of stack where the
- * program's thread-local data leaves room; not in this program).  The
- * handler checks its thread's name and mask and ends the child with
- * _exit: 0 when they are right (so under AddressSanitizer too). */
+ * program's exit handlers as its own last thread would: with the name
+ * and signal mask of the main thread (the last to allocate), on a
+ * thread of the default stack size, not on the purge thread (every
+ * signal blocked, 64 KiB of stack where the program's thread-local data
+ * leaves room; not in this program), nor with the mask and name of the
+ * worker that started the purge thread.  The worker's stack is the
+ * program's: the exit thread's TLS vector is allocated on the purge
+ * thread, which must not start another.  The handler checks name and
+ * mask and ends the child with _exit: 0 when they are right (so under
+ * AddressSanitizer too). */
+static char pe_main_name[16];
+
 static void pe_exit_handler(void)
 {
-  char name[32] = "";
+  char name[16] = "";
   sigset_t now;
   if (prctl(PR_GET_NAME, name, 0, 0, 0) != 0 || strcmp(name, "smalloc-purge") == 0)
     _exit(11);
+  if (strcmp(name, pe_main_name) != 0)
+    _exit(12);
   if (pthread_sigmask(SIG_SETMASK, NULL, &now) != 0 || sigismember(&now, SIGTERM))
     _exit(9);
   _exit(0);
@@ -1260,13 +1285,16 @@ START_TEST(exit_handlers_run_with_the_programs_signal_mask_and_stack)
   pid_t pid = fork();
   ck_assert_int_ge(pid, 0);
   if (pid == 0) {
-    if (smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0) != 0 || atexit(pe_exit_handler) != 0)
+    if (smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0) != 0 || atexit(pe_exit_handler) != 0 ||
+        prctl(PR_GET_NAME, pe_main_name, 0, 0, 0) != 0)
       _exit(5);
+    pe_own_worker = true;
     pe_child();
   }
   int status = pe_wait(pid);
   ck_assert_msg(status != -1, "the process outlived its last thread by %d ms", BG_POLL_MAX_MS);
   ck_assert_msg(!WIFEXITED(status) || WEXITSTATUS(status) != 11, "the exit handlers ran on the purge thread");
+  ck_assert_msg(!WIFEXITED(status) || WEXITSTATUS(status) != 12, "the exit handlers ran under another name");
   ck_assert_msg(!WIFEXITED(status) || WEXITSTATUS(status) != 9, "the exit handlers ran with SIGTERM blocked");
   ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0, "wait status %#x", status);
 }
