@@ -1198,26 +1198,39 @@ static int pe_wait(pid_t pid)
   return -1;
 }
 
-/* Not under ThreadSanitizer: its runtime starts a thread of its own with
- * pthread_create, which keeps any process alive past its last thread's
- * pthread_exit, and it does not follow a fork from a thread. */
-START_TEST(the_process_exits_when_its_last_thread_calls_pthread_exit)
+/* A child that runs setup (when given), then pe_child, with no heap
+ * waiting for a next thread (no work left for the purge thread when the
+ * last thread tells it to end); its wait status, once it has ended
+ * (the test fails if it outlives BG_POLL_MAX_MS), or -1 under
+ * ThreadSanitizer, where it is not run: its runtime starts a thread of
+ * its own with pthread_create, which keeps any process alive past its
+ * last thread's pthread_exit, and it does not follow a fork from a
+ * thread. */
+static int pe_run(const char *test, void (*setup)(void))
 {
   if (SM_TEST_TSAN) {
-    fprintf(stderr, "the_process_exits_when_its_last_thread_calls_pthread_exit: not under ThreadSanitizer\n");
-    return;
+    fprintf(stderr, "%s: not under ThreadSanitizer\n", test);
+    return -1;
   }
   pid_t pid = fork();
   ck_assert_int_ge(pid, 0);
   if (pid == 0) {
-    /* no heap waits for a next thread (no work left for the purge
-     * thread when the last thread tells it to end) */
     if (smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0) != 0)
       _exit(5);
+    if (setup)
+      setup();
     pe_child();
   }
   int status = pe_wait(pid);
   ck_assert_msg(status != -1, "the process outlived its last thread by %d ms", BG_POLL_MAX_MS);
+  return status;
+}
+
+START_TEST(the_process_exits_when_its_last_thread_calls_pthread_exit)
+{
+  int status = pe_run("the_process_exits_when_its_last_thread_calls_pthread_exit", NULL);
+  if (status == -1)
+    return;
   ck_assert_msg(WIFEXITED(status) && (WEXITSTATUS(status) == 0 || SM_TEST_ASAN), "wait status %#x", status);
 }
 END_TEST
@@ -1276,23 +1289,18 @@ static void pe_exit_handler(void)
   _exit(0);
 }
 
+static void pe_exit_setup(void)
+{
+  if (atexit(pe_exit_handler) != 0 || prctl(PR_GET_NAME, pe_main_name, 0, 0, 0) != 0)
+    _exit(5);
+  pe_own_worker = true;
+}
+
 START_TEST(exit_handlers_run_with_the_programs_signal_mask_and_stack)
 {
-  if (SM_TEST_TSAN) {
-    fprintf(stderr, "exit_handlers_run_with_the_programs_signal_mask_and_stack: not under ThreadSanitizer\n");
+  int status = pe_run("exit_handlers_run_with_the_programs_signal_mask_and_stack", pe_exit_setup);
+  if (status == -1)
     return;
-  }
-  pid_t pid = fork();
-  ck_assert_int_ge(pid, 0);
-  if (pid == 0) {
-    if (smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0) != 0 || atexit(pe_exit_handler) != 0 ||
-        prctl(PR_GET_NAME, pe_main_name, 0, 0, 0) != 0)
-      _exit(5);
-    pe_own_worker = true;
-    pe_child();
-  }
-  int status = pe_wait(pid);
-  ck_assert_msg(status != -1, "the process outlived its last thread by %d ms", BG_POLL_MAX_MS);
   ck_assert_msg(!WIFEXITED(status) || WEXITSTATUS(status) != 11, "the exit handlers ran on the purge thread");
   ck_assert_msg(!WIFEXITED(status) || WEXITSTATUS(status) != 12, "the exit handlers ran under another name");
   ck_assert_msg(!WIFEXITED(status) || WEXITSTATUS(status) != 9, "the exit handlers ran with SIGTERM blocked");
@@ -1334,24 +1342,18 @@ static void *pw_runs_on(void *arg)
   return NULL;
 }
 
+static void pw_setup(void)
+{
+  pthread_t t;
+  if (pthread_create(&t, NULL, pw_runs_on, NULL) != 0)
+    _exit(8);
+}
+
 START_TEST(the_purge_thread_stays_while_a_thread_without_a_heap_runs)
 {
-  if (SM_TEST_TSAN) {
-    fprintf(stderr, "the_purge_thread_stays_while_a_thread_without_a_heap_runs: not under ThreadSanitizer\n");
+  int status = pe_run("the_purge_thread_stays_while_a_thread_without_a_heap_runs", pw_setup);
+  if (status == -1)
     return;
-  }
-  pid_t pid = fork();
-  ck_assert_int_ge(pid, 0);
-  if (pid == 0) {
-    if (smalloc_option_set(SMALLOC_OPTION_HEAP_CACHE, 0) != 0)
-      _exit(5);
-    pthread_t t;
-    if (pthread_create(&t, NULL, pw_runs_on, NULL) != 0)
-      _exit(8);
-    pe_child();
-  }
-  int status = pe_wait(pid);
-  ck_assert_msg(status != -1, "the process outlived its last thread by %d ms", BG_POLL_MAX_MS);
   ck_assert_msg(!WIFEXITED(status) || WEXITSTATUS(status) != 7,
                 "the purge thread ended while a thread without a heap ran");
   ck_assert_msg(WIFEXITED(status) && (WEXITSTATUS(status) == 0 || SM_TEST_ASAN), "wait status %#x", status);
