@@ -62,8 +62,8 @@
  * is nothing to give back.  It never allocates (its heap stays the
  * static empty one), but for glibc's TLS vector of the thread it hands
  * the process's exit to, at the very end, and is not running in a child
- * after fork until the child starts its own.  SMALLOC_BACKGROUND=0 turns it off: then memory goes
- * back only when the program calls in.
+ * after fork until the child starts its own.  SMALLOC_BACKGROUND=0
+ * turns it off: then memory goes back only when the program calls in.
  *
  * Why it steps aside: the kernel refuses some calls to a process of more
  * than one thread (unshare(CLONE_NEWUSER) and setns into a user or mount
@@ -350,8 +350,8 @@ static int sm_bg_look(sm_bg_watch_t *w) {
   int r = sm_bg_leave_now(others);
   if (r == SM_BG_END || r == SM_BG_ALONE) return r;
   if (r == SM_BG_WATCH) {
-    w->interval_ms = w->interval_ms == 0 ? 1 : w->interval_ms * 2 > SM_BG_WATCH_MAX_MS ? SM_BG_WATCH_MAX_MS
-                                                                                      : w->interval_ms * 2;
+    uint64_t next = w->interval_ms == 0 ? 1 : 2 * w->interval_ms;
+    w->interval_ms = next < SM_BG_WATCH_MAX_MS ? next : SM_BG_WATCH_MAX_MS;
     w->look_at_ms = sm_clock_ms() + w->interval_ms;
   } else {
     w->interval_ms = w->look_at_ms = 0;
@@ -369,10 +369,11 @@ static uint64_t sm_bg_until(const sm_bg_watch_t *w, uint64_t max) {
 }
 
 /* The signal mask (the purge thread blocks them all) and the name of
- * the last thread with a heap to end (sm_background_last_thread), or of
- * the thread that started the purge thread, for the thread that exits
- * the process (which would otherwise take the purge thread's).  Written
- * before the flag, read after it (sequentially consistent). */
+ * the last thread with a heap to end, for the thread that exits the
+ * process (which would otherwise take the purge thread's).  Written
+ * before the flag (sm_background_last_thread), read after it
+ * (sequentially consistent): every end of the purge thread's watch
+ * begins with the flag. */
 static sigset_t sm_bg_program_mask;
 static char sm_bg_program_name[16];
 
@@ -551,8 +552,6 @@ void sm_background_act(bool from_free) {
   pthread_attr_init(&attr);
   pthread_attr_setstacksize(&attr, 64 << 10);
   pthread_sigmask(SIG_SETMASK, &all, &old);   /* the thread inherits: no signal lands there */
-  sm_bg_program_mask = old;
-  prctl(PR_GET_NAME, sm_bg_program_name, 0, 0, 0);
   /* what glibc allocates for the thread (its TLS vector, live for good)
    * is no call site's doing: not sampled, where the profile named the
    * caller whose free started the thread */
@@ -596,12 +595,6 @@ bool sm_background_stop(void) {
 
 enum { SM_BG_ASIDE_MS = 200 };
 
-/* The process's threads; 0 when unknown. */
-static int sm_bg_threads(void) {
-  char state;
-  return sm_bg_proc_threads(&state);
-}
-
 /* System call nr(a, b), as the C library's wrapper makes it (-1 and
  * errno on failure), for a call the kernel refuses with EINVAL to a
  * process of more than one thread: refused, with a purge thread running,
@@ -614,7 +607,7 @@ static int sm_bg_threads(void) {
 long sm_background_aside(long nr, long a, long b) {
   int saved = errno;
   long r = syscall(nr, a, b);
-  if (r == 0 || errno != EINVAL || sm_bg_threads() > 2 || !sm_background_stop()) return r;
+  if (r == 0 || errno != EINVAL || sm_bg_others() > 1 || !sm_background_stop()) return r;
   struct timespec tick = {0, 100000};   /* 0.1 ms */
   for (uint64_t until = sm_clock_ms() + SM_BG_ASIDE_MS;;) {
     r = syscall(nr, a, b);
