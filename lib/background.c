@@ -40,11 +40,12 @@
  * heap ends, and then, while a thread that never allocated (a main
  * thread where smalloc is linked, not preloaded) runs on, again after 1
  * ms, then twice as long each time, up to a second, until a look finds
- * a thread with a heap or none at all.  Alone, it hands the process's
- * exit to a thread of the program's signal mask and default stack
- * (sm_bg_hand_exit).  Where /proc cannot tell, it ends when the last
- * thread with a heap has ended, after giving back what those threads
- * left; the next one to allocate starts another.
+ * a thread with a heap or none at all (the kernel's workers among the
+ * process's tasks, io_uring's, are not the program's: sm_bg_program_task).
+ * Alone, it hands the process's exit to a thread of the program's signal
+ * mask and default stack (sm_bg_hand_exit).  Where /proc cannot tell, it
+ * ends when the last thread with a heap has ended, after giving back what
+ * those threads left; the next one to allocate starts another.
  *
  * Why it parks rather than exits: starting a thread takes a lock of
  * glibc's that glibc holds while it frees a dead thread's TLS vector (in
@@ -75,6 +76,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
@@ -284,12 +286,73 @@ static int sm_bg_proc_threads(char *state) {
   return p ? atoi(p + 1) : 0;
 }
 
-/* The program's threads that still run, besides the purge thread; -1
- * when unknown. */
+/* The process's threads that still run, besides the purge thread, as
+ * the kernel counts them (unshare's refusal does); -1 when unknown. */
 static int sm_bg_others(void) {
   char state;
   int n = sm_bg_proc_threads(&state);
   return n == 0 ? -1 : n - 1 - (state == 'Z');
+}
+
+/* Tasks that the kernel runs among a process's threads for its own work:
+ * io_uring's (iou-wrk, iou-sqp) and vhost's, flagged so in field 9 of
+ * their /proc stat.  They never run the program's code and end only with
+ * the process (an SQPOLL ring's iou-sqp lives while its descriptor is
+ * open), so they are not the program's: a purge thread that waited for
+ * them kept a process whose main thread called pthread_exit from ever
+ * ending, and with every signal blocked on it, SIGTERM never landed. */
+#define SM_PF_IO_WORKER 0x10u
+#define SM_PF_USER_WORKER 0x4000u
+
+/* Whether task `name` of the process (a directory of /proc/self/task)
+ * runs the program's code: not the purge thread, not ended, not a
+ * kernel worker.  False when it is gone. */
+static bool sm_bg_program_task(const char *name, pid_t self) {
+  char path[64] = "/proc/self/task/", buf[512];
+  size_t len = strlen(path), n = strlen(name);
+  if (n + len + sizeof "/stat" > sizeof path || atoi(name) == self) return false;
+  memcpy(path + len, name, n);
+  memcpy(path + len + n, "/stat", sizeof "/stat");
+  if (sm_os_read_file(path, buf, sizeof buf) == 0) return false;
+  /* after the command: state, then ppid, pgrp, session, tty, tpgid, flags */
+  const char *p = strrchr(buf, ')');
+  if (!p || p[1] != ' ' || p[2] == 'Z' || p[2] == 'X') return false;
+  for (int field = 0; p && field < 7; field++) p = strchr(p + 1, ' ');
+  unsigned long flags = p ? strtoul(p + 1, NULL, 10) : 0;
+  return !(flags & (SM_PF_IO_WORKER | SM_PF_USER_WORKER));
+}
+
+/* The program's threads that still run besides the purge thread, at
+ * most `most` of them (the look asks whether any does): the process's
+ * (sm_bg_others) less kernel workers, task by task, read without
+ * allocating; all of the process's where the tasks cannot be listed. */
+static int sm_bg_program_others(int most) {
+  int n = sm_bg_others();
+  if (n <= 0) return n;
+  int saved = errno;
+  int dir = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir < 0) {
+    errno = saved;
+    return n;
+  }
+  pid_t self = (pid_t)syscall(SYS_gettid);
+  int found = 0;
+  char ents[2048] __attribute__((aligned(8)));
+  long got = 0;
+  while (found < most && (got = syscall(SYS_getdents64, dir, ents, sizeof ents)) > 0) {
+    for (long at = 0; at < got && found < most;) {
+      /* struct linux_dirent64: ino, off, reclen, type, name */
+      unsigned short reclen;
+      memcpy(&reclen, ents + at + 16, sizeof reclen);
+      const char *name = ents + at + 19;
+      if (name[0] >= '0' && name[0] <= '9' && sm_bg_program_task(name, self)) found++;
+      at += reclen;
+    }
+  }
+  if (got < 0) found = n;
+  close(dir);
+  errno = saved;
+  return found < n ? found : n;
 }
 
 /* What the thread does when no thread with a heap is left: it ends when
@@ -345,7 +408,7 @@ typedef struct {
 static int sm_bg_look(sm_bg_watch_t *w) {
   if (!atomic_load(&sm_bg_leave) && (w->look_at_ms == 0 || sm_clock_ms() < w->look_at_ms))
     return SM_BG_STAY;
-  int others = sm_bg_others();
+  int others = sm_bg_program_others(1);
   if (others < 0 && atomic_load(&sm_heaps_live) == 0) sm_collect_process(sm_heap());
   int r = sm_bg_leave_now(others);
   if (r == SM_BG_END || r == SM_BG_ALONE) return r;

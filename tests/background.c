@@ -15,6 +15,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 
@@ -1360,6 +1361,54 @@ START_TEST(the_purge_thread_stays_while_a_thread_without_a_heap_runs)
 }
 END_TEST
 
+/* An io_uring ring with a kernel thread of its own (SQPOLL: iou-sqp,
+ * which lives while the ring's descriptor is open, so until the process
+ * ends) counts among the process's threads in /proc, but it is not one
+ * of the program's: the process whose last thread calls pthread_exit
+ * ends all the same (it did not: the purge thread watched the kernel's
+ * thread, every signal blocked, and only SIGKILL ended the process).
+ * Not run where io_uring is refused (seccomp, io_uring_disabled). */
+#if __has_include(<linux/io_uring.h>) && defined(SYS_io_uring_setup)
+#include <linux/io_uring.h>
+static int iou_sqpoll(void)
+{
+  struct io_uring_params p;
+  memset(&p, 0, sizeof p);
+  p.flags = IORING_SETUP_SQPOLL;
+  p.sq_thread_idle = 1000;
+  return (int)syscall(SYS_io_uring_setup, 4, &p);
+}
+#else
+static int iou_sqpoll(void)
+{
+  errno = ENOSYS;
+  return -1;
+}
+#endif
+
+static void iou_setup(void)
+{
+  int before = bg_threads();
+  if (iou_sqpoll() < 0 || bg_threads() != before + 1)
+    _exit(13);
+}
+
+START_TEST(the_process_exits_while_io_uring_threads_run)
+{
+  int fd = iou_sqpoll();
+  if (fd < 0) {
+    fprintf(stderr, "the_process_exits_while_io_uring_threads_run: io_uring refused: %s\n", strerror(errno));
+    return;
+  }
+  close(fd);
+  int status = pe_run("the_process_exits_while_io_uring_threads_run", iou_setup);
+  if (status == -1)
+    return;
+  ck_assert_msg(!WIFEXITED(status) || WEXITSTATUS(status) != 13, "the ring started no thread");
+  ck_assert_msg(WIFEXITED(status) && (WEXITSTATUS(status) == 0 || SM_TEST_ASAN), "wait status %#x", status);
+}
+END_TEST
+
 /* The purge delay in force (stats: purge_delay) doubles each time memory
  * given back for having been unused for it is used again within it, at
  * most three times, and halves after eight delays in force with no such
@@ -1821,6 +1870,7 @@ static Suite *background_suite(void)
   tcase_add_test(tc, free_pages_of_a_thread_going_idle_go_back);
   tcase_add_test(tc, the_process_exits_when_its_last_thread_calls_pthread_exit);
   tcase_add_test(tc, the_purge_thread_stays_while_a_thread_without_a_heap_runs);
+  tcase_add_test(tc, the_process_exits_while_io_uring_threads_run);
   tcase_add_test(tc, exit_handlers_run_with_the_programs_signal_mask_and_stack);
   tcase_add_test(tc, a_child_forked_by_a_thread_exits_with_its_last_thread);
   tcase_add_test(tc, memory_used_again_within_the_purge_delay_doubles_it);
