@@ -9,6 +9,9 @@ Allocators:
   fresh        the library just built (FRESH)
   fresh-naive  fresh with SMALLOC_RETIRE_CYCLES=0 (churn workloads only)
   fresh-prof   fresh with SMALLOC_PROF=1: the heap profiler on at its default rate
+  fresh-thp    fresh with SMALLOC_HUGEPAGES=2 (threaded workloads only): every
+               segment of small pages advised for transparent huge pages, the
+               policy that trades resident size for page faults
   jemalloc-prof  jemalloc with MALLOC_CONF=prof:true (its sampled heap profiler at its
                default rate, one sample per 512 KiB like smalloc's), when jemalloc is found
   heaptrack    glibc's malloc with every call traced by heaptrack, on the python3
@@ -81,6 +84,8 @@ ROW_MEANING = {
     "fresh": "the library just built",
     "fresh-naive": "the same with SMALLOC_RETIRE_CYCLES=0: a page goes back as soon as it "
                    "empties (what the retire policy saves)",
+    "fresh-thp": "the same with SMALLOC_HUGEPAGES=2 (threaded workloads): every segment of "
+                 "small pages advised for huge pages, fewer page faults for more resident memory",
     "fresh-prof": "the same with SMALLOC_PROF=1: the heap profiler sampling at its default "
                   "rate (smalloc_prof(3)), what profiling costs",
     "baseline": "the installed smalloc, the one this build is compared with",
@@ -174,7 +179,7 @@ class Work:
     def __init__(self, name, group, desc, argv, real=False, full_only=False,
                  stdin=None, pre=None, ops_unit="op", threads=1):
         self.name = name
-        self.threads = threads  # the null allocator runs single-threaded work only
+        self.threads = threads  # the null allocator runs single-threaded work only, fresh-thp threaded
         self.group = group      # churn, floor, other, real
         self.desc = desc
         self.argv = argv        # list; None when skipped
@@ -243,14 +248,15 @@ def workloads(bindir, srcdir, quick, tmpdir):
              "ideal floor: case a on a plain singly linked free list, no malloc",
              prog("bench_churn", "floor")),
         Work("server", "other", "8 threads, pools of 2000 live blocks, random replacement, "
-             "1 in 8 freed by another thread", prog("bench_server")),
+             "1 in 8 freed by another thread", prog("bench_server"), threads=8),
         Work("server-relay", "other", "16 workers that come and go, each taking over its "
-             "predecessor's pool of 2000 blocks every 25,000 steps", prog("bench_server", "relay")),
+             "predecessor's pool of 2000 blocks every 25,000 steps", prog("bench_server", "relay"),
+             threads=16),
         Work("pipeline", "other", "source, 3 transforming stages and a sink passing message batches",
-             prog("bench_pipeline")),
+             prog("bench_pipeline"), threads=5),
         Work("xchurn-16", "other", "16 threads, pools of 4096 blocks 16-256 B, random replacement, "
-             "1 in 4 freed by another thread", prog("bench_xchurn", "16")),
-        Work("xchurn-64", "other", "the same with 64 threads", prog("bench_xchurn", "64")),
+             "1 in 4 freed by another thread", prog("bench_xchurn", "16"), threads=16),
+        Work("xchurn-64", "other", "the same with 64 threads", prog("bench_xchurn", "64"), threads=64),
         Work("falseshare-active", "other", "threads allocate small blocks and write into them",
              prog("bench_falseshare", "active")),
         Work("falseshare-passive", "other", "blocks allocated by one thread, freed, reallocated "
@@ -708,6 +714,7 @@ def machine_info():
 # One colour per allocator, the same in every chart and every run; names
 # not listed (BENCH_PEERS) take the spare ones in order of appearance.
 COLOURS = {"fresh": "#d62728", "fresh-naive": "#ff9896", "fresh-prof": "#e377c2",
+           "fresh-thp": "#ffbb78",
            "jemalloc-prof": "#c5b0d5", "baseline": "#8c564b",
            "glibc": "#7f7f7f", "jemalloc": "#2ca02c", "tcmalloc": "#1f77b4",
            "mimalloc": "#9467bd", "mimalloc3": "#17becf", "snmalloc": "#bcbd22",
@@ -1025,7 +1032,9 @@ def main():
               Alloc("fresh-naive", fresh, smalloc=True, env={"SMALLOC_RETIRE_CYCLES": "0"},
                     note="SMALLOC_RETIRE_CYCLES=0"),
               Alloc("fresh-prof", fresh, smalloc=True, env={"SMALLOC_PROF": "1"},
-                    note="SMALLOC_PROF=1")]
+                    note="SMALLOC_PROF=1"),
+              Alloc("fresh-thp", fresh, smalloc=True, env={"SMALLOC_HUGEPAGES": "2"},
+                    note="SMALLOC_HUGEPAGES=2")]
     explicit = os.environ.get("BASELINE", "")
     if explicit and not os.path.exists(explicit):
         say("bench: BASELINE=%s does not exist" % explicit)
@@ -1119,9 +1128,11 @@ def main():
             if w.group == "floor":
                 wallocs = [floor]
             elif w.group == "churn":
-                wallocs = allocs + ([null] if null and w.threads == 1 else [])
+                wallocs = [a for a in allocs if a.name != "fresh-thp"] + \
+                          ([null] if null and w.threads == 1 else [])
             else:
-                wallocs = [a for a in allocs if a.name != "fresh-naive"]
+                wallocs = [a for a in allocs if a.name != "fresh-naive" and
+                           (a.name != "fresh-thp" or w.threads > 1)]
             if heaptrack and w.name == HEAPTRACK_WORK:
                 wallocs.append(heaptrack)
             rows = {a.name: Row(a) for a in wallocs}
@@ -1192,7 +1203,8 @@ def main():
 
         report.quick = quick
         if not only and os.access(os.path.join(args.bindir, "bench_idle"), os.X_OK):
-            mallocs = [a for a in allocs if a.name not in ("fresh-naive", "fresh-prof", "jemalloc-prof")]
+            mallocs = [a for a in allocs
+                       if a.name not in ("fresh-naive", "fresh-prof", "fresh-thp", "jemalloc-prof")]
             say("")
             say("== memory return: burst, free, then %.0f s without an allocator call" % IDLE_S)
             report.idle = run_idle(os.path.abspath(args.bindir), mallocs, quick)
