@@ -41,7 +41,7 @@
  * thread where smalloc is linked, not preloaded) runs on, again after 1
  * ms, then twice as long each time, up to a second, until a look finds
  * a thread with a heap or none at all (the kernel's workers among the
- * process's tasks, io_uring's, are not the program's: sm_bg_program_task).
+ * process's tasks, io_uring's, are not the program's: sm_bg_worker_flags).
  * Alone, it hands the process's exit to a thread of the program's signal
  * mask and default stack (sm_bg_hand_exit).  Where /proc cannot tell, it
  * ends when the last thread with a heap has ended, after giving back what
@@ -85,6 +85,7 @@
 #include <sys/prctl.h>
 #include <sys/single_threaded.h>
 #include <sys/syscall.h>
+#include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -295,64 +296,85 @@ static int sm_bg_others(void) {
 }
 
 /* Tasks that the kernel runs among a process's threads for its own work:
- * io_uring's (iou-wrk, iou-sqp) and vhost's, flagged so in field 9 of
- * their /proc stat.  They never run the program's code and end only with
- * the process (an SQPOLL ring's iou-sqp lives while its descriptor is
- * open), so they are not the program's: a purge thread that waited for
- * them kept a process whose main thread called pthread_exit from ever
- * ending, and with every signal blocked on it, SIGTERM never landed. */
-#define SM_PF_IO_WORKER 0x10u
-#define SM_PF_USER_WORKER 0x4000u
+ * io_uring's (iou-wrk, iou-sqp; since Linux 5.12) and vhost's (6.4),
+ * flagged PF_IO_WORKER and PF_USER_WORKER in field 9 of their /proc
+ * stat.  They never run the program's code and may outlive all of its
+ * threads (an SQPOLL ring's iou-sqp lives while its descriptor is open),
+ * so they are not the program's: a purge thread that waited for them
+ * kept a process whose main thread called pthread_exit from ever ending,
+ * and with every signal blocked on it, SIGTERM never landed.  Before
+ * those versions the bits meant other things, set on threads of the
+ * program (0x10 PF_VCPU, 0x4000 PF_USED_ASYNC), and the workers were the
+ * kernel's own threads, outside the process: the flags looked at are the
+ * running kernel's (uname). */
+static unsigned long sm_bg_worker_flags(void) {
+  struct utsname u;
+  if (uname(&u) != 0) return 0;
+  char *end;
+  unsigned long major = strtoul(u.release, &end, 10);
+  unsigned long minor = *end == '.' ? strtoul(end + 1, NULL, 10) : 0;
+  unsigned long version = major * 1000 + minor;
+  return version >= 6004 ? 0x10 | 0x4000 : version >= 5012 ? 0x10 : 0;
+}
 
 /* Whether task `name` of the process (a directory of /proc/self/task)
- * runs the program's code: not the purge thread, not ended, not a
- * kernel worker.  False when it is gone. */
-static bool sm_bg_program_task(const char *name, pid_t self) {
+ * runs the program's code, this thread included: not ended, not a
+ * kernel worker (flags `workers`).  False when it is gone. */
+static bool sm_bg_program_task(const char *name, unsigned long workers) {
   char path[64] = "/proc/self/task/", buf[512];
   size_t len = strlen(path), n = strlen(name);
-  if (n + len + sizeof "/stat" > sizeof path || atoi(name) == self) return false;
+  if (n + len + sizeof "/stat" > sizeof path) return false;
   memcpy(path + len, name, n);
   memcpy(path + len + n, "/stat", sizeof "/stat");
   if (sm_os_read_file(path, buf, sizeof buf) == 0) return false;
   /* after the command: state, then ppid, pgrp, session, tty, tpgid, flags */
   const char *p = strrchr(buf, ')');
-  if (!p || p[1] != ' ' || p[2] == 'Z' || p[2] == 'X') return false;
+  if (!p || p[1] != ' ' || p[2] == 'Z' || p[2] == 'X' || p[2] == 'x') return false;
   for (int field = 0; p && field < 7; field++) p = strchr(p + 1, ' ');
-  unsigned long flags = p ? strtoul(p + 1, NULL, 10) : 0;
-  return !(flags & (SM_PF_IO_WORKER | SM_PF_USER_WORKER));
+  return !(p && (strtoul(p + 1, NULL, 10) & workers));
 }
 
-/* The program's threads that still run besides the purge thread, at
- * most `most` of them (the look asks whether any does): the process's
- * (sm_bg_others) less kernel workers, task by task, read without
- * allocating; all of the process's where the tasks cannot be listed. */
-static int sm_bg_program_others(int most) {
+/* The program's threads that still run besides the purge thread: the
+ * process's (sm_bg_others) less the kernel's workers, read task by task
+ * without allocating.  The tasks are not told apart by id (where /proc
+ * is an outer PID namespace's, its ids are not this thread's): the
+ * purge thread counts among those that run the program's code, and a
+ * listing that finds another (or others run) stops there.  None besides
+ * it is believed only when the listing held as many tasks as the
+ * process has after it: the kernel ends a listing early when a task
+ * ends as it is listed.  Else, and where the tasks cannot be listed, the
+ * process's count stands (kernel workers count, as they did). */
+static int sm_bg_program_others(void) {
   int n = sm_bg_others();
-  if (n <= 0) return n;
+  unsigned long workers = n > 0 ? sm_bg_worker_flags() : 0;
+  if (workers == 0) return n;
   int saved = errno;
   int dir = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir < 0) {
     errno = saved;
     return n;
   }
-  pid_t self = (pid_t)syscall(SYS_gettid);
-  int found = 0;
+  int listed = 0, program = 0;
   char ents[2048] __attribute__((aligned(8)));
   long got = 0;
-  while (found < most && (got = syscall(SYS_getdents64, dir, ents, sizeof ents)) > 0) {
-    for (long at = 0; at < got && found < most;) {
+  while (program < 2 && (got = syscall(SYS_getdents64, dir, ents, sizeof ents)) > 0) {
+    for (long at = 0; at < got && program < 2;) {
       /* struct linux_dirent64: ino, off, reclen, type, name */
       unsigned short reclen;
       memcpy(&reclen, ents + at + 16, sizeof reclen);
       const char *name = ents + at + 19;
-      if (name[0] >= '0' && name[0] <= '9' && sm_bg_program_task(name, self)) found++;
+      if (name[0] >= '0' && name[0] <= '9') {
+        listed++;
+        program += sm_bg_program_task(name, workers);
+      }
       at += reclen;
     }
   }
-  if (got < 0) found = n;
   close(dir);
   errno = saved;
-  return found < n ? found : n;
+  if (program >= 2) return 1;
+  char state;
+  return got == 0 && program == 1 && listed == sm_bg_proc_threads(&state) ? 0 : n;
 }
 
 /* What the thread does when no thread with a heap is left: it ends when
@@ -408,7 +430,7 @@ typedef struct {
 static int sm_bg_look(sm_bg_watch_t *w) {
   if (!atomic_load(&sm_bg_leave) && (w->look_at_ms == 0 || sm_clock_ms() < w->look_at_ms))
     return SM_BG_STAY;
-  int others = sm_bg_program_others(1);
+  int others = sm_bg_program_others();
   if (others < 0 && atomic_load(&sm_heaps_live) == 0) sm_collect_process(sm_heap());
   int r = sm_bg_leave_now(others);
   if (r == SM_BG_END || r == SM_BG_ALONE) return r;
