@@ -307,6 +307,7 @@ static int sm_bg_others(void) {
  * program (0x10 PF_VCPU, 0x4000 PF_USED_ASYNC), and the workers were the
  * kernel's own threads, outside the process: the flags looked at are the
  * running kernel's (uname). */
+enum { SM_PF_IO_WORKER = 0x10, SM_PF_USER_WORKER = 0x4000 };
 static unsigned long sm_bg_worker_flags(void) {
   struct utsname u;
   if (uname(&u) != 0) return 0;
@@ -314,7 +315,7 @@ static unsigned long sm_bg_worker_flags(void) {
   unsigned long major = strtoul(u.release, &end, 10);
   unsigned long minor = *end == '.' ? strtoul(end + 1, NULL, 10) : 0;
   unsigned long version = major * 1000 + minor;
-  return version >= 6004 ? 0x10 | 0x4000 : version >= 5012 ? 0x10 : 0;
+  return version >= 6004 ? SM_PF_IO_WORKER | SM_PF_USER_WORKER : version >= 5012 ? SM_PF_IO_WORKER : 0;
 }
 
 /* Whether task `name` of the process (a directory of /proc/self/task)
