@@ -271,6 +271,16 @@ static int sm_bg_round(void) {
 /* Set when the last thread with a heap exits (sm_background_last_thread). */
 static _Atomic int sm_bg_leave;
 
+/* Field k of a /proc stat line read into buf, counted from the state
+ * (0) after the command's closing parenthesis (a command may hold one):
+ * 6 the flags, 17 the thread count; NULL where the line ends before. */
+static const char *sm_bg_stat_field(const char *buf, int k) {
+  const char *p = strrchr(buf, ')');
+  if (!p || p[1] != ' ') return NULL;
+  for (p += 2; p && k > 0; k--) p = (p = strchr(p, ' ')) ? p + 1 : NULL;
+  return p;
+}
+
 /* The process's threads (/proc/self/stat, without allocating), and in
  * *state its main thread's state: 'Z' once it has ended while other
  * threads run (it stays a zombie until the last one ends).  0 when that
@@ -279,12 +289,9 @@ static int sm_bg_proc_threads(char *state) {
   char buf[1024];
   *state = '?';
   if (sm_os_read_file("/proc/self/stat", buf, sizeof buf) == 0) return 0;
-  /* after the command's closing parenthesis (a command may hold one):
-   * state, then 16 fields, then the thread count */
-  const char *p = strrchr(buf, ')');
-  if (p && p[1] == ' ') *state = p[2];
-  for (int field = 0; p && field < 18; field++) p = strchr(p + 1, ' ');
-  return p ? atoi(p + 1) : 0;
+  const char *st = sm_bg_stat_field(buf, 0), *count = sm_bg_stat_field(buf, 17);
+  if (st) *state = *st;
+  return count ? atoi(count) : 0;
 }
 
 /* The process's threads that still run, besides the purge thread, as
@@ -328,11 +335,9 @@ static bool sm_bg_program_task(const char *name, unsigned long workers) {
   memcpy(path + len, name, n);
   memcpy(path + len + n, "/stat", sizeof "/stat");
   if (sm_os_read_file(path, buf, sizeof buf) == 0) return false;
-  /* after the command: state, then ppid, pgrp, session, tty, tpgid, flags */
-  const char *p = strrchr(buf, ')');
-  if (!p || p[1] != ' ' || p[2] == 'Z' || p[2] == 'X' || p[2] == 'x') return false;
-  for (int field = 0; p && field < 7; field++) p = strchr(p + 1, ' ');
-  return !(p && (strtoul(p + 1, NULL, 10) & workers));
+  const char *st = sm_bg_stat_field(buf, 0), *flags = sm_bg_stat_field(buf, 6);
+  if (!st || *st == 'Z' || *st == 'X' || *st == 'x') return false;
+  return !(flags && (strtoul(flags, NULL, 10) & workers));
 }
 
 /* The program's threads that still run besides the purge thread: the
