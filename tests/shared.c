@@ -1428,6 +1428,105 @@ START_TEST(many_threads_with_a_medium_block_each_are_lent_mappings)
 }
 END_TEST
 
+/* ---- a thread with many medium blocks ------------------------------------- */
+
+/* A thread's medium blocks of a class a small page holds (4 KiB here)
+ * take shared small pages (64 KiB) until it has taken a medium page's
+ * worth of them (8): its ninth page of the class is a medium one (512
+ * KiB), and it serves the next 100 blocks with no other page.  Then the
+ * thread fills the shared medium segment (8 pages) and the OS refuses
+ * another (a limit of 1 MiB above the process's size): a free small page
+ * of the shared segment its first pages came from serves the next page
+ * of the class.  In a child; under a sanitizer, without the limit part. */
+enum { SH_D_SIZE = 4096, SH_D_SMALL = 8, SH_D_MEDIUM_PAGES = 8 };
+
+static void sh_d_pages(int k, uint64_t *pages, uint64_t *bytes)
+{
+  smalloc_stats_t s;
+  SM_CHILD_CHECK(sm_test_snap(&s) == 0, "stats");
+  *pages = s.classes[k].pages_in_use;
+  *bytes = s.class_page_bytes[k];
+}
+
+/* Allocate blocks of SH_D_SIZE into list (from *n on) until the class
+ * has want pages; false when malloc failed. */
+static bool sh_d_fill(void **list, size_t max, size_t *n, int k, uint64_t want)
+{
+  uint64_t pages, bytes;
+  for (sh_d_pages(k, &pages, &bytes); pages < want; sh_d_pages(k, &pages, &bytes)) {
+    SM_CHILD_CHECK(*n < max, "%zu blocks and %llu pages", *n, (unsigned long long)pages);
+    if ((list[*n] = smalloc_malloc(SH_D_SIZE)) == NULL)
+      return false;
+    memset(list[(*n)++], 0x5a, SH_D_SIZE);
+  }
+  return true;
+}
+
+static void *sh_d_worker(void *arg)
+{
+  (void)arg;
+  enum { MAX = 4096 };
+  static void *list[MAX];
+  size_t n = 0;
+  smalloc_stats_t a;
+  SM_CHILD_CHECK(sm_test_snap(&a) == 0, "stats");
+  int k = sm_test_class_index(&a, SH_D_SIZE);
+  SM_CHILD_CHECK(k >= 0, "class");
+  uint64_t pages0 = a.classes[k].pages_in_use, bytes0 = a.class_page_bytes[k], pages, bytes, more;
+  SM_CHILD_CHECK(sh_d_fill(list, MAX, &n, k, pages0 + SH_D_SMALL), "malloc failed");
+  sh_d_pages(k, &pages, &bytes);
+  SM_CHILD_CHECK(bytes - bytes0 == SH_D_SMALL * (64u << 10), "the first %d pages: %llu bytes", SH_D_SMALL,
+                 (unsigned long long)(bytes - bytes0));
+  SM_CHILD_CHECK(sh_d_fill(list, MAX, &n, k, pages0 + SH_D_SMALL + 1), "malloc failed");
+  sh_d_pages(k, &more, &bytes);
+  SM_CHILD_CHECK(bytes - bytes0 == SH_D_SMALL * (64u << 10) + (512u << 10), "the next page: %llu bytes",
+                 (unsigned long long)(bytes - bytes0 - SH_D_SMALL * (64u << 10)));
+  for (int i = 0; i < 100; i++) {
+    SM_CHILD_CHECK((list[n] = smalloc_malloc(SH_D_SIZE)) != NULL, "malloc failed");
+    memset(list[n++], 0x5a, SH_D_SIZE);
+  }
+  sh_d_pages(k, &pages, &bytes);
+  SM_CHILD_CHECK(pages == more, "%llu pages more for 100 blocks", (unsigned long long)(pages - more));
+  if (!SM_TEST_SANITIZED) {
+    /* the shared medium segment's eight pages in use, the last one with
+     * room for more blocks */
+    SM_CHILD_CHECK(sh_d_fill(list, MAX, &n, k, pages0 + SH_D_SMALL + SH_D_MEDIUM_PAGES), "malloc failed");
+    struct rlimit rl;
+    SM_CHILD_CHECK(getrlimit(RLIMIT_AS, &rl) == 0, "getrlimit");
+    rlim_t was = rl.rlim_cur;
+    rl.rlim_cur = sm_test_vm_bytes() + 1 * MiB;
+    SM_CHILD_CHECK(setrlimit(RLIMIT_AS, &rl) == 0, "setrlimit: %s", strerror(errno));
+    sh_d_pages(k, &pages, &bytes);
+    bool ok = sh_d_fill(list, MAX, &n, k, pages + 1);
+    rl.rlim_cur = was;
+    SM_CHILD_CHECK(setrlimit(RLIMIT_AS, &rl) == 0, "setrlimit: %s", strerror(errno));
+    SM_CHILD_CHECK(ok, "malloc(%d) failed under the limit, %zu blocks live", SH_D_SIZE, n);
+    uint64_t after;
+    sh_d_pages(k, &more, &after);
+    SM_CHILD_CHECK(more == pages + 1 && after - bytes == 64u << 10, "%llu pages of %llu bytes under the limit",
+                   (unsigned long long)(more - pages), (unsigned long long)(after - bytes));
+  }
+  while (n > 0)
+    smalloc_free(list[--n]);
+  return NULL;
+}
+
+static void sh_d_body(void)
+{
+  SM_CHILD_CHECK(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0) == 0, "option");
+  sm_test_heap_here();     /* another heap lives: the worker borrows its pages */
+  smalloc_collect(true);   /* no shared segment with a free page left */
+  pthread_t t;
+  SM_CHILD_CHECK(pthread_create(&t, NULL, sh_d_worker, NULL) == 0, "pthread_create");
+  pthread_join(t, NULL);
+}
+
+START_TEST(a_thread_with_many_medium_blocks_takes_medium_pages)
+{
+  sm_test_in_child(sh_d_body);
+}
+END_TEST
+
 /* The aligned functions place their result inside a block of a class
  * (at an offset, or at its start when the class is a multiple of the
  * alignment): a thread's first aligned block of such a size comes from
@@ -1609,6 +1708,7 @@ static Suite *shared_suite(void)
   tcase_add_test(tc, a_page_an_exited_thread_left_serves_the_next_thread);
   tcase_add_test(tc, many_threads_with_a_few_blocks_share_segments);
   tcase_add_test(tc, many_threads_with_a_medium_block_each_are_lent_mappings);
+  tcase_add_test(tc, a_thread_with_many_medium_blocks_takes_medium_pages);
   tcase_add_test(tc, aligned_medium_blocks_come_from_pages);
   tcase_add_test(tc, shared_segments_take_huge_pages_where_their_pages_are_live);
   tcase_add_test(tc, shared_segments_of_sparse_pages_keep_to_small_pages);
