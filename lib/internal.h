@@ -534,11 +534,10 @@ struct sm_heap_s {
    * whatever their net (stats.c: sm_stats_class_changed); the owner's
    * alone, as class_unpub */
   int64_t pub_room, pub_due;
-  /* whether the thread took a medium page of the shared segments, or
-   * has taken SM_BORROW_SMALL_MEDIUM small ones for medium blocks
-   * (borrowed_small_medium counts them; page.c: sm_page_borrow): its
-   * first medium blocks take a small page or a mapping of their own
-   * until then */
+  /* whether the thread took a medium page of the shared segments
+   * (page.c: sm_page_borrow; its first medium blocks take a small page
+   * or a mapping of their own until then), and how many small ones it
+   * took for medium blocks (up to SM_BORROW_SMALL_MEDIUM) */
   bool borrowed_medium;
   uint8_t borrowed_small_medium;
   /* medium blocks served as large ones, each in a mapping of its own,

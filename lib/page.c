@@ -1344,7 +1344,9 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
  *
  * A thread that has taken a medium page's worth of small pages for its
  * medium blocks (SM_BORROW_SMALL_MEDIUM of them) is no longer one with a
- * few: from then on it takes medium pages, as it does for larger blocks.
+ * few: from then on it takes medium pages, as it does for larger blocks,
+ * unless address space is short (an address-space limit: then a page of
+ * 512 KiB for a few blocks of each of many classes would cost it).
  * A small page holds 1-15 blocks of 4-32 KiB, and a thread that kept
  * taking them took the slow path every few of its medium blocks:
  * bench_server (8 threads, about one block in six of 1-32 KiB) took
@@ -1371,7 +1373,8 @@ static sm_page_t *sm_page_borrow(sm_heap_t *heap, size_t bin, int kind, bool may
   sm_heap_t *shared = sm_heap_shared;
   if (shared == NULL) return NULL;
   bool fits_small = kind == SM_SEG_MEDIUM && sm_bin_size(bin) <= SM_BORROW_SMALL_PAGE;
-  int from = kind == SM_SEG_MEDIUM && (heap->borrowed_medium || !fits_small) ? SM_SEG_MEDIUM : SM_SEG_SMALL;
+  bool many = heap->borrowed_small_medium == SM_BORROW_SMALL_MEDIUM && !sm_os_space_limited();
+  int from = kind == SM_SEG_MEDIUM && (heap->borrowed_medium || !fits_small || many) ? SM_SEG_MEDIUM : SM_SEG_SMALL;
   sm_heap_take_home(shared);   /* pages their owners gave back */
   *new_segment = false;
   sm_page_t *page = sm_segment_page_alloc(shared, from, new_segment);
@@ -1390,8 +1393,8 @@ static sm_page_t *sm_page_borrow(sm_heap_t *heap, size_t bin, int kind, bool may
   }
   if (page && from == SM_SEG_MEDIUM) heap->borrowed_medium = true;
   if (page && from == SM_SEG_SMALL && kind == SM_SEG_MEDIUM &&
-      ++heap->borrowed_small_medium == SM_BORROW_SMALL_MEDIUM)
-    heap->borrowed_medium = true;
+      heap->borrowed_small_medium < SM_BORROW_SMALL_MEDIUM)
+    heap->borrowed_small_medium++;
   return page;
 }
 

@@ -1437,7 +1437,9 @@ END_TEST
  * thread fills the shared medium segment (8 pages) and the OS refuses
  * another (a limit of 1 MiB above the process's size): a free small page
  * of the shared segment its first pages came from serves the next page
- * of the class.  In a child; under a sanitizer, without the limit part. */
+ * of the class.  A thread under an address-space limit from its start
+ * (256 MiB above the process's size) keeps to small pages: its ninth is
+ * one.  In a child; under a sanitizer, without the limits. */
 enum { SH_D_SIZE = 4096, SH_D_SMALL = 8, SH_D_MEDIUM_PAGES = 8 };
 
 static void sh_d_pages(int k, uint64_t *pages, uint64_t *bytes)
@@ -1464,7 +1466,7 @@ static bool sh_d_fill(void **list, size_t max, size_t *n, int k, uint64_t want)
 
 static void *sh_d_worker(void *arg)
 {
-  (void)arg;
+  bool limited = arg != NULL;
   enum { MAX = 4096 };
   static void *list[MAX];
   size_t n = 0;
@@ -1479,8 +1481,11 @@ static void *sh_d_worker(void *arg)
                  (unsigned long long)(bytes - bytes0));
   SM_CHILD_CHECK(sh_d_fill(list, MAX, &n, k, pages0 + SH_D_SMALL + 1), "malloc failed");
   sh_d_pages(k, &more, &bytes);
-  SM_CHILD_CHECK(bytes - bytes0 == SH_D_SMALL * (64u << 10) + (512u << 10), "the next page: %llu bytes",
+  SM_CHILD_CHECK(bytes - bytes0 == SH_D_SMALL * (64u << 10) + (limited ? 64u << 10 : 512u << 10),
+                 "the next page%s: %llu bytes", limited ? " under a limit" : "",
                  (unsigned long long)(bytes - bytes0 - SH_D_SMALL * (64u << 10)));
+  if (limited)
+    goto out;
   for (int i = 0; i < 100; i++) {
     SM_CHILD_CHECK((list[n] = smalloc_malloc(SH_D_SIZE)) != NULL, "malloc failed");
     memset(list[n++], 0x5a, SH_D_SIZE);
@@ -1506,6 +1511,7 @@ static void *sh_d_worker(void *arg)
     SM_CHILD_CHECK(more == pages + 1 && after - bytes == 64u << 10, "%llu pages of %llu bytes under the limit",
                    (unsigned long long)(more - pages), (unsigned long long)(after - bytes));
   }
+out:
   while (n > 0)
     smalloc_free(list[--n]);
   return NULL;
@@ -1518,6 +1524,15 @@ static void sh_d_body(void)
   smalloc_collect(true);   /* no shared segment with a free page left */
   pthread_t t;
   SM_CHILD_CHECK(pthread_create(&t, NULL, sh_d_worker, NULL) == 0, "pthread_create");
+  pthread_join(t, NULL);
+  if (SM_TEST_SANITIZED)
+    return;
+  smalloc_collect(true);
+  struct rlimit rl;
+  SM_CHILD_CHECK(getrlimit(RLIMIT_AS, &rl) == 0, "getrlimit");
+  rl.rlim_cur = sm_test_vm_bytes() + 256 * MiB;
+  SM_CHILD_CHECK(setrlimit(RLIMIT_AS, &rl) == 0, "setrlimit: %s", strerror(errno));
+  SM_CHILD_CHECK(pthread_create(&t, NULL, sh_d_worker, &rl) == 0, "pthread_create");
   pthread_join(t, NULL);
 }
 
