@@ -536,10 +536,8 @@ struct sm_heap_s {
   int64_t pub_room, pub_due;
   /* whether the thread took a medium page of the shared segments
    * (page.c: sm_page_borrow; its first medium blocks take a small page
-   * or a mapping of their own until then), and how many small ones it
-   * took for medium blocks (up to SM_BORROW_SMALL_MEDIUM) */
+   * or a mapping of their own until then) */
   bool borrowed_medium;
-  uint8_t borrowed_small_medium;
   /* medium blocks served as large ones, each in a mapping of its own,
    * while the thread had no page of their class (sm_page_lends_large) */
   uint16_t lent;
@@ -548,6 +546,9 @@ struct sm_heap_s {
   uint64_t serial;                       /* heaps set up before this one, this one included */
   sm_page_queue_t queues[SM_BIN_COUNT];  /* [0] is the full list */
   uint8_t bin_active[SM_BIN_COUNT];      /* slow path ran for the class since the sweep */
+  /* small pages of the shared segments the thread took for a medium
+   * class, up to SM_BORROW_SMALL_MEDIUM (page.c: sm_page_borrow) */
+  uint8_t borrowed_small[SM_BIN_COUNT];
   uint32_t bg_cycle;                     /* the purge thread's: cycle when last seen, */
   uint64_t bg_seen_ms;                   /* and when (under the heaps lock) */
   uint8_t bg_idle;                       /* the purge thread's: no slow path for a purge delay */

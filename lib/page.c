@@ -1342,23 +1342,25 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
  * threads with a block of 40,000 bytes each took a 512 KiB page apiece,
  * and under the same limit only 534 of them could start.
  *
- * A thread that has taken a medium page's worth of small pages for its
- * medium blocks (SM_BORROW_SMALL_MEDIUM of them) is no longer one with a
- * few: from then on it takes medium pages, as it does for larger blocks,
- * unless address space is short (an address-space limit: then a page of
- * 512 KiB for a few blocks of each of many classes would cost it).
- * A small page holds 1-15 blocks of 4-32 KiB, and a thread that kept
- * taking them took the slow path every few of its medium blocks:
+ * A medium class of which the thread has taken SM_BORROW_SMALL_MEDIUM
+ * small pages (two: its blocks outgrew one) takes medium pages from
+ * then on, as larger blocks do, unless the process runs under an
+ * address-space limit (RLIMIT_AS, sm_os_space_limited: there a page of
+ * 512 KiB where one of 64 KiB held the class twice would cost), and a
+ * thread with a few blocks of each of many classes keeps to small
+ * pages.  A small page holds 1-16 blocks of 4-32 KiB, and a thread
+ * that kept taking them took the slow path every few of its blocks:
  * bench_server (8 threads, about one block in six of 1-32 KiB) took
- * 103,902 slow paths in 4 million calls, 68,529 of them to the next
- * page of a class; 30,160 and 4,967 now (medians of 5), 6.4 % fewer
- * instructions (callgrind, its quick run), 0.81 times the time (0.84
- * with its workers coming and going; medians of 7 interleaved runs) and
- * a resident size 1.06 times as large (medians of 9).  Where the OS
- * refuses a new segment, a free small page of the shared segments still
- * serves it. */
+ * 103,902 slow paths in 4 million calls, 68,529 of them to the next page
+ * of a class; 41,843 and 11,092 now (medians of 5), 4.9 % fewer
+ * instructions (callgrind, its quick run), 0.91 times the time (medians
+ * of 11 interleaved runs).  Counted for the whole thread rather than by
+ * class, eight pages switched it: 0.89 times the time, but one block of
+ * each of 44 classes took 18.5 MiB of pages rather than 2.8.  Where no
+ * medium page is to be had (none free, and the OS refuses a new
+ * segment), a free small page of the shared segments serves. */
 #define SM_BORROW_SMALL_PAGE (((size_t)1 << SM_SMALL_SHIFT) - SM_SEGMENT_HDR - SM_GUARD)
-#define SM_BORROW_SMALL_MEDIUM (1u << (SM_MEDIUM_SHIFT - SM_SMALL_SHIFT))
+#define SM_BORROW_SMALL_MEDIUM 2
 
 pthread_mutex_t sm_shared_map_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -1373,8 +1375,10 @@ static sm_page_t *sm_page_borrow(sm_heap_t *heap, size_t bin, int kind, bool may
   sm_heap_t *shared = sm_heap_shared;
   if (shared == NULL) return NULL;
   bool fits_small = kind == SM_SEG_MEDIUM && sm_bin_size(bin) <= SM_BORROW_SMALL_PAGE;
-  bool many = heap->borrowed_small_medium == SM_BORROW_SMALL_MEDIUM && !sm_os_space_limited();
-  int from = kind == SM_SEG_MEDIUM && (heap->borrowed_medium || !fits_small || many) ? SM_SEG_MEDIUM : SM_SEG_SMALL;
+  int from = kind == SM_SEG_MEDIUM &&
+                     (!fits_small || heap->borrowed_medium ||
+                      (heap->borrowed_small[bin] == SM_BORROW_SMALL_MEDIUM && !sm_os_space_limited()))
+                 ? SM_SEG_MEDIUM : SM_SEG_SMALL;
   sm_heap_take_home(shared);   /* pages their owners gave back */
   *new_segment = false;
   sm_page_t *page = sm_segment_page_alloc(shared, from, new_segment);
@@ -1392,9 +1396,8 @@ static sm_page_t *sm_page_borrow(sm_heap_t *heap, size_t bin, int kind, bool may
     return sm_segment_page_alloc(shared, SM_SEG_SMALL, new_segment);
   }
   if (page && from == SM_SEG_MEDIUM) heap->borrowed_medium = true;
-  if (page && from == SM_SEG_SMALL && kind == SM_SEG_MEDIUM &&
-      heap->borrowed_small_medium < SM_BORROW_SMALL_MEDIUM)
-    heap->borrowed_small_medium++;
+  if (page && from == SM_SEG_SMALL && fits_small && heap->borrowed_small[bin] < SM_BORROW_SMALL_MEDIUM)
+    heap->borrowed_small[bin]++;
   return page;
 }
 

@@ -1430,17 +1430,20 @@ END_TEST
 
 /* ---- a thread with many medium blocks ------------------------------------- */
 
-/* A thread's medium blocks of a class a small page holds (4 KiB here)
- * take shared small pages (64 KiB) until it has taken a medium page's
- * worth of them (8): its ninth page of the class is a medium one (512
- * KiB), and it serves the next 100 blocks with no other page.  Then the
- * thread fills the shared medium segment (8 pages) and the OS refuses
- * another (a limit of 1 MiB above the process's size): a free small page
- * of the shared segment its first pages came from serves the next page
- * of the class.  A thread under an address-space limit from its start
- * (256 MiB above the process's size) keeps to small pages: its ninth is
- * one.  In a child; under a sanitizer, without the limits. */
-enum { SH_D_SIZE = 4096, SH_D_SMALL = 8, SH_D_MEDIUM_PAGES = 8 };
+/* A thread's medium blocks take shared small pages (64 KiB) while they
+ * are few: one block of each of 12 classes of 1-48 KiB, a small page
+ * each.  A class of which it has taken two small pages (4 KiB blocks
+ * here) takes a medium page (512 KiB) next, which serves the next 100
+ * blocks with no other page.  Then the thread fills the shared medium
+ * segment (8 pages) and the OS refuses another (a limit of 1 MiB above
+ * the process's size): a free small page of the shared segments serves
+ * the next page of the class, and no segment is mapped.  A thread under
+ * an address-space limit from its start (256 MiB above the process's
+ * size) keeps to small pages: its third of the class is one.  In a
+ * child; under a sanitizer, without the limits. */
+enum { SH_D_SIZE = 4096, SH_D_SMALL = 2, SH_D_MEDIUM_PAGES = 8, SH_D_FEW = 12 };
+static const size_t sh_d_few[SH_D_FEW] = {1200, 2000, 3000, 5000, 6000, 7000,
+                                          9000, 11000, 14000, 20000, 28000, 40000};
 
 static void sh_d_pages(int k, uint64_t *pages, uint64_t *bytes)
 {
@@ -1475,6 +1478,24 @@ static void *sh_d_worker(void *arg)
   int k = sm_test_class_index(&a, SH_D_SIZE);
   SM_CHILD_CHECK(k >= 0, "class");
   uint64_t pages0 = a.classes[k].pages_in_use, bytes0 = a.class_page_bytes[k], pages, bytes, more;
+  if (!limited) {
+    void *few[SH_D_FEW];
+    int fk[SH_D_FEW];
+    for (int i = 0; i < SH_D_FEW; i++) {
+      fk[i] = sm_test_class_index(&a, sh_d_few[i]);
+      SM_CHILD_CHECK(fk[i] >= 0 && fk[i] != k && (i == 0 || fk[i] != fk[i - 1]), "class of %zu", sh_d_few[i]);
+      SM_CHILD_CHECK((few[i] = smalloc_malloc(sh_d_few[i])) != NULL, "malloc failed");
+    }
+    smalloc_stats_t b;
+    SM_CHILD_CHECK(sm_test_snap(&b) == 0, "stats");
+    for (int i = 0; i < SH_D_FEW; i++)
+      SM_CHILD_CHECK(b.classes[fk[i]].pages_in_use - a.classes[fk[i]].pages_in_use == 1 &&
+                         b.class_page_bytes[fk[i]] - a.class_page_bytes[fk[i]] == 64u << 10,
+                     "a block of %zu: %llu bytes of pages", sh_d_few[i],
+                     (unsigned long long)(b.class_page_bytes[fk[i]] - a.class_page_bytes[fk[i]]));
+    for (int i = 0; i < SH_D_FEW; i++)
+      smalloc_free(few[i]);
+  }
   SM_CHILD_CHECK(sh_d_fill(list, MAX, &n, k, pages0 + SH_D_SMALL), "malloc failed");
   sh_d_pages(k, &pages, &bytes);
   SM_CHILD_CHECK(bytes - bytes0 == SH_D_SMALL * (64u << 10), "the first %d pages: %llu bytes", SH_D_SMALL,
@@ -1502,7 +1523,10 @@ static void *sh_d_worker(void *arg)
     rl.rlim_cur = sm_test_vm_bytes() + 1 * MiB;
     SM_CHILD_CHECK(setrlimit(RLIMIT_AS, &rl) == 0, "setrlimit: %s", strerror(errno));
     sh_d_pages(k, &pages, &bytes);
+    smalloc_stats_t m0, m1;
+    SM_CHILD_CHECK(sm_test_snap(&m0) == 0, "stats");
     bool ok = sh_d_fill(list, MAX, &n, k, pages + 1);
+    SM_CHILD_CHECK(sm_test_snap(&m1) == 0, "stats");
     rl.rlim_cur = was;
     SM_CHILD_CHECK(setrlimit(RLIMIT_AS, &rl) == 0, "setrlimit: %s", strerror(errno));
     SM_CHILD_CHECK(ok, "malloc(%d) failed under the limit, %zu blocks live", SH_D_SIZE, n);
@@ -1510,6 +1534,8 @@ static void *sh_d_worker(void *arg)
     sh_d_pages(k, &more, &after);
     SM_CHILD_CHECK(more == pages + 1 && after - bytes == 64u << 10, "%llu pages of %llu bytes under the limit",
                    (unsigned long long)(more - pages), (unsigned long long)(after - bytes));
+    SM_CHILD_CHECK(m1.segments_mapped == m0.segments_mapped, "%llu segments mapped under the limit",
+                   (unsigned long long)(m1.segments_mapped - m0.segments_mapped));
   }
 out:
   while (n > 0)
