@@ -1344,24 +1344,25 @@ static void sm_heap_housekeeping(sm_heap_t *heap) {
  *
  * A medium class of which the thread has taken SM_BORROW_SMALL_MEDIUM
  * small pages (two: its blocks outgrew one) takes medium pages from
- * then on, as larger blocks do, unless the process runs under an
- * address-space limit (RLIMIT_AS, sm_os_space_limited: there a page of
- * 512 KiB where one of 64 KiB held the class twice would cost), and a
- * thread with a few blocks of each of many classes keeps to small pages
- * until one of them outgrows them: the medium page it takes then
- * switches every class, as any medium page does (not switched, the
- * classes of bench_server below took 51,906 slow paths rather than
- * 35,809, medians of 5, and 1.9 % more instructions).  A small page holds 1-16 blocks of 4-32 KiB, and a thread
- * that kept taking them took the slow path every few of its blocks:
- * bench_server (8 threads, about one block in six of 1-32 KiB) took
- * 103,902 slow paths in 4 million calls, 68,529 of them to the next page
- * of a class; 41,843 and 11,092 now (medians of 5), 4.9 % fewer
- * instructions (callgrind, its quick run), 0.91 times the time (medians
- * of 11 interleaved runs).  Counted for the whole thread rather than by
- * class, eight pages switched it: 0.89 times the time, but one block of
- * each of 44 classes took 18.5 MiB of pages rather than 2.8.  Where no
+ * then on, as larger blocks do, except under an address-space limit
+ * (RLIMIT_AS, sm_os_space_limited), where a page of 512 KiB in place of
+ * one of 64 KiB would cost.  The medium page it takes switches the
+ * thread's every class, as any medium page does; before, a thread with
+ * a few blocks of each of many classes keeps to small pages.  Where no
  * medium page is to be had (none free, and the OS refuses a new
- * segment), a free small page of the shared segments serves. */
+ * segment), a free small page of the shared segments serves.
+ *
+ * A small page holds 1-16 blocks of 4-32 KiB, and a thread that kept
+ * taking them took the slow path every few of its blocks: bench_server
+ * (8 threads, about one block in six of 1-32 KiB) took 103,902 slow
+ * paths in 4 million calls, 68,529 of them to the next page of a class;
+ * 41,843 and 11,092 now (medians of 5), 4.9 % fewer instructions
+ * (callgrind, its quick run), 0.91 times the time (medians of 11
+ * interleaved runs).  Not switching the other classes: 51,906 slow
+ * paths rather than 35,809 (medians of 5 of one set), 1.9 % more
+ * instructions.  Counting the thread's small pages of all classes
+ * (eight switched it): 0.89 times the time, but one block of each of 44
+ * classes took 18.5 MiB of pages rather than 2.8. */
 #define SM_BORROW_SMALL_PAGE (((size_t)1 << SM_SMALL_SHIFT) - SM_SEGMENT_HDR - SM_GUARD)
 #define SM_BORROW_SMALL_MEDIUM 2
 
@@ -1378,10 +1379,9 @@ static sm_page_t *sm_page_borrow(sm_heap_t *heap, size_t bin, int kind, bool may
   sm_heap_t *shared = sm_heap_shared;
   if (shared == NULL) return NULL;
   bool fits_small = kind == SM_SEG_MEDIUM && sm_bin_size(bin) <= SM_BORROW_SMALL_PAGE;
-  int from = kind == SM_SEG_MEDIUM &&
-                     (!fits_small || heap->borrowed_medium ||
-                      (heap->borrowed_small[bin] == SM_BORROW_SMALL_MEDIUM && !sm_os_space_limited()))
-                 ? SM_SEG_MEDIUM : SM_SEG_SMALL;
+  bool small = fits_small && !heap->borrowed_medium &&
+               (heap->borrowed_small[bin] < SM_BORROW_SMALL_MEDIUM || sm_os_space_limited());
+  int from = kind == SM_SEG_MEDIUM && !small ? SM_SEG_MEDIUM : SM_SEG_SMALL;
   sm_heap_take_home(shared);   /* pages their owners gave back */
   *new_segment = false;
   sm_page_t *page = sm_segment_page_alloc(shared, from, new_segment);
@@ -1399,8 +1399,7 @@ static sm_page_t *sm_page_borrow(sm_heap_t *heap, size_t bin, int kind, bool may
     return sm_segment_page_alloc(shared, SM_SEG_SMALL, new_segment);
   }
   if (page && from == SM_SEG_MEDIUM) heap->borrowed_medium = true;
-  if (page && from == SM_SEG_SMALL && fits_small && heap->borrowed_small[bin] < SM_BORROW_SMALL_MEDIUM)
-    heap->borrowed_small[bin]++;
+  if (page && small && heap->borrowed_small[bin] < SM_BORROW_SMALL_MEDIUM) heap->borrowed_small[bin]++;
   return page;
 }
 

@@ -282,20 +282,29 @@ static inline size_t sm_page_size(void)
   return (size_t)sysconf(_SC_PAGESIZE);
 }
 
+/* The process's size and resident pages (/proc/self/statm), read
+ * without allocating (open and read, no stdio), so that reading them
+ * changes nothing they measure (stdio's buffer is a block of smalloc's,
+ * a medium one in the secure build); false when unreadable. */
+static inline bool sm_test_statm(unsigned long *size_pages, unsigned long *resident_pages)
+{
+  char buf[128];
+  int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    return false;
+  ssize_t len = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (len <= 0)
+    return false;
+  buf[len] = '\0';
+  return sscanf(buf, "%lu %lu", size_pages, resident_pages) == 2;
+}
+
 /* The process's address space in use (what RLIMIT_AS counts). */
 static inline size_t sm_test_vm_bytes(void)
 {
-  /* open/read, not stdio: no allocation (a worker's medium page) */
-  char buf[64];
-  unsigned long pages = 0;
-  int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
-  ssize_t n = fd < 0 ? -1 : read(fd, buf, sizeof buf - 1);
-  if (fd >= 0)
-    close(fd);
-  buf[n > 0 ? n : 0] = '\0';
-  if (sscanf(buf, "%lu", &pages) != 1)
-    pages = 0;
-  return pages * sm_page_size();
+  unsigned long size_pages, resident;
+  return sm_test_statm(&size_pages, &resident) ? size_pages * sm_page_size() : 0;
 }
 
 /* ---- a check in a child process ------------------------------------------- */
@@ -559,8 +568,7 @@ static inline bool sm_test_vmflag(const void *addr, const char *flag)
   return sm_test_smaps_each(sm_test_vmflags_line, &c) && strstr(c.flags, word) != NULL;
 }
 
-/* Resident bytes of this process, read without allocating (open and read,
- * no stdio), so that reading it changes nothing it measures.  In the
+/* Resident bytes of this process (sm_test_statm).  In the
  * sanitizer builds, without the sanitizer's shadow memory, which is not
  * smalloc's: on a kernel that gives anonymous memory a page for every
  * read (seen on 6.18), the shadow of memory a test touched stays
@@ -569,19 +577,8 @@ static inline size_t sm_test_rss(void)
 {
   if (SM_TEST_SANITIZED)
     return sm_test_rss_unshadowed();
-  char buf[128];
-  int fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return 0;
-  ssize_t len = read(fd, buf, sizeof buf - 1);
-  close(fd);
-  if (len <= 0)
-    return 0;
-  buf[len] = '\0';
-  unsigned long size_pages = 0, resident = 0;
-  if (sscanf(buf, "%lu %lu", &size_pages, &resident) != 2)
-    return 0;
-  return (size_t)resident * (size_t)sysconf(_SC_PAGESIZE);
+  unsigned long size_pages, resident;
+  return sm_test_statm(&size_pages, &resident) ? (size_t)resident * sm_page_size() : 0;
 }
 
 /* ---- statistics ---------------------------------------------------------- */
