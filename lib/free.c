@@ -283,9 +283,12 @@ static void sm_tf_push_chain(sm_page_t *page, sm_block_t *head, sm_block_t *tail
  * whose tag is no longer the one this thread gave it was handed out
  * again, live, and the batch goes the same way.  Any other block of the
  * batch that was handed out again is found by malloc's check of its tag
- * when it reaches it, before it is handed out twice. */
-static void sm_xbuf_send(sm_xbuf_t *x) {
+ * when it reaches it, before it is handed out twice.  Either way its
+ * blocks count as frees of counter, the heap of the thread that sends it
+ * (its owner's, or the purge thread's: sm_stats_free_remote). */
+static void sm_xbuf_send(sm_heap_t *counter, sm_xbuf_t *x) {
   sm_page_t *page = x->page;
+  sm_stats_free_remote(counter, page->bin, x->count);   /* the page may be gone once pushed */
   sm_track_link(x->tail);
   sm_block_t *bad = (uint32_t)page->key != x->key ? x->head
                     : x->tail->tag != (page->key ^ SM_TAG_REMOTE) ? x->tail : NULL;
@@ -297,12 +300,12 @@ static void sm_xbuf_send(sm_xbuf_t *x) {
   x->count = 0;
 }
 
-static void sm_xbuf_send_all(sm_heap_t *heap) {
+static void sm_xbuf_send_all(sm_heap_t *counter, sm_heap_t *heap) {
   for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++) {
     uint64_t used = atomic_load_explicit(&heap->xbuf_used[w], memory_order_relaxed);
     if (used == 0) continue;
     for (; used != 0; used &= used - 1)
-      sm_xbuf_send(&heap->xbuf[w * 64 + (unsigned)__builtin_ctzll(used)]);
+      sm_xbuf_send(counter, &heap->xbuf[w * 64 + (unsigned)__builtin_ctzll(used)]);
     atomic_store_explicit(&heap->xbuf_used[w], 0, memory_order_relaxed);
   }
 }
@@ -357,7 +360,20 @@ static inline void sm_xbuf_leave(sm_heap_t *heap) {
 
 void sm_free_flush_remote(sm_heap_t *heap) {
   sm_xbuf_enter(heap);
-  sm_xbuf_send_all(heap);
+  sm_xbuf_send_all(heap, heap);
+  sm_xbuf_leave(heap);
+}
+
+/* The blocks of the heap's batches, not counted until sent, added to
+ * frees by class: a thread's own figures include them (stats.c). */
+void sm_free_pending(sm_heap_t *heap, uint64_t *frees) {
+  sm_xbuf_enter(heap);   /* the purge thread may be sending them */
+  for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++)
+    for (uint64_t used = atomic_load_explicit(&heap->xbuf_used[w], memory_order_relaxed); used != 0;
+         used &= used - 1) {
+      const sm_xbuf_t *x = &heap->xbuf[w * 64 + (unsigned)__builtin_ctzll(used)];
+      frees[x->page->bin] += x->count;
+    }
   sm_xbuf_leave(heap);
 }
 
@@ -407,23 +423,31 @@ bool sm_free_steal_barrier(void) {
 bool sm_free_steal_send(sm_heap_t *heap, bool ok) {
   bool sent = false;
   if (ok && !atomic_load_explicit(&heap->xbuf_busy, SM_XB_ACQUIRE)) {
-    sm_xbuf_send_all(heap);
+    sm_xbuf_send_all(sm_heap(), heap);
     sent = true;
   }
   atomic_store_explicit(&heap->xbuf_steal, 0, memory_order_release);
   return sent;
 }
 
-/* The first slot of the page's pair. */
-static unsigned sm_xbuf_slot(const sm_page_t *page) {
-  return (unsigned)(((uintptr_t)page * 0x9E3779B97F4A7C15ull) >> (64 - SM_XBUF_SLOTS_LOG2));
+/* The first slot of the page's pair: the top bits of a multiplicative
+ * hash of its address, shifted to the slot's offset in one step (x86-64:
+ * imul, shr, and, lea), and the other slot of x's pair. */
+_Static_assert(sizeof(sm_xbuf_t) == 32, "sm_xbuf_first: 32-byte slots");
+static inline sm_xbuf_t *sm_xbuf_first(sm_heap_t *heap, const sm_page_t *page) {
+  uintptr_t off = ((uintptr_t)page * 0x9E3779B97F4A7C15ull) >> (64 - SM_XBUF_SLOTS_LOG2 - 5) & ~(uintptr_t)31;
+  return (sm_xbuf_t *)((char *)heap->xbuf + off);
+}
+
+static inline sm_xbuf_t *sm_xbuf_mate(sm_heap_t *heap, const sm_xbuf_t *x) {
+  return &heap->xbuf[(x - heap->xbuf) ^ 1];
 }
 
 /* The slot of the page's pair that holds its open batch; when neither
  * does, the second (whose page the caller finds is not this one). */
 static inline sm_xbuf_t *sm_xbuf_open(sm_heap_t *heap, const sm_page_t *page) {
-  unsigned i = sm_xbuf_slot(page);
-  return heap->xbuf[i].page == page ? &heap->xbuf[i] : &heap->xbuf[i ^ 1];
+  sm_xbuf_t *x = sm_xbuf_first(heap, page);
+  return x->page == page ? x : sm_xbuf_mate(heap, x);
 }
 
 /* Link b (tagged) at the head of x, its page's open batch. */
@@ -440,7 +464,7 @@ static inline void sm_xbuf_push(sm_xbuf_t *x, const sm_page_t *page, sm_block_t 
 static sm_xbuf_t *sm_xbuf_find(sm_heap_t *heap, const sm_page_t *page) {
   sm_xbuf_t *x = sm_xbuf_open(heap, page);
   if (x->page == page) return x;
-  sm_xbuf_t *a = &heap->xbuf[sm_xbuf_slot(page)], *b = &heap->xbuf[sm_xbuf_slot(page) ^ 1];
+  sm_xbuf_t *a = sm_xbuf_first(heap, page), *b = sm_xbuf_mate(heap, a);
   if (a->page == NULL) return a;
   if (b->page == NULL) return b;
   return a->count >= b->count ? a : b;
@@ -448,9 +472,9 @@ static sm_xbuf_t *sm_xbuf_find(sm_heap_t *heap, const sm_page_t *page) {
 
 /* The empty slot of the page's pair, NULL when both hold batches. */
 static inline sm_xbuf_t *sm_xbuf_vacant(sm_heap_t *heap, const sm_page_t *page) {
-  sm_xbuf_t *a = &heap->xbuf[sm_xbuf_slot(page)];
+  sm_xbuf_t *a = sm_xbuf_first(heap, page);
   if (a->page == NULL) return a;
-  sm_xbuf_t *b = &heap->xbuf[sm_xbuf_slot(page) ^ 1];
+  sm_xbuf_t *b = sm_xbuf_mate(heap, a);
   return b->page == NULL ? b : NULL;
 }
 
@@ -463,8 +487,8 @@ static inline sm_xbuf_t *sm_xbuf_vacant(sm_heap_t *heap, const sm_page_t *page) 
  * again: it is not reported (if it was freed twice, malloc finds the
  * list it is on twice when it reaches it). */
 static bool sm_xbuf_sent_again(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
-  unsigned i = sm_xbuf_slot(page);
-  if (sm_likely(heap->xbuf[i].head != b && heap->xbuf[i ^ 1].head != b)) return false;
+  sm_xbuf_t *x = sm_xbuf_first(heap, page);
+  if (sm_likely(x->head != b && sm_xbuf_mate(heap, x)->head != b)) return false;
   if (sm_tf_ptr(page, atomic_load_explicit(&page->thread_free, memory_order_relaxed)) == b) return true;
   sm_heap_t *owner = atomic_load_explicit(&page->owner, memory_order_relaxed);
   return owner != NULL && atomic_load_explicit(&owner->xdelayed, memory_order_relaxed) == b;
@@ -494,12 +518,12 @@ static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   unsigned i = (unsigned)(x - heap->xbuf);
   if (x->page == page ? x->head == b : sm_xbuf_sent_again(heap, page, b)) return false;
   if (x->page != page) {
-    if (x->page != NULL) sm_xbuf_send(x);
+    if (x->page != NULL) sm_xbuf_send(heap, x);
     sm_xbuf_begin(heap, x, page, b);
   }
   sm_xbuf_push(x, page, b);
   if (x->count == SM_XBUF_MAX) {
-    sm_xbuf_send(x);
+    sm_xbuf_send(heap, x);
     atomic_store_explicit(&heap->xbuf_used[i / 64],
                           atomic_load_explicit(&heap->xbuf_used[i / 64], memory_order_relaxed) &
                               ~((uint64_t)1 << (i % 64)),
@@ -509,7 +533,8 @@ static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
 }
 
 /* A remote free by a thread with a heap: b (a checked block start) is
- * tagged and joins the thread's batch for its page, and counted.  Not
+ * tagged and joins the thread's batch for its page (counted as the batch
+ * is sent, sm_xbuf_send).  Not
  * into a page an exited thread left in the pool (SM_PAGE_ORPHAN; this
  * thread holds as many of its class as it claims): that is pushed at
  * once.  A batch waits for this thread's slow paths, and a thread
@@ -523,10 +548,11 @@ static bool sm_xbuf_add(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
  * took 1.6 times as long and held 2.5 times the memory. */
 static void sm_free_batch(sm_heap_t *heap, sm_page_t *page, sm_block_t *b, const char *who) {
   if (!sm_free_tag_remote(page, b)) return;
-  size_t bin = page->bin;   /* the page may be gone once a batch is sent */
   bool pushed;
   if (atomic_load_explicit(&page->flags, memory_order_relaxed) & SM_PAGE_ORPHAN) {
+    size_t bin = page->bin;   /* the page may be gone once b is pushed */
     pushed = sm_tf_push(page, b);
+    if (pushed) sm_stats_free_remote(heap, bin, 1);
   } else {
     sm_xbuf_enter(heap);
     pushed = sm_xbuf_add(heap, page, b);
@@ -536,7 +562,6 @@ static void sm_free_batch(sm_heap_t *heap, sm_page_t *page, sm_block_t *b, const
     sm_error("%s(): double free of %p", who, (void *)b);
     return;
   }
-  sm_stats_free_remote(heap, bin, (uint32_t)sm_bin_size(bin));
   sm_background_poll_free();   /* a batch sent may have asked for the purge thread */
 }
 
@@ -548,7 +573,7 @@ void sm_free_full(sm_page_t *page, void *p) {
 }
 
 /* From the inline free: a block start in another live thread's ordinary
- * page.  Count it here and batch it. */
+ * page: batched (sm_free_batch). */
 static __attribute__((noinline)) void sm_free_xthread_general(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   if (sm_unlikely(!heap->initialized || !sm_canary_ok(page, b))) { sm_free_generic(b, "free"); return; }
   sm_free_batch(heap, page, b, "free");
@@ -576,13 +601,12 @@ static __attribute__((noinline)) void sm_free_xthread_begin(sm_heap_t *heap, sm_
   sm_xbuf_begin(heap, x, page, b);
   sm_xbuf_push(x, page, b);
   sm_xbuf_leave(heap);
-  sm_stats_free_remote(heap, page->bin, page->block_size);
 }
 
-/* The common remote free, a leaf (its one call, to publish its counts
- * once in many frees, is a jump at its end): the block joins the
- * open batch of its page, which has room, and its tag says it is not free
- * yet.  A page with no open batch begins one (above); everything else (a
+/* The common remote free, a leaf of 31 instructions to its ret (x86-64,
+ * gcc 12 -O2; counted when its batch is sent, it makes no call and
+ * touches no counter): the block joins the open batch of its page, which
+ * has room, and its tag says it is not free yet.  A page with no open batch begins one (above); everything else (a
  * full batch, the secure build's checks, the purge thread at this heap's
  * batches) takes the general path.  heap is the caller's (sm_heap(),
  * which the inline free has read already).  Under valgrind no free comes
@@ -597,14 +621,17 @@ void sm_free_xthread(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
     sm_free_xthread_general(heap, page, b);
     return;
   }
-  sm_xbuf_t *x = sm_xbuf_open(heap, page);
-  uintptr_t key = page->key;
-  if (sm_unlikely(SM_CANARY || x->page != page || x->head == b || x->count >= SM_XBUF_MAX - 1 ||
-                  (b->tag ^ key) <= SM_TAG_REMOTE)) {
+  sm_xbuf_t *x = sm_xbuf_first(heap, page);
+  if (sm_unlikely(x->page != page)) {   /* the pair's other slot, or none */
+    x = sm_xbuf_mate(heap, x);
     if (!SM_CANARY && x->page != page) {
       sm_free_xthread_begin(heap, page, b);
       return;
     }
+  }
+  uintptr_t key = page->key;
+  if (sm_unlikely(SM_CANARY || x->head == b || x->count >= SM_XBUF_MAX - 1 ||
+                  (b->tag ^ key) <= SM_TAG_REMOTE)) {
     sm_xbuf_leave(heap);
     sm_free_xthread_general(heap, page, b);
     return;
@@ -612,7 +639,6 @@ void sm_free_xthread(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {
   b->tag = key ^ SM_TAG_REMOTE;
   sm_xbuf_push(x, page, b);
   sm_xbuf_leave(heap);
-  sm_stats_free_remote(heap, page->bin, page->block_size);
 }
 
 /* From the inline free: a block start in a page whose xtid is 0 (a

@@ -200,6 +200,7 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   for (size_t i = 0; i < sizeof *orphan / sizeof(uint64_t); i++)
     ((uint64_t *)orphan)[i] = __atomic_load_n(&((uint64_t *)&sm_orphan)[i], __ATOMIC_RELAXED);
   sm_tstats_add(tp, orphan);
+  if (sm_heap()->initialized) sm_free_pending(sm_heap(), tp->class_frees);
 
   uint64_t allocs = 0, frees = 0, bytes = 0, blocks = 0, pages = 0;
   o->nclasses = SMALLOC_STATS_CLASSES;

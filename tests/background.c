@@ -603,7 +603,7 @@ static struct {
   void *v[BG_X_MAX];
   size_t n;
   int k;
-  uint64_t p0;
+  uint64_t p0, frees0;
 } bg_x = {.ph = SM_TEST_PHASE_INIT};
 
 static uint64_t bg_x_pages(void)
@@ -634,6 +634,8 @@ static void *bg_x_owner(void *arg)
       bg_x.v[bg_x.n++] = p;
     }
   }
+  ck_assert_int_eq(sm_test_snap(&s), 0);
+  bg_x.frees0 = s.classes[bg_x.k].frees;
   sm_test_phase_set(&bg_x.ph, 1);
   sm_test_phase_wait(&bg_x.ph, 3);   /* alive and idle */
   smalloc_free(extra);
@@ -667,6 +669,11 @@ START_TEST(an_idle_threads_remote_frees_are_sent_without_a_call)
   }
   ck_assert_msg(pages == bg_x.p0 + 1, "%llu pages of the %d filled still in use after %d ms",
                 (unsigned long long)(pages - bg_x.p0 - 1), BG_X_PAGES, BG_POLL_MAX_MS);
+  /* every free counted once, those of the batches the purge thread sent
+   * too (by it: the idle thread's counters are its own) */
+  smalloc_stats_t s;
+  ck_assert_int_eq(sm_test_snap(&s), 0);
+  ck_assert_uint_eq(s.classes[bg_x.k].frees - bg_x.frees0, bg_x.n);
   sm_test_phase_set(&bg_x.ph, 3);
   pthread_join(o, NULL);
   pthread_join(f, NULL);

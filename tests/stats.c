@@ -583,6 +583,57 @@ START_TEST(counts_exact_across_threads)
 END_TEST
 
 /* ============================================================================
+ * counts_a_threads_own_unsent_remote_frees
+ *
+ * A thread's frees of a live thread's blocks wait in a batch per page and
+ * are counted as the batch is sent; until then the thread's own reads
+ * count them from its batches (so exact for the calling thread, as
+ * smalloc_stats(3) says).  40 blocks of one page make one batch, which
+ * fills at 64. */
+enum { ST_RF_BLOCKS = 40 };
+static struct {
+  sm_test_phase_t ph;
+  void *v[ST_RF_BLOCKS];
+} st_rf = {.ph = SM_TEST_PHASE_INIT};
+
+static void *st_rf_owner(void *arg)
+{
+  (void)arg;
+  for (int i = 0; i < ST_RF_BLOCKS; i++)
+    st_rf.v[i] = smalloc_malloc(40);
+  sm_test_phase_set(&st_rf.ph, 1);
+  sm_test_phase_wait(&st_rf.ph, 2);   /* alive while this thread frees */
+  return NULL;
+}
+
+START_TEST(counts_a_threads_own_unsent_remote_frees)
+{
+  smalloc_stats_t a, b, c;
+  pthread_t t;
+  smalloc_free(smalloc_malloc(1));   /* this thread's heap: its frees are batched */
+  ck_assert_int_eq(pthread_create(&t, NULL, st_rf_owner, NULL), 0);
+  sm_test_phase_wait(&st_rf.ph, 1);
+  for (int i = 0; i < ST_RF_BLOCKS; i++)
+    ck_assert_ptr_nonnull(st_rf.v[i]);
+  int rc = st_snap(&a);
+  for (int i = 0; i < 10; i++)
+    smalloc_free(st_rf.v[i]);
+  rc |= st_snap(&b);
+  for (int i = 10; i < ST_RF_BLOCKS; i++)
+    smalloc_free(st_rf.v[i]);
+  rc |= st_snap(&c);
+  sm_test_phase_set(&st_rf.ph, 2);
+  pthread_join(t, NULL);
+  ck_assert_int_eq(rc, 0);
+  int k = st_class(&a, 40);
+  ck_assert_uint_eq(b.calls_free - a.calls_free, 10);
+  ck_assert_uint_eq(b.classes[k].frees - a.classes[k].frees, 10);
+  ck_assert_uint_eq(c.calls_free - a.calls_free, ST_RF_BLOCKS);
+  ck_assert_uint_eq(c.classes[k].frees - a.classes[k].frees, ST_RF_BLOCKS);
+}
+END_TEST
+
+/* ============================================================================
  * reset_zeroes_events_keeps_gauges */
 
 START_TEST(reset_zeroes_events_keeps_gauges)
@@ -1984,6 +2035,7 @@ static Suite *stats_suite(bool with_json)
   tcase_add_test(tc, counts_failed_and_odd_calls);
   tcase_add_test(tc, counts_large_and_huge);
   tcase_add_test(tc, counts_exact_across_threads);
+  tcase_add_test(tc, counts_a_threads_own_unsent_remote_frees);
   tcase_add_test(tc, reset_zeroes_events_keeps_gauges);
   tcase_add_test(tc, print_table_shape);
   tcase_add_test(tc, stats_get_respects_size);
