@@ -603,12 +603,13 @@ static __attribute__((noinline)) void sm_free_xthread_begin(sm_heap_t *heap, sm_
   sm_xbuf_leave(heap);
 }
 
-/* The common remote free, a leaf of 31 instructions to its ret (x86-64,
+/* The common remote free, a leaf of 32 instructions to its ret (x86-64,
  * gcc 12 -O2; counted when its batch is sent, it makes no call and
  * touches no counter): the block joins the open batch of its page, which
- * has room, and its tag says it is not free yet.  A page with no open batch begins one (above); everything else (a
- * full batch, the secure build's checks, the purge thread at this heap's
- * batches) takes the general path.  heap is the caller's (sm_heap(),
+ * has room, and its tag says it is not free yet.  A page with no open
+ * batch begins one (above); everything else (a full batch, the secure
+ * build's checks, the purge thread at this heap's batches) takes the
+ * general path.  heap is the caller's (sm_heap(),
  * which the inline free has read already).  Under valgrind no free comes
  * here: a tracked page's xtid is 0. */
 void sm_free_xthread(sm_heap_t *heap, sm_page_t *page, sm_block_t *b) {

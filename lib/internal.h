@@ -1479,8 +1479,8 @@ SM_INLINE void sm_stats_class_changed(sm_heap_t *heap, size_t bin, int64_t block
  * counted as their batch is sent (free.c), by the thread that sends it
  * (heap: its own, or one not initialized: the orphan counts): once a
  * batch, not at each remote free, whose leaf then makes no call and
- * touches none of the heap's counters (bench_churn f: 0.80-0.93 of the
- * time, medians of 31 and 21 interleaved runs). */
+ * touches none of the heap's counters (bench_churn f: 0.82 of the time,
+ * medians of 21 interleaved runs). */
 SM_INLINE void sm_stats_free_remote(sm_heap_t *heap, size_t bin, uint32_t n) {
   SM_COUNT(heap, class_frees[bin], n);
   sm_stats_class_changed(heap, bin, -(int64_t)n, (uint32_t)sm_bin_size(bin));
