@@ -300,14 +300,20 @@ static void sm_xbuf_send(sm_heap_t *counter, sm_xbuf_t *x) {
   x->count = 0;
 }
 
+/* fn(x, arg) for every slot x of the heap that holds a batch. */
+static void sm_xbuf_each(sm_heap_t *heap, void (*fn)(sm_xbuf_t *x, void *arg), void *arg) {
+  for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++)
+    for (uint64_t used = atomic_load_explicit(&heap->xbuf_used[w], memory_order_relaxed); used != 0;
+         used &= used - 1)
+      fn(&heap->xbuf[w * 64 + (unsigned)__builtin_ctzll(used)], arg);
+}
+
+static void sm_xbuf_send_to(sm_xbuf_t *x, void *counter) { sm_xbuf_send(counter, x); }
+
 static void sm_xbuf_send_all(sm_heap_t *counter, sm_heap_t *heap) {
-  for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++) {
-    uint64_t used = atomic_load_explicit(&heap->xbuf_used[w], memory_order_relaxed);
-    if (used == 0) continue;
-    for (; used != 0; used &= used - 1)
-      sm_xbuf_send(counter, &heap->xbuf[w * 64 + (unsigned)__builtin_ctzll(used)]);
+  sm_xbuf_each(heap, sm_xbuf_send_to, counter);
+  for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++)
     atomic_store_explicit(&heap->xbuf_used[w], 0, memory_order_relaxed);
-  }
 }
 
 /* ---- an idle thread's batches ---------------------------------------------
@@ -366,14 +372,11 @@ void sm_free_flush_remote(sm_heap_t *heap) {
 
 /* The blocks of the heap's batches, not counted until sent, added to
  * frees by class: a thread's own figures include them (stats.c). */
+static void sm_xbuf_count_into(sm_xbuf_t *x, void *frees) { ((uint64_t *)frees)[x->page->bin] += x->count; }
+
 void sm_free_pending(sm_heap_t *heap, uint64_t *frees) {
   sm_xbuf_enter(heap);   /* the purge thread may be sending them */
-  for (unsigned w = 0; w < SM_XBUF_SLOTS / 64; w++)
-    for (uint64_t used = atomic_load_explicit(&heap->xbuf_used[w], memory_order_relaxed); used != 0;
-         used &= used - 1) {
-      const sm_xbuf_t *x = &heap->xbuf[w * 64 + (unsigned)__builtin_ctzll(used)];
-      frees[x->page->bin] += x->count;
-    }
+  sm_xbuf_each(heap, sm_xbuf_count_into, frees);
   sm_xbuf_leave(heap);
 }
 
@@ -443,13 +446,6 @@ static inline sm_xbuf_t *sm_xbuf_mate(sm_heap_t *heap, const sm_xbuf_t *x) {
   return &heap->xbuf[(x - heap->xbuf) ^ 1];
 }
 
-/* The slot of the page's pair that holds its open batch; when neither
- * does, the second (whose page the caller finds is not this one). */
-static inline sm_xbuf_t *sm_xbuf_open(sm_heap_t *heap, const sm_page_t *page) {
-  sm_xbuf_t *x = sm_xbuf_first(heap, page);
-  return x->page == page ? x : sm_xbuf_mate(heap, x);
-}
-
 /* Link b (tagged) at the head of x, its page's open batch. */
 static inline void sm_xbuf_push(sm_xbuf_t *x, const sm_page_t *page, sm_block_t *b) {
   b->next = sm_enc(page, x->head);
@@ -462,9 +458,9 @@ static inline void sm_xbuf_push(sm_xbuf_t *x, const sm_page_t *page, sm_block_t 
  * other's batch early: the slot that holds the page's batch, else a free
  * one of the pair, else the one with more blocks (sent first). */
 static sm_xbuf_t *sm_xbuf_find(sm_heap_t *heap, const sm_page_t *page) {
-  sm_xbuf_t *x = sm_xbuf_open(heap, page);
-  if (x->page == page) return x;
   sm_xbuf_t *a = sm_xbuf_first(heap, page), *b = sm_xbuf_mate(heap, a);
+  if (a->page == page) return a;
+  if (b->page == page) return b;
   if (a->page == NULL) return a;
   if (b->page == NULL) return b;
   return a->count >= b->count ? a : b;

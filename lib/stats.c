@@ -191,7 +191,8 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   sm_tstats_t *tp = &sm_read.t, *orphan = &sm_read.orphan;
   memset(tp, 0, sizeof *tp);
   memset(o, 0, sizeof *o);
-  sm_stats_fold_heap(sm_heap());
+  sm_heap_t *self = sm_heap();
+  sm_stats_fold_heap(self);
   sm_heaps_lock();
   sm_heaps_fold_parked();
   sm_tstats_add(tp, &sm_exited);
@@ -200,7 +201,7 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   for (size_t i = 0; i < sizeof *orphan / sizeof(uint64_t); i++)
     ((uint64_t *)orphan)[i] = __atomic_load_n(&((uint64_t *)&sm_orphan)[i], __ATOMIC_RELAXED);
   sm_tstats_add(tp, orphan);
-  if (sm_heap()->initialized) sm_free_pending(sm_heap(), tp->class_frees);
+  if (self->initialized) sm_free_pending(self, tp->class_frees);   /* its unsent batches */
 
   uint64_t allocs = 0, frees = 0, bytes = 0, blocks = 0, pages = 0;
   o->nclasses = SMALLOC_STATS_CLASSES;
