@@ -57,7 +57,7 @@ int    smalloc_mallopt(int param, int value);
 void   smalloc_collect(bool force);
 
 /* ---- statistics ---------------------------------------------------------- */
-#define SMALLOC_STATS_VERSION 5
+#define SMALLOC_STATS_VERSION 6
 /* Number of size classes reported in smalloc_stats_t.classes. */
 #define SMALLOC_STATS_CLASSES 96
 
@@ -183,6 +183,10 @@ typedef struct smalloc_stats {
    * doubled up to three times while memory given back is soon used
    * again */
   uint64_t purge_delay;
+
+  /* version 6: heaps of exited threads whose struct went back to the OS
+   * (but a page of it) while they waited for a new thread */
+  uint64_t heaps_purged;
 } smalloc_stats_t;
 
 /* Fill *out up to out->size bytes.  Returns 0, or EINVAL when out is NULL

@@ -257,6 +257,7 @@ static int sm_bg_round(void) {
   /* heaps that waited a purge delay for a thread (heap.c), after the
    * loop above gave back the memory they held free, as an idle thread's */
   if (sm_heaps_parked_expire(now, false)) left = true;
+  if (sm_heaps_pool_purge(now, delay)) left = true;   /* and the structs of those taken apart */
   if (sm_segments_purge_open(false)) left = true;   /* idle threads' sparse pages */
   sm_pool_collect(self);   /* its emptied pages go home: to the shared segments, mostly */
   if (sm_pool_purge(now, delay)) left = true;

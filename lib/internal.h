@@ -558,6 +558,8 @@ struct sm_heap_s {
   sm_heap_t *all_next, *all_prev;        /* every live or waiting heap, under sm_heaps_lock */
   sm_heap_t *pool_next;                  /* the next heap waiting for a thread, or pooled */
   uint64_t parked_ms;                    /* since when it waits for a thread (heap.c), 0 if not */
+  uint64_t pooled_ms;                    /* since when it is in the pool (heap.c), 0 if not */
+  uint8_t struct_purged;                 /* pooled, the pages of its struct given back (heap.c) */
   uint8_t initialized;
   /* blocks other threads freed into pages on the full list: the first
    * such free of each page comes here instead of the page's thread_free,
@@ -666,7 +668,7 @@ typedef struct sm_gstats_s {
   _Atomic int64_t class_pages[SM_BIN_COUNT];
   _Atomic int64_t class_page_bytes[SM_BIN_COUNT];   /* theirs: 64 KiB or 512 KiB each */
   _Atomic uint64_t huge_bytes, huge_bytes_freed, huge_cache_hits, huge_cached;
-  _Atomic uint64_t background_threads, pages_purged, errors_reported;
+  _Atomic uint64_t background_threads, pages_purged, errors_reported, heaps_purged;
   /* page bytes of every heap's retired pages: past SM_BG_THRESHOLD, a
    * purge thread is wanted (page.c) */
   _Atomic uint64_t retired_bytes;
@@ -1394,6 +1396,7 @@ sm_heap_t *sm_heaps_first(void);
 bool sm_heaps_watched_notices(void);
 bool sm_collect_process(sm_heap_t *self);
 bool sm_heaps_parked_expire(uint64_t now, bool all);
+bool sm_heaps_pool_purge(uint64_t now, uint64_t delay);
 bool sm_heaps_parked_any(void);
 void sm_heaps_fold_parked(void);
 

@@ -74,7 +74,7 @@ static void sm_stats_read_unlock(void) {
   X(pages_purged, 0, 0) X(errors_reported, 0, 0)
 
 /* after the per-class arrays (stats version 5) */
-#define SM_STATS_FIELDS4(X) X(purge_delay, 1, 0)
+#define SM_STATS_FIELDS4(X) X(purge_delay, 1, 0) X(heaps_purged, 0, 0)
 
 /* Per-class arrays after classes[] (stats versions 3 and 4), with the key
  * each class object of the JSON report gives them. */
@@ -293,6 +293,7 @@ static void sm_stats_raw(smalloc_stats_t *o) {
   o->pages_purged = atomic_load_explicit(&sm_gstats.pages_purged, memory_order_relaxed);
   o->errors_reported = atomic_load_explicit(&sm_gstats.errors_reported, memory_order_relaxed);
   o->purge_delay = sm_purge_delay(sm_clock_ms());
+  o->heaps_purged = atomic_load_explicit(&sm_gstats.heaps_purged, memory_order_relaxed);
 }
 
 /* Subtract the reset base from every event count. */
@@ -508,10 +509,11 @@ void sm_stats_sum(smalloc_stats_t *dst, const smalloc_stats_t *src) {
   SM_STATS_FIELDS2(SM_ADD)
   SM_STATS_FIELDS3(SM_ADD)
 #undef SM_ADD
-  /* a delay is not summed: the longest of them */
-#define SM_MAX(name, gauge, bytes) if (src->name > dst->name) dst->name = src->name;
-  SM_STATS_FIELDS4(SM_MAX)
-#undef SM_MAX
+  /* events are summed, but a delay is not: the longest of them */
+#define SM_ADD_OR_MAX(name, gauge, bytes) \
+  if (!(gauge)) dst->name += src->name; else if (src->name > dst->name) dst->name = src->name;
+  SM_STATS_FIELDS4(SM_ADD_OR_MAX)
+#undef SM_ADD_OR_MAX
   for (int i = 0; i < SMALLOC_STEP_COUNT; i++) dst->slow_steps[i] += src->slow_steps[i];
   if (src->nclasses > dst->nclasses) dst->nclasses = src->nclasses;
   for (size_t i = 0; i < src->nclasses && i < SMALLOC_STATS_CLASSES; i++) {

@@ -876,6 +876,49 @@ START_TEST(threads_come_and_go_while_the_purge_thread_works)
 }
 END_TEST
 
+/* Threads that each allocated a block and exited together: their heaps
+ * are kept for later threads, but a purge delay after their exit the
+ * purge thread gives back their memory, all but a page of each (heap.c:
+ * the pool of heaps), without a call: every heap, once. */
+enum { BG_H_THREADS = 16 };
+static pthread_barrier_t bg_h_all_allocated;
+
+static void *bg_h_worker(void *arg)
+{
+  (void)arg;
+  void *p = smalloc_malloc(64);
+  ck_assert_ptr_nonnull(p);
+  memset(p, 1, 64);
+  pthread_barrier_wait(&bg_h_all_allocated);   /* a heap each, all at once */
+  smalloc_free(p);
+  return NULL;
+}
+
+START_TEST(the_heaps_of_exited_threads_go_back_without_a_call)
+{
+  bg_on();
+  smalloc_malloc_trim(0);   /* the heaps taken apart before: given back */
+  smalloc_stats_t a, c;
+  ck_assert_int_eq(sm_test_snap(&a), 0);
+  pthread_t t[BG_H_THREADS];
+  ck_assert_int_eq(pthread_barrier_init(&bg_h_all_allocated, NULL, BG_H_THREADS), 0);
+  for (int i = 0; i < BG_H_THREADS; i++)
+    ck_assert_int_eq(pthread_create(&t[i], NULL, bg_h_worker, NULL), 0);
+  for (int i = 0; i < BG_H_THREADS; i++)
+    ck_assert_int_eq(pthread_join(t[i], NULL), 0);
+  pthread_barrier_destroy(&bg_h_all_allocated);
+  for (long waited = 0; waited < BG_POLL_MAX_MS; waited += BG_POLL_MS) {
+    ck_assert_int_eq(sm_test_snap(&c), 0);
+    if (c.heaps_purged - a.heaps_purged >= BG_H_THREADS)
+      break;
+    bg_sleep_ms(BG_POLL_MS);
+  }
+  ck_assert_msg(c.heaps_purged - a.heaps_purged == BG_H_THREADS,
+                "%llu heaps of %d exited threads given back after %d ms idle",
+                (unsigned long long)(c.heaps_purged - a.heaps_purged), BG_H_THREADS, BG_POLL_MAX_MS);
+}
+END_TEST
+
 /* SMALLOC_BACKGROUND=0: no thread, ever. */
 START_TEST(background_off_starts_no_thread)
 {
@@ -1861,6 +1904,7 @@ static Suite *background_suite(void)
   tcase_add_test(tc, purge_thread_parks_when_done);
   tcase_add_test(tc, an_idle_threads_remote_frees_are_sent_without_a_call);
   tcase_add_test(tc, threads_come_and_go_while_the_purge_thread_works);
+  tcase_add_test(tc, the_heaps_of_exited_threads_go_back_without_a_call);
   tcase_add_test(tc, background_off_starts_no_thread);
   tcase_add_test(tc, background_off_stops_the_thread_and_on_starts_another);
   tcase_add_test(tc, fork_while_purging);

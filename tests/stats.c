@@ -90,7 +90,7 @@ static const st_field_t st_fields[] = {
   ST_F(pages_claimed, ST_EVENT),       ST_F(oom_collects, ST_EVENT),
   ST_F(huge_cached, ST_EVENT),         ST_F(huge_cache_hits, ST_EVENT),
   ST_F(background_threads, ST_EVENT),  ST_F(pages_purged, ST_EVENT),
-  ST_F(purge_delay, ST_GAUGE),
+  ST_F(purge_delay, ST_GAUGE),        ST_F(heaps_purged, ST_EVENT),
 };
 #undef ST_F
 #define ST_NFIELDS (sizeof st_fields / sizeof st_fields[0])

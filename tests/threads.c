@@ -652,6 +652,78 @@ START_TEST(heaps_beyond_the_cache_are_taken_apart)
 }
 END_TEST
 
+/* Trim gives back the heaps of exited threads, but a page of each (heap.c:
+ * the pool of heaps): every one once (heaps_purged), none before it
+ * without a purge thread.  The threads that start afterwards take the
+ * heaps given back and allocate as from fresh ones: blocks of many
+ * classes, written and read back, none left in use; and trim gives those
+ * heaps back again. */
+enum { HP_THREADS = 12, HP_BLOCKS = 40 };
+static pthread_barrier_t hp_all_allocated;
+
+static void *hp_worker(void *arg)
+{
+  unsigned id = (unsigned)(uintptr_t)arg;
+  unsigned char *v[HP_BLOCKS];
+  for (int i = 0; i < HP_BLOCKS; i++) {
+    size_t n = 16 + (size_t)i * 97;   /* 16 bytes to 3.8 KiB */
+    if ((v[i] = smalloc_malloc(n)) == NULL)
+      worker_fail("thread %u: malloc(%zu) failed", id, n);
+    else
+      memset(v[i], (int)(id * HP_BLOCKS + (unsigned)i) & 0xff, n);
+  }
+  pthread_barrier_wait(&hp_all_allocated);   /* a heap each, all at once */
+  for (int i = 0; i < HP_BLOCKS; i++) {
+    size_t n = 16 + (size_t)i * 97;
+    for (size_t j = 0; v[i] && j < n; j++)
+      if (v[i][j] != ((id * HP_BLOCKS + (unsigned)i) & 0xff)) {
+        worker_fail("thread %u: block %d changed at byte %zu", id, i, j);
+        break;
+      }
+    smalloc_free(v[i]);
+  }
+  return NULL;
+}
+
+static void hp_generation(void)
+{
+  pthread_t t[HP_THREADS];
+  ck_assert_int_eq(pthread_barrier_init(&hp_all_allocated, NULL, HP_THREADS), 0);
+  for (int i = 0; i < HP_THREADS; i++)
+    start(&t[i], hp_worker, (void *)(uintptr_t)i);
+  for (int i = 0; i < HP_THREADS; i++)
+    join(t[i]);
+  pthread_barrier_destroy(&hp_all_allocated);
+  check_no_failures();
+}
+
+START_TEST(trim_gives_back_the_heaps_of_exited_threads)
+{
+  smalloc_stats_t s0, s1, s2, s3, s4;
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_BACKGROUND, 0), 0);
+  sm_test_heap_here();   /* a thread without a heap would take a waiting one */
+  smalloc_malloc_trim(0);
+  sm_stats_snap(&s0);
+  hp_generation();
+  sm_stats_snap(&s1);
+  ck_assert_uint_eq(s1.threads_exited - s0.threads_exited, HP_THREADS);
+  ck_assert_uint_eq(s1.heaps_purged, s0.heaps_purged);
+  smalloc_malloc_trim(0);
+  sm_stats_snap(&s2);
+  ck_assert_uint_eq(s2.heaps_purged - s0.heaps_purged, HP_THREADS);
+
+  hp_generation();
+  sm_stats_snap(&s3);
+  ck_assert_uint_eq(s3.threads_started - s2.threads_started, HP_THREADS);
+  /* (glibc keeps a block of each thread it caches the stack of) */
+  ck_assert_uint_eq(s3.blocks_in_use, s2.blocks_in_use);
+  ck_assert_uint_eq(s3.heaps_purged, s2.heaps_purged);
+  smalloc_malloc_trim(0);
+  sm_stats_snap(&s4);
+  ck_assert_uint_eq(s4.heaps_purged - s3.heaps_purged, HP_THREADS);
+}
+END_TEST
+
 /* A heap that waited in the parent serves a thread of the child. */
 START_TEST(a_child_takes_a_heap_that_waited_in_its_parent)
 {
@@ -767,6 +839,7 @@ int main(void)
   tcase_add_test(tc, trim_takes_a_waiting_heap_apart);
   tcase_add_test(tc, a_heap_that_waited_a_purge_delay_is_taken_apart);
   tcase_add_test(tc, heaps_beyond_the_cache_are_taken_apart);
+  tcase_add_test(tc, trim_gives_back_the_heaps_of_exited_threads);
   tcase_add_test(tc, a_child_takes_a_heap_that_waited_in_its_parent);
   tcase_add_test(tc, generations_take_each_others_heaps_while_another_thread_frees_into_them);
   suite_add_tcase(s, tc);
