@@ -73,7 +73,7 @@ static void sm_stats_read_unlock(void) {
   X(huge_cached, 0, 0) X(huge_cache_hits, 0, 0) X(background_threads, 0, 0) \
   X(pages_purged, 0, 0) X(errors_reported, 0, 0)
 
-/* after the per-class arrays (stats version 5) */
+/* after the per-class arrays (stats versions 5 and 6) */
 #define SM_STATS_FIELDS4(X) X(purge_delay, 1, 0) X(heaps_purged, 0, 0)
 
 /* Per-class arrays after classes[] (stats versions 3 and 4), with the key
