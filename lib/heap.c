@@ -44,6 +44,10 @@ static pthread_mutex_t sm_heaps_mutex = PTHREAD_MUTEX_INITIALIZER;
 static sm_heap_t *sm_heaps_all;      /* live heaps */
 static sm_heap_t *sm_heaps_pool;     /* heaps of exited threads, for reuse (below) */
 static _Atomic uint32_t sm_heaps_pool_whole;   /* those whose struct is resident (written under the lock) */
+static void sm_heaps_pool_whole_add(int32_t n) {
+  atomic_store_explicit(&sm_heaps_pool_whole, atomic_load_explicit(&sm_heaps_pool_whole, memory_order_relaxed) + (uint32_t)n,
+                        memory_order_relaxed);
+}
 /* heaps of exited threads that wait for the next thread, newest first,
  * linked through pool_next (below: heaps that wait) */
 static sm_heap_t *sm_heaps_parked;
@@ -76,9 +80,10 @@ static _Atomic uintptr_t sm_process_init_thread;
  * it), off the pool while it gives them back.  sm_heaps_pool_whole counts
  * the pooled heaps not given back, a hint that spares the purge thread
  * the lock. */
-#define SM_HEAP_BYTES (((sizeof(sm_heap_t) + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1)))
+#define SM_HEAP_BYTES (((sizeof(sm_heap_t) + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1)))   /* a struct's pages */
 #define SM_HEAP_KEPT_LO (offsetof(sm_heap_t, pool_next) & ~(SM_OS_PAGE - 1))
 #define SM_HEAP_KEPT_HI ((offsetof(sm_heap_t, lock) + sizeof(sm_lock_t) + SM_OS_PAGE - 1) & ~(SM_OS_PAGE - 1))
+#define SM_HEAP_PURGED_BYTES (SM_HEAP_BYTES - (SM_HEAP_KEPT_HI - SM_HEAP_KEPT_LO))
 _Static_assert(offsetof(sm_heap_t, pool_next) < offsetof(sm_heap_t, pooled_ms) &&
                    offsetof(sm_heap_t, struct_purged) < offsetof(sm_heap_t, xdelayed) &&
                    offsetof(sm_heap_t, xdelayed) < offsetof(sm_heap_t, lock) &&
@@ -133,7 +138,7 @@ static void sm_heap_clear(sm_heap_t *heap) {
   if (heap->struct_purged) {
     lo = SM_HEAP_KEPT_LO;
     hi = SM_HEAP_KEPT_HI;
-    sm_gadd(bytes_committed, SM_HEAP_BYTES - (hi - lo));   /* touched again from now on */
+    sm_gadd(bytes_committed, SM_HEAP_PURGED_BYTES);   /* touched again from now on */
   }
   memset((char *)heap + lo, 0, shared - lo);
   memset((char *)heap + owned, 0, hi - owned);
@@ -239,13 +244,10 @@ static sm_heap_t *sm_heap_alloc_struct(void) {
   if (sm_heaps_pool) {
     heap = sm_heaps_pool;
     sm_heaps_pool = heap->pool_next;
-    if (!heap->struct_purged)
-      atomic_store_explicit(&sm_heaps_pool_whole,
-                            atomic_load_explicit(&sm_heaps_pool_whole, memory_order_relaxed) - 1,
-                            memory_order_relaxed);
+    if (!heap->struct_purged) sm_heaps_pool_whole_add(-1);
     reused = true;
   } else {
-    size_t size = (sizeof(sm_heap_t) + SM_OS_PAGE - 1) & ~(size_t)(SM_OS_PAGE - 1);
+    size_t size = SM_HEAP_BYTES;
     if (sm_heaps_chunk_left < size) {
       void *p;
       size_t chunk = 64 * size;
@@ -433,8 +435,7 @@ static void sm_heap_abandon(sm_heap_t *heap) {
   heap->pool_next = sm_heaps_pool;
   if (heap->pooled_ms == 0) heap->pooled_ms = now;   /* else it waited parked since then */
   sm_heaps_pool = heap;
-  atomic_store_explicit(&sm_heaps_pool_whole, atomic_load_explicit(&sm_heaps_pool_whole, memory_order_relaxed) + 1,
-                        memory_order_relaxed);
+  sm_heaps_pool_whole_add(1);
   sm_heaps_unlock();
 }
 
@@ -446,7 +447,7 @@ static bool sm_heap_purge_struct(sm_heap_t *heap) {
   if (SM_HEAP_KEPT_LO > 0 && sm_os_purge(p, SM_HEAP_KEPT_LO) != 0) return false;
   if (SM_HEAP_BYTES > SM_HEAP_KEPT_HI && sm_os_purge(p + SM_HEAP_KEPT_HI, SM_HEAP_BYTES - SM_HEAP_KEPT_HI) != 0)
     return false;
-  sm_gsub(bytes_committed, SM_HEAP_BYTES - (SM_HEAP_KEPT_HI - SM_HEAP_KEPT_LO));
+  sm_gsub(bytes_committed, SM_HEAP_PURGED_BYTES);
   sm_gadd(heaps_purged, 1);
   heap->struct_purged = 1;
   return true;
@@ -469,13 +470,12 @@ bool sm_heaps_pool_purge(uint64_t now, uint64_t delay) {
   for (sm_heap_t *h = tail; h; h = h->pool_next)
     if (!h->struct_purged && sm_heap_purge_struct(h)) purged++;
   sm_heaps_lock();
-  for (at = &sm_heaps_pool; *at; at = &(*at)->pool_next) {
-  }
+  for (at = &sm_heaps_pool; *at;) at = &(*at)->pool_next;
   *at = tail;
-  uint32_t whole = atomic_load_explicit(&sm_heaps_pool_whole, memory_order_relaxed) - purged;
-  atomic_store_explicit(&sm_heaps_pool_whole, whole, memory_order_relaxed);
+  sm_heaps_pool_whole_add(-(int32_t)purged);
+  bool left = atomic_load_explicit(&sm_heaps_pool_whole, memory_order_relaxed) != 0;
   sm_heaps_unlock();
-  return whole != 0;
+  return left;
 }
 
 /* Take apart the heaps of a chain sm_heaps_parked_take_locked returned. */

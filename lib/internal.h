@@ -545,9 +545,9 @@ struct sm_heap_s {
   uint64_t prof_rng;                     /* the profiler's draws; 0 until the first (prof.c) */
   uint64_t serial;                       /* heaps set up before this one, this one included */
   sm_page_queue_t queues[SM_BIN_COUNT];  /* [0] is the full list */
-  uint8_t bin_active[SM_BIN_COUNT];      /* slow path ran for the class since the sweep */
   /* the head of the free list of the class's first page when the sweep
-   * last looked (compared, never followed: page.c, sm_heap_sweep) */
+   * last looked (compared, never followed), SM_SWEPT_ACTIVE once the
+   * class's slow path ran since (page.c, sm_heap_sweep) */
   const sm_block_t *swept_head[SM_BIN_COUNT];
   /* small pages of the shared segments the thread took for a medium
    * class, up to SM_BORROW_SMALL_MEDIUM (page.c: sm_page_borrow) */

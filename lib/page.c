@@ -795,13 +795,13 @@ void sm_page_free_to_local(sm_page_t *page) {
  * perf's samples fell from 2.15 % to 0.26 %.  An idle class's first page
  * is examined by the second sweep after its last malloc or free at the
  * latest. */
+#define SM_SWEPT_ACTIVE ((const sm_block_t *)1)   /* no block's address */
 static size_t sm_heap_sweep(sm_heap_t *heap) {
   size_t visited = 0;
   for (size_t bin = 1; bin < SM_BIN_COUNT; bin++) {
     sm_page_t *first = heap->queues[bin].first;
     const sm_block_t *head = first ? first->free : NULL;
-    bool active = heap->bin_active[bin] || head != heap->swept_head[bin];
-    heap->bin_active[bin] = 0;
+    bool active = head != heap->swept_head[bin];
     heap->swept_head[bin] = head;
     for (sm_page_t *page = first; page; visited++) {
       sm_page_t *next = page->next;
@@ -1505,7 +1505,7 @@ static bool sm_page_exhausted(sm_heap_t *heap, sm_page_t *page) {
 static sm_page_t *sm_page_find_step(sm_heap_t *heap, size_t bin) {
   sm_cnt_add(heap->cycle, 1);   /* the purge thread reads it */
   sm_heap_housekeeping(heap);
-  heap->bin_active[bin] = 1;
+  heap->swept_head[bin] = SM_SWEPT_ACTIVE;   /* its first page stays (sm_heap_sweep) */
 
   /* 1-4: the class's queue, first page first; exhausted pages go to the
    * full list on the way, or to the pool (sm_page_shares).  A page with

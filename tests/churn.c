@@ -360,6 +360,15 @@ static void ch_in_thread(void *(*fn)(void *), void *arg)
   ck_assert_msg(rc == 0, "pthread_join: %s", strerror(rc));
 }
 
+/* The same with SMALLOC_RETIRE_CYCLES set to cycles meanwhile. */
+static void ch_in_thread_retiring(long cycles, void *(*fn)(void *), void *arg)
+{
+  long old = smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, cycles), 0);
+  ch_in_thread(fn, arg);
+  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, old), 0);
+}
+
 /* ============================================================================
  * churn_correctness: rounds of 1000 mixed 16..256-byte blocks, each filled
  * with a pattern of its address and round and verified before it is
@@ -1259,10 +1268,7 @@ static void *ch_expire_thread(void *arg)
 START_TEST(retired_pages_expire)
 {
   static ch_expire_t x;
-  long old = smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES);
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, CH_EXPIRE_CYCLES), 0);
-  ch_in_thread(ch_expire_thread, &x);
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, old), 0);
+  ch_in_thread_retiring(CH_EXPIRE_CYCLES, ch_expire_thread, &x);
   CH_ASSERT_OK(&x.e);
   ck_assert_int_eq(x.rc, 0);
 
@@ -1399,10 +1405,7 @@ static uint64_t ch_pages_back(const smalloc_class_stats_t *c)
 START_TEST(first_page_in_use_stays)
 {
   static ch_inuse_t x;
-  long old = smalloc_option_get(SMALLOC_OPTION_RETIRE_CYCLES);
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, CH_INUSE_CYCLES), 0);
-  ch_in_thread(ch_inuse_thread, &x);
-  ck_assert_int_eq(smalloc_option_set(SMALLOC_OPTION_RETIRE_CYCLES, old), 0);
+  ch_in_thread_retiring(CH_INUSE_CYCLES, ch_inuse_thread, &x);
   CH_ASSERT_OK(&x.e);
   ck_assert_int_eq(x.rc, 0);
 
