@@ -197,7 +197,9 @@ END_TEST
  * thread's first four of them get mappings of their own, page.c:
  * sm_page_lends_large) gives no advice and no huge page.  With more
  * threads alive, the advice waits for a segment per thread: with six
- * (four idle ones, a block each), from the seventh.  A segment that
+ * (four idle ones, a block each), from the seventh; and, whatever the
+ * threads, while the small pages are sparse (under 3/4 of their bytes
+ * live blocks: see hp_sparse).  A segment that
  * gives memory back has the advice withdrawn ("nh": khugepaged would fill the hole
  * again), the others keep it.  Not in the secure build (its pages end in
  * guard pages), nor where the kernel has no huge pages. */
@@ -447,6 +449,60 @@ END_TEST
 START_TEST(many_threads_wait_longer_for_huge_pages)
 {
   hp_check(HP_BLOCK, HP_IDLE_MAX, 6);
+}
+END_TEST
+
+/* Pages that another thread keeps sparse hold the advice back: a thread
+ * (its pages shared ones) carves HP_SPARSE_PAGES pages of 128-byte
+ * blocks, keeps the first block of each, frees the rest and exits (its
+ * pages wait in the pool, carved, with a block live each); the dense fill
+ * that follows finds the small pages under 3/4 live (its 32 MiB of
+ * 64-byte blocks beside 16 MiB of pages with a block each) and gets no
+ * advice at all. */
+enum { HP_SPARSE_SIZE = 128, HP_SPARSE_PAGES = 256, HP_SPARSE_ALL = HP_SPARSE_PAGES * (64 << 10) / HP_SPARSE_SIZE };
+static void *hp_sparse_kept[HP_SPARSE_PAGES];
+static unsigned hp_sparse_n;
+
+/* The blocks are listed through their first word (an array of them
+ * would add a MiB to every test's address space, which the tests under
+ * a limit count); the list runs back through the pages. */
+static void *hp_sparse(void *arg)
+{
+  (void)arg;
+  void **list = NULL;
+  for (size_t i = 0; i < HP_SPARSE_ALL; i++) {
+    void **p = smalloc_malloc(HP_SPARSE_SIZE);
+    if (p == NULL)
+      break;
+    *p = list;
+    list = p;
+  }
+  uintptr_t page = 0;
+  while (list != NULL) {
+    void **next = *list;
+    if ((uintptr_t)list >> 16 != page && hp_sparse_n < HP_SPARSE_PAGES) {
+      page = (uintptr_t)list >> 16;
+      hp_sparse_kept[hp_sparse_n++] = list;
+    } else {
+      smalloc_free(list);
+    }
+    list = next;
+  }
+  return NULL;
+}
+
+START_TEST(sparse_pages_of_another_thread_hold_back_huge_pages)
+{
+  if (!hp_possible())
+    return;
+  sm_test_heap_here();   /* a second heap: the sparse thread's pages are shared ones */
+  pthread_t t;
+  ck_assert_int_eq(pthread_create(&t, NULL, hp_sparse, NULL), 0);
+  pthread_join(t, NULL);
+  ck_assert_uint_ge(hp_sparse_n, HP_SPARSE_PAGES * 15 / 16);   /* pages 64 KiB apart, blocks in them */
+  hp_check(HP_BLOCK, 0, HP_SEGS);
+  for (unsigned i = 0; i < hp_sparse_n; i++)
+    smalloc_free(hp_sparse_kept[i]);
 }
 END_TEST
 
@@ -963,6 +1019,7 @@ static Suite *large_suite(void)
   tcase_add_test(tc, a_large_heap_of_small_blocks_gets_huge_pages);
   tcase_add_test(tc, a_large_heap_of_medium_blocks_gets_no_huge_pages);
   tcase_add_test(tc, many_threads_wait_longer_for_huge_pages);
+  tcase_add_test(tc, sparse_pages_of_another_thread_hold_back_huge_pages);
   tcase_add_test(tc, a_thread_alone_gets_huge_pages_for_its_own_segments);
   tcase_add_test(tc, eager_huge_pages_advise_the_first_large_segment_whole);
   tcase_add_test(tc, eager_huge_pages_advise_every_segment_of_small_blocks);
