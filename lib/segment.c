@@ -135,11 +135,10 @@ static bool sm_heap_holds(const sm_heap_t *heap, int kind, unsigned n) {
  * threads) and 1.27-1.46x.  The density of the small pages (below) is
  * no substitute: it is read as each segment is mapped, and does not
  * bound what its huge pages hold later.  Advised on it alone from the
- * fifth segment, 256
- * threads with 20,000 blocks each ran 0.87 times as long (medians of 3
- * interleaved runs of 8 million steps), but after 60 s of churn were
- * resident at 1.69 times the live bytes, flat from 10 s on, against
- * 1.37 with this rule.
+ * fifth segment, 256 threads with 20,000 blocks each ran 0.87 times as
+ * long (medians of 3 interleaved runs of 8 million steps), but after
+ * 60 s of churn were resident at 1.69 times the live bytes, flat from
+ * 10 s on, against 1.37 with this rule.
  * Their medium segments never are, as a heap's own are not: every thread
  * keeps a 512 KiB page of each medium class it uses, and a huge page
  * brings in four of them whole.  A probe of ours, 200 threads exchanging
